@@ -1,0 +1,142 @@
+"""CPUID for the guest: KVM's supported set, normalised per vCPU, masked by a template.
+
+A *CPU template* names the features a guest must not see.  ``pvm`` hides
+everything the kvm_pvm CPL0 emulator cannot execute (``cmpxchg16b``,
+``xrstor``, ...; see shared/HOST.md); ``host`` passes KVM's set through.
+``auto`` picks ``pvm`` when the kvm_pvm module is loaded, so the same VMM is
+right on hardware KVM and on this host.
+
+kvm_pvm does not honour ``KVM_SET_CPUID2`` for the features it lacks: the
+vCPU reports the host's leaf 1 whatever we set (seen here: XSAVE stayed
+visible and the guest died on ``xrstor``).  A template therefore also carries
+kernel command-line options that make the guest itself ignore those
+features; on hardware KVM the CPUID mask alone already does it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from dataclasses import dataclass, field
+
+from ember.errors import ConfigError
+from ember.kvm.abi import kvm_cpuid_entry2
+
+KVM_PVM_SYSFS = "/sys/module/kvm_pvm"
+
+# Leaf 1
+LEAF1_EBX_CLFLUSH_SHIFT = 8
+LEAF1_EBX_LOGICAL_COUNT_SHIFT = 16
+LEAF1_EBX_APIC_ID_SHIFT = 24
+LEAF1_ECX_PCID = 1 << 17
+LEAF1_ECX_CX16 = 1 << 13
+LEAF1_ECX_POPCNT = 1 << 23
+LEAF1_ECX_XSAVE = 1 << 26
+LEAF1_ECX_OSXSAVE = 1 << 27
+LEAF1_ECX_AVX = 1 << 28
+LEAF1_ECX_RDRAND = 1 << 30
+LEAF1_ECX_HYPERVISOR = 1 << 31
+LEAF1_EDX_HTT = 1 << 28
+# Leaf 7, subleaf 0
+LEAF7_EBX_FSGSBASE = 1 << 0
+LEAF7_EBX_AVX2 = 1 << 5
+LEAF7_EBX_SMEP = 1 << 7
+LEAF7_EBX_INVPCID = 1 << 10
+LEAF7_EBX_RDSEED = 1 << 18
+LEAF7_EBX_SMAP = 1 << 20
+LEAF7_EBX_AVX512F = 1 << 16
+LEAF7_ECX_RDPID = 1 << 22
+# Leaves that describe XSAVE state components.
+LEAF_XSAVE = 0xD
+LEAVES_X2APIC_TOPOLOGY = (0xB, 0x1F)
+
+
+@dataclass(frozen=True)
+class CpuTemplate:
+    """Feature bits to clear, as {(leaf, subleaf, register): mask}, and leaves to drop."""
+
+    name: str
+    description: str
+    clear: dict[tuple[int, int, str], int] = field(default_factory=dict)
+    drop_leaves: frozenset[int] = frozenset()
+    cmdline: tuple[str, ...] = ()
+
+
+TEMPLATES: dict[str, CpuTemplate] = {
+    "host": CpuTemplate("host", "everything KVM supports"),
+    "pvm": CpuTemplate(
+        "pvm",
+        "hides what the kvm_pvm CPL0 emulator cannot execute",
+        clear={
+            (1, 0, "ecx"): LEAF1_ECX_CX16
+            | LEAF1_ECX_POPCNT
+            | LEAF1_ECX_XSAVE
+            | LEAF1_ECX_OSXSAVE
+            | LEAF1_ECX_AVX
+            | LEAF1_ECX_RDRAND
+            | LEAF1_ECX_PCID,
+            (7, 0, "ebx"): LEAF7_EBX_FSGSBASE
+            | LEAF7_EBX_SMEP
+            | LEAF7_EBX_INVPCID
+            | LEAF7_EBX_RDSEED
+            | LEAF7_EBX_SMAP
+            | LEAF7_EBX_AVX2
+            | LEAF7_EBX_AVX512F,
+            (7, 0, "ecx"): LEAF7_ECX_RDPID,
+        },
+        drop_leaves=frozenset({LEAF_XSAVE}),
+        cmdline=(
+            "noxsave",
+            "clearcpuid=cx16,popcnt,rdrand,rdseed,smap,smep,fsgsbase,pcid,invpcid,rdpid",
+        ),
+    ),
+}
+
+
+def host_is_pvm() -> bool:
+    return os.path.isdir(KVM_PVM_SYSFS)
+
+
+def resolve_template(name: str, *, pvm: bool | None = None) -> CpuTemplate:
+    """Turn a user's ``--cpu-template`` into a template; ``auto`` looks at the host."""
+    if name == "auto":
+        return TEMPLATES["pvm" if (host_is_pvm() if pvm is None else pvm) else "host"]
+    try:
+        return TEMPLATES[name]
+    except KeyError:
+        choices = ", ".join(["auto", *sorted(TEMPLATES)])
+        raise ConfigError(f"unknown CPU template {name!r}: choose one of {choices}") from None
+
+
+def _copy(entry: kvm_cpuid_entry2) -> kvm_cpuid_entry2:
+    clone = kvm_cpuid_entry2()
+    ctypes.pointer(clone)[0] = entry
+    return clone
+
+
+def guest_cpuid(
+    supported: list[kvm_cpuid_entry2], template: CpuTemplate, vcpu_index: int, vcpu_count: int
+) -> list[kvm_cpuid_entry2]:
+    """The CPUID table for one vCPU: the template applied, then topology filled in."""
+    result = []
+    for original in supported:
+        if original.function in template.drop_leaves:
+            continue
+        entry = _copy(original)
+        for (leaf, subleaf, reg), mask in template.clear.items():
+            if entry.function == leaf and entry.index == subleaf:
+                setattr(entry, reg, getattr(entry, reg) & ~mask)
+        if entry.function == 1:
+            ebx = (entry.ebx & 0xFF) | (8 << LEAF1_EBX_CLFLUSH_SHIFT)  # brand index, 64 B lines
+            ebx |= (vcpu_count & 0xFF) << LEAF1_EBX_LOGICAL_COUNT_SHIFT
+            ebx |= (vcpu_index & 0xFF) << LEAF1_EBX_APIC_ID_SHIFT
+            entry.ebx = ebx
+            entry.ecx |= LEAF1_ECX_HYPERVISOR
+            if vcpu_count > 1:
+                entry.edx |= LEAF1_EDX_HTT
+            else:
+                entry.edx &= ~LEAF1_EDX_HTT
+        elif entry.function in LEAVES_X2APIC_TOPOLOGY:
+            entry.edx = vcpu_index
+        result.append(entry)
+    return result

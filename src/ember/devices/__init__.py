@@ -1,0 +1,1 @@
+"""Emulated devices and the bus that dispatches guest port and MMIO accesses to them."""

@@ -1,0 +1,50 @@
+"""Ember's one exception tree.
+
+Every error Ember raises on purpose derives from :class:`EmberError`, so a
+caller can catch the whole family with one clause and the CLI can turn any of
+them into a one-line message instead of a traceback::
+
+    EmberError
+    ├── ConfigError            bad user input: a missing kernel, too little memory, ...
+    │   └── ImageError         a kernel/initrd that is not what it claims to be
+    ├── ImageNotBuilt          an artifact `ember image build` has not produced yet
+    ├── BuildError             building a guest image failed (a command's tail attached)
+    ├── KvmError               /dev/kvm is missing, unusable, or an ioctl failed
+    └── GuestCrashed           the guest died: KVM internal error, unexpected shutdown
+
+Messages say what to do about the problem, not only what went wrong.
+"""
+
+from __future__ import annotations
+
+
+class EmberError(Exception):
+    """Base of every error Ember raises deliberately."""
+
+
+class ConfigError(EmberError):
+    """The user asked for something that cannot work (fix the input, retry)."""
+
+
+class ImageError(ConfigError):
+    """A guest kernel or initrd file is malformed or of the wrong kind."""
+
+
+class ImageNotBuilt(EmberError):
+    """A guest artifact is not in the cache yet: run `ember image build`."""
+
+
+class BuildError(EmberError):
+    """Building a guest image failed; the message carries the failing step."""
+
+
+class KvmError(EmberError):
+    """KVM is unavailable or refused an operation."""
+
+
+class GuestCrashed(EmberError):
+    """The guest stopped abnormally; ``reason`` is a one-line description."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason

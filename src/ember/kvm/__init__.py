@@ -1,0 +1,1 @@
+"""The KVM ioctl layer: ABI structs and thin System/Vm/Vcpu wrappers."""

@@ -1,0 +1,246 @@
+"""``/dev/kvm``, a VM and its vCPUs: the only objects that own KVM fds.
+
+Each wrapper does one ioctl per method and nothing clever; policy (what to
+put in the registers, which CPUID bits to hide) lives in ``ember.arch``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import mmap
+import os
+import struct
+from dataclasses import dataclass
+
+from ember.errors import KvmError
+from ember.kvm import abi
+from ember.kvm.ioctl import ioctl_buf, ioctl_int, ioctl_run
+
+KVM_DEVICE = "/dev/kvm"
+_SUPPORTED_CPUID_NENT = 256
+
+
+def open_kvm(path: str = KVM_DEVICE) -> int:
+    """Open /dev/kvm with an error message that says how to fix it."""
+    try:
+        return os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise KvmError(
+            f"{path} does not exist: load the kvm module (modprobe kvm_intel or kvm_amd) "
+            "or run on a machine with virtualisation enabled"
+        ) from None
+    except PermissionError:
+        raise KvmError(
+            f"{path} is not readable and writable by you: add yourself to group kvm "
+            f"(usermod -aG kvm $USER) or run as root"
+        ) from None
+    except OSError as exc:
+        raise KvmError(f"cannot open {path}: {exc.strerror}") from None
+
+
+class Kvm:
+    """The KVM system fd: capabilities and host-supported features."""
+
+    def __init__(self, path: str = KVM_DEVICE) -> None:
+        self.fd = open_kvm(path)
+        try:
+            version = ioctl_int(self.fd, abi.KVM_GET_API_VERSION, what="KVM_GET_API_VERSION")
+            if version != abi.KVM_API_VERSION:
+                raise KvmError(f"KVM API version {version} is not the supported 12")
+            self.vcpu_mmap_size = ioctl_int(
+                self.fd, abi.KVM_GET_VCPU_MMAP_SIZE, what="KVM_GET_VCPU_MMAP_SIZE"
+            )
+        except BaseException:
+            os.close(self.fd)
+            raise
+
+    def check_extension(self, cap: int) -> int:
+        return ioctl_int(self.fd, abi.KVM_CHECK_EXTENSION, cap, what="KVM_CHECK_EXTENSION")
+
+    def supported_cpuid(self) -> list[abi.kvm_cpuid_entry2]:
+        """KVM_GET_SUPPORTED_CPUID; kvm_pvm needs nent >= 128 (64 gives E2BIG)."""
+        buf = abi.cpuid2_buffer(_SUPPORTED_CPUID_NENT)()
+        buf.nent = _SUPPORTED_CPUID_NENT
+        ioctl_buf(self.fd, abi.KVM_GET_SUPPORTED_CPUID, buf, what="KVM_GET_SUPPORTED_CPUID")
+        return [buf.entries[i] for i in range(buf.nent)]
+
+    def msr_index_list(self) -> list[int]:
+        buf = abi.msr_list_buffer(1024)()
+        buf.nmsrs = 1024
+        ioctl_buf(self.fd, abi.KVM_GET_MSR_INDEX_LIST, buf, what="KVM_GET_MSR_INDEX_LIST")
+        return [int(buf.indices[i]) for i in range(buf.nmsrs)]
+
+    def create_vm(self) -> Vm:
+        return Vm(self, ioctl_int(self.fd, abi.KVM_CREATE_VM, 0, what="KVM_CREATE_VM"))
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+class Vm:
+    """A VM fd: memory slots, the in-kernel irqchip and PIT, interrupt lines."""
+
+    def __init__(self, kvm: Kvm, fd: int) -> None:
+        self.kvm = kvm
+        self.fd = fd
+
+    def set_user_memory_region(
+        self, slot: int, guest_phys_addr: int, size: int, userspace_addr: int, flags: int = 0
+    ) -> None:
+        region = abi.kvm_userspace_memory_region(slot, flags, guest_phys_addr, size, userspace_addr)
+        ioctl_buf(self.fd, abi.KVM_SET_USER_MEMORY_REGION, region, what="KVM_SET_USER_MEMORY_REGION")
+
+    def set_tss_addr(self, addr: int) -> None:
+        ioctl_int(self.fd, abi.KVM_SET_TSS_ADDR, addr, what="KVM_SET_TSS_ADDR")
+
+    def create_irqchip(self) -> None:
+        ioctl_int(self.fd, abi.KVM_CREATE_IRQCHIP, what="KVM_CREATE_IRQCHIP")
+
+    def create_pit2(self) -> None:
+        """PIT with a dummy speaker, so port 0x61 never exits to the VMM."""
+        config = abi.kvm_pit_config(flags=abi.KVM_PIT_SPEAKER_DUMMY)
+        ioctl_buf(self.fd, abi.KVM_CREATE_PIT2, config, what="KVM_CREATE_PIT2")
+
+    def irq_line(self, irq: int, level: int) -> None:
+        ioctl_buf(self.fd, abi.KVM_IRQ_LINE, abi.kvm_irq_level(irq, level), what="KVM_IRQ_LINE")
+
+    def irqfd(self, fd: int, gsi: int) -> None:
+        ioctl_buf(self.fd, abi.KVM_IRQFD, abi.kvm_irqfd(fd=fd, gsi=gsi), what="KVM_IRQFD")
+
+    def ioeventfd(self, fd: int, addr: int, length: int, *, pio: bool = False) -> None:
+        flags = abi.KVM_IOEVENTFD_FLAG_PIO if pio else 0
+        req = abi.kvm_ioeventfd(addr=addr, len=length, fd=fd, flags=flags)
+        ioctl_buf(self.fd, abi.KVM_IOEVENTFD, req, what="KVM_IOEVENTFD")
+
+    def create_vcpu(self, index: int) -> Vcpu:
+        fd = ioctl_int(self.fd, abi.KVM_CREATE_VCPU, index, what="KVM_CREATE_VCPU")
+        return Vcpu(fd, index, self.kvm.vcpu_mmap_size)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+@dataclass(frozen=True)
+class EmulationFailure:
+    """What ``KVM_EXIT_INTERNAL_ERROR`` carries: enough to name the instruction."""
+
+    suberror: int
+    data: tuple[int, ...]
+    insn_bytes: bytes
+
+
+class Vcpu:
+    """A vCPU fd plus its shared ``kvm_run`` page."""
+
+    def __init__(self, fd: int, index: int, mmap_size: int) -> None:
+        self.fd = fd
+        self.index = index
+        self.run_page = mmap.mmap(fd, mmap_size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+
+    # --- register state
+    def get_regs(self) -> abi.kvm_regs:
+        regs = abi.kvm_regs()
+        ioctl_buf(self.fd, abi.KVM_GET_REGS, regs, what="KVM_GET_REGS")
+        return regs
+
+    def set_regs(self, regs: abi.kvm_regs) -> None:
+        ioctl_buf(self.fd, abi.KVM_SET_REGS, regs, what="KVM_SET_REGS")
+
+    def get_sregs(self) -> abi.kvm_sregs:
+        sregs = abi.kvm_sregs()
+        ioctl_buf(self.fd, abi.KVM_GET_SREGS, sregs, what="KVM_GET_SREGS")
+        return sregs
+
+    def set_sregs(self, sregs: abi.kvm_sregs) -> None:
+        ioctl_buf(self.fd, abi.KVM_SET_SREGS, sregs, what="KVM_SET_SREGS")
+
+    def get_fpu(self) -> abi.kvm_fpu:
+        fpu = abi.kvm_fpu()
+        ioctl_buf(self.fd, abi.KVM_GET_FPU, fpu, what="KVM_GET_FPU")
+        return fpu
+
+    def set_fpu(self, fpu: abi.kvm_fpu) -> None:
+        ioctl_buf(self.fd, abi.KVM_SET_FPU, fpu, what="KVM_SET_FPU")
+
+    def set_cpuid2(self, entries: list[abi.kvm_cpuid_entry2]) -> None:
+        buf = abi.cpuid2_buffer(len(entries))()
+        buf.nent = len(entries)
+        for i, entry in enumerate(entries):
+            buf.entries[i] = entry
+        ioctl_buf(self.fd, abi.KVM_SET_CPUID2, buf, what="KVM_SET_CPUID2")
+
+    def set_msrs(self, msrs: dict[int, int]) -> int:
+        """Returns how many MSRs KVM accepted (it stops at the first refusal)."""
+        buf = abi.msrs_buffer(len(msrs))()
+        buf.nmsrs = len(msrs)
+        for i, (index, value) in enumerate(msrs.items()):
+            buf.entries[i].index = index
+            buf.entries[i].data = value
+        return ioctl_buf(self.fd, abi.KVM_SET_MSRS, buf, what="KVM_SET_MSRS")
+
+    def get_lapic(self) -> abi.kvm_lapic_state:
+        lapic = abi.kvm_lapic_state()
+        ioctl_buf(self.fd, abi.KVM_GET_LAPIC, lapic, what="KVM_GET_LAPIC")
+        return lapic
+
+    def set_lapic(self, lapic: abi.kvm_lapic_state) -> None:
+        ioctl_buf(self.fd, abi.KVM_SET_LAPIC, lapic, what="KVM_SET_LAPIC")
+
+    # --- running
+    def run(self) -> int:
+        """One ``KVM_RUN``: 0 on an exit to handle, else the errno (EINTR, EAGAIN)."""
+        return ioctl_run(self.fd, abi.KVM_RUN)
+
+    @property
+    def exit_reason(self) -> int:
+        return int(struct.unpack_from("<I", self.run_page, abi.KVM_RUN_EXIT_REASON)[0])
+
+    def set_immediate_exit(self, value: bool) -> None:
+        self.run_page[abi.KVM_RUN_IMMEDIATE_EXIT] = 1 if value else 0
+
+    def io_exit(self) -> tuple[int, int, int, int, int]:
+        """(direction, size, port, count, data_offset) of a ``KVM_EXIT_IO``."""
+        direction, size, port, count, offset = struct.unpack_from(
+            "<BBHIQ", self.run_page, abi.KVM_RUN_UNION
+        )
+        return direction, size, port, count, offset
+
+    def mmio_exit(self) -> tuple[int, int, bool]:
+        """(phys_addr, len, is_write) of a ``KVM_EXIT_MMIO``; data at KVM_RUN_MMIO_DATA."""
+        (addr,) = struct.unpack_from("<Q", self.run_page, abi.KVM_RUN_UNION)
+        (length,) = struct.unpack_from("<I", self.run_page, abi.KVM_RUN_MMIO_LEN)
+        is_write = self.run_page[abi.KVM_RUN_MMIO_IS_WRITE] != 0
+        return addr, length, is_write
+
+    def internal_error(self) -> EmulationFailure:
+        suberror, ndata = struct.unpack_from("<II", self.run_page, abi.KVM_RUN_UNION)
+        ndata = min(ndata, 16)
+        data = struct.unpack_from(f"<{ndata}Q", self.run_page, abi.KVM_RUN_INTERNAL_DATA)
+        insn = b""
+        if (
+            suberror == abi.KVM_INTERNAL_ERROR_EMULATION
+            and ndata >= 3
+            and data[0] & abi.KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES
+        ):
+            size = min(self.run_page[abi.KVM_RUN_EMULATION_INSN_SIZE], 15)
+            start = abi.KVM_RUN_EMULATION_INSN_BYTES
+            insn = bytes(self.run_page[start : start + size])
+        return EmulationFailure(suberror, tuple(int(d) for d in data), insn)
+
+    def system_event_type(self) -> int:
+        return int(struct.unpack_from("<I", self.run_page, abi.KVM_RUN_UNION)[0])
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            self.run_page.close()
+            os.close(self.fd)
+            self.fd = -1
+
+
+def c_address(buf: mmap.mmap) -> int:
+    """The user-space address of an mmap, for KVM_SET_USER_MEMORY_REGION."""
+    return ctypes.addressof(ctypes.c_char.from_buffer(buf))

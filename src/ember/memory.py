@@ -1,0 +1,101 @@
+"""Guest physical memory: anonymous mmaps registered with KVM as slots.
+
+Every access from the VMM goes through :meth:`GuestMemory.read` /
+:meth:`GuestMemory.write` / :meth:`GuestMemory.view`, which check that the
+whole range lies inside one region.  Addresses come from the guest, which is
+an adversary, so a bad one raises :class:`GuestMemoryError` (caught by the
+device that asked) instead of touching host memory.
+"""
+
+from __future__ import annotations
+
+import mmap
+from dataclasses import dataclass, field
+
+from ember.errors import EmberError
+
+PAGE_SIZE = 4096
+MIB = 1 << 20
+
+# Below 4 GiB, [MMIO_GAP_START, 4 GiB) is left for devices (virtio-mmio, IOAPIC, LAPIC).
+MMIO_GAP_START = 0xC000_0000
+MMIO_GAP_END = 1 << 32
+
+
+class GuestMemoryError(EmberError):
+    """An access outside guest RAM (usually a guest bug or attack)."""
+
+
+@dataclass
+class Region:
+    guest_addr: int
+    size: int
+    mem: mmap.mmap = field(repr=False)
+
+    @property
+    def end(self) -> int:
+        return self.guest_addr + self.size
+
+
+def ram_layout(size: int) -> list[tuple[int, int]]:
+    """Where ``size`` bytes of RAM go: below the MMIO gap, the rest above 4 GiB."""
+    below = min(size, MMIO_GAP_START)
+    layout = [(0, below)]
+    if size > below:
+        layout.append((MMIO_GAP_END, size - below))
+    return layout
+
+
+class GuestMemory:
+    """The guest's RAM, as one or two regions around the 32-bit MMIO gap."""
+
+    def __init__(self, regions: list[Region]) -> None:
+        self.regions = sorted(regions, key=lambda r: r.guest_addr)
+
+    @classmethod
+    def anonymous(cls, size: int) -> GuestMemory:
+        if size <= 0 or size % PAGE_SIZE:
+            raise ValueError(f"guest memory size {size} is not a positive multiple of 4 KiB")
+        regions = []
+        for start, length in ram_layout(size):
+            mem = mmap.mmap(
+                -1, length, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_NORESERVE", 0)
+            )
+            regions.append(Region(start, length, mem))
+        return cls(regions)
+
+    @property
+    def size(self) -> int:
+        return sum(r.size for r in self.regions)
+
+    def _find(self, addr: int, length: int) -> tuple[Region, int]:
+        if length < 0 or addr < 0:
+            raise GuestMemoryError(f"bad guest range {addr:#x}+{length:#x}")
+        for region in self.regions:
+            if region.guest_addr <= addr and addr + length <= region.end:
+                return region, addr - region.guest_addr
+        raise GuestMemoryError(f"guest range {addr:#x}+{length:#x} is outside guest RAM")
+
+    def contains(self, addr: int, length: int) -> bool:
+        try:
+            self._find(addr, length)
+        except GuestMemoryError:
+            return False
+        return True
+
+    def read(self, addr: int, length: int) -> bytes:
+        region, offset = self._find(addr, length)
+        return region.mem[offset : offset + length]
+
+    def write(self, addr: int, data: bytes | bytearray | memoryview) -> None:
+        region, offset = self._find(addr, len(data))
+        region.mem[offset : offset + len(data)] = data
+
+    def view(self, addr: int, length: int) -> memoryview:
+        """A zero-copy window; the caller must release it before :meth:`close`."""
+        region, offset = self._find(addr, length)
+        return memoryview(region.mem)[offset : offset + length]
+
+    def close(self) -> None:
+        for region in self.regions:
+            region.mem.close()

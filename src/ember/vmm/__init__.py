@@ -1,0 +1,1 @@
+"""The VMM: configuration, wiring (builder), vCPU threads and the machine life cycle."""

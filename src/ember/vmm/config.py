@@ -1,0 +1,68 @@
+"""What a VM is made of, validated before anything touches KVM.
+
+Validation turns every bad input into a :class:`ConfigError` whose message
+tells the user the fix; the builder may then assume a sane config.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ember.arch.x86_64 import layout
+from ember.arch.x86_64.cpuid import TEMPLATES
+from ember.errors import ConfigError
+
+DEFAULT_CMDLINE = "console=ttyS0 reboot=k panic=-1 quiet no_timer_check"
+DEFAULT_MEM_MIB = 128
+MAX_VCPUS = 32  # the MP table lives in the last KiB of base memory
+MAX_MEM_MIB = 1 << 20  # 1 TiB
+
+
+@dataclass(frozen=True)
+class VmConfig:
+    kernel: Path
+    initrd: Path | None = None
+    cmdline: str = DEFAULT_CMDLINE
+    mem_mib: int = DEFAULT_MEM_MIB
+    vcpus: int = 1
+    cpu_template: str = "auto"
+    extra_cmdline: tuple[str, ...] = field(default=())
+
+    def full_cmdline(self) -> str:
+        return " ".join([self.cmdline, *self.extra_cmdline]).strip()
+
+    def validate(self) -> None:
+        _check_file(self.kernel, "kernel")
+        if self.initrd is not None:
+            _check_file(self.initrd, "initrd")
+        if not 1 <= self.vcpus <= MAX_VCPUS:
+            raise ConfigError(f"--vcpus must be between 1 and {MAX_VCPUS}, not {self.vcpus}")
+        min_mib = layout.MIN_MEM_SIZE >> 20
+        if not min_mib <= self.mem_mib <= MAX_MEM_MIB:
+            raise ConfigError(
+                f"--mem {self.mem_mib} MiB is out of range: a guest needs at least {min_mib} MiB"
+            )
+        if self.cpu_template != "auto" and self.cpu_template not in TEMPLATES:
+            choices = ", ".join(["auto", *sorted(TEMPLATES)])
+            raise ConfigError(f"unknown CPU template {self.cpu_template!r}: choose one of {choices}")
+        cmdline = self.full_cmdline().encode()
+        if len(cmdline) >= layout.CMDLINE_MAX_SIZE:
+            raise ConfigError(
+                f"kernel command line is {len(cmdline)} bytes; the limit is "
+                f"{layout.CMDLINE_MAX_SIZE - 1}"
+            )
+        if b"\0" in cmdline:
+            raise ConfigError("kernel command line contains a NUL byte")
+
+
+def _check_file(path: Path, what: str) -> None:
+    if not path.exists():
+        raise ConfigError(f"{what} {path} does not exist")
+    if not path.is_file():
+        raise ConfigError(f"{what} {path} is not a regular file")
+    if not os.access(path, os.R_OK):
+        raise ConfigError(f"{what} {path} is not readable")
+    if path.stat().st_size == 0:
+        raise ConfigError(f"{what} {path} is empty")

@@ -1,0 +1,65 @@
+"""Where the guest's serial output goes: a stream, a bounded tail, and line watchers.
+
+The tail is what a crash report shows; the watchers let the VMM notice a
+kernel panic (the guest then reboots because of ``panic=-1``, which must not
+be mistaken for a clean reboot).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from collections.abc import Callable
+from typing import BinaryIO
+
+PANIC_PREFIX = b"Kernel panic - not syncing"
+TAIL_BYTES = 16 * 1024
+MAX_LINE = 4096
+
+
+class ConsoleSink:
+    def __init__(self, stream: BinaryIO | None = None) -> None:
+        self._stream = stream
+        self._tail: deque[bytes] = deque()
+        self._tail_size = 0
+        self._line = bytearray()
+        self._lock = threading.Lock()
+        self.watchers: list[Callable[[bytes], None]] = []
+        self.panic_line: bytes | None = None
+
+    def __call__(self, data: bytes) -> None:
+        with self._lock:
+            if self._stream is not None:
+                self._stream.write(data)
+                if b"\n" in data:
+                    self._stream.flush()
+            self._remember(data)
+            for byte in data:
+                if byte == 0x0A:
+                    self._end_line()
+                elif len(self._line) < MAX_LINE:
+                    self._line.append(byte)
+
+    def _remember(self, data: bytes) -> None:
+        self._tail.append(data)
+        self._tail_size += len(data)
+        while self._tail_size > TAIL_BYTES and len(self._tail) > 1:
+            self._tail_size -= len(self._tail.popleft())
+
+    def _end_line(self) -> None:
+        line = bytes(self._line).rstrip(b"\r")
+        self._line.clear()
+        if self.panic_line is None and PANIC_PREFIX in line:
+            self.panic_line = line[line.index(PANIC_PREFIX) :]
+        for watcher in self.watchers:
+            watcher(line)
+
+    def flush(self) -> None:
+        with self._lock:
+            if self._stream is not None:
+                self._stream.flush()
+
+    def tail(self, lines: int = 20) -> str:
+        with self._lock:
+            text = b"".join(self._tail).decode("utf-8", "replace")
+        return "\n".join(text.splitlines()[-lines:])
