@@ -91,6 +91,16 @@ class GuestMemory:
         region, offset = self._find(addr, len(data))
         region.mem[offset : offset + len(data)] = data
 
+    def fill(self, addr: int, length: int, byte: int) -> None:
+        """Set a range to one byte value without building it in host memory first."""
+        region, offset = self._find(addr, length)
+        chunk = bytes([byte]) * min(length, MIB)
+        end = offset + length
+        while offset < end:
+            n = min(len(chunk), end - offset)
+            region.mem[offset : offset + n] = chunk[:n]
+            offset += n
+
     def view(self, addr: int, length: int) -> memoryview:
         """A zero-copy window; the caller must release it before :meth:`close`."""
         region, offset = self._find(addr, length)

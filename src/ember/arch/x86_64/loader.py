@@ -97,15 +97,13 @@ def load_elf(mem: GuestMemory, data: bytes) -> LoadedKernel:
             raise ImageError(f"ELF segment {i} lies outside the file")
         if p_paddr < layout.HIMEM_START:
             raise ImageError(f"ELF segment {i} loads at {p_paddr:#x}, below 1 MiB")
-        try:
-            mem.write(p_paddr, memoryview(data)[p_offset : p_offset + p_filesz])
-            # Zero the bss part explicitly: guest RAM is fresh, but a loader must not assume.
-            if p_memsz > p_filesz:
-                mem.write(p_paddr + p_filesz, bytes(p_memsz - p_filesz))
-        except GuestMemoryError:
+        if not mem.contains(p_paddr, p_memsz):
             raise ImageError(
                 f"ELF segment {i} ({p_paddr:#x}+{p_memsz:#x}) does not fit in guest memory"
-            ) from None
+            )
+        mem.write(p_paddr, memoryview(data)[p_offset : p_offset + p_filesz])
+        # Zero the bss part explicitly: guest RAM is fresh, but a loader must not assume.
+        mem.fill(p_paddr + p_filesz, p_memsz - p_filesz, 0)
         end = max(end, p_paddr + p_memsz)
         loaded += 1
     if not loaded:
