@@ -74,7 +74,9 @@ def build_machine(config: VmConfig, console: ConsoleSink) -> Machine:
 
         kernel = loader.load_kernel(memory, kernel_data)
         initrd = loader.load_initrd(memory, kernel, initrd_data) if initrd_data else None
-        cmdline = " ".join([config.full_cmdline(), *template.cmdline]).strip().encode()
+        user_words = config.full_cmdline().split()
+        extra = [word for word in template.cmdline if word not in user_words]
+        cmdline = " ".join([*user_words, *extra]).encode()
         if len(cmdline) >= kernel.cmdline_size:
             raise ConfigError(
                 f"kernel command line is {len(cmdline)} bytes; this kernel takes "

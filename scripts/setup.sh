@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Ember set-up on a fresh Debian 12 machine, as root:
+#   Debian packages -> .venv with ember (editable) -> guest images -> boot the test guest once.
+# Safe to run again: every step is idempotent and the images are cached by content hash.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PACKAGES=(
+  # the guest kernel: Debian's source and what building it takes
+  linux-source-6.1 build-essential flex bison bc libelf-dev libssl-dev xz-utils patch
+  # the test initramfs's init is a tiny static C program; busybox is for debugging shells
+  busybox-static cpio
+  # the peer the benchmarks compare against, and the venv
+  qemu-system-x86 python3-venv python3-dev
+)
+missing=()
+for p in "${PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  echo "setup: installing ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -q
+  apt-get install -y -q --no-install-recommends "${missing[@]}"
+fi
+
+if [[ ! -x .venv/bin/python ]]; then
+  python3 -m venv .venv
+fi
+.venv/bin/python -m pip install -q --upgrade pip
+.venv/bin/python -m pip install -q -e '.[dev]'
+
+.venv/bin/ember image build
+
+echo "setup: booting the test guest (its console follows)"
+.venv/bin/ember boot --kernel "$(.venv/bin/ember image path kernel)" \
+  --initrd "$(.venv/bin/ember image path initrd)"

@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Ember's tests: lint and types first (cheap), then unit and integration tests.
+# Needs scripts/setup.sh to have run (the integration tests boot the built guest images).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+.venv/bin/ruff check src tests bench
+.venv/bin/mypy
+.venv/bin/python -m pytest -v -p no:cacheprovider "$@"
