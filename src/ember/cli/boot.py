@@ -1,7 +1,8 @@
 """``ember boot``: boot any kernel with the serial console on this terminal.
 
 Exit status: 0 when the guest reboots or powers off, 1 when it crashes
-(KVM internal error, triple fault, kernel panic), 2 on bad input.
+(KVM internal error, triple fault, kernel panic), 2 on bad input.  With
+``--rootfs R -- CMD...`` the guest runs CMD from R and the exit status is CMD's.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from ember.vmm.builder import build_machine
-from ember.vmm.config import DEFAULT_CMDLINE, DEFAULT_MEM_MIB, VmConfig
+from ember.vmm.config import DEFAULT_CMDLINE, DEFAULT_MEM_MIB, DiskConfig, VmConfig
 from ember.vmm.console import ConsoleSink
 
 EXIT_CRASH = 1
@@ -34,21 +35,42 @@ def register(sub: Any) -> None:
         "--cpu-template", default="auto", metavar="T", help="auto (default), pvm or host"
     )
     p.add_argument("--timeout", type=float, default=None, metavar="S", help="stop after S s")
+    p.add_argument(
+        "--rootfs", type=Path, help="ext4 root file system, shared read-only under a tmpfs overlay"
+    )
+    p.add_argument(
+        "--disk", action="append", default=[], metavar="PATH[:ro]",
+        help="extra virtio-blk disk (/dev/vdb, /dev/vdc, ...); repeatable",
+    )
+    p.add_argument("workload", nargs=argparse.REMAINDER, help="-- CMD [ARGS...] to run (--rootfs)")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    workload = list(args.workload)
+    if workload[:1] == ["--"]:
+        workload = workload[1:]
+    initrd = args.initrd
+    if initrd is None and args.rootfs is not None:
+        from ember.images import artifact_path  # ember-init lives in the default initramfs
+
+        initrd = artifact_path("initrd")
     config = VmConfig(
         kernel=args.kernel,
-        initrd=args.initrd,
+        initrd=initrd,
         cmdline=args.cmdline,
         mem_mib=args.mem,
         vcpus=args.vcpus,
         cpu_template=args.cpu_template,
+        rootfs=args.rootfs,
+        disks=tuple(DiskConfig.parse(spec) for spec in args.disk),
+        workload=tuple(workload),
     )
     console = ConsoleSink(sys.stdout.buffer)
     machine = build_machine(config, console)
     reason = machine.run(timeout=args.timeout)
+    if reason.exit_status is not None:
+        return reason.exit_status
     if reason.kind.clean and not (args.timeout and "timed out" in reason.detail):
         return 0
     print(f"ember: guest stopped: {reason.describe()}", file=sys.stderr)

@@ -6,6 +6,7 @@ tells the user the fix; the builder may then assume a sane config.
 
 from __future__ import annotations
 
+import base64
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +21,25 @@ MAX_VCPUS = 32  # the MP table lives in the last KiB of base memory
 MAX_MEM_MIB = 1 << 20  # 1 TiB
 
 
+MAX_DISKS = 16
+
+
+@dataclass(frozen=True)
+class DiskConfig:
+    """A host file exposed as a virtio-blk disk."""
+
+    path: Path
+    read_only: bool = False
+
+    @classmethod
+    def parse(cls, spec: str) -> DiskConfig:
+        """``PATH`` or ``PATH:ro`` / ``PATH:rw``, as the CLI takes it."""
+        path, _, mode = spec.rpartition(":")
+        if mode in ("ro", "rw") and path:
+            return cls(Path(path), mode == "ro")
+        return cls(Path(spec))
+
+
 @dataclass(frozen=True)
 class VmConfig:
     kernel: Path
@@ -29,14 +49,35 @@ class VmConfig:
     vcpus: int = 1
     cpu_template: str = "auto"
     extra_cmdline: tuple[str, ...] = field(default=())
+    # The root file system, shared read-only (/dev/vda); extra disks follow (/dev/vdb, ...).
+    rootfs: Path | None = None
+    disks: tuple[DiskConfig, ...] = ()
+    workload: tuple[str, ...] = ()
 
     def full_cmdline(self) -> str:
-        return " ".join([self.cmdline, *self.extra_cmdline]).strip()
+        """The user's command line plus what ember-init needs to find the root and workload."""
+        words = [self.cmdline, *self.extra_cmdline]
+        if self.rootfs is not None:
+            words.append("ember.root=/dev/vda")
+            if self.workload:
+                encoded = base64.urlsafe_b64encode("\0".join(self.workload).encode())
+                words.append("ember.cmd=" + encoded.decode())
+        return " ".join(words).strip()
 
     def validate(self) -> None:
         _check_file(self.kernel, "kernel")
         if self.initrd is not None:
             _check_file(self.initrd, "initrd")
+        if self.rootfs is not None:
+            _check_file(self.rootfs, "root file system")
+        for disk in self.disks:
+            _check_file(disk.path, "disk")
+            if not disk.read_only and not os.access(disk.path, os.W_OK):
+                raise ConfigError(f"disk {disk.path} is not writable: add :ro to attach it read-only")
+        if len(self.disks) + (self.rootfs is not None) > MAX_DISKS:
+            raise ConfigError(f"at most {MAX_DISKS} disks")
+        if self.workload and self.rootfs is None:
+            raise ConfigError("a command to run needs --rootfs (the guest has nothing to run it with)")
         if not 1 <= self.vcpus <= MAX_VCPUS:
             raise ConfigError(f"--vcpus must be between 1 and {MAX_VCPUS}, not {self.vcpus}")
         min_mib = layout.MIN_MEM_SIZE >> 20

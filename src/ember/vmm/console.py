@@ -7,12 +7,15 @@ be mistaken for a clean reboot).
 
 from __future__ import annotations
 
+import re
 import threading
 from collections import deque
 from collections.abc import Callable
 from typing import BinaryIO
 
 PANIC_PREFIX = b"Kernel panic - not syncing"
+# kernel_restart() prints this with the command ember-init passes to reboot(2).
+EXIT_STATUS = re.compile(rb"reboot: Restarting system with command 'ember-exit=(\d{1,3})'")
 TAIL_BYTES = 16 * 1024
 MAX_LINE = 4096
 
@@ -26,6 +29,7 @@ class ConsoleSink:
         self._lock = threading.Lock()
         self.watchers: list[Callable[[bytes], None]] = []
         self.panic_line: bytes | None = None
+        self.exit_status: int | None = None
 
     def __call__(self, data: bytes) -> None:
         with self._lock:
@@ -51,6 +55,9 @@ class ConsoleSink:
         self._line.clear()
         if self.panic_line is None and PANIC_PREFIX in line:
             self.panic_line = line[line.index(PANIC_PREFIX) :]
+        match = EXIT_STATUS.search(line)
+        if match:
+            self.exit_status = int(match.group(1))
         for watcher in self.watchers:
             watcher(line)
 

@@ -16,7 +16,9 @@ from ember.devices.bus import Bus
 from ember.kvm.system import Kvm, Vcpu, Vm
 from ember.memory import GuestMemory
 from ember.vmm.console import ConsoleSink
+from ember.vmm.event_loop import EventLoop
 from ember.vmm.state import StopKind, StopReason, VmState
+from ember.vmm.virtio_slots import VirtioSlots
 from ember.vmm.vcpu import VcpuThread, install_kick_handler
 
 log = logging.getLogger(__name__)
@@ -32,6 +34,8 @@ class Machine:
         pio: Bus,
         mmio: Bus,
         console: ConsoleSink,
+        events: EventLoop,
+        slots: VirtioSlots,
     ) -> None:
         self.kvm = kvm
         self.vm = vm
@@ -39,6 +43,8 @@ class Machine:
         self.pio = pio
         self.mmio = mmio
         self.console = console
+        self.events = events
+        self.slots = slots
         self.state = VmState.CREATED
         self._stops: queue.Queue[StopReason] = queue.Queue()
         self._lock = threading.Lock()
@@ -58,6 +64,7 @@ class Machine:
         install_kick_handler()
         self.state = VmState.RUNNING
         try:
+            self.events.start()
             for thread in self.vcpu_threads:
                 thread.start()
             try:
@@ -74,9 +81,15 @@ class Machine:
             self.close()
 
     def _classify(self, reason: StopReason) -> StopReason:
-        """A reboot right after a panic message is the panic, not a clean reboot."""
+        """A reboot right after a panic message is the panic, not a clean reboot.
+
+        ember-init passes the workload's exit status as the restart command
+        (``ember-exit=N``), which the kernel prints on its way down.
+        """
         if reason.kind is StopKind.REBOOT and self.console.panic_line is not None:
             return StopReason(StopKind.PANIC, self.console.panic_line.decode("utf-8", "replace"))
+        if reason.kind is StopKind.REBOOT and self.console.exit_status is not None:
+            return StopReason(reason.kind, reason.detail, reason.vcpu, self.console.exit_status)
         return reason
 
     def _stop_vcpus(self) -> None:
@@ -93,6 +106,8 @@ class Machine:
         with self._lock:
             if self.state is VmState.STOPPED:
                 return
+            self.events.close()
+            self.slots.close()
             for thread in self.vcpu_threads:
                 thread.vcpu.close()
             self.vm.close()

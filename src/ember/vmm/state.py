@@ -35,6 +35,7 @@ class StopReason:
     kind: StopKind
     detail: str = ""
     vcpu: int | None = None
+    exit_status: int | None = None  # the guest workload's, when ember-init reported one
 
     def describe(self) -> str:
         where = f" on vCPU {self.vcpu}" if self.vcpu is not None else ""

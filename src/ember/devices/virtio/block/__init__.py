@@ -1,0 +1,1 @@
+"""virtio-blk (virtio 1.2 §5.2) backed by a host file."""

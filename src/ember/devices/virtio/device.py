@@ -1,0 +1,176 @@
+"""What every virtio device shares: feature bits, status, interrupts, the device contract.
+
+A device sees only guest memory, its queues and an :class:`Interrupt`; the
+transport (``mmio.py``) owns the register interface.  Names follow the
+virtio 1.2 specification at the ABI.
+"""
+
+from __future__ import annotations
+
+import abc
+import os
+import threading
+
+import logging
+from collections.abc import Callable
+
+from ember.devices.virtio.queue import DescriptorChain, Queue, QueueError
+from ember.memory import GuestMemory
+
+log = logging.getLogger(__name__)
+
+# §2.1 Device status field
+VIRTIO_CONFIG_S_ACKNOWLEDGE = 1
+VIRTIO_CONFIG_S_DRIVER = 2
+VIRTIO_CONFIG_S_DRIVER_OK = 4
+VIRTIO_CONFIG_S_FEATURES_OK = 8
+VIRTIO_CONFIG_S_NEEDS_RESET = 0x40
+VIRTIO_CONFIG_S_FAILED = 0x80
+
+# §6 Reserved feature bits
+VIRTIO_RING_F_INDIRECT_DESC = 28
+VIRTIO_RING_F_EVENT_IDX = 29
+VIRTIO_F_VERSION_1 = 32
+
+# §4.2.2 InterruptStatus bits
+VIRTIO_MMIO_INT_VRING = 1 << 0
+VIRTIO_MMIO_INT_CONFIG = 1 << 1
+
+# §5 Device IDs
+VIRTIO_ID_NET = 1
+VIRTIO_ID_BLOCK = 2
+VIRTIO_ID_BALLOON = 5
+VIRTIO_ID_VSOCK = 19
+
+
+class Interrupt:
+    """A device's interrupt line: a status word plus an eventfd wired to KVM with irqfd.
+
+    Writing the eventfd injects the interrupt inside KVM, without a trip
+    through the vCPU thread.  The status word is what the driver reads in
+    InterruptStatus and clears with InterruptACK.
+    """
+
+    def __init__(self) -> None:
+        self.eventfd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._lock = threading.Lock()
+        self._status = 0
+        self.count = 0
+
+    @property
+    def status(self) -> int:
+        with self._lock:
+            return self._status
+
+    def trigger(self, bit: int = VIRTIO_MMIO_INT_VRING) -> None:
+        with self._lock:
+            self._status |= bit
+            self.count += 1
+        try:
+            os.eventfd_write(self.eventfd, 1)
+        except BlockingIOError:  # counter saturated: an interrupt is pending anyway
+            pass
+
+    def ack(self, bits: int) -> None:
+        with self._lock:
+            self._status &= ~bits
+
+    def close(self) -> None:
+        if self.eventfd >= 0:
+            os.close(self.eventfd)
+            self.eventfd = -1
+
+
+class VirtioDevice(abc.ABC):
+    """The device half of a virtio device; subclasses implement one device type."""
+
+    device_id: int
+    queue_max_sizes: tuple[int, ...]
+
+    def __init__(self) -> None:
+        self.acked_features = 0
+        self.memory: GuestMemory | None = None
+        self.queues: list[Queue] = []
+        self.interrupt: Interrupt | None = None
+        self.needs_reset = False
+
+    @abc.abstractmethod
+    def device_features(self) -> int:
+        """Feature bits offered to the driver (VERSION_1 must be among them)."""
+
+    @abc.abstractmethod
+    def read_config(self, offset: int, size: int) -> bytes:
+        """Bytes of the device-specific configuration space (§4.2.2 offset 0x100 on)."""
+
+    def write_config(self, offset: int, data: bytes) -> None:
+        """Most configuration spaces are read-only; writes are ignored."""
+
+    def activate(self, memory: GuestMemory, queues: list[Queue], interrupt: Interrupt) -> None:
+        """DRIVER_OK: the queues are set up and the device may start serving them."""
+        self.memory = memory
+        self.queues = queues
+        self.interrupt = interrupt
+        for queue in queues:
+            queue.event_idx = bool(self.acked_features & (1 << VIRTIO_RING_F_EVENT_IDX))
+
+    @abc.abstractmethod
+    def process_queue(self, index: int) -> None:
+        """Serve what the driver made available on queue ``index`` (called on a kick)."""
+
+    def reset(self) -> None:
+        """The driver wrote 0 to Status: forget everything negotiated."""
+        self.acked_features = 0
+        self.memory = None
+        self.queues = []
+        self.needs_reset = False
+
+    @property
+    def active(self) -> bool:
+        return self.memory is not None
+
+    def serve_queue(self, index: int, handler: Callable[[DescriptorChain], int]) -> None:
+        """Pop every available chain, hand it to ``handler``, complete it with its result.
+
+        ``handler`` returns how many bytes it wrote into the chain's writable
+        buffers.  A malformed chain is completed with length 0 and counted by
+        the queue; a broken ring puts the device in DEVICE_NEEDS_RESET.
+        Notifications are suppressed while we drain, then re-enabled and the
+        ring re-checked, so a buffer added meanwhile is never missed.
+        """
+        memory = self.memory
+        if memory is None or index >= len(self.queues):
+            return
+        queue = self.queues[index]
+        while True:
+            queue.set_notification(memory, False)
+            while True:
+                try:
+                    chain = queue.pop(memory)
+                except QueueError as exc:
+                    if exc.head is not None:
+                        queue.add_used(memory, exc.head, 0)
+                    if queue.broken:
+                        self._fail(f"queue {index}: {exc}")
+                        return
+                    log.debug("%s: queue %d: bad chain: %s", type(self).__name__, index, exc)
+                    continue
+                if chain is None:
+                    break
+                queue.add_used(memory, chain.head, handler(chain))
+            queue.set_notification(memory, True)
+            if not queue.pending(memory):
+                break
+        self.signal_used(queue)
+
+    def _fail(self, why: str) -> None:
+        """The driver corrupted a ring: stop serving until it resets the device (§2.1.2)."""
+        log.warning("%s: needs reset: %s", type(self).__name__, why)
+        self.needs_reset = True
+        if self.interrupt is not None:
+            self.interrupt.trigger(VIRTIO_MMIO_INT_CONFIG)
+
+    def signal_used(self, queue: Queue) -> None:
+        """Interrupt the driver if the queue's suppression rules ask for it."""
+        if self.memory is not None and self.interrupt is not None:
+            if queue.needs_notification(self.memory):
+                self.interrupt.trigger(VIRTIO_MMIO_INT_VRING)

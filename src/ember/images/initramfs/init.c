@@ -1,0 +1,339 @@
+/*
+ * ember-init: PID 1 of every Ember guest, in a few KiB of freestanding C.
+ *
+ * Why C and no libc: under kvm_pvm every instruction the guest kernel runs
+ * is emulated, so unpacking a big initramfs and every fork+exec of a shell
+ * cost seconds (shared/HOST.md).  This program needs neither.
+ *
+ * Two modes, chosen by the kernel command line (read from /proc/cmdline):
+ *   no ember.root=      the test mode: print "EMBER-USERSPACE-OK <release>"
+ *                       and reset the VM;
+ *   ember.root=/dev/X   mount X read-only under a tmpfs-backed overlay,
+ *                       switch into it, run the workload in ember.cmd= (base64
+ *                       of its NUL-separated argv), then reset the VM with the
+ *                       restart command "ember-exit=<status>", which the
+ *                       kernel prints and the VMM reads back.
+ */
+typedef unsigned long size_t;
+typedef long ssize_t;
+
+#define SYS_read 0
+#define SYS_write 1
+#define SYS_open 2
+#define SYS_close 3
+#define SYS_dup2 33
+#define SYS_fork 57
+#define SYS_execve 59
+#define SYS_exit 60
+#define SYS_wait4 61
+#define SYS_kill 62
+#define SYS_chdir 80
+#define SYS_mkdir 83
+#define SYS_chroot 161
+#define SYS_sync 162
+#define SYS_mount 165
+#define SYS_umount2 166
+#define SYS_reboot 169
+#define SYS_setsid 112
+
+#define O_RDONLY 0
+#define O_RDWR 2
+#define MS_RDONLY 1
+#define MS_NOSUID 2
+#define MS_NODEV 4
+#define MS_NOEXEC 8
+#define MS_MOVE 8192
+#define SIGKILL 9
+#define ECHILD 10
+#define LINUX_REBOOT_MAGIC1 0xfee1deadL
+#define LINUX_REBOOT_MAGIC2 672274793L
+#define LINUX_REBOOT_CMD_RESTART2 0xA1B2C3D4L
+
+#define CMDLINE_MAX 4096
+#define ARGS_MAX 3072
+#define ARGV_MAX 256
+
+static long sys6(long n, long a, long b, long c, long d, long e)
+{
+	long ret;
+	register long r10 __asm__("r10") = d;
+	register long r8 __asm__("r8") = e;
+	__asm__ volatile("syscall"
+			 : "=a"(ret)
+			 : "a"(n), "D"(a), "S"(b), "d"(c), "r"(r10), "r"(r8)
+			 : "rcx", "r11", "memory");
+	return ret;
+}
+#define sys3(n, a, b, c) sys6((n), (long)(a), (long)(b), (long)(c), 0, 0)
+
+static size_t len(const char *s)
+{
+	size_t n = 0;
+	while (s[n])
+		n++;
+	return n;
+}
+
+static void say(const char *s)
+{
+	sys3(SYS_write, 2, s, len(s));
+}
+
+static void put_num(long v)
+{
+	char buf[24];
+	int i = sizeof(buf);
+	int neg = v < 0;
+	if (neg)
+		v = -v;
+	buf[--i] = 0;
+	do {
+		buf[--i] = '0' + v % 10;
+		v /= 10;
+	} while (v);
+	if (neg)
+		buf[--i] = '-';
+	say(buf + i);
+}
+
+static int starts_with(const char *s, const char *prefix)
+{
+	while (*prefix)
+		if (*s++ != *prefix++)
+			return 0;
+	return 1;
+}
+
+static void end(long status)
+{
+	char cmd[32] = "ember-exit=";
+	char *p = cmd + 11;
+	char digits[12];
+	int n = 0;
+	if (status < 0 || status > 255)
+		status = 255;
+	do {
+		digits[n++] = '0' + status % 10;
+		status /= 10;
+	} while (status);
+	while (n)
+		*p++ = digits[--n];
+	*p = 0;
+	sys3(SYS_sync, 0, 0, 0);
+	sys6(SYS_reboot, LINUX_REBOOT_MAGIC1, LINUX_REBOOT_MAGIC2, LINUX_REBOOT_CMD_RESTART2,
+	     (long)cmd, 0);
+	for (;;)
+		sys3(SYS_exit, 1, 0, 0);
+}
+
+static void must(long ret, const char *what)
+{
+	if (ret < 0) {
+		say("ember-init: ");
+		say(what);
+		say(" failed: errno ");
+		put_num(-ret);
+		say("\n");
+		end(125);
+	}
+}
+
+/* Copy the value of key (e.g. "ember.root=") from the command line into out. */
+static int param(const char *cmdline, const char *key, char *out, size_t size)
+{
+	const char *p = cmdline;
+	while (*p) {
+		while (*p == ' ' || *p == '\n')
+			p++;
+		if (starts_with(p, key)) {
+			size_t i = 0;
+			p += len(key);
+			while (*p && *p != ' ' && *p != '\n' && i + 1 < size)
+				out[i++] = *p++;
+			out[i] = 0;
+			return 1;
+		}
+		while (*p && *p != ' ' && *p != '\n')
+			p++;
+	}
+	return 0;
+}
+
+static int b64(char c)
+{
+	if (c >= 'A' && c <= 'Z')
+		return c - 'A';
+	if (c >= 'a' && c <= 'z')
+		return c - 'a' + 26;
+	if (c >= '0' && c <= '9')
+		return c - '0' + 52;
+	if (c == '+' || c == '-')
+		return 62;
+	if (c == '/' || c == '_')
+		return 63;
+	return -1;
+}
+
+/* Decode base64 in place; returns the decoded length. */
+static size_t unbase64(char *s)
+{
+	size_t out = 0;
+	unsigned int acc = 0;
+	int bits = 0;
+	for (char *p = s; *p; p++) {
+		int v = b64(*p);
+		if (v < 0)
+			continue;
+		acc = (acc << 6) | (unsigned int)v;
+		bits += 6;
+		if (bits >= 8) {
+			bits -= 8;
+			s[out++] = (char)(acc >> bits);
+		}
+	}
+	s[out] = 0; /* terminates the last argument; out < strlen(s) */
+	return out;
+}
+
+static void test_mode(void)
+{
+	static const char marker[] = "EMBER-USERSPACE-OK ";
+	char release[128];
+	long n = 0;
+	long fd = sys3(SYS_open, "/proc/sys/kernel/osrelease", O_RDONLY, 0);
+	if (fd >= 0)
+		n = sys3(SYS_read, fd, release, sizeof(release) - 1);
+	if (n <= 0) {
+		release[0] = '?';
+		release[1] = '\n';
+		n = 2;
+	}
+	sys3(SYS_write, 1, marker, sizeof(marker) - 1);
+	sys3(SYS_write, 1, release, n);
+	end(0);
+}
+
+static char *const envp[] = {
+	"PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+	"HOME=/root",
+	"TERM=linux",
+	"LANG=C.UTF-8",
+	0,
+};
+
+static void enter_root(const char *device)
+{
+	sys3(SYS_mkdir, "/lower", 0755, 0);
+	sys3(SYS_mkdir, "/rw", 0755, 0);
+	sys3(SYS_mkdir, "/newroot", 0755, 0);
+	must(sys6(SYS_mount, (long)device, (long)"/lower", (long)"ext4", MS_RDONLY, 0),
+	     "mounting the root file system");
+	must(sys6(SYS_mount, (long)"tmpfs", (long)"/rw", (long)"tmpfs", 0, (long)"mode=0755"),
+	     "mounting the writable layer");
+	sys3(SYS_mkdir, "/rw/upper", 0755, 0);
+	sys3(SYS_mkdir, "/rw/work", 0755, 0);
+	must(sys6(SYS_mount, (long)"overlay", (long)"/newroot", (long)"overlay", 0,
+		  (long)"lowerdir=/lower,upperdir=/rw/upper,workdir=/rw/work"),
+	     "mounting the overlay");
+	must(sys3(SYS_chdir, "/newroot", 0, 0), "chdir /newroot");
+	must(sys6(SYS_mount, (long)".", (long)"/", 0, MS_MOVE, 0), "moving the root");
+	must(sys3(SYS_chroot, ".", 0, 0), "chroot");
+	sys3(SYS_chdir, "/", 0, 0);
+	sys3(SYS_mkdir, "/proc", 0555, 0);
+	sys3(SYS_mkdir, "/sys", 0555, 0);
+	sys3(SYS_mkdir, "/dev", 0755, 0);
+	sys3(SYS_mkdir, "/tmp", 01777, 0);
+	sys6(SYS_mount, (long)"proc", (long)"/proc", (long)"proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, 0);
+	sys6(SYS_mount, (long)"sysfs", (long)"/sys", (long)"sysfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, 0);
+	sys6(SYS_mount, (long)"devtmpfs", (long)"/dev", (long)"devtmpfs", MS_NOSUID, 0);
+}
+
+static long run(char *args, size_t n)
+{
+	char *argv[ARGV_MAX];
+	int argc = 0;
+	size_t i = 0;
+	while (i < n && argc < ARGV_MAX - 1) {
+		argv[argc++] = args + i;
+		while (i < n && args[i])
+			i++;
+		i++;
+	}
+	argv[argc] = 0;
+	if (!argc) {
+		say("ember-init: no workload given (ember.cmd=)\n");
+		return 127;
+	}
+	long pid = sys3(SYS_fork, 0, 0, 0);
+	if (pid == 0) {
+		sys3(SYS_setsid, 0, 0, 0);
+		sys3(SYS_execve, argv[0], argv, envp);
+		/* no PATH search in the kernel: try the usual directories */
+		static const char *const dirs[] = {"/usr/local/bin/", "/usr/bin/", "/bin/",
+						   "/usr/sbin/", "/sbin/", 0};
+		char path[512];
+		for (int d = 0; dirs[d]; d++) {
+			size_t k = 0;
+			for (const char *q = dirs[d]; *q && k < sizeof(path) - 1; q++)
+				path[k++] = *q;
+			for (const char *q = argv[0]; *q && k < sizeof(path) - 1; q++)
+				path[k++] = *q;
+			path[k] = 0;
+			sys3(SYS_execve, path, argv, envp);
+		}
+		say("ember-init: cannot execute ");
+		say(argv[0]);
+		say("\n");
+		sys3(SYS_exit, 127, 0, 0);
+	}
+	must(pid, "fork");
+	/* PID 1 reaps every orphan; the workload's own status is what we report. */
+	for (;;) {
+		int wstatus = 0;
+		long got = sys6(SYS_wait4, -1, (long)&wstatus, 0, 0, 0);
+		if (got == -ECHILD)
+			return 127;
+		if (got == pid) {
+			if ((wstatus & 0x7f) == 0)
+				return (wstatus >> 8) & 0xff;
+			return 128 + (wstatus & 0x7f);
+		}
+	}
+}
+
+void _start(void)
+{
+	static char cmdline[CMDLINE_MAX];
+	static char root[256];
+	static char args[ARGS_MAX];
+	long fd, n;
+
+	fd = sys3(SYS_open, "/dev/console", O_RDWR, 0);
+	if (fd >= 0 && fd != 0) {
+		sys3(SYS_dup2, fd, 0, 0);
+		sys3(SYS_dup2, fd, 1, 0);
+		sys3(SYS_dup2, fd, 2, 0);
+	}
+	sys3(SYS_mkdir, "/proc", 0555, 0);
+	sys6(SYS_mount, (long)"proc", (long)"/proc", (long)"proc", 0, 0);
+	fd = sys3(SYS_open, "/proc/cmdline", O_RDONLY, 0);
+	n = fd >= 0 ? sys3(SYS_read, fd, cmdline, sizeof(cmdline) - 1) : 0;
+	cmdline[n > 0 ? n : 0] = 0;
+	if (fd >= 0)
+		sys3(SYS_close, fd, 0, 0);
+
+	if (!param(cmdline, "ember.root=", root, sizeof(root)))
+		test_mode();
+
+	size_t argsize = 0;
+	if (param(cmdline, "ember.cmd=", args, sizeof(args)))
+		argsize = unbase64(args);
+	sys6(SYS_umount2, (long)"/proc", 0, 0, 0, 0);
+	/* the initramfs has no device nodes but the console: devtmpfs has the disks */
+	sys3(SYS_mkdir, "/dev", 0755, 0);
+	sys6(SYS_mount, (long)"devtmpfs", (long)"/dev", (long)"devtmpfs", MS_NOSUID, 0);
+	enter_root(root);
+	long status = run(args, argsize);
+	sys3(SYS_kill, -1, SIGKILL, 0);
+	end(status);
+}

@@ -1,0 +1,73 @@
+"""The VMM's event thread: one epoll over every fd a device waits on.
+
+Queue kicks (ioeventfds), and later TAP and vsock sockets, are served here,
+off the vCPU threads, so a slow device never stalls a vCPU and no thread
+ever busy-waits.  Callbacks must not raise; if one does, the error is
+logged and counted, and the loop goes on serving the other devices.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import selectors
+import threading
+from collections.abc import Callable
+
+log = logging.getLogger(__name__)
+
+
+class EventLoop:
+    def __init__(self) -> None:
+        self._selector = selectors.EpollSelector()
+        self._stop_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._selector.register(self._stop_fd, selectors.EVENT_READ, None)
+        self._thread: threading.Thread | None = None
+        self.callback_errors = 0
+
+    def add_eventfd(self, fd: int, callback: Callable[[], None]) -> None:
+        """Call ``callback`` each time ``fd`` (an eventfd) is signalled; the count is drained."""
+
+        def on_ready() -> None:
+            try:
+                os.eventfd_read(fd)
+            except BlockingIOError:
+                return
+            callback()
+
+        self._selector.register(fd, selectors.EVENT_READ, on_ready)
+
+    def add_reader(self, fd: int, callback: Callable[[], None]) -> None:
+        self._selector.register(fd, selectors.EVENT_READ, callback)
+
+    def remove(self, fd: int) -> None:
+        try:
+            self._selector.unregister(fd)
+        except KeyError:
+            pass
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="ember-events", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            for key, _mask in self._selector.select():
+                if key.data is None:
+                    return
+                try:
+                    key.data()
+                except Exception:
+                    self.callback_errors += 1
+                    log.exception("device callback failed")
+
+    def stop(self) -> None:
+        os.eventfd_write(self._stop_fd, 1)
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+    def close(self) -> None:
+        self.stop()
+        self._selector.close()
+        os.close(self._stop_fd)
