@@ -59,7 +59,9 @@ class GuestMemory:
         regions = []
         for start, length in ram_layout(size):
             mem = mmap.mmap(
-                -1, length, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_NORESERVE", 0)
+                -1,
+                length,
+                mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_NORESERVE", 0),
             )
             regions.append(Region(start, length, mem))
         return cls(regions)

@@ -24,8 +24,13 @@ def test_boot_reaches_userspace_and_exits_cleanly(images: Images, kind: str) -> 
 def test_guest_kernel_panic_is_a_crash_with_a_one_line_reason(images: Images) -> None:
     # No init at this path: the kernel panics, and panic=-1 makes it reset at once.
     result = ember(
-        "boot", "--kernel", str(images.kernel), "--initrd", str(images.initrd),
-        "--cmdline", "console=ttyS0 reboot=k panic=-1 quiet rdinit=/nonexistent init=/nonexistent",
+        "boot",
+        "--kernel",
+        str(images.kernel),
+        "--initrd",
+        str(images.initrd),
+        "--cmdline",
+        "console=ttyS0 reboot=k panic=-1 quiet rdinit=/nonexistent init=/nonexistent",
     )
     assert result.returncode == 1, result.stderr
     assert MARKER not in result.stdout

@@ -26,15 +26,14 @@ def test_a_file_that_is_no_kernel() -> None:
 
 
 def test_a_missing_kernel(tmp_path: Path) -> None:
-    assert_usage_error(
-        ember("boot", "--kernel", str(tmp_path / "vmlinux")), "does not exist"
-    )
+    assert_usage_error(ember("boot", "--kernel", str(tmp_path / "vmlinux")), "does not exist")
 
 
 def test_a_missing_initrd(images: Images, tmp_path: Path) -> None:
     assert_usage_error(
         ember("boot", "--kernel", str(images.kernel), "--initrd", str(tmp_path / "nope")),
-        "initrd", "does not exist",
+        "initrd",
+        "does not exist",
     )
 
 

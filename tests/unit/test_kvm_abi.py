@@ -114,7 +114,12 @@ def header_values(tmp_path_factory: pytest.TempPathFactory) -> dict[str, int]:
     gcc = shutil.which("gcc")
     if gcc is None or not Path("/usr/include/linux/kvm.h").exists():
         pytest.fail("gcc and linux/kvm.h (Debian: gcc, linux-libc-dev) are needed")
-    lines = ["#include <stdio.h>", "#include <stddef.h>", "#include <linux/kvm.h>", "int main(void) {"]
+    lines = [
+        "#include <stdio.h>",
+        "#include <stddef.h>",
+        "#include <linux/kvm.h>",
+        "int main(void) {",
+    ]
     for name in STRUCTS:
         lines.append(f'printf("sizeof {name} %zu\\n", sizeof(struct {name}));')
     for name in IOCTLS + CONSTANTS:

@@ -28,14 +28,33 @@ def make_elf(segments: list[tuple[int, bytes, int]], entry: int, machine: int = 
         blobs += blob
     ident = b"\x7fELF" + bytes([2, 1, 1]) + bytes(9)
     ehdr = struct.pack(
-        "<16sHHIQQQIHHHHHH", ident, 2, machine, 1, entry, phoff, 0, 0, ehdr_size, phdr_size,
-        len(segments), 64, 0, 0,
+        "<16sHHIQQQIHHHHHH",
+        ident,
+        2,
+        machine,
+        1,
+        entry,
+        phoff,
+        0,
+        0,
+        ehdr_size,
+        phdr_size,
+        len(segments),
+        64,
+        0,
+        0,
     )
     return ehdr + phdrs + blobs
 
 
-def make_bzimage(payload: bytes, *, setup_sects: int = 4, version: int = 0x020F,
-                 xloadflags: int = 1, init_size: int = 4 * MIB) -> bytes:
+def make_bzimage(
+    payload: bytes,
+    *,
+    setup_sects: int = 4,
+    version: int = 0x020F,
+    xloadflags: int = 1,
+    init_size: int = 4 * MIB,
+) -> bytes:
     setup = bytearray((setup_sects + 1) * 512)
     setup[0x1F1] = setup_sects
     struct.pack_into("<H", setup, 0x1FE, 0xAA55)

@@ -46,7 +46,10 @@ def test_e820_big_guest_skips_the_mmio_gap() -> None:
 def test_boot_params_for_vmlinux() -> None:
     e820 = [bootparams.E820Entry(0, 0x9FC00, 1), bootparams.E820Entry(0x100000, 0x7F00000, 1)]
     bp = bootparams.build_boot_params(
-        setup_header=b"", cmdline_addr=0x20000, cmdline_size=42, initrd=(0x7000000, 0x1234),
+        setup_header=b"",
+        cmdline_addr=0x20000,
+        cmdline_size=42,
+        initrd=(0x7000000, 0x1234),
         e820=e820,
     )
     assert len(bp) == 4096
@@ -76,7 +79,13 @@ def test_boot_params_keeps_a_bzimage_header_and_amends_it() -> None:
 def test_gdt_entries_decode_to_flat_long_mode_segments() -> None:
     code = regs.segment_from_gdt(regs.BOOT_GDT[2], 2)
     data = regs.segment_from_gdt(regs.BOOT_GDT[3], 3)
-    assert (code.selector, code.l, code.present, code.type, code.limit) == (0x10, 1, 1, 0xB, 0xFFFFFFFF)
+    assert (code.selector, code.l, code.present, code.type, code.limit) == (
+        0x10,
+        1,
+        1,
+        0xB,
+        0xFFFFFFFF,
+    )
     assert (data.selector, data.db, data.type, data.limit) == (0x18, 1, 0x3, 0xFFFFFFFF)
     assert regs.gdt_bytes()[16:24] == struct.pack("<Q", 0x00AF9B000000FFFF)
 
@@ -109,7 +118,9 @@ def test_boot_sregs_enter_long_mode() -> None:
     assert sregs.cr0 & regs.X86_CR0_PG and sregs.cr0 & regs.X86_CR0_PE
     assert sregs.cr4 & regs.X86_CR4_PAE
     assert sregs.efer & regs.EFER_LMA and sregs.efer & regs.EFER_LME
-    assert sregs.cr3 == layout.PML4_START and sregs.cs.selector == 0x10 and sregs.ss.selector == 0x18
+    assert (
+        sregs.cr3 == layout.PML4_START and sregs.cs.selector == 0x10 and sregs.ss.selector == 0x18
+    )
     r = regs.boot_regs(0x1000000)
     assert (r.rip, r.rsi, r.rflags) == (0x1000000, layout.ZERO_PAGE_START, 2)
 

@@ -39,7 +39,10 @@ def register(sub: Any) -> None:
         "--rootfs", type=Path, help="ext4 root file system, shared read-only under a tmpfs overlay"
     )
     p.add_argument(
-        "--disk", action="append", default=[], metavar="PATH[:ro]",
+        "--disk",
+        action="append",
+        default=[],
+        metavar="PATH[:ro]",
         help="extra virtio-blk disk (/dev/vdb, /dev/vdc, ...); repeatable",
     )
     p.add_argument("workload", nargs=argparse.REMAINDER, help="-- CMD [ARGS...] to run (--rootfs)")

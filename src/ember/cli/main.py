@@ -13,7 +13,8 @@ import argparse
 import sys
 from collections.abc import Callable, Sequence
 
-from ember.cli import boot, image
+import ember.cli.boot
+import ember.cli.image
 from ember.errors import EmberError
 
 EXIT_USAGE = 2
@@ -24,8 +25,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="ember", description="MicroVM sandboxes on KVM behind a hypervisor written in Python."
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    boot.register(sub)
-    image.register(sub)
+    ember.cli.boot.register(sub)
+    ember.cli.image.register(sub)
     return parser
 
 

@@ -66,9 +66,10 @@ class kvm_regs(ctypes.Structure):
     _fields_ = [
         (name, u64)
         for name in (
-            "rax rbx rcx rdx rsi rdi rsp rbp r8 r9 r10 r11 r12 r13 r14 r15 rip rflags".split()
+            "rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rsp", "rbp",
+            "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15", "rip", "rflags",
         )
-    ]
+    ]  # fmt: skip
 
 
 class kvm_segment(ctypes.Structure):

@@ -43,7 +43,8 @@ def ioctl_run(fd: int, request: int) -> int:
 def ioctl_buf(fd: int, request: int, buf: Any, *, what: str = "") -> int:
     """An ioctl on a ctypes struct, which the kernel may read and fill in."""
     try:
-        return fcntl.ioctl(fd, request, buf, True)
+        result: int = fcntl.ioctl(fd, request, buf, True)
+        return result
     except OSError as exc:
         name = what or hex(request)
         if exc.errno == errno.E2BIG:

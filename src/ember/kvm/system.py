@@ -91,7 +91,9 @@ class Vm:
         self, slot: int, guest_phys_addr: int, size: int, userspace_addr: int, flags: int = 0
     ) -> None:
         region = abi.kvm_userspace_memory_region(slot, flags, guest_phys_addr, size, userspace_addr)
-        ioctl_buf(self.fd, abi.KVM_SET_USER_MEMORY_REGION, region, what="KVM_SET_USER_MEMORY_REGION")
+        ioctl_buf(
+            self.fd, abi.KVM_SET_USER_MEMORY_REGION, region, what="KVM_SET_USER_MEMORY_REGION"
+        )
 
     def set_tss_addr(self, addr: int) -> None:
         ioctl_int(self.fd, abi.KVM_SET_TSS_ADDR, addr, what="KVM_SET_TSS_ADDR")
@@ -110,9 +112,13 @@ class Vm:
     def irqfd(self, fd: int, gsi: int) -> None:
         ioctl_buf(self.fd, abi.KVM_IRQFD, abi.kvm_irqfd(fd=fd, gsi=gsi), what="KVM_IRQFD")
 
-    def ioeventfd(self, fd: int, addr: int, length: int, *, pio: bool = False) -> None:
+    def ioeventfd(
+        self, fd: int, addr: int, length: int, *, datamatch: int | None = None, pio: bool = False
+    ) -> None:
         flags = abi.KVM_IOEVENTFD_FLAG_PIO if pio else 0
-        req = abi.kvm_ioeventfd(addr=addr, len=length, fd=fd, flags=flags)
+        if datamatch is not None:
+            flags |= abi.KVM_IOEVENTFD_FLAG_DATAMATCH
+        req = abi.kvm_ioeventfd(datamatch=datamatch or 0, addr=addr, len=length, fd=fd, flags=flags)
         ioctl_buf(self.fd, abi.KVM_IOEVENTFD, req, what="KVM_IOEVENTFD")
 
     def create_vcpu(self, index: int) -> Vcpu:

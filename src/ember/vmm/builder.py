@@ -158,4 +158,3 @@ def _setup_vcpu(
         regs.boot_sregs(sregs)
         vcpu.set_sregs(sregs)
         vcpu.set_regs(regs.boot_regs(entry))
-

@@ -73,11 +73,15 @@ class VmConfig:
         for disk in self.disks:
             _check_file(disk.path, "disk")
             if not disk.read_only and not os.access(disk.path, os.W_OK):
-                raise ConfigError(f"disk {disk.path} is not writable: add :ro to attach it read-only")
+                raise ConfigError(
+                    f"disk {disk.path} is not writable: add :ro to attach it read-only"
+                )
         if len(self.disks) + (self.rootfs is not None) > MAX_DISKS:
             raise ConfigError(f"at most {MAX_DISKS} disks")
         if self.workload and self.rootfs is None:
-            raise ConfigError("a command to run needs --rootfs (the guest has nothing to run it with)")
+            raise ConfigError(
+                "a command to run needs --rootfs (the guest has nothing to run it with)"
+            )
         if not 1 <= self.vcpus <= MAX_VCPUS:
             raise ConfigError(f"--vcpus must be between 1 and {MAX_VCPUS}, not {self.vcpus}")
         min_mib = layout.MIN_MEM_SIZE >> 20
@@ -87,7 +91,9 @@ class VmConfig:
             )
         if self.cpu_template != "auto" and self.cpu_template not in TEMPLATES:
             choices = ", ".join(["auto", *sorted(TEMPLATES)])
-            raise ConfigError(f"unknown CPU template {self.cpu_template!r}: choose one of {choices}")
+            raise ConfigError(
+                f"unknown CPU template {self.cpu_template!r}: choose one of {choices}"
+            )
         cmdline = self.full_cmdline().encode()
         if len(cmdline) >= layout.CMDLINE_MAX_SIZE:
             raise ConfigError(

@@ -18,8 +18,8 @@ from ember.memory import GuestMemory
 from ember.vmm.console import ConsoleSink
 from ember.vmm.event_loop import EventLoop
 from ember.vmm.state import StopKind, StopReason, VmState
-from ember.vmm.virtio_slots import VirtioSlots
 from ember.vmm.vcpu import VcpuThread, install_kick_handler
+from ember.vmm.virtio_slots import VirtioSlots
 
 log = logging.getLogger(__name__)
 

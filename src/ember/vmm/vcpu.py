@@ -56,9 +56,7 @@ class VcpuThread:
         self._on_stop = on_stop
         self._stopping = threading.Event()
         self.exits = 0
-        self.thread = threading.Thread(
-            target=self._run, name=f"vcpu{vcpu.index}", daemon=True
-        )
+        self.thread = threading.Thread(target=self._run, name=f"vcpu{vcpu.index}", daemon=True)
 
     def start(self) -> None:
         self.thread.start()

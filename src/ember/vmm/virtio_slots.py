@@ -75,4 +75,3 @@ def _notifier(transport: MmioTransport, index: int) -> Callable[[], None]:
         transport.notify(index)
 
     return notify
-

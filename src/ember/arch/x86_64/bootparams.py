@@ -105,5 +105,7 @@ def build_boot_params(
         struct.pack_into("<I", bp, EXT_RAMDISK_SIZE, size >> 32)
     bp[E820_ENTRIES] = len(e820)
     for i, entry in enumerate(e820):
-        E820_ENTRY.pack_into(bp, E820_TABLE + i * E820_ENTRY.size, entry.addr, entry.size, entry.type)
+        E820_ENTRY.pack_into(
+            bp, E820_TABLE + i * E820_ENTRY.size, entry.addr, entry.size, entry.type
+        )
     return bytes(bp)

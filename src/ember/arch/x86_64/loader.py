@@ -75,8 +75,20 @@ def load_kernel(mem: GuestMemory, data: bytes) -> LoadedKernel:
 def load_elf(mem: GuestMemory, data: bytes) -> LoadedKernel:
     if len(data) < _EHDR.size:
         raise ImageError("truncated ELF header")
-    (ident, _type, machine, _ver, entry, phoff, _shoff, _flags, _ehsize, phentsize, phnum,
-     *_rest) = _EHDR.unpack_from(data, 0)
+    (
+        ident,
+        _type,
+        machine,
+        _ver,
+        entry,
+        phoff,
+        _shoff,
+        _flags,
+        _ehsize,
+        phentsize,
+        phnum,
+        *_rest,
+    ) = _EHDR.unpack_from(data, 0)
     if ident[4] != ELFCLASS64 or ident[5] != ELFDATA2LSB:
         raise ImageError("ELF kernel is not 64-bit little-endian")
     if machine != EM_X86_64:
@@ -118,7 +130,7 @@ def load_bzimage(mem: GuestMemory, data: bytes) -> LoadedKernel:
         raise ImageError("truncated bzImage header")
     version = struct.unpack_from("<H", data, VERSION)[0]
     if version < MIN_BOOT_PROTOCOL:
-        raise ImageError(f"bzImage boot protocol {version >> 8}.{version & 0xff} is too old")
+        raise ImageError(f"bzImage boot protocol {version >> 8}.{version & 0xFF} is too old")
     if not data[LOADFLAGS] & LOADED_HIGH:
         raise ImageError("zImage (loaded low) kernels are not supported")
     if not struct.unpack_from("<H", data, XLOADFLAGS)[0] & XLF_KERNEL_64:
@@ -138,9 +150,7 @@ def load_bzimage(mem: GuestMemory, data: bytes) -> LoadedKernel:
         raise ImageError("bzImage does not fit in guest memory") from None
     end = load_addr + max(len(payload), init_size)
     if not mem.contains(load_addr, end - load_addr):
-        raise ImageError(
-            f"bzImage needs {end >> 20} MiB to decompress; give the guest more memory"
-        )
+        raise ImageError(f"bzImage needs {end >> 20} MiB to decompress; give the guest more memory")
     initrd_max = struct.unpack_from("<I", data, INITRD_ADDR_MAX)[0]
     cmdline_size = struct.unpack_from("<I", data, CMDLINE_SIZE)[0]
     return LoadedKernel(

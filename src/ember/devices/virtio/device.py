@@ -8,10 +8,9 @@ virtio 1.2 specification at the ABI.
 from __future__ import annotations
 
 import abc
+import logging
 import os
 import threading
-
-import logging
 from collections.abc import Callable
 
 from ember.devices.virtio.queue import DescriptorChain, Queue, QueueError
@@ -102,7 +101,7 @@ class VirtioDevice(abc.ABC):
     def read_config(self, offset: int, size: int) -> bytes:
         """Bytes of the device-specific configuration space (§4.2.2 offset 0x100 on)."""
 
-    def write_config(self, offset: int, data: bytes) -> None:
+    def write_config(self, offset: int, data: bytes) -> None:  # noqa: B027 (a default no-op)
         """Most configuration spaces are read-only; writes are ignored."""
 
     def activate(self, memory: GuestMemory, queues: list[Queue], interrupt: Interrupt) -> None:
@@ -171,6 +170,6 @@ class VirtioDevice(abc.ABC):
 
     def signal_used(self, queue: Queue) -> None:
         """Interrupt the driver if the queue's suppression rules ask for it."""
-        if self.memory is not None and self.interrupt is not None:
-            if queue.needs_notification(self.memory):
-                self.interrupt.trigger(VIRTIO_MMIO_INT_VRING)
+        memory, interrupt = self.memory, self.interrupt
+        if memory is not None and interrupt is not None and queue.needs_notification(memory):
+            interrupt.trigger(VIRTIO_MMIO_INT_VRING)

@@ -138,8 +138,12 @@ class MmioTransport:
             return self.interrupt.status
         if offset == VIRTIO_MMIO_STATUS:
             return self.status | (VIRTIO_CONFIG_S_NEEDS_RESET if self.device.needs_reset else 0)
-        if offset in (VIRTIO_MMIO_SHM_LEN_LOW, VIRTIO_MMIO_SHM_LEN_HIGH,
-                      VIRTIO_MMIO_SHM_BASE_LOW, VIRTIO_MMIO_SHM_BASE_HIGH):
+        if offset in (
+            VIRTIO_MMIO_SHM_LEN_LOW,
+            VIRTIO_MMIO_SHM_LEN_HIGH,
+            VIRTIO_MMIO_SHM_BASE_LOW,
+            VIRTIO_MMIO_SHM_BASE_HIGH,
+        ):
             return 0xFFFFFFFF  # no shared memory regions
         if offset == VIRTIO_MMIO_CONFIG_GENERATION:
             return self.config_generation

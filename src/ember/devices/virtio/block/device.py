@@ -159,7 +159,11 @@ class Block(VirtioDevice):
         return written + 1
 
     def _dispatch(
-        self, memory: GuestMemory, rtype: int, sector: int, readable: BufferList,
+        self,
+        memory: GuestMemory,
+        rtype: int,
+        sector: int,
+        readable: BufferList,
         writable: BufferList,
     ) -> tuple[int, int]:
         """Returns (bytes written to the driver's buffers before the status, status)."""
