@@ -140,26 +140,31 @@ class VirtioDevice(abc.ABC):
         if memory is None or index >= len(self.queues):
             return
         queue = self.queues[index]
-        while True:
-            queue.set_notification(memory, False)
+        try:
             while True:
-                try:
-                    chain = queue.pop(memory)
-                except QueueError as exc:
-                    if exc.head is not None:
-                        queue.add_used(memory, exc.head, 0)
-                    if queue.broken:
-                        self._fail(f"queue {index}: {exc}")
-                        return
-                    log.debug("%s: queue %d: bad chain: %s", type(self).__name__, index, exc)
-                    continue
-                if chain is None:
+                queue.set_notification(memory, False)
+                while True:
+                    try:
+                        chain = queue.pop(memory)
+                    except QueueError as exc:
+                        if exc.head is not None:
+                            queue.add_used(memory, exc.head, 0)
+                        if queue.broken:
+                            self._fail(f"queue {index}: {exc}")
+                            return
+                        log.debug("%s: queue %d: bad chain: %s", type(self).__name__, index, exc)
+                        continue
+                    if chain is None:
+                        break
+                    queue.add_used(memory, chain.head, handler(chain))
+                queue.set_notification(memory, True)
+                if not queue.pending(memory):
                     break
-                queue.add_used(memory, chain.head, handler(chain))
-            queue.set_notification(memory, True)
-            if not queue.pending(memory):
-                break
-        self.signal_used(queue)
+            self.signal_used(queue)
+        except QueueError as exc:
+            # The used or available ring became unusable (e.g. the driver re-readied the
+            # queue at addresses outside RAM after DRIVER_OK): the queue is broken.
+            self._fail(f"queue {index}: {exc}")
 
     def _fail(self, why: str) -> None:
         """The driver corrupted a ring: stop serving until it resets the device (§2.1.2)."""

@@ -168,22 +168,27 @@ class MmioTransport:
         elif offset == VIRTIO_MMIO_QUEUE_NUM:
             if queue is not None and not queue.ready:
                 queue.size = value
+            else:
+                self.bad_accesses += 1
         elif offset == VIRTIO_MMIO_QUEUE_READY:
             if queue is not None:
                 queue.ready = value == 1
+            else:
+                self.bad_accesses += 1
         elif offset in _QUEUE_ADDR_REGS:
             if queue is not None and not queue.ready:
                 name, shift = _QUEUE_ADDR_REGS[offset]
                 old = getattr(queue, name)
                 setattr(queue, name, (old & ~(0xFFFFFFFF << shift)) | (value << shift))
+            else:
+                self.bad_accesses += 1
         elif offset == VIRTIO_MMIO_INTERRUPT_ACK:
             self.interrupt.ack(value)
         elif offset == VIRTIO_MMIO_STATUS:
             self._set_status(value)
         elif offset == VIRTIO_MMIO_QUEUE_NOTIFY:
             # Only reached when no ioeventfd is registered (e.g. unit tests).
-            if value < len(self.queues) and self.device.active:
-                self.device.process_queue(value)
+            self.notify(value)
         elif offset == VIRTIO_MMIO_SHM_SEL:
             pass
         else:
