@@ -54,6 +54,8 @@ VIRTIO_BLK_S_OK = 0
 VIRTIO_BLK_S_IOERR = 1
 VIRTIO_BLK_S_UNSUPP = 2
 
+VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP = 1
+
 SECTOR_SHIFT = 9
 SECTOR_SIZE = 1 << SECTOR_SHIFT
 VIRTIO_BLK_ID_BYTES = 20
@@ -193,7 +195,7 @@ class Block(VirtioDevice):
             writable.write(memory, 0, self.serial.ljust(VIRTIO_BLK_ID_BYTES, b"\0")[:n])
             return n, VIRTIO_BLK_S_OK
         if rtype in (VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_WRITE_ZEROES) and self.discard_supported:
-            return 0, self._discard(memory, readable)
+            return 0, self._discard(memory, readable, rtype)
         self.stats.unsupported += 1
         return 0, VIRTIO_BLK_S_UNSUPP
 
@@ -227,13 +229,20 @@ class Block(VirtioDevice):
             for view in views:
                 view.release()
 
-    def _discard(self, memory: GuestMemory, readable: BufferList) -> int:
+    def _discard(self, memory: GuestMemory, readable: BufferList, rtype: int) -> int:
         payload = readable.total - _OUTHDR.size
         if payload <= 0 or payload % _DISCARD.size or payload // _DISCARD.size > MAX_DISCARD_SEG:
             raise _RequestError("malformed discard segment list")
         data = readable.read(memory, _OUTHDR.size, payload)
-        for i in range(payload // _DISCARD.size):
-            sector, count, _flags = _DISCARD.unpack_from(data, i * _DISCARD.size)
+        # §5.2.6.2: DISCARD takes no flags; WRITE_ZEROES only "unmap" (we always unmap).
+        allowed = VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP if rtype == VIRTIO_BLK_T_WRITE_ZEROES else 0
+        segments = [
+            _DISCARD.unpack_from(data, i * _DISCARD.size) for i in range(payload // _DISCARD.size)
+        ]
+        if any(flags & ~allowed for _, _, flags in segments):
+            self.stats.unsupported += 1
+            return VIRTIO_BLK_S_UNSUPP
+        for sector, count, _flags in segments:
             offset = self._check_range(sector, count << SECTOR_SHIFT)
             try:
                 fallocate_punch_hole(self.fd, offset, count << SECTOR_SHIFT)
