@@ -8,8 +8,8 @@ cd "$(dirname "$0")/.."
 PACKAGES=(
   # the guest kernel: Debian's source and what building it takes
   linux-source-6.1 build-essential flex bison bc libelf-dev libssl-dev xz-utils patch
-  # the test initramfs's init is a tiny static C program; busybox is for debugging shells
-  busybox-static cpio
+  # the root file system image
+  debootstrap e2fsprogs
   # the peer the benchmarks compare against, and the venv
   qemu-system-x86 python3-venv python3-dev
 )

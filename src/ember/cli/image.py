@@ -1,0 +1,84 @@
+"""`ember image`: build the guest kernel and test initramfs, and say where they are.
+
+``ember image build`` is idempotent and cheap when nothing changed, so scripts
+and CI can run it unconditionally before booting; ``ember image path NAME``
+prints one absolute path for use in shell (``--kernel "$(ember image path
+kernel)"``) and fails with a hint when the artifact is not built.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from ember import images
+from ember.images.kernel_build import default_jobs
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def register(subparsers: argparse._SubParsersAction[Any]) -> None:
+    """Add ``image build`` and ``image path`` to the ``ember`` parser."""
+    parser = subparsers.add_parser(
+        "image",
+        help="build or locate the guest kernel and initramfs",
+        description="Build the guest kernel and test initramfs once; they are cached under "
+        "$EMBER_CACHE_DIR (default ~/.cache/ember) by a hash of their inputs.",
+    )
+    sub = parser.add_subparsers(dest="image_command", metavar="ACTION", required=True)
+
+    build = sub.add_parser(
+        "build",
+        help="build whatever is not cached yet",
+        description="Build the guest kernel (several minutes) and test initramfs (a second), "
+        "or report that they are cached.",
+    )
+    build.add_argument("--kernel-only", action="store_true", help="skip the test initramfs")
+    build.add_argument("--force", action="store_true", help="rebuild even if cached")
+    build.add_argument(
+        "--jobs",
+        "-j",
+        type=_positive_int,
+        default=None,
+        metavar="N",
+        help=f"parallel make jobs (default: the CPU count, {default_jobs()} here)",
+    )
+    build.set_defaults(func=_build)
+
+    path = sub.add_parser(
+        "path",
+        help="print the path of a built artifact",
+        description="Print the absolute path of a cached artifact for the current inputs; "
+        "fail if it is not built.",
+    )
+    path.add_argument(
+        "artifact",
+        choices=images.ARTIFACTS,
+        help="kernel: ELF vmlinux (PVH entry); bzimage: compressed kernel; initrd: test cpio",
+    )
+    path.set_defaults(func=_path)
+
+
+def _build(args: argparse.Namespace) -> int:
+    paths = images.build_all(
+        kernel=True, initramfs=not args.kernel_only, force=args.force, jobs=args.jobs
+    )
+    for name in images.ARTIFACTS:
+        if name in paths:
+            print(f"{name:8} {paths[name]}")
+    sys.stdout.flush()
+    return 0
+
+
+def _path(args: argparse.Namespace) -> int:
+    print(images.artifact_path(args.artifact))
+    return 0
