@@ -42,7 +42,9 @@ def register(subparsers: argparse._SubParsersAction[Any]) -> None:
         description="Build the guest kernel (several minutes) and test initramfs (a second), "
         "or report that they are cached.",
     )
-    build.add_argument("--kernel-only", action="store_true", help="skip the test initramfs")
+    build.add_argument(
+        "--kernel-only", action="store_true", help="skip the initramfs and root file system"
+    )
     build.add_argument("--force", action="store_true", help="rebuild even if cached")
     build.add_argument(
         "--jobs",
@@ -63,14 +65,19 @@ def register(subparsers: argparse._SubParsersAction[Any]) -> None:
     path.add_argument(
         "artifact",
         choices=images.ARTIFACTS,
-        help="kernel: ELF vmlinux (PVH entry); bzimage: compressed kernel; initrd: test cpio",
+        help="kernel: ELF vmlinux; bzimage: compressed kernel; initrd: ember-init cpio; "
+        "rootfs: ext4 root file system",
     )
     path.set_defaults(func=_path)
 
 
 def _build(args: argparse.Namespace) -> int:
     paths = images.build_all(
-        kernel=True, initramfs=not args.kernel_only, force=args.force, jobs=args.jobs
+        kernel=True,
+        initramfs=not args.kernel_only,
+        root=not args.kernel_only,
+        force=args.force,
+        jobs=args.jobs,
     )
     for name in images.ARTIFACTS:
         if name in paths:

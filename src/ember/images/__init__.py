@@ -19,10 +19,10 @@ from pathlib import Path
 from typing import Final
 
 from ember.errors import BuildError, ConfigError, ImageNotBuilt
-from ember.images import cache, initrd, kernel_build
+from ember.images import cache, initrd, kernel_build, rootfs
 from ember.images.progress import Progress
 
-ARTIFACTS: Final = ("kernel", "bzimage", "initrd")
+ARTIFACTS: Final = ("kernel", "bzimage", "initrd", "rootfs")
 _KERNEL_FILES: Final = {"kernel": "vmlinux", "bzimage": "bzImage"}
 _HINT: Final = "run `ember image build`"
 
@@ -59,6 +59,11 @@ def artifact_path(name: str, *, source: Path | None = None) -> Path:
         if not path.is_file():
             raise ImageNotBuilt(f"the test initramfs is not built: {_HINT}")
         return path
+    if name == "rootfs":
+        path = rootfs.image_path()
+        if not path.is_file():
+            raise ImageNotBuilt(f"the guest root file system is not built: {_HINT}")
+        return path
     raise ConfigError(f"unknown guest artifact {name!r}: expected one of {', '.join(ARTIFACTS)}")
 
 
@@ -71,6 +76,7 @@ def build_all(
     *,
     kernel: bool = True,
     initramfs: bool = True,
+    root: bool = True,
     force: bool = False,
     jobs: int | None = None,
     source: Path | None = None,
@@ -90,4 +96,6 @@ def build_all(
         built = kernel_build.build_kernel(jobs=jobs, force=force, source=source, progress=progress)
         paths["kernel"] = built.vmlinux
         paths["bzimage"] = built.bzimage
+    if root:
+        paths["rootfs"] = rootfs.build_image(force=force, progress=progress)
     return paths
