@@ -24,19 +24,29 @@ class Images:
     kernel: Path
     bzimage: Path
     initrd: Path
+    rootfs: Path
 
 
 @pytest.fixture(scope="session")
 def images() -> Images:
     if not os.access("/dev/kvm", os.R_OK | os.W_OK):
         pytest.fail("/dev/kvm is not usable: integration tests need KVM")
-    return Images(artifact_path("kernel"), artifact_path("bzimage"), artifact_path("initrd"))
+    return Images(
+        artifact_path("kernel"),
+        artifact_path("bzimage"),
+        artifact_path("initrd"),
+        artifact_path("rootfs"),
+    )
+
+
+def ember_command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "ember.cli.main", *args]
 
 
 def ember(*args: str, timeout: float = BOOT_TIMEOUT) -> subprocess.CompletedProcess[str]:
     """Run the CLI exactly as a user would, in its own process."""
     return subprocess.run(
-        [sys.executable, "-m", "ember.cli.main", *args],
+        ember_command(*args),
         capture_output=True,
         text=True,
         timeout=timeout,

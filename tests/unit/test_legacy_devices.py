@@ -144,3 +144,16 @@ def test_console_sink_tail_and_panic_detection() -> None:
     assert lines[0] == b"booting"
     assert sink.panic_line == b"Kernel panic - not syncing: VFS: Unable to mount root fs"
     assert sink.tail(1).startswith("Kernel panic")
+
+
+def test_console_hides_the_exit_status_line_but_records_it() -> None:
+    import io
+
+    out = io.BytesIO()
+    sink = ConsoleSink(out)  # type: ignore[arg-type]
+    text = b"42\nreboot: Restarting system with command 'ember-exit=7'\nrebooting\n"
+    for ch in text:
+        sink(bytes([ch]))
+    sink.flush()
+    assert out.getvalue() == b"42\nrebooting\n"
+    assert sink.exit_status == 7

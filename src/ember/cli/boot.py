@@ -45,6 +45,12 @@ def register(sub: Any) -> None:
         metavar="PATH[:ro]",
         help="extra virtio-blk disk (/dev/vdb, /dev/vdc, ...); repeatable",
     )
+    p.add_argument(
+        "--vsock-uds", type=Path, metavar="PATH",
+        help="add a virtio-vsock device whose host side is this Unix socket "
+        "(clients send 'CONNECT <port>\\n'; guest connections reach PATH_<port>)",
+    )
+    p.add_argument("--guest-cid", type=int, default=3, metavar="CID", help="vsock CID (default 3)")
     p.add_argument("workload", nargs=argparse.REMAINDER, help="-- CMD [ARGS...] to run (--rootfs)")
     p.set_defaults(func=run)
 
@@ -68,6 +74,8 @@ def run(args: argparse.Namespace) -> int:
         rootfs=args.rootfs,
         disks=tuple(DiskConfig.parse(spec) for spec in args.disk),
         workload=tuple(workload),
+        vsock_uds=args.vsock_uds,
+        guest_cid=args.guest_cid,
     )
     console = ConsoleSink(sys.stdout.buffer)
     machine = build_machine(config, console)

@@ -86,6 +86,10 @@ def build_machine(config: VmConfig, console: ConsoleSink) -> Machine:
             slots.attach(Block(config.rootfs, read_only=True, serial="ember-rootfs"))
         for disk in config.disks:
             slots.attach(Block(disk.path, read_only=disk.read_only))
+        if config.vsock_uds is not None:
+            from ember.devices.virtio.vsock.device import Vsock
+
+            slots.attach(Vsock(config.guest_cid, config.vsock_uds, events))
 
         kernel = loader.load_kernel(memory, kernel_data)
         initrd = loader.load_initrd(memory, kernel, initrd_data) if initrd_data else None

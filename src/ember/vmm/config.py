@@ -53,6 +53,9 @@ class VmConfig:
     rootfs: Path | None = None
     disks: tuple[DiskConfig, ...] = ()
     workload: tuple[str, ...] = ()
+    # virtio-vsock: the host side is a Unix socket (Firecracker's hybrid vsock protocol).
+    vsock_uds: Path | None = None
+    guest_cid: int = 3
 
     def full_cmdline(self) -> str:
         """The user's command line plus what ember-init needs to find the root and workload."""
@@ -78,6 +81,13 @@ class VmConfig:
                 )
         if len(self.disks) + (self.rootfs is not None) > MAX_DISKS:
             raise ConfigError(f"at most {MAX_DISKS} disks")
+        if self.vsock_uds is not None:
+            if not self.vsock_uds.parent.is_dir():
+                raise ConfigError(f"vsock socket directory {self.vsock_uds.parent} does not exist")
+            if len(os.fsencode(self.vsock_uds)) > 100:
+                raise ConfigError(f"vsock socket path {self.vsock_uds} is too long for AF_UNIX")
+        if not 3 <= self.guest_cid < 0xFFFFFFFF:
+            raise ConfigError(f"guest CID {self.guest_cid} is reserved: use 3 or more")
         if self.workload and self.rootfs is None:
             raise ConfigError(
                 "a command to run needs --rootfs (the guest has nothing to run it with)"

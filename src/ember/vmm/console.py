@@ -16,6 +16,8 @@ from typing import BinaryIO
 PANIC_PREFIX = b"Kernel panic - not syncing"
 # kernel_restart() prints this with the command ember-init passes to reboot(2).
 EXIT_STATUS = re.compile(rb"reboot: Restarting system with command 'ember-exit=(\d{1,3})'")
+# That line is plumbing, not the workload's output: it is held back and not shown.
+_EXIT_LINE_PREFIX = b"reboot: Restarting system with command 'ember-exit="
 TAIL_BYTES = 16 * 1024
 MAX_LINE = 4096
 
@@ -26,6 +28,7 @@ class ConsoleSink:
         self._tail: deque[bytes] = deque()
         self._tail_size = 0
         self._line = bytearray()
+        self._held = bytearray()  # the start of a line that may be the exit-status line
         self._lock = threading.Lock()
         self.watchers: list[Callable[[bytes], None]] = []
         self.panic_line: bytes | None = None
@@ -34,15 +37,27 @@ class ConsoleSink:
     def __call__(self, data: bytes) -> None:
         with self._lock:
             if self._stream is not None:
-                self._stream.write(data)
-                if b"\n" in data:
-                    self._stream.flush()
+                self._show(data)
             self._remember(data)
             for byte in data:
                 if byte == 0x0A:
                     self._end_line()
                 elif len(self._line) < MAX_LINE:
                     self._line.append(byte)
+
+    def _show(self, data: bytes) -> None:
+        assert self._stream is not None
+        for byte in data:
+            held = self._held
+            held.append(byte)
+            if byte == 0x0A:
+                if not EXIT_STATUS.search(bytes(held)):
+                    self._stream.write(bytes(held))
+                self._stream.flush()
+                held.clear()
+            elif not _EXIT_LINE_PREFIX.startswith(bytes(held[: len(_EXIT_LINE_PREFIX)])):
+                self._stream.write(bytes(held))
+                held.clear()
 
     def _remember(self, data: bytes) -> None:
         self._tail.append(data)
@@ -64,6 +79,9 @@ class ConsoleSink:
     def flush(self) -> None:
         with self._lock:
             if self._stream is not None:
+                if self._held and not EXIT_STATUS.search(bytes(self._held)):
+                    self._stream.write(bytes(self._held))
+                self._held.clear()
                 self._stream.flush()
 
     def tail(self, lines: int = 20) -> str:
