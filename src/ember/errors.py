@@ -10,7 +10,10 @@ them into a one-line message instead of a traceback::
     ├── ImageNotBuilt          an artifact `ember image build` has not produced yet
     ├── BuildError             building a guest image failed (a command's tail attached)
     ├── KvmError               /dev/kvm is missing, unusable, or an ioctl failed
-    └── GuestCrashed           the guest died: KVM internal error, unexpected shutdown
+    ├── GuestCrashed           the guest died: KVM internal error, unexpected shutdown
+    ├── SandboxError           a sandbox could not be used
+    │   └── SandboxCrashed     its guest panicked or its VMM died (carries the console tail)
+    └── (ember.client_errors)  AgentError, SandboxTimeout, ProtocolError: the agent's answers
 
 Messages say what to do about the problem, not only what went wrong.
 """
@@ -48,3 +51,19 @@ class GuestCrashed(EmberError):
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
         self.reason = reason
+
+
+class SandboxError(EmberError):
+    """A sandbox could not be started or used."""
+
+
+class SandboxCrashed(SandboxError):
+    """The sandbox's guest kernel panicked or its VMM process died.
+
+    ``console_tail`` holds the last lines of the guest console (and the VMM's
+    own one-line stop reason), which usually say why.
+    """
+
+    def __init__(self, message: str, console_tail: str = "") -> None:
+        super().__init__(message)
+        self.console_tail = console_tail

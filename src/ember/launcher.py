@@ -1,0 +1,178 @@
+"""Starting one sandbox's VMM process and reaching its agent: shared by the sync and async SDK.
+
+Each sandbox is its own VMM process (``ember boot`` with a root file system,
+a vsock device and the guest agent as the workload), so a guest that breaks
+its VMM breaks nothing else.  The host side of vsock is a Unix socket in a
+private directory:
+
+- ``v.sock``       clients send ``CONNECT 1024`` and then talk to the agent;
+- ``v.sock_1025``  the agent connects here once, to say it is ready;
+- ``v.sock_1026``  guest code opens data channels here.
+
+The VMM's console (and its one-line stop reason) goes to ``console.log``: a
+crash report carries its tail.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from ember import protocol
+from ember.client_errors import SandboxTimeout
+from ember.errors import SandboxCrashed, SandboxError
+
+CONSOLE_LOG = "console.log"
+VSOCK_NAME = "v.sock"
+HANDSHAKE_TIMEOUT = 30.0
+DEFAULT_MEM_MIB = 256
+AGENT_ARGV = ("python3", "-m", "ember.agent")
+
+
+@dataclass(frozen=True)
+class SandboxSpec:
+    kernel: Path | None = None
+    rootfs: Path | None = None
+    mem_mib: int = DEFAULT_MEM_MIB
+    vcpus: int = 1
+    cpu_template: str = "auto"
+    boot_timeout: float = 600.0
+
+
+def _resolve(spec: SandboxSpec) -> tuple[Path, Path, Path]:
+    from ember.images import artifact_path
+
+    kernel = spec.kernel or artifact_path("kernel")
+    rootfs = spec.rootfs or artifact_path("rootfs")
+    return kernel, rootfs, artifact_path("initrd")
+
+
+def _listen(path: str) -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.bind(path)
+    sock.listen(64)
+    return sock
+
+
+class VmmProcess:
+    """One running sandbox VM: the process, its socket directory and its console log."""
+
+    def __init__(self, spec: SandboxSpec) -> None:
+        kernel, rootfs, initrd = _resolve(spec)
+        self.dir = Path(tempfile.mkdtemp(prefix="ember-"))
+        self.uds = str(self.dir / VSOCK_NAME)
+        self.console_path = self.dir / CONSOLE_LOG
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.channel_listener: socket.socket | None = None
+        ready = _listen(f"{self.uds}_{protocol.READY_PORT}")
+        try:
+            self.channel_listener = _listen(f"{self.uds}_{protocol.CHANNEL_PORT}")
+            argv = [
+                sys.executable, "-m", "ember.cli.main", "boot",
+                "--kernel", str(kernel), "--initrd", str(initrd), "--rootfs", str(rootfs),
+                "--mem", str(spec.mem_mib), "--vcpus", str(spec.vcpus),
+                "--cpu-template", spec.cpu_template, "--vsock-uds", self.uds,
+                "--", *AGENT_ARGV,
+            ]  # fmt: skip
+            with self.console_path.open("wb") as log:
+                self.proc = subprocess.Popen(
+                    argv,
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,  # a Ctrl-C for the host app is not the VMM's
+                )
+            self._wait_ready(ready, spec.boot_timeout)
+        except BaseException:
+            self.close()
+            raise
+        finally:
+            ready.close()
+
+    def _wait_ready(self, ready: socket.socket, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        ready.settimeout(0.25)
+        while True:
+            try:
+                conn, _ = ready.accept()
+                break
+            except TimeoutError:
+                pass
+            if self.exited():
+                raise self.crashed("the sandbox VM stopped while booting")
+            if time.monotonic() > deadline:
+                raise SandboxTimeout(f"the sandbox did not become ready within {timeout:.0f} s")
+        with conn:
+            conn.settimeout(HANDSHAKE_TIMEOUT)
+            frame = protocol.read_frame(conn)
+            if frame is None or frame[0] != protocol.Kind.REQUEST:
+                raise SandboxError("the guest agent sent a malformed ready message")
+
+    def exited(self) -> bool:
+        return self.proc is None or self.proc.poll() is not None
+
+    def console_tail(self, lines: int = 30) -> str:
+        try:
+            data = self.console_path.read_bytes()[-16384:]
+        except OSError:
+            return ""
+        return "\n".join(data.decode("utf-8", "replace").splitlines()[-lines:])
+
+    def crashed(self, what: str) -> SandboxCrashed:
+        tail = self.console_tail()
+        reason = next(
+            (line for line in reversed(tail.splitlines()) if line.startswith("ember:")), ""
+        )
+        status = self.proc.returncode if self.proc is not None else None
+        if status is not None and status < 0:
+            reason = reason or f"VMM killed by signal {-status}"
+        return SandboxCrashed(f"{what}: {reason or f'VMM exit status {status}'}", tail)
+
+    def connect(self, port: int = protocol.AGENT_PORT) -> socket.socket:
+        """A stream to ``port`` in the guest, through the hybrid-vsock handshake."""
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.settimeout(HANDSHAKE_TIMEOUT)
+            sock.connect(self.uds)
+            sock.sendall(f"CONNECT {port}\n".encode())
+            line = b""
+            while not line.endswith(b"\n") and len(line) < 64:
+                chunk = sock.recv(1)
+                if not chunk:
+                    break
+                line += chunk
+            if not line.startswith(b"OK "):
+                raise ConnectionError(f"vsock handshake refused: {line!r}")
+            sock.settimeout(None)
+            return sock
+        except BaseException:
+            sock.close()
+            raise
+
+    def wait_exit(self, timeout: float) -> bool:
+        if self.proc is None:
+            return True
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return False
+        return True
+
+    def close(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+        if self.channel_listener is not None:
+            self.channel_listener.close()
+            self.channel_listener = None
+        shutil.rmtree(self.dir, ignore_errors=True)

@@ -1,0 +1,196 @@
+"""``Sandbox``: a microVM that runs untrusted code, as a context manager.
+
+::
+
+    with Sandbox() as sb:
+        r = sb.exec(["python3", "-c", "print(6*7)"], timeout=10)
+        assert r.stdout == b"42\\n" and r.exit_code == 0
+
+Every call opens its own connection to the guest agent, so a Sandbox may be
+used from several threads at once.  When the guest or its VMM dies, pending
+and later calls raise :class:`~ember.errors.SandboxCrashed` with the console
+tail; nothing else in the host process is affected.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+from types import TracebackType
+from typing import Any, BinaryIO, TypeVar
+
+from ember.client import AgentClient, ExecStream
+from ember.client_channel import ChannelServer
+from ember.client_errors import ProtocolError
+from ember.client_wire import (
+    CodeResult,
+    Command,
+    DirEntry,
+    ExecResult,
+    FileStat,
+    OutputChunk,
+    PathArg,
+    Source,
+)
+from ember.errors import SandboxCrashed, SandboxError
+from ember.launcher import DEFAULT_MEM_MIB, SandboxSpec, VmmProcess
+
+T = TypeVar("T")
+_CRASH_GRACE = 5.0  # seconds to let a dying VMM exit before calling a failure a crash
+
+
+class Sandbox:
+    """One sandbox VM, booted on construction and destroyed by :meth:`close`."""
+
+    def __init__(
+        self,
+        *,
+        mem_mib: int = DEFAULT_MEM_MIB,
+        vcpus: int = 1,
+        kernel: Path | None = None,
+        rootfs: Path | None = None,
+        cpu_template: str = "auto",
+        boot_timeout: float = 600.0,
+    ) -> None:
+        spec = SandboxSpec(kernel, rootfs, mem_mib, vcpus, cpu_template, boot_timeout)
+        self._vmm = VmmProcess(spec)
+        self._closed = False
+        self._client = AgentClient(self._connect)
+        assert self._vmm.channel_listener is not None
+        self._channels = ChannelServer(self._vmm.channel_listener)
+        self._vmm.channel_listener = None  # the channel server owns it now
+        self.files = SandboxFiles(self)
+
+    # --- plumbing
+    def _connect(self) -> socket.socket:
+        if self._closed:
+            raise SandboxError("this sandbox is closed")
+        return self._vmm.connect()
+
+    @contextlib.contextmanager
+    def _guard(self) -> Iterator[None]:
+        """Turn a broken connection into SandboxCrashed when the VM is in fact gone."""
+        try:
+            yield
+        except (OSError, ProtocolError) as exc:
+            if self._closed:
+                raise SandboxError("this sandbox is closed") from exc
+            if self._vmm.exited() or self._vmm.wait_exit(_CRASH_GRACE):
+                raise self._vmm.crashed("the sandbox crashed") from exc
+            raise
+
+    def _call(self, func: Any, *args: Any, **kwargs: Any) -> Any:
+        with self._guard():
+            return func(*args, **kwargs)
+
+    # --- public API
+    @property
+    def console(self) -> str:
+        """The tail of the guest console (kernel messages, the VMM's stop reason)."""
+        return self._vmm.console_tail()
+
+    def ping(self) -> dict[str, Any]:
+        result: dict[str, Any] = self._call(self._client.ping)
+        return result
+
+    def exec(
+        self,
+        cmd: Command,
+        *,
+        timeout: float | None = None,
+        env: dict[str, str] | None = None,
+        cwd: str | None = None,
+        stdin: Source | None = None,
+    ) -> ExecResult:
+        """Run ``cmd`` (argv list, or a shell string) and wait for it; see AgentClient.exec."""
+        result: ExecResult = self._call(
+            self._client.exec, cmd, timeout=timeout, env=env, cwd=cwd, stdin=stdin
+        )
+        return result
+
+    def exec_stream(
+        self,
+        cmd: Command,
+        *,
+        timeout: float | None = None,
+        env: dict[str, str] | None = None,
+        cwd: str | None = None,
+        stdin: Source | None = None,
+    ) -> Iterator[OutputChunk]:
+        """Yield stdout/stderr chunks as they are produced; the generator's return is the result."""
+        stream: ExecStream = self._call(
+            self._client.exec_stream, cmd, timeout=timeout, env=env, cwd=cwd, stdin=stdin
+        )
+        return self._guarded_stream(stream)
+
+    def _guarded_stream(self, stream: ExecStream) -> Iterator[OutputChunk]:
+        with stream:
+            while True:
+                with self._guard():
+                    chunk = next(stream, None)
+                if chunk is None:
+                    return stream.result  # type: ignore[return-value]
+                yield chunk
+
+    def run_code(self, code: str, *, timeout: float | None = None) -> CodeResult:
+        """Run Python source in the sandbox's persistent interpreter (state kept between calls)."""
+        result: CodeResult = self._call(self._client.run_code, code, timeout)
+        return result
+
+    def channel(self, name: str, *, timeout: float | None = None) -> Iterator[bytes]:
+        """Frames guest code sends with ``ember.agent.channel(name)``, in order."""
+        return self._channels.channel(name, timeout=timeout)
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._channels.close()
+        self._vmm.close()
+
+    def __enter__(self) -> Sandbox:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+class SandboxFiles:
+    """``sb.files``: the guest's file system, streamed in bounded pieces."""
+
+    def __init__(self, sandbox: Sandbox) -> None:
+        self._sb = sandbox
+        self._files = sandbox._client.files
+
+    def write(self, path: PathArg, data: bytes | BinaryIO, *, mode: int | None = None) -> int:
+        result: int = self._sb._call(self._files.write, path, data, mode=mode)
+        return result
+
+    def read(self, path: PathArg) -> bytes:
+        result: bytes = self._sb._call(self._files.read, path)
+        return result
+
+    def read_into(self, path: PathArg, fileobj: BinaryIO) -> int:
+        result: int = self._sb._call(self._files.read_into, path, fileobj)
+        return result
+
+    def stat(self, path: PathArg) -> FileStat:
+        result: FileStat = self._sb._call(self._files.stat, path)
+        return result
+
+    def list(self, path: PathArg) -> list[DirEntry]:
+        result: list[DirEntry] = self._sb._call(self._files.list, path)
+        return result
+
+    def remove(self, path: PathArg, *, recursive: bool = False) -> None:
+        self._sb._call(self._files.remove, path, recursive=recursive)
+
+
+__all__ = ["Sandbox", "SandboxCrashed", "SandboxFiles"]

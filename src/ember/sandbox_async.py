@@ -1,0 +1,208 @@
+"""``AsyncSandbox``: the asyncio twin of :class:`ember.sandbox.Sandbox`, same names, awaitable.
+
+::
+
+    async with AsyncSandbox() as sb:
+        r = await sb.exec(["python3", "-c", "print(6*7)"])
+        async for chunk in sb.exec_stream("python3 sim.py"):
+            ...
+
+Booting (process start, waiting for the agent) runs in a worker thread, so
+the event loop is never blocked; every operation is then plain asyncio I/O
+on the VMM's vsock Unix socket.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from types import TracebackType
+from typing import Any, BinaryIO
+
+from ember import protocol
+from ember.client_async import AsyncAgentClient, AsyncExecStream, Streams
+from ember.client_channel import ChannelServer
+from ember.client_errors import ProtocolError
+from ember.client_wire import (
+    CodeResult,
+    Command,
+    DirEntry,
+    ExecResult,
+    FileStat,
+    OutputChunk,
+    PathArg,
+    Source,
+)
+from ember.errors import SandboxError
+from ember.launcher import DEFAULT_MEM_MIB, HANDSHAKE_TIMEOUT, SandboxSpec, VmmProcess
+
+_CRASH_GRACE = 5.0
+
+
+class AsyncSandbox:
+    """Create with ``async with AsyncSandbox() as sb`` (or ``await AsyncSandbox().start()``)."""
+
+    def __init__(
+        self,
+        *,
+        mem_mib: int = DEFAULT_MEM_MIB,
+        vcpus: int = 1,
+        kernel: Path | None = None,
+        rootfs: Path | None = None,
+        cpu_template: str = "auto",
+        boot_timeout: float = 600.0,
+    ) -> None:
+        self._spec = SandboxSpec(kernel, rootfs, mem_mib, vcpus, cpu_template, boot_timeout)
+        self._vmm: VmmProcess | None = None
+        self._channels: ChannelServer | None = None
+        self._closed = False
+        self._client = AsyncAgentClient(self._connect)
+        self.files = AsyncSandboxFiles(self)
+
+    async def start(self) -> AsyncSandbox:
+        self._vmm = await asyncio.to_thread(VmmProcess, self._spec)
+        assert self._vmm.channel_listener is not None
+        self._channels = ChannelServer(self._vmm.channel_listener)
+        self._vmm.channel_listener = None
+        return self
+
+    def _require(self) -> VmmProcess:
+        if self._vmm is None or self._closed:
+            raise SandboxError("this sandbox is not running (use `async with AsyncSandbox()`)")
+        return self._vmm
+
+    async def _connect(self) -> Streams:
+        vmm = self._require()
+        reader, writer = await asyncio.open_unix_connection(vmm.uds)
+        try:
+            writer.write(f"CONNECT {protocol.AGENT_PORT}\n".encode())
+            await writer.drain()
+            line = await asyncio.wait_for(reader.readline(), HANDSHAKE_TIMEOUT)
+            if not line.startswith(b"OK "):
+                raise ConnectionError(f"vsock handshake refused: {line!r}")
+        except BaseException:
+            writer.close()
+            raise
+        return reader, writer
+
+    @contextlib.asynccontextmanager
+    async def _guard(self) -> AsyncIterator[None]:
+        try:
+            yield
+        except (OSError, ProtocolError, asyncio.IncompleteReadError) as exc:
+            vmm = self._require()
+            if vmm.exited() or await asyncio.to_thread(vmm.wait_exit, _CRASH_GRACE):
+                raise vmm.crashed("the sandbox crashed") from exc
+            raise
+
+    async def _call(self, func: Any, *args: Any, **kwargs: Any) -> Any:
+        async with self._guard():
+            return await func(*args, **kwargs)
+
+    @property
+    def console(self) -> str:
+        return self._require().console_tail()
+
+    async def ping(self) -> dict[str, Any]:
+        result: dict[str, Any] = await self._call(self._client.ping)
+        return result
+
+    async def exec(
+        self,
+        cmd: Command,
+        *,
+        timeout: float | None = None,
+        env: dict[str, str] | None = None,
+        cwd: str | None = None,
+        stdin: Source | None = None,
+    ) -> ExecResult:
+        result: ExecResult = await self._call(
+            self._client.exec, cmd, timeout=timeout, env=env, cwd=cwd, stdin=stdin
+        )
+        return result
+
+    async def exec_stream(
+        self,
+        cmd: Command,
+        *,
+        timeout: float | None = None,
+        env: dict[str, str] | None = None,
+        cwd: str | None = None,
+        stdin: Source | None = None,
+    ) -> AsyncIterator[OutputChunk]:
+        stream: AsyncExecStream = self._client.exec_stream(
+            cmd, timeout=timeout, env=env, cwd=cwd, stdin=stdin
+        )
+        async with self._guard(), stream:
+            async for chunk in stream:
+                yield chunk
+
+    async def run_code(self, code: str, *, timeout: float | None = None) -> CodeResult:
+        result: CodeResult = await self._call(self._client.run_code, code, timeout)
+        return result
+
+    async def channel(self, name: str, *, timeout: float | None = None) -> AsyncIterator[bytes]:
+        """Frames from guest code's ``channel(name)``; the blocking reads run in a thread."""
+        self._require()
+        assert self._channels is not None
+        frames: Iterator[bytes] = await asyncio.to_thread(
+            self._channels.channel, name, timeout=timeout
+        )
+        done = object()
+        while True:
+            frame = await asyncio.to_thread(next, frames, done)
+            if frame is done:
+                return
+            assert isinstance(frame, bytes)
+            yield frame
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._channels is not None:
+            self._channels.close()
+        if self._vmm is not None:
+            await asyncio.to_thread(self._vmm.close)
+
+    async def __aenter__(self) -> AsyncSandbox:
+        return await self.start()
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+
+class AsyncSandboxFiles:
+    def __init__(self, sandbox: AsyncSandbox) -> None:
+        self._sb = sandbox
+        self._files = sandbox._client.files
+
+    async def write(self, path: PathArg, data: bytes | BinaryIO, *, mode: int | None = None) -> int:
+        result: int = await self._sb._call(self._files.write, path, data, mode=mode)
+        return result
+
+    async def read(self, path: PathArg) -> bytes:
+        result: bytes = await self._sb._call(self._files.read, path)
+        return result
+
+    async def read_into(self, path: PathArg, fileobj: BinaryIO) -> int:
+        result: int = await self._sb._call(self._files.read_into, path, fileobj)
+        return result
+
+    async def stat(self, path: PathArg) -> FileStat:
+        result: FileStat = await self._sb._call(self._files.stat, path)
+        return result
+
+    async def list(self, path: PathArg) -> list[DirEntry]:
+        result: list[DirEntry] = await self._sb._call(self._files.list, path)
+        return result
+
+    async def remove(self, path: PathArg, *, recursive: bool = False) -> None:
+        await self._sb._call(self._files.remove, path, recursive=recursive)
