@@ -364,3 +364,50 @@ def _round_floats(obj: Any) -> Any:
     if isinstance(obj, list | tuple):
         return [_round_floats(v) for v in obj]
     return obj
+
+
+def page_cache_fraction(path: str | os.PathLike[str]) -> float | None:
+    """How much of the file at ``path`` sits in the host page cache now, from 0.0 to 1.0.
+
+    A bench that reads a disk image must say whether a run started cold (the host had to read
+    the disk) or warm (the VMM was served from memory). ``mincore(2)`` on a read-only shared
+    mapping answers that without touching the pages, so asking does not warm anything. None if
+    the kernel or libc will not say (the figure is then just not reported).
+    """
+    import ctypes
+    import mmap
+
+    size = os.stat(path).st_size
+    if size == 0:
+        return 1.0
+    page = os.sysconf("SC_PAGE_SIZE")
+    pages = (size + page - 1) // page
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.mmap.restype = ctypes.c_void_p
+        libc.mmap.argtypes = (
+            ctypes.c_void_p,
+            ctypes.c_size_t,
+            ctypes.c_int,
+            ctypes.c_int,
+            ctypes.c_int,
+            ctypes.c_long,
+        )
+        libc.munmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t)
+        libc.mincore.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p)
+    except (OSError, AttributeError):
+        return None
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        addr = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+        if addr is None or addr == ctypes.c_void_p(-1).value:
+            return None
+        try:
+            vec = (ctypes.c_ubyte * pages)()
+            if libc.mincore(addr, size, vec) != 0:
+                return None
+            return sum(b & 1 for b in vec) / pages
+        finally:
+            libc.munmap(addr, size)
+    finally:
+        os.close(fd)
