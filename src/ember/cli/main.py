@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 
 import ember.cli.boot
 import ember.cli.image
+import ember.cli.run
 from ember.errors import EmberError
 
 EXIT_USAGE = 2
@@ -27,6 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     ember.cli.boot.register(sub)
     ember.cli.image.register(sub)
+    ember.cli.run.register(sub)
     return parser
 
 

@@ -1,0 +1,223 @@
+"""File ops: ``file_write``, ``file_read``, ``stat``, ``list``, ``remove``.
+
+Contents always travel as raw ``DATA`` frames (≤256 KiB each) ended by
+``DATA_EOF``, so files of any size move in bounded memory on both sides:
+
+* ``file_write {"path", "mode"?, "append"?}`` then the client's DATA frames and
+  DATA_EOF → ``RESULT {"size"}``. A plain write goes to a temporary file in the
+  target's directory and is renamed over it, so a reader never sees half a
+  file and a failed upload leaves the old one intact; missing parent
+  directories are created. If anything fails, the agent still reads up to
+  DATA_EOF before answering ``ERROR``: the client sends everything before it
+  reads, and an early close would turn the real error into a broken pipe.
+* ``file_read {"path"}`` → DATA frames, DATA_EOF, ``RESULT {"size"}``.
+* ``stat`` → ``RESULT {"size", "mode", "mtime", "is_dir", "is_file"}``;
+  ``list`` → ``RESULT {"entries": [{"name", "size", "is_dir"}], "truncated"}``;
+  ``remove {"path", "recursive"?}`` → ``RESULT {}``.
+
+OS errors propagate as-is; the server turns them into ``ERROR`` frames named
+after the exception class (``FileNotFoundError``, ``PermissionError``, ...).
+The module avoids ``shutil`` and ``tempfile``: in the guest their imports
+(which drag in ``re``, ``random``, ...) would cost more than these few lines.
+"""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import os
+import socket
+import stat
+import threading
+from typing import Any
+
+from ember.agent.common import ClientGone, opt_bool, opt_int, req_path
+from ember.protocol import (
+    CHUNK_SIZE,
+    MAX_FRAME,
+    Kind,
+    ProtocolError,
+    encode_json,
+    read_frame,
+    write_frame,
+    write_json,
+)
+
+__all__ = ["FILE_OPS"]
+
+_tmp_ids = itertools.count()
+# Read buffers are reused: in the guest a fresh 256 KiB buffer costs 64 page faults.
+_buffers: list[bytearray] = []
+
+
+class _Sink:
+    """Where file_write puts bytes: a temp file to rename, or the target for appends."""
+
+    def __init__(self, path: str, mode: int | None, append: bool) -> None:
+        if mode is not None and not 0 <= mode <= 0o7777:
+            raise ValueError(f"mode {mode:#o} is not a permission mode (0 to 0o7777)")
+        self.path = path
+        self.tmp: str | None = None
+        directory, base = os.path.split(path)
+        os.makedirs(directory or "/", exist_ok=True)
+        if append:
+            self.fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            if mode is not None:
+                os.fchmod(self.fd, mode)
+            return
+        if os.path.isdir(path):
+            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), path)
+        if mode is None:
+            try:
+                mode = stat.S_IMODE(os.stat(path).st_mode)  # replacing keeps the old mode
+            except FileNotFoundError:
+                mode = 0o644
+        self.tmp = os.path.join(
+            directory, f".{base}.ember-{os.getpid()}-{threading.get_ident()}-{next(_tmp_ids)}"
+        )
+        self.fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        os.fchmod(self.fd, mode)
+
+    def write(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(self.fd, view) :]
+
+    def commit(self) -> None:
+        os.close(self.fd)
+        self.fd = -1
+        if self.tmp is not None:
+            os.rename(self.tmp, self.path)
+            self.tmp = None
+
+    def abort(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+        if self.tmp is not None:
+            try:
+                os.unlink(self.tmp)
+            except OSError:
+                pass
+            self.tmp = None
+
+
+def handle_file_write(conn: socket.socket, req: dict[str, Any]) -> None:
+    path, mode, append = req_path(req), opt_int(req, "mode"), opt_bool(req, "append")
+    failure: Exception | None = None
+    sink: _Sink | None = None
+    try:
+        sink = _Sink(path, mode, append)
+    except (OSError, ValueError) as exc:
+        failure = exc
+    size = 0
+    try:
+        while True:
+            frame = read_frame(conn)
+            if frame is None:
+                raise ClientGone
+            kind, payload = frame
+            if kind is Kind.DATA_EOF:
+                break
+            if kind is not Kind.DATA:
+                raise ProtocolError(f"expected DATA or DATA_EOF, got {kind.name}")
+            size += len(payload)
+            if sink is not None and failure is None:
+                try:
+                    sink.write(payload)
+                except OSError as exc:
+                    failure = exc
+        if failure is not None:
+            raise failure
+        assert sink is not None
+        sink.commit()
+    finally:
+        if sink is not None:
+            sink.abort()
+    write_json(conn, Kind.RESULT, {"size": size})
+
+
+def handle_file_read(conn: socket.socket, req: dict[str, Any]) -> None:
+    path = req_path(req)
+    with open(path, "rb", buffering=0) as f:
+        try:
+            buf = _buffers.pop()
+        except IndexError:
+            buf = bytearray(CHUNK_SIZE)
+        try:
+            view = memoryview(buf)
+            total = 0
+            while n := f.readinto(buf):
+                write_frame(conn, Kind.DATA, view[:n])
+                total += n
+            view.release()
+        finally:
+            _buffers.append(buf)
+    write_frame(conn, Kind.DATA_EOF)
+    write_json(conn, Kind.RESULT, {"size": total})
+
+
+def handle_stat(conn: socket.socket, req: dict[str, Any]) -> None:
+    st = os.stat(req_path(req))
+    write_json(
+        conn,
+        Kind.RESULT,
+        {
+            "size": st.st_size,
+            "mode": st.st_mode,
+            "mtime": st.st_mtime,
+            "is_dir": stat.S_ISDIR(st.st_mode),
+            "is_file": stat.S_ISREG(st.st_mode),
+        },
+    )
+
+
+def handle_list(conn: socket.socket, req: dict[str, Any]) -> None:
+    entries: list[dict[str, Any]] = []
+    with os.scandir(req_path(req)) as it:
+        for entry in it:
+            try:
+                size = entry.stat(follow_symlinks=False).st_size
+                is_dir = entry.is_dir()
+            except OSError:
+                size, is_dir = 0, False  # vanished while we looked
+            entries.append({"name": entry.name, "size": size, "is_dir": is_dir})
+    entries.sort(key=lambda e: e["name"])
+    truncated = False
+    payload = encode_json({"entries": entries, "truncated": truncated})
+    while len(payload) > MAX_FRAME:  # a huge directory: send what fits and say so
+        keep = len(entries) * MAX_FRAME // len(payload) * 9 // 10
+        entries, truncated = entries[:keep], True
+        payload = encode_json({"entries": entries, "truncated": truncated})
+    write_frame(conn, Kind.RESULT, payload)
+
+
+def _rmtree(path: str) -> None:
+    with os.scandir(path) as it:
+        for entry in it:
+            if entry.is_dir(follow_symlinks=False):
+                _rmtree(entry.path)
+            else:
+                os.unlink(entry.path)
+    os.rmdir(path)
+
+
+def handle_remove(conn: socket.socket, req: dict[str, Any]) -> None:
+    path, recursive = req_path(req), opt_bool(req, "recursive")
+    if stat.S_ISDIR(os.lstat(path).st_mode):
+        if recursive:
+            _rmtree(path)
+        else:
+            os.rmdir(path)  # only an empty directory goes without recursive=true
+    else:
+        os.unlink(path)
+    write_json(conn, Kind.RESULT, {})
+
+
+FILE_OPS = {
+    "file_write": handle_file_write,
+    "file_read": handle_file_read,
+    "stat": handle_stat,
+    "list": handle_list,
+    "remove": handle_remove,
+}

@@ -1,0 +1,204 @@
+"""The agent's accept loop and op dispatch.
+
+One connection carries one request: its first frame is ``REQUEST {"op": ...}``
+and the op's handler owns the connection until it has sent its ``RESULT`` or
+``ERROR``. Each connection runs on its own thread, so a long ``exec`` never
+delays a ``ping``.
+
+The agent must outlive anything the host or guest code does to it, so:
+
+* every handler runs under a catch-all that answers ``ERROR {"type",
+  "message"}`` named after the exception (``FileNotFoundError``,
+  ``BadRequest``, ``ExecError``, ...);
+* a framing violation (garbage, an oversized length, an unknown kind) gets a
+  best-effort ``ERROR {"type": "ProtocolError"}`` and the connection is closed:
+  after a bad header nothing later on that stream can be trusted;
+* a crash in one connection's thread ends that connection only.
+
+Threads are pooled rather than started per connection: in the guest a new
+thread's stack costs page faults (~5 ms each), and pooled threads are already
+warm in a snapshot. The accept loop blocks in ``poll()`` on the listener and a
+wake-up pipe, so an idle agent costs the guest no timer wake-ups at all.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import select
+import socket
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from ember.agent.common import BadRequest, ClientGone, log
+from ember.agent.execute import handle_exec
+from ember.agent.files import FILE_OPS
+from ember.agent.runcode import CodeRunner
+from ember.protocol import (
+    PROTOCOL_VERSION,
+    Kind,
+    ProtocolError,
+    decode_json,
+    error_payload,
+    read_frame,
+    write_frame,
+    write_json,
+)
+
+__all__ = ["MAX_CONNECTIONS", "AgentServer", "Handler"]
+
+Handler = Callable[[socket.socket, dict[str, Any]], None]
+
+MAX_CONNECTIONS = 256  # beyond this a new connection is answered "Busy" and closed
+MAX_IDLE_THREADS = 16
+
+
+class AgentServer:
+    """Serves agent requests on any listening stream socket (vsock in the guest, Unix in tests)."""
+
+    def __init__(self, listener: socket.socket, *, runner: CodeRunner | None = None) -> None:
+        self._listener = listener
+        self.runner = runner if runner is not None else CodeRunner()
+        self._started = time.monotonic()
+        self._stopping = threading.Event()
+        self._wake_r, self._wake_w = os.pipe()
+        self._lock = threading.Lock()
+        self._active = 0
+        self._idle = 0
+        self._jobs: queue.SimpleQueue[socket.socket | None] = queue.SimpleQueue()
+        self._ops: dict[str, Handler] = {
+            "ping": self._ping,
+            "exec": handle_exec,
+            "run_code": self.runner.handle,
+            "shutdown": self._shutdown,
+            **FILE_OPS,
+        }
+
+    # -- accept loop ------------------------------------------------------------------
+
+    def serve_forever(self) -> None:
+        """Accept connections until :meth:`stop` (or a ``shutdown`` request)."""
+        self._listener.setblocking(False)
+        poller = select.poll()
+        poller.register(self._listener.fileno(), select.POLLIN)
+        poller.register(self._wake_r, select.POLLIN)
+        try:
+            while not self._stopping.is_set():
+                poller.poll()
+                if self._stopping.is_set():
+                    break
+                try:
+                    conn, _ = self._listener.accept()
+                except (BlockingIOError, InterruptedError):
+                    continue
+                except OSError as exc:  # EMFILE and friends: back off, keep serving
+                    log(f"accept failed: {exc}")
+                    time.sleep(0.1)
+                    continue
+                conn.setblocking(True)
+                self._dispatch(conn)
+        finally:
+            for _ in range(self._idle):
+                self._jobs.put(None)
+            self.runner.close()
+            os.close(self._wake_r)
+            os.close(self._wake_w)
+
+    def stop(self) -> None:
+        """Make :meth:`serve_forever` return; safe from any thread, idempotent."""
+        if not self._stopping.is_set():
+            self._stopping.set()
+            try:
+                os.write(self._wake_w, b"!")
+            except OSError:
+                pass
+
+    def _dispatch(self, conn: socket.socket) -> None:
+        with self._lock:
+            if self._active >= MAX_CONNECTIONS:
+                busy = True
+            else:
+                busy = False
+                self._active += 1
+                reuse = self._idle > 0
+                if reuse:
+                    self._idle -= 1
+        if busy:
+            self._reply_error(conn, "Busy", f"over {MAX_CONNECTIONS} connections at once")
+            conn.close()
+        elif reuse:
+            self._jobs.put(conn)
+        else:
+            threading.Thread(target=self._pool_thread, args=(conn,), daemon=True).start()
+
+    def _pool_thread(self, conn: socket.socket | None) -> None:
+        while conn is not None:
+            self._serve_connection(conn)
+            with self._lock:
+                self._active -= 1
+                if self._idle >= MAX_IDLE_THREADS or self._stopping.is_set():
+                    return
+                self._idle += 1
+            conn = self._jobs.get()
+
+    # -- one connection ---------------------------------------------------------------
+
+    def _serve_connection(self, conn: socket.socket) -> None:
+        try:
+            frame = read_frame(conn)
+            if frame is None:
+                return
+            kind, payload = frame
+            if kind is not Kind.REQUEST:
+                raise ProtocolError(f"the first frame must be a REQUEST, not {kind.name}")
+            request = decode_json(payload)
+            op = request.get("op")
+            handler = self._ops.get(op) if isinstance(op, str) else None
+            try:
+                if handler is None:
+                    raise BadRequest(f"unknown op {op!r}; known: {', '.join(sorted(self._ops))}")
+                handler(conn, request)
+            except (ProtocolError, ClientGone):
+                raise
+            except Exception as exc:
+                self._reply_error(conn, type(exc).__name__, str(exc))
+        except ProtocolError as exc:
+            self._reply_error(conn, "ProtocolError", str(exc))
+        except (ClientGone, OSError):
+            pass  # the host went away; nothing to say to it
+        except BaseException as exc:
+            log(f"connection handler failed: {exc!r}")
+        finally:
+            try:
+                conn.shutdown(socket.SHUT_RDWR)  # also wakes a stdin pump blocked in recv
+            except OSError:
+                pass
+            conn.close()
+
+    @staticmethod
+    def _reply_error(conn: socket.socket, type_name: str, message: str) -> None:
+        try:
+            write_frame(conn, Kind.ERROR, error_payload(type_name, message))
+        except Exception:
+            pass  # best effort: the connection may be the thing that failed
+
+    # -- ops owned by the server ------------------------------------------------------
+
+    def _ping(self, conn: socket.socket, req: dict[str, Any]) -> None:
+        write_json(
+            conn,
+            Kind.RESULT,
+            {
+                "pong": True,
+                "version": PROTOCOL_VERSION,
+                "uptime": round(time.monotonic() - self._started, 3),
+                "pid": os.getpid(),
+                "worker": self.runner.state.value,
+            },
+        )
+
+    def _shutdown(self, conn: socket.socket, req: dict[str, Any]) -> None:
+        write_json(conn, Kind.RESULT, {})
+        self.stop()

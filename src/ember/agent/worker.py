@@ -1,0 +1,182 @@
+"""The run_code worker: a warm Python that runs cells with notebook semantics.
+
+Started once by the agent (``python3 -m ember.agent.worker FD``, FD being its
+end of a socketpair) because a new interpreter costs ~7 s in the guest. It
+announces itself with ``RESULT {"ready": true}``, then answers each
+``REQUEST {"op": "run", "code"}`` with ``RESULT {"stdout", "stderr", "value",
+"error"}``:
+
+* the code runs in one persistent namespace, installed as ``__main__`` so that
+  functions and classes defined in cells pickle by reference as usual;
+* if the last statement is an expression, its ``repr`` is the ``value``
+  (``None`` shows as nothing, as in a notebook);
+* ``sys.stdout``/``sys.stderr`` are captured, up to :data:`CAPTURE_LIMIT`
+  characters each; output written below them (``os.write(1, ...)``, child
+  processes) goes to ``/dev/null``: use ``exec`` for programs;
+* exceptions, ``SystemExit`` included, come back as ``error`` with a traceback
+  that starts at the cell, never at this file; the worker carries on.
+
+The result must fit one frame, so oversized text is cut (and marked) before
+sending rather than risking a frame the agent would refuse.
+"""
+
+from __future__ import annotations
+
+import ast
+import builtins
+import io
+import linecache
+import os
+import socket
+import sys
+import traceback
+import types
+from typing import Any
+
+from ember.protocol import MAX_FRAME, Kind, decode_json, encode_json, read_frame, write_frame
+
+__all__ = ["CAPTURE_LIMIT", "Worker", "main"]
+
+CAPTURE_LIMIT = 256 << 10
+REPR_LIMIT = 64 << 10
+
+
+class _Capture(io.TextIOBase):
+    """A write-only text stream that keeps the first ``limit`` characters."""
+
+    def __init__(self, limit: int = CAPTURE_LIMIT) -> None:
+        super().__init__()
+        self._parts: list[str] = []
+        self._room = limit
+        self._dropped = 0
+
+    encoding = "utf-8"  # code that consults sys.stdout.encoding expects a real one
+
+    def writable(self) -> bool:
+        return True
+
+    def isatty(self) -> bool:
+        return False
+
+    def write(self, s: str) -> int:
+        if not isinstance(s, str):
+            raise TypeError(f"write() argument must be str, not {type(s).__name__}")
+        kept = s[: self._room] if self._room > 0 else ""
+        if kept:
+            self._parts.append(kept)
+            self._room -= len(kept)
+        self._dropped += len(s) - len(kept)
+        return len(s)
+
+    def getvalue(self) -> str:
+        text = "".join(self._parts)
+        if self._dropped:
+            text += f"\n[... {self._dropped} more characters not captured]"
+        return text
+
+
+def _clip(text: str, limit: int) -> str:
+    if len(text) <= limit:
+        return text
+    return text[:limit] + f"\n[... {len(text) - limit} more characters cut]"
+
+
+def _describe_error(exc: BaseException, *, parsing: bool) -> dict[str, str]:
+    try:
+        message = str(exc)
+    except Exception:
+        message = "<exception whose str() failed>"
+    if parsing:
+        lines = traceback.format_exception_only(type(exc), exc)
+    else:
+        tb = exc.__traceback__
+        while tb is not None and tb.tb_frame.f_code.co_filename == __file__:
+            tb = tb.tb_next  # start the traceback at the cell, not at this module
+        lines = traceback.format_exception(type(exc), exc, tb)
+    return {"type": type(exc).__name__, "message": message, "traceback": "".join(lines)}
+
+
+class Worker:
+    """The persistent namespace and the cell runner."""
+
+    def __init__(self) -> None:
+        main_module = types.ModuleType("__main__")
+        main_module.__dict__["__builtins__"] = builtins
+        sys.modules["__main__"] = main_module
+        self.namespace: dict[str, Any] = main_module.__dict__
+        self._cells = 0
+
+    def run(self, code: str) -> dict[str, Any]:
+        self._cells += 1
+        filename = f"<cell-{self._cells}>"
+        out, err = _Capture(), _Capture()
+        value: str | None = None
+        error: dict[str, str] | None = None
+        saved = sys.stdout, sys.stderr
+        sys.stdout, sys.stderr = out, err
+        try:
+            try:
+                tree = ast.parse(code, filename, "exec")
+            except (SyntaxError, ValueError) as exc:
+                error = _describe_error(exc, parsing=True)
+            else:
+                linecache.cache[filename] = (len(code), None, code.splitlines(True), filename)
+                last = tree.body[-1] if tree.body else None
+                if isinstance(last, ast.Expr):
+                    tree.body.pop()
+                exec(compile(tree, filename, "exec"), self.namespace)
+                if isinstance(last, ast.Expr):
+                    expr = compile(ast.Expression(last.value), filename, "eval")
+                    result = eval(expr, self.namespace)
+                    if result is not None:
+                        value = _clip(repr(result), REPR_LIMIT)
+        except BaseException as exc:  # SystemExit and KeyboardInterrupt are the cell's too
+            error = _describe_error(exc, parsing=False)
+        finally:
+            sys.stdout, sys.stderr = saved
+        return {"stdout": out.getvalue(), "stderr": err.getvalue(), "value": value, "error": error}
+
+
+def fit(result: dict[str, Any], limit: int = MAX_FRAME - 4096) -> bytes:
+    """Encode ``result``, halving its longest texts until it fits in a frame."""
+    payload = encode_json(result)
+    while len(payload) > limit:
+        holders: list[tuple[dict[str, Any], str]] = [(result, k) for k in ("stdout", "stderr")]
+        holders.append((result, "value"))
+        if result.get("error"):
+            holders += [(result["error"], k) for k in ("message", "traceback")]
+        shrunk = False
+        for holder, key in holders:
+            text = holder.get(key)
+            if isinstance(text, str) and len(text) > 256:
+                holder[key] = _clip(text, len(text) // 2)
+                shrunk = True
+        if not shrunk:
+            break  # cannot happen: five texts of ≤256 characters are far below a frame
+        payload = encode_json(result)
+    return payload
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 2 or not argv[1].isdigit():
+        sys.stderr.write("usage: python3 -m ember.agent.worker FD  (started by the agent)\n")
+        return 2
+    sock = socket.socket(fileno=int(argv[1]))
+    worker = Worker()
+    worker.run("None")  # touch the parse/compile/exec path now, not on the first real call
+    write_frame(sock, Kind.RESULT, encode_json({"ready": True, "pid": os.getpid()}))
+    while (frame := read_frame(sock)) is not None:
+        kind, payload = frame
+        request = decode_json(payload) if kind is Kind.REQUEST else {}
+        code = request.get("code")
+        if not isinstance(code, str):
+            error = {"type": "BadRequest", "message": "no code", "traceback": ""}
+            result: dict[str, Any] = {"stdout": "", "stderr": "", "value": None, "error": error}
+        else:
+            result = worker.run(code)
+        write_frame(sock, Kind.RESULT, fit(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))

@@ -1,0 +1,99 @@
+"""``ember run script.py`` and ``ember exec -- CMD``: one fresh sandbox, output streamed, then gone.
+
+The exit status is the guest command's (128 + N when killed by signal N),
+so shell scripts can use Ember like any other command.  Sandbox problems
+(timeout, crash) print one line and exit 124 (timeout, as timeout(1)) or 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+from ember.client_errors import SandboxTimeout
+from ember.errors import ConfigError, SandboxCrashed
+
+EXIT_TIMEOUT = 124
+EXIT_CRASH = 1
+GUEST_DIR = "/tmp/ember-run"
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--timeout", type=float, default=None, metavar="S", help="kill after S seconds")
+    p.add_argument("--mem", type=int, default=256, metavar="MiB", help="guest RAM (default 256)")
+    p.add_argument("--vcpus", type=int, default=1, metavar="N")
+
+
+def register(sub: Any) -> None:
+    run = sub.add_parser(
+        "run",
+        help="run a Python script in a fresh sandbox",
+        description="Copy SCRIPT into a fresh sandbox, run it with python3, stream its output, "
+        "and exit with its exit status.",
+    )
+    run.add_argument("script", type=Path)
+    run.add_argument("args", nargs=argparse.REMAINDER, help="arguments for the script")
+    _common(run)
+    run.set_defaults(func=_run)
+    exe = sub.add_parser(
+        "exec",
+        help="run a command in a fresh sandbox",
+        description="Run CMD in a fresh sandbox, stream its output, exit with its status.",
+    )
+    _common(exe)
+    exe.add_argument("command", nargs=argparse.REMAINDER, help="-- CMD [ARGS...]")
+    exe.set_defaults(func=_exec)
+
+
+def _run(args: argparse.Namespace) -> int:
+    script: Path = args.script
+    try:
+        source = script.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read {script}: {exc.strerror}") from None
+    guest_path = f"{GUEST_DIR}/{script.name}"
+    return _in_sandbox(args, ["python3", guest_path, *args.args], upload=(guest_path, source))
+
+
+def _exec(args: argparse.Namespace) -> int:
+    command = list(args.command)
+    if command[:1] == ["--"]:
+        command = command[1:]
+    if not command:
+        raise ConfigError("no command given: ember exec -- CMD [ARGS...]")
+    return _in_sandbox(args, command, upload=None)
+
+
+def _in_sandbox(args: argparse.Namespace, argv: list[str], upload: tuple[str, bytes] | None) -> int:
+    from ember.sandbox import Sandbox
+
+    out, err = sys.stdout.buffer, sys.stderr.buffer
+    try:
+        with Sandbox(mem_mib=args.mem, vcpus=args.vcpus) as sb:
+            if upload is not None:
+                sb.files.write(upload[0], upload[1])
+            stream = sb.exec_stream(argv, timeout=args.timeout)
+            while True:
+                try:
+                    chunk = next(stream)
+                except StopIteration as stop:
+                    result = stop.value
+                    break
+                target = out if chunk.stream == "stdout" else err
+                target.write(chunk.data)
+                target.flush()
+    except SandboxTimeout:
+        print(
+            f"ember: the command ran longer than {args.timeout} s and was killed", file=sys.stderr
+        )
+        return EXIT_TIMEOUT
+    except SandboxCrashed as exc:
+        print(f"ember: {exc}", file=sys.stderr)
+        return EXIT_CRASH
+    if result is None:
+        return EXIT_CRASH
+    if result.signal is not None:
+        return 128 + int(result.signal)
+    return int(result.exit_code or 0)

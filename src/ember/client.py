@@ -1,0 +1,296 @@
+"""Host-side client of the guest agent (blocking; :mod:`ember.client_async` is its twin).
+
+The client is given a function that returns a *connected* stream socket to
+the agent, and calls it once per operation: each connection carries exactly
+one request, so operations never wait on one another and a failure never
+leaves a shared connection in an unknown state. How the socket reaches the
+guest (Firecracker-style ``CONNECT 1024`` over the VMM's Unix socket, or a
+plain Unix socket in tests) is the caller's business::
+
+    client = AgentClient(lambda: vsock_connect(uds_path, AGENT_PORT))
+    r = client.exec(["python3", "-c", "print(6*7)"], timeout=10)
+    client.files.write("/data/in.csv", open("in.csv", "rb"))
+    for chunk in (stream := client.exec_stream("make")):
+        print(chunk.stream, chunk.data)
+    print(stream.result)
+
+Data moves in bounded pieces both ways, so files and outputs of any size pass
+through constant memory (except ``exec``/``files.read``, which return bytes:
+use ``exec_stream``/``files.read_into`` for big ones).
+"""
+
+from __future__ import annotations
+
+import io
+import socket
+import threading
+from collections.abc import Callable
+from dataclasses import replace
+from types import TracebackType
+from typing import Any, BinaryIO
+
+from ember.client_errors import ProtocolError, SandboxTimeout
+from ember.client_wire import (
+    CodeResult,
+    Command,
+    DirEntry,
+    ExecResult,
+    FileStat,
+    OutputChunk,
+    PathArg,
+    Source,
+    check_result,
+    code_request,
+    data_chunks,
+    exec_request,
+    parse_code_result,
+    parse_exec_result,
+    parse_list,
+    parse_stat,
+    path_request,
+    read_frame,
+    remote_error,
+    unexpected,
+    write_request,
+)
+from ember.protocol import Kind, encode_json, write_frame
+
+__all__ = ["AgentClient", "ExecStream", "Files"]
+
+Connect = Callable[[], socket.socket]
+
+
+class ExecStream:
+    """Output of one command as it arrives; ``result`` is set once it is exhausted.
+
+    Iteration yields :class:`OutputChunk` objects, then ends; if the command
+    overran its timeout it raises :class:`SandboxTimeout` instead of ending
+    (``result`` is set either way). Closing it early (or leaving a ``with``
+    block) hangs up, and the agent kills the command's process group.
+    """
+
+    def __init__(self, sock: socket.socket, stdin: Source | None) -> None:
+        self._sock = sock
+        self._done = False
+        self._pump_error: BaseException | None = None
+        self._pump: threading.Thread | None = None
+        self.result: ExecResult | None = None
+        if stdin is not None:
+            # stdin goes in on its own thread: the process may need its output
+            # read before it will read more input, and that is this thread's job.
+            self._pump = threading.Thread(target=self._send_stdin, args=(stdin,), daemon=True)
+            self._pump.start()
+
+    def _send_stdin(self, source: Source) -> None:
+        try:
+            for piece in data_chunks(source):
+                write_frame(self._sock, Kind.STDIN, piece)
+            write_frame(self._sock, Kind.STDIN_EOF)
+        except OSError:
+            pass  # the process stopped reading, or the call ended: the RESULT says which
+        except BaseException as exc:  # reading the caller's stdin failed: abort the call
+            self._pump_error = exc
+            try:
+                self._sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def __iter__(self) -> ExecStream:
+        return self
+
+    def __next__(self) -> OutputChunk:
+        if self._done:
+            raise StopIteration
+        try:
+            frame = read_frame(self._sock)
+            if frame is not None and frame[0] is Kind.STDOUT:
+                return OutputChunk("stdout", frame[1])
+            if frame is not None and frame[0] is Kind.STDERR:
+                return OutputChunk("stderr", frame[1])
+            if frame is not None and frame[0] is Kind.ERROR:
+                raise remote_error(frame[1])
+            if frame is None and self._pump_error is not None:
+                raise self._pump_error
+            self.result = parse_exec_result(check_result(frame, "exec"))
+        except BaseException:
+            self.close()
+            raise
+        self.close()
+        if self.result.timed_out:
+            raise SandboxTimeout(
+                f"the command overran its timeout after {self.result.duration:.3g} s "
+                "and its process group was killed",
+                self.result,
+            )
+        raise StopIteration
+
+    def close(self) -> None:
+        """Hang up (killing the command if it still runs); safe to call twice."""
+        if self._done:
+            return
+        self._done = True
+        try:
+            self._sock.shutdown(socket.SHUT_RDWR)  # also unblocks the stdin thread
+        except OSError:
+            pass
+        if self._pump is not None:
+            self._pump.join()
+        self._sock.close()
+
+    def __enter__(self) -> ExecStream:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+class Files:
+    """File transfer and inspection inside the sandbox (paths are absolute)."""
+
+    def __init__(self, client: AgentClient) -> None:
+        self._client = client
+
+    def write(
+        self, path: PathArg, data: Source, *, mode: int | None = None, append: bool = False
+    ) -> int:
+        """Write ``data`` (bytes or a binary file) to ``path``; return the size written.
+
+        Replacement is atomic (temp file + rename) and keeps the old file's mode
+        unless ``mode`` is given; parent directories are created.
+        """
+        with self._client._open(write_request(path, mode, append)) as sock:
+            sent_error: OSError | None = None
+            try:
+                for piece in data_chunks(data):
+                    write_frame(sock, Kind.DATA, piece)
+                write_frame(sock, Kind.DATA_EOF)
+            except OSError as exc:
+                sent_error = exc  # the agent may still have said why: read its answer
+            frame = read_frame(sock)
+            if frame is None and sent_error is not None:
+                raise ProtocolError(f"upload to {path} failed: {sent_error}") from sent_error
+            size = check_result(frame, "file_write").get("size")
+        if not isinstance(size, int):
+            raise ProtocolError(f"bad size in the answer to file_write: {size!r:.100}")
+        return size
+
+    def read_into(self, path: PathArg, fileobj: BinaryIO) -> int:
+        """Stream the file at ``path`` into ``fileobj``; return its size."""
+        with self._client._open(path_request("file_read", path)) as sock:
+            total = 0
+            while True:
+                frame = read_frame(sock)
+                if frame is not None and frame[0] is Kind.DATA:
+                    fileobj.write(frame[1])
+                    total += len(frame[1])
+                elif frame is not None and frame[0] is Kind.DATA_EOF:
+                    size = check_result(read_frame(sock), "file_read").get("size")
+                    if size != total:
+                        raise ProtocolError(f"file_read sent {total} bytes but said {size!r:.50}")
+                    return total
+                elif frame is not None and frame[0] is Kind.ERROR:
+                    raise remote_error(frame[1])
+                else:
+                    raise unexpected(frame, "file_read")
+
+    def read(self, path: PathArg) -> bytes:
+        """The whole file at ``path`` (use :meth:`read_into` for big files)."""
+        buf = io.BytesIO()
+        self.read_into(path, buf)
+        return buf.getvalue()
+
+    def stat(self, path: PathArg) -> FileStat:
+        return parse_stat(self._client._call(path_request("stat", path)))
+
+    def list(self, path: PathArg) -> list[DirEntry]:
+        """Entries of a directory, sorted by name."""
+        return parse_list(self._client._call(path_request("list", path)))
+
+    def remove(self, path: PathArg, *, recursive: bool = False) -> None:
+        """Remove a file, an empty directory, or with ``recursive`` a whole tree."""
+        self._client._call(path_request("remove", path, recursive=recursive))
+
+
+class AgentClient:
+    """Blocking client for the guest agent; one connection per call, so thread-safe."""
+
+    def __init__(self, connect: Connect) -> None:
+        self._connect = connect
+        self.files = Files(self)
+
+    def _open(self, request: dict[str, Any]) -> socket.socket:
+        sock = self._connect()
+        try:
+            write_frame(sock, Kind.REQUEST, encode_json(request))
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+
+    def _call(self, request: dict[str, Any]) -> dict[str, Any]:
+        with self._open(request) as sock:
+            return check_result(read_frame(sock), str(request["op"]))
+
+    def ping(self) -> dict[str, Any]:
+        """``{"pong", "version", "uptime", "pid", "worker"}``; ``worker`` is
+        ``"starting"``/``"ready"``/``"failed"``: snapshot a template once it is ready."""
+        return self._call({"op": "ping"})
+
+    def exec_stream(
+        self,
+        cmd: Command,
+        *,
+        timeout: float | None = None,
+        env: dict[str, str] | None = None,
+        cwd: str | None = None,
+        stdin: Source | None = None,
+    ) -> ExecStream:
+        """Start ``cmd`` (a list: argv, no shell; a string: ``sh -c``) and stream its output."""
+        request = exec_request(cmd, timeout=timeout, env=env, cwd=cwd, stdin=stdin is not None)
+        return ExecStream(self._open(request), stdin)
+
+    def exec(
+        self,
+        cmd: Command,
+        *,
+        timeout: float | None = None,
+        env: dict[str, str] | None = None,
+        cwd: str | None = None,
+        stdin: Source | None = None,
+    ) -> ExecResult:
+        """Run ``cmd`` to completion and return its output and status.
+
+        A non-zero exit or a signal is a normal result, not an exception.
+        Overrunning ``timeout`` kills the command's whole process group and
+        raises :class:`SandboxTimeout` whose ``result`` holds the output so far.
+        A missing program raises :class:`~ember.client_errors.ExecError`.
+        """
+        out, err = bytearray(), bytearray()
+        stream = self.exec_stream(cmd, timeout=timeout, env=env, cwd=cwd, stdin=stdin)
+        try:
+            with stream:
+                for chunk in stream:
+                    (out if chunk.stream == "stdout" else err).extend(chunk.data)
+        except SandboxTimeout as exc:
+            assert exc.result is not None
+            partial = replace(exc.result, stdout=bytes(out), stderr=bytes(err))
+            raise SandboxTimeout(str(exc), partial) from None
+        assert stream.result is not None
+        return replace(stream.result, stdout=bytes(out), stderr=bytes(err))
+
+    def run_code(self, code: str, timeout: float | None = None) -> CodeResult:
+        """Run Python in the sandbox's persistent interpreter (notebook semantics).
+
+        Exceptions in ``code`` come back in ``result.error``, not raised; so do
+        ``WorkerCrashed`` and ``WorkerTimeout``, after which earlier state is gone.
+        """
+        return parse_code_result(self._call(code_request(code, timeout)))
+
+    def shutdown(self) -> None:
+        """Ask the agent to exit (tests and orderly teardown)."""
+        self._call({"op": "shutdown"})

@@ -1,0 +1,311 @@
+"""asyncio twin of :mod:`ember.client`: same operations, same names, awaitable.
+
+``connect`` is an async function returning a connected ``(StreamReader,
+StreamWriter)`` pair, e.g. ``lambda: asyncio.open_unix_connection(path)``; it
+is called once per operation, as in the blocking client, so any number of
+operations may run concurrently on one :class:`AsyncAgentClient`.
+
+Request building and answer checking are shared with the blocking client
+(:mod:`ember.client_wire`); only the waiting differs. Backpressure comes from
+``StreamWriter.drain()``: an upload goes no faster than the guest takes it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+from collections.abc import Awaitable, Callable
+from dataclasses import replace
+from types import TracebackType
+from typing import Any, BinaryIO
+
+from ember.client_errors import ProtocolError, SandboxTimeout
+from ember.client_wire import (
+    CodeResult,
+    Command,
+    DirEntry,
+    ExecResult,
+    FileStat,
+    OutputChunk,
+    PathArg,
+    Source,
+    check_result,
+    code_request,
+    data_chunks,
+    exec_request,
+    parse_code_result,
+    parse_exec_result,
+    parse_list,
+    parse_stat,
+    path_request,
+    remote_error,
+    unexpected,
+    write_request,
+)
+from ember.protocol import HEADER, MAX_FRAME, Kind, Payload, encode_json, parse_header
+from ember.protocol import ProtocolError as WireProtocolError
+
+__all__ = ["AsyncAgentClient", "AsyncExecStream", "AsyncFiles", "read_frame_async"]
+
+Streams = tuple[asyncio.StreamReader, asyncio.StreamWriter]
+AsyncConnect = Callable[[], Awaitable[Streams]]
+
+
+async def read_frame_async(reader: asyncio.StreamReader) -> tuple[Kind, bytes] | None:
+    """Read one frame; ``None`` on a clean EOF between frames."""
+    try:
+        header = await reader.readexactly(HEADER.size)
+    except asyncio.IncompleteReadError as exc:
+        if not exc.partial:
+            return None
+        raise ProtocolError("connection closed in the middle of a frame header") from None
+    try:
+        kind, length = parse_header(header)
+    except WireProtocolError as exc:
+        raise ProtocolError(str(exc)) from None
+    if not length:
+        return kind, b""
+    try:
+        return kind, await reader.readexactly(length)
+    except asyncio.IncompleteReadError as exc:
+        raise ProtocolError(f"connection closed {length - len(exc.partial)} bytes short") from None
+
+
+async def write_frame_async(
+    writer: asyncio.StreamWriter, kind: Kind, payload: Payload = b""
+) -> None:
+    view = memoryview(payload).cast("B")
+    if view.nbytes > MAX_FRAME:
+        raise ProtocolError(f"refusing to send a {view.nbytes}-byte frame (limit {MAX_FRAME})")
+    writer.write(HEADER.pack(view.nbytes, kind))
+    if view.nbytes:
+        writer.write(view)
+    await writer.drain()
+
+
+async def _close(writer: asyncio.StreamWriter) -> None:
+    writer.close()
+    try:
+        await writer.wait_closed()
+    except OSError:
+        pass
+
+
+class AsyncExecStream:
+    """Async iterator of :class:`OutputChunk`; ``result`` is set once exhausted.
+
+    Like :class:`ember.client.ExecStream`: a timeout raises
+    :class:`SandboxTimeout` at the end; :meth:`aclose` hangs up, which kills the
+    command. The connection opens on the first ``__anext__``.
+    """
+
+    def __init__(self, client: AsyncAgentClient, request: dict[str, Any], stdin: Source | None):
+        self._client = client
+        self._request = request
+        self._stdin = stdin
+        self._streams: Streams | None = None
+        self._pump: asyncio.Task[None] | None = None
+        self._pump_error: BaseException | None = None
+        self._done = False
+        self.result: ExecResult | None = None
+
+    async def _send_stdin(self, writer: asyncio.StreamWriter, source: Source) -> None:
+        try:
+            for piece in data_chunks(source):
+                await write_frame_async(writer, Kind.STDIN, piece)
+            await write_frame_async(writer, Kind.STDIN_EOF)
+        except OSError:
+            pass  # the process stopped reading, or the call ended
+        except Exception as exc:  # reading the caller's stdin failed: abort the call
+            self._pump_error = exc
+            writer.transport.abort()
+
+    def __aiter__(self) -> AsyncExecStream:
+        return self
+
+    async def __anext__(self) -> OutputChunk:
+        if self._done:
+            raise StopAsyncIteration
+        try:
+            if self._streams is None:
+                self._streams = await self._client._open(self._request)
+                if self._stdin is not None:
+                    pump = self._send_stdin(self._streams[1], self._stdin)
+                    self._pump = asyncio.create_task(pump)
+            frame = await read_frame_async(self._streams[0])
+            if frame is not None and frame[0] is Kind.STDOUT:
+                return OutputChunk("stdout", frame[1])
+            if frame is not None and frame[0] is Kind.STDERR:
+                return OutputChunk("stderr", frame[1])
+            if frame is not None and frame[0] is Kind.ERROR:
+                raise remote_error(frame[1])
+            if frame is None and self._pump_error is not None:
+                raise self._pump_error
+            self.result = parse_exec_result(check_result(frame, "exec"))
+        except BaseException:
+            await self.aclose()
+            raise
+        await self.aclose()
+        if self.result.timed_out:
+            raise SandboxTimeout(
+                f"the command overran its timeout after {self.result.duration:.3g} s "
+                "and its process group was killed",
+                self.result,
+            )
+        raise StopAsyncIteration
+
+    async def aclose(self) -> None:
+        """Hang up (killing the command if it still runs); safe to call twice."""
+        if self._done:
+            return
+        self._done = True
+        if self._pump is not None and not self._pump.done():
+            self._pump.cancel()
+            try:
+                await self._pump
+            except asyncio.CancelledError:
+                pass
+        if self._streams is not None:
+            await _close(self._streams[1])
+
+    async def __aenter__(self) -> AsyncExecStream:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+
+class AsyncFiles:
+    """Async twin of :class:`ember.client.Files`."""
+
+    def __init__(self, client: AsyncAgentClient) -> None:
+        self._client = client
+
+    async def write(
+        self, path: PathArg, data: Source, *, mode: int | None = None, append: bool = False
+    ) -> int:
+        reader, writer = await self._client._open(write_request(path, mode, append))
+        try:
+            sent_error: OSError | None = None
+            try:
+                for piece in data_chunks(data):
+                    await write_frame_async(writer, Kind.DATA, piece)
+                await write_frame_async(writer, Kind.DATA_EOF)
+            except OSError as exc:
+                sent_error = exc
+            frame = await read_frame_async(reader)
+            if frame is None and sent_error is not None:
+                raise ProtocolError(f"upload to {path} failed: {sent_error}") from sent_error
+            size = check_result(frame, "file_write").get("size")
+        finally:
+            await _close(writer)
+        if not isinstance(size, int):
+            raise ProtocolError(f"bad size in the answer to file_write: {size!r:.100}")
+        return size
+
+    async def read_into(self, path: PathArg, fileobj: BinaryIO) -> int:
+        reader, writer = await self._client._open(path_request("file_read", path))
+        try:
+            total = 0
+            while True:
+                frame = await read_frame_async(reader)
+                if frame is not None and frame[0] is Kind.DATA:
+                    fileobj.write(frame[1])
+                    total += len(frame[1])
+                elif frame is not None and frame[0] is Kind.DATA_EOF:
+                    size = check_result(await read_frame_async(reader), "file_read").get("size")
+                    if size != total:
+                        raise ProtocolError(f"file_read sent {total} bytes but said {size!r:.50}")
+                    return total
+                elif frame is not None and frame[0] is Kind.ERROR:
+                    raise remote_error(frame[1])
+                else:
+                    raise unexpected(frame, "file_read")
+        finally:
+            await _close(writer)
+
+    async def read(self, path: PathArg) -> bytes:
+        buf = io.BytesIO()
+        await self.read_into(path, buf)
+        return buf.getvalue()
+
+    async def stat(self, path: PathArg) -> FileStat:
+        return parse_stat(await self._client._call(path_request("stat", path)))
+
+    async def list(self, path: PathArg) -> list[DirEntry]:
+        return parse_list(await self._client._call(path_request("list", path)))
+
+    async def remove(self, path: PathArg, *, recursive: bool = False) -> None:
+        await self._client._call(path_request("remove", path, recursive=recursive))
+
+
+class AsyncAgentClient:
+    """asyncio client for the guest agent; see :class:`ember.client.AgentClient`."""
+
+    def __init__(self, connect: AsyncConnect) -> None:
+        self._connect = connect
+        self.files = AsyncFiles(self)
+
+    async def _open(self, request: dict[str, Any]) -> Streams:
+        reader, writer = await self._connect()
+        try:
+            await write_frame_async(writer, Kind.REQUEST, encode_json(request))
+        except BaseException:
+            writer.close()
+            raise
+        return reader, writer
+
+    async def _call(self, request: dict[str, Any]) -> dict[str, Any]:
+        reader, writer = await self._open(request)
+        try:
+            return check_result(await read_frame_async(reader), str(request["op"]))
+        finally:
+            await _close(writer)
+
+    async def ping(self) -> dict[str, Any]:
+        return await self._call({"op": "ping"})
+
+    def exec_stream(
+        self,
+        cmd: Command,
+        *,
+        timeout: float | None = None,
+        env: dict[str, str] | None = None,
+        cwd: str | None = None,
+        stdin: Source | None = None,
+    ) -> AsyncExecStream:
+        request = exec_request(cmd, timeout=timeout, env=env, cwd=cwd, stdin=stdin is not None)
+        return AsyncExecStream(self, request, stdin)
+
+    async def exec(
+        self,
+        cmd: Command,
+        *,
+        timeout: float | None = None,
+        env: dict[str, str] | None = None,
+        cwd: str | None = None,
+        stdin: Source | None = None,
+    ) -> ExecResult:
+        out, err = bytearray(), bytearray()
+        stream = self.exec_stream(cmd, timeout=timeout, env=env, cwd=cwd, stdin=stdin)
+        try:
+            async with stream:
+                async for chunk in stream:
+                    (out if chunk.stream == "stdout" else err).extend(chunk.data)
+        except SandboxTimeout as exc:
+            assert exc.result is not None
+            partial = replace(exc.result, stdout=bytes(out), stderr=bytes(err))
+            raise SandboxTimeout(str(exc), partial) from None
+        assert stream.result is not None
+        return replace(stream.result, stdout=bytes(out), stderr=bytes(err))
+
+    async def run_code(self, code: str, timeout: float | None = None) -> CodeResult:
+        return parse_code_result(await self._call(code_request(code, timeout)))
+
+    async def shutdown(self) -> None:
+        await self._call({"op": "shutdown"})

@@ -1,0 +1,522 @@
+"""The guest agent, its wire protocol and the host clients, on a Unix socket (no KVM).
+
+The agent runs as a real subprocess (``python -m ember.agent --listen-unix``)
+with a real run_code worker, exactly as in the guest except for the socket
+family; the clients are the production ones.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import io
+import os
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from ember import protocol
+from ember.agent import channel
+from ember.client import AgentClient
+from ember.client_async import AsyncAgentClient
+from ember.client_channel import ChannelServer
+from ember.client_errors import (
+    AgentError,
+    AgentIsADirectoryError,
+    ExecError,
+    ProtocolError,
+    SandboxTimeout,
+)
+from ember.errors import EmberError
+from ember.protocol import Kind, read_frame, write_frame, write_json
+
+SRC = Path(__file__).resolve().parents[2] / "src"
+
+
+@dataclass
+class Agent:
+    proc: subprocess.Popen[bytes]
+    path: str
+    channel_path: str
+    client: AgentClient
+
+    def connect(self) -> socket.socket:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(30)
+        sock.connect(self.path)
+        return sock
+
+    def aclient(self) -> AsyncAgentClient:
+        return AsyncAgentClient(lambda: asyncio.open_unix_connection(self.path))
+
+
+@pytest.fixture(scope="module")
+def agent(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Agent]:
+    base = tmp_path_factory.mktemp("agent")
+    path, ready_path = str(base / "agent.sock"), str(base / "ready.sock")
+    ready = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    ready.bind(ready_path)
+    ready.listen(1)
+    ready.settimeout(30)
+    env = dict(os.environ, EMBER_CHANNEL_UNIX=str(base / "channel.sock"))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(SRC), env.get("PYTHONPATH")]))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ember.agent", "--listen-unix", path, "--ready-unix", ready_path],
+        env=env,
+    )
+    try:
+        conn, _ = ready.accept()  # the readiness announcement
+        with conn:
+            conn.settimeout(30)
+            frame = read_frame(conn)
+        assert frame is not None and frame[0] is Kind.REQUEST
+        hello = protocol.decode_json(frame[1])
+        assert hello == {"op": "ready", "version": protocol.PROTOCOL_VERSION, "pid": proc.pid}
+        a = Agent(proc, path, env["EMBER_CHANNEL_UNIX"], AgentClient(lambda: a.connect()))
+        yield a
+        a.client.shutdown()
+        assert proc.wait(timeout=10) == 0
+    finally:
+        ready.close()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def group_members(pgid: int) -> list[int]:
+    """Live (non-zombie) processes in a process group, from /proc."""
+    members = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2 :].split()
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            members.append(int(entry))
+    return members
+
+
+def wait_group_gone(pgid: int, timeout: float = 5.0) -> list[int]:
+    deadline = time.monotonic() + timeout
+    while (left := group_members(pgid)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return left
+
+
+# -- protocol ---------------------------------------------------------------------------
+
+
+def test_frames_round_trip_and_are_checked() -> None:
+    a, b = socket.socketpair()
+    with a, b:
+        big = os.urandom(protocol.MAX_FRAME)
+
+        def send() -> None:
+            write_frame(a, Kind.DATA, big)
+            a.close()
+
+        t = threading.Thread(target=send)
+        t.start()
+        assert read_frame(b) == (Kind.DATA, big)
+        t.join()
+        assert read_frame(b) is None  # clean EOF between frames
+    for raw, message in [
+        (struct.pack("<IB", protocol.MAX_FRAME + 1, Kind.DATA), "over"),
+        (struct.pack("<IB", 0, 99), "unknown frame kind"),
+        (struct.pack("<IB", 10, Kind.DATA) + b"abc", "short"),
+        (b"\x01\x00", "short"),
+    ]:
+        a, b = socket.socketpair()
+        with a, b:
+            a.sendall(raw)
+            a.shutdown(socket.SHUT_WR)
+            with pytest.raises(protocol.ProtocolError, match=message):
+                read_frame(b)
+    with pytest.raises(protocol.ProtocolError):
+        write_frame(a, Kind.DATA, bytes(protocol.MAX_FRAME + 1))
+    with pytest.raises(protocol.ProtocolError):
+        protocol.decode_json(b"[1]")
+    assert protocol.valid_channel_name("a.b-c_9") and not protocol.valid_channel_name("a b")
+
+
+# -- ping, exec -------------------------------------------------------------------------
+
+
+def test_ping(agent: Agent) -> None:
+    pong = agent.client.ping()
+    assert pong["pong"] is True and pong["version"] == protocol.PROTOCOL_VERSION
+    assert pong["pid"] == agent.proc.pid and pong["uptime"] >= 0
+
+
+def test_exec_echo_argv_and_shell(agent: Agent) -> None:
+    r = agent.client.exec(["echo", "hello world"])
+    assert (r.stdout, r.stderr, r.exit_code, r.signal, r.timed_out) == (
+        b"hello world\n",
+        b"",
+        0,
+        None,
+        False,
+    )
+    assert r.ok and r.duration >= 0
+    assert agent.client.exec("echo $((6*7))").stdout == b"42\n"
+
+
+def test_exec_exit_codes_signals_and_stderr(agent: Agent) -> None:
+    assert agent.client.exec(["sh", "-c", "exit 3"]).exit_code == 3
+    r = agent.client.exec(["sh", "-c", "kill -SEGV $$"])
+    assert (r.exit_code, r.signal, r.timed_out) == (None, 11, False)
+    r = agent.client.exec("echo out; echo err >&2; echo out2")
+    assert r.stdout == b"out\nout2\n" and r.stderr == b"err\n"
+
+
+def test_exec_env_cwd_and_stdin(agent: Agent, tmp_path: Path) -> None:
+    r = agent.client.exec("echo $GREETING; pwd; echo $PATH", env={"GREETING": "hi"}, cwd="/tmp")
+    greeting, cwd, path = r.stdout.decode().splitlines()
+    assert (greeting, cwd) == ("hi", "/tmp") and "/usr/bin" in path
+    data = os.urandom(3 << 20)  # bigger than every pipe and socket buffer on the way
+    r = agent.client.exec(["cat"], stdin=data)
+    assert r.stdout == data
+    r = agent.client.exec(["wc", "-c"], stdin=io.BytesIO(b"x" * 1000))
+    assert r.stdout.strip() == b"1000"
+    r = agent.client.exec(["true"], stdin=data)  # never reads its stdin
+    assert r.exit_code == 0
+
+
+def test_exec_missing_program(agent: Agent) -> None:
+    with pytest.raises(ExecError, match="no-such-program") as info:
+        agent.client.exec(["no-such-program"])
+    assert isinstance(info.value, AgentError) and isinstance(info.value, EmberError)
+    with pytest.raises(ExecError):
+        agent.client.exec(["ls"], cwd="/no/such/dir")
+    with pytest.raises(AgentError, match="BadRequest"):
+        agent.client.exec([])
+    with pytest.raises(ExecError):  # the error wins over the stdin still being sent
+        agent.client.exec(["no-such-program"], stdin=bytes(8 << 20))
+
+
+def test_timeout_kills_the_whole_group(agent: Agent) -> None:
+    with pytest.raises(SandboxTimeout) as info:
+        agent.client.exec("echo $$; sleep 1000 & sleep 1000", timeout=0.5)
+    result = info.value.result
+    assert result is not None and result.timed_out and result.signal == 9
+    pgid = int(result.stdout.split()[0])
+    assert wait_group_gone(pgid) == []
+    assert agent.client.exec(["echo", "still here"]).stdout == b"still here\n"
+
+
+@pytest.mark.parametrize("command", ["exec yes", "exec sleep 1000"])  # loud and silent
+def test_abandoned_stream_kills_the_command(agent: Agent, command: str) -> None:
+    stream = agent.client.exec_stream(f"echo $$; {command}")
+    first = next(stream)
+    pgid = int(first.data.split()[0])
+    stream.close()
+    assert wait_group_gone(pgid) == []
+
+
+def rss(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) << 10
+    raise AssertionError("no VmRSS")
+
+
+def test_unread_output_is_not_buffered_in_the_agent(agent: Agent) -> None:
+    before = rss(agent.proc.pid)
+    with agent.client.exec_stream("head -c 200000000 /dev/zero") as stream:
+        first = next(stream)
+        time.sleep(0.5)  # the command runs on, but nobody reads
+        assert rss(agent.proc.pid) - before < 16 << 20
+        total = len(first.data) + sum(len(c.data) for c in stream)
+    assert total == 200_000_000 and stream.result is not None and stream.result.exit_code == 0
+
+
+def test_exec_survives_a_half_closed_client(agent: Agent) -> None:
+    with agent.connect() as sock:  # as `socat` does: send the request, then shut down writing
+        write_json(sock, Kind.REQUEST, {"op": "exec", "shell": "sleep 0.2; echo late"})
+        sock.shutdown(socket.SHUT_WR)
+        frames = read_until_closed(sock)
+    assert [k for k, _ in frames] == [Kind.STDOUT, Kind.RESULT]
+    assert frames[0][1] == b"late\n"
+
+
+def test_exec_stream_order_and_result(agent: Agent) -> None:
+    stream = agent.client.exec_stream("for i in 1 2 3; do echo $i; echo e$i >&2; done; exit 4")
+    chunks = list(stream)
+    out = b"".join(c.data for c in chunks if c.stream == "stdout")
+    err = b"".join(c.data for c in chunks if c.stream == "stderr")
+    assert (out, err) == (b"1\n2\n3\n", b"e1\ne2\ne3\n")
+    assert stream.result is not None and stream.result.exit_code == 4
+    assert list(stream) == []
+
+
+def test_twenty_concurrent_exec_streams(agent: Agent) -> None:
+    def run(i: int) -> tuple[int, bytes, int | None]:
+        stream = agent.client.exec_stream(f"for j in $(seq 50); do echo {i}-$j; done; exit {i}")
+        data = b"".join(c.data for c in stream)
+        assert stream.result is not None
+        return i, data, stream.result.exit_code
+
+    with ThreadPoolExecutor(20) as pool:
+        results = list(pool.map(run, range(20)))
+    for i, data, code in results:
+        assert data == "".join(f"{i}-{j}\n" for j in range(1, 51)).encode()
+        assert code == i
+
+
+# -- files ------------------------------------------------------------------------------
+
+
+def test_file_round_trip_20mib(agent: Agent, tmp_path: Path) -> None:
+    data = os.urandom(20 << 20)
+    target = tmp_path / "deep" / "dir" / "blob.bin"
+    assert agent.client.files.write(str(target), data) == len(data)
+    assert hashlib.sha256(agent.client.files.read(str(target))).digest() == (
+        hashlib.sha256(data).digest()
+    )
+    sink = io.BytesIO()
+    assert agent.client.files.read_into(str(target), sink) == len(data)
+    assert sink.getvalue() == data
+    assert [p.name for p in target.parent.iterdir()] == ["blob.bin"]  # no temp files left
+
+
+def test_file_ops(agent: Agent, tmp_path: Path) -> None:
+    files = agent.client.files
+    path = str(tmp_path / "a.txt")
+    files.write(path, io.BytesIO(b"hello "), mode=0o600)
+    files.write(path, b"world", append=True)
+    assert files.read(path) == b"hello world"
+    st = files.stat(path)
+    assert (st.size, st.mode & 0o777, st.is_file, st.is_dir) == (11, 0o600, True, False)
+    files.write(path, b"new")  # replacing keeps the mode
+    assert files.stat(path).mode & 0o777 == 0o600
+    os.mkdir(tmp_path / "sub")
+    (tmp_path / "sub" / "x").write_bytes(b"12")
+    entries = files.list(str(tmp_path))
+    assert [(e.name, e.is_dir) for e in entries] == [("a.txt", False), ("sub", True)]
+    with pytest.raises(FileNotFoundError):
+        files.read(str(tmp_path / "missing"))
+    with pytest.raises(AgentIsADirectoryError):
+        files.write(str(tmp_path / "sub"), b"x" * 1_000_000)  # error after draining the upload
+    with pytest.raises(AgentError, match="OSError"):
+        files.remove(str(tmp_path / "sub"))  # not empty
+    files.remove(str(tmp_path / "sub"), recursive=True)
+    files.remove(path)
+    assert files.list(str(tmp_path)) == []
+    with pytest.raises(AgentError, match="absolute"):
+        files.stat("relative/path")
+    with pytest.raises(AgentError, match="absolute"):  # refused before the upload is read
+        files.write("relative/path", bytes(8 << 20))
+    with pytest.raises(NotADirectoryError):
+        files.list("/etc/hostname")
+
+
+# -- run_code ---------------------------------------------------------------------------
+
+
+def test_run_code_notebook_semantics(agent: Agent) -> None:
+    run = agent.client.run_code
+    r = run("x = 41\nprint('hi')\nimport sys; print('oops', file=sys.stderr)\nx + 1")
+    assert (r.stdout, r.stderr, r.value, r.error) == ("hi\n", "oops\n", "42", None)
+    assert run("x").value == "41" and run("x = 2").value is None
+    assert run("def f(n):\n    return 10 // n\nNone").value is None
+    r = run("f(0)")
+    assert r.error is not None and r.error.type == "ZeroDivisionError"
+    assert "<cell-" in r.error.traceback and "return 10 // n" in r.error.traceback
+    assert "worker.py" not in r.error.traceback
+    r = run("def broken(:")
+    assert r.error is not None and r.error.type == "SyntaxError"
+    r = run("raise SystemExit(5)")
+    assert r.error is not None and r.error.type == "SystemExit"
+    assert run("x").value == "2"  # the worker survived all of that
+    r = run("print('y' * 2_000_000)")
+    assert r.error is None and len(r.stdout) < 600_000 and "not captured" in r.stdout
+
+
+def test_run_code_worker_crash_and_timeout(agent: Agent) -> None:
+    run = agent.client.run_code
+    run("state = 'kept'")
+    r = run("import os; os._exit(3)")
+    assert r.error is not None and r.error.type == "WorkerCrashed"
+    assert "status 3" in r.error.message and "lost" in r.error.message
+    r = run("state")
+    assert r.error is not None and r.error.type == "NameError"
+    r = run("while True: pass", timeout=0.5)
+    assert r.error is not None and r.error.type == "WorkerTimeout"
+    assert run("1 + 1").value == "2"
+    assert agent.client.ping()["worker"] == "ready"
+
+
+# -- channels ---------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def channel_server(path: str, **kwargs: int) -> Iterator[ChannelServer]:
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen(16)
+    try:
+        with ChannelServer(listener, **kwargs) as server:
+            yield server
+    finally:
+        os.unlink(path)
+
+
+def test_channel_10000_frames_in_order(agent: Agent) -> None:
+    code = (
+        "from ember.agent import channel\n"
+        "with channel('numbers', buffer_size=16384) as ch:\n"
+        "    for i in range(10_000):\n"
+        "        ch.send(b'%d' % i)\n"
+        "'sent'"
+    )
+    with channel_server(agent.channel_path) as server, ThreadPoolExecutor(1) as pool:
+        sending = pool.submit(agent.client.run_code, code)
+        received = list(server.channel("numbers", timeout=30))
+        assert sending.result().value == "'sent'"
+    assert received == [b"%d" % i for i in range(10_000)]
+
+
+def test_channel_backpressure_is_bounded(
+    agent: Agent, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    path = str(tmp_path / "ch.sock")
+    monkeypatch.setenv("EMBER_CHANNEL_UNIX", path)
+    message = bytes(64 << 10)
+    with channel_server(path, max_buffer=128 << 10) as server:
+
+        def send() -> None:
+            with channel("bulk") as ch:
+                for i in range(256):  # 16 MiB: far beyond buffers on the way
+                    ch.send(i.to_bytes(4, "big") + message)
+
+        sender = threading.Thread(target=send)
+        sender.start()
+        stream = server.channel("bulk", timeout=10)
+        time.sleep(0.3)
+        assert sender.is_alive()  # blocked: nobody is reading
+        got = [int.from_bytes(m[:4], "big") for m in stream]
+        sender.join(10)
+        assert got == list(range(256))
+        with pytest.raises(SandboxTimeout):
+            server.channel("never", timeout=0.1)
+
+
+# -- robustness -------------------------------------------------------------------------
+
+
+def read_until_closed(sock: socket.socket) -> list[tuple[Kind, bytes]]:
+    frames = []
+    with contextlib.suppress(OSError, protocol.ProtocolError):
+        while (frame := read_frame(sock)) is not None:
+            frames.append(frame)
+    return frames
+
+
+@pytest.mark.parametrize(
+    "garbage",
+    [
+        b"GET / HTTP/1.1\r\n\r\n",
+        struct.pack("<IB", 0x7FFF_FFFF, Kind.REQUEST),
+        struct.pack("<IB", 2, 77) + b"{}",
+        struct.pack("<IB", 2, Kind.STDIN) + b"{}",
+        struct.pack("<IB", 3, Kind.REQUEST) + b"{x}",
+        struct.pack("<IB", 13, Kind.REQUEST) + b'{"op":"nope"}',
+        struct.pack("<IB", 4, Kind.REQUEST) + b"\xff\xfe[]",
+    ],
+)
+def test_malformed_frames_close_only_that_connection(agent: Agent, garbage: bytes) -> None:
+    busy = agent.client.exec_stream("sleep 0.3; echo survived")
+    with agent.connect() as sock:
+        sock.sendall(garbage)
+        frames = read_until_closed(sock)
+    assert [k for k, _ in frames] in ([], [Kind.ERROR])
+    assert b"".join(c.data for c in busy) == b"survived\n"
+    assert agent.client.ping()["pong"] is True
+
+
+def test_protocol_violation_mid_upload(agent: Agent, tmp_path: Path) -> None:
+    with agent.connect() as sock:
+        write_json(sock, Kind.REQUEST, {"op": "file_write", "path": str(tmp_path / "f")})
+        write_frame(sock, Kind.DATA, b"abc")
+        write_frame(sock, Kind.STDOUT, b"wrong kind")
+        frames = read_until_closed(sock)
+    assert frames and frames[-1][0] is Kind.ERROR
+    assert protocol.decode_json(frames[-1][1])["type"] == "ProtocolError"
+    assert os.listdir(tmp_path) == []  # the temp file was cleaned up
+
+
+def test_client_rejects_a_lying_agent() -> None:
+    peers = []
+
+    def fake_agent(reply: bytes) -> socket.socket:
+        ours, theirs = socket.socketpair()
+        theirs.sendall(reply)
+        theirs.shutdown(socket.SHUT_WR)
+        peers.append(theirs)  # stays open to take the request
+        return ours
+
+    client = AgentClient(lambda: fake_agent(b""))
+    with pytest.raises(ProtocolError, match="closed the connection"):
+        client.ping()
+    client = AgentClient(lambda: fake_agent(struct.pack("<IB", 2, Kind.RESULT) + b"[]"))
+    with pytest.raises(ProtocolError):
+        client.ping()
+    bad = protocol.encode_json({"exit_code": "zero", "signal": None})
+    client = AgentClient(lambda: fake_agent(struct.pack("<IB", len(bad), Kind.RESULT) + bad))
+    with pytest.raises(ProtocolError, match="exit_code"):
+        client.exec(["true"])
+
+
+# -- asyncio client ---------------------------------------------------------------------
+
+
+def test_async_client(agent: Agent, tmp_path: Path) -> None:
+    async def main() -> None:
+        client = agent.aclient()
+        assert (await client.ping())["pong"] is True
+        r = await client.exec("echo out; echo err >&2; exit 2")
+        assert (r.stdout, r.stderr, r.exit_code) == (b"out\n", b"err\n", 2)
+        r = await client.exec(["cat"], stdin=b"abc" * 100_000)
+        assert r.stdout == b"abc" * 100_000
+        with pytest.raises(SandboxTimeout) as info:
+            await client.exec("echo $$; sleep 1000 & sleep 1000", timeout=0.3)
+        assert info.value.result is not None
+        assert wait_group_gone(int(info.value.result.stdout.split()[0])) == []
+        with pytest.raises(ExecError):
+            await client.exec(["no-such-program"])
+
+        async def one(i: int) -> bytes:
+            stream = client.exec_stream(f"for j in $(seq 20); do echo {i}.$j; done")
+            return b"".join([c.data async for c in stream])
+
+        outs = await asyncio.gather(*(one(i) for i in range(20)))
+        for i, out in enumerate(outs):
+            assert out == "".join(f"{i}.{j}\n" for j in range(1, 21)).encode()
+
+        data = os.urandom(5 << 20)
+        path = str(tmp_path / "async.bin")
+        assert await client.files.write(path, data) == len(data)
+        assert await client.files.read(path) == data
+        assert (await client.files.stat(path)).size == len(data)
+        assert [e.name for e in await client.files.list(str(tmp_path))] == ["async.bin"]
+        await client.files.remove(path)
+        with pytest.raises(FileNotFoundError):
+            await client.files.read(path)
+
+        assert (await client.run_code("a = 6")).error is None
+        assert (await client.run_code("a * 7")).value == "42"
+
+    asyncio.run(main())
