@@ -87,7 +87,11 @@ class MmioTransport:
         self.driver_features = 0
         self.queue_sel = 0
         self.config_generation = 0
-        self.lock = threading.RLock()  # shared with the event thread serving the queues
+        # Shared with the event thread serving the queues.  A device whose own callbacks run
+        # on the event thread (vsock's host sockets) brings its own RLock: adopt it, so that
+        # register accesses, kicks and those callbacks are serialised by one lock.
+        device_lock = getattr(device, "lock", None)
+        self.lock: threading.RLock = device_lock if device_lock is not None else threading.RLock()
         self.bad_accesses = 0
 
     # --- bus interface (vCPU thread)
