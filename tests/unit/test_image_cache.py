@@ -14,7 +14,7 @@ import pytest
 from ember import images
 from ember.cli import image as image_cli
 from ember.errors import BuildError, ConfigError, ImageNotBuilt
-from ember.images import cache, initrd, kernel_build
+from ember.images import cache, initrd, kernel_build, rootfs
 from ember.images.kernel_build import KernelInputs
 from ember.images.progress import Progress
 
@@ -126,7 +126,9 @@ def test_artifact_path_when_present(env: Path, tmp_path: Path) -> None:
 
 
 def test_unknown_artifact(env: Path) -> None:
-    with pytest.raises(ConfigError, match="kernel, bzimage, initrd"):
+    with pytest.raises(ConfigError, match="kernel, bzimage, initrd, rootfs"):
+        images.artifact_path("nonsense")
+    with pytest.raises(ImageNotBuilt, match="root file system"):
         images.artifact_path("rootfs")
 
 
@@ -181,7 +183,7 @@ def test_cli_path(env: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert run_cli(["image", "path", "kernel"]) == 0
     assert capsys.readouterr().out == f"{directory / 'vmlinux'}\n"
     with pytest.raises(SystemExit):
-        run_cli(["image", "path", "rootfs"])
+        run_cli(["image", "path", "nonsense"])
     with pytest.raises(SystemExit):
         run_cli(["image", "build", "--jobs", "0"])
 
@@ -191,6 +193,8 @@ def test_cli_build_when_cached(
 ) -> None:
     initrd.build_initrd(progress=quiet())
     directory = install_fake_kernel()
+    # the root file system has its own tests; here it must not run debootstrap
+    monkeypatch.setattr(rootfs, "build_image", lambda **_kwargs: env / "rootfs.ext4")
     assert run_cli(["image", "build"]) == 0
     captured = capsys.readouterr()
     assert "kernel 6.1.999: cached" in captured.err and "initrd: cached" in captured.err
