@@ -12,13 +12,14 @@ import io
 import os
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 from ember.client_errors import SandboxTimeout
 from ember.errors import SandboxCrashed
 from ember.sandbox import Sandbox
-from tests.integration.conftest import Images
+from tests.integration.conftest import Images, ember
 
 
 @pytest.fixture(scope="module")
@@ -121,3 +122,14 @@ def test_guest_panic_is_sandbox_crashed_and_others_carry_on(sb: Sandbox) -> None
         with pytest.raises(SandboxCrashed):
             doomed.ping()
     assert sb.exec(["echo", "still here"], timeout=120).stdout == b"still here\n"
+
+
+def test_ember_run_streams_a_script_and_returns_its_status(images: Images, tmp_path: Path) -> None:
+    script = tmp_path / "job.py"
+    script.write_text(
+        "import sys\nprint('args', sys.argv[1:])\nprint('oops', file=sys.stderr)\nsys.exit(5)\n"
+    )
+    result = ember("run", str(script), "a", "b")
+    assert result.returncode == 5, result.stderr
+    assert result.stdout == "args ['a', 'b']\n"
+    assert result.stderr == "oops\n"

@@ -28,6 +28,7 @@ def test_patched_files_parses_headers() -> None:
         "arch/x86/kernel/alternative.c",
         "arch/x86/mm/fault.c",
         "arch/x86/kernel/fpu/core.c",
+        "include/linux/virtio_vsock.h",
     ]
 
 
