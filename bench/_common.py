@@ -314,6 +314,19 @@ def ratio(numerator: float | None, denominator: float | None) -> float | None:
     return numerator / denominator
 
 
+def p50(vmm_report: Mapping[str, Any], key: str) -> float | None:
+    """The median of one figure in a per-VMM report (None when no run succeeded)."""
+    stats = vmm_report.get(key)
+    return None if stats is None else float(stats["p50"])
+
+
+def ember_over_qemu(vmms: Mapping[str, Any], keys: Sequence[str]) -> dict[str, float | None] | None:
+    """Ember/QEMU ratios of the medians, when both VMMs ran."""
+    if "ember" not in vmms or "qemu" not in vmms:
+        return None
+    return {key: ratio(p50(vmms["ember"], key), p50(vmms["qemu"], key)) for key in keys}
+
+
 def fmt_num(value: float | None, digits: int = 2) -> str:
     """A table cell for a number; a dash when the figure is missing (e.g. every run failed)."""
     return "-" if value is None else f"{value:.{digits}f}"

@@ -51,12 +51,13 @@ from typing import Any
 
 from _common import (
     RunResult,
+    ember_over_qemu,
     fmt_num,
     fmt_range,
     fmt_ratio,
     format_table,
+    p50,
     page_cache_fraction,
-    ratio,
     run_measured,
     summarize,
     to_json,
@@ -330,17 +331,10 @@ def build_report(
         "vmms": vmms,
         "ratio_ember_over_qemu": None,
     }
-    if "ember" in vmms and "qemu" in vmms:
-        report["ratio_ember_over_qemu"] = {
-            key: ratio(_p50(vmms["ember"], key), _p50(vmms["qemu"], key))
-            for key in ("mb_s", "dd_s", "wall_s", "peak_rss_mib", "cpu_s")
-        }
+    report["ratio_ember_over_qemu"] = ember_over_qemu(
+        vmms, ("mb_s", "dd_s", "wall_s", "peak_rss_mib", "cpu_s")
+    )
     return report
-
-
-def _p50(vmm_report: Mapping[str, Any], key: str) -> float | None:
-    stats = vmm_report.get(key)
-    return None if stats is None else float(stats["p50"])
 
 
 TABLE_HEADERS = (
@@ -361,10 +355,10 @@ def render_table(report: Mapping[str, Any]) -> str:
         rows.append(
             [
                 vmm,
-                fmt_num(_p50(r, "mb_s"), 1),
+                fmt_num(p50(r, "mb_s"), 1),
                 "-" if rate is None else fmt_range(rate["min"], rate["max"], 1),
-                fmt_num(_p50(r, "dd_s")),
-                fmt_num(_p50(r, "wall_s")),
+                fmt_num(p50(r, "dd_s")),
+                fmt_num(p50(r, "wall_s")),
                 f"{r['runs_ok']}/{r['runs']}",
             ]
         )

@@ -31,11 +31,12 @@ from typing import Any
 from _common import (
     MARKER,
     RunResult,
+    ember_over_qemu,
     fmt_num,
     fmt_range,
     fmt_ratio,
     format_table,
-    ratio,
+    p50,
     run_measured,
     summarize,
     to_json,
@@ -232,17 +233,10 @@ def build_report(
         "vmms": vmms,
         "ratio_ember_over_qemu": None,
     }
-    if "ember" in vmms and "qemu" in vmms:
-        report["ratio_ember_over_qemu"] = {
-            key: ratio(_p50(vmms["ember"], key), _p50(vmms["qemu"], key))
-            for key in ("marker_s", "exit_s", "peak_rss_mib", "cpu_s")
-        }
+    report["ratio_ember_over_qemu"] = ember_over_qemu(
+        vmms, ("marker_s", "exit_s", "peak_rss_mib", "cpu_s")
+    )
     return report
-
-
-def _p50(vmm_report: Mapping[str, Any], key: str) -> float | None:
-    stats = vmm_report.get(key)
-    return None if stats is None else float(stats["p50"])
 
 
 TABLE_HEADERS = (
@@ -265,8 +259,8 @@ def render_table(report: Mapping[str, Any]) -> str:
                 vmm,
                 fmt_num(None if marker is None else marker["p50"]),
                 fmt_range(*((None, None) if marker is None else (marker["min"], marker["max"]))),
-                fmt_num(_p50(r, "exit_s")),
-                fmt_num(_p50(r, "peak_rss_mib"), 1),
+                fmt_num(p50(r, "exit_s")),
+                fmt_num(p50(r, "peak_rss_mib"), 1),
                 f"{r['runs_ok']}/{r['runs']}",
             ]
         )
