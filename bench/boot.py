@@ -42,26 +42,23 @@ from _common import (
     to_json,
 )
 
+from ember.arch.x86_64.cpuid import TEMPLATES
+from ember.vmm.config import DEFAULT_CMDLINE
+
 REPO = Path(__file__).resolve().parents[1]
 
 #: CPU features this host's CPL0 emulator cannot run or that are risky (HOST.md). Ember hides
 #: them in CPUID; QEMU needs them off with ``-cpu host,-...``; both guests are also told on the
 #: command line so the two kernels see exactly the same thing.
-CLEARCPUID = (
-    "cx16",
-    "popcnt",
-    "rdrand",
-    "rdseed",
-    "smap",
-    "smep",
-    "fsgsbase",
-    "pcid",
-    "invpcid",
-    "rdpid",
+CLEARCPUID = next(
+    tuple(word.split("=", 1)[1].split(","))
+    for word in TEMPLATES["pvm"].cmdline
+    if word.startswith("clearcpuid=")
 )
 
-#: The one kernel command line both VMMs get: Ember's default plus the CPU mask above.
-CMDLINE = "console=ttyS0 reboot=k panic=-1 quiet clearcpuid={} noxsave".format(",".join(CLEARCPUID))
+#: The one kernel command line both VMMs get: Ember's default plus the pvm template's words,
+#: taken from Ember itself so the two can never drift apart.
+CMDLINE = " ".join([DEFAULT_CMDLINE, *TEMPLATES["pvm"].cmdline])
 
 #: ``-cpu host`` minus what the emulator lacks. ``arch-capabilities`` is not about the guest:
 #: with it QEMU aborts on MSR 0x10a under kvm_pvm (HOST.md). All accepted by QEMU 7.2.

@@ -46,6 +46,8 @@ LEAF7_EBX_RDSEED = 1 << 18
 LEAF7_EBX_SMAP = 1 << 20
 LEAF7_EBX_AVX512F = 1 << 16
 LEAF7_ECX_RDPID = 1 << 22
+LEAF7_EBX_ERMS = 1 << 9
+LEAF7_EDX_FSRM = 1 << 4
 # Leaves that describe XSAVE state components.
 LEAF_XSAVE = 0xD
 LEAVES_X2APIC_TOPOLOGY = (0xB, 0x1F)
@@ -81,13 +83,17 @@ TEMPLATES: dict[str, CpuTemplate] = {
             | LEAF7_EBX_RDSEED
             | LEAF7_EBX_SMAP
             | LEAF7_EBX_AVX2
-            | LEAF7_EBX_AVX512F,
+            | LEAF7_EBX_AVX512F
+            | LEAF7_EBX_ERMS,
             (7, 0, "ecx"): LEAF7_ECX_RDPID,
+            (7, 0, "edx"): LEAF7_EDX_FSRM,
         },
         drop_leaves=frozenset({LEAF_XSAVE}),
         cmdline=(
             "noxsave",
-            "clearcpuid=cx16,popcnt,rdrand,rdseed,smap,smep,fsgsbase,pcid,invpcid,rdpid",
+            # erms/fsrm: the emulator runs `rep movsb` a byte per step; without them the
+            # kernel copies and clears with `rep movsq`, 3-4x faster here (measured)
+            "clearcpuid=cx16,popcnt,rdrand,rdseed,smap,smep,fsgsbase,pcid,invpcid,rdpid,erms,fsrm",
         ),
     ),
 }
