@@ -11,6 +11,10 @@ private directory:
 
 The VMM's console (and its one-line stop reason) goes to ``console.log``: a
 crash report carries its tail.
+
+With quotas, the VMM runs in its own cgroup (:mod:`ember.jailer.cgroups`),
+made before the VMM starts and entered by the child itself between fork and
+exec, so not one instruction of the VMM runs unconfined.
 """
 
 from __future__ import annotations
@@ -29,13 +33,15 @@ from pathlib import Path
 
 from ember import protocol
 from ember.client_errors import SandboxTimeout
-from ember.errors import SandboxCrashed, SandboxError
+from ember.errors import ConfigError, SandboxCrashed, SandboxError
+from ember.jailer.cgroups import Quotas, SandboxCgroup
 
 CONSOLE_LOG = "console.log"
 VSOCK_NAME = "v.sock"
 HANDSHAKE_TIMEOUT = 30.0
 DEFAULT_MEM_MIB = 256
 AGENT_ARGV = ("python3", "-m", "ember.agent")
+VMM_OVERHEAD_MIB = 64  # the VMM's own Python heap, on top of the guest RAM it maps
 
 
 @dataclass(frozen=True)
@@ -46,6 +52,25 @@ class SandboxSpec:
     vcpus: int = 1
     cpu_template: str = "auto"
     boot_timeout: float = 600.0
+    quotas: Quotas | None = None
+
+    def __post_init__(self) -> None:
+        # The memory quota covers the whole VMM process, guest RAM included:
+        # below this the VMM would be OOM-killed as soon as the guest used its RAM.
+        limit = self.quotas.memory_mib if self.quotas is not None else None
+        if limit is not None and limit < self.mem_mib + VMM_OVERHEAD_MIB:
+            raise ConfigError(
+                f"a memory limit of {limit} MiB is too small for {self.mem_mib} MiB of guest RAM: "
+                f"it caps the whole VMM, so give at least guest RAM + {VMM_OVERHEAD_MIB} MiB "
+                f"= {self.mem_mib + VMM_OVERHEAD_MIB} MiB"
+            )
+
+
+def quotas_from(cpus: float | None, memory_mib: int | None, pids: int | None) -> Quotas | None:
+    """The SDK's ``cpus=``/``memory_mib=``/``pids=`` as Quotas; None (no cgroup) when all unset."""
+    if cpus is None and memory_mib is None and pids is None:
+        return None
+    return Quotas(cpus=cpus, memory_mib=memory_mib, pids=pids)
 
 
 def _resolve(spec: SandboxSpec) -> tuple[Path, Path, Path]:
@@ -73,9 +98,12 @@ class VmmProcess:
         self.console_path = self.dir / CONSOLE_LOG
         self.proc: subprocess.Popen[bytes] | None = None
         self.channel_listener: socket.socket | None = None
+        self.cgroup: SandboxCgroup | None = None
         ready = _listen(f"{self.uds}_{protocol.READY_PORT}")
         try:
             self.channel_listener = _listen(f"{self.uds}_{protocol.CHANNEL_PORT}")
+            if spec.quotas is not None and spec.quotas.any():
+                self.cgroup = SandboxCgroup.create(self.dir.name, spec.quotas)
             argv = [
                 sys.executable, "-m", "ember.cli.main", "boot",
                 "--kernel", str(kernel), "--initrd", str(initrd), "--rootfs", str(rootfs),
@@ -90,6 +118,9 @@ class VmmProcess:
                     stdout=log,
                     stderr=subprocess.STDOUT,
                     start_new_session=True,  # a Ctrl-C for the host app is not the VMM's
+                    # join_self only makes raw os calls, so it is safe even if
+                    # other threads (asyncio.to_thread) exist at fork time.
+                    preexec_fn=self.cgroup.join_self if self.cgroup is not None else None,
                 )
             self._wait_ready(ready, spec.boot_timeout)
         except BaseException:
@@ -175,4 +206,8 @@ class VmmProcess:
         if self.channel_listener is not None:
             self.channel_listener.close()
             self.channel_listener = None
-        shutil.rmtree(self.dir, ignore_errors=True)
+        try:
+            if self.cgroup is not None:
+                self.cgroup.remove()  # also kills anything the VMM left behind
+        finally:
+            shutil.rmtree(self.dir, ignore_errors=True)

@@ -35,14 +35,20 @@ from ember.client_wire import (
     Source,
 )
 from ember.errors import SandboxCrashed, SandboxError
-from ember.launcher import DEFAULT_MEM_MIB, SandboxSpec, VmmProcess
+from ember.jailer.cgroups import SandboxCgroup
+from ember.launcher import DEFAULT_MEM_MIB, SandboxSpec, VmmProcess, quotas_from
 
 T = TypeVar("T")
 _CRASH_GRACE = 5.0  # seconds to let a dying VMM exit before calling a failure a crash
 
 
 class Sandbox:
-    """One sandbox VM, booted on construction and destroyed by :meth:`close`."""
+    """One sandbox VM, booted on construction and destroyed by :meth:`close`.
+
+    ``cpus`` (e.g. 0.5), ``memory_mib`` (the whole VMM's RAM, so at least
+    ``mem_mib`` + 64) and ``pids`` put the VMM in its own cgroup with those
+    limits, so one sandbox cannot starve the host or its neighbours.
+    """
 
     def __init__(
         self,
@@ -53,8 +59,14 @@ class Sandbox:
         rootfs: Path | None = None,
         cpu_template: str = "auto",
         boot_timeout: float = 600.0,
+        cpus: float | None = None,
+        memory_mib: int | None = None,
+        pids: int | None = None,
     ) -> None:
-        spec = SandboxSpec(kernel, rootfs, mem_mib, vcpus, cpu_template, boot_timeout)
+        spec = SandboxSpec(
+            kernel, rootfs, mem_mib, vcpus, cpu_template, boot_timeout,
+            quotas=quotas_from(cpus, memory_mib, pids),
+        )  # fmt: skip
         self._vmm = VmmProcess(spec)
         self._closed = False
         self._client = AgentClient(self._connect)
@@ -90,6 +102,11 @@ class Sandbox:
     def console(self) -> str:
         """The tail of the guest console (kernel messages, the VMM's stop reason)."""
         return self._vmm.console_tail()
+
+    @property
+    def cgroup(self) -> SandboxCgroup | None:
+        """The VMM's cgroup (usage: ``cpu_usage_seconds()``...), None without quotas."""
+        return self._vmm.cgroup
 
     def ping(self) -> dict[str, Any]:
         result: dict[str, Any] = self._call(self._client.ping)

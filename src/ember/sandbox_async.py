@@ -36,7 +36,14 @@ from ember.client_wire import (
     Source,
 )
 from ember.errors import SandboxError
-from ember.launcher import DEFAULT_MEM_MIB, HANDSHAKE_TIMEOUT, SandboxSpec, VmmProcess
+from ember.jailer.cgroups import SandboxCgroup
+from ember.launcher import (
+    DEFAULT_MEM_MIB,
+    HANDSHAKE_TIMEOUT,
+    SandboxSpec,
+    VmmProcess,
+    quotas_from,
+)
 
 _CRASH_GRACE = 5.0
 
@@ -53,8 +60,14 @@ class AsyncSandbox:
         rootfs: Path | None = None,
         cpu_template: str = "auto",
         boot_timeout: float = 600.0,
+        cpus: float | None = None,
+        memory_mib: int | None = None,
+        pids: int | None = None,
     ) -> None:
-        self._spec = SandboxSpec(kernel, rootfs, mem_mib, vcpus, cpu_template, boot_timeout)
+        self._spec = SandboxSpec(
+            kernel, rootfs, mem_mib, vcpus, cpu_template, boot_timeout,
+            quotas=quotas_from(cpus, memory_mib, pids),
+        )  # fmt: skip
         self._vmm: VmmProcess | None = None
         self._channels: ChannelServer | None = None
         self._closed = False
@@ -104,6 +117,11 @@ class AsyncSandbox:
     @property
     def console(self) -> str:
         return self._require().console_tail()
+
+    @property
+    def cgroup(self) -> SandboxCgroup | None:
+        """The VMM's cgroup, None without quotas or before start(); as Sandbox.cgroup."""
+        return self._vmm.cgroup if self._vmm is not None else None
 
     async def ping(self) -> dict[str, Any]:
         result: dict[str, Any] = await self._call(self._client.ping)

@@ -24,6 +24,15 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--timeout", type=float, default=None, metavar="S", help="kill after S seconds")
     p.add_argument("--mem", type=int, default=256, metavar="MiB", help="guest RAM (default 256)")
     p.add_argument("--vcpus", type=int, default=1, metavar="N")
+    p.add_argument(
+        "--cpus", type=float, default=None, metavar="F",
+        help="CPU quota for the sandbox's VMM, in CPUs (e.g. 0.5)",
+    )  # fmt: skip
+    p.add_argument(
+        "--memory", type=int, default=None, metavar="MiB",
+        help="memory limit for the whole VMM; at least --mem + 64",
+    )  # fmt: skip
+    p.add_argument("--pids", type=int, default=None, metavar="N", help="process/thread limit")
 
 
 def register(sub: Any) -> None:
@@ -71,7 +80,10 @@ def _in_sandbox(args: argparse.Namespace, argv: list[str], upload: tuple[str, by
 
     out, err = sys.stdout.buffer, sys.stderr.buffer
     try:
-        with Sandbox(mem_mib=args.mem, vcpus=args.vcpus) as sb:
+        with Sandbox(
+            mem_mib=args.mem, vcpus=args.vcpus,
+            cpus=args.cpus, memory_mib=args.memory, pids=args.pids,
+        ) as sb:  # fmt: skip
             if upload is not None:
                 sb.files.write(upload[0], upload[1])
             stream = sb.exec_stream(argv, timeout=args.timeout)
