@@ -62,3 +62,12 @@ def test_two_vms_share_one_read_only_root_and_write_their_own_disks(
         assert disk.read_bytes()[: len(name) + 1] == f"{name}\n".encode()
     # The shared image was never written: the writable layer is per VM.
     assert hashlib.sha256(images.rootfs.read_bytes()).hexdigest() == root_digest
+
+
+def test_two_vcpus_come_up(images: Images) -> None:
+    result = ember(
+        "boot", "--kernel", str(images.kernel), "--rootfs", str(images.rootfs), "--vcpus", "2",
+        "--", "sh", "-c", "grep -c ^processor /proc/cpuinfo",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr + result.stdout[-2000:]
+    assert result.stdout.splitlines()[-1] == "2", result.stdout[-2000:]

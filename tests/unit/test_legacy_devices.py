@@ -157,3 +157,20 @@ def test_console_hides_the_exit_status_line_but_records_it() -> None:
     sink.flush()
     assert out.getvalue() == b"42\nrebooting\n"
     assert sink.exit_status == 7
+
+
+def test_console_hides_the_exit_line_with_a_printk_timestamp_too() -> None:
+    import io
+
+    out = io.BytesIO()
+    sink = ConsoleSink(out)  # type: ignore[arg-type]
+    text = (
+        b"[    1.5] booting\n"
+        b"[   13.585712] reboot: Restarting system with command 'ember-exit=0'\n"
+        b"[   13.598501] reboot: machine restart\n"
+    )
+    for ch in text:
+        sink(bytes([ch]))
+    sink.flush()
+    assert out.getvalue() == b"[    1.5] booting\n[   13.598501] reboot: machine restart\n"
+    assert sink.exit_status == 0

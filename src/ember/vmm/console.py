@@ -22,6 +22,19 @@ TAIL_BYTES = 16 * 1024
 MAX_LINE = 4096
 
 
+_TIMESTAMP = re.compile(rb"\[[ 0-9.]*(\] ?)?")
+
+
+def _could_be_exit_line(start: bytes) -> bool:
+    """Whether ``start`` may still grow into the exit-status line (printk time prefix allowed)."""
+    stamp = _TIMESTAMP.match(start)
+    if stamp is not None:
+        if stamp.end() == len(start) and not stamp.group(1):
+            return True  # still inside "[   12.345"
+        start = start[stamp.end() :]
+    return _EXIT_LINE_PREFIX.startswith(start[: len(_EXIT_LINE_PREFIX)])
+
+
 class ConsoleSink:
     def __init__(self, stream: BinaryIO | None = None) -> None:
         self._stream = stream
@@ -55,7 +68,7 @@ class ConsoleSink:
                     self._stream.write(bytes(held))
                 self._stream.flush()
                 held.clear()
-            elif not _EXIT_LINE_PREFIX.startswith(bytes(held[: len(_EXIT_LINE_PREFIX)])):
+            elif not _could_be_exit_line(bytes(held)):
                 self._stream.write(bytes(held))
                 held.clear()
 

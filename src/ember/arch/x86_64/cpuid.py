@@ -47,6 +47,11 @@ LEAF7_EBX_SMAP = 1 << 20
 LEAF7_EBX_AVX512F = 1 << 16
 LEAF7_ECX_RDPID = 1 << 22
 LEAF7_EBX_ERMS = 1 << 9
+# KVM's paravirtual features (leaf 0x40000001 EAX, Documentation/virt/kvm/x86/cpuid.rst)
+KVM_CPUID_FEATURES = 0x40000001
+KVM_FEATURE_PV_TLB_FLUSH = 1 << 9
+KVM_FEATURE_PV_SEND_IPI = 1 << 11
+KVM_FEATURE_PV_SCHED_YIELD = 1 << 13
 LEAF7_EDX_FSRM = 1 << 4
 # Leaves that describe XSAVE state components.
 LEAF_XSAVE = 0xD
@@ -87,6 +92,11 @@ TEMPLATES: dict[str, CpuTemplate] = {
             | LEAF7_EBX_ERMS,
             (7, 0, "ecx"): LEAF7_ECX_RDPID,
             (7, 0, "edx"): LEAF7_EDX_FSRM,
+            # IPIs by hypercall hang a second vCPU's bring-up under kvm_pvm (seen here):
+            # use the LAPIC's ordinary IPIs instead
+            (KVM_CPUID_FEATURES, 0, "eax"): KVM_FEATURE_PV_SEND_IPI
+            | KVM_FEATURE_PV_TLB_FLUSH
+            | KVM_FEATURE_PV_SCHED_YIELD,
         },
         drop_leaves=frozenset({LEAF_XSAVE}),
         cmdline=(
