@@ -64,12 +64,11 @@ from _common import (
 )
 from boot import (
     CMDLINE,
-    QEMU_CPU,
-    QEMU_MACHINE,
     VMMS,
     BenchError,
     default_artifact,
     ember_env,
+    qemu_base_argv,
     schedule,
 )
 
@@ -163,39 +162,13 @@ def qemu_argv(inputs: BlkInputs, qemu: str = "qemu-system-x86_64") -> list[str]:
     """
     drive = "format=raw,if=none,readonly=on,cache=writeback,aio=threads"
     return [
-        qemu,
-        "-M",
-        QEMU_MACHINE,
-        "-enable-kvm",
-        "-cpu",
-        QEMU_CPU,
-        "-m",
-        str(inputs.mem_mib),
-        "-smp",
-        "1",
-        "-nodefaults",
-        "-no-user-config",
-        "-nographic",
-        "-serial",
-        "stdio",
-        "-no-reboot",
-        "-device",
-        "i8042",
-        "-kernel",
-        str(inputs.kernel),
-        "-initrd",
-        str(inputs.initrd),
-        "-drive",
-        f"id=root,file={inputs.rootfs},{drive}",
-        "-device",
-        "virtio-blk-device,drive=root",
-        "-drive",
-        f"id=data,file={inputs.data},{drive}",
-        "-device",
-        "virtio-blk-device,drive=data",
-        "-append",
-        f"{inputs.cmdline} {ember_cmd_words(inputs.workload)}",
-    ]
+        *qemu_base_argv(inputs.mem_mib, inputs.kernel, inputs.initrd, qemu),
+        "-drive", f"id=root,file={inputs.rootfs},{drive}",
+        "-device", "virtio-blk-device,drive=root",
+        "-drive", f"id=data,file={inputs.data},{drive}",
+        "-device", "virtio-blk-device,drive=data",
+        "-append", f"{inputs.cmdline} {ember_cmd_words(inputs.workload)}",
+    ]  # fmt: skip
 
 
 @dataclass(frozen=True)

@@ -99,7 +99,7 @@ def ember_argv(inputs: BootInputs, python: str = sys.executable) -> list[str]:
     ]
 
 
-def qemu_argv(inputs: BootInputs, qemu: str = "qemu-system-x86_64") -> list[str]:
+def qemu_base_argv(mem_mib: int, kernel: Path, initrd: Path, qemu: str) -> list[str]:
     """QEMU microvm on KVM, serial on stdio, exiting (``-no-reboot``) when the guest reboots.
 
     microvm has no keyboard controller, so the guest's ``reboot=k`` write of 0xFE to port 0x64
@@ -109,30 +109,17 @@ def qemu_argv(inputs: BootInputs, qemu: str = "qemu-system-x86_64") -> list[str]
     """
     return [
         qemu,
-        "-M",
-        QEMU_MACHINE,
-        "-enable-kvm",
-        "-cpu",
-        QEMU_CPU,
-        "-m",
-        str(inputs.mem_mib),
-        "-smp",
-        "1",
-        "-nodefaults",
-        "-no-user-config",
-        "-nographic",
-        "-serial",
-        "stdio",
-        "-no-reboot",
-        "-device",
-        "i8042",
-        "-kernel",
-        str(inputs.kernel),
-        "-initrd",
-        str(inputs.initrd),
-        "-append",
-        inputs.cmdline,
-    ]
+        "-M", QEMU_MACHINE, "-enable-kvm", "-cpu", QEMU_CPU,
+        "-m", str(mem_mib), "-smp", "1",
+        "-nodefaults", "-no-user-config", "-nographic", "-serial", "stdio",
+        "-no-reboot", "-device", "i8042",
+        "-kernel", str(kernel), "-initrd", str(initrd),
+    ]  # fmt: skip
+
+
+def qemu_argv(inputs: BootInputs, qemu: str = "qemu-system-x86_64") -> list[str]:
+    base = qemu_base_argv(inputs.mem_mib, inputs.kernel, inputs.initrd, qemu)
+    return [*base, "-append", inputs.cmdline]
 
 
 def ember_env() -> dict[str, str]:
