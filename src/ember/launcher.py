@@ -39,6 +39,7 @@ from ember.jailer.cgroups import Quotas, SandboxCgroup
 CONSOLE_LOG = "console.log"
 VSOCK_NAME = "v.sock"
 HANDSHAKE_TIMEOUT = 30.0
+CRASH_GRACE = 5.0  # seconds to let a dying VMM exit before calling a failure a crash
 DEFAULT_MEM_MIB = 256
 AGENT_ARGV = ("python3", "-m", "ember.agent")
 VMM_OVERHEAD_MIB = 64  # the VMM's own Python heap, on top of the guest RAM it maps
@@ -188,6 +189,24 @@ class VmmProcess:
         except BaseException:
             sock.close()
             raise
+
+    def crash_after_failure(self) -> SandboxCrashed | None:
+        """After a failed call: the crash, if the VMM is gone (given a moment to die), else None.
+
+        A guest panic or a killed VMM first shows up as a broken connection;
+        only the VMM's exit tells it apart from a transient error.
+        """
+        if self.wait_exit(CRASH_GRACE):
+            return self.crashed("the sandbox crashed")
+        return None
+
+    def take_channel_listener(self) -> socket.socket:
+        """Hand the guest-channel listener to its server, which then owns (and closes) it."""
+        listener = self.channel_listener
+        if listener is None:
+            raise SandboxError("the channel listener was already taken")
+        self.channel_listener = None
+        return listener
 
     def wait_exit(self, timeout: float) -> bool:
         if self.proc is None:

@@ -19,7 +19,7 @@ import socket
 from collections.abc import Iterator
 from pathlib import Path
 from types import TracebackType
-from typing import Any, BinaryIO, TypeVar
+from typing import Any, BinaryIO
 
 from ember.client import AgentClient, ExecStream
 from ember.client_channel import ChannelServer
@@ -37,9 +37,6 @@ from ember.client_wire import (
 from ember.errors import SandboxCrashed, SandboxError
 from ember.jailer.cgroups import SandboxCgroup
 from ember.launcher import DEFAULT_MEM_MIB, SandboxSpec, VmmProcess, quotas_from
-
-T = TypeVar("T")
-_CRASH_GRACE = 5.0  # seconds to let a dying VMM exit before calling a failure a crash
 
 
 class Sandbox:
@@ -70,9 +67,7 @@ class Sandbox:
         self._vmm = VmmProcess(spec)
         self._closed = False
         self._client = AgentClient(self._connect)
-        assert self._vmm.channel_listener is not None
-        self._channels = ChannelServer(self._vmm.channel_listener)
-        self._vmm.channel_listener = None  # the channel server owns it now
+        self._channels = ChannelServer(self._vmm.take_channel_listener())
         self.files = SandboxFiles(self)
 
     # --- plumbing
@@ -89,8 +84,9 @@ class Sandbox:
         except (OSError, ProtocolError) as exc:
             if self._closed:
                 raise SandboxError("this sandbox is closed") from exc
-            if self._vmm.exited() or self._vmm.wait_exit(_CRASH_GRACE):
-                raise self._vmm.crashed("the sandbox crashed") from exc
+            crash = self._vmm.crash_after_failure()
+            if crash is not None:
+                raise crash from exc
             raise
 
     def _call(self, func: Any, *args: Any, **kwargs: Any) -> Any:

@@ -45,8 +45,6 @@ from ember.launcher import (
     quotas_from,
 )
 
-_CRASH_GRACE = 5.0
-
 
 class AsyncSandbox:
     """Create with ``async with AsyncSandbox() as sb`` (or ``await AsyncSandbox().start()``)."""
@@ -76,9 +74,7 @@ class AsyncSandbox:
 
     async def start(self) -> AsyncSandbox:
         self._vmm = await asyncio.to_thread(VmmProcess, self._spec)
-        assert self._vmm.channel_listener is not None
-        self._channels = ChannelServer(self._vmm.channel_listener)
-        self._vmm.channel_listener = None
+        self._channels = ChannelServer(self._vmm.take_channel_listener())
         return self
 
     def _require(self) -> VmmProcess:
@@ -106,8 +102,9 @@ class AsyncSandbox:
             yield
         except (OSError, ProtocolError, asyncio.IncompleteReadError) as exc:
             vmm = self._require()
-            if vmm.exited() or await asyncio.to_thread(vmm.wait_exit, _CRASH_GRACE):
-                raise vmm.crashed("the sandbox crashed") from exc
+            crash = await asyncio.to_thread(vmm.crash_after_failure)
+            if crash is not None:
+                raise crash from exc
             raise
 
     async def _call(self, func: Any, *args: Any, **kwargs: Any) -> Any:

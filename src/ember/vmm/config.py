@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ember.arch.x86_64 import layout
-from ember.arch.x86_64.cpuid import TEMPLATES
+from ember.arch.x86_64.cpuid import resolve_template
 from ember.errors import ConfigError
 
 DEFAULT_CMDLINE = "console=ttyS0 reboot=k panic=-1 quiet no_timer_check"
@@ -99,11 +99,7 @@ class VmConfig:
             raise ConfigError(
                 f"--mem {self.mem_mib} MiB is out of range: a guest needs at least {min_mib} MiB"
             )
-        if self.cpu_template != "auto" and self.cpu_template not in TEMPLATES:
-            choices = ", ".join(["auto", *sorted(TEMPLATES)])
-            raise ConfigError(
-                f"unknown CPU template {self.cpu_template!r}: choose one of {choices}"
-            )
+        resolve_template(self.cpu_template, pvm=False)  # ConfigError naming the choices
         cmdline = self.full_cmdline().encode()
         if len(cmdline) >= layout.CMDLINE_MAX_SIZE:
             raise ConfigError(

@@ -70,7 +70,7 @@ class Machine:
             try:
                 reason = self._stops.get(timeout=timeout)
             except queue.Empty:
-                reason = StopReason(StopKind.HOST_REQUEST, f"timed out after {timeout} s")
+                reason = StopReason(StopKind.TIMEOUT, f"after {timeout} s")
             return self._classify(reason)
         except KeyboardInterrupt:
             return StopReason(StopKind.HOST_REQUEST, "interrupted")

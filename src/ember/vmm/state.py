@@ -24,6 +24,7 @@ class StopKind(enum.Enum):
     FAIL_ENTRY = "KVM entry failure"
     VMM_ERROR = "VMM error"
     HOST_REQUEST = "stopped by the host"
+    TIMEOUT = "timed out"
 
     @property
     def clean(self) -> bool:

@@ -150,7 +150,7 @@ class VirtioDevice(abc.ABC):
                         if exc.head is not None:
                             queue.add_used(memory, exc.head, 0)
                         if queue.broken:
-                            self._fail(f"queue {index}: {exc}")
+                            self.fail(f"queue {index}: {exc}")
                             return
                         log.debug("%s: queue %d: bad chain: %s", type(self).__name__, index, exc)
                         continue
@@ -164,14 +164,19 @@ class VirtioDevice(abc.ABC):
         except QueueError as exc:
             # The used or available ring became unusable (e.g. the driver re-readied the
             # queue at addresses outside RAM after DRIVER_OK): the queue is broken.
-            self._fail(f"queue {index}: {exc}")
+            self.fail(f"queue {index}: {exc}")
 
-    def _fail(self, why: str) -> None:
-        """The driver corrupted a ring: stop serving until it resets the device (§2.1.2)."""
+    def fail(self, why: str, interrupt: Interrupt | None = None) -> None:
+        """The driver broke the device: stop serving until it resets it (§2.1.2).
+
+        ``interrupt`` is for the transport, which may fail a device that was
+        never activated (and so has no interrupt of its own yet).
+        """
         log.warning("%s: needs reset: %s", type(self).__name__, why)
         self.needs_reset = True
-        if self.interrupt is not None:
-            self.interrupt.trigger(VIRTIO_MMIO_INT_CONFIG)
+        interrupt = interrupt or self.interrupt
+        if interrupt is not None:
+            interrupt.trigger(VIRTIO_MMIO_INT_CONFIG)
 
     def signal_used(self, queue: Queue) -> None:
         """Interrupt the driver if the queue's suppression rules ask for it."""

@@ -219,10 +219,8 @@ class MmioTransport:
                 return
             ready = [q for q in self.queues if q.ready]
             if not all(q.is_valid(self.memory) for q in ready):
-                log.warning("%s: driver set DRIVER_OK with an invalid queue", self.name)
-                self.device.needs_reset = True
                 self.config_generation += 1
-                self.interrupt.trigger(2)
+                self.device.fail("driver set DRIVER_OK with an invalid queue", self.interrupt)
             else:
                 self.device.activate(self.memory, self.queues, self.interrupt)
         self.status = value

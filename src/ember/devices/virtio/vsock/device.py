@@ -213,7 +213,7 @@ class Vsock(VirtioDevice):
                 queue.add_used(memory, chain.head, written)
             self.signal_used(queue)
         except QueueError as exc:
-            self._fail(f"rx queue: {exc}")
+            self.fail(f"rx queue: {exc}")
 
     def _rx_chain(self, queue: Queue, memory: GuestMemory) -> DescriptorChain | None:
         """The next rx buffer: the one kept from last time, or a new one from the ring.
@@ -269,4 +269,4 @@ class Vsock(VirtioDevice):
                 break
             self.signal_used(queue)
         except QueueError as exc:
-            self._fail(f"event queue: {exc}")
+            self.fail(f"event queue: {exc}")
