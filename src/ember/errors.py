@@ -10,6 +10,7 @@ them into a one-line message instead of a traceback::
     ├── ImageNotBuilt          an artifact `ember image build` has not produced yet
     ├── BuildError             building a guest image failed (a command's tail attached)
     ├── KvmError               /dev/kvm is missing, unusable, or an ioctl failed
+    ├── SnapshotError          a snapshot is corrupted, from another format version, or unusable
     ├── GuestCrashed           the guest died: KVM internal error, unexpected shutdown
     ├── SandboxError           a sandbox could not be used
     │   └── SandboxCrashed     its guest panicked or its VMM died (carries the console tail)
@@ -43,6 +44,10 @@ class BuildError(EmberError):
 
 class KvmError(EmberError):
     """KVM is unavailable or refused an operation."""
+
+
+class SnapshotError(EmberError):
+    """A snapshot cannot be written or restored; the message names the file and the fix."""
 
 
 class GuestCrashed(EmberError):

@@ -38,6 +38,7 @@ from ember.jailer.cgroups import Quotas, SandboxCgroup
 
 CONSOLE_LOG = "console.log"
 VSOCK_NAME = "v.sock"
+CONTROL_NAME = "control.sock"
 HANDSHAKE_TIMEOUT = 30.0
 CRASH_GRACE = 5.0  # seconds to let a dying VMM exit before calling a failure a crash
 DEFAULT_MEM_MIB = 256
@@ -97,6 +98,7 @@ class VmmProcess:
         self.dir = Path(tempfile.mkdtemp(prefix="ember-"))
         self.uds = str(self.dir / VSOCK_NAME)
         self.console_path = self.dir / CONSOLE_LOG
+        self.control_path = self.dir / CONTROL_NAME
         self.proc: subprocess.Popen[bytes] | None = None
         self.channel_listener: socket.socket | None = None
         self.cgroup: SandboxCgroup | None = None
@@ -110,6 +112,7 @@ class VmmProcess:
                 "--kernel", str(kernel), "--initrd", str(initrd), "--rootfs", str(rootfs),
                 "--mem", str(spec.mem_mib), "--vcpus", str(spec.vcpus),
                 "--cpu-template", spec.cpu_template, "--vsock-uds", self.uds,
+                "--control", str(self.control_path),
                 "--", *AGENT_ARGV,
             ]  # fmt: skip
             with self.console_path.open("wb") as log:

@@ -12,9 +12,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from ember.errors import ConfigError
 from ember.vmm.builder import build_machine
 from ember.vmm.config import DEFAULT_CMDLINE, DEFAULT_MEM_MIB, DiskConfig, VmConfig
 from ember.vmm.console import ConsoleSink
+from ember.vmm.machine import Machine
 
 EXIT_CRASH = 1
 
@@ -26,7 +28,27 @@ def register(sub: Any) -> None:
         description="Boot a Linux kernel (ELF vmlinux or bzImage) with its serial console on "
         "stdout. Exits 0 when the guest reboots or powers off, 1 if it crashes.",
     )
-    p.add_argument("--kernel", required=True, type=Path, help="ELF vmlinux or bzImage")
+    p.add_argument("--kernel", type=Path, help="ELF vmlinux or bzImage (unless --restore)")
+    p.add_argument(
+        "--restore",
+        type=Path,
+        metavar="DIR",
+        help="restore the snapshot in DIR instead of booting (its devices come with it)",
+    )
+    p.add_argument(
+        "--control",
+        type=Path,
+        metavar="PATH",
+        help="serve the control socket (snapshot, pause, resume) at PATH",
+    )
+    p.add_argument(
+        "--park-idle",
+        type=float,
+        default=None,
+        metavar="S",
+        help="pause the vCPUs after S seconds without host connections and guest work; "
+        "host activity on vsock wakes them",
+    )
     p.add_argument("--initrd", type=Path, help="initramfs (uncompressed cpio for Ember's kernel)")
     p.add_argument("--cmdline", default=DEFAULT_CMDLINE, help=f"default: {DEFAULT_CMDLINE!r}")
     p.add_argument("--mem", type=int, default=DEFAULT_MEM_MIB, metavar="MiB", help="guest RAM")
@@ -52,12 +74,65 @@ def register(sub: Any) -> None:
         help="add a virtio-vsock device whose host side is this Unix socket "
         "(clients send 'CONNECT <port>\\n'; guest connections reach PATH_<port>)",
     )
-    p.add_argument("--guest-cid", type=int, default=3, metavar="CID", help="vsock CID (default 3)")
+    p.add_argument(
+        "--guest-cid", type=int, default=None, metavar="CID", help="vsock CID (default 3)"
+    )
     p.add_argument("workload", nargs=argparse.REMAINDER, help="-- CMD [ARGS...] to run (--rootfs)")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    console = ConsoleSink(sys.stdout.buffer)
+    machine = _restore(args, console) if args.restore is not None else _build(args, console)
+    control = None
+    try:
+        if args.control is not None:
+            from ember.vmm.control import ControlServer
+
+            control = ControlServer(args.control, machine, machine.events)
+        if args.park_idle is not None:
+            _park_when_idle(machine, args.park_idle)
+    except BaseException:
+        machine.close()
+        raise
+    try:
+        reason = machine.run(timeout=args.timeout)
+    finally:
+        if control is not None:
+            control.close()
+    if reason.exit_status is not None:
+        return reason.exit_status
+    if reason.kind.clean:
+        return 0
+    print(f"ember: guest stopped: {reason.describe()}", file=sys.stderr)
+    return EXIT_CRASH
+
+
+def _restore(args: argparse.Namespace, console: ConsoleSink) -> Machine:
+    from ember.vmm.builder import restore_machine
+
+    if args.kernel is not None or args.initrd is not None or args.workload:
+        raise ConfigError("--restore takes no --kernel, --initrd or command: the snapshot has them")
+    return restore_machine(
+        args.restore, console, vsock_uds=args.vsock_uds, guest_cid=args.guest_cid
+    )
+
+
+def _park_when_idle(machine: Machine, after_s: float) -> None:
+    from ember.devices.virtio.vsock.device import Vsock
+    from ember.vmm.idle import TICK_S, IdleParker
+
+    vsock = next((t.device for t in machine.slots.transports if isinstance(t.device, Vsock)), None)
+    if vsock is None:
+        raise ConfigError("--park-idle needs a vsock device: it is how the host wakes the guest")
+    parker = IdleParker(machine, lambda: vsock.host_connections, after_s)
+    vsock.on_host_activity = parker.wake
+    machine.events.set_tick(TICK_S, parker.tick)
+
+
+def _build(args: argparse.Namespace, console: ConsoleSink) -> Machine:
+    if args.kernel is None:
+        raise ConfigError("give --kernel (or --restore a snapshot)")
     workload = list(args.workload)
     if workload[:1] == ["--"]:
         workload = workload[1:]
@@ -77,14 +152,6 @@ def run(args: argparse.Namespace) -> int:
         disks=tuple(DiskConfig.parse(spec) for spec in args.disk),
         workload=tuple(workload),
         vsock_uds=args.vsock_uds,
-        guest_cid=args.guest_cid,
+        guest_cid=args.guest_cid if args.guest_cid is not None else 3,
     )
-    console = ConsoleSink(sys.stdout.buffer)
-    machine = build_machine(config, console)
-    reason = machine.run(timeout=args.timeout)
-    if reason.exit_status is not None:
-        return reason.exit_status
-    if reason.kind.clean:
-        return 0
-    print(f"ember: guest stopped: {reason.describe()}", file=sys.stderr)
-    return EXIT_CRASH
+    return build_machine(config, console)

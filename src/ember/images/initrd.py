@@ -155,8 +155,9 @@ def build_initrd(*, force: bool = False, progress: Progress | None = None) -> In
         progress.note(f"initrd: cached in {final}")
         return InitrdArtifact(path, cached=True)
     buffer = io.BytesIO()
-    with progress.step("initrd: compile ember-init, write cpio archive"), cache.build_lock(
-        final.name
+    with (
+        progress.step("initrd: compile ember-init, write cpio archive"),
+        cache.build_lock(final.name),
     ):
         write_initrd(buffer, compile_init(inputs.init_source))
         staging = cache.staging_dir(final)

@@ -247,6 +247,65 @@ class kvm_mp_state(ctypes.Structure):
     _fields_ = [("mp_state", u32)]
 
 
+# --- state for snapshots (arch/x86/include/uapi/asm/kvm.h); the VMM never looks inside most
+# of these, it only saves and restores them, so opaque byte arrays of the kernel's sizes do.
+class kvm_xsave(ctypes.Structure):
+    _fields_ = [("region", u32 * 1024)]
+
+
+class kvm_xcr(ctypes.Structure):
+    _fields_ = [("xcr", u32), ("reserved", u32), ("value", u64)]
+
+
+KVM_MAX_XCRS = 16
+
+
+class kvm_xcrs(ctypes.Structure):
+    _fields_ = [
+        ("nr_xcrs", u32),
+        ("flags", u32),
+        ("xcrs", kvm_xcr * KVM_MAX_XCRS),
+        ("padding", u64 * 16),
+    ]
+
+
+class kvm_vcpu_events(ctypes.Structure):
+    _fields_ = [("data", u8 * 64)]
+
+
+class kvm_debugregs(ctypes.Structure):
+    _fields_ = [("db", u64 * 4), ("dr6", u64), ("dr7", u64), ("flags", u64), ("reserved", u64 * 9)]
+
+
+KVM_IRQCHIP_PIC_MASTER = 0
+KVM_IRQCHIP_PIC_SLAVE = 1
+KVM_IRQCHIP_IOAPIC = 2
+
+
+class kvm_irqchip(ctypes.Structure):
+    _fields_ = [("chip_id", u32), ("pad", u32), ("chip", u8 * 512)]
+
+
+class kvm_pit_state2(ctypes.Structure):
+    _fields_ = [("channels", u8 * 72), ("flags", u32), ("reserved", u32 * 9)]
+
+
+class kvm_clock_data(ctypes.Structure):
+    _fields_ = [
+        ("clock", u64),
+        ("flags", u32),
+        ("pad0", u32),
+        ("realtime", u64),
+        ("host_tsc", u64),
+        ("pad", u32 * 4),
+    ]
+
+
+KVM_CLOCK_TSC_STABLE = 2
+KVM_CLOCK_REALTIME = 1 << 2
+KVM_CLOCK_HOST_TSC = 1 << 3
+
+
 # --- system ioctls
 KVM_GET_API_VERSION = _io(0x00)
 KVM_CREATE_VM = _io(0x01)
@@ -265,6 +324,12 @@ KVM_IRQ_LINE = _iow(0x61, ctypes.sizeof(kvm_irq_level))
 KVM_IRQFD = _iow(0x76, ctypes.sizeof(kvm_irqfd))
 KVM_CREATE_PIT2 = _iow(0x77, ctypes.sizeof(kvm_pit_config))
 KVM_IOEVENTFD = _iow(0x79, ctypes.sizeof(kvm_ioeventfd))
+KVM_GET_IRQCHIP = _iowr(0x62, ctypes.sizeof(kvm_irqchip))
+KVM_SET_IRQCHIP = _ior(0x63, ctypes.sizeof(kvm_irqchip))
+KVM_SET_CLOCK = _iow(0x7B, ctypes.sizeof(kvm_clock_data))
+KVM_GET_CLOCK = _ior(0x7C, ctypes.sizeof(kvm_clock_data))
+KVM_GET_PIT2 = _ior(0x9F, ctypes.sizeof(kvm_pit_state2))
+KVM_SET_PIT2 = _iow(0xA0, ctypes.sizeof(kvm_pit_state2))
 
 # --- vcpu ioctls
 KVM_RUN = _io(0x80)
@@ -281,6 +346,16 @@ KVM_SET_LAPIC = _iow(0x8F, ctypes.sizeof(kvm_lapic_state))
 KVM_SET_CPUID2 = _iow(0x90, ctypes.sizeof(kvm_cpuid2))
 KVM_GET_MP_STATE = _ior(0x98, ctypes.sizeof(kvm_mp_state))
 KVM_SET_MP_STATE = _iow(0x99, ctypes.sizeof(kvm_mp_state))
+KVM_GET_VCPU_EVENTS = _ior(0x9F, ctypes.sizeof(kvm_vcpu_events))
+KVM_SET_VCPU_EVENTS = _iow(0xA0, ctypes.sizeof(kvm_vcpu_events))
+KVM_GET_DEBUGREGS = _ior(0xA1, ctypes.sizeof(kvm_debugregs))
+KVM_SET_DEBUGREGS = _iow(0xA2, ctypes.sizeof(kvm_debugregs))
+KVM_GET_XSAVE = _ior(0xA4, ctypes.sizeof(kvm_xsave))
+KVM_SET_XSAVE = _iow(0xA5, ctypes.sizeof(kvm_xsave))
+KVM_GET_XCRS = _ior(0xA6, ctypes.sizeof(kvm_xcrs))
+KVM_SET_XCRS = _iow(0xA7, ctypes.sizeof(kvm_xcrs))
+KVM_GET_TSC_KHZ = _io(0xA3)
+KVM_SET_TSC_KHZ = _io(0xA2)
 
 KVM_API_VERSION = 12
 
@@ -294,6 +369,11 @@ KVM_CAP_PIT2 = 33
 KVM_CAP_IOEVENTFD = 36
 KVM_CAP_IRQFD = 32
 KVM_CAP_IMMEDIATE_EXIT = 136
+KVM_CAP_ADJUST_CLOCK = 39
+KVM_CAP_VCPU_EVENTS = 41
+KVM_CAP_DEBUGREGS = 50
+KVM_CAP_XSAVE = 55
+KVM_CAP_XCRS = 56
 
 # --- kvm_run.exit_reason
 KVM_EXIT_UNKNOWN = 0

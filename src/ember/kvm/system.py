@@ -11,6 +11,7 @@ import mmap
 import os
 import struct
 from dataclasses import dataclass
+from typing import TypeVar
 
 from ember.errors import KvmError
 from ember.kvm import abi
@@ -121,6 +122,27 @@ class Vm:
         req = abi.kvm_ioeventfd(datamatch=datamatch or 0, addr=addr, len=length, fd=fd, flags=flags)
         ioctl_buf(self.fd, abi.KVM_IOEVENTFD, req, what="KVM_IOEVENTFD")
 
+    # --- state for snapshots
+    def get_irqchip(self, chip_id: int) -> abi.kvm_irqchip:
+        chip = abi.kvm_irqchip(chip_id=chip_id)
+        ioctl_buf(self.fd, abi.KVM_GET_IRQCHIP, chip, what="KVM_GET_IRQCHIP")
+        return chip
+
+    def set_irqchip(self, chip: abi.kvm_irqchip) -> None:
+        ioctl_buf(self.fd, abi.KVM_SET_IRQCHIP, chip, what="KVM_SET_IRQCHIP")
+
+    def get_pit2(self) -> abi.kvm_pit_state2:
+        return _get(self.fd, abi.KVM_GET_PIT2, abi.kvm_pit_state2(), "KVM_GET_PIT2")
+
+    def set_pit2(self, pit: abi.kvm_pit_state2) -> None:
+        ioctl_buf(self.fd, abi.KVM_SET_PIT2, pit, what="KVM_SET_PIT2")
+
+    def get_clock(self) -> abi.kvm_clock_data:
+        return _get(self.fd, abi.KVM_GET_CLOCK, abi.kvm_clock_data(), "KVM_GET_CLOCK")
+
+    def set_clock(self, clock: abi.kvm_clock_data) -> None:
+        ioctl_buf(self.fd, abi.KVM_SET_CLOCK, clock, what="KVM_SET_CLOCK")
+
     def create_vcpu(self, index: int) -> Vcpu:
         fd = ioctl_int(self.fd, abi.KVM_CREATE_VCPU, index, what="KVM_CREATE_VCPU")
         return Vcpu(fd, index, self.kvm.vcpu_mmap_size)
@@ -197,6 +219,57 @@ class Vcpu:
     def set_lapic(self, lapic: abi.kvm_lapic_state) -> None:
         ioctl_buf(self.fd, abi.KVM_SET_LAPIC, lapic, what="KVM_SET_LAPIC")
 
+    def get_msrs(self, indices: list[int]) -> dict[int, int]:
+        """The MSRs KVM can read, by index; one it refuses is left out (KVM stops at it)."""
+        result: dict[int, int] = {}
+        todo = list(indices)
+        while todo:
+            buf = abi.msrs_buffer(len(todo))()
+            buf.nmsrs = len(todo)
+            for i, index in enumerate(todo):
+                buf.entries[i].index = index
+            done = ioctl_buf(self.fd, abi.KVM_GET_MSRS, buf, what="KVM_GET_MSRS")
+            for i in range(done):
+                result[todo[i]] = int(buf.entries[i].data)
+            todo = todo[done + 1 :]  # skip the one refused
+        return result
+
+    def get_mp_state(self) -> abi.kvm_mp_state:
+        return _get(self.fd, abi.KVM_GET_MP_STATE, abi.kvm_mp_state(), "KVM_GET_MP_STATE")
+
+    def set_mp_state(self, state: abi.kvm_mp_state) -> None:
+        ioctl_buf(self.fd, abi.KVM_SET_MP_STATE, state, what="KVM_SET_MP_STATE")
+
+    def get_vcpu_events(self) -> abi.kvm_vcpu_events:
+        return _get(self.fd, abi.KVM_GET_VCPU_EVENTS, abi.kvm_vcpu_events(), "KVM_GET_VCPU_EVENTS")
+
+    def set_vcpu_events(self, events: abi.kvm_vcpu_events) -> None:
+        ioctl_buf(self.fd, abi.KVM_SET_VCPU_EVENTS, events, what="KVM_SET_VCPU_EVENTS")
+
+    def get_debugregs(self) -> abi.kvm_debugregs:
+        return _get(self.fd, abi.KVM_GET_DEBUGREGS, abi.kvm_debugregs(), "KVM_GET_DEBUGREGS")
+
+    def set_debugregs(self, regs: abi.kvm_debugregs) -> None:
+        ioctl_buf(self.fd, abi.KVM_SET_DEBUGREGS, regs, what="KVM_SET_DEBUGREGS")
+
+    def get_xsave(self) -> abi.kvm_xsave:
+        return _get(self.fd, abi.KVM_GET_XSAVE, abi.kvm_xsave(), "KVM_GET_XSAVE")
+
+    def set_xsave(self, xsave: abi.kvm_xsave) -> None:
+        ioctl_buf(self.fd, abi.KVM_SET_XSAVE, xsave, what="KVM_SET_XSAVE")
+
+    def get_xcrs(self) -> abi.kvm_xcrs:
+        return _get(self.fd, abi.KVM_GET_XCRS, abi.kvm_xcrs(), "KVM_GET_XCRS")
+
+    def set_xcrs(self, xcrs: abi.kvm_xcrs) -> None:
+        ioctl_buf(self.fd, abi.KVM_SET_XCRS, xcrs, what="KVM_SET_XCRS")
+
+    def get_tsc_khz(self) -> int:
+        return ioctl_int(self.fd, abi.KVM_GET_TSC_KHZ, what="KVM_GET_TSC_KHZ")
+
+    def set_tsc_khz(self, khz: int) -> None:
+        ioctl_int(self.fd, abi.KVM_SET_TSC_KHZ, khz, what="KVM_SET_TSC_KHZ")
+
     # --- running
     def run(self) -> int:
         """One ``KVM_RUN``: 0 on an exit to handle, else the errno (EINTR, EAGAIN)."""
@@ -246,6 +319,14 @@ class Vcpu:
             self.run_page.close()
             os.close(self.fd)
             self.fd = -1
+
+
+_S = TypeVar("_S", bound=ctypes.Structure)
+
+
+def _get(fd: int, request: int, buf: _S, what: str) -> _S:
+    ioctl_buf(fd, request, buf, what=what)
+    return buf
 
 
 def c_address(buf: mmap.mmap) -> int:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import logging
 from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
 
 from ember.arch.x86_64 import layout, loader, regs
 from ember.arch.x86_64.bootparams import build_boot_params, e820_map
@@ -19,10 +21,14 @@ from ember.devices.bus import Bus
 from ember.devices.legacy.i8042 import I8042, I8042_PORT_BASE, I8042_PORT_LEN
 from ember.devices.legacy.serial import COM1_IRQ, COM1_PORT, UART_PORT_LEN, Serial8250
 from ember.devices.virtio.block.device import Block
-from ember.errors import ConfigError, KvmError
+from ember.errors import ConfigError, KvmError, SnapshotError
 from ember.kvm import abi
-from ember.kvm.system import Kvm, Vcpu, c_address
-from ember.memory import GuestMemory
+from ember.kvm.system import Kvm, Vcpu, Vm, c_address
+from ember.memory import GuestMemory, GuestMemoryError
+from ember.snapshot import MEMORY_FILE, STATE_FILE
+from ember.snapshot.format import read_state, unblob
+from ember.snapshot.kvm_state import restore_vcpu, restore_vm
+from ember.snapshot.machine_state import config_from_state
 from ember.vmm.config import VmConfig
 from ember.vmm.console import ConsoleSink
 from ember.vmm.event_loop import EventLoop
@@ -57,39 +63,13 @@ def build_machine(config: VmConfig, console: ConsoleSink) -> Machine:
     initrd_data = _read(config.initrd, "initrd") if config.initrd is not None else None
 
     with ExitStack() as undo:
-        kvm = Kvm()
-        undo.callback(kvm.close)
-        for cap, name in _REQUIRED_CAPS.items():
-            if not kvm.check_extension(cap):
-                raise KvmError(f"this KVM lacks {name}, which Ember needs")
         template = resolve_template(config.cpu_template)
-        supported = kvm.supported_cpuid()
-        msr_list = set(kvm.msr_index_list())
-        vm = kvm.create_vm()
-        undo.callback(vm.close)
         memory = GuestMemory.anonymous(config.mem_mib << 20)
         undo.callback(memory.close)
-
-        vm.set_tss_addr(layout.KVM_TSS_ADDRESS)
-        vm.create_irqchip()
-        vm.create_pit2()
-        for slot, region in enumerate(memory.regions):
-            vm.set_user_memory_region(slot, region.guest_addr, region.size, c_address(region.mem))
-
-        pio = Bus("pio")
-        mmio = Bus("mmio")
-        events = EventLoop()
-        undo.callback(events.close)
-        slots = VirtioSlots(vm, memory, mmio, events)
-        undo.callback(slots.close)
-        if config.rootfs is not None:
-            slots.attach(Block(config.rootfs, read_only=True, serial="ember-rootfs"))
-        for disk in config.disks:
-            slots.attach(Block(disk.path, read_only=disk.read_only))
-        if config.vsock_uds is not None:
-            from ember.devices.virtio.vsock.device import Vsock
-
-            slots.attach(Vsock(config.guest_cid, config.vsock_uds, events))
+        parts = _create_vm(config, memory, undo)
+        kvm, vm, slots = parts.kvm, parts.vm, parts.slots
+        supported = kvm.supported_cpuid()
+        msr_list = set(kvm.msr_index_list())
 
         kernel = loader.load_kernel(memory, kernel_data)
         initrd = loader.load_initrd(memory, kernel, initrd_data) if initrd_data else None
@@ -117,19 +97,138 @@ def build_machine(config: VmConfig, console: ConsoleSink) -> Machine:
         memory.write(pt_addr, pt_bytes)
 
         vcpus: list[Vcpu] = []
+        cpuids: list[list[abi.kvm_cpuid_entry2]] = []
         for index in range(config.vcpus):
             vcpu = vm.create_vcpu(index)
             undo.callback(vcpu.close)
             vcpus.append(vcpu)
-            _setup_vcpu(vcpu, config.vcpus, supported, template, msr_list, kernel.entry)
+            cpuids.append(guest_cpuid(supported, template, vcpu.index, config.vcpus))
+            _setup_vcpu(vcpu, cpuids[-1], msr_list, kernel.entry)
 
-        machine = Machine(kvm, vm, memory, vcpus, pio, mmio, console, events, slots)
-        serial = Serial8250(console, lambda level: vm.irq_line(COM1_IRQ, int(level)))
-        pio.insert(serial, COM1_PORT, UART_PORT_LEN)
-        pio.insert(I8042(machine.guest_reset), I8042_PORT_BASE, I8042_PORT_LEN)
+        machine = _finish(config, parts, memory, vcpus, cpuids, console)
         undo.pop_all()  # the machine owns everything now
         return machine
     raise AssertionError("unreachable")
+
+
+def restore_machine(
+    directory: Path,
+    console: ConsoleSink,
+    *,
+    vsock_uds: Path | None = None,
+    guest_cid: int | None = None,
+) -> Machine:
+    """A new VM from a snapshot: RAM mapped copy-on-write, KVM and device state put back.
+
+    The devices are the snapshot's (same slots, same order), with fresh host
+    sides: ``vsock_uds`` is this sandbox's socket, and the guest is told
+    its old connections are gone.
+    """
+    state = read_state(directory / STATE_FILE)
+    try:
+        config = config_from_state(state["config"], vsock_uds=vsock_uds, guest_cid=guest_cid)
+        mem_size = int(state["memory"]["size"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise SnapshotError(f"snapshot {directory} has an unusable config: {exc!r}") from None
+    if mem_size != config.mem_mib << 20:
+        raise SnapshotError(f"snapshot {directory}: memory size does not match its config")
+    if len(state.get("vcpus", ())) != config.vcpus:
+        raise SnapshotError(
+            f"snapshot {directory}: {config.vcpus} vCPUs in the config, "
+            f"{len(state.get('vcpus', ()))} saved"
+        )
+    with ExitStack() as undo:
+        try:
+            memory = GuestMemory.from_file(str(directory / MEMORY_FILE), mem_size)
+        except FileNotFoundError:
+            raise SnapshotError(f"snapshot {directory} has no memory file") from None
+        except GuestMemoryError as exc:
+            raise SnapshotError(f"snapshot {directory}: {exc}") from None
+        undo.callback(memory.close)
+        parts = _create_vm(config, memory, undo)
+        vcpus: list[Vcpu] = []
+        cpuids: list[list[abi.kvm_cpuid_entry2]] = []
+        for index, vcpu_state in enumerate(state["vcpus"]):
+            vcpu = parts.vm.create_vcpu(index)
+            undo.callback(vcpu.close)
+            vcpus.append(vcpu)
+            restore_vcpu(vcpu, vcpu_state)
+            cpuids.append([unblob(abi.kvm_cpuid_entry2, e) for e in vcpu_state["cpuid"]])
+        restore_vm(parts.vm, state["vm"])
+        machine = _finish(config, parts, memory, vcpus, cpuids, console)
+        try:
+            machine.serial.load_state(state["serial"])
+            devices = state["devices"]
+            made = len(parts.slots.transports)
+            if len(devices) != made:
+                raise ValueError(f"{len(devices)} devices saved, {made} made")
+            for transport, device_state in zip(parts.slots.transports, devices, strict=True):
+                transport.load_state(device_state)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise SnapshotError(f"snapshot {directory}: device state unusable: {exc}") from None
+        undo.pop_all()
+        return machine
+    raise AssertionError("unreachable")
+
+
+@dataclass
+class _VmParts:
+    kvm: Kvm
+    vm: Vm
+    pio: Bus
+    mmio: Bus
+    events: EventLoop
+    slots: VirtioSlots
+
+
+def _create_vm(config: VmConfig, memory: GuestMemory, undo: ExitStack) -> _VmParts:
+    """KVM objects, memory slots and devices: what a boot and a restore share."""
+    kvm = Kvm()
+    undo.callback(kvm.close)
+    for cap, name in _REQUIRED_CAPS.items():
+        if not kvm.check_extension(cap):
+            raise KvmError(f"this KVM lacks {name}, which Ember needs")
+    vm = kvm.create_vm()
+    undo.callback(vm.close)
+    vm.set_tss_addr(layout.KVM_TSS_ADDRESS)
+    vm.create_irqchip()
+    vm.create_pit2()
+    for slot, region in enumerate(memory.regions):
+        vm.set_user_memory_region(slot, region.guest_addr, region.size, c_address(region.mem))
+
+    events = EventLoop()
+    undo.callback(events.close)
+    mmio = Bus("mmio")
+    slots = VirtioSlots(vm, memory, mmio, events)
+    undo.callback(slots.close)
+    if config.rootfs is not None:
+        slots.attach(Block(config.rootfs, read_only=True, serial="ember-rootfs"))
+    for disk in config.disks:
+        slots.attach(Block(disk.path, read_only=disk.read_only))
+    if config.vsock_uds is not None:
+        from ember.devices.virtio.vsock.device import Vsock
+
+        slots.attach(Vsock(config.guest_cid, config.vsock_uds, events))
+    return _VmParts(kvm, vm, Bus("pio"), mmio, events, slots)
+
+
+def _finish(
+    config: VmConfig,
+    parts: _VmParts,
+    memory: GuestMemory,
+    vcpus: list[Vcpu],
+    cpuids: list[list[abi.kvm_cpuid_entry2]],
+    console: ConsoleSink,
+) -> Machine:
+    vm = parts.vm
+    serial = Serial8250(console, lambda level: vm.irq_line(COM1_IRQ, int(level)))
+    machine = Machine(
+        parts.kvm, vm, memory, vcpus, parts.pio, parts.mmio, console, parts.events, parts.slots,
+        config=config, serial=serial, cpuids=cpuids,
+    )  # fmt: skip
+    parts.pio.insert(serial, COM1_PORT, UART_PORT_LEN)
+    parts.pio.insert(I8042(machine.guest_reset), I8042_PORT_BASE, I8042_PORT_LEN)
+    return machine
 
 
 def _cmdline(config: VmConfig, template: CpuTemplate, devices: list[str]) -> bytes:
@@ -140,14 +239,9 @@ def _cmdline(config: VmConfig, template: CpuTemplate, devices: list[str]) -> byt
 
 
 def _setup_vcpu(
-    vcpu: Vcpu,
-    count: int,
-    supported: list[abi.kvm_cpuid_entry2],
-    template: CpuTemplate,
-    msr_list: set[int],
-    entry: int,
+    vcpu: Vcpu, cpuid: list[abi.kvm_cpuid_entry2], msr_list: set[int], entry: int
 ) -> None:
-    vcpu.set_cpuid2(guest_cpuid(supported, template, vcpu.index, count))
+    vcpu.set_cpuid2(cpuid)
     wanted = {k: v for k, v in regs.boot_msrs().items() if k in msr_list}
     if vcpu.set_msrs(wanted) != len(wanted):
         for index, value in wanted.items():  # find and skip the ones this KVM refuses

@@ -12,6 +12,7 @@ import logging
 import os
 import selectors
 import threading
+import time
 from collections.abc import Callable
 
 log = logging.getLogger(__name__)
@@ -23,7 +24,12 @@ class EventLoop:
         self._stop_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._selector.register(self._stop_fd, selectors.EVENT_READ, None)
         self._thread: threading.Thread | None = None
+        self._tick: tuple[float, Callable[[], None]] | None = None
         self.callback_errors = 0
+
+    def set_tick(self, interval: float, callback: Callable[[], None]) -> None:
+        """Also call ``callback`` about every ``interval`` seconds (before :meth:`start`)."""
+        self._tick = (interval, callback)
 
     def add_eventfd(self, fd: int, callback: Callable[[], None]) -> None:
         """Call ``callback`` each time ``fd`` (an eventfd) is signalled; the count is drained."""
@@ -51,15 +57,26 @@ class EventLoop:
         self._thread.start()
 
     def _run(self) -> None:
+        interval = self._tick[0] if self._tick is not None else None
+        next_tick = time.monotonic() + interval if interval is not None else None
         while True:
-            for key, _mask in self._selector.select():
+            timeout = None if next_tick is None else max(0.0, next_tick - time.monotonic())
+            for key, _mask in self._selector.select(timeout):
                 if key.data is None:
                     return
-                try:
-                    key.data()
-                except Exception:
-                    self.callback_errors += 1
-                    log.exception("device callback failed")
+                self._call(key.data)
+            if next_tick is not None and self._tick is not None and interval is not None:
+                now = time.monotonic()
+                if now >= next_tick:
+                    next_tick = now + interval
+                    self._call(self._tick[1])
+
+    def _call(self, callback: Callable[[], None]) -> None:
+        try:
+            callback()
+        except Exception:
+            self.callback_errors += 1
+            log.exception("device callback failed")
 
     def stop(self) -> None:
         os.eventfd_write(self._stop_fd, 1)

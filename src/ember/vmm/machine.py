@@ -11,10 +11,17 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
+from pathlib import Path
+from typing import Any
 
 from ember.devices.bus import Bus
+from ember.devices.legacy.serial import Serial8250
+from ember.errors import SnapshotError
+from ember.kvm import abi
 from ember.kvm.system import Kvm, Vcpu, Vm
 from ember.memory import GuestMemory
+from ember.vmm.config import VmConfig
 from ember.vmm.console import ConsoleSink
 from ember.vmm.event_loop import EventLoop
 from ember.vmm.state import StopKind, StopReason, VmState
@@ -36,6 +43,10 @@ class Machine:
         console: ConsoleSink,
         events: EventLoop,
         slots: VirtioSlots,
+        *,
+        config: VmConfig,
+        serial: Serial8250,
+        cpuids: list[list[abi.kvm_cpuid_entry2]],
     ) -> None:
         self.kvm = kvm
         self.vm = vm
@@ -45,6 +56,9 @@ class Machine:
         self.console = console
         self.events = events
         self.slots = slots
+        self.config = config
+        self.serial = serial
+        self.cpuids = cpuids
         self.state = VmState.CREATED
         self._stops: queue.Queue[StopReason] = queue.Queue()
         self._lock = threading.Lock()
@@ -79,6 +93,40 @@ class Machine:
             self._stop_vcpus()
             self.console.flush()
             self.close()
+
+    def pause(self) -> None:
+        """Hold every vCPU outside KVM_RUN (their state is then stable and readable)."""
+        for thread in self.vcpu_threads:
+            if not thread.pause():
+                self.resume()
+                raise SnapshotError(f"vCPU {thread.vcpu.index} did not pause")
+
+    def resume(self) -> None:
+        for thread in self.vcpu_threads:
+            thread.resume()
+
+    @property
+    def paused(self) -> bool:
+        return all(thread.parked for thread in self.vcpu_threads)
+
+    def snapshot(self, directory: Path, *, durable: bool = False) -> dict[str, Any]:
+        """Pause, save everything into ``directory``, resume; returns timings in ms.
+
+        Call from the event thread (the control socket does), so no device
+        callback runs while device state is read.
+        """
+        from ember.snapshot.machine_state import save_snapshot
+
+        was_paused = self.paused
+        started = time.monotonic()
+        self.pause()
+        try:
+            timings = save_snapshot(self, directory, durable=durable)
+        finally:
+            if not was_paused:
+                self.resume()
+        timings["paused_ms"] = round((time.monotonic() - started) * 1000, 2)
+        return timings
 
     def _classify(self, reason: StopReason) -> StopReason:
         """A reboot right after a panic message is the panic, not a clean reboot.

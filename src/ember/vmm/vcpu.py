@@ -13,6 +13,7 @@ import logging
 import signal
 import struct
 import threading
+import time
 from collections.abc import Callable
 
 from ember.devices.bus import Bus
@@ -55,6 +56,10 @@ class VcpuThread:
         self.mmio = mmio
         self._on_stop = on_stop
         self._stopping = threading.Event()
+        # Parking (pause/resume): requested by another thread, acknowledged by this one.
+        self._park_cond = threading.Condition()
+        self._want_park = False
+        self._is_parked = False
         self.exits = 0
         self.thread = threading.Thread(target=self._run, name=f"vcpu{vcpu.index}", daemon=True)
 
@@ -64,6 +69,46 @@ class VcpuThread:
     def kick(self) -> None:
         """Ask the loop to return from ``KVM_RUN`` and end."""
         self._stopping.set()
+        with self._park_cond:
+            self._park_cond.notify_all()
+        self._interrupt()
+
+    def pause(self, timeout: float = 5.0) -> bool:
+        """Take the vCPU out of ``KVM_RUN`` and hold it; True once it is parked.
+
+        ``immediate_exit`` makes KVM finish a pending MMIO/PIO completion
+        before returning, so the vCPU's state is consistent for a snapshot.
+        """
+        deadline = time.monotonic() + timeout
+        with self._park_cond:
+            self._want_park = True
+            while not self._is_parked:
+                if not self.thread.is_alive() or time.monotonic() > deadline:
+                    return False
+                self._interrupt()  # again: the signal may land before KVM_RUN is entered
+                self._park_cond.wait(0.02)
+        return True
+
+    def resume(self) -> None:
+        with self._park_cond:
+            self._want_park = False
+            self._park_cond.notify_all()
+
+    @property
+    def parked(self) -> bool:
+        return self._is_parked
+
+    def cpu_seconds(self) -> float:
+        """CPU time this vCPU's thread has used (guest time included)."""
+        ident = self.thread.ident
+        if ident is None or not self.thread.is_alive():
+            return 0.0
+        try:
+            return time.clock_gettime(time.pthread_getcpuclockid(ident))
+        except OSError:
+            return 0.0
+
+    def _interrupt(self) -> None:
         self.vcpu.set_immediate_exit(True)
         ident = self.thread.ident
         if ident is not None and self.thread.is_alive():
@@ -86,6 +131,7 @@ class VcpuThread:
         while not self._stopping.is_set():
             err = vcpu.run()
             if err in (errno.EINTR, errno.EAGAIN):
+                self._park_here()
                 continue
             if err:
                 self._on_stop(StopReason(StopKind.VMM_ERROR, f"KVM_RUN: errno {err}", index))
@@ -137,6 +183,17 @@ class VcpuThread:
                 detail = f"unexpected KVM exit reason {reason}"
                 self._on_stop(StopReason(StopKind.VMM_ERROR, detail, index))
                 return
+
+    def _park_here(self) -> None:
+        """Out of KVM_RUN: hold here while a pause is wanted, then clear immediate_exit."""
+        with self._park_cond:
+            while self._want_park and not self._stopping.is_set():
+                self._is_parked = True
+                self._park_cond.notify_all()
+                self._park_cond.wait()
+            self._is_parked = False
+            if not self._stopping.is_set():
+                self.vcpu.set_immediate_exit(False)
 
     def _where(self) -> str:
         try:

@@ -74,6 +74,22 @@ class Serial8250:
         self._rx: deque[int] = deque()
         self.dropped_input = 0
 
+    # --- snapshots
+    _STATE = ("ier", "lcr", "mcr", "scr", "fcr", "dll", "dlm")
+
+    def save_state(self) -> dict[str, int | bool]:
+        state: dict[str, int | bool] = {name: getattr(self, name) for name in self._STATE}
+        state["thr_empty_pending"] = self._thr_empty_pending
+        state["irq_level"] = self._irq_level
+        return state
+
+    def load_state(self, state: dict[str, int | bool]) -> None:
+        """Registers as saved (pending input is not kept); the IRQ line is in the irqchip."""
+        for name in self._STATE:
+            setattr(self, name, int(state[name]) & 0xFF)
+        self._thr_empty_pending = bool(state["thr_empty_pending"])
+        self._irq_level = bool(state["irq_level"])
+
     # --- host side
     def enqueue_input(self, data: bytes) -> None:
         room = RX_FIFO_LIMIT - len(self._rx)

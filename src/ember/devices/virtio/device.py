@@ -12,6 +12,7 @@ import logging
 import os
 import threading
 from collections.abc import Callable
+from typing import Any
 
 from ember.devices.virtio.queue import DescriptorChain, Queue, QueueError
 from ember.memory import GuestMemory
@@ -70,6 +71,11 @@ class Interrupt:
         except BlockingIOError:  # counter saturated: an interrupt is pending anyway
             pass
 
+    def set_status(self, status: int) -> None:
+        """Restore InterruptStatus from a snapshot (the line itself is in the irqchip state)."""
+        with self._lock:
+            self._status = status
+
     def ack(self, bits: int) -> None:
         with self._lock:
             self._status &= ~bits
@@ -122,6 +128,20 @@ class VirtioDevice(abc.ABC):
         self.memory = None
         self.queues = []
         self.needs_reset = False
+
+    def save_state(self) -> dict[str, Any]:
+        """Device-specific state for a snapshot (the transport saves queues and features)."""
+        return {}
+
+    def load_state(self, state: dict[str, Any]) -> None:  # noqa: B027 (a default no-op)
+        """Take back what :meth:`save_state` returned, before re-activation."""
+
+    def restored(self) -> None:  # noqa: B027 (a default no-op)
+        """Called once after a snapshot restore re-activated the device.
+
+        Host-side resources (sockets, connections) are new: a device whose
+        driver holds state about them tells it here (vsock: transport reset).
+        """
 
     @property
     def active(self) -> bool:

@@ -174,6 +174,25 @@ class Queue:
         self.signalled_used = 0
         self.num_added = 0
 
+    # -- snapshots ---------------------------------------------------------------------------
+
+    _STATE = (
+        "size", "ready", "desc_table", "avail_ring", "used_ring", "event_idx", "broken",
+        "next_avail", "next_used", "signalled_used", "num_added",
+    )  # fmt: skip
+
+    def save_state(self) -> dict[str, int | bool]:
+        return {name: getattr(self, name) for name in self._STATE}
+
+    def load_state(self, state: dict[str, int | bool]) -> None:
+        """Put back what :meth:`save_state` returned; a size this queue cannot have is refused."""
+        size = int(state["size"])
+        if not _is_power_of_two(size) or size > self.max_size:
+            raise ValueError(f"queue size {size} in a snapshot; this queue allows {self.max_size}")
+        for name in self._STATE:
+            current = getattr(self, name)
+            setattr(self, name, type(current)(state[name]))
+
     # -- set-up -----------------------------------------------------------------------------
 
     def is_valid(self, mem: GuestMemory) -> bool:

@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from ember.devices.virtio.block.request import BufferList
 from ember.devices.virtio.device import (
@@ -97,6 +99,8 @@ class Vsock(VirtioDevice):
         self._rx_spare: DescriptorChain | None = None  # popped, then found nothing to carry
         self._event_pending = False
         self._closed = False
+        self.on_host_activity: Callable[[], None] | None = None
+        self._restored_keys: list[tuple[int, int]] = []
         self._host_fd = self.muxer.fileno()
         events.add_reader(self._host_fd, self._on_host_ready)
 
@@ -159,6 +163,21 @@ class Vsock(VirtioDevice):
             self._event_pending = True
             self._deliver_event()
 
+    def save_state(self) -> dict[str, Any]:
+        with self.lock:
+            return {"connections": [list(key) for key in self.muxer.connection_keys()]}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        self._restored_keys = [(int(a), int(b)) for a, b in state.get("connections", [])]
+
+    def restored(self) -> None:
+        """The host ends of the snapshot's connections do not exist here: reset the guest ends."""
+        with self.lock:
+            self.muxer.reset_guest_ends(self._restored_keys)
+            self._restored_keys = []
+            if self.active and not self.needs_reset:
+                self._pump_rx()
+
     def close(self) -> None:
         """Stop serving: close every host fd and remove the listening socket file."""
         with self.lock:
@@ -170,8 +189,16 @@ class Vsock(VirtioDevice):
 
     # -- internals --------------------------------------------------------------------------
 
+    @property
+    def host_connections(self) -> int:
+        """Open or half-open connections with the host side (a sandbox in use has some)."""
+        with self.lock:
+            return self.muxer.open_connections()
+
     def _on_host_ready(self) -> None:
         """Event thread: one of the muxer's fds is ready."""
+        if self.on_host_activity is not None:
+            self.on_host_activity()  # e.g. wake parked vCPUs: the guest must answer
         with self.lock:
             if self._closed:
                 return

@@ -59,6 +59,7 @@ from ember.devices.virtio.vsock.packet import (
     VIRTIO_VSOCK_TYPE_STREAM,
     VsockHeader,
     check_tx_header,
+    host_header,
 )
 from ember.memory import GuestMemory
 
@@ -386,6 +387,25 @@ class VsockMuxer:
                 what.expire(now)
                 self._sync(what)
         self._arm()
+
+    def connection_keys(self) -> list[tuple[int, int]]:
+        """(host port, guest port) of every connection the guest knows about."""
+        return list(self.connections)
+
+    def reset_guest_ends(self, keys: list[tuple[int, int]]) -> None:
+        """Queue an RST for each guest end whose host end is gone (after a restore).
+
+        Per connection rather than TRANSPORT_RESET: the guest handles that
+        event on its own schedule and would also kill connections made
+        after the restore.  Resets go out before any other rx packet.
+        """
+        for local_port, peer_port in keys[:MAX_PENDING_RESETS]:
+            self._resets.append(
+                host_header(self.guest_cid, local_port, peer_port, VIRTIO_VSOCK_OP_RST)
+            )
+
+    def open_connections(self) -> int:
+        return len(self.connections) + len(self._clients)
 
     def reset_connections(self) -> None:
         """Forget every connection without telling the guest (device or transport reset)."""

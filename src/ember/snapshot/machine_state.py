@@ -1,0 +1,98 @@
+"""Saving a whole machine: its config, KVM state, device state and RAM, into a directory.
+
+The caller has paused every vCPU (:meth:`ember.vmm.machine.Machine.snapshot`
+does) and runs on the event thread or with it stopped, so no device moves
+while its state is read.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ember.errors import SnapshotError
+from ember.snapshot import MEMORY_FILE, STATE_FILE
+from ember.snapshot.format import write_state
+from ember.snapshot.kvm_state import capture_vcpu, capture_vm
+from ember.snapshot.memory_file import write_memory
+from ember.vmm.config import DiskConfig, VmConfig
+
+if TYPE_CHECKING:
+    from ember.vmm.machine import Machine
+
+# Restores never read the kernel; a placeholder keeps VmConfig's shape.
+_NO_KERNEL = Path("/nonexistent-restored-from-snapshot")
+
+
+def config_to_state(config: VmConfig) -> dict[str, Any]:
+    writable = [str(d.path) for d in config.disks if not d.read_only]
+    if writable:
+        raise SnapshotError(
+            f"cannot snapshot a VM with writable disks ({', '.join(writable)}): their "
+            "contents would not be part of it; attach them read-only"
+        )
+    return {
+        "mem_mib": config.mem_mib,
+        "vcpus": config.vcpus,
+        "cpu_template": config.cpu_template,
+        "rootfs": str(config.rootfs) if config.rootfs is not None else None,
+        "disks": [str(d.path) for d in config.disks],
+        "vsock": config.vsock_uds is not None,
+        "guest_cid": config.guest_cid,
+    }
+
+
+def config_from_state(
+    state: dict[str, Any], *, vsock_uds: Path | None, guest_cid: int | None
+) -> VmConfig:
+    """The restored VM's config: the snapshot's devices, this sandbox's host sockets."""
+    if state["vsock"] and vsock_uds is None:
+        raise SnapshotError("this snapshot has a vsock device: give it a socket (--vsock-uds)")
+    rootfs = Path(state["rootfs"]) if state["rootfs"] is not None else None
+    disks = tuple(DiskConfig(Path(p), read_only=True) for p in state["disks"])
+    for path in ([rootfs] if rootfs is not None else []) + [d.path for d in disks]:
+        if not path.is_file():
+            raise SnapshotError(
+                f"the snapshot's disk {path} is gone: rebuild the snapshot (ember template build)"
+            )
+    return VmConfig(
+        kernel=_NO_KERNEL,
+        mem_mib=int(state["mem_mib"]),
+        vcpus=int(state["vcpus"]),
+        cpu_template=str(state["cpu_template"]),
+        rootfs=rootfs,
+        disks=disks,
+        vsock_uds=vsock_uds if state["vsock"] else None,
+        guest_cid=guest_cid if guest_cid is not None else int(state["guest_cid"]),
+    )
+
+
+def save_snapshot(machine: Machine, directory: Path, *, durable: bool) -> dict[str, Any]:
+    """Write ``state`` and ``memory`` into ``directory``; the vCPUs must be paused.
+
+    ``durable`` (templates) fsyncs and records the memory file's SHA-256,
+    so a template damaged on disk is caught before a restore uses it.
+    """
+    started = time.monotonic()
+    os.makedirs(directory, exist_ok=True)
+    state: dict[str, Any] = {
+        "created": time.time(),
+        "config": config_to_state(machine.config),
+        "vcpus": [
+            capture_vcpu(machine.kvm, t.vcpu, cpuid)
+            for t, cpuid in zip(machine.vcpu_threads, machine.cpuids, strict=True)
+        ],
+        "vm": capture_vm(machine.vm),
+        "serial": machine.serial.save_state(),
+        "devices": [t.save_state() for t in machine.slots.transports],
+    }
+    captured = time.monotonic()
+    digest = write_memory(machine.memory, directory / MEMORY_FILE, digest=durable, durable=durable)
+    state["memory"] = {"size": machine.memory.size, "sha256": digest}
+    write_state(directory / STATE_FILE, state)
+    return {
+        "capture_ms": round((captured - started) * 1000, 2),
+        "total_ms": round((time.monotonic() - started) * 1000, 2),
+    }
