@@ -30,15 +30,18 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from ember import protocol
 from ember.client_errors import SandboxTimeout
 from ember.errors import ConfigError, SandboxCrashed, SandboxError
 from ember.jailer.cgroups import Quotas, SandboxCgroup
+from ember.zygote import ZygoteChild
 
 CONSOLE_LOG = "console.log"
 VSOCK_NAME = "v.sock"
 CONTROL_NAME = "control.sock"
+EXIT_FILE = "exit-status"
 HANDSHAKE_TIMEOUT = 30.0
 CRASH_GRACE = 5.0  # seconds to let a dying VMM exit before calling a failure a crash
 DEFAULT_MEM_MIB = 256
@@ -75,7 +78,7 @@ def quotas_from(cpus: float | None, memory_mib: int | None, pids: int | None) ->
     return Quotas(cpus=cpus, memory_mib=memory_mib, pids=pids)
 
 
-def _resolve(spec: SandboxSpec) -> tuple[Path, Path, Path]:
+def resolve_images(spec: SandboxSpec) -> tuple[Path, Path, Path]:
     from ember.images import artifact_path
 
     kernel = spec.kernel or artifact_path("kernel")
@@ -91,22 +94,41 @@ def _listen(path: str) -> socket.socket:
 
 
 class VmmProcess:
-    """One running sandbox VM: the process, its socket directory and its console log."""
+    """One running sandbox VM: the process, its socket directory and its console log.
 
-    def __init__(self, spec: SandboxSpec) -> None:
-        kernel, rootfs, initrd = _resolve(spec)
+    Made by booting (``VmmProcess(spec)``, a fresh ``ember boot`` process
+    that waits for the agent's hello) or by restoring a snapshot
+    (``VmmProcess(spec, restore=DIR)``, forked by the zygote: the agent is
+    already running in the snapshot, so the VM is ready once its vsock
+    socket accepts).
+    """
+
+    def __init__(
+        self, spec: SandboxSpec, *, restore: Path | None = None, park_idle: float | None = 1.0
+    ) -> None:
         self.dir = Path(tempfile.mkdtemp(prefix="ember-"))
         self.uds = str(self.dir / VSOCK_NAME)
         self.console_path = self.dir / CONSOLE_LOG
         self.control_path = self.dir / CONTROL_NAME
-        self.proc: subprocess.Popen[bytes] | None = None
+        self.proc: subprocess.Popen[bytes] | ZygoteChild | None = None
         self.channel_listener: socket.socket | None = None
         self.cgroup: SandboxCgroup | None = None
-        ready = _listen(f"{self.uds}_{protocol.READY_PORT}")
         try:
             self.channel_listener = _listen(f"{self.uds}_{protocol.CHANNEL_PORT}")
             if spec.quotas is not None and spec.quotas.any():
                 self.cgroup = SandboxCgroup.create(self.dir.name, spec.quotas)
+            if restore is None:
+                self._boot(spec)
+            else:
+                self._restore(spec, restore, park_idle)
+        except BaseException:
+            self.close()
+            raise
+
+    def _boot(self, spec: SandboxSpec) -> None:
+        kernel, rootfs, initrd = resolve_images(spec)
+        ready = _listen(f"{self.uds}_{protocol.READY_PORT}")
+        try:
             argv = [
                 sys.executable, "-m", "ember.cli.main", "boot",
                 "--kernel", str(kernel), "--initrd", str(initrd), "--rootfs", str(rootfs),
@@ -127,11 +149,51 @@ class VmmProcess:
                     preexec_fn=self.cgroup.join_self if self.cgroup is not None else None,
                 )
             self._wait_ready(ready, spec.boot_timeout)
-        except BaseException:
-            self.close()
-            raise
         finally:
             ready.close()
+
+    def _restore(self, spec: SandboxSpec, snapshot: Path, park_idle: float | None) -> None:
+        from ember.zygote import Zygote
+
+        argv = [
+            "boot", "--restore", str(snapshot), "--vsock-uds", self.uds,
+            "--control", str(self.control_path),
+        ]  # fmt: skip
+        if park_idle is not None:
+            argv += ["--park-idle", str(park_idle)]
+        self.proc = Zygote.get().spawn(
+            argv,
+            console=self.console_path,
+            exit_file=self.dir / EXIT_FILE,
+            cgroup_procs=self.cgroup.procs_files() if self.cgroup is not None else [],
+        )
+        self._wait_listening(spec.boot_timeout)
+
+    def _wait_listening(self, timeout: float) -> None:
+        """The restored VMM binds its vsock socket once the VM is whole: wait for that."""
+        deadline = time.monotonic() + timeout
+        delay = 0.0005
+        while True:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+                try:
+                    probe.connect(self.uds)
+                    return
+                except (FileNotFoundError, ConnectionRefusedError):
+                    pass
+            if self.exited():
+                raise self.crashed("the sandbox VM stopped while restoring")
+            if time.monotonic() > deadline:
+                raise SandboxTimeout(f"the sandbox was not restored within {timeout:.0f} s")
+            time.sleep(delay)
+            delay = min(delay * 2, 0.01)
+
+    def snapshot(self, directory: Path, *, durable: bool) -> dict[str, Any]:
+        """Snapshot the running VM into ``directory`` (through the VMM's control socket)."""
+        from ember.vmm import control
+
+        if self.exited():
+            raise self.crashed("the sandbox is not running")
+        return control.request(self.control_path, "snapshot", path=str(directory), durable=durable)
 
     def _wait_ready(self, ready: socket.socket, timeout: float) -> None:
         deadline = time.monotonic() + timeout
@@ -225,6 +287,8 @@ class VmmProcess:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait()
+        if isinstance(self.proc, ZygoteChild):
+            self.proc.close()
         if self.channel_listener is not None:
             self.channel_listener.close()
             self.channel_listener = None
@@ -233,3 +297,30 @@ class VmmProcess:
                 self.cgroup.remove()  # also kills anything the VMM left behind
         finally:
             shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def start_vmm(spec: SandboxSpec, *, template: str | None, boot: bool) -> VmmProcess:
+    """A new sandbox VM: restored from a template (the default), or cold-booted."""
+    if boot:
+        if template is not None:
+            raise ConfigError("boot=True boots the image; it cannot also restore a template")
+        return VmmProcess(spec)
+    from ember import templates
+
+    found = templates.find(template or templates.DEFAULT, spec)
+    return VmmProcess(spec, restore=found.dir)
+
+
+def fork_vmm(parent: VmmProcess, spec: SandboxSpec) -> VmmProcess:
+    """A new VM continuing from ``parent``'s current state; the two then diverge.
+
+    The parent pauses only while its state and RAM are written (RAM to a
+    file the child maps copy-on-write); the file is unlinked as soon as the
+    child has mapped it, so nothing is left behind.
+    """
+    snapshot = Path(tempfile.mkdtemp(prefix="ember-fork-"))
+    try:
+        parent.snapshot(snapshot, durable=False)
+        return VmmProcess(spec, restore=snapshot)
+    finally:
+        shutil.rmtree(snapshot, ignore_errors=True)

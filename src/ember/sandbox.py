@@ -36,11 +36,25 @@ from ember.client_wire import (
 )
 from ember.errors import SandboxCrashed, SandboxError
 from ember.jailer.cgroups import SandboxCgroup
-from ember.launcher import DEFAULT_MEM_MIB, SandboxSpec, VmmProcess, quotas_from
+from ember.launcher import (
+    DEFAULT_MEM_MIB,
+    SandboxSpec,
+    VmmProcess,
+    fork_vmm,
+    quotas_from,
+    start_vmm,
+)
 
 
 class Sandbox:
-    """One sandbox VM, booted on construction and destroyed by :meth:`close`.
+    """One sandbox VM, made on construction and destroyed by :meth:`close`.
+
+    By default it is restored from the default template (a snapshot of the
+    booted, warmed image, built once and cached): ready in milliseconds.
+    ``template=NAME`` restores a named template (``sb.snapshot(NAME)``,
+    ``ember template build NAME``); ``boot=True`` boots the image instead.
+    With a template, ``mem_mib`` and ``vcpus`` select (or build) the default
+    template of that shape; a named template keeps its own.
 
     ``cpus`` (e.g. 0.5), ``memory_mib`` (the whole VMM's RAM, so at least
     ``mem_mib`` + 64) and ``pids`` put the VMM in its own cgroup with those
@@ -59,12 +73,18 @@ class Sandbox:
         cpus: float | None = None,
         memory_mib: int | None = None,
         pids: int | None = None,
+        template: str | None = None,
+        boot: bool = False,
     ) -> None:
         spec = SandboxSpec(
             kernel, rootfs, mem_mib, vcpus, cpu_template, boot_timeout,
             quotas=quotas_from(cpus, memory_mib, pids),
         )  # fmt: skip
-        self._vmm = VmmProcess(spec)
+        self._setup(start_vmm(spec, template=template, boot=boot), spec)
+
+    def _setup(self, vmm: VmmProcess, spec: SandboxSpec) -> None:
+        self._vmm = vmm
+        self._spec = spec
         self._closed = False
         self._client = AgentClient(self._connect)
         self._channels = ChannelServer(self._vmm.take_channel_listener())
@@ -155,6 +175,26 @@ class Sandbox:
     def channel(self, name: str, *, timeout: float | None = None) -> Iterator[bytes]:
         """Frames guest code sends with ``ember.agent.channel(name)``, in order."""
         return self._channels.channel(name, timeout=timeout)
+
+    def fork(self) -> Sandbox:
+        """A new sandbox that continues from this one's exact state (memory, processes, files).
+
+        Its RAM is copy-on-write from a snapshot taken now; connections open
+        in this sandbox are not carried over.  The two then diverge.
+        """
+        if self._closed:
+            raise SandboxError("this sandbox is closed")
+        child = Sandbox.__new__(Sandbox)
+        child._setup(fork_vmm(self._vmm, self._spec), self._spec)
+        return child
+
+    def snapshot(self, name: str) -> None:
+        """Save this sandbox as it is now as template ``name``: ``Sandbox(template=name)``."""
+        from ember import templates
+
+        if self._closed:
+            raise SandboxError("this sandbox is closed")
+        templates.save_from(self._vmm, name)
 
     def close(self) -> None:
         if self._closed:

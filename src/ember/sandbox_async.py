@@ -42,7 +42,9 @@ from ember.launcher import (
     HANDSHAKE_TIMEOUT,
     SandboxSpec,
     VmmProcess,
+    fork_vmm,
     quotas_from,
+    start_vmm,
 )
 
 
@@ -61,7 +63,11 @@ class AsyncSandbox:
         cpus: float | None = None,
         memory_mib: int | None = None,
         pids: int | None = None,
+        template: str | None = None,
+        boot: bool = False,
     ) -> None:
+        self._template = template
+        self._boot = boot
         self._spec = SandboxSpec(
             kernel, rootfs, mem_mib, vcpus, cpu_template, boot_timeout,
             quotas=quotas_from(cpus, memory_mib, pids),
@@ -73,9 +79,32 @@ class AsyncSandbox:
         self.files = AsyncSandboxFiles(self)
 
     async def start(self) -> AsyncSandbox:
-        self._vmm = await asyncio.to_thread(VmmProcess, self._spec)
-        self._channels = ChannelServer(self._vmm.take_channel_listener())
+        vmm = self._vmm
+        if vmm is None:
+            vmm = await asyncio.to_thread(
+                start_vmm, self._spec, template=self._template, boot=self._boot
+            )
+            self._vmm = vmm
+        self._channels = ChannelServer(vmm.take_channel_listener())
         return self
+
+    async def fork(self) -> AsyncSandbox:
+        """A started sandbox continuing from this one's exact state; see ``Sandbox.fork``."""
+        vmm = self._require()
+        child = AsyncSandbox.__new__(AsyncSandbox)
+        child._template, child._boot, child._spec = None, False, self._spec
+        child._vmm = await asyncio.to_thread(fork_vmm, vmm, self._spec)
+        child._channels = None
+        child._closed = False
+        child._client = AsyncAgentClient(child._connect)
+        child.files = AsyncSandboxFiles(child)
+        return await child.start()
+
+    async def snapshot(self, name: str) -> None:
+        """Save this sandbox as it is now as template ``name``; see ``Sandbox.snapshot``."""
+        from ember import templates
+
+        await asyncio.to_thread(templates.save_from, self._require(), name)
 
     def _require(self) -> VmmProcess:
         if self._vmm is None or self._closed:

@@ -33,6 +33,11 @@ def _common(p: argparse.ArgumentParser) -> None:
         help="memory limit for the whole VMM; at least --mem + 64",
     )  # fmt: skip
     p.add_argument("--pids", type=int, default=None, metavar="N", help="process/thread limit")
+    p.add_argument(
+        "--template", default=None, metavar="NAME",
+        help="restore this template (default: the default template of --mem/--vcpus)",
+    )  # fmt: skip
+    p.add_argument("--boot", action="store_true", help="boot the image instead of restoring")
 
 
 def register(sub: Any) -> None:
@@ -83,6 +88,7 @@ def _in_sandbox(args: argparse.Namespace, argv: list[str], upload: tuple[str, by
         with Sandbox(
             mem_mib=args.mem, vcpus=args.vcpus,
             cpus=args.cpus, memory_mib=args.memory, pids=args.pids,
+            template=args.template, boot=args.boot,
         ) as sb:  # fmt: skip
             if upload is not None:
                 sb.files.write(upload[0], upload[1])

@@ -288,6 +288,10 @@ class SandboxCgroup:
         for procs in self._procs:
             _write(Path(os.fsdecode(procs)), str(pid))
 
+    def procs_files(self) -> list[str]:
+        """The ``cgroup.procs`` files a process writes itself into to join (one per hierarchy)."""
+        return [os.fsdecode(p) for p in self._procs]
+
     def join_self(self) -> None:
         """Move the calling process in: meant as a ``preexec_fn``, so the VMM is
         confined from its first instruction with no window for escape.  Only

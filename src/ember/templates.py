@@ -1,0 +1,182 @@
+"""Templates: snapshots of a booted, warmed sandbox that new sandboxes are restored from.
+
+The default template is the default image booted with the agent running
+and its code worker warm, snapshotted, and cached under
+``<cache>/templates/default-<key>`` where the key hashes every input (kernel,
+initrd, root file system, guest RAM, vCPUs, CPU template, snapshot format):
+change one and the next ``Sandbox()`` builds a new template once.  Named
+templates (``ember template build NAME``, ``sb.snapshot(NAME)``) live in
+``<cache>/templates/NAME``.
+
+A template's memory file carries a SHA-256 checked once per host process
+before its first restore, so a template damaged on disk is refused rather
+than restored into a guest that crashes later.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ember.errors import ConfigError, SandboxError, SnapshotError
+from ember.images.cache import KeyHasher, build_lock, cache_root, install, staging_dir
+from ember.launcher import AGENT_ARGV, SandboxSpec, VmmProcess, resolve_images
+from ember.snapshot import MEMORY_FILE, STATE_FILE
+from ember.snapshot.format import FORMAT_VERSION, read_state
+from ember.snapshot.memory_file import memory_digest
+
+DEFAULT = "default"
+META_FILE = "template.json"
+WARM_TIMEOUT_S = 300.0
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+_verified: set[tuple[str, int]] = set()
+_verify_lock = threading.Lock()
+
+
+@dataclass(frozen=True)
+class Template:
+    name: str
+    dir: Path
+    meta: dict[str, Any]
+
+
+def templates_root() -> Path:
+    return cache_root() / "templates"
+
+
+def check_name(name: str) -> str:
+    if not _NAME.match(name) or name.startswith(f"{DEFAULT}-"):
+        raise ConfigError(
+            f"template name {name!r}: use letters, digits, '_', '.', '-' (up to 64), "
+            f"not starting with '{DEFAULT}-'"
+        )
+    return name
+
+
+def default_key(spec: SandboxSpec) -> str:
+    kernel, rootfs, initrd = resolve_images(spec)
+    key = KeyHasher("template")
+    for label, value in (
+        ("kernel", str(kernel)), ("initrd", str(initrd)), ("rootfs", str(rootfs)),
+        ("mem_mib", spec.mem_mib), ("vcpus", spec.vcpus), ("cpu_template", spec.cpu_template),
+        ("format", FORMAT_VERSION), ("agent", " ".join(AGENT_ARGV)),
+    ):  # fmt: skip
+        key.add(label, value)
+    return key.hexdigest()[:16]
+
+
+def template_dir(name: str, spec: SandboxSpec) -> Path:
+    if name == DEFAULT:
+        return templates_root() / f"{DEFAULT}-{default_key(spec)}"
+    return templates_root() / check_name(name)
+
+
+def build(name: str = DEFAULT, spec: SandboxSpec | None = None) -> Template:
+    """Boot the default image, wait for the warm agent, snapshot it into the cache."""
+    spec = spec or SandboxSpec()
+    final = template_dir(name, spec)
+    with build_lock(f"template-{final.name}"):
+        staging = staging_dir(final)
+        vmm = VmmProcess(spec)
+        try:
+            _wait_warm(vmm)
+            timings = vmm.snapshot(staging, durable=True)
+        finally:
+            vmm.close()
+        meta = {"name": name, "created": time.time(), "from": "image", "snapshot": timings}
+        (staging / META_FILE).write_text(json.dumps(meta))
+        install(staging, final)
+    return Template(name, final, meta)
+
+
+def save_from(vmm: VmmProcess, name: str) -> Template:
+    """``sb.snapshot(NAME)``: the sandbox as it is now becomes template NAME."""
+    final = templates_root() / check_name(name)
+    with build_lock(f"template-{final.name}"):
+        staging = staging_dir(final)
+        timings = vmm.snapshot(staging, durable=True)
+        meta = {"name": name, "created": time.time(), "from": "sandbox", "snapshot": timings}
+        (staging / META_FILE).write_text(json.dumps(meta))
+        install(staging, final)
+    return Template(name, final, meta)
+
+
+def find(name: str = DEFAULT, spec: SandboxSpec | None = None) -> Template:
+    """The template to restore; the default one is built on first use."""
+    spec = spec or SandboxSpec()
+    directory = template_dir(name, spec)
+    if not (directory / STATE_FILE).is_file():
+        if name != DEFAULT:
+            raise ConfigError(
+                f"no template {name!r}: make one with `ember template build {name}` "
+                f"or sb.snapshot({name!r})"
+            )
+        print("ember: building the default sandbox template (once per image)...", file=sys.stderr)
+        return build(DEFAULT, spec)
+    try:
+        meta = json.loads((directory / META_FILE).read_text())
+    except (OSError, ValueError):
+        meta = {"name": name}
+    verify(directory)
+    return Template(name, directory, meta)
+
+
+def verify(directory: Path) -> None:
+    """Refuse a template whose state or memory file does not match its checksums (once)."""
+    state_path = directory / STATE_FILE
+    try:
+        stamp = (str(directory), state_path.stat().st_mtime_ns)
+    except OSError:
+        raise SnapshotError(f"template {directory} has no state file") from None
+    with _verify_lock:
+        if stamp in _verified:
+            return
+        state = read_state(state_path)
+        expected = state.get("memory", {}).get("sha256")
+        memory = directory / MEMORY_FILE
+        if expected is not None:
+            try:
+                actual = memory_digest(memory)
+            except OSError as exc:
+                raise SnapshotError(f"cannot read {memory}: {exc.strerror}") from None
+            if actual != expected:
+                raise SnapshotError(
+                    f"template {directory.name} is corrupted: {memory} does not match its "
+                    "checksum; rebuild it (ember template build)"
+                )
+        _verified.add(stamp)
+
+
+def list_templates() -> list[Template]:
+    root = templates_root()
+    found: list[Template] = []
+    if not root.is_dir():
+        return found
+    for directory in sorted(root.iterdir()):
+        if (directory / STATE_FILE).is_file():
+            try:
+                meta = json.loads((directory / META_FILE).read_text())
+            except (OSError, ValueError):
+                meta = {}
+            found.append(Template(str(meta.get("name", directory.name)), directory, meta))
+    return found
+
+
+def _wait_warm(vmm: VmmProcess) -> None:
+    """Ping until the agent's code worker is ready, so restores start warm."""
+    from ember.client import AgentClient
+
+    client = AgentClient(vmm.connect)
+    deadline = time.monotonic() + WARM_TIMEOUT_S
+    while client.ping().get("worker") != "ready":
+        if vmm.exited():
+            raise vmm.crashed("the template VM stopped while warming up")
+        if time.monotonic() > deadline:
+            raise SandboxError("the template's code worker did not start")
+        time.sleep(0.2)

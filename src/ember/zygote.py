@@ -1,0 +1,287 @@
+"""The zygote: a pre-imported Python that forks one VMM process per sandbox.
+
+Starting ``python -m ember ...`` costs a few hundred milliseconds of
+imports; forking a process that already imported the VMM costs about one
+and shares its pages copy-on-write (the GC is frozen before the first fork
+so collections do not touch them).  One zygote serves one host process: it
+is started on the first restore, talks over a socketpair, and exits when
+that socket closes (its host process ended).
+
+Each child: a new session (a Ctrl-C for the host app is not the VMM's),
+``PR_SET_PDEATHSIG`` so it dies with the zygote, the sandbox's cgroup
+joined before any VMM code runs, stdout/stderr to the console log, then
+``ember boot ...`` in-process.  The zygote reaps children and writes each
+exit status to the file named in the request, which
+:class:`ZygoteChild` reads: only a parent can learn a process's status.
+
+Requests and replies are JSON lines::
+
+    {"argv": [...], "console": PATH, "cgroup_procs": [PATH...], "exit_file": PATH}
+    {"pid": 1234}  or  {"error": "..."}
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import gc
+import json
+import os
+import select
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from ember.errors import SandboxError
+
+PR_SET_PDEATHSIG = 1
+EXIT_WAIT_S = 2.0  # how long after a child's death its status file may take to appear
+
+
+# --- server side (runs in the zygote process) ------------------------------------------------
+
+
+def _preload() -> None:
+    """Import everything a VMM child runs, so no child pays for it."""
+    import ember.cli.main
+    import ember.devices.virtio.vsock.device
+    import ember.snapshot.machine_state
+    import ember.vmm.builder
+    import ember.vmm.control
+    import ember.vmm.idle  # noqa: F401
+
+
+def _child(request: dict[str, Any], sock: socket.socket, wakeup: int) -> None:
+    """In the forked child: never returns."""
+    status = 70
+    try:
+        sock.close()
+        os.close(wakeup)
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        signal.set_wakeup_fd(-1)
+        os.setsid()
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+        if os.getppid() == 1:  # the zygote died between fork and prctl
+            os._exit(status)
+        for procs in request.get("cgroup_procs", []):
+            fd = os.open(procs, os.O_WRONLY)
+            try:
+                os.write(fd, b"0")
+            finally:
+                os.close(fd)
+        log = os.open(request["console"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        null = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(null, 0)
+        os.dup2(log, 1)
+        os.dup2(log, 2)
+        os.close(log)
+        os.close(null)
+        gc.unfreeze()
+        from ember.cli.main import main
+
+        status = main(list(request["argv"]))
+    except BaseException as exc:  # whatever happens, the child must exit here
+        with contextlib.suppress(Exception):
+            os.write(2, f"ember: zygote child failed: {exc!r}\n".encode())
+    finally:
+        with contextlib.suppress(Exception):
+            sys.stdout.flush()
+            sys.stderr.flush()
+        os._exit(status)
+
+
+def _reap(exit_files: dict[int, str]) -> None:
+    while True:
+        try:
+            pid, raw = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+        code = os.waitstatus_to_exitcode(raw)
+        path = exit_files.pop(pid, None)
+        if path is not None:
+            with contextlib.suppress(OSError):
+                tmp = f"{path}.tmp"
+                with open(tmp, "w") as f:
+                    f.write(str(code))
+                os.replace(tmp, path)
+
+
+def serve(sock: socket.socket) -> None:
+    _preload()
+    read_end, write_end = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    signal.signal(signal.SIGCHLD, lambda _s, _f: None)
+    signal.set_wakeup_fd(write_end)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the host app's Ctrl-C is its own business
+    exit_files: dict[int, str] = {}
+    gc.freeze()
+    buffer = b""
+    poller = select.poll()
+    poller.register(sock.fileno(), select.POLLIN)
+    poller.register(read_end, select.POLLIN)
+    while True:
+        for fd, _event in poller.poll():
+            if fd == read_end:
+                with contextlib.suppress(BlockingIOError):
+                    os.read(read_end, 4096)
+                _reap(exit_files)
+                continue
+            data = sock.recv(65536)
+            if not data:
+                return  # the host process is gone; children die with us (PDEATHSIG)
+            buffer += data
+            while b"\n" in buffer:
+                line, buffer = buffer.split(b"\n", 1)
+                sock.sendall(json.dumps(_spawn(line, sock, read_end, exit_files)).encode() + b"\n")
+
+
+def _spawn(
+    line: bytes, sock: socket.socket, wakeup: int, exit_files: dict[int, str]
+) -> dict[str, Any]:
+    try:
+        request = json.loads(line)
+        if not isinstance(request.get("argv"), list) or not isinstance(request.get("console"), str):
+            return {"error": "a request needs argv and console"}
+    except ValueError as exc:
+        return {"error": f"bad request: {exc}"}
+    pid = os.fork()
+    if pid == 0:
+        _child(request, sock, wakeup)
+    if isinstance(request.get("exit_file"), str):
+        exit_files[pid] = request["exit_file"]
+    return {"pid": pid}
+
+
+# --- client side (runs in the host process) --------------------------------------------------
+
+
+class ZygoteChild:
+    """A VMM forked by the zygote, with the part of ``subprocess.Popen``'s interface we use.
+
+    A pidfd names the process even after it is reaped (no PID-reuse race);
+    the exit status comes from the file the zygote writes.
+    """
+
+    def __init__(self, pid: int, exit_file: Path) -> None:
+        self.pid = pid
+        self.exit_file = exit_file
+        self.returncode: int | None = None
+        try:
+            self._pidfd: int | None = os.pidfd_open(pid)
+        except ProcessLookupError:
+            self._pidfd = None  # already gone
+
+    def _dead(self, timeout: float) -> bool:
+        if self._pidfd is None:
+            return True
+        ready, _, _ = select.select([self._pidfd], [], [], timeout)
+        return bool(ready)
+
+    def poll(self) -> int | None:
+        if self.returncode is None and self._dead(0):
+            self._collect()
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        if self.returncode is None:
+            if not self._dead(timeout if timeout is not None else 1e9):
+                raise subprocess.TimeoutExpired(f"vmm {self.pid}", timeout or 0)
+            self._collect()
+        assert self.returncode is not None
+        return self.returncode
+
+    def _collect(self) -> None:
+        deadline = time.monotonic() + EXIT_WAIT_S
+        while True:
+            try:
+                self.returncode = int(self.exit_file.read_text())
+                break
+            except (OSError, ValueError):
+                if time.monotonic() > deadline:
+                    self.returncode = -int(signal.SIGKILL)  # reaped by someone else: unknown
+                    break
+                time.sleep(0.002)
+        self.close()
+
+    def kill(self) -> None:
+        if self._pidfd is not None:
+            with contextlib.suppress(ProcessLookupError):
+                signal.pidfd_send_signal(self._pidfd, signal.SIGKILL)
+
+    def close(self) -> None:
+        if self._pidfd is not None:
+            os.close(self._pidfd)
+            self._pidfd = None
+
+
+class Zygote:
+    """The host process's zygote (one, started on first use, restarted if it died)."""
+
+    _instance: Zygote | None = None
+    _instance_lock = threading.Lock()
+
+    def __init__(self) -> None:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._sock = ours
+        self._lock = threading.Lock()
+        self._buffer = b""
+        try:
+            self._proc = subprocess.Popen(
+                [sys.executable, "-c", "from ember.zygote import main; main()"],
+                stdin=theirs.fileno(),
+                stdout=subprocess.DEVNULL,
+                start_new_session=True,
+                close_fds=True,
+            )
+        finally:
+            theirs.close()
+
+    @classmethod
+    def get(cls) -> Zygote:
+        with cls._instance_lock:
+            if cls._instance is None or cls._instance._proc.poll() is not None:
+                cls._instance = cls()
+            return cls._instance
+
+    def spawn(
+        self, argv: list[str], *, console: Path, exit_file: Path, cgroup_procs: list[str]
+    ) -> ZygoteChild:
+        request = {
+            "argv": argv,
+            "console": str(console),
+            "exit_file": str(exit_file),
+            "cgroup_procs": cgroup_procs,
+        }
+        with self._lock:
+            try:
+                self._sock.sendall(json.dumps(request).encode() + b"\n")
+                while b"\n" not in self._buffer:
+                    data = self._sock.recv(4096)
+                    if not data:
+                        raise SandboxError("the Ember zygote process died")
+                    self._buffer += data
+            except OSError as exc:
+                raise SandboxError(f"cannot reach the Ember zygote process: {exc}") from None
+            line, self._buffer = self._buffer.split(b"\n", 1)
+        reply = json.loads(line)
+        if "pid" not in reply:
+            raise SandboxError(f"the zygote could not start a VMM: {reply.get('error')}")
+        return ZygoteChild(int(reply["pid"]), exit_file)
+
+
+def main() -> None:
+    sock = socket.socket(fileno=os.dup(0))
+    os.close(0)
+    os.open(os.devnull, os.O_RDONLY)  # fd 0 again, harmless
+    serve(sock)
+
+
+if __name__ == "__main__":
+    main()
