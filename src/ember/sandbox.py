@@ -176,6 +176,20 @@ class Sandbox:
         """Frames guest code sends with ``ember.agent.channel(name)``, in order."""
         return self._channels.channel(name, timeout=timeout)
 
+    def connect(self, port: int) -> socket.socket:
+        """A stream socket to ``port`` in the guest (a vsock listener there), e.g. a server
+        the sandboxed code runs; raises ConnectionError when nothing listens on it."""
+        if not 0 < port < 0xFFFFFFFF:
+            raise ValueError(f"vsock port {port} is out of range")
+        if self._closed:
+            raise SandboxError("this sandbox is closed")
+        try:
+            return self._vmm.connect(port)
+        except OSError as exc:
+            if self._vmm.exited():
+                raise self._vmm.crashed("the sandbox crashed") from exc
+            raise
+
     def fork(self) -> Sandbox:
         """A new sandbox that continues from this one's exact state (memory, processes, files).
 

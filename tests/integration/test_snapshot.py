@@ -1,0 +1,190 @@
+"""Snapshots end to end: restored siblings, fork, custom templates, corruption, teardown.
+
+Every sandbox here is restored from the default template that
+``scripts/setup.sh`` built (``ember template build``), so each costs
+milliseconds to make; only guest work (a fresh python3 ~8 s) is slow.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from ember import templates
+from ember.errors import ConfigError, SnapshotError
+from ember.sandbox import Sandbox
+from ember.snapshot import MEMORY_FILE, STATE_FILE
+from ember.vmm import control
+from tests.integration.conftest import Images, ember
+
+COUNTER_PORT = 5000
+COUNTER = f"""
+import socket
+s = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
+s.bind((socket.VMADDR_CID_ANY, {COUNTER_PORT}))
+s.listen(8)
+n = 0
+while True:
+    c, _ = s.accept()
+    n += 1
+    c.sendall(str(n).encode())
+    c.close()
+"""
+
+
+@pytest.fixture(scope="module")
+def sb(images: Images) -> Iterator[Sandbox]:
+    with Sandbox() as sandbox:
+        yield sandbox
+
+
+@pytest.fixture
+def template_name() -> Iterator[str]:
+    name = f"test-{os.getpid()}-{time.monotonic_ns()}"
+    yield name
+    ember("template", "rm", name)
+
+
+def _count(sandbox: Sandbox, timeout: float = 120.0) -> int:
+    """The guest counter's next value, read over a vsock connection to it."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with sandbox.connect(COUNTER_PORT) as conn:
+                conn.settimeout(60)
+                return int(conn.recv(32))
+        except (ConnectionError, ValueError):  # not listening yet (python3 starts slowly)
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+
+
+def test_a_restored_sandbox_runs_commands(sb: Sandbox) -> None:
+    assert sb.ping()["worker"] == "ready"  # the template was taken with a warm worker
+    r = sb.exec(["python3", "-c", "print(6 * 7)"], timeout=300)
+    assert (r.exit_code, r.stdout) == (0, b"42\n")
+    assert sb.run_code("6 * 7", timeout=120).value == "42"
+
+
+def test_siblings_do_not_see_each_others_writes(images: Images) -> None:
+    with Sandbox() as a, Sandbox() as b:
+        a.files.write("/tmp/who", b"a")
+        b.files.write("/tmp/who", b"b")
+        assert a.files.read("/tmp/who") == b"a"
+        assert b.files.read("/tmp/who") == b"b"
+        a.run_code("secret = 'only-a'", timeout=120)
+        missing = b.run_code("secret", timeout=120)
+        assert missing.error is not None and missing.error.type == "NameError"
+
+
+def test_fork_continues_files_and_process_memory_then_diverges(sb: Sandbox) -> None:
+    sb.files.write("/tmp/counter.py", COUNTER.encode())
+    sb.files.write("/tmp/parent-file", b"from the parent")
+    sb.exec(["sh", "-c", "setsid python3 /tmp/counter.py </dev/null >/dev/null 2>&1 &"])
+    assert _count(sb) == 1
+    assert _count(sb) == 2
+    with sb.fork() as child:
+        assert child.files.read("/tmp/parent-file") == b"from the parent"
+        assert _count(child) == 3  # the guest process's memory came along
+        assert _count(sb) == 3  # ...and from here on each has its own
+        assert _count(child) == 4
+        child.files.write("/tmp/parent-file", b"changed by the child")
+        assert sb.files.read("/tmp/parent-file") == b"from the parent"
+    assert _count(sb) == 4
+    stop = "for p in /proc/[0-9]*; do grep -qs counter.py $p/cmdline && kill ${p#/proc/}; done"
+    sb.exec(["sh", "-c", stop + "; true"], timeout=120)
+
+
+def test_a_custom_template_keeps_what_was_installed(sb: Sandbox, template_name: str) -> None:
+    sb.files.write("/opt-tool", b"installed")
+    sb.run_code("warm = 'state kept'", timeout=120)
+    sb.snapshot(template_name)
+    with Sandbox(template=template_name) as copy:
+        assert copy.files.read("/opt-tool") == b"installed"
+        assert copy.run_code("warm", timeout=120).value == "'state kept'"
+    listed = ember("template", "ls")
+    assert template_name in listed.stdout
+
+
+def _flip(path: Path, offset: int) -> None:
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        byte = f.read(1)
+        f.seek(offset)
+        f.write(bytes([byte[0] ^ 0xFF]))
+
+
+def test_a_corrupted_state_file_is_refused_clearly(sb: Sandbox, template_name: str) -> None:
+    sb.snapshot(template_name)
+    state = templates.templates_root() / template_name / STATE_FILE
+    _flip(state, state.stat().st_size - 10)
+    with pytest.raises(SnapshotError, match="corrupted"):
+        Sandbox(template=template_name)
+    result = ember("run", "--template", template_name, "/dev/null")
+    assert result.returncode == 2 and "corrupted" in result.stderr
+
+
+def test_a_corrupted_memory_file_is_refused_clearly(sb: Sandbox, template_name: str) -> None:
+    sb.snapshot(template_name)
+    _flip(templates.templates_root() / template_name / MEMORY_FILE, 0x100000)
+    with pytest.raises(SnapshotError, match=r"memory.*checksum"):
+        Sandbox(template=template_name)
+
+
+def test_another_format_version_is_refused(sb: Sandbox, template_name: str) -> None:
+    sb.snapshot(template_name)
+    state = templates.templates_root() / template_name / STATE_FILE
+    data = bytearray(state.read_bytes())
+    data[8:12] = (99).to_bytes(4, "little")
+    state.write_bytes(bytes(data))
+    with pytest.raises(SnapshotError, match="format version 99"):
+        Sandbox(template=template_name)
+
+
+def _fds() -> set[str]:
+    return set(os.listdir("/proc/self/fd"))
+
+
+def test_teardown_leaves_nothing_behind(images: Images) -> None:
+    Sandbox().close()  # the zygote and its fds exist from here on
+    before = _fds()
+    forks_before = set(Path("/tmp").glob("ember-fork-*"))
+    parent = Sandbox()
+    child = parent.fork()
+    procs = [parent._vmm.proc, child._vmm.proc]
+    dirs = [parent._vmm.dir, child._vmm.dir]
+    assert all(p is not None and p.poll() is None for p in procs)
+    pids = [p.pid for p in procs if p is not None]
+    child.close()
+    parent.close()
+    for pid in pids:
+        assert not Path(f"/proc/{pid}").exists(), f"VMM {pid} still exists"
+    assert not any(d.exists() for d in dirs), "a sandbox directory (sockets, log) is left"
+    assert set(Path("/tmp").glob("ember-fork-*")) == forks_before, "a fork's memory file is left"
+    assert _fds() == before
+
+
+def test_an_idle_sandbox_is_parked_and_a_request_wakes_it(sb: Sandbox) -> None:
+    deadline = time.monotonic() + 60
+    while not control.request(sb._vmm.control_path, "status")["paused"]:
+        assert time.monotonic() < deadline, "the idle sandbox was never parked"
+        time.sleep(0.2)
+    assert sb.ping()["pong"] is True  # host activity resumed the vCPUs
+    assert sb.exec(["true"], timeout=120).exit_code == 0
+
+
+def test_connect_to_a_port_nothing_listens_on_is_refused(sb: Sandbox) -> None:
+    with pytest.raises(ConnectionError, match="refused"):
+        sb.connect(4999)
+    with pytest.raises(ValueError):
+        sb.connect(0)
+    assert sb.ping()["pong"] is True
+
+
+def test_restore_of_a_missing_template_names_the_fix(images: Images) -> None:
+    with pytest.raises(ConfigError, match="ember template build"):
+        Sandbox(template="no-such-template")
