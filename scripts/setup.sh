@@ -35,3 +35,6 @@ fi
 echo "setup: booting the test guest (its console follows)"
 .venv/bin/ember boot --kernel "$(.venv/bin/ember image path kernel)" \
   --initrd "$(.venv/bin/ember image path initrd)"
+
+echo "setup: building the default sandbox template (boot, warm the agent, snapshot)"
+.venv/bin/ember template build

@@ -86,6 +86,8 @@ def _child(request: dict[str, Any], sock: socket.socket, wakeup: int) -> None:
         from ember.cli.main import main
 
         status = main(list(request["argv"]))
+    except SystemExit as exc:  # argparse's way of reporting bad arguments
+        status = exc.code if isinstance(exc.code, int) else 1
     except BaseException as exc:  # whatever happens, the child must exit here
         with contextlib.suppress(Exception):
             os.write(2, f"ember: zygote child failed: {exc!r}\n".encode())

@@ -899,3 +899,24 @@ def test_socat_talks_to_the_device(
         assert host.recv(100) == b"hello from the guest\n"
         host.close()
         listener.close()
+
+
+def test_restore_resets_each_connection_of_the_snapshot_first(
+    guest: FakeGuest, uds: Path, dev: Vsock, events: EventLoop, tmp_path: Path
+) -> None:
+    guest.give_rx(8)
+    client, local = host_connect(guest, uds, 1024)
+    state = dev.save_state()
+    assert state == {"connections": [[local, 1024]]}
+    restored = Vsock(GUEST_CID, tmp_path / "restored.sock", events)
+    fresh = FakeGuest(restored)
+    try:
+        restored.load_state(state)
+        restored.restored()
+        fresh.give_rx(4)
+        rst = fresh.wait_packet(lambda p: p.op == VIRTIO_VSOCK_OP_RST)
+        assert (rst.hdr.src_port, rst.hdr.dst_port, rst.hdr.dst_cid) == (local, 1024, GUEST_CID)
+        assert restored.host_connections == 0  # nothing on the host side came along
+    finally:
+        fresh.close()
+        client.close()

@@ -24,11 +24,12 @@ class EventLoop:
         self._stop_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._selector.register(self._stop_fd, selectors.EVENT_READ, None)
         self._thread: threading.Thread | None = None
-        self._tick: tuple[float, Callable[[], None]] | None = None
+        self._tick: tuple[float, Callable[[], float]] | None = None
         self.callback_errors = 0
 
-    def set_tick(self, interval: float, callback: Callable[[], None]) -> None:
-        """Also call ``callback`` about every ``interval`` seconds (before :meth:`start`)."""
+    def set_tick(self, interval: float, callback: Callable[[], float]) -> None:
+        """Also call ``callback`` after ``interval`` seconds, then after as many seconds as it
+        returns each time (before :meth:`start`)."""
         self._tick = (interval, callback)
 
     def add_eventfd(self, fd: int, callback: Callable[[], None]) -> None:
@@ -68,15 +69,16 @@ class EventLoop:
             if next_tick is not None and self._tick is not None and interval is not None:
                 now = time.monotonic()
                 if now >= next_tick:
-                    next_tick = now + interval
-                    self._call(self._tick[1])
+                    wanted = self._call(self._tick[1])
+                    next_tick = now + (wanted if isinstance(wanted, float) else interval)
 
-    def _call(self, callback: Callable[[], None]) -> None:
+    def _call(self, callback: Callable[[], object]) -> object:
         try:
-            callback()
+            return callback()
         except Exception:
             self.callback_errors += 1
             log.exception("device callback failed")
+            return None
 
     def stop(self) -> None:
         os.eventfd_write(self._stop_fd, 1)

@@ -21,6 +21,7 @@ from ember.vmm.machine import Machine
 log = logging.getLogger(__name__)
 
 TICK_S = 0.1
+PARKED_TICK_S = 2.0  # a parked VM is woken by host activity, not by the tick
 BUSY_SHARE = 0.10  # above 10% of one CPU a guest is working, not idling
 
 
@@ -35,15 +36,16 @@ class IdleParker:
         self._last_cpu: float | None = None
         self.parks = 0
 
-    def tick(self) -> None:
-        """Event thread, every TICK_S."""
+    def tick(self) -> float:
+        """Event thread; returns the seconds until the next tick (long while parked, so a
+        thousand parked sandboxes wake their VMMs rarely)."""
         if self.machine.paused:
-            return
+            return PARKED_TICK_S
         cpu = sum(t.cpu_seconds() for t in self.machine.vcpu_threads)
         last, self._last_cpu = self._last_cpu, cpu
         if self._host_connections() or last is None or cpu - last > BUSY_SHARE * TICK_S:
             self._quiet_ticks = 0
-            return
+            return TICK_S
         self._quiet_ticks += 1
         if self._quiet_ticks >= self._after_ticks:
             self._quiet_ticks = 0
@@ -51,8 +53,10 @@ class IdleParker:
             try:
                 self.machine.pause()
                 self.parks += 1
+                return PARKED_TICK_S
             except Exception as exc:  # a vCPU that will not park just keeps running
                 log.warning("could not park the idle VM: %s", exc)
+        return TICK_S
 
     def wake(self) -> None:
         """Host activity (any thread): the guest must run to answer it."""

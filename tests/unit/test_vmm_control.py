@@ -1,0 +1,104 @@
+"""Idle parking and the control socket, driven with a stand-in machine (no KVM)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, cast
+
+import pytest
+
+from ember.errors import EmberError
+from ember.vmm.control import ControlServer, request
+from ember.vmm.event_loop import EventLoop
+from ember.vmm.idle import BUSY_SHARE, TICK_S, IdleParker
+from ember.vmm.machine import Machine
+
+
+class FakeThread:
+    def __init__(self) -> None:
+        self.cpu = 0.0
+
+    def cpu_seconds(self) -> float:
+        return self.cpu
+
+
+class FakeMachine:
+    def __init__(self) -> None:
+        self.vcpu_threads = [FakeThread()]
+        self.paused = False
+        self.snapshots: list[Path] = []
+
+    def pause(self) -> None:
+        self.paused = True
+
+    def resume(self) -> None:
+        self.paused = False
+
+    def snapshot(self, directory: Path, *, durable: bool = False) -> dict[str, Any]:
+        self.snapshots.append(directory)
+        return {"paused_ms": 1.0}
+
+
+def _parker(machine: FakeMachine, connections: list[int]) -> IdleParker:
+    return IdleParker(cast(Machine, machine), lambda: connections[0], after_s=3 * TICK_S)
+
+
+def test_an_idle_machine_is_parked_after_the_quiet_window_and_woken() -> None:
+    machine, conns = FakeMachine(), [0]
+    parker = _parker(machine, conns)
+    parker.tick()  # the first tick only takes a CPU reading
+    for _ in range(2):
+        parker.tick()
+        machine.vcpu_threads[0].cpu += BUSY_SHARE * TICK_S / 10  # timer noise
+    assert not machine.paused
+    parker.tick()
+    assert machine.paused and parker.parks == 1
+    parker.wake()
+    assert not machine.paused
+
+
+def test_open_connections_or_guest_work_keep_it_running() -> None:
+    machine, conns = FakeMachine(), [1]
+    parker = _parker(machine, conns)
+    for _ in range(20):
+        parker.tick()
+    assert not machine.paused
+    conns[0] = 0
+    for _ in range(20):
+        machine.vcpu_threads[0].cpu += BUSY_SHARE * TICK_S * 2  # busy guest
+        parker.tick()
+    assert not machine.paused
+
+
+@pytest.fixture
+def served(tmp_path: Path) -> Iterator[tuple[Path, FakeMachine]]:
+    machine = FakeMachine()
+    events = EventLoop()
+    server = ControlServer(tmp_path / "control.sock", cast(Machine, machine), events)
+    events.start()
+    yield tmp_path / "control.sock", machine
+    server.close()
+    events.close()
+
+
+def test_control_requests_reach_the_machine(
+    served: tuple[Path, FakeMachine], tmp_path: Path
+) -> None:
+    path, machine = served
+    assert request(path, "status")["paused"] is False
+    request(path, "pause")
+    assert machine.paused and request(path, "status")["paused"] is True
+    request(path, "resume")
+    assert not machine.paused
+    assert request(path, "snapshot", path=str(tmp_path / "snap"))["paused_ms"] == 1.0
+    assert machine.snapshots == [tmp_path / "snap"]
+
+
+def test_bad_control_requests_get_an_error_not_a_crash(served: tuple[Path, FakeMachine]) -> None:
+    path, _machine = served
+    with pytest.raises(EmberError, match="unknown op"):
+        request(path, "explode")
+    with pytest.raises(EmberError, match="needs a 'path'"):
+        request(path, "snapshot")
+    assert request(path, "status")["ok"] is True  # still serving
