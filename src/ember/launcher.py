@@ -189,11 +189,19 @@ class VmmProcess:
 
     def snapshot(self, directory: Path, *, durable: bool) -> dict[str, Any]:
         """Snapshot the running VM into ``directory`` (through the VMM's control socket)."""
+        from ember.snapshot.machine_state import open_snapshot_files
         from ember.vmm import control
 
         if self.exited():
             raise self.crashed("the sandbox is not running")
-        return control.request(self.control_path, "snapshot", path=str(directory), durable=durable)
+        state_fd, memory_fd = open_snapshot_files(directory)
+        try:
+            return control.request(
+                self.control_path, "snapshot", fds=[state_fd, memory_fd], durable=durable
+            )
+        finally:
+            os.close(state_fd)
+            os.close(memory_fd)
 
     def _wait_ready(self, ready: socket.socket, timeout: float) -> None:
         deadline = time.monotonic() + timeout

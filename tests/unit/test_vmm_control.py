@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, cast
@@ -27,7 +28,7 @@ class FakeMachine:
     def __init__(self) -> None:
         self.vcpu_threads = [FakeThread()]
         self.paused = False
-        self.snapshots: list[Path] = []
+        self.snapshots: list[tuple[bytes, bytes]] = []
 
     def pause(self) -> None:
         self.paused = True
@@ -35,8 +36,9 @@ class FakeMachine:
     def resume(self) -> None:
         self.paused = False
 
-    def snapshot(self, directory: Path, *, durable: bool = False) -> dict[str, Any]:
-        self.snapshots.append(directory)
+    def snapshot(self, state_fd: int, memory_fd: int, *, durable: bool = False) -> dict[str, Any]:
+        os.write(state_fd, b"state")
+        os.write(memory_fd, b"memory")
         return {"paused_ms": 1.0}
 
 
@@ -91,14 +93,23 @@ def test_control_requests_reach_the_machine(
     assert machine.paused and request(path, "status")["paused"] is True
     request(path, "resume")
     assert not machine.paused
-    assert request(path, "snapshot", path=str(tmp_path / "snap"))["paused_ms"] == 1.0
-    assert machine.snapshots == [tmp_path / "snap"]
+    # the files travel as fds: the (jailed) VMM never needs the path
+    files = [tmp_path / "state", tmp_path / "memory"]
+    fds = [os.open(f, os.O_RDWR | os.O_CREAT) for f in files]
+    try:
+        assert request(path, "snapshot", fds=fds)["paused_ms"] == 1.0
+    finally:
+        for fd in fds:
+            os.close(fd)
+    assert [f.read_bytes() for f in files] == [b"state", b"memory"]
+    request(path, "snapshot", path=str(tmp_path / "dir"))
+    assert (tmp_path / "dir" / "memory").read_bytes() == b"memory"
 
 
 def test_bad_control_requests_get_an_error_not_a_crash(served: tuple[Path, FakeMachine]) -> None:
     path, _machine = served
     with pytest.raises(EmberError, match="unknown op"):
         request(path, "explode")
-    with pytest.raises(EmberError, match="needs a 'path'"):
+    with pytest.raises(EmberError, match="needs two fds"):
         request(path, "snapshot")
     assert request(path, "status")["ok"] is True  # still serving

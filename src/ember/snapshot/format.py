@@ -79,14 +79,15 @@ def decode(data: bytes, where: str = "snapshot state") -> dict[str, Any]:
     return state
 
 
-def write_state(path: Path, state: dict[str, Any]) -> None:
-    """Write atomically: a crash mid-write leaves the old file or none, never half of one."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(encode(state))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+def write_state(fd: int, state: dict[str, Any], *, durable: bool = True) -> None:
+    """Write the state into an open, empty file (the caller renames it into place)."""
+    data = encode(state)
+    os.ftruncate(fd, 0)
+    written = 0
+    while written < len(data):
+        written += os.pwrite(fd, data[written:], written)
+    if durable:
+        os.fsync(fd)
 
 
 def read_state(path: Path) -> dict[str, Any]:

@@ -69,14 +69,27 @@ def config_from_state(
     )
 
 
-def save_snapshot(machine: Machine, directory: Path, *, durable: bool) -> dict[str, Any]:
-    """Write ``state`` and ``memory`` into ``directory``; the vCPUs must be paused.
+def open_snapshot_files(directory: Path) -> tuple[int, int]:
+    """Fresh ``state`` and ``memory`` files in ``directory``: (state fd, memory fd)."""
+    os.makedirs(directory, exist_ok=True)
+    flags = os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
+    state_fd = os.open(directory / STATE_FILE, flags, 0o644)
+    try:
+        return state_fd, os.open(directory / MEMORY_FILE, flags, 0o644)
+    except BaseException:
+        os.close(state_fd)
+        raise
+
+
+def save_snapshot(
+    machine: Machine, state_fd: int, memory_fd: int, *, durable: bool
+) -> dict[str, Any]:
+    """Write the state and RAM into two open files; the vCPUs must be paused.
 
     ``durable`` (templates) fsyncs and records the memory file's SHA-256,
     so a template damaged on disk is caught before a restore uses it.
     """
     started = time.monotonic()
-    os.makedirs(directory, exist_ok=True)
     state: dict[str, Any] = {
         "created": time.time(),
         "config": config_to_state(machine.config),
@@ -89,9 +102,9 @@ def save_snapshot(machine: Machine, directory: Path, *, durable: bool) -> dict[s
         "devices": [t.save_state() for t in machine.slots.transports],
     }
     captured = time.monotonic()
-    digest = write_memory(machine.memory, directory / MEMORY_FILE, digest=durable, durable=durable)
+    digest = write_memory(machine.memory, memory_fd, digest=durable, durable=durable)
     state["memory"] = {"size": machine.memory.size, "sha256": digest}
-    write_state(directory / STATE_FILE, state)
+    write_state(state_fd, state, durable=durable)
     return {
         "capture_ms": round((captured - started) * 1000, 2),
         "total_ms": round((time.monotonic() - started) * 1000, 2),

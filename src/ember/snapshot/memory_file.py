@@ -20,16 +20,18 @@ _ZERO = bytes(CHUNK)
 
 
 def write_memory(
-    memory: GuestMemory, path: Path, *, digest: bool = False, durable: bool = False
+    memory: GuestMemory, fd: int, *, digest: bool = False, durable: bool = False
 ) -> str | None:
-    """Write every region back to back; returns the SHA-256 of the whole image if asked.
+    """Write every region back to back into the open file ``fd``; returns the SHA-256 of the
+    whole image if asked.
 
+    The file comes from the caller (over the control socket, from outside
+    the VMM's jail), which also renames it into place: the VMM needs no path.
     ``durable`` (templates) fsyncs; a fork's file lives only as long as its sandbox.
     """
     hasher = hashlib.sha256() if digest else None
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
     try:
+        os.ftruncate(fd, 0)
         os.ftruncate(fd, memory.size)
         base = 0
         for region in memory.regions:
@@ -47,11 +49,7 @@ def write_memory(
         if durable:
             os.fsync(fd)
     except OSError as exc:
-        os.close(fd)
-        tmp.unlink(missing_ok=True)
-        raise SnapshotError(f"cannot write the memory file {path}: {exc.strerror}") from None
-    os.close(fd)
-    os.replace(tmp, path)
+        raise SnapshotError(f"cannot write the memory file: {exc.strerror}") from None
     return hasher.hexdigest() if hasher is not None else None
 
 

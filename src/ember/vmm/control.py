@@ -3,11 +3,18 @@
 One request per connection, one JSON object per line each way, served on
 the event thread (so no device callback runs during a snapshot)::
 
-    {"op": "snapshot", "path": "/dir", "durable": false}  ->  {"ok": true, "paused_ms": ...}
+    {"op": "snapshot", "durable": false} + 2 fds  ->  {"ok": true, "paused_ms": ...}
+    {"op": "snapshot", "path": "/dir"}            (unjailed VMMs only: it opens the files)
     {"op": "pause"} / {"op": "resume"} / {"op": "status"}
 
-Only the sandbox's owner can reach it: the socket lives in the sandbox's
-private directory.  A malformed request gets ``{"ok": false, "error": ...}``.
+A snapshot's two files (state, memory) travel as open fds (SCM_RIGHTS):
+the requester creates them where it likes, and a jailed VMM, which sees no
+host path, writes them all the same.  Only the sandbox's owner can reach
+the socket: it lives in the sandbox's private directory.  A malformed
+request gets ``{"ok": false, "error": ...}``.  With ``debug=True`` (``ember
+boot --debug-hooks``, for tests of the jail) two more ops exist:
+``debug-open`` tries to open a path from inside the VMM and
+``debug-syscall`` makes a forbidden system call (execve or ptrace).
 """
 
 from __future__ import annotations
@@ -30,9 +37,12 @@ MAX_REQUEST = 64 * 1024
 
 
 class ControlServer:
-    def __init__(self, path: Path, machine: Machine, events: EventLoop) -> None:
+    def __init__(
+        self, path: Path, machine: Machine, events: EventLoop, *, debug: bool = False
+    ) -> None:
         self.path = path
         self.machine = machine
+        self.debug = debug
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             self._sock.bind(str(path))
@@ -47,29 +57,32 @@ class ControlServer:
             conn, _ = self._sock.accept()
         except OSError:
             return
+        fds: list[int] = []
         with conn:
             conn.settimeout(REQUEST_TIMEOUT_S)
             try:
-                request = _read_line(conn)
-                reply = self.handle(json.loads(request))
+                request, fds = _read_line(conn)
+                reply = self.handle(json.loads(request), fds)
             except (OSError, ValueError) as exc:
                 reply = {"ok": False, "error": f"bad request: {exc}"}
+            finally:
+                for fd in fds:
+                    os.close(fd)
             try:
                 conn.sendall(json.dumps(reply).encode() + b"\n")
             except OSError:
                 pass
 
-    def handle(self, request: Any) -> dict[str, Any]:
+    def handle(self, request: Any, fds: list[int] | None = None) -> dict[str, Any]:
         if not isinstance(request, dict) or not isinstance(request.get("op"), str):
             return {"ok": False, "error": "a request is an object with an 'op'"}
         op = request["op"]
+        fds = fds or []
         try:
             if op == "snapshot":
-                path = request.get("path")
-                if not isinstance(path, str) or not path:
-                    return {"ok": False, "error": "snapshot needs a 'path'"}
-                timings = self.machine.snapshot(Path(path), durable=bool(request.get("durable")))
-                return {"ok": True, **timings}
+                return self._snapshot(request, fds)
+            if op.startswith("debug-") and self.debug:
+                return _debug(op, request)
             if op == "pause":
                 self.machine.pause()
                 return {"ok": True}
@@ -84,6 +97,24 @@ class ControlServer:
             return {"ok": False, "error": f"{exc.strerror or exc}"}
         return {"ok": False, "error": f"unknown op {op!r}"}
 
+    def _snapshot(self, request: dict[str, Any], fds: list[int]) -> dict[str, Any]:
+        durable = bool(request.get("durable"))
+        if len(fds) == 2:
+            timings = self.machine.snapshot(fds[0], fds[1], durable=durable)
+            return {"ok": True, **timings}
+        path = request.get("path")
+        if not isinstance(path, str) or not path:
+            return {"ok": False, "error": "snapshot needs two fds (state, memory) or a 'path'"}
+        from ember.snapshot.machine_state import open_snapshot_files
+
+        state_fd, memory_fd = open_snapshot_files(Path(path))
+        try:
+            timings = self.machine.snapshot(state_fd, memory_fd, durable=durable)
+        finally:
+            os.close(state_fd)
+            os.close(memory_fd)
+        return {"ok": True, **timings}
+
     def close(self) -> None:
         self._sock.close()
         try:
@@ -92,28 +123,57 @@ class ControlServer:
             pass
 
 
-def _read_line(conn: socket.socket) -> bytes:
+def _debug(op: str, request: dict[str, Any]) -> dict[str, Any]:
+    """Test hooks: what the jail lets a (compromised) VMM do, tried from inside it."""
+    if op == "debug-open":
+        try:
+            os.close(os.open(str(request.get("path")), os.O_RDONLY))
+        except OSError as exc:
+            return {"ok": True, "opened": False, "error": exc.strerror}
+        return {"ok": True, "opened": True}
+    if op == "debug-syscall":
+        import ctypes
+
+        numbers = {"execve": 59, "ptrace": 101}  # x86_64
+        name = str(request.get("name"))
+        if name not in numbers:
+            return {"ok": False, "error": f"debug-syscall knows {sorted(numbers)}"}
+        libc = ctypes.CDLL(None, use_errno=True)
+        result = libc.syscall(numbers[name], 0, 0, 0)
+        return {"ok": True, "result": result, "errno": ctypes.get_errno()}
+    return {"ok": False, "error": f"unknown debug op {op!r}"}
+
+
+def _read_line(conn: socket.socket) -> tuple[bytes, list[int]]:
     data = b""
+    fds: list[int] = []
     while not data.endswith(b"\n"):
-        chunk = conn.recv(4096)
+        chunk, new_fds, _flags, _addr = socket.recv_fds(conn, 4096, 4)
+        fds.extend(new_fds)
         if not chunk:
             break
         data += chunk
         if len(data) > MAX_REQUEST:
+            for fd in fds:
+                os.close(fd)
             raise ValueError("request too long")
-    return data
+    return data, fds
 
 
 def request(
-    socket_path: Path | str, op: str, timeout: float = 120.0, **args: Any
+    socket_path: Path | str,
+    op: str,
+    timeout: float = 120.0,
+    fds: list[int] | None = None,
+    **args: Any,
 ) -> dict[str, Any]:
-    """Client side: send one request, return the reply (raises EmberError on failure)."""
+    """Client side: send one request (and ``fds``), return the reply (raises EmberError)."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.settimeout(timeout)
         try:
             sock.connect(str(socket_path))
-            sock.sendall(json.dumps({"op": op, **args}).encode() + b"\n")
-            data = _read_line(sock)
+            socket.send_fds(sock, [json.dumps({"op": op, **args}).encode() + b"\n"], fds or [])
+            data, _ = _read_line(sock)
         except OSError as exc:
             raise EmberError(f"the VMM's control socket did not answer: {exc}") from None
     try:

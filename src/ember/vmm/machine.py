@@ -12,7 +12,6 @@ import logging
 import queue
 import threading
 import time
-from pathlib import Path
 from typing import Any
 
 from ember.devices.bus import Bus
@@ -109,8 +108,8 @@ class Machine:
     def paused(self) -> bool:
         return all(thread.parked for thread in self.vcpu_threads)
 
-    def snapshot(self, directory: Path, *, durable: bool = False) -> dict[str, Any]:
-        """Pause, save everything into ``directory``, resume; returns timings in ms.
+    def snapshot(self, state_fd: int, memory_fd: int, *, durable: bool = False) -> dict[str, Any]:
+        """Pause, save everything into the two open files, resume; returns timings in ms.
 
         Call from the event thread (the control socket does), so no device
         callback runs while device state is read.
@@ -121,7 +120,7 @@ class Machine:
         started = time.monotonic()
         self.pause()
         try:
-            timings = save_snapshot(self, directory, durable=durable)
+            timings = save_snapshot(self, state_fd, memory_fd, durable=durable)
         finally:
             if not was_paused:
                 self.resume()

@@ -1,0 +1,91 @@
+"""Jailing the VMM process once its VM is built, before it runs guest code.
+
+By then every file the VMM needs is open (``/dev/kvm``, the disk images, the
+snapshot's memory mapped) and every socket bound, so the jail can take the
+file system away almost entirely:
+
+1. new mount, IPC, UTS and network namespaces (``unshare``); the PID
+   namespace is entered at fork time by the zygote (a process cannot move
+   itself and still start threads), so a VMM that managed to fork would not
+   see the host's processes either;
+2. the root becomes the sandbox's own directory (``chroot``), which holds
+   only its sockets and console log; a symlink inside makes the directory's
+   host path resolve to the new root, so vsock paths stay valid;
+3. rlimits: no core dumps, a file-size cap (console and snapshot files),
+   a bounded number of fds;
+4. the environment is emptied and all privileges dropped: supplementary
+   groups cleared, then gid and uid set to an unprivileged id of the
+   sandbox's own (``JAIL_ID_BASE`` + the VMM's pid, unique among live VMMs),
+   so two VMMs cannot signal or trace each other.
+
+Seccomp comes last, per thread (:mod:`ember.jailer.seccomp`).  Everything
+here is Linux-only and needs root (or CAP_SYS_ADMIN/CHROOT/SETUID).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import resource
+import signal
+from pathlib import Path
+
+from ember.errors import ConfigError
+
+CLONE_NEWNS = 0x00020000
+CLONE_NEWUTS = 0x04000000
+CLONE_NEWIPC = 0x08000000
+CLONE_NEWNET = 0x40000000
+CLONE_NEWPID = 0x20000000
+MS_REC = 0x4000
+MS_PRIVATE = 1 << 18
+
+JAIL_ID_BASE = 0x3B000000  # ~989 million: far above any real account's id
+MAX_FDS = 8192
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mount.argtypes = [
+    ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_void_p,
+]  # fmt: skip
+_libc.unshare.argtypes = [ctypes.c_int]
+
+
+def _check(result: int, what: str) -> None:
+    if result != 0:
+        err = ctypes.get_errno()
+        raise ConfigError(f"jail: {what} failed: {os.strerror(err)} (the jail needs root)")
+
+
+def jail_id(pid: int | None = None) -> int:
+    return JAIL_ID_BASE + (pid if pid is not None else os.getpid())
+
+
+def enter(root: Path, *, file_size_limit: int) -> int:
+    """Jail the calling (single-threaded) process in ``root``; returns the uid it now runs as.
+
+    ``root`` is the sandbox directory: it is given to the jail's uid so the
+    VMM can still create and remove its sockets there.
+    """
+    root = root.resolve()
+    uid = gid = jail_id()
+    _check(_libc.unshare(CLONE_NEWNS | CLONE_NEWIPC | CLONE_NEWUTS | CLONE_NEWNET), "unshare")
+    _check(_libc.mount(None, b"/", None, MS_REC | MS_PRIVATE, None), "making / private")
+    inner = root / root.relative_to("/")  # the host path, recreated inside the new root
+    inner.parent.mkdir(parents=True, exist_ok=True)
+    if not inner.is_symlink():
+        inner.symlink_to("/")
+    for path in [root, *root.rglob("*")]:
+        os.chown(path, uid, gid, follow_symlinks=False)
+    os.chroot(root)
+    os.chdir("/")
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    resource.setrlimit(resource.RLIMIT_FSIZE, (file_size_limit, file_size_limit))
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a full console is EFBIG, not a dead VMM
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    limit = min(MAX_FDS, hard) if hard != resource.RLIM_INFINITY else MAX_FDS
+    resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))
+    os.environ.clear()
+    os.setgroups([])
+    os.setresgid(gid, gid, gid)
+    os.setresuid(uid, uid, uid)
+    return uid

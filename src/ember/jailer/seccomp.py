@@ -1,0 +1,172 @@
+"""Per-thread seccomp allow-lists for the VMM, through libseccomp (Debian ``libseccomp2``).
+
+Each VMM thread installs the filter of its role once set-up is done: the
+vCPU threads (``KVM_RUN`` and the device exits it dispatches), the event
+thread (device queues, vsock sockets, the control socket and snapshots)
+and the main thread (waiting, then tearing down).  Anything else kills the
+whole process (``SECCOMP_RET_KILL_PROCESS``): the host sees the VMM die of
+SIGSYS and reports that sandbox as crashed, naming seccomp.
+
+The lists come from tracing the VMM through every operation the SDK has
+(boot, restore, exec, files, run_code, channels, snapshots, parking) plus
+what CPython itself needs (memory management, locks, signals).  ``open``
+stays allowed (CPython reads source files to format a traceback): the
+chroot, not the filter, is what keeps host files out of reach.
+ioctl is limited to the KVM requests each role makes.
+
+libseccomp is loaded with ctypes, so the VMM core keeps to the standard
+library; without the shared library the jail refuses to start unless
+seccomp is explicitly turned off (``--no-seccomp``, for debugging only).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import enum
+import os
+
+from ember.errors import ConfigError
+from ember.kvm import abi
+
+SCMP_ACT_KILL_PROCESS = 0x80000000
+SCMP_ACT_ALLOW = 0x7FFF0000
+SCMP_CMP_EQ = 4
+
+
+class scmp_arg_cmp(ctypes.Structure):
+    _fields_ = [
+        ("arg", ctypes.c_uint),
+        ("op", ctypes.c_int),
+        ("datum_a", ctypes.c_uint64),
+        ("datum_b", ctypes.c_uint64),
+    ]
+
+
+class Role(enum.Enum):
+    VCPU = "vcpu"
+    EVENTS = "events"
+    MAIN = "main"
+
+
+# What CPython and glibc need on any thread: memory, locks, signals, time, exit, logging.
+_COMMON = (
+    "brk", "mmap", "munmap", "mremap", "mprotect", "madvise",
+    "futex", "sched_yield", "nanosleep", "clock_nanosleep", "clock_gettime", "gettimeofday",
+    "rt_sigprocmask", "rt_sigreturn", "rt_sigaction", "sigaltstack", "restart_syscall",
+    "getpid", "gettid", "getrandom", "rseq", "set_robust_list",
+    "exit", "exit_group", "write", "writev", "close",
+    "openat", "read", "newfstatat", "fstat", "lseek", "fcntl", "getcwd", "readlink",
+)  # fmt: skip
+
+_EXTRA: dict[Role, tuple[str, ...]] = {
+    # Serial output and interrupt eventfds are writes; a kick is a tgkill to itself.
+    Role.VCPU: ("ioctl", "tgkill"),
+    Role.EVENTS: (
+        "ioctl", "tgkill", "epoll_wait", "epoll_pwait", "epoll_ctl", "poll", "ppoll",
+        "select", "pselect6",
+        "pread64", "pwrite64", "preadv", "preadv2", "pwritev", "pwritev2", "readv",
+        "fsync", "fdatasync", "fallocate", "ftruncate",
+        "socket", "connect", "accept", "accept4", "recvfrom", "recvmsg", "sendto", "sendmsg",
+        "shutdown", "getsockname", "getsockopt", "setsockopt",
+        "timerfd_settime", "timerfd_gettime",
+        "mkdir", "mkdirat", "rename", "renameat", "renameat2", "unlink", "unlinkat",
+    ),
+    Role.MAIN: ("ioctl", "tgkill", "epoll_ctl", "unlink", "unlinkat", "fsync"),
+}  # fmt: skip
+
+# The KVM ioctls each role issues after set-up (vCPU: run, the exit paths, the serial IRQ).
+_IOCTLS: dict[Role, tuple[int, ...]] = {
+    Role.VCPU: (abi.KVM_RUN, abi.KVM_GET_REGS, abi.KVM_IRQ_LINE),
+    Role.EVENTS: (
+        abi.KVM_GET_REGS, abi.KVM_GET_SREGS, abi.KVM_GET_FPU, abi.KVM_GET_LAPIC,
+        abi.KVM_GET_MSRS, abi.KVM_GET_MSR_INDEX_LIST, abi.KVM_CHECK_EXTENSION,
+        abi.KVM_GET_MP_STATE, abi.KVM_GET_VCPU_EVENTS, abi.KVM_GET_DEBUGREGS,
+        abi.KVM_GET_XSAVE, abi.KVM_GET_XCRS, abi.KVM_GET_TSC_KHZ,
+        abi.KVM_GET_IRQCHIP, abi.KVM_GET_PIT2, abi.KVM_GET_CLOCK, abi.KVM_IRQ_LINE,
+    ),
+    Role.MAIN: (abi.KVM_GET_REGS,),
+}  # fmt: skip
+
+
+class _Lib:
+    _instance: _Lib | None = None
+
+    def __init__(self) -> None:
+        name = ctypes.util.find_library("seccomp") or "libseccomp.so.2"
+        try:
+            lib = ctypes.CDLL(name, use_errno=True)
+        except OSError:
+            raise ConfigError(
+                "libseccomp is not installed (Debian: apt install libseccomp2); "
+                "the VMM will not run unfiltered unless you pass --no-seccomp"
+            ) from None
+        lib.seccomp_init.argtypes = [ctypes.c_uint32]
+        lib.seccomp_init.restype = ctypes.c_void_p
+        lib.seccomp_syscall_resolve_name.argtypes = [ctypes.c_char_p]
+        lib.seccomp_syscall_resolve_name.restype = ctypes.c_int
+        lib.seccomp_rule_add_array.argtypes = [
+            ctypes.c_void_p, ctypes.c_uint32, ctypes.c_int, ctypes.c_uint,
+            ctypes.POINTER(scmp_arg_cmp),
+        ]  # fmt: skip
+        lib.seccomp_rule_add_array.restype = ctypes.c_int
+        lib.seccomp_load.argtypes = [ctypes.c_void_p]
+        lib.seccomp_load.restype = ctypes.c_int
+        lib.seccomp_release.argtypes = [ctypes.c_void_p]
+        lib.seccomp_release.restype = None
+        self.lib = lib
+
+    @classmethod
+    def get(cls) -> _Lib:
+        if cls._instance is None:
+            cls._instance = cls()
+        return cls._instance
+
+
+def syscall_names(role: Role) -> tuple[str, ...]:
+    return tuple(sorted(set(_COMMON) | set(_EXTRA[role])))
+
+
+def preload() -> None:
+    """Load libseccomp before the chroot (the library file is outside the jail)."""
+    _Lib.get()
+
+
+def install(role: Role) -> None:
+    """Confine the calling thread (and any thread it starts) to ``role``'s allow-list."""
+    lib = _Lib.get().lib
+    ctx = lib.seccomp_init(SCMP_ACT_KILL_PROCESS)
+    if not ctx:
+        raise ConfigError("seccomp_init failed")
+    try:
+        for name in syscall_names(role):
+            number = lib.seccomp_syscall_resolve_name(name.encode())
+            if number < 0:
+                continue  # not a syscall on this architecture (e.g. select on arm64)
+            if name == "ioctl":
+                for request in _IOCTLS[role]:
+                    cmp = scmp_arg_cmp(1, SCMP_CMP_EQ, request, 0)
+                    _check(lib.seccomp_rule_add_array(ctx, SCMP_ACT_ALLOW, number, 1, cmp), name)
+                _allow_non_kvm_ioctls(lib, ctx, number)
+                continue
+            _check(lib.seccomp_rule_add_array(ctx, SCMP_ACT_ALLOW, number, 0, None), name)
+        _check(lib.seccomp_load(ctx), "seccomp_load")
+    finally:
+        lib.seccomp_release(ctx)
+
+
+# Terminal and socket ioctls CPython may issue (isatty on the console, FIONBIO).
+_TCGETS = 0x5401
+_FIONBIO = 0x5421
+_FIOCLEX = 0x5451
+
+
+def _allow_non_kvm_ioctls(lib: ctypes.CDLL, ctx: int, number: int) -> None:
+    for request in (_TCGETS, _FIONBIO, _FIOCLEX):
+        cmp = scmp_arg_cmp(1, SCMP_CMP_EQ, request, 0)
+        _check(lib.seccomp_rule_add_array(ctx, SCMP_ACT_ALLOW, number, 1, cmp), "ioctl")
+
+
+def _check(result: int, what: str) -> None:
+    if result < 0:
+        raise ConfigError(f"seccomp: adding {what} failed: {os.strerror(-result)}")
