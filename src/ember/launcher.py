@@ -42,6 +42,7 @@ CONSOLE_LOG = "console.log"
 VSOCK_NAME = "v.sock"
 CONTROL_NAME = "control.sock"
 EXIT_FILE = "exit-status"
+READY_FILE = "ready"
 HANDSHAKE_TIMEOUT = 30.0
 CRASH_GRACE = 5.0  # seconds to let a dying VMM exit before calling a failure a crash
 DEFAULT_MEM_MIB = 256
@@ -58,6 +59,12 @@ class SandboxSpec:
     cpu_template: str = "auto"
     boot_timeout: float = 600.0
     quotas: Quotas | None = None
+    # None: jail the VMM when we are root (the jail needs it), else run it unjailed.
+    jail: bool | None = None
+
+    @property
+    def jailed(self) -> bool:
+        return self.jail if self.jail is not None else os.geteuid() == 0
 
     def __post_init__(self) -> None:
         # The memory quota covers the whole VMM process, guest RAM included:
@@ -104,8 +111,14 @@ class VmmProcess:
     """
 
     def __init__(
-        self, spec: SandboxSpec, *, restore: Path | None = None, park_idle: float | None = 1.0
+        self,
+        spec: SandboxSpec,
+        *,
+        restore: Path | None = None,
+        park_idle: float | None = 1.0,
+        debug_hooks: bool = False,
     ) -> None:
+        self.debug_hooks = debug_hooks  # tests of the jail only: see ember.vmm.control
         self.dir = Path(tempfile.mkdtemp(prefix="ember-"))
         self.uds = str(self.dir / VSOCK_NAME)
         self.console_path = self.dir / CONSOLE_LOG
@@ -134,7 +147,7 @@ class VmmProcess:
                 "--kernel", str(kernel), "--initrd", str(initrd), "--rootfs", str(rootfs),
                 "--mem", str(spec.mem_mib), "--vcpus", str(spec.vcpus),
                 "--cpu-template", spec.cpu_template, "--vsock-uds", self.uds,
-                "--control", str(self.control_path),
+                "--control", str(self.control_path), *self._jail_args(spec),
                 "--", *AGENT_ARGV,
             ]  # fmt: skip
             with self.console_path.open("wb") as log:
@@ -157,7 +170,8 @@ class VmmProcess:
 
         argv = [
             "boot", "--restore", str(snapshot), "--vsock-uds", self.uds,
-            "--control", str(self.control_path),
+            "--control", str(self.control_path), *self._jail_args(spec),
+            "--ready-file", str(self.dir / READY_FILE),
         ]  # fmt: skip
         if park_idle is not None:
             argv += ["--park-idle", str(park_idle)]
@@ -169,17 +183,21 @@ class VmmProcess:
         )
         self._wait_listening(spec.boot_timeout)
 
+    def _jail_args(self, spec: SandboxSpec) -> list[str]:
+        args = ["--jail", str(self.dir)] if spec.jailed else []
+        if spec.jailed and self.debug_hooks:
+            args.append("--debug-hooks")
+        return args
+
     def _wait_listening(self, timeout: float) -> None:
-        """The restored VMM binds its vsock socket once the VM is whole: wait for that."""
+        """The restored VMM creates its ready file once the VM is whole, jailed and about to
+        run (its sockets accept from then on): wait for that."""
         deadline = time.monotonic() + timeout
         delay = 0.0005
+        ready = self.dir / READY_FILE
         while True:
-            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
-                try:
-                    probe.connect(self.uds)
-                    return
-                except (FileNotFoundError, ConnectionRefusedError):
-                    pass
+            if ready.exists():
+                return
             if self.exited():
                 raise self.crashed("the sandbox VM stopped while restoring")
             if time.monotonic() > deadline:
@@ -238,9 +256,26 @@ class VmmProcess:
             (line for line in reversed(tail.splitlines()) if line.startswith("ember:")), ""
         )
         status = self.proc.returncode if self.proc is not None else None
-        if status is not None and status < 0:
+        if status == -signal.SIGSYS:
+            reason = (
+                f"seccomp killed the VMM (pid {self.proc.pid if self.proc else '?'}, "
+                f"sandbox {self.dir.name}): it made a system call outside its allow-list"
+            )
+        elif status is not None and status < 0:
             reason = reason or f"VMM killed by signal {-status}"
         return SandboxCrashed(f"{what}: {reason or f'VMM exit status {status}'}", tail)
+
+    @property
+    def vmm_pid(self) -> int | None:
+        """The process running the VM: a jailed VMM is the child of a PID-namespace relay."""
+        if self.proc is None:
+            return None
+        try:
+            children = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children").read_text()
+        except OSError:
+            return self.proc.pid
+        first = children.split()[:1]
+        return int(first[0]) if first else self.proc.pid
 
     def connect(self, port: int = protocol.AGENT_PORT) -> socket.socket:
         """A stream to ``port`` in the guest, through the hybrid-vsock handshake."""
@@ -292,6 +327,12 @@ class VmmProcess:
 
     def close(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
+            vmm = self.vmm_pid
+            if vmm is not None and vmm != self.proc.pid:
+                # The VMM first, so that its relay reaps it and then ends itself.
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(vmm, signal.SIGKILL)
+                self.wait_exit(CRASH_GRACE)
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait()

@@ -56,6 +56,9 @@ class Sandbox:
     With a template, ``mem_mib`` and ``vcpus`` select (or build) the default
     template of that shape; a named template keeps its own.
 
+    ``jail`` (default: when running as root) confines the VMM process: its
+    own namespaces, a chroot, an unprivileged uid and seccomp filters.
+
     ``cpus`` (e.g. 0.5), ``memory_mib`` (the whole VMM's RAM, so at least
     ``mem_mib`` + 64) and ``pids`` put the VMM in its own cgroup with those
     limits, so one sandbox cannot starve the host or its neighbours.
@@ -75,10 +78,11 @@ class Sandbox:
         pids: int | None = None,
         template: str | None = None,
         boot: bool = False,
+        jail: bool | None = None,
     ) -> None:
         spec = SandboxSpec(
             kernel, rootfs, mem_mib, vcpus, cpu_template, boot_timeout,
-            quotas=quotas_from(cpus, memory_mib, pids),
+            quotas=quotas_from(cpus, memory_mib, pids), jail=jail,
         )  # fmt: skip
         self._setup(start_vmm(spec, template=template, boot=boot), spec)
 

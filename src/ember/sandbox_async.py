@@ -65,12 +65,13 @@ class AsyncSandbox:
         pids: int | None = None,
         template: str | None = None,
         boot: bool = False,
+        jail: bool | None = None,
     ) -> None:
         self._template = template
         self._boot = boot
         self._spec = SandboxSpec(
             kernel, rootfs, mem_mib, vcpus, cpu_template, boot_timeout,
-            quotas=quotas_from(cpus, memory_mib, pids),
+            quotas=quotas_from(cpus, memory_mib, pids), jail=jail,
         )  # fmt: skip
         self._vmm: VmmProcess | None = None
         self._channels: ChannelServer | None = None

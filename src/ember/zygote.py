@@ -116,8 +116,14 @@ def _reap(exit_files: dict[int, str]) -> None:
                 os.replace(tmp, path)
 
 
+PR_SET_CHILD_SUBREAPER = 36
+
+
 def serve(sock: socket.socket) -> None:
     _preload()
+    # A jailed VMM is the child of a PID-namespace relay; if the relay dies first, the VMM
+    # is reparented here rather than to init, and reaped like our own children.
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
     read_end, write_end = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
     signal.signal(signal.SIGCHLD, lambda _s, _f: None)
     signal.set_wakeup_fd(write_end)
@@ -180,11 +186,12 @@ class ZygoteChild:
         except ProcessLookupError:
             self._pidfd = None  # already gone
 
-    def _dead(self, timeout: float) -> bool:
+    def _dead(self, timeout: float | None) -> bool:
         if self._pidfd is None:
             return True
-        ready, _, _ = select.select([self._pidfd], [], [], timeout)
-        return bool(ready)
+        poller = select.poll()  # not select(): a busy host process has fds above 1024
+        poller.register(self._pidfd, select.POLLIN)
+        return bool(poller.poll(None if timeout is None else max(0.0, timeout) * 1000))
 
     def poll(self) -> int | None:
         if self.returncode is None and self._dead(0):
@@ -193,7 +200,7 @@ class ZygoteChild:
 
     def wait(self, timeout: float | None = None) -> int:
         if self.returncode is None:
-            if not self._dead(timeout if timeout is not None else 1e9):
+            if not self._dead(timeout):
                 raise subprocess.TimeoutExpired(f"vmm {self.pid}", timeout or 0)
             self._collect()
         assert self.returncode is not None

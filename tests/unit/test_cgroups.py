@@ -344,7 +344,7 @@ def test_vmm_process_jails_before_start_and_removes_on_close(
         assert name.startswith("ember-")
         return group
 
-    monkeypatch.setattr(launcher, "_resolve", lambda spec: (tmp_path, tmp_path, tmp_path))
+    monkeypatch.setattr(launcher, "resolve_images", lambda spec: (tmp_path, tmp_path, tmp_path))
     monkeypatch.setattr(SandboxCgroup, "create", staticmethod(create))
     monkeypatch.setattr(subprocess, "Popen", FakeProc)
     monkeypatch.setattr(launcher.VmmProcess, "_wait_ready", lambda self, ready, t: None)

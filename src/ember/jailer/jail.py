@@ -68,6 +68,7 @@ def enter(root: Path, *, file_size_limit: int) -> int:
     """
     root = root.resolve()
     uid = gid = jail_id()
+    env_area = _environment_area()  # /proc is out of reach after the chroot
     _check(_libc.unshare(CLONE_NEWNS | CLONE_NEWIPC | CLONE_NEWUTS | CLONE_NEWNET), "unshare")
     _check(_libc.mount(None, b"/", None, MS_REC | MS_PRIVATE, None), "making / private")
     inner = root / root.relative_to("/")  # the host path, recreated inside the new root
@@ -84,8 +85,56 @@ def enter(root: Path, *, file_size_limit: int) -> int:
     _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     limit = min(MAX_FDS, hard) if hard != resource.RLIM_INFINITY else MAX_FDS
     resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))
-    os.environ.clear()
+    _scrub_environment(env_area)
     os.setgroups([])
     os.setresgid(gid, gid, gid)
     os.setresuid(uid, uid, uid)
     return uid
+
+
+PR_SET_PDEATHSIG = 1
+
+
+def _environment_area() -> tuple[int, int]:
+    """Where the kernel put this process's initial environment strings (proc(5) stat 50-51)."""
+    fields = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[47]), int(fields[48])
+
+
+def _scrub_environment(area: tuple[int, int]) -> None:
+    """Forget the environment (the host app's secrets often live there), also in memory:
+    ``/proc/PID/environ`` shows the original strings until they are overwritten."""
+    os.environ.clear()
+    start, end = area
+    if 0 < start < end:
+        ctypes.memset(start, 0, end - start)
+
+
+def enter_pid_namespace() -> None:
+    """Continue in a child that is PID 1 of a new PID namespace; this process only relays.
+
+    Called before the VM exists (KVM ties a VM to the process that made it)
+    and before any thread starts (a process whose children go to another PID
+    namespace may not start threads).  The parent forwards SIGTERM/SIGINT/
+    SIGHUP and leaves with the child's status, or dies of the child's signal,
+    so whoever started us sees exactly what the VMM did.
+    """
+    _check(_libc.unshare(CLONE_NEWPID), "unshare(CLONE_NEWPID)")
+    pid = os.fork()
+    if pid == 0:
+        _libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+        return
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(signum, lambda s, _f: os.kill(pid, s))
+    while True:
+        try:
+            _, status = os.waitpid(pid, 0)
+            break
+        except InterruptedError:
+            continue
+    code = os.waitstatus_to_exitcode(status)
+    if code < 0:
+        if -code not in (signal.SIGKILL, signal.SIGSTOP):  # those cannot be handled anyway
+            signal.signal(-code, signal.SIG_DFL)
+        os.kill(os.getpid(), -code)
+    os._exit(code & 0xFF)

@@ -90,7 +90,12 @@ class ControlServer:
                 self.machine.resume()
                 return {"ok": True}
             if op == "status":
-                return {"ok": True, "paused": self.machine.paused, "pid": os.getpid()}
+                return {
+                    "ok": True,
+                    "paused": self.machine.paused,
+                    "pid": os.getpid(),
+                    "host_connections": self.machine.host_connections(),
+                }
         except EmberError as exc:
             return {"ok": False, "error": str(exc)}
         except OSError as exc:
@@ -176,6 +181,8 @@ def request(
             data, _ = _read_line(sock)
         except OSError as exc:
             raise EmberError(f"the VMM's control socket did not answer: {exc}") from None
+    if not data:
+        raise EmberError(f"the VMM closed the control connection without answering {op!r}")
     try:
         reply: dict[str, Any] = json.loads(data)
     except ValueError:

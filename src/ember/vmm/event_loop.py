@@ -25,6 +25,7 @@ class EventLoop:
         self._selector.register(self._stop_fd, selectors.EVENT_READ, None)
         self._thread: threading.Thread | None = None
         self._tick: tuple[float, Callable[[], float]] | None = None
+        self._on_start: Callable[[], None] | None = None
         self.callback_errors = 0
 
     def set_tick(self, interval: float, callback: Callable[[], float]) -> None:
@@ -53,11 +54,15 @@ class EventLoop:
         except KeyError:
             pass
 
-    def start(self) -> None:
+    def start(self, on_start: Callable[[], None] | None = None) -> None:
+        """Serve on a new thread; ``on_start`` runs first on it (e.g. to install seccomp)."""
+        self._on_start = on_start
         self._thread = threading.Thread(target=self._run, name="ember-events", daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
+        if self._on_start is not None:
+            self._on_start()
         interval = self._tick[0] if self._tick is not None else None
         next_tick = time.monotonic() + interval if interval is not None else None
         while True:

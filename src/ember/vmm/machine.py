@@ -12,6 +12,7 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 from ember.devices.bus import Bus
@@ -71,15 +72,47 @@ class Machine:
         """The guest pulsed the reset line (i8042 0xFE)."""
         self.request_stop(StopReason(StopKind.REBOOT, "i8042 reset"))
 
-    def run(self, timeout: float | None = None) -> StopReason:
+    def run(
+        self,
+        timeout: float | None = None,
+        confine: Callable[[str], None] | None = None,
+        on_running: Callable[[], None] | None = None,
+    ) -> StopReason:
+        """Run until the first stop reason.
+
+        ``confine(role)`` is called first thing on each thread ("events",
+        "vcpu", then "main"): it installs the seccomp filters.  ``on_running``
+        is called once every thread is confined (the launcher's "ready").
+        """
         if self.state is not VmState.CREATED:
             raise RuntimeError(f"cannot run a machine that is {self.state.value}")
         install_kick_handler()
         self.state = VmState.RUNNING
         try:
-            self.events.start()
+            confined: list[threading.Event] = []
+
+            def hook(role: str) -> Callable[[], None] | None:
+                if confine is None:
+                    return None
+                done = threading.Event()
+                confined.append(done)
+
+                def setup() -> None:
+                    confine(role)
+                    done.set()
+
+                return setup
+
+            self.events.start(on_start=hook("events"))
             for thread in self.vcpu_threads:
+                thread.on_start = hook("vcpu")
                 thread.start()
+            for done in confined:
+                done.wait()
+            if confine is not None:
+                confine("main")
+            if on_running is not None:
+                on_running()
             try:
                 reason = self._stops.get(timeout=timeout)
             except queue.Empty:
@@ -103,6 +136,11 @@ class Machine:
     def resume(self) -> None:
         for thread in self.vcpu_threads:
             thread.resume()
+
+    def host_connections(self) -> int:
+        """Open host-side vsock connections (a snapshot taken with some makes every restore
+        reset them, which costs the guest real time: templates wait for zero)."""
+        return sum(int(getattr(t.device, "host_connections", 0)) for t in self.slots.transports)
 
     @property
     def paused(self) -> bool:

@@ -61,6 +61,7 @@ class VcpuThread:
         self._want_park = False
         self._is_parked = False
         self.exits = 0
+        self.on_start: Callable[[], None] | None = None  # first thing on the thread (seccomp)
         self.thread = threading.Thread(target=self._run, name=f"vcpu{vcpu.index}", daemon=True)
 
     def start(self) -> None:
@@ -119,6 +120,8 @@ class VcpuThread:
 
     def _run(self) -> None:
         try:
+            if self.on_start is not None:
+                self.on_start()
             self._loop()
         except Exception as exc:  # a VMM bug must stop this VM, not hang it
             log.exception("vCPU %d failed", self.vcpu.index)
