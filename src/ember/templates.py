@@ -172,7 +172,6 @@ def list_templates() -> list[Template]:
 def _wait_warm(vmm: VmmProcess) -> None:
     """Ping until the agent's code worker is ready, so restores start warm."""
     from ember.client import AgentClient
-
     from ember.vmm import control
 
     client = AgentClient(vmm.connect)
