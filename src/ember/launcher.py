@@ -146,7 +146,7 @@ class VmmProcess:
                 sys.executable, "-m", "ember.cli.main", "boot",
                 "--kernel", str(kernel), "--initrd", str(initrd), "--rootfs", str(rootfs),
                 "--mem", str(spec.mem_mib), "--vcpus", str(spec.vcpus),
-                "--cpu-template", spec.cpu_template, "--vsock-uds", self.uds,
+                "--cpu-template", spec.cpu_template, "--vsock-uds", self.uds, "--balloon",
                 "--control", str(self.control_path), *self._jail_args(spec),
                 "--", *AGENT_ARGV,
             ]  # fmt: skip
@@ -180,8 +180,17 @@ class VmmProcess:
             console=self.console_path,
             exit_file=self.dir / EXIT_FILE,
             cgroup_procs=self.cgroup.procs_files() if self.cgroup is not None else [],
+            new_pid_ns=spec.jailed,  # the VMM is then PID 1 there: no relay process needed
         )
         self._wait_listening(spec.boot_timeout)
+
+    def control(self, op: str, **args: Any) -> dict[str, Any]:
+        """One request to the VMM's control socket (see ember.vmm.control)."""
+        from ember.vmm import control
+
+        if self.exited():
+            raise self.crashed("the sandbox is not running")
+        return control.request(self.control_path, op, **args)
 
     def _jail_args(self, spec: SandboxSpec) -> list[str]:
         args = ["--jail", str(self.dir)] if spec.jailed else []
@@ -203,7 +212,7 @@ class VmmProcess:
             if time.monotonic() > deadline:
                 raise SandboxTimeout(f"the sandbox was not restored within {timeout:.0f} s")
             time.sleep(delay)
-            delay = min(delay * 2, 0.01)
+            delay = min(delay * 2, 0.001)  # a stat() is cheap; a late wake-up is not
 
     def snapshot(self, directory: Path, *, durable: bool) -> dict[str, Any]:
         """Snapshot the running VM into ``directory`` (through the VMM's control socket)."""
@@ -297,6 +306,29 @@ class VmmProcess:
         except BaseException:
             sock.close()
             raise
+
+    def resume(self, port: int = protocol.AGENT_PORT) -> socket.socket | None:
+        """Take over a connection to ``port`` carried over in the snapshot (``RESUME``): the
+        agent at its end is already waiting for a request.  None if there is none."""
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.settimeout(HANDSHAKE_TIMEOUT)
+            sock.connect(self.uds)
+            sock.sendall(f"RESUME {port}\n".encode())
+            line = b""
+            while not line.endswith(b"\n") and len(line) < 64:
+                chunk = sock.recv(1)
+                if not chunk:
+                    break
+                line += chunk
+        except OSError:
+            sock.close()
+            return None
+        if not line.startswith(b"OK "):
+            sock.close()
+            return None
+        sock.settimeout(None)
+        return sock
 
     def crash_after_failure(self) -> SandboxCrashed | None:
         """After a failed call: the crash, if the VMM is gone (given a moment to die), else None.

@@ -140,6 +140,19 @@ class GuestMemory:
             region.mem[offset : offset + n] = chunk[:n]
             offset += n
 
+    def discard(self, addr: int, length: int) -> None:
+        """Give the host memory behind a page-aligned range back (the balloon's job).
+
+        ``MADV_DONTNEED``: anonymous RAM reads back as zeros, RAM mapped from a
+        snapshot's memory file as the file's content; either way the VMM's
+        private copy is freed.
+        """
+        if addr % PAGE_SIZE or length % PAGE_SIZE:
+            raise GuestMemoryError(f"discard of {addr:#x}+{length:#x} is not page aligned")
+        region, offset = self._find(addr, length)
+        if length:
+            region.mem.madvise(mmap.MADV_DONTNEED, offset, length)
+
     def view(self, addr: int, length: int) -> memoryview:
         """A zero-copy window; the caller must release it before :meth:`close`."""
         region, offset = self._find(addr, length)

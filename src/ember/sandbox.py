@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import socket
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from types import TracebackType
@@ -90,7 +91,7 @@ class Sandbox:
         self._vmm = vmm
         self._spec = spec
         self._closed = False
-        self._client = AgentClient(self._connect)
+        self._client = AgentClient(self._connect, resume=self._vmm.resume)
         self._channels = ChannelServer(self._vmm.take_channel_listener())
         self.files = SandboxFiles(self)
 
@@ -179,6 +180,41 @@ class Sandbox:
     def channel(self, name: str, *, timeout: float | None = None) -> Iterator[bytes]:
         """Frames guest code sends with ``ember.agent.channel(name)``, in order."""
         return self._channels.channel(name, timeout=timeout)
+
+    def set_memory(self, target_mib: int, *, timeout: float = 120.0) -> int:
+        """Shrink (or grow back) the guest's usable RAM to ``target_mib`` with the balloon.
+
+        The guest gives the difference back to the host; returns the MiB the
+        guest holds once the balloon has settled (or when ``timeout`` runs out).
+        """
+        state = self._vmm.control("balloon")
+        page_mib = 256  # 4 KiB pages per MiB
+        total_mib = state["mem_pages"] // page_mib
+        if not 0 < target_mib <= total_mib:
+            raise ValueError(f"target {target_mib} MiB: choose 1..{total_mib} (the guest's RAM)")
+        want = (total_mib - target_mib) * page_mib
+        state = self._vmm.control("balloon", target_pages=want)
+        deadline = time.monotonic() + timeout
+        while state["actual_pages"] != want and time.monotonic() < deadline:
+            time.sleep(0.1)
+            state = self._vmm.control("balloon")
+        return int(total_mib - state["actual_pages"] // page_mib)
+
+    def memory_stats(self, *, timeout: float = 30.0) -> dict[str, int]:
+        """The guest's memory statistics (bytes and counts, virtio-balloon §5.5.6.3 names) plus
+        the balloon's own: ``balloon_mib``, ``reported_mib`` (freed by free page reporting)."""
+        before = self._vmm.control("balloon", refresh_stats=True)
+        state = before
+        deadline = time.monotonic() + timeout
+        while state["stats_updates"] == before["stats_updates"]:
+            if time.monotonic() > deadline:
+                raise SandboxError("the guest did not report memory statistics in time")
+            time.sleep(0.05)
+            state = self._vmm.control("balloon")
+        stats = {str(k): int(v) for k, v in state["guest_stats"].items()}
+        stats["balloon_mib"] = state["actual_pages"] // 256
+        stats["reported_mib"] = state["reported_bytes"] >> 20
+        return stats
 
     def connect(self, port: int) -> socket.socket:
         """A stream socket to ``port`` in the guest (a vsock listener there), e.g. a server

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ember.client import AgentClient
 from ember.errors import ConfigError, SandboxError, SnapshotError
 from ember.images.cache import KeyHasher, build_lock, cache_root, install, staging_dir
 from ember.launcher import AGENT_ARGV, SandboxSpec, VmmProcess, resolve_images
@@ -67,6 +68,7 @@ def default_key(spec: SandboxSpec) -> str:
         ("kernel", str(kernel)), ("initrd", str(initrd)), ("rootfs", str(rootfs)),
         ("mem_mib", spec.mem_mib), ("vcpus", spec.vcpus), ("cpu_template", spec.cpu_template),
         ("format", FORMAT_VERSION), ("agent", " ".join(AGENT_ARGV)),
+        ("devices", "rootfs vsock balloon"),
     ):  # fmt: skip
         key.add(label, value)
     return key.hexdigest()[:16]
@@ -86,8 +88,9 @@ def build(name: str = DEFAULT, spec: SandboxSpec | None = None) -> Template:
         staging = staging_dir(final)
         vmm = VmmProcess(spec)
         try:
-            _wait_warm(vmm)
+            client = _wait_warm(vmm)
             timings = vmm.snapshot(staging, durable=True)
+            client.close()
         finally:
             vmm.close()
         meta = {"name": name, "created": time.time(), "from": "image", "snapshot": timings}
@@ -169,9 +172,9 @@ def list_templates() -> list[Template]:
     return found
 
 
-def _wait_warm(vmm: VmmProcess) -> None:
-    """Ping until the agent's code worker is ready, so restores start warm."""
-    from ember.client import AgentClient
+def _wait_warm(vmm: VmmProcess) -> AgentClient:
+    """Ping until the agent's code worker is ready, so restores start warm; return the client
+    holding one idle agent connection, which every restore can take over (vsock RESUME)."""
     from ember.vmm import control
 
     client = AgentClient(vmm.connect)
@@ -184,8 +187,11 @@ def _wait_warm(vmm: VmmProcess) -> None:
         time.sleep(0.2)
     # Let the last connection close: one still open in the snapshot would be reset in
     # every restored copy, which costs each of them ~0.1 s of guest-kernel time here.
+    client.close()
     settle = time.monotonic() + SETTLE_TIMEOUT_S
     while control.request(vmm.control_path, "status")["host_connections"]:
         if time.monotonic() > settle:
             break
         time.sleep(0.05)
+    client.ping()  # kept open: the agent waits on it for the next request
+    return client

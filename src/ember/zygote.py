@@ -16,7 +16,8 @@ exit status to the file named in the request, which
 
 Requests and replies are JSON lines::
 
-    {"argv": [...], "console": PATH, "cgroup_procs": [PATH...], "exit_file": PATH}
+    {"argv": [...], "console": PATH, "cgroup_procs": [PATH...], "exit_file": PATH,
+     "new_pid_ns": BOOL}
     {"pid": 1234}  or  {"error": "..."}
 """
 
@@ -47,9 +48,13 @@ EXIT_WAIT_S = 2.0  # how long after a child's death its status file may take to 
 
 
 def _preload() -> None:
-    """Import everything a VMM child runs, so no child pays for it."""
+    """Import everything a VMM child runs (and compile its seccomp filters), so no child
+    pays for it."""
     import ember.cli.main
+    import ember.devices.virtio.balloon.device
     import ember.devices.virtio.vsock.device
+    import ember.jailer.jail
+    import ember.jailer.seccomp
     import ember.snapshot.machine_state
     import ember.vmm.builder
     import ember.vmm.control
@@ -117,6 +122,28 @@ def _reap(exit_files: dict[int, str]) -> None:
 
 
 PR_SET_CHILD_SUBREAPER = 36
+CLONE_NEWPID = 0x20000000
+_own_pid_ns: int | None = None
+
+
+def _enter_new_pid_ns_for_next_child() -> None:
+    """The next fork becomes PID 1 of a new PID namespace (a jailed VMM needs no relay).
+
+    ``unshare(CLONE_NEWPID)`` only changes where *children* go, and works
+    once; ``setns`` back to our own namespace re-arms it for the next child.
+    """
+    global _own_pid_ns
+    libc = ctypes.CDLL(None, use_errno=True)
+    if _own_pid_ns is None:
+        _own_pid_ns = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
+    if libc.unshare(CLONE_NEWPID) != 0:
+        raise OSError(ctypes.get_errno(), "unshare(CLONE_NEWPID)")
+
+
+def _back_to_own_pid_ns() -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    if _own_pid_ns is not None and libc.setns(_own_pid_ns, CLONE_NEWPID) != 0:
+        raise OSError(ctypes.get_errno(), "setns back to our PID namespace")
 
 
 def serve(sock: socket.socket) -> None:
@@ -159,9 +186,23 @@ def _spawn(
             return {"error": "a request needs argv and console"}
     except ValueError as exc:
         return {"error": f"bad request: {exc}"}
-    pid = os.fork()
+    new_pid_ns = bool(request.get("new_pid_ns"))
+    if new_pid_ns:
+        try:
+            _enter_new_pid_ns_for_next_child()
+        except OSError as exc:
+            return {"error": f"cannot make a PID namespace: {exc}"}
+    try:
+        pid = os.fork()
+    except OSError as exc:
+        pid = -1
+        error = str(exc)
     if pid == 0:
-        _child(request, sock, wakeup)
+        _child(request, sock, wakeup)  # never returns
+    if new_pid_ns:
+        _back_to_own_pid_ns()  # in the parent only: a child cannot leave its namespace
+    if pid < 0:
+        return {"error": f"fork failed: {error}"}
     if isinstance(request.get("exit_file"), str):
         exit_files[pid] = request["exit_file"]
     return {"pid": pid}
@@ -260,13 +301,20 @@ class Zygote:
             return cls._instance
 
     def spawn(
-        self, argv: list[str], *, console: Path, exit_file: Path, cgroup_procs: list[str]
+        self,
+        argv: list[str],
+        *,
+        console: Path,
+        exit_file: Path,
+        cgroup_procs: list[str],
+        new_pid_ns: bool = False,
     ) -> ZygoteChild:
         request = {
             "argv": argv,
             "console": str(console),
             "exit_file": str(exit_file),
             "cgroup_procs": cgroup_procs,
+            "new_pid_ns": new_pid_ns,
         }
         with self._lock:
             try:

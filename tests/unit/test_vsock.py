@@ -901,13 +901,15 @@ def test_socat_talks_to_the_device(
         listener.close()
 
 
-def test_restore_resets_each_connection_of_the_snapshot_first(
+def test_restore_resets_each_busy_connection_of_the_snapshot_first(
     guest: FakeGuest, uds: Path, dev: Vsock, events: EventLoop, tmp_path: Path
 ) -> None:
     guest.give_rx(8)
     client, local = host_connect(guest, uds, 1024)
+    client.sendall(b"in flight")  # delivered to the guest, not yet acknowledged by it
+    guest.wait_packet(lambda p: p.op == VIRTIO_VSOCK_OP_RW)
     state = dev.save_state()
-    assert state == {"connections": [[local, 1024]]}
+    assert state == {"connections": [[local, 1024]], "resumable": []}
     restored = Vsock(GUEST_CID, tmp_path / "restored.sock", events)
     fresh = FakeGuest(restored)
     try:
@@ -917,6 +919,41 @@ def test_restore_resets_each_connection_of_the_snapshot_first(
         rst = fresh.wait_packet(lambda p: p.op == VIRTIO_VSOCK_OP_RST)
         assert (rst.hdr.src_port, rst.hdr.dst_port, rst.hdr.dst_cid) == (local, 1024, GUEST_CID)
         assert restored.host_connections == 0  # nothing on the host side came along
+    finally:
+        fresh.close()
+        client.close()
+
+
+def test_a_quiet_connection_is_resumed_by_a_new_host_client(
+    guest: FakeGuest, uds: Path, dev: Vsock, events: EventLoop, tmp_path: Path
+) -> None:
+    guest.give_rx(8)
+    client, local = host_connect(guest, uds, 1024)
+    state = dev.save_state()
+    assert state["connections"] == [] and [r["local_port"] for r in state["resumable"]] == [local]
+    restored_uds = tmp_path / "restored.sock"
+    restored = Vsock(GUEST_CID, restored_uds, events)
+    fresh = FakeGuest(restored)
+    try:
+        restored.load_state(state)
+        restored.restored()
+        fresh.give_rx(8)
+        taker = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        taker.settimeout(TIMEOUT)
+        taker.connect(str(restored_uds))
+        taker.sendall(b"RESUME 1024\nping")
+        assert read_line(taker) == f"OK {local}\n".encode()
+        assert guest_data(fresh, local, 1024, 4) == b"ping"  # no REQUEST: it was open already
+        assert not fresh.take(VIRTIO_VSOCK_OP_REQUEST)
+        fresh.send(VIRTIO_VSOCK_OP_RW, 1024, local, payload=b"pong")
+        assert recv_exactly(taker, 4) == b"pong"
+        second = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        second.settimeout(TIMEOUT)
+        second.connect(str(restored_uds))
+        second.sendall(b"RESUME 1024\n")
+        assert is_closed(second)  # only one client takes a carried-over connection
+        taker.close()
+        second.close()
     finally:
         fresh.close()
         client.close()

@@ -37,6 +37,7 @@ from ember.agent.execute import handle_exec
 from ember.agent.files import FILE_OPS
 from ember.agent.runcode import CodeRunner
 from ember.protocol import (
+    KEEPALIVE_OPS,
     PROTOCOL_VERSION,
     Kind,
     ProtocolError,
@@ -147,23 +148,8 @@ class AgentServer:
 
     def _serve_connection(self, conn: socket.socket) -> None:
         try:
-            frame = read_frame(conn)
-            if frame is None:
-                return
-            kind, payload = frame
-            if kind is not Kind.REQUEST:
-                raise ProtocolError(f"the first frame must be a REQUEST, not {kind.name}")
-            request = decode_json(payload)
-            op = request.get("op")
-            handler = self._ops.get(op) if isinstance(op, str) else None
-            try:
-                if handler is None:
-                    raise BadRequest(f"unknown op {op!r}; known: {', '.join(sorted(self._ops))}")
-                handler(conn, request)
-            except (ProtocolError, ClientGone):
-                raise
-            except Exception as exc:
-                self._reply_error(conn, type(exc).__name__, str(exc))
+            while self._serve_request(conn):
+                pass  # the host kept the connection for its next short request
         except ProtocolError as exc:
             self._reply_error(conn, "ProtocolError", str(exc))
         except (ClientGone, OSError):
@@ -176,6 +162,27 @@ class AgentServer:
             except OSError:
                 pass
             conn.close()
+
+    def _serve_request(self, conn: socket.socket) -> bool:
+        """One request; True if the host asked to keep the connection for another."""
+        frame = read_frame(conn)
+        if frame is None:
+            return False
+        kind, payload = frame
+        if kind is not Kind.REQUEST:
+            raise ProtocolError(f"the first frame must be a REQUEST, not {kind.name}")
+        request = decode_json(payload)
+        op = request.get("op")
+        handler = self._ops.get(op) if isinstance(op, str) else None
+        try:
+            if handler is None:
+                raise BadRequest(f"unknown op {op!r}; known: {', '.join(sorted(self._ops))}")
+            handler(conn, request)
+        except (ProtocolError, ClientGone):
+            raise
+        except Exception as exc:
+            self._reply_error(conn, type(exc).__name__, str(exc))
+        return request.get("keepalive") is True and op in KEEPALIVE_OPS
 
     @staticmethod
     def _reply_error(conn: socket.socket, type_name: str, message: str) -> None:

@@ -98,6 +98,11 @@ def register(sub: Any) -> None:
         "(clients send 'CONNECT <port>\\n'; guest connections reach PATH_<port>)",
     )
     p.add_argument(
+        "--balloon",
+        action="store_true",
+        help="add a virtio-balloon device (memory given back: inflate, free page reporting)",
+    )
+    p.add_argument(
         "--guest-cid", type=int, default=None, metavar="CID", help="vsock CID (default 3)"
     )
     p.add_argument("workload", nargs=argparse.REMAINDER, help="-- CMD [ARGS...] to run (--rootfs)")
@@ -189,6 +194,7 @@ _LATE_IMPORTS = (
     "ember.vmm.control",
     "ember.vmm.idle",
     "ember.devices.virtio.vsock.device",
+    "ember.devices.virtio.balloon.device",
     "ctypes",
     "hashlib",
     "json",
@@ -240,5 +246,6 @@ def _build(args: argparse.Namespace, console: ConsoleSink) -> Machine:
         workload=tuple(workload),
         vsock_uds=args.vsock_uds,
         guest_cid=args.guest_cid if args.guest_cid is not None else 3,
+        balloon=args.balloon,
     )
     return build_machine(config, console)

@@ -119,6 +119,8 @@ def enter_pid_namespace() -> None:
     SIGHUP and leaves with the child's status, or dies of the child's signal,
     so whoever started us sees exactly what the VMM did.
     """
+    if os.getpid() == 1:
+        return  # forked into a new PID namespace already (the zygote does that)
     _check(_libc.unshare(CLONE_NEWPID), "unshare(CLONE_NEWPID)")
     pid = os.fork()
     if pid == 0:

@@ -112,6 +112,8 @@ class _Lib:
         lib.seccomp_rule_add_array.restype = ctypes.c_int
         lib.seccomp_load.argtypes = [ctypes.c_void_p]
         lib.seccomp_load.restype = ctypes.c_int
+        lib.seccomp_export_bpf.argtypes = [ctypes.c_void_p, ctypes.c_int]
+        lib.seccomp_export_bpf.restype = ctypes.c_int
         lib.seccomp_release.argtypes = [ctypes.c_void_p]
         lib.seccomp_release.restype = None
         self.lib = lib
@@ -128,13 +130,63 @@ def syscall_names(role: Role) -> tuple[str, ...]:
 
 
 def preload() -> None:
-    """Load libseccomp before the chroot (the library file is outside the jail)."""
-    _Lib.get()
+    """Load libseccomp and compile the filters before the chroot (the library is outside)."""
+    precompile()
+
+
+_compiled: dict[Role, bytes] = {}
+PR_SET_NO_NEW_PRIVS = 38
+PR_SET_SECCOMP = 22
+SECCOMP_MODE_FILTER = 2
+
+
+class sock_fprog(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
+
+
+def precompile() -> None:
+    """Compile every role's filter now (the zygote does, so no VMM pays ~1.5 ms per role)."""
+    for role in Role:
+        program(role)
+
+
+def program(role: Role) -> bytes:
+    """``role``'s filter as classic BPF (struct sock_filter[]), compiled once per process."""
+    if role not in _compiled:
+        read_end, write_end = os.pipe()
+        try:
+            lib = _Lib.get().lib
+            ctx = _build(lib, role)
+            try:
+                _check(lib.seccomp_export_bpf(ctx, write_end), "seccomp_export_bpf")
+            finally:
+                lib.seccomp_release(ctx)
+            os.close(write_end)
+            write_end = -1
+            chunks = []
+            while chunk := os.read(read_end, 65536):
+                chunks.append(chunk)
+            _compiled[role] = b"".join(chunks)
+        finally:
+            os.close(read_end)
+            if write_end >= 0:
+                os.close(write_end)
+    return _compiled[role]
 
 
 def install(role: Role) -> None:
     """Confine the calling thread (and any thread it starts) to ``role``'s allow-list."""
-    lib = _Lib.get().lib
+    code = program(role)
+    libc = ctypes.CDLL(None, use_errno=True)
+    buf = ctypes.create_string_buffer(code, len(code))
+    prog = sock_fprog(len(code) // 8, ctypes.addressof(buf))
+    if libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
+        raise ConfigError(f"seccomp: PR_SET_NO_NEW_PRIVS failed: {os.strerror(ctypes.get_errno())}")
+    if libc.prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.byref(prog), 0, 0) != 0:
+        raise ConfigError(f"seccomp: loading the filter failed: {os.strerror(ctypes.get_errno())}")
+
+
+def _build(lib: ctypes.CDLL, role: Role) -> int:
     ctx = lib.seccomp_init(SCMP_ACT_KILL_PROCESS)
     if not ctx:
         raise ConfigError("seccomp_init failed")
@@ -150,9 +202,10 @@ def install(role: Role) -> None:
                 _allow_non_kvm_ioctls(lib, ctx, number)
                 continue
             _check(lib.seccomp_rule_add_array(ctx, SCMP_ACT_ALLOW, number, 0, None), name)
-        _check(lib.seccomp_load(ctx), "seccomp_load")
-    finally:
+    except BaseException:
         lib.seccomp_release(ctx)
+        raise
+    return int(ctx)
 
 
 # Terminal and socket ioctls CPython may issue (isatty on the console, FIONBIO).

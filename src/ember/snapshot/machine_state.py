@@ -41,6 +41,7 @@ def config_to_state(config: VmConfig) -> dict[str, Any]:
         "disks": [str(d.path) for d in config.disks],
         "vsock": config.vsock_uds is not None,
         "guest_cid": config.guest_cid,
+        "balloon": config.balloon,
     }
 
 
@@ -66,6 +67,7 @@ def config_from_state(
         disks=disks,
         vsock_uds=vsock_uds if state["vsock"] else None,
         guest_cid=guest_cid if guest_cid is not None else int(state["guest_cid"]),
+        balloon=bool(state.get("balloon", False)),
     )
 
 

@@ -209,6 +209,10 @@ def _create_vm(config: VmConfig, memory: GuestMemory, undo: ExitStack) -> _VmPar
         from ember.devices.virtio.vsock.device import Vsock
 
         slots.attach(Vsock(config.guest_cid, config.vsock_uds, events))
+    if config.balloon:
+        from ember.devices.virtio.balloon.device import Balloon
+
+        slots.attach(Balloon())
     return _VmParts(kvm, vm, Bus("pio"), mmio, events, slots)
 
 

@@ -56,6 +56,8 @@ class VmConfig:
     # virtio-vsock: the host side is a Unix socket (Firecracker's hybrid vsock protocol).
     vsock_uds: Path | None = None
     guest_cid: int = 3
+    # virtio-balloon: memory the guest gives back (inflate, free page reporting).
+    balloon: bool = False
 
     def full_cmdline(self) -> str:
         """The user's command line plus what ember-init needs to find the root and workload."""

@@ -83,6 +83,8 @@ class ControlServer:
                 return self._snapshot(request, fds)
             if op.startswith("debug-") and self.debug:
                 return _debug(op, request)
+            if op == "balloon":
+                return self._balloon(request)
             if op == "pause":
                 self.machine.pause()
                 return {"ok": True}
@@ -95,6 +97,8 @@ class ControlServer:
                     "paused": self.machine.paused,
                     "pid": os.getpid(),
                     "host_connections": self.machine.host_connections(),
+                    "devices": self.machine.device_stats(),
+                    "vcpu_cpu_s": [t.cpu_seconds() for t in self.machine.vcpu_threads],
                 }
         except EmberError as exc:
             return {"ok": False, "error": str(exc)}
@@ -119,6 +123,30 @@ class ControlServer:
             os.close(state_fd)
             os.close(memory_fd)
         return {"ok": True, **timings}
+
+    def _balloon(self, request: dict[str, Any]) -> dict[str, Any]:
+        """Set the balloon's target and/or ask for fresh guest statistics; report its state."""
+        from ember.devices.virtio.balloon.device import Balloon
+
+        balloon = self.machine.device(Balloon)
+        if balloon is None:
+            return {"ok": False, "error": "this VM has no balloon device"}
+        target = request.get("target_pages")
+        if target is not None:
+            if not isinstance(target, int) or target < 0:
+                return {"ok": False, "error": "target_pages must be a non-negative integer"}
+            balloon.set_target(target)
+        if request.get("refresh_stats"):
+            balloon.request_stats()
+        return {
+            "ok": True,
+            "mem_pages": self.machine.memory.size // 4096,
+            "target_pages": balloon.target_pages,
+            "actual_pages": balloon.actual_pages,
+            "guest_stats": dict(balloon.guest_stats),
+            "stats_updates": balloon.stats.stats_updates,
+            "reported_bytes": balloon.stats.reported_bytes,
+        }
 
     def close(self) -> None:
         self._sock.close()

@@ -13,7 +13,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 from ember.devices.bus import Bus
 from ember.devices.legacy.serial import Serial8250
@@ -29,6 +29,7 @@ from ember.vmm.vcpu import VcpuThread, install_kick_handler
 from ember.vmm.virtio_slots import VirtioSlots
 
 log = logging.getLogger(__name__)
+_D = TypeVar("_D")
 
 
 class Machine:
@@ -141,6 +142,22 @@ class Machine:
         """Open host-side vsock connections (a snapshot taken with some makes every restore
         reset them, which costs the guest real time: templates wait for zero)."""
         return sum(int(getattr(t.device, "host_connections", 0)) for t in self.slots.transports)
+
+    def device(self, kind: type[_D]) -> _D | None:
+        """The first device of a type, if the VM has one."""
+        for transport in self.slots.transports:
+            if isinstance(transport.device, kind):
+                return transport.device
+        return None
+
+    def device_stats(self) -> dict[str, dict[str, int]]:
+        """Each device's counters (those that keep some), by device class name."""
+        found: dict[str, dict[str, int]] = {}
+        for transport in self.slots.transports:
+            stats = getattr(transport.device, "stats", None)
+            if stats is not None and hasattr(stats, "__dataclass_fields__"):
+                found[transport.name] = dict(vars(stats))
+        return found
 
     @property
     def paused(self) -> bool:

@@ -158,6 +158,42 @@ class Connection:
     def key(self) -> tuple[int, int]:
         return self.local_port, self.peer_port
 
+    # -- snapshots --------------------------------------------------------------------------
+
+    _RESUMABLE = (
+        "local_port", "peer_port", "buf_alloc", "peer_buf_alloc", "peer_fwd_cnt", "tx_cnt",
+        "fwd_cnt", "last_fwd_cnt_sent",
+    )  # fmt: skip
+
+    def resumable_state(self) -> dict[str, int] | None:
+        """The counters a restored copy needs to carry on, if nothing is in flight.
+
+        Only an established, quiet connection qualifies: no control op owed,
+        no shutdown, nothing buffered either way, everything sent consumed by
+        the guest, nothing unread on the host socket.
+        """
+        if (
+            self.state is not ConnState.ESTABLISHED
+            or self.pending
+            or self.shutdown_flags
+            or self.peer_shutdown
+            or self.tx_buf
+            or self.tx_cnt != self.peer_fwd_cnt
+        ):
+            return None
+        try:
+            if self.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT):
+                return None
+        except BlockingIOError:
+            pass
+        except OSError:
+            return None
+        return {name: int(getattr(self, name)) for name in self._RESUMABLE}
+
+    def load_resumable_state(self, state: dict[str, int]) -> None:
+        for name in self._RESUMABLE:
+            setattr(self, name, int(state[name]) & U32)
+
     # -- credit -----------------------------------------------------------------------------
 
     def peer_credit(self) -> int:

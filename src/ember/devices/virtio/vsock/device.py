@@ -101,6 +101,7 @@ class Vsock(VirtioDevice):
         self._closed = False
         self.on_host_activity: Callable[[], None] | None = None
         self._restored_keys: list[tuple[int, int]] = []
+        self._resumable: list[dict[str, Any]] = []
         self._host_fd = self.muxer.fileno()
         events.add_reader(self._host_fd, self._on_host_ready)
 
@@ -165,16 +166,25 @@ class Vsock(VirtioDevice):
 
     def save_state(self) -> dict[str, Any]:
         with self.lock:
-            return {"connections": [list(key) for key in self.muxer.connection_keys()]}
+            resumable = self.muxer.resumable_state()
+            keep = {(s["local_port"], s["peer_port"]) for s in resumable}
+            return {
+                "connections": [list(k) for k in self.muxer.connection_keys() if k not in keep],
+                "resumable": resumable,
+            }
 
     def load_state(self, state: dict[str, Any]) -> None:
         self._restored_keys = [(int(a), int(b)) for a, b in state.get("connections", [])]
+        self._resumable = [dict(s) for s in state.get("resumable", [])]
 
     def restored(self) -> None:
-        """The host ends of the snapshot's connections do not exist here: reset the guest ends."""
+        """The host ends of the snapshot's connections do not exist here: reset the guest ends,
+        except the quiet ones kept for a host client's ``RESUME``."""
         with self.lock:
             self.muxer.reset_guest_ends(self._restored_keys)
+            self.muxer.add_resumable(self._resumable)
             self._restored_keys = []
+            self._resumable = []
             if self.active and not self.needs_reset:
                 self._pump_rx()
 

@@ -36,16 +36,26 @@ class HandshakeError(Exception):
 
 def parse_connect(line: bytes) -> int:
     """The port of a ``CONNECT <port>\\n`` line (keyword case-insensitive, like Firecracker)."""
+    verb, port = parse_request(line)
+    if verb != "CONNECT":
+        raise HandshakeError(f"expected 'CONNECT <port>', got {line[:MAX_LINE]!r}")
+    return port
+
+
+def parse_request(line: bytes) -> tuple[str, int]:
+    """``CONNECT <port>`` or Ember's ``RESUME <port>``: take over a guest connection that
+    was open when the VM's snapshot was taken (an agent already waiting for a request)."""
     try:
         words = line.decode("ascii").split()
     except UnicodeDecodeError:
         raise HandshakeError("the CONNECT line is not ASCII") from None
-    if len(words) != 2 or words[0].upper() != "CONNECT" or not words[1].isdigit():
+    verbs = ("CONNECT", "RESUME")
+    if len(words) != 2 or words[0].upper() not in verbs or not words[1].isdigit():
         raise HandshakeError(f"expected 'CONNECT <port>', got {line[:MAX_LINE]!r}")
     port = int(words[1])
     if port > 0xFFFF_FFFF:
         raise HandshakeError(f"port {port} does not fit 32 bits")
-    return port
+    return words[0].upper(), port
 
 
 class PendingClient:
@@ -57,8 +67,8 @@ class PendingClient:
         self.line = bytearray()
         self.deadline = time.monotonic() + timeout
 
-    def read_line(self) -> int | None:
-        """Consume what arrived of the line; the port once it is complete, else None.
+    def read_line(self) -> tuple[str, int] | None:
+        """Consume what arrived of the line; (verb, port) once it is complete, else None.
 
         Raises HandshakeError on end of file, garbage, or an overlong line.
         """
@@ -74,7 +84,7 @@ class PendingClient:
         take = len(data) if newline < 0 else newline + 1
         self.line += self.sock.recv(take)  # exactly the bytes just peeked at
         if newline >= 0:
-            return parse_connect(bytes(self.line))
+            return parse_request(bytes(self.line))
         if len(self.line) >= MAX_LINE:
             raise HandshakeError(f"no newline in the first {MAX_LINE} bytes")
         return None

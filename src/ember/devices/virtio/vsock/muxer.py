@@ -66,6 +66,7 @@ from ember.memory import GuestMemory
 log = logging.getLogger(__name__)
 
 LOCAL_PORT_MIN = 1 << 30
+MAX_RESUMABLE = 8  # connections a snapshot carries over for RESUME
 LOCAL_PORT_MAX = 0xFFFF_FFFE  # 0xFFFF_FFFF is VMADDR_PORT_ANY
 MAX_CONNECTIONS = 1024
 MAX_PENDING_CLIENTS = 64
@@ -104,6 +105,9 @@ class VsockMuxer:
         self.epoll.register(self.listener.fileno(), select.EPOLLIN)
         self.epoll.register(self.timer.fd, select.EPOLLIN)
         self.connections: dict[tuple[int, int], Connection] = {}
+        # Carried over from a snapshot, waiting for a host client's RESUME (their guest
+        # ends are open; a guest packet for one before that resets it).
+        self._resumable: dict[tuple[int, int], dict[str, int]] = {}
         self._by_fd: dict[int, Connection] = {}
         self._clients: dict[int, PendingClient] = {}
         self._rx_ready: dict[tuple[int, int], None] = {}  # an ordered set: round-robin
@@ -158,15 +162,19 @@ class VsockMuxer:
 
     def _handshake(self, client: PendingClient) -> None:
         try:
-            port = client.read_line()
+            request = client.read_line()
         except HandshakeError as exc:
             log.debug("vsock: host client dropped: %s", exc)
             self.stats.handshake_errors += 1
             self._drop_client(client, close=True)
             return
-        if port is None:
+        if request is None:
             return
+        verb, port = request
         self._drop_client(client, close=False)
+        if verb == "RESUME":
+            self._resume(client.sock, port)
+            return
         local_port = self._alloc_port(port)
         if local_port is None:
             self.stats.refused += 1
@@ -223,7 +231,10 @@ class VsockMuxer:
         if why is not None:
             self._bad(why)
             return
-        conn = self.connections.get((hdr.dst_port, hdr.src_port))
+        key = (hdr.dst_port, hdr.src_port)
+        if self._resumable.pop(key, None) is not None:
+            self._local_ports.discard(key[0])  # the guest moved first: that one is gone
+        conn = self.connections.get(key)
         if hdr.type != VIRTIO_VSOCK_TYPE_STREAM or hdr.op not in KNOWN_OPS:
             self._bad(f"type {hdr.type} {hdr.op_name}")
             if conn is not None:
@@ -387,6 +398,41 @@ class VsockMuxer:
                 what.expire(now)
                 self._sync(what)
         self._arm()
+
+    # -- connections carried over a snapshot ------------------------------------------------
+
+    def resumable_state(self, limit: int = MAX_RESUMABLE) -> list[dict[str, int]]:
+        """Idle, clean connections a restored copy can hand to a new host client (RESUME)."""
+        found: list[dict[str, int]] = []
+        for conn in self.connections.values():
+            if len(found) >= limit:
+                break
+            state = conn.resumable_state()
+            if state is not None:
+                found.append(state)
+        return found
+
+    def add_resumable(self, states: list[dict[str, int]]) -> None:
+        for state in states[:MAX_RESUMABLE]:
+            self._resumable[(int(state["local_port"]), int(state["peer_port"]))] = state
+
+    def _resume(self, sock: socket.socket, peer_port: int) -> None:
+        """Attach a host client to a carried-over connection to ``peer_port``, or refuse."""
+        key = next((k for k in self._resumable if k[1] == peer_port), None)
+        if key is None or key in self.connections:
+            self.stats.refused += 1
+            sock.close()
+            return
+        state = self._resumable.pop(key)
+        conn = self._new(sock, key[0], key[1], ConnState.ESTABLISHED)
+        conn.load_resumable_state(state)
+        self._local_ports.add(key[0])
+        conn.initiated_by_host = True
+        try:
+            sock.send(f"OK {key[0]}\n".encode(), socket.MSG_NOSIGNAL)
+        except OSError:
+            conn.kill("the host client went away during RESUME", host_error=True)
+        self._sync(conn)
 
     def connection_keys(self) -> list[tuple[int, int]]:
         """(host port, guest port) of every connection the guest knows about."""
