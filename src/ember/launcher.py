@@ -43,6 +43,7 @@ VSOCK_NAME = "v.sock"
 CONTROL_NAME = "control.sock"
 EXIT_FILE = "exit-status"
 READY_FILE = "ready"
+PAGES_PER_MIB = 256
 HANDSHAKE_TIMEOUT = 30.0
 CRASH_GRACE = 5.0  # seconds to let a dying VMM exit before calling a failure a crash
 DEFAULT_MEM_MIB = 256
@@ -191,6 +192,35 @@ class VmmProcess:
         if self.exited():
             raise self.crashed("the sandbox is not running")
         return control.request(self.control_path, op, **args)
+
+    def set_memory(self, target_mib: int, *, timeout: float) -> int:
+        """Move the balloon so the guest keeps ``target_mib``; the MiB it holds once settled."""
+        state = self.control("balloon")
+        total_mib = state["mem_pages"] // PAGES_PER_MIB
+        if not 0 < target_mib <= total_mib:
+            raise ValueError(f"target {target_mib} MiB: choose 1..{total_mib} (the guest's RAM)")
+        want = (total_mib - target_mib) * PAGES_PER_MIB
+        state = self.control("balloon", target_pages=want)
+        deadline = time.monotonic() + timeout
+        while state["actual_pages"] != want and time.monotonic() < deadline:
+            time.sleep(0.1)
+            state = self.control("balloon")
+        return int(total_mib - state["actual_pages"] // PAGES_PER_MIB)
+
+    def memory_stats(self, *, timeout: float) -> dict[str, int]:
+        """Fresh guest memory statistics through the balloon's stats queue."""
+        before = self.control("balloon", refresh_stats=True)
+        state = before
+        deadline = time.monotonic() + timeout
+        while state["stats_updates"] == before["stats_updates"]:
+            if time.monotonic() > deadline:
+                raise SandboxError("the guest did not report memory statistics in time")
+            time.sleep(0.05)
+            state = self.control("balloon")
+        stats = {str(k): int(v) for k, v in state["guest_stats"].items()}
+        stats["balloon_mib"] = state["actual_pages"] // PAGES_PER_MIB
+        stats["reported_mib"] = state["reported_bytes"] >> 20
+        return stats
 
     def _jail_args(self, spec: SandboxSpec) -> list[str]:
         args = ["--jail", str(self.dir)] if spec.jailed else []

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import socket
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from types import TracebackType
@@ -187,34 +186,12 @@ class Sandbox:
         The guest gives the difference back to the host; returns the MiB the
         guest holds once the balloon has settled (or when ``timeout`` runs out).
         """
-        state = self._vmm.control("balloon")
-        page_mib = 256  # 4 KiB pages per MiB
-        total_mib = state["mem_pages"] // page_mib
-        if not 0 < target_mib <= total_mib:
-            raise ValueError(f"target {target_mib} MiB: choose 1..{total_mib} (the guest's RAM)")
-        want = (total_mib - target_mib) * page_mib
-        state = self._vmm.control("balloon", target_pages=want)
-        deadline = time.monotonic() + timeout
-        while state["actual_pages"] != want and time.monotonic() < deadline:
-            time.sleep(0.1)
-            state = self._vmm.control("balloon")
-        return int(total_mib - state["actual_pages"] // page_mib)
+        return self._vmm.set_memory(target_mib, timeout=timeout)
 
     def memory_stats(self, *, timeout: float = 30.0) -> dict[str, int]:
         """The guest's memory statistics (bytes and counts, virtio-balloon §5.5.6.3 names) plus
         the balloon's own: ``balloon_mib``, ``reported_mib`` (freed by free page reporting)."""
-        before = self._vmm.control("balloon", refresh_stats=True)
-        state = before
-        deadline = time.monotonic() + timeout
-        while state["stats_updates"] == before["stats_updates"]:
-            if time.monotonic() > deadline:
-                raise SandboxError("the guest did not report memory statistics in time")
-            time.sleep(0.05)
-            state = self._vmm.control("balloon")
-        stats = {str(k): int(v) for k, v in state["guest_stats"].items()}
-        stats["balloon_mib"] = state["actual_pages"] // 256
-        stats["reported_mib"] = state["reported_bytes"] >> 20
-        return stats
+        return self._vmm.memory_stats(timeout=timeout)
 
     def connect(self, port: int) -> socket.socket:
         """A stream socket to ``port`` in the guest (a vsock listener there), e.g. a server

@@ -89,6 +89,21 @@ class AsyncSandbox:
         self._channels = ChannelServer(vmm.take_channel_listener())
         return self
 
+    async def set_memory(self, target_mib: int, *, timeout: float = 120.0) -> int:
+        """Move the balloon so the guest keeps ``target_mib``; see ``Sandbox.set_memory``."""
+        return await asyncio.to_thread(self._require().set_memory, target_mib, timeout=timeout)
+
+    async def memory_stats(self, *, timeout: float = 30.0) -> dict[str, int]:
+        """The guest's memory statistics; see ``Sandbox.memory_stats``."""
+        return await asyncio.to_thread(self._require().memory_stats, timeout=timeout)
+
+    async def connect(self, port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """Streams to ``port`` in the guest (a vsock listener there); see ``Sandbox.connect``."""
+        if not 0 < port < 0xFFFFFFFF:
+            raise ValueError(f"vsock port {port} is out of range")
+        sock = await asyncio.to_thread(self._require().connect, port)
+        return await asyncio.open_unix_connection(sock=sock)
+
     async def fork(self) -> AsyncSandbox:
         """A started sandbox continuing from this one's exact state; see ``Sandbox.fork``."""
         vmm = self._require()

@@ -41,6 +41,7 @@ from typing import Any
 from ember.errors import SandboxError
 
 PR_SET_PDEATHSIG = 1
+MAX_INHERITED_FD = 65536
 EXIT_WAIT_S = 2.0  # how long after a child's death its status file may take to appear
 
 
@@ -66,9 +67,9 @@ def _child(request: dict[str, Any], sock: socket.socket, wakeup: int) -> None:
     status = 70
     try:
         sock.close()
-        os.close(wakeup)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         signal.set_wakeup_fd(-1)
+        os.closerange(3, MAX_INHERITED_FD)  # nothing of the zygote's reaches a VMM
         os.setsid()
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)

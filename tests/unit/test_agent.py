@@ -161,6 +161,53 @@ def test_ping(agent: Agent) -> None:
     assert pong["pid"] == agent.proc.pid and pong["uptime"] >= 0
 
 
+def test_short_calls_reuse_one_kept_connection(agent: Agent) -> None:
+    opened: list[socket.socket] = []
+
+    def connect() -> socket.socket:
+        opened.append(agent.connect())
+        return opened[-1]
+
+    client = AgentClient(connect)
+    for _ in range(5):
+        assert client.ping()["pong"] is True
+    assert client.run_code("6 * 7").value == "42"
+    with pytest.raises(FileNotFoundError):
+        client.files.stat("/no/such/file")  # an error reply keeps the connection usable too
+    assert client.ping()["pong"] is True
+    assert len(opened) == 1
+    assert client.exec(["true"]).exit_code == 0  # streams get their own connection
+    assert len(opened) == 2
+    client.close()
+    assert opened[0].fileno() == -1
+
+
+def test_a_kept_connection_the_agent_closed_is_replaced(agent: Agent) -> None:
+    opened: list[socket.socket] = []
+
+    def connect() -> socket.socket:
+        opened.append(agent.connect())
+        return opened[-1]
+
+    client = AgentClient(connect)
+    client.ping()
+    # A request without keepalive on the same connection: the agent answers and closes it.
+    write_frame(opened[0], Kind.REQUEST, protocol.encode_json({"op": "ping"}))
+    assert read_frame(opened[0]) is not None and read_frame(opened[0]) is None
+    assert client.ping()["pong"] is True  # the dead kept connection was noticed and replaced
+    assert len(opened) == 2
+    client.close()
+
+
+def test_the_first_short_call_takes_over_a_resumed_connection(agent: Agent) -> None:
+    resumed = agent.connect()
+    client = AgentClient(agent.connect, resume=lambda: resumed)
+    assert client.ping()["pong"] is True
+    kept = client._take_kept()
+    assert kept is resumed
+    kept.close()
+
+
 def test_exec_echo_argv_and_shell(agent: Agent) -> None:
     r = agent.client.exec(["echo", "hello world"])
     assert (r.stdout, r.stderr, r.exit_code, r.signal, r.timed_out) == (

@@ -30,6 +30,12 @@ class FakeMachine:
         self.paused = False
         self.snapshots: list[tuple[bytes, bytes]] = []
 
+    def host_connections(self) -> int:
+        return 0
+
+    def device_stats(self) -> dict[str, dict[str, int]]:
+        return {}
+
     def pause(self) -> None:
         self.paused = True
 

@@ -947,6 +947,9 @@ def test_a_quiet_connection_is_resumed_by_a_new_host_client(
         assert not fresh.take(VIRTIO_VSOCK_OP_REQUEST)
         fresh.send(VIRTIO_VSOCK_OP_RW, 1024, local, payload=b"pong")
         assert recv_exactly(taker, 4) == b"pong"
+        other, other_port = host_connect(fresh, restored_uds, 1024)  # a new one meanwhile
+        assert other_port != local  # the carried-over port stays reserved
+        other.close()
         second = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         second.settimeout(TIMEOUT)
         second.connect(str(restored_uds))

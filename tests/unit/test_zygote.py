@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -32,6 +33,9 @@ def test_a_child_has_its_own_session_and_can_be_killed(tmp_path: Path) -> None:
     )
     try:
         assert child.poll() is None
+        deadline = time.monotonic() + 30  # the child calls setsid() first thing, not instantly
+        while os.getsid(child.pid) != child.pid and time.monotonic() < deadline:
+            time.sleep(0.01)
         assert os.getsid(child.pid) == child.pid
         with pytest.raises(Exception, match="vmm"):
             child.wait(0.2)

@@ -414,7 +414,9 @@ class VsockMuxer:
 
     def add_resumable(self, states: list[dict[str, int]]) -> None:
         for state in states[:MAX_RESUMABLE]:
-            self._resumable[(int(state["local_port"]), int(state["peer_port"]))] = state
+            key = (int(state["local_port"]), int(state["peer_port"]))
+            self._resumable[key] = state
+            self._local_ports.add(key[0])  # the guest still uses it: no new connection may
 
     def _resume(self, sock: socket.socket, peer_port: int) -> None:
         """Attach a host client to a carried-over connection to ``peer_port``, or refuse."""
