@@ -318,11 +318,22 @@ class VmmProcess:
 
     def connect(self, port: int = protocol.AGENT_PORT) -> socket.socket:
         """A stream to ``port`` in the guest, through the hybrid-vsock handshake."""
+        return self._handshake("CONNECT", port)
+
+    def resume(self, port: int = protocol.AGENT_PORT) -> socket.socket | None:
+        """Take over a connection to ``port`` carried over in the snapshot (``RESUME``): the
+        agent at its end is already waiting for a request.  None if there is none."""
+        try:
+            return self._handshake("RESUME", port)
+        except OSError:
+            return None
+
+    def _handshake(self, verb: str, port: int) -> socket.socket:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             sock.settimeout(HANDSHAKE_TIMEOUT)
             sock.connect(self.uds)
-            sock.sendall(f"CONNECT {port}\n".encode())
+            sock.sendall(f"{verb} {port}\n".encode())
             line = b""
             while not line.endswith(b"\n") and len(line) < 64:
                 chunk = sock.recv(1)
@@ -336,29 +347,6 @@ class VmmProcess:
         except BaseException:
             sock.close()
             raise
-
-    def resume(self, port: int = protocol.AGENT_PORT) -> socket.socket | None:
-        """Take over a connection to ``port`` carried over in the snapshot (``RESUME``): the
-        agent at its end is already waiting for a request.  None if there is none."""
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            sock.settimeout(HANDSHAKE_TIMEOUT)
-            sock.connect(self.uds)
-            sock.sendall(f"RESUME {port}\n".encode())
-            line = b""
-            while not line.endswith(b"\n") and len(line) < 64:
-                chunk = sock.recv(1)
-                if not chunk:
-                    break
-                line += chunk
-        except OSError:
-            sock.close()
-            return None
-        if not line.startswith(b"OK "):
-            sock.close()
-            return None
-        sock.settimeout(None)
-        return sock
 
     def crash_after_failure(self) -> SandboxCrashed | None:
         """After a failed call: the crash, if the VMM is gone (given a moment to die), else None.

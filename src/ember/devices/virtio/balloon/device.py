@@ -22,6 +22,7 @@ import logging
 import struct
 import threading
 from dataclasses import dataclass
+from typing import Any
 
 from ember.devices.virtio.chain import DescriptorChain
 from ember.devices.virtio.device import (
@@ -76,6 +77,7 @@ class Balloon(VirtioDevice):
         self.guest_stats: dict[str, int] = {}
         self.stats = BalloonStats()
         self._stats_head: int | None = None
+        self._restored_stats_head: object = None
 
     def device_features(self) -> int:
         return (
@@ -104,6 +106,30 @@ class Balloon(VirtioDevice):
             super().reset()
             self.actual_pages = 0
             self._stats_head = None
+
+    # --- snapshots
+    def save_state(self) -> dict[str, Any]:
+        with self.lock:
+            return {
+                "target_pages": self.target_pages,
+                "actual_pages": self.actual_pages,
+                "stats_head": self._stats_head,
+                "guest_stats": dict(self.guest_stats),
+            }
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        self.target_pages = int(state.get("target_pages", 0))
+        self.actual_pages = int(state.get("actual_pages", 0))
+        self.guest_stats = {str(k): int(v) for k, v in state.get("guest_stats", {}).items()}
+        self._restored_stats_head = state.get("stats_head")
+
+    def restored(self) -> None:
+        """The driver's stats buffer is still ours (it was held when the snapshot was taken)."""
+        with self.lock:
+            head = self._restored_stats_head
+            if isinstance(head, int) and len(self.queues) > STATS_QUEUE:
+                if 0 <= head < self.queues[STATS_QUEUE].size:
+                    self._stats_head = head
 
     # --- host side (control requests)
     def set_target(self, pages: int) -> None:
