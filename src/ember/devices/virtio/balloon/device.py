@@ -127,9 +127,9 @@ class Balloon(VirtioDevice):
         """The driver's stats buffer is still ours (it was held when the snapshot was taken)."""
         with self.lock:
             head = self._restored_stats_head
-            if isinstance(head, int) and len(self.queues) > STATS_QUEUE:
-                if 0 <= head < self.queues[STATS_QUEUE].size:
-                    self._stats_head = head
+            queues = self.queues
+            if isinstance(head, int) and len(queues) > STATS_QUEUE and 0 <= head < queues[2].size:
+                self._stats_head = head
 
     # --- host side (control requests)
     def set_target(self, pages: int) -> None:
