@@ -19,7 +19,8 @@ from dataclasses import replace
 from types import TracebackType
 from typing import Any, BinaryIO
 
-from ember.client_errors import ProtocolError, SandboxTimeout
+from ember.client import KEEPALIVE_IDLE_S, KEEPALIVE_MAX
+from ember.client_errors import AgentError, ProtocolError, SandboxTimeout
 from ember.client_wire import (
     CodeResult,
     Command,
@@ -42,7 +43,15 @@ from ember.client_wire import (
     unexpected,
     write_request,
 )
-from ember.protocol import HEADER, MAX_FRAME, Kind, Payload, encode_json, parse_header
+from ember.protocol import (
+    HEADER,
+    KEEPALIVE_OPS,
+    MAX_FRAME,
+    Kind,
+    Payload,
+    encode_json,
+    parse_header,
+)
 from ember.protocol import ProtocolError as WireProtocolError
 
 __all__ = ["AsyncAgentClient", "AsyncExecStream", "AsyncFiles", "read_frame_async"]
@@ -245,11 +254,24 @@ class AsyncFiles:
 
 
 class AsyncAgentClient:
-    """asyncio client for the guest agent; see :class:`ember.client.AgentClient`."""
+    """asyncio client for the guest agent; see :class:`ember.client.AgentClient`.
 
-    def __init__(self, connect: AsyncConnect) -> None:
+    Like the blocking client, short calls keep their connection for the next one
+    (closed after ``KEEPALIVE_IDLE_S`` unused) and the first one may take over a
+    connection carried over in a restored snapshot (``resume``).
+    """
+
+    def __init__(
+        self,
+        connect: AsyncConnect,
+        *,
+        resume: Callable[[], Awaitable[Streams | None]] | None = None,
+    ) -> None:
         self._connect = connect
+        self._resume = resume
         self.files = AsyncFiles(self)
+        self._kept: list[tuple[Streams, float]] = []
+        self._expiry: asyncio.TimerHandle | None = None
 
     async def _open(self, request: dict[str, Any]) -> Streams:
         reader, writer = await self._connect()
@@ -261,11 +283,78 @@ class AsyncAgentClient:
         return reader, writer
 
     async def _call(self, request: dict[str, Any]) -> dict[str, Any]:
-        reader, writer = await self._open(request)
+        op = str(request["op"])
+        if op not in KEEPALIVE_OPS:
+            reader, writer = await self._open(request)
+            try:
+                return check_result(await read_frame_async(reader), op)
+            finally:
+                await _close(writer)
+        payload = encode_json({**request, "keepalive": True})
+        streams = await self._take_kept()
+        if streams is not None:
+            try:
+                await write_frame_async(streams[1], Kind.REQUEST, payload)
+            except OSError:  # closed under us before the request left: nothing ran
+                await _close(streams[1])
+                streams = None
+        if streams is None:
+            streams = await self._connect()
+            try:
+                await write_frame_async(streams[1], Kind.REQUEST, payload)
+            except BaseException:
+                await _close(streams[1])
+                raise
         try:
-            return check_result(await read_frame_async(reader), str(request["op"]))
-        finally:
+            result = check_result(await read_frame_async(streams[0]), op)
+        except AgentError:
+            self._keep(streams)  # an error reply ends the exchange cleanly
+            raise
+        except BaseException:
+            await _close(streams[1])
+            raise
+        self._keep(streams)
+        return result
+
+    async def _take_kept(self) -> Streams | None:
+        while self._kept:
+            (reader, writer), _ = self._kept.pop()
+            if not reader.at_eof() and not writer.is_closing():
+                return reader, writer
+            writer.close()
+        resume, self._resume = self._resume, None
+        return await resume() if resume is not None else None
+
+    def _keep(self, streams: Streams) -> None:
+        if len(self._kept) >= KEEPALIVE_MAX:
+            streams[1].close()
+            return
+        loop = asyncio.get_running_loop()
+        self._kept.append((streams, loop.time()))
+        if self._expiry is None:
+            self._expiry = loop.call_later(KEEPALIVE_IDLE_S, self._expire)
+
+    def _expire(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._expiry = None
+        fresh = []
+        for streams, since in self._kept:
+            if loop.time() - since >= KEEPALIVE_IDLE_S:
+                streams[1].close()
+            else:
+                fresh.append((streams, since))
+        self._kept = fresh
+        if fresh:
+            self._expiry = loop.call_later(KEEPALIVE_IDLE_S, self._expire)
+
+    async def close(self) -> None:
+        """Close the kept connections (the client stays usable)."""
+        kept, self._kept = self._kept, []
+        for (_reader, writer), _ in kept:
             await _close(writer)
+        if self._expiry is not None:
+            self._expiry.cancel()
+            self._expiry = None
 
     async def ping(self) -> dict[str, Any]:
         return await self._call({"op": "ping"})

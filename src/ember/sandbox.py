@@ -231,6 +231,7 @@ class Sandbox:
         if self._closed:
             return
         self._closed = True
+        self._client.close()
         self._channels.close()
         self._vmm.close()
 

@@ -76,8 +76,16 @@ class AsyncSandbox:
         self._vmm: VmmProcess | None = None
         self._channels: ChannelServer | None = None
         self._closed = False
-        self._client = AsyncAgentClient(self._connect)
+        self._client = AsyncAgentClient(self._connect, resume=self._resume)
         self.files = AsyncSandboxFiles(self)
+
+    async def _resume(self) -> Streams | None:
+        """The agent connection carried over in the snapshot, if any (see VmmProcess.resume)."""
+        vmm = self._require()
+        sock = await asyncio.to_thread(vmm.resume)
+        if sock is None:
+            return None
+        return await asyncio.open_unix_connection(sock=sock)
 
     async def start(self) -> AsyncSandbox:
         vmm = self._vmm
@@ -112,7 +120,7 @@ class AsyncSandbox:
         child._vmm = await asyncio.to_thread(fork_vmm, vmm, self._spec)
         child._channels = None
         child._closed = False
-        child._client = AsyncAgentClient(child._connect)
+        child._client = AsyncAgentClient(child._connect, resume=child._resume)
         child.files = AsyncSandboxFiles(child)
         return await child.start()
 
@@ -222,6 +230,7 @@ class AsyncSandbox:
         if self._closed:
             return
         self._closed = True
+        await self._client.close()
         if self._channels is not None:
             self._channels.close()
         if self._vmm is not None:

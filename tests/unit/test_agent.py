@@ -567,3 +567,24 @@ def test_async_client(agent: Agent, tmp_path: Path) -> None:
         assert (await client.run_code("a * 7")).value == "42"
 
     asyncio.run(main())
+
+
+def test_async_short_calls_reuse_one_kept_connection(agent: Agent) -> None:
+    async def main() -> int:
+        opened = 0
+
+        async def connect() -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+            nonlocal opened
+            opened += 1
+            return await asyncio.open_unix_connection(agent.path)
+
+        client = AsyncAgentClient(connect)
+        for _ in range(4):
+            assert (await client.ping())["pong"] is True
+        assert (await client.run_code("6 * 7")).value == "42"
+        await client.close()
+        assert (await client.ping())["pong"] is True  # a fresh one after close
+        await client.close()
+        return opened
+
+    assert asyncio.run(main()) == 2
