@@ -177,8 +177,6 @@ def list_templates() -> list[Template]:
 def _wait_warm(vmm: VmmProcess) -> AgentClient:
     """Ping until the agent's code worker is ready, so restores start warm; return the client
     holding one idle agent connection, which every restore can take over (vsock RESUME)."""
-    from ember.vmm import control
-
     client = AgentClient(vmm.connect)
     deadline = time.monotonic() + WARM_TIMEOUT_S
     while client.ping().get("worker") != "ready":
@@ -191,7 +189,7 @@ def _wait_warm(vmm: VmmProcess) -> AgentClient:
     # every restored copy, which costs each of them ~0.1 s of guest-kernel time here.
     client.close()
     settle = time.monotonic() + SETTLE_TIMEOUT_S
-    while control.request(vmm.control_path, "status")["host_connections"]:
+    while vmm.control("status")["host_connections"]:
         if time.monotonic() > settle:
             break
         time.sleep(0.05)
@@ -203,10 +201,9 @@ def _wait_warm(vmm: VmmProcess) -> AgentClient:
 def _wait_idle(vmm: VmmProcess) -> None:
     """Until the guest stops working (its vCPUs use next to no CPU): a snapshot taken in the
     middle of guest work makes every restored copy redo the rest (~0.1 s here)."""
-    from ember.vmm import control
 
     def cpu() -> float:
-        return float(sum(control.request(vmm.control_path, "status")["vcpu_cpu_s"]))
+        return float(sum(vmm.control("status")["vcpu_cpu_s"]))
 
     deadline = time.monotonic() + SETTLE_TIMEOUT_S
     last = cpu()

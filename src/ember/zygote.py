@@ -39,8 +39,9 @@ from pathlib import Path
 from typing import Any
 
 from ember.errors import SandboxError
+from ember.jailer.jail import CLONE_NEWPID, PR_SET_PDEATHSIG
 
-PR_SET_PDEATHSIG = 1
+_libc = ctypes.CDLL(None, use_errno=True)  # loaded once: spawns are the zygote's hot path
 MAX_INHERITED_FD = 65536
 EXIT_WAIT_S = 2.0  # how long after a child's death its status file may take to appear
 
@@ -71,8 +72,7 @@ def _child(request: dict[str, Any], sock: socket.socket, wakeup: int) -> None:
         signal.set_wakeup_fd(-1)
         os.closerange(3, MAX_INHERITED_FD)  # nothing of the zygote's reaches a VMM
         os.setsid()
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+        _libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
         if os.getppid() == 1:  # the zygote died between fork and prctl
             os._exit(status)
         for procs in request.get("cgroup_procs", []):
@@ -123,7 +123,6 @@ def _reap(exit_files: dict[int, str]) -> None:
 
 
 PR_SET_CHILD_SUBREAPER = 36
-CLONE_NEWPID = 0x20000000
 _own_pid_ns: int | None = None
 
 
@@ -134,16 +133,14 @@ def _enter_new_pid_ns_for_next_child() -> None:
     once; ``setns`` back to our own namespace re-arms it for the next child.
     """
     global _own_pid_ns
-    libc = ctypes.CDLL(None, use_errno=True)
     if _own_pid_ns is None:
         _own_pid_ns = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
-    if libc.unshare(CLONE_NEWPID) != 0:
+    if _libc.unshare(CLONE_NEWPID) != 0:
         raise OSError(ctypes.get_errno(), "unshare(CLONE_NEWPID)")
 
 
 def _back_to_own_pid_ns() -> None:
-    libc = ctypes.CDLL(None, use_errno=True)
-    if _own_pid_ns is not None and libc.setns(_own_pid_ns, CLONE_NEWPID) != 0:
+    if _own_pid_ns is not None and _libc.setns(_own_pid_ns, CLONE_NEWPID) != 0:
         raise OSError(ctypes.get_errno(), "setns back to our PID namespace")
 
 
@@ -151,7 +148,7 @@ def serve(sock: socket.socket) -> None:
     _preload()
     # A jailed VMM is the child of a PID-namespace relay; if the relay dies first, the VMM
     # is reparented here rather than to init, and reaped like our own children.
-    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+    _libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
     read_end, write_end = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
     signal.signal(signal.SIGCHLD, lambda _s, _f: None)
     signal.set_wakeup_fd(write_end)

@@ -135,6 +135,7 @@ def preload() -> None:
 
 
 _compiled: dict[Role, bytes] = {}
+_libc = ctypes.CDLL(None, use_errno=True)
 PR_SET_NO_NEW_PRIVS = 38
 PR_SET_SECCOMP = 22
 SECCOMP_MODE_FILTER = 2
@@ -177,12 +178,11 @@ def program(role: Role) -> bytes:
 def install(role: Role) -> None:
     """Confine the calling thread (and any thread it starts) to ``role``'s allow-list."""
     code = program(role)
-    libc = ctypes.CDLL(None, use_errno=True)
     buf = ctypes.create_string_buffer(code, len(code))
     prog = sock_fprog(len(code) // 8, ctypes.addressof(buf))
-    if libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
+    if _libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
         raise ConfigError(f"seccomp: PR_SET_NO_NEW_PRIVS failed: {os.strerror(ctypes.get_errno())}")
-    if libc.prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.byref(prog), 0, 0) != 0:
+    if _libc.prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.byref(prog), 0, 0) != 0:
         raise ConfigError(f"seccomp: loading the filter failed: {os.strerror(ctypes.get_errno())}")
 
 
