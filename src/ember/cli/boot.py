@@ -17,7 +17,14 @@ from typing import Any
 
 from ember.errors import ConfigError
 from ember.vmm.builder import build_machine
-from ember.vmm.config import DEFAULT_CMDLINE, DEFAULT_MEM_MIB, DiskConfig, VmConfig
+from ember.vmm.config import (
+    DEFAULT_CMDLINE,
+    DEFAULT_MAC,
+    DEFAULT_MEM_MIB,
+    DiskConfig,
+    NetConfig,
+    VmConfig,
+)
 from ember.vmm.console import ConsoleSink
 from ember.vmm.machine import Machine
 
@@ -102,6 +109,21 @@ def register(sub: Any) -> None:
         action="store_true",
         help="add a virtio-balloon device (memory given back: inflate, free page reporting)",
     )
+    p.add_argument(
+        "--tap",
+        metavar="NAME",
+        help="add a virtio-net device on this existing TAP (made with vnet_hdr); off by default",
+    )
+    p.add_argument(
+        "--netns", metavar="PATH", help="the TAP lives in this network namespace (/run/netns/X)"
+    )
+    p.add_argument("--mac", default=DEFAULT_MAC, help=f"guest MAC (default {DEFAULT_MAC})")
+    p.add_argument(
+        "--guest-ip",
+        metavar="ADDR/PREFIX",
+        help="ember-init gives eth0 this address (with --rootfs)",
+    )
+    p.add_argument("--gateway", metavar="ADDR", help="the guest's default route (with --guest-ip)")
     p.add_argument(
         "--guest-cid", type=int, default=None, metavar="CID", help="vsock CID (default 3)"
     )
@@ -195,6 +217,8 @@ _LATE_IMPORTS = (
     "ember.vmm.idle",
     "ember.devices.virtio.vsock.device",
     "ember.devices.virtio.balloon.device",
+    "ember.devices.virtio.net.device",
+    "ember.devices.virtio.net.tap",
     "ctypes",
     "hashlib",
     "json",
@@ -206,20 +230,33 @@ def _restore(args: argparse.Namespace, console: ConsoleSink) -> Machine:
 
     if args.kernel is not None or args.initrd is not None or args.workload:
         raise ConfigError("--restore takes no --kernel, --initrd or command: the snapshot has them")
+    if args.guest_ip is not None or args.gateway is not None or args.mac != DEFAULT_MAC:
+        raise ConfigError("--restore keeps the snapshot's MAC and guest address: give only --tap")
+    if args.netns is not None and args.tap is None:
+        raise ConfigError("--netns names where the TAP is: give --tap too")
     return restore_machine(
-        args.restore, console, vsock_uds=args.vsock_uds, guest_cid=args.guest_cid
+        args.restore,
+        console,
+        vsock_uds=args.vsock_uds,
+        guest_cid=args.guest_cid,
+        tap=args.tap,
+        netns=args.netns,
     )
 
 
 def _park_when_idle(machine: Machine, after_s: float) -> None:
+    from ember.devices.virtio.net.device import Net
     from ember.devices.virtio.vsock.device import Vsock
     from ember.vmm.idle import TICK_S, IdleParker
 
-    vsock = next((t.device for t in machine.slots.transports if isinstance(t.device, Vsock)), None)
+    vsock = machine.device(Vsock)
     if vsock is None:
         raise ConfigError("--park-idle needs a vsock device: it is how the host wakes the guest")
     parker = IdleParker(machine, lambda: vsock.host_connections, after_s)
     vsock.on_host_activity = parker.wake
+    net = machine.device(Net)
+    if net is not None:  # a frame for the guest wakes it too
+        net.on_host_activity = parker.wake
     machine.events.set_tick(TICK_S, parker.tick)
 
 
@@ -247,5 +284,16 @@ def _build(args: argparse.Namespace, console: ConsoleSink) -> Machine:
         vsock_uds=args.vsock_uds,
         guest_cid=args.guest_cid if args.guest_cid is not None else 3,
         balloon=args.balloon,
+        net=_net_config(args),
     )
     return build_machine(config, console)
+
+
+def _net_config(args: argparse.Namespace) -> NetConfig | None:
+    if args.tap is None:
+        if args.netns is not None or args.guest_ip is not None or args.gateway is not None:
+            raise ConfigError("--netns, --guest-ip and --gateway configure virtio-net: give --tap")
+        return None
+    return NetConfig(
+        tap=args.tap, netns=args.netns, mac=args.mac, guest_ip=args.guest_ip, gateway=args.gateway
+    )

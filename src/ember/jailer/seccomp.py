@@ -26,6 +26,7 @@ import ctypes.util
 import enum
 import os
 
+from ember.devices.virtio.net.tap import TUNSETOFFLOAD
 from ember.errors import ConfigError
 from ember.kvm import abi
 
@@ -208,14 +209,15 @@ def _build(lib: ctypes.CDLL, role: Role) -> int:
     return int(ctx)
 
 
-# Terminal and socket ioctls CPython may issue (isatty on the console, FIONBIO).
+# Terminal and socket ioctls CPython may issue (isatty on the console, FIONBIO),
+# and virtio-net's TUNSETOFFLOAD when the guest driver starts the device.
 _TCGETS = 0x5401
 _FIONBIO = 0x5421
 _FIOCLEX = 0x5451
 
 
 def _allow_non_kvm_ioctls(lib: ctypes.CDLL, ctx: int, number: int) -> None:
-    for request in (_TCGETS, _FIONBIO, _FIOCLEX):
+    for request in (_TCGETS, _FIONBIO, _FIOCLEX, TUNSETOFFLOAD):
         cmp = scmp_arg_cmp(1, SCMP_CMP_EQ, request, 0)
         _check(lib.seccomp_rule_add_array(ctx, SCMP_ACT_ALLOW, number, 1, cmp), "ioctl")
 

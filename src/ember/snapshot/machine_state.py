@@ -17,7 +17,7 @@ from ember.snapshot import MEMORY_FILE, STATE_FILE
 from ember.snapshot.format import write_state
 from ember.snapshot.kvm_state import capture_vcpu, capture_vm
 from ember.snapshot.memory_file import write_memory
-from ember.vmm.config import DiskConfig, VmConfig
+from ember.vmm.config import DiskConfig, NetConfig, VmConfig
 
 if TYPE_CHECKING:
     from ember.vmm.machine import Machine
@@ -42,15 +42,39 @@ def config_to_state(config: VmConfig) -> dict[str, Any]:
         "vsock": config.vsock_uds is not None,
         "guest_cid": config.guest_cid,
         "balloon": config.balloon,
+        "net": (
+            {"mac": config.net.mac, "guest_ip": config.net.guest_ip, "gateway": config.net.gateway}
+            if config.net is not None
+            else None
+        ),
     }
 
 
 def config_from_state(
-    state: dict[str, Any], *, vsock_uds: Path | None, guest_cid: int | None
+    state: dict[str, Any],
+    *,
+    vsock_uds: Path | None,
+    guest_cid: int | None,
+    tap: str | None = None,
+    netns: str | None = None,
 ) -> VmConfig:
-    """The restored VM's config: the snapshot's devices, this sandbox's host sockets."""
+    """The restored VM's config: the snapshot's devices, this sandbox's host sockets and TAP."""
     if state["vsock"] and vsock_uds is None:
         raise SnapshotError("this snapshot has a vsock device: give it a socket (--vsock-uds)")
+    saved_net = state.get("net")
+    net = None
+    if saved_net is not None:
+        if tap is None:
+            raise SnapshotError("this snapshot has a network device: give it a TAP (--tap)")
+        net = NetConfig(
+            tap=tap,
+            netns=netns,
+            mac=str(saved_net["mac"]),
+            guest_ip=saved_net["guest_ip"],
+            gateway=saved_net["gateway"],
+        )
+    elif tap is not None:
+        raise SnapshotError("this snapshot has no network device: it cannot take a TAP")
     rootfs = Path(state["rootfs"]) if state["rootfs"] is not None else None
     disks = tuple(DiskConfig(Path(p), read_only=True) for p in state["disks"])
     for path in ([rootfs] if rootfs is not None else []) + [d.path for d in disks]:
@@ -68,6 +92,7 @@ def config_from_state(
         vsock_uds=vsock_uds if state["vsock"] else None,
         guest_cid=guest_cid if guest_cid is not None else int(state["guest_cid"]),
         balloon=bool(state.get("balloon", False)),
+        net=net,
     )
 
 

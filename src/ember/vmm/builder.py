@@ -9,6 +9,7 @@ page tables → vCPUs (CPUID, MSRs, registers, FPU, LAPIC).
 from __future__ import annotations
 
 import logging
+import os
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -117,6 +118,8 @@ def restore_machine(
     *,
     vsock_uds: Path | None = None,
     guest_cid: int | None = None,
+    tap: str | None = None,
+    netns: str | None = None,
 ) -> Machine:
     """A new VM from a snapshot: RAM mapped copy-on-write, KVM and device state put back.
 
@@ -126,7 +129,9 @@ def restore_machine(
     """
     state = read_state(directory / STATE_FILE)
     try:
-        config = config_from_state(state["config"], vsock_uds=vsock_uds, guest_cid=guest_cid)
+        config = config_from_state(
+            state["config"], vsock_uds=vsock_uds, guest_cid=guest_cid, tap=tap, netns=netns
+        )
         mem_size = int(state["memory"]["size"])
     except (KeyError, TypeError, ValueError) as exc:
         raise SnapshotError(f"snapshot {directory} has an unusable config: {exc!r}") from None
@@ -213,6 +218,17 @@ def _create_vm(config: VmConfig, memory: GuestMemory, undo: ExitStack) -> _VmPar
         from ember.devices.virtio.balloon.device import Balloon
 
         slots.attach(Balloon())
+    if config.net is not None:
+        from ember.devices.virtio.net.device import Net
+        from ember.devices.virtio.net.tap import open_tap, set_offload
+
+        fd = open_tap(config.net.tap, config.net.netns)
+        try:
+            device = Net(fd, events, config.net.mac_bytes(), set_offload=set_offload)
+        except BaseException:
+            os.close(fd)
+            raise
+        slots.attach(device)  # closed with the slots from here on
     return _VmParts(kvm, vm, Bus("pio"), mmio, events, slots)
 
 

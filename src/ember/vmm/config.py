@@ -7,6 +7,7 @@ tells the user the fix; the builder may then assume a sane config.
 from __future__ import annotations
 
 import base64
+import ipaddress
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +41,66 @@ class DiskConfig:
         return cls(Path(spec))
 
 
+DEFAULT_MAC = "02:65:6d:62:00:02"  # locally administered; each sandbox is its own L2 segment
+
+
+@dataclass(frozen=True)
+class NetConfig:
+    """virtio-net over an existing TAP (optionally in another network namespace).
+
+    ``guest_ip`` (``ADDR/PREFIX``) and ``gateway`` reach the guest on the
+    command line (``ember.net=``), where ember-init configures ``eth0`` before
+    the workload starts; without them the guest's interface stays down.
+    """
+
+    tap: str
+    netns: str | None = None
+    mac: str = DEFAULT_MAC
+    guest_ip: str | None = None
+    gateway: str | None = None
+
+    def mac_bytes(self) -> bytes:
+        return bytes(int(part, 16) for part in self.mac.split(":"))
+
+    def cmdline(self) -> str | None:
+        if self.guest_ip is None:
+            return None
+        return f"ember.net={self.guest_ip},{self.gateway or ''}".rstrip(",")
+
+    def validate(self) -> None:
+        if not 0 < len(self.tap.encode()) < 16 or "/" in self.tap:
+            raise ConfigError(f"TAP name {self.tap!r} must be 1 to 15 bytes")
+        if self.netns is not None and not os.path.exists(self.netns):
+            raise ConfigError(f"network namespace {self.netns} does not exist")
+        parts = self.mac.split(":")
+        if len(parts) != 6 or not all(len(p) == 2 and _is_hex(p) for p in parts):
+            raise ConfigError(f"MAC address {self.mac!r} is not six hex pairs (02:00:00:00:00:01)")
+        if self.mac_bytes()[0] & 1:
+            raise ConfigError(f"MAC address {self.mac} is a multicast address")
+        if self.guest_ip is not None:
+            try:
+                iface = ipaddress.IPv4Interface(self.guest_ip)
+            except ValueError:
+                raise ConfigError(f"guest address {self.guest_ip!r} is not ADDR/PREFIX") from None
+            if self.gateway is not None:
+                try:
+                    gateway = ipaddress.IPv4Address(self.gateway)
+                except ValueError:
+                    raise ConfigError(f"gateway {self.gateway!r} is not an address") from None
+                if gateway not in iface.network or gateway == iface.ip:
+                    raise ConfigError(f"gateway {gateway} is not another host of {iface.network}")
+        elif self.gateway is not None:
+            raise ConfigError("a gateway needs a guest address (--guest-ip)")
+
+
+def _is_hex(text: str) -> bool:
+    try:
+        int(text, 16)
+    except ValueError:
+        return False
+    return True
+
+
 @dataclass(frozen=True)
 class VmConfig:
     kernel: Path
@@ -58,6 +119,8 @@ class VmConfig:
     guest_cid: int = 3
     # virtio-balloon: memory the guest gives back (inflate, free page reporting).
     balloon: bool = False
+    # virtio-net: off unless given.
+    net: NetConfig | None = None
 
     def full_cmdline(self) -> str:
         """The user's command line plus what ember-init needs to find the root and workload."""
@@ -67,6 +130,9 @@ class VmConfig:
             if self.workload:
                 encoded = base64.urlsafe_b64encode("\0".join(self.workload).encode())
                 words.append("ember.cmd=" + encoded.decode())
+        net_words = self.net.cmdline() if self.net is not None else None
+        if net_words is not None:
+            words.append(net_words)
         return " ".join(words).strip()
 
     def validate(self) -> None:
@@ -88,6 +154,8 @@ class VmConfig:
                 raise ConfigError(f"vsock socket directory {self.vsock_uds.parent} does not exist")
             if len(os.fsencode(self.vsock_uds)) > 100:
                 raise ConfigError(f"vsock socket path {self.vsock_uds} is too long for AF_UNIX")
+        if self.net is not None:
+            self.net.validate()
         if not 3 <= self.guest_cid < 0xFFFFFFFF:
             raise ConfigError(f"guest CID {self.guest_cid} is reserved: use 3 or more")
         if self.workload and self.rootfs is None:

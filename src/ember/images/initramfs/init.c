@@ -13,10 +13,15 @@
  *                       of its NUL-separated argv), then reset the VM with the
  *                       restart command "ember-exit=<status>", which the
  *                       kernel prints and the VMM reads back.
+ * In the second mode it also brings up lo and, given ember.net=ADDR/PREFIX[,GW],
+ * gives eth0 that address and a default route: a few ioctls here instead of
+ * iproute2 (not in the root file system) or the kernel's ip= autoconfig.
  */
 typedef unsigned long size_t;
 typedef long ssize_t;
 
+#define SYS_ioctl 16
+#define SYS_socket 41
 #define SYS_read 0
 #define SYS_write 1
 #define SYS_open 2
@@ -48,6 +53,17 @@ typedef long ssize_t;
 #define LINUX_REBOOT_MAGIC1 0xfee1deadL
 #define LINUX_REBOOT_MAGIC2 672274793L
 #define LINUX_REBOOT_CMD_RESTART2 0xA1B2C3D4L
+
+#define AF_INET 2
+#define SOCK_DGRAM 2
+#define SIOCADDRT 0x890B
+#define SIOCGIFFLAGS 0x8913
+#define SIOCSIFFLAGS 0x8914
+#define SIOCSIFADDR 0x8916
+#define SIOCSIFNETMASK 0x891C
+#define IFF_UP 1
+#define RTF_UP 1
+#define RTF_GATEWAY 2
 
 #define CMDLINE_MAX 4096
 #define ARGS_MAX 3072
@@ -248,6 +264,126 @@ static void enter_root(const char *device)
 	sys6(SYS_mount, (long)"devtmpfs", (long)"/dev", (long)"devtmpfs", MS_NOSUID, 0);
 }
 
+/* struct sockaddr_in and struct ifreq (x86-64 layout) */
+struct in4 {
+	unsigned short family, port;
+	unsigned char addr[4];
+	unsigned char zero[8];
+};
+struct ifreq {
+	char name[16];
+	union {
+		struct in4 addr;
+		short flags;
+		char pad[24];
+	} u;
+};
+struct rtentry {
+	unsigned long pad1;
+	struct in4 dst, gateway, genmask;
+	unsigned short flags;
+	short pad2;
+	unsigned long pad3;
+	void *pad4;
+	short metric;
+	char *dev;
+	unsigned long mtu, window;
+	unsigned short irtt;
+};
+
+/* "a.b.c.d" at *s into out; returns the character after it, or 0 if malformed. */
+static const char *parse_ip(const char *s, unsigned char out[4])
+{
+	for (int i = 0; i < 4; i++) {
+		unsigned v = 0;
+		int digits = 0;
+		while (*s >= '0' && *s <= '9' && digits < 3) {
+			v = v * 10 + (unsigned)(*s++ - '0');
+			digits++;
+		}
+		if (!digits || v > 255 || (i < 3 && *s++ != '.'))
+			return 0;
+		out[i] = (unsigned char)v;
+	}
+	return s;
+}
+
+static void set_name(struct ifreq *req, const char *name)
+{
+	for (int i = 0; i < 16; i++)
+		req->u.pad[i] = req->name[i] = 0;
+	for (int i = 0; name[i] && i < 15; i++)
+		req->name[i] = name[i];
+}
+
+static void link_up(long sock, const char *name)
+{
+	struct ifreq req;
+	set_name(&req, name);
+	if (sys3(SYS_ioctl, sock, SIOCGIFFLAGS, &req) == 0) {
+		req.u.flags |= IFF_UP;
+		if (sys3(SYS_ioctl, sock, SIOCSIFFLAGS, &req) == 0)
+			return;
+	}
+	say("ember-init: cannot bring up ");
+	say(name);
+	say("\n");
+}
+
+/* lo always; eth0 from ember.net=ADDR/PREFIX[,GATEWAY]. */
+static void net_up(const char *spec)
+{
+	long sock = sys3(SYS_socket, AF_INET, SOCK_DGRAM, 0);
+	if (sock < 0)
+		return;
+	link_up(sock, "lo");
+	if (!spec)
+		return;
+	struct ifreq req;
+	struct in4 addr = {AF_INET, 0, {0}, {0}}, mask = addr, gw = addr;
+	unsigned prefix = 0;
+	int have_gw = 0;
+	const char *p = parse_ip(spec, addr.addr);
+	if (p && *p == '/') {
+		p++;
+		while (*p >= '0' && *p <= '9')
+			prefix = prefix * 10 + (unsigned)(*p++ - '0');
+	} else {
+		p = 0;
+	}
+	if (p && *p == ',') {
+		p = parse_ip(p + 1, gw.addr);
+		have_gw = 1;
+	}
+	if (!p || *p || prefix > 32) {
+		say("ember-init: ignoring malformed ember.net=\n");
+		return;
+	}
+	for (unsigned i = 0; i < prefix; i++)
+		mask.addr[i / 8] |= (unsigned char)(0x80 >> (i % 8));
+	set_name(&req, "eth0");
+	req.u.addr = addr;
+	if (sys3(SYS_ioctl, sock, SIOCSIFADDR, &req) != 0) {
+		say("ember-init: cannot set the address of eth0\n");
+		return;
+	}
+	req.u.addr = mask;
+	sys3(SYS_ioctl, sock, SIOCSIFNETMASK, &req);
+	link_up(sock, "eth0");
+	if (have_gw) {
+		struct rtentry route;
+		char *bytes = (char *)&route;
+		for (size_t i = 0; i < sizeof(route); i++)
+			bytes[i] = 0;
+		route.dst.family = route.genmask.family = AF_INET;
+		route.gateway = gw;
+		route.flags = RTF_UP | RTF_GATEWAY;
+		if (sys3(SYS_ioctl, sock, SIOCADDRT, &route) != 0)
+			say("ember-init: cannot add the default route\n");
+	}
+	sys3(SYS_close, sock, 0, 0);
+}
+
 static long run(char *args, size_t n)
 {
 	char *argv[ARGV_MAX];
@@ -306,6 +442,7 @@ void _start(void)
 	static char cmdline[CMDLINE_MAX];
 	static char root[256];
 	static char args[ARGS_MAX];
+	static char net[64];
 	long fd, n;
 
 	fd = sys3(SYS_open, "/dev/console", O_RDWR, 0);
@@ -333,6 +470,7 @@ void _start(void)
 	sys3(SYS_mkdir, "/dev", 0755, 0);
 	sys6(SYS_mount, (long)"devtmpfs", (long)"/dev", (long)"devtmpfs", MS_NOSUID, 0);
 	enter_root(root);
+	net_up(param(cmdline, "ember.net=", net, sizeof(net)) ? net : 0);
 	long status = run(args, argsize);
 	sys3(SYS_kill, -1, SIGKILL, 0);
 	end(status);

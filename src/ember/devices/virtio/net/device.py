@@ -23,6 +23,7 @@ import logging
 import os
 import struct
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from ember.devices.virtio.block.request import BufferList
@@ -76,7 +77,16 @@ class Net(VirtioDevice):
     device_id = VIRTIO_ID_NET
     queue_max_sizes = (QUEUE_SIZE, QUEUE_SIZE)
 
-    def __init__(self, fd: int, events: EventLoop, mac: bytes, *, offloads: bool = True) -> None:
+    def __init__(
+        self,
+        fd: int,
+        events: EventLoop,
+        mac: bytes,
+        *,
+        offloads: bool = True,
+        set_offload: Callable[[int, int], None] | None = None,
+    ) -> None:
+        """``set_offload(fd, TUN_F_*)`` tells a TAP what the guest accepted (None: no TAP)."""
         super().__init__()
         if len(mac) != 6:
             raise ValueError("a MAC address is 6 bytes")
@@ -85,6 +95,8 @@ class Net(VirtioDevice):
         self.events = events
         self.mac = mac
         self.offloads = offloads
+        self.set_offload = set_offload
+        self.on_host_activity: Callable[[], None] | None = None  # wakes a parked VM
         self.stats = NetStats()
         self._pending: bytes | None = None  # a frame read but not yet placed
         self._watching = False
@@ -114,6 +126,11 @@ class Net(VirtioDevice):
     def activate(self, memory: GuestMemory, queues: list[Queue], interrupt: Interrupt) -> None:
         with self.lock:
             super().activate(memory, queues, interrupt)
+            if self.set_offload is not None:
+                try:
+                    self.set_offload(self.fd, tun_offload_flags(self.acked_features))
+                except OSError as exc:  # the host kernel will then checksum everything itself
+                    log.warning("net: TUNSETOFFLOAD failed: %s", exc.strerror)
             self._watch(True)
 
     def reset(self) -> None:
@@ -156,6 +173,8 @@ class Net(VirtioDevice):
 
     # --- rx
     def _on_readable(self) -> None:
+        if self.on_host_activity is not None:
+            self.on_host_activity()
         with self.lock:
             self._receive()
 
@@ -205,8 +224,8 @@ class Net(VirtioDevice):
                 return False
             chains.append(chain)
             room += chain.total_writable()
-            if len(chains) > QUEUE_SIZE:
-                break
+            if len(chains) > QUEUE_SIZE or not self.acked_features & (1 << VIRTIO_NET_F_MRG_RXBUF):
+                break  # without mergeable buffers a frame must fit in one chain
         if room < len(packet):  # buffers with no room (a broken driver): drop the frame
             for chain in chains:
                 queue.add_used(memory, chain.head, 0)
@@ -235,3 +254,17 @@ class Net(VirtioDevice):
         elif not on and self._watching:
             self.events.remove(self.fd)
             self._watching = False
+
+
+def tun_offload_flags(acked_features: int) -> int:
+    """The ``TUN_F_*`` flags matching what the driver accepted (``VIRTIO_NET_F_GUEST_*``)."""
+    from ember.devices.virtio.net.tap import TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6
+
+    flags = 0
+    if acked_features & (1 << VIRTIO_NET_F_GUEST_CSUM):
+        flags |= TUN_F_CSUM
+        if acked_features & (1 << VIRTIO_NET_F_GUEST_TSO4):
+            flags |= TUN_F_TSO4
+        if acked_features & (1 << VIRTIO_NET_F_GUEST_TSO6):
+            flags |= TUN_F_TSO6
+    return flags

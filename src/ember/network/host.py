@@ -1,0 +1,266 @@
+"""The host side of one networked sandbox: its network namespace, TAP, routes and firewall.
+
+::
+
+    guest eth0 172.16.0.2/30 ──virtio-net── tap0 172.16.0.1/30   (namespace ember-K)
+                                                 │ forward: egress allow-list, masquerade
+                                            eth0 10.253.x.(4K+2)/30
+                                                 │ veth
+    host (root namespace)                  emberK 10.253.x.(4K+1)/30
+
+Every sandbox is an L2 segment of its own, so the guest side (addresses,
+MACs) is the same in all of them and is part of the template snapshot;
+only the namespace side differs.  The VMM attaches to ``tap0`` by entering
+the namespace for one ``open``; it then leaves it and jails itself.
+
+Rules: in the sandbox namespace, a forward chain lets the guest's packets
+out only through the policy, refuses the rest, and lets in only replies and
+exposed ports (DNAT); its input chain refuses everything (the namespace
+offers the guest nothing).  In the host namespace, one ``inet ember``
+table drops packets from the sandbox veths to the host's own addresses
+unless the sandbox's policy names them.  Packets between sandboxes go
+through the host's routing, so ``net.ipv4.ip_forward`` is turned on.
+
+Set-up runs ``ip`` and ``nft`` (iproute2, nftables) as root.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ipaddress
+import os
+import random
+import subprocess
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from ember.errors import ConfigError, SandboxError
+from ember.network.policy import NetworkPolicy
+
+POOL = ipaddress.IPv4Network("10.253.0.0/16")  # /30 per sandbox: 16384 of them
+SLOTS = POOL.num_addresses // 4
+NETNS_DIR = "/run/netns"
+NS_PREFIX = "ember-"
+VETH_PREFIX = "ember"
+TAP_NAME = "tap0"
+TAP_MAC = "02:65:6d:62:00:01"
+GUEST_IP = "172.16.0.2"
+GATEWAY_IP = "172.16.0.1"
+GUEST_CIDR = f"{GUEST_IP}/30"
+HOST_TABLE = "ember"
+CLONE_NEWNET = 0x40000000
+COMMAND_TIMEOUT = 30.0
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+@dataclass
+class SandboxNetwork:
+    """One sandbox's namespace, veth, TAP and rules; :meth:`close` removes them all."""
+
+    slot: int
+    policy: NetworkPolicy
+    exposed: set[int] = field(default_factory=set)
+
+    @property
+    def netns(self) -> str:
+        return f"{NS_PREFIX}{self.slot}"
+
+    @property
+    def netns_path(self) -> str:
+        return f"{NETNS_DIR}/{self.netns}"
+
+    @property
+    def veth(self) -> str:
+        return f"{VETH_PREFIX}{self.slot}"
+
+    @property
+    def host_ip(self) -> str:
+        return str(POOL.network_address + 4 * self.slot + 1)
+
+    @property
+    def address(self) -> str:
+        """The sandbox's address as the host and other sandboxes see it."""
+        return str(POOL.network_address + 4 * self.slot + 2)
+
+    @classmethod
+    def create(cls, policy: NetworkPolicy) -> SandboxNetwork:
+        _require_root()
+        network = cls(_claim_slot(), policy)
+        try:
+            network._build()
+        except BaseException:
+            network.close()
+            raise
+        return network
+
+    def _build(self) -> None:
+        _run(
+            ["ip", "-batch", "-"],
+            f"link add {self.veth} type veth peer name eth0 netns {self.netns}\n"
+            f"addr add {self.host_ip}/30 dev {self.veth}\n"
+            f"link set {self.veth} up\n",
+        )
+        _run(
+            ["ip", "-n", self.netns, "-batch", "-"],
+            "link set lo up\n"
+            f"tuntap add dev {TAP_NAME} mode tap vnet_hdr\n"
+            f"link set {TAP_NAME} address {TAP_MAC}\n"
+            f"addr add {GATEWAY_IP}/30 dev {TAP_NAME}\n"
+            f"link set {TAP_NAME} up\n"
+            f"addr add {self.address}/30 dev eth0\n"
+            "link set eth0 up\n"
+            f"route add default via {self.host_ip}\n",
+        )
+        _run(["nft", "-f", "-"], self.sandbox_ruleset(), netns=self.netns_path, forward=True)
+        _run(["nft", "-f", "-"], self.host_ruleset(), forward=True)
+
+    def sandbox_ruleset(self) -> str:
+        egress = "\n".join(f"    {rule}" for rule in self.policy.egress_rules())
+        return f"""table ip ember {{
+  chain prerouting {{ type nat hook prerouting priority dstnat; }}
+  chain postrouting {{
+    type nat hook postrouting priority srcnat;
+    oifname "eth0" masquerade
+  }}
+  chain egress {{
+{egress}
+  }}
+  chain forward {{
+    type filter hook forward priority filter; policy drop;
+    ct state established,related accept
+    iifname "eth0" oifname "{TAP_NAME}" ct status dnat accept
+    iifname "{TAP_NAME}" oifname "eth0" jump egress
+  }}
+  chain input {{
+    type filter hook input priority filter; policy drop;
+    ct state established,related accept
+    iifname "lo" accept
+    iifname "{TAP_NAME}" meta l4proto tcp reject with tcp reset
+    iifname "{TAP_NAME}" reject with icmp type admin-prohibited
+  }}
+}}
+"""
+
+    def host_ruleset(self) -> str:
+        """The host table (made once, kept) and this sandbox's chain in its verdict map."""
+        chain = f"sandbox{self.slot}"
+        rules = "".join(
+            f"add rule inet {HOST_TABLE} {chain} {r}\n" for r in self.policy.host_rules()
+        )
+        return (
+            f"add table inet {HOST_TABLE}\n"
+            f"add map inet {HOST_TABLE} sandboxes {{ type ifname : verdict; }}\n"
+            f"add chain inet {HOST_TABLE} input "
+            "{ type filter hook input priority filter - 10; policy accept; }\n"
+            f"add chain inet {HOST_TABLE} {chain}\n"
+            f"flush chain inet {HOST_TABLE} {chain}\n"
+            f"{rules}"
+            f'add element inet {HOST_TABLE} sandboxes {{ "{self.veth}" : jump {chain} }}\n'
+            + _host_input_rules()
+        )
+
+    def expose(self, port: int) -> tuple[str, int]:
+        """Forward TCP ``port`` of the sandbox address to the guest; (address, port) to use."""
+        if not 1 <= port <= 65535:
+            raise ConfigError(f"port {port} is out of range (1-65535)")
+        if port not in self.exposed:
+            _run(
+                ["nft", "-f", "-"],
+                f'add rule ip ember prerouting iifname "eth0" tcp dport {port} '
+                f"dnat to {GUEST_IP}:{port}\n",
+                netns=self.netns_path,
+            )
+            self.exposed.add(port)
+        return self.address, port
+
+    def close(self) -> None:
+        """Remove the host rules and the namespace (its veth and TAP go with it)."""
+        chain = f"sandbox{self.slot}"
+        with contextlib.suppress(SandboxError):
+            _run(
+                ["nft", "-f", "-"],
+                f'delete element inet {HOST_TABLE} sandboxes {{ "{self.veth}" }}\n'
+                f"delete chain inet {HOST_TABLE} {chain}\n",
+            )
+        with contextlib.suppress(SandboxError):
+            _run(["ip", "netns", "delete", self.netns], "")
+
+
+def _host_input_rules() -> str:
+    """The input chain's body, rewritten whole so that it never holds the rules twice."""
+    table = f"inet {HOST_TABLE}"
+    return (
+        f"flush chain {table} input\n"
+        f'add rule {table} input iifname != "{VETH_PREFIX}*" accept\n'
+        f"add rule {table} input ct state established,related accept\n"
+        f"add rule {table} input iifname vmap @sandboxes\n"
+        f'add rule {table} input iifname "{VETH_PREFIX}*" meta l4proto tcp reject with tcp reset\n'
+        f'add rule {table} input iifname "{VETH_PREFIX}*" drop\n'
+    )
+
+
+def _claim_slot() -> int:
+    """A free slot, claimed by creating its namespace file (exclusive: no two hosts race)."""
+    os.makedirs(NETNS_DIR, exist_ok=True)
+    start = random.randrange(SLOTS)
+    for i in range(SLOTS):
+        slot = (start + i) % SLOTS
+        if os.path.exists(f"{NETNS_DIR}/{NS_PREFIX}{slot}"):
+            continue
+        result = subprocess.run(
+            ["ip", "netns", "add", f"{NS_PREFIX}{slot}"],
+            capture_output=True,
+            timeout=COMMAND_TIMEOUT,
+            check=False,
+        )
+        if result.returncode == 0:
+            return slot
+        if b"exists" not in result.stderr:
+            raise SandboxError(f"ip netns add failed: {result.stderr.decode().strip()}")
+    raise SandboxError(f"all {SLOTS} sandbox network slots are in use")
+
+
+def _run(argv: list[str], stdin: str, *, netns: str | None = None, forward: bool = False) -> None:
+    """Run ``ip``/``nft`` (inside ``netns`` if given); SandboxError with its complaint."""
+    try:
+        result = subprocess.run(
+            argv,
+            input=stdin.encode(),
+            capture_output=True,
+            timeout=COMMAND_TIMEOUT,
+            check=False,
+            preexec_fn=_in_namespace(netns, forward),
+        )
+    except FileNotFoundError:
+        raise SandboxError(
+            f"{argv[0]} is needed for sandbox networking: apt-get install iproute2 nftables"
+        ) from None
+    if result.returncode != 0:
+        where = f" in {netns}" if netns else ""
+        raise SandboxError(f"{' '.join(argv[:2])}{where} failed: {result.stderr.decode().strip()}")
+
+
+def _in_namespace(netns: str | None, forward: bool) -> Callable[[], None] | None:
+    """Between fork and exec: enter ``netns`` and turn IPv4 forwarding on there (raw calls)."""
+    if netns is None and not forward:
+        return None
+
+    def enter() -> None:
+        if netns is not None:
+            fd = os.open(netns, os.O_RDONLY | os.O_CLOEXEC)
+            if _libc.setns(fd, CLONE_NEWNET) != 0:
+                os._exit(126)
+            os.close(fd)
+        if forward:  # /proc/sys/net is the namespace of whoever opens it
+            fd = os.open("/proc/sys/net/ipv4/ip_forward", os.O_WRONLY)
+            os.write(fd, b"1")
+            os.close(fd)
+
+    return enter
+
+
+def _require_root() -> None:
+    if os.geteuid() != 0:
+        raise ConfigError("sandbox networking needs root (network namespaces, TAP, nftables)")
