@@ -25,6 +25,7 @@ from ember.errors import (
     SandboxCrashed,
     SandboxError,
 )
+from ember.network.policy import NetworkPolicy
 from ember.sandbox import Sandbox
 from ember.sandbox_async import AsyncSandbox
 
@@ -44,6 +45,7 @@ __all__ = [
     "ImageError",
     "ImageNotBuilt",
     "KvmError",
+    "NetworkPolicy",
     "OutputChunk",
     "ProtocolError",
     "Sandbox",

@@ -30,13 +30,17 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ember import protocol
 from ember.client_errors import SandboxTimeout
 from ember.errors import ConfigError, SandboxCrashed, SandboxError
 from ember.jailer.cgroups import Quotas, SandboxCgroup
+from ember.network.policy import NetworkPolicy
 from ember.zygote import ZygoteChild
+
+if TYPE_CHECKING:
+    from ember.network.host import SandboxNetwork
 
 CONSOLE_LOG = "console.log"
 VSOCK_NAME = "v.sock"
@@ -62,6 +66,8 @@ class SandboxSpec:
     quotas: Quotas | None = None
     # None: jail the VMM when we are root (the jail needs it), else run it unjailed.
     jail: bool | None = None
+    # None: no network device at all; else a TAP in a namespace of its own, with this policy.
+    network: NetworkPolicy | None = None
 
     @property
     def jailed(self) -> bool:
@@ -127,7 +133,12 @@ class VmmProcess:
         self.proc: subprocess.Popen[bytes] | ZygoteChild | None = None
         self.channel_listener: socket.socket | None = None
         self.cgroup: SandboxCgroup | None = None
+        self.network: SandboxNetwork | None = None
         try:
+            if spec.network is not None:
+                from ember.network.host import SandboxNetwork
+
+                self.network = SandboxNetwork.create(spec.network)
             self.channel_listener = _listen(f"{self.uds}_{protocol.CHANNEL_PORT}")
             if spec.quotas is not None and spec.quotas.any():
                 self.cgroup = SandboxCgroup.create(self.dir.name, spec.quotas)
@@ -149,7 +160,7 @@ class VmmProcess:
                 "--mem", str(spec.mem_mib), "--vcpus", str(spec.vcpus),
                 "--cpu-template", spec.cpu_template, "--vsock-uds", self.uds, "--balloon",
                 "--control", str(self.control_path), *self._jail_args(spec),
-                "--", *AGENT_ARGV,
+                *self._net_args(guest=True), "--", *AGENT_ARGV,
             ]  # fmt: skip
             with self.console_path.open("wb") as log:
                 self.proc = subprocess.Popen(
@@ -172,7 +183,7 @@ class VmmProcess:
         argv = [
             "boot", "--restore", str(snapshot), "--vsock-uds", self.uds,
             "--control", str(self.control_path), *self._jail_args(spec),
-            "--ready-file", str(self.dir / READY_FILE),
+            "--ready-file", str(self.dir / READY_FILE), *self._net_args(guest=False),
         ]  # fmt: skip
         if park_idle is not None:
             argv += ["--park-idle", str(park_idle)]
@@ -227,6 +238,22 @@ class VmmProcess:
         if spec.jailed and self.debug_hooks:
             args.append("--debug-hooks")
         return args
+
+    def _net_args(self, *, guest: bool) -> list[str]:
+        """The TAP to attach (and, booting, the guest's address: a restore keeps its own)."""
+        if self.network is None:
+            return []
+        from ember.network.host import GATEWAY_IP, GUEST_CIDR, TAP_NAME
+
+        args = ["--tap", TAP_NAME, "--netns", self.network.netns_path]
+        if guest:
+            args += ["--guest-ip", GUEST_CIDR, "--gateway", GATEWAY_IP]
+        return args
+
+    def expose(self, port: int) -> tuple[str, int]:
+        if self.network is None:
+            raise ConfigError("this sandbox has no network: create it with network=")
+        return self.network.expose(port)
 
     def _wait_listening(self, timeout: float) -> None:
         """The restored VMM creates its ready file once the VM is whole, jailed and about to
@@ -394,6 +421,9 @@ class VmmProcess:
         try:
             if self.cgroup is not None:
                 self.cgroup.remove()  # also kills anything the VMM left behind
+            if self.network is not None:
+                self.network.close()
+                self.network = None
         finally:
             shutil.rmtree(self.dir, ignore_errors=True)
 
@@ -407,6 +437,13 @@ def start_vmm(spec: SandboxSpec, *, template: str | None, boot: bool) -> VmmProc
     from ember import templates
 
     found = templates.find(template or templates.DEFAULT, spec)
+    has_net = bool(found.meta.get("network", False))
+    if has_net != (spec.network is not None):
+        raise ConfigError(
+            f"template {found.name!r} was made "
+            + ("with a network: pass network= to restore it" if has_net else "without a network")
+            + ("" if has_net else ": make a networked one (network= when you snapshot)")
+        )
     return VmmProcess(spec, restore=found.dir)
 
 

@@ -44,6 +44,7 @@ from ember.launcher import (
     quotas_from,
     start_vmm,
 )
+from ember.network.policy import NetworkPolicy
 
 
 class Sandbox:
@@ -62,6 +63,11 @@ class Sandbox:
     ``cpus`` (e.g. 0.5), ``memory_mib`` (the whole VMM's RAM, so at least
     ``mem_mib`` + 64) and ``pids`` put the VMM in its own cgroup with those
     limits, so one sandbox cannot starve the host or its neighbours.
+
+    ``network`` is off by default.  ``network=True`` lets the guest reach the
+    public internet (never the host, its LAN or other sandboxes);
+    ``network=NetworkPolicy(["10.0.0.5:443", "192.168.1.0/24"])`` lets it reach
+    exactly those; either way :meth:`expose` forwards a port from the host.
     """
 
     def __init__(
@@ -79,10 +85,12 @@ class Sandbox:
         template: str | None = None,
         boot: bool = False,
         jail: bool | None = None,
+        network: bool | NetworkPolicy | None = None,
     ) -> None:
         spec = SandboxSpec(
             kernel, rootfs, mem_mib, vcpus, cpu_template, boot_timeout,
             quotas=quotas_from(cpus, memory_mib, pids), jail=jail,
+            network=NetworkPolicy.coerce(network),
         )  # fmt: skip
         self._setup(start_vmm(spec, template=template, boot=boot), spec)
 
@@ -206,6 +214,18 @@ class Sandbox:
             if self._vmm.exited():
                 raise self._vmm.crashed("the sandbox crashed") from exc
             raise
+
+    def expose(self, port: int) -> tuple[str, int]:
+        """Make TCP ``port`` of the guest reachable from the host: the (address, port) to
+        connect to.  Needs ``network=``; the egress policy does not apply to these replies."""
+        if self._closed:
+            raise SandboxError("this sandbox is closed")
+        return self._vmm.expose(port)
+
+    @property
+    def address(self) -> str | None:
+        """The sandbox's address as the host and other sandboxes see it (None: no network)."""
+        return self._vmm.network.address if self._vmm.network is not None else None
 
     def fork(self) -> Sandbox:
         """A new sandbox that continues from this one's exact state (memory, processes, files).

@@ -46,6 +46,7 @@ from ember.launcher import (
     quotas_from,
     start_vmm,
 )
+from ember.network.policy import NetworkPolicy
 
 
 class AsyncSandbox:
@@ -66,12 +67,14 @@ class AsyncSandbox:
         template: str | None = None,
         boot: bool = False,
         jail: bool | None = None,
+        network: bool | NetworkPolicy | None = None,
     ) -> None:
         self._template = template
         self._boot = boot
         self._spec = SandboxSpec(
             kernel, rootfs, mem_mib, vcpus, cpu_template, boot_timeout,
             quotas=quotas_from(cpus, memory_mib, pids), jail=jail,
+            network=NetworkPolicy.coerce(network),
         )  # fmt: skip
         self._vmm: VmmProcess | None = None
         self._channels: ChannelServer | None = None
@@ -111,6 +114,16 @@ class AsyncSandbox:
             raise ValueError(f"vsock port {port} is out of range")
         sock = await asyncio.to_thread(self._require().connect, port)
         return await asyncio.open_unix_connection(sock=sock)
+
+    async def expose(self, port: int) -> tuple[str, int]:
+        """Make TCP ``port`` of the guest reachable from the host; see ``Sandbox.expose``."""
+        return await asyncio.to_thread(self._require().expose, port)
+
+    @property
+    def address(self) -> str | None:
+        """The sandbox's address as the host sees it; see ``Sandbox.address``."""
+        vmm = self._vmm
+        return vmm.network.address if vmm is not None and vmm.network is not None else None
 
     async def fork(self) -> AsyncSandbox:
         """A started sandbox continuing from this one's exact state; see ``Sandbox.fork``."""

@@ -61,8 +61,9 @@ _COMMON = (
 )  # fmt: skip
 
 _EXTRA: dict[Role, tuple[str, ...]] = {
-    # Serial output and interrupt eventfds are writes; a kick is a tgkill to itself.
-    Role.VCPU: ("ioctl", "tgkill"),
+    # Serial output and interrupt eventfds are writes; a kick is a tgkill to itself;
+    # virtio-net watches its TAP (epoll_ctl) when the driver starts or resets it.
+    Role.VCPU: ("ioctl", "tgkill", "epoll_ctl"),
     Role.EVENTS: (
         "ioctl", "tgkill", "epoll_wait", "epoll_pwait", "epoll_ctl", "poll", "ppoll",
         "select", "pselect6",

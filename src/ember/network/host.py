@@ -103,7 +103,7 @@ class SandboxNetwork:
             f"link set {self.veth} up\n",
         )
         _run(
-            ["ip", "-n", self.netns, "-batch", "-"],
+            ["ip", "-batch", "-"],
             "link set lo up\n"
             f"tuntap add dev {TAP_NAME} mode tap vnet_hdr\n"
             f"link set {TAP_NAME} address {TAP_MAC}\n"
@@ -112,9 +112,11 @@ class SandboxNetwork:
             f"addr add {self.address}/30 dev eth0\n"
             "link set eth0 up\n"
             f"route add default via {self.host_ip}\n",
+            netns=self.netns_path,
+            sysctls=_SANDBOX_SYSCTLS,
         )
-        _run(["nft", "-f", "-"], self.sandbox_ruleset(), netns=self.netns_path, forward=True)
-        _run(["nft", "-f", "-"], self.host_ruleset(), forward=True)
+        _run(["nft", "-f", "-"], self.sandbox_ruleset(), netns=self.netns_path)
+        _run(["nft", "-f", "-"], self.host_ruleset(), sysctls=_HOST_SYSCTLS)
 
     def sandbox_ruleset(self) -> str:
         egress = "\n".join(f"    {rule}" for rule in self.policy.egress_rules())
@@ -222,7 +224,23 @@ def _claim_slot() -> int:
     raise SandboxError(f"all {SLOTS} sandbox network slots are in use")
 
 
-def _run(argv: list[str], stdin: str, *, netns: str | None = None, forward: bool = False) -> None:
+# Forwarding on; no IPv6 in the sandbox namespace: the guest has none, and every router
+# or neighbour solicitation a TAP with a link-local address sends would cost it time.
+_SANDBOX_SYSCTLS = {
+    "ipv4/ip_forward": "1",
+    "ipv6/conf/all/disable_ipv6": "1",
+    "ipv6/conf/default/disable_ipv6": "1",
+}
+_HOST_SYSCTLS = {"ipv4/ip_forward": "1"}
+
+
+def _run(
+    argv: list[str],
+    stdin: str,
+    *,
+    netns: str | None = None,
+    sysctls: dict[str, str] | None = None,
+) -> None:
     """Run ``ip``/``nft`` (inside ``netns`` if given); SandboxError with its complaint."""
     try:
         result = subprocess.run(
@@ -231,7 +249,7 @@ def _run(argv: list[str], stdin: str, *, netns: str | None = None, forward: bool
             capture_output=True,
             timeout=COMMAND_TIMEOUT,
             check=False,
-            preexec_fn=_in_namespace(netns, forward),
+            preexec_fn=_in_namespace(netns, sysctls or {}),
         )
     except FileNotFoundError:
         raise SandboxError(
@@ -242,9 +260,9 @@ def _run(argv: list[str], stdin: str, *, netns: str | None = None, forward: bool
         raise SandboxError(f"{' '.join(argv[:2])}{where} failed: {result.stderr.decode().strip()}")
 
 
-def _in_namespace(netns: str | None, forward: bool) -> Callable[[], None] | None:
-    """Between fork and exec: enter ``netns`` and turn IPv4 forwarding on there (raw calls)."""
-    if netns is None and not forward:
+def _in_namespace(netns: str | None, sysctls: dict[str, str]) -> Callable[[], None] | None:
+    """Between fork and exec: enter ``netns``, then set ``net.*`` sysctls there (raw calls)."""
+    if netns is None and not sysctls:
         return None
 
     def enter() -> None:
@@ -253,9 +271,12 @@ def _in_namespace(netns: str | None, forward: bool) -> Callable[[], None] | None
             if _libc.setns(fd, CLONE_NEWNET) != 0:
                 os._exit(126)
             os.close(fd)
-        if forward:  # /proc/sys/net is the namespace of whoever opens it
-            fd = os.open("/proc/sys/net/ipv4/ip_forward", os.O_WRONLY)
-            os.write(fd, b"1")
+        for name, value in sysctls.items():  # /proc/sys/net is the opener's namespace
+            try:
+                fd = os.open(f"/proc/sys/net/{name}", os.O_WRONLY)
+            except FileNotFoundError:  # e.g. a kernel without IPv6
+                continue
+            os.write(fd, value.encode())
             os.close(fd)
 
     return enter
