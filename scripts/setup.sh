@@ -10,6 +10,8 @@ PACKAGES=(
   linux-source-6.1 build-essential flex bison bc libelf-dev libssl-dev xz-utils patch
   # the root file system image
   debootstrap e2fsprogs
+  # sandbox networking: namespaces, veth and TAP devices, the egress firewall
+  iproute2 nftables
   # the peer the benchmarks compare against, and the venv
   qemu-system-x86 python3-venv python3-dev
 )
@@ -38,3 +40,5 @@ echo "setup: booting the test guest (its console follows)"
 
 echo "setup: building the default sandbox template (boot, warm the agent, snapshot)"
 .venv/bin/ember template build
+echo "setup: building the networked template (for Sandbox(network=...))"
+.venv/bin/ember template build --network

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
+import select
 import signal
 import socket
 from collections.abc import Callable
@@ -67,3 +69,33 @@ def test_role_lists_are_distinct_and_exclude_process_creation() -> None:
         assert not {"execve", "execveat", "fork", "vfork", "clone", "clone3", "ptrace"} & set(names)
     assert "socket" in seccomp.syscall_names(Role.EVENTS)
     assert "socket" not in seccomp.syscall_names(Role.VCPU)
+
+
+def test_a_vcpu_thread_may_start_virtio_net_but_not_make_taps() -> None:
+    """Activation (on the vCPU thread) sets the TAP's offloads and watches its fd."""
+    from ember.devices.virtio.net.tap import TUNSETIFF, TUNSETOFFLOAD
+
+    poller = select.epoll()  # made before confinement, as the VMM's event loop and TAP are
+    tap, other_end = os.pipe()
+
+    def watch() -> None:
+        poller.register(tap, select.EPOLLIN)
+        poller.unregister(tap)
+
+    def set_offload() -> None:
+        fd = os.open(os.devnull, os.O_RDONLY)
+        with contextlib.suppress(OSError):  # /dev/null is no TAP; the filter let it through
+            fcntl.ioctl(fd, TUNSETOFFLOAD, 0)
+
+    def make_tap() -> None:
+        fd = os.open(os.devnull, os.O_RDONLY)
+        fcntl.ioctl(fd, TUNSETIFF, bytes(40))
+
+    try:
+        assert in_confined_child(Role.VCPU, watch) == 0
+        assert in_confined_child(Role.VCPU, set_offload) == 0
+        assert in_confined_child(Role.VCPU, make_tap) == -signal.SIGSYS
+    finally:
+        poller.close()
+        os.close(tap)
+        os.close(other_end)

@@ -14,6 +14,7 @@ from typing import Any
 
 from ember.client_errors import SandboxTimeout
 from ember.errors import ConfigError, SandboxCrashed
+from ember.network.policy import NetworkPolicy
 
 EXIT_TIMEOUT = 124
 EXIT_CRASH = 1
@@ -38,6 +39,21 @@ def _common(p: argparse.ArgumentParser) -> None:
         help="restore this template (default: the default template of --mem/--vcpus)",
     )  # fmt: skip
     p.add_argument("--boot", action="store_true", help="boot the image instead of restoring")
+    p.add_argument(
+        "--internet", action="store_true",
+        help="networking on: the guest may reach public addresses (never the host or LAN)",
+    )  # fmt: skip
+    p.add_argument(
+        "--allow", action="append", default=[], metavar="CIDR[:PORT[-PORT]]",
+        help="networking on: the guest may reach this destination (repeatable)",
+    )  # fmt: skip
+
+
+def network_policy(args: argparse.Namespace) -> NetworkPolicy | None:
+    """``--internet`` / ``--allow``: the sandbox's policy; None (no network) without them."""
+    if not args.internet and not args.allow:
+        return None
+    return NetworkPolicy(args.allow, internet=args.internet)
 
 
 def register(sub: Any) -> None:
@@ -88,7 +104,7 @@ def _in_sandbox(args: argparse.Namespace, argv: list[str], upload: tuple[str, by
         with Sandbox(
             mem_mib=args.mem, vcpus=args.vcpus,
             cpus=args.cpus, memory_mib=args.memory, pids=args.pids,
-            template=args.template, boot=args.boot,
+            template=args.template, boot=args.boot, network=network_policy(args),
         ) as sb:  # fmt: skip
             if upload is not None:
                 sb.files.write(upload[0], upload[1])

@@ -22,6 +22,11 @@ def register(sub: Any) -> None:
     build.add_argument("--mem", type=int, default=256, metavar="MiB", help="guest RAM")
     build.add_argument("--vcpus", type=int, default=1, metavar="N")
     build.add_argument("--force", action="store_true", help="rebuild even if it exists")
+    build.add_argument(
+        "--network",
+        action="store_true",
+        help="with a network device, for Sandbox(network=...) (built with networking off)",
+    )
     build.set_defaults(func=_build)
     ls = actions.add_parser("ls", help="list templates")
     ls.set_defaults(func=_ls)
@@ -33,8 +38,10 @@ def register(sub: Any) -> None:
 def _build(args: argparse.Namespace) -> int:
     from ember import templates
     from ember.launcher import SandboxSpec
+    from ember.network.policy import NetworkPolicy
 
-    spec = SandboxSpec(mem_mib=args.mem, vcpus=args.vcpus)
+    network = NetworkPolicy() if args.network else None  # the template's guest reaches nothing
+    spec = SandboxSpec(mem_mib=args.mem, vcpus=args.vcpus, network=network)
     directory = templates.template_dir(args.name, spec)
     if directory.is_dir() and not args.force:
         templates.verify(directory)

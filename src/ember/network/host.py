@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import fcntl
 import ipaddress
 import os
 import random
@@ -41,6 +42,7 @@ from ember.network.policy import NetworkPolicy
 POOL = ipaddress.IPv4Network("10.253.0.0/16")  # /30 per sandbox: 16384 of them
 SLOTS = POOL.num_addresses // 4
 NETNS_DIR = "/run/netns"
+LOCK_DIR = "/run/ember/net"
 NS_PREFIX = "ember-"
 VETH_PREFIX = "ember"
 TAP_NAME = "tap0"
@@ -61,6 +63,7 @@ class SandboxNetwork:
 
     slot: int
     policy: NetworkPolicy
+    lock_fd: int = -1  # flock held while the slot is ours: a dead owner's slot is reusable
     exposed: set[int] = field(default_factory=set)
 
     @property
@@ -87,7 +90,8 @@ class SandboxNetwork:
     @classmethod
     def create(cls, policy: NetworkPolicy) -> SandboxNetwork:
         _require_root()
-        network = cls(_claim_slot(), policy)
+        slot, lock_fd = _claim_slot()
+        network = cls(slot, policy, lock_fd)
         try:
             network._build()
         except BaseException:
@@ -188,6 +192,9 @@ class SandboxNetwork:
             )
         with contextlib.suppress(SandboxError):
             _run(["ip", "netns", "delete", self.netns], "")
+        if self.lock_fd >= 0:
+            os.close(self.lock_fd)  # the slot is free again
+            self.lock_fd = -1
 
 
 def _host_input_rules() -> str:
@@ -203,24 +210,33 @@ def _host_input_rules() -> str:
     )
 
 
-def _claim_slot() -> int:
-    """A free slot, claimed by creating its namespace file (exclusive: no two hosts race)."""
+def _claim_slot() -> tuple[int, int]:
+    """A free slot and the lock that holds it.
+
+    Slots are claimed with an exclusive ``flock`` on ``/run/ember/net/K.lock``,
+    held for the sandbox's life: a namespace whose lock is free belongs to
+    an owner that died without cleaning up, and is removed and reused.
+    """
     os.makedirs(NETNS_DIR, exist_ok=True)
+    os.makedirs(LOCK_DIR, exist_ok=True)
     start = random.randrange(SLOTS)
     for i in range(SLOTS):
         slot = (start + i) % SLOTS
-        if os.path.exists(f"{NETNS_DIR}/{NS_PREFIX}{slot}"):
+        fd = os.open(f"{LOCK_DIR}/{slot}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
             continue
-        result = subprocess.run(
-            ["ip", "netns", "add", f"{NS_PREFIX}{slot}"],
-            capture_output=True,
-            timeout=COMMAND_TIMEOUT,
-            check=False,
-        )
-        if result.returncode == 0:
-            return slot
-        if b"exists" not in result.stderr:
-            raise SandboxError(f"ip netns add failed: {result.stderr.decode().strip()}")
+        try:
+            name = f"{NS_PREFIX}{slot}"
+            if os.path.exists(f"{NETNS_DIR}/{name}"):  # left by a dead owner
+                _run(["ip", "netns", "delete", name], "")
+            _run(["ip", "netns", "add", name], "")
+        except BaseException:
+            os.close(fd)
+            raise
+        return slot, fd
     raise SandboxError(f"all {SLOTS} sandbox network slots are in use")
 
 

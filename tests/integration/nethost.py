@@ -1,0 +1,78 @@
+"""A test's own "remote" host: a network namespace joined to the host by a veth pair,
+running a small TCP server that answers every connection with the peer's address.
+
+Never an address outside this machine: 10.254.N.0/24 lives on a veth the test made.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from dataclasses import dataclass, field
+
+SERVER = r"""
+import socket, sys, threading
+def serve(listener):
+    while True:
+        conn, peer = listener.accept()
+        with conn:
+            conn.sendall(f"hello {peer[0]} on {conn.getsockname()[1]}\n".encode())
+for port in map(int, sys.argv[1:]):
+    listener = socket.create_server(("0.0.0.0", port), backlog=64)
+    threading.Thread(target=serve, args=(listener,), daemon=True).start()
+print("ready", flush=True)
+sys.stdin.read()  # until the test closes our stdin
+"""
+
+
+@dataclass
+class RemoteHost:
+    index: int
+    ports: tuple[int, ...]
+    server: subprocess.Popen[bytes] | None = field(default=None, repr=False)
+
+    @property
+    def name(self) -> str:
+        return f"embtest-{os.getpid()}-{self.index}"
+
+    @property
+    def veth(self) -> str:
+        return f"etst{os.getpid() % 100000}x{self.index}"
+
+    @property
+    def address(self) -> str:
+        return f"10.254.{self.index}.2"
+
+    @property
+    def subnet(self) -> str:
+        return f"10.254.{self.index}.0/24"
+
+    def start(self) -> RemoteHost:
+        sh(f"ip netns add {self.name}")
+        sh(f"ip link add {self.veth} type veth peer name eth0 netns {self.name}")
+        sh(f"ip addr add 10.254.{self.index}.1/24 dev {self.veth}")
+        sh(f"ip link set {self.veth} up")
+        sh(f"ip -n {self.name} link set lo up")
+        sh(f"ip -n {self.name} addr add {self.address}/24 dev eth0")
+        sh(f"ip -n {self.name} link set eth0 up")
+        sh(f"ip -n {self.name} route add default via 10.254.{self.index}.1")
+        self.server = subprocess.Popen(
+            ["ip", "netns", "exec", self.name, sys.executable, "-c", SERVER, *map(str, self.ports)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+        )
+        assert self.server.stdout is not None
+        assert self.server.stdout.readline() == b"ready\n"
+        return self
+
+    def close(self) -> None:
+        if self.server is not None:
+            self.server.kill()
+            self.server.wait()
+        subprocess.run(["ip", "netns", "delete", self.name], check=False, capture_output=True)
+        subprocess.run(["ip", "link", "delete", self.veth], check=False, capture_output=True)
+
+
+def sh(command: str) -> None:
+    subprocess.run(command.split(), check=True, capture_output=True)

@@ -1,0 +1,180 @@
+"""virtio-net end to end: real TAPs in real namespaces, real nftables, real guests.
+
+The "remote" hosts are network namespaces this test makes (tests/integration/nethost.py).
+"""
+
+from __future__ import annotations
+
+import shutil
+import socket
+from collections.abc import Iterator
+
+import pytest
+
+from ember import NetworkPolicy
+from ember.errors import ConfigError
+from ember.network.host import GUEST_IP
+from ember.sandbox import Sandbox
+from ember.templates import templates_root
+from tests.integration.conftest import Images, ember
+from tests.integration.nethost import RemoteHost
+
+ALLOWED, OTHER = 8080, 8081
+GUEST_PORT = 8000
+
+# Installed in each sandbox's code worker: the first line a server sends, or the error.
+PROBE = """
+import socket
+def _probe(host, port):
+    try:
+        with socket.create_connection((host, port), timeout=15) as s:
+            return s.makefile().readline().strip()
+    except OSError as exc:
+        return type(exc).__name__
+"""
+
+# A server inside the guest answering like the test hosts do.
+GUEST_SERVER = f"""
+import socket, threading
+def _serve(listener):
+    while True:
+        conn, peer = listener.accept()
+        with conn:
+            conn.sendall(f"guest hello {{peer[0]}}\\n".encode())
+_listener = socket.create_server(("0.0.0.0", {GUEST_PORT}))
+threading.Thread(target=_serve, args=(_listener,), daemon=True).start()
+"""
+
+
+def probe(sb: Sandbox, host: str, port: int) -> str:
+    result = sb.run_code(f"_probe({host!r}, {port})", timeout=60)
+    assert result.error is None, result.error
+    assert result.value is not None
+    return str(eval(result.value))  # the repr of a str
+
+
+@pytest.fixture(scope="module")
+def remote(images: Images) -> Iterator[RemoteHost]:
+    host = RemoteHost(1, (ALLOWED, OTHER)).start()
+    yield host
+    host.close()
+
+
+@pytest.fixture(scope="module")
+def remote2(images: Images) -> Iterator[RemoteHost]:
+    host = RemoteHost(2, (ALLOWED,)).start()
+    yield host
+    host.close()
+
+
+@pytest.fixture(scope="module")
+def allowed(remote: RemoteHost) -> Iterator[Sandbox]:
+    """A sandbox that may reach the first test host's port 8080 and nothing else."""
+    with Sandbox(network=NetworkPolicy([f"{remote.address}:{ALLOWED}"])) as sb:
+        sb.run_code(PROBE)
+        yield sb
+
+
+@pytest.fixture(scope="module")
+def server(images: Images) -> Iterator[Sandbox]:
+    """A networked sandbox running a TCP server on GUEST_PORT, allowed to reach nothing."""
+    with Sandbox(network=NetworkPolicy()) as sb:
+        sb.run_code(GUEST_SERVER)
+        yield sb
+
+
+def test_network_is_off_by_default(images: Images) -> None:
+    with Sandbox() as sb:
+        assert sb.address is None
+        names = sb.run_code("import socket; [n for _, n in socket.if_nameindex()]").value
+        assert names == "['lo']"
+        with pytest.raises(ConfigError, match="no network"):
+            sb.expose(GUEST_PORT)
+
+
+def test_guest_has_an_address_and_reaches_an_allowed_server(
+    allowed: Sandbox, remote: RemoteHost
+) -> None:
+    # The test host sees the sandbox's own address (the guest is masqueraded behind it).
+    assert probe(allowed, remote.address, ALLOWED) == f"hello {allowed.address} on {ALLOWED}"
+    local = allowed.run_code(
+        f"_s = socket.create_connection(({remote.address!r}, {ALLOWED}), timeout=15)\n"
+        "_name = _s.getsockname()[0]; _s.close(); _name"
+    ).value
+    assert local == repr(GUEST_IP)
+
+
+def test_destinations_off_the_allow_list_are_refused(
+    allowed: Sandbox, remote: RemoteHost, remote2: RemoteHost
+) -> None:
+    assert probe(allowed, remote.address, OTHER) == "ConnectionRefusedError"
+    assert probe(allowed, remote2.address, ALLOWED) == "ConnectionRefusedError"
+    # The allowed port still works afterwards: refusals are per destination.
+    assert probe(allowed, remote.address, ALLOWED).startswith("hello ")
+
+
+def test_the_host_itself_is_unreachable_even_with_internet_on(images: Images) -> None:
+    with Sandbox(network=True) as sb:
+        sb.run_code(PROBE)
+        network = sb._vmm.network
+        assert network is not None
+        with socket.create_server((network.host_ip, 0)) as listener:
+            port = listener.getsockname()[1]
+            assert probe(sb, network.host_ip, port) == "ConnectionRefusedError"
+        # Its gateway (the sandbox's namespace) offers the guest nothing either.
+        assert probe(sb, "172.16.0.1", 22) == "ConnectionRefusedError"
+
+
+def test_an_exposed_port_reaches_the_guest_from_the_host(server: Sandbox) -> None:
+    address, port = server.expose(GUEST_PORT)
+    assert (address, port) == (server.address, GUEST_PORT)
+    assert server.expose(GUEST_PORT) == (address, port)  # idempotent
+    with socket.create_connection((address, port), timeout=30) as conn:
+        assert conn.makefile().readline().startswith("guest hello ")
+
+
+def test_sandboxes_cannot_reach_each_other_unless_allowed(
+    allowed: Sandbox, server: Sandbox
+) -> None:
+    address, port = server.expose(GUEST_PORT)
+    assert probe(allowed, address, port) == "ConnectionRefusedError"
+    with Sandbox(network=NetworkPolicy([f"{address}:{port}"])) as peer:
+        peer.run_code(PROBE)
+        assert probe(peer, address, port) == f"guest hello {peer.address}"
+        # Allowed to that one port only.
+        assert probe(peer, address, port + 1) == "ConnectionRefusedError"
+
+
+def test_a_fork_gets_a_network_of_its_own(allowed: Sandbox, remote: RemoteHost) -> None:
+    with allowed.fork() as child:
+        assert child.address is not None and child.address != allowed.address
+        assert probe(child, remote.address, ALLOWED) == f"hello {child.address} on {ALLOWED}"
+        assert probe(child, remote.address, OTHER) == "ConnectionRefusedError"
+    assert probe(allowed, remote.address, ALLOWED).startswith("hello ")
+
+
+def test_a_networked_template_needs_a_network(allowed: Sandbox) -> None:
+    try:
+        allowed.snapshot("test-networked")
+        with pytest.raises(ConfigError, match="pass network="):
+            Sandbox(template="test-networked")
+        with Sandbox(template="test-networked", network=NetworkPolicy()) as restored:
+            assert restored.address is not None
+        with Sandbox() as plain:
+            plain.snapshot("test-plain")
+        with pytest.raises(ConfigError, match="without a network"):
+            Sandbox(network=True, template="test-plain")
+    finally:
+        for name in ("test-networked", "test-plain"):
+            shutil.rmtree(templates_root() / name, ignore_errors=True)
+
+
+def test_cli_allow_reaches_only_that_destination(remote: RemoteHost) -> None:
+    code = PROBE + (
+        f"print(_probe({remote.address!r}, {ALLOWED}))\nprint(_probe({remote.address!r}, {OTHER}))"
+    )
+    result = ember("exec", "--allow", f"{remote.address}:{ALLOWED}", "--", "python3", "-c", code)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("hello 10.253.") and lines[0].endswith(f"on {ALLOWED}")
+    assert lines[1] == "ConnectionRefusedError"
