@@ -15,9 +15,10 @@ from ember.sandbox import Sandbox
 from tests.integration.conftest import Images
 
 GUEST_MIB = 256  # the default template's RAM
-# Allocating is slow here (each guest page costs emulated kernel work): a size that shows
-# the effect without dominating the suite; hardware KVM would do 200 MiB in a blink.
-ALLOC_MIB = 96
+# The figure.  Allocating is slow here (each guest page costs emulated kernel work:
+# ~60 s for 200 MiB); hardware KVM does it in a blink.  The guest has ~217 MiB available.
+ALLOC_MIB = 200
+RETURNED_MIB = 150  # of those, at least this much must come back to the host
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +68,7 @@ def test_memory_the_guest_frees_goes_back_to_the_host(sb: Sandbox) -> None:
     # reporting while parked).
     def keep_busy() -> None:
         with contextlib.suppress(Exception):  # ends when the sandbox closes
-            sb.exec(["sleep", "120"], timeout=300)
+            sb.exec(["sleep", "300"], timeout=600)
 
     busy = threading.Thread(target=keep_busy, daemon=True)
     busy.start()
@@ -83,11 +84,11 @@ def test_memory_the_guest_frees_goes_back_to_the_host(sb: Sandbox) -> None:
     stream = sb.exec_stream(["python3", "-c", grab], timeout=600)
     assert next(stream).data == b"held\n"  # the guest holds the memory now
     peak = rss_anon_mib(pid)
-    assert peak - start >= ALLOC_MIB * 0.75, (start, peak)  # the guest's pages became ours
+    assert peak - start >= RETURNED_MIB, (start, peak)  # the guest's pages became ours
     sb.files.write("/tmp/release", b"")
     assert list(stream) == []  # the holder exits: its memory is free in the guest
     deadline = time.monotonic() + 60
-    while rss_anon_mib(pid) > peak - ALLOC_MIB * 0.75:
+    while rss_anon_mib(pid) > peak - RETURNED_MIB:
         assert time.monotonic() < deadline, f"RSS {rss_anon_mib(pid):.0f} MiB, peak {peak:.0f}"
         time.sleep(0.5)
-    assert sb.memory_stats()["reported_mib"] >= ALLOC_MIB * 0.75
+    assert sb.memory_stats()["reported_mib"] >= RETURNED_MIB
