@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import shutil
 import socket
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -25,6 +26,7 @@ GUEST_PORT = 8000
 # Installed in each sandbox's code worker: the first line a server sends, or the error.
 PROBE = """
 import socket
+import time
 def _probe(host, port):
     try:
         with socket.create_connection((host, port), timeout=15) as s:
@@ -178,3 +180,27 @@ def test_cli_allow_reaches_only_that_destination(remote: RemoteHost) -> None:
     lines = result.stdout.splitlines()
     assert lines[0].startswith("hello 10.253.") and lines[0].endswith(f"on {ALLOWED}")
     assert lines[1] == "ConnectionRefusedError"
+
+
+def test_a_parked_sandbox_wakes_for_a_connection_from_the_network(server: Sandbox) -> None:
+    address, port = server.expose(GUEST_PORT)
+    wait_until_parked_for_good(server)
+    # Nothing else will wake it now: only the frames of this connection can.
+    with socket.create_connection((address, port), timeout=30) as conn:
+        assert conn.makefile().readline().startswith("guest hello ")
+
+
+def wait_until_parked_for_good(sb: Sandbox, quiet_s: float = 5.0) -> None:
+    """Until the idle sandbox is parked and stays so for ``quiet_s`` (the vsock device's
+    own close timers may wake it once after the last agent call)."""
+    deadline = time.monotonic() + 120
+    parked_since: float | None = None
+    while True:
+        assert time.monotonic() < deadline, "the idle sandbox never stayed parked"
+        if sb._vmm.control("status")["paused"]:
+            parked_since = parked_since or time.monotonic()
+            if time.monotonic() - parked_since >= quiet_s:
+                return
+        else:
+            parked_since = None
+        time.sleep(0.1)

@@ -20,6 +20,7 @@ EXPECTED = [
     "ImageError",
     "ImageNotBuilt",
     "KvmError",
+    "NetworkPolicy",
     "OutputChunk",
     "ProtocolError",
     "Sandbox",
