@@ -11,19 +11,30 @@ import subprocess
 import sys
 from dataclasses import dataclass, field
 
-SERVER = r"""
-import socket, sys, threading
-def serve(listener):
-    while True:
-        conn, peer = listener.accept()
-        with conn:
-            conn.sendall(f"hello {peer[0]} on {conn.getsockname()[1]}\n".encode())
-for port in map(int, sys.argv[1:]):
-    listener = socket.create_server(("0.0.0.0", port), backlog=64)
-    threading.Thread(target=serve, args=(listener,), daemon=True).start()
+# Serves each port in a thread, answering every connection with one line made from GREETING
+# (a format string over ``peer`` and ``port``). The guest's servers use it too.
+SERVE = r"""
+import socket, threading
+def _serve_ports(greeting, ports):
+    def serve(listener, port):
+        while True:
+            conn, peer = listener.accept()
+            with conn:
+                conn.sendall((greeting.format(peer=peer[0], port=port) + "\n").encode())
+    for port in ports:
+        listener = socket.create_server(("0.0.0.0", port), backlog=64)
+        threading.Thread(target=serve, args=(listener, port), daemon=True).start()
+"""
+
+SERVER = (
+    SERVE
+    + r"""
+import sys
+_serve_ports("hello {peer} on {port}", map(int, sys.argv[1:]))
 print("ready", flush=True)
 sys.stdin.read()  # until the test closes our stdin
 """
+)
 
 
 @dataclass

@@ -18,7 +18,7 @@ from ember.network.host import GUEST_IP
 from ember.sandbox import Sandbox
 from ember.templates import templates_root
 from tests.integration.conftest import Images, ember
-from tests.integration.nethost import RemoteHost
+from tests.integration.nethost import SERVE, RemoteHost
 
 ALLOWED, OTHER = 8080, 8081
 GUEST_PORT = 8000
@@ -36,16 +36,7 @@ def _probe(host, port):
 """
 
 # A server inside the guest answering like the test hosts do.
-GUEST_SERVER = f"""
-import socket, threading
-def _serve(listener):
-    while True:
-        conn, peer = listener.accept()
-        with conn:
-            conn.sendall(f"guest hello {{peer[0]}}\\n".encode())
-_listener = socket.create_server(("0.0.0.0", {GUEST_PORT}))
-threading.Thread(target=_serve, args=(_listener,), daemon=True).start()
-"""
+GUEST_SERVER = SERVE + f'_serve_ports("guest hello {{peer}}", [{GUEST_PORT}])\n'
 
 
 def probe(sb: Sandbox, host: str, port: int) -> str:
