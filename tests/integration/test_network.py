@@ -149,6 +149,9 @@ def test_a_fork_gets_a_network_of_its_own(allowed: Sandbox, remote: RemoteHost) 
 def test_a_networked_template_needs_a_network(allowed: Sandbox) -> None:
     try:
         allowed.snapshot("test-networked")
+        listed = ember("template", "ls").stdout.splitlines()
+        assert any(line.split()[:4] == ["test-networked", *line.split()[1:3], "network"]
+                   for line in listed), listed  # fmt: skip
         with pytest.raises(ConfigError, match="pass network="):
             Sandbox(template="test-networked")
         with Sandbox(template="test-networked", network=NetworkPolicy()) as restored:

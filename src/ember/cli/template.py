@@ -43,13 +43,14 @@ def _build(args: argparse.Namespace) -> int:
     network = NetworkPolicy() if args.network else None  # the template's guest reaches nothing
     spec = SandboxSpec(mem_mib=args.mem, vcpus=args.vcpus, network=network)
     directory = templates.template_dir(args.name, spec)
+    label = f"{args.name} (networked)" if args.network else args.name
     if directory.is_dir() and not args.force:
         templates.verify(directory)
-        print(f"template {args.name}: {directory} (cached)")
+        print(f"template {label}: {directory} (cached)")
         return 0
     started = time.monotonic()
     found = templates.build(args.name, spec)
-    print(f"template {args.name}: {found.dir} (built in {time.monotonic() - started:.1f} s)")
+    print(f"template {label}: {found.dir} (built in {time.monotonic() - started:.1f} s)")
     return 0
 
 
@@ -58,7 +59,8 @@ def _ls(args: argparse.Namespace) -> int:
 
     for found in templates.list_templates():
         size = sum(f.stat().st_blocks * 512 for f in found.dir.iterdir()) >> 20
-        print(f"{found.name:<20} {size:>6} MiB  {found.dir}")
+        net = "network" if found.meta.get("network") else ""
+        print(f"{found.name:<20} {size:>6} MiB  {net:<7}  {found.dir}")
     return 0
 
 
