@@ -100,8 +100,17 @@ class SandboxNetwork:
         return network
 
     def _build(self) -> None:
+        # The host's table first, in parallel: it names the veth, it does not need it.
+        host_rules = _start(["nft", "-f", "-"], self.host_ruleset(), sysctls=_HOST_SYSCTLS)
+        try:
+            self._build_namespace()
+        finally:
+            _finish(host_rules)
+
+    def _build_namespace(self) -> None:
         _run(
             ["ip", "-batch", "-"],
+            f"netns add {self.netns}\n"
             f"link add {self.veth} type veth peer name eth0 netns {self.netns}\n"
             f"addr add {self.host_ip}/30 dev {self.veth}\n"
             f"link set {self.veth} up\n",
@@ -120,7 +129,6 @@ class SandboxNetwork:
             sysctls=_SANDBOX_SYSCTLS,
         )
         _run(["nft", "-f", "-"], self.sandbox_ruleset(), netns=self.netns_path)
-        _run(["nft", "-f", "-"], self.host_ruleset(), sysctls=_HOST_SYSCTLS)
 
     def sandbox_ruleset(self) -> str:
         egress = "\n".join(f"    {rule}" for rule in self.policy.egress_rules())
@@ -184,14 +192,19 @@ class SandboxNetwork:
     def close(self) -> None:
         """Remove the host rules and the namespace (its veth and TAP go with it)."""
         chain = f"sandbox{self.slot}"
-        with contextlib.suppress(SandboxError):
-            _run(
-                ["nft", "-f", "-"],
-                f'delete element inet {HOST_TABLE} sandboxes {{ "{self.veth}" }}\n'
-                f"delete chain inet {HOST_TABLE} {chain}\n",
+        commands = []
+        with contextlib.suppress(SandboxError):  # both at once: they do not depend on each other
+            commands.append(
+                _start(
+                    ["nft", "-f", "-"],
+                    f'delete element inet {HOST_TABLE} sandboxes {{ "{self.veth}" }}\n'
+                    f"delete chain inet {HOST_TABLE} {chain}\n",
+                )
             )
-        with contextlib.suppress(SandboxError):
-            _run(["ip", "netns", "delete", self.netns], "")
+            commands.append(_start(["ip", "netns", "delete", self.netns], ""))
+        for command in commands:
+            with contextlib.suppress(SandboxError):
+                _finish(command)
         if self.lock_fd >= 0:
             os.close(self.lock_fd)  # the slot is free again
             self.lock_fd = -1
@@ -232,7 +245,6 @@ def _claim_slot() -> tuple[int, int]:
             name = f"{NS_PREFIX}{slot}"
             if os.path.exists(f"{NETNS_DIR}/{name}"):  # left by a dead owner
                 _run(["ip", "netns", "delete", name], "")
-            _run(["ip", "netns", "add", name], "")
         except BaseException:
             os.close(fd)
             raise
@@ -258,22 +270,50 @@ def _run(
     sysctls: dict[str, str] | None = None,
 ) -> None:
     """Run ``ip``/``nft`` (inside ``netns`` if given); SandboxError with its complaint."""
+    _finish(_start(argv, stdin, netns=netns, sysctls=sysctls))
+
+
+@dataclass
+class _Command:
+    argv: list[str]
+    where: str
+    proc: subprocess.Popen[bytes]
+    stdin: bytes
+
+
+def _start(
+    argv: list[str],
+    stdin: str,
+    *,
+    netns: str | None = None,
+    sysctls: dict[str, str] | None = None,
+) -> _Command:
     try:
-        result = subprocess.run(
+        proc = subprocess.Popen(
             argv,
-            input=stdin.encode(),
-            capture_output=True,
-            timeout=COMMAND_TIMEOUT,
-            check=False,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
             preexec_fn=_in_namespace(netns, sysctls or {}),
         )
     except FileNotFoundError:
         raise SandboxError(
             f"{argv[0]} is needed for sandbox networking: apt-get install iproute2 nftables"
         ) from None
-    if result.returncode != 0:
-        where = f" in {netns}" if netns else ""
-        raise SandboxError(f"{' '.join(argv[:2])}{where} failed: {result.stderr.decode().strip()}")
+    return _Command(argv, f" in {netns}" if netns else "", proc, stdin.encode())
+
+
+def _finish(command: _Command) -> None:
+    try:
+        _, stderr = command.proc.communicate(command.stdin, timeout=COMMAND_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        command.proc.kill()
+        command.proc.wait()
+        raise SandboxError(f"{' '.join(command.argv[:2])} did not finish") from None
+    if command.proc.returncode != 0:
+        raise SandboxError(
+            f"{' '.join(command.argv[:2])}{command.where} failed: {stderr.decode().strip()}"
+        )
 
 
 def _in_namespace(netns: str | None, sysctls: dict[str, str]) -> Callable[[], None] | None:
