@@ -421,11 +421,13 @@ class VmmProcess:
         try:
             if self.cgroup is not None:
                 self.cgroup.remove()  # also kills anything the VMM left behind
-            if self.network is not None:
-                self.network.close()
-                self.network = None
         finally:
-            shutil.rmtree(self.dir, ignore_errors=True)
+            try:
+                if self.network is not None:  # after the VMM: it holds the TAP
+                    self.network.close()
+                    self.network = None
+            finally:
+                shutil.rmtree(self.dir, ignore_errors=True)
 
 
 def start_vmm(spec: SandboxSpec, *, template: str | None, boot: bool) -> VmmProcess:
