@@ -56,6 +56,13 @@ def _check(result: int, what: str) -> None:
         raise ConfigError(f"jail: {what} failed: {os.strerror(err)} (the jail needs root)")
 
 
+def set_net_namespace(fd: int) -> None:
+    """Move the calling thread into the network namespace ``fd`` refers to; OSError if not."""
+    if _libc.setns(fd, CLONE_NEWNET) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
 def jail_id(pid: int | None = None) -> int:
     return JAIL_ID_BASE + (pid if pid is not None else os.getpid())
 

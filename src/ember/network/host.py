@@ -27,7 +27,6 @@ Set-up runs ``ip`` and ``nft`` (iproute2, nftables) as root.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import fcntl
 import ipaddress
 import os
@@ -37,6 +36,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ember.errors import ConfigError, SandboxError
+from ember.jailer.jail import set_net_namespace
 from ember.network.policy import NetworkPolicy
 
 POOL = ipaddress.IPv4Network("10.253.0.0/16")  # /30 per sandbox: 16384 of them
@@ -51,10 +51,7 @@ GUEST_IP = "172.16.0.2"
 GATEWAY_IP = "172.16.0.1"
 GUEST_CIDR = f"{GUEST_IP}/30"
 HOST_TABLE = "ember"
-CLONE_NEWNET = 0x40000000
 COMMAND_TIMEOUT = 30.0
-
-_libc = ctypes.CDLL(None, use_errno=True)
 
 
 @dataclass
@@ -77,6 +74,11 @@ class SandboxNetwork:
     @property
     def veth(self) -> str:
         return f"{VETH_PREFIX}{self.slot}"
+
+    @property
+    def host_chain(self) -> str:
+        """This sandbox's chain in the host table (its rules for packets to the host)."""
+        return f"sandbox{self.slot}"
 
     @property
     def host_ip(self) -> str:
@@ -159,7 +161,7 @@ class SandboxNetwork:
 
     def host_ruleset(self) -> str:
         """The host table (made once, kept) and this sandbox's chain in its verdict map."""
-        chain = f"sandbox{self.slot}"
+        chain = self.host_chain
         rules = "".join(
             f"add rule inet {HOST_TABLE} {chain} {r}\n" for r in self.policy.host_rules()
         )
@@ -191,17 +193,18 @@ class SandboxNetwork:
 
     def close(self) -> None:
         """Remove the host rules and the namespace (its veth and TAP go with it)."""
-        chain = f"sandbox{self.slot}"
+        undo = (
+            (
+                ["nft", "-f", "-"],
+                f'delete element inet {HOST_TABLE} sandboxes {{ "{self.veth}" }}\n'
+                f"delete chain inet {HOST_TABLE} {self.host_chain}\n",
+            ),
+            (["ip", "netns", "delete", self.netns], ""),
+        )
         commands = []
-        with contextlib.suppress(SandboxError):  # both at once: they do not depend on each other
-            commands.append(
-                _start(
-                    ["nft", "-f", "-"],
-                    f'delete element inet {HOST_TABLE} sandboxes {{ "{self.veth}" }}\n'
-                    f"delete chain inet {HOST_TABLE} {chain}\n",
-                )
-            )
-            commands.append(_start(["ip", "netns", "delete", self.netns], ""))
+        for argv, stdin in undo:  # both at once, each on its own: they do not depend on each other
+            with contextlib.suppress(SandboxError):
+                commands.append(_start(argv, stdin))
         for command in commands:
             with contextlib.suppress(SandboxError):
                 _finish(command)
@@ -324,7 +327,9 @@ def _in_namespace(netns: str | None, sysctls: dict[str, str]) -> Callable[[], No
     def enter() -> None:
         if netns is not None:
             fd = os.open(netns, os.O_RDONLY | os.O_CLOEXEC)
-            if _libc.setns(fd, CLONE_NEWNET) != 0:
+            try:
+                set_net_namespace(fd)
+            except OSError:
                 os._exit(126)
             os.close(fd)
         for name, value in sysctls.items():  # /proc/sys/net is the opener's namespace

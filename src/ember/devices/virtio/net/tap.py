@@ -12,12 +12,12 @@ that namespace for the one ``open`` + ``TUNSETIFF`` and leaving it again.
 
 from __future__ import annotations
 
-import ctypes
 import fcntl
 import os
 import struct
 
 from ember.errors import ConfigError
+from ember.jailer.jail import set_net_namespace
 
 TUN_PATH = "/dev/net/tun"
 IFNAMSIZ = 16
@@ -33,10 +33,7 @@ TUN_F_CSUM = 0x01
 TUN_F_TSO4 = 0x02
 TUN_F_TSO6 = 0x04
 TUN_F_TSO_ECN = 0x08
-CLONE_NEWNET = 0x40000000
 VNET_HDR_SIZE = 12
-
-_libc = ctypes.CDLL(None, use_errno=True)
 
 
 def open_tap(name: str, netns: str | None = None) -> int:
@@ -86,6 +83,7 @@ def set_offload(fd: int, flags: int) -> None:
 
 
 def _setns(fd: int, what: str) -> None:
-    if _libc.setns(fd, CLONE_NEWNET) != 0:
-        err = ctypes.get_errno()
-        raise ConfigError(f"{what}: {os.strerror(err)}")
+    try:
+        set_net_namespace(fd)
+    except OSError as exc:
+        raise ConfigError(f"{what}: {exc.strerror}") from None
