@@ -18,7 +18,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -161,14 +161,19 @@ def test_ping(agent: Agent) -> None:
     assert pong["pid"] == agent.proc.pid and pong["uptime"] >= 0
 
 
-def test_short_calls_reuse_one_kept_connection(agent: Agent) -> None:
-    opened: list[socket.socket] = []
+def recording(agent: Agent, opened: list[socket.socket]) -> Callable[[], socket.socket]:
+    """A connect function for AgentClient that keeps every socket it opens in ``opened``."""
 
     def connect() -> socket.socket:
         opened.append(agent.connect())
         return opened[-1]
 
-    client = AgentClient(connect)
+    return connect
+
+
+def test_short_calls_reuse_one_kept_connection(agent: Agent) -> None:
+    opened: list[socket.socket] = []
+    client = AgentClient(recording(agent, opened))
     for _ in range(5):
         assert client.ping()["pong"] is True
     assert client.run_code("6 * 7").value == "42"
@@ -184,12 +189,7 @@ def test_short_calls_reuse_one_kept_connection(agent: Agent) -> None:
 
 def test_a_kept_connection_the_agent_closed_is_replaced(agent: Agent) -> None:
     opened: list[socket.socket] = []
-
-    def connect() -> socket.socket:
-        opened.append(agent.connect())
-        return opened[-1]
-
-    client = AgentClient(connect)
+    client = AgentClient(recording(agent, opened))
     client.ping()
     # A request without keepalive on the same connection: the agent answers and closes it.
     write_frame(opened[0], Kind.REQUEST, protocol.encode_json({"op": "ping"}))
