@@ -14,6 +14,8 @@ PACKAGES=(
   iproute2 nftables
   # the peer the benchmarks compare against, and the venv
   qemu-system-x86 python3-venv python3-dev
+  # the unit tests check the initramfs writer against the system's cpio
+  cpio
 )
 missing=()
 for p in "${PACKAGES[@]}"; do
