@@ -46,6 +46,59 @@ def test_only_the_event_thread_may_open_sockets() -> None:
     assert in_confined_child(Role.VCPU, lambda: socket.socket(socket.AF_UNIX)) == -signal.SIGSYS
 
 
+@pytest.mark.parametrize(
+    ("family", "kind"),
+    [
+        (socket.AF_UNIX, socket.SOCK_STREAM),
+        (socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK),
+    ],
+)
+def test_the_event_thread_may_open_unix_sockets(family: int, kind: int) -> None:
+    assert in_confined_child(Role.EVENTS, lambda: socket.socket(family, kind).close()) == 0
+
+
+@pytest.mark.parametrize(
+    ("family", "kind"),
+    [
+        pytest.param(socket.AF_INET, socket.SOCK_STREAM, id="inet"),
+        pytest.param(socket.AF_INET6, socket.SOCK_DGRAM, id="inet6"),
+        # AF_VSOCK ignores network namespaces: it would reach the host's own vsock services
+        pytest.param(socket.AF_VSOCK, socket.SOCK_STREAM, id="vsock"),
+        pytest.param(socket.AF_NETLINK, socket.SOCK_RAW, id="netlink"),
+        pytest.param(socket.AF_PACKET, socket.SOCK_RAW, id="packet"),
+    ],
+)
+@pytest.mark.parametrize("role", list(Role))
+def test_no_thread_may_open_a_socket_of_another_family(role: Role, family: int, kind: int) -> None:
+    def make() -> None:  # closed at once: an unclosed socket's warning calls getpeername
+        socket.socket(family, kind).close()
+
+    assert in_confined_child(role, make) == -signal.SIGSYS
+
+
+def test_the_family_is_read_as_the_kernel_reads_an_int() -> None:
+    """Garbage in the upper half of the register neither smuggles AF_INET through nor kills
+    an AF_UNIX socket (the kernel looks at the low 32 bits only)."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.syscall.restype = ctypes.c_long
+    nr_socket = 41  # x86_64
+
+    def raw_socket(family: int) -> None:
+        fd = libc.syscall(ctypes.c_long(nr_socket), ctypes.c_long(family),
+                          ctypes.c_long(socket.SOCK_STREAM), ctypes.c_long(0))  # fmt: skip
+        if fd < 0:
+            raise OSError(ctypes.get_errno(), "socket")
+        os.close(fd)
+
+    assert in_confined_child(Role.EVENTS, lambda: raw_socket((1 << 32) | socket.AF_UNIX)) == 0
+    assert (
+        in_confined_child(Role.EVENTS, lambda: raw_socket((1 << 32) | socket.AF_INET))
+        == -signal.SIGSYS
+    )
+
+
 def test_ioctl_is_limited_to_the_roles_requests() -> None:
     def kvm_run_on_devnull() -> None:
         fd = os.open(os.devnull, os.O_RDONLY)

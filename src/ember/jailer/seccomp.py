@@ -12,7 +12,11 @@ The lists come from tracing the VMM through every operation the SDK has
 what CPython itself needs (memory management, locks, signals).  ``open``
 stays allowed (CPython reads source files to format a traceback): the
 chroot, not the filter, is what keeps host files out of reach.
-ioctl is limited to the KVM requests each role makes.
+ioctl is limited to the KVM requests each role makes, and ``socket`` to
+``AF_UNIX`` (the vsock and control sockets): no IP, netlink or AF_VSOCK
+socket, which would ignore the network namespace and reach the host's own
+vsock services.  ``connect`` and ``sendto`` then only ever see Unix sockets
+(the TAP is a character device opened before the filter, not a socket).
 
 libseccomp is loaded with ctypes, so the VMM core keeps to the standard
 library; without the shared library the jail refuses to start unless
@@ -25,6 +29,7 @@ import ctypes
 import ctypes.util
 import enum
 import os
+import socket
 
 from ember.devices.virtio.net.tap import TUNSETOFFLOAD
 from ember.errors import ConfigError
@@ -33,6 +38,12 @@ from ember.kvm import abi
 SCMP_ACT_KILL_PROCESS = 0x80000000
 SCMP_ACT_ALLOW = 0x7FFF0000
 SCMP_CMP_EQ = 4
+SCMP_CMP_MASKED_EQ = 7  # (arg & datum_a) == datum_b
+INT_MASK = 0xFFFF_FFFF  # the kernel reads an int argument from the register's low 32 bits
+
+# The only address family the VMM may create sockets of after set-up (socket(2)'s first
+# argument): the muxer connects to <uds>_PORT and the control socket accepts, both AF_UNIX.
+SOCKET_FAMILIES: tuple[int, ...] = (socket.AF_UNIX,)
 
 
 class scmp_arg_cmp(ctypes.Structure):
@@ -197,6 +208,11 @@ def _build(lib: ctypes.CDLL, role: Role) -> int:
             number = lib.seccomp_syscall_resolve_name(name.encode())
             if number < 0:
                 continue  # not a syscall on this architecture (e.g. select on arm64)
+            if name == "socket":
+                for family in SOCKET_FAMILIES:
+                    cmp = scmp_arg_cmp(0, SCMP_CMP_MASKED_EQ, INT_MASK, family)
+                    _check(lib.seccomp_rule_add_array(ctx, SCMP_ACT_ALLOW, number, 1, cmp), name)
+                continue
             if name == "ioctl":
                 for request in _IOCTLS[role]:
                     cmp = scmp_arg_cmp(1, SCMP_CMP_EQ, request, 0)
