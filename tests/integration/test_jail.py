@@ -56,7 +56,7 @@ def test_the_vmm_runs_jailed(images: Images) -> None:
         assert pid is not None
         assert _status(pid)["NSpid"].split()[-1] == "1"  # PID 1 of its own PID namespace
         uid = int(_status(pid)["Uid"].split()[0])
-        assert uid >= JAIL_ID_BASE
+        assert uid == JAIL_ID_BASE + pid  # its pid as the host sees it, not 1
         assert _status(pid)["Groups"] == ""
         for ns in ("mnt", "net", "ipc", "uts", "pid"):
             assert os.readlink(f"/proc/{pid}/ns/{ns}") != os.readlink(f"/proc/self/ns/{ns}"), ns
@@ -68,6 +68,23 @@ def test_the_vmm_runs_jailed(images: Images) -> None:
         assert "Max core file size        0" in limits
         assert Path(f"/proc/{pid}/environ").read_bytes().strip(b"\0") == b""  # scrubbed
         assert sb.exec(["echo", "jailed"], timeout=120).stdout == b"jailed\n"
+
+
+def test_two_live_vmms_run_as_different_users(images: Images) -> None:
+    """Both VMMs are PID 1 of their own namespaces; their uids (and gids) still differ."""
+    with Sandbox() as first, Sandbox() as second:
+        ids = []
+        for sb in (first, second):
+            pid = sb._vmm.vmm_pid
+            assert pid is not None
+            status = _status(pid)
+            assert status["NSpid"].split()[-1] == "1"
+            uids, gids = set(status["Uid"].split()), set(status["Gid"].split())
+            assert len(uids) == len(gids) == 1  # real, effective, saved, file system alike
+            ids.append((int(uids.pop()), int(gids.pop())))
+        assert ids[0][0] != ids[1][0] and ids[0][1] != ids[1][1]
+        for sb in (first, second):
+            assert sb.exec(["echo", "ok"], timeout=120).stdout == b"ok\n"
 
 
 def test_the_jailed_vmm_cannot_open_host_files(hooked: Sandbox) -> None:

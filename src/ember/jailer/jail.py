@@ -15,8 +15,9 @@ file system away almost entirely:
    a bounded number of fds;
 4. the environment is emptied and all privileges dropped: supplementary
    groups cleared, then gid and uid set to an unprivileged id of the
-   sandbox's own (``JAIL_ID_BASE`` + the VMM's pid, unique among live VMMs),
-   so two VMMs cannot signal or trace each other.
+   sandbox's own (``JAIL_ID_BASE`` + the VMM's pid as the host sees it, so
+   unique among live VMMs: not its pid inside its own PID namespace, which is
+   1 for all of them), so two VMMs cannot signal or trace each other.
 
 Seccomp comes last, per thread (:mod:`ember.jailer.seccomp`).  Everything
 here is Linux-only and needs root (or CAP_SYS_ADMIN/CHROOT/SETUID).
@@ -63,8 +64,28 @@ def set_net_namespace(fd: int) -> None:
         raise OSError(err, os.strerror(err))
 
 
+def host_pid(status: str | None = None) -> int:
+    """This process's pid in the outermost PID namespace ``/proc`` shows (proc(5) NSpid).
+
+    A jailed VMM is PID 1 of a namespace of its own, so ``getpid()`` is the
+    same for all of them; the host's /proc, still mounted until the chroot,
+    tells them apart.  ``status`` is ``/proc/self/status`` (given by tests).
+    """
+    if status is None:
+        status = Path("/proc/self/status").read_text()
+    for line in status.splitlines():
+        key, _, value = line.partition(":")
+        if key == "NSpid" and value.split():
+            return int(value.split()[0])
+    raise ConfigError(
+        "jail: /proc/self/status has no NSpid line, so the VMM cannot pick a uid of its own "
+        "(the jail needs Linux >= 4.1 with /proc mounted)"
+    )
+
+
 def jail_id(pid: int | None = None) -> int:
-    return JAIL_ID_BASE + (pid if pid is not None else os.getpid())
+    """The uid and gid a jailed VMM runs as: unique among live VMMs (its host pid)."""
+    return JAIL_ID_BASE + (pid if pid is not None else host_pid())
 
 
 def enter(root: Path, *, file_size_limit: int) -> int:
