@@ -19,8 +19,13 @@ from ember.devices.virtio.queue import Queue
 from ember.errors import SnapshotError
 from ember.kvm import abi
 from ember.memory import GuestMemory, GuestMemoryError
+from ember.snapshot import STATE_FILE
 from ember.snapshot import format as fmt
+from ember.snapshot.machine_state import config_from_state, config_to_state, confine_disks
 from ember.snapshot.memory_file import memory_digest, write_memory
+from ember.vmm.builder import restore_machine
+from ember.vmm.config import DiskConfig, VmConfig
+from ember.vmm.console import ConsoleSink
 from tests.unit.test_virtio_mmio import EchoDevice, Regs, linux_probe
 from tests.unit.virtio_driver import UsedElem, VirtioDriver
 
@@ -116,6 +121,101 @@ def test_a_memory_file_of_the_wrong_size_is_refused(tmp_path: Path) -> None:
     path.write_bytes(bytes(4096))
     with pytest.raises(GuestMemoryError, match="expected"):
         GuestMemory.from_file(str(path), 8192)
+
+
+# -- disks named by the state file ------------------------------------------------------------
+
+
+@pytest.fixture
+def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An image cache with a built root file system in it."""
+    root = tmp_path / "cache"
+    (root / "rootfs" / "k3y").mkdir(parents=True)
+    (root / "rootfs" / "k3y" / "rootfs.ext4").write_bytes(bytes(4096))
+    monkeypatch.setenv("EMBER_CACHE_DIR", str(root))
+    return root
+
+
+def _crafted_snapshot(directory: Path, rootfs: Path, disks: tuple[Path, ...] = ()) -> Path:
+    """A snapshot directory whose state names these disks (as a tampered one would)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    kernel = directory.parent / "vmlinux"
+    kernel.write_bytes(b"")
+    config = VmConfig(
+        kernel=kernel, mem_mib=16, rootfs=rootfs,
+        disks=tuple(DiskConfig(d, read_only=True) for d in disks),
+    )  # fmt: skip
+    state = {"config": config_to_state(config), "memory": {"size": 16 * MIB}, "vcpus": [{}]}
+    fd = os.open(directory / STATE_FILE, os.O_RDWR | os.O_CREAT)
+    try:
+        fmt.write_state(fd, state)
+    finally:
+        os.close(fd)
+    return directory
+
+
+def _outside_file(tmp_path: Path) -> Path:
+    secret = tmp_path / "host" / "secret"
+    secret.parent.mkdir()
+    secret.write_bytes(b"host data")
+    return secret
+
+
+def test_a_restore_refuses_a_root_disk_outside_the_image_cache(cache: Path, tmp_path: Path) -> None:
+    snapshot = _crafted_snapshot(tmp_path / "tpl", _outside_file(tmp_path))
+    with pytest.raises(SnapshotError, match=r"names disk .*secret, which is outside the image"):
+        restore_machine(snapshot, ConsoleSink())  # refused before KVM or any disk is opened
+
+
+@pytest.mark.parametrize("how", ["symlink in the snapshot", "dot-dot", "another template"])
+def test_a_restore_checks_disks_after_resolving_the_path(
+    cache: Path, tmp_path: Path, how: str
+) -> None:
+    rootfs = cache / "rootfs" / "k3y" / "rootfs.ext4"
+    directory = tmp_path / "tpl"
+    directory.mkdir()
+    if how == "symlink in the snapshot":
+        disk = directory / "disk.img"
+        disk.symlink_to(_outside_file(tmp_path))
+    elif how == "dot-dot":
+        disk = cache / "rootfs" / ".." / ".." / _outside_file(tmp_path).relative_to(tmp_path)
+    else:  # the cache also holds other templates' RAM: not an image
+        disk = cache / "templates" / "other" / "memory"
+        disk.parent.mkdir(parents=True)
+        disk.write_bytes(bytes(4096))
+    snapshot = _crafted_snapshot(directory, rootfs, (disk,))
+    with pytest.raises(SnapshotError, match=r"outside the image cache .* rebuild the snapshot"):
+        restore_machine(snapshot, ConsoleSink())
+
+
+def test_disks_in_the_image_cache_or_the_snapshot_are_accepted_as_their_real_paths(
+    cache: Path, tmp_path: Path
+) -> None:
+    rootfs = cache / "rootfs" / "k3y" / "rootfs.ext4"
+    directory = tmp_path / "tpl"
+    directory.mkdir()
+    own = directory / "data.img"
+    own.write_bytes(bytes(4096))
+    link = directory / "root-link"
+    link.symlink_to(rootfs)
+    snapshot = _crafted_snapshot(directory, link, (own,))
+    state = fmt.read_state(snapshot / STATE_FILE)
+    config = config_from_state(state["config"], vsock_uds=None, guest_cid=None)
+    confined = confine_disks(config, snapshot)
+    assert confined.rootfs == rootfs  # the checked path is the one opened
+    assert [d.path for d in confined.disks] == [own]
+    assert confined.disks[0].read_only
+
+
+def test_a_symlinked_cache_root_still_holds_its_images(
+    cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    alias = tmp_path / "cache-link"
+    alias.symlink_to(cache)
+    monkeypatch.setenv("EMBER_CACHE_DIR", str(alias))
+    rootfs = alias / "rootfs" / "k3y" / "rootfs.ext4"
+    config = VmConfig(kernel=tmp_path / "vmlinux", rootfs=rootfs)
+    assert confine_disks(config, tmp_path / "tpl").rootfs == rootfs.resolve()
 
 
 # -- device state -----------------------------------------------------------------------------

@@ -3,16 +3,23 @@
 The caller has paused every vCPU (:meth:`ember.vmm.machine.Machine.snapshot`
 does) and runs on the event thread or with it stopped, so no device moves
 while its state is read.
+
+A restore opens the disks its state file names, as root and before the jail:
+:func:`confine_disks` accepts only files in the image cache's root file
+systems or in the snapshot's own directory (after resolving symlinks and
+``..``), so a tampered or foreign snapshot cannot attach a host file.
 """
 
 from __future__ import annotations
 
 import os
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ember.errors import SnapshotError
+from ember.images.cache import cache_root
 from ember.snapshot import MEMORY_FILE, STATE_FILE
 from ember.snapshot.format import write_state
 from ember.snapshot.kvm_state import capture_vcpu, capture_vm
@@ -24,6 +31,9 @@ if TYPE_CHECKING:
 
 # Restores never read the kernel; a placeholder keeps VmConfig's shape.
 _NO_KERNEL = Path("/nonexistent-restored-from-snapshot")
+# Where in the image cache a snapshot's disks may live: the built root file systems
+# (not the whole cache: it also holds other templates' memory files).
+IMAGE_DISK_DIRS = ("rootfs",)
 
 
 def config_to_state(config: VmConfig) -> dict[str, Any]:
@@ -94,6 +104,38 @@ def config_from_state(
         balloon=bool(state.get("balloon", False)),
         net=net,
     )
+
+
+def disk_roots(snapshot_dir: Path) -> tuple[Path, ...]:
+    """The directories a restored VM's disks may come from, symlinks resolved."""
+    image_dirs = [cache_root() / name for name in IMAGE_DISK_DIRS]
+    return tuple(Path(os.path.realpath(d)) for d in (*image_dirs, snapshot_dir))
+
+
+def confine_disks(config: VmConfig, snapshot_dir: Path) -> VmConfig:
+    """``config`` with each disk resolved to its real path, which must lie under
+    :func:`disk_roots`; SnapshotError naming the disk otherwise.
+
+    The resolved path is the one opened, so a symlink changed after the check
+    cannot lead elsewhere.
+    """
+    roots = disk_roots(snapshot_dir)
+
+    def check(path: Path) -> Path:
+        real = Path(os.path.realpath(path))
+        if any(real.is_relative_to(root) for root in roots):
+            return real
+        shown = f"{path} (really {real})" if real != path else str(path)
+        raise SnapshotError(
+            f"snapshot {snapshot_dir} names disk {shown}, which is outside the image cache "
+            f"({', '.join(str(r) for r in roots[:-1])}) and the snapshot's own directory: "
+            "refusing to attach it (was the state file altered?); rebuild the snapshot "
+            "(ember template build) or move the disk image into its directory"
+        )
+
+    rootfs = check(config.rootfs) if config.rootfs is not None else None
+    disks = tuple(replace(d, path=check(d.path)) for d in config.disks)
+    return replace(config, rootfs=rootfs, disks=disks)
 
 
 def open_snapshot_files(directory: Path) -> tuple[int, int]:

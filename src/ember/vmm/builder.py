@@ -29,7 +29,7 @@ from ember.memory import GuestMemory, GuestMemoryError
 from ember.snapshot import MEMORY_FILE, STATE_FILE
 from ember.snapshot.format import read_state, unblob
 from ember.snapshot.kvm_state import restore_vcpu, restore_vm
-from ember.snapshot.machine_state import config_from_state
+from ember.snapshot.machine_state import config_from_state, confine_disks
 from ember.vmm.config import VmConfig
 from ember.vmm.console import ConsoleSink
 from ember.vmm.event_loop import EventLoop
@@ -135,6 +135,7 @@ def restore_machine(
         mem_size = int(state["memory"]["size"])
     except (KeyError, TypeError, ValueError) as exc:
         raise SnapshotError(f"snapshot {directory} has an unusable config: {exc!r}") from None
+    config = confine_disks(config, directory)  # before any disk is opened (as root)
     if mem_size != config.mem_mib << 20:
         raise SnapshotError(f"snapshot {directory}: memory size does not match its config")
     if len(state.get("vcpus", ())) != config.vcpus:
