@@ -116,8 +116,8 @@ def confine_disks(config: VmConfig, snapshot_dir: Path) -> VmConfig:
     """``config`` with each disk resolved to its real path, which must lie under
     :func:`disk_roots`; SnapshotError naming the disk otherwise.
 
-    The resolved path is the one opened, so a symlink changed after the check
-    cannot lead elsewhere.
+    The resolved path is the one opened: a symlink in the snapshot's directory
+    cannot be re-pointed between the check and the open.
     """
     roots = disk_roots(snapshot_dir)
 
