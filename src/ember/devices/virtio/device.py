@@ -147,7 +147,13 @@ class VirtioDevice(abc.ABC):
     def active(self) -> bool:
         return self.memory is not None
 
-    def serve_queue(self, index: int, handler: Callable[[DescriptorChain], int]) -> None:
+    def serve_queue(
+        self,
+        index: int,
+        handler: Callable[[DescriptorChain], int],
+        *,
+        max_chains: int | None = None,
+    ) -> None:
         """Pop every available chain, hand it to ``handler``, complete it with its result.
 
         ``handler`` returns how many bytes it wrote into the chain's writable
@@ -155,18 +161,29 @@ class VirtioDevice(abc.ABC):
         the queue; a broken ring puts the device in DEVICE_NEEDS_RESET.
         Notifications are suppressed while we drain, then re-enabled and the
         ring re-checked, so a buffer added meanwhile is never missed.
+
+        ``max_chains`` bounds the chains one call takes (good and malformed
+        alike): a driver on another vCPU can keep the ring topped up for as
+        long as we drain it, so without a bound one kick could hold the device
+        (and its lock) forever.  Chains left over wait, notifications on, for
+        the driver's next kick: only a device whose drivers keep few chains in
+        flight (the balloon's keep one) may set it, or a busy driver that
+        added chains without kicking (notifications were off) could wait forever.
         """
         memory = self.memory
         if memory is None or index >= len(self.queues):
             return
         queue = self.queues[index]
+        limit = max_chains if max_chains is not None else float("inf")
+        taken = 0
         try:
             while True:
                 queue.set_notification(memory, False)
-                while True:
+                while taken < limit:
                     try:
                         chain = queue.pop(memory)
                     except QueueError as exc:
+                        taken += 1
                         if exc.head is not None:
                             queue.add_used(memory, exc.head, 0)
                         if queue.broken:
@@ -176,9 +193,10 @@ class VirtioDevice(abc.ABC):
                         continue
                     if chain is None:
                         break
+                    taken += 1
                     queue.add_used(memory, chain.head, handler(chain))
                 queue.set_notification(memory, True)
-                if not queue.pending(memory):
+                if taken >= limit or not queue.pending(memory):
                     break
             self.signal_used(queue)
         except QueueError as exc:
