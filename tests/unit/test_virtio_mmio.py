@@ -19,6 +19,11 @@ from pathlib import Path
 
 import pytest
 
+from ember.devices.virtio.balloon.device import (
+    STATS_QUEUE,
+    VIRTIO_BALLOON_F_STATS_VQ,
+    Balloon,
+)
 from ember.devices.virtio.block.device import (
     QUEUE_SIZE,
     SECTOR_SIZE,
@@ -874,3 +879,88 @@ def test_rings_moved_outside_ram_after_driver_ok(
     assert echo.served == [] and drivers[0].used_idx == 0
     regs[VIRTIO_MMIO_STATUS] = 0
     assert not echo.needs_reset
+
+
+def test_queue_ready_again_after_driver_ok_fails_the_device(
+    regs: Regs,
+    echo: EchoDevice,
+    transport: MmioTransport,
+    interrupt: Interrupt,
+    drivers: list[VirtioDriver],
+) -> None:
+    """Issue 14 item 4: a queue stopped and set up again after DRIVER_OK is never served.
+
+    Without VIRTIO_F_RING_RESET the driver may not bring a queue back (§2.6.1); even a
+    configuration that looks valid was never checked and the device may hold buffers of
+    the old ring, so QueueReady=1 fails the device at once.  Stopping a queue is allowed.
+    """
+    linux_probe(regs, drivers, want=VERSION_1)
+    pending_signals(interrupt)
+    regs[VIRTIO_MMIO_QUEUE_SEL] = 0
+    regs[VIRTIO_MMIO_QUEUE_READY] = 0  # allowed: Linux's del_vqs writes it
+    assert not echo.needs_reset and transport.bad_accesses == 0
+    smaller = VirtioDriver(drivers[0].mem, size=8, desc_table=0x100000)
+    regs[VIRTIO_MMIO_QUEUE_NUM] = smaller.size  # a valid, smaller ring
+    for low, addr in [
+        (VIRTIO_MMIO_QUEUE_DESC_LOW, smaller.desc_table),
+        (VIRTIO_MMIO_QUEUE_AVAIL_LOW, smaller.avail_ring),
+        (VIRTIO_MMIO_QUEUE_USED_LOW, smaller.used_ring),
+    ]:
+        regs[low] = addr
+    generation = regs[VIRTIO_MMIO_CONFIG_GENERATION]
+    regs[VIRTIO_MMIO_QUEUE_READY] = 1
+    assert echo.needs_reset and transport.bad_accesses == 1
+    assert regs[VIRTIO_MMIO_QUEUE_READY] == 0  # refused
+    assert regs[VIRTIO_MMIO_STATUS] & VIRTIO_CONFIG_S_NEEDS_RESET
+    assert regs[VIRTIO_MMIO_INTERRUPT_STATUS] & VIRTIO_MMIO_INT_CONFIG
+    assert regs[VIRTIO_MMIO_CONFIG_GENERATION] != generation
+    assert pending_signals(interrupt) == 1
+    smaller.add_chain([b"no"], [2])
+    regs[VIRTIO_MMIO_QUEUE_NOTIFY] = 0
+    regs[VIRTIO_MMIO_QUEUE_READY] = 1  # again: counted, no second interrupt
+    assert echo.served == [] and smaller.used_idx == 0
+    assert pending_signals(interrupt) == 0 and transport.bad_accesses == 2
+    regs[VIRTIO_MMIO_STATUS] = 0  # a reset brings it back
+    assert not echo.needs_reset
+    fresh = VirtioDriver(drivers[0].mem, size=16, desc_table=0x180000)
+    linux_probe(regs, [fresh])
+    head = fresh.add_chain([b"ok"], [2])
+    regs[VIRTIO_MMIO_QUEUE_NOTIFY] = 0
+    assert fresh.used_entries() == [UsedElem(head, 2)]
+
+
+def test_a_balloon_whose_stats_queue_is_set_up_again_never_raises(
+    mem: GuestMemory, interrupt: Interrupt
+) -> None:
+    """The issue's case end to end: the balloon holds stats buffer 12, the driver re-readies
+    the stats queue with 8 entries after DRIVER_OK and kicks.  No exception may escape."""
+    balloon = Balloon()
+    transport = MmioTransport(balloon, mem, interrupt)
+    regs = Regs(transport)
+    drivers = [
+        VirtioDriver(mem, size=16, desc_table=0x10000 * (i + 1),
+                     data_start=0x100000 + i * 0x40000, data_end=0x140000 + i * 0x40000)
+        for i in range(4)
+    ]  # fmt: skip
+    linux_probe(regs, drivers, want=VERSION_1 | 1 << VIRTIO_BALLOON_F_STATS_VQ)
+    stats = drivers[STATS_QUEUE]
+    buffer = stats.alloc(10, struct.pack("<HQ", 4, 1 << 20))
+    stats.write_desc(12, buffer, 10, 0, 0)
+    stats.push_avail(12)
+    regs[VIRTIO_MMIO_QUEUE_NOTIFY] = STATS_QUEUE
+    assert balloon.guest_stats == {"free_memory": 1 << 20}  # buffer 12 is held
+    smaller = VirtioDriver(mem, size=8, desc_table=0x50000,
+                           data_start=stats.data_start, data_end=stats.data_end)  # fmt: skip
+    smaller.start_at(1)  # the device's indices carry on from where they were
+    regs[VIRTIO_MMIO_QUEUE_SEL] = STATS_QUEUE
+    regs[VIRTIO_MMIO_QUEUE_READY] = 0
+    regs[VIRTIO_MMIO_QUEUE_NUM] = smaller.size
+    regs[VIRTIO_MMIO_QUEUE_DESC_LOW] = smaller.desc_table
+    regs[VIRTIO_MMIO_QUEUE_AVAIL_LOW] = smaller.avail_ring
+    regs[VIRTIO_MMIO_QUEUE_USED_LOW] = smaller.used_ring
+    regs[VIRTIO_MMIO_QUEUE_READY] = 1
+    smaller.add_chain([struct.pack("<HQ", 4, 2 << 20)], [])
+    regs[VIRTIO_MMIO_QUEUE_NOTIFY] = STATS_QUEUE
+    transport.notify(STATS_QUEUE)
+    assert balloon.needs_reset
+    assert regs[VIRTIO_MMIO_STATUS] & VIRTIO_CONFIG_S_NEEDS_RESET

@@ -176,10 +176,12 @@ class MmioTransport:
             else:
                 self.bad_accesses += 1
         elif offset == VIRTIO_MMIO_QUEUE_READY:
-            if queue is not None:
-                queue.ready = value == 1
-            else:
+            if queue is None:
                 self.bad_accesses += 1
+            elif value == 1 and not queue.ready and self.status & VIRTIO_CONFIG_S_DRIVER_OK:
+                self._ready_after_driver_ok()
+            else:
+                queue.ready = value == 1
         elif offset in _QUEUE_ADDR_REGS:
             if queue is not None and not queue.ready:
                 name, shift = _QUEUE_ADDR_REGS[offset]
@@ -225,6 +227,24 @@ class MmioTransport:
             else:
                 self.device.activate(self.memory, self.queues, self.interrupt)
         self.status = value
+
+    def _ready_after_driver_ok(self) -> None:
+        """QueueReady=1 on a stopped queue once DRIVER_OK is set: refused, the device failed.
+
+        Queues are set up before DRIVER_OK (§3.1.1 step 7), and only a driver
+        that negotiated VIRTIO_F_RING_RESET (§2.6.1), which we never offer, may
+        bring one back afterwards.  Accepting it would hand the device a ring
+        that was never checked (``is_valid`` runs at DRIVER_OK) and pull the
+        ring out from under what the device holds (the balloon's stats buffer),
+        so the device is failed: the driver must reset it.  Writing 0 (stopping
+        the queue, as Linux's del_vqs does) stays allowed.
+        """
+        self.bad_accesses += 1
+        if not self.device.needs_reset:
+            self.config_generation += 1
+            self.device.fail(
+                f"QueueReady for queue {self.queue_sel} after DRIVER_OK", self.interrupt
+            )
 
     def reset(self) -> None:
         self.status = 0
