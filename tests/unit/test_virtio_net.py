@@ -18,7 +18,7 @@ from ember.devices.virtio.net.device import (
     VNET_HDR_SIZE,
     Net,
 )
-from ember.devices.virtio.queue import Queue
+from ember.devices.virtio.queue import VIRTQ_DESC_F_WRITE, Queue
 from ember.memory import GuestMemory
 from ember.vmm.event_loop import EventLoop
 from tests.unit.virtio_driver import VirtioDriver
@@ -138,3 +138,66 @@ def test_a_tx_flood_into_a_full_backend_is_dropped_not_buffered(guest: Guest) ->
             sent += 32
     stats = guest.dev.stats
     assert stats.tx_dropped > 0 and stats.tx_frames + stats.tx_dropped == sent
+
+
+def test_a_malformed_rx_chain_is_returned_empty_and_the_good_ones_carry_the_frame(
+    guest: Guest,
+) -> None:
+    """Issue 14 item 5: one bad rx chain costs that buffer, not the device or its neighbours."""
+    with guest.dev.lock:
+        first = guest.rx.add_chain([], [1526])
+        bad = guest.rx.size - 1  # a descriptor the driver's allocator has not handed out
+        guest.rx.write_desc(bad, 1 << 40, 1526, VIRTQ_DESC_F_WRITE, 0)  # outside guest RAM
+        guest.rx.push_avail(bad)
+        second = guest.rx.add_chain([], [1526])
+        guest.dev.process_queue(RX_QUEUE)
+    packet = frame(2500)  # needs both good buffers
+    guest.backend.send(packet)
+    used = wait_used(guest.rx, 3, guest.dev)
+    assert used == [(bad, 0), (first, 1526), (second, len(packet) - 1526)]
+    assert not guest.dev.needs_reset
+    assert struct.unpack_from("<H", guest.rx.written(first, 12), 10)[0] == 2  # num_buffers
+    stats = guest.dev.stats
+    assert (stats.rx_bad_chains, stats.rx_frames, stats.rx_dropped) == (1, 1, 0)
+
+
+def test_a_malformed_rx_chain_then_no_buffers_returns_them_and_the_frame_waits(
+    guest: Guest,
+) -> None:
+    """The good chain taken before a bad one goes back (empty); the frame waits for more."""
+    with guest.dev.lock:
+        first = guest.rx.add_chain([], [1526])
+        bad = guest.rx.size - 1
+        guest.rx.write_desc(bad, 1 << 40, 1526, VIRTQ_DESC_F_WRITE, 0)
+        guest.rx.push_avail(bad)
+        guest.dev.process_queue(RX_QUEUE)
+    packet = frame(2500)
+    guest.backend.send(packet)
+    assert sorted(wait_used(guest.rx, 2, guest.dev)) == sorted([(first, 0), (bad, 0)])
+    assert not guest.dev.needs_reset and guest.dev.stats.rx_dropped == 0
+    with guest.dev.lock:
+        heads = [guest.rx.add_chain([], [1526]) for _ in range(2)]
+        guest.dev.process_queue(RX_QUEUE)  # the driver refills and kicks
+    assert wait_used(guest.rx, 2, guest.dev) == [(heads[0], 1526), (heads[1], len(packet) - 1526)]
+    assert (guest.dev.stats.rx_frames, guest.dev.stats.rx_bad_chains) == (1, 1)
+
+
+def test_a_ring_broken_at_signal_time_fails_the_device_instead_of_raising(guest: Guest) -> None:
+    """Issue 14 item 4: rx's interrupt decision reads the driver's used_event; a ring whose
+    trailer lies outside RAM breaks there, which must fail the device, not escape."""
+    queue = guest.queues[RX_QUEUE]
+    with guest.dev.lock:
+        queue.event_idx = True
+        # The avail ring's flags, idx and ring[] fit in RAM; its used_event trailer does not
+        # (the queue was never checked: only a transport's DRIVER_OK would have refused it).
+        queue.avail_ring = guest.mem.size - (4 + 2 * queue.size)
+        head = guest.rx.add_chain([], [1526])  # descriptors from the driver, avail by hand
+        guest.mem.write(queue.avail_ring + 4, struct.pack("<H", head))
+        guest.mem.write(queue.avail_ring + 2, struct.pack("<H", 1))
+    guest.backend.send(frame(100))
+    deadline = time.monotonic() + 10
+    while not guest.dev.needs_reset and not guest.events.callback_errors:
+        assert time.monotonic() < deadline, "the frame was never served"
+        time.sleep(0.01)
+    assert guest.events.callback_errors == 0  # nothing escaped into the event loop
+    assert guest.dev.needs_reset and queue.broken

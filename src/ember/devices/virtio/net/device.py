@@ -14,7 +14,11 @@ offloads pass through untouched), or a SOCK_SEQPACKET socket in tests.
   no longer watched (the frame waits in the kernel) until the driver adds
   buffers: no busy loop, no host memory growth.
 
-Every length comes from the guest or the network and is checked.
+Every length comes from the guest or the network and is checked.  A
+malformed rx chain is returned to the driver empty and counted, like a
+malformed tx chain: it costs that buffer, not the device.  Only a ring the
+driver corrupted fails the device (``fail()``), and nothing the guest
+writes raises out of a kick or an fd callback.
 """
 
 from __future__ import annotations
@@ -71,6 +75,7 @@ class NetStats:
     rx_frames: int = 0
     rx_bytes: int = 0
     rx_dropped: int = 0  # frames too big for every buffer the driver could give
+    rx_bad_chains: int = 0  # malformed rx chains, returned to the driver empty
 
 
 class Net(VirtioDevice):
@@ -183,7 +188,6 @@ class Net(VirtioDevice):
         if memory is None or self.needs_reset or self.fd < 0 or len(self.queues) <= RX_QUEUE:
             return
         queue = self.queues[RX_QUEUE]
-        placed = False
         try:
             while True:
                 if self._pending is None:
@@ -201,48 +205,75 @@ class Net(VirtioDevice):
                 if not self._place(queue, memory, self._pending):
                     self._watch(False)  # out of buffers: the kernel keeps the frames for now
                     break
-                placed = True
                 self._pending = None
                 self._watch(True)
+            # Inside the try: reading the driver's used_event may find a ring it broke.
+            # A no-op when nothing was added (the queue counts what it added since).
+            self.signal_used(queue)
         except QueueError as exc:
             self.fail(f"rx queue: {exc}")
-            return
-        if placed:
-            self.signal_used(queue)
 
     def _place(self, queue: Queue, memory: GuestMemory, packet: bytes) -> bool:
-        """Spread one packet over rx chains; False (nothing consumed) if there are too few."""
+        """Spread one packet over rx chains; False if there are too few (the packet waits).
+
+        Good chains taken for a packet that then does not fit are given back
+        by moving ``next_avail`` back over them, so the next try pops them
+        again.  A malformed chain is returned at once, empty (the driver sees a
+        zero-length buffer, drops it and refills), and counted; once one has
+        been returned the avail ring cannot be rewound past it, so the good
+        chains taken around it are returned empty too.  Raises QueueError only
+        for a ring the driver broke.
+        """
         chains: list[DescriptorChain] = []
         room = 0
-        while room < len(packet):
-            if not queue.pending(memory):
-                queue.next_avail = (queue.next_avail - len(chains)) & 0xFFFF  # give them back
-                return False
-            chain = queue.pop(memory)
+        returned_bad = False
+        mergeable = bool(self.acked_features & (1 << VIRTIO_NET_F_MRG_RXBUF))
+        # Each pass takes an avail entry, and the ring holds at most QUEUE_SIZE: this bounds
+        # the work even if the driver keeps adding malformed chains while we read them.
+        for _ in range(2 * QUEUE_SIZE):
+            if room >= len(packet) or (chains and not mergeable):
+                break  # enough room; without mergeable buffers a frame must fit in one chain
+            try:
+                chain = queue.pop(memory) if queue.pending(memory) else None
+            except QueueError as exc:
+                if queue.broken:
+                    raise
+                self.stats.rx_bad_chains += 1
+                if exc.head is not None:
+                    queue.add_used(memory, exc.head, 0)
+                returned_bad = True
+                continue
             if chain is None:
-                queue.next_avail = (queue.next_avail - len(chains)) & 0xFFFF
-                return False
+                if not returned_bad:
+                    queue.next_avail = (queue.next_avail - len(chains)) & 0xFFFF  # give back
+                    return False
+                break  # cannot give them back past a returned chain: returned empty below
             chains.append(chain)
             room += chain.total_writable()
-            if len(chains) > QUEUE_SIZE or not self.acked_features & (1 << VIRTIO_NET_F_MRG_RXBUF):
-                break  # without mergeable buffers a frame must fit in one chain
-        if room < len(packet):  # buffers with no room (a broken driver): drop the frame
+        if room < len(packet):  # too few buffers with room for it (or a broken driver)
             for chain in chains:
                 queue.add_used(memory, chain.head, 0)
+            if returned_bad and not queue.pending(memory):
+                return False  # out of buffers: the packet waits for the driver's next ones
             self.stats.rx_dropped += 1
             return True
         data = bytearray(packet)
         _NUM_BUFFERS.pack_into(data, _NUM_BUFFERS_AT, len(chains))
+        pieces: list[int] = []
         offset = 0
         try:
             for chain in chains:
                 piece = data[offset : offset + chain.total_writable()]
                 BufferList(chain.writable).write(memory, 0, bytes(piece))
-                queue.add_used(memory, chain.head, len(piece))
+                pieces.append(len(piece))
                 offset += len(piece)
-        except GuestMemoryError:
+        except GuestMemoryError:  # not expected (the queue checked every buffer): drop it
+            for chain in chains:  # every chain goes back, written or not
+                queue.add_used(memory, chain.head, 0)
             self.stats.rx_dropped += 1
             return True
+        for chain, written in zip(chains, pieces, strict=True):
+            queue.add_used(memory, chain.head, written)
         self.stats.rx_frames += 1
         self.stats.rx_bytes += len(packet) - VNET_HDR_SIZE
         return True
