@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import os
+import struct
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, cast
 
 import pytest
 
+from ember.devices.virtio.balloon.device import Balloon
 from ember.errors import EmberError
-from ember.vmm.control import ControlServer, request
+from ember.vmm.control import MAX_REPLY, MAX_REQUEST, ControlServer, request
 from ember.vmm.event_loop import EventLoop
 from ember.vmm.idle import BUSY_SHARE, TICK_S, IdleParker
 from ember.vmm.machine import Machine
@@ -24,17 +26,27 @@ class FakeThread:
         return self.cpu
 
 
+class FakeMemory:
+    size = 256 << 20
+
+
 class FakeMachine:
     def __init__(self) -> None:
         self.vcpu_threads = [FakeThread()]
         self.paused = False
         self.snapshots: list[tuple[bytes, bytes]] = []
+        self.memory = FakeMemory()
+        self.balloon = Balloon()  # never activated: no guest behind it
+        self.extra_stats: dict[str, dict[str, int]] = {}
 
     def host_connections(self) -> int:
         return 0
 
     def device_stats(self) -> dict[str, dict[str, int]]:
-        return {}
+        return self.extra_stats
+
+    def device(self, kind: type[object]) -> object | None:
+        return self.balloon if kind is Balloon else None
 
     def pause(self) -> None:
         self.paused = True
@@ -118,4 +130,33 @@ def test_bad_control_requests_get_an_error_not_a_crash(served: tuple[Path, FakeM
         request(path, "explode")
     with pytest.raises(EmberError, match="needs two fds"):
         request(path, "snapshot")
+    assert request(path, "status")["ok"] is True  # still serving
+
+
+def test_balloon_target_pages_out_of_range_is_a_clear_error(
+    served: tuple[Path, FakeMachine],
+) -> None:
+    """Issue 14 item 6: num_pages is le32; 2**32 once raised struct.error at every config read."""
+    path, machine = served
+    pages = FakeMemory.size // 4096
+    for bad in (1 << 32, pages + 1, -1, True, 1.5, "7"):
+        with pytest.raises(EmberError, match=f"target_pages must be an integer from 0 to {pages}"):
+            request(path, "balloon", target_pages=bad)
+    assert machine.balloon.target_pages == 0
+    assert struct.unpack("<I", machine.balloon.read_config(0, 4)) == (0,)
+    assert request(path, "balloon", target_pages=pages)["target_pages"] == pages
+
+
+def test_replies_longer_than_a_request_arrive_and_oversized_ones_are_an_error(
+    served: tuple[Path, FakeMachine],
+) -> None:
+    """Issue 14 item 6: the client once applied the 64 KiB request cap to replies (a raw
+    ValueError for ever after); replies have their own cap, enforced by the server."""
+    path, machine = served
+    machine.extra_stats = {"Big": {f"counter_{i}": i for i in range(2 * MAX_REQUEST // 20)}}
+    assert request(path, "status")["devices"] == machine.extra_stats
+    machine.extra_stats = {"Huge": {f"counter_{i}": i for i in range(MAX_REPLY // 10)}}
+    with pytest.raises(EmberError, match="exceeds the control socket"):
+        request(path, "status")
+    machine.extra_stats = {}
     assert request(path, "status")["ok"] is True  # still serving

@@ -11,7 +11,10 @@ A snapshot's two files (state, memory) travel as open fds (SCM_RIGHTS):
 the requester creates them where it likes, and a jailed VMM, which sees no
 host path, writes them all the same.  Only the sandbox's owner can reach
 the socket: it lives in the sandbox's private directory.  A malformed
-request gets ``{"ok": false, "error": ...}``.  With ``debug=True`` (``ember
+request gets ``{"ok": false, "error": ...}``.  Requests are capped at
+``MAX_REQUEST`` bytes and replies at ``MAX_REPLY``: a reply that would be
+larger (its content comes partly from the guest) is replaced by an error
+reply, so the client never meets a line it refuses to read.  With ``debug=True`` (``ember
 boot --debug-hooks``, for tests of the jail) two more ops exist:
 ``debug-open`` tries to open a path from inside the VMM and
 ``debug-syscall`` makes a forbidden system call (execve or ptrace).
@@ -34,6 +37,7 @@ log = logging.getLogger(__name__)
 
 REQUEST_TIMEOUT_S = 5.0
 MAX_REQUEST = 64 * 1024
+MAX_REPLY = 1024 * 1024  # status and balloon replies are a few KiB: this is a wide margin
 
 
 class ControlServer:
@@ -69,7 +73,7 @@ class ControlServer:
                 for fd in fds:
                     os.close(fd)
             try:
-                conn.sendall(json.dumps(reply).encode() + b"\n")
+                conn.sendall(_encode_reply(reply))
             except OSError:
                 pass
 
@@ -126,21 +130,28 @@ class ControlServer:
 
     def _balloon(self, request: dict[str, Any]) -> dict[str, Any]:
         """Set the balloon's target and/or ask for fresh guest statistics; report its state."""
-        from ember.devices.virtio.balloon.device import Balloon
+        from ember.devices.virtio.balloon.device import NUM_PAGES_MAX, Balloon
 
         balloon = self.machine.device(Balloon)
         if balloon is None:
             return {"ok": False, "error": "this VM has no balloon device"}
+        mem_pages = self.machine.memory.size // 4096
         target = request.get("target_pages")
         if target is not None:
-            if not isinstance(target, int) or target < 0:
-                return {"ok": False, "error": "target_pages must be a non-negative integer"}
+            # num_pages is le32 (virtio 1.2 §5.5.4); more pages than the VM has means nothing.
+            limit = min(mem_pages, NUM_PAGES_MAX)
+            if not isinstance(target, int) or isinstance(target, bool) or not 0 <= target <= limit:
+                return {
+                    "ok": False,
+                    "error": f"target_pages must be an integer from 0 to {limit} "
+                    f"(the VM's {mem_pages} pages), not {str(target)[:40]}",
+                }
             balloon.set_target(target)
         if request.get("refresh_stats"):
             balloon.request_stats()
         return {
             "ok": True,
-            "mem_pages": self.machine.memory.size // 4096,
+            "mem_pages": mem_pages,
             "target_pages": balloon.target_pages,
             "actual_pages": balloon.actual_pages,
             "guest_stats": dict(balloon.guest_stats),
@@ -177,20 +188,31 @@ def _debug(op: str, request: dict[str, Any]) -> dict[str, Any]:
     return {"ok": False, "error": f"unknown debug op {op!r}"}
 
 
-def _read_line(conn: socket.socket) -> tuple[bytes, list[int]]:
-    data = b""
+def _encode_reply(reply: dict[str, Any]) -> bytes:
+    """One reply line, at most MAX_REPLY bytes: a larger one becomes an error reply."""
+    line = json.dumps(reply).encode() + b"\n"
+    if len(line) > MAX_REPLY:
+        log.warning("control: a %d-byte reply exceeds %d bytes", len(line), MAX_REPLY)
+        error = f"the reply ({len(line)} bytes) exceeds the control socket's {MAX_REPLY} bytes"
+        line = json.dumps({"ok": False, "error": error}).encode() + b"\n"
+    return line
+
+
+def _read_line(conn: socket.socket, limit: int = MAX_REQUEST) -> tuple[bytes, list[int]]:
+    """One line (and the fds that came with it), refused with ValueError past ``limit``."""
+    data = bytearray()
     fds: list[int] = []
     while not data.endswith(b"\n"):
-        chunk, new_fds, _flags, _addr = socket.recv_fds(conn, 4096, 4)
+        chunk, new_fds, _flags, _addr = socket.recv_fds(conn, 65536, 4)
         fds.extend(new_fds)
         if not chunk:
             break
         data += chunk
-        if len(data) > MAX_REQUEST:
+        if len(data) > limit:
             for fd in fds:
                 os.close(fd)
-            raise ValueError("request too long")
-    return data, fds
+            raise ValueError(f"line longer than {limit} bytes")
+    return bytes(data), fds
 
 
 def request(
@@ -206,9 +228,11 @@ def request(
         try:
             sock.connect(str(socket_path))
             socket.send_fds(sock, [json.dumps({"op": op, **args}).encode() + b"\n"], fds or [])
-            data, _ = _read_line(sock)
+            data, _ = _read_line(sock, MAX_REPLY)
         except OSError as exc:
             raise EmberError(f"the VMM's control socket did not answer: {exc}") from None
+        except ValueError as exc:  # the VMM bounds its replies: this one is not from it
+            raise EmberError(f"the VMM's control socket sent an oversized reply ({exc})") from None
     if not data:
         raise EmberError(f"the VMM closed the control connection without answering {op!r}")
     try:
