@@ -52,7 +52,10 @@ HANDSHAKE_TIMEOUT = 30.0
 CRASH_GRACE = 5.0  # seconds to let a dying VMM exit before calling a failure a crash
 DEFAULT_MEM_MIB = 256
 AGENT_ARGV = ("python3", "-m", "ember.agent")
-VMM_OVERHEAD_MIB = 64  # the VMM's own Python heap, on top of the guest RAM it maps
+# The VMM's own memory on top of the guest RAM it maps: the interpreter and its modules
+# (~25 MiB) plus what a guest can make it hold, vsock's buffers included (at most
+# devices/virtio/vsock/budget.py TX_BUDGET = 16 MiB per VMM).
+VMM_OVERHEAD_MIB = 64
 
 
 @dataclass(frozen=True)

@@ -23,12 +23,16 @@ Credit (§5.10.6.3), both ways, in modulo-2**32 counters:
 * toward the guest we never send more than ``peer_buf_alloc - (tx_cnt -
   peer_fwd_cnt)``; with no credit left the host socket is simply not read, so
   the data waits in the host kernel, and a CREDIT_REQUEST asks for an update;
-* toward the host we advertise ``buf_alloc`` = the cap of ``tx_buf`` (bytes the
-  host socket would not take yet) and ``fwd_cnt`` = bytes written to the host
-  socket, and send CREDIT_UPDATE when asked or when ``fwd_cnt`` moved by
-  :data:`CREDIT_UPDATE_THRESHOLD` since the guest last heard it.  A guest that
-  overruns its credit while the host socket is slow overflows ``tx_buf`` and is
-  reset, so VMM memory per connection stays below ``buf_alloc``.
+* toward the host we advertise ``buf_alloc`` = our window, the most ``tx_buf``
+  (bytes the host socket would not take yet) may be made to hold, and
+  ``fwd_cnt`` = bytes written to the host socket; we send CREDIT_UPDATE when
+  asked or when ``fwd_cnt`` moved by :data:`CREDIT_UPDATE_THRESHOLD` (or half
+  the window, if smaller) since the guest last heard it.  Windows come from the
+  device's :class:`~ember.devices.virtio.vsock.budget.TxBudget`: at least
+  :data:`~ember.devices.virtio.vsock.budget.MIN_WINDOW`, growing towards
+  :data:`CONN_TX_BUF_SIZE` as the budget allows, never shrunk below what the
+  guest was promised.  A guest that sends past ``fwd_cnt + buf_alloc`` is
+  reset, so the VMM memory of all connections together stays within the budget.
 
 A Connection never raises for the guest's doing or a host socket error: it
 moves to CLOSED and owes the guest an RST.  It does not own its fd's
@@ -45,6 +49,7 @@ import time
 from dataclasses import dataclass
 
 from ember.devices.virtio.block.request import BufferList
+from ember.devices.virtio.vsock.budget import TxBudget
 from ember.devices.virtio.vsock.packet import (
     HDR_SIZE,
     MAX_PKT_BUF_SIZE,
@@ -66,7 +71,7 @@ from ember.memory import GuestMemory
 
 log = logging.getLogger(__name__)
 
-CONN_TX_BUF_SIZE = 256 * 1024  # our buf_alloc: the most we hold for a slow host socket
+CONN_TX_BUF_SIZE = 256 * 1024  # the largest buf_alloc: the most we hold for one slow host socket
 CREDIT_UPDATE_THRESHOLD = MAX_PKT_BUF_SIZE  # forwarded bytes that deserve a CREDIT_UPDATE
 CONNECT_TIMEOUT = 10.0  # seconds a host client waits for the guest's RESPONSE (slow guests)
 CLOSE_TIMEOUT = 2.0  # seconds we wait for the guest's RST after our SHUTDOWN(RCV|SEND)
@@ -119,8 +124,10 @@ class Connection:
         peer_port: int,
         state: ConnState,
         stats: VsockStats,
+        budget: TxBudget,
         *,
-        buf_alloc: int = CONN_TX_BUF_SIZE,
+        promised: int = 0,
+        max_window: int = CONN_TX_BUF_SIZE,
         close_timeout: float = CLOSE_TIMEOUT,
         linger_timeout: float = LINGER_TIMEOUT,
     ) -> None:
@@ -131,7 +138,12 @@ class Connection:
         self.peer_port = peer_port  # the guest end's port
         self.state = state
         self.stats = stats
-        self.buf_alloc = buf_alloc
+        self.budget = budget
+        self.max_window = max_window
+        # Our credit window, taken from the budget (``promised``: already reserved there for
+        # a connection carried over a snapshot) and given back by _close().
+        self.window = budget.open(promised)
+        self.buf_alloc = 0  # the window the guest last heard of (with last_fwd_cnt_sent)
         self.close_timeout = close_timeout
         self.linger_timeout = linger_timeout
         self.pending: set[int] = set()  # control ops owed to the guest
@@ -193,6 +205,8 @@ class Connection:
     def load_resumable_state(self, state: dict[str, int]) -> None:
         for name in self._RESUMABLE:
             setattr(self, name, int(state[name]) & U32)
+        if self.guest_credit() > self.window:  # a state we never wrote: hold it to our window
+            self.buf_alloc, self.last_fwd_cnt_sent = self.window, self.fwd_cnt
 
     # -- credit -----------------------------------------------------------------------------
 
@@ -208,18 +222,34 @@ class Connection:
             self.credit_requested = False
 
     def header(self, op: int, *, length: int = 0, flags: int = 0) -> VsockHeader:
-        """A header toward the guest, stamped with our credit (which it also acknowledges)."""
+        """A header toward the guest, stamped with our credit (which it also acknowledges).
+
+        Every header is a chance for the window to grow (towards ``max_window``,
+        as far as the budget allows); it never shrinks here, so the right edge
+        ``fwd_cnt + buf_alloc`` the guest sees only moves forward.
+        """
+        may_send = not self.peer_shutdown & VIRTIO_VSOCK_SHUTDOWN_SEND
+        if self.state is not ConnState.CLOSED and may_send:
+            self.window = self.budget.resize(self.window, max(self.window, self.max_window))
         hdr = host_header(
             self.guest_cid, self.local_port, self.peer_port, op, length=length, flags=flags
         )
-        hdr.buf_alloc = self.buf_alloc
-        hdr.fwd_cnt = self.fwd_cnt
-        self.last_fwd_cnt_sent = self.fwd_cnt
+        hdr.buf_alloc = self.buf_alloc = self.window
+        hdr.fwd_cnt = self.last_fwd_cnt_sent = self.fwd_cnt
         self.pending.discard(VIRTIO_VSOCK_OP_CREDIT_UPDATE)
         return hdr
 
+    def guest_credit(self) -> int:
+        """Bytes the guest may still send: up to the right edge it was told, minus what came."""
+        edge = self.last_fwd_cnt_sent + self.buf_alloc
+        room = (edge - self.fwd_cnt - len(self.tx_buf)) & U32
+        return 0 if room > U32 // 2 else room  # past the edge: nothing (a reset follows)
+
     def _maybe_credit_update(self) -> None:
-        if (self.fwd_cnt - self.last_fwd_cnt_sent) & U32 >= CREDIT_UPDATE_THRESHOLD:
+        # Half a small window, not a fixed 64 KiB: a guest that has used a 4 KiB window
+        # waits for our update (Linux never asks), and must get one once it drained.
+        threshold = min(CREDIT_UPDATE_THRESHOLD, max(1, self.window // 2))
+        if (self.fwd_cnt - self.last_fwd_cnt_sent) & U32 >= threshold:
             self.pending.add(VIRTIO_VSOCK_OP_CREDIT_UPDATE)
 
     # -- what the muxer asks ----------------------------------------------------------------
@@ -278,8 +308,7 @@ class Connection:
         op = hdr.op
         if op == VIRTIO_VSOCK_OP_RST:
             self.stats.resets_received += 1
-            self.state = ConnState.CLOSED
-            self.pending.clear()
+            self._close(owe_rst=False)  # what the host socket did not take is dropped: a reset
             return
         if self.state is ConnState.CLOSED:
             return  # only our RST is left to deliver
@@ -317,6 +346,10 @@ class Connection:
             self.kill("data after SHUTDOWN(SEND)", guest_error=True)
             return
         self.stats.tx_bytes += length
+        if length > self.guest_credit():
+            self.stats.credit_violations += 1
+            self.kill(f"guest overran its credit ({length} bytes, {self.guest_credit()} allowed)")
+            return
         sent = 0
         if not self.tx_buf:  # write straight from guest memory; buffer only the rest
             views = payload.views(memory, length)
@@ -332,11 +365,7 @@ class Connection:
                     view.release()
             self.fwd_cnt = (self.fwd_cnt + sent) & U32
         rest = length - sent
-        if rest:
-            if len(self.tx_buf) + rest > self.buf_alloc:
-                self.stats.credit_violations += 1
-                self.kill(f"guest overran its credit ({len(self.tx_buf) + rest} bytes buffered)")
-                return
+        if rest:  # fits the window: the credit check above
             self.tx_buf += payload.read(memory, sent, rest)
         self._maybe_credit_update()
 
@@ -458,6 +487,10 @@ class Connection:
             why = "close timed out" if self.state is ConnState.CLOSING else "guest did not answer"
             self.kill(why, host_error=True)
 
+    def forget(self) -> None:
+        """Close without telling the guest (device or transport reset): it forgot us."""
+        self._close(owe_rst=False)
+
     def kill(self, why: str, *, host_error: bool = False, guest_error: bool = False) -> None:
         """Abort: close the host socket and owe the guest an RST (if it knows us at all)."""
         if self.state is ConnState.CLOSED:
@@ -473,8 +506,13 @@ class Connection:
         self._close(owe_rst=not unknown_to_guest)
 
     def _close(self, *, owe_rst: bool) -> None:
+        """Drop what is buffered and give the window back: a closed connection holds nothing
+        (the muxer's timer heap may still point at it for a while)."""
         self.state = ConnState.CLOSED
         self.deadline = None
         self.data_ready = False
         self.tx_buf = bytearray()
+        if self.window:
+            self.budget.close(self.window)
+            self.window = 0
         self.pending = {VIRTIO_VSOCK_OP_RST} if owe_rst else set()

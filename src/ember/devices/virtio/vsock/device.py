@@ -13,6 +13,10 @@ without an ioeventfd) and runs activate/reset.  Every entry point takes
 the mmio transport adopts the device's ``lock`` as its own when the device
 has one, so register accesses and socket events are serialised by one lock.
 
+Memory: what the guest sends faster than a host socket reads is held within
+credit windows drawn from one budget of ``tx_budget`` bytes per device
+(``budget.py``); host -> guest data is never buffered here.
+
 The rx queue is filled when (a) a host socket is readable and its guest end
 has credit, or (b) control packets are owed.  When the driver has no rx
 buffer left, host sockets stop being polled until it kicks the rx queue.
@@ -36,6 +40,7 @@ from ember.devices.virtio.device import (
     VirtioDevice,
 )
 from ember.devices.virtio.queue import DescriptorChain, Queue, QueueError
+from ember.devices.virtio.vsock.budget import TX_BUDGET
 from ember.devices.virtio.vsock.connection import (
     CLOSE_TIMEOUT,
     CONNECT_TIMEOUT,
@@ -76,6 +81,7 @@ class Vsock(VirtioDevice):
         connect_timeout: float = CONNECT_TIMEOUT,
         close_timeout: float = CLOSE_TIMEOUT,
         linger_timeout: float = LINGER_TIMEOUT,
+        tx_budget: int = TX_BUDGET,
     ) -> None:
         if not VMADDR_CID_HOST < guest_cid < VMADDR_CID_ANY:
             raise ConfigError(
@@ -95,6 +101,7 @@ class Vsock(VirtioDevice):
             connect_timeout=connect_timeout,
             close_timeout=close_timeout,
             linger_timeout=linger_timeout,
+            tx_budget=tx_budget,
         )
         self._rx_spare: DescriptorChain | None = None  # popped, then found nothing to carry
         self._event_pending = False

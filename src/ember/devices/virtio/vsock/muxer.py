@@ -18,6 +18,14 @@ control flags (at most one of each op per connection, and connections are
 capped) and a queue of RSTs for packets that matched no connection (capped;
 the excess is dropped and counted — the guest's own packets caused them).
 
+What the guest sends and a host socket does not take yet is held in the
+connections' ``tx_buf``s, within credit windows drawn from one
+:class:`TxBudget` (``tx_budget`` bytes for the whole device; see
+``budget.py``).  Closed connections hold nothing, and the timer heap, which
+may still point at them until their deadline, is compacted once it holds more
+stale entries than live ones: neither grows with the rate at which a guest
+opens and resets connections.
+
 Not thread-safe: the device calls everything under its lock.
 """
 
@@ -35,8 +43,10 @@ from pathlib import Path
 
 from ember.devices.virtio.block.request import BufferList
 from ember.devices.virtio.queue import DescriptorChain
+from ember.devices.virtio.vsock.budget import TX_BUDGET, TxBudget
 from ember.devices.virtio.vsock.connection import (
     CLOSE_TIMEOUT,
+    CONN_TX_BUF_SIZE,
     CONNECT_TIMEOUT,
     LINGER_TIMEOUT,
     Connection,
@@ -53,6 +63,7 @@ from ember.devices.virtio.vsock.host import (
 from ember.devices.virtio.vsock.packet import (
     HDR_SIZE,
     KNOWN_OPS,
+    U32,
     VIRTIO_VSOCK_OP_REQUEST,
     VIRTIO_VSOCK_OP_RESPONSE,
     VIRTIO_VSOCK_OP_RST,
@@ -72,6 +83,7 @@ MAX_CONNECTIONS = 1024
 MAX_PENDING_CLIENTS = 64
 MAX_PENDING_RESETS = 256
 ACCEPT_RETRY = 0.1  # seconds the listener rests after accept() failed (e.g. EMFILE)
+TIMER_SLACK = 16  # stale timer entries tolerated beyond one per live connection or client
 
 _Timed = Connection | PendingClient | None  # None: the resting listener
 
@@ -88,8 +100,10 @@ class VsockMuxer:
         close_timeout: float = CLOSE_TIMEOUT,
         linger_timeout: float = LINGER_TIMEOUT,
         handshake_timeout: float = HANDSHAKE_TIMEOUT,
+        tx_budget: int = TX_BUDGET,
     ) -> None:
         self.guest_cid = guest_cid
+        self.budget = TxBudget(max_connections, tx_budget)  # before any fd: it may refuse
         self.uds_path = uds_path
         self.stats = stats
         self.max_connections = max_connections
@@ -201,7 +215,12 @@ class VsockMuxer:
         return None
 
     def _new(
-        self, sock: socket.socket, local_port: int, peer_port: int, state: ConnState
+        self,
+        sock: socket.socket,
+        local_port: int,
+        peer_port: int,
+        state: ConnState,
+        promised: int = 0,
     ) -> Connection:
         conn = Connection(
             sock,
@@ -210,6 +229,8 @@ class VsockMuxer:
             peer_port,
             state,
             self.stats,
+            self.budget,
+            promised=promised,
             close_timeout=self.close_timeout,
             linger_timeout=self.linger_timeout,
         )
@@ -232,8 +253,9 @@ class VsockMuxer:
             self._bad(why)
             return
         key = (hdr.dst_port, hdr.src_port)
-        if self._resumable.pop(key, None) is not None:
+        if (carried := self._resumable.pop(key, None)) is not None:
             self._local_ports.discard(key[0])  # the guest moved first: that one is gone
+            self.budget.release(promised_window(carried))
         conn = self.connections.get(key)
         if hdr.type != VIRTIO_VSOCK_TYPE_STREAM or hdr.op not in KNOWN_OPS:
             self._bad(f"type {hdr.type} {hdr.op_name}")
@@ -357,6 +379,7 @@ class VsockMuxer:
                 self._rx_ready.pop(key, None)
                 if conn.initiated_by_host:
                     self._local_ports.discard(key[0])
+                self._compact_timers()
             return
         mask = conn.wanted_events(self.rx_starved)
         if mask != conn.registered:
@@ -377,7 +400,28 @@ class VsockMuxer:
 
     def _schedule(self, deadline: float, what: _Timed) -> None:
         heapq.heappush(self._timers, (deadline, next(self._timer_seq), what))
+        self._compact_timers()
         self._arm()
+
+    def _live_timer(self, deadline: float, what: _Timed) -> bool:
+        """Whether a timer entry still means something (else _expire would skip it)."""
+        if what is None:
+            return True
+        if isinstance(what, PendingClient):
+            return self._clients.get(what.fd) is what
+        return self.connections.get(what.key) is what and what.timer_at == deadline
+
+    def _compact_timers(self) -> None:
+        """Drop stale entries once they outnumber the live ones (amortised O(1) a call).
+
+        A stale entry would otherwise keep its closed Connection alive until the
+        deadline (30 s of linger), however many a guest cycles through meanwhile.
+        """
+        live = len(self.connections) + len(self._clients) + 1
+        if len(self._timers) <= 2 * live + TIMER_SLACK:
+            return
+        self._timers = [t for t in self._timers if self._live_timer(t[0], t[2])]
+        heapq.heapify(self._timers)
 
     def _arm(self) -> None:
         self.timer.arm(self._timers[0][0] if self._timers else None)
@@ -393,7 +437,8 @@ class VsockMuxer:
                     log.debug("vsock: host client sent no CONNECT line in time")
                     self.stats.handshake_errors += 1
                     self._drop_client(what, close=True)
-            elif self.connections.get(what.key) is what and what.timer_at == deadline:
+            elif self._live_timer(deadline, what):
+                assert isinstance(what, Connection)
                 what.timer_at = None
                 what.expire(now)
                 self._sync(what)
@@ -413,20 +458,29 @@ class VsockMuxer:
         return found
 
     def add_resumable(self, states: list[dict[str, int]]) -> None:
+        """Keep quiet connections of a snapshot for a host client's RESUME.
+
+        The guest may still send what it was promised on each, so that is
+        reserved in the budget now; one that does not fit is reset instead.
+        """
         for state in states[:MAX_RESUMABLE]:
             key = (int(state["local_port"]), int(state["peer_port"]))
+            if key in self._resumable or not self.budget.hold(promised_window(state)):
+                self.reset_guest_ends([key])
+                continue
             self._resumable[key] = state
             self._local_ports.add(key[0])  # the guest still uses it: no new connection may
 
     def _resume(self, sock: socket.socket, peer_port: int) -> None:
         """Attach a host client to a carried-over connection to ``peer_port``, or refuse."""
         key = next((k for k in self._resumable if k[1] == peer_port), None)
-        if key is None or key in self.connections:
+        busy = len(self.connections) + len(self._clients) >= self.max_connections
+        if key is None or key in self.connections or busy:
             self.stats.refused += 1
             sock.close()
             return
         state = self._resumable.pop(key)
-        conn = self._new(sock, key[0], key[1], ConnState.ESTABLISHED)
+        conn = self._new(sock, key[0], key[1], ConnState.ESTABLISHED, promised_window(state))
         conn.load_resumable_state(state)
         self._local_ports.add(key[0])
         conn.initiated_by_host = True
@@ -455,13 +509,18 @@ class VsockMuxer:
     def open_connections(self) -> int:
         return len(self.connections) + len(self._clients)
 
+    def buffered_bytes(self) -> int:
+        """Bytes the guest sent that host sockets have not taken yet (at most ``budget.held``)."""
+        return sum(len(conn.tx_buf) for conn in self.connections.values())
+
     def reset_connections(self) -> None:
         """Forget every connection without telling the guest (device or transport reset)."""
         for conn in list(self.connections.values()):
-            conn.state = ConnState.CLOSED
-            conn.pending.clear()
+            conn.forget()
             self._sync(conn)
         self.connections.clear()
+        self._timers = [t for t in self._timers if not isinstance(t[2], Connection)]
+        heapq.heapify(self._timers)
         self._by_fd.clear()
         self._rx_ready.clear()
         self._resets.clear()
@@ -483,3 +542,14 @@ class VsockMuxer:
                 os.unlink(self.uds_path)
         except OSError:
             pass
+
+
+def promised_window(state: dict[str, int]) -> int:
+    """What the guest of a snapshot's quiet connection may still send: up to its right edge.
+
+    Capped at the largest window we ever grant, so a doctored state file
+    cannot reserve more than one connection's worth.
+    """
+    edge = int(state["last_fwd_cnt_sent"]) + int(state["buf_alloc"])
+    room = (edge - int(state["fwd_cnt"])) & U32
+    return 0 if room > U32 // 2 else min(room, CONN_TX_BUF_SIZE)
