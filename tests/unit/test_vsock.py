@@ -909,7 +909,7 @@ def test_restore_resets_each_busy_connection_of_the_snapshot_first(
     client.sendall(b"in flight")  # delivered to the guest, not yet acknowledged by it
     guest.wait_packet(lambda p: p.op == VIRTIO_VSOCK_OP_RW)
     state = dev.save_state()
-    assert state == {"connections": [[local, 1024]], "resumable": []}
+    assert state == {"connections": [[local, 1024]], "resumable": [], "next_port": local + 1}
     restored = Vsock(GUEST_CID, tmp_path / "restored.sock", events)
     fresh = FakeGuest(restored)
     try:
@@ -922,6 +922,32 @@ def test_restore_resets_each_busy_connection_of_the_snapshot_first(
     finally:
         fresh.close()
         client.close()
+
+
+def test_a_restore_never_hands_out_a_port_the_snapshots_guest_has_seen(
+    guest: FakeGuest, uds: Path, dev: Vsock, events: EventLoop, tmp_path: Path
+) -> None:
+    """A fork's first new connections took the parent's ports again; the guest, still holding
+    a socket on one (its owner had not closed it), ignored the REQUEST: refused after 10 s."""
+    guest.give_rx(8)
+    used = []
+    for _ in range(3):
+        client, local = host_connect(guest, uds, 1024)
+        used.append(local)
+        client.close()
+    state = dev.save_state()
+    restored_uds = tmp_path / "restored.sock"
+    restored = Vsock(GUEST_CID, restored_uds, events)
+    fresh = FakeGuest(restored)
+    try:
+        restored.load_state(state)
+        restored.restored()
+        fresh.give_rx(8)
+        client, local = host_connect(fresh, restored_uds, 1024)
+        assert local > max(used)
+        client.close()
+    finally:
+        fresh.close()
 
 
 def test_a_quiet_connection_is_resumed_by_a_new_host_client(

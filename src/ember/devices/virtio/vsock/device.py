@@ -107,6 +107,7 @@ class Vsock(VirtioDevice):
         self._event_pending = False
         self._closed = False
         self.on_host_activity: Callable[[], None] | None = None
+        self._next_port: object = None
         self._restored_keys: list[tuple[int, int]] = []
         self._resumable: list[dict[str, Any]] = []
         self._host_fd = self.muxer.fileno()
@@ -178,16 +179,25 @@ class Vsock(VirtioDevice):
             return {
                 "connections": [list(k) for k in self.muxer.connection_keys() if k not in keep],
                 "resumable": resumable,
+                "next_port": self.muxer.next_port,
             }
 
     def load_state(self, state: dict[str, Any]) -> None:
         self._restored_keys = [(int(a), int(b)) for a, b in state.get("connections", [])]
         self._resumable = [dict(s) for s in state.get("resumable", [])]
+        self._next_port = state.get("next_port")
 
     def restored(self) -> None:
         """The host ends of the snapshot's connections do not exist here: reset the guest ends,
         except the quiet ones kept for a host client's ``RESUME``."""
         with self.lock:
+            # Ports the snapshot's guest has seen may still name a socket there (its owner has
+            # not closed it yet, even after our RST); a new connection on one would be ignored.
+            used = [k[0] for k in self._restored_keys] + [
+                int(s["local_port"]) for s in self._resumable
+            ]
+            saved = self._next_port if isinstance(self._next_port, int) else 0
+            self.muxer.continue_ports_after(max([saved - 1, *used], default=0))
             self.muxer.reset_guest_ends(self._restored_keys)
             self.muxer.add_resumable(self._resumable)
             self._restored_keys = []

@@ -205,6 +205,22 @@ class VsockMuxer:
         if close:
             client.sock.close()
 
+    @property
+    def next_port(self) -> int:
+        """The local port the next host connection will try first (kept in snapshots)."""
+        return self._next_port
+
+    def continue_ports_after(self, port: int) -> None:
+        """After a restore: allocate above ``port``, the highest the snapshot's guest has seen.
+
+        A fresh muxer would start again at :data:`LOCAL_PORT_MIN` and hand out ports whose
+        guest sockets may still exist (the guest closes them when their owner does), and the
+        guest ignores a REQUEST for a port pair it still has: the client then waits
+        :data:`CONNECT_TIMEOUT` and is refused.
+        """
+        if LOCAL_PORT_MIN <= port < LOCAL_PORT_MAX:
+            self._next_port = max(self._next_port, port + 1)
+
     def _alloc_port(self, peer_port: int) -> int | None:
         for _ in range(len(self._local_ports) + len(self.connections) + 1):
             port = self._next_port
