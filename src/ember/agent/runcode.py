@@ -29,6 +29,7 @@ import threading
 from typing import Any
 
 from ember.agent.common import log, opt_float, req_str
+from ember.agent.resume import ResumeState
 from ember.protocol import Kind, ProtocolError, encode_json, read_frame, write_frame
 
 __all__ = ["CodeRunner", "WorkerState"]
@@ -81,6 +82,7 @@ class CodeRunner:
         self.state = WorkerState.STOPPED
         self.last_error = ""
         self._closed = False
+        self.resume = ResumeState()  # the server hands over its own
 
     def start_in_background(self) -> None:
         """Begin starting a worker without making the caller wait for it."""
@@ -173,7 +175,9 @@ class CodeRunner:
             except Exception as exc:
                 return _error("WorkerUnavailable", f"the Python worker could not start: {exc}")
             try:
-                write_frame(sock, Kind.REQUEST, encode_json({"op": "run", "code": code}))
+                # the worker reseeds ``random`` when the generation moved (a restore or fork)
+                request = {"op": "run", "code": code, "generation": self.resume.generation}
+                write_frame(sock, Kind.REQUEST, encode_json(request))
                 sock.settimeout(timeout)
                 frame = read_frame(sock)
                 sock.settimeout(None)

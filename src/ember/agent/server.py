@@ -35,6 +35,7 @@ from typing import Any
 from ember.agent.common import BadRequest, ClientGone, log
 from ember.agent.execute import handle_exec
 from ember.agent.files import FILE_OPS
+from ember.agent.resume import ResumeState, apply_resume
 from ember.agent.runcode import CodeRunner
 from ember.protocol import (
     KEEPALIVE_OPS,
@@ -61,7 +62,9 @@ class AgentServer:
 
     def __init__(self, listener: socket.socket, *, runner: CodeRunner | None = None) -> None:
         self._listener = listener
+        self.resume = ResumeState()
         self.runner = runner if runner is not None else CodeRunner()
+        self.runner.resume = self.resume
         self._started = time.monotonic()
         self._stopping = threading.Event()
         self._wake_r, self._wake_w = os.pipe()
@@ -175,6 +178,8 @@ class AgentServer:
         op = request.get("op")
         handler = self._ops.get(op) if isinstance(op, str) else None
         try:
+            if "resume" in request:  # the first request after a restore or fork: before any op
+                apply_resume(self.resume, request["resume"])
             if handler is None:
                 raise BadRequest(f"unknown op {op!r}; known: {', '.join(sorted(self._ops))}")
             handler(conn, request)
@@ -203,6 +208,7 @@ class AgentServer:
                 "uptime": round(time.monotonic() - self._started, 3),
                 "pid": os.getpid(),
                 "worker": self.runner.state.value,
+                "resume": self.resume.snapshot(),
             },
         )
 

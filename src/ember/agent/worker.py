@@ -105,6 +105,19 @@ class Worker:
         sys.modules["__main__"] = main_module
         self.namespace: dict[str, Any] = main_module.__dict__
         self._cells = 0
+        self.generation = 0
+
+    def reseed(self, generation: object) -> None:
+        """After a restore or fork (a new ``generation``), reseed ``random`` from the kernel.
+
+        The template's interpreter seeded it once; every sibling would otherwise draw the same
+        numbers. ``os.urandom`` is fresh by now (the agent fed the kernel host entropy first).
+        """
+        if isinstance(generation, int) and generation != self.generation:
+            self.generation = generation
+            random = sys.modules.get("random")
+            if random is not None:
+                random.seed()
 
     def run(self, code: str) -> dict[str, Any]:
         self._cells += 1
@@ -173,6 +186,7 @@ def main(argv: list[str]) -> int:
             error = {"type": "BadRequest", "message": "no code", "traceback": ""}
             result: dict[str, Any] = {"stdout": "", "stderr": "", "value": None, "error": error}
         else:
+            worker.reseed(request.get("generation"))
             result = worker.run(code)
         write_frame(sock, Kind.RESULT, fit(result))
     return 0

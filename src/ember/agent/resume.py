@@ -1,0 +1,118 @@
+"""What a guest must do first after a restore or a fork: take the host's clock and entropy.
+
+Every sandbox restored from one template starts from the same memory: the same guest-kernel
+random state, the same ``random`` state in the warm interpreters, the same wall clock as when
+the snapshot was taken (the guest kernel moves ``CLOCK_REALTIME`` on by the time it was not
+running, but only as well as it can count host TSC cycles, and a template's clock was never
+better than its boot). So the host attaches a ``resume`` object to its first request after each
+restore or fork::
+
+    {"realtime_ns": <host CLOCK_REALTIME when sent>, "entropy": "<base64 of 32+ bytes>"}
+
+and the agent applies it before that request is served, so no user code ever runs on the
+template's clock or randomness:
+
+* the wall clock is stepped to the host's when they differ by more than :data:`CLOCK_STEP_NS`
+  (a request takes a few ms to arrive; a smaller difference is that, not an error);
+* the bytes go into the kernel's pool with ``RNDADDENTROPY`` and the kernel's CRNG is reseeded
+  at once (``RNDRESEEDCRNG``), so ``os.urandom`` differs between siblings from the first call;
+* the warm interpreters are told to reseed ``random`` before their next job
+  (:attr:`ResumeState.generation`). A running interpreter's ``hash()`` secret cannot be changed:
+  ``hash('abc')`` stays the template's in the warm ``run_code`` worker (documented).
+
+Runs in the guest: standard library only.
+"""
+
+from __future__ import annotations
+
+import base64
+import fcntl
+import os
+import struct
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from ember.agent.common import BadRequest, log
+
+__all__ = ["CLOCK_STEP_NS", "ResumeState", "apply_resume"]
+
+#: linux/random.h ioctls on /dev/random (both need CAP_SYS_ADMIN; the agent is root).
+RNDADDENTROPY = 0x40085203  # _IOW('R', 0x03, int[2]) + the buffer: struct rand_pool_info
+RNDRESEEDCRNG = 0x5207  # _IO('R', 0x07)
+
+CLOCK_STEP_NS = 50_000_000
+MAX_ENTROPY = 512  # bytes taken from one resume; the host sends 32
+
+
+@dataclass
+class ResumeState:
+    """What the agent has applied; warm interpreters compare ``generation`` with their own."""
+
+    generation: int = 0
+    clock_steps: int = 0
+    entropy_bytes: int = 0
+    reseeds: int = 0
+    last_error: str = ""
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def snapshot(self) -> dict[str, Any]:
+        return {
+            "generation": self.generation,
+            "clock_steps": self.clock_steps,
+            "entropy_bytes": self.entropy_bytes,
+            "reseeds": self.reseeds,
+            "last_error": self.last_error,
+        }
+
+
+def _step_clock(host_ns: int) -> bool:
+    guest_ns = time.clock_gettime_ns(time.CLOCK_REALTIME)
+    if abs(guest_ns - host_ns) <= CLOCK_STEP_NS:
+        return False
+    time.clock_settime_ns(time.CLOCK_REALTIME, host_ns)
+    return True
+
+
+def _add_entropy(data: bytes) -> None:
+    """Mix ``data`` into the kernel's pool, credited, then reseed the CRNG from it now."""
+    info = struct.pack("ii", len(data) * 8, len(data)) + data
+    fd = os.open("/dev/random", os.O_WRONLY | os.O_CLOEXEC)
+    try:
+        fcntl.ioctl(fd, RNDADDENTROPY, info)
+        fcntl.ioctl(fd, RNDRESEEDCRNG)
+    finally:
+        os.close(fd)
+
+
+def apply_resume(state: ResumeState, resume: object) -> None:
+    """Apply a ``resume`` object from the host; a malformed one is a :class:`BadRequest`."""
+    if not isinstance(resume, dict):
+        raise BadRequest("resume must be an object")
+    host_ns = resume.get("realtime_ns")
+    entropy = resume.get("entropy")
+    if host_ns is not None and (type(host_ns) is not int or not 0 < host_ns < 1 << 63):
+        raise BadRequest("resume.realtime_ns must be a positive integer")
+    if entropy is not None and not isinstance(entropy, str):
+        raise BadRequest("resume.entropy must be base64 text")
+    data = b""
+    if entropy:
+        if len(entropy) > MAX_ENTROPY * 4 // 3 + 4:
+            raise BadRequest(f"resume.entropy is over {MAX_ENTROPY} bytes")
+        try:
+            data = base64.b64decode(entropy, validate=True)
+        except ValueError as exc:
+            raise BadRequest(f"resume.entropy is not base64: {exc}") from None
+    with state.lock:
+        state.generation += 1
+        try:
+            if host_ns is not None and _step_clock(host_ns):
+                state.clock_steps += 1
+            if data:
+                _add_entropy(data)
+                state.entropy_bytes += len(data)
+                state.reseeds += 1
+        except OSError as exc:  # not root (tests on a host): say so, serve the request anyway
+            state.last_error = f"{type(exc).__name__}: {exc}"
+            log(f"resume: {state.last_error}")

@@ -1,0 +1,86 @@
+"""The agent's restore hook (``resume`` on the first request after a restore or fork).
+
+The clock and the kernel's entropy pool are the host's here, so both are replaced by recorders:
+a unit test must never step the host's clock.
+"""
+
+from __future__ import annotations
+
+import base64
+import time
+
+import pytest
+
+from ember.agent import resume as resume_mod
+from ember.agent.common import BadRequest
+from ember.agent.resume import CLOCK_STEP_NS, ResumeState, apply_resume
+from ember.agent.worker import Worker
+
+
+@pytest.fixture
+def recorded(monkeypatch: pytest.MonkeyPatch) -> dict[str, list[object]]:
+    calls: dict[str, list[object]] = {"settime": [], "entropy": []}
+    monkeypatch.setattr(
+        resume_mod.time, "clock_settime_ns", lambda clock, ns: calls["settime"].append(ns)
+    )
+    monkeypatch.setattr(resume_mod, "_add_entropy", lambda data: calls["entropy"].append(data))
+    return calls
+
+
+def test_a_far_clock_is_stepped_and_entropy_added(recorded: dict[str, list[object]]) -> None:
+    state = ResumeState()
+    host_ns = time.clock_gettime_ns(time.CLOCK_REALTIME) + 3_600 * 10**9
+    seed = bytes(range(32))
+    apply_resume(state, {"realtime_ns": host_ns, "entropy": base64.b64encode(seed).decode()})
+    assert recorded["settime"] == [host_ns]
+    assert recorded["entropy"] == [seed]
+    assert (state.generation, state.clock_steps, state.entropy_bytes) == (1, 1, 32)
+
+
+def test_a_near_clock_is_left_alone(recorded: dict[str, list[object]]) -> None:
+    state = ResumeState()
+    near = time.clock_gettime_ns(time.CLOCK_REALTIME) + CLOCK_STEP_NS // 10
+    apply_resume(state, {"realtime_ns": near})
+    assert recorded["settime"] == [] and state.generation == 1 and state.clock_steps == 0
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "now",
+        {"realtime_ns": -1},
+        {"realtime_ns": 1.5},
+        {"realtime_ns": True},
+        {"realtime_ns": 1 << 70},
+        {"entropy": 5},
+        {"entropy": "not base64!"},
+        {"entropy": "A" * 4096},
+    ],
+)
+def test_malformed_resume_is_a_bad_request(recorded: dict[str, list[object]], bad: object) -> None:
+    state = ResumeState()
+    with pytest.raises(BadRequest):
+        apply_resume(state, bad)
+    assert state.generation == 0 and recorded == {"settime": [], "entropy": []}
+
+
+def test_an_os_error_is_recorded_not_raised(monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(data: bytes) -> None:
+        raise PermissionError("not root")
+
+    monkeypatch.setattr(resume_mod, "_add_entropy", refuse)
+    state = ResumeState()
+    apply_resume(state, {"entropy": base64.b64encode(b"x" * 32).decode()})
+    assert state.generation == 1 and "not root" in state.last_error
+
+
+def test_the_worker_reseeds_random_once_per_generation() -> None:
+    worker = Worker()
+    worker.run("import random\nrandom.seed(7)")
+    template_draw = worker.run("random.random()")["value"]
+    worker.run("random.seed(7)")
+    worker.reseed(1)  # a restore: the template's seed must not survive it
+    assert worker.run("random.random()")["value"] != template_draw
+    worker.run("random.seed(7)")
+    worker.reseed(1)  # the same generation again: nothing to do
+    assert worker.run("random.random()")["value"] == template_draw
