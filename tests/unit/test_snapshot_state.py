@@ -13,8 +13,16 @@ from pathlib import Path
 import pytest
 
 from ember.devices.legacy.serial import Serial8250
-from ember.devices.virtio.device import Interrupt
-from ember.devices.virtio.mmio import VIRTIO_MMIO_QUEUE_NOTIFY, MmioTransport
+from ember.devices.virtio.device import VIRTIO_CONFIG_S_NEEDS_RESET, Interrupt
+from ember.devices.virtio.mmio import (
+    VIRTIO_MMIO_DRIVER_FEATURES,
+    VIRTIO_MMIO_DRIVER_FEATURES_SEL,
+    VIRTIO_MMIO_QUEUE_NOTIFY,
+    VIRTIO_MMIO_QUEUE_NUM,
+    VIRTIO_MMIO_QUEUE_READY,
+    VIRTIO_MMIO_STATUS,
+    MmioTransport,
+)
 from ember.devices.virtio.queue import Queue
 from ember.errors import SnapshotError
 from ember.kvm import abi
@@ -26,7 +34,15 @@ from ember.snapshot.memory_file import memory_digest, write_memory
 from ember.vmm.builder import restore_machine
 from ember.vmm.config import DiskConfig, VmConfig
 from ember.vmm.console import ConsoleSink
-from tests.unit.test_virtio_mmio import EchoDevice, Regs, linux_probe
+from tests.unit.test_virtio_mmio import (
+    ACK,
+    DRIVER,
+    DRIVER_OK,
+    FEATURES_OK,
+    EchoDevice,
+    Regs,
+    linux_probe,
+)
 from tests.unit.virtio_driver import UsedElem, VirtioDriver
 
 MIB = 1 << 20
@@ -227,10 +243,50 @@ def test_queue_state_round_trip_and_bad_size() -> None:
     copy = Queue(256)
     copy.load_state(q.save_state())
     assert copy.save_state() == q.save_state()
-    with pytest.raises(ValueError, match="queue size 512"):
-        Queue(256).load_state({**q.save_state(), "size": 512})
-    with pytest.raises(ValueError, match="queue size 100"):
-        Queue(256).load_state({**q.save_state(), "size": 100})
+    # Whatever a driver can leave in QueueNum comes back (it is checked where it is used)...
+    for size in (512, 100, 0, 0xFFFF_FFFF):
+        copy.load_state({**q.save_state(), "size": size})
+        assert copy.size == size
+    # ... what the 32-bit register cannot hold is a doctored file.
+    for size in (1 << 32, -1):
+        with pytest.raises(ValueError, match=f"queue size {size} .*32 bits"):
+            Queue(256).load_state({**q.save_state(), "size": size})
+
+
+@pytest.mark.parametrize("size", [12, 32, 0])  # not a power of 2, above QueueNumMax, zero
+def test_a_snapshot_of_a_driver_that_wrote_a_bad_queue_size_restores(size: int) -> None:
+    """Found by tests/unit/test_device_fuzz.py: QueueNum is any u32 the driver writes, kept
+    until DRIVER_OK fails the device; restoring that VM's snapshot raised ValueError."""
+    mem = GuestMemory.anonymous(2 * MIB)
+    first_irq, second_irq = Interrupt(), Interrupt()
+    try:
+        drivers = [
+            VirtioDriver(mem, size=16, desc_table=0x1000, data_end=0x80000),
+            VirtioDriver(mem, size=8, desc_table=0x80000),
+        ]
+        regs = Regs(MmioTransport(EchoDevice(), mem, first_irq))
+        regs[VIRTIO_MMIO_STATUS] = ACK | DRIVER
+        regs[VIRTIO_MMIO_DRIVER_FEATURES_SEL] = 1
+        regs[VIRTIO_MMIO_DRIVER_FEATURES] = 1  # VIRTIO_F_VERSION_1
+        regs[VIRTIO_MMIO_STATUS] = ACK | DRIVER | FEATURES_OK
+        regs[VIRTIO_MMIO_QUEUE_NUM] = size
+        regs[VIRTIO_MMIO_QUEUE_READY] = 1
+        regs[VIRTIO_MMIO_STATUS] = ACK | DRIVER | FEATURES_OK | DRIVER_OK
+        assert regs[VIRTIO_MMIO_STATUS] & VIRTIO_CONFIG_S_NEEDS_RESET
+        state = regs.t.save_state()
+
+        echo = EchoDevice()
+        restored = MmioTransport(echo, mem, second_irq)
+        restored.load_state(state)
+        assert not echo.active and echo.needs_reset  # as failed as it was
+        linux_probe(Regs(restored), drivers)  # the driver resets it and starts over
+        head = drivers[0].add_chain([b"again"], [5])
+        Regs(restored)[VIRTIO_MMIO_QUEUE_NOTIFY] = 0
+        assert drivers[0].used_entries() == [UsedElem(head, 5)]
+    finally:
+        first_irq.close()
+        second_irq.close()
+        mem.close()
 
 
 def test_a_restored_transport_carries_on_where_the_original_stopped() -> None:

@@ -185,10 +185,16 @@ class Queue:
         return {name: getattr(self, name) for name in self._STATE}
 
     def load_state(self, state: dict[str, int | bool]) -> None:
-        """Put back what :meth:`save_state` returned; a size this queue cannot have is refused."""
+        """Put back what :meth:`save_state` returned; a size QueueNum cannot hold is refused.
+
+        Any 32-bit size is taken back, not just those a ring may have: the driver can
+        leave one in the register (QueueNum on a queue that never worked, §4.2.2), and
+        its snapshot must restore.  Every use checks the size (``is_valid``, ``pop``,
+        ``add_used``), so a restored nonsense size fails the device as it did before.
+        """
         size = int(state["size"])
-        if not _is_power_of_two(size) or size > self.max_size:
-            raise ValueError(f"queue size {size} in a snapshot; this queue allows {self.max_size}")
+        if not 0 <= size <= 0xFFFF_FFFF:
+            raise ValueError(f"queue size {size} in a snapshot does not fit QueueNum (32 bits)")
         for name in self._STATE:
             current = getattr(self, name)
             setattr(self, name, type(current)(state[name]))
