@@ -233,3 +233,18 @@ def test_a_target_beyond_num_pages_is_a_clear_error(guest: Guest) -> None:
     assert struct.unpack("<I", guest.dev.read_config(0, 4)) == (NUM_PAGES_MAX,)
     with pytest.raises(ValueError, match="le32"):
         Balloon().load_state({"target_pages": 1 << 32})
+
+
+def test_a_failed_device_keeps_the_stats_buffer_and_stays_quiet(guest: Guest) -> None:
+    """Found by tests/unit/test_device_fuzz.py: the host's refresh_stats handed the held
+    buffer back (a used entry, a ring interrupt) on a device its driver had broken, which
+    no kick may do until the driver resets it."""
+    driver = guest.drivers[STATS_QUEUE]
+    driver.add_chain([struct.pack("<HQ", 4, 123 * MIB)], [])
+    guest.dev.process_queue(STATS_QUEUE)  # held
+    guest.drivers[INFLATE_QUEUE].set_avail_idx(300)  # further ahead than the ring holds
+    guest.dev.process_queue(INFLATE_QUEUE)
+    assert guest.dev.needs_reset
+    guest.interrupt.ack(0xFFFF_FFFF)
+    assert not guest.dev.request_stats()
+    assert driver.used_entries() == [] and guest.interrupt.status == 0

@@ -176,10 +176,15 @@ class Balloon(VirtioDevice):
                 self.interrupt.trigger(VIRTIO_MMIO_INT_CONFIG)
 
     def request_stats(self) -> bool:
-        """Hand the stats buffer back, which asks the driver for fresh numbers."""
+        """Hand the stats buffer back, which asks the driver for fresh numbers.
+
+        Not on a device the driver broke (DEVICE_NEEDS_RESET): its kicks are ignored
+        then, and the host's requests too leave its rings alone until the driver resets it.
+        """
         with self.lock:
             memory, head = self.memory, self._stats_head
-            if memory is None or head is None or len(self.queues) <= STATS_QUEUE:
+            failed = self.needs_reset
+            if memory is None or head is None or failed or len(self.queues) <= STATS_QUEUE:
                 return False
             queue = self.queues[STATS_QUEUE]
             self._stats_head = None
