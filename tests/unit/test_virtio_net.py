@@ -21,7 +21,8 @@ from ember.devices.virtio.net.device import (
 from ember.devices.virtio.queue import VIRTQ_DESC_F_WRITE, Queue
 from ember.memory import GuestMemory
 from ember.vmm.event_loop import EventLoop
-from tests.unit.virtio_driver import VirtioDriver
+from tests.unit.fuzz_rigs import ManualLoop
+from tests.unit.virtio_driver import UsedElem, VirtioDriver
 
 MIB = 1 << 20
 MAC = bytes.fromhex("02ee00000001")
@@ -201,3 +202,46 @@ def test_a_ring_broken_at_signal_time_fails_the_device_instead_of_raising(guest:
         time.sleep(0.01)
     assert guest.events.callback_errors == 0  # nothing escaped into the event loop
     assert guest.dev.needs_reset and queue.broken
+
+
+def test_a_device_the_driver_broke_stops_watching_its_tap() -> None:
+    """Found by tests/unit/test_device_fuzz.py: a device failed by its driver kept its TAP
+    watched; the next frame left the fd readable, rx returned at once (the device needs a
+    reset) and the level-triggered event thread called it again, forever (and woke a parked
+    VM each time).  The frame now waits in the kernel until the driver resets the device."""
+    mem = GuestMemory.anonymous(16 * MIB)
+    loop = ManualLoop()  # the event thread's loop, run by hand: a spin raises BusyLoop
+    backend, tap = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    interrupt = Interrupt()
+    dev = Net(tap.detach(), loop, MAC)
+    try:
+        rx, tx = (VirtioDriver(mem, 64, desc_table=0x10000 * (i + 1), data_start=(i + 1) * MIB,
+                               data_end=(i + 2) * MIB) for i in range(2))  # fmt: skip
+        queues = [Queue(256), Queue(256)]
+        rx.configure(queues[RX_QUEUE])
+        tx.configure(queues[TX_QUEUE])
+        dev.acked_features = dev.device_features()
+        dev.activate(mem, queues, interrupt)
+        tx.set_avail_idx(300)  # avail.idx further ahead than the ring holds: tx is broken
+        dev.process_queue(TX_QUEUE)
+        assert dev.needs_reset
+        backend.send(frame(100))
+        loop.run_ready()  # before the fix: BusyLoop, the fd stayed ready however often served
+        assert dev.fd not in loop.readers
+        dev.reset()  # the driver resets the device and sets it up again
+        fresh = [Queue(256), Queue(256)]
+        rx = VirtioDriver(mem, 64, desc_table=0x30000, data_start=3 * MIB, data_end=4 * MIB)
+        rx.configure(fresh[RX_QUEUE])
+        VirtioDriver(mem, 64, desc_table=0x40000, data_start=4 * MIB).configure(fresh[TX_QUEUE])
+        dev.acked_features = dev.device_features()
+        dev.activate(mem, fresh, interrupt)
+        head = rx.add_chain([], [1526])
+        dev.process_queue(RX_QUEUE)
+        loop.run_ready()
+        assert rx.used_entries() == [UsedElem(head, len(frame(100)))]  # the frame that waited
+    finally:
+        dev.close()
+        loop.close()
+        backend.close()
+        interrupt.close()
+        mem.close()

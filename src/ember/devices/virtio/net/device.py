@@ -186,6 +186,10 @@ class Net(VirtioDevice):
     def _receive(self) -> None:
         memory = self.memory
         if memory is None or self.needs_reset or self.fd < 0 or len(self.queues) <= RX_QUEUE:
+            # Nothing can be placed until the driver resets us: stop watching, or a readable
+            # fd would call us again and again (level-triggered). Frames wait in the kernel;
+            # activate() watches again.
+            self._watch(False)
             return
         queue = self.queues[RX_QUEUE]
         try:
