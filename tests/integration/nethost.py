@@ -1,5 +1,6 @@
 """A test's own "remote" host: a network namespace joined to the host by a veth pair,
-running a small TCP server that answers every connection with the peer's address.
+running a small TCP server that answers every connection with the peer's address, and
+optionally a DNS server (tests/unit/fake_dns.py) answering names from a table.
 
 Never an address outside this machine: 10.254.N.0/24 lives on a veth the test made.
 """
@@ -10,6 +11,9 @@ import os
 import subprocess
 import sys
 from dataclasses import dataclass, field
+from pathlib import Path
+
+FAKE_DNS = Path(__file__).resolve().parents[1] / "unit" / "fake_dns.py"
 
 # Serves each port in a thread, answering every connection with one line made from GREETING
 # (a format string over ``peer`` and ``port``). The guest's servers use it too.
@@ -41,7 +45,9 @@ sys.stdin.read()  # until the test closes our stdin
 class RemoteHost:
     index: int
     ports: tuple[int, ...]
+    dns: dict[str, str] | None = None  # name -> address, served on port 53 if given
     server: subprocess.Popen[bytes] | None = field(default=None, repr=False)
+    dns_server: subprocess.Popen[bytes] | None = field(default=None, repr=False)
 
     @property
     def name(self) -> str:
@@ -75,12 +81,23 @@ class RemoteHost:
         )
         assert self.server.stdout is not None
         assert self.server.stdout.readline() == b"ready\n"
+        if self.dns is not None:
+            records = [f"{name}={address}@300" for name, address in self.dns.items()]
+            self.dns_server = subprocess.Popen(
+                ["ip", "netns", "exec", self.name, sys.executable, str(FAKE_DNS),
+                 self.address, "53", *records],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+            )  # fmt: skip
+            assert self.dns_server.stdout is not None
+            assert self.dns_server.stdout.readline() == b"ready\n"
         return self
 
     def close(self) -> None:
-        if self.server is not None:
-            self.server.kill()
-            self.server.wait()
+        for server in (self.server, self.dns_server):
+            if server is not None:
+                server.kill()
+                server.wait()
         subprocess.run(["ip", "netns", "delete", self.name], check=False, capture_output=True)
         subprocess.run(["ip", "link", "delete", self.veth], check=False, capture_output=True)
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import shutil
 import socket
+import subprocess
 import time
 from collections.abc import Iterator
 
@@ -14,7 +15,7 @@ import pytest
 
 from ember import NetworkPolicy
 from ember.errors import ConfigError
-from ember.network.host import GUEST_IP
+from ember.network.host import GATEWAY_IP, GUEST_IP
 from ember.sandbox import Sandbox
 from ember.templates import templates_root
 from tests.integration.conftest import Images, ember
@@ -39,6 +40,16 @@ def _probe(host, port):
 GUEST_SERVER = SERVE + f'_serve_ports("guest hello {{peer}}", [{GUEST_PORT}])\n'
 
 
+# What the guest's resolver (getaddrinfo through /etc/resolv.conf) makes of a name.
+RESOLVE = """
+def _resolve(name):
+    try:
+        return sorted({a[4][0] for a in socket.getaddrinfo(name, 80, socket.AF_INET)})
+    except socket.gaierror as exc:
+        return exc.errno
+"""
+
+
 def probe(sb: Sandbox, host: str, port: int) -> str:
     result = sb.run_code(f"_probe({host!r}, {port})", timeout=60)
     assert result.error is None, result.error
@@ -56,6 +67,16 @@ def remote(images: Images) -> Iterator[RemoteHost]:
 @pytest.fixture(scope="module")
 def remote2(images: Images) -> Iterator[RemoteHost]:
     host = RemoteHost(2, (ALLOWED,)).start()
+    yield host
+    host.close()
+
+
+@pytest.fixture(scope="module")
+def dns_host(remote: RemoteHost, remote2: RemoteHost) -> Iterator[RemoteHost]:
+    """The upstream DNS server the named sandboxes' resolvers ask: it knows every name."""
+    names = {"allowed.test": remote.address, "api.wild.test": remote.address,
+             "denied.test": remote2.address}  # fmt: skip
+    host = RemoteHost(3, (), dns=names).start()
     yield host
     host.close()
 
@@ -198,3 +219,49 @@ def wait_until_parked_for_good(sb: Sandbox, quiet_s: float = 5.0) -> None:
         else:
             parked_since = None
         time.sleep(0.1)
+
+
+def resolve(sb: Sandbox, name: str) -> list[str] | int:
+    result = sb.run_code(f"_resolve({name!r})", timeout=60)
+    assert result.error is None, result.error
+    assert result.value is not None
+    value: list[str] | int = eval(result.value)
+    return value
+
+
+def test_allowed_names_resolve_and_only_their_addresses_open(
+    images: Images, remote: RemoteHost, remote2: RemoteHost, dns_host: RemoteHost
+) -> None:
+    policy = NetworkPolicy(
+        [f"allowed.test:{ALLOWED}", "*.wild.test:8080"], dns_upstream=dns_host.address
+    )
+    with Sandbox(network=policy) as sb:
+        sb.run_code(PROBE + RESOLVE)
+        resolv_conf = sb.run_code("open('/etc/resolv.conf').read()").value
+        assert resolv_conf == repr(f"nameserver {GATEWAY_IP}\n")  # written by ember-init
+        # Not resolved yet: the address is not open.
+        assert probe(sb, remote.address, ALLOWED) == "ConnectionRefusedError"
+        assert resolve(sb, "Allowed.Test") == [remote.address]
+        assert probe(sb, "allowed.test", ALLOWED) == f"hello {sb.address} on {ALLOWED}"
+        assert probe(sb, "allowed.test", OTHER) == "ConnectionRefusedError"  # its port only
+        assert resolve(sb, "api.wild.test") == [remote.address]
+        # Names off the list do not resolve, and their addresses stay refused.
+        assert resolve(sb, "denied.test") == socket.EAI_NONAME
+        assert resolve(sb, "wild.test") == socket.EAI_NONAME
+        assert probe(sb, remote2.address, ALLOWED) == "ConnectionRefusedError"
+        # The answer opened the address in the sandbox's set, for the record's TTL.
+        network = sb._vmm.network
+        assert network is not None
+        listed = subprocess.run(
+            ["ip", "netns", "exec", network.netns, "nft", "list", "set", "ip", "ember",
+             f"names_{ALLOWED}"], capture_output=True, text=True, check=True,
+        ).stdout  # fmt: skip
+        assert f"{remote.address} timeout 5m" in listed
+        assert remote2.address not in listed
+
+
+def test_a_sandbox_with_only_addresses_gets_nxdomain_for_every_name(
+    allowed: Sandbox, remote: RemoteHost
+) -> None:
+    allowed.run_code(RESOLVE)
+    assert resolve(allowed, "allowed.test") == socket.EAI_NONAME

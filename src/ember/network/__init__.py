@@ -1,5 +1,6 @@
-"""Sandbox networking on the host: a namespace, a TAP and an egress allow-list per sandbox."""
+"""Sandbox networking on the host: a namespace, a TAP, an egress allow-list (by address or by
+name, through the sandbox's own DNS resolver) per sandbox."""
 
-from ember.network.policy import Allow, NetworkPolicy
+from ember.network.policy import Allow, AllowName, NetworkPolicy
 
-__all__ = ["Allow", "NetworkPolicy"]
+__all__ = ["Allow", "AllowName", "NetworkPolicy"]

@@ -15,8 +15,11 @@ the namespace for one ``open``; it then leaves it and jails itself.
 
 Rules: in the sandbox namespace, a forward chain lets the guest's packets
 out only through the policy, refuses the rest, and lets in only replies and
-exposed ports (DNAT); its input chain refuses everything (the namespace
-offers the guest nothing).  In the host namespace, one ``inet ember``
+exposed ports (DNAT); its input chain refuses everything but DNS from the
+guest to the gateway (the namespace offers the guest nothing else).  That
+is the sandbox's resolver (:mod:`ember.network.resolver`), which answers
+the names the policy allows and opens their addresses in the policy's name
+sets, which the egress chain accepts.  In the host namespace, one ``inet ember``
 table drops packets from the sandbox veths to the host's own addresses
 unless the sandbox's policy names them.  Packets between sandboxes go
 through the host's routing, so ``net.ipv4.ip_forward`` is turned on.
@@ -32,12 +35,13 @@ import ipaddress
 import os
 import random
 import subprocess
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from ember.errors import ConfigError, SandboxError
 from ember.jailer.jail import set_net_namespace
 from ember.network.policy import NetworkPolicy
+from ember.network.resolver import DNS_PORT, Element, SandboxResolver
 
 POOL = ipaddress.IPv4Network("10.253.0.0/16")  # /30 per sandbox: 16384 of them
 SLOTS = POOL.num_addresses // 4
@@ -62,6 +66,7 @@ class SandboxNetwork:
     policy: NetworkPolicy
     lock_fd: int = -1  # flock held while the slot is ours: a dead owner's slot is reusable
     exposed: set[int] = field(default_factory=set)
+    resolver: SandboxResolver | None = None
 
     @property
     def netns(self) -> str:
@@ -108,6 +113,9 @@ class SandboxNetwork:
             self._build_namespace()
         finally:
             _finish(host_rules)
+        self.resolver = SandboxResolver.start(
+            self.netns_path, self.policy, self.open_names, address=GATEWAY_IP, guest_ip=GUEST_IP
+        )
 
     def _build_namespace(self) -> None:
         _run(
@@ -134,8 +142,12 @@ class SandboxNetwork:
 
     def sandbox_ruleset(self) -> str:
         egress = "\n".join(f"    {rule}" for rule in self.policy.egress_rules())
+        sets = "".join(f"  {declaration}\n" for declaration in self.policy.set_declarations())
+        # The resolver, for the guest alone: it must not answer (reflect) to any other address.
+        dns = f"ip saddr {GUEST_IP} ip daddr {GATEWAY_IP} meta l4proto {{ tcp, udp }} "
+        dns += f"th dport {DNS_PORT}"
         return f"""table ip ember {{
-  chain prerouting {{ type nat hook prerouting priority dstnat; }}
+{sets}  chain prerouting {{ type nat hook prerouting priority dstnat; }}
   chain postrouting {{
     type nat hook postrouting priority srcnat;
     oifname "eth0" masquerade
@@ -153,6 +165,7 @@ class SandboxNetwork:
     type filter hook input priority filter; policy drop;
     ct state established,related accept
     iifname "lo" accept
+    iifname "{TAP_NAME}" {dns} accept
     iifname "{TAP_NAME}" meta l4proto tcp reject with tcp reset
     iifname "{TAP_NAME}" reject with icmp type admin-prohibited
   }}
@@ -177,6 +190,10 @@ class SandboxNetwork:
             + _host_input_rules()
         )
 
+    def open_names(self, elements: Sequence[Element]) -> None:
+        """Open resolved addresses in the name sets (the resolver calls this, in a thread)."""
+        _run(["nft", "-f", "-"], name_set_commands(elements), netns=self.netns_path)
+
     def expose(self, port: int) -> tuple[str, int]:
         """Forward TCP ``port`` of the sandbox address to the guest; (address, port) to use."""
         if not 1 <= port <= 65535:
@@ -193,6 +210,9 @@ class SandboxNetwork:
 
     def close(self) -> None:
         """Remove the host rules and the namespace (its veth and TAP go with it)."""
+        if self.resolver is not None:  # first: its sockets would keep the namespace alive
+            self.resolver.close()
+            self.resolver = None
         undo = (
             (
                 ["nft", "-f", "-"],
@@ -211,6 +231,25 @@ class SandboxNetwork:
         if self.lock_fd >= 0:
             os.close(self.lock_fd)  # the slot is free again
             self.lock_fd = -1
+
+
+def name_set_commands(elements: Sequence[Element]) -> str:
+    """nft commands opening each address in its set of the sandbox table for its seconds.
+
+    nftables cannot change the timeout of an element in place, so each one
+    is added (nothing happens if it is there), deleted and added again with
+    the new timeout, all in one transaction: atomic, so an address already
+    open never closes in between.
+    """
+    commands = []
+    for set_name, address, seconds in elements:
+        where = f"element ip ember {set_name}"
+        commands += [
+            f"add {where} {{ {address} timeout {seconds}s }}",
+            f"delete {where} {{ {address} }}",
+            f"add {where} {{ {address} timeout {seconds}s }}",
+        ]
+    return "".join(f"{command}\n" for command in commands)
 
 
 def _host_input_rules() -> str:

@@ -15,7 +15,9 @@
  *                       kernel prints and the VMM reads back.
  * In the second mode it also brings up lo and, given ember.net=ADDR/PREFIX[,GW],
  * gives eth0 that address and a default route: a few ioctls here instead of
- * iproute2 (not in the root file system) or the kernel's ip= autoconfig.
+ * iproute2 (not in the root file system) or the kernel's ip= autoconfig.  The
+ * gateway is also the guest's DNS server (/etc/resolv.conf): Ember's host
+ * serves each networked sandbox a resolver there (src/ember/network/resolver.py).
  */
 typedef unsigned long size_t;
 typedef long ssize_t;
@@ -34,6 +36,7 @@ typedef long ssize_t;
 #define SYS_kill 62
 #define SYS_chdir 80
 #define SYS_mkdir 83
+#define SYS_unlink 87
 #define SYS_chroot 161
 #define SYS_sync 162
 #define SYS_mount 165
@@ -42,7 +45,11 @@ typedef long ssize_t;
 #define SYS_setsid 112
 
 #define O_RDONLY 0
+#define O_WRONLY 1
 #define O_RDWR 2
+#define O_CREAT 0100
+#define O_TRUNC 01000
+#define O_NOFOLLOW 0400000
 #define MS_RDONLY 1
 #define MS_NOSUID 2
 #define MS_NODEV 4
@@ -330,7 +337,25 @@ static void link_up(long sock, const char *name)
 	say("\n");
 }
 
-/* lo always; eth0 from ember.net=ADDR/PREFIX[,GATEWAY]. */
+/* "nameserver GATEWAY" in /etc/resolv.conf, on the overlay (the image keeps its own). A
+ * symlink there is removed, not followed: nothing outside the file is written. */
+static void set_resolver(const char *gateway)
+{
+	static const char head[] = "nameserver ";
+	sys3(SYS_unlink, "/etc/resolv.conf", 0, 0);
+	long fd = sys3(SYS_open, "/etc/resolv.conf", O_WRONLY | O_CREAT | O_TRUNC | O_NOFOLLOW,
+		       0644);
+	if (fd < 0) {
+		say("ember-init: cannot write /etc/resolv.conf\n");
+		return;
+	}
+	sys3(SYS_write, fd, head, sizeof(head) - 1);
+	sys3(SYS_write, fd, gateway, len(gateway));
+	sys3(SYS_write, fd, "\n", 1);
+	sys3(SYS_close, fd, 0, 0);
+}
+
+/* lo always; eth0 from ember.net=ADDR/PREFIX[,GATEWAY], which also serves DNS. */
 static void net_up(const char *spec)
 {
 	long sock = sys3(SYS_socket, AF_INET, SOCK_DGRAM, 0);
@@ -343,6 +368,7 @@ static void net_up(const char *spec)
 	struct in4 addr = {AF_INET, 0, {0}, {0}}, mask = addr, gw = addr;
 	unsigned prefix = 0;
 	int have_gw = 0;
+	const char *gw_text = 0;
 	const char *p = parse_ip(spec, addr.addr);
 	if (p && *p == '/') {
 		p++;
@@ -352,7 +378,8 @@ static void net_up(const char *spec)
 		p = 0;
 	}
 	if (p && *p == ',') {
-		p = parse_ip(p + 1, gw.addr);
+		gw_text = p + 1;
+		p = parse_ip(gw_text, gw.addr);
 		have_gw = 1;
 	}
 	if (!p || *p || prefix > 32) {
@@ -380,6 +407,7 @@ static void net_up(const char *spec)
 		route.flags = RTF_UP | RTF_GATEWAY;
 		if (sys3(SYS_ioctl, sock, SIOCADDRT, &route) != 0)
 			say("ember-init: cannot add the default route\n");
+		set_resolver(gw_text);
 	}
 	sys3(SYS_close, sock, 0, 0);
 }
