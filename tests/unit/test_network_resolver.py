@@ -361,5 +361,11 @@ def test_a_sandbox_network_serves_its_resolver_and_closes_it(upstream: FakeUpstr
         network.close()
     assert network.resolver is None
     assert not os.path.exists(network.netns_path)
-    links = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True).stdout
+    # The kernel dismantles a namespace from a workqueue once its last reference is gone: the
+    # veth goes a moment later (seconds on a loaded host), but it must go.
+    for _ in range(300):
+        links = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True).stdout
+        if f" {network.veth}@" not in links:
+            break
+        time.sleep(0.1)
     assert f" {network.veth}@" not in links
