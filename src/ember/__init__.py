@@ -12,7 +12,13 @@ The public API is what ``__all__`` lists; everything else is private and may
 change.  ``tests/unit/test_public_api.py`` pins it.
 """
 
-from ember.client_errors import AgentError, ExecError, ProtocolError, SandboxTimeout
+from ember.client_errors import (
+    AgentError,
+    ExecError,
+    OutputTooLarge,
+    ProtocolError,
+    SandboxTimeout,
+)
 from ember.client_wire import CodeError, CodeResult, DirEntry, ExecResult, FileStat, OutputChunk
 from ember.errors import (
     BuildError,
@@ -47,6 +53,7 @@ __all__ = [
     "KvmError",
     "NetworkPolicy",
     "OutputChunk",
+    "OutputTooLarge",
     "ProtocolError",
     "Sandbox",
     "SandboxCrashed",

@@ -15,8 +15,14 @@ plain Unix socket in tests) is the caller's business::
     print(stream.result)
 
 Data moves in bounded pieces both ways, so files and outputs of any size pass
-through constant memory (except ``exec``/``files.read``, which return bytes:
-use ``exec_stream``/``files.read_into`` for big ones).
+through constant memory (except ``exec``/``files.read``, which return bytes and
+so stop at ``max_output``: use ``exec_stream``/``files.read_into`` for big ones).
+
+The guest is untrusted, so the host never waits on it without a bound of its
+own: each call's deadline is its timeout (:data:`DEFAULT_CALL_TIMEOUT` for calls
+without one, per frame for file transfers) plus ``grace``, after which it hangs
+up and raises :class:`SandboxTimeout`. ``exec``/``run_code`` without a timeout
+are the exception: the command may rightly run, silent, for as long as it likes.
 """
 
 from __future__ import annotations
@@ -33,25 +39,36 @@ from typing import Any, BinaryIO
 
 from ember.client_errors import AgentError, ProtocolError, SandboxTimeout
 from ember.client_wire import (
+    DEFAULT_CALL_TIMEOUT,
+    DEFAULT_GRACE,
+    DEFAULT_MAX_OUTPUT,
+    WORKER_START_ALLOWANCE,
     CodeResult,
     Command,
+    Deadline,
     DirEntry,
     ExecResult,
     FileStat,
     OutputChunk,
     PathArg,
     Source,
+    check_max_output,
     check_result,
     code_request,
     data_chunks,
     exec_request,
+    file_too_large,
+    host_timeout_result,
+    output_too_large,
     parse_code_result,
     parse_exec_result,
     parse_list,
+    parse_size,
     parse_stat,
     path_request,
     read_frame,
     remote_error,
+    send_frame,
     unexpected,
     write_request,
 )
@@ -67,12 +84,18 @@ class ExecStream:
 
     Iteration yields :class:`OutputChunk` objects, then ends; if the command
     overran its timeout it raises :class:`SandboxTimeout` instead of ending
-    (``result`` is set either way). Closing it early (or leaving a ``with``
-    block) hangs up, and the agent kills the command's process group.
+    (``result`` is set either way). So it does if the agent has not ended the
+    stream by ``deadline`` (the timeout plus a grace): then ``result`` has
+    ``timed_out`` set and no exit status. Closing it early (or leaving a
+    ``with`` block) hangs up, and the agent kills the command's process group.
     """
 
-    def __init__(self, sock: socket.socket, stdin: Source | None) -> None:
+    def __init__(
+        self, sock: socket.socket, stdin: Source | None, deadline: Deadline | None = None
+    ) -> None:
         self._sock = sock
+        self._deadline = deadline
+        self._started = time.monotonic()
         self._done = False
         self._pump_error: BaseException | None = None
         self._pump: threading.Thread | None = None
@@ -104,7 +127,11 @@ class ExecStream:
         if self._done:
             raise StopIteration
         try:
-            frame = read_frame(self._sock)
+            try:
+                frame = read_frame(self._sock, self._deadline)
+            except SandboxTimeout as exc:  # the host's deadline: the agent never said
+                self.result = host_timeout_result(self._started)
+                raise SandboxTimeout(str(exc), self.result) from None
             if frame is not None and frame[0] is Kind.STDOUT:
                 return OutputChunk("stdout", frame[1])
             if frame is not None and frame[0] is Kind.STDERR:
@@ -167,43 +194,56 @@ class Files:
         """
         with self._client._open(write_request(path, mode, append)) as sock:
             sent_error: OSError | None = None
+            sent = 0
             try:
                 for piece in data_chunks(data):
-                    write_frame(sock, Kind.DATA, piece)
-                write_frame(sock, Kind.DATA_EOF)
+                    send_frame(sock, Kind.DATA, piece, self._client._frame_deadline(path))
+                    sent += memoryview(piece).nbytes
+                send_frame(sock, Kind.DATA_EOF, b"", self._client._frame_deadline(path))
+            except SandboxTimeout:
+                raise
             except OSError as exc:
                 sent_error = exc  # the agent may still have said why: read its answer
-            frame = read_frame(sock)
+            frame = read_frame(sock, self._client._deadline("file_write", None))
             if frame is None and sent_error is not None:
                 raise ProtocolError(f"upload to {path} failed: {sent_error}") from sent_error
-            size = check_result(frame, "file_write").get("size")
-        if not isinstance(size, int):
-            raise ProtocolError(f"bad size in the answer to file_write: {size!r:.100}")
+            size = parse_size(check_result(frame, "file_write"))
+        if sent_error is None and size != sent:
+            raise ProtocolError(f"file_write took {sent} bytes but said it wrote {size}")
         return size
 
     def read_into(self, path: PathArg, fileobj: BinaryIO) -> int:
         """Stream the file at ``path`` into ``fileobj``; return its size."""
+        return self._receive(path, fileobj, None)
+
+    def _receive(self, path: PathArg, fileobj: BinaryIO, limit: int | None) -> int:
+        """file_read into ``fileobj``, hanging up beyond ``limit`` bytes (OutputTooLarge)."""
         with self._client._open(path_request("file_read", path)) as sock:
             total = 0
             while True:
-                frame = read_frame(sock)
+                frame = read_frame(sock, self._client._frame_deadline(path))
                 if frame is not None and frame[0] is Kind.DATA:
+                    if limit is not None and total + len(frame[1]) > limit:
+                        raise file_too_large(path, limit)
                     fileobj.write(frame[1])
                     total += len(frame[1])
                 elif frame is not None and frame[0] is Kind.DATA_EOF:
-                    size = check_result(read_frame(sock), "file_read").get("size")
+                    answer = read_frame(sock, self._client._deadline("file_read", None))
+                    size = parse_size(check_result(answer, "file_read"))
                     if size != total:
-                        raise ProtocolError(f"file_read sent {total} bytes but said {size!r:.50}")
+                        raise ProtocolError(f"file_read sent {total} bytes but said {size}")
                     return total
                 elif frame is not None and frame[0] is Kind.ERROR:
                     raise remote_error(frame[1])
                 else:
                     raise unexpected(frame, "file_read")
 
-    def read(self, path: PathArg) -> bytes:
-        """The whole file at ``path`` (use :meth:`read_into` for big files)."""
+    def read(self, path: PathArg, *, max_output: int | None = DEFAULT_MAX_OUTPUT) -> bytes:
+        """The whole file at ``path``; more than ``max_output`` bytes raises
+        :class:`~ember.client_errors.OutputTooLarge` (use :meth:`read_into` for big files)."""
+        limit = check_max_output(max_output)
         buf = io.BytesIO()
-        self.read_into(path, buf)
+        self._receive(path, buf, limit)
         return buf.getvalue()
 
     def stat(self, path: PathArg) -> FileStat:
@@ -238,12 +278,25 @@ class AgentClient:
     about four packets each way (~6 ms of emulated kernel per packet), a
     kept one two.  Kept connections are closed after ``KEEPALIVE_IDLE_S``
     unused, so an idle sandbox still has none and can be parked.
+
+    ``grace`` is how long beyond a call's timeout the host still waits for
+    the agent, and ``call_timeout`` the timeout of calls without one of their
+    own (and of each frame of a file transfer); then :class:`SandboxTimeout`.
     """
 
     def __init__(
-        self, connect: Connect, *, resume: Callable[[], socket.socket | None] | None = None
+        self,
+        connect: Connect,
+        *,
+        resume: Callable[[], socket.socket | None] | None = None,
+        grace: float = DEFAULT_GRACE,
+        call_timeout: float = DEFAULT_CALL_TIMEOUT,
     ) -> None:
+        if not grace >= 0 or not call_timeout > 0:
+            raise ValueError(f"need grace >= 0 and call_timeout > 0, got {grace}, {call_timeout}")
         self._connect = connect
+        self._grace = grace
+        self._call_timeout = call_timeout
         # A restored sandbox may hold an agent connection carried over in its snapshot:
         # the first short call takes it over instead of opening one (see vsock RESUME).
         self._resume = resume
@@ -252,38 +305,63 @@ class AgentClient:
         self._kept_lock = threading.Lock()
         self._expiry: threading.Timer | None = None
 
+    def _deadline(self, op: str, timeout: float | None, extra: float = 0.0) -> Deadline:
+        """When the host gives up on ``op``: its timeout (or ``call_timeout``) + ``grace``."""
+        budget = self._call_timeout if timeout is None else timeout
+        return Deadline.for_call(op, budget, self._grace, extra)
+
+    def _send_deadline(self) -> Deadline:
+        """A request must leave within the bound even when the answer may take for ever."""
+        return Deadline(self._call_timeout + self._grace, "the agent did not take the request")
+
+    def _frame_deadline(self, path: PathArg) -> Deadline:
+        """A transfer may take any time, but each frame of it must move within the bound."""
+        return Deadline(
+            self._call_timeout + self._grace, f"the transfer of {path} made no progress"
+        )
+
     def _open(self, request: dict[str, Any]) -> socket.socket:
         sock = self._connect()
         try:
-            write_frame(sock, Kind.REQUEST, encode_json(request))
+            send_frame(sock, Kind.REQUEST, encode_json(request), self._send_deadline())
         except BaseException:
             sock.close()
             raise
         return sock
 
-    def _call(self, request: dict[str, Any]) -> dict[str, Any]:
+    def _call(self, request: dict[str, Any], *, unbounded: bool = False) -> dict[str, Any]:
+        """One short exchange, REQUEST in and RESULT out, under ``call_timeout`` + ``grace``
+        (``unbounded``: the answer may take as long as it likes; the request may not)."""
+        op = str(request["op"])
+        return self._exchange(request, None if unbounded else self._deadline(op, None))
+
+    def _exchange(self, request: dict[str, Any], deadline: Deadline | None) -> dict[str, Any]:
         op = str(request["op"])
         if op not in KEEPALIVE_OPS:
             with self._open(request) as single:
-                return check_result(read_frame(single), op)
+                return check_result(read_frame(single, deadline), op)
         payload = encode_json({**request, "keepalive": True})
+        sending = deadline or self._send_deadline()
         sock = self._take_kept()
         if sock is not None:
             try:
-                write_frame(sock, Kind.REQUEST, payload)
+                send_frame(sock, Kind.REQUEST, payload, sending)
+            except SandboxTimeout:
+                sock.close()
+                raise
             except OSError:  # closed under us before the request left: nothing ran
                 sock.close()
                 sock = None
         if sock is None:
             sock = self._connect()
             try:
-                write_frame(sock, Kind.REQUEST, payload)
+                send_frame(sock, Kind.REQUEST, payload, sending)
             except BaseException:
                 sock.close()
                 raise
         assert sock is not None
         try:
-            result = check_result(read_frame(sock), op)
+            result = check_result(read_frame(sock, deadline), op)
         except AgentError:
             self._keep(sock)  # an error reply ends the exchange cleanly
             raise
@@ -354,9 +432,14 @@ class AgentClient:
         cwd: str | None = None,
         stdin: Source | None = None,
     ) -> ExecStream:
-        """Start ``cmd`` (a list: argv, no shell; a string: ``sh -c``) and stream its output."""
+        """Start ``cmd`` (a list: argv, no shell; a string: ``sh -c``) and stream its output.
+
+        With a ``timeout``, the stream must end within it plus ``grace``, however
+        fast it is read; without one, the host waits as long as the command runs.
+        """
         request = exec_request(cmd, timeout=timeout, env=env, cwd=cwd, stdin=stdin is not None)
-        return ExecStream(self._open(request), stdin)
+        deadline = None if timeout is None else self._deadline("exec", timeout)
+        return ExecStream(self._open(request), stdin, deadline)
 
     def exec(
         self,
@@ -366,6 +449,7 @@ class AgentClient:
         env: dict[str, str] | None = None,
         cwd: str | None = None,
         stdin: Source | None = None,
+        max_output: int | None = DEFAULT_MAX_OUTPUT,
     ) -> ExecResult:
         """Run ``cmd`` to completion and return its output and status.
 
@@ -373,12 +457,17 @@ class AgentClient:
         Overrunning ``timeout`` kills the command's whole process group and
         raises :class:`SandboxTimeout` whose ``result`` holds the output so far.
         A missing program raises :class:`~ember.client_errors.ExecError`.
+        More than ``max_output`` bytes of stdout and stderr together stops the
+        command and raises :class:`~ember.client_errors.OutputTooLarge`.
         """
+        limit = check_max_output(max_output)
         out, err = bytearray(), bytearray()
         stream = self.exec_stream(cmd, timeout=timeout, env=env, cwd=cwd, stdin=stdin)
         try:
             with stream:
                 for chunk in stream:
+                    if limit is not None and len(out) + len(err) + len(chunk.data) > limit:
+                        raise output_too_large(limit)
                     (out if chunk.stream == "stdout" else err).extend(chunk.data)
         except SandboxTimeout as exc:
             assert exc.result is not None
@@ -392,8 +481,15 @@ class AgentClient:
 
         Exceptions in ``code`` come back in ``result.error``, not raised; so do
         ``WorkerCrashed`` and ``WorkerTimeout``, after which earlier state is gone.
+        With a ``timeout``, the host waits that long plus the worker's start-up
+        allowance plus ``grace`` (calls queue behind each other in the guest);
+        without one, as long as the code runs.
         """
-        return parse_code_result(self._call(code_request(code, timeout)))
+        request = code_request(code, timeout)
+        if timeout is None:
+            return parse_code_result(self._call(request, unbounded=True))
+        deadline = self._deadline("run_code", timeout, WORKER_START_ALLOWANCE)
+        return parse_code_result(self._exchange(request, deadline))
 
     def shutdown(self) -> None:
         """Ask the agent to exit (tests and orderly teardown)."""

@@ -8,35 +8,48 @@ operations may run concurrently on one :class:`AsyncAgentClient`.
 Request building and answer checking are shared with the blocking client
 (:mod:`ember.client_wire`); only the waiting differs. Backpressure comes from
 ``StreamWriter.drain()``: an upload goes no faster than the guest takes it.
+So do the host's own deadlines (each wait under ``asyncio.timeout``) and the
+``max_output`` bound of ``exec``/``files.read``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import io
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from types import TracebackType
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, TypeVar
 
 from ember.client import KEEPALIVE_IDLE_S, KEEPALIVE_MAX
 from ember.client_errors import AgentError, ProtocolError, SandboxTimeout
 from ember.client_wire import (
+    DEFAULT_CALL_TIMEOUT,
+    DEFAULT_GRACE,
+    DEFAULT_MAX_OUTPUT,
+    WORKER_START_ALLOWANCE,
     CodeResult,
     Command,
+    Deadline,
     DirEntry,
     ExecResult,
     FileStat,
     OutputChunk,
     PathArg,
     Source,
+    check_max_output,
     check_result,
     code_request,
     data_chunks,
     exec_request,
+    file_too_large,
+    host_timeout_result,
+    output_too_large,
     parse_code_result,
     parse_exec_result,
     parse_list,
+    parse_size,
     parse_stat,
     path_request,
     remote_error,
@@ -58,10 +71,32 @@ __all__ = ["AsyncAgentClient", "AsyncExecStream", "AsyncFiles", "read_frame_asyn
 
 Streams = tuple[asyncio.StreamReader, asyncio.StreamWriter]
 AsyncConnect = Callable[[], Awaitable[Streams]]
+T = TypeVar("T")
 
 
-async def read_frame_async(reader: asyncio.StreamReader) -> tuple[Kind, bytes] | None:
-    """Read one frame; ``None`` on a clean EOF between frames."""
+async def _within(deadline: Deadline | None, awaitable: Awaitable[T]) -> T:
+    """Await ``awaitable``, or raise the deadline's :class:`SandboxTimeout` when it passes."""
+    if deadline is None:
+        return await awaitable
+    limit = asyncio.timeout(max(deadline.remaining(), 0.0))
+    try:
+        async with limit:
+            return await awaitable
+    except TimeoutError:
+        if limit.expired():
+            raise deadline.expired() from None
+        raise
+
+
+async def read_frame_async(
+    reader: asyncio.StreamReader, deadline: Deadline | None = None
+) -> tuple[Kind, bytes] | None:
+    """Read one frame; ``None`` on a clean EOF between frames. With a ``deadline``, the
+    whole frame must be in by then (a peer dripping bytes cannot stretch it)."""
+    return await _within(deadline, _read_frame(reader))
+
+
+async def _read_frame(reader: asyncio.StreamReader) -> tuple[Kind, bytes] | None:
     try:
         header = await reader.readexactly(HEADER.size)
     except asyncio.IncompleteReadError as exc:
@@ -81,19 +116,28 @@ async def read_frame_async(reader: asyncio.StreamReader) -> tuple[Kind, bytes] |
 
 
 async def write_frame_async(
-    writer: asyncio.StreamWriter, kind: Kind, payload: Payload = b""
+    writer: asyncio.StreamWriter,
+    kind: Kind,
+    payload: Payload = b"",
+    deadline: Deadline | None = None,
 ) -> None:
+    """Send one frame; with a ``deadline``, a guest that stops reading is given up on then."""
     view = memoryview(payload).cast("B")
     if view.nbytes > MAX_FRAME:
         raise ProtocolError(f"refusing to send a {view.nbytes}-byte frame (limit {MAX_FRAME})")
     writer.write(HEADER.pack(view.nbytes, kind))
     if view.nbytes:
         writer.write(view)
-    await writer.drain()
+    await _within(deadline, writer.drain())
 
 
 async def _close(writer: asyncio.StreamWriter) -> None:
-    writer.close()
+    """Hang up without waiting on the guest: a graceful close first sends what is still
+    buffered, and a guest that stopped reading would keep ``wait_closed()`` waiting for ever."""
+    if writer.transport.get_write_buffer_size():
+        writer.transport.abort()
+    else:
+        writer.close()
     try:
         await writer.wait_closed()
     except OSError:
@@ -103,15 +147,18 @@ async def _close(writer: asyncio.StreamWriter) -> None:
 class AsyncExecStream:
     """Async iterator of :class:`OutputChunk`; ``result`` is set once exhausted.
 
-    Like :class:`ember.client.ExecStream`: a timeout raises
-    :class:`SandboxTimeout` at the end; :meth:`aclose` hangs up, which kills the
-    command. The connection opens on the first ``__anext__``.
+    Like :class:`ember.client.ExecStream`: a timeout (the agent's, or the host's
+    timeout + grace) raises :class:`SandboxTimeout` at the end; :meth:`aclose`
+    hangs up, which kills the command. The connection opens on the first
+    ``__anext__``, and the host's deadline counts from then.
     """
 
     def __init__(self, client: AsyncAgentClient, request: dict[str, Any], stdin: Source | None):
         self._client = client
         self._request = request
         self._stdin = stdin
+        self._deadline: Deadline | None = None
+        self._started = 0.0
         self._streams: Streams | None = None
         self._pump: asyncio.Task[None] | None = None
         self._pump_error: BaseException | None = None
@@ -137,11 +184,19 @@ class AsyncExecStream:
             raise StopAsyncIteration
         try:
             if self._streams is None:
+                self._started = time.monotonic()
+                timeout = self._request.get("timeout")
+                if timeout is not None:
+                    self._deadline = self._client._deadline("exec", timeout)
                 self._streams = await self._client._open(self._request)
                 if self._stdin is not None:
                     pump = self._send_stdin(self._streams[1], self._stdin)
                     self._pump = asyncio.create_task(pump)
-            frame = await read_frame_async(self._streams[0])
+            try:
+                frame = await read_frame_async(self._streams[0], self._deadline)
+            except SandboxTimeout as exc:  # the host's deadline: the agent never said
+                self.result = host_timeout_result(self._started)
+                raise SandboxTimeout(str(exc), self.result) from None
             if frame is not None and frame[0] is Kind.STDOUT:
                 return OutputChunk("stdout", frame[1])
             if frame is not None and frame[0] is Kind.STDERR:
@@ -201,35 +256,49 @@ class AsyncFiles:
         reader, writer = await self._client._open(write_request(path, mode, append))
         try:
             sent_error: OSError | None = None
+            sent = 0
             try:
                 for piece in data_chunks(data):
-                    await write_frame_async(writer, Kind.DATA, piece)
-                await write_frame_async(writer, Kind.DATA_EOF)
+                    deadline = self._client._frame_deadline(path)
+                    await write_frame_async(writer, Kind.DATA, piece, deadline)
+                    sent += memoryview(piece).nbytes
+                await write_frame_async(
+                    writer, Kind.DATA_EOF, b"", self._client._frame_deadline(path)
+                )
+            except SandboxTimeout:
+                raise
             except OSError as exc:
                 sent_error = exc
-            frame = await read_frame_async(reader)
+            frame = await read_frame_async(reader, self._client._deadline("file_write", None))
             if frame is None and sent_error is not None:
                 raise ProtocolError(f"upload to {path} failed: {sent_error}") from sent_error
-            size = check_result(frame, "file_write").get("size")
+            size = parse_size(check_result(frame, "file_write"))
         finally:
             await _close(writer)
-        if not isinstance(size, int):
-            raise ProtocolError(f"bad size in the answer to file_write: {size!r:.100}")
+        if sent_error is None and size != sent:
+            raise ProtocolError(f"file_write took {sent} bytes but said it wrote {size}")
         return size
 
     async def read_into(self, path: PathArg, fileobj: BinaryIO) -> int:
+        return await self._receive(path, fileobj, None)
+
+    async def _receive(self, path: PathArg, fileobj: BinaryIO, limit: int | None) -> int:
         reader, writer = await self._client._open(path_request("file_read", path))
         try:
             total = 0
             while True:
-                frame = await read_frame_async(reader)
+                frame = await read_frame_async(reader, self._client._frame_deadline(path))
                 if frame is not None and frame[0] is Kind.DATA:
+                    if limit is not None and total + len(frame[1]) > limit:
+                        raise file_too_large(path, limit)
                     fileobj.write(frame[1])
                     total += len(frame[1])
                 elif frame is not None and frame[0] is Kind.DATA_EOF:
-                    size = check_result(await read_frame_async(reader), "file_read").get("size")
+                    deadline = self._client._deadline("file_read", None)
+                    answer = await read_frame_async(reader, deadline)
+                    size = parse_size(check_result(answer, "file_read"))
                     if size != total:
-                        raise ProtocolError(f"file_read sent {total} bytes but said {size!r:.50}")
+                        raise ProtocolError(f"file_read sent {total} bytes but said {size}")
                     return total
                 elif frame is not None and frame[0] is Kind.ERROR:
                     raise remote_error(frame[1])
@@ -238,9 +307,10 @@ class AsyncFiles:
         finally:
             await _close(writer)
 
-    async def read(self, path: PathArg) -> bytes:
+    async def read(self, path: PathArg, *, max_output: int | None = DEFAULT_MAX_OUTPUT) -> bytes:
+        limit = check_max_output(max_output)
         buf = io.BytesIO()
-        await self.read_into(path, buf)
+        await self._receive(path, buf, limit)
         return buf.getvalue()
 
     async def stat(self, path: PathArg) -> FileStat:
@@ -258,7 +328,8 @@ class AsyncAgentClient:
 
     Like the blocking client, short calls keep their connection for the next one
     (closed after ``KEEPALIVE_IDLE_S`` unused) and the first one may take over a
-    connection carried over in a restored snapshot (``resume``).
+    connection carried over in a restored snapshot (``resume``); ``grace`` and
+    ``call_timeout`` bound every wait on the agent the same way.
     """
 
     def __init__(
@@ -266,47 +337,78 @@ class AsyncAgentClient:
         connect: AsyncConnect,
         *,
         resume: Callable[[], Awaitable[Streams | None]] | None = None,
+        grace: float = DEFAULT_GRACE,
+        call_timeout: float = DEFAULT_CALL_TIMEOUT,
     ) -> None:
+        if not grace >= 0 or not call_timeout > 0:
+            raise ValueError(f"need grace >= 0 and call_timeout > 0, got {grace}, {call_timeout}")
         self._connect = connect
+        self._grace = grace
+        self._call_timeout = call_timeout
         self._resume = resume
         self.files = AsyncFiles(self)
         self._kept: list[tuple[Streams, float]] = []
         self._expiry: asyncio.TimerHandle | None = None
 
+    def _deadline(self, op: str, timeout: float | None, extra: float = 0.0) -> Deadline:
+        """When the host gives up on ``op``: its timeout (or ``call_timeout``) + ``grace``."""
+        budget = self._call_timeout if timeout is None else timeout
+        return Deadline.for_call(op, budget, self._grace, extra)
+
+    def _send_deadline(self) -> Deadline:
+        """A request must leave within the bound even when the answer may take for ever."""
+        return Deadline(self._call_timeout + self._grace, "the agent did not take the request")
+
+    def _frame_deadline(self, path: PathArg) -> Deadline:
+        """A transfer may take any time, but each frame of it must move within the bound."""
+        return Deadline(
+            self._call_timeout + self._grace, f"the transfer of {path} made no progress"
+        )
+
     async def _open(self, request: dict[str, Any]) -> Streams:
         reader, writer = await self._connect()
         try:
-            await write_frame_async(writer, Kind.REQUEST, encode_json(request))
+            deadline = self._send_deadline()
+            await write_frame_async(writer, Kind.REQUEST, encode_json(request), deadline)
         except BaseException:
-            writer.close()
+            writer.transport.abort()  # a graceful close would wait to send the request
             raise
         return reader, writer
 
-    async def _call(self, request: dict[str, Any]) -> dict[str, Any]:
+    async def _call(self, request: dict[str, Any], *, unbounded: bool = False) -> dict[str, Any]:
+        """One short exchange under ``call_timeout`` + ``grace`` (see AgentClient._call)."""
+        op = str(request["op"])
+        return await self._exchange(request, None if unbounded else self._deadline(op, None))
+
+    async def _exchange(self, request: dict[str, Any], deadline: Deadline | None) -> dict[str, Any]:
         op = str(request["op"])
         if op not in KEEPALIVE_OPS:
             reader, writer = await self._open(request)
             try:
-                return check_result(await read_frame_async(reader), op)
+                return check_result(await read_frame_async(reader, deadline), op)
             finally:
                 await _close(writer)
         payload = encode_json({**request, "keepalive": True})
+        sending = deadline or self._send_deadline()
         streams = await self._take_kept()
         if streams is not None:
             try:
-                await write_frame_async(streams[1], Kind.REQUEST, payload)
+                await write_frame_async(streams[1], Kind.REQUEST, payload, sending)
+            except SandboxTimeout:
+                await _close(streams[1])
+                raise
             except OSError:  # closed under us before the request left: nothing ran
                 await _close(streams[1])
                 streams = None
         if streams is None:
             streams = await self._connect()
             try:
-                await write_frame_async(streams[1], Kind.REQUEST, payload)
+                await write_frame_async(streams[1], Kind.REQUEST, payload, sending)
             except BaseException:
                 await _close(streams[1])
                 raise
         try:
-            result = check_result(await read_frame_async(streams[0]), op)
+            result = check_result(await read_frame_async(streams[0], deadline), op)
         except AgentError:
             self._keep(streams)  # an error reply ends the exchange cleanly
             raise
@@ -379,12 +481,16 @@ class AsyncAgentClient:
         env: dict[str, str] | None = None,
         cwd: str | None = None,
         stdin: Source | None = None,
+        max_output: int | None = DEFAULT_MAX_OUTPUT,
     ) -> ExecResult:
+        limit = check_max_output(max_output)
         out, err = bytearray(), bytearray()
         stream = self.exec_stream(cmd, timeout=timeout, env=env, cwd=cwd, stdin=stdin)
         try:
             async with stream:
                 async for chunk in stream:
+                    if limit is not None and len(out) + len(err) + len(chunk.data) > limit:
+                        raise output_too_large(limit)
                     (out if chunk.stream == "stdout" else err).extend(chunk.data)
         except SandboxTimeout as exc:
             assert exc.result is not None
@@ -394,7 +500,11 @@ class AsyncAgentClient:
         return replace(stream.result, stdout=bytes(out), stderr=bytes(err))
 
     async def run_code(self, code: str, timeout: float | None = None) -> CodeResult:
-        return parse_code_result(await self._call(code_request(code, timeout)))
+        request = code_request(code, timeout)
+        if timeout is None:
+            return parse_code_result(await self._call(request, unbounded=True))
+        deadline = self._deadline("run_code", timeout, WORKER_START_ALLOWANCE)
+        return parse_code_result(await self._exchange(request, deadline))
 
     async def shutdown(self) -> None:
         await self._call({"op": "shutdown"})

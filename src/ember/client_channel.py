@@ -10,10 +10,16 @@ listening socket it is given and hands each stream out by name::
             handle(message)
 
 Messages arrive whole and in order, none lost: a stream socket guarantees it,
-and nothing here ever drops a frame. Memory is bounded per channel: once
-``max_buffer`` bytes are waiting for a consumer, the server stops reading that
-connection, the socket buffers fill and the guest's ``send`` blocks until
-the host catches up. The flip side: a channel nobody reads stalls its sender.
+and nothing here ever drops a frame. Memory is bounded per channel and in
+total: once ``max_buffer`` bytes of one channel are waiting for its consumer,
+or ``max_pending`` bytes of all channels nobody has asked for yet (finished
+ones included: the guest may open and close many), the server stops reading
+those connections, the socket buffers fill and the guest's ``send`` blocks
+until the host catches up. A channel someone is reading is never held up by
+unread ones. A channel nobody has asked for keeps its connection slot until
+it is asked for, so at most ``max_connections`` are open or waiting at once;
+later connections wait in the listener's backlog. The flip side: channels
+nobody reads stall their senders.
 
 ``channel(name)`` returns the next stream opened under that name (FIFO), so a
 guest may open the same name again after closing it. A stream that ends
@@ -43,28 +49,50 @@ _EOF = object()
 
 
 class _Stream:
-    """One guest connection's messages, bounded by bytes held."""
+    """One guest connection's messages, bounded by the bytes it holds and by the server's
+    budget for unclaimed streams; ``cond`` is the server's, shared by every stream, so
+    one claim or read can wake the receivers waiting on the shared budget."""
 
-    def __init__(self, name: str, max_buffer: int) -> None:
+    def __init__(
+        self, name: str, max_buffer: int, budget: _Budget, cond: threading.Condition
+    ) -> None:
         self.name = name
         self._max = max_buffer
+        self._budget = budget
+        self._cond = cond
         self._items: collections.deque[bytes | object] = collections.deque()
         self._size = 0
-        self._cond = threading.Condition()
         self.abandoned = False
+        self.claimed = False  # handed to a consumer by ChannelServer.channel()
+        self.holds_slot = False  # its connection ended before anyone claimed it
+
+    def _full(self, size: int) -> bool:
+        if self._size and self._size + size > self._max:
+            return True
+        budget = self._budget
+        return not self.claimed and budget.held > 0 and budget.held + size > budget.limit
 
     def put(self, item: bytes | object) -> bool:
         """Queue an item, waiting while full; False if nobody will ever read it."""
         with self._cond:
             if isinstance(item, bytes):
-                while self._size and self._size + len(item) > self._max and not self.abandoned:
+                while self._full(len(item)) and not self.abandoned:
                     self._cond.wait()
-                self._size += len(item)
+                if not self.abandoned:
+                    self._size += len(item)
+                    if not self.claimed:
+                        self._budget.held += len(item)
             if self.abandoned:
                 return False
             self._items.append(item)
             self._cond.notify_all()
             return True
+
+    def claim(self) -> None:
+        """A consumer took this stream (lock held): its bytes leave the unclaimed budget."""
+        self.claimed = True
+        self._budget.held -= self._size
+        self._cond.notify_all()
 
     def get(self) -> bytes | object:
         with self._cond:
@@ -79,22 +107,40 @@ class _Stream:
     def abandon(self) -> None:
         with self._cond:
             self.abandoned = True
+            if not self.claimed:
+                self._budget.held -= self._size
+            self._size = 0
             self._items.clear()
             self._cond.notify_all()
 
 
+class _Budget:
+    """Bytes held across all streams nobody has claimed yet (guarded by the server's lock)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.held = 0
+
+
 class ChannelServer:
-    """Accepts guest channel connections on ``listener`` (which it then owns)."""
+    """Accepts guest channel connections on ``listener`` (which it then owns).
+
+    ``max_buffer`` bounds what one channel holds for its consumer,
+    ``max_pending`` what all channels nobody has asked for yet hold together, and
+    ``max_connections`` how many channels may be open or waiting to be asked for.
+    """
 
     def __init__(
         self,
         listener: socket.socket,
         *,
         max_buffer: int = 8 << 20,
+        max_pending: int = 16 << 20,
         max_connections: int = 64,
     ) -> None:
         self._listener = listener
         self._max_buffer = max_buffer
+        self._budget = _Budget(max_pending)
         self._slots = threading.BoundedSemaphore(max_connections)
         self._cond = threading.Condition()
         self._waiting: dict[str, collections.deque[_Stream]] = {}
@@ -124,9 +170,36 @@ class ChannelServer:
                     raise ProtocolError("the channel server is closed")
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
-                    raise SandboxTimeout(f"the guest did not open channel {name!r} in time")
+                    raise SandboxTimeout(
+                        f"the guest did not open channel {name!r} in time{self._unread_hint()}"
+                    )
                 self._cond.wait(remaining)
-            return self._waiting[name].popleft()
+            stream = self._waiting[name].popleft()
+            if not self._waiting[name]:
+                del self._waiting[name]
+            stream.claim()
+            if stream.holds_slot:
+                stream.holds_slot = False
+                self._slots.release()
+            return stream
+
+    def _unread_hint(self) -> str:
+        """Unread channels hold slots and budget a late one may need (lock held)."""
+        unread = {name: len(q) for name, q in self._waiting.items()}
+        if not unread:
+            return ""
+        names = ", ".join(f"{n!r} x{c}" for n, c in sorted(unread.items())[:8])
+        return (
+            f" (channels nobody has read yet hold the server's buffers and slots and may be "
+            f"holding it up: {names}; read them, or leave their loops early to drop them)"
+        )
+
+    @property
+    def pending_bytes(self) -> int:
+        """Bytes held for channels nobody has asked for yet (at most ``max_pending``,
+        or one message when a single message is bigger)."""
+        with self._cond:
+            return self._budget.held
 
     @staticmethod
     def _iterate(stream: _Stream) -> Iterator[bytes]:
@@ -183,7 +256,7 @@ class ChannelServer:
             if request.get("op") != "channel" or not protocol.valid_channel_name(name):
                 return
             assert isinstance(name, str)
-            stream = started = _Stream(name, self._max_buffer)
+            stream = started = _Stream(name, self._max_buffer, self._budget, self._cond)
             with self._cond:
                 self._waiting.setdefault(name, collections.deque()).append(stream)
                 self._streams.add(stream)
@@ -204,12 +277,20 @@ class ChannelServer:
                 stream.put(f"connection failed: {exc}")
                 stream = None
         finally:
+            release = True
             with self._cond:
                 self._conns.discard(conn)
                 if started is not None:
                     self._streams.discard(started)
+                    # An unclaimed stream keeps its slot until claimed (_take releases it
+                    # then), so that the guest cannot pile up finished streams without limit.
+                    # Decided under the lock: exactly one of us and _take releases the slot.
+                    if not (started.claimed or started.abandoned or self._closed):
+                        started.holds_slot = True
+                        release = False
             conn.close()
-            self._slots.release()
+            if release:
+                self._slots.release()
 
     def close(self) -> None:
         """Stop accepting and hang up on every open channel."""
@@ -218,6 +299,8 @@ class ChannelServer:
                 return
             self._closed = True
             conns, streams = list(self._conns), list(self._streams)
+            streams += [stream for queue in self._waiting.values() for stream in queue]
+            self._waiting.clear()
             self._cond.notify_all()
         for stream in streams:
             stream.abandon()  # unblocks receivers waiting for room

@@ -11,7 +11,9 @@
     │   ├── AgentIsADirectoryError    also an IsADirectoryError
     │   └── AgentNotADirectoryError   also a NotADirectoryError
     ├── SandboxTimeout         an exec overran its timeout (partial result attached),
+    │                          the agent did not answer within the host's deadline,
     │                          or a channel did not open in time; also a TimeoutError
+    ├── OutputTooLarge         exec()/files.read() got more than max_output bytes
     └── ProtocolError          the guest broke the wire protocol or hung up mid-answer
 
 File errors double as the builtin ``OSError`` subclasses, so ordinary code
@@ -38,6 +40,7 @@ __all__ = [
     "AgentNotADirectoryError",
     "AgentPermissionError",
     "ExecError",
+    "OutputTooLarge",
     "ProtocolError",
     "SandboxTimeout",
     "agent_error",
@@ -102,6 +105,19 @@ class SandboxTimeout(EmberError, TimeoutError):
     def __init__(self, message: str, result: ExecResult | None = None) -> None:
         super().__init__(message)
         self.result = result
+
+
+class OutputTooLarge(EmberError):
+    """A call that returns bytes (``exec``, ``files.read``) got more than ``max_output`` of them.
+
+    The guest decides how much it sends, so the host stops holding it at a limit
+    instead of growing without bound; the command was stopped (or the read
+    abandoned) and nothing is returned. ``limit`` is the ``max_output`` in force.
+    """
+
+    def __init__(self, message: str, limit: int) -> None:
+        super().__init__(message)
+        self.limit = limit
 
 
 class ProtocolError(EmberError, protocol.ProtocolError):

@@ -14,7 +14,8 @@ them into a one-line message instead of a traceback::
     ├── GuestCrashed           the guest died: KVM internal error, unexpected shutdown
     ├── SandboxError           a sandbox could not be used
     │   └── SandboxCrashed     its guest panicked or its VMM died (carries the console tail)
-    └── (ember.client_errors)  AgentError, SandboxTimeout, ProtocolError: the agent's answers
+    └── (ember.client_errors)  AgentError, SandboxTimeout, OutputTooLarge, ProtocolError:
+                               the agent's answers and the host's bounds on them
 
 Messages say what to do about the problem, not only what went wrong.
 """

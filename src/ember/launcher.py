@@ -33,7 +33,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ember import protocol
-from ember.client_errors import SandboxTimeout
+from ember.client_errors import ProtocolError, SandboxTimeout
+from ember.client_wire import Deadline, read_frame
 from ember.errors import ConfigError, SandboxCrashed, SandboxError
 from ember.jailer.cgroups import Quotas, SandboxCgroup
 from ember.network.policy import NetworkPolicy
@@ -304,10 +305,17 @@ class VmmProcess:
             if time.monotonic() > deadline:
                 raise SandboxTimeout(f"the sandbox did not become ready within {timeout:.0f} s")
         with conn:
-            conn.settimeout(HANDSHAKE_TIMEOUT)
-            frame = protocol.read_frame(conn)
+            # The whole hello by the boot deadline: a timeout per recv would let a guest that
+            # drips a byte at a time hold the boot open for ever.
+            hello = Deadline(
+                timeout,
+                "the guest agent did not finish its ready message",
+                "boot_timeout",
+                at=deadline,
+            )
+            frame = read_frame(conn, hello)
             if frame is None or frame[0] != protocol.Kind.REQUEST:
-                raise SandboxError("the guest agent sent a malformed ready message")
+                raise ProtocolError("the guest agent sent a malformed ready message")
 
     def exited(self) -> bool:
         return self.proc is None or self.proc.poll() is not None

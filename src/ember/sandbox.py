@@ -23,8 +23,9 @@ from typing import Any, BinaryIO
 
 from ember.client import AgentClient, ExecStream
 from ember.client_channel import ChannelServer
-from ember.client_errors import ProtocolError
+from ember.client_errors import ProtocolError, SandboxTimeout
 from ember.client_wire import (
+    DEFAULT_MAX_OUTPUT,
     CodeResult,
     Command,
     DirEntry,
@@ -113,6 +114,14 @@ class Sandbox:
         """Turn a broken connection into SandboxCrashed when the VM is in fact gone."""
         try:
             yield
+        except SandboxTimeout as exc:
+            # Also an OSError, but no sign of a crash: a dead VMM shows up as a broken
+            # connection, not silence. Say so at once rather than wait for one to exit.
+            if self._closed:
+                raise SandboxError("this sandbox is closed") from exc
+            if self._vmm.exited():
+                raise self._vmm.crashed("the sandbox crashed") from exc
+            raise
         except (OSError, ProtocolError) as exc:
             if self._closed:
                 raise SandboxError("this sandbox is closed") from exc
@@ -148,10 +157,20 @@ class Sandbox:
         env: dict[str, str] | None = None,
         cwd: str | None = None,
         stdin: Source | None = None,
+        max_output: int | None = DEFAULT_MAX_OUTPUT,
     ) -> ExecResult:
-        """Run ``cmd`` (argv list, or a shell string) and wait for it; see AgentClient.exec."""
+        """Run ``cmd`` (argv list, or a shell string) and wait for it; see AgentClient.exec.
+
+        More than ``max_output`` bytes of output (stdout and stderr together) stops the
+        command and raises OutputTooLarge: use :meth:`exec_stream` for big outputs."""
         result: ExecResult = self._call(
-            self._client.exec, cmd, timeout=timeout, env=env, cwd=cwd, stdin=stdin
+            self._client.exec,
+            cmd,
+            timeout=timeout,
+            env=env,
+            cwd=cwd,
+            stdin=stdin,
+            max_output=max_output,
         )
         return result
 
@@ -278,8 +297,9 @@ class SandboxFiles:
         result: int = self._sb._call(self._files.write, path, data, mode=mode)
         return result
 
-    def read(self, path: PathArg) -> bytes:
-        result: bytes = self._sb._call(self._files.read, path)
+    def read(self, path: PathArg, *, max_output: int | None = DEFAULT_MAX_OUTPUT) -> bytes:
+        """The whole file; beyond ``max_output`` bytes OutputTooLarge (then use read_into)."""
+        result: bytes = self._sb._call(self._files.read, path, max_output=max_output)
         return result
 
     def read_into(self, path: PathArg, fileobj: BinaryIO) -> int:

@@ -24,8 +24,9 @@ from typing import Any, BinaryIO
 from ember import protocol
 from ember.client_async import AsyncAgentClient, AsyncExecStream, Streams
 from ember.client_channel import ChannelServer
-from ember.client_errors import ProtocolError
+from ember.client_errors import ProtocolError, SandboxTimeout
 from ember.client_wire import (
+    DEFAULT_MAX_OUTPUT,
     CodeResult,
     Command,
     DirEntry,
@@ -166,6 +167,11 @@ class AsyncSandbox:
     async def _guard(self) -> AsyncIterator[None]:
         try:
             yield
+        except SandboxTimeout as exc:  # no sign of a crash: see Sandbox._guard
+            vmm = self._require()
+            if vmm.exited():
+                raise vmm.crashed("the sandbox crashed") from exc
+            raise
         except (OSError, ProtocolError, asyncio.IncompleteReadError) as exc:
             vmm = self._require()
             crash = await asyncio.to_thread(vmm.crash_after_failure)
@@ -198,9 +204,16 @@ class AsyncSandbox:
         env: dict[str, str] | None = None,
         cwd: str | None = None,
         stdin: Source | None = None,
+        max_output: int | None = DEFAULT_MAX_OUTPUT,
     ) -> ExecResult:
         result: ExecResult = await self._call(
-            self._client.exec, cmd, timeout=timeout, env=env, cwd=cwd, stdin=stdin
+            self._client.exec,
+            cmd,
+            timeout=timeout,
+            env=env,
+            cwd=cwd,
+            stdin=stdin,
+            max_output=max_output,
         )
         return result
 
@@ -270,8 +283,8 @@ class AsyncSandboxFiles:
         result: int = await self._sb._call(self._files.write, path, data, mode=mode)
         return result
 
-    async def read(self, path: PathArg) -> bytes:
-        result: bytes = await self._sb._call(self._files.read, path)
+    async def read(self, path: PathArg, *, max_output: int | None = DEFAULT_MAX_OUTPUT) -> bytes:
+        result: bytes = await self._sb._call(self._files.read, path, max_output=max_output)
         return result
 
     async def read_into(self, path: PathArg, fileobj: BinaryIO) -> int:

@@ -22,6 +22,7 @@ EXPECTED = [
     "KvmError",
     "NetworkPolicy",
     "OutputChunk",
+    "OutputTooLarge",
     "ProtocolError",
     "Sandbox",
     "SandboxCrashed",
