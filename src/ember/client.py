@@ -51,6 +51,7 @@ from ember.client_wire import (
     FileStat,
     OutputChunk,
     PathArg,
+    ResumeAnnouncer,
     Source,
     check_max_output,
     check_result,
@@ -291,6 +292,7 @@ class AgentClient:
         resume: Callable[[], socket.socket | None] | None = None,
         grace: float = DEFAULT_GRACE,
         call_timeout: float = DEFAULT_CALL_TIMEOUT,
+        announce_resume: bool = False,
     ) -> None:
         if not grace >= 0 or not call_timeout > 0:
             raise ValueError(f"need grace >= 0 and call_timeout > 0, got {grace}, {call_timeout}")
@@ -300,6 +302,9 @@ class AgentClient:
         # A restored sandbox may hold an agent connection carried over in its snapshot:
         # the first short call takes it over instead of opening one (see vsock RESUME).
         self._resume = resume
+        # A new VMM (restored, forked): its first request carries the host's clock and
+        # entropy, applied by the agent before anything else runs (client_wire.resume_announcement).
+        self._announcer = ResumeAnnouncer(announce_resume)
         self.files = Files(self)
         self._kept: list[tuple[socket.socket, float]] = []
         self._kept_lock = threading.Lock()
@@ -323,7 +328,8 @@ class AgentClient:
     def _open(self, request: dict[str, Any]) -> socket.socket:
         sock = self._connect()
         try:
-            send_frame(sock, Kind.REQUEST, encode_json(request), self._send_deadline())
+            payload = encode_json(self._announcer.stamp(request))
+            send_frame(sock, Kind.REQUEST, payload, self._send_deadline())
         except BaseException:
             sock.close()
             raise
@@ -340,9 +346,9 @@ class AgentClient:
         if op not in KEEPALIVE_OPS:
             with self._open(request) as single:
                 return check_result(read_frame(single, deadline), op)
-        payload = encode_json({**request, "keepalive": True})
-        sending = deadline or self._send_deadline()
         sock = self._take_kept()
+        payload = encode_json({**self._announcer.stamp(request), "keepalive": True})
+        sending = deadline or self._send_deadline()
         if sock is not None:
             try:
                 send_frame(sock, Kind.REQUEST, payload, sending)

@@ -37,6 +37,7 @@ from ember.client_wire import (
     FileStat,
     OutputChunk,
     PathArg,
+    ResumeAnnouncer,
     Source,
     check_max_output,
     check_result,
@@ -339,6 +340,7 @@ class AsyncAgentClient:
         resume: Callable[[], Awaitable[Streams | None]] | None = None,
         grace: float = DEFAULT_GRACE,
         call_timeout: float = DEFAULT_CALL_TIMEOUT,
+        announce_resume: bool = False,
     ) -> None:
         if not grace >= 0 or not call_timeout > 0:
             raise ValueError(f"need grace >= 0 and call_timeout > 0, got {grace}, {call_timeout}")
@@ -346,6 +348,9 @@ class AsyncAgentClient:
         self._grace = grace
         self._call_timeout = call_timeout
         self._resume = resume
+        # A new VMM (restored, forked): its first request carries the host's clock and
+        # entropy, applied by the agent before anything else runs (client_wire.resume_announcement).
+        self._announcer = ResumeAnnouncer(announce_resume)
         self.files = AsyncFiles(self)
         self._kept: list[tuple[Streams, float]] = []
         self._expiry: asyncio.TimerHandle | None = None
@@ -369,7 +374,8 @@ class AsyncAgentClient:
         reader, writer = await self._connect()
         try:
             deadline = self._send_deadline()
-            await write_frame_async(writer, Kind.REQUEST, encode_json(request), deadline)
+            payload = encode_json(self._announcer.stamp(request))
+            await write_frame_async(writer, Kind.REQUEST, payload, deadline)
         except BaseException:
             writer.transport.abort()  # a graceful close would wait to send the request
             raise
@@ -388,7 +394,7 @@ class AsyncAgentClient:
                 return check_result(await read_frame_async(reader, deadline), op)
             finally:
                 await _close(writer)
-        payload = encode_json({**request, "keepalive": True})
+        payload = encode_json({**self._announcer.stamp(request), "keepalive": True})
         sending = deadline or self._send_deadline()
         streams = await self._take_kept()
         if streams is not None:

@@ -15,14 +15,17 @@ agent to enforce timeouts: then the call raises :class:`SandboxTimeout`.
 
 from __future__ import annotations
 
+import base64
 import json
 import math
 import os
+import re
 import select
 import socket
+import threading
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, BinaryIO, Literal
 
 from ember import protocol
@@ -91,6 +94,55 @@ DEFAULT_MAX_OUTPUT = 64 << 20
 MAX_JSON_DEPTH = 32
 """Nesting deeper than any answer has (they are 3 deep): refused, so that no deep object
 from the guest ever reaches ``repr`` or user code."""
+
+RESUME_ENTROPY_BYTES = 32
+"""Host entropy handed to a restored or forked guest with its first request."""
+CONSOLE_FAULT = re.compile(r"segfault at|general protection|traps:|BUG:|Oops")
+"""Guest console lines that say why a process died (the kernel prints them)."""
+
+
+def resume_announcement() -> dict[str, Any]:
+    """The ``resume`` object of the first request to a restored or forked sandbox.
+
+    Siblings restored from one template share its memory: its clock as of the snapshot, its
+    kernel random state, the ``random`` state of its warm interpreters. The agent applies this
+    before serving the request (``ember.agent.resume``): clock stepped to ours, these bytes fed
+    to the kernel's CRNG, ``random`` reseeded. Stamped when the request is encoded, so the time
+    is as fresh as it can be.
+    """
+    return {
+        "realtime_ns": time.clock_gettime_ns(time.CLOCK_REALTIME),
+        "entropy": base64.b64encode(os.urandom(RESUME_ENTROPY_BYTES)).decode("ascii"),
+    }
+
+
+class ResumeAnnouncer:
+    """Stamps :func:`resume_announcement` on the first request only (any thread, any call)."""
+
+    def __init__(self, armed: bool) -> None:
+        self._armed = armed
+        self._lock = threading.Lock()
+
+    def stamp(self, request: dict[str, Any]) -> dict[str, Any]:
+        with self._lock:
+            armed, self._armed = self._armed, False
+        return {**request, "resume": resume_announcement()} if armed else request
+
+
+def explain_crashed_worker(result: CodeResult, console: str) -> CodeResult:
+    """A ``WorkerCrashed`` error with the guest console's lines about the crash appended.
+
+    The worker's exit status says only "signal 11"; the guest kernel's ``segfault at ...``
+    line names the address and instruction, which is what a bug report needs.
+    """
+    error = result.error
+    if error is None or error.type != "WorkerCrashed":
+        return result
+    lines = [line for line in console.splitlines() if CONSOLE_FAULT.search(line)][-3:]
+    if not lines:
+        return result
+    message = error.message + "\nguest console:\n" + "\n".join(lines)
+    return replace(result, error=replace(error, message=message))
 
 
 @dataclass(frozen=True)

@@ -34,6 +34,7 @@ from ember.client_wire import (
     OutputChunk,
     PathArg,
     Source,
+    explain_crashed_worker,
 )
 from ember.errors import SandboxCrashed, SandboxError
 from ember.jailer.cgroups import SandboxCgroup
@@ -99,7 +100,7 @@ class Sandbox:
         self._vmm = vmm
         self._spec = spec
         self._closed = False
-        self._client = AgentClient(self._connect, resume=self._vmm.resume)
+        self._client = AgentClient(self._connect, resume=self._vmm.resume, announce_resume=True)
         self._channels = ChannelServer(self._vmm.take_channel_listener())
         self.files = SandboxFiles(self)
 
@@ -201,7 +202,7 @@ class Sandbox:
     def run_code(self, code: str, *, timeout: float | None = None) -> CodeResult:
         """Run Python source in the sandbox's persistent interpreter (state kept between calls)."""
         result: CodeResult = self._call(self._client.run_code, code, timeout)
-        return result
+        return explain_crashed_worker(result, self._vmm.console_tail(200))
 
     def channel(self, name: str, *, timeout: float | None = None) -> Iterator[bytes]:
         """Frames guest code sends with ``ember.agent.channel(name)``, in order."""

@@ -35,6 +35,7 @@ from ember.client_wire import (
     OutputChunk,
     PathArg,
     Source,
+    explain_crashed_worker,
 )
 from ember.errors import SandboxError
 from ember.jailer.cgroups import SandboxCgroup
@@ -80,7 +81,7 @@ class AsyncSandbox:
         self._vmm: VmmProcess | None = None
         self._channels: ChannelServer | None = None
         self._closed = False
-        self._client = AsyncAgentClient(self._connect, resume=self._resume)
+        self._client = AsyncAgentClient(self._connect, resume=self._resume, announce_resume=True)
         self.files = AsyncSandboxFiles(self)
 
     async def _resume(self) -> Streams | None:
@@ -134,7 +135,7 @@ class AsyncSandbox:
         child._vmm = await asyncio.to_thread(fork_vmm, vmm, self._spec)
         child._channels = None
         child._closed = False
-        child._client = AsyncAgentClient(child._connect, resume=child._resume)
+        child._client = AsyncAgentClient(child._connect, resume=child._resume, announce_resume=True)
         child.files = AsyncSandboxFiles(child)
         return await child.start()
 
@@ -235,7 +236,7 @@ class AsyncSandbox:
 
     async def run_code(self, code: str, *, timeout: float | None = None) -> CodeResult:
         result: CodeResult = await self._call(self._client.run_code, code, timeout)
-        return result
+        return explain_crashed_worker(result, self._require().console_tail(200))
 
     async def channel(self, name: str, *, timeout: float | None = None) -> AsyncIterator[bytes]:
         """Frames from guest code's ``channel(name)``; the blocking reads run in a thread."""
