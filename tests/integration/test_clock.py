@@ -1,0 +1,110 @@
+"""The guest clock across restores (issue 12): time the VM did not run is sleep, not run time.
+
+Under kvm_pvm the guest's TSC is the host's, so a restored guest finds its clocksource moved on
+by the template's age. The guest kernel used to account all of it as running time: its first
+tick caught up second by second (~80 µs of emulated kernel time per second of age) and every
+timer due in between expired at once, so the first request after a restore grew with the
+template's age (55 ms at 1 min, 290 ms at 45 min). The kernel patch
+``0005-timekeeping-a-long-clock-jump-is-sleep`` accounts any stretch longer than the guest can
+run without a timekeeping update (10 s) as sleep, as after a suspend: ``CLOCK_REALTIME`` and
+``CLOCK_BOOTTIME`` move on, ``CLOCK_MONOTONIC`` (and with it jiffies and every timer) does not.
+
+These tests age a template honestly: they take a snapshot, wait, and restore it. Before the
+patch the guest's monotonic clock advanced by the whole wait; the assertions below would fail.
+"""
+
+from __future__ import annotations
+
+import ast
+import time
+import uuid
+from collections.abc import Iterator
+
+import pytest
+
+from ember import Sandbox
+
+from .conftest import Images, ember
+
+#: The guest's longest stretch of running time without a timekeeping update (the patch's
+#: EMBER_MAX_RUN_NS); a longer gap is sleep.
+MAX_RUN_S = 10.0
+#: How long the template is left to age: well past MAX_RUN_S, so the two cases differ clearly.
+GAP_S = 30.0
+#: Running time the guest may spend around the requests (snapshot, restore, the two calls).
+SLACK_S = 6.0
+
+CLOCKS = (
+    "import time\n"
+    "(time.clock_gettime(time.CLOCK_MONOTONIC), time.clock_gettime(time.CLOCK_BOOTTIME), "
+    "time.time())"
+)
+
+
+def guest_clocks(sb: Sandbox) -> tuple[float, float, float]:
+    """The guest's (monotonic, boottime, realtime), read in its warm interpreter."""
+    result = sb.run_code(CLOCKS, timeout=120)
+    assert result.error is None, result.error
+    mono, boot, real = ast.literal_eval(result.value or "")
+    return float(mono), float(boot), float(real)
+
+
+@pytest.fixture
+def template_name() -> Iterator[str]:
+    name = f"clock-{uuid.uuid4().hex[:8]}"
+    yield name
+    ember("template", "rm", name)
+
+
+def test_a_restore_after_a_long_gap_counts_it_as_sleep(images: Images, template_name: str) -> None:
+    with Sandbox() as sb:
+        mono0, boot0, _ = guest_clocks(sb)
+        sb.snapshot(template_name)
+    time.sleep(GAP_S)
+    with Sandbox(template=template_name) as sb:
+        host_before = time.time()
+        mono1, boot1, real1 = guest_clocks(sb)
+        host_after = time.time()
+        # later readings keep going forward
+        mono2, _, _ = guest_clocks(sb)
+    # monotonic never goes back, and did not run through the gap (it used to jump by all of it)
+    assert mono0 <= mono1 <= mono2
+    assert mono1 - mono0 < MAX_RUN_S + SLACK_S, (mono0, mono1)
+    # the gap went to boottime, as sleep does
+    slept = (boot1 - mono1) - (boot0 - mono0)
+    assert slept > GAP_S - MAX_RUN_S - SLACK_S, slept
+    # and the wall clock is now, to within a second
+    assert host_before - 1.0 <= real1 <= host_after + 1.0, (host_before, real1, host_after)
+
+
+def test_a_fork_continues_the_clock(images: Images) -> None:
+    with Sandbox() as sb:
+        mono0, boot0, _ = guest_clocks(sb)
+        with sb.fork() as child:
+            mono1, boot1, real1 = guest_clocks(child)
+    assert mono0 <= mono1 < mono0 + MAX_RUN_S + SLACK_S
+    assert abs((boot1 - mono1) - (boot0 - mono0)) < 1.0  # nothing counted as sleep
+    assert abs(real1 - time.time()) < 2.0
+
+
+def test_a_guest_sleeping_longer_than_the_longest_run_is_not_cut_short(images: Images) -> None:
+    """A running guest that idles for 15 s must wake for timekeeping at least every 10 s.
+
+    Otherwise its own idle stretch would be taken for a pause and dropped from monotonic time,
+    and ``time.sleep(15)`` would see boottime run ahead of monotonic time.
+    """
+    with Sandbox() as sb:
+        result = sb.run_code(
+            "import time\n"
+            "m0, b0 = time.clock_gettime(time.CLOCK_MONOTONIC), "
+            "time.clock_gettime(time.CLOCK_BOOTTIME)\n"
+            "time.sleep(15)\n"
+            "m1, b1 = time.clock_gettime(time.CLOCK_MONOTONIC), "
+            "time.clock_gettime(time.CLOCK_BOOTTIME)\n"
+            "(m1 - m0, (b1 - m1) - (b0 - m0))",
+            timeout=120,
+        )
+    assert result.error is None, result.error
+    slept_mono, counted_as_sleep = ast.literal_eval(result.value or "")
+    assert slept_mono >= 15.0
+    assert counted_as_sleep < 0.5, counted_as_sleep
