@@ -23,7 +23,7 @@ def recorded(monkeypatch: pytest.MonkeyPatch) -> dict[str, list[object]]:
     monkeypatch.setattr(
         resume_mod.time, "clock_settime_ns", lambda clock, ns: calls["settime"].append(ns)
     )
-    monkeypatch.setattr(resume_mod, "_add_entropy", lambda data: calls["entropy"].append(data))
+    monkeypatch.setattr(resume_mod, "_add_entropy", lambda fd, data: calls["entropy"].append(data))
     return calls
 
 
@@ -65,7 +65,7 @@ def test_malformed_resume_is_a_bad_request(recorded: dict[str, list[object]], ba
 
 
 def test_an_os_error_is_recorded_not_raised(monkeypatch: pytest.MonkeyPatch) -> None:
-    def refuse(data: bytes) -> None:
+    def refuse(fd: int, data: bytes) -> None:
         raise PermissionError("not root")
 
     monkeypatch.setattr(resume_mod, "_add_entropy", refuse)

@@ -63,6 +63,7 @@ class AgentServer:
     def __init__(self, listener: socket.socket, *, runner: CodeRunner | None = None) -> None:
         self._listener = listener
         self.resume = ResumeState()
+        self.resume.open_random()
         self.runner = runner if runner is not None else CodeRunner()
         self.runner.resume = self.resume
         self._started = time.monotonic()
