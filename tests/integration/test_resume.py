@@ -1,0 +1,44 @@
+"""Siblings restored from one template do not share its secrets (issue 14 item 16).
+
+Every sandbox restored from a template starts from the same memory: the guest kernel's CRNG
+state and the warm interpreter's ``random`` state are the template's. The host's first request
+to each new VMM carries fresh entropy and its clock (``resume``), and the agent applies them
+before it serves that request. What cannot be changed is documented: a running interpreter's
+``hash()`` secret, here the warm ``run_code`` worker's.
+"""
+
+from __future__ import annotations
+
+import ast
+
+from ember import Sandbox
+
+from .conftest import Images
+
+DRAW = "import os, random\n(os.urandom(32).hex(), random.random())"
+
+
+def test_the_resume_is_applied_before_the_first_request_is_served(images: Images) -> None:
+    with Sandbox() as sb:
+        resume = sb.ping()["resume"]  # the ping is the first request: it carried the resume
+        assert resume["reseeds"] >= 1 and resume["entropy_bytes"] >= 32, resume
+        assert resume["last_error"] == ""
+        generation = resume["generation"]
+        with sb.fork() as child:
+            assert child.ping()["resume"]["generation"] == generation + 1
+
+
+def test_siblings_draw_different_random_numbers(images: Images) -> None:
+    draws = []
+    for _ in range(2):
+        with Sandbox() as sb:
+            result = sb.run_code(DRAW, timeout=120)
+            assert result.error is None, result.error
+            draws.append(ast.literal_eval(result.value or ""))
+            with sb.fork() as child:
+                result = child.run_code(DRAW, timeout=120)
+                assert result.error is None, result.error
+                draws.append(ast.literal_eval(result.value or ""))
+    urandoms = {d[0] for d in draws}
+    randoms = {d[1] for d in draws}
+    assert len(urandoms) == len(draws) and len(randoms) == len(draws), draws
