@@ -72,6 +72,9 @@ class SandboxSpec:
     jail: bool | None = None
     # None: no network device at all; else a TAP in a namespace of its own, with this policy.
     network: NetworkPolicy | None = None
+    # Modules the booted agent's interpreters import before anything runs (ember.agent.preload);
+    # None: the image's own (numpy for the default image, nothing for another rootfs).
+    preload: tuple[str, ...] | None = None
 
     @property
     def jailed(self) -> bool:
@@ -102,6 +105,21 @@ def resolve_images(spec: SandboxSpec) -> tuple[Path, Path, Path]:
     kernel = spec.kernel or artifact_path("kernel")
     rootfs = spec.rootfs or artifact_path("rootfs")
     return kernel, rootfs, artifact_path("initrd")
+
+
+def resolve_preload(spec: SandboxSpec) -> tuple[str, ...]:
+    """The modules a booted sandbox preloads: ``spec.preload``, else its image's default."""
+    if spec.preload is not None:
+        return spec.preload
+    from ember.images.packages import DEFAULT_PRELOAD
+
+    return DEFAULT_PRELOAD if spec.rootfs is None else ()
+
+
+def agent_argv(spec: SandboxSpec) -> tuple[str, ...]:
+    """The guest agent's command line for a boot of ``spec`` (part of a template's key)."""
+    preload = resolve_preload(spec)
+    return (*AGENT_ARGV, "--preload", ",".join(preload)) if preload else AGENT_ARGV
 
 
 def _listen(path: str) -> socket.socket:
@@ -164,7 +182,7 @@ class VmmProcess:
                 "--mem", str(spec.mem_mib), "--vcpus", str(spec.vcpus),
                 "--cpu-template", spec.cpu_template, "--vsock-uds", self.uds, "--balloon",
                 "--control", str(self.control_path), *self._jail_args(spec),
-                *self._net_args(guest=True), "--", *AGENT_ARGV,
+                *self._net_args(guest=True), "--", *agent_argv(spec),
             ]  # fmt: skip
             with self.console_path.open("wb") as log:
                 self.proc = subprocess.Popen(

@@ -1,12 +1,23 @@
 """Templates: snapshots of a booted, warmed sandbox that new sandboxes are restored from.
 
-The default template is the default image booted with the agent running
-and its code worker warm, snapshotted, and cached under
+The default template is the default image booted with the agent running,
+its code worker warm and numpy imported, snapshotted, and cached under
 ``<cache>/templates/default-<key>`` where the key hashes every input (kernel,
-initrd, root file system, guest RAM, vCPUs, CPU template, snapshot format):
-change one and the next ``Sandbox()`` builds a new template once.  Named
-templates (``ember template build NAME``, ``sb.snapshot(NAME)``) live in
+initrd, root file system, guest RAM, vCPUs, CPU template, snapshot format,
+the agent's command line with its ``--preload`` list): change one and the
+next ``Sandbox()`` builds a new template once.  Named templates
+(``ember template build NAME``, ``sb.snapshot(NAME)``) live in
 ``<cache>/templates/NAME``.
+
+A template with packages (``ember template build sci --pip pandas --apt jq
+--preload pandas``, :func:`build_with_packages`) boots a root file system of
+its own: the default image's layers plus one with its packages, built on the
+host (:mod:`ember.images.layers`) and kept in the image cache, where restores
+may attach disks from. Its interpreters import numpy and the ``--preload``
+modules before the snapshot; an import that fails is a build error (checked
+first on the host in the image's tree, then in the guest), never a restore-time
+one.  Its metadata records the inputs' key, so building it again with other
+packages rebuilds it and with the same ones is a cache hit.
 
 A template's memory file carries a SHA-256 checked once per host process
 before its first restore, so a template damaged on disk is refused rather
@@ -20,17 +31,29 @@ import re
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ember.client import AgentClient
-from ember.errors import ConfigError, SandboxError, SnapshotError
-from ember.images.cache import KeyHasher, build_lock, cache_root, install, staging_dir
-from ember.launcher import AGENT_ARGV, SandboxSpec, VmmProcess, resolve_images
+from ember.errors import BuildError, ConfigError, SandboxError, SnapshotError
+from ember.images.cache import (
+    KeyHasher,
+    build_lock,
+    build_root,
+    cache_root,
+    install,
+    remove_tree,
+    staging_dir,
+)
+from ember.images.progress import Progress
+from ember.launcher import SandboxSpec, VmmProcess, agent_argv, resolve_images, resolve_preload
 from ember.snapshot import MEMORY_FILE, STATE_FILE
 from ember.snapshot.format import FORMAT_VERSION, read_state
 from ember.snapshot.memory_file import memory_digest
+
+if TYPE_CHECKING:
+    from ember.images.packages import PackageSpec
 
 DEFAULT = "default"
 META_FILE = "template.json"
@@ -69,7 +92,7 @@ def default_key(spec: SandboxSpec) -> str:
     for label, value in (
         ("kernel", str(kernel)), ("initrd", str(initrd)), ("rootfs", str(rootfs)),
         ("mem_mib", spec.mem_mib), ("vcpus", spec.vcpus), ("cpu_template", spec.cpu_template),
-        ("format", FORMAT_VERSION), ("agent", " ".join(AGENT_ARGV)),
+        ("format", FORMAT_VERSION), ("agent", " ".join(agent_argv(spec))),
         ("warm", "worker sockets"),  # what _wait_warm does before the snapshot
         ("devices", "rootfs vsock balloon" + (" net" if spec.network is not None else "")),
     ):  # fmt: skip
@@ -83,26 +106,91 @@ def template_dir(name: str, spec: SandboxSpec) -> Path:
     return templates_root() / check_name(name)
 
 
-def build(name: str = DEFAULT, spec: SandboxSpec | None = None) -> Template:
-    """Boot the default image, wait for the warm agent, snapshot it into the cache."""
+def build(
+    name: str = DEFAULT,
+    spec: SandboxSpec | None = None,
+    *,
+    progress: Progress | None = None,
+    extra_meta: dict[str, Any] | None = None,
+) -> Template:
+    """Boot the image, preload, wait for the warm agent, snapshot it into the cache."""
     spec = spec or SandboxSpec()
+    progress = progress or Progress(quiet=True)
     final = template_dir(name, spec)
+    preload = resolve_preload(spec)
     with build_lock(f"template-{final.name}"):
         staging = staging_dir(final)
-        vmm = VmmProcess(spec)
         try:
-            client = _wait_warm(vmm)
-            timings = vmm.snapshot(staging, durable=True)
-            client.close()
-        finally:
-            vmm.close()
-        meta = {
-            "name": name, "created": time.time(), "from": "image", "snapshot": timings,
-            "network": spec.network is not None,
-        }  # fmt: skip
-        (staging / META_FILE).write_text(json.dumps(meta))
-        install(staging, final)
+            with progress.step(f"template {name}: boot the guest"):
+                vmm = VmmProcess(spec)
+            try:
+                if preload:
+                    with progress.step(
+                        f"template {name}: import {', '.join(preload)} in the guest"
+                    ):
+                        _check_preload(vmm, name, preload)
+                with progress.step(f"template {name}: warm the agent"):
+                    client = _wait_warm(vmm)
+                with progress.step(f"template {name}: snapshot"):
+                    timings = vmm.snapshot(staging, durable=True)
+                client.close()
+            finally:
+                vmm.close()
+            meta = {
+                "name": name, "created": time.time(), "from": "image", "snapshot": timings,
+                "network": spec.network is not None, "inputs": default_key(spec),
+                "rootfs": str(resolve_images(spec)[1]), "preload": list(preload),
+                **(extra_meta or {}),
+            }  # fmt: skip
+            (staging / META_FILE).write_text(json.dumps(meta))
+            install(staging, final)
+        except BaseException:
+            remove_tree(staging)
+            raise
     return Template(name, final, meta)
+
+
+def package_spec_for(spec: SandboxSpec, packages: PackageSpec, preload: list[str]) -> SandboxSpec:
+    """``spec`` booting the image with ``packages`` (its path; built or not) and preloading
+    numpy plus ``preload``."""
+    from ember.images import rootfs
+    from ember.images.packages import preload_for
+
+    image = rootfs.image_path(packages) if not packages.empty() else None
+    return replace(spec, rootfs=image, preload=preload_for(preload))
+
+
+def build_with_packages(
+    name: str,
+    spec: SandboxSpec,
+    packages: PackageSpec,
+    preload: list[str],
+    *,
+    progress: Progress,
+    force_packages: bool = False,
+) -> Template:
+    """``ember template build NAME --pip ... --apt ... --preload ...``: build (or find) the
+    root file system with ``packages``, check the preload modules import in its tree on the
+    host, then boot, preload, warm and snapshot it as template ``name``."""
+    from ember.images import layers, rootfs
+
+    if name == DEFAULT:
+        raise ConfigError(
+            "the default template's packages are fixed (numpy): give the template a name, "
+            "e.g. `ember template build sci --pip pandas`"
+        )
+    check_name(name)
+    wanted = packages if not packages.empty() else None
+    rootfs.build_image(packages=wanted, force_packages=force_packages, progress=progress)
+    full = package_spec_for(spec, packages, preload)
+    if full.preload:
+        inputs = rootfs.ImageInputs.current(wanted)
+        lowers = rootfs.layer_paths(inputs)
+        if not all(p.is_dir() for p in lowers):  # the image was cached, a layer was removed
+            lowers = rootfs.build_layers(inputs, progress)
+        log = build_root() / f"template-{name}.log"
+        layers.check_imports(lowers, full.preload, progress, log)
+    return build(name, full, progress=progress, extra_meta={"packages": packages.describe()})
 
 
 def save_from(vmm: VmmProcess, name: str) -> Template:
@@ -132,12 +220,18 @@ def find(name: str = DEFAULT, spec: SandboxSpec | None = None) -> Template:
             )
         print("ember: building the default sandbox template (once per image)...", file=sys.stderr)
         return build(DEFAULT, spec)
+    meta = read_meta(directory) or {"name": name}
+    verify(directory)
+    return Template(name, directory, meta)
+
+
+def read_meta(directory: Path) -> dict[str, Any]:
+    """A template's ``template.json``; empty when missing or unreadable."""
     try:
         meta = json.loads((directory / META_FILE).read_text())
     except (OSError, ValueError):
-        meta = {"name": name}
-    verify(directory)
-    return Template(name, directory, meta)
+        return {}
+    return meta if isinstance(meta, dict) else {}
 
 
 def verify(directory: Path) -> None:
@@ -173,12 +267,37 @@ def list_templates() -> list[Template]:
         return found
     for directory in sorted(root.iterdir()):
         if (directory / STATE_FILE).is_file():
-            try:
-                meta = json.loads((directory / META_FILE).read_text())
-            except (OSError, ValueError):
-                meta = {}
+            meta = read_meta(directory)
             found.append(Template(str(meta.get("name", directory.name)), directory, meta))
     return found
+
+
+_PRELOAD_CHECK = """
+def _ember_preload_check(names):
+    import importlib
+    for name in names:
+        try:
+            importlib.import_module(name)
+        except BaseException as exc:
+            raise ImportError(f"{name}: {type(exc).__name__}: {exc}") from None
+_ember_preload_check(%r)
+del _ember_preload_check
+"""
+
+
+def _check_preload(vmm: VmmProcess, name: str, modules: tuple[str, ...]) -> None:
+    """Import the preload list through run_code (it waits for the worker, which imported it
+    already): a module that cannot be imported in the guest fails the build, in one line."""
+    client = AgentClient(vmm.connect)
+    try:
+        result = client.run_code(_PRELOAD_CHECK % (list(modules),), timeout=WARM_TIMEOUT_S)
+    finally:
+        client.close()
+    if result.error is not None:
+        message = (result.error.message.strip().splitlines() or [""])[-1]
+        raise BuildError(
+            f"template {name}: preloading failed in the guest: {result.error.type}: {message}"
+        )
 
 
 def _wait_warm(vmm: VmmProcess) -> AgentClient:

@@ -12,6 +12,8 @@ Options (for tests and debugging on a normal Linux host):
     --listen-unix PATH   listen on a Unix socket instead of vsock
     --ready-unix PATH    announce readiness to a Unix socket instead of vsock
     --no-worker          do not start the run_code worker until first used
+    --preload MOD,MOD    interpreters the agent starts import these first
+                         (sets EMBER_PRELOAD: see ember.agent.preload)
 
 Arguments are parsed by hand: ``argparse`` pulls in ``re`` and ``gettext``,
 which would cost the guest seconds of start-up for three flags. Everything the
@@ -25,6 +27,7 @@ import os
 import socket
 import sys
 
+from ember.agent.preload import ENV as PRELOAD_ENV
 from ember.agent.server import AgentServer
 from ember.protocol import (
     AGENT_PORT,
@@ -36,14 +39,17 @@ from ember.protocol import (
     write_json,
 )
 
-USAGE = "usage: python3 -m ember.agent [--listen-unix PATH] [--ready-unix PATH] [--no-worker]\n"
+USAGE = (
+    "usage: python3 -m ember.agent [--listen-unix PATH] [--ready-unix PATH] [--no-worker]"
+    " [--preload MOD,MOD]\n"
+)
 
 
 def _parse(argv: list[str]) -> dict[str, str | bool] | None:
     options: dict[str, str | bool] = {}
     args = iter(argv)
     for arg in args:
-        if arg in ("--listen-unix", "--ready-unix"):
+        if arg in ("--listen-unix", "--ready-unix", "--preload"):
             value = next(args, None)
             if value is None:
                 return None
@@ -96,6 +102,9 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.write(USAGE)
         return 2
     listen_unix, ready_unix = options.get("listen-unix"), options.get("ready-unix")
+    preload = options.get("preload")
+    if isinstance(preload, str):
+        os.environ[PRELOAD_ENV] = preload  # inherited by the run_code worker and the pool
     listener = _listen(listen_unix if isinstance(listen_unix, str) else None)
     server = AgentServer(listener)
     if not options.get("no-worker"):

@@ -33,6 +33,7 @@ import traceback
 import types
 from typing import Any
 
+from ember.agent import preload
 from ember.protocol import MAX_FRAME, Kind, decode_json, encode_json, read_frame, write_frame
 
 __all__ = ["CAPTURE_LIMIT", "Worker", "main"]
@@ -176,6 +177,7 @@ def main(argv: list[str]) -> int:
         return 2
     sock = socket.socket(fileno=int(argv[1]))
     worker = Worker()
+    preload.import_from_env()  # the template's --preload modules, before "ready"
     worker.run("None")  # touch the parse/compile/exec path now, not on the first real call
     write_frame(sock, Kind.RESULT, encode_json({"ready": True, "pid": os.getpid()}))
     while (frame := read_frame(sock)) is not None:

@@ -1,13 +1,26 @@
-"""``ember template``: build, list and remove the snapshots sandboxes are restored from."""
+"""``ember template``: build, list and remove the snapshots sandboxes are restored from.
+
+``ember template build NAME --pip PKG... --requirements FILE --apt PKG...
+--preload MOD...`` makes a template with packages: its root file system gets a
+layer with them (built on the host, cached by a hash of what was asked for),
+and its interpreters import numpy and the ``--preload`` modules before the
+snapshot (see :mod:`ember.templates`). Building it again with the same inputs
+is a cache hit; with other inputs it is rebuilt; ``--force`` rebuilds it and
+re-resolves its packages.
+"""
 
 from __future__ import annotations
 
 import argparse
 import shutil
 import time
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from ember.errors import ConfigError
+
+if TYPE_CHECKING:
+    from ember.launcher import SandboxSpec
 
 
 def register(sub: Any) -> None:
@@ -17,16 +30,40 @@ def register(sub: Any) -> None:
         description="Templates are snapshots of a booted, warm sandbox; Sandbox() restores one.",
     )
     actions = p.add_subparsers(dest="action", metavar="ACTION", required=True)
-    build = actions.add_parser("build", help="boot the default image and snapshot it")
+    build = actions.add_parser(
+        "build",
+        help="boot an image (with packages, if given) and snapshot it",
+        description="Boot the default image, or one with the given packages, warm it and "
+        "snapshot it as template NAME. Give NAME first: the package options take several "
+        "values each.",
+    )
     build.add_argument("name", nargs="?", default="default", help="template name (default)")
     build.add_argument("--mem", type=int, default=256, metavar="MiB", help="guest RAM")
     build.add_argument("--vcpus", type=int, default=1, metavar="N")
-    build.add_argument("--force", action="store_true", help="rebuild even if it exists")
+    build.add_argument(
+        "--force", action="store_true", help="rebuild even if it exists (and re-resolve --pip)"
+    )
     build.add_argument(
         "--network",
         action="store_true",
         help="with a network device, for Sandbox(network=...) (built with networking off)",
     )
+    build.add_argument(
+        "--pip", action="extend", nargs="+", default=[], metavar="PKG",
+        help="Python packages from PyPI (name, name==1.2) or local wheels, sdists, projects",
+    )  # fmt: skip
+    build.add_argument(
+        "--requirements", "-r", action="append", default=[], type=Path, metavar="FILE",
+        help="a pip requirements file (repeatable)",
+    )  # fmt: skip
+    build.add_argument(
+        "--apt", action="extend", nargs="+", default=[], metavar="PKG",
+        help="Debian 12 packages for the guest",
+    )  # fmt: skip
+    build.add_argument(
+        "--preload", action="extend", nargs="+", default=[], metavar="MOD",
+        help="modules the template's interpreters import before the snapshot (numpy always)",
+    )  # fmt: skip
     build.set_defaults(func=_build)
     ls = actions.add_parser("ls", help="list templates")
     ls.set_defaults(func=_ls)
@@ -37,21 +74,49 @@ def register(sub: Any) -> None:
 
 def _build(args: argparse.Namespace) -> int:
     from ember import templates
+    from ember.images.packages import PackageSpec, check_modules
+    from ember.images.rich_progress import for_terminal
     from ember.launcher import SandboxSpec
     from ember.network.policy import NetworkPolicy
 
     network = NetworkPolicy() if args.network else None  # the template's guest reaches nothing
     spec = SandboxSpec(mem_mib=args.mem, vcpus=args.vcpus, network=network)
+    packages = PackageSpec(pip=tuple(args.pip), requirements=tuple(args.requirements),
+                           apt=tuple(args.apt))  # fmt: skip
+    preload = list(check_modules(m for arg in args.preload for m in arg.split(",") if m))
+    with_packages = not packages.empty() or bool(preload)
+    if with_packages:
+        if args.name == templates.DEFAULT:
+            raise ConfigError(
+                "the default template's packages are fixed (numpy): name the template, "
+                "e.g. `ember template build sci --pip pandas`"
+            )
+        spec = templates.package_spec_for(spec, packages, preload)
     directory = templates.template_dir(args.name, spec)
     label = f"{args.name} (networked)" if args.network else args.name
-    if directory.is_dir() and not args.force:
+    if directory.is_dir() and not args.force and _up_to_date(directory, spec):
         templates.verify(directory)
         print(f"template {label}: {directory} (cached)")
         return 0
     started = time.monotonic()
-    found = templates.build(args.name, spec)
+    with for_terminal() as progress:
+        if with_packages:
+            found = templates.build_with_packages(
+                args.name, spec, packages, preload, progress=progress, force_packages=args.force
+            )
+        else:
+            found = templates.build(args.name, spec, progress=progress)
     print(f"template {label}: {found.dir} (built in {time.monotonic() - started:.1f} s)")
     return 0
+
+
+def _up_to_date(directory: Path, spec: SandboxSpec) -> bool:
+    """A template made from an image is current when its recorded inputs' key is ours; one
+    saved from a sandbox (``sb.snapshot``) records none and is kept as it is."""
+    from ember import templates
+
+    recorded = templates.read_meta(directory).get("inputs")
+    return recorded is None or recorded == templates.default_key(spec)
 
 
 def _ls(args: argparse.Namespace) -> int:
@@ -60,7 +125,11 @@ def _ls(args: argparse.Namespace) -> int:
     for found in templates.list_templates():
         size = sum(f.stat().st_blocks * 512 for f in found.dir.iterdir()) >> 20
         net = "network" if found.meta.get("network") else ""
-        print(f"{found.name:<20} {size:>6} MiB  {net:<7}  {found.dir}")
+        packages = found.meta.get("packages") or {}
+        extra = [*packages.get("pip", []), *(f"apt:{a}" for a in packages.get("apt", []))]
+        extra += [f"-r {r}" for r in packages.get("requirements", [])]
+        shown = ", ".join(extra) or "-"
+        print(f"{found.name:<20} {size:>6} MiB  {net:<7}  {shown:<30}  {found.dir}")
     return 0
 
 

@@ -1,14 +1,21 @@
-"""The guest root file system: Debian 12 minbase with python3, packed into ext4.
+"""The guest root file system: Debian 12 minbase with python3 and numpy, packed into ext4.
 
-Two cached layers, because they change at very different rates:
+Cached layers, because they change at very different rates:
 
 - the *base tree*: ``debootstrap --variant=minbase --include=python3`` into a
   directory, keyed by the suite, mirror and package list (a minute and ~60 MB
   of downloads, once);
-- the *image*: the base tree hard-linked into a staging directory, Ember's
-  guest payload (``ember.agent`` and ``ember.protocol``, stdlib only) added to
-  python3's dist-packages, then ``mkfs.ext4 -d``; keyed by the base key and
-  the payload's bytes (seconds), so editing the agent never re-runs debootstrap.
+- *package layers* (:mod:`ember.images.layers`): the default one (numpy, in
+  every sandbox), then, for a template with packages, one with its
+  ``--pip``/``--requirements``/``--apt`` packages; each is an overlayfs upper
+  directory keyed by the layer below and what it installs (seconds);
+- the *image*: the base tree and the layers stacked read-only in an overlay
+  with Ember's guest payload (``ember.agent`` and ``ember.protocol``, stdlib
+  only) on top in python3's dist-packages, then ``mkfs.ext4 -d``; keyed by the
+  base key, the layer keys and the payload's bytes (seconds), so editing the
+  agent never re-runs debootstrap or pip. Every image lives under
+  ``<cache>/rootfs/<key>/``: a restore attaches disks from there only
+  (:func:`ember.snapshot.machine_state.confine_disks`).
 
 The image has no journal: every sandbox mounts it read-only under a per-VM
 overlay (ember-init does that), and a journal only costs mount time.
@@ -25,7 +32,8 @@ from pathlib import Path
 from typing import Final
 
 from ember.errors import BuildError
-from ember.images import cache
+from ember.images import cache, layers
+from ember.images.packages import LayerInputs, PackageSpec, layer_chain
 from ember.images.progress import Progress
 from ember.images.runner import run_logged
 
@@ -40,7 +48,7 @@ GUEST_SITE: Final = "usr/lib/python3/dist-packages"
 GUEST_MODULES: Final = ("protocol.py", "agent")
 GUEST_INIT: Final = b'"""Ember\'s guest-side package: the agent and the wire protocol."""\n'
 SLACK_BYTES: Final = 64 << 20
-_TOOLS: Final = ("debootstrap", "mkfs.ext4", "cp")
+_TOOLS: Final = ("debootstrap", "mkfs.ext4", "unshare", "chroot")
 
 
 def mirror() -> str:
@@ -83,24 +91,29 @@ def guest_payload() -> dict[str, bytes]:
 @dataclasses.dataclass(frozen=True)
 class ImageInputs:
     base: BaseInputs
+    layers: tuple[LayerInputs, ...]
     payload: dict[str, bytes]
 
     @classmethod
-    def current(cls) -> ImageInputs:
-        return cls(BaseInputs.current(), guest_payload())
+    def current(cls, packages: PackageSpec | None = None) -> ImageInputs:
+        """The default image's inputs, or with ``packages``, a template's image's."""
+        base = BaseInputs.current()
+        return cls(base, layer_chain(base.key(), packages), guest_payload())
 
     def key(self) -> str:
         h = cache.KeyHasher("ember-rootfs-image")
         h.add("recipe", RECIPE_VERSION)
         h.add("base", self.base.key())
+        for layer in self.layers:
+            h.add("layer", layer.key())
         for name in sorted(self.payload):
             h.add("file:" + name, self.payload[name])
         return h.hexdigest()
 
 
-def image_path() -> Path:
+def image_path(packages: PackageSpec | None = None) -> Path:
     """Where the image for the current inputs lives (it may not exist)."""
-    return cache.artifact_dir("rootfs", ImageInputs.current().key()) / ARTIFACT_FILE
+    return cache.artifact_dir("rootfs", ImageInputs.current(packages).key()) / ARTIFACT_FILE
 
 
 def _check_tools() -> None:
@@ -161,40 +174,92 @@ def _tree_bytes(root: Path) -> int:
     return total
 
 
-def build_image(*, force: bool = False, progress: Progress | None = None) -> Path:
-    """Return the cached root file system image for the current inputs, building it if needed."""
+def build_layers(
+    inputs: ImageInputs, progress: Progress, *, force: bool = False, force_top: bool = False
+) -> list[Path]:
+    """The base tree and every layer's upper directory, bottom first, built as needed.
+
+    ``force`` rebuilds everything (debootstrap included); ``force_top`` only
+    the topmost layer (a template's own packages: re-resolve unpinned ones).
+    """
+    lowers = [build_base(inputs.base, progress, force=force)]
+    for i, layer in enumerate(inputs.layers):
+        top = i == len(inputs.layers) - 1 and len(inputs.layers) > 1
+        lowers.append(
+            layers.build_layer(layer, lowers, progress, force=force or (force_top and top))
+        )
+    return lowers
+
+
+def layer_paths(inputs: ImageInputs) -> list[Path]:
+    """Where :func:`build_layers` puts the base tree and the layers (they may not exist)."""
+    base = cache.artifact_dir("rootfs-base", inputs.base.key()) / "tree"
+    return [base, *(layers.layer_dir(layer) / layers.UPPER for layer in inputs.layers)]
+
+
+_PACK_SCRIPT: Final = r"""
+set -eu
+mount -t overlay overlay -o "ro,lowerdir=$1" "$2"
+mkfs.ext4 -q -F -L ember-root -O ^has_journal -m 0 -E root_owner=0:0 -d "$2" "$3"
+"""
+
+
+def build_image(
+    *,
+    packages: PackageSpec | None = None,
+    force: bool = False,
+    force_packages: bool = False,
+    progress: Progress | None = None,
+) -> Path:
+    """Return the cached root file system image for the current inputs, building it if needed.
+
+    Without ``packages`` this is the default image; with them, a template's
+    (its packages in a layer of their own over the default image's layers).
+    ``force_packages`` rebuilds that layer and the image, not the base.
+    """
     progress = progress or Progress()
-    inputs = ImageInputs.current()
+    inputs = ImageInputs.current(packages)
     final = cache.artifact_dir("rootfs", inputs.key())
     path = final / ARTIFACT_FILE
-    if not force and path.is_file():
+    if not force and not force_packages and path.is_file():
         progress.note(f"rootfs: cached in {final}")
         return path
     _check_tools()
-    tree = build_base(inputs.base, progress, force=force)
+    lowers = build_layers(inputs, progress, force=force, force_top=force_packages)
     with cache.build_lock(final.name), progress.step("rootfs: pack ext4 image"):
         staging = cache.staging_dir(final)
-        root = staging / "root"
-        # Hard links: the payload only adds files, so the cached base is never modified.
-        subprocess.run(["cp", "-al", str(tree), str(root)], check=True)
-        site = root / GUEST_SITE / "ember"
-        for name, data in inputs.payload.items():
-            target = site / name
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_bytes(data)
-        size = _tree_bytes(root) * 5 // 4 + SLACK_BYTES
-        size = (size + (1 << 20) - 1) & ~((1 << 20) - 1)
-        image = staging / ARTIFACT_FILE
-        with image.open("wb") as f:
-            f.truncate(size)
-        result = subprocess.run(
-            ["mkfs.ext4", "-q", "-F", "-L", "ember-root", "-O", "^has_journal", "-m", "0",
-             "-E", "root_owner=0:0", "-d", str(root), str(image)],
-            capture_output=True, text=True, check=False,
-        )  # fmt: skip
-        if result.returncode != 0:
-            raise BuildError(f"mkfs.ext4 failed: {result.stderr.strip()[-2000:]}")
-        cache.remove_tree(root)
-        cache.install(staging, final)
+        try:
+            size = _pack(inputs, lowers, staging)
+            cache.install(staging, final)
+        except BaseException:
+            cache.remove_tree(staging)
+            raise
     progress.note(f"rootfs: built {path} ({size >> 20} MiB)")
     return path
+
+
+def _pack(inputs: ImageInputs, lowers: list[Path], staging: Path) -> int:
+    """mkfs.ext4 the stacked layers plus the guest payload into ``staging``; its size."""
+    payload = staging / "payload"
+    site = payload / GUEST_SITE / "ember"
+    for name, data in inputs.payload.items():
+        target = site / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(data)
+    stack = [*lowers, payload]
+    size = sum(_tree_bytes(d) for d in stack) * 5 // 4 + SLACK_BYTES
+    size = (size + (1 << 20) - 1) & ~((1 << 20) - 1)
+    image = staging / ARTIFACT_FILE
+    with image.open("wb") as f:
+        f.truncate(size)
+    merged = staging / "merged"
+    merged.mkdir()
+    argv = layers.in_mount_namespace(
+        _PACK_SCRIPT, [layers.lowerdir_option(stack), str(merged), str(image)]
+    )
+    result = subprocess.run(argv, capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        raise BuildError(f"mkfs.ext4 failed: {result.stderr.strip()[-2000:]}")
+    merged.rmdir()
+    cache.remove_tree(payload)
+    return size
