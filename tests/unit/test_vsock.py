@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -901,6 +902,16 @@ def test_socat_talks_to_the_device(
         listener.close()
 
 
+def restore_device(state: dict[str, Any], uds: Path, events: EventLoop, rx: int) -> FakeGuest:
+    """A new device restored from ``state`` behind ``uds``, with ``rx`` buffers from its guest."""
+    restored = Vsock(GUEST_CID, uds, events)
+    fresh = FakeGuest(restored)
+    restored.load_state(state)
+    restored.restored()
+    fresh.give_rx(rx)
+    return fresh
+
+
 def test_restore_resets_each_busy_connection_of_the_snapshot_first(
     guest: FakeGuest, uds: Path, dev: Vsock, events: EventLoop, tmp_path: Path
 ) -> None:
@@ -910,12 +921,9 @@ def test_restore_resets_each_busy_connection_of_the_snapshot_first(
     guest.wait_packet(lambda p: p.op == VIRTIO_VSOCK_OP_RW)
     state = dev.save_state()
     assert state == {"connections": [[local, 1024]], "resumable": [], "next_port": local + 1}
-    restored = Vsock(GUEST_CID, tmp_path / "restored.sock", events)
-    fresh = FakeGuest(restored)
+    fresh = restore_device(state, tmp_path / "restored.sock", events, 4)
+    restored = fresh.dev
     try:
-        restored.load_state(state)
-        restored.restored()
-        fresh.give_rx(4)
         rst = fresh.wait_packet(lambda p: p.op == VIRTIO_VSOCK_OP_RST)
         assert (rst.hdr.src_port, rst.hdr.dst_port, rst.hdr.dst_cid) == (local, 1024, GUEST_CID)
         assert restored.host_connections == 0  # nothing on the host side came along
@@ -937,12 +945,8 @@ def test_a_restore_never_hands_out_a_port_the_snapshots_guest_has_seen(
         client.close()
     state = dev.save_state()
     restored_uds = tmp_path / "restored.sock"
-    restored = Vsock(GUEST_CID, restored_uds, events)
-    fresh = FakeGuest(restored)
+    fresh = restore_device(state, restored_uds, events, 8)
     try:
-        restored.load_state(state)
-        restored.restored()
-        fresh.give_rx(8)
         client, local = host_connect(fresh, restored_uds, 1024)
         assert local > max(used)
         client.close()
@@ -958,12 +962,8 @@ def test_a_quiet_connection_is_resumed_by_a_new_host_client(
     state = dev.save_state()
     assert state["connections"] == [] and [r["local_port"] for r in state["resumable"]] == [local]
     restored_uds = tmp_path / "restored.sock"
-    restored = Vsock(GUEST_CID, restored_uds, events)
-    fresh = FakeGuest(restored)
+    fresh = restore_device(state, restored_uds, events, 8)
     try:
-        restored.load_state(state)
-        restored.restored()
-        fresh.give_rx(8)
         taker = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         taker.settimeout(TIMEOUT)
         taker.connect(str(restored_uds))
