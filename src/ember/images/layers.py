@@ -32,6 +32,7 @@ chroot) and trusts the packages: their build scripts run on the host as root.
 from __future__ import annotations
 
 import contextlib
+import importlib.metadata
 import importlib.util
 import json
 import os
@@ -132,6 +133,15 @@ def host_pip() -> list[str]:
     return [sys.executable, "-m", "pip"]
 
 
+def _progress_bar() -> str:
+    """``raw`` (one "Progress N of M" line per chunk: a real download bar) where pip has it."""
+    try:
+        major, minor = (int(x) for x in importlib.metadata.version("pip").split(".")[:2])
+    except (importlib.metadata.PackageNotFoundError, ValueError):
+        return "off"
+    return "raw" if (major, minor) >= (24, 1) else "off"
+
+
 def pip_package_dir() -> Path:
     """The host's ``pip`` package directory, bind-mounted for the guest's python3 to run."""
     spec = importlib.util.find_spec("pip")
@@ -220,7 +230,7 @@ def _fetch_wheels(
     """Resolve and download (or build) every wheel on the host; return the guest's pip args."""
     pip = host_pip()
     guest_args: list[str] = []
-    common = ["--disable-pip-version-check", "--progress-bar", "raw"]
+    common = ["--disable-pip-version-check", "--progress-bar", _progress_bar()]
     if sys.version_info[:2] == GUEST_PYTHON:
         fetch = [*pip, "wheel", *common, "--wheel-dir"]
     else:  # another Python here: only wheels for the guest's can be had, none built
