@@ -43,6 +43,7 @@ from ember.client_wire import (
     DEFAULT_GRACE,
     DEFAULT_MAX_OUTPUT,
     WORKER_START_ALLOWANCE,
+    CallBounds,
     CodeResult,
     Command,
     Deadline,
@@ -198,14 +199,14 @@ class Files:
             sent = 0
             try:
                 for piece in data_chunks(data):
-                    send_frame(sock, Kind.DATA, piece, self._client._frame_deadline(path))
+                    send_frame(sock, Kind.DATA, piece, self._client._bounds.frame(path))
                     sent += memoryview(piece).nbytes
-                send_frame(sock, Kind.DATA_EOF, b"", self._client._frame_deadline(path))
+                send_frame(sock, Kind.DATA_EOF, b"", self._client._bounds.frame(path))
             except SandboxTimeout:
                 raise
             except OSError as exc:
                 sent_error = exc  # the agent may still have said why: read its answer
-            frame = read_frame(sock, self._client._deadline("file_write", None))
+            frame = read_frame(sock, self._client._bounds.call("file_write", None))
             if frame is None and sent_error is not None:
                 raise ProtocolError(f"upload to {path} failed: {sent_error}") from sent_error
             size = parse_size(check_result(frame, "file_write"))
@@ -222,14 +223,14 @@ class Files:
         with self._client._open(path_request("file_read", path)) as sock:
             total = 0
             while True:
-                frame = read_frame(sock, self._client._frame_deadline(path))
+                frame = read_frame(sock, self._client._bounds.frame(path))
                 if frame is not None and frame[0] is Kind.DATA:
                     if limit is not None and total + len(frame[1]) > limit:
                         raise file_too_large(path, limit)
                     fileobj.write(frame[1])
                     total += len(frame[1])
                 elif frame is not None and frame[0] is Kind.DATA_EOF:
-                    answer = read_frame(sock, self._client._deadline("file_read", None))
+                    answer = read_frame(sock, self._client._bounds.call("file_read", None))
                     size = parse_size(check_result(answer, "file_read"))
                     if size != total:
                         raise ProtocolError(f"file_read sent {total} bytes but said {size}")
@@ -294,11 +295,8 @@ class AgentClient:
         call_timeout: float = DEFAULT_CALL_TIMEOUT,
         announce_resume: bool = False,
     ) -> None:
-        if not grace >= 0 or not call_timeout > 0:
-            raise ValueError(f"need grace >= 0 and call_timeout > 0, got {grace}, {call_timeout}")
         self._connect = connect
-        self._grace = grace
-        self._call_timeout = call_timeout
+        self._bounds = CallBounds(grace, call_timeout)
         # A restored sandbox may hold an agent connection carried over in its snapshot:
         # the first short call takes it over instead of opening one (see vsock RESUME).
         self._resume = resume
@@ -310,26 +308,11 @@ class AgentClient:
         self._kept_lock = threading.Lock()
         self._expiry: threading.Timer | None = None
 
-    def _deadline(self, op: str, timeout: float | None, extra: float = 0.0) -> Deadline:
-        """When the host gives up on ``op``: its timeout (or ``call_timeout``) + ``grace``."""
-        budget = self._call_timeout if timeout is None else timeout
-        return Deadline.for_call(op, budget, self._grace, extra)
-
-    def _send_deadline(self) -> Deadline:
-        """A request must leave within the bound even when the answer may take for ever."""
-        return Deadline(self._call_timeout + self._grace, "the agent did not take the request")
-
-    def _frame_deadline(self, path: PathArg) -> Deadline:
-        """A transfer may take any time, but each frame of it must move within the bound."""
-        return Deadline(
-            self._call_timeout + self._grace, f"the transfer of {path} made no progress"
-        )
-
     def _open(self, request: dict[str, Any]) -> socket.socket:
         sock = self._connect()
         try:
             payload = encode_json(self._announcer.stamp(request))
-            send_frame(sock, Kind.REQUEST, payload, self._send_deadline())
+            send_frame(sock, Kind.REQUEST, payload, self._bounds.send())
         except BaseException:
             sock.close()
             raise
@@ -339,7 +322,7 @@ class AgentClient:
         """One short exchange, REQUEST in and RESULT out, under ``call_timeout`` + ``grace``
         (``unbounded``: the answer may take as long as it likes; the request may not)."""
         op = str(request["op"])
-        return self._exchange(request, None if unbounded else self._deadline(op, None))
+        return self._exchange(request, None if unbounded else self._bounds.call(op, None))
 
     def _exchange(self, request: dict[str, Any], deadline: Deadline | None) -> dict[str, Any]:
         op = str(request["op"])
@@ -348,7 +331,7 @@ class AgentClient:
                 return check_result(read_frame(single, deadline), op)
         sock = self._take_kept()
         payload = encode_json({**self._announcer.stamp(request), "keepalive": True})
-        sending = deadline or self._send_deadline()
+        sending = deadline or self._bounds.send()
         if sock is not None:
             try:
                 send_frame(sock, Kind.REQUEST, payload, sending)
@@ -444,7 +427,7 @@ class AgentClient:
         fast it is read; without one, the host waits as long as the command runs.
         """
         request = exec_request(cmd, timeout=timeout, env=env, cwd=cwd, stdin=stdin is not None)
-        deadline = None if timeout is None else self._deadline("exec", timeout)
+        deadline = None if timeout is None else self._bounds.call("exec", timeout)
         return ExecStream(self._open(request), stdin, deadline)
 
     def exec(
@@ -494,7 +477,7 @@ class AgentClient:
         request = code_request(code, timeout)
         if timeout is None:
             return parse_code_result(self._call(request, unbounded=True))
-        deadline = self._deadline("run_code", timeout, WORKER_START_ALLOWANCE)
+        deadline = self._bounds.call("run_code", timeout, WORKER_START_ALLOWANCE)
         return parse_code_result(self._exchange(request, deadline))
 
     def shutdown(self) -> None:

@@ -29,6 +29,7 @@ from ember.client_wire import (
     DEFAULT_GRACE,
     DEFAULT_MAX_OUTPUT,
     WORKER_START_ALLOWANCE,
+    CallBounds,
     CodeResult,
     Command,
     Deadline,
@@ -188,7 +189,7 @@ class AsyncExecStream:
                 self._started = time.monotonic()
                 timeout = self._request.get("timeout")
                 if timeout is not None:
-                    self._deadline = self._client._deadline("exec", timeout)
+                    self._deadline = self._client._bounds.call("exec", timeout)
                 self._streams = await self._client._open(self._request)
                 if self._stdin is not None:
                     pump = self._send_stdin(self._streams[1], self._stdin)
@@ -260,17 +261,17 @@ class AsyncFiles:
             sent = 0
             try:
                 for piece in data_chunks(data):
-                    deadline = self._client._frame_deadline(path)
+                    deadline = self._client._bounds.frame(path)
                     await write_frame_async(writer, Kind.DATA, piece, deadline)
                     sent += memoryview(piece).nbytes
                 await write_frame_async(
-                    writer, Kind.DATA_EOF, b"", self._client._frame_deadline(path)
+                    writer, Kind.DATA_EOF, b"", self._client._bounds.frame(path)
                 )
             except SandboxTimeout:
                 raise
             except OSError as exc:
                 sent_error = exc
-            frame = await read_frame_async(reader, self._client._deadline("file_write", None))
+            frame = await read_frame_async(reader, self._client._bounds.call("file_write", None))
             if frame is None and sent_error is not None:
                 raise ProtocolError(f"upload to {path} failed: {sent_error}") from sent_error
             size = parse_size(check_result(frame, "file_write"))
@@ -288,14 +289,14 @@ class AsyncFiles:
         try:
             total = 0
             while True:
-                frame = await read_frame_async(reader, self._client._frame_deadline(path))
+                frame = await read_frame_async(reader, self._client._bounds.frame(path))
                 if frame is not None and frame[0] is Kind.DATA:
                     if limit is not None and total + len(frame[1]) > limit:
                         raise file_too_large(path, limit)
                     fileobj.write(frame[1])
                     total += len(frame[1])
                 elif frame is not None and frame[0] is Kind.DATA_EOF:
-                    deadline = self._client._deadline("file_read", None)
+                    deadline = self._client._bounds.call("file_read", None)
                     answer = await read_frame_async(reader, deadline)
                     size = parse_size(check_result(answer, "file_read"))
                     if size != total:
@@ -342,11 +343,8 @@ class AsyncAgentClient:
         call_timeout: float = DEFAULT_CALL_TIMEOUT,
         announce_resume: bool = False,
     ) -> None:
-        if not grace >= 0 or not call_timeout > 0:
-            raise ValueError(f"need grace >= 0 and call_timeout > 0, got {grace}, {call_timeout}")
         self._connect = connect
-        self._grace = grace
-        self._call_timeout = call_timeout
+        self._bounds = CallBounds(grace, call_timeout)
         self._resume = resume
         # A new VMM (restored, forked): its first request carries the host's clock and
         # entropy, applied by the agent before anything else runs (client_wire.resume_announcement).
@@ -355,25 +353,10 @@ class AsyncAgentClient:
         self._kept: list[tuple[Streams, float]] = []
         self._expiry: asyncio.TimerHandle | None = None
 
-    def _deadline(self, op: str, timeout: float | None, extra: float = 0.0) -> Deadline:
-        """When the host gives up on ``op``: its timeout (or ``call_timeout``) + ``grace``."""
-        budget = self._call_timeout if timeout is None else timeout
-        return Deadline.for_call(op, budget, self._grace, extra)
-
-    def _send_deadline(self) -> Deadline:
-        """A request must leave within the bound even when the answer may take for ever."""
-        return Deadline(self._call_timeout + self._grace, "the agent did not take the request")
-
-    def _frame_deadline(self, path: PathArg) -> Deadline:
-        """A transfer may take any time, but each frame of it must move within the bound."""
-        return Deadline(
-            self._call_timeout + self._grace, f"the transfer of {path} made no progress"
-        )
-
     async def _open(self, request: dict[str, Any]) -> Streams:
         reader, writer = await self._connect()
         try:
-            deadline = self._send_deadline()
+            deadline = self._bounds.send()
             payload = encode_json(self._announcer.stamp(request))
             await write_frame_async(writer, Kind.REQUEST, payload, deadline)
         except BaseException:
@@ -384,7 +367,7 @@ class AsyncAgentClient:
     async def _call(self, request: dict[str, Any], *, unbounded: bool = False) -> dict[str, Any]:
         """One short exchange under ``call_timeout`` + ``grace`` (see AgentClient._call)."""
         op = str(request["op"])
-        return await self._exchange(request, None if unbounded else self._deadline(op, None))
+        return await self._exchange(request, None if unbounded else self._bounds.call(op, None))
 
     async def _exchange(self, request: dict[str, Any], deadline: Deadline | None) -> dict[str, Any]:
         op = str(request["op"])
@@ -395,7 +378,7 @@ class AsyncAgentClient:
             finally:
                 await _close(writer)
         payload = encode_json({**self._announcer.stamp(request), "keepalive": True})
-        sending = deadline or self._send_deadline()
+        sending = deadline or self._bounds.send()
         streams = await self._take_kept()
         if streams is not None:
             try:
@@ -509,7 +492,7 @@ class AsyncAgentClient:
         request = code_request(code, timeout)
         if timeout is None:
             return parse_code_result(await self._call(request, unbounded=True))
-        deadline = self._deadline("run_code", timeout, WORKER_START_ALLOWANCE)
+        deadline = self._bounds.call("run_code", timeout, WORKER_START_ALLOWANCE)
         return parse_code_result(await self._exchange(request, deadline))
 
     async def shutdown(self) -> None:

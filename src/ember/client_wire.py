@@ -116,6 +116,32 @@ def resume_announcement() -> dict[str, Any]:
     }
 
 
+class CallBounds:
+    """A client's own bounds on the agent (both transports): ``grace`` beyond each call's
+    timeout, and ``call_timeout`` for calls without one and for each frame of a transfer."""
+
+    __slots__ = ("call_timeout", "grace")
+
+    def __init__(self, grace: float, call_timeout: float) -> None:
+        if not grace >= 0 or not call_timeout > 0:
+            raise ValueError(f"need grace >= 0 and call_timeout > 0, got {grace}, {call_timeout}")
+        self.grace = grace
+        self.call_timeout = call_timeout
+
+    def call(self, op: str, timeout: float | None, extra: float = 0.0) -> Deadline:
+        """When the host gives up on ``op``: its timeout (or ``call_timeout``) + ``grace``."""
+        budget = self.call_timeout if timeout is None else timeout
+        return Deadline.for_call(op, budget, self.grace, extra)
+
+    def send(self) -> Deadline:
+        """A request must leave within the bound even when the answer may take for ever."""
+        return Deadline(self.call_timeout + self.grace, "the agent did not take the request")
+
+    def frame(self, path: PathArg) -> Deadline:
+        """A transfer may take any time, but each frame of it must move within the bound."""
+        return Deadline(self.call_timeout + self.grace, f"the transfer of {path} made no progress")
+
+
 class ResumeAnnouncer:
     """Stamps :func:`resume_announcement` on the first request only (any thread, any call)."""
 

@@ -164,7 +164,7 @@ def test_run_code_waits_for_the_worker_to_start_then_for_its_timeout() -> None:
     from ember.client_wire import WORKER_START_ALLOWANCE
 
     client = AgentClient(lambda: socket.socketpair()[0], grace=1.0)
-    deadline = client._deadline("run_code", 2.0, WORKER_START_ALLOWANCE)
+    deadline = client._bounds.call("run_code", 2.0, WORKER_START_ALLOWANCE)
     assert deadline.seconds == 2.0 + WORKER_START_ALLOWANCE + 1.0
 
 
