@@ -58,6 +58,9 @@ if TYPE_CHECKING:
 DEFAULT = "default"
 META_FILE = "template.json"
 WARM_TIMEOUT_S = 300.0
+# A pool interpreter costs the guest ~7 s to start and, with its pre-faulted heap and preload
+# modules (numpy: about a minute), several times that; they start one after another.
+POOL_TIMEOUT_S = 1200.0
 SETTLE_TIMEOUT_S = 10.0
 IDLE_WINDOW_S = 0.2
 IDLE_CPU_S = 0.002
@@ -301,15 +304,34 @@ def _check_preload(vmm: VmmProcess, name: str, modules: tuple[str, ...]) -> None
 
 
 def _wait_warm(vmm: VmmProcess) -> AgentClient:
-    """Ping until the agent's code worker is ready, so restores start warm; return the client
-    holding one idle agent connection, which every restore can take over (vsock RESUME)."""
+    """Ping until the agent's code worker and its pre-started interpreters are ready, so
+    restores start warm; return the client holding one idle agent connection, which every
+    restore can take over (vsock RESUME). A pool that failed (a preload module that does not
+    import, say) fails the build here, with the agent's reason, never a restore later."""
     client = AgentClient(vmm.connect)
     deadline = time.monotonic() + WARM_TIMEOUT_S
-    while client.ping().get("worker") != "ready":
+    pool_deadline = time.monotonic() + POOL_TIMEOUT_S
+    while True:
+        pong = client.ping()
+        pool = pong.get("pool")  # absent: an agent without a pool
+        pool_state = pool.get("state") if isinstance(pool, dict) else "off"
+        if pool_state == "failed":
+            assert isinstance(pool, dict)
+            raise SandboxError(
+                f"the template's pre-started interpreters failed: {pool.get('error') or '?'}"
+            )
+        worker_ready = pong.get("worker") == "ready"
+        if worker_ready and pool_state in ("ready", "off"):
+            break
         if vmm.exited():
             raise vmm.crashed("the template VM stopped while warming up")
-        if time.monotonic() > deadline:
+        now = time.monotonic()
+        if not worker_ready and now > deadline:
             raise SandboxError("the template's code worker did not start")
+        if now > pool_deadline:
+            raise SandboxError(
+                f"the template's pre-started interpreters did not start in {POOL_TIMEOUT_S:.0f} s"
+            )
         time.sleep(0.2)
     _warm_guest_kernel(client)
     # Let the last connection close: one still open in the snapshot would be reset in

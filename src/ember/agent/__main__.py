@@ -14,6 +14,13 @@ Options (for tests and debugging on a normal Linux host):
     --no-worker          do not start the run_code worker until first used
     --preload MOD,MOD    interpreters the agent starts import these first
                          (sets EMBER_PRELOAD: see ember.agent.preload)
+    --pool N             pre-started python3 interpreters for exec (default 2; 0: none;
+                         see ember.agent.pool)
+    --heap-mib N         heap each warm interpreter touches before the snapshot
+                         (default 64; see ember.agent.heap)
+
+The last three are template options; each may also come from the environment
+(``EMBER_PRELOAD``, ``EMBER_POOL``, ``EMBER_HEAP_MIB``), the command line winning.
 
 Arguments are parsed by hand: ``argparse`` pulls in ``re`` and ``gettext``,
 which would cost the guest seconds of start-up for three flags. Everything the
@@ -27,7 +34,11 @@ import os
 import socket
 import sys
 
+from ember.agent import preload as preload_mod
+from ember.agent.heap import DEFAULT_HEAP_MIB, per_interpreter
+from ember.agent.pool import DEFAULT_SIZE, IDLE_S, InterpreterPool
 from ember.agent.preload import ENV as PRELOAD_ENV
+from ember.agent.runcode import CodeRunner
 from ember.agent.server import AgentServer
 from ember.protocol import (
     AGENT_PORT,
@@ -41,15 +52,18 @@ from ember.protocol import (
 
 USAGE = (
     "usage: python3 -m ember.agent [--listen-unix PATH] [--ready-unix PATH] [--no-worker]"
-    " [--preload MOD,MOD]\n"
+    " [--preload MOD,MOD] [--pool N] [--heap-mib N]\n"
 )
+POOL_ENV = "EMBER_POOL"
+HEAP_ENV = "EMBER_HEAP_MIB"
+IDLE_ENV = "EMBER_POOL_IDLE_S"
 
 
 def _parse(argv: list[str]) -> dict[str, str | bool] | None:
     options: dict[str, str | bool] = {}
     args = iter(argv)
     for arg in args:
-        if arg in ("--listen-unix", "--ready-unix", "--preload"):
+        if arg in ("--listen-unix", "--ready-unix", "--preload", "--pool", "--heap-mib"):
             value = next(args, None)
             if value is None:
                 return None
@@ -96,19 +110,47 @@ def _announce(unix_path: str | None) -> None:
         pass  # nobody listening: the host will find us with ping
 
 
+def _count(options: dict[str, str | bool], name: str, env: str, default: int) -> int | None:
+    """A non-negative integer option: the command line, else the environment, else default."""
+    given = options.get(name)
+    text = given if isinstance(given, str) else os.environ.get(env, "")
+    try:
+        value = int(text) if text else default
+    except ValueError:
+        return None
+    return value if value >= 0 else None
+
+
 def main(argv: list[str] | None = None) -> int:
     options = _parse(sys.argv[1:] if argv is None else argv)
-    if options is None:
+    pool_size = heap_mib = None
+    if options is not None:
+        pool_size = _count(options, "pool", POOL_ENV, DEFAULT_SIZE)
+        heap_mib = _count(options, "heap-mib", HEAP_ENV, DEFAULT_HEAP_MIB)
+    if options is None or pool_size is None or heap_mib is None:
         sys.stderr.write(USAGE)
         return 2
     listen_unix, ready_unix = options.get("listen-unix"), options.get("ready-unix")
     preload = options.get("preload")
     if isinstance(preload, str):
         os.environ[PRELOAD_ENV] = preload  # inherited by the run_code worker and the pool
+    worker = not options.get("no-worker")
+    # Each warm interpreter's pre-faulted heap, within what the guest can spare.
+    heap = per_interpreter(heap_mib, pool_size + int(worker))
     listener = _listen(listen_unix if isinstance(listen_unix, str) else None)
-    server = AgentServer(listener)
-    if not options.get("no-worker"):
+    pool = None
+    if pool_size:
+        pool = InterpreterPool(
+            pool_size,
+            preload=tuple(preload_mod.modules()),
+            heap_bytes=heap,
+            idle_s=float(os.environ.get(IDLE_ENV) or IDLE_S),  # tests make refills prompt
+        )
+    server = AgentServer(listener, runner=CodeRunner(heap_bytes=heap if worker else 0), pool=pool)
+    if worker:
         server.runner.start_in_background()
+    if pool is not None:
+        pool.start()
     decode_json(b"{}")  # load json now, so a snapshot taken after "ready" holds it
     _announce(ready_unix if isinstance(ready_unix, str) else None)
     try:

@@ -29,6 +29,7 @@ import threading
 from typing import Any
 
 from ember.agent.common import log, opt_float, req_str
+from ember.agent.heap import HEAP_ENV, MALLOC_ENV
 from ember.agent.resume import ResumeState
 from ember.protocol import Kind, ProtocolError, encode_json, read_frame, write_frame
 
@@ -74,8 +75,11 @@ def _error(type_name: str, message: str) -> bytes:
 class CodeRunner:
     """Owns the worker process: start, call, detect death, replace."""
 
-    def __init__(self, command: list[str] | None = None) -> None:
+    def __init__(self, command: list[str] | None = None, *, heap_bytes: int = 0) -> None:
         self._command = command or [sys.executable, "-m", "ember.agent.worker"]
+        # Touched by the first worker only (the template's): a replacement started in a live
+        # sandbox would pay a page fault per page, the very cost the heap exists to avoid.
+        self._heap_bytes = heap_bytes
         self._lock = threading.Lock()  # held for a whole call, and while (re)starting
         self._proc: subprocess.Popen[bytes] | None = None
         self._sock: socket.socket | None = None
@@ -107,10 +111,11 @@ class CodeRunner:
         self._discard()
         self.state = WorkerState.STARTING
         ours, theirs = socket.socketpair()
-        env = dict(os.environ)
+        env = dict(os.environ) | MALLOC_ENV  # freed memory stays in the heap: ember.agent.heap
         env["PYTHONPATH"] = os.pathsep.join(
             p for p in (_package_root(), env.get("PYTHONPATH")) if p
         )
+        env[HEAP_ENV], self._heap_bytes = str(self._heap_bytes), 0
         try:
             proc = subprocess.Popen(
                 [*self._command, str(theirs.fileno())],

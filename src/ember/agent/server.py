@@ -33,8 +33,9 @@ from collections.abc import Callable
 from typing import Any
 
 from ember.agent.common import BadRequest, ClientGone, log
-from ember.agent.execute import handle_exec
+from ember.agent.execute import exec_handler
 from ember.agent.files import FILE_OPS
+from ember.agent.pool import InterpreterPool
 from ember.agent.resume import ResumeState, apply_resume
 from ember.agent.runcode import CodeRunner
 from ember.protocol import (
@@ -60,12 +61,21 @@ MAX_IDLE_THREADS = 16
 class AgentServer:
     """Serves agent requests on any listening stream socket (vsock in the guest, Unix in tests)."""
 
-    def __init__(self, listener: socket.socket, *, runner: CodeRunner | None = None) -> None:
+    def __init__(
+        self,
+        listener: socket.socket,
+        *,
+        runner: CodeRunner | None = None,
+        pool: InterpreterPool | None = None,
+    ) -> None:
         self._listener = listener
         self.resume = ResumeState()
         self.resume.open_random()
         self.runner = runner if runner is not None else CodeRunner()
         self.runner.resume = self.resume
+        self.pool = pool  # pre-started interpreters for exec; refilled only between requests
+        if pool is not None:
+            pool.resume = self.resume
         self._started = time.monotonic()
         self._stopping = threading.Event()
         self._wake_r, self._wake_w = os.pipe()
@@ -75,7 +85,7 @@ class AgentServer:
         self._jobs: queue.SimpleQueue[socket.socket | None] = queue.SimpleQueue()
         self._ops: dict[str, Handler] = {
             "ping": self._ping,
-            "exec": handle_exec,
+            "exec": exec_handler(pool),
             "run_code": self.runner.handle,
             "shutdown": self._shutdown,
             **FILE_OPS,
@@ -108,6 +118,8 @@ class AgentServer:
             for _ in range(self._idle):
                 self._jobs.put(None)
             self.runner.close()
+            if self.pool is not None:
+                self.pool.close()
             os.close(self._wake_r)
             os.close(self._wake_w)
 
@@ -178,6 +190,11 @@ class AgentServer:
         request = decode_json(payload)
         op = request.get("op")
         handler = self._ops.get(op) if isinstance(op, str) else None
+        # Anything but ping keeps the pool from refilling: that costs the guest seconds of CPU.
+        counted = self.pool is not None and op != "ping"
+        if counted:
+            assert self.pool is not None
+            self.pool.busy()
         try:
             if "resume" in request:  # the first request after a restore or fork: before any op
                 apply_resume(self.resume, request["resume"])
@@ -188,6 +205,10 @@ class AgentServer:
             raise
         except Exception as exc:
             self._reply_error(conn, type(exc).__name__, str(exc))
+        finally:
+            if counted:
+                assert self.pool is not None
+                self.pool.idle()
         return request.get("keepalive") is True and op in KEEPALIVE_OPS
 
     @staticmethod
@@ -209,6 +230,7 @@ class AgentServer:
                 "uptime": round(time.monotonic() - self._started, 3),
                 "pid": os.getpid(),
                 "worker": self.runner.state.value,
+                **({"pool": self.pool.status()} if self.pool is not None else {}),
                 "resume": self.resume.snapshot(),
             },
         )

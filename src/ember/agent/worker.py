@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import ast
 import builtins
+import gc
 import io
 import linecache
 import os
@@ -33,7 +34,7 @@ import traceback
 import types
 from typing import Any
 
-from ember.agent import preload
+from ember.agent import heap, preload
 from ember.protocol import MAX_FRAME, Kind, decode_json, encode_json, read_frame, write_frame
 
 __all__ = ["CAPTURE_LIMIT", "Worker", "main"]
@@ -178,6 +179,8 @@ def main(argv: list[str]) -> int:
     sock = socket.socket(fileno=int(argv[1]))
     worker = Worker()
     preload.import_from_env()  # the template's --preload modules, before "ready"
+    heap.touch_from_env()  # pages later cells reuse for free (ember.agent.heap)
+    gc.freeze()  # the template's objects: never scanned (nor written to) by a collection
     worker.run("None")  # touch the parse/compile/exec path now, not on the first real call
     write_frame(sock, Kind.RESULT, encode_json({"ready": True, "pid": os.getpid()}))
     while (frame := read_frame(sock)) is not None:

@@ -1,0 +1,96 @@
+"""Heaps touched in the template: memory a restored sandbox's interpreters reuse for free.
+
+In this guest a fresh page costs the emulated kernel ~2-5 ms (a 10 MiB ``bytearray``: ~5 s),
+while a page that was already mapped in the template costs a restored sandbox only a host-side
+fault. So the warm interpreters (the pool's and the run_code worker) allocate and free a block
+of ``heap`` bytes before the snapshot, in a heap that keeps what is freed:
+
+* ``PYTHONMALLOC=malloc``: every Python object comes from glibc's heap, not from pymalloc's
+  256 KiB arenas (those are ``mmap``-ed fresh and returned with ``munmap`` when empty);
+* ``MALLOC_MMAP_MAX_=0``: big blocks come from the heap too, not from a fresh ``mmap``;
+* ``MALLOC_TRIM_THRESHOLD_`` huge: ``free`` never gives the top of the heap back;
+* ``MALLOC_ARENA_MAX=1``: threads share that one heap instead of fresh 64 MiB arenas.
+
+Side effects, accepted: memory an interpreter freed stays with it until it exits (the pool's
+interpreters run one program each; the run_code worker keeps its peak), and an exiting
+interpreter never unmaps anything during finalisation, which here is also faster. The guest
+kernel has no transparent huge pages (``src/ember/images/kernel/ember.config``), so every
+touched page is 4 KiB; measuring THP would need a kernel rebuild, not done.
+
+The budget is clamped to what the guest can spare (``MemAvailable`` minus :data:`RESERVE_MIB`,
+shared by all warm interpreters), so a small guest is not filled with idle heaps.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "DEFAULT_HEAP_MIB",
+    "HEAP_ENV",
+    "MALLOC_ENV",
+    "RESERVE_MIB",
+    "per_interpreter",
+    "touch",
+    "touch_from_env",
+]
+
+DEFAULT_HEAP_MIB = 64
+HEAP_ENV = "EMBER_WORKER_HEAP_BYTES"  # the run_code worker's share, set by the agent
+RESERVE_MIB = 96  # left to the kernel, page cache and the programs themselves
+
+MALLOC_ENV = {
+    "PYTHONMALLOC": "malloc",
+    "MALLOC_MMAP_MAX_": "0",
+    "MALLOC_TRIM_THRESHOLD_": str(1 << 40),
+    "MALLOC_ARENA_MAX": "1",
+}
+
+
+def _available_mib(meminfo: str = "/proc/meminfo") -> int | None:
+    try:
+        with open(meminfo, encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) // 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def per_interpreter(heap_mib: int, interpreters: int, available_mib: int | None = None) -> int:
+    """Bytes each of ``interpreters`` warm interpreters should touch (0: none)."""
+    if heap_mib <= 0 or interpreters <= 0:
+        return 0
+    if available_mib is None:
+        available_mib = _available_mib()
+    mib = heap_mib
+    if available_mib is not None:
+        mib = min(mib, max(0, (available_mib - RESERVE_MIB) // interpreters))
+    return mib << 20
+
+
+def touch(nbytes: int) -> int:
+    """Write every page of a block once and free it; it stays in the (tuned) heap.
+
+    Clamped again to what the guest can spare *now*: the budget was made when the agent
+    started, before the interpreters imported their preload modules. Returns the bytes touched.
+    """
+    available = _available_mib()
+    if available is not None:
+        nbytes = min(nbytes, max(0, available - RESERVE_MIB) << 20)
+    if nbytes > 0:
+        block = bytearray(nbytes)
+        del block
+    return max(0, nbytes)
+
+
+def touch_from_env() -> int:
+    """The run_code worker's start: touch the bytes the agent gave it; forget the variable."""
+    import os
+
+    try:
+        nbytes = int(os.environ.pop(HEAP_ENV, "0") or 0)
+    except ValueError:
+        nbytes = 0
+    for name in MALLOC_ENV:  # read at start-up already; programs the cells start get none
+        os.environ.pop(name, None)
+    return touch(nbytes)

@@ -1,0 +1,632 @@
+"""Pre-started ``python3`` interpreters: ``exec`` of a Python program without a new process.
+
+In this guest a fresh ``python3`` costs ~7 s (every system call and page fault goes through an
+emulated kernel) and its exit ~2 s more (the kernel frees every page it touched). A template
+snapshot taken while a few interpreters wait for work makes their start-up free for every
+restored sandbox. The pool (``size`` interpreters, default 2) is filled when the agent starts;
+``exec`` hands a Python command line to one of them when :func:`ember.agent.pyargs.plan` says
+the result is indistinguishable from a real ``python3`` (otherwise a real process starts, as
+before). Each interpreter runs one program and becomes that program's process: same
+descriptors, process group, session, exit status; :mod:`ember.agent.pystart` is its side.
+
+Exits are made cheap too: each interpreter has a *holder*, a task cloned with ``CLONE_VM``
+that shares its memory and sleeps. When the program exits, the kernel sees another user of
+the memory and skips tearing it down, so the pipes close and the exit status arrives at once;
+the agent kills the holder later, when the sandbox is idle (or never, if the sandbox is
+thrown away first), and only then does the guest pay for freeing the pages.
+
+Refills and the holders' deaths cost the guest seconds, so they happen only while the sandbox
+is otherwise idle (no request but ``ping`` in flight for :data:`IDLE_S`); an interpreter still
+starting when a request arrives is stopped (``SIGSTOP``) until the sandbox is idle again. The
+first fill (the template's) needs no idle period, and only its interpreters get a pre-faulted
+heap: touching pages in a live sandbox is exactly the cost the heap exists to avoid.
+"""
+
+from __future__ import annotations
+
+import codecs
+import enum
+import io
+import os
+import select
+import signal
+import socket
+import stat
+import subprocess
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import IO, Any, cast
+
+from ember.agent.common import ExecError, log
+from ember.agent.heap import MALLOC_ENV
+from ember.agent.pyargs import PyJob, effective_ctype, plan
+from ember.agent.resume import ResumeState
+
+__all__ = ["BOOT", "DEFAULT_SIZE", "IDLE_S", "InterpreterPool", "PoolState"]
+
+DEFAULT_SIZE = 2
+IDLE_S = 1.0  # a sandbox this long without requests may spend its CPU on refills
+START_TIMEOUT_S = 600.0  # running time (stopped time excluded) a start may take
+RETRY_S = 30.0  # after a refill failed
+
+# Runs pystart.py's code in a namespace of its own (nothing imported, nothing on sys.path),
+# then runs the program from this frame, so the program's module frame sits right on it.
+BOOT = """\
+import sys
+_ember = set(sys.modules)
+_ember_ns = {"__name__": "ember_pystart", "__builtins__": __builtins__}
+with open(sys.argv[1], "rb") as _ember_file:
+    exec(compile(_ember_file.read(), sys.argv[1], "exec"), _ember_ns)
+del _ember_file
+_ember = _ember_ns["wait"](sys.argv[2:], globals(), _ember)
+del _ember_ns
+_ember_exc = None
+try:
+    _ember.call(*_ember.args)
+except SystemExit:
+    _ember.finish()
+    raise
+except BaseException as _ember_caught:
+    _ember_exc = _ember_caught
+else:
+    _ember.finish()
+if _ember_exc is not None:  # reported outside the handler, as PyErr_Print does
+    _ember.uncaught(_ember_exc)
+"""
+PYSTART = os.path.join(os.path.dirname(os.path.abspath(__file__)), "pystart.py")
+
+
+class PoolState(enum.Enum):
+    OFF = "off"  # size 0
+    STARTING = "starting"
+    READY = "ready"  # the first fill is complete (what a template waits for)
+    FAILED = "failed"  # the first fill failed: last_error says why
+
+
+@dataclass
+class _Member:
+    """One interpreter, its control socket and the pipes its program will get."""
+
+    proc: subprocess.Popen[bytes]
+    ctl: socket.socket
+    ours: tuple[int, int, int]  # stdin write, stdout read, stderr read
+    theirs: tuple[int, int, int]  # stdin read, stdout write, stderr write: sent at hand-over
+    info: dict[str, Any] = field(default_factory=dict)
+    stopped: bool = False
+
+    @property
+    def holder(self) -> int:
+        pid = self.info.get("holder")
+        return pid if isinstance(pid, int) and pid > 0 else 0
+
+    def close_fds(self, *, theirs_only: bool = False) -> None:
+        fds = self.theirs if theirs_only else (*self.ours, *self.theirs)
+        for fd in fds:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        if not theirs_only:
+            self.ctl.close()
+
+
+def _find_python(path_env: str) -> str | None:
+    for directory in path_env.split(os.pathsep):
+        candidate = os.path.join(directory or ".", "python3")
+        if os.path.isfile(candidate) and os.access(candidate, os.X_OK):
+            return candidate
+    return None
+
+
+def _read_message(sock: socket.socket) -> dict[str, Any] | None:
+    import marshal
+
+    def exact(size: int) -> bytes:
+        data = b""
+        while len(data) < size:
+            chunk = sock.recv(size - len(data))
+            if not chunk:
+                raise EOFError
+            data += chunk
+        return data
+
+    try:
+        message = marshal.loads(exact(int.from_bytes(exact(4), "big")))
+    except (EOFError, OSError, ValueError):
+        return None
+    return message if isinstance(message, dict) else None
+
+
+def _send_message(sock: socket.socket, message: dict[str, Any], fds: tuple[int, ...]) -> None:
+    import marshal
+
+    data = marshal.dumps(message)
+    data = len(data).to_bytes(4, "big") + data
+    sent = socket.send_fds(sock, [data[:4096]], list(fds))
+    sock.sendall(data[sent:])
+
+
+class InterpreterPool:
+    """The agent's side: start, hand over, refill, release."""
+
+    def __init__(
+        self,
+        size: int = DEFAULT_SIZE,
+        *,
+        preload: tuple[str, ...] = (),
+        heap_bytes: int = 0,
+        resume: ResumeState | None = None,
+        env: dict[str, str] | None = None,
+        idle_s: float = IDLE_S,
+    ) -> None:
+        from ember.agent.execute import default_env
+
+        self.size = max(0, size)
+        self.preload = preload
+        self.heap_bytes = heap_bytes
+        self.resume = resume if resume is not None else ResumeState()
+        self.idle_s = idle_s
+        self._env = (env if env is not None else default_env()) | MALLOC_ENV
+        self._python = _find_python(self._env.get("PATH", ""))
+        self._python_real = os.path.realpath(self._python) if self._python else ""
+        python_info = _stat(self._python) if self._python else None
+        self._python_id = (python_info.st_dev, python_info.st_ino) if python_info else (-1, -1)
+        self._ctype = effective_ctype(self._env)
+        self._cond = threading.Condition()
+        self._ready: list[_Member] = []
+        self._starting: _Member | None = None
+        self._holders: list[int] = []  # holders of finished programs, to kill when idle
+        self._handed: dict[int, int] = {}  # program pid -> its holder, until released
+        self._last: dict[str, float] = {}
+        self._closing: dict[int, list[Any]] = {}  # program pid -> what to close when done
+        self._busy = 0
+        self._idle_since = time.monotonic()
+        self._closed = False
+        self._first_fill_done = False
+        self._gave_up = False
+        self.state = PoolState.OFF if self.size == 0 else PoolState.STARTING
+        self.last_error = ""
+        self.served = 0
+        self.fallbacks = 0
+        self._thread: threading.Thread | None = None
+
+    # -- life cycle -------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Begin the first fill in the background (the agent announces readiness at once)."""
+        if self.size == 0:
+            return
+        if self._python is None:
+            self.state, self.last_error = PoolState.FAILED, "no python3 on the default PATH"
+            return
+        self._thread = threading.Thread(target=self._loop, name="pool", daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            members = list(self._ready)
+            self._ready.clear()
+            if self._starting is not None:
+                members.append(self._starting)
+            holders, self._holders = self._holders, []
+            self._cond.notify_all()
+        for member in members:
+            self._discard(member)
+        for pid in holders:
+            _kill_holder(pid)
+
+    # -- request accounting (the server calls these around every request but ping) -----
+
+    def busy(self) -> None:
+        with self._cond:
+            self._busy += 1
+            starting = self._starting
+            if starting is not None and not starting.stopped:
+                starting.stopped = True
+                _signal(starting.proc.pid, signal.SIGSTOP)
+
+    def idle(self) -> None:
+        with self._cond:
+            self._busy = max(0, self._busy - 1)
+            if self._busy == 0:
+                self._idle_since = time.monotonic()
+                self._cond.notify_all()
+
+    def _may_work(self) -> bool:
+        """(Lock held.) No request in flight, and none for IDLE_S once the first fill is done."""
+        if self._busy:
+            return False
+        return not self._first_fill_done or time.monotonic() - self._idle_since >= self.idle_s
+
+    # -- status -------------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        with self._cond:
+            return {
+                "state": self.state.value,
+                "size": self.size,
+                "ready": len(self._ready),
+                "starting": self._starting is not None,
+                "served": self.served,
+                "fallbacks": self.fallbacks,
+                "preload": list(self.preload),
+                # every module the preload imported (they stay in the programs' sys.modules)
+                "preloaded": list(self._ready[0].info.get("preloaded", ())) if self._ready else [],
+                "heap_mib": self.heap_bytes >> 20,  # the budget; what each member touched:
+                "heaps_mib": [int(m.info.get("heap", 0)) >> 20 for m in self._ready],
+                "holders": len(self._holders),
+                "last": dict(self._last),
+                "error": self.last_error,
+            }
+
+    # -- hand-over ----------------------------------------------------------------------
+
+    def take(
+        self, argv: list[str], env: dict[str, str], cwd: str | None, want_stdin: bool
+    ) -> subprocess.Popen[bytes] | None:
+        """A pre-started interpreter now running ``argv``, or None: start a real process."""
+        started = time.monotonic()
+        with self._cond:
+            if not self._ready:
+                return None
+        executable = self._interpreter(argv[0], env, cwd)
+        if executable is None:
+            return None
+        job = plan(argv, env, pool_ctype=self._ctype, pool_env=self._env)
+        if job is None or not self._acceptable(job, env):
+            with self._cond:
+                self.fallbacks += 1
+            return None
+        if cwd is not None:
+            _check_cwd(argv[0], cwd)
+        spec = _spec(job, env, cwd, executable, want_stdin, self.resume.generation)
+        while True:
+            with self._cond:
+                if not self._ready:
+                    return None
+                # the biggest pre-faulted heap first: a small guest cannot give every member one
+                best = max(
+                    range(len(self._ready)), key=lambda i: self._ready[i].info.get("heap", 0)
+                )
+                member = self._ready.pop(best)
+            if member.proc.poll() is not None:  # died while waiting (OOM killer, say)
+                self._discard(member)
+                continue
+            stdin_r, stdout_w, stderr_w = member.theirs
+            fds = (stdout_w, stderr_w, stdin_r) if want_stdin else (stdout_w, stderr_w)
+            try:
+                _send_message(member.ctl, spec, fds)
+            except OSError:
+                self._discard(member)  # it died while waiting: try the next one
+                continue
+            break
+        proc = self._become(member, want_stdin)
+        with self._cond:
+            self.served += 1
+            if member.holder:
+                self._handed[member.proc.pid] = member.holder
+            # For benchmarks and diagnosis: the agent's share of a hand-over, and when the
+            # program could start (CLOCK_MONOTONIC, comparable with the program's own clock).
+            self._last = {"take_ms": round((time.monotonic() - started) * 1e3, 3),
+                          "handed_at": time.monotonic()}  # fmt: skip
+        return proc
+
+    def release(self, proc: subprocess.Popen[bytes]) -> None:
+        """The program handed to ``proc`` has been reaped: free its memory when idle."""
+        with self._cond:
+            if self._last.get("pid") is None:
+                self._last["pid"] = proc.pid
+                self._last["released_at"] = time.monotonic()
+            for item in self._closing.pop(proc.pid, ()):
+                if item is not None:
+                    item.close()
+            holder = self._handed.pop(proc.pid, 0)
+            if holder:
+                self._holders.append(holder)
+                self._cond.notify_all()
+
+    def _become(self, member: _Member, want_stdin: bool) -> subprocess.Popen[bytes]:
+        """The member's Popen with the program's pipes; only the closes the relay needs (our
+        copies of the program's ends) happen now, the rest once the program is done."""
+        proc = member.proc
+        member.close_fds(theirs_only=True)
+        later: list[Any] = [member.ctl, proc.stdout, proc.stderr]  # the pipes it started with
+        stdin_w, stdout_r, stderr_r = member.ours
+        if want_stdin:
+            proc.stdin = _pipe(stdin_w)
+        else:
+            later.append(_pipe(stdin_w))
+        proc.stdout, proc.stderr = _pipe(stdout_r), _pipe(stderr_r)
+        self._closing[proc.pid] = later
+        return proc
+
+    def _interpreter(self, argv0: str, env: dict[str, str], cwd: str | None) -> str | None:
+        """What ``sys.executable`` would be if ``argv0`` names the pool's python3, else None.
+
+        As ``execvpe`` searches ``PATH`` and python3's getpath names the result, in as few
+        system calls as possible (each path lookup costs this guest ~2-3 ms): one ``stat``
+        per ``PATH`` entry tried, whose inode is compared with the pool's interpreter; only a
+        name other than the one the pool was started as (``python3.11``, a symlink elsewhere)
+        costs a ``realpath`` too. A virtual environment (``pyvenv.cfg`` beside the program
+        or one level up) has another ``sys.prefix``: a real process runs it.
+        """
+        if "/" not in argv0 and not argv0.startswith("python"):
+            return None  # the common case, decided without a system call
+        base = cwd or os.getcwd()
+        if "/" in argv0:
+            candidate = argv0 if argv0.startswith("/") else os.path.join(base, argv0)
+            info = _stat(candidate)
+        else:
+            candidate, info = "", None
+            for directory in env.get("PATH", "").split(os.pathsep):
+                path = os.path.join(directory or base, argv0)
+                found = _stat(path)
+                if found is not None and stat.S_ISREG(found.st_mode) and found.st_mode & 0o111:
+                    candidate, info = path, found
+                    break
+        if info is None or (info.st_dev, info.st_ino) != self._python_id:
+            return None
+        if candidate != self._python and os.path.realpath(candidate) != self._python_real:
+            return None  # the same file under another directory: another prefix (hard link)
+        here = os.path.dirname(candidate)
+        for directory in (here, os.path.dirname(here)):
+            if _stat(os.path.join(directory, "pyvenv.cfg")) is not None:
+                return None
+        return candidate
+
+    def _acceptable(self, job: PyJob, env: dict[str, str]) -> bool:
+        """What plan() cannot see: the file system and the codec registry."""
+        if job.io_encoding:
+            encoding = job.io_encoding.partition(":")[0]
+            if encoding:
+                try:
+                    codecs.lookup(encoding)
+                except LookupError:
+                    return False  # python3 fails to start: let it say so
+        if job.mode == "file" and job.target.endswith(".pyc"):
+            return False
+        with self._cond:
+            info = self._ready[-1].info if self._ready else {}
+        if job.flags and not info.get("flags"):
+            return False  # this interpreter cannot change sys.flags (see pystart._Flags)
+        pool_user_site = bool(info.get("user_site_in_path"))
+        job_user_site = False
+        if not job.no_user_site:
+            version = str(info.get("version", ""))
+            base = env.get("PYTHONUSERBASE") if "ignore_environment" not in job.flags else None
+            if not base:
+                home = env.get("HOME") or "/root"
+                base = os.path.join(home, ".local")
+            user_site = os.path.join(base, "lib", f"python{version}", "site-packages")
+            job_user_site = os.path.isdir(user_site)
+        return not pool_user_site and not job_user_site
+
+    # -- filling --------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while not self._closed and not (self._may_work() and self._work_wanted()):
+                    timeout = None
+                    if not self._busy and self._work_wanted():
+                        timeout = max(0.01, self.idle_s - (time.monotonic() - self._idle_since))
+                    self._cond.wait(timeout)
+                if self._closed:
+                    return
+                holder = self._holders.pop() if self._holders else 0
+            if holder:
+                _kill_holder(holder)
+                continue
+            first = not self._first_fill_done
+            member = self._start_one(first)
+            with self._cond:
+                if member is not None:
+                    self._ready.append(member)
+                    if len(self._ready) >= self.size and not self._first_fill_done:
+                        self._first_fill_done = True
+                        self.state = PoolState.READY
+                elif first:
+                    self.state = PoolState.FAILED
+                    self._gave_up = True
+                    return
+            if member is None:
+                time.sleep(RETRY_S)
+
+    def _work_wanted(self) -> bool:
+        return bool(self._holders) or (not self._gave_up and len(self._ready) < self.size)
+
+    def _start_one(self, first: bool) -> _Member | None:
+        assert self._python is not None
+        ours, theirs = socket.socketpair()
+        stdin_r, stdin_w = os.pipe()
+        stdout_r, stdout_w = os.pipe()
+        stderr_r, stderr_w = os.pipe()
+        argv = [
+            self._python, "-c", BOOT, PYSTART, str(theirs.fileno()),
+            str(self.resume.generation), str(self.heap_bytes if first else 0), *self.preload,
+        ]  # fmt: skip
+        try:
+            # stdin /dev/null, stdout and stderr pipes: the files a program's streams are made
+            # on, so python3's own sys.stdin/stdout/stderr serve it as they are (no system calls
+            # at hand-over); the program gets pipes of its own on the same descriptors.
+            proc = subprocess.Popen(
+                argv,
+                pass_fds=(theirs.fileno(),),
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                env=self._env,
+                start_new_session=True,
+                close_fds=True,
+            )
+        except OSError as exc:
+            for fd in (stdin_r, stdin_w, stdout_r, stdout_w, stderr_r, stderr_w):
+                os.close(fd)
+            ours.close()
+            self.last_error = f"cannot start {self._python}: {exc}"
+            log(f"interpreter pool: {self.last_error}")
+            return None
+        finally:
+            theirs.close()
+        member = _Member(proc, ours, (stdin_w, stdout_r, stderr_r), (stdin_r, stdout_w, stderr_w))
+        with self._cond:
+            self._starting = member
+            if self._busy and not member.stopped:
+                member.stopped = True
+                _signal(proc.pid, signal.SIGSTOP)
+        info = self._await_ready(member)
+        with self._cond:
+            self._starting = None
+            if member.stopped:
+                member.stopped = False
+                _signal(proc.pid, signal.SIGCONT)
+        if info is None or not info.get("ready"):
+            error = (info or {}).get("error") or self._describe_death(member)
+            self.last_error = str(error)
+            log(f"interpreter pool: {self.last_error}")
+            self._discard(member)
+            return None
+        member.info = info
+        self.last_error = ""
+        return member
+
+    def _await_ready(self, member: _Member) -> dict[str, Any] | None:
+        """Wait for the ``ready`` message; continue a start stopped by :meth:`busy` when idle."""
+        poller = select.poll()
+        poller.register(member.ctl.fileno(), select.POLLIN)
+        ran = 0.0
+        while ran < START_TIMEOUT_S and not self._closed:
+            t0 = time.monotonic()
+            if poller.poll(250):
+                return _read_message(member.ctl)
+            with self._cond:
+                if member.stopped and self._busy == 0:
+                    member.stopped = False
+                    _signal(member.proc.pid, signal.SIGCONT)
+                elif not member.stopped:
+                    ran += time.monotonic() - t0
+        return None
+
+    @staticmethod
+    def _describe_death(member: _Member) -> str:
+        code = member.proc.poll()
+        if code is None:
+            return "a pre-started interpreter did not become ready in time"
+        return f"a pre-started interpreter exited with status {code} while starting"
+
+    def _discard(self, member: _Member) -> None:
+        member.close_fds()
+        for startup in (member.proc.stdout, member.proc.stderr):
+            if startup is not None:
+                startup.close()
+        _signal(member.proc.pid, signal.SIGKILL, group=True)
+        try:
+            member.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            pass
+        if member.holder:
+            _kill_holder(member.holder)
+
+
+def _spec(
+    job: PyJob,
+    env: dict[str, str],
+    cwd: str | None,
+    executable: str,
+    want_stdin: bool,
+    generation: int,
+) -> dict[str, Any]:
+    return {
+        "mode": job.mode,
+        "target": job.target,
+        "argv": list(job.argv),
+        "orig_argv": list(job.orig_argv),
+        "executable": executable,
+        "unbuffered": job.unbuffered,
+        "flags": dict(job.flags),
+        "pythonpath": list(job.pythonpath),
+        "io_encoding": job.io_encoding,
+        "no_user_site": job.no_user_site,
+        "safe_path": job.safe_path,
+        "env": dict(env),
+        "cwd": cwd,
+        "stdin": want_stdin,
+        "generation": generation,
+    }
+
+
+class _Pipe(io.RawIOBase):
+    """The agent's end of a program's pipe: ``fileno`` and ``close`` are all the relay uses.
+
+    ``os.fdopen`` would ``fstat`` each descriptor: a system call, a few ms in this guest.
+    """
+
+    def __init__(self, fd: int) -> None:
+        super().__init__()
+        self._fd = fd
+
+    def fileno(self) -> int:
+        return self._fd
+
+    def readable(self) -> bool:
+        return True
+
+    def writable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        data = os.read(self._fd, len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
+
+    def write(self, data: Any) -> int:
+        return os.write(self._fd, data)
+
+    def close(self) -> None:
+        if not self.closed:
+            try:
+                os.close(self._fd)
+            finally:
+                super().close()
+
+
+def _pipe(fd: int) -> IO[bytes]:
+    return cast("IO[bytes]", _Pipe(fd))
+
+
+def _stat(path: str) -> os.stat_result | None:
+    try:
+        return os.stat(path)
+    except OSError:
+        return None
+
+
+def _check_cwd(program: str, cwd: str) -> None:
+    """Refuse a bad ``cwd`` exactly as ``subprocess.Popen`` would, before using an interpreter."""
+    try:
+        if not os.path.isdir(cwd):
+            os.stat(cwd)  # raises the real error if it does not exist
+            raise NotADirectoryError(20, os.strerror(20), cwd)
+    except OSError as exc:
+        raise ExecError(f"cannot start {program!r}: {exc}") from None
+
+
+def _signal(pid: int, signum: int, *, group: bool = False) -> None:
+    try:
+        if group:
+            os.killpg(pid, signum)
+        else:
+            os.kill(pid, signum)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _kill_holder(pid: int) -> None:
+    """Kill and reap a holder (the agent is its parent: it was cloned with CLONE_PARENT)."""
+    _signal(pid, signal.SIGKILL)
+    try:
+        os.waitpid(pid, 0)
+    except ChildProcessError:
+        pass

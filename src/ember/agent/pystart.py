@@ -1,0 +1,605 @@
+"""Inside a pre-started interpreter: wait for one job, then become that ``python3`` program.
+
+A fresh ``python3`` costs the guest seconds (hundreds of system calls and page faults, each
+paid to an emulated kernel); a template snapshot taken while this interpreter waits makes all
+of that free for every sandbox restored from it. The agent (:mod:`ember.agent.pool`) starts::
+
+    python3 -c BOOT PYSTART CTL GENERATION HEAP_BYTES PRELOAD...
+
+with stdin ``/dev/null`` and stdout/stderr pipes. ``BOOT`` (:data:`ember.agent.pool.BOOT`) runs
+this file in a private namespace and calls :func:`wait`, which imports the preload modules,
+touches the heap, clones the holder, says ``ready`` on the ``CTL`` socket and blocks reading
+it. The job (a ``marshal``-ed dict made by the agent from a :class:`ember.agent.pyargs.PyJob`,
+the program's pipes attached) is applied here — descriptors, directory, environment,
+``sys.argv``/``sys.path``/``sys.flags``/``sys.executable``, standard streams, a new
+``__main__`` — and ``BOOT`` itself runs the program with ``exec`` (or ``runpy`` for ``-m``),
+then ends the way ``python3`` ends: ``SystemExit`` re-raised for the interpreter to handle,
+any other uncaught exception printed by ``sys.excepthook`` (frames of ``BOOT`` and this file
+cut) and status 1, an uncaught ``KeyboardInterrupt`` as death by ``SIGINT``, normal
+finalisation (threads joined, ``atexit``, buffers flushed) in every case.
+
+Why these choices:
+
+* This file imports nothing at run time that ``python3`` start-up did not, except ``ctypes``,
+  ``gc`` and ``_socket`` before the snapshot; the modules it added are dropped from
+  ``sys.modules`` at hand-over, the preload modules (and all they imported) stay.
+* The standard streams python3 made at start-up were made on the same kinds of files a
+  program gets, so they serve it as they are; only ``-u``, ``PYTHONUNBUFFERED``,
+  ``PYTHONIOENCODING`` or a stdin pipe make them again, as ``create_stdio`` in
+  ``Python/pylifecycle.c`` (3.11) does.
+* ``random`` (and ``numpy.random``, ``tempfile``'s name sequence) were seeded in the template,
+  identically in every sibling: they are reseeded when the job's generation (the agent's count
+  of restores and forks) is not the one this interpreter started in.
+* Memory: ``PYTHONMALLOC=malloc`` and glibc's ``MALLOC_*`` variables (set by the agent) keep
+  freed memory in the heap, and touching ``HEAP_BYTES`` before the snapshot means the
+  program's allocations reuse pages the guest kernel has already mapped; ``gc.freeze()``
+  keeps collections off the template's objects (a collection in a restored copy would write
+  to all of their pages); the holder (see :mod:`ember.agent.pool`) makes the exit cheap.
+
+What a program can still tell (each needs introspection, none changes results):
+
+* one frame below its module frame (``File "<string>"``, ``BOOT``'s) in
+  ``traceback.print_stack()``/``inspect.stack()``, and ``warnings.warn(stacklevel=N)`` past
+  the top names it instead of ``sys:1``;
+* ``hash()`` of str/bytes uses the secret this interpreter drew in the template, the same in
+  every sibling (as in the run_code worker): it cannot be changed once strings exist.
+  Programs that need their own set ``PYTHONHASHSEED`` (a real process runs them), or ask
+  for ``"pool": false``;
+* ``sys.getallocatedblocks()`` is 0 (glibc's allocator), ``gc.get_freeze_count()`` is not,
+  and the process group holds the holder task besides the program.
+
+Standard library only (it runs in the guest); called by the pool, never imported by the agent.
+"""
+
+from __future__ import annotations
+
+import marshal
+import os
+import sys
+
+_sys: Any = sys  # for the attributes typeshed calls final or does not know
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # no run-time import: this file must not add to sys.modules
+    from typing import Any
+
+HOLDER_STACK = 64 << 10
+RESERVE_MIB = 96  # ember.agent.heap.RESERVE_MIB (this file imports nothing of Ember's)
+CLONE_VM = 0x100
+CLONE_PARENT = 0x8000
+SIGCHLD = 17
+SYS_PAUSE = 34  # x86_64
+_ZIP_END = b"PK\x05\x06"
+
+
+def _read_exact(fd: int, size: int) -> bytes:
+    parts = []
+    while size:
+        chunk = os.read(fd, size)
+        if not chunk:
+            raise EOFError
+        parts.append(chunk)
+        size -= len(chunk)
+    return b"".join(parts)
+
+
+def _send(fd: int, message: dict[str, Any]) -> None:
+    data = marshal.dumps(message)
+    data = len(data).to_bytes(4, "big") + data
+    while data:
+        data = data[os.write(fd, data) :]
+
+
+def _receive(fd: int) -> dict[str, Any]:
+    size = int.from_bytes(_read_exact(fd, 4), "big")
+    message = marshal.loads(_read_exact(fd, size))
+    if not isinstance(message, dict):
+        raise EOFError
+    return message
+
+
+class _Flags:
+    """Writes ``sys.flags`` fields (a read-only struct sequence, stored like a tuple)."""
+
+    def __init__(self) -> None:
+        import ctypes
+
+        self._ctypes = ctypes
+        self._names = type(sys.flags).__match_args__
+        self.works = self._check()
+
+    def _slot(self, index: int) -> Any:
+        address = (
+            id(sys.flags) + tuple.__basicsize__ + index * self._ctypes.sizeof(self._ctypes.c_void_p)
+        )
+        return self._ctypes.c_void_p.from_address(address)
+
+    def _check(self) -> bool:
+        """Writing a field's own value back must read back the same object (else: no patching,
+        and jobs that need a field changed go to real processes)."""
+        try:
+            index = self._names.index("quiet")
+            value = sys.flags[index]
+            self._write(index, value)
+            return sys.flags.quiet is value and len(sys.flags) == len(self._names)
+        except Exception:
+            return False
+
+    def _write(self, index: int, value: object) -> None:
+        self._ctypes.pythonapi.Py_IncRef(self._ctypes.py_object(value))
+        self._slot(index).value = id(value)
+        # the old value (0, 1, False, True) is a shared constant: one reference is kept
+
+    def set(self, values: dict[str, Any]) -> None:
+        for name, value in values.items():
+            index = self._names.index(name)
+            old = sys.flags[index]
+            if old != value or type(old) is not type(value):
+                self._write(index, value)
+
+
+def _reseed() -> None:
+    """Draws made by user-space generators seeded in the template differ in every sibling."""
+    random = sys.modules.get("random")
+    if random is not None:
+        random.seed()
+    numpy_random = sys.modules.get("numpy.random")
+    if numpy_random is not None:
+        try:
+            numpy_random.seed()
+        except Exception:
+            pass
+    tempfile: Any = sys.modules.get("tempfile")
+    if tempfile is not None:
+        tempfile._name_sequence = None
+
+
+def _stdio(fd: int, write: bool, name: str, encoding: str, errors: str, unbuffered: bool) -> Any:
+    """One standard stream as ``create_stdio`` in ``Python/pylifecycle.c`` (3.11) makes it."""
+    import io
+
+    buffering = 0 if (unbuffered and write) else -1
+    buf: Any = io.open(fd, "wb" if write else "rb", buffering, None, None, None, False)  # noqa: SIM115, UP020
+    raw = buf if buffering == 0 else buf.raw
+    raw.name = name
+    line_buffering = not unbuffered and (raw.isatty() or fd == 2)
+    stream: Any = io.TextIOWrapper(buf, encoding, errors, "\n", line_buffering, unbuffered)
+    stream.mode = "w" if write else "r"
+    return stream
+
+
+def _io_encoding(spec: str | None, encoding: str, errors: str) -> tuple[str, str]:
+    """``PYTHONIOENCODING=enc[:errors]`` as ``config_init_stdio_encoding`` reads it."""
+    if not spec:
+        return encoding, errors
+    import codecs  # imported by python3's start-up already
+
+    enc, _, errs = spec.partition(":")
+    if enc:
+        encoding = codecs.lookup(enc).name
+        if not errs:
+            errs = "strict"
+    if errs:
+        errors = errs
+    return encoding, errors
+
+
+def _getimporter(path: str) -> Any:
+    """``PyImport_GetImporter``: a directory or zip file is run as its ``__main__`` module."""
+    cache = sys.path_importer_cache
+    if path in cache:
+        return cache[path]
+    cache[path] = None  # as CPython caches it: a plain file has no importer
+    for hook in sys.path_hooks:
+        try:
+            importer = hook(path)
+        except ImportError:
+            continue
+        cache[path] = importer
+        return importer
+    return None
+
+
+class Job:
+    """One program; ``BOOT`` calls ``call(*args)``, then :meth:`finish` or :meth:`uncaught`."""
+
+    def __init__(self, spec: dict[str, Any], boot_globals: dict[str, Any]) -> None:
+        self.spec = spec
+        self.boot_globals = boot_globals
+        self.call: Any = None
+        self.args: tuple[Any, ...] = ()
+        self.main: dict[str, Any] = {}
+        self.set_file_name = False
+        self.sigint = False
+        self.alive: list[Any] = []  # the holder's stack
+        self.script: tuple[bytes | None, OSError | None, str | None, bool] = (
+            None,
+            None,
+            None,
+            False,
+        )
+
+    # -- what BOOT calls ---------------------------------------------------------------
+
+    def finish(self) -> None:
+        """After the program (or its SystemExit): as ``_PyRun_SimpleFileObject`` ends."""
+        if self.set_file_name:
+            self.main.pop("__file__", None)
+            self.main.pop("__cached__", None)
+        for stream in (sys.stderr, sys.stdout):
+            try:
+                if stream is not None:
+                    stream.flush()
+            except Exception:
+                pass
+
+    def uncaught(self, exc: BaseException) -> None:
+        """``PyErr_Print`` for an exception the program did not catch; then status 1."""
+        self.finish()
+        tb = _strip(exc.__traceback__, self.boot_globals)
+        exc.__traceback__ = tb
+        sys.last_type, sys.last_value, sys.last_traceback = type(exc), exc, tb
+        if isinstance(exc, KeyboardInterrupt):
+            self.sigint = True  # python3 dies by SIGINT after finalising: see _exit_by_sigint
+        hook = getattr(sys, "excepthook", None)
+        sys.audit("sys.excepthook", hook, type(exc), exc, tb)
+        if hook is None:
+            sys.stderr.write("sys.excepthook is missing\n")
+            sys.__excepthook__(type(exc), exc, tb)
+        else:
+            try:
+                hook(type(exc), exc, tb)
+            except SystemExit:
+                raise
+            except BaseException as hook_exc:
+                hook_tb = _strip(hook_exc.__traceback__, self.boot_globals)
+                hook_exc.__traceback__ = hook_tb  # what the display prints
+                sys.stderr.write("Error in sys.excepthook:\n")
+                sys.__excepthook__(type(hook_exc), hook_exc, hook_tb)
+                sys.stderr.write("\nOriginal exception was:\n")
+                sys.__excepthook__(type(exc), exc, tb)
+        raise SystemExit(1)
+
+    def _exit_by_sigint(self) -> None:
+        if self.sigint:
+            import signal
+
+            for stream in (sys.stdout, sys.stderr):
+                try:
+                    stream.flush()
+                except Exception:
+                    pass
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGINT)
+
+    # -- becoming the program ------------------------------------------------------------
+
+    def apply(self, fds: tuple[int, ...], flags: _Flags | None, state: dict[str, Any]) -> None:
+        spec = self.spec
+        stdout_w, stderr_w = fds[1], fds[2]
+        import atexit  # a built-in module; registering is all that is needed of it
+
+        # Modules only this file needed go; any the steps below import (a codec for
+        # PYTHONIOENCODING, runpy for -m) stay, as python3 imports them too.
+        drop = set(sys.modules) - state["keep"]
+        cwd = spec.get("cwd")
+        if cwd:
+            os.chdir(cwd)
+        if spec.get("stdin"):
+            os.dup2(fds[3], 0)
+        os.dup2(stdout_w, 1)
+        os.dup2(stderr_w, 2)
+        for fd in fds:
+            os.close(fd)
+        old_tz = os.environ.get("TZ")
+        os.environ.clear()
+        os.environ.update(spec["env"])
+        if os.environ.get("TZ") != old_tz and "time" in sys.modules:
+            sys.modules["time"].tzset()
+        sys.argv = list(spec["argv"])
+        sys.orig_argv = list(spec["orig_argv"])
+        sys.executable = _sys._base_executable = spec["executable"]
+        if spec["flags"] and flags is not None:
+            flags.set(spec["flags"])
+        if spec["flags"].get("dont_write_bytecode"):
+            sys.dont_write_bytecode = True
+        self._site(spec)
+        self._path(spec)
+        # The streams python3 made at start-up were made on the same kinds of files (stdin
+        # /dev/null, stdout and stderr pipes): they stay, unless the job asks for other ones.
+        unbuffered = bool(spec["unbuffered"])
+        encoding, errors = _io_encoding(spec.get("io_encoding"), state["encoding"], state["errors"])
+        if unbuffered or spec.get("io_encoding"):
+            sys.stdout = _sys.__stdout__ = _stdio(1, True, "<stdout>", encoding, errors, unbuffered)
+            sys.stderr = _sys.__stderr__ = _stdio(
+                2, True, "<stderr>", encoding, "backslashreplace", unbuffered
+            )
+        if unbuffered or spec.get("io_encoding") or spec.get("stdin"):  # a pipe, not /dev/null
+            sys.stdin = _sys.__stdin__ = _stdio(0, False, "<stdin>", encoding, errors, unbuffered)
+        if spec.get("generation") != state["generation"]:
+            _reseed()
+        atexit.register(self._exit_by_sigint)  # first registered, so it runs last
+        for name in drop:
+            sys.modules.pop(name, None)
+        self._prepare_main(spec)
+
+    def _site(self, spec: dict[str, Any]) -> None:
+        """``site.main`` computes the user's site directory whatever ``-s`` says."""
+        site: Any = sys.modules.get("site")
+        if site is None:
+            return
+        site.USER_BASE = site.USER_SITE = None
+        site.getusersitepackages()  # from the job's HOME / PYTHONUSERBASE
+        if spec["no_user_site"]:
+            site.ENABLE_USER_SITE = False
+
+    def _path(self, spec: dict[str, Any]) -> None:
+        if sys.path and sys.path[0] == "":
+            del sys.path[0]  # BOOT's own "-c" entry
+        extra = [os.path.abspath(p) for p in spec["pythonpath"]]
+        sys.path[0:0] = extra
+        mode, target = spec["mode"], spec["target"]
+        if mode == "file":
+            path = _abspath(target)
+            self.script = _read_script(path)
+            source, _, real, is_dir = self.script
+            # As pymain_run_python: a directory or zip file runs as its __main__ module. Only
+            # a file holding a zip end-of-directory record can be a zip: skip the hooks' I/O
+            # (each system call is a few ms here) when it holds none.
+            if is_dir or (source is not None and _ZIP_END in source[-(1 << 16) - 22 :]):
+                importer = _getimporter(path)
+            else:
+                importer = sys.path_importer_cache.setdefault(path, None)
+            if importer is not None:
+                sys.path.insert(0, path)
+                self._importer_main = True
+                return
+            if not spec["safe_path"]:
+                sys.path.insert(0, os.path.dirname(real or path))
+        elif not spec["safe_path"]:
+            sys.path.insert(0, os.getcwd() if mode == "module" else "")
+
+    def _prepare_main(self, spec: dict[str, Any]) -> None:
+        import builtins
+
+        bootstrap = sys.modules["_frozen_importlib"]
+        module = type(sys)("__main__")
+        main = module.__dict__
+        main["__annotations__"] = {}
+        main["__builtins__"] = builtins
+        main["__loader__"] = bootstrap.BuiltinImporter
+        sys.modules["__main__"] = module
+        self.main = main
+        mode, target = spec["mode"], spec["target"]
+        if mode == "module" or getattr(self, "_importer_main", False):
+            import runpy
+
+            runpy_any: Any = runpy
+            self.call = runpy_any._run_module_as_main  # what python3 -m calls
+            self.args = (target, True) if mode == "module" else ("__main__", False)
+            return
+        if mode == "command":
+            source: str | bytes = target
+            filename = "<string>"
+        elif mode == "stdin":
+            source = _read_all(0)
+            filename = "<stdin>"
+            main["__file__"], main["__cached__"] = filename, None
+            self.set_file_name = True
+        else:
+            filename = _abspath(target)
+            data, error, _, _ = self.script
+            if data is None:
+                assert error is not None
+                self.call, self.args = _cannot_open, (spec["orig_argv"][0], filename, error)
+                return
+            source = data
+            main["__file__"], main["__cached__"] = filename, None
+            self.set_file_name = True
+            external = sys.modules["_frozen_importlib_external"]
+            main["__loader__"] = external.SourceFileLoader("__main__", filename)
+        try:
+            code = compile(source, filename, "exec", dont_inherit=True)
+        except BaseException as exc:  # SyntaxError, ValueError (null bytes), MemoryError
+            self.call, self.args = _reraise, (exc,)
+            return
+        self.call, self.args = exec, (code, main)
+
+
+def _read_script(path: str) -> tuple[bytes | None, OSError | None, str | None, bool]:
+    """(source, open error, real path, is a directory) in as few system calls as possible."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        return None, exc, None, False
+    try:
+        import stat  # imported by python3's start-up already
+
+        info = os.fstat(fd)
+        if stat.S_ISDIR(info.st_mode):
+            return None, None, None, True
+        parts = [os.read(fd, info.st_size + 1)]
+        while len(parts[-1]) > 0 and (len(parts) > 1 or len(parts[0]) > info.st_size):
+            parts.append(os.read(fd, 1 << 16))
+        try:  # the kernel resolved every symlink already: one call, not an lstat per component
+            real = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            real = os.path.realpath(path)
+        return b"".join(parts), None, real, False
+    except OSError as exc:
+        return None, exc, None, False
+    finally:
+        os.close(fd)
+
+
+def _abspath(path: str) -> str:
+    """``_Py_abspath``: the directory joined on, not normalised (``/tmp/./x.py`` stays)."""
+    if os.path.isabs(path):
+        return path
+    return os.path.join(os.getcwd(), path)
+
+
+def _read_all(fd: int) -> bytes:
+    parts = []
+    while chunk := os.read(fd, 1 << 16):
+        parts.append(chunk)
+    return b"".join(parts)
+
+
+def _cannot_open(program: str, filename: str, exc: OSError) -> None:
+    sys.stderr.write(
+        f"{program}: can't open file {filename!r}: [Errno {exc.errno}] {exc.strerror}\n"
+    )
+    raise SystemExit(2)
+
+
+def _reraise(exc: BaseException) -> None:
+    raise exc.with_traceback(None)
+
+
+def _strip(tb: Any, boot_globals: dict[str, Any]) -> Any:
+    """Drop the leading frames of BOOT and of this file: tracebacks start at the program."""
+    while tb is not None:
+        frame = tb.tb_frame
+        if frame.f_globals is boot_globals or frame.f_globals is globals():
+            tb = tb.tb_next
+        else:
+            break
+    return tb
+
+
+def _spare_bytes() -> int:
+    """MemAvailable less ember.agent.heap.RESERVE_MIB: the budget is checked again at touch time,
+    after the preload modules took their share."""
+    try:
+        with open("/proc/meminfo", "rb") as f:
+            for line in f:
+                if line.startswith(b"MemAvailable:"):
+                    return max(0, (int(line.split()[1]) >> 10) - RESERVE_MIB) << 20
+    except (OSError, ValueError, IndexError):
+        pass
+    return 1 << 62
+
+
+def _make_holder(keep: list[Any]) -> int:
+    """Clone a task that shares this process's memory and only sleeps (see the pool's docs).
+
+    ``clone(syscall, stack, CLONE_VM | CLONE_PARENT | SIGCHLD, SYS_pause)``: the new task runs
+    ``syscall(SYS_pause)`` on a small stack of its own and nothing else, never Python code. Its
+    parent is the agent, so the program never sees an extra child. It is cloned while this
+    process holds no descriptor but /dev/null and the agent's socket: a copy of the program's
+    pipes in its descriptor table would keep them open after the program's exit.
+    """
+    if os.uname().machine != "x86_64":
+        return 0
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        stack = ctypes.create_string_buffer(HOLDER_STACK)
+        keep.append(stack)  # must outlive the holder: a signal handler may run on it
+        top = (ctypes.addressof(stack) + HOLDER_STACK - 64) & ~15
+        clone = libc.clone
+        clone.restype = ctypes.c_int
+        clone.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p]
+        entry = ctypes.cast(libc.syscall, ctypes.c_void_p)
+        pid = clone(entry, top, CLONE_VM | CLONE_PARENT | SIGCHLD, ctypes.c_void_p(SYS_PAUSE))
+        return pid if pid > 0 else 0
+    except Exception:
+        return 0  # no holder: the program's exit just costs what a real process's does
+
+
+def _receive_job(ctl: int) -> tuple[dict[str, Any], list[int]]:
+    """The job, with the program's pipe ends attached: stdout and stderr, then stdin's, if any."""
+    import _socket  # built into python3; dropped from sys.modules at hand-over
+
+    sock = _socket.socket(fileno=ctl)
+    try:
+        first, ancillary, _, _ = sock.recvmsg(1 << 16, _socket.CMSG_SPACE(3 * 4))
+        fds: list[int] = []
+        for level, kind, data in ancillary:
+            if level == _socket.SOL_SOCKET and kind == _socket.SCM_RIGHTS:
+                fds += [
+                    int.from_bytes(data[i : i + 4], sys.byteorder)
+                    for i in range(0, len(data) - 3, 4)
+                ]
+        if len(first) < 4 or len(fds) not in (2, 3):
+            raise EOFError
+        size = int.from_bytes(first[:4], "big")
+        body = first[4:]
+        if len(body) < size:
+            body += _read_exact(ctl, size - len(body))
+    finally:
+        sock.detach()
+    message = marshal.loads(body)
+    if not isinstance(message, dict):
+        raise EOFError
+    return message, fds
+
+
+def wait(argv: list[str], boot_globals: dict[str, Any], baseline: set[str]) -> Job:
+    """Start-up work, ``ready``, then block until the agent hands over a job (BOOT calls this)."""
+    ctl, generation, heap = (int(a) for a in argv[:3])
+    preload = argv[3:]
+    before = set(sys.modules)
+    error = ""
+    for name in preload:
+        try:
+            __import__(name)
+        except BaseException as exc:  # reported to the agent, which refuses the pool
+            error = f"preloading {name!r} failed: {type(exc).__name__}: {exc}"
+            break
+    # What python3's own start-up imported, and the preload modules with all they imported,
+    # stay; modules only this file needed are dropped at hand-over.
+    preloaded = set(sys.modules) - before
+    keep = baseline | preloaded
+    flags: _Flags | None = None
+    try:
+        flags = _Flags()
+    except Exception:
+        flags = None
+    import gc  # built in; dropped from sys.modules again at hand-over
+
+    # Everything start-up and the preload modules made is moved out of the collector's sight:
+    # a collection in a restored copy would otherwise write to every one of those pages (a
+    # host-side copy-on-write fault each, and private memory for the sandbox). Only
+    # introspection (gc.get_objects, gc.get_freeze_count) can tell.
+    gc.freeze()
+    if heap > 0 and not error:
+        heap = min(heap, _spare_bytes())
+        block = bytearray(heap)  # every page written once; freed into a heap that keeps it
+        del block
+    site = sys.modules.get("site")
+    user_site = getattr(site, "USER_SITE", None) if site is not None else None
+    alive: list[Any] = []
+    holder = 0 if error else _make_holder(alive)
+    state = {
+        "generation": generation,
+        "keep": keep,
+        "encoding": sys.stdout.encoding if sys.stdout is not None else "utf-8",
+        "errors": sys.stdout.errors if sys.stdout is not None else "strict",
+    }
+    _send(
+        ctl,
+        {
+            "ready": not error,
+            "error": error,
+            "pid": os.getpid(),
+            "holder": holder,
+            "version": f"{sys.version_info[0]}.{sys.version_info[1]}",
+            "user_site_in_path": bool(user_site and user_site in sys.path),
+            "flags": bool(flags is not None and flags.works),
+            "heap": heap,
+            "preloaded": sorted(preloaded),  # what programs will find in sys.modules
+        },
+    )
+    if error:
+        os._exit(1)
+    try:
+        spec, fds = _receive_job(ctl)
+    except (EOFError, OSError, ValueError):
+        os._exit(0)  # the agent went away or is shutting the pool down
+    job = Job(spec, boot_globals)
+    job.alive = alive
+    job.apply((ctl, *fds), flags if flags and flags.works else None, state)
+    return job

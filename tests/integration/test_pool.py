@@ -1,0 +1,165 @@
+"""Pre-started interpreters and pre-faulted heaps in real sandboxes (issue 15 items 1 and 2).
+
+Each table case gets a freshly restored sandbox, whose template holds a full pool: the case
+runs once as ``python3 ...`` (a pre-started interpreter; the pool's ``served`` count proves it)
+and once as ``env python3 ...`` (``env`` executes a real ``python3``, the pool is not asked),
+and both must print the same and end the same. A real guest ``python3`` costs ~10-20 s here,
+so the table is short; tests/unit/test_pool.py runs the long one against the host's python3.
+"""
+
+from __future__ import annotations
+
+import ast
+import difflib
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pytest
+
+from ember import Sandbox
+
+from .conftest import Images
+
+SHOW = """\
+import os, sys
+print(sys.argv, sys.orig_argv, sys.executable, sys.path[0], sys.path[1:])
+print(__name__, globals().get("__file__"), type(__loader__).__name__, list(globals()))
+print(sys.flags)
+for s in (sys.stdin, sys.stdout, sys.stderr):
+    print(s.name, s.encoding, s.errors, s.line_buffering, s.write_through, type(s.buffer).__name__)
+print("modules:", sorted(sys.modules))
+print(sorted(os.environ.items()))
+print(os.getcwd(), os.getpgrp() == os.getpid(), sorted(os.listdir("/proc/self/fd")))
+"""
+
+TRACEBACK = """\
+def f(x):
+    return 1 / x
+f(0)
+"""
+
+
+@dataclass
+class Case:
+    name: str
+    argv: list[str]
+    files: dict[str, str]
+    stdin: bytes | None = None
+
+
+CASES = [
+    Case("show", ["python3", "/tmp/case/show.py", "a"], {"/tmp/case/show.py": SHOW}),
+    Case("module", ["python3", "-u", "-m", "show"], {"/tmp/case/show.py": SHOW}),
+    Case("traceback", ["python3", "/tmp/case/tb.py"], {"/tmp/case/tb.py": TRACEBACK}),
+    Case("stdin and exit code", ["python3", "-c",
+         "import sys; print(sys.stdin.read()[::-1]); sys.exit(5)"], {}, b"olleh"),
+    Case("signal", ["python3", "-c", "import os; os.kill(os.getpid(), 15)"], {}),
+    Case("threads atexit fork", ["python3", "-c",
+         "import atexit, os, threading\natexit.register(print, 'atexit')\n"
+         "threading.Thread(target=print, args=('thread',)).start()\n"
+         "pid = os.fork()\nif pid == 0:\n    os._exit(3)\nprint(os.waitpid(pid, 0)[1] >> 8)"], {}),
+]  # fmt: skip
+
+
+@pytest.fixture
+def sb(images: Images) -> Iterator[Sandbox]:
+    with Sandbox() as box:
+        yield box
+
+
+def served(sb: Sandbox) -> int:
+    pool = sb.ping()["pool"]
+    assert pool["state"] == "ready", pool
+    return int(pool["served"])
+
+
+def without_preloaded(output: bytes, preloaded: list[str]) -> bytes:
+    """The template's preload modules (numpy and all it imported) are meant to be there."""
+    lines = output.split(b"\n")
+    for i, line in enumerate(lines):
+        if line.startswith(b"modules: ["):
+            names = ast.literal_eval(line[len(b"modules: ") :].decode())
+            kept = [name for name in names if name not in preloaded]
+            lines[i] = b"modules: " + repr(kept).encode()
+    return b"\n".join(lines)
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_a_pre_started_interpreter_runs_a_program_as_python3_does(sb: Sandbox, case: Case) -> None:
+    for path, text in case.files.items():
+        sb.files.write(path, text.encode())
+    before = served(sb)
+    preloaded = list(sb.ping()["pool"]["preloaded"])
+    pooled = sb.exec(case.argv, cwd="/tmp/case" if case.files else None, stdin=case.stdin,
+                     timeout=600)  # fmt: skip
+    assert served(sb) == before + 1, "the program did not go to a pre-started interpreter"
+    real = sb.exec(["env", *case.argv], cwd="/tmp/case" if case.files else None,
+                   stdin=case.stdin, timeout=900)  # fmt: skip
+    assert served(sb) == before + 1
+    stdout = without_preloaded(pooled.stdout, preloaded)
+    outcome = (stdout, pooled.stderr, pooled.exit_code, pooled.signal)
+    real_stdout = without_preloaded(real.stdout, preloaded)  # runpy imports some of them too
+    expected = (real_stdout, real.stderr, real.exit_code, real.signal)
+    if outcome != expected:
+        diff = difflib.unified_diff(
+            repr(expected).replace("\\n", "\n").splitlines(),
+            repr(outcome).replace("\\n", "\n").splitlines(),
+            "real python3", "pre-started", lineterm="",
+        )  # fmt: skip
+        pytest.fail("\n".join(diff))
+
+
+def test_a_restored_sandbox_has_a_full_pool(sb: Sandbox) -> None:
+    pool = sb.ping()["pool"]
+    assert pool["state"] == "ready" and pool["ready"] == pool["size"] >= 1, pool
+    assert pool["error"] == ""
+
+
+def test_siblings_draw_different_random_numbers(images: Images) -> None:
+    script = [
+        "python3", "-c",
+        "import os, random, sys\nprint(random.random(), os.urandom(8).hex())\n"
+        "np = sys.modules.get('numpy')\nprint(np.random.random() if np else None)",
+    ]  # fmt: skip
+    with Sandbox() as a, Sandbox() as b:
+        first, second = a.exec(script, timeout=600), b.exec(script, timeout=600)
+        child = a.fork()
+        with child:
+            third = child.exec(script, timeout=600)
+    lines = [r.stdout.decode().splitlines() for r in (first, second, third)]
+    assert all(r.exit_code == 0 for r in (first, second, third)), (first, second, third)
+    for i in range(2):  # random and os.urandom, then numpy.random (preloaded in the template)
+        values = [out[i] for out in lines]
+        assert len(set(values)) == 3, values
+
+
+def test_warm_interpreters_reuse_pages_faulted_in_the_template(sb: Sandbox) -> None:
+    """10 MiB in the run_code worker and in a pre-started interpreter: resident already."""
+    measure = (
+        "def rss():\n"
+        "    for line in open('/proc/self/status'):\n"
+        "        if line.startswith('VmRSS:'):\n"
+        "            return int(line.split()[1]) // 1024\n"
+        "before = rss()\nb = bytearray(10 << 20)\ngrew = rss() - before\ndel b\n"
+    )
+    cell = sb.run_code(measure + "grew", timeout=600)
+    assert cell.error is None and int(str(cell.value)) < 2, cell
+    heaps = sb.ping()["pool"]["heaps_mib"]
+    assert max(heaps) >= 16, heaps  # the first program gets the biggest
+    run = sb.exec(["python3", "-c", measure + "print(grew)"], timeout=600)
+    assert int(run.stdout) < 2, run
+    # beyond the pre-faulted heap a program just gets ordinary page faults
+    big = sb.exec(["python3", "-c", "b = bytearray(80 << 20); b[-1] = 7; print(sum(b))"],
+                  timeout=900)  # fmt: skip
+    assert big.stdout == b"7\n" and big.exit_code == 0, big
+
+
+def test_untouched_template_memory_costs_the_host_nothing(sb: Sandbox) -> None:
+    """The heaps touched in the template stay shared with its memory file until written."""
+    sb.ping()
+    assert sb._vmm.proc is not None
+    pid = sb._vmm.proc.pid
+    with open(f"/proc/{pid}/smaps_rollup") as f:
+        private_kib = sum(int(line.split()[1]) for line in f if line.startswith("Private_"))
+    heaps_mib = sum(sb.ping()["pool"]["heaps_mib"])
+    assert private_kib // 1024 < max(32, heaps_mib // 2), (private_kib, heaps_mib)

@@ -1,0 +1,452 @@
+"""Pre-started interpreters (ember.agent.pool, ember.agent.pystart) on a Unix socket (no KVM).
+
+The agent runs as a real subprocess with a real pool of this host's ``/usr/bin/python3``
+(Debian 12's 3.11, the guest's python3), exactly as in the guest but for the socket family.
+The table test runs each program once through a pre-started interpreter and once through a
+real ``python3`` (``"pool": false``) and requires the same stdout, stderr and status.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ember import protocol
+from ember.agent import pystart
+from ember.client import AgentClient
+from ember.protocol import Kind, read_frame, write_frame, write_json
+
+SRC = Path(__file__).resolve().parents[2] / "src"
+PYTHON = "/usr/bin/python3"
+
+pytestmark = pytest.mark.skipif(
+    not os.path.exists(PYTHON), reason=f"needs {PYTHON} (the guest's interpreter)"
+)
+
+
+@dataclass
+class Run:
+    stdout: bytes
+    stderr: bytes
+    result: dict[str, Any]
+
+    def outcome(self) -> tuple[bytes, bytes, Any, Any]:
+        return self.stdout, self.stderr, self.result["exit_code"], self.result["signal"]
+
+
+@dataclass
+class Agent:
+    proc: subprocess.Popen[bytes]
+    path: str
+    client: AgentClient
+    home: Path
+
+    def connect(self) -> socket.socket:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(60)
+        sock.connect(self.path)
+        return sock
+
+    def pool(self) -> dict[str, Any]:
+        status = self.client.ping()["pool"]
+        assert isinstance(status, dict)
+        return status
+
+    def wait_full(self, timeout: float = 60.0) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while True:
+            status = self.pool()
+            if status["ready"] == status["size"] and not status["holders"]:
+                return status
+            assert time.monotonic() < deadline, status
+            time.sleep(0.02)
+
+    def run(
+        self,
+        argv: list[str],
+        *,
+        pool: bool = True,
+        stdin: bytes | None = None,
+        env: dict[str, str] | None = None,
+        cwd: str | None = None,
+        timeout: float | None = None,
+    ) -> Run:
+        request: dict[str, Any] = {"op": "exec", "argv": argv, "stdin": stdin is not None}
+        request["pool"] = pool
+        for key, value in (("env", env), ("cwd", cwd), ("timeout", timeout)):
+            if value is not None:
+                request[key] = value
+        out, err = bytearray(), bytearray()
+        with self.connect() as sock:
+            write_json(sock, Kind.REQUEST, request)
+            if stdin is not None:
+                if stdin:
+                    write_frame(sock, Kind.STDIN, stdin)
+                write_frame(sock, Kind.STDIN_EOF, b"")
+            while (frame := read_frame(sock)) is not None:
+                kind, payload = frame
+                if kind is Kind.STDOUT:
+                    out += payload
+                elif kind is Kind.STDERR:
+                    err += payload
+                elif kind is Kind.RESULT:
+                    return Run(bytes(out), bytes(err), protocol.decode_json(payload))
+                else:
+                    raise AssertionError(f"{kind.name}: {payload!r}")
+        raise AssertionError("no result")
+
+    def pooled(self, argv: list[str], **kwargs: Any) -> Run:
+        """Run through a pre-started interpreter (and check that it was one)."""
+        served = self.wait_full()["served"]
+        run = self.run(argv, **kwargs)
+        assert self.pool()["served"] == served + 1, "not served by the pool"
+        return run
+
+
+def start_agent(base: Path, *extra: str, env: dict[str, str] | None = None) -> Agent:
+    path, ready_path = str(base / "agent.sock"), str(base / "ready.sock")
+    ready = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    ready.bind(ready_path)
+    ready.listen(1)
+    ready.settimeout(30)
+    agent_env = dict(os.environ, EMBER_POOL_IDLE_S="0.05", **(env or {}))
+    agent_env["PYTHONPATH"] = str(SRC)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ember.agent", "--listen-unix", path, "--ready-unix", ready_path,
+         "--heap-mib", "8", *extra],
+        env=agent_env,
+    )  # fmt: skip
+    try:
+        ready.accept()[0].close()
+    finally:
+        ready.close()
+    holder: list[Agent] = []
+    agent = Agent(proc, path, AgentClient(lambda: holder[0].connect()), base)
+    holder.append(agent)
+    return agent
+
+
+def stop_agent(agent: Agent) -> None:
+    agent.client.shutdown()
+    assert agent.proc.wait(timeout=30) == 0
+
+
+@pytest.fixture(scope="module")
+def agent(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Agent]:
+    a = start_agent(tmp_path_factory.mktemp("pool"))
+    try:
+        deadline = time.monotonic() + 60
+        while a.pool()["state"] != "ready":
+            assert time.monotonic() < deadline, a.pool()
+            time.sleep(0.05)
+        yield a
+        stop_agent(a)
+    finally:
+        if a.proc.poll() is None:
+            a.proc.kill()
+            a.proc.wait()
+
+
+# -- the table: a pre-started interpreter against a real python3 -------------------------
+
+
+@dataclass
+class Case:
+    name: str
+    argv: list[str]
+    files: dict[str, str] = field(default_factory=dict)
+    stdin: bytes | None = None
+    env: dict[str, str] | None = None
+
+
+SHOW = """\
+import os, sys
+print(sys.argv, sys.orig_argv, sys.executable, sys.path[0], sys.path[1:3])
+print(__name__, globals().get("__file__"), type(__loader__).__name__, __package__,
+      __spec__ and (__spec__.name, __spec__.origin))
+print(list(globals()))
+print(sys.flags, sys.dont_write_bytecode)
+for s in (sys.stdin, sys.stdout, sys.stderr):
+    print(s.name, s.encoding, s.errors, s.line_buffering, s.write_through, s.mode,
+          type(s.buffer).__name__, s.fileno(), s is getattr(sys, "__" + s.name[1:-1] + "__"),
+          s.seekable(), s.isatty())
+print(sorted(sys.modules))
+print(sorted(os.environ.items()))
+print(os.getcwd(), os.getpgrp() == os.getpid(), os.getsid(0) == os.getpid())
+print(sorted(int(fd) for fd in os.listdir("/proc/self/fd")))
+import site; print(site.ENABLE_USER_SITE, site.USER_SITE)
+"""
+
+TRACEBACK = """\
+def inner(x):
+    return 1 / x
+
+def outer():
+    return inner(0)
+
+print("before", flush=True)
+outer()
+"""
+
+CASES = [
+    Case("file", ["python3", "{d}/show.py", "a", "b c"], {"show.py": SHOW}),
+    Case("relative file", ["python3", "./show.py"], {"show.py": SHOW}),
+    Case("command", ["python3", "-c", SHOW, "x"]),
+    Case("module", ["python3", "-m", "show", "y"], {"show.py": SHOW}),
+    Case("package main", ["python3", "-m", "pkg"],
+         {"pkg/__init__.py": "", "pkg/__main__.py": SHOW}),
+    Case("directory", ["python3", "{d}/app"], {"app/__main__.py": SHOW}),
+    Case("stdin", ["python3", "-", "z"], stdin=SHOW.encode()),
+    Case("stdin without args", ["python3"], stdin=b"import sys; print(sys.argv, sys.path[0])"),
+    Case("unbuffered", ["python3", "-u", "-c", SHOW]),
+    Case("isolated", ["python3", "-I", "-c", SHOW], env={"PYTHONPATH": "/nowhere"}),
+    Case("flags", ["python3", "-B", "-s", "-E", "-q", "-c", SHOW]),
+    Case("safe path", ["python3", "-P", "{d}/show.py"], {"show.py": SHOW}),
+    Case("pythonpath", ["python3", "-c", SHOW], env={"PYTHONPATH": "rel:/abs/../x::."}),
+    Case("env flags", ["python3", "-c", SHOW],
+         env={"PYTHONUNBUFFERED": "1", "PYTHONDONTWRITEBYTECODE": "1", "PYTHONNOUSERSITE": "1"}),
+    Case("io encoding", ["python3", "-c", SHOW + "print('\\xe9')"],
+         env={"PYTHONIOENCODING": "latin-1"}),
+    Case("io errors", ["python3", "-c", SHOW], env={"PYTHONIOENCODING": ":replace", "TZ": "UTC"}),
+    Case("exit code", ["python3", "-c", "import sys; print('out'); sys.exit(3)"]),
+    Case("exit message", ["python3", "-c", "raise SystemExit('bye')"]),
+    Case("exit none", ["python3", "-c", "import sys; sys.exit()"]),
+    Case("traceback", ["python3", "{d}/tb.py"], {"tb.py": TRACEBACK}),
+    Case("traceback in -c", ["python3", "-c", "def f():\n    raise KeyError('k')\nf()"]),
+    Case("traceback in -m", ["python3", "-m", "tb"], {"tb.py": TRACEBACK}),
+    Case("syntax error", ["python3", "{d}/bad.py"], {"bad.py": "x = (\n"}),
+    Case("syntax error -c", ["python3", "-c", "1 +"]),
+    Case("no such file", ["python3", "{d}/missing.py"]),
+    Case("no such module", ["python3", "-m", "no_such_module_here"]),
+    Case("keyboard interrupt", ["python3", "-c", "print(1, flush=True); raise KeyboardInterrupt"]),
+    Case("signal", ["python3", "-c", "import os, signal; os.kill(os.getpid(), signal.SIGTERM)"]),
+    Case("os._exit", ["python3", "-c", "import os, sys; sys.stdout.write('lost'); os._exit(7)"]),
+    Case("excepthook", ["python3", "-c",
+                        "import sys\nsys.excepthook = lambda t, v, tb: print('hook', t.__name__)\n"
+                        "raise ValueError"]),
+    Case("broken excepthook", ["python3", "-c",
+                               "import sys\ndef h(*a): raise OSError('h')\nsys.excepthook = h\n"
+                               "raise ValueError('v')"]),
+    Case("threads and atexit", ["python3", "-c",
+                                "import atexit, threading, time\n"
+                                "atexit.register(print, 'atexit')\n"
+                                "threading.Thread(target=lambda: (time.sleep(0.2), print('thread'))"
+                                ").start()\nprint('main')"]),
+    Case("fork", ["python3", "-c",
+                  "import os\npid = os.fork()\nif pid == 0:\n    print('child')\n    os._exit(4)\n"
+                  "_, status = os.waitpid(pid, 0)\n"
+                  "print('parent', os.waitstatus_to_exitcode(status))"]),
+    Case("subprocess", ["python3", "-c",
+                        "import subprocess, sys\n"
+                        "r = subprocess.run([sys.executable, '-c', 'import sys; print(sys.argv)'],"
+                        " capture_output=True)\nprint(r.stdout, r.returncode)"]),
+    Case("wait for any child", ["python3", "-c", "import os\ntry:\n    os.wait()\n"
+                                "except ChildProcessError as e:\n"
+                                "    print('no children', e.errno)"]),
+    Case("stdin data", ["python3", "-c", "import sys; print(sys.stdin.read().upper())"],
+         stdin=b"hello\n"),
+    Case("stdin streams", ["python3", "-c", SHOW], stdin=b""),
+    Case("stdin closed", ["python3", "-c", "import sys; print(repr(sys.stdin.read()))"]),
+    Case("coding cookie", ["python3", "{d}/latin.py"],
+         {"latin.py": "# -*- coding: latin-1 -*-\nprint('caf\u00e9')\n"}),
+    Case("annotations", ["python3", "-c", "x: int = 1\nprint(__annotations__)"]),
+    Case("pickle main", ["python3", "-c",
+                         "import pickle\nclass C: pass\n"
+                         "print(pickle.loads(pickle.dumps(C())).__class__)"]),
+    Case("random module", ["python3", "-c", "import random, sys; print('random' in sys.modules)"]),
+]  # fmt: skip
+
+
+def materialise(case: Case, base: Path) -> tuple[list[str], str, dict[str, str] | None]:
+    directory = base / case.name.replace(" ", "_")
+    directory.mkdir(parents=True, exist_ok=True)
+    for name, text in case.files.items():
+        (directory / name).parent.mkdir(parents=True, exist_ok=True)
+        (directory / name).write_text(text, encoding="latin-1" if "latin" in name else "utf-8")
+    argv = [a.replace("{d}", str(directory)) for a in case.argv]
+    return argv, str(directory), case.env
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_a_pre_started_interpreter_is_indistinguishable_from_python3(
+    agent: Agent, case: Case, tmp_path: Path
+) -> None:
+    argv, cwd, env = materialise(case, tmp_path)
+    real = agent.run(argv, pool=False, stdin=case.stdin, env=env, cwd=cwd, timeout=60)
+    pooled = agent.pooled(argv, stdin=case.stdin, env=env, cwd=cwd, timeout=60)
+    if pooled.outcome() != real.outcome():
+        diff = difflib.unified_diff(
+            repr(real.outcome()).replace("\\n", "\n").splitlines(),
+            repr(pooled.outcome()).replace("\\n", "\n").splitlines(),
+            "real python3", "pre-started", lineterm="",
+        )  # fmt: skip
+        pytest.fail("\n".join(diff))
+    assert not real.result["timed_out"]
+
+
+# -- behaviour around the table ------------------------------------------------------------
+
+
+def test_programs_the_pool_cannot_honour_run_as_real_processes(agent: Agent) -> None:
+    before = agent.wait_full()
+    for argv, env in (
+        (["python3", "-O", "-c", "print(__debug__)"], None),
+        (["python3", "-c", "import sys; print(sys.flags.hash_randomization)"],
+         {"PYTHONHASHSEED": "0"}),
+        (["python3", "-X", "utf8", "-c", "import sys; print(sys.flags.utf8_mode)"], None),
+    ):  # fmt: skip
+        run = agent.run(argv, env=env, timeout=60)
+        assert run.result["exit_code"] == 0, run
+    assert run.stdout == b"1\n"
+    after = agent.pool()
+    assert after["served"] == before["served"]
+    assert after["fallbacks"] == before["fallbacks"] + 3
+
+
+def test_other_programs_never_touch_the_pool(agent: Agent) -> None:
+    before = agent.wait_full()
+    assert agent.run(["true"]).result["exit_code"] == 0
+    assert agent.run([sys.executable, "-c", "pass"]).result["exit_code"] == 0  # not the pool's
+    after = agent.pool()
+    assert (after["served"], after["fallbacks"]) == (before["served"], before["fallbacks"])
+
+
+def test_the_pool_refills_after_use_and_frees_the_programs_memory(agent: Agent) -> None:
+    agent.wait_full()
+    run = agent.pooled(["python3", "-c", "import os; print(os.getpid())"])
+    pid = int(run.stdout)
+    status = agent.wait_full()
+    assert status["ready"] == status["size"] and status["holders"] == 0
+    assert not Path(f"/proc/{pid}").exists()
+
+
+def test_a_timeout_kills_the_program_and_its_holder(agent: Agent) -> None:
+    agent.wait_full()
+    script = "import os, sys, time; print(os.getpid(), flush=True); time.sleep(60)"
+    run = agent.pooled(["python3", "-c", script], timeout=1.0)
+    assert run.result["timed_out"] and run.result["signal"] == signal.SIGKILL
+    pgid = int(run.stdout)
+    deadline = time.monotonic() + 10
+    while any(_pgid(p) == pgid for p in _live_pids()):
+        assert time.monotonic() < deadline, "the program's group outlived the timeout"
+        time.sleep(0.05)
+
+
+def test_a_bad_cwd_is_refused_like_a_real_process(agent: Agent) -> None:
+    agent.wait_full()
+    with pytest.raises(Exception) as pooled:
+        agent.client.exec(["python3", "-c", "pass"], cwd="/no/such/dir")
+    with pytest.raises(Exception) as real:
+        agent.client.exec(["env", "python3", "-c", "pass"], cwd="/no/such/dir")
+    assert str(pooled.value).replace("'python3'", "'env'") == str(real.value)
+    assert agent.pool()["ready"] == agent.pool()["size"]  # nothing was used up
+
+
+def test_a_program_that_allocates_past_the_heap_just_runs(agent: Agent) -> None:
+    code = "b = bytearray(64 << 20); b[-1] = 1; print(len(b), sum(b))"
+    run = agent.pooled(["python3", "-c", code])
+    assert run.stdout == f"{64 << 20} 1\n".encode() and run.result["exit_code"] == 0
+
+
+def test_a_program_that_kills_its_own_interpreter(agent: Agent) -> None:
+    run = agent.pooled(["python3", "-c", "import os, signal; os.killpg(0, signal.SIGKILL)"])
+    assert run.result["signal"] == signal.SIGKILL
+    agent.wait_full()  # the pool carries on
+
+
+def test_a_missing_preload_module_fails_the_pool_with_its_reason(tmp_path: Path) -> None:
+    a = start_agent(tmp_path, "--preload", "no_such_module_xyz", "--pool", "1")
+    try:
+        deadline = time.monotonic() + 60
+        while (status := a.pool())["state"] == "starting":
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert status["state"] == "failed"
+        assert "no_such_module_xyz" in status["error"] and "ModuleNotFoundError" in status["error"]
+        run = a.run(["python3", "-c", "print(6 * 7)"], timeout=60)
+        assert run.stdout == b"42\n"  # exec still works, with a real process
+        stop_agent(a)
+    finally:
+        if a.proc.poll() is None:
+            a.proc.kill()
+            a.proc.wait()
+
+
+def test_preloaded_modules_are_there_and_pool_only_modules_are_not(tmp_path: Path) -> None:
+    a = start_agent(tmp_path, "--preload", "json,random", "--pool", "1")
+    try:
+        a.wait_full()
+        names = "('json', 'random', 'ctypes', '_socket')"
+        code = f"import sys; print(sorted(m for m in {names} if m in sys.modules))"
+        run = a.pooled(["python3", "-c", code])
+        assert run.stdout == b"['json', 'random']\n", run
+        stop_agent(a)
+    finally:
+        if a.proc.poll() is None:
+            a.proc.kill()
+            a.proc.wait()
+
+
+def test_reseeding_gives_a_template_copy_its_own_random_stream() -> None:
+    random.seed(7)
+    template_draw = random.random()
+    random.seed(7)  # a sibling restored from the same template: the same state
+    pystart._reseed()
+    assert random.random() != template_draw
+
+
+def _live_pids() -> list[int]:
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            if stat[stat.rindex(")") + 2] != "Z":
+                pids.append(int(entry))
+    return pids
+
+
+def _pgid(pid: int) -> int:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return -1
+    return int(stat[stat.rindex(")") + 2 :].split()[2])
+
+
+def test_a_template_whose_pool_failed_is_a_build_error(tmp_path: Path) -> None:
+    """templates._wait_warm refuses to snapshot an agent whose pool could not start."""
+    from ember import templates
+    from ember.errors import SandboxError
+
+    a = start_agent(tmp_path, "--preload", "no_such_module_xyz", "--pool", "1")
+
+    class FakeVmm:
+        connect = staticmethod(a.connect)
+
+        @staticmethod
+        def exited() -> bool:
+            return False
+
+    try:
+        with pytest.raises(SandboxError, match=r"pre-started interpreters failed.*no_such_module"):
+            templates._wait_warm(FakeVmm())  # type: ignore[arg-type]
+        stop_agent(a)
+    finally:
+        if a.proc.poll() is None:
+            a.proc.kill()
+            a.proc.wait()

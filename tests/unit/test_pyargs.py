@@ -1,0 +1,139 @@
+"""Reading python3 command lines for the interpreter pool (ember.agent.pyargs): pure logic."""
+
+from __future__ import annotations
+
+import pytest
+
+from ember.agent.heap import per_interpreter
+from ember.agent.pyargs import PyJob, effective_ctype, parse_command, plan
+
+POOL_ENV = {"PATH": "/usr/bin:/bin", "HOME": "/root", "LANG": "C.UTF-8", "PYTHONMALLOC": "malloc"}
+ENV = {"PATH": "/usr/bin:/bin", "HOME": "/root", "LANG": "C.UTF-8"}
+
+
+def job(argv: list[str], env: dict[str, str] | None = None) -> PyJob | None:
+    return plan(argv, ENV if env is None else env, pool_ctype="C.UTF-8", pool_env=POOL_ENV)
+
+
+@pytest.mark.parametrize(
+    ("argv", "mode", "target", "sys_argv"),
+    [
+        (["python3", "x.py"], "file", "x.py", ("x.py",)),
+        (["python3", "x.py", "-c", "a"], "file", "x.py", ("x.py", "-c", "a")),
+        (["python3", "-u", "x.py", "1"], "file", "x.py", ("x.py", "1")),
+        (["python3", "--", "-weird.py"], "file", "-weird.py", ("-weird.py",)),
+        (["python3", "-c", "print(1)", "a", "b"], "command", "print(1)", ("-c", "a", "b")),
+        (["python3", "-cprint(1)"], "command", "print(1)", ("-c",)),
+        (["python3", "-uc", "pass"], "command", "pass", ("-c",)),
+        (["python3", "-Bc", "", "x"], "command", "", ("-c", "x")),
+        (["python3", "-m", "json.tool", "f"], "module", "json.tool", ("-m", "f")),
+        (["python3", "-mhttp.server"], "module", "http.server", ("-m",)),
+        (["python3", "-I", "-m", "m", "-c"], "module", "m", ("-m", "-c")),
+        (["python3"], "stdin", "", ("",)),
+        (["python3", "-u"], "stdin", "", ("",)),
+        (["python3", "-", "a"], "stdin", "-", ("-", "a")),
+    ],
+)
+def test_command_lines_read_as_python3_reads_them(
+    argv: list[str], mode: str, target: str, sys_argv: tuple[str, ...]
+) -> None:
+    command = parse_command(argv)
+    assert command is not None
+    assert (command.mode, command.target, command.argv) == (mode, target, sys_argv)
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["python3", "-O", "x.py"],
+        ["python3", "-OO", "-c", "pass"],
+        ["python3", "-S", "x.py"],
+        ["python3", "-i", "x.py"],
+        ["python3", "-W", "error", "x.py"],
+        ["python3", "-Wignore", "x.py"],
+        ["python3", "-X", "dev", "x.py"],
+        ["python3", "-b", "x.py"],
+        ["python3", "-v", "-c", "pass"],
+        ["python3", "-x", "x.py"],
+        ["python3", "-V"],
+        ["python3", "--version"],
+        ["python3", "--help"],
+        ["python3", "-c"],  # python3 reports the missing argument itself
+        ["python3", "-uz", "x.py"],  # unknown option: python3 prints its usage
+        ["python3", "-uO", "x.py"],
+    ],
+)
+def test_what_a_started_interpreter_cannot_honour_goes_to_a_real_process(argv: list[str]) -> None:
+    assert parse_command(argv) is None
+    assert job(argv) is None
+
+
+def test_honoured_flags_become_sys_flags_fields() -> None:
+    j = job(["python3", "-I", "-B", "-q", "x.py"])
+    assert j is not None
+    assert j.flags == {
+        "dont_write_bytecode": 1,
+        "no_user_site": 1,
+        "ignore_environment": 1,
+        "isolated": 1,
+        "safe_path": True,
+        "quiet": 1,
+    }
+    assert j.no_user_site and j.safe_path and not j.unbuffered
+    plain = job(["python3", "x.py"])
+    assert plain is not None and plain.flags == {} and not plain.safe_path
+
+
+def test_environment_variables_python3_reads_at_start_up() -> None:
+    env = ENV | {
+        "PYTHONUNBUFFERED": "1",
+        "PYTHONDONTWRITEBYTECODE": "x",
+        "PYTHONPATH": "a:/b",
+        "PYTHONIOENCODING": "latin-1:replace",
+        "PYTHONBREAKPOINT": "0",  # read later, by breakpoint() itself
+    }
+    j = job(["python3", "x.py"], env)
+    assert j is not None
+    assert j.unbuffered and j.flags == {"dont_write_bytecode": 1}
+    assert j.pythonpath == ("a", "/b") and j.io_encoding == "latin-1:replace"
+
+
+def test_empty_variables_count_as_unset() -> None:
+    j = job(["python3", "x.py"], ENV | {"PYTHONUNBUFFERED": "", "PYTHONHASHSEED": ""})
+    assert j is not None and not j.unbuffered
+
+
+@pytest.mark.parametrize(
+    "name", ["PYTHONHASHSEED", "PYTHONWARNINGS", "PYTHONOPTIMIZE", "PYTHONUTF8", "PYTHONHOME"]
+)
+def test_start_up_variables_a_pool_cannot_honour(name: str) -> None:
+    assert job(["python3", "x.py"], ENV | {name: "1"}) is None
+    ignored = job(["python3", "-E", "x.py"], ENV | {name: "1"})  # -E: python3 ignores it too
+    assert ignored is not None and ignored.flags == {"ignore_environment": 1}
+
+
+def test_isolated_mode_ignores_pythonpath() -> None:
+    j = job(["python3", "-I", "x.py"], ENV | {"PYTHONPATH": "/x", "PYTHONUNBUFFERED": "1"})
+    assert j is not None and j.pythonpath == () and not j.unbuffered
+
+
+def test_another_locale_needs_a_real_process() -> None:
+    assert effective_ctype({"LANG": "C.UTF-8", "LC_ALL": "de_DE.UTF-8"}) == "de_DE.UTF-8"
+    assert effective_ctype({}) == "C"
+    assert job(["python3", "x.py"], ENV | {"LC_ALL": "C"}) is None
+    assert job(["python3", "x.py"], {k: v for k, v in ENV.items() if k != "LANG"}) is None
+
+
+def test_the_pools_allocator_setting_is_not_the_programs_business() -> None:
+    j = job(["python3", "x.py"])
+    assert j is not None and j.orig_argv == ("python3", "x.py")
+    # ... but a program that asks for another allocator gets a real process
+    assert job(["python3", "x.py"], ENV | {"PYTHONMALLOC": "debug"}) is None
+
+
+def test_heap_budget_is_shared_and_bounded_by_free_memory() -> None:
+    assert per_interpreter(64, 3, available_mib=4096) == 64 << 20
+    assert per_interpreter(64, 3, available_mib=214) == ((214 - 96) // 3) << 20
+    assert per_interpreter(64, 3, available_mib=50) == 0
+    assert per_interpreter(0, 3, available_mib=4096) == 0
+    assert per_interpreter(64, 0, available_mib=4096) == 0
