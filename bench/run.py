@@ -1,0 +1,259 @@
+"""Running code in a sandbox, end to end: pre-started interpreters and pre-faulted heaps.
+
+Usage: ``.venv/bin/python bench/run.py [--runs 5] [--json] [--skip-real]``
+
+What issue 15 measures, each beside its peer from the same run:
+
+- ``ember run hello.py`` (a new CLI process each run: restore, upload, exec, tear down) against
+  ``python3 hello.py`` on the host and against ``ember exec -- python3 -O -c HELLO`` (a new
+  guest python3: the path every run took before the pool); ``hello.py`` prints a line and
+  exits 3;
+- ``exec(["python3", "-c", ...])`` in a live sandbox (its first and second Python exec, both
+  served by pre-started interpreters) against the same through a real guest process
+  (``python3 -O -c``: ``-O`` is a flag a pre-started interpreter cannot honour, so it is the
+  "before" path, a new ``python3``) and against the host;
+- a 10 MiB and a 100 MiB ``bytearray`` in the warm ``run_code`` interpreter (time inside the
+  guest), against the same in a new guest ``python3`` (no pre-faulted heap) and on the host;
+- ``import numpy`` and a 200x200 ``numpy.linalg.eig`` in a Python exec (time inside the guest),
+  the default template preloading numpy, against the host's python3 running the guest's own
+  numpy (the image cache's layer on ``PYTHONPATH``: the same build, default threads);
+- ``Sandbox()`` ready, and the private memory (USS) of the sandbox's VMM after a ping and after
+  the Python exec: memory the sandbox did not touch must not cost the host anything.
+
+Medians over ``--runs``, ratios to the host; nothing is asserted. The real-process rows cost the
+guest ~10-20 s each here (``--skip-real`` leaves them out).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from _common import fmt_num, fmt_ratio, format_table, ratio, summarize, to_json
+
+from ember import Sandbox
+
+HELLO = "print('hello from the sandbox')\nraise SystemExit(3)\n"
+ALLOC = (
+    "import time\nt = time.perf_counter()\nb = bytearray({mib} << 20)\n"
+    "seconds = time.perf_counter() - t\ndel b\n"
+)
+NUMPY = (
+    "import time\nt0 = time.perf_counter()\nimport numpy as np\nt1 = time.perf_counter()\n"
+    "a = np.random.default_rng(0).random((200, 200))\nt2 = time.perf_counter()\n"
+    "np.linalg.eig(a)\nt3 = time.perf_counter()\nprint(t1 - t0, t3 - t2)\n"
+)
+TARGETS = {
+    "ember run hello.py": "<= 0.300 s",
+    "exec python3 -c (1st)": "<= 0.100 s",
+    "bytearray 10 MiB": "<= 0.050 s",
+    "import numpy": "<= 0.050 s",
+    "numpy eig 200x200": "<= 2x host",
+    "Sandbox() ready": "<= 0.050 s",
+}
+
+
+def timed(fn: Callable[[], object]) -> float:
+    t0 = time.monotonic()
+    fn()
+    return time.monotonic() - t0
+
+
+def uss_mib(pid: int) -> float | None:
+    """Private (unshared) memory of a process, from smaps_rollup."""
+    try:
+        text = Path(f"/proc/{pid}/smaps_rollup").read_text()
+    except OSError:
+        return None
+    kib = sum(int(line.split()[1]) for line in text.splitlines() if line.startswith("Private_"))
+    return kib / 1024
+
+
+def host_python() -> str:
+    return "/usr/bin/python3" if os.path.exists("/usr/bin/python3") else sys.executable
+
+
+def guest_numpy_dir() -> str | None:
+    """The guest's own numpy (a layer of the image cache), for the host peer: same build."""
+    from ember.images.cache import cache_root
+
+    pattern = "rootfs-layer/*/upper/usr/local/lib/python3.11/dist-packages/numpy"
+    found = sorted(cache_root().glob(pattern))
+    return str(found[-1].parent) if found else None
+
+
+def host_seconds(code: str, pythonpath: str | None = None) -> list[float] | None:
+    """Run ``code`` (which prints seconds) in a new host python3; None if it fails."""
+    env = dict(os.environ)
+    if pythonpath:
+        env["PYTHONPATH"] = pythonpath
+    r = subprocess.run(
+        [host_python(), "-c", code], capture_output=True, text=True, check=False, env=env
+    )
+    if r.returncode != 0:
+        return None
+    return [float(x) for x in r.stdout.split()]
+
+
+def bench_cli(runs: int, work: Path, real: bool) -> dict[str, list[float]]:
+    hello = work / "hello.py"
+    hello.write_text(HELLO)
+    ember = Path(sys.executable).with_name("ember")
+    out: dict[str, list[float]] = {"cli": [], "cli_real": [], "host": []}
+    for i in range(runs):
+        t0 = time.monotonic()
+        r = subprocess.run([str(ember), "run", str(hello)], capture_output=True, check=False)
+        out["cli"].append(time.monotonic() - t0)
+        if r.returncode != 3 or b"hello from the sandbox" not in r.stdout:
+            raise SystemExit(f"ember run hello.py failed ({r.returncode}): {r.stderr.decode()}")
+        if real and i < 3:  # the same through a new guest python3 (-O: the pool declines it)
+            t0 = time.monotonic()
+            argv = [str(ember), "exec", "--", "python3", "-O", "-c", HELLO]
+            r = subprocess.run(argv, capture_output=True, check=False)
+            out["cli_real"].append(time.monotonic() - t0)
+        out["host"].append(
+            timed(lambda: subprocess.run([host_python(), str(hello)], capture_output=True))
+        )
+    return out
+
+
+def bench_sandbox(runs: int, real: bool) -> dict[str, list[float]]:
+    out: dict[str, list[float]] = {
+        k: []
+        for k in (
+            "ready", "exec1", "exec2", "exec_real", "alloc10", "alloc100", "alloc10_real",
+            "numpy_import", "numpy_eig", "uss_ping", "uss_exec", "exec_host",
+        )
+    }  # fmt: skip
+    code = "print(1)"
+    for _ in range(runs):
+        t0 = time.monotonic()
+        sb = Sandbox()
+        out["ready"].append(time.monotonic() - t0)
+        with sb:
+            sb.ping()  # the first request after a restore pays for the restore (resume)
+            pid = sb._vmm.proc.pid if sb._vmm.proc is not None else 0
+            if (u := uss_mib(pid)) is not None:
+                out["uss_ping"].append(u)
+            for key in ("exec1", "exec2"):
+                t = time.monotonic()
+                r = sb.exec(["python3", "-c", code], timeout=600)
+                out[key].append(time.monotonic() - t)
+                assert r.stdout == b"1\n", r
+            if (u := uss_mib(pid)) is not None:
+                out["uss_exec"].append(u)
+            for mib in (10, 100):
+                r_code = sb.run_code(ALLOC.format(mib=mib) + "seconds", timeout=900)
+                if r_code.error is None and r_code.value is not None:
+                    out[f"alloc{mib}"].append(float(r_code.value))
+        with Sandbox() as sb:  # a fresh one: its pool is full again
+            r = sb.exec(["python3", "-c", NUMPY], timeout=900)
+            if r.exit_code == 0:
+                imp, eig = (float(x) for x in r.stdout.split())
+                out["numpy_import"].append(imp)
+                out["numpy_eig"].append(eig)
+            if real:
+                t = time.monotonic()
+                r = sb.exec(["python3", "-O", "-c", code], timeout=900)
+                out["exec_real"].append(time.monotonic() - t)
+                r = sb.exec(
+                    ["python3", "-O", "-c", ALLOC.format(mib=10) + "print(seconds)"], timeout=900
+                )
+                if r.exit_code == 0:
+                    out["alloc10_real"].append(float(r.stdout))
+        out["exec_host"].append(
+            timed(lambda: subprocess.run([host_python(), "-c", code], capture_output=True))
+        )
+    return out
+
+
+def host_allocs(runs: int) -> dict[str, list[float]]:
+    out: dict[str, list[float]] = {"alloc10": [], "alloc100": [], "numpy_import": [], "eig": []}
+    numpy_dir = guest_numpy_dir()
+    for _ in range(runs):
+        for mib in (10, 100):
+            got = host_seconds(ALLOC.format(mib=mib) + "print(seconds)")
+            if got:
+                out[f"alloc{mib}"].append(got[0])
+        got = host_seconds(NUMPY, numpy_dir)
+        if got:
+            out["numpy_import"].append(got[0])
+            out["eig"].append(got[1])
+    return out
+
+
+def p50(values: list[float]) -> float | None:
+    s = summarize(values)
+    return None if s is None else s.p50
+
+
+def report(
+    cli: dict[str, list[float]], sb: dict[str, list[float]], host: dict[str, list[float]]
+) -> dict[str, Any]:
+    rows: dict[str, dict[str, float | None]] = {}
+
+    def row(name: str, ember: list[float], before: list[float] | None, peer: list[float]) -> None:
+        rows[name] = {
+            "ember": p50(ember),
+            "before": p50(before) if before is not None else None,
+            "host": p50(peer),
+        }
+
+    row("ember run hello.py", cli["cli"], cli["cli_real"], cli["host"])
+    row("exec python3 -c (1st)", sb["exec1"], sb["exec_real"], sb["exec_host"])
+    row("exec python3 -c (2nd)", sb["exec2"], sb["exec_real"], sb["exec_host"])
+    row("bytearray 10 MiB", sb["alloc10"], sb["alloc10_real"], host["alloc10"])
+    row("bytearray 100 MiB", sb["alloc100"], None, host["alloc100"])
+    row("import numpy", sb["numpy_import"], None, host["numpy_import"])
+    row("numpy eig 200x200", sb["numpy_eig"], None, host["eig"])
+    row("Sandbox() ready", sb["ready"], None, [])
+    memory = {"uss_after_ping_mib": p50(sb["uss_ping"]), "uss_after_exec_mib": p50(sb["uss_exec"])}
+    return {"rows": rows, "memory": memory, "runs": len(sb["ready"])}
+
+
+def print_report(result: dict[str, Any]) -> None:
+    table = []
+    for name, r in result["rows"].items():
+        table.append([
+            name, fmt_num(r["ember"], 3), fmt_num(r["before"], 3), fmt_num(r["host"], 3),
+            fmt_ratio(ratio(r["ember"], r["host"])), TARGETS.get(name, ""),
+        ])  # fmt: skip
+    headers = ["seconds (p50)", "ember", "real guest process", "host", "ember/host", "target"]
+    print(format_table(headers, table))
+    mem = result["memory"]
+    print(
+        f"\nVMM private memory (USS), p50 of {result['runs']} sandboxes: "
+        f"{fmt_num(mem['uss_after_ping_mib'], 1)} MiB after a ping, "
+        f"{fmt_num(mem['uss_after_exec_mib'], 1)} MiB after two Python execs"
+    )
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--json", action="store_true")
+    parser.add_argument("--skip-real", action="store_true", help="no real-process rows (slow)")
+    args = parser.parse_args()
+    with Sandbox():
+        pass  # builds the default template if needed: not part of any figure
+    with tempfile.TemporaryDirectory() as tmp:
+        cli = bench_cli(args.runs, Path(tmp), real=not args.skip_real)
+    sb = bench_sandbox(args.runs, real=not args.skip_real)
+    host = host_allocs(args.runs)
+    result = report(cli, sb, host)
+    if args.json:
+        print(to_json(result))
+    else:
+        print_report(result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
