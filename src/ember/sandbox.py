@@ -15,11 +15,12 @@ tail; nothing else in the host process is affected.
 from __future__ import annotations
 
 import contextlib
+import os
 import socket
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import TracebackType
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, overload
 
 from ember.client import AgentClient, ExecStream
 from ember.client_channel import ChannelServer
@@ -36,7 +37,7 @@ from ember.client_wire import (
     Source,
     explain_crashed_worker,
 )
-from ember.errors import SandboxCrashed, SandboxError
+from ember.errors import ConfigError, SandboxCrashed, SandboxError
 from ember.jailer.cgroups import SandboxCgroup
 from ember.launcher import (
     DEFAULT_MEM_MIB,
@@ -47,6 +48,28 @@ from ember.launcher import (
     start_vmm,
 )
 from ember.network.policy import NetworkPolicy
+
+
+class _Connect:
+    """``Sandbox.connect(ID, server=...)`` re-attaches to a daemon's sandbox by id (the
+    E2B name); ``sb.connect(PORT)`` opens a stream to a guest vsock port.  One name,
+    two meanings told apart by whether it is looked up on the class or an instance."""
+
+    @overload
+    def __get__(self, sb: None, owner: type[Sandbox]) -> Callable[..., Sandbox]: ...
+    @overload
+    def __get__(self, sb: Sandbox, owner: type[Sandbox]) -> Callable[[int], socket.socket]: ...
+    def __get__(self, sb: Sandbox | None, owner: type[Sandbox]) -> Callable[..., Any]:
+        if sb is None:
+            return _attach
+        return sb._connect_port
+
+
+def _attach(sandbox_id: str, *, server: str | None = None) -> Sandbox:
+    """The sandbox ``sandbox_id`` of a daemon (``server``, default ``$EMBER_SERVER``)."""
+    from ember.remote import RemoteSandbox
+
+    return RemoteSandbox.attach(sandbox_id, server=server)
 
 
 class Sandbox:
@@ -70,7 +93,20 @@ class Sandbox:
     public internet (never the host, its LAN or other sandboxes);
     ``network=NetworkPolicy(["10.0.0.5:443", "192.168.1.0/24"])`` lets it reach
     exactly those; either way :meth:`expose` forwards a port from the host.
+
+    ``server="http://127.0.0.1:7777"`` (default: ``$EMBER_SERVER``; ``""`` forces
+    in-process) makes the sandbox in an ``ember serve`` daemon instead and returns
+    its client (:class:`ember.remote.RemoteSandbox`), with the same methods plus
+    ``id``, ``metadata`` and ``timeout`` (seconds until the daemon kills it).
     """
+
+    def __new__(cls, *args: Any, server: str | None = None, **kwargs: Any) -> Sandbox:
+        url = os.environ.get("EMBER_SERVER", "") if server is None else server
+        if cls is Sandbox and url:
+            from ember.remote import RemoteSandbox
+
+            return object.__new__(RemoteSandbox)
+        return object.__new__(cls)
 
     def __init__(
         self,
@@ -88,7 +124,12 @@ class Sandbox:
         boot: bool = False,
         jail: bool | None = None,
         network: bool | NetworkPolicy | None = None,
+        server: str | None = None,
+        metadata: dict[str, str] | None = None,
+        timeout: float | None = None,
     ) -> None:
+        if timeout is not None:
+            raise ConfigError("timeout= (a lifetime) is for sandboxes of a daemon: pass server=")
         spec = SandboxSpec(
             kernel, rootfs, mem_mib, vcpus, cpu_template, boot_timeout,
             quotas=quotas_from(cpus, memory_mib, pids), jail=jail,
@@ -136,6 +177,28 @@ class Sandbox:
             return func(*args, **kwargs)
 
     # --- public API
+    @property
+    def id(self) -> str | None:
+        """The daemon's id for this sandbox (None in-process: it has no name outside it)."""
+        return None
+
+    @staticmethod
+    def list(
+        *, server: str | None = None, metadata: dict[str, str] | None = None
+    ) -> list[dict[str, Any]]:
+        """The daemon's sandboxes (those whose metadata include ``metadata``), as JSON objects."""
+        from ember.remote import list_sandboxes
+
+        return list_sandboxes(server=server, metadata=metadata)
+
+    def kill(self) -> None:
+        """Destroy the sandbox now (in-process: the same as :meth:`close`)."""
+        self.close()
+
+    def set_timeout(self, seconds: float) -> None:
+        """Have the daemon kill this sandbox ``seconds`` from now (needs ``server=``)."""
+        raise ConfigError("set_timeout needs a sandbox of a daemon: pass server=")
+
     @property
     def console(self) -> str:
         """The tail of the guest console (kernel messages, the VMM's stop reason)."""
@@ -221,7 +284,7 @@ class Sandbox:
         the balloon's own: ``balloon_mib``, ``reported_mib`` (freed by free page reporting)."""
         return self._vmm.memory_stats(timeout=timeout)
 
-    def connect(self, port: int) -> socket.socket:
+    def _connect_port(self, port: int) -> socket.socket:
         """A stream socket to ``port`` in the guest (a vsock listener there), e.g. a server
         the sandboxed code runs; raises ConnectionError when nothing listens on it."""
         if not 0 < port < 0xFFFFFFFF:
@@ -234,6 +297,8 @@ class Sandbox:
             if self._vmm.exited():
                 raise self._vmm.crashed("the sandbox crashed") from exc
             raise
+
+    connect = _Connect()
 
     def expose(self, port: int) -> tuple[str, int]:
         """Make TCP ``port`` of the guest reachable from the host: the (address, port) to
@@ -255,7 +320,7 @@ class Sandbox:
         """
         if self._closed:
             raise SandboxError("this sandbox is closed")
-        child = Sandbox.__new__(Sandbox)
+        child = object.__new__(Sandbox)
         child._setup(fork_vmm(self._vmm, self._spec), self._spec)
         return child
 

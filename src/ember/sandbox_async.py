@@ -37,7 +37,7 @@ from ember.client_wire import (
     Source,
     explain_crashed_worker,
 )
-from ember.errors import SandboxError
+from ember.errors import ConfigError, SandboxError
 from ember.jailer.cgroups import SandboxCgroup
 from ember.launcher import (
     DEFAULT_MEM_MIB,
@@ -192,6 +192,28 @@ class AsyncSandbox:
     def cgroup(self) -> SandboxCgroup | None:
         """The VMM's cgroup, None without quotas or before start(); as Sandbox.cgroup."""
         return self._vmm.cgroup if self._vmm is not None else None
+
+    @property
+    def id(self) -> str | None:
+        """The daemon's id for this sandbox (None in-process; see Sandbox(server=...))."""
+        return None
+
+    @staticmethod
+    async def list(
+        *, server: str | None = None, metadata: dict[str, str] | None = None
+    ) -> list[dict[str, Any]]:
+        """The daemon's sandboxes (those whose metadata include ``metadata``), as JSON objects."""
+        from ember.remote import list_sandboxes
+
+        return await asyncio.to_thread(list_sandboxes, server=server, metadata=metadata)
+
+    async def kill(self) -> None:
+        """Destroy the sandbox now (in-process: the same as :meth:`close`)."""
+        await self.close()
+
+    async def set_timeout(self, seconds: float) -> None:
+        """A lifetime is for sandboxes of a daemon (the SDK's ``Sandbox(server=...)``)."""
+        raise ConfigError("set_timeout needs a sandbox of a daemon: use Sandbox(server=...)")
 
     async def ping(self) -> dict[str, Any]:
         result: dict[str, Any] = await self._call(self._client.ping)

@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 import ember.cli.boot
 import ember.cli.image
 import ember.cli.run
+import ember.cli.serve
 import ember.cli.template
 from ember.errors import EmberError
 
@@ -30,6 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     ember.cli.boot.register(sub)
     ember.cli.image.register(sub)
     ember.cli.run.register(sub)
+    ember.cli.serve.register(sub)
     ember.cli.template.register(sub)
     return parser
 

@@ -1,0 +1,166 @@
+"""``ember serve`` (the daemon), ``ember ps`` and ``ember kill`` (its clients).
+
+FastAPI, uvicorn and httpx are imported inside the commands, so ``ember``
+itself (and the VMM processes it runs) work without the ``serve`` extra.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from ember.errors import ConfigError
+
+DEFAULT_LISTEN = "127.0.0.1:7777"
+
+
+class JsonLogs(logging.Formatter):
+    """One JSON object a line: time, level, event, and the sandbox id when there is one."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        event: dict[str, Any] = {
+            "ts": round(record.created, 3),
+            "level": record.levelname.lower(),
+            "event": record.getMessage(),
+        }
+        sandbox = getattr(record, "sandbox", None)
+        if sandbox is not None:
+            event["sandbox"] = sandbox
+        if record.exc_info:
+            event["error"] = self.formatException(record.exc_info)
+        return json.dumps(event)
+
+
+def register(sub: Any) -> None:
+    serve = sub.add_parser(
+        "serve",
+        help="run the sandbox daemon (HTTP API)",
+        description="Serve sandboxes over HTTP (OpenAPI at /openapi.json, /docs). Sandboxes "
+        "survive a restart of the daemon: the next one re-adopts them from its state dir.",
+    )
+    serve.add_argument("--listen", default=DEFAULT_LISTEN, metavar="HOST:PORT")
+    serve.add_argument(
+        "--token-file",
+        type=Path,
+        default=None,
+        metavar="F",
+        help="bearer token file (made 0600 at first start; default STATE_DIR/token)",
+    )
+    serve.add_argument(
+        "--state-dir",
+        type=Path,
+        default=None,
+        metavar="D",
+        help="records of the daemon's sandboxes (default ~/.local/state/ember/serve)",
+    )
+    serve.add_argument("--max-body-mib", type=int, default=128, metavar="MiB")
+    serve.add_argument(
+        "--reap-interval",
+        type=float,
+        default=1.0,
+        metavar="S",
+        help="how often sandboxes past their timeout are killed",
+    )
+    serve.set_defaults(func=_serve)
+    ps = sub.add_parser("ps", help="list the daemon's sandboxes")
+    _client_args(ps)
+    ps.add_argument("--json", action="store_true", help="one JSON object per sandbox")
+    ps.add_argument("--metadata", action="append", default=[], metavar="KEY=VALUE")
+    ps.set_defaults(func=_ps)
+    kill = sub.add_parser("kill", help="destroy sandboxes of the daemon")
+    _client_args(kill)
+    kill.add_argument("ids", nargs="+", metavar="ID")
+    kill.set_defaults(func=_kill)
+
+
+def _client_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--server",
+        default=None,
+        metavar="URL",
+        help="the daemon (default $EMBER_SERVER, else http://127.0.0.1:7777)",
+    )
+
+
+def server_url(args: argparse.Namespace) -> str:
+    url: str | None = args.server or os.environ.get("EMBER_SERVER")
+    return url or f"http://{DEFAULT_LISTEN}"
+
+
+def _listen(value: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"--listen {value!r}: give HOST:PORT, e.g. {DEFAULT_LISTEN}")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    try:
+        import uvicorn
+
+        from ember.serve.app import create_app
+        from ember.serve.manager import Manager
+        from ember.serve.state import StateDir, default_state_dir
+    except ImportError as exc:
+        raise ConfigError(
+            f"ember serve needs the serve extra: pip install 'ember[serve]' ({exc})"
+        ) from None
+    host, port = _listen(args.listen)
+    os.environ.pop("EMBER_SERVER", None)  # the daemon's own Sandbox() calls stay in-process
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonLogs())
+    logging.getLogger("ember.serve").addHandler(handler)
+    logging.getLogger("ember.serve").setLevel(logging.INFO)
+    state = StateDir(args.state_dir or default_state_dir())
+    token = state.token(args.token_file)
+    manager = Manager(state, reap_interval=args.reap_interval)
+    manager.start()
+    try:
+        app = create_app(manager, token=token, max_body=args.max_body_mib << 20)
+        token_file = args.token_file or state.path / "token"
+        print(f"ember serve: http://{host}:{port} (token in {token_file})", flush=True)
+        uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)
+    finally:
+        manager.stop()
+    return 0
+
+
+def _ps(args: argparse.Namespace) -> int:
+    from ember.remote import list_sandboxes
+
+    metadata = dict(item.partition("=")[::2] for item in args.metadata)
+    found = list_sandboxes(server=server_url(args), metadata=metadata)
+    if args.json:
+        for info in found:
+            print(json.dumps(info))
+        return 0
+    print(f"{'ID':<28} {'STATE':<8} {'TEMPLATE':<12} {'AGE':>7}  METADATA")
+    now = time.time()
+    for info in found:
+        meta = ",".join(f"{k}={v}" for k, v in info["metadata"].items())
+        age = f"{now - info['created_at']:.0f}s"
+        print(f"{info['id']:<28} {info['state']:<8} {info['template']:<12} {age:>7}  {meta}")
+    return 0
+
+
+def _kill(args: argparse.Namespace) -> int:
+    from ember.remote import Api
+
+    api = Api(server_url(args))
+    status = 0
+    try:
+        for sandbox_id in args.ids:
+            try:
+                api.call("DELETE", f"/sandboxes/{sandbox_id}")
+            except Exception as exc:
+                print(f"ember: {sandbox_id}: {exc}", file=sys.stderr)
+                status = 1
+    finally:
+        api.close()
+    return status

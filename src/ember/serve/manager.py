@@ -1,0 +1,241 @@
+"""The daemon's sandboxes by id: create, find, delete, re-adopt, and reap past their timeout.
+
+Each sandbox is an in-process :class:`~ember.sandbox.Sandbox` whose VMM the
+keeper forked (so it outlives this process), plus a :class:`Record` in the
+state directory.  A sandbox whose VMM died is kept as ``crashed`` (with its
+console tail) until it is deleted, so its owner learns what happened.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from ember.sandbox import Sandbox
+from ember.serve import adopt
+from ember.serve.keeper import KeeperClient, keeper_pid
+from ember.serve.state import Record, StateDir, new_id
+
+log = logging.getLogger("ember.serve")
+
+
+class State(enum.Enum):
+    RUNNING = "running"
+    CRASHED = "crashed"
+
+
+class NotFound(LookupError):
+    """No sandbox by that id."""
+
+
+@dataclass
+class Entry:
+    record: Record
+    sandbox: Sandbox | None
+    state: State = State.RUNNING
+    error: str | None = None
+    console: str = ""
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def json(self) -> dict[str, Any]:
+        r = self.record
+        return {
+            "id": r.id, "state": self.state.value, "template": r.template,
+            "created_at": r.created_at, "expires_at": r.expires_at, "metadata": r.metadata,
+            "mem_mib": r.spec.get("mem_mib"), "vcpus": r.spec.get("vcpus"), "error": self.error,
+        }  # fmt: skip
+
+
+@dataclass(frozen=True)
+class CreateArgs:
+    template: str | None = None
+    mem_mib: int = 256
+    vcpus: int = 1
+    cpus: float | None = None
+    memory_mib: int | None = None
+    pids: int | None = None
+    metadata: dict[str, str] = field(default_factory=dict)
+    timeout: float | None = None
+
+
+class Manager:
+    def __init__(
+        self, state: StateDir, *, reap_interval: float = 1.0,
+        on_event: Callable[[str, str], None] | None = None,
+    ) -> None:  # fmt: skip
+        self.state = state
+        self._entries: dict[str, Entry] = {}
+        self._lock = threading.Lock()
+        self._reap_interval = reap_interval
+        self._stop = threading.Event()
+        self._reaper: threading.Thread | None = None
+        self._keeper: KeeperClient | None = None
+        self._on_event = on_event or (lambda _event, _id: None)
+
+    # --- life cycle
+    def start(self) -> None:
+        self._keeper = KeeperClient.install(self.state.path)
+        self.readopt()
+        self._reaper = threading.Thread(target=self._reap_loop, name="ember-reaper", daemon=True)
+        self._reaper.start()
+
+    def stop(self) -> None:
+        """Stop serving; the sandboxes keep running for the next daemon to re-adopt."""
+        self._stop.set()
+        if self._reaper is not None:
+            self._reaper.join(5)
+        with self._lock:
+            entries = list(self._entries.values())
+        for entry in entries:
+            if entry.sandbox is not None:
+                adopt.release(entry.sandbox)
+        if self._keeper is not None:
+            self._keeper.close()
+
+    def readopt(self) -> None:
+        keeper = keeper_pid(self.state.path)
+        for record in self.state.load_all():
+            if adopt.alive(record, keeper):
+                try:
+                    entry = Entry(record, adopt.adopt(record))
+                except OSError as exc:
+                    entry = Entry(record, None, State.CRASHED, f"cannot re-adopt: {exc}")
+                self._event("adopted", record.id)
+            else:
+                tail = adopt.console_tail(record)
+                adopt.discard(record)
+                self.state.remove(record.id)
+                entry = Entry(record, None, State.CRASHED, "the VMM died while no daemon ran",
+                              tail)  # fmt: skip
+                self._event("crashed", record.id)
+            with self._lock:
+                self._entries[record.id] = entry
+
+    # --- requests
+    def create(self, args: CreateArgs) -> Entry:
+        sandbox = Sandbox(
+            template=args.template, mem_mib=args.mem_mib, vcpus=args.vcpus, cpus=args.cpus,
+            memory_mib=args.memory_mib, pids=args.pids, server="",
+        )  # fmt: skip
+        try:
+            now = time.time()
+            vmm = sandbox._vmm
+            assert vmm.proc is not None
+            record = Record(
+                id=new_id(), dir=str(vmm.dir), pid=vmm.proc.pid,
+                template=args.template or "default", created_at=now,
+                spec={"mem_mib": args.mem_mib, "vcpus": args.vcpus, "cpus": args.cpus,
+                      "memory_mib": args.memory_mib, "pids": args.pids},
+                metadata=dict(args.metadata),
+                expires_at=now + args.timeout if args.timeout is not None else None,
+                cgroup=adopt.cgroup_record(vmm.cgroup),
+            )  # fmt: skip
+            self.state.save(record)
+        except BaseException:
+            sandbox.close()
+            raise
+        entry = Entry(record, sandbox)
+        with self._lock:
+            self._entries[record.id] = entry
+        self._event("created", record.id)
+        return entry
+
+    def get(self, sandbox_id: str) -> Entry:
+        with self._lock:
+            entry = self._entries.get(sandbox_id)
+        if entry is None:
+            raise NotFound(sandbox_id)
+        return entry
+
+    def running(self, sandbox_id: str) -> tuple[Entry, Sandbox]:
+        entry = self.get(sandbox_id)
+        if entry.sandbox is None or entry.state is not State.RUNNING:
+            from ember.errors import SandboxCrashed
+
+            raise SandboxCrashed(f"sandbox {sandbox_id} crashed: {entry.error}", entry.console)
+        return entry, entry.sandbox
+
+    def find(self, metadata: dict[str, str] | None = None, state: str | None = None) -> list[Entry]:
+        with self._lock:
+            entries = list(self._entries.values())
+        want = (metadata or {}).items()
+        return [
+            e for e in entries
+            if want <= e.record.metadata.items() and (state is None or e.state.value == state)
+        ]  # fmt: skip
+
+    def delete(self, sandbox_id: str) -> None:
+        with self._lock:
+            entry = self._entries.pop(sandbox_id, None)
+        if entry is None:
+            raise NotFound(sandbox_id)
+        try:
+            if entry.sandbox is not None:
+                entry.sandbox.close()
+        finally:
+            self.state.remove(sandbox_id)
+        self._event("deleted", sandbox_id)
+
+    def set_timeout(self, sandbox_id: str, seconds: float | None) -> Entry:
+        entry = self.get(sandbox_id)
+        with entry.lock:
+            entry.record.expires_at = time.time() + seconds if seconds is not None else None
+            if entry.state is State.RUNNING:
+                self.state.save(entry.record)
+        return entry
+
+    def mark_crashed(self, entry: Entry, error: str, console: str) -> None:
+        """A call found the VMM gone: report the sandbox as crashed from now on."""
+        with entry.lock:
+            if entry.state is State.CRASHED:
+                return
+            entry.state, entry.error, entry.console = State.CRASHED, error, console
+        if entry.sandbox is not None:
+            entry.sandbox.close()
+        self.state.remove(entry.record.id)
+        self._event("crashed", entry.record.id)
+
+    def counts(self) -> dict[str, int]:
+        counts = {s.value: 0 for s in State}
+        with self._lock:
+            for e in self._entries.values():
+                counts[e.state.value] += 1
+        return counts
+
+    # --- the reaper
+    def reap_once(self) -> list[str]:
+        """Kill the sandboxes past their timeout; mark those whose VMM died as crashed."""
+        now = time.time()
+        reaped = []
+        for entry in self.find():
+            rid = entry.record.id
+            expires = entry.record.expires_at
+            if expires is not None and expires <= now:
+                try:
+                    self.delete(rid)
+                except NotFound:
+                    continue
+                reaped.append(rid)
+                self._event("reaped", rid)
+            elif entry.state is State.RUNNING and entry.sandbox is not None:
+                vmm = entry.sandbox._vmm
+                if vmm.exited():
+                    self.mark_crashed(entry, str(vmm.crashed("the VMM exited")),
+                                      vmm.console_tail())  # fmt: skip
+        return reaped
+
+    def _reap_loop(self) -> None:
+        while not self._stop.wait(self._reap_interval):
+            try:
+                self.reap_once()
+            except Exception:
+                log.exception("the reaper failed")
+
+    def _event(self, event: str, sandbox_id: str) -> None:
+        log.info(event, extra={"sandbox": sandbox_id})
+        self._on_event(event, sandbox_id)

@@ -1,0 +1,126 @@
+"""Request and reply bodies of the daemon's API (pydantic: validated, and its OpenAPI schema).
+
+Limits here are the API's own bounds, so a malformed or oversized body is a
+422 before anything reaches a sandbox.  Templates are names, never paths.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+TemplateName = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")]
+MetaKey = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:/-]+$")]
+MetaValue = Annotated[str, Field(max_length=256)]
+Seconds = Annotated[float, Field(gt=0, le=30 * 86400)]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class CreateBody(Strict):
+    template: TemplateName | None = Field(None, description="a template name (default: default)")
+    mem_mib: int = Field(256, ge=64, le=65536, description="guest RAM")
+    vcpus: int = Field(1, ge=1, le=64)
+    cpus: float | None = Field(None, gt=0, le=256, description="CPU quota, in CPUs")
+    memory_mib: int | None = Field(None, ge=64, le=1 << 20, description="the VMM's memory cap")
+    pids: int | None = Field(None, ge=8, le=1 << 20)
+    metadata: dict[MetaKey, MetaValue] = Field(default_factory=dict, max_length=64)
+    timeout: Seconds | None = Field(None, description="seconds until the daemon kills it")
+
+
+class SandboxInfo(BaseModel):
+    id: str
+    state: Literal["running", "crashed"]
+    template: str
+    created_at: float
+    expires_at: float | None
+    metadata: dict[str, str]
+    mem_mib: int | None
+    vcpus: int | None
+    error: str | None = None
+
+
+class SandboxList(BaseModel):
+    sandboxes: list[SandboxInfo]
+
+
+class TimeoutBody(Strict):
+    timeout: Seconds | None = Field(..., description="seconds from now; null: no timeout")
+
+
+class ExecBody(Strict):
+    cmd: (
+        Annotated[str, Field(min_length=1, max_length=1 << 20)]
+        | Annotated[
+            list[Annotated[str, Field(max_length=1 << 20)]], Field(min_length=1, max_length=4096)
+        ]
+    ) = Field(..., description="argv list, or a shell command line")
+    timeout: Seconds | None = None
+    env: dict[Annotated[str, Field(min_length=1, max_length=256)], str] | None = Field(
+        None, max_length=1024
+    )
+    cwd: Annotated[str, Field(min_length=1, max_length=4096)] | None = None
+    stdin: str | None = Field(None, description="base64 bytes for the process's stdin")
+    stream: bool = Field(False, description="reply NDJSON lines as output is produced")
+    max_output: int | None = Field(64 << 20, ge=0, le=1 << 30)
+
+
+class ExecReply(BaseModel):
+    exit_code: int | None
+    signal: int | None
+    stdout: str = Field(description="base64")
+    stderr: str = Field(description="base64")
+    timed_out: bool
+    duration: float
+
+
+class CodeBody(Strict):
+    code: Annotated[str, Field(max_length=16 << 20)]
+    timeout: Seconds | None = None
+
+
+class CodeErrorModel(BaseModel):
+    type: str
+    message: str
+    traceback: str
+
+
+class CodeReply(BaseModel):
+    stdout: str
+    stderr: str
+    value: str | None
+    error: CodeErrorModel | None
+
+
+class FileStatReply(BaseModel):
+    size: int
+    mode: int
+    mtime: float
+    is_dir: bool
+    is_file: bool
+
+
+class DirEntryModel(BaseModel):
+    name: str
+    size: int
+    is_dir: bool
+
+
+class DirList(BaseModel):
+    entries: list[DirEntryModel]
+
+
+class WriteReply(BaseModel):
+    size: int
+
+
+class ErrorDetail(BaseModel):
+    code: str = Field(description="stable: unauthorized, not_found, invalid_request, ...")
+    message: str
+
+
+class ErrorReply(BaseModel):
+    error: ErrorDetail
