@@ -14,13 +14,18 @@ to know: a command the pool cannot honour simply runs as a real process.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ember.client_errors import SandboxTimeout
 from ember.errors import ConfigError, SandboxCrashed
 from ember.network.policy import NetworkPolicy
+
+if TYPE_CHECKING:
+    from ember.sandbox import Sandbox
 
 EXIT_TIMEOUT = 124
 EXIT_CRASH = 1
@@ -79,6 +84,13 @@ def register(sub: Any) -> None:
         description="Run CMD in a fresh sandbox, stream its output, exit with its status.",
     )
     _common(exe)
+    exe.add_argument(
+        "--id", default=None, metavar="ID", help="run in this sandbox of an `ember serve` daemon"
+    )
+    exe.add_argument(
+        "--server", default=None, metavar="URL",
+        help="that daemon (default $EMBER_SERVER, else http://127.0.0.1:7777)",
+    )  # fmt: skip
     exe.add_argument("command", nargs=argparse.REMAINDER, help="-- CMD [ARGS...]")
     exe.set_defaults(func=_exec)
 
@@ -102,16 +114,33 @@ def _exec(args: argparse.Namespace) -> int:
     return _in_sandbox(args, command, upload=None)
 
 
-def _in_sandbox(args: argparse.Namespace, argv: list[str], upload: tuple[str, bytes] | None) -> int:
+@contextlib.contextmanager
+def _sandbox(args: argparse.Namespace) -> Iterator[Sandbox]:
+    """A fresh sandbox, destroyed afterwards; or (``--id``) a daemon's, left running."""
+    if getattr(args, "id", None):
+        from ember.cli.serve import server_url
+        from ember.remote import RemoteSandbox
+
+        remote = RemoteSandbox.attach(args.id, server=server_url(args))
+        try:
+            yield remote
+        finally:
+            remote.detach()
+        return
     from ember.sandbox import Sandbox
 
+    with Sandbox(
+        mem_mib=args.mem, vcpus=args.vcpus,
+        cpus=args.cpus, memory_mib=args.memory, pids=args.pids,
+        template=args.template, boot=args.boot, network=network_policy(args),
+    ) as sb:  # fmt: skip
+        yield sb
+
+
+def _in_sandbox(args: argparse.Namespace, argv: list[str], upload: tuple[str, bytes] | None) -> int:
     out, err = sys.stdout.buffer, sys.stderr.buffer
     try:
-        with Sandbox(
-            mem_mib=args.mem, vcpus=args.vcpus,
-            cpus=args.cpus, memory_mib=args.memory, pids=args.pids,
-            template=args.template, boot=args.boot, network=network_policy(args),
-        ) as sb:  # fmt: skip
+        with _sandbox(args) as sb:
             if upload is not None:
                 sb.files.write(upload[0], upload[1])
             stream = sb.exec_stream(argv, timeout=args.timeout)

@@ -120,9 +120,9 @@ def _serve(args: argparse.Namespace) -> int:
     state = StateDir(args.state_dir or default_state_dir())
     token = state.token(args.token_file)
     manager = Manager(state, reap_interval=args.reap_interval)
-    manager.start()
+    app = create_app(manager, token=token, max_body=args.max_body_mib << 20)  # metrics first
+    manager.start()  # re-adopts
     try:
-        app = create_app(manager, token=token, max_body=args.max_body_mib << 20)
         token_file = args.token_file or state.path / "token"
         print(f"ember serve: http://{host}:{port} (token in {token_file})", flush=True)
         uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)

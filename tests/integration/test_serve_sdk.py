@@ -1,0 +1,125 @@
+"""The SDK and the CLI against a real daemon: ``Sandbox(server=...)`` behaves as in-process,
+a second process re-attaches by id, and ``ember ps/kill/exec --id`` drive the same sandboxes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+
+import pytest
+
+from ember import ExecError, OutputChunk, Sandbox, SandboxError
+from ember.remote import RemoteSandbox
+from ember.serve.wire import ServerError
+from tests.integration.conftest import ember_command
+from tests.integration.serve_daemon import Daemon, running_daemon
+
+pytestmark = pytest.mark.kvm
+
+
+@pytest.fixture(scope="module")
+def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
+    with running_daemon(tmp_path_factory.mktemp("serve-sdk")) as d:
+        yield d
+
+
+@pytest.fixture
+def env(daemon: Daemon, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    monkeypatch.setenv("EMBER_TOKEN", daemon.token)
+    monkeypatch.delenv("EMBER_SERVER", raising=False)
+    return {**os.environ, "EMBER_TOKEN": daemon.token, "EMBER_SERVER": daemon.url}
+
+
+def test_sandbox_through_the_daemon(daemon: Daemon, env: dict[str, str]) -> None:
+    with Sandbox(server=daemon.url, metadata={"suite": "sdk"}, timeout=600) as sb:
+        assert isinstance(sb, RemoteSandbox)
+        assert sb.id is not None and sb.id.startswith("sb-")
+        assert sb.metadata == {"suite": "sdk"}
+        r = sb.exec(["python3", "-c", "import sys; print(6*7); print('e', file=sys.stderr)"])
+        assert (r.exit_code, r.stdout, r.stderr) == (0, b"42\n", b"e\n")
+        assert sb.exec("cat", stdin=b"in").stdout == b"in"
+        stream = sb.exec_stream(["sh", "-c", "echo a; echo b >&2; exit 4"])
+        chunks: list[OutputChunk] = []
+        while True:
+            try:
+                chunks.append(next(stream))
+            except StopIteration as stop:
+                result = stop.value
+                break
+        assert sorted((c.stream, c.data) for c in chunks) == [
+            ("stderr", b"b\n"),
+            ("stdout", b"a\n"),
+        ]
+        assert result.exit_code == 4
+        with pytest.raises(ExecError):
+            sb.exec(["no-such-program"])
+        assert sb.run_code("y = 2").error is None
+        assert sb.run_code("y * 21").value == "42"
+        sb.files.write("/tmp/shared.txt", b"from one")
+        assert sb.files.read("/tmp/shared.txt") == b"from one"
+        assert sb.files.stat("/tmp/shared.txt").size == 8
+        assert "shared.txt" in [e.name for e in sb.files.list("/tmp")]
+        with pytest.raises(FileNotFoundError):
+            sb.files.read("/tmp/nope")
+
+        ids = [s["id"] for s in Sandbox.list(server=daemon.url, metadata={"suite": "sdk"})]
+        assert ids == [sb.id]
+        assert Sandbox.list(server=daemon.url, metadata={"suite": "other"}) == []
+
+        # Another process finds the same sandbox by id, through $EMBER_SERVER and $EMBER_TOKEN.
+        code = (
+            "import sys; from ember import Sandbox\n"
+            "sb = Sandbox.connect(sys.argv[1])\n"
+            "print(sb.files.read('/tmp/shared.txt').decode(), sb.run_code('y').value)\n"
+            "sb.files.write('/tmp/back.txt', b'from two')\n"
+            "sb.detach()\n"
+        )
+        other = subprocess.run(
+            [sys.executable, "-c", code, sb.id], env=env, capture_output=True, text=True,
+            timeout=300, check=False,
+        )  # fmt: skip
+        assert other.returncode == 0, other.stderr
+        assert other.stdout.split() == ["from", "one", "2"]
+        assert sb.files.read("/tmp/back.txt") == b"from two"
+
+        before = sb.info()["expires_at"]
+        sb.set_timeout(3600)
+        assert sb.info()["expires_at"] > before
+        sandbox_id = sb.id
+    with pytest.raises(ServerError) as gone:
+        Sandbox.connect(sandbox_id, server=daemon.url)
+    assert gone.value.code == "not_found" and gone.value.status == 404
+    with pytest.raises(SandboxError):
+        sb.exec(["true"])  # closed
+
+
+def test_in_process_is_unchanged(env: dict[str, str]) -> None:
+    assert Sandbox.__new__(Sandbox, server="").__class__ is Sandbox
+    assert RemoteSandbox.__mro__[1] is Sandbox
+
+
+def test_cli_ps_exec_kill(daemon: Daemon, env: dict[str, str]) -> None:
+    sb = Sandbox(server=daemon.url, metadata={"suite": "cli"})
+    sandbox_id = sb.id
+    assert sandbox_id is not None
+    sb.detach()
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            ember_command(*args), env=env, capture_output=True, text=True, timeout=300,
+            check=False,
+        )  # fmt: skip
+
+    ps = run("ps", "--json", "--metadata", "suite=cli")
+    assert ps.returncode == 0, ps.stderr
+    assert [json.loads(line)["id"] for line in ps.stdout.splitlines()] == [sandbox_id]
+    table = run("ps")
+    assert sandbox_id in table.stdout and "running" in table.stdout
+    ex = run("exec", "--id", sandbox_id, "--", "sh", "-c", "echo hi; exit 3")
+    assert (ex.returncode, ex.stdout) == (3, "hi\n"), ex.stderr
+    assert run("kill", sandbox_id).returncode == 0
+    assert run("kill", sandbox_id).returncode == 1  # already gone
+    assert run("ps", "--json", "--metadata", "suite=cli").stdout == ""
