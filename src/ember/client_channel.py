@@ -21,6 +21,17 @@ it is asked for, so at most ``max_connections`` are open or waiting at once;
 later connections wait in the listener's backlog. The flip side: channels
 nobody reads stall their senders.
 
+Memory channels (issue 16): given the sandbox's shared region (``shm``), a
+guest request with ``"ring": 1`` leases a slot, the guest learns it in a DATA
+frame (slot, lease), and its messages then come through that slot's ring
+(:mod:`ember.ring`), read from this process's own mapping of the region. The
+connection stays open: the guest ends the stream with DATA_EOF there, and this
+side wakes a guest waiting for room by writing a byte to it. The receiving
+thread drains the ring, spins for ~``SPIN_S`` when it runs dry, then says it
+sleeps and waits for the slot's doorbell (an ioeventfd the guest writes) or the
+connection; no slot free, or no region: the answer is DATA_EOF and the guest
+uses the connection itself as before.
+
 ``channel(name)`` returns the next stream opened under that name (FIFO), so a
 guest may open the same name again after closing it. A stream that ends
 without DATA_EOF (guest crash, reset) raises :class:`ProtocolError` after the
@@ -33,19 +44,25 @@ import collections
 import os
 import select
 import socket
+import struct
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from types import TracebackType
 
 from ember import protocol
 from ember.client_errors import ProtocolError, SandboxTimeout
+from ember.client_shm import HostRegion, Lease
 from ember.client_wire import decode, read_frame
 from ember.protocol import Kind
+from ember.ring import RingError, RingReader
 
 __all__ = ["ChannelServer"]
 
 _EOF = object()
+SPIN_S = 50e-6  # how long a receiving thread polls a dry ring before it sleeps
+SLEEP_S = 0.1  # a sleeping receiver looks again at least this often (a lost doorbell)
+LEASE = struct.Struct("<QQ")  # slot, lease: the answer to a ring request
 
 
 class _Stream:
@@ -125,6 +142,9 @@ class _Budget:
 class ChannelServer:
     """Accepts guest channel connections on ``listener`` (which it then owns).
 
+    ``shm`` returns the sandbox's shared region (asked once, on the first ring
+    request; the server then owns and closes it).
+
     ``max_buffer`` bounds what one channel holds for its consumer,
     ``max_pending`` what all channels nobody has asked for yet hold together, and
     ``max_connections`` how many channels may be open or waiting to be asked for.
@@ -137,8 +157,11 @@ class ChannelServer:
         max_buffer: int = 8 << 20,
         max_pending: int = 16 << 20,
         max_connections: int = 64,
+        shm: Callable[[], HostRegion | None] | None = None,
     ) -> None:
         self._listener = listener
+        self._shm_factory = shm
+        self._shm: HostRegion | None = None
         self._max_buffer = max_buffer
         self._budget = _Budget(max_pending)
         self._slots = threading.BoundedSemaphore(max_connections)
@@ -182,6 +205,25 @@ class ChannelServer:
                 stream.holds_slot = False
                 self._slots.release()
             return stream
+
+    def _region(self) -> HostRegion | None:
+        """The sandbox's shared region, asked of the VMM on the first ring request only."""
+        with self._cond:
+            factory, self._shm_factory = self._shm_factory, None
+        if factory is not None:
+            region = factory()
+            with self._cond:
+                if self._closed:
+                    if region is not None:
+                        region.close()
+                    return None
+                self._shm = region
+        return self._shm
+
+    @property
+    def ring_leases(self) -> int:
+        """Channels that went through shared memory so far (0 without a region)."""
+        return self._shm.leases if self._shm is not None else 0
 
     def _unread_hint(self) -> str:
         """Unread channels hold slots and budget a late one may need (lock held)."""
@@ -256,11 +298,27 @@ class ChannelServer:
             if request.get("op") != "channel" or not protocol.valid_channel_name(name):
                 return
             assert isinstance(name, str)
+            lease = None
+            if request.get("ring"):
+                region = self._region()
+                lease = region.lease(self._max_buffer) if region is not None else None
+                if lease is None:
+                    protocol.write_frame(conn, Kind.DATA_EOF)  # no ring: use this connection
+                else:
+                    protocol.write_frame(conn, Kind.DATA, LEASE.pack(lease.slot, lease.token))
             stream = started = _Stream(name, self._max_buffer, self._budget, self._cond)
             with self._cond:
                 self._waiting.setdefault(name, collections.deque()).append(stream)
                 self._streams.add(stream)
                 self._cond.notify_all()
+            if lease is not None:
+                assert self._shm is not None
+                try:
+                    _pump_ring(conn, stream, lease)
+                finally:
+                    self._shm.release(lease)
+                stream = None
+                return
             while (frame := read_frame(conn)) is not None:
                 if frame[0] is Kind.DATA_EOF:
                     stream.put(_EOF)
@@ -311,6 +369,8 @@ class ChannelServer:
             except OSError:
                 pass
         self._thread.join(timeout=5)
+        if self._shm is not None:
+            self._shm.close()
         self._listener.close()
         os.close(self._wake_r)
         os.close(self._wake_w)
@@ -325,3 +385,66 @@ class ChannelServer:
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+
+def _pump_ring(conn: socket.socket, stream: _Stream, lease: Lease) -> None:
+    """Move one ring's messages into ``stream`` until the guest's DATA_EOF (or failure).
+
+    Puts the stream's last item itself; raises ProtocolError/OSError only before that.
+    """
+    reader = lease.reader
+    poller = select.poll()
+    poller.register(conn.fileno(), select.POLLIN)
+    poller.register(lease.doorbell, select.POLLIN)
+    ended: object | None = None  # _EOF or an error text once the connection said so
+    try:
+        while True:
+            messages = reader.read()
+            for message in messages:
+                if not stream.put(message):
+                    return  # the consumer left: hang up so the guest's next wait fails
+            if messages:
+                if reader.producer_waiting():
+                    conn.sendall(b"w")
+                continue
+            if ended is not None:
+                if reader.mid_message:
+                    ended = "the guest ended the channel in the middle of a message"
+                stream.put(ended)
+                return
+            if _spin(reader):
+                continue
+            reader.sleep(True)
+            if reader.available():
+                reader.sleep(False)
+                continue
+            events = poller.poll(SLEEP_S * 1000)
+            reader.sleep(False)
+            for fd, _ in events:
+                if fd == lease.doorbell:
+                    try:
+                        os.read(fd, 8)
+                    except BlockingIOError:
+                        pass
+                    continue
+                poller.unregister(conn.fileno())
+                frame = read_frame(conn)
+                if frame is None:
+                    ended = "the guest closed the connection without DATA_EOF"
+                elif frame[0] is Kind.DATA_EOF:
+                    ended = _EOF
+                else:
+                    raise ProtocolError(f"unexpected {frame[0].name} frame after a ring lease")
+    except RingError as exc:
+        raise ProtocolError(f"the guest broke its ring: {exc}") from None
+    except ValueError:  # the region was unmapped under us: the sandbox is closing
+        stream.put("the sandbox closed")
+
+
+def _spin(reader: RingReader) -> bool:
+    """Poll a dry ring for SPIN_S: data that follows closely needs no doorbell."""
+    deadline = time.perf_counter() + SPIN_S
+    while time.perf_counter() < deadline:
+        if reader.available():
+            return True
+    return False
