@@ -77,6 +77,15 @@ def register(sub: Any) -> None:
     _client_args(kill)
     kill.add_argument("ids", nargs="+", metavar="ID")
     kill.set_defaults(func=_kill)
+    mcp = sub.add_parser(
+        "mcp",
+        help="serve sandboxes as MCP tools over stdio (for AI agents)",
+        description="A Model Context Protocol server on stdin/stdout: create_sandbox, run_code, "
+        "exec_command, read_file, write_file, list_files, kill_sandbox. With --server (or "
+        "$EMBER_SERVER) the sandboxes are the daemon's; else they live in this process.",
+    )
+    mcp.add_argument("--server", default=None, metavar="URL")
+    mcp.set_defaults(func=_mcp)
 
 
 def _client_args(p: argparse.ArgumentParser) -> None:
@@ -164,3 +173,14 @@ def _kill(args: argparse.Namespace) -> int:
     finally:
         api.close()
     return status
+
+
+def _mcp(args: argparse.Namespace) -> int:
+    try:
+        from ember.serve.mcp_server import run_stdio
+    except ImportError as exc:
+        raise ConfigError(
+            f"ember mcp needs the serve extra: pip install 'ember[serve]' ({exc})"
+        ) from None
+    run_stdio(args.server or os.environ.get("EMBER_SERVER", ""))
+    return 0
