@@ -15,6 +15,8 @@ from pathlib import Path
 
 import httpx
 import pytest
+from websockets.exceptions import InvalidStatus
+from websockets.sync.client import connect
 
 from ember.serve.keeper import keeper_pid
 from tests.integration.serve_daemon import Daemon, alive, running_daemon, wait_for
@@ -162,6 +164,31 @@ def test_create_exec_files_delete(daemon: Daemon, api: httpx.Client) -> None:
     assert error_code(api.get(base)) == "not_found"
     assert not alive(pid) and not directory.exists()
     assert not (daemon.state_dir / "sandboxes" / f"{sid}.json").exists()
+
+
+def test_exec_over_websocket(daemon: Daemon, api: httpx.Client) -> None:
+    sid = make(api)["id"]
+    url = f"ws://127.0.0.1:{daemon.port}/sandboxes/{sid}/exec/ws"
+    auth = {"Authorization": f"Bearer {daemon.token}"}
+    with connect(url, additional_headers=auth) as ws:
+        ws.send(
+            json.dumps({"cmd": ["sh", "-c", "read a; echo got $a; cat; exit 9"], "stdin": True})
+        )
+        ws.send(b"first line\n")
+        first = json.loads(ws.recv(timeout=120))
+        assert (first["type"], base64.b64decode(first["data"])) == ("stdout", b"got first line\n")
+        ws.send(b"rest")
+        ws.send(json.dumps({"type": "eof"}))
+        events = [json.loads(m) for m in ws]
+    out = b"".join(base64.b64decode(e["data"]) for e in events if e["type"] == "stdout")
+    assert out == b"rest" and events[-1]["type"] == "exit" and events[-1]["exit_code"] == 9
+    with connect(url, additional_headers=auth) as ws:
+        ws.send("not json")
+        event = json.loads(ws.recv(timeout=60))
+        assert event["error"]["code"] == "invalid_request"
+    with pytest.raises(InvalidStatus):
+        connect(url, additional_headers={"Authorization": "Bearer wrong"})
+    assert api.delete(f"/sandboxes/{sid}").status_code == 204
 
 
 def test_timeout_reaper(daemon: Daemon, api: httpx.Client) -> None:

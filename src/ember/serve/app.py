@@ -231,6 +231,9 @@ def create_app(manager: Manager, *, token: str, max_body: int = 128 << 20) -> Gu
     def prometheus() -> Response:
         return Response(metrics.render(manager), media_type="text/plain; version=0.0.4")
 
+    from ember.serve import ws
+
+    ws.register(app, call)
     app.state.manager = manager
     app.state.metrics = metrics
     return Guard(app, token=token, max_body=max_body)

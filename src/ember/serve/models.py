@@ -51,18 +51,23 @@ class TimeoutBody(Strict):
     timeout: Seconds | None = Field(..., description="seconds from now; null: no timeout")
 
 
+Cmd = (
+    Annotated[str, Field(min_length=1, max_length=1 << 20)]
+    | Annotated[
+        list[Annotated[str, Field(max_length=1 << 20)]], Field(min_length=1, max_length=4096)
+    ]
+)
+Env = Annotated[
+    dict[Annotated[str, Field(min_length=1, max_length=256)], str], Field(max_length=1024)
+]
+Cwd = Annotated[str, Field(min_length=1, max_length=4096)]
+
+
 class ExecBody(Strict):
-    cmd: (
-        Annotated[str, Field(min_length=1, max_length=1 << 20)]
-        | Annotated[
-            list[Annotated[str, Field(max_length=1 << 20)]], Field(min_length=1, max_length=4096)
-        ]
-    ) = Field(..., description="argv list, or a shell command line")
+    cmd: Cmd = Field(..., description="argv list, or a shell command line")
     timeout: Seconds | None = None
-    env: dict[Annotated[str, Field(min_length=1, max_length=256)], str] | None = Field(
-        None, max_length=1024
-    )
-    cwd: Annotated[str, Field(min_length=1, max_length=4096)] | None = None
+    env: Env | None = None
+    cwd: Cwd | None = None
     stdin: str | None = Field(None, description="base64 bytes for the process's stdin")
     stream: bool = Field(False, description="reply NDJSON lines as output is produced")
     max_output: int | None = Field(64 << 20, ge=0, le=1 << 30)
