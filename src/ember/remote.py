@@ -190,6 +190,14 @@ class RemoteSandbox(Sandbox):
     def set_timeout(self, seconds: float) -> None:
         self._info = self._api.call("POST", self._path("/timeout"), json={"timeout": seconds})
 
+    def pause(self) -> None:
+        """Snapshot the sandbox to the daemon's disk and stop it (no CPU, memory freed);
+        :meth:`resume` (from any process, after a daemon restart too) brings it back."""
+        self._info = self._api.call("POST", self._path("/pause"))
+
+    def resume(self) -> None:
+        self._info = self._api.call("POST", self._path("/resume"))
+
     def detach(self) -> None:
         """Let go of the sandbox without destroying it (``Sandbox.connect(ID)`` gets it back)."""
         if not self._closed:

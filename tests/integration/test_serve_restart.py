@@ -29,6 +29,15 @@ def test_daemon_killed_and_restarted(tmp_path: Path) -> None:
             base = f"/sandboxes/{kept}"
             assert api.post(f"{base}/run_code", json={"code": "x = 41"}).json()["error"] is None
             api.put(f"{base}/files", params={"path": "/tmp/kept"}, content=b"survives")
+            paused = api.post("/sandboxes", json={}).json()["id"]
+            code = {"code": "import os; p = os.getpid()"}
+            assert api.post(f"/sandboxes/{paused}/run_code", json=code).json()["error"] is None
+            pid_in_guest = api.post(f"/sandboxes/{paused}/run_code", json={"code": "p"}).json()
+            paused_vmm = json.loads((first.state_dir / "sandboxes" / f"{paused}.json").read_text())
+            assert api.post(f"/sandboxes/{paused}/pause").json()["state"] == "paused"
+            assert not alive(paused_vmm["pid"]) and not Path(paused_vmm["dir"]).exists()
+            reply = api.post(f"/sandboxes/{paused}/exec", json={"cmd": ["true"]})
+            assert reply.status_code == 409 and reply.json()["error"]["code"] == "sandbox_paused"
         records = {
             p.stem: json.loads(p.read_text()) for p in (first.state_dir / "sandboxes").iterdir()
         }
@@ -57,6 +66,14 @@ def test_daemon_killed_and_restarted(tmp_path: Path) -> None:
             assert reply.json()["error"]["code"] == "sandbox_crashed"
             assert api.delete(f"/sandboxes/{lost}").status_code == 204
             assert 'ember_sandbox_events_total{event="adopted"} 1.0' in api.get("/metrics").text
+
+            # Paused under the first daemon, resumed by the second: the same interpreter.
+            assert api.get(f"/sandboxes/{paused}").json()["state"] == "paused"
+            assert api.post(f"/sandboxes/{paused}/resume").json()["state"] == "running"
+            again = api.post(f"/sandboxes/{paused}/run_code", json={"code": "p"}).json()
+            assert again["value"] == pid_in_guest["value"] is not None
+            assert not (second.state_dir / "paused" / paused).exists()
+            assert api.delete(f"/sandboxes/{paused}").status_code == 204
 
             assert api.delete(base).status_code == 204
             assert not alive(records[kept]["pid"]) and not Path(records[kept]["dir"]).exists()

@@ -85,6 +85,12 @@ def test_sandbox_through_the_daemon(daemon: Daemon, env: dict[str, str]) -> None
         assert other.stdout.split() == ["from", "one", "2"]
         assert sb.files.read("/tmp/back.txt") == b"from two"
 
+        sb.pause()
+        assert sb.info()["state"] == "paused"
+        sb.resume()
+        assert sb.run_code("y").value == "2"
+        assert sb.files.read("/tmp/back.txt") == b"from two"
+
         before = sb.info()["expires_at"]
         sb.set_timeout(3600)
         assert sb.info()["expires_at"] > before

@@ -121,7 +121,7 @@ def create_app(manager: Manager, *, token: str, max_body: int = 128 << 20) -> Gu
     @app.get("/sandboxes", response_model=models.SandboxList)
     def list_(
         metadata: Annotated[list[str] | None, Query(description="KEY=VALUE, all match")] = None,
-        state: Annotated[str | None, Query(pattern="^(running|crashed)$")] = None,
+        state: Annotated[str | None, Query(pattern="^(running|paused|crashed)$")] = None,
     ) -> dict[str, Any]:
         want: dict[str, str] = {}
         for item in metadata or []:
@@ -144,6 +144,19 @@ def create_app(manager: Manager, *, token: str, max_body: int = 128 << 20) -> Gu
     @app.post("/sandboxes/{sandbox_id}/timeout", response_model=models.SandboxInfo)
     def set_timeout(sandbox_id: str, body: models.TimeoutBody) -> dict[str, Any]:
         return manager.set_timeout(entry(sandbox_id).record.id, body.timeout).json()
+
+    @app.post("/sandboxes/{sandbox_id}/pause", response_model=models.SandboxInfo)
+    def pause(sandbox_id: str) -> dict[str, Any]:
+        """Snapshot to disk and stop the VMM (no CPU, memory back to the host)."""
+        return manager.pause(entry(sandbox_id).record.id).json()
+
+    @app.post("/sandboxes/{sandbox_id}/resume", response_model=models.SandboxInfo)
+    def resume(sandbox_id: str) -> dict[str, Any]:
+        """Restore a paused sandbox from its snapshot, state intact."""
+        started = time.perf_counter()
+        info = manager.resume(entry(sandbox_id).record.id).json()
+        metrics.create_seconds.observe(time.perf_counter() - started)
+        return info
 
     @app.get("/sandboxes/{sandbox_id}/console")
     def console(sandbox_id: str) -> dict[str, str]:

@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import enum
 import logging
+import shutil
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from ember.errors import SandboxCrashed, SandboxError
+from ember.launcher import VmmProcess
 from ember.sandbox import Sandbox
 from ember.serve import adopt
 from ember.serve.keeper import KeeperClient, keeper_pid
@@ -26,11 +29,16 @@ log = logging.getLogger("ember.serve")
 
 class State(enum.Enum):
     RUNNING = "running"
+    PAUSED = "paused"
     CRASHED = "crashed"
 
 
 class NotFound(LookupError):
     """No sandbox by that id."""
+
+
+class Paused(SandboxError):
+    """The sandbox is paused: resume it first."""
 
 
 @dataclass
@@ -100,7 +108,9 @@ class Manager:
     def readopt(self) -> None:
         keeper = keeper_pid(self.state.path)
         for record in self.state.load_all():
-            if adopt.alive(record, keeper):
+            if record.paused and self.state.paused_dir(record.id).is_dir():
+                entry = Entry(record, None, State.PAUSED)
+            elif adopt.alive(record, keeper):
                 try:
                     entry = Entry(record, adopt.adopt(record))
                 except OSError as exc:
@@ -154,9 +164,9 @@ class Manager:
 
     def running(self, sandbox_id: str) -> tuple[Entry, Sandbox]:
         entry = self.get(sandbox_id)
+        if entry.state is State.PAUSED:
+            raise Paused(f"sandbox {sandbox_id} is paused: resume it first")
         if entry.sandbox is None or entry.state is not State.RUNNING:
-            from ember.errors import SandboxCrashed
-
             raise SandboxCrashed(f"sandbox {sandbox_id} crashed: {entry.error}", entry.console)
         return entry, entry.sandbox
 
@@ -175,8 +185,10 @@ class Manager:
         if entry is None:
             raise NotFound(sandbox_id)
         try:
-            if entry.sandbox is not None:
-                entry.sandbox.close()
+            with entry.lock:
+                if entry.sandbox is not None:
+                    entry.sandbox.close()
+                shutil.rmtree(self.state.paused_dir(sandbox_id), ignore_errors=True)
         finally:
             self.state.remove(sandbox_id)
         self._event("deleted", sandbox_id)
@@ -185,8 +197,53 @@ class Manager:
         entry = self.get(sandbox_id)
         with entry.lock:
             entry.record.expires_at = time.time() + seconds if seconds is not None else None
-            if entry.state is State.RUNNING:
+            if entry.state is not State.CRASHED:
                 self.state.save(entry.record)
+        return entry
+
+    def pause(self, sandbox_id: str) -> Entry:
+        """Snapshot the sandbox to disk and end its VMM: no CPU, its memory back to the host."""
+        entry = self.get(sandbox_id)
+        with entry.lock:
+            if entry.state is State.PAUSED:
+                return entry
+            _, sandbox = self.running(sandbox_id)
+            snapshot = self.state.paused_dir(sandbox_id)
+            snapshot.mkdir(parents=True, mode=0o700)
+            try:
+                sandbox._vmm.snapshot(snapshot, durable=True)
+            except BaseException:
+                shutil.rmtree(snapshot, ignore_errors=True)
+                raise
+            record = entry.record
+            record.paused, record.pid, record.cgroup = True, 0, None
+            self.state.save(record)
+            sandbox.close()
+            entry.sandbox, entry.state = None, State.PAUSED
+        self._event("paused", sandbox_id)
+        return entry
+
+    def resume(self, sandbox_id: str) -> Entry:
+        """Restore a paused sandbox from its snapshot (in whatever daemon runs now)."""
+        entry = self.get(sandbox_id)
+        with entry.lock:
+            if entry.state is State.RUNNING:
+                return entry
+            if entry.state is not State.PAUSED:
+                raise SandboxCrashed(f"sandbox {sandbox_id} crashed: {entry.error}", entry.console)
+            snapshot = self.state.paused_dir(sandbox_id)
+            spec = adopt.spec_of(entry.record)
+            vmm = VmmProcess(spec, restore=snapshot)  # maps the memory file: then it may go
+            sandbox = object.__new__(Sandbox)
+            sandbox._setup(vmm, spec)
+            record = entry.record
+            assert vmm.proc is not None
+            record.paused, record.pid, record.dir = False, vmm.proc.pid, str(vmm.dir)
+            record.cgroup = adopt.cgroup_record(vmm.cgroup)
+            self.state.save(record)
+            shutil.rmtree(snapshot, ignore_errors=True)
+            entry.sandbox, entry.state = sandbox, State.RUNNING
+        self._event("resumed", sandbox_id)
         return entry
 
     def mark_crashed(self, entry: Entry, error: str, console: str) -> None:

@@ -33,7 +33,7 @@ class CreateBody(Strict):
 
 class SandboxInfo(BaseModel):
     id: str
-    state: Literal["running", "crashed"]
+    state: Literal["running", "paused", "crashed"]
     template: str
     created_at: float
     expires_at: float | None

@@ -6,6 +6,7 @@
       token             the bearer token (0600), made at first start
       keeper.sock       the keeper (VMMs' parent, see .keeper)
       sandboxes/ID.json one record per sandbox: what a restarted daemon needs to re-adopt it
+      paused/ID/        a paused sandbox's snapshot (state + sparse memory), until resumed
 
 A record is written (atomically) once its sandbox is up, rewritten when its
 lifetime changes, and removed when it is deleted; a record whose VMM is gone
@@ -60,6 +61,7 @@ class Record:
     metadata: dict[str, str] = field(default_factory=dict)
     expires_at: float | None = None  # wall clock; None: no timeout
     cgroup: dict[str, Any] | None = None  # {"version": 2, "dirs": {"": "/sys/fs/cgroup/..."}}
+    paused: bool = False  # snapshotted to STATE_DIR/paused/ID, no VMM (dir and pid unused)
 
 
 class StateDir:
@@ -84,6 +86,9 @@ class StateDir:
         with os.fdopen(fd, "w") as f:
             f.write(token + "\n")
         return token
+
+    def paused_dir(self, sandbox_id: str) -> Path:
+        return self.path / "paused" / sandbox_id
 
     def save(self, record: Record) -> None:
         path = self.records / f"{record.id}.json"

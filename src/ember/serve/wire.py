@@ -26,6 +26,7 @@ STATUS: dict[str, int] = {
     "unauthorized": 401,
     "not_found": 404,
     "sandbox_crashed": 409,
+    "sandbox_paused": 409,
     "payload_too_large": 413,
     "output_too_large": 413,
     "invalid_request": 422,
@@ -108,6 +109,8 @@ def error_body(exc: BaseException) -> tuple[int, dict[str, Any]]:
         extra["limit"] = exc.limit
     elif isinstance(exc, ConfigError | ValueError):
         code = "config_error"
+    elif type(exc).__name__ == "Paused":  # ember.serve.manager.Paused (no import cycle)
+        code = "sandbox_paused"
     elif isinstance(exc, EmberError):
         code = "sandbox_error"
     else:
