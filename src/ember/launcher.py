@@ -41,6 +41,7 @@ from ember.network.policy import NetworkPolicy
 from ember.zygote import ZygoteChild
 
 if TYPE_CHECKING:
+    from ember.client_shm import HostRegion
     from ember.network.host import SandboxNetwork
 
 CONSOLE_LOG = "console.log"
@@ -421,6 +422,13 @@ class VmmProcess:
             raise SandboxError("the channel listener was already taken")
         self.channel_listener = None
         return listener
+
+    def shm_region(self) -> HostRegion | None:
+        """The VMM's memory channel region mapped here (None if it has none): asked lazily,
+        by the channel server, when the guest first wants a ring."""
+        from ember.client_shm import HostRegion
+
+        return HostRegion.from_vmm(self.control_path)
 
     def wait_exit(self, timeout: float) -> bool:
         if self.proc is None:

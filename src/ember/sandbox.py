@@ -142,7 +142,7 @@ class Sandbox:
         self._spec = spec
         self._closed = False
         self._client = AgentClient(self._connect, resume=self._vmm.resume, announce_resume=True)
-        self._channels = ChannelServer(self._vmm.take_channel_listener())
+        self._channels = ChannelServer(self._vmm.take_channel_listener(), shm=self._vmm.shm_region)
         self.files = SandboxFiles(self)
 
     # --- plumbing

@@ -99,7 +99,7 @@ class AsyncSandbox:
                 start_vmm, self._spec, template=self._template, boot=self._boot
             )
             self._vmm = vmm
-        self._channels = ChannelServer(vmm.take_channel_listener())
+        self._channels = ChannelServer(vmm.take_channel_listener(), shm=vmm.shm_region)
         return self
 
     async def set_memory(self, target_mib: int, *, timeout: float = 120.0) -> int:

@@ -13,12 +13,21 @@ Each frame is a syscall, ~0.3 ms in the guest, so a program sending many small
 messages should pass ``buffer_size``: frames then accumulate in memory and go
 out together (still as separate frames) when the buffer fills, on
 :meth:`Channel.flush`, and on close.
+
+Memory channels (issue 16): when the VMM's shared region is mapped
+(:mod:`ember.agent.shm`), the request says ``"ring": 1`` and the host answers
+with one DATA frame of a slot and its lease (``<QQ``), or DATA_EOF for "use
+vsock". Messages then go through that slot's ring at memory speed, with no
+syscall per message; the connection stays open for the end (DATA_EOF after the
+last record), for the host's wake-ups when the ring was full (any bytes), and so
+that an idle VMM does not park the guest mid-stream. ``buffer_size`` is moot there.
 """
 
 from __future__ import annotations
 
 import os
 import socket
+import struct
 
 from ember.protocol import (
     CHANNEL_PORT,
@@ -26,6 +35,7 @@ from ember.protocol import (
     HOST_CID,
     MAX_FRAME,
     Kind,
+    read_frame,
     valid_channel_name,
     write_frame,
 )
@@ -35,25 +45,44 @@ if TYPE_CHECKING:
     from types import TracebackType
 
     from ember.protocol import Payload
+    from ember.ring import RingWriter
 
 __all__ = ["Channel", "channel"]
 
 UNIX_ENV = "EMBER_CHANNEL_UNIX"
+LEASE = struct.Struct("<QQ")  # the host's answer to a ring request: slot, lease
+WAKE_WAIT_S = 0.05  # a full ring's producer re-checks at least this often
 
 
 class Channel:
     """One open channel; use it as a context manager so the host sees the end."""
 
-    def __init__(self, sock: socket.socket, name: str, *, buffer_size: int = 0) -> None:
+    def __init__(
+        self,
+        sock: socket.socket,
+        name: str,
+        *,
+        buffer_size: int = 0,
+        ring: RingWriter | None = None,
+    ) -> None:
         self.name = name
         self._sock: socket.socket | None = sock
         self._buffer_size = buffer_size
         self._pending = bytearray()
+        self._ring = ring
+
+    @property
+    def uses_memory(self) -> bool:
+        """True when messages go through the shared-memory ring, False over vsock."""
+        return self._ring is not None
 
     def send(self, data: Payload) -> None:
         """Send one message (kept whole unless over 1 MiB, then cut into frames)."""
         sock = self._require_open()
         view = memoryview(data).cast("B")
+        if self._ring is not None:
+            self._ring.send(view)
+            return
         for start in range(0, max(view.nbytes, 1), MAX_FRAME):
             piece = view[start : start + MAX_FRAME]
             if self._buffer_size <= 0:
@@ -115,11 +144,37 @@ def channel(name: str, *, buffer_size: int = 0) -> Channel:
     else:
         sock = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
         address = (HOST_CID, CHANNEL_PORT)
+    region = None
+    if not path:
+        from ember.agent import shm
+
+        region = shm.region()
+    ring = b',"ring":1' if region is not None else b""
     try:
         sock.connect(address)
         # The name's alphabet needs no escaping, so no json import here.
-        write_frame(sock, Kind.REQUEST, b'{"op":"channel","name":"%s"}' % name.encode())
+        write_frame(sock, Kind.REQUEST, b'{"op":"channel","name":"%s"%s}' % (name.encode(), ring))
+        writer = None
+        if region is not None:
+            frame = read_frame(sock)
+            if frame is None:
+                raise ConnectionResetError("the host closed the channel")
+            if frame[0] is Kind.DATA and len(frame[1]) == LEASE.size:
+                slot, lease = LEASE.unpack(frame[1])
+                writer = region.writer(slot, lease, lambda: _wait_for_wake(sock))
     except BaseException:
         sock.close()
         raise
-    return Channel(sock, name, buffer_size=buffer_size)
+    return Channel(sock, name, buffer_size=buffer_size, ring=writer)
+
+
+def _wait_for_wake(sock: socket.socket) -> None:
+    """The ring is full: wait for the host's wake-up (any bytes), or a short while."""
+    sock.settimeout(WAKE_WAIT_S)
+    try:
+        if not sock.recv(4096):
+            raise ConnectionResetError("the host closed the channel")
+    except TimeoutError:
+        pass
+    finally:
+        sock.settimeout(None)

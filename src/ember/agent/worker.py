@@ -34,7 +34,7 @@ import traceback
 import types
 from typing import Any
 
-from ember.agent import heap, preload
+from ember.agent import heap, preload, shm
 from ember.protocol import MAX_FRAME, Kind, decode_json, encode_json, read_frame, write_frame
 
 __all__ = ["CAPTURE_LIMIT", "Worker", "main"]
@@ -183,6 +183,7 @@ def main(argv: list[str]) -> int:
     heap.touch_from_env()  # pages later cells reuse for free (ember.agent.heap)
     gc.freeze()  # the template's objects: never scanned (nor written to) by a collection
     worker.run("None")  # touch the parse/compile/exec path now, not on the first real call
+    shm.premap()  # memory channels' region, mapped once here and in every restored sandbox
     write_frame(sock, Kind.RESULT, encode_json({"ready": True, "pid": os.getpid()}))
     while (frame := read_frame(sock)) is not None:
         kind, payload = frame

@@ -45,7 +45,7 @@ DEFAULT_MIRROR: Final = "http://deb.debian.org/debian"
 ARTIFACT_FILE: Final = "rootfs.ext4"
 GUEST_SITE: Final = "usr/lib/python3/dist-packages"
 # Files of the host package that also run in the guest (everything else stays out).
-GUEST_MODULES: Final = ("protocol.py", "agent")
+GUEST_MODULES: Final = ("protocol.py", "ring.py", "agent")
 GUEST_INIT: Final = b'"""Ember\'s guest-side package: the agent and the wire protocol."""\n'
 SLACK_BYTES: Final = 64 << 20
 _TOOLS: Final = ("debootstrap", "mkfs.ext4", "unshare", "chroot")

@@ -34,6 +34,7 @@ from ember.vmm.config import VmConfig
 from ember.vmm.console import ConsoleSink
 from ember.vmm.event_loop import EventLoop
 from ember.vmm.machine import Machine
+from ember.vmm.shm import SharedRegion
 from ember.vmm.virtio_slots import VirtioSlots
 
 log = logging.getLogger(__name__)
@@ -74,7 +75,8 @@ def build_machine(config: VmConfig, console: ConsoleSink) -> Machine:
 
         kernel = loader.load_kernel(memory, kernel_data)
         initrd = loader.load_initrd(memory, kernel, initrd_data) if initrd_data else None
-        cmdline = _cmdline(config, template, slots.cmdline)
+        extra = [*slots.cmdline, parts.shm.cmdline()] if parts.shm else slots.cmdline
+        cmdline = _cmdline(config, template, extra)
         if len(cmdline) >= min(kernel.cmdline_size, layout.CMDLINE_MAX_SIZE):
             raise ConfigError(
                 f"kernel command line is {len(cmdline)} bytes; this kernel takes "
@@ -88,7 +90,7 @@ def build_machine(config: VmConfig, console: ConsoleSink) -> Machine:
                 cmdline_addr=layout.CMDLINE_START,
                 cmdline_size=len(cmdline) + 1,
                 initrd=initrd,
-                e820=e820_map(memory),
+                e820=e820_map(memory) + ([parts.shm.e820_entry()] if parts.shm else []),
             ),
         )
         memory.write(layout.EBDA_START, mptable(config.vcpus))
@@ -185,6 +187,7 @@ class _VmParts:
     mmio: Bus
     events: EventLoop
     slots: VirtioSlots
+    shm: SharedRegion | None
 
 
 def _create_vm(config: VmConfig, memory: GuestMemory, undo: ExitStack) -> _VmParts:
@@ -201,6 +204,10 @@ def _create_vm(config: VmConfig, memory: GuestMemory, undo: ExitStack) -> _VmPar
     vm.create_pit2()
     for slot, region in enumerate(memory.regions):
         vm.set_user_memory_region(slot, region.guest_addr, region.size, c_address(region.mem))
+    shm = None
+    if config.vsock_uds is not None:  # memory channels need vsock for their control
+        shm = SharedRegion(vm, memory, len(memory.regions))
+        undo.callback(shm.close)  # LIFO: after vm.close()
 
     events = EventLoop()
     undo.callback(events.close)
@@ -230,7 +237,7 @@ def _create_vm(config: VmConfig, memory: GuestMemory, undo: ExitStack) -> _VmPar
             os.close(fd)
             raise
         slots.attach(device)  # closed with the slots from here on
-    return _VmParts(kvm, vm, Bus("pio"), mmio, events, slots)
+    return _VmParts(kvm, vm, Bus("pio"), mmio, events, slots, shm)
 
 
 def _finish(
@@ -247,6 +254,7 @@ def _finish(
         parts.kvm, vm, memory, vcpus, parts.pio, parts.mmio, console, parts.events, parts.slots,
         config=config, serial=serial, cpuids=cpuids,
     )  # fmt: skip
+    machine.shm = parts.shm
     parts.pio.insert(serial, COM1_PORT, UART_PORT_LEN)
     parts.pio.insert(I8042(machine.guest_reset), I8042_PORT_BASE, I8042_PORT_LEN)
     return machine

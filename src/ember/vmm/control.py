@@ -6,6 +6,8 @@ the event thread (so no device callback runs during a snapshot)::
     {"op": "snapshot", "durable": false} + 2 fds  ->  {"ok": true, "paused_ms": ...}
     {"op": "snapshot", "path": "/dir"}            (unjailed VMMs only: it opens the files)
     {"op": "pause"} / {"op": "resume"} / {"op": "status"}
+    {"op": "shm"}  ->  {"ok": true, "base": ..., "size": ...} + the memory channels' memfd
+                       and one doorbell eventfd per slot (see ember.vmm.shm)
 
 A snapshot's two files (state, memory) travel as open fds (SCM_RIGHTS):
 the requester creates them where it likes, and a jailed VMM, which sees no
@@ -55,6 +57,7 @@ class ControlServer:
             self._sock.close()
             raise EmberError(f"cannot listen on control socket {path}: {exc.strerror}") from None
         events.add_reader(self._sock.fileno(), self._on_accept)
+        self._reply_fds: list[int] = []  # fds the current reply carries (still ours)
 
     def _on_accept(self) -> None:
         try:
@@ -72,8 +75,12 @@ class ControlServer:
             finally:
                 for fd in fds:
                     os.close(fd)
+            reply_fds, self._reply_fds = self._reply_fds, []
             try:
-                conn.sendall(_encode_reply(reply))
+                if reply_fds and reply.get("ok"):
+                    socket.send_fds(conn, [_encode_reply(reply)], reply_fds)
+                else:
+                    conn.sendall(_encode_reply(reply))
             except OSError:
                 pass
 
@@ -89,6 +96,12 @@ class ControlServer:
                 return _debug(op, request)
             if op == "balloon":
                 return self._balloon(request)
+            if op == "shm":
+                shm = self.machine.shm
+                if shm is None:
+                    return {"ok": False, "error": "this VM has no memory channels (no vsock)"}
+                self._reply_fds = shm.fds()
+                return {"ok": True, **shm.describe()}
             if op == "pause":
                 self.machine.pause()
                 return {"ok": True}
@@ -203,7 +216,7 @@ def _read_line(conn: socket.socket, limit: int = MAX_REQUEST) -> tuple[bytes, li
     data = bytearray()
     fds: list[int] = []
     while not data.endswith(b"\n"):
-        chunk, new_fds, _flags, _addr = socket.recv_fds(conn, 65536, 4)
+        chunk, new_fds, _flags, _addr = socket.recv_fds(conn, 65536, 16)
         fds.extend(new_fds)
         if not chunk:
             break
@@ -223,22 +236,41 @@ def request(
     **args: Any,
 ) -> dict[str, Any]:
     """Client side: send one request (and ``fds``), return the reply (raises EmberError)."""
+    reply, received = request_fds(socket_path, op, timeout, fds, **args)
+    for fd in received:
+        os.close(fd)
+    return reply
+
+
+def request_fds(
+    socket_path: Path | str,
+    op: str,
+    timeout: float = 120.0,
+    fds: list[int] | None = None,
+    **args: Any,
+) -> tuple[dict[str, Any], list[int]]:
+    """:func:`request`, also returning the fds the reply carried (the caller's to close)."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.settimeout(timeout)
         try:
             sock.connect(str(socket_path))
             socket.send_fds(sock, [json.dumps({"op": op, **args}).encode() + b"\n"], fds or [])
-            data, _ = _read_line(sock, MAX_REPLY)
+            data, received = _read_line(sock, MAX_REPLY)
         except OSError as exc:
             raise EmberError(f"the VMM's control socket did not answer: {exc}") from None
         except ValueError as exc:  # the VMM bounds its replies: this one is not from it
             raise EmberError(f"the VMM's control socket sent an oversized reply ({exc})") from None
-    if not data:
-        raise EmberError(f"the VMM closed the control connection without answering {op!r}")
     try:
-        reply: dict[str, Any] = json.loads(data)
-    except ValueError:
-        raise EmberError("the VMM's control socket sent garbage") from None
-    if not reply.get("ok"):
-        raise EmberError(f"VMM {op} failed: {reply.get('error')}")
-    return reply
+        if not data:
+            raise EmberError(f"the VMM closed the control connection without answering {op!r}")
+        try:
+            reply: dict[str, Any] = json.loads(data)
+        except ValueError:
+            raise EmberError("the VMM's control socket sent garbage") from None
+        if not reply.get("ok"):
+            raise EmberError(f"VMM {op} failed: {reply.get('error')}")
+    except BaseException:
+        for fd in received:
+            os.close(fd)
+        raise
+    return reply, received

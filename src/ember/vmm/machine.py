@@ -24,6 +24,7 @@ from ember.memory import GuestMemory
 from ember.vmm.config import VmConfig
 from ember.vmm.console import ConsoleSink
 from ember.vmm.event_loop import EventLoop
+from ember.vmm.shm import SharedRegion
 from ember.vmm.state import StopKind, StopReason, VmState
 from ember.vmm.vcpu import VcpuThread, install_kick_handler
 from ember.vmm.virtio_slots import VirtioSlots
@@ -60,6 +61,7 @@ class Machine:
         self.config = config
         self.serial = serial
         self.cpuids = cpuids
+        self.shm: SharedRegion | None = None  # memory channels' region (set by the builder)
         self.state = VmState.CREATED
         self._stops: queue.Queue[StopReason] = queue.Queue()
         self._lock = threading.Lock()
@@ -213,6 +215,8 @@ class Machine:
             for thread in self.vcpu_threads:
                 thread.vcpu.close()
             self.vm.close()
+            if self.shm is not None:
+                self.shm.close()
             self.memory.close()
             self.kvm.close()
             self.state = VmState.STOPPED

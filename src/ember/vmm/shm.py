@@ -1,0 +1,113 @@
+"""The VMM's side of memory channels: a shared region above guest RAM, and its doorbells.
+
+The region is a host memfd registered as a KVM memory slot at a guest-physical
+range just above RAM, which the e820 map marks *reserved*: the guest kernel never
+allocates it, and ``/dev/mem`` (``STRICT_DEVMEM`` refuses only RAM) lets the guest
+agent map it into user processes, page tables filled at ``mmap`` time. The memfd
+is fresh on every VMM start, restore and fork, so siblings restored from one
+template never share a byte of it; the guest's mapping, made in the template,
+points at the same guest-physical range and so at the new memfd after a restore.
+The layout (header, slots, rings) is :mod:`ember.ring`; the header is written here
+before any vCPU runs, with a new random generation, so the agent can tell a
+region it has not yet seen from a stale one.
+
+Doorbells: one u32 per slot in a page right after the region, backed by no memory
+slot, each an ioeventfd. A guest user-mode write there costs ~2.5 µs here and no
+exit to this process; the SDK, which consumes the rings, gets the eventfds (and
+the memfd) over the control socket (``{"op": "shm"}``, SCM_RIGHTS). The VMM
+itself never reads the region after writing its header: it only hosts it.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import secrets
+
+from ember import ring
+from ember.arch.x86_64.bootparams import E820_RESERVED, E820Entry
+from ember.kvm.system import Vm, c_address
+from ember.memory import MMIO_GAP_END, GuestMemory
+
+ALIGN = 2 << 20  # a 2 MiB boundary: large pages stay possible on both sides
+
+
+def region_base(memory: GuestMemory) -> int:
+    """Where the region goes for this RAM: above 4 GiB and above all RAM, so it depends only
+    on the RAM size (a restore finds it where the template's guest mapped it)."""
+    top = max(MMIO_GAP_END, max(r.end for r in memory.regions))
+    return (top + ALIGN - 1) & ~(ALIGN - 1)
+
+
+class SharedRegion:
+    """The memfd, its mapping in the VMM, and the doorbells' eventfds."""
+
+    def __init__(self, vm: Vm, memory: GuestMemory, slot: int) -> None:
+        self.base = region_base(memory)
+        self.size = ring.region_size()
+        self.doorbell_gpa = self.base + self.size
+        self.generation = secrets.randbits(63) | 1
+        self.memfd = os.memfd_create("ember-shm", os.MFD_CLOEXEC)
+        self.eventfds: list[int] = []
+        try:
+            os.ftruncate(self.memfd, self.size)
+            self.mem = mmap.mmap(self.memfd, self.size, mmap.MAP_SHARED)
+            vm.set_user_memory_region(slot, self.base, self.size, c_address(self.mem))
+            for index in range(ring.SLOT_COUNT):
+                fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+                self.eventfds.append(fd)
+                vm.ioeventfd(fd, self.doorbell_gpa + ring.DOORBELL_STRIDE * index, 4)
+        except BaseException:
+            self.close()
+            raise
+        self.write_header()
+
+    def write_header(self) -> None:
+        """The header the agent validates; everything after it is zero (empty rings)."""
+        words = memoryview(self.mem)[: ring.PAGE].cast("Q")
+        words[ring.H_VERSION] = ring.VERSION
+        words[ring.H_GENERATION] = self.generation
+        words[ring.H_SLOT_COUNT] = ring.SLOT_COUNT
+        words[ring.H_SLOT_SIZE] = ring.SLOT_SIZE
+        words[ring.H_DOORBELL] = self.doorbell_gpa
+        words[ring.H_MAGIC] = ring.MAGIC  # last: a reader that sees it sees the rest
+        words.release()
+
+    def e820_entry(self) -> E820Entry:
+        """The region and its doorbell page, reserved so the guest kernel leaves them be."""
+        return E820Entry(self.base, self.size + ring.PAGE, E820_RESERVED)
+
+    def cmdline(self) -> str:
+        """Where the agent finds it: ``ember.shm=SIZE@BASE`` (bytes, hex)."""
+        return f"ember.shm={self.size:#x}@{self.base:#x}"
+
+    def describe(self) -> dict[str, int]:
+        return {
+            "base": self.base,
+            "size": self.size,
+            "generation": self.generation,
+            "slot_count": ring.SLOT_COUNT,
+            "slot_size": ring.SLOT_SIZE,
+        }
+
+    def fds(self) -> list[int]:
+        """The memfd, then one doorbell eventfd per slot (for SCM_RIGHTS; still ours)."""
+        return [self.memfd, *self.eventfds]
+
+    def close(self) -> None:
+        """Safe to call twice; after the VM's fd is closed (KVM maps the memory until then)."""
+        if self.memfd < 0:
+            return
+        mem = getattr(self, "mem", None)
+        if mem is not None:
+            try:
+                mem.close()
+            except BufferError:  # a view still open: the mapping goes with the process
+                pass
+        for fd in [self.memfd, *self.eventfds]:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self.eventfds = []
+        self.memfd = -1
