@@ -6,6 +6,7 @@ the event thread (so no device callback runs during a snapshot)::
     {"op": "snapshot", "durable": false} + 2 fds  ->  {"ok": true, "paused_ms": ...}
     {"op": "snapshot", "path": "/dir"}            (unjailed VMMs only: it opens the files)
     {"op": "pause"} / {"op": "resume"} / {"op": "status"}
+    {"op": "profile-start", "hz": 1000} / {"op": "profile-stop"} -> RIP samples (vmm/profiler)
     {"op": "shm"}  ->  {"ok": true, "base": ..., "size": ...} + the memory channels' memfd
                        and one doorbell eventfd per slot (see ember.vmm.shm)
 
@@ -34,6 +35,7 @@ from typing import Any
 from ember.errors import EmberError
 from ember.vmm.event_loop import EventLoop
 from ember.vmm.machine import Machine
+from ember.vmm.profiler import GuestProfiler
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +51,7 @@ class ControlServer:
         self.path = path
         self.machine = machine
         self.debug = debug
+        self.events = events
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             self._sock.bind(str(path))
@@ -57,7 +60,8 @@ class ControlServer:
             self._sock.close()
             raise EmberError(f"cannot listen on control socket {path}: {exc.strerror}") from None
         events.add_reader(self._sock.fileno(), self._on_accept)
-        self._reply_fds: list[int] = []  # fds the current reply carries (still ours)
+        self._reply_fds: list[int] = []
+        self._profiler: GuestProfiler | None = None  # fds the current reply carries (still ours)
 
     def _on_accept(self) -> None:
         try:
@@ -108,6 +112,10 @@ class ControlServer:
             if op == "resume":
                 self.machine.resume()
                 return {"ok": True}
+            if op == "profile-start":
+                return self._profile_start(request)
+            if op == "profile-stop":
+                return self._profile_stop()
             if op == "status":
                 return {
                     "ok": True,
@@ -122,6 +130,24 @@ class ControlServer:
         except OSError as exc:
             return {"ok": False, "error": f"{exc.strerror or exc}"}
         return {"ok": False, "error": f"unknown op {op!r}"}
+
+    def _profile_start(self, request: dict[str, Any]) -> dict[str, Any]:
+        hz = request.get("hz", 1000)
+        if not isinstance(hz, int | float) or isinstance(hz, bool):
+            return {"ok": False, "error": "'hz' must be a number"}
+        if self._profiler is not None:
+            return {"ok": False, "error": "a profile is already running"}
+        try:
+            self._profiler = GuestProfiler(self.events, list(self.machine.vcpu_threads), float(hz))
+        except ValueError as exc:
+            return {"ok": False, "error": str(exc)}
+        return {"ok": True}
+
+    def _profile_stop(self) -> dict[str, Any]:
+        profiler, self._profiler = self._profiler, None
+        if profiler is None:
+            return {"ok": False, "error": "no profile is running"}
+        return {"ok": True, **profiler.stop()}
 
     def _snapshot(self, request: dict[str, Any], fds: list[int]) -> dict[str, Any]:
         durable = bool(request.get("durable"))

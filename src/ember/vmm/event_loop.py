@@ -14,6 +14,7 @@ import selectors
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -26,12 +27,25 @@ class EventLoop:
         self._thread: threading.Thread | None = None
         self._tick: tuple[float, Callable[[], float]] | None = None
         self._on_start: Callable[[], None] | None = None
+        # call_every: handle -> [next due, interval, callback]; only the event thread touches it
+        self._periodic: dict[int, list[Any]] = {}
+        self._next_handle = 0
         self.callback_errors = 0
 
     def set_tick(self, interval: float, callback: Callable[[], float]) -> None:
         """Also call ``callback`` after ``interval`` seconds, then after as many seconds as it
         returns each time (before :meth:`start`)."""
         self._tick = (interval, callback)
+
+    def call_every(self, interval: float, callback: Callable[[], object]) -> int:
+        """Call ``callback`` every ``interval`` seconds until :meth:`cancel` (event thread only:
+        a control request or a device callback may start one, no other thread)."""
+        self._next_handle += 1
+        self._periodic[self._next_handle] = [time.monotonic() + interval, interval, callback]
+        return self._next_handle
+
+    def cancel(self, handle: int) -> None:
+        self._periodic.pop(handle, None)
 
     def add_eventfd(self, fd: int, callback: Callable[[], None]) -> None:
         """Call ``callback`` each time ``fd`` (an eventfd) is signalled; the count is drained."""
@@ -66,16 +80,28 @@ class EventLoop:
         interval = self._tick[0] if self._tick is not None else None
         next_tick = time.monotonic() + interval if interval is not None else None
         while True:
-            timeout = None if next_tick is None else max(0.0, next_tick - time.monotonic())
+            due = [entry[0] for entry in self._periodic.values()]
+            if next_tick is not None:
+                due.append(next_tick)
+            timeout = max(0.0, min(due) - time.monotonic()) if due else None
             for key, _mask in self._selector.select(timeout):
                 if key.data is None:
                     return
                 self._call(key.data)
+            if self._periodic:
+                self._run_periodic()
             if next_tick is not None and self._tick is not None and interval is not None:
                 now = time.monotonic()
                 if now >= next_tick:
                     wanted = self._call(self._tick[1])
                     next_tick = now + (wanted if isinstance(wanted, float) else interval)
+
+    def _run_periodic(self) -> None:
+        now = time.monotonic()
+        for handle, entry in list(self._periodic.items()):
+            if now >= entry[0] and handle in self._periodic:
+                entry[0] = max(entry[0] + entry[1], now)  # no catch-up burst after a stall
+                self._call(entry[2])
 
     def _call(self, callback: Callable[[], object]) -> object:
         try:

@@ -61,6 +61,10 @@ class VcpuThread:
         self._want_park = False
         self._is_parked = False
         self.exits = 0
+        # RIP sampling (ember.vmm.profiler): asked for by the profiler's thread, taken by this
+        # one the next time it is out of KVM_RUN.
+        self._want_sample = False
+        self.samples: dict[int, int] | None = None
         self.on_start: Callable[[], None] | None = None  # first thing on the thread (seccomp)
         self.thread = threading.Thread(target=self._run, name=f"vcpu{vcpu.index}", daemon=True)
 
@@ -109,6 +113,23 @@ class VcpuThread:
         except OSError:
             return 0.0
 
+    def sample(self) -> None:
+        """Ask for one sample of the guest's RIP, counted in ``samples`` while that is a dict."""
+        if self.samples is not None:  # kicked again if the last kick was lost: no stall
+            self._want_sample = True
+            self._interrupt()
+
+    def _take_sample(self) -> None:
+        self._want_sample = False
+        samples = self.samples
+        if samples is None:
+            return
+        try:
+            rip = self.vcpu.get_regs().rip
+        except OSError:
+            return
+        samples[rip] = samples.get(rip, 0) + 1
+
     def _interrupt(self) -> None:
         self.vcpu.set_immediate_exit(True)
         ident = self.thread.ident
@@ -134,6 +155,8 @@ class VcpuThread:
         while not self._stopping.is_set():
             err = vcpu.run()
             if err in (errno.EINTR, errno.EAGAIN):
+                if self._want_sample:
+                    self._take_sample()
                 self._park_here()
                 continue
             if err:
