@@ -65,7 +65,8 @@ SETTLE_TIMEOUT_S = 10.0
 IDLE_WINDOW_S = 0.2
 IDLE_CPU_S = 0.002
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-_verified: set[tuple[str, int]] = set()
+VERIFIED_FILE = "verified.json"  # see verify()
+_verified: set[tuple[str, str]] = set()
 _verify_lock = threading.Lock()
 
 
@@ -238,18 +239,28 @@ def read_meta(directory: Path) -> dict[str, Any]:
 
 
 def verify(directory: Path) -> None:
-    """Refuse a template whose state or memory file does not match its checksums (once)."""
+    """Refuse a template whose state or memory file does not match its checksums.
+
+    Hashing the memory file costs ~0.25 s, which every new process (``ember run``) would pay
+    before its first sandbox. So a good check is remembered in the process and on disk
+    (``verified.json``: the files' inode, size, mtime and ctime, which any write to them
+    changes); a file that changed since is hashed again.
+    """
     state_path = directory / STATE_FILE
+    memory = directory / MEMORY_FILE
     try:
-        stamp = (str(directory), state_path.stat().st_mtime_ns)
+        identity = [_file_identity(state_path), _file_identity(memory)]
     except OSError:
-        raise SnapshotError(f"template {directory} has no state file") from None
+        raise SnapshotError(f"template {directory} has no state or memory file") from None
+    stamp = (str(directory), json.dumps(identity))
     with _verify_lock:
         if stamp in _verified:
             return
+        if _read_verified(directory) == identity:
+            _verified.add(stamp)
+            return
         state = read_state(state_path)
         expected = state.get("memory", {}).get("sha256")
-        memory = directory / MEMORY_FILE
         if expected is not None:
             try:
                 actual = memory_digest(memory)
@@ -261,6 +272,23 @@ def verify(directory: Path) -> None:
                     "checksum; rebuild it (ember template build)"
                 )
         _verified.add(stamp)
+        try:
+            (directory / VERIFIED_FILE).write_text(json.dumps(identity))
+        except OSError:
+            pass  # a read-only template: verified again by the next process
+
+
+def _file_identity(path: Path) -> list[int]:
+    st = path.stat()
+    return [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+
+
+def _read_verified(directory: Path) -> list[list[int]] | None:
+    try:
+        value = json.loads((directory / VERIFIED_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    return value if isinstance(value, list) else None
 
 
 def list_templates() -> list[Template]:

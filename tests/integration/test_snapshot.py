@@ -135,6 +135,27 @@ def test_a_corrupted_memory_file_is_refused_clearly(sb: Sandbox, template_name: 
         Sandbox(template=template_name)
 
 
+def test_a_verified_template_is_not_hashed_again_until_it_changes(
+    sb: Sandbox, template_name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sb.snapshot(template_name)
+    Sandbox(template=template_name).close()  # hashed once, remembered in verified.json
+    directory = templates.templates_root() / template_name
+    assert (directory / templates.VERIFIED_FILE).is_file()
+    real_digest = templates.memory_digest
+
+    def must_not_hash(path: Path) -> str:
+        raise AssertionError(f"{path} hashed again")
+
+    monkeypatch.setattr(templates, "_verified", set())  # as a new process
+    monkeypatch.setattr(templates, "memory_digest", must_not_hash)
+    Sandbox(template=template_name).close()
+    monkeypatch.setattr(templates, "memory_digest", real_digest)
+    _flip(directory / MEMORY_FILE, 0x100000)  # a changed file is hashed, and refused
+    with pytest.raises(SnapshotError, match=r"memory.*checksum"):
+        Sandbox(template=template_name)
+
+
 def test_another_format_version_is_refused(sb: Sandbox, template_name: str) -> None:
     sb.snapshot(template_name)
     state = templates.templates_root() / template_name / STATE_FILE
