@@ -191,6 +191,49 @@ def test_exec_over_websocket(daemon: Daemon, api: httpx.Client) -> None:
     assert api.delete(f"/sandboxes/{sid}").status_code == 204
 
 
+def test_background_process(api: httpx.Client) -> None:
+    sid = make(api)["id"]
+    base = f"/sandboxes/{sid}/processes"
+    script = "echo started; while [ ! -e /tmp/go ]; do sleep 0.1; done; echo done >&2; exit 6"
+    proc = api.post(base, json={"cmd": ["sh", "-c", script]}).json()
+    assert proc["state"] == "running" and proc["id"].startswith("p-")
+    assert [p["id"] for p in api.get(base).json()["processes"]] == [proc["id"]]
+    api.put(f"/sandboxes/{sid}/files", params={"path": "/tmp/go"}, content=b"")
+    with api.stream("GET", f"{base}/{proc['id']}/output") as reply:  # attached late: replayed
+        events = [json.loads(line) for line in reply.iter_lines() if line]
+    out = [(e["type"], base64.b64decode(e["data"])) for e in events if "data" in e]
+    assert out == [("stdout", b"started\n"), ("stderr", b"done\n")]
+    assert events[-1]["type"] == "exit" and events[-1]["exit_code"] == 6
+    assert api.get(f"{base}/{proc['id']}").json()["state"] == "exited"
+
+    comms = "cat /proc/[0-9]*/comm 2>/dev/null"  # every process's name
+
+    def names() -> list[bytes]:
+        r = api.post(f"/sandboxes/{sid}/exec", json={"cmd": ["sh", "-c", comms]}).json()
+        return base64.b64decode(r["stdout"]).split()
+
+    trapper = api.post(base, json={"cmd": "trap 'echo got TERM; exit 3' TERM; sleep 600 & wait"})
+    tid = trapper.json()["id"]
+    wait_for(lambda: b"sleep" in names(), 60, "the background shell to start")
+    reply = api.post(f"{base}/{tid}/signal", json={"signal": "TERM"})
+    assert reply.status_code == 204, reply.text
+    with api.stream("GET", f"{base}/{tid}/output") as reply:
+        events = [json.loads(line) for line in reply.iter_lines() if line]
+    assert [base64.b64decode(e["data"]) for e in events if "data" in e] == [b"got TERM\n"]
+    assert events[-1]["exit_code"] == 3
+    wait_for(lambda: b"sleep" not in names(), 60, "the group to be signalled")
+    assert api.post(f"{base}/{tid}/signal", json={"signal": "NOPE"}).status_code == 422
+
+    sleeper = api.post(base, json={"cmd": ["sleep", "600"]}).json()
+    assert api.delete(f"{base}/{sleeper['id']}").status_code == 204
+    with api.stream("GET", f"{base}/{sleeper['id']}/output") as reply:
+        assert [json.loads(line)["type"] for line in reply.iter_lines() if line] == ["killed"]
+    assert b"init" in names()  # the listing works
+    wait_for(lambda: b"sleep" not in names(), 60, "the agent to kill the process group")
+    assert error_code(api.get(f"{base}/p-nosuchprocess")) == "not_found"
+    assert api.delete(f"/sandboxes/{sid}").status_code == 204
+
+
 def test_timeout_reaper(daemon: Daemon, api: httpx.Client) -> None:
     doomed = make(api, timeout=1)
     kept = make(api, timeout=1)

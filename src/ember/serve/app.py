@@ -92,8 +92,9 @@ def create_app(manager: Manager, *, token: str, max_body: int = 128 << 20) -> Gu
 
     @app.exception_handler(NotFound)
     async def not_found(_r: Request, exc: NotFound) -> JSONResponse:
+        kind = exc.args[1] if len(exc.args) > 1 else "sandbox"
         return JSONResponse(
-            {"error": {"code": "not_found", "message": f"no sandbox {exc.args[0]!r}"}},
+            {"error": {"code": "not_found", "message": f"no {kind} {exc.args[0]!r}"}},
             status_code=404,
         )
 
@@ -244,9 +245,17 @@ def create_app(manager: Manager, *, token: str, max_body: int = 128 << 20) -> Gu
     def prometheus() -> Response:
         return Response(metrics.render(manager), media_type="text/plain; version=0.0.4")
 
-    from ember.serve import ws
+    from ember.serve import processes, ws
 
     ws.register(app, call)
+    background = processes.register(app, manager, call)
+
+    def on_event(event: str, sandbox_id: str) -> None:
+        metrics.event(event, sandbox_id)
+        if event in ("deleted", "crashed", "paused"):
+            background.forget(sandbox_id)
+
+    manager._on_event = on_event
     app.state.manager = manager
     app.state.metrics = metrics
     return Guard(app, token=token, max_body=max_body)
