@@ -16,10 +16,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Iterator
+import os
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from types import TracebackType
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, overload
 
 from ember import protocol
 from ember.client_async import AsyncAgentClient, AsyncExecStream, Streams
@@ -51,8 +52,44 @@ from ember.launcher import (
 from ember.network.policy import NetworkPolicy
 
 
+class _AsyncConnect:
+    """``await AsyncSandbox.connect(ID, server=...)``: a daemon's sandbox by id;
+    ``await sb.connect(PORT)``: streams to a guest vsock port (see ``Sandbox.connect``)."""
+
+    @overload
+    def __get__(
+        self, sb: None, owner: type[AsyncSandbox]
+    ) -> Callable[..., Awaitable[AsyncSandbox]]: ...
+    @overload
+    def __get__(
+        self, sb: AsyncSandbox, owner: type[AsyncSandbox]
+    ) -> Callable[[int], Awaitable[tuple[asyncio.StreamReader, asyncio.StreamWriter]]]: ...
+    def __get__(self, sb: AsyncSandbox | None, owner: type[AsyncSandbox]) -> Callable[..., Any]:
+        if sb is None:
+            return _attach
+        return sb._connect_port
+
+
+async def _attach(sandbox_id: str, *, server: str | None = None) -> AsyncSandbox:
+    from ember.remote_async import AsyncRemoteSandbox
+
+    return await AsyncRemoteSandbox.attach(sandbox_id, server=server)
+
+
 class AsyncSandbox:
-    """Create with ``async with AsyncSandbox() as sb`` (or ``await AsyncSandbox().start()``)."""
+    """Create with ``async with AsyncSandbox() as sb`` (or ``await AsyncSandbox().start()``).
+
+    ``server=URL`` (default ``$EMBER_SERVER``; ``""``: in-process) makes it in an
+    ``ember serve`` daemon instead, as ``Sandbox(server=...)`` does.
+    """
+
+    def __new__(cls, *args: Any, server: str | None = None, **kwargs: Any) -> AsyncSandbox:
+        url = os.environ.get("EMBER_SERVER", "") if server is None else server
+        if cls is AsyncSandbox and url:
+            from ember.remote_async import AsyncRemoteSandbox
+
+            return object.__new__(AsyncRemoteSandbox)
+        return object.__new__(cls)
 
     def __init__(
         self,
@@ -70,7 +107,12 @@ class AsyncSandbox:
         boot: bool = False,
         jail: bool | None = None,
         network: bool | NetworkPolicy | None = None,
+        server: str | None = None,
+        metadata: dict[str, str] | None = None,
+        timeout: float | None = None,
     ) -> None:
+        if timeout is not None:
+            raise ConfigError("timeout= (a lifetime) is for sandboxes of a daemon: pass server=")
         self._template = template
         self._boot = boot
         self._spec = SandboxSpec(
@@ -110,12 +152,14 @@ class AsyncSandbox:
         """The guest's memory statistics; see ``Sandbox.memory_stats``."""
         return await asyncio.to_thread(self._require().memory_stats, timeout=timeout)
 
-    async def connect(self, port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    async def _connect_port(self, port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         """Streams to ``port`` in the guest (a vsock listener there); see ``Sandbox.connect``."""
         if not 0 < port < 0xFFFFFFFF:
             raise ValueError(f"vsock port {port} is out of range")
         sock = await asyncio.to_thread(self._require().connect, port)
         return await asyncio.open_unix_connection(sock=sock)
+
+    connect = _AsyncConnect()
 
     async def expose(self, port: int) -> tuple[str, int]:
         """Make TCP ``port`` of the guest reachable from the host; see ``Sandbox.expose``."""
@@ -130,7 +174,7 @@ class AsyncSandbox:
     async def fork(self) -> AsyncSandbox:
         """A started sandbox continuing from this one's exact state; see ``Sandbox.fork``."""
         vmm = self._require()
-        child = AsyncSandbox.__new__(AsyncSandbox)
+        child = object.__new__(AsyncSandbox)
         child._template, child._boot, child._spec = None, False, self._spec
         child._vmm = await asyncio.to_thread(fork_vmm, vmm, self._spec)
         child._channels = None

@@ -3,6 +3,7 @@ a second process re-attaches by id, and ``ember ps/kill/exec --id`` drive the sa
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
@@ -11,8 +12,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from ember import ExecError, OutputChunk, Sandbox, SandboxError
+from ember import AsyncSandbox, ExecError, OutputChunk, Sandbox, SandboxError
 from ember.remote import RemoteSandbox
+from ember.remote_async import AsyncRemoteSandbox
 from ember.serve.wire import ServerError
 from tests.integration.conftest import ember_command
 from tests.integration.serve_daemon import Daemon, running_daemon
@@ -100,6 +102,31 @@ def test_sandbox_through_the_daemon(daemon: Daemon, env: dict[str, str]) -> None
     assert gone.value.code == "not_found" and gone.value.status == 404
     with pytest.raises(SandboxError):
         sb.exec(["true"])  # closed
+
+
+def test_async_sandbox_through_the_daemon(daemon: Daemon, env: dict[str, str]) -> None:
+    async def scenario() -> None:
+        async with AsyncSandbox(server=daemon.url, metadata={"suite": "async"}) as sb:
+            assert isinstance(sb, AsyncRemoteSandbox) and sb.id is not None
+            r = await sb.exec(["sh", "-c", "echo hi; exit 2"])
+            assert (r.exit_code, r.stdout) == (2, b"hi\n")
+            chunks = [c.data async for c in sb.exec_stream(["sh", "-c", "echo a; echo b"])]
+            assert b"".join(chunks) == b"a\nb\n"
+            assert (await sb.run_code("z = 5\nz * 2")).value == "10"
+            await sb.files.write("/tmp/async.txt", b"async")
+            again = await AsyncSandbox.connect(sb.id, server=daemon.url)
+            assert await again.files.read("/tmp/async.txt") == b"async"
+            assert (await again.run_code("z")).value == "5"
+            await again.detach()
+            found = await AsyncSandbox.list(server=daemon.url, metadata={"suite": "async"})
+            assert [s["id"] for s in found] == [sb.id]
+            with pytest.raises(FileNotFoundError):
+                await sb.files.read("/tmp/nope")
+            sandbox_id = sb.id
+        with pytest.raises(ServerError):
+            await AsyncSandbox.connect(sandbox_id, server=daemon.url)
+
+    asyncio.run(scenario())
 
 
 def test_in_process_is_unchanged(env: dict[str, str]) -> None:
