@@ -43,6 +43,7 @@ message assembled from fragments is bounded, and a violation fails that ring.
 from __future__ import annotations
 
 import _thread
+from time import monotonic as _monotonic
 
 TYPE_CHECKING = False  # typing would drag `re` into every guest program that sends
 if TYPE_CHECKING:
@@ -77,6 +78,7 @@ RECORD_PAD = 3  # nothing more before the end of the data area: continue at 0
 SLOT_COUNT = 8
 SLOT_SIZE = 8 << 20
 DOORBELL_STRIDE = 4  # slot i's doorbell is the u32 at doorbell_gpa + 4 * i
+SPIN_S = 0.002  # a producer with no room spins this long before it sleeps (user time only)
 
 _fence_lock = _thread.allocate_lock()
 
@@ -157,11 +159,14 @@ class RingWriter:
         self._data[pos : pos + RECORD_HEADER] = (length | kind << 32).to_bytes(8, "little")
 
     def _reserve(self, size: int) -> None:
-        spins = 0
+        deadline = 0.0
         while self._cap - (self._head - self._ctl[TAIL]) < size:
-            spins += 1
-            if spins < 2000:
-                continue
+            now = _monotonic()
+            if not deadline:
+                deadline = now + SPIN_S
+            if now < deadline:
+                continue  # the consumer frees room record by record: worth a short spin
+            deadline = 0.0
             self._ctl[PRODUCER_FLAGS] = PRODUCER_WAITING
             fence()
             if self._cap - (self._head - self._ctl[TAIL]) < size:
@@ -171,7 +176,6 @@ class RingWriter:
             self._ctl[PRODUCER_FLAGS] = 0
             if self._ctl[LEASE] != self._lease:
                 raise BrokenPipeError("the host ended this channel")
-            spins = 0
 
 
 class RingReader:
@@ -247,8 +251,7 @@ class RingReader:
                     done.append(payload)
             consumed += size
             self._tail += size
-        if consumed:
-            self._ctl[TAIL] = self._tail
+            self._ctl[TAIL] = self._tail  # room for the producer at once, record by record
         return done
 
     @property

@@ -82,6 +82,19 @@ def test_more_than_a_ring_of_data_waits_for_the_host_and_loses_nothing(sb: Sandb
     assert frames == expected(sizes)
 
 
+def test_a_new_guest_process_maps_its_slot_itself(sb: Sandbox) -> None:
+    """Not the template's worker: a process that maps only its slot, on first use."""
+    program = (
+        "from ember.agent import channel\n"
+        "with channel('exec') as ch:\n"
+        "    ch.send(b'from a new process' * 1000)\n"
+        "    print(ch.uses_memory)\n"
+    )
+    result = sb.exec(["python3", "-c", program], timeout=600)
+    assert (result.exit_code, result.stdout) == (0, b"True\n"), result
+    assert list(sb.channel("exec", timeout=60)) == [b"from a new process" * 1000]
+
+
 def test_a_host_without_a_free_ring_makes_the_guest_use_vsock(images: Images) -> None:
     with Sandbox() as sandbox:
         sandbox._channels._shm_factory = lambda: None  # as if the VMM had no region
