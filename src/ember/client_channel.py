@@ -405,7 +405,7 @@ def _pump_ring(conn: socket.socket, stream: _Stream, lease: Lease) -> None:
                     return  # the consumer left: hang up so the guest's next wait fails
             if messages:
                 if reader.producer_waiting():
-                    conn.sendall(b"w")
+                    _wake(conn)
                 continue
             if ended is not None:
                 if reader.mid_message:
@@ -439,6 +439,15 @@ def _pump_ring(conn: socket.socket, stream: _Stream, lease: Lease) -> None:
         raise ProtocolError(f"the guest broke its ring: {exc}") from None
     except ValueError:  # the region was unmapped under us: the sandbox is closing
         stream.put("the sandbox closed")
+
+
+def _wake(conn: socket.socket) -> None:
+    """One byte for a producer waiting for room; never blocks: if the guest left earlier
+    ones unread, they wake it just as well (and a guest cannot stall this thread so)."""
+    try:
+        conn.send(b"w", socket.MSG_DONTWAIT)
+    except (BlockingIOError, InterruptedError):
+        pass
 
 
 def _spin(reader: RingReader) -> bool:
