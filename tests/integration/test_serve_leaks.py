@@ -15,7 +15,7 @@ from tests.integration.serve_daemon import Daemon, alive, running_daemon
 
 pytestmark = pytest.mark.kvm
 
-CYCLES = 20
+CYCLES = 8
 
 
 @pytest.fixture(scope="module")
@@ -46,6 +46,8 @@ def test_create_delete_cycles_leak_nothing(daemon: Daemon) -> None:
             )
             reply = api.post(f"/sandboxes/{sid}/exec", json={"cmd": ["true"]})
             assert reply.json()["exit_code"] == 0
+            usage = api.get(f"/sandboxes/{sid}/metrics").json()  # from its cgroup
+            assert usage["cpu_seconds"] > 0 and usage["state"] == "running"
             assert api.delete(f"/sandboxes/{sid}").status_code == 204
             return rec
 
