@@ -12,28 +12,60 @@ The public API is what ``__all__`` lists; everything else is private and may
 change.  ``tests/unit/test_public_api.py`` pins it.
 """
 
-from ember.client_errors import (
-    AgentError,
-    ExecError,
-    OutputTooLarge,
-    ProtocolError,
-    SandboxTimeout,
-)
-from ember.client_wire import CodeError, CodeResult, DirEntry, ExecResult, FileStat, OutputChunk
-from ember.errors import (
-    BuildError,
-    ConfigError,
-    EmberError,
-    GuestCrashed,
-    ImageError,
-    ImageNotBuilt,
-    KvmError,
-    SandboxCrashed,
-    SandboxError,
-)
-from ember.network.policy import NetworkPolicy
-from ember.sandbox import Sandbox
-from ember.sandbox_async import AsyncSandbox
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ember.client_errors import (
+        AgentError,
+        ExecError,
+        OutputTooLarge,
+        ProtocolError,
+        SandboxTimeout,
+    )
+    from ember.client_wire import CodeError, CodeResult, DirEntry, ExecResult, FileStat, OutputChunk
+    from ember.errors import (
+        BuildError,
+        ConfigError,
+        EmberError,
+        GuestCrashed,
+        ImageError,
+        ImageNotBuilt,
+        KvmError,
+        SandboxCrashed,
+        SandboxError,
+    )
+    from ember.network.policy import NetworkPolicy
+    from ember.sandbox import Sandbox
+    from ember.sandbox_async import AsyncSandbox
+
+# Names are imported on first use (PEP 562): `import ember.X` for one submodule (the CLI, the
+# zygote, the VMM) must not pay ~0.2 s for the SDK's asyncio, clients and templates.
+_LAZY: dict[str, str] = {
+    "AgentError": "ember.client_errors",
+    "AsyncSandbox": "ember.sandbox_async",
+    "BuildError": "ember.errors",
+    "CodeError": "ember.client_wire",
+    "CodeResult": "ember.client_wire",
+    "ConfigError": "ember.errors",
+    "DirEntry": "ember.client_wire",
+    "EmberError": "ember.errors",
+    "ExecError": "ember.client_errors",
+    "ExecResult": "ember.client_wire",
+    "FileStat": "ember.client_wire",
+    "GuestCrashed": "ember.errors",
+    "ImageError": "ember.errors",
+    "ImageNotBuilt": "ember.errors",
+    "KvmError": "ember.errors",
+    "NetworkPolicy": "ember.network.policy",
+    "OutputChunk": "ember.client_wire",
+    "OutputTooLarge": "ember.client_errors",
+    "ProtocolError": "ember.client_errors",
+    "Sandbox": "ember.sandbox",
+    "SandboxCrashed": "ember.errors",
+    "SandboxError": "ember.errors",
+    "SandboxTimeout": "ember.client_errors",
+}
+
 
 __all__ = [
     "AgentError",
@@ -61,3 +93,18 @@ __all__ = [
     "SandboxTimeout",
 ]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'ember' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # the next lookup is a plain attribute
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
