@@ -2,8 +2,9 @@
 
 Both are a plain ASGI middleware in front of everything (the API, its
 OpenAPI schema, /docs, /metrics, WebSockets), so no route can forget them.
-The token is compared in constant time; a body is counted as it arrives, so
-a chunked upload cannot slip past the limit that Content-Length states.
+The token is compared in constant time.  A body with a Content-Length over the
+limit is refused before it is read; a chunked one is read here up to the limit
+(the handlers read whole bodies anyway), so neither can slip past it.
 """
 
 from __future__ import annotations
@@ -13,10 +14,6 @@ import json
 from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
-
-
-class TooLarge(Exception):
-    pass
 
 
 async def _reply(send: Send, status: int, code: str, message: str) -> None:
@@ -57,34 +54,37 @@ class Guard:
             await self.app(scope, receive, send)
             return
         length = dict(scope.get("headers", [])).get(b"content-length")
-        if length is not None and (not length.isdigit() or int(length) > self.max_body):
-            await _reply(send, 413, "payload_too_large",
-                         f"request bodies are limited to {self.max_body} bytes")  # fmt: skip
+        if length is not None:
+            # The HTTP server stops a body at its Content-Length: checking that is enough.
+            if not length.isdigit() or int(length) > self.max_body:
+                await self._too_large(send)
+                return
+            await self.app(scope, receive, send)
             return
+        # No length (chunked): read the body here, up to the limit, then hand it on.
+        messages: list[Message] = []
         seen = 0
-        started = False
-
-        async def counted() -> Message:
-            nonlocal seen
+        while True:
             message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > self.max_body:
-                    raise TooLarge
-            return message
+            messages.append(message)
+            if message["type"] != "http.request":
+                break
+            seen += len(message.get("body", b""))
+            if seen > self.max_body:
+                await self._too_large(send)
+                return
+            if not message.get("more_body", False):
+                break
+        pending = iter(messages)
 
-        async def tracked(message: Message) -> None:
-            nonlocal started
-            if message["type"] == "http.response.start":
-                started = True
-            await send(message)
+        async def replay() -> Message:
+            return next(pending, None) or await receive()
 
-        try:
-            await self.app(scope, counted, tracked)
-        except TooLarge:
-            if not started:
-                await _reply(send, 413, "payload_too_large",
-                             f"request bodies are limited to {self.max_body} bytes")  # fmt: skip
+        await self.app(scope, replay, send)
+
+    async def _too_large(self, send: Send) -> None:
+        await _reply(send, 413, "payload_too_large",
+                     f"request bodies are limited to {self.max_body} bytes")  # fmt: skip
 
 
 def json_lines(event: dict[str, Any]) -> bytes:
