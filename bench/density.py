@@ -111,10 +111,10 @@ def lift_hint(stopped_by: str) -> str:
     return "see the error"
 
 
-def run(maximum: int, floor_gib: float, idle_s: float) -> dict[str, Any]:
+def run(maximum: int, floor_gib: float, idle_s: float, template: str | None) -> dict[str, Any]:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    Sandbox().close()  # the zygote warm, the template cached
+    Sandbox(template=template).close()  # the zygote warm, the template cached
     peer = python_peer_uss_kib()
     before = meminfo()
     live: list[Sandbox] = []
@@ -130,7 +130,7 @@ def run(maximum: int, floor_gib: float, idle_s: float) -> dict[str, Any]:
                 break
             started = time.perf_counter()
             try:
-                sb = Sandbox()
+                sb = Sandbox(template=template)
             except EmberError as exc:
                 stopped_by = f"creation failed: {type(exc).__name__}: {exc}"[:300]
                 break
@@ -149,7 +149,7 @@ def run(maximum: int, floor_gib: float, idle_s: float) -> dict[str, Any]:
         if not stopped_by.startswith(("max", "memory")):
             # At the limit: one more creation must fail cleanly, not break the others.
             try:
-                Sandbox().close()
+                Sandbox(template=template).close()
             except EmberError:
                 failures_after_limit += 1
         at_limit = meminfo()
@@ -225,9 +225,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--floor-gib", type=float, default=3.0,
                         help="stop when MemAvailable falls below this (a shared host)")  # fmt: skip
     parser.add_argument("--idle", type=float, default=3.0, help="pause before the final pings")
+    parser.add_argument(
+        "--template", default=None, help="restore this template (default: the default)"
+    )
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
-    report = run(args.max, args.floor_gib, args.idle)
+    report = run(args.max, args.floor_gib, args.idle, args.template)
     print(json.dumps(report, indent=1) if args.json else render(report))
     return 0
 

@@ -47,14 +47,16 @@ LANDMARKS: tuple[tuple[str, str], ...] = (
 )
 
 
-def trace_one(zygote_pid: int, workdir: Path) -> tuple[float, list[tuple[float, str, str]]]:
+def trace_one(
+    zygote_pid: int, workdir: Path, template: str | None
+) -> tuple[float, list[tuple[float, str, str]]]:
     out = workdir / "trace"
     strace = subprocess.Popen(["strace", "-f", "-ttt", "-qq", "-e", f"trace={TRACE}",
                                "-o", str(out), "-p", str(zygote_pid)],
                               stderr=subprocess.DEVNULL)  # fmt: skip
     time.sleep(1.0)  # attached
     t0 = time.time()
-    sb = Sandbox()
+    sb = Sandbox(template=template)
     ready = time.time()
     sb.ping()
     pinged = time.time()
@@ -83,17 +85,20 @@ def trace_one(zygote_pid: int, workdir: Path) -> tuple[float, list[tuple[float, 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument(
+        "--template", default=None, help="restore this template (default: the default)"
+    )
     args = parser.parse_args(argv)
-    Sandbox().close()
+    Sandbox(template=args.template).close()
     plain = []
     for _ in range(args.runs):
         started = time.perf_counter()
-        sb = Sandbox()
+        sb = Sandbox(template=args.template)
         plain.append((time.perf_counter() - started) * 1000)
         sb.close()
     zygote_pid = Zygote.get()._proc.pid
     with tempfile.TemporaryDirectory(prefix="ember-timeline-") as workdir:
-        traced, events = trace_one(zygote_pid, Path(workdir))
+        traced, events = trace_one(zygote_pid, Path(workdir), args.template)
     print(f"untraced Sandbox() p50 {statistics.median(plain):.1f} ms over {args.runs}; "
           f"traced {traced:.1f} ms")  # fmt: skip
     for at, name, text in events:

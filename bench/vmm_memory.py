@@ -112,12 +112,12 @@ def snapshot(pid: int) -> dict[str, Any]:
             "threads": threads(pid)}  # fmt: skip
 
 
-def measure(pings: int) -> dict[str, Any]:
-    Sandbox().close()  # the zygote warm, the template cached
+def measure(pings: int, template: str | None) -> dict[str, Any]:
+    Sandbox(template=template).close()  # the zygote warm, the template cached
     peer = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     time.sleep(0.5)
     stages: dict[str, Any] = {}
-    with Sandbox() as sb:
+    with Sandbox(template=template) as sb:
         pid = sb._vmm.vmm_pid
         assert pid is not None
         stages["after restore"] = snapshot(pid)
@@ -132,7 +132,8 @@ def measure(pings: int) -> dict[str, Any]:
     peer_r = rollup(peer.pid)
     peer.kill()
     peer.wait()
-    return {"stages": stages, "peer_python_uss_kib": uss_kib(peer_r), "status": status}
+    gc_state = {"frozen": status.get("gc_frozen"), "collections": status.get("gc_collections")}
+    return {"stages": stages, "peer_python_uss_kib": uss_kib(peer_r), "gc": gc_state}
 
 
 def render(report: dict[str, Any]) -> str:
@@ -153,6 +154,7 @@ def render(report: dict[str, Any]) -> str:
     lines = [format_table(["family: private dirty / private clean / rss (KiB)", *names], rows)]
     peer = report["peer_python_uss_kib"]
     last = stages[names[-1]]["uss_kib"]
+    lines.append(f"VMM gc: {report['gc']}")
     lines.append(f"peer: idle python3 process USS {peer} KiB; VMM / peer: {last / peer:.2f}x")
     return "\n".join(lines)
 
@@ -160,9 +162,12 @@ def render(report: dict[str, Any]) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--pings", type=int, default=20)
+    parser.add_argument(
+        "--template", default=None, help="restore this template (default: the default)"
+    )
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
-    report = measure(args.pings)
+    report = measure(args.pings, args.template)
     print(json.dumps(report, indent=1, default=str) if args.json else render(report))
     return 0
 

@@ -25,6 +25,7 @@ boot --debug-hooks``, for tests of the jail) two more ops exist:
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import os
@@ -124,6 +125,10 @@ class ControlServer:
                     "host_connections": self.machine.host_connections(),
                     "devices": self.machine.device_stats(),
                     "vcpu_cpu_s": [t.cpu_seconds() for t in self.machine.vcpu_threads],
+                    # The zygote's heap, still frozen here, is shared with every other VMM
+                    # (ember.zygote); collections per generation show what the GC costs.
+                    "gc_frozen": gc.get_freeze_count(),
+                    "gc_collections": [s["collections"] for s in gc.get_stats()],
                 }
         except EmberError as exc:
             return {"ok": False, "error": str(exc)}
