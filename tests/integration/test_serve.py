@@ -212,23 +212,26 @@ def test_background_process(api: httpx.Client) -> None:
         r = api.post(f"/sandboxes/{sid}/exec", json={"cmd": ["sh", "-c", comms]}).json()
         return base64.b64decode(r["stdout"]).split()
 
-    trapper = api.post(base, json={"cmd": "trap 'echo got TERM; exit 3' TERM; sleep 600 & wait"})
-    tid = trapper.json()["id"]
-    wait_for(lambda: b"sleep" in names(), 60, "the background shell to start")
-    reply = api.post(f"{base}/{tid}/signal", json={"signal": "TERM"})
-    assert reply.status_code == 204, reply.text
+    script = "trap 'echo got TERM; exit 3' TERM; sleep 600 & echo ready; wait"
+    tid = api.post(base, json={"cmd": script}).json()["id"]
     with api.stream("GET", f"{base}/{tid}/output") as reply:
-        events = [json.loads(line) for line in reply.iter_lines() if line]
+        lines = (json.loads(line) for line in reply.iter_lines() if line)
+        assert base64.b64decode(next(lines)["data"]) == b"ready\n"  # the trap is set
+        signalled = api.post(f"{base}/{tid}/signal", json={"signal": "TERM"})
+        assert signalled.status_code == 204, signalled.text
+        events = list(lines)
     assert [base64.b64decode(e["data"]) for e in events if "data" in e] == [b"got TERM\n"]
     assert events[-1]["exit_code"] == 3
     assert api.post(f"{base}/{tid}/signal", json={"signal": "NOPE"}).status_code == 422
 
-    sleeper = api.post(base, json={"cmd": ["sleep", "600"]}).json()
-    assert api.delete(f"{base}/{sleeper['id']}").status_code == 204
+    sleeper = api.post(base, json={"cmd": ["sh", "-c", "echo up; exec sleep 600"]}).json()
     with api.stream("GET", f"{base}/{sleeper['id']}/output") as reply:
-        assert [json.loads(line)["type"] for line in reply.iter_lines() if line] == ["killed"]
+        lines = (json.loads(line) for line in reply.iter_lines() if line)
+        assert next(lines)["type"] == "stdout"
+        assert api.delete(f"{base}/{sleeper['id']}", timeout=600).status_code == 204
+        assert [event["type"] for event in lines] == ["killed"]
     assert b"init" in names()  # the listing works
-    wait_for(lambda: b"sleep" not in names(), 60, "the agent to kill the process group")
+    wait_for(lambda: b"sleep" not in names(), 300, "the process groups to be killed")
     assert error_code(api.get(f"{base}/p-nosuchprocess")) == "not_found"
     assert api.delete(f"/sandboxes/{sid}").status_code == 204
 

@@ -33,6 +33,7 @@ from ember.serve.manager import Manager, NotFound
 
 BUFFER_BYTES = 1 << 20
 MAX_PER_SANDBOX = 64
+SIGNAL_TIMEOUT = 180.0  # a guest exec on a loaded, emulated-kernel host takes seconds
 Signal = Literal["HUP", "INT", "QUIT", "KILL", "USR1", "USR2", "TERM", "CONT", "STOP"]
 # $0: the pid file; the rest: the command (argv) or, with WRAP_SHELL, one shell command line.
 WRAP = 'mkdir -p "${0%/*}" && echo $$ > "$0" && exec "$@"'
@@ -125,10 +126,10 @@ class Process:
         if self.done:
             return
         script = (  # a process started a moment ago may not have written its pid yet
-            'i=0; while [ ! -s "$0" ] && [ $i -lt 200 ]; do sleep 0.05; i=$((i+1)); done; '
+            'i=0; while [ ! -s "$0" ] && [ $i -lt 100 ]; do sleep 0.2; i=$((i+1)); done; '
             'kill -s "$1" -- "-$(cat "$0")" 2>/dev/null; true'
         )
-        self.sandbox.exec(["sh", "-c", script, pidfile(self.id), name], timeout=30)
+        self.sandbox.exec(["sh", "-c", script, pidfile(self.id), name], timeout=SIGNAL_TIMEOUT)
 
     def kill(self) -> None:
         with self.cond:
