@@ -123,10 +123,18 @@ def agent_argv(spec: SandboxSpec) -> tuple[str, ...]:
     return (*AGENT_ARGV, "--preload", ",".join(preload)) if preload else AGENT_ARGV
 
 
-def _listen(path: str) -> socket.socket:
+# Host vsock ports Ember itself listens on (guest -> host): Sandbox.listen refuses them.
+HOST_PORTS = frozenset({protocol.READY_PORT, protocol.CHANNEL_PORT})
+
+
+def _listen(path: str, backlog: int = 64) -> socket.socket:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.bind(path)
-    sock.listen(64)
+    try:
+        sock.bind(path)
+        sock.listen(backlog)
+    except BaseException:
+        sock.close()
+        raise
     return sock
 
 
@@ -155,6 +163,7 @@ class VmmProcess:
         self.control_path = self.dir / CONTROL_NAME
         self.proc: subprocess.Popen[bytes] | ZygoteChild | None = None
         self.channel_listener: socket.socket | None = None
+        self._listeners: dict[int, socket.socket] = {}  # listen(): the caller's, by port
         self.cgroup: SandboxCgroup | None = None
         self.network: SandboxNetwork | None = None
         try:
@@ -277,6 +286,41 @@ class VmmProcess:
         if self.network is None:
             raise ConfigError("this sandbox has no network: create it with network=")
         return self.network.expose(port)
+
+    def listen(self, port: int, *, backlog: int = 16) -> socket.socket:
+        """A listening socket for guest connections to host vsock ``port`` (CID 2).
+
+        The VMM forwards a guest's connection to ``<uds>_PORT``; a jailed VMM runs as a uid of
+        its own, so the socket file is given to that uid (the owner of the sandbox directory
+        once the jail took it) with mode 0600: the VMM can connect, no other user can. The
+        caller owns the returned socket (``accept`` on it; close it when done).
+        """
+        if not 1 <= port < 2**32 or port in HOST_PORTS:
+            raise ConfigError(
+                f"port {port} cannot be listened on: choose 1..2**32-1, not Ember's own "
+                f"ports {sorted(HOST_PORTS)}"
+            )
+        if self.exited():
+            raise self.crashed("the sandbox is not running")
+        path = f"{self.uds}_{port}"
+        previous = self._listeners.get(port)
+        if previous is not None and previous.fileno() != -1:
+            raise ConfigError(f"something already listens on port {port} of this sandbox")
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)  # ours, closed since: its file stays behind until we reuse it
+        sock = _listen(path, backlog)
+        try:
+            owner = self.dir.stat()
+            os.chmod(path, 0o600)
+            if (owner.st_uid, owner.st_gid) != (os.geteuid(), os.getegid()):
+                os.chown(path, owner.st_uid, owner.st_gid)  # the jailed VMM's uid
+        except BaseException:
+            sock.close()
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+            raise
+        self._listeners[port] = sock
+        return sock
 
     def _wait_listening(self, timeout: float) -> None:
         """The restored VMM creates its ready file once the VM is whole, jailed and about to

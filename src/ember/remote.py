@@ -292,6 +292,9 @@ class RemoteSandbox(Sandbox):
     def expose(self, port: int) -> tuple[str, int]:
         raise self._unsupported("expose()")
 
+    def listen(self, port: int, *, backlog: int = 16) -> Any:
+        raise self._unsupported("listen()")  # the VMM's sockets are on the daemon's host
+
     @property
     def address(self) -> str | None:
         return None

@@ -307,6 +307,14 @@ class Sandbox:
             raise SandboxError("this sandbox is closed")
         return self._vmm.expose(port)
 
+    def listen(self, port: int, *, backlog: int = 16) -> socket.socket:
+        """A listening socket for connections the guest opens to the host's vsock ``port``
+        (``socket(AF_VSOCK).connect((2, port))`` in the guest). Only this sandbox's VMM can
+        reach it (even jailed, as its own uid); ``accept`` on it, close it when done."""
+        if self._closed:
+            raise SandboxError("this sandbox is closed")
+        return self._vmm.listen(port, backlog=backlog)
+
     @property
     def address(self) -> str | None:
         """The sandbox's address as the host and other sandboxes see it (None: no network)."""

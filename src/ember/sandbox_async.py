@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import socket
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from types import TracebackType
@@ -164,6 +165,11 @@ class AsyncSandbox:
     async def expose(self, port: int) -> tuple[str, int]:
         """Make TCP ``port`` of the guest reachable from the host; see ``Sandbox.expose``."""
         return await asyncio.to_thread(self._require().expose, port)
+
+    def listen(self, port: int, *, backlog: int = 16) -> socket.socket:
+        """A listening socket for guest connections to host vsock ``port``; see
+        ``Sandbox.listen`` (use it with ``loop.sock_accept``)."""
+        return self._require().listen(port, backlog=backlog)
 
     @property
     def address(self) -> str | None:
