@@ -142,7 +142,9 @@ def _reseed() -> None:
     """Draws made by user-space generators seeded in the template differ in every sibling."""
     random = sys.modules.get("random")
     if random is not None:
-        random.seed()
+        # 32 bytes, not random.seed()'s 2,496: each 64 bytes of os.urandom is a ChaCha block
+        # of emulated kernel code here (~0.6 ms); 256 bits seed a non-crypto generator plenty.
+        random.seed(os.urandom(32))
     numpy_random = sys.modules.get("numpy.random")
     if numpy_random is not None:
         try:
