@@ -52,7 +52,7 @@ READY_FILE = "ready"
 PAGES_PER_MIB = 256
 HANDSHAKE_TIMEOUT = 30.0
 CRASH_GRACE = 5.0  # seconds to let a dying VMM exit before calling a failure a crash
-DEFAULT_MEM_MIB = 256
+DEFAULT_MEM_MIB = 512
 AGENT_ARGV = ("python3", "-m", "ember.agent")
 # The VMM's own memory on top of the guest RAM it maps: the interpreter and its modules
 # (~25 MiB) plus what a guest can make it hold, vsock's buffers included (at most

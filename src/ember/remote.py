@@ -35,6 +35,7 @@ from ember.client_wire import (
     Source,
 )
 from ember.errors import ConfigError, SandboxError
+from ember.launcher import DEFAULT_MEM_MIB
 from ember.network.policy import NetworkPolicy
 from ember.sandbox import Sandbox
 from ember.serve import wire
@@ -112,7 +113,7 @@ class RemoteSandbox(Sandbox):
     def __init__(
         self,
         *,
-        mem_mib: int = 256,
+        mem_mib: int = DEFAULT_MEM_MIB,
         vcpus: int = 1,
         kernel: Path | None = None,
         rootfs: Path | None = None,

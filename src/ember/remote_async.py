@@ -27,6 +27,7 @@ from ember.client_wire import (
     Source,
 )
 from ember.errors import ConfigError, SandboxError
+from ember.launcher import DEFAULT_MEM_MIB
 from ember.network.policy import NetworkPolicy
 from ember.remote import CONNECT_TIMEOUT, _exec_body, _json, _token
 from ember.sandbox_async import AsyncSandbox
@@ -63,7 +64,7 @@ class AsyncRemoteSandbox(AsyncSandbox):
     def __init__(
         self,
         *,
-        mem_mib: int = 256,
+        mem_mib: int = DEFAULT_MEM_MIB,
         vcpus: int = 1,
         kernel: Path | None = None,
         rootfs: Path | None = None,

@@ -11,10 +11,11 @@ from pathlib import Path
 
 import pytest
 
+from ember.launcher import DEFAULT_MEM_MIB
 from ember.sandbox import Sandbox
 from tests.integration.conftest import Images
 
-GUEST_MIB = 256  # the default template's RAM
+GUEST_MIB = DEFAULT_MEM_MIB  # the default template's RAM
 # The figure.  Allocating is slow here (each guest page costs emulated kernel work:
 # ~60 s for 200 MiB); hardware KVM does it in a blink.  The guest has ~217 MiB available.
 ALLOC_MIB = 200

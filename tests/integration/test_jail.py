@@ -19,7 +19,7 @@ from ember import templates
 from ember.client_errors import SandboxTimeout
 from ember.errors import SandboxCrashed
 from ember.jailer.jail import JAIL_ID_BASE
-from ember.launcher import SandboxSpec, VmmProcess
+from ember.launcher import DEFAULT_MEM_MIB, SandboxSpec, VmmProcess
 from ember.sandbox import Sandbox
 from ember.vmm import control
 from tests.integration.conftest import Images, ember
@@ -152,12 +152,12 @@ def test_a_guest_cpu_burner_stays_under_its_quota(images: Images) -> None:
 def test_a_guest_memory_bomb_is_stopped_inside_the_guest(images: Images) -> None:
     bomb = "x = []\nwhile True:\n    x.append(bytearray(16 << 20))\n"
     with Sandbox() as sb:
-        result = sb.exec(["python3", "-c", bomb], timeout=600)
+        result = sb.exec(["python3", "-c", bomb], timeout=1500)  # ~1.3 s per emulated MiB
         assert result.exit_code != 0  # the guest's OOM killer or a MemoryError
         pid = sb._vmm.vmm_pid
         assert pid is not None
         rss_mib = int(_status(pid)["VmRSS"].split()[0]) >> 10
-        assert rss_mib < 256 + 128  # never more than guest RAM plus the VMM's own
+        assert rss_mib < DEFAULT_MEM_MIB + 128  # never more than guest RAM plus the VMM's own
         assert sb.exec(["echo", "survived"], timeout=120).stdout == b"survived\n"
 
 

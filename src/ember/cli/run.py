@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from ember.client_errors import SandboxTimeout
 from ember.errors import ConfigError, SandboxCrashed
+from ember.launcher import DEFAULT_MEM_MIB
 from ember.network.policy import NetworkPolicy
 
 if TYPE_CHECKING:
@@ -34,7 +35,10 @@ GUEST_DIR = "/tmp/ember-run"
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--timeout", type=float, default=None, metavar="S", help="kill after S seconds")
-    p.add_argument("--mem", type=int, default=256, metavar="MiB", help="guest RAM (default 256)")
+    p.add_argument(
+        "--mem", type=int, default=DEFAULT_MEM_MIB, metavar="MiB",
+        help=f"guest RAM (default {DEFAULT_MEM_MIB})",
+    )  # fmt: skip
     p.add_argument("--vcpus", type=int, default=1, metavar="N")
     p.add_argument(
         "--cpus", type=float, default=None, metavar="F",

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ember.errors import ConfigError
+from ember.launcher import DEFAULT_MEM_MIB
 
 if TYPE_CHECKING:
     from ember.launcher import SandboxSpec
@@ -38,7 +39,7 @@ def register(sub: Any) -> None:
         "values each.",
     )
     build.add_argument("name", nargs="?", default="default", help="template name (default)")
-    build.add_argument("--mem", type=int, default=256, metavar="MiB", help="guest RAM")
+    build.add_argument("--mem", type=int, default=DEFAULT_MEM_MIB, metavar="MiB", help="guest RAM")
     build.add_argument("--vcpus", type=int, default=1, metavar="N")
     build.add_argument(
         "--force", action="store_true", help="rebuild even if it exists (and re-resolve --pip)"

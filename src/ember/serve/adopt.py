@@ -22,6 +22,7 @@ from ember.jailer.cgroups import SandboxCgroup
 from ember.launcher import (
     CONSOLE_LOG,
     CONTROL_NAME,
+    DEFAULT_MEM_MIB,
     EXIT_FILE,
     VSOCK_NAME,
     SandboxSpec,
@@ -36,7 +37,7 @@ from ember.zygote import ZygoteChild
 def spec_of(record: Record) -> SandboxSpec:
     s = record.spec
     return SandboxSpec(
-        mem_mib=int(s.get("mem_mib", 256)),
+        mem_mib=int(s.get("mem_mib", DEFAULT_MEM_MIB)),
         vcpus=int(s.get("vcpus", 1)),
         quotas=quotas_from(s.get("cpus"), s.get("memory_mib"), s.get("pids")),
     )

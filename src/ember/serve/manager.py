@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ember.errors import SandboxCrashed, SandboxError
-from ember.launcher import VmmProcess
+from ember.launcher import DEFAULT_MEM_MIB, VmmProcess
 from ember.sandbox import Sandbox
 from ember.serve import adopt
 from ember.serve.keeper import KeeperClient, keeper_pid
@@ -62,7 +62,7 @@ class Entry:
 @dataclass(frozen=True)
 class CreateArgs:
     template: str | None = None
-    mem_mib: int = 256
+    mem_mib: int = DEFAULT_MEM_MIB
     vcpus: int = 1
     cpus: float | None = None
     memory_mib: int | None = None

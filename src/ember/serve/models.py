@@ -10,6 +10,8 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from ember.launcher import DEFAULT_MEM_MIB
+
 TemplateName = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")]
 MetaKey = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:/-]+$")]
 MetaValue = Annotated[str, Field(max_length=256)]
@@ -22,7 +24,7 @@ class Strict(BaseModel):
 
 class CreateBody(Strict):
     template: TemplateName | None = Field(None, description="a template name (default: default)")
-    mem_mib: int = Field(256, ge=64, le=65536, description="guest RAM")
+    mem_mib: int = Field(DEFAULT_MEM_MIB, ge=64, le=65536, description="guest RAM")
     vcpus: int = Field(1, ge=1, le=64)
     cpus: float | None = Field(None, gt=0, le=256, description="CPU quota, in CPUs")
     memory_mib: int | None = Field(None, ge=64, le=1 << 20, description="the VMM's memory cap")
