@@ -23,8 +23,6 @@ shared by all warm interpreters), so a small guest is not filled with idle heaps
 
 from __future__ import annotations
 
-from typing import Any
-
 __all__ = [
     "DEFAULT_HEAP_MIB",
     "HEAP_ENV",
@@ -33,7 +31,6 @@ __all__ = [
     "per_interpreter",
     "touch",
     "touch_from_env",
-    "warm_preloaded",
 ]
 
 DEFAULT_HEAP_MIB = 64
@@ -84,29 +81,6 @@ def touch(nbytes: int) -> int:
         block = bytearray(nbytes)
         del block
     return max(0, nbytes)
-
-
-def warm_preloaded() -> None:
-    """The run_code worker's twin of ember.agent.pystart._warm_numpy (see there)."""
-    import sys
-
-    np: Any = sys.modules.get("numpy")
-    if np is None:
-        return
-    try:
-        # 256: past LAPACK's block-size cross-overs, so the blocked code paths are loaded too
-        a = np.random.default_rng(0).random((256, 256)) + np.eye(256) * 256
-        la = np.linalg
-        for op in (la.eig, la.eigh, la.svd, la.inv, la.det, la.qr, la.cholesky, la.eigvals):
-            op(a @ a.T if op is la.cholesky else a)
-        la.solve(a, a[0])
-        la.lstsq(a, a[0], rcond=None)
-        np.fft.fft(a[0])
-        np.random.default_rng(0).random(8).sort()
-        (a.astype(np.float32) @ a.astype(np.float32)).sum()
-        (a.astype(np.complex128) @ a).sum()
-    except Exception:
-        pass
 
 
 def touch_from_env() -> int:

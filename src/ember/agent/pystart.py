@@ -470,7 +470,7 @@ def _strip(tb: Any, boot_globals: dict[str, Any]) -> Any:
     return tb
 
 
-def _warm_numpy() -> None:
+def warm_numpy() -> None:
     """If numpy was preloaded, run its common kernels once on tiny inputs: the first call of a
     LAPACK routine reads its code from the disk and OpenBLAS maps its buffers (~2 s for one
     200x200 eig in a restored guest); done here, it is in every restored copy already."""
@@ -577,7 +577,7 @@ def wait(argv: list[str], boot_globals: dict[str, Any], baseline: set[str]) -> J
     # What python3's own start-up imported, and the preload modules with all they imported,
     # stay; modules only this file needed are dropped at hand-over.
     if not error:
-        _warm_numpy()
+        warm_numpy()
     preloaded = set(sys.modules) - before
     keep = baseline | preloaded
     flags: _Flags | None = None

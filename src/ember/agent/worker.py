@@ -34,7 +34,7 @@ import traceback
 import types
 from typing import Any
 
-from ember.agent import heap, preload, shm
+from ember.agent import heap, preload, pystart, shm
 from ember.protocol import MAX_FRAME, Kind, decode_json, encode_json, read_frame, write_frame
 
 __all__ = ["CAPTURE_LIMIT", "Worker", "main"]
@@ -179,7 +179,7 @@ def main(argv: list[str]) -> int:
     sock = socket.socket(fileno=int(argv[1]))
     worker = Worker()
     preload.import_from_env()  # the template's --preload modules, before "ready"
-    heap.warm_preloaded()  # numpy's kernels once, so the first real call is not the slow one
+    pystart.warm_numpy()  # numpy's kernels once, so the first real call is not the slow one
     heap.touch_from_env()  # pages later cells reuse for free (ember.agent.heap)
     gc.freeze()  # the template's objects: never scanned (nor written to) by a collection
     worker.run("None")  # touch the parse/compile/exec path now, not on the first real call
