@@ -36,6 +36,7 @@ import time
 from dataclasses import dataclass, field
 
 from ember import Sandbox
+from ember.launcher import DEFAULT_MEM_MIB
 
 TEMPLATE = "ember-stress"
 
@@ -99,12 +100,13 @@ def _check(sb: Sandbox, seed: int, fresh_mib: int, balloon: bool) -> list[str]:
     problems: list[str] = []
     console_before = sb.console.encode()
     if balloon:
-        sb.set_memory(192, timeout=120)  # inflate: the guest hands pages to the host
+        # inflate by 64 MiB: the guest hands pages to the host
+        sb.set_memory(DEFAULT_MEM_MIB - 64, timeout=120)
     payload = os.urandom(256 << 10)
     sb.files.write("/tmp/stress.bin", payload)  # vsock traffic into guest buffers
     result = sb.run_code(WORK_CELL.format(seed=seed, fresh_mib=fresh_mib), timeout=600)
     if balloon:
-        sb.set_memory(256, timeout=120)  # deflate again
+        sb.set_memory(DEFAULT_MEM_MIB, timeout=120)  # deflate again
     if sb.files.read("/tmp/stress.bin") != payload:
         problems.append("a file written through vsock read back different")
     if result.error is not None:

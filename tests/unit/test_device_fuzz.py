@@ -22,7 +22,22 @@ from ember.devices.virtio.block.device import Block
 from ember.devices.virtio.chain import DescriptorChain
 from ember.devices.virtio.net.device import Net
 from tests.unit.fuzz_harness import FuzzFailure, run_program
-from tests.unit.fuzz_ops import DATA_START, Chain, Host, Program, Seg, good_boot
+from ember.devices.virtio.vsock.packet import (
+    VIRTIO_VSOCK_HDR,
+    VIRTIO_VSOCK_OP_REQUEST,
+    VIRTIO_VSOCK_OP_RW,
+)
+from tests.unit.fuzz_ops import (
+    DATA_START,
+    GUEST_CID,
+    GUEST_PORTS,
+    LISTEN_PORTS,
+    Chain,
+    Host,
+    Program,
+    Seg,
+    good_boot,
+)
 from tests.unit.fuzz_strategies import programs
 
 EXAMPLES = 100  # per device: ~30 s for the four on two busy cores
@@ -72,7 +87,34 @@ def test_vsock_survives_a_hostile_driver() -> None:
     seen = fuzz("vsock")
     assert seen["cases"] == EXAMPLES
     assert seen["tx_bytes"] and seen["rx_bytes"] and seen["connections"] and seen["bad_packets"]
-    assert seen["resets_received"] and seen["credit_violations"]
+    assert seen["resets_received"]
+
+
+def _vsock_packet(op: int, size: int = 0) -> Chain:
+    header = VIRTIO_VSOCK_HDR.pack(
+        GUEST_CID, 2, GUEST_PORTS[0], LISTEN_PORTS[0], size, 1, op, 0, 262144, 0
+    )
+    return Chain(1, (Seg(44 + size, False, header + bytes(size)),))
+
+
+def test_vsock_resets_a_guest_that_overruns_its_credit_through_the_harness() -> None:
+    """Whether random programs overrun the window depends on how much the host's socket
+    buffers take (``net.core.wmem_default`` differs between machines); this one always does:
+    the guest's only RX buffer carries the RESPONSE, so no credit update can reach it, and it
+    sends 1 MiB against a 256 KiB window while the host never reads."""
+    program = Program(
+        "vsock",
+        (
+            good_boot("vsock"),
+            Chain(0, (Seg(44, True), Seg(4096, True))),
+            _vsock_packet(VIRTIO_VSOCK_OP_REQUEST),
+            Host("accept"),
+            *[_vsock_packet(VIRTIO_VSOCK_OP_RW, 65536)] * 16,
+        ),
+    )
+    stats = run_program(program).device_stats
+    assert stats["connections"] == 1
+    assert stats["credit_violations"] == 1
 
 
 def test_balloon_survives_a_hostile_driver() -> None:

@@ -34,6 +34,7 @@ def test_patched_files_parses_headers() -> None:
         "kernel/time/timekeeping_internal.h",
         "kernel/time/vsyscall.c",
         "lib/vdso/gettimeofday.c",
+        "kernel/Kconfig.hz",
     ]
 
 
