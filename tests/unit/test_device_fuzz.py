@@ -21,12 +21,12 @@ from ember.devices.virtio.balloon.device import INFLATE_QUEUE, Balloon
 from ember.devices.virtio.block.device import Block
 from ember.devices.virtio.chain import DescriptorChain
 from ember.devices.virtio.net.device import Net
-from tests.unit.fuzz_harness import FuzzFailure, run_program
 from ember.devices.virtio.vsock.packet import (
     VIRTIO_VSOCK_HDR,
     VIRTIO_VSOCK_OP_REQUEST,
     VIRTIO_VSOCK_OP_RW,
 )
+from tests.unit.fuzz_harness import FuzzFailure, run_program
 from tests.unit.fuzz_ops import (
     DATA_START,
     GUEST_CID,
