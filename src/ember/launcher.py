@@ -1,8 +1,11 @@
 """Starting one sandbox's VMM process and reaching its agent: shared by the sync and async SDK.
 
-Each sandbox is its own VMM process (``ember boot`` with a root file system,
-a vsock device and the guest agent as the workload), so a guest that breaks
-its VMM breaks nothing else.  The host side of vsock is a Unix socket in a
+Each sandbox is its own VMM process (:mod:`ember.vmm.process` with a root file
+system, a vsock device and the guest agent as the workload), so a guest that
+breaks its VMM breaks nothing else.  What it runs is a typed
+:class:`~ember.vmm.config.ProcessConfig`, handed over as JSON: to the zygote
+over its socket (a restore), or on the stdin of a fresh interpreter (a cold
+boot), never as command-line flags.  The host side of vsock is a Unix socket in a
 private directory:
 
 - ``v.sock``       clients send ``CONNECT 1024`` and then talk to the agent;
@@ -20,6 +23,7 @@ exec, so not one instruction of the VMM runs unconfined.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -28,7 +32,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -38,6 +42,7 @@ from ember.client_wire import Deadline, read_frame
 from ember.errors import ConfigError, SandboxCrashed, SandboxError
 from ember.jailer.cgroups import Quotas, SandboxCgroup
 from ember.network.policy import NetworkPolicy
+from ember.vmm.config import NetConfig, ProcessConfig, RestoreConfig, VmConfig, to_json
 from ember.zygote import ZygoteChild
 
 if TYPE_CHECKING:
@@ -183,44 +188,82 @@ class VmmProcess:
             raise
 
     def _boot(self, spec: SandboxSpec) -> None:
-        kernel, rootfs, initrd = resolve_images(spec)
+        config = self.boot_config(spec)
         ready = _listen(f"{self.uds}_{protocol.READY_PORT}")
         try:
-            argv = [
-                sys.executable, "-m", "ember.cli.main", "boot",
-                "--kernel", str(kernel), "--initrd", str(initrd), "--rootfs", str(rootfs),
-                "--mem", str(spec.mem_mib), "--vcpus", str(spec.vcpus),
-                "--cpu-template", spec.cpu_template, "--vsock-uds", self.uds, "--balloon",
-                "--control", str(self.control_path), *self._jail_args(spec),
-                *self._net_args(guest=True), "--", *agent_argv(spec),
-            ]  # fmt: skip
-            with self.console_path.open("wb") as log:
-                self.proc = subprocess.Popen(
-                    argv,
-                    stdin=subprocess.DEVNULL,
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                    start_new_session=True,  # a Ctrl-C for the host app is not the VMM's
-                    # join_self only makes raw os calls, so it is safe even if
-                    # other threads (asyncio.to_thread) exist at fork time.
-                    preexec_fn=self.cgroup.join_self if self.cgroup is not None else None,
-                )
+            config_fd = _config_fd(config)
+            try:
+                with self.console_path.open("wb") as log:
+                    self.proc = subprocess.Popen(
+                        [sys.executable, "-m", "ember.vmm.process"],
+                        stdin=config_fd,  # read to its end, then replaced with /dev/null
+                        stdout=log,
+                        stderr=subprocess.STDOUT,
+                        start_new_session=True,  # a Ctrl-C for the host app is not the VMM's
+                        # join_self only makes raw os calls, so it is safe even if
+                        # other threads (asyncio.to_thread) exist at fork time.
+                        preexec_fn=self.cgroup.join_self if self.cgroup is not None else None,
+                    )
+            finally:
+                os.close(config_fd)
             self._wait_ready(ready, spec.boot_timeout)
         finally:
             ready.close()
 
+    def boot_config(self, spec: SandboxSpec) -> ProcessConfig:
+        """What the VMM of a cold boot of ``spec`` runs: the image with the agent as its
+        workload, vsock and a balloon, this sandbox's control socket (and jail, and network)."""
+        kernel, rootfs, initrd = resolve_images(spec)
+        machine = VmConfig(
+            kernel=kernel,
+            initrd=initrd,
+            rootfs=rootfs,
+            mem_mib=spec.mem_mib,
+            vcpus=spec.vcpus,
+            cpu_template=spec.cpu_template,
+            workload=agent_argv(spec),
+            vsock_uds=Path(self.uds),
+            balloon=True,
+            net=self._net_config(),
+        )
+        return self._process_config(spec, machine)
+
+    def restore_config(
+        self, spec: SandboxSpec, snapshot: Path, park_idle: float | None
+    ) -> ProcessConfig:
+        """What the VMM restoring ``snapshot`` runs: its devices with this sandbox's host sides
+        (a restore keeps the guest's own address), a ready file, and idle parking."""
+        machine = RestoreConfig(snapshot, vsock_uds=Path(self.uds))
+        if self.network is not None:
+            from ember.network.host import TAP_NAME
+
+            machine = replace(machine, tap=TAP_NAME, netns=self.network.netns_path)
+        return self._process_config(
+            spec, machine, ready_file=self.dir / READY_FILE, park_idle=park_idle
+        )
+
+    def _process_config(
+        self,
+        spec: SandboxSpec,
+        machine: VmConfig | RestoreConfig,
+        *,
+        ready_file: Path | None = None,
+        park_idle: float | None = None,
+    ) -> ProcessConfig:
+        return ProcessConfig(
+            machine=machine,
+            control=self.control_path,
+            jail=self.dir if spec.jailed else None,
+            debug_hooks=spec.jailed and self.debug_hooks,
+            ready_file=ready_file,
+            park_idle=park_idle,
+        )
+
     def _restore(self, spec: SandboxSpec, snapshot: Path, park_idle: float | None) -> None:
         from ember.zygote import Zygote
 
-        argv = [
-            "boot", "--restore", str(snapshot), "--vsock-uds", self.uds,
-            "--control", str(self.control_path), *self._jail_args(spec),
-            "--ready-file", str(self.dir / READY_FILE), *self._net_args(guest=False),
-        ]  # fmt: skip
-        if park_idle is not None:
-            argv += ["--park-idle", str(park_idle)]
         self.proc = Zygote.get().spawn(
-            argv,
+            self.restore_config(spec, snapshot, park_idle),
             console=self.console_path,
             exit_file=self.dir / EXIT_FILE,
             cgroup_procs=self.cgroup.procs_files() if self.cgroup is not None else [],
@@ -265,22 +308,18 @@ class VmmProcess:
         stats["reported_mib"] = state["reported_bytes"] >> 20
         return stats
 
-    def _jail_args(self, spec: SandboxSpec) -> list[str]:
-        args = ["--jail", str(self.dir)] if spec.jailed else []
-        if spec.jailed and self.debug_hooks:
-            args.append("--debug-hooks")
-        return args
-
-    def _net_args(self, *, guest: bool) -> list[str]:
-        """The TAP to attach (and, booting, the guest's address: a restore keeps its own)."""
+    def _net_config(self) -> NetConfig | None:
+        """A booting guest's virtio-net: the sandbox's TAP and the guest's address on it."""
         if self.network is None:
-            return []
+            return None
         from ember.network.host import GATEWAY_IP, GUEST_CIDR, TAP_NAME
 
-        args = ["--tap", TAP_NAME, "--netns", self.network.netns_path]
-        if guest:
-            args += ["--guest-ip", GUEST_CIDR, "--gateway", GATEWAY_IP]
-        return args
+        return NetConfig(
+            tap=TAP_NAME,
+            netns=self.network.netns_path,
+            guest_ip=GUEST_CIDR,
+            gateway=GATEWAY_IP,
+        )
 
     def expose(self, port: int) -> tuple[str, int]:
         if self.network is None:
@@ -509,6 +548,22 @@ class VmmProcess:
                     self.network = None
             finally:
                 shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _config_fd(config: ProcessConfig) -> int:
+    """``config`` as JSON in a memory file, at offset 0: a VMM's stdin.
+
+    A file, not a pipe: the whole config is there before the VMM starts, so
+    writing it can never block on a reader that has not started (or died).
+    """
+    fd = os.memfd_create("ember-vmm-config", os.MFD_CLOEXEC)
+    try:
+        os.write(fd, json.dumps(to_json(config)).encode())
+        os.lseek(fd, 0, os.SEEK_SET)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def start_vmm(spec: SandboxSpec, *, template: str | None, boot: bool) -> VmmProcess:

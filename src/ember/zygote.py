@@ -12,20 +12,25 @@ that socket closes (its host process ended).
 Each child: a new session (a Ctrl-C for the host app is not the VMM's),
 ``PR_SET_PDEATHSIG`` so it dies with the zygote, the sandbox's cgroup
 joined before any VMM code runs, stdout/stderr to the console log, then
-``ember boot ...`` in-process.  The zygote reaps children and writes each
+the VMM process (:func:`ember.vmm.process.serve`) in-process, on the
+:class:`~ember.vmm.config.ProcessConfig` the request carried: the typed
+config crosses the socket as JSON (:func:`ember.vmm.config.to_json`), never
+as argv.  The zygote reaps children and writes each
 exit status to the file named in the request, which
 :class:`ZygoteChild` reads: only a parent can learn a process's status.
 
+What the zygote imports before its first fork is the VMM process module and its one
+preload list (:data:`ember.vmm.process.LATE_IMPORTS`), nothing of the SDK or the CLI.
+
 Requests and replies are JSON lines::
 
-    {"argv": [...], "console": PATH, "cgroup_procs": [PATH...], "exit_file": PATH,
+    {"config": {...}, "console": PATH, "cgroup_procs": [PATH...], "exit_file": PATH,
      "new_pid_ns": BOOL}
     {"pid": 1234}  or  {"error": "..."}
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import ctypes
 import gc
@@ -43,6 +48,7 @@ from typing import Any
 
 from ember.errors import EmberError, SandboxError
 from ember.jailer.jail import CLONE_NEWPID, PR_SET_PDEATHSIG
+from ember.vmm.config import ProcessConfig, from_json, to_json
 
 _libc = ctypes.CDLL(None, use_errno=True)  # loaded once: spawns are the zygote's hot path
 MAX_INHERITED_FD = 65536
@@ -52,32 +58,22 @@ EXIT_WAIT_S = 2.0  # how long after a child's death its status file may take to 
 # --- server side (runs in the zygote process) ------------------------------------------------
 
 
-_parser: argparse.ArgumentParser | None = None
-
-
 def _preload() -> None:
-    """Import everything a VMM child runs, build its argument parser and compile its seccomp
-    filters, so no child pays for it (measured under strace, per child: the net device's
-    import ~18 ms, ``find_library`` forking ``ldconfig -p`` plus three filter compilations
-    ~25 ms, the parser ~55 ms)."""
-    global _parser
-    import ember.cli.main
-    import ember.devices.virtio.balloon.device
-    import ember.devices.virtio.net.device
-    import ember.devices.virtio.vsock.device
-    import ember.jailer.jail
-    import ember.jailer.seccomp
-    import ember.snapshot.machine_state
-    import ember.vmm.builder
-    import ember.vmm.control
-    import ember.vmm.idle
+    """Import everything a VMM child runs (the process module and its preload list) and
+    compile its seccomp filters, so no child pays for it (measured under strace, per child:
+    the net device's import ~18 ms, ``find_library`` forking ``ldconfig -p`` plus three
+    filter compilations ~25 ms)."""
+    from ember.jailer import seccomp
+    from ember.vmm import process
 
-    _parser = ember.cli.main.build_parser()
+    process.preload()
     with contextlib.suppress(EmberError):  # no libseccomp: the child reports it, with the fix
-        ember.jailer.seccomp.precompile()
+        seccomp.precompile()
 
 
-def _child(request: dict[str, Any], sock: socket.socket, wakeup: int) -> None:
+def _child(
+    config: ProcessConfig, request: dict[str, Any], sock: socket.socket, wakeup: int
+) -> None:
     """In the forked child: never returns."""
     status = 70
     try:
@@ -103,10 +99,10 @@ def _child(request: dict[str, Any], sock: socket.socket, wakeup: int) -> None:
         os.close(log)
         os.close(null)
         # The zygote's heap stays frozen (see the module docstring): no gc.unfreeze() here.
-        from ember.cli.main import main
+        from ember.vmm.process import serve
 
-        status = main(list(request["argv"]), _parser)
-    except SystemExit as exc:  # argparse's way of reporting bad arguments
+        status = serve(config)
+    except SystemExit as exc:
         status = exc.code if isinstance(exc.code, int) else 1
     except BaseException as exc:  # whatever happens, the child must exit here
         with contextlib.suppress(Exception):
@@ -195,9 +191,10 @@ def _spawn(
 ) -> dict[str, Any]:
     try:
         request = json.loads(line)
-        if not isinstance(request.get("argv"), list) or not isinstance(request.get("console"), str):
-            return {"error": "a request needs argv and console"}
-    except ValueError as exc:
+        if not isinstance(request, dict) or not isinstance(request.get("console"), str):
+            return {"error": "a request needs a config and a console"}
+        config = from_json(request.get("config"))
+    except (ValueError, EmberError) as exc:  # the ConfigError names the bad field
         return {"error": f"bad request: {exc}"}
     new_pid_ns = bool(request.get("new_pid_ns"))
     if new_pid_ns:
@@ -211,7 +208,7 @@ def _spawn(
         pid = -1
         error = str(exc)
     if pid == 0:
-        _child(request, sock, wakeup)  # never returns
+        _child(config, request, sock, wakeup)  # never returns
     if new_pid_ns:
         _back_to_own_pid_ns()  # in the parent only: a child cannot leave its namespace
     if pid < 0:
@@ -315,15 +312,17 @@ class Zygote:
 
     def spawn(
         self,
-        argv: list[str],
+        config: ProcessConfig,
         *,
         console: Path,
         exit_file: Path,
         cgroup_procs: list[str],
         new_pid_ns: bool = False,
     ) -> ZygoteChild:
+        """Fork a VMM process running ``config`` (its console and exit status in these files;
+        ``new_pid_ns``: as PID 1 of a PID namespace of its own, for a jailed VMM)."""
         request = {
-            "argv": argv,
+            "config": to_json(config),
             "console": str(console),
             "exit_file": str(exit_file),
             "cgroup_procs": cgroup_procs,

@@ -11,7 +11,7 @@ from ember import Sandbox
 
 from .conftest import Images
 
-# The zygote has imported the whole VMM (ember.cli.main, devices, jail, seccomp): tens of
+# The zygote has imported the whole VMM (ember.vmm.process, devices, jail, seccomp): tens of
 # thousands of tracked objects. A child that unfroze them would report 0.
 MIN_FROZEN = 10_000
 

@@ -1,32 +1,58 @@
-"""The zygote without KVM: it forks the CLI in a child, reports the status, and kills on demand."""
+"""The zygote without KVM: it forks the VMM process in a child, reports the status, and kills on
+demand."""
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from pathlib import Path
 
 import pytest
 
+from ember.errors import SandboxError
+from ember.vmm.config import ProcessConfig, RestoreConfig
 from ember.zygote import Zygote
 
 
-def test_a_child_runs_the_cli_and_its_status_comes_back(tmp_path: Path) -> None:
+def restore(snapshot: Path) -> ProcessConfig:
+    return ProcessConfig(machine=RestoreConfig(snapshot))
+
+
+def test_a_child_runs_the_vmm_process_and_its_status_comes_back(tmp_path: Path) -> None:
     child = Zygote.get().spawn(
-        ["image", "path", "no-such-artifact"],
+        restore(tmp_path / "no-such-snapshot"),
         console=tmp_path / "console.log",
         exit_file=tmp_path / "exit",
         cgroup_procs=[],
     )
     assert child.wait(60) == 2
-    assert "invalid choice" in (tmp_path / "console.log").read_text()
+    log = (tmp_path / "console.log").read_text()
+    assert "ember: error:" in log and "no-such-snapshot" in log  # the config arrived, typed
     assert child.poll() == 2
+
+
+def test_a_malformed_config_is_refused_before_any_fork(tmp_path: Path) -> None:
+    zygote = Zygote.get()
+    request = {"config": {"machine": {"Nope": {}}}, "console": str(tmp_path / "log")}
+    with zygote._lock:
+        zygote._sock.sendall(json.dumps(request).encode() + b"\n")
+        reply = zygote._sock.recv(4096)
+    assert b"must be one of VmConfig or RestoreConfig" in reply
+    assert not (tmp_path / "log").exists()
+    with pytest.raises(SandboxError, match="could not start a VMM"):
+        zygote.spawn(
+            ProcessConfig(machine=RestoreConfig(tmp_path), park_idle="soon"),  # type: ignore[arg-type]
+            console=tmp_path / "log",
+            exit_file=tmp_path / "exit",
+            cgroup_procs=[],
+        )
 
 
 def test_a_child_has_its_own_session_and_can_be_killed(tmp_path: Path) -> None:
     os.mkfifo(tmp_path / "state")  # reading it blocks: a VMM that never gets going
     child = Zygote.get().spawn(
-        ["boot", "--restore", str(tmp_path)],
+        restore(tmp_path),
         console=tmp_path / "console.log",
         exit_file=tmp_path / "exit",
         cgroup_procs=[],
@@ -52,7 +78,7 @@ def test_the_zygote_is_one_per_process_and_comes_back_if_it_died(tmp_path: Path)
     second = Zygote.get()
     assert second is not first
     child = second.spawn(
-        ["image", "path", "nope"],
+        restore(tmp_path / "nope"),
         console=tmp_path / "log",
         exit_file=tmp_path / "exit",
         cgroup_procs=[],

@@ -3,32 +3,29 @@
 Exit status: 0 when the guest reboots or powers off, 1 when it crashes
 (KVM internal error, triple fault, kernel panic), 2 on bad input.  With
 ``--rootfs R -- CMD...`` the guest runs CMD from R and the exit status is CMD's.
+
+This module only turns argv into a :class:`~ember.vmm.config.ProcessConfig`
+(:func:`config_from_args`); the VMM process itself is :mod:`ember.vmm.process`,
+which the SDK reaches without argv.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
-import os
-import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from ember.errors import ConfigError
-from ember.vmm.builder import build_machine
 from ember.vmm.config import (
     DEFAULT_CMDLINE,
     DEFAULT_MAC,
     DEFAULT_MEM_MIB,
     DiskConfig,
     NetConfig,
+    ProcessConfig,
+    RestoreConfig,
     VmConfig,
 )
-from ember.vmm.console import ConsoleSink
-from ember.vmm.machine import Machine
-
-EXIT_CRASH = 1
 
 
 def register(sub: Any) -> None:
@@ -132,135 +129,43 @@ def register(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.jail is not None:
-        from ember.jailer import jail
+    from ember.vmm import process  # the VMM itself: only ``ember boot`` pays for its imports
 
-        jail.enter_pid_namespace()  # from here on we are the VMM, PID 1 of its namespace
-    console = ConsoleSink(sys.stdout.buffer)
-    machine = _restore(args, console) if args.restore is not None else _build(args, console)
-    control = None
-    confine: Callable[[str], None] | None = None
-    try:
-        if args.control is not None:
-            from ember.vmm.control import ControlServer
-
-            control = ControlServer(args.control, machine, machine.events, debug=args.debug_hooks)
-        if args.park_idle is not None:
-            _park_when_idle(machine, args.park_idle)
-        if args.jail is not None:
-            confine = _jail(args, machine)
-    except BaseException:
-        machine.close()
-        raise
-    try:
-        ready_file = args.ready_file
-        reason = machine.run(
-            timeout=args.timeout,
-            confine=confine,
-            on_running=(lambda: _create(ready_file)) if ready_file is not None else None,
-        )
-    finally:
-        if control is not None:
-            control.close()
-    if reason.exit_status is not None:
-        return reason.exit_status
-    if reason.kind.clean:
-        return 0
-    print(f"ember: guest stopped: {reason.describe()}", file=sys.stderr)
-    return EXIT_CRASH
+    return process.run(config_from_args(args))
 
 
-def _create(path: Path) -> None:
-    """An empty file: only openat and close, which the main thread's filter allows."""
-    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644))
+def config_from_args(args: argparse.Namespace) -> ProcessConfig:
+    """The typed config of ``ember boot``'s parsed flags (flags that contradict: ConfigError)."""
+    machine = _restore_config(args) if args.restore is not None else _vm_config(args)
+    return ProcessConfig(
+        machine=machine,
+        control=args.control,
+        jail=args.jail,
+        seccomp=not args.no_seccomp,
+        debug_hooks=args.debug_hooks,
+        ready_file=args.ready_file,
+        park_idle=args.park_idle,
+        timeout=args.timeout,
+    )
 
 
-JAIL_FILE_SLACK = 256 << 20  # console log and snapshot state on top of a RAM-sized memory file
-
-
-def _jail(args: argparse.Namespace, machine: Machine) -> Callable[[str], None] | None:
-    """Jail this process (the VM is built, no thread runs yet); returns the seccomp installer."""
-    from ember.jailer import jail, seccomp
-
-    if args.no_seccomp:
-        print(
-            "ember: WARNING: --no-seccomp: this VMM runs WITHOUT seccomp filters; "
-            "use it to debug, never for untrusted code",
-            file=sys.stderr,
-        )
-    else:
-        seccomp.preload()  # the library lives outside the jail
-    for module in _LATE_IMPORTS:  # nothing can be imported once the root is gone
-        importlib.import_module(module)
-    jail.enter(args.jail, file_size_limit=machine.memory.size + JAIL_FILE_SLACK)
-    if args.no_seccomp:
-        return None
-
-    def confine(role: str) -> None:
-        try:
-            seccomp.install(seccomp.Role(role))
-        except Exception as exc:  # an unfiltered VMM must not run guest code
-            print(f"ember: seccomp: cannot confine the {role} thread: {exc}", file=sys.stderr)
-            sys.stderr.flush()
-            os._exit(EXIT_CRASH)
-
-    return confine
-
-
-# Modules the VMM imports lazily (snapshots, debug hooks): loaded before the chroot.
-_LATE_IMPORTS = (
-    "ember.snapshot.machine_state",
-    "ember.snapshot.kvm_state",
-    "ember.snapshot.memory_file",
-    "ember.snapshot.format",
-    "ember.vmm.control",
-    "ember.vmm.idle",
-    "ember.devices.virtio.vsock.device",
-    "ember.devices.virtio.balloon.device",
-    "ember.devices.virtio.net.device",
-    "ember.devices.virtio.net.tap",
-    "ctypes",
-    "hashlib",
-    "json",
-)
-
-
-def _restore(args: argparse.Namespace, console: ConsoleSink) -> Machine:
-    from ember.vmm.builder import restore_machine
-
+def _restore_config(args: argparse.Namespace) -> RestoreConfig:
     if args.kernel is not None or args.initrd is not None or args.workload:
         raise ConfigError("--restore takes no --kernel, --initrd or command: the snapshot has them")
     if args.guest_ip is not None or args.gateway is not None or args.mac != DEFAULT_MAC:
         raise ConfigError("--restore keeps the snapshot's MAC and guest address: give only --tap")
-    if args.netns is not None and args.tap is None:
-        raise ConfigError("--netns names where the TAP is: give --tap too")
-    return restore_machine(
+    config = RestoreConfig(
         args.restore,
-        console,
         vsock_uds=args.vsock_uds,
         guest_cid=args.guest_cid,
         tap=args.tap,
         netns=args.netns,
     )
+    config.validate()
+    return config
 
 
-def _park_when_idle(machine: Machine, after_s: float) -> None:
-    from ember.devices.virtio.net.device import Net
-    from ember.devices.virtio.vsock.device import Vsock
-    from ember.vmm.idle import TICK_S, IdleParker
-
-    vsock = machine.device(Vsock)
-    if vsock is None:
-        raise ConfigError("--park-idle needs a vsock device: it is how the host wakes the guest")
-    parker = IdleParker(machine, lambda: vsock.host_connections, after_s)
-    vsock.on_host_activity = parker.wake
-    net = machine.device(Net)
-    if net is not None:  # a frame for the guest wakes it too
-        net.on_host_activity = parker.wake
-    machine.events.set_tick(TICK_S, parker.tick)
-
-
-def _build(args: argparse.Namespace, console: ConsoleSink) -> Machine:
+def _vm_config(args: argparse.Namespace) -> VmConfig:
     if args.kernel is None:
         raise ConfigError("give --kernel (or --restore a snapshot)")
     workload = list(args.workload)
@@ -271,7 +176,7 @@ def _build(args: argparse.Namespace, console: ConsoleSink) -> Machine:
         from ember.images import artifact_path  # ember-init lives in the default initramfs
 
         initrd = artifact_path("initrd")
-    config = VmConfig(
+    return VmConfig(
         kernel=args.kernel,
         initrd=initrd,
         cmdline=args.cmdline,
@@ -286,7 +191,6 @@ def _build(args: argparse.Namespace, console: ConsoleSink) -> Machine:
         balloon=args.balloon,
         net=_net_config(args),
     )
-    return build_machine(config, console)
 
 
 def _net_config(args: argparse.Namespace) -> NetConfig | None:

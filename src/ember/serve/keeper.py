@@ -29,6 +29,7 @@ from typing import Any
 
 from ember import zygote
 from ember.errors import SandboxError
+from ember.vmm.config import ProcessConfig
 
 SOCKET_NAME = "keeper.sock"
 START_TIMEOUT = 60.0
@@ -152,16 +153,16 @@ class KeeperClient(zygote.Zygote):
             return None
         return sock
 
-    def spawn(self, argv: list[str], **kwargs: Any) -> zygote.ZygoteChild:
+    def spawn(self, config: ProcessConfig, **kwargs: Any) -> zygote.ZygoteChild:
         try:
-            return super().spawn(argv, **kwargs)
+            return super().spawn(config, **kwargs)
         except SandboxError:
             # The keeper died (it never should): start another and try once more.
             with self._lock:
                 self._sock.close()
                 self._buffer = b""
                 self._sock = self._connect()
-            return super().spawn(argv, **kwargs)
+            return super().spawn(config, **kwargs)
 
     def close(self) -> None:
         self._sock.close()

@@ -1,19 +1,31 @@
-"""What a VM is made of, validated before anything touches KVM.
+"""What a VM is made of, and what its VMM process does with it: typed, validated, portable.
 
 Validation turns every bad input into a :class:`ConfigError` whose message
 tells the user the fix; the builder may then assume a sane config.
+
+:class:`ProcessConfig` is the whole of one VMM process (:mod:`ember.vmm.process`):
+the machine to boot (:class:`VmConfig`) or restore (:class:`RestoreConfig`) and
+how to run it (control socket, jail, parking).  ``ember boot`` parses argv into
+one; the SDK builds one directly and hands it to the zygote or to a fresh
+interpreter as JSON (:func:`to_json` / :func:`from_json`), never as argv, so
+a typed config is never flattened into flags and parsed back.
+
+This module is imported by the SDK (to build configs), so it stays cheap: the
+CPU-template table (and its ctypes ABI) is imported only to validate.
 """
 
 from __future__ import annotations
 
 import base64
+import functools
 import ipaddress
 import os
-from dataclasses import dataclass, field
+import types
+from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
+from typing import Any, Union, get_args, get_origin, get_type_hints
 
 from ember.arch.x86_64 import layout
-from ember.arch.x86_64.cpuid import resolve_template
 from ember.errors import ConfigError
 
 DEFAULT_CMDLINE = "console=ttyS0 reboot=k panic=-1 quiet no_timer_check"
@@ -169,6 +181,8 @@ class VmConfig:
             raise ConfigError(
                 f"--mem {self.mem_mib} MiB is out of range: a guest needs at least {min_mib} MiB"
             )
+        from ember.arch.x86_64.cpuid import resolve_template  # see the module docstring
+
         resolve_template(self.cpu_template, pvm=False)  # ConfigError naming the choices
         cmdline = self.full_cmdline().encode()
         if len(cmdline) >= layout.CMDLINE_MAX_SIZE:
@@ -189,3 +203,144 @@ def _check_file(path: Path, what: str) -> None:
         raise ConfigError(f"{what} {path} is not readable")
     if path.stat().st_size == 0:
         raise ConfigError(f"{what} {path} is empty")
+
+
+@dataclass(frozen=True)
+class RestoreConfig:
+    """A snapshot to restore instead of booting: its devices and guest config come with it.
+
+    Only the host sides are this process's own: ``vsock_uds`` (this sandbox's
+    socket), ``guest_cid`` (None: the snapshot's), and the TAP a networked
+    snapshot's virtio-net attaches to (``netns``: the namespace it lives in).
+    """
+
+    snapshot: Path
+    vsock_uds: Path | None = None
+    guest_cid: int | None = None
+    tap: str | None = None
+    netns: str | None = None
+
+    def validate(self) -> None:
+        if self.netns is not None and self.tap is None:
+            raise ConfigError("--netns names where the TAP is: give --tap too")
+
+
+@dataclass(frozen=True)
+class ProcessConfig:
+    """One VMM process: the machine it makes and how it runs it (see :mod:`ember.vmm.process`).
+
+    ``control``: serve the control socket (snapshot, pause, balloon) at this path.
+    ``jail``: once the VM is built, jail the process in this directory (the
+    sandbox's); ``seccomp=False`` leaves a jailed VMM unfiltered (debugging only);
+    ``debug_hooks`` adds the control socket's debug ops (tests of the jail).
+    ``ready_file``: created once the VM is whole (and jailed) and about to run.
+    ``park_idle``: pause the vCPUs after that many idle seconds (needs vsock).
+    ``timeout``: stop the VM after that many seconds.
+    """
+
+    machine: VmConfig | RestoreConfig
+    control: Path | None = None
+    jail: Path | None = None
+    seccomp: bool = True
+    debug_hooks: bool = False
+    ready_file: Path | None = None
+    park_idle: float | None = None
+    timeout: float | None = None
+
+
+# --- JSON: how a ProcessConfig crosses a process boundary ------------------------------------
+#
+# Driven by the dataclasses' own annotations, so a field added to any of them travels without
+# a line here (tests/unit/test_vmm_process.py round-trips one with every field set). Decoding
+# is strict: an unknown key or a value of the wrong type is a ConfigError, never a guess.
+
+
+def to_json(config: ProcessConfig) -> dict[str, Any]:
+    """``config`` as plain JSON values (str, int, float, bool, None, lists and dicts)."""
+    encoded: dict[str, Any] = _encode(config, ProcessConfig)
+    return encoded
+
+
+def from_json(data: object) -> ProcessConfig:
+    """The inverse of :func:`to_json`: ``from_json(to_json(c)) == c`` for every config."""
+    config: ProcessConfig = _decode(data, ProcessConfig, "config")
+    return config
+
+
+@functools.cache
+def _field_types(cls: type) -> dict[str, Any]:
+    return get_type_hints(cls)
+
+
+def _union_options(hint: Any) -> tuple[Any, ...] | None:
+    if get_origin(hint) in (Union, types.UnionType):
+        return get_args(hint)
+    return None
+
+
+def _encode(value: Any, hint: Any) -> Any:
+    options = _union_options(hint)
+    if options is not None:
+        if value is None:
+            return None
+        rest = [option for option in options if option is not type(None)]
+        if len(rest) > 1:  # a choice of dataclasses: tagged with the class's name
+            return {type(value).__name__: _encode(value, type(value))}
+        return _encode(value, rest[0])
+    if is_dataclass(hint):
+        types_ = _field_types(hint)  # type: ignore[arg-type]
+        return {f.name: _encode(getattr(value, f.name), types_[f.name]) for f in fields(hint)}
+    if get_origin(hint) is tuple:
+        item = get_args(hint)[0]
+        return [_encode(v, item) for v in value]
+    if hint is Path:
+        return str(value)
+    return value
+
+
+def _decode(data: Any, hint: Any, where: str) -> Any:
+    options = _union_options(hint)
+    if options is not None:
+        if data is None and type(None) in options:
+            return None
+        rest = [option for option in options if option is not type(None)]
+        if len(rest) == 1:
+            return _decode(data, rest[0], where)
+        if isinstance(data, dict) and len(data) == 1:
+            ((tag, inner),) = data.items()
+            for option in rest:
+                if option.__name__ == tag:
+                    return _decode(inner, option, where)
+        names = " or ".join(option.__name__ for option in rest)
+        raise ConfigError(f"VMM config: {where} must be one of {names}, tagged with its name")
+    if is_dataclass(hint):
+        if not isinstance(data, dict):
+            raise ConfigError(f"VMM config: {where} must be an object")
+        types_ = _field_types(hint)  # type: ignore[arg-type]
+        unknown = sorted(set(data) - set(types_))
+        if unknown:
+            raise ConfigError(f"VMM config: {where} has unknown fields {unknown}")
+        values = {k: _decode(v, types_[k], f"{where}.{k}") for k, v in data.items()}
+        try:
+            return hint(**values)  # type: ignore[operator]
+        except TypeError as exc:  # a required field is missing
+            raise ConfigError(f"VMM config: {where}: {exc}") from None
+    if get_origin(hint) is tuple:
+        if not isinstance(data, list):
+            raise ConfigError(f"VMM config: {where} must be a list")
+        item = get_args(hint)[0]
+        return tuple(_decode(v, item, f"{where}[{i}]") for i, v in enumerate(data))
+    if hint is Path:
+        return Path(_expect(data, str, where))
+    if hint is float and isinstance(data, int) and not isinstance(data, bool):
+        return float(data)
+    if hint in (str, int, float, bool):
+        return _expect(data, hint, where)
+    raise TypeError(f"VMM config: no JSON form for {hint!r} ({where})")  # a new field's type
+
+
+def _expect(data: Any, kind: type, where: str) -> Any:
+    # bool is an int to isinstance: a flag must not pass for a count, nor a count for a flag.
+    if type(data) is not kind:
+        raise ConfigError(f"VMM config: {where} must be {kind.__name__}, not {data!r}")
+    return data
