@@ -28,6 +28,7 @@ def soak_module() -> ModuleType:
         spec = importlib.util.spec_from_file_location("ember_bench_soak", BENCH / "soak.py")
         assert spec is not None and spec.loader is not None
         module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module  # dataclasses look their module up
         spec.loader.exec_module(module)
         return module
     finally:
