@@ -1,12 +1,17 @@
 """Soak: many sandboxes, each used and closed; nothing may be left behind or go missing.
 
-Usage: ``.venv/bin/python bench/soak.py [--sandboxes 1000] [--ops 10] [--concurrency 4] [--json]``
+Usage: ``.venv/bin/python bench/soak.py [--sandboxes 1000] [--ops 10] [--concurrency 2]
+[--exec echo|python] [--max-minutes M] [--json]``
 
 Each sandbox is restored from the default template (jailed, as root, with cgroup quotas so
-every one gets a cgroup), runs ``--ops`` rounds of a real exec (``python3 -c``, served by the
-sandbox's pre-started interpreter: the cheapest exec there is; a new guest process costs ~1 s of
-emulated guest kernel here) and a file round trip (write 4 KiB, read it back, compare), then is
-closed. At most ``--concurrency`` sandboxes are alive at once.
+every one gets a cgroup), runs ``--ops`` rounds of a real exec and a file round trip (write
+4 KiB, read it back, compare), then is closed. At most ``--concurrency`` sandboxes are alive at
+once. The exec is ``echo TOKEN`` by default: a new guest process every time, the cheapest one
+(~1 s of emulated guest kernel on an idle host of this kind); ``--exec python`` runs
+``python3 -c`` instead, which the sandbox's pre-started interpreters serve while they last (two,
+refilled only when the sandbox idles: after them every exec is a new ~7 s ``python3``).
+``--max-minutes`` stops starting sandboxes once the budget is spent (the census still covers
+every one that ran).
 
 Before the first and after the last sandbox (and one warm-up sandbox, so the zygote and the
 imports exist in both), the bench takes a census of what a sandbox can leave behind, each item
@@ -241,6 +246,7 @@ class SandboxRun:
     close_s: float = 0.0
     total_s: float = 0.0
     error: str | None = None
+    skipped: bool = False  # not started: the time budget was spent
 
 
 @dataclass
@@ -249,6 +255,8 @@ class Soak:
 
     tmpdir: Path
     quotas: bool = True
+    python: bool = False  # exec python3 -c (pool-served while it lasts) instead of echo
+    deadline: float | None = None  # no sandbox starts after this (time.monotonic())
     cgroups: list[Path] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -257,6 +265,9 @@ class Soak:
 
         run = SandboxRun()
         t0 = time.monotonic()
+        if self.deadline is not None and t0 > self.deadline:
+            run.skipped = True
+            return run
         try:
             kwargs: dict[str, Any] = {"pids": 64, "memory_mib": 1024} if self.quotas else {}
             sb = Sandbox(**kwargs)
@@ -268,10 +279,12 @@ class Soak:
                         self.cgroups.extend(cgroup.paths)
                 payload = os.urandom(FILE_BYTES)
                 for op in range(ops):
+                    token = f"t{index}-{op}"
+                    cmd = ["python3", "-c", f"print('{token}')"] if self.python else ["echo", token]
                     t = time.monotonic()
-                    r = sb.exec(["python3", "-c", f"print({index} * 1000 + {op})"], timeout=120)
+                    r = sb.exec(cmd, timeout=300)
                     run.exec_s.append(time.monotonic() - t)
-                    if r.exit_code != 0 or r.stdout != f"{index * 1000 + op}\n".encode():
+                    if r.exit_code != 0 or r.stdout != f"{token}\n".encode():
                         raise RuntimeError(f"exec {op}: {r.exit_code} {r.stdout!r} {r.stderr!r}")
                     t = time.monotonic()
                     path = f"/tmp/soak-{op}"
@@ -294,7 +307,15 @@ class Soak:
             return list(pool.map(lambda i: self.one(i, ops), range(sandboxes)))
 
 
-def soak(sandboxes: int, ops: int, concurrency: int, *, quotas: bool = True) -> dict[str, Any]:
+def soak(
+    sandboxes: int,
+    ops: int,
+    concurrency: int,
+    *,
+    quotas: bool = True,
+    python: bool = False,
+    max_minutes: float | None = None,
+) -> dict[str, Any]:
     """Run the soak in a private TMPDIR; the census report, timings and memory as a dict."""
     from ember import templates
     from ember.launcher import SandboxSpec
@@ -303,13 +324,15 @@ def soak(sandboxes: int, ops: int, concurrency: int, *, quotas: bool = True) -> 
     saved = tempfile.tempdir
     tempfile.tempdir = str(tmpdir)  # the launcher's sandbox and fork directories go here
     try:
-        state = Soak(tmpdir, quotas=quotas)
+        state = Soak(tmpdir, quotas=quotas, python=python)
         warm = state.one(-1, 1)  # the zygote, the imports, the template's page cache
         if warm.error:
             raise RuntimeError(f"the warm-up sandbox failed: {warm.error}")
         template = templates.find(spec=SandboxSpec(jail=True)).dir
         before = take_census(tmpdir, template, state.cgroups)
         started = time.monotonic()
+        if max_minutes is not None:
+            state.deadline = started + max_minutes * 60
         with MemorySampler() as memory:
             runs = state.run(sandboxes, ops, concurrency)
         wall = time.monotonic() - started
@@ -318,13 +341,16 @@ def soak(sandboxes: int, ops: int, concurrency: int, *, quotas: bool = True) -> 
         tempfile.tempdir = saved
     census = compare(before, after)
     shutil.rmtree(tmpdir, ignore_errors=True)
-    ok = [r for r in runs if r.error is None]
+    ran = [r for r in runs if not r.skipped]
+    ok = [r for r in ran if r.error is None]
     return {
         "sandboxes": sandboxes,
+        "ran": len(ran),
         "ops": ops,
+        "exec": "python3 -c" if python else "echo",
         "concurrency": concurrency,
         "wall_s": wall,
-        "sandboxes_per_s": sandboxes / wall if wall else None,
+        "sandboxes_per_s": len(ran) / wall if wall else None,
         "errors": [r.error for r in runs if r.error is not None],
         "timings": {
             "create_s": _summary([r.create_s for r in ok]),
@@ -357,8 +383,10 @@ def clean(report: dict[str, Any]) -> bool:
 
 
 def print_report(report: dict[str, Any]) -> None:
+    budget = "" if report["ran"] == report["sandboxes"] else " (time budget spent)"
     print(
-        f"{report['sandboxes']} sandboxes x {report['ops']} execs + file round trips, "
+        f"{report['ran']} of {report['sandboxes']} sandboxes{budget} x {report['ops']} execs "
+        f"({report['exec']}) + file round trips, "
         f"{report['concurrency']} at a time: {report['wall_s']:.1f} s "
         f"({fmt_num(report['sandboxes_per_s'])} sandboxes/s), {len(report['errors'])} errors"
     )
@@ -400,11 +428,20 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sandboxes", type=int, default=1000)
     parser.add_argument("--ops", type=int, default=10, help="execs and file round trips each")
-    parser.add_argument("--concurrency", type=int, default=4, help="sandboxes alive at once")
+    parser.add_argument("--concurrency", type=int, default=2, help="sandboxes alive at once")
+    parser.add_argument("--exec", choices=("echo", "python"), default="echo", dest="exec_kind")
+    parser.add_argument("--max-minutes", type=float, default=None, help="stop starting then")
     parser.add_argument("--no-quotas", action="store_true", help="no cgroup per sandbox")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
-    report = soak(args.sandboxes, args.ops, args.concurrency, quotas=not args.no_quotas)
+    report = soak(
+        args.sandboxes,
+        args.ops,
+        args.concurrency,
+        quotas=not args.no_quotas,
+        python=args.exec_kind == "python",
+        max_minutes=args.max_minutes,
+    )
     if args.json:
         print(to_json(report))
     else:
