@@ -9,6 +9,7 @@ import select
 import signal
 import socket
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
@@ -122,6 +123,14 @@ def test_role_lists_are_distinct_and_exclude_process_creation() -> None:
         assert not {"execve", "execveat", "fork", "vfork", "clone", "clone3", "ptrace"} & set(names)
     assert "socket" in seccomp.syscall_names(Role.EVENTS)
     assert "socket" not in seccomp.syscall_names(Role.VCPU)
+    changes_names = {
+        "mkdir", "mkdirat", "rename", "renameat", "renameat2", "rmdir", "link", "linkat",
+        "symlink", "symlinkat", "chmod", "fchmodat", "chown", "open",
+    }  # fmt: skip
+    for role in Role:
+        assert not changes_names & set(seccomp.syscall_names(role)), role
+    unlinkers = [r for r in Role if {"unlink", "unlinkat"} & set(seccomp.syscall_names(r))]
+    assert unlinkers == [Role.MAIN]
 
 
 def test_a_vcpu_thread_may_start_virtio_net_but_not_make_taps() -> None:
@@ -152,3 +161,86 @@ def test_a_vcpu_thread_may_start_virtio_net_but_not_make_taps() -> None:
         poller.close()
         os.close(tap)
         os.close(other_end)
+
+
+# -- files: openat by its flags; no rename, mkdir or rmdir anywhere; unlink on main only ------
+
+
+def _open(path: str, flags: int) -> Callable[[], None]:
+    def action() -> None:
+        os.close(os.open(path, flags | os.O_CLOEXEC, 0o600))
+
+    return action
+
+
+@pytest.mark.parametrize("role", list(Role))
+def test_every_role_may_open_read_only(role: Role) -> None:
+    """CPython reads source files to format a traceback (and logging the time zone)."""
+    assert in_confined_child(role, _open(__file__, os.O_RDONLY)) == 0
+    assert in_confined_child(role, lambda: open(__file__, "rb").close()) == 0
+    assert in_confined_child(role, _open(os.path.dirname(__file__), os.O_DIRECTORY)) == 0
+
+
+@pytest.mark.parametrize("role", list(Role))
+@pytest.mark.parametrize(
+    "flags",
+    [
+        pytest.param(os.O_RDWR, id="rdwr"),
+        pytest.param(os.O_WRONLY | os.O_TRUNC, id="trunc"),
+        pytest.param(os.O_WRONLY | os.O_APPEND, id="append"),
+        pytest.param(os.O_RDWR | os.O_CREAT, id="rdwr-creat"),
+        pytest.param(os.O_RDONLY | os.O_TRUNC, id="rdonly-trunc"),
+        pytest.param(os.O_WRONLY | os.O_CREAT | os.O_TRUNC, id="creat-trunc"),
+        pytest.param(os.O_TMPFILE | os.O_RDWR, id="tmpfile"),
+    ],
+)
+def test_no_role_may_open_for_writing_otherwise(role: Role, flags: int, tmp_path: Path) -> None:
+    path = str(tmp_path if flags & os.O_TMPFILE == os.O_TMPFILE else tmp_path / "f")
+    assert in_confined_child(role, _open(path, flags)) == -signal.SIGSYS
+
+
+def test_only_main_may_create_its_ready_file(tmp_path: Path) -> None:
+    """``O_WRONLY|O_CREAT`` (the ready file, after every thread is confined), main only."""
+    flags = os.O_WRONLY | os.O_CREAT
+    assert in_confined_child(Role.VCPU, _open(str(tmp_path / "v"), flags)) == -signal.SIGSYS
+    assert in_confined_child(Role.EVENTS, _open(str(tmp_path / "e"), flags)) == -signal.SIGSYS
+    assert not (tmp_path / "v").exists() and not (tmp_path / "e").exists()
+    assert in_confined_child(Role.MAIN, _open(str(tmp_path / "ready"), flags)) == 0
+    assert (tmp_path / "ready").exists()
+
+
+@pytest.mark.parametrize("role", list(Role))
+def test_no_role_may_rename_or_make_or_remove_directories(role: Role, tmp_path: Path) -> None:
+    (tmp_path / "a").write_bytes(b"")
+    (tmp_path / "d").mkdir()
+    actions = {
+        "rename": lambda: os.rename(tmp_path / "a", tmp_path / "b"),
+        "mkdir": lambda: os.mkdir(tmp_path / "n"),
+        "rmdir": lambda: os.rmdir(tmp_path / "d"),
+        "rmdir-at": lambda: _unlinkat(str(tmp_path / "d"), AT_REMOVEDIR),
+    }
+    for name, action in actions.items():
+        assert in_confined_child(role, action) == -signal.SIGSYS, name
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "d"]
+
+
+AT_REMOVEDIR = 0x200
+
+
+def _unlinkat(path: str, flags: int) -> None:
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.unlinkat(-100, path.encode(), flags) != 0:  # AT_FDCWD
+        raise OSError(ctypes.get_errno(), "unlinkat")
+
+
+def test_only_main_may_unlink_files(tmp_path: Path) -> None:
+    """Teardown (main thread) removes the vsock and control sockets; nothing else unlinks."""
+    for name in ("v", "e", "m", "m2"):
+        (tmp_path / name).write_bytes(b"")
+    assert in_confined_child(Role.VCPU, lambda: os.unlink(tmp_path / "v")) == -signal.SIGSYS
+    assert in_confined_child(Role.EVENTS, lambda: os.unlink(tmp_path / "e")) == -signal.SIGSYS
+    assert in_confined_child(Role.MAIN, lambda: os.unlink(tmp_path / "m")) == 0
+    assert in_confined_child(Role.MAIN, lambda: _unlinkat(str(tmp_path / "m2"), 0)) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["e", "v"]

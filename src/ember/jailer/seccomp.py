@@ -7,16 +7,53 @@ and the main thread (waiting, then tearing down).  Anything else kills the
 whole process (``SECCOMP_RET_KILL_PROCESS``): the host sees the VMM die of
 SIGSYS and reports that sandbox as crashed, naming seccomp.
 
-The lists come from tracing the VMM through every operation the SDK has
-(boot, restore, exec, files, run_code, channels, snapshots, parking) plus
-what CPython itself needs (memory management, locks, signals).  ``open``
-stays allowed (CPython reads source files to format a traceback): the
-chroot, not the filter, is what keeps host files out of reach.
-ioctl is limited to the KVM requests each role makes, and ``socket`` to
-``AF_UNIX`` (the vsock and control sockets): no IP, netlink or AF_VSOCK
-socket, which would ignore the network namespace and reach the host's own
-vsock services.  ``connect`` and ``sendto`` then only ever see Unix sockets
-(the TAP is a character device opened before the filter, not a socket).
+The lists come from tracing jailed VMMs with ``strace -f`` through every
+operation the SDK has (cold boot to a workload's exit, restore, exec, files,
+run_code, data channels, guest connections to ``sb.listen``, balloon and its
+statistics, status, pause/resume, memory channels, snapshot, fork, parking
+and waking, a ``--timeout`` stop) plus what CPython itself needs (memory
+management, locks, signals), each thread's calls counted by role.
+
+What each role may do with files and sockets, beyond memory, locks, signals,
+reads and writes on fds it already holds:
+
+=========  ==============================================================
+role       may also
+=========  ==============================================================
+vcpu       KVM_RUN and the exits' ioctls; epoll_ctl and TUNSETOFFLOAD
+           (virtio-net activation); open files read-only
+events     the snapshot ioctls; I/O on disks and snapshot fds (pread,
+           pwrite, fallocate, ftruncate, fsync); AF_UNIX sockets
+           (socket, connect, accept, send, recv); timerfds; open files
+           read-only
+main       unlink (its vsock and control sockets at teardown; unlinkat
+           without AT_REMOVEDIR); create one write-only file (the ready
+           file: ``O_WRONLY|O_CREAT``, no ``O_TRUNC``); open read-only
+=========  ==============================================================
+
+``openat`` is filtered on its flags: read-only opens stay allowed everywhere
+(CPython reads source files to format a traceback, and logging may read the
+time zone), which the chroot confines to the sandbox's own directory; no
+thread may open for writing, truncate or create but the main thread's one
+``O_WRONLY|O_CREAT``.  No thread may rename, make directories or remove
+them (none does once jailed: snapshots travel as fds the host opened, and
+socket files are bound before the jail).  ioctl is limited to the KVM
+requests each role makes, and ``socket`` to ``AF_UNIX`` (the vsock and
+control sockets): no IP, netlink or AF_VSOCK socket, which would ignore the
+network namespace and reach the host's own vsock services.  ``connect`` and
+``sendto`` then only ever see Unix sockets (the TAP is a character device
+opened before the filter, not a socket).
+
+The threads share one address space, so against an attacker who can run
+code in the VMM (not just steer it) the filters act as their union: one
+thread can make another do its calls.  The per-role split still narrows
+what guest-driven code can reach without such a foothold: everything the
+guest influences (register accesses on the vCPU threads, queues and sockets
+on the event thread) runs on a thread that cannot unlink or create files;
+the main thread, which can, runs no guest-driven code: it waits for a stop
+reason and tears down.  The union is what the chroot, the uid of its own
+and the namespaces are sized for: it may create and remove files only in
+the sandbox's directory, within ``RLIMIT_FSIZE``.
 
 libseccomp is loaded with ctypes, so the VMM core keeps to the standard
 library; without the shared library the jail refuses to start unless
@@ -70,6 +107,7 @@ _COMMON = (
     "exit", "exit_group", "write", "writev", "close",
     "openat", "read", "newfstatat", "fstat", "lseek", "fcntl", "getcwd", "readlink",
 )  # fmt: skip
+# openat is allowed only with the flags of _OPEN_FLAGS (checked in _build).
 
 _EXTRA: dict[Role, tuple[str, ...]] = {
     # Serial output and interrupt eventfds are writes; a kick is a tgkill to itself;
@@ -83,10 +121,24 @@ _EXTRA: dict[Role, tuple[str, ...]] = {
         "socket", "connect", "accept", "accept4", "recvfrom", "recvmsg", "sendto", "sendmsg",
         "shutdown", "getsockname", "getsockopt", "setsockopt",
         "timerfd_settime", "timerfd_gettime",
-        "mkdir", "mkdirat", "rename", "renameat", "renameat2", "unlink", "unlinkat",
     ),
-    Role.MAIN: ("ioctl", "tgkill", "epoll_ctl", "unlink", "unlinkat", "fsync"),
+    # Teardown removes the vsock and control socket files (unlinkat: without AT_REMOVEDIR).
+    Role.MAIN: ("ioctl", "tgkill", "epoll_ctl", "unlink", "unlinkat"),
 }  # fmt: skip
+
+# openat(dirfd, path, flags, mode): the flag bits that decide what an open may do to a file.
+O_ACCMODE = 3
+_O_TMPFILE_BIT = os.O_TMPFILE & ~os.O_DIRECTORY  # O_TMPFILE includes O_DIRECTORY
+OPEN_EFFECT_BITS = O_ACCMODE | os.O_CREAT | os.O_TRUNC | os.O_APPEND | _O_TMPFILE_BIT
+OPEN_READ_ONLY = os.O_RDONLY
+OPEN_CREATE_WRITE_ONLY = os.O_WRONLY | os.O_CREAT  # the ready file (created, never truncated)
+
+# ``flags & OPEN_EFFECT_BITS`` must be one of these (other bits, O_CLOEXEC etc., are free).
+_OPEN_FLAGS: dict[Role, tuple[int, ...]] = {
+    Role.VCPU: (OPEN_READ_ONLY,),
+    Role.EVENTS: (OPEN_READ_ONLY,),
+    Role.MAIN: (OPEN_READ_ONLY, OPEN_CREATE_WRITE_ONLY),
+}
 
 # The KVM ioctls each role issues after set-up (vCPU: run, the exit paths, the serial IRQ).
 _IOCTLS: dict[Role, tuple[int, ...]] = {
@@ -212,6 +264,15 @@ def _build(lib: ctypes.CDLL, role: Role) -> int:
                 for family in SOCKET_FAMILIES:
                     cmp = scmp_arg_cmp(0, SCMP_CMP_MASKED_EQ, INT_MASK, family)
                     _check(lib.seccomp_rule_add_array(ctx, SCMP_ACT_ALLOW, number, 1, cmp), name)
+                continue
+            if name == "openat":
+                for flags in _OPEN_FLAGS[role]:
+                    cmp = scmp_arg_cmp(2, SCMP_CMP_MASKED_EQ, OPEN_EFFECT_BITS, flags)
+                    _check(lib.seccomp_rule_add_array(ctx, SCMP_ACT_ALLOW, number, 1, cmp), name)
+                continue
+            if name == "unlinkat":  # files only: AT_REMOVEDIR (rmdir) is not allowed
+                cmp = scmp_arg_cmp(2, SCMP_CMP_MASKED_EQ, INT_MASK, 0)
+                _check(lib.seccomp_rule_add_array(ctx, SCMP_ACT_ALLOW, number, 1, cmp), name)
                 continue
             if name == "ioctl":
                 for request in _IOCTLS[role]:

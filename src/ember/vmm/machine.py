@@ -143,7 +143,7 @@ class Machine:
     def host_connections(self) -> int:
         """Open host-side vsock connections (a snapshot taken with some makes every restore
         reset them, which costs the guest real time: templates wait for zero)."""
-        return sum(int(getattr(t.device, "host_connections", 0)) for t in self.slots.transports)
+        return sum(t.device.host_connections for t in self.slots.transports)
 
     def device(self, kind: type[_D]) -> _D | None:
         """The first device of a type, if the VM has one."""
@@ -156,9 +156,9 @@ class Machine:
         """Each device's counters (those that keep some), by device class name."""
         found: dict[str, dict[str, int]] = {}
         for transport in self.slots.transports:
-            stats = getattr(transport.device, "stats", None)
-            if stats is not None and hasattr(stats, "__dataclass_fields__"):
-                found[transport.name] = dict(vars(stats))
+            counters = transport.device.counters()
+            if counters:
+                found[transport.name] = counters
         return found
 
     @property

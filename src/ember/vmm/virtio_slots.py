@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ember.devices.bus import Bus
-from ember.devices.virtio.device import Interrupt, VirtioDevice
+from ember.devices.virtio.device import Interrupt, TransportDevice
 from ember.devices.virtio.mmio import MMIO_SIZE, VIRTIO_MMIO_QUEUE_NOTIFY, MmioTransport
 from ember.errors import ConfigError
 from ember.kvm.system import Vm
@@ -38,7 +38,7 @@ class VirtioSlots:
     kick_fds: list[int] = field(default_factory=list)
     cmdline: list[str] = field(default_factory=list)
 
-    def attach(self, device: VirtioDevice) -> MmioTransport:
+    def attach(self, device: TransportDevice) -> MmioTransport:
         index = len(self.transports)
         irq = FIRST_IRQ + index
         if irq > LAST_IRQ:
@@ -60,9 +60,7 @@ class VirtioSlots:
 
     def close(self) -> None:
         for transport in self.transports:
-            close = getattr(transport.device, "close", None)
-            if close is not None:
-                close()
+            transport.device.close()
         for interrupt in self.interrupts:
             interrupt.close()
         for fd in self.kick_fds:

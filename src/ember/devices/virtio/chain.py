@@ -68,14 +68,6 @@ class Descriptor:
     def is_write_only(self) -> bool:
         return bool(self.flags & VIRTQ_DESC_F_WRITE)
 
-    @property
-    def has_next(self) -> bool:
-        return bool(self.flags & VIRTQ_DESC_F_NEXT)
-
-    @property
-    def is_indirect(self) -> bool:
-        return bool(self.flags & VIRTQ_DESC_F_INDIRECT)
-
     def pack(self) -> bytes:
         return VIRTQ_DESC.pack(self.addr, self.len, self.flags, self.next)
 

@@ -3,6 +3,13 @@
 A device sees only guest memory, its queues and an :class:`Interrupt`; the
 transport (``mmio.py``) owns the register interface.  Names follow the
 virtio 1.2 specification at the ABI.
+
+:class:`TransportDevice` is the contract: everything the transport and the
+VMM (slots, machine, control) may use of a device, declared once so that
+mypy checks it at every call site instead of ``getattr`` probing.
+:class:`VirtioDevice` is the base every device derives from; it satisfies
+the contract with defaults (its own lock, nothing to close, no counters, no
+host connections) that a device overrides when it has more.
 """
 
 from __future__ import annotations
@@ -12,7 +19,7 @@ import logging
 import os
 import threading
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 from ember.devices.virtio.queue import DescriptorChain, Queue, QueueError
 from ember.memory import GuestMemory
@@ -86,13 +93,79 @@ class Interrupt:
             self.eventfd = -1
 
 
+@runtime_checkable
+class TransportDevice(Protocol):
+    """What a virtio device offers the transport and the VMM.
+
+    The transport (vCPU thread for registers, event thread for kicks) holds
+    ``lock`` around every call it makes; a device whose own callbacks run
+    elsewhere (host sockets on the event thread, control requests) takes the
+    same lock, so one lock serialises them all.  ``close`` releases host
+    resources (fds, sockets) and is called once when the VM is torn down.
+    ``counters`` and ``host_connections`` feed ``status`` and templating.
+    """
+
+    acked_features: int  # written by the transport on FEATURES_OK and on restore
+    needs_reset: bool  # DEVICE_NEEDS_RESET, read through Status; restored by the transport
+
+    @property
+    def device_id(self) -> int:
+        """§5 Device ID, read through DeviceID."""
+
+    @property
+    def queue_max_sizes(self) -> tuple[int, ...]:
+        """QueueNumMax of each queue; their number is fixed for the device's lifetime."""
+
+    @property
+    def lock(self) -> threading.RLock:
+        """Held by the transport around every call it makes into the device."""
+
+    @property
+    def active(self) -> bool: ...
+
+    @property
+    def host_connections(self) -> int: ...
+
+    def device_features(self) -> int: ...
+
+    def read_config(self, offset: int, size: int) -> bytes: ...
+
+    def write_config(self, offset: int, data: bytes) -> None: ...
+
+    def activate(self, memory: GuestMemory, queues: list[Queue], interrupt: Interrupt) -> None: ...
+
+    def process_queue(self, index: int) -> None: ...
+
+    def reset(self) -> None: ...
+
+    def fail(self, why: str, interrupt: Interrupt | None = None) -> None: ...
+
+    def save_state(self) -> dict[str, Any]: ...
+
+    def load_state(self, state: dict[str, Any]) -> None: ...
+
+    def restored(self) -> None: ...
+
+    def counters(self) -> dict[str, int]: ...
+
+    def close(self) -> None: ...
+
+
 class VirtioDevice(abc.ABC):
-    """The device half of a virtio device; subclasses implement one device type."""
+    """The device half of a virtio device; subclasses implement one device type.
+
+    Satisfies :class:`TransportDevice` (checked by mypy wherever a device is
+    attached, and by a unit test for every device class).
+    """
 
     device_id: int
     queue_max_sizes: tuple[int, ...]
 
     def __init__(self) -> None:
+        # Shared with the transport: register accesses (vCPU thread), kicks (event thread)
+        # and the device's own callbacks all hold it.  Re-entrant, so a device method may
+        # be called with it already held.
+        self.lock = threading.RLock()
         self.acked_features = 0
         self.memory: GuestMemory | None = None
         self.queues: list[Queue] = []
@@ -146,6 +219,18 @@ class VirtioDevice(abc.ABC):
     @property
     def active(self) -> bool:
         return self.memory is not None
+
+    @property
+    def host_connections(self) -> int:
+        """Open host-side connections (vsock has some; a snapshot waits for zero)."""
+        return 0
+
+    def counters(self) -> dict[str, int]:
+        """The device's own counters by name (``status`` shows them); none by default."""
+        return {}
+
+    def close(self) -> None:  # noqa: B027 (a default no-op)
+        """Release host resources (fds, sockets); called once, at teardown."""
 
     def serve_queue(
         self,

@@ -22,7 +22,7 @@ from ember.devices.virtio.device import (
     VIRTIO_CONFIG_S_NEEDS_RESET,
     VIRTIO_F_VERSION_1,
     Interrupt,
-    VirtioDevice,
+    TransportDevice,
 )
 from ember.devices.virtio.queue import Queue
 from ember.memory import GuestMemory
@@ -77,7 +77,7 @@ _QUEUE_ADDR_REGS = {
 class MmioTransport:
     """One virtio-mmio window (4 KiB) in front of one device."""
 
-    def __init__(self, device: VirtioDevice, memory: GuestMemory, interrupt: Interrupt) -> None:
+    def __init__(self, device: TransportDevice, memory: GuestMemory, interrupt: Interrupt) -> None:
         self.device = device
         self.memory = memory
         self.interrupt = interrupt
@@ -88,11 +88,10 @@ class MmioTransport:
         self.driver_features = 0
         self.queue_sel = 0
         self.config_generation = 0
-        # Shared with the event thread serving the queues.  A device whose own callbacks run
-        # on the event thread (vsock's host sockets) brings its own RLock: adopt it, so that
+        # The device's lock, shared with the event thread serving the queues and with the
+        # device's own callbacks (vsock's host sockets, balloon control requests), so that
         # register accesses, kicks and those callbacks are serialised by one lock.
-        device_lock = getattr(device, "lock", None)
-        self.lock: threading.RLock = device_lock if device_lock is not None else threading.RLock()
+        self.lock: threading.RLock = device.lock
         self.bad_accesses = 0
 
     # --- bus interface (vCPU thread)

@@ -27,9 +27,9 @@ buffer cannot be returned) fails the device through ``fail()``.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import struct
-import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -94,13 +94,15 @@ class Balloon(VirtioDevice):
 
     def __init__(self) -> None:
         super().__init__()
-        self.lock = threading.RLock()  # adopted by the transport: control requests come too
         self.target_pages = 0
         self.actual_pages = 0
         self.guest_stats: dict[str, int] = {}
         self.stats = BalloonStats()
         self._stats_head: int | None = None
         self._restored_stats_head: object = None
+
+    def counters(self) -> dict[str, int]:
+        return dataclasses.asdict(self.stats)
 
     def device_features(self) -> int:
         return (

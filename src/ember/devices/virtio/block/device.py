@@ -10,6 +10,7 @@ with length 0 when it has nowhere to put a status byte), never an exception.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import logging
 import os
@@ -102,6 +103,9 @@ class Block(VirtioDevice):
         self.serial = ident
         self.stats = BlockStats()
         self.discard_supported = not read_only
+
+    def counters(self) -> dict[str, int]:
+        return dataclasses.asdict(self.stats)
 
     def device_features(self) -> int:
         features = (

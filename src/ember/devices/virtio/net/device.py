@@ -23,10 +23,10 @@ writes raises out of a kick or an fd callback.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import struct
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -95,7 +95,6 @@ class Net(VirtioDevice):
         super().__init__()
         if len(mac) != 6:
             raise ValueError("a MAC address is 6 bytes")
-        self.lock = threading.RLock()  # adopted by the transport; fd events come too
         self.fd = fd
         self.events = events
         self.mac = mac
@@ -106,6 +105,9 @@ class Net(VirtioDevice):
         self._pending: bytes | None = None  # a frame read but not yet placed
         self._watching = False
         os.set_blocking(fd, False)
+
+    def counters(self) -> dict[str, int]:
+        return dataclasses.asdict(self.stats)
 
     def device_features(self) -> int:
         features = (

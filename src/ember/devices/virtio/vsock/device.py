@@ -10,8 +10,9 @@ Threading: the event thread runs host socket callbacks (through the muxer's
 one epoll fd) and queue kicks; a vCPU thread may also kick (QueueNotify
 without an ioeventfd) and runs activate/reset.  Every entry point takes
 ``self.lock``, an RLock, so it is safe to call them under an outer lock too;
-the mmio transport adopts the device's ``lock`` as its own when the device
-has one, so register accesses and socket events are serialised by one lock.
+the mmio transport takes the device's ``lock`` (every device has one, see
+``TransportDevice``) as its own, so register accesses and socket events are
+serialised by one lock.
 
 Memory: what the guest sends faster than a host socket reads is held within
 credit windows drawn from one budget of ``tx_budget`` bytes per device
@@ -24,8 +25,8 @@ buffer left, host sockets stop being polled until it kicks the rx queue.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
-import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -88,7 +89,6 @@ class Vsock(VirtioDevice):
                 f"guest CID {guest_cid} is reserved or too large: use 3 to {VMADDR_CID_ANY - 1}"
             )
         super().__init__()
-        self.lock = threading.RLock()
         self.guest_cid = guest_cid
         self.uds_path = Path(uds_path)
         self.events = events
@@ -114,6 +114,9 @@ class Vsock(VirtioDevice):
         events.add_reader(self._host_fd, self._on_host_ready)
 
     # -- the VirtioDevice contract ----------------------------------------------------------
+
+    def counters(self) -> dict[str, int]:
+        return dataclasses.asdict(self.stats)
 
     def device_features(self) -> int:
         return (
