@@ -7,6 +7,7 @@
     bounds.py     deadlines, max_output, the resume announcement (no clock of its own)
     core.py       each operation as a state machine: fed frames, returns events (no I/O)
     session.py    builds operations and REQUESTs; the keepalive pool (its clock given)
+    sockets.py    frames over a blocking socket, each bounded by a deadline
     blocking.py   sockets + threads: AgentClient, ExecStream, Files
     aio.py        asyncio streams: AsyncAgentClient, AsyncExecStream, AsyncFiles
     channel.py    data channels from guest code (ChannelServer)
@@ -20,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from ember.client.aio import AsyncAgentClient, AsyncExecStream, AsyncFiles, Streams
-    from ember.client.blocking import AgentClient, ExecStream, Files, read_frame, send_frame
+    from ember.client.blocking import AgentClient, ExecStream, Files
     from ember.client.bounds import (
         DEFAULT_CALL_TIMEOUT,
         DEFAULT_GRACE,
@@ -40,6 +41,7 @@ if TYPE_CHECKING:
         explain_crashed_worker,
     )
     from ember.client.shm import HostRegion
+    from ember.client.sockets import read_frame, send_frame
     from ember.client.wire import MAX_JSON_DEPTH, Source
 
     Client = AgentClient
@@ -73,8 +75,8 @@ _LAZY: dict[str, tuple[str, str]] = {
     "Streams": ("ember.client.aio", "Streams"),
     "WORKER_START_ALLOWANCE": ("ember.client.bounds", "WORKER_START_ALLOWANCE"),
     "explain_crashed_worker": ("ember.client.results", "explain_crashed_worker"),
-    "read_frame": ("ember.client.blocking", "read_frame"),
-    "send_frame": ("ember.client.blocking", "send_frame"),
+    "read_frame": ("ember.client.sockets", "read_frame"),
+    "send_frame": ("ember.client.sockets", "send_frame"),
 }
 
 __all__ = [

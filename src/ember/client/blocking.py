@@ -24,8 +24,6 @@ timeout are the exception: a command may rightly run, silent, as long as it like
 from __future__ import annotations
 
 import io
-import math
-import select
 import socket
 import threading
 import time
@@ -33,14 +31,10 @@ from collections.abc import Callable
 from types import TracebackType
 from typing import Any, BinaryIO, TypeVar
 
-from ember import protocol
-from ember.client.bounds import DEFAULT_CALL_TIMEOUT, DEFAULT_GRACE, DEFAULT_MAX_OUTPUT, Deadline
+from ember.client.bounds import DEFAULT_CALL_TIMEOUT, DEFAULT_GRACE, DEFAULT_MAX_OUTPUT
 from ember.client.core import (
-    EXPIRED,
     Command,
     ExecOp,
-    Expired,
-    Incoming,
     Operation,
     PathArg,
     Send,
@@ -48,109 +42,16 @@ from ember.client.core import (
 )
 from ember.client.results import CodeResult, DirEntry, ExecResult, FileStat, OutputChunk
 from ember.client.session import KeepalivePool, Session
-from ember.client.wire import Frame, Source, cut_short, frame_header, parse_header
+from ember.client.sockets import drive, receive_frame, send_frame, still_open
+from ember.client.wire import Source
 from ember.errors import SandboxTimeout
-from ember.protocol import HEADER, Kind, Payload
+from ember.protocol import Kind
 
-__all__ = ["AgentClient", "Connect", "ExecStream", "Files", "read_frame", "send_frame"]
+__all__ = ["AgentClient", "Connect", "ExecStream", "Files"]
 
 Connect = Callable[[], socket.socket]
 T = TypeVar("T")
 _CLOCK = time.monotonic
-
-
-def receive_frame(sock: socket.socket, deadline: Deadline | None) -> Incoming:
-    """One whole frame, ``None`` at a clean EOF between frames, or EXPIRED at ``deadline``
-    (a peer dripping one byte at a time cannot stretch it)."""
-    header = _recv(sock, HEADER.size, deadline, eof_ok=True)
-    if not isinstance(header, bytes):
-        return header
-    kind, length = parse_header(header)
-    if length == 0:
-        return kind, b""
-    payload = _recv(sock, length, deadline, eof_ok=False)
-    return (kind, payload) if isinstance(payload, bytes) else payload
-
-
-def read_frame(sock: socket.socket, deadline: Deadline | None = None) -> Frame | None:
-    """:func:`receive_frame`, raising the deadline's :class:`SandboxTimeout` when it passes."""
-    frame = receive_frame(sock, deadline)
-    if isinstance(frame, Expired):
-        assert deadline is not None
-        raise deadline.expired()
-    return frame
-
-
-def _recv(
-    sock: socket.socket, n: int, deadline: Deadline | None, *, eof_ok: bool
-) -> bytes | Expired | None:
-    # poll() rather than settimeout(): another thread (an exec's stdin pump) may be sending
-    # on this socket, and a timeout is a property of the whole socket.
-    poller = select.poll()
-    poller.register(sock, select.POLLIN)
-    parts: list[bytes] = []
-    got = 0
-    while got < n:
-        # Past the deadline, bytes already here are still taken; none are waited for.
-        wait = None if deadline is None else max(math.ceil(deadline.remaining(_CLOCK()) * 1000), 0)
-        if not poller.poll(wait):
-            return EXPIRED
-        try:
-            data = sock.recv(n - got)
-        except (BlockingIOError, InterruptedError):
-            continue
-        if not data:
-            if eof_ok and not got:
-                return None
-            raise cut_short(n - got)
-        parts.append(data)
-        got += len(data)
-    return parts[0] if len(parts) == 1 else b"".join(parts)
-
-
-def send_frame(
-    sock: socket.socket, kind: Kind, payload: Payload = b"", deadline: Deadline | None = None
-) -> None:
-    """Send one frame, given up (:class:`SandboxTimeout`) at ``deadline``: a guest that
-    stops reading would otherwise block the sender once the buffers fill. Only for
-    sockets no other thread sends on (the timeout is the whole socket's)."""
-    frame_header(kind, payload)  # too big a payload is refused before anything is sent
-    previous = sock.gettimeout()
-    if deadline is not None:
-        remaining = deadline.remaining(_CLOCK())
-        if remaining <= 0:
-            raise deadline.expired()
-        sock.settimeout(remaining)
-    try:
-        protocol.write_frame(sock, kind, payload)
-    except TimeoutError:
-        assert deadline is not None
-        raise deadline.expired() from None
-    finally:
-        if deadline is not None:
-            sock.settimeout(previous)
-
-
-def drive(sock: socket.socket, op: Operation[T]) -> T:
-    """Run ``op`` on ``sock`` (its REQUEST sent) to its end; events are the op's own."""
-    while (step := op.next()) is not None:
-        if isinstance(step, Send):
-            try:
-                send_frame(sock, step.kind, step.payload, step.deadline)
-            except SandboxTimeout:
-                raise
-            except OSError as exc:
-                op.send_failed(exc)
-        else:
-            op.receive(receive_frame(sock, step.deadline))
-    return op.value
-
-
-def _still_open(sock: socket.socket) -> bool:
-    """A kept connection is usable if nothing (EOF, a reset, stray bytes) is waiting on it."""
-    poller = select.poll()
-    poller.register(sock, select.POLLIN | select.POLLHUP | select.POLLERR)
-    return not poller.poll(0)
 
 
 class ExecStream:
@@ -346,7 +247,7 @@ class AgentClient:
 
     def _take_kept(self) -> socket.socket | None:
         while (sock := self._pool.pop()) is not None:
-            if _still_open(sock):
+            if still_open(sock):
                 return sock
             sock.close()
         with self._lock:

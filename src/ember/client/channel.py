@@ -51,8 +51,8 @@ from collections.abc import Callable, Iterator
 from types import TracebackType
 
 from ember import protocol
-from ember.client.blocking import read_frame
 from ember.client.shm import HostRegion, pump_ring
+from ember.client.sockets import read_frame
 from ember.client.wire import decode
 from ember.errors import ProtocolError, SandboxTimeout
 from ember.protocol import Kind

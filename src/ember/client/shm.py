@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ember import ring
-from ember.client.blocking import read_frame
+from ember.client.sockets import read_frame
 from ember.errors import EmberError, ProtocolError
 from ember.protocol import Kind
 from ember.ring import RingError, RingReader
