@@ -38,7 +38,7 @@ from typing import Any
 from _common import fmt_num, format_table, to_json
 
 from ember import Sandbox
-from ember.client_channel import ChannelServer
+from ember.client import ChannelServer
 from ember.errors import SandboxCrashed
 
 MIB = 1 << 20

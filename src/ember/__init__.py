@@ -15,24 +15,30 @@ change.  ``tests/unit/test_public_api.py`` pins it.
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from ember.client_errors import (
-        AgentError,
-        ExecError,
-        OutputTooLarge,
-        ProtocolError,
-        SandboxTimeout,
+    from ember.client.results import (
+        CodeError,
+        CodeResult,
+        DirEntry,
+        ExecResult,
+        FileStat,
+        OutputChunk,
     )
-    from ember.client_wire import CodeError, CodeResult, DirEntry, ExecResult, FileStat, OutputChunk
     from ember.errors import (
+        AgentError,
         BuildError,
         ConfigError,
         EmberError,
+        ExecError,
         GuestCrashed,
         ImageError,
         ImageNotBuilt,
         KvmError,
+        OutputTooLarge,
+        ProtocolError,
         SandboxCrashed,
         SandboxError,
+        SandboxTimeout,
+        SnapshotError,
     )
     from ember.network.policy import NetworkPolicy
     from ember.sandbox import Sandbox
@@ -41,29 +47,30 @@ if TYPE_CHECKING:
 # Names are imported on first use (PEP 562): `import ember.X` for one submodule (the CLI, the
 # zygote, the VMM) must not pay ~0.2 s for the SDK's asyncio, clients and templates.
 _LAZY: dict[str, str] = {
-    "AgentError": "ember.client_errors",
+    "AgentError": "ember.errors",
     "AsyncSandbox": "ember.sandbox_async",
     "BuildError": "ember.errors",
-    "CodeError": "ember.client_wire",
-    "CodeResult": "ember.client_wire",
+    "CodeError": "ember.client.results",
+    "CodeResult": "ember.client.results",
     "ConfigError": "ember.errors",
-    "DirEntry": "ember.client_wire",
+    "DirEntry": "ember.client.results",
     "EmberError": "ember.errors",
-    "ExecError": "ember.client_errors",
-    "ExecResult": "ember.client_wire",
-    "FileStat": "ember.client_wire",
+    "ExecError": "ember.errors",
+    "ExecResult": "ember.client.results",
+    "FileStat": "ember.client.results",
     "GuestCrashed": "ember.errors",
     "ImageError": "ember.errors",
     "ImageNotBuilt": "ember.errors",
     "KvmError": "ember.errors",
     "NetworkPolicy": "ember.network.policy",
-    "OutputChunk": "ember.client_wire",
-    "OutputTooLarge": "ember.client_errors",
-    "ProtocolError": "ember.client_errors",
+    "OutputChunk": "ember.client.results",
+    "OutputTooLarge": "ember.errors",
+    "ProtocolError": "ember.errors",
     "Sandbox": "ember.sandbox",
     "SandboxCrashed": "ember.errors",
     "SandboxError": "ember.errors",
-    "SandboxTimeout": "ember.client_errors",
+    "SandboxTimeout": "ember.errors",
+    "SnapshotError": "ember.errors",
 }
 
 
@@ -91,6 +98,7 @@ __all__ = [
     "SandboxCrashed",
     "SandboxError",
     "SandboxTimeout",
+    "SnapshotError",
 ]
 __version__ = "0.1.0"
 

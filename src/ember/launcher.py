@@ -37,16 +37,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ember import protocol
-from ember.client_errors import ProtocolError, SandboxTimeout
-from ember.client_wire import Deadline, read_frame
-from ember.errors import ConfigError, SandboxCrashed, SandboxError
+from ember.client import Deadline, read_frame
+from ember.errors import ConfigError, ProtocolError, SandboxCrashed, SandboxError, SandboxTimeout
 from ember.jailer.cgroups import Quotas, SandboxCgroup
 from ember.network.policy import NetworkPolicy
 from ember.vmm.config import NetConfig, ProcessConfig, RestoreConfig, VmConfig, to_json
 from ember.zygote import ZygoteChild
 
 if TYPE_CHECKING:
-    from ember.client_shm import HostRegion
+    from ember.client import HostRegion
     from ember.network.host import SandboxNetwork
 
 CONSOLE_LOG = "console.log"
@@ -509,7 +508,7 @@ class VmmProcess:
     def shm_region(self) -> HostRegion | None:
         """The VMM's memory channel region mapped here (None if it has none): asked lazily,
         by the channel server, when the guest first wants a ring."""
-        from ember.client_shm import HostRegion
+        from ember.client import HostRegion
 
         return HostRegion.from_vmm(self.control_path)
 

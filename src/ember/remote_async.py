@@ -15,7 +15,7 @@ from typing import Any, BinaryIO
 
 import httpx
 
-from ember.client_wire import (
+from ember.client import (
     DEFAULT_MAX_OUTPUT,
     CodeResult,
     Command,

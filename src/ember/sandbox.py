@@ -22,22 +22,22 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, BinaryIO, overload
 
-from ember.client import AgentClient, ExecStream
-from ember.client_channel import ChannelServer
-from ember.client_errors import ProtocolError, SandboxTimeout
-from ember.client_wire import (
+from ember.client import (
     DEFAULT_MAX_OUTPUT,
+    AgentClient,
+    ChannelServer,
     CodeResult,
     Command,
     DirEntry,
     ExecResult,
+    ExecStream,
     FileStat,
     OutputChunk,
     PathArg,
     Source,
     explain_crashed_worker,
 )
-from ember.errors import ConfigError, SandboxCrashed, SandboxError
+from ember.errors import ConfigError, ProtocolError, SandboxCrashed, SandboxError, SandboxTimeout
 from ember.jailer.cgroups import SandboxCgroup
 from ember.launcher import (
     DEFAULT_MEM_MIB,

@@ -24,11 +24,11 @@ from types import TracebackType
 from typing import Any, BinaryIO, overload
 
 from ember import protocol
-from ember.client_async import AsyncAgentClient, AsyncExecStream, Streams
-from ember.client_channel import ChannelServer
-from ember.client_errors import ProtocolError, SandboxTimeout
-from ember.client_wire import (
+from ember.client import (
     DEFAULT_MAX_OUTPUT,
+    AsyncAgentClient,
+    AsyncExecStream,
+    ChannelServer,
     CodeResult,
     Command,
     DirEntry,
@@ -37,9 +37,10 @@ from ember.client_wire import (
     OutputChunk,
     PathArg,
     Source,
+    Streams,
     explain_crashed_worker,
 )
-from ember.errors import ConfigError, SandboxError
+from ember.errors import ConfigError, ProtocolError, SandboxError, SandboxTimeout
 from ember.jailer.cgroups import SandboxCgroup
 from ember.launcher import (
     DEFAULT_MEM_MIB,

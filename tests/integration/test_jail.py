@@ -16,8 +16,7 @@ from pathlib import Path
 import pytest
 
 from ember import templates
-from ember.client_errors import SandboxTimeout
-from ember.errors import SandboxCrashed
+from ember.errors import SandboxCrashed, SandboxTimeout
 from ember.jailer.jail import JAIL_ID_BASE
 from ember.launcher import DEFAULT_MEM_MIB, SandboxSpec, VmmProcess
 from ember.sandbox import Sandbox

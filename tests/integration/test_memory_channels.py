@@ -17,8 +17,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from ember.client_errors import ProtocolError
-from ember.errors import SandboxCrashed
+from ember.errors import ProtocolError, SandboxCrashed
 from ember.sandbox import Sandbox
 
 from .conftest import Images

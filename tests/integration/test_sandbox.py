@@ -16,8 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from ember.client_errors import SandboxTimeout
-from ember.errors import SandboxCrashed
+from ember.errors import SandboxCrashed, SandboxTimeout
 from ember.sandbox import Sandbox
 from tests.integration.conftest import Images, ember
 

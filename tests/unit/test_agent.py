@@ -27,17 +27,15 @@ import pytest
 
 from ember import protocol
 from ember.agent import channel
-from ember.client import AgentClient
-from ember.client_async import AsyncAgentClient
-from ember.client_channel import ChannelServer
-from ember.client_errors import (
+from ember.client import AgentClient, AsyncAgentClient, ChannelServer
+from ember.errors import (
     AgentError,
     AgentIsADirectoryError,
+    EmberError,
     ExecError,
     ProtocolError,
     SandboxTimeout,
 )
-from ember.errors import EmberError
 from ember.protocol import Kind, read_frame, write_frame, write_json
 
 SRC = Path(__file__).resolve().parents[2] / "src"

@@ -21,9 +21,8 @@ from pathlib import Path
 import pytest
 
 from ember import protocol, ring
-from ember.client_channel import ChannelServer
-from ember.client_errors import ProtocolError
-from ember.client_shm import HostRegion
+from ember.client import ChannelServer, HostRegion
+from ember.errors import ProtocolError
 
 SLOT_COUNT = 2
 SLOT_SIZE = 64 << 10

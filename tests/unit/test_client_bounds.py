@@ -24,12 +24,14 @@ from typing import Any
 import pytest
 
 from ember import protocol
-from ember.client import AgentClient
-from ember.client_async import AsyncAgentClient
-from ember.client_channel import ChannelServer
-from ember.client_errors import OutputTooLarge, ProtocolError, SandboxTimeout
-from ember.client_wire import DEFAULT_MAX_OUTPUT, MAX_JSON_DEPTH
-from ember.errors import EmberError, SandboxCrashed
+from ember.client import (
+    DEFAULT_MAX_OUTPUT,
+    MAX_JSON_DEPTH,
+    AgentClient,
+    AsyncAgentClient,
+    ChannelServer,
+)
+from ember.errors import EmberError, OutputTooLarge, ProtocolError, SandboxCrashed, SandboxTimeout
 from ember.launcher import VmmProcess
 from ember.protocol import HEADER, MAX_FRAME, Kind, write_frame, write_json
 from ember.sandbox import Sandbox
@@ -161,10 +163,10 @@ ASYNC_CALLS: dict[str, Callable[[AsyncAgentClient], Any]] = {
 
 
 def test_run_code_waits_for_the_worker_to_start_then_for_its_timeout() -> None:
-    from ember.client_wire import WORKER_START_ALLOWANCE
+    from ember.client import WORKER_START_ALLOWANCE
 
     client = AgentClient(lambda: socket.socketpair()[0], grace=1.0)
-    deadline = client._bounds.call("run_code", 2.0, WORKER_START_ALLOWANCE)
+    deadline = client._session.bounds.call("run_code", 2.0, WORKER_START_ALLOWANCE)
     assert deadline.seconds == 2.0 + WORKER_START_ALLOWANCE + 1.0
 
 
@@ -173,7 +175,7 @@ def test_a_silent_agent_is_given_up_on(
     fake: Callable[[Script], FakeAgent], call: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # run_code's deadline includes the worker's start-up allowance: shrink it for the test.
-    monkeypatch.setattr("ember.client.WORKER_START_ALLOWANCE", 0.0)
+    monkeypatch.setattr("ember.client.session.WORKER_START_ALLOWANCE", 0.0)
     agent = fake(silent)
     with pytest.raises(SandboxTimeout) as info:
         CALLS[call](agent.client())
@@ -189,7 +191,7 @@ def test_a_silent_agent_is_given_up_on(
 def test_a_silent_agent_is_given_up_on_async(
     fake: Callable[[Script], FakeAgent], call: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr("ember.client_async.WORKER_START_ALLOWANCE", 0.0)
+    monkeypatch.setattr("ember.client.session.WORKER_START_ALLOWANCE", 0.0)
     agent = fake(silent)
 
     async def main() -> None:
@@ -433,7 +435,7 @@ def test_a_malformed_answer_is_a_protocol_error(
 
 
 def test_an_ordinary_listing_passes() -> None:
-    from ember.client_wire import parse_list
+    from ember.client.results import parse_list
 
     names = ["a..b", "...", ".hidden", "x y", "\udcff"]
     entries = parse_list({"entries": [{"name": n, "size": 0, "is_dir": False} for n in names]})

@@ -15,9 +15,13 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from ember.client import AgentClient
-from ember.client_async import AsyncAgentClient
-from ember.client_wire import CodeError, CodeResult, explain_crashed_worker
+from ember.client import (
+    AgentClient,
+    AsyncAgentClient,
+    CodeError,
+    CodeResult,
+    explain_crashed_worker,
+)
 from ember.protocol import Kind, decode_json, read_frame, write_json
 
 from .test_client_bounds import BOUNDS, STAT_OK, FakeAgent, Script, fake, result, run_async

@@ -28,6 +28,7 @@ EXPECTED = [
     "SandboxCrashed",
     "SandboxError",
     "SandboxTimeout",
+    "SnapshotError",
 ]
 
 

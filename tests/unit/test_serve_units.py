@@ -11,8 +11,13 @@ import pytest
 from fastapi import FastAPI, Request
 from fastapi.testclient import TestClient
 
-from ember.client_errors import AgentFileNotFoundError, OutputTooLarge, SandboxTimeout
-from ember.errors import ConfigError, SandboxCrashed
+from ember.errors import (
+    AgentFileNotFoundError,
+    ConfigError,
+    OutputTooLarge,
+    SandboxCrashed,
+    SandboxTimeout,
+)
 from ember.serve import wire
 from ember.serve.guard import Guard
 from ember.serve.state import Record, StateDir, new_id, valid_id

@@ -20,8 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ember.client_errors import SandboxTimeout
-from ember.errors import ConfigError, SandboxCrashed
+from ember.errors import ConfigError, SandboxCrashed, SandboxTimeout
 from ember.launcher import DEFAULT_MEM_MIB
 from ember.network.policy import NetworkPolicy
 

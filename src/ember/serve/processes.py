@@ -24,8 +24,7 @@ from typing import Any, Literal
 from fastapi import FastAPI, Response
 from fastapi.responses import StreamingResponse
 
-from ember.client import ExecStream
-from ember.client_wire import Command
+from ember.client import Command, ExecStream
 from ember.sandbox import Sandbox
 from ember.serve import models, wire
 from ember.serve.guard import json_lines

@@ -14,9 +14,16 @@ from __future__ import annotations
 import base64
 from typing import Any
 
-from ember.client_errors import OutputTooLarge, SandboxTimeout, agent_error
-from ember.client_wire import CodeError, CodeResult, DirEntry, ExecResult, FileStat
-from ember.errors import ConfigError, EmberError, SandboxCrashed, SandboxError
+from ember.client import CodeError, CodeResult, DirEntry, ExecResult, FileStat
+from ember.errors import (
+    ConfigError,
+    EmberError,
+    OutputTooLarge,
+    SandboxCrashed,
+    SandboxError,
+    SandboxTimeout,
+    agent_error,
+)
 
 # code -> HTTP status
 STATUS: dict[str, int] = {
@@ -90,7 +97,7 @@ def entry_json(e: DirEntry) -> dict[str, Any]:
 
 def error_body(exc: BaseException) -> tuple[int, dict[str, Any]]:
     """The status and JSON body for an exception raised while serving a request."""
-    from ember.client_errors import AgentError
+    from ember.errors import AgentError
 
     extra: dict[str, Any] = {}
     if isinstance(exc, SandboxCrashed):

@@ -28,7 +28,7 @@ import anyio.to_thread
 from fastapi import FastAPI, WebSocket, WebSocketDisconnect
 from pydantic import ValidationError
 
-from ember.client_wire import OutputChunk
+from ember.client import OutputChunk
 from ember.sandbox import Sandbox
 from ember.serve import models, wire
 

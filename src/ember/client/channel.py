@@ -51,17 +51,15 @@ from collections.abc import Callable, Iterator
 from types import TracebackType
 
 from ember import protocol
-from ember.client_errors import ProtocolError, SandboxTimeout
-from ember.client_shm import HostRegion, Lease
-from ember.client_wire import decode, read_frame
+from ember.client.shm import HostRegion, pump_ring
+from ember.client.sockets import read_frame
+from ember.client.wire import decode
+from ember.errors import ProtocolError, SandboxTimeout
 from ember.protocol import Kind
-from ember.ring import RingError, RingReader
 
 __all__ = ["ChannelServer"]
 
 _EOF = object()
-SPIN_S = 50e-6  # how long a receiving thread polls a dry ring before it sleeps
-SLEEP_S = 0.1  # a sleeping receiver looks again at least this often (a lost doorbell)
 LEASE = struct.Struct("<QQ")  # slot, lease: the answer to a ring request
 
 
@@ -314,7 +312,7 @@ class ChannelServer:
             if lease is not None:
                 assert self._shm is not None
                 try:
-                    _pump_ring(conn, stream, lease)
+                    pump_ring(conn, stream.put, lease, _EOF)
                 finally:
                     self._shm.release(lease)
                 stream = None
@@ -385,75 +383,3 @@ class ChannelServer:
         tb: TracebackType | None,
     ) -> None:
         self.close()
-
-
-def _pump_ring(conn: socket.socket, stream: _Stream, lease: Lease) -> None:
-    """Move one ring's messages into ``stream`` until the guest's DATA_EOF (or failure).
-
-    Puts the stream's last item itself; raises ProtocolError/OSError only before that.
-    """
-    reader = lease.reader
-    poller = select.poll()
-    poller.register(conn.fileno(), select.POLLIN)
-    poller.register(lease.doorbell, select.POLLIN)
-    ended: object | None = None  # _EOF or an error text once the connection said so
-    try:
-        while True:
-            messages = reader.read()
-            for message in messages:
-                if not stream.put(message):
-                    return  # the consumer left: hang up so the guest's next wait fails
-            if messages:
-                if reader.producer_waiting():
-                    _wake(conn)
-                continue
-            if ended is not None:
-                if reader.mid_message:
-                    ended = "the guest ended the channel in the middle of a message"
-                stream.put(ended)
-                return
-            if _spin(reader):
-                continue
-            reader.sleep(True)
-            if reader.available():
-                reader.sleep(False)
-                continue
-            events = poller.poll(SLEEP_S * 1000)
-            reader.sleep(False)
-            for fd, _ in events:
-                if fd == lease.doorbell:
-                    try:
-                        os.read(fd, 8)
-                    except BlockingIOError:
-                        pass
-                    continue
-                poller.unregister(conn.fileno())
-                frame = read_frame(conn)
-                if frame is None:
-                    ended = "the guest closed the connection without DATA_EOF"
-                elif frame[0] is Kind.DATA_EOF:
-                    ended = _EOF
-                else:
-                    raise ProtocolError(f"unexpected {frame[0].name} frame after a ring lease")
-    except RingError as exc:
-        raise ProtocolError(f"the guest broke its ring: {exc}") from None
-    except ValueError:  # the region was unmapped under us: the sandbox is closing
-        stream.put("the sandbox closed")
-
-
-def _wake(conn: socket.socket) -> None:
-    """One byte for a producer waiting for room; never blocks: if the guest left earlier
-    ones unread, they wake it just as well (and a guest cannot stall this thread so)."""
-    try:
-        conn.send(b"w", socket.MSG_DONTWAIT)
-    except (BlockingIOError, InterruptedError):
-        pass
-
-
-def _spin(reader: RingReader) -> bool:
-    """Poll a dry ring for SPIN_S: data that follows closely needs no doorbell."""
-    deadline = time.perf_counter() + SPIN_S
-    while time.perf_counter() < deadline:
-        if reader.available():
-            return True
-    return False

@@ -1,0 +1,371 @@
+"""The asyncio transport: the same operations as :mod:`ember.client.blocking`, awaitable.
+
+``connect`` is an async function returning a connected ``(StreamReader, StreamWriter)``
+pair, e.g. ``lambda: asyncio.open_unix_connection(path)``; it is called once per
+operation, as in the blocking client, so any number of operations may run concurrently
+on one :class:`AsyncAgentClient`. What each operation means lives in
+:mod:`ember.client.core`; only the waiting differs. Backpressure comes from
+``StreamWriter.drain()``: an upload goes no faster than the guest takes it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import time
+from collections.abc import Awaitable, Callable
+from types import TracebackType
+from typing import Any, BinaryIO, TypeVar
+
+from ember.client.bounds import DEFAULT_CALL_TIMEOUT, DEFAULT_GRACE, DEFAULT_MAX_OUTPUT, Deadline
+from ember.client.core import (
+    EXPIRED,
+    Command,
+    ExecOp,
+    Incoming,
+    Operation,
+    PathArg,
+    Send,
+    stdin_frames,
+)
+from ember.client.results import CodeResult, DirEntry, ExecResult, FileStat, OutputChunk
+from ember.client.session import KeepalivePool, Session
+from ember.client.wire import Frame, Source, cut_short, frame_header, parse_header
+from ember.errors import SandboxTimeout
+from ember.protocol import HEADER, Kind, Payload
+
+__all__ = ["AsyncAgentClient", "AsyncConnect", "AsyncExecStream", "AsyncFiles", "Streams"]
+
+Streams = tuple[asyncio.StreamReader, asyncio.StreamWriter]
+AsyncConnect = Callable[[], Awaitable[Streams]]
+T = TypeVar("T")
+_CLOCK = time.monotonic  # what asyncio's loop.time() is too
+
+
+async def receive_frame(reader: asyncio.StreamReader, deadline: Deadline | None) -> Incoming:
+    """One whole frame, ``None`` at a clean EOF between frames, or EXPIRED at ``deadline``."""
+    if deadline is None:
+        return await _read_frame(reader)
+    limit = asyncio.timeout(max(deadline.remaining(_CLOCK()), 0.0))
+    try:
+        async with limit:
+            return await _read_frame(reader)
+    except TimeoutError:
+        if limit.expired():
+            return EXPIRED
+        raise
+
+
+async def _read_frame(reader: asyncio.StreamReader) -> Frame | None:
+    try:
+        header = await reader.readexactly(HEADER.size)
+    except asyncio.IncompleteReadError as exc:
+        if not exc.partial:
+            return None
+        raise cut_short(HEADER.size - len(exc.partial)) from None
+    kind, length = parse_header(header)
+    if not length:
+        return kind, b""
+    try:
+        return kind, await reader.readexactly(length)
+    except asyncio.IncompleteReadError as exc:
+        raise cut_short(length - len(exc.partial)) from None
+
+
+async def send_frame(
+    writer: asyncio.StreamWriter,
+    kind: Kind,
+    payload: Payload = b"",
+    deadline: Deadline | None = None,
+) -> None:
+    """Send one frame; with a ``deadline``, a guest that stops reading is given up on then."""
+    header, view = frame_header(kind, payload)
+    writer.write(header)
+    if view.nbytes:
+        writer.write(view)
+    if deadline is None:
+        await writer.drain()
+        return
+    limit = asyncio.timeout(max(deadline.remaining(_CLOCK()), 0.0))
+    try:
+        async with limit:
+            await writer.drain()
+    except TimeoutError:
+        if limit.expired():
+            raise deadline.expired() from None
+        raise
+
+
+async def drive(streams: Streams, op: Operation[T]) -> T:
+    """Run ``op`` on ``streams`` (its REQUEST sent) to its end."""
+    while (step := op.next()) is not None:
+        if isinstance(step, Send):
+            try:
+                await send_frame(streams[1], step.kind, step.payload, step.deadline)
+            except SandboxTimeout:
+                raise
+            except OSError as exc:
+                op.send_failed(exc)
+        else:
+            op.receive(await receive_frame(streams[0], step.deadline))
+    return op.value
+
+
+async def _close(writer: asyncio.StreamWriter) -> None:
+    """Hang up without waiting on the guest: a graceful close first sends what is still
+    buffered, and a guest that stopped reading would keep ``wait_closed()`` waiting for ever."""
+    if writer.transport.get_write_buffer_size():
+        writer.transport.abort()
+    else:
+        writer.close()
+    try:
+        await writer.wait_closed()
+    except OSError:
+        pass
+
+
+class AsyncExecStream:
+    """Async iterator of :class:`OutputChunk`; ``result`` is set once exhausted.
+
+    Like :class:`ember.client.blocking.ExecStream`: a timeout (the agent's, or the
+    host's timeout + grace) raises :class:`SandboxTimeout` at the end; :meth:`aclose`
+    hangs up, which kills the command. The connection opens on the first
+    ``__anext__``, and the host's deadline counts from then.
+    """
+
+    def __init__(self, client: AsyncAgentClient, op: ExecOp, stdin: Source | None) -> None:
+        self._client = client
+        self._op = op
+        self._stdin = stdin
+        self._streams: Streams | None = None
+        self._pump: asyncio.Task[None] | None = None
+        self._done = False
+
+    @property
+    def result(self) -> ExecResult | None:
+        return self._op.result
+
+    async def _send_stdin(self, writer: asyncio.StreamWriter, source: Source) -> None:
+        try:
+            for kind, piece in stdin_frames(source):
+                await send_frame(writer, kind, piece)
+        except OSError:
+            pass  # the process stopped reading, or the call ended
+        except Exception as exc:  # reading the caller's stdin failed: abort the call
+            self._op.stdin_failed(exc)
+            writer.transport.abort()
+
+    def __aiter__(self) -> AsyncExecStream:
+        return self
+
+    async def __anext__(self) -> OutputChunk:
+        if self._done:
+            raise StopAsyncIteration
+        try:
+            if self._streams is None:
+                self._streams = await self._client._start(self._op)
+                if self._stdin is not None:
+                    pump = self._send_stdin(self._streams[1], self._stdin)
+                    self._pump = asyncio.create_task(pump)
+            while (step := self._op.next()) is not None:
+                assert not isinstance(step, Send)
+                chunk = self._op.receive(await receive_frame(self._streams[0], step.deadline))
+                if chunk is not None:
+                    return chunk
+        except BaseException:
+            await self.aclose()
+            raise
+        await self.aclose()
+        raise StopAsyncIteration
+
+    async def aclose(self) -> None:
+        """Hang up (killing the command if it still runs); safe to call twice."""
+        if self._done:
+            return
+        self._done = True
+        if self._pump is not None and not self._pump.done():
+            self._pump.cancel()
+            try:
+                await self._pump
+            except asyncio.CancelledError:
+                pass
+        if self._streams is not None:
+            await _close(self._streams[1])
+
+    async def __aenter__(self) -> AsyncExecStream:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+
+class AsyncFiles:
+    """Async twin of :class:`ember.client.blocking.Files`."""
+
+    def __init__(self, session: Session, run: Callable[[Operation[Any]], Awaitable[Any]]) -> None:
+        self._session = session
+        self._run = run
+
+    async def write(
+        self, path: PathArg, data: Source, *, mode: int | None = None, append: bool = False
+    ) -> int:
+        size: int = await self._run(self._session.write_file(path, data, mode, append))
+        return size
+
+    async def read_into(self, path: PathArg, fileobj: BinaryIO) -> int:
+        size: int = await self._run(self._session.read_file(path, fileobj.write, None))
+        return size
+
+    async def read(self, path: PathArg, *, max_output: int | None = DEFAULT_MAX_OUTPUT) -> bytes:
+        buf = io.BytesIO()
+        await self._run(self._session.read_file(path, buf.write, max_output))
+        return buf.getvalue()
+
+    async def stat(self, path: PathArg) -> FileStat:
+        stat: FileStat = await self._run(self._session.stat(path))
+        return stat
+
+    async def list(self, path: PathArg) -> list[DirEntry]:
+        entries: list[DirEntry] = await self._run(self._session.list(path))
+        return entries
+
+    async def remove(self, path: PathArg, *, recursive: bool = False) -> None:
+        await self._run(self._session.remove(path, recursive))
+
+
+class AsyncAgentClient:
+    """asyncio client for the guest agent; see :class:`ember.client.blocking.AgentClient`.
+
+    Like the blocking client, short calls keep their connection for the next one
+    (closed after ``KEEPALIVE_IDLE_S`` unused) and the first one may take over a
+    connection carried over in a restored snapshot (``resume``); ``grace`` and
+    ``call_timeout`` bound every wait on the agent the same way.
+    """
+
+    def __init__(
+        self,
+        connect: AsyncConnect,
+        *,
+        resume: Callable[[], Awaitable[Streams | None]] | None = None,
+        grace: float = DEFAULT_GRACE,
+        call_timeout: float = DEFAULT_CALL_TIMEOUT,
+        announce_resume: bool = False,
+    ) -> None:
+        self._connect = connect
+        self._session = Session(
+            grace=grace, call_timeout=call_timeout, announce_resume=announce_resume, clock=_CLOCK
+        )
+        self._resume = resume
+        self._pool: KeepalivePool[Streams] = KeepalivePool(_CLOCK)
+        self._expiry: asyncio.TimerHandle | None = None
+        self.files = AsyncFiles(self._session, self._run)
+
+    async def _start(self, op: Operation[Any]) -> Streams:
+        """A connection with ``op``'s REQUEST sent on it (a kept one if ``op`` may)."""
+        payload = self._session.request(op)
+        streams = await self._take_kept() if op.keepalive else None
+        if streams is not None:
+            try:
+                await send_frame(streams[1], Kind.REQUEST, payload, op.send_deadline)
+                return streams
+            except SandboxTimeout:
+                await _close(streams[1])
+                raise
+            except OSError:  # closed under us before the request left: nothing ran
+                await _close(streams[1])
+        streams = await self._connect()
+        try:
+            await send_frame(streams[1], Kind.REQUEST, payload, op.send_deadline)
+        except BaseException:
+            streams[1].transport.abort()  # a graceful close would wait to send the request
+            raise
+        return streams
+
+    async def _run(self, op: Operation[T]) -> T:
+        streams = await self._start(op)
+        try:
+            return await drive(streams, op)
+        finally:
+            if op.reusable:
+                self._keep(streams)
+            else:
+                await _close(streams[1])
+
+    async def _take_kept(self) -> Streams | None:
+        while (streams := self._pool.pop()) is not None:
+            if not streams[0].at_eof() and not streams[1].is_closing():
+                return streams
+            streams[1].close()
+        resume, self._resume = self._resume, None
+        return await resume() if resume is not None else None
+
+    def _keep(self, streams: Streams) -> None:
+        if not self._pool.put(streams):
+            streams[1].close()
+        elif self._expiry is None:
+            self._expiry = asyncio.get_running_loop().call_later(self._pool.idle, self._expire)
+
+    def _expire(self) -> None:
+        self._expiry = None
+        for _reader, writer in self._pool.expire():
+            writer.close()
+        if len(self._pool):
+            self._expiry = asyncio.get_running_loop().call_later(self._pool.idle, self._expire)
+
+    async def close(self) -> None:
+        """Close the kept connections (the client stays usable)."""
+        for _reader, writer in self._pool.drain():
+            await _close(writer)
+        if self._expiry is not None:
+            self._expiry.cancel()
+            self._expiry = None
+
+    async def ping(self) -> dict[str, Any]:
+        """``{"pong", "version", "uptime", "pid", "worker"}``; see ``AgentClient.ping``."""
+        return await self._run(self._session.ping())
+
+    def exec_stream(
+        self,
+        cmd: Command,
+        *,
+        timeout: float | None = None,
+        env: dict[str, str] | None = None,
+        cwd: str | None = None,
+        stdin: Source | None = None,
+    ) -> AsyncExecStream:
+        """Start ``cmd`` and stream its output; see ``AgentClient.exec_stream``."""
+        op = self._session.exec(cmd, timeout=timeout, env=env, cwd=cwd, stdin=stdin is not None)
+        return AsyncExecStream(self, op, stdin)
+
+    async def exec(
+        self,
+        cmd: Command,
+        *,
+        timeout: float | None = None,
+        env: dict[str, str] | None = None,
+        cwd: str | None = None,
+        stdin: Source | None = None,
+        max_output: int | None = DEFAULT_MAX_OUTPUT,
+    ) -> ExecResult:
+        """Run ``cmd`` to completion; see ``AgentClient.exec``."""
+        op = self._session.exec(
+            cmd, timeout=timeout, env=env, cwd=cwd, stdin=stdin is not None,
+            collect=True, max_output=max_output,
+        )  # fmt: skip
+        async with AsyncExecStream(self, op, stdin) as stream:
+            async for _ in stream:  # a collecting op keeps the output: no chunks come out
+                pass
+        return op.value
+
+    async def run_code(self, code: str, timeout: float | None = None) -> CodeResult:
+        """Python in the sandbox's persistent interpreter; see ``AgentClient.run_code``."""
+        return await self._run(self._session.run_code(code, timeout))
+
+    async def shutdown(self) -> None:
+        """Ask the agent to exit (tests and orderly teardown)."""
+        await self._run(self._session.shutdown())

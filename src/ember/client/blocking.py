@@ -1,0 +1,350 @@
+"""The blocking transport: the agent's frames over a connected stream socket.
+
+The client is given a function that returns a *connected* stream socket to the agent
+and calls it once per operation: each connection carries exactly one request (short
+calls may reuse a kept one), so operations never wait on one another and a failure
+never leaves a shared connection in an unknown state. How the socket reaches the
+guest (Firecracker-style ``CONNECT 1024`` over the VMM's Unix socket, or a plain Unix
+socket in tests) is the caller's business::
+
+    client = AgentClient(lambda: vsock_connect(uds_path, AGENT_PORT))
+    r = client.exec(["python3", "-c", "print(6*7)"], timeout=10)
+    client.files.write("/data/in.csv", open("in.csv", "rb"))
+    for chunk in (stream := client.exec_stream("make")):
+        print(chunk.stream, chunk.data)
+    print(stream.result)
+
+Data moves in bounded pieces both ways, so files and outputs of any size pass through
+constant memory (``exec``/``files.read`` return bytes and so stop at ``max_output``).
+What each operation means lives in :mod:`ember.client.core`; this module only moves
+its frames, bounded by the deadlines the core gives (``exec``/``run_code`` without a
+timeout are the exception: a command may rightly run, silent, as long as it likes).
+"""
+
+from __future__ import annotations
+
+import io
+import socket
+import threading
+import time
+from collections.abc import Callable
+from types import TracebackType
+from typing import Any, BinaryIO, TypeVar
+
+from ember.client.bounds import DEFAULT_CALL_TIMEOUT, DEFAULT_GRACE, DEFAULT_MAX_OUTPUT
+from ember.client.core import (
+    Command,
+    ExecOp,
+    Operation,
+    PathArg,
+    Send,
+    stdin_frames,
+)
+from ember.client.results import CodeResult, DirEntry, ExecResult, FileStat, OutputChunk
+from ember.client.session import KeepalivePool, Session
+from ember.client.sockets import drive, receive_frame, send_frame, still_open
+from ember.client.wire import Source
+from ember.errors import SandboxTimeout
+from ember.protocol import Kind
+
+__all__ = ["AgentClient", "Connect", "ExecStream", "Files"]
+
+Connect = Callable[[], socket.socket]
+T = TypeVar("T")
+_CLOCK = time.monotonic
+
+
+class ExecStream:
+    """Output of one command as it arrives; ``result`` is set once it is exhausted.
+
+    Iteration yields :class:`OutputChunk` objects, then ends; if the command overran
+    its timeout it raises :class:`SandboxTimeout` instead of ending (``result`` is set
+    either way). So it does if the agent has not ended the stream by the host's
+    deadline (the timeout plus a grace): then ``result`` has ``timed_out`` set and no
+    exit status. Closing it early (or leaving a ``with`` block) hangs up, and the agent
+    kills the command's process group.
+    """
+
+    def __init__(self, sock: socket.socket, op: ExecOp, stdin: Source | None) -> None:
+        self._sock = sock
+        self._op = op
+        self._done = False
+        self._pump: threading.Thread | None = None
+        if stdin is not None:
+            # stdin goes in on its own thread: the process may need its output
+            # read before it will read more input, and that is this thread's job.
+            self._pump = threading.Thread(target=self._send_stdin, args=(stdin,), daemon=True)
+            self._pump.start()
+
+    @property
+    def result(self) -> ExecResult | None:
+        return self._op.result
+
+    def _send_stdin(self, source: Source) -> None:
+        try:
+            for kind, piece in stdin_frames(source):
+                send_frame(self._sock, kind, piece)
+        except OSError:
+            pass  # the process stopped reading, or the call ended: the RESULT says which
+        except BaseException as exc:  # reading the caller's stdin failed: abort the call
+            self._op.stdin_failed(exc)
+            try:
+                self._sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def __iter__(self) -> ExecStream:
+        return self
+
+    def __next__(self) -> OutputChunk:
+        if self._done:
+            raise StopIteration
+        try:
+            while (step := self._op.next()) is not None:
+                assert not isinstance(step, Send)
+                chunk = self._op.receive(receive_frame(self._sock, step.deadline))
+                if chunk is not None:
+                    return chunk
+        except BaseException:
+            self.close()
+            raise
+        self.close()
+        raise StopIteration
+
+    def close(self) -> None:
+        """Hang up (killing the command if it still runs); safe to call twice."""
+        if self._done:
+            return
+        self._done = True
+        try:
+            self._sock.shutdown(socket.SHUT_RDWR)  # also unblocks the stdin thread
+        except OSError:
+            pass
+        if self._pump is not None:
+            self._pump.join()
+        self._sock.close()
+
+    def __enter__(self) -> ExecStream:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+class Files:
+    """File transfer and inspection inside the sandbox (paths are absolute)."""
+
+    def __init__(self, session: Session, run: Callable[[Operation[Any]], Any]) -> None:
+        self._session = session
+        self._run = run
+
+    def write(
+        self, path: PathArg, data: Source, *, mode: int | None = None, append: bool = False
+    ) -> int:
+        """Write ``data`` (bytes or a binary file) to ``path``; return the size written.
+
+        Replacement is atomic (temp file + rename) and keeps the old file's mode
+        unless ``mode`` is given; parent directories are created.
+        """
+        size: int = self._run(self._session.write_file(path, data, mode, append))
+        return size
+
+    def read_into(self, path: PathArg, fileobj: BinaryIO) -> int:
+        """Stream the file at ``path`` into ``fileobj``; return its size."""
+        size: int = self._run(self._session.read_file(path, fileobj.write, None))
+        return size
+
+    def read(self, path: PathArg, *, max_output: int | None = DEFAULT_MAX_OUTPUT) -> bytes:
+        """The whole file at ``path``; more than ``max_output`` bytes raises
+        :class:`~ember.errors.OutputTooLarge` (use :meth:`read_into` for big files)."""
+        buf = io.BytesIO()
+        self._run(self._session.read_file(path, buf.write, max_output))
+        return buf.getvalue()
+
+    def stat(self, path: PathArg) -> FileStat:
+        stat: FileStat = self._run(self._session.stat(path))
+        return stat
+
+    def list(self, path: PathArg) -> list[DirEntry]:
+        """Entries of a directory, sorted by name."""
+        entries: list[DirEntry] = self._run(self._session.list(path))
+        return entries
+
+    def remove(self, path: PathArg, *, recursive: bool = False) -> None:
+        """Remove a file, an empty directory, or with ``recursive`` a whole tree."""
+        self._run(self._session.remove(path, recursive))
+
+
+class AgentClient:
+    """Blocking client for the guest agent; thread-safe.
+
+    Streams (exec, files) get a connection each. Short calls (ping, run_code, stat,
+    list, remove) ask the agent to keep the connection and reuse it
+    (:class:`~ember.client.session.KeepalivePool`); kept connections are closed
+    after ``KEEPALIVE_IDLE_S`` unused, so an idle sandbox has none and can be parked.
+    A restored sandbox may hold an agent connection carried over in its snapshot:
+    ``resume`` returns it, and the first short call takes it over.
+
+    ``grace`` is how long beyond a call's timeout the host still waits for the
+    agent, and ``call_timeout`` the timeout of calls without one of their own (and
+    of each frame of a file transfer); then :class:`SandboxTimeout`.
+    """
+
+    def __init__(
+        self,
+        connect: Connect,
+        *,
+        resume: Callable[[], socket.socket | None] | None = None,
+        grace: float = DEFAULT_GRACE,
+        call_timeout: float = DEFAULT_CALL_TIMEOUT,
+        announce_resume: bool = False,
+    ) -> None:
+        self._connect = connect
+        self._session = Session(
+            grace=grace, call_timeout=call_timeout, announce_resume=announce_resume, clock=_CLOCK
+        )
+        self._resume = resume
+        self._pool: KeepalivePool[socket.socket] = KeepalivePool(_CLOCK)
+        self._lock = threading.Lock()
+        self._expiry: threading.Timer | None = None
+        self.files = Files(self._session, self._run)
+
+    def _start(self, op: Operation[Any]) -> socket.socket:
+        """A connection with ``op``'s REQUEST sent on it (a kept one if ``op`` may)."""
+        payload = self._session.request(op)
+        sock = self._take_kept() if op.keepalive else None
+        if sock is not None:
+            try:
+                send_frame(sock, Kind.REQUEST, payload, op.send_deadline)
+                return sock
+            except SandboxTimeout:
+                sock.close()
+                raise
+            except OSError:  # closed under us before the request left: nothing ran
+                sock.close()
+        sock = self._connect()
+        try:
+            send_frame(sock, Kind.REQUEST, payload, op.send_deadline)
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+
+    def _run(self, op: Operation[T]) -> T:
+        sock = self._start(op)
+        try:
+            return drive(sock, op)
+        finally:
+            if op.reusable:
+                self._keep(sock)
+            else:
+                sock.close()
+
+    def _take_kept(self) -> socket.socket | None:
+        while (sock := self._pool.pop()) is not None:
+            if still_open(sock):
+                return sock
+            sock.close()
+        with self._lock:
+            resume, self._resume = self._resume, None
+        return resume() if resume is not None else None
+
+    def _keep(self, sock: socket.socket) -> None:
+        if not self._pool.put(sock):
+            sock.close()
+            return
+        self._arm_expiry()
+
+    def _expire(self) -> None:
+        with self._lock:
+            self._expiry = None
+        for sock in self._pool.expire():
+            sock.close()
+        if len(self._pool):
+            self._arm_expiry()
+
+    def _arm_expiry(self) -> None:
+        with self._lock:
+            if self._expiry is None:
+                self._expiry = threading.Timer(self._pool.idle, self._expire)
+                self._expiry.daemon = True
+                self._expiry.start()
+
+    def close(self) -> None:
+        """Close the kept connections (the client stays usable)."""
+        for sock in self._pool.drain():
+            sock.close()
+        with self._lock:
+            if self._expiry is not None:
+                self._expiry.cancel()
+                self._expiry = None
+
+    def ping(self) -> dict[str, Any]:
+        """``{"pong", "version", "uptime", "pid", "worker"}``; ``worker`` is
+        ``"starting"``/``"ready"``/``"failed"``: snapshot a template once it is ready."""
+        return self._run(self._session.ping())
+
+    def exec_stream(
+        self,
+        cmd: Command,
+        *,
+        timeout: float | None = None,
+        env: dict[str, str] | None = None,
+        cwd: str | None = None,
+        stdin: Source | None = None,
+    ) -> ExecStream:
+        """Start ``cmd`` (a list: argv, no shell; a string: ``sh -c``) and stream its output.
+
+        With a ``timeout``, the stream must end within it plus ``grace``, however
+        fast it is read; without one, the host waits as long as the command runs.
+        """
+        op = self._session.exec(cmd, timeout=timeout, env=env, cwd=cwd, stdin=stdin is not None)
+        return ExecStream(self._start(op), op, stdin)
+
+    def exec(
+        self,
+        cmd: Command,
+        *,
+        timeout: float | None = None,
+        env: dict[str, str] | None = None,
+        cwd: str | None = None,
+        stdin: Source | None = None,
+        max_output: int | None = DEFAULT_MAX_OUTPUT,
+    ) -> ExecResult:
+        """Run ``cmd`` to completion and return its output and status.
+
+        A non-zero exit or a signal is a normal result, not an exception.
+        Overrunning ``timeout`` kills the command's whole process group and
+        raises :class:`SandboxTimeout` whose ``result`` holds the output so far.
+        A missing program raises :class:`~ember.errors.ExecError`.
+        More than ``max_output`` bytes of stdout and stderr together stops the
+        command and raises :class:`~ember.errors.OutputTooLarge`.
+        """
+        op = self._session.exec(
+            cmd, timeout=timeout, env=env, cwd=cwd, stdin=stdin is not None,
+            collect=True, max_output=max_output,
+        )  # fmt: skip
+        with ExecStream(self._start(op), op, stdin) as stream:
+            for _ in stream:  # a collecting op keeps the output: no chunks come out
+                pass
+        return op.value
+
+    def run_code(self, code: str, timeout: float | None = None) -> CodeResult:
+        """Run Python in the sandbox's persistent interpreter (notebook semantics).
+
+        Exceptions in ``code`` come back in ``result.error``, not raised; so do
+        ``WorkerCrashed`` and ``WorkerTimeout``, after which earlier state is gone.
+        With a ``timeout``, the host waits that long plus the worker's start-up
+        allowance plus ``grace`` (calls queue behind each other in the guest);
+        without one, as long as the code runs.
+        """
+        return self._run(self._session.run_code(code, timeout))
+
+    def shutdown(self) -> None:
+        """Ask the agent to exit (tests and orderly teardown)."""
+        self._run(self._session.shutdown())

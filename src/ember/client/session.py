@@ -1,0 +1,194 @@
+"""What a client keeps between operations, whatever transport carries them.
+
+:class:`Session` checks a call's arguments and builds its operation
+(:mod:`ember.client.core`), and encodes each REQUEST (the first one of a restored
+sandbox carries the resume announcement). :class:`KeepalivePool` holds the
+connections short calls leave open for the next one; it takes its clock as an
+argument and never closes anything itself: the transport does, when told to.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Callable
+from typing import Any, Generic, TypeVar
+
+from ember.client import results
+from ember.client.bounds import (
+    DEFAULT_CALL_TIMEOUT,
+    DEFAULT_GRACE,
+    WORKER_START_ALLOWANCE,
+    CallBounds,
+    Clock,
+    ResumeAnnouncer,
+    check_max_output,
+)
+from ember.client.core import Call, Command, ExecOp, Operation, PathArg, ReadFile, WriteFile
+from ember.client.results import CodeResult, DirEntry, FileStat
+from ember.client.wire import Source
+from ember.protocol import encode_json
+
+__all__ = ["KEEPALIVE_IDLE_S", "KEEPALIVE_MAX", "KeepalivePool", "Session", "exec_request"]
+
+KEEPALIVE_IDLE_S = 0.5  # a kept connection unused this long is closed (so the VM can park)
+KEEPALIVE_MAX = 4
+C = TypeVar("C")
+
+
+def exec_request(
+    cmd: Command, *, timeout: float | None, env: dict[str, str] | None, cwd: str | None,
+    stdin: bool,
+) -> dict[str, Any]:  # fmt: skip
+    """A list runs as argv without a shell; a string runs under ``/bin/sh -c``."""
+    request: dict[str, Any] = {"op": "exec", "stdin": stdin}
+    if isinstance(cmd, str):
+        request["shell"] = cmd
+    else:
+        request["argv"] = list(cmd)
+    if timeout is not None:
+        if not timeout > 0:
+            raise ValueError(f"timeout must be positive seconds, got {timeout!r}")
+        request["timeout"] = timeout
+    if env is not None:
+        request["env"] = dict(env)
+    if cwd is not None:
+        request["cwd"] = cwd
+    return request
+
+
+class Session:
+    """Builds each operation of one client and encodes its REQUEST.
+
+    ``grace`` is how long beyond a call's timeout the host still waits for the agent,
+    ``call_timeout`` the timeout of calls without one of their own (and of each frame
+    of a file transfer); ``clock`` is what every deadline is measured on.
+    """
+
+    def __init__(
+        self,
+        *,
+        grace: float = DEFAULT_GRACE,
+        call_timeout: float = DEFAULT_CALL_TIMEOUT,
+        announce_resume: bool = False,
+        clock: Clock = time.monotonic,
+    ) -> None:
+        self.bounds = CallBounds(grace, call_timeout, clock)
+        # A new VMM (restored, forked): its first request carries the host's clock and
+        # entropy, applied by the agent before anything else runs (bounds.resume_announcement).
+        self._announcer = ResumeAnnouncer(announce_resume)
+
+    def request(self, op: Operation[Any]) -> bytes:
+        """The REQUEST frame's payload for ``op``, encoded as late as possible (``op``
+        starts its clocks now)."""
+        op.start()
+        request = self._announcer.stamp(op.request)
+        return encode_json({**request, "keepalive": True} if op.keepalive else request)
+
+    def _call(
+        self, request: dict[str, Any], parse: Callable[[dict[str, Any]], Any], bounded: bool = True
+    ) -> Call[Any]:
+        deadline = self.bounds.call(str(request["op"]), None) if bounded else None
+        return Call(request, self.bounds, parse, deadline)
+
+    def ping(self) -> Call[dict[str, Any]]:
+        return self._call({"op": "ping"}, results.parse_ping)
+
+    def shutdown(self) -> Call[None]:
+        return self._call({"op": "shutdown"}, results.parse_nothing)
+
+    def run_code(self, code: str, timeout: float | None) -> Call[CodeResult]:
+        """Without a timeout the answer may take as long as the code runs (the request may
+        not); with one, the worker's start-up allowance comes on top of it."""
+        request: dict[str, Any] = {"op": "run_code", "code": code}
+        if timeout is None:
+            return self._call(request, results.parse_code_result, bounded=False)
+        request["timeout"] = timeout
+        deadline = self.bounds.call("run_code", timeout, WORKER_START_ALLOWANCE)
+        return Call(request, self.bounds, results.parse_code_result, deadline)
+
+    def exec(
+        self,
+        cmd: Command,
+        *,
+        timeout: float | None,
+        env: dict[str, str] | None,
+        cwd: str | None,
+        stdin: bool,
+        collect: bool = False,
+        max_output: int | None = None,
+    ) -> ExecOp:
+        limit = check_max_output(max_output)
+        request = exec_request(cmd, timeout=timeout, env=env, cwd=cwd, stdin=stdin)
+        return ExecOp(request, self.bounds, collect=collect, max_output=limit)
+
+    def stat(self, path: PathArg) -> Call[FileStat]:
+        return self._call({"op": "stat", "path": os.fspath(path)}, results.parse_stat)
+
+    def list(self, path: PathArg) -> Call[list[DirEntry]]:
+        return self._call({"op": "list", "path": os.fspath(path)}, results.parse_list)
+
+    def remove(self, path: PathArg, recursive: bool) -> Call[None]:
+        request = {"op": "remove", "path": os.fspath(path), "recursive": recursive}
+        return self._call(request, results.parse_nothing)
+
+    def read_file(
+        self, path: PathArg, sink: Callable[[bytes], object], max_output: int | None
+    ) -> ReadFile:
+        return ReadFile(os.fspath(path), self.bounds, sink, check_max_output(max_output))
+
+    def write_file(self, path: PathArg, data: Source, mode: int | None, append: bool) -> WriteFile:
+        request: dict[str, Any] = {"op": "file_write", "path": os.fspath(path), "append": append}
+        if mode is not None:
+            request["mode"] = mode
+        return WriteFile(request, self.bounds, data)
+
+
+class KeepalivePool(Generic[C]):
+    """Connections short calls left open, newest last; thread-safe.
+
+    On this host every vsock connection costs the guest kernel about four packets each
+    way (~6 ms of emulated kernel per packet), a kept one two. A connection unused for
+    ``idle`` seconds (on ``clock``) is handed back by :meth:`expire` to be closed, so an
+    idle sandbox has none and can be parked; at most ``limit`` are kept.
+    """
+
+    def __init__(
+        self, clock: Clock, idle: float = KEEPALIVE_IDLE_S, limit: int = KEEPALIVE_MAX
+    ) -> None:
+        self.clock = clock
+        self.idle = idle
+        self.limit = limit
+        self._kept: list[tuple[C, float]] = []
+        self._lock = threading.Lock()
+
+    def pop(self) -> C | None:
+        """The most recently kept connection (the caller checks it still works)."""
+        with self._lock:
+            return self._kept.pop()[0] if self._kept else None
+
+    def put(self, conn: C) -> bool:
+        """Keep ``conn``; False when the pool is full (the caller closes it)."""
+        with self._lock:
+            if len(self._kept) >= self.limit:
+                return False
+            self._kept.append((conn, self.clock()))
+            return True
+
+    def expire(self) -> list[C]:
+        """The connections idle for ``idle`` seconds or more, taken out to be closed."""
+        now = self.clock()
+        with self._lock:
+            stale = [conn for conn, since in self._kept if now - since >= self.idle]
+            self._kept = [(conn, since) for conn, since in self._kept if now - since < self.idle]
+            return stale
+
+    def drain(self) -> list[C]:
+        """Every kept connection, taken out to be closed."""
+        with self._lock:
+            kept, self._kept = self._kept, []
+        return [conn for conn, _ in kept]
+
+    def __len__(self) -> int:
+        return len(self._kept)
