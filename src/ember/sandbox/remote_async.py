@@ -1,0 +1,192 @@
+"""The asyncio SDK's client of an ``ember serve`` daemon: ``AsyncSandbox(server=URL)``.
+
+The same requests as :mod:`ember.sandbox.remote` (built and read in
+:mod:`ember.sandbox.daemon`) over ``httpx.AsyncClient``; the sandbox is made by
+``start()`` (``async with``), re-attached with ``await AsyncSandbox.connect(ID)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any, BinaryIO, TypeVar
+
+import httpx
+
+from ember.client_wire import (
+    DEFAULT_MAX_OUTPUT,
+    CodeResult,
+    DirEntry,
+    ExecResult,
+    FileStat,
+    OutputChunk,
+    PathArg,
+)
+from ember.errors import SandboxError
+from ember.sandbox import daemon
+from ember.sandbox.aio import AsyncSandbox
+from ember.sandbox.options import ExecArgs, SandboxOptions, StreamArgs
+from ember.sandbox.signature import refused, takes
+
+T = TypeVar("T")
+_ELSEWHERE = "through the daemon yet: use it in-process"
+
+
+class AsyncApi:
+    def __init__(self, server: str | None = None, token: str | None = None) -> None:
+        options = daemon.client_options(server, token)
+        self.url: str = options["base_url"]
+        self.http = httpx.AsyncClient(**options)
+
+    async def call(self, method: str, path: str, **kwargs: Any) -> Any:
+        try:
+            reply = await self.http.request(method, path, **kwargs)
+        except httpx.TransportError as exc:
+            raise SandboxError(f"cannot reach the Ember daemon at {self.url}: {exc}") from exc
+        return daemon.decode(reply)
+
+
+class AsyncRemoteSandbox(AsyncSandbox):
+    """A daemon's sandbox for asyncio code (see :class:`ember.sandbox.remote.RemoteSandbox`)."""
+
+    @takes(SandboxOptions)
+    def __init__(self, options: SandboxOptions) -> None:
+        body = options.daemon_body()
+        self._setup_remote(AsyncApi(options.server), body=body)
+
+    def _setup_remote(self, api: AsyncApi, *, body: dict[str, Any]) -> None:
+        self._api = api
+        self._body = body  # what start() asks the daemon for (none: attached)
+        self._info: dict[str, Any] = {}
+        self._closed = False
+        self.files = AsyncRemoteFiles(self)  # type: ignore[assignment]
+
+    async def start(self) -> AsyncRemoteSandbox:
+        if not self._info:
+            self._info = await self._api.call("POST", "/sandboxes", json=self._body)
+        return self
+
+    @classmethod
+    async def attach(cls, sandbox_id: str, *, server: str | None = None) -> AsyncRemoteSandbox:
+        sb = object.__new__(cls)
+        sb._setup_remote(AsyncApi(server), body={})
+        sb._info = await sb._api.call("GET", f"/sandboxes/{sandbox_id}")
+        return sb
+
+    def _path(self, tail: str = "") -> str:
+        if self._closed or not self._info:
+            raise SandboxError("this sandbox is not running (use `async with AsyncSandbox()`)")
+        return f"/sandboxes/{self._info['id']}{tail}"
+
+    async def _do(self, request: daemon.Request[T]) -> T:
+        reply = await self._api.call(request.method, self._path(request.tail), **request.options)
+        return request.parse(reply)
+
+    @property
+    def id(self) -> str | None:
+        return self._info.get("id")
+
+    @property
+    def metadata(self) -> dict[str, str]:
+        found: dict[str, str] = self._info.get("metadata", {})
+        return found
+
+    async def info(self) -> dict[str, Any]:
+        self._info = await self._do(daemon.state())
+        return self._info
+
+    async def set_timeout(self, seconds: float) -> None:
+        self._info = await self._do(daemon.state("POST", "/timeout", json={"timeout": seconds}))
+
+    async def pause(self) -> None:
+        self._info = await self._do(daemon.state("POST", "/pause"))
+
+    async def resume(self) -> None:
+        self._info = await self._do(daemon.state("POST", "/resume"))
+
+    async def detach(self) -> None:
+        if not self._closed:
+            self._closed = True
+            await self._api.http.aclose()
+
+    async def kill(self) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        try:
+            if self._info:
+                await self._do(daemon.state("DELETE"))
+        finally:
+            await self.detach()
+
+    async def ping(self) -> dict[str, Any]:
+        return await self._do(daemon.ping())
+
+    @takes(ExecArgs)
+    async def exec(self, a: ExecArgs) -> ExecResult:
+        return await self._do(daemon.exec_(a))
+
+    @takes(StreamArgs)
+    async def exec_stream(self, a: StreamArgs) -> AsyncIterator[OutputChunk]:
+        body = daemon.stream_body(a)
+        async with self._api.http.stream("POST", self._path("/exec"), json=body) as reply:
+            if reply.status_code >= 400:
+                await reply.aread()
+                daemon.raise_for(reply)
+            async for line in reply.aiter_lines():
+                event = daemon.stream_event(line)
+                if isinstance(event, ExecResult):
+                    return
+                if event is not None:
+                    yield event
+        raise SandboxError(daemon.NO_RESULT)
+
+    async def run_code(self, code: str, *, timeout: float | None = None) -> CodeResult:
+        return await self._do(daemon.run_code(code, timeout))
+
+    @property
+    def console(self) -> str:
+        raise SandboxError("console is not available through the daemon's asyncio client yet")
+
+    @property
+    def address(self) -> str | None:
+        return None
+
+    @property
+    def cgroup(self) -> None:
+        return None
+
+    channel = refused(AsyncSandbox.channel, "channel()", _ELSEWHERE)
+    set_memory = refused(AsyncSandbox.set_memory, "set_memory()", _ELSEWHERE)
+    memory_stats = refused(AsyncSandbox.memory_stats, "memory_stats()", _ELSEWHERE)
+    _connect_port = refused(AsyncSandbox._connect_port, "connect(port)", _ELSEWHERE)
+    expose = refused(AsyncSandbox.expose, "expose()", _ELSEWHERE)
+    listen = refused(AsyncSandbox.listen, "listen()", _ELSEWHERE)
+    fork = refused(AsyncSandbox.fork, "fork()", _ELSEWHERE)
+    snapshot = refused(AsyncSandbox.snapshot, "snapshot()", _ELSEWHERE)
+
+
+class AsyncRemoteFiles:
+    """``sb.files`` of a daemon's sandbox for asyncio code (see ``RemoteFiles``)."""
+
+    def __init__(self, sandbox: AsyncRemoteSandbox) -> None:
+        self._sb = sandbox
+
+    async def write(self, path: PathArg, data: bytes | BinaryIO, *, mode: int | None = None) -> int:
+        return await self._sb._do(daemon.write_file(path, data, mode))
+
+    async def read(self, path: PathArg, *, max_output: int | None = DEFAULT_MAX_OUTPUT) -> bytes:
+        return await self._sb._do(daemon.read_file(path, max_output))
+
+    async def read_into(self, path: PathArg, fileobj: BinaryIO) -> int:
+        return fileobj.write(await self.read(path))
+
+    async def stat(self, path: PathArg) -> FileStat:
+        return await self._sb._do(daemon.stat_file(path))
+
+    async def list(self, path: PathArg) -> list[DirEntry]:
+        return await self._sb._do(daemon.list_dir(path))
+
+    async def remove(self, path: PathArg, *, recursive: bool = False) -> None:
+        await self._sb._do(daemon.remove_file(path, recursive))
