@@ -3,8 +3,9 @@
 =================  ==============================================================
 ``options``        the arguments the facades share (``SandboxOptions``, ``ExecArgs``)
 ``signature``      ``takes``: a method whose parameters are an options type's
-``sync``           ``Sandbox``, ``SandboxFiles``: an in-process VMM, blocking calls
-``aio``            ``AsyncSandbox``, ``AsyncSandboxFiles``: the same, awaitable
+``sync``           ``Sandbox``: an in-process VMM, blocking calls
+``aio``            ``AsyncSandbox``: the same, awaitable
+``files``          ``sb.files`` of the four facades (and the daemon's file requests)
 ``daemon``         an ``ember serve`` daemon's HTTP API, without I/O
 ``remote``         ``RemoteSandbox``: ``Sandbox(server=...)`` over ``httpx.Client``
 ``remote_async``   ``AsyncRemoteSandbox``: ``AsyncSandbox(server=...)``, asyncio
@@ -18,16 +19,17 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from ember.errors import SandboxCrashed
-    from ember.sandbox.aio import AsyncSandbox, AsyncSandboxFiles
-    from ember.sandbox.sync import Sandbox, SandboxFiles
+    from ember.sandbox.aio import AsyncSandbox
+    from ember.sandbox.files import AsyncSandboxFiles, SandboxFiles
+    from ember.sandbox.sync import Sandbox
 
 # Imported on first use (PEP 562), as in ``ember``: blocking users do not pay for asyncio.
 _LAZY = {
     "AsyncSandbox": "ember.sandbox.aio",
-    "AsyncSandboxFiles": "ember.sandbox.aio",
+    "AsyncSandboxFiles": "ember.sandbox.files",
     "Sandbox": "ember.sandbox.sync",
     "SandboxCrashed": "ember.errors",
-    "SandboxFiles": "ember.sandbox.sync",
+    "SandboxFiles": "ember.sandbox.files",
 }
 
 __all__ = ["AsyncSandbox", "AsyncSandboxFiles", "Sandbox", "SandboxCrashed", "SandboxFiles"]

@@ -19,26 +19,18 @@ import contextlib
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from types import TracebackType
-from typing import Any, BinaryIO, ParamSpec, TypeVar, overload
+from typing import Any, ParamSpec, TypeVar, overload
 
 from ember import protocol
 from ember.client_async import AsyncAgentClient, Streams
 from ember.client_channel import ChannelServer
 from ember.client_errors import ProtocolError, SandboxTimeout
-from ember.client_wire import (
-    DEFAULT_MAX_OUTPUT,
-    CodeResult,
-    DirEntry,
-    ExecResult,
-    FileStat,
-    OutputChunk,
-    PathArg,
-    explain_crashed_worker,
-)
+from ember.client_wire import CodeResult, ExecResult, OutputChunk, explain_crashed_worker
 from ember.errors import ConfigError, SandboxError
 from ember.jailer.cgroups import SandboxCgroup
 from ember.launcher import HANDSHAKE_TIMEOUT, SandboxSpec, VmmProcess, fork_vmm, start_vmm
-from ember.sandbox.options import ExecArgs, SandboxOptions, StreamArgs, check_port, server_url
+from ember.sandbox.files import AsyncSandboxFiles
+from ember.sandbox.options import ExecArgs, SandboxOptions, StreamArgs, check_port, new_facade
 from ember.sandbox.signature import takes
 
 P = ParamSpec("P")
@@ -78,11 +70,8 @@ class AsyncSandbox:
     """
 
     def __new__(cls, *args: Any, server: str | None = None, **kwargs: Any) -> AsyncSandbox:
-        if cls is AsyncSandbox and server_url(server):
-            from ember.sandbox.remote_async import AsyncRemoteSandbox
-
-            return object.__new__(AsyncRemoteSandbox)
-        return object.__new__(cls)
+        remote = "ember.sandbox.remote_async:AsyncRemoteSandbox"
+        return new_facade(cls, AsyncSandbox, server, remote)
 
     @takes(SandboxOptions)
     def __init__(self, options: SandboxOptions) -> None:
@@ -302,29 +291,3 @@ class AsyncSandbox:
         tb: TracebackType | None,
     ) -> None:
         await self.close()
-
-
-class AsyncSandboxFiles:
-    """``sb.files`` of an AsyncSandbox: ``SandboxFiles``' methods, awaitable."""
-
-    def __init__(self, sandbox: AsyncSandbox) -> None:
-        self._sb = sandbox
-        self._files = sandbox._client.files
-
-    async def write(self, path: PathArg, data: bytes | BinaryIO, *, mode: int | None = None) -> int:
-        return await self._sb._call(self._files.write, path, data, mode=mode)
-
-    async def read(self, path: PathArg, *, max_output: int | None = DEFAULT_MAX_OUTPUT) -> bytes:
-        return await self._sb._call(self._files.read, path, max_output=max_output)
-
-    async def read_into(self, path: PathArg, fileobj: BinaryIO) -> int:
-        return await self._sb._call(self._files.read_into, path, fileobj)
-
-    async def stat(self, path: PathArg) -> FileStat:
-        return await self._sb._call(self._files.stat, path)
-
-    async def list(self, path: PathArg) -> list[DirEntry]:
-        return await self._sb._call(self._files.list, path)
-
-    async def remove(self, path: PathArg, *, recursive: bool = False) -> None:
-        await self._sb._call(self._files.remove, path, recursive=recursive)

@@ -10,29 +10,26 @@ daemon's stable error codes (:mod:`ember.serve.wire`).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, BinaryIO, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
-import httpx
-
-from ember.client_wire import (
-    CodeResult,
-    DirEntry,
-    ExecResult,
-    FileStat,
-    OutputChunk,
-    PathArg,
-    Source,
-)
-from ember.errors import ConfigError
+from ember.client_wire import CodeResult, ExecResult, OutputChunk, Source
+from ember.errors import ConfigError, SandboxError
 from ember.sandbox.options import ExecArgs, StreamArgs
+from ember.sandbox.signature import refused
 from ember.serve import wire
 
+if TYPE_CHECKING:
+    import httpx  # imported by the remote facades; the in-process ones never need it
+
 CONNECT_TIMEOUT = 10.0
+ELSEWHERE = "through the daemon yet: use it in-process"  # why a remote facade refuses a call
 T = TypeVar("T")
+H = TypeVar("H")
 
 
 def _token(token: str | None) -> str:
@@ -51,16 +48,64 @@ def _token(token: str | None) -> str:
         ) from None
 
 
-def client_options(server: str | None, token: str | None) -> dict[str, Any]:
-    """``httpx.Client``'s (or ``AsyncClient``'s) arguments for the daemon at ``server``."""
+def http_client(make: Callable[..., H], server: str | None, token: str | None) -> tuple[str, H]:
+    """The daemon's URL (``server``, else ``$EMBER_SERVER``) and ``make`` (``httpx.Client``
+    or ``httpx.AsyncClient``) made for it: its base URL, bearer token and timeouts."""
+    import httpx
+
     url = server if server else os.environ.get("EMBER_SERVER", "")
     if not url:
         raise ConfigError("no Ember daemon given: pass server= or set EMBER_SERVER")
-    return {
-        "base_url": url.rstrip("/"),
-        "headers": {"Authorization": f"Bearer {_token(token)}"},
-        "timeout": httpx.Timeout(None, connect=CONNECT_TIMEOUT),
-    }
+    url = url.rstrip("/")
+    return url, make(
+        base_url=url,
+        headers={"Authorization": f"Bearer {_token(token)}"},
+        timeout=httpx.Timeout(None, connect=CONNECT_TIMEOUT),
+    )
+
+
+@contextlib.contextmanager
+def reaching(url: str) -> Iterator[None]:
+    """Around a request: the daemon unreachable is a SandboxError that names it."""
+    import httpx
+
+    try:
+        yield
+    except httpx.TransportError as exc:
+        raise SandboxError(f"cannot reach the Ember daemon at {url}: {exc}") from exc
+
+
+# What a remote facade refuses (the name in its message), not available through a daemon yet.
+HOST_SIDE = {
+    "channel": "channel()",
+    "set_memory": "set_memory()",
+    "memory_stats": "memory_stats()",
+    "_connect_port": "connect(port)",
+    "expose": "expose()",
+    "listen": "listen()",  # the VMM's sockets are on the daemon's host
+    "fork": "fork()",
+    "snapshot": "snapshot()",
+}
+
+
+class OnTheDaemonsHost:
+    """Mixed into the remote facades: a daemon's sandbox runs on the daemon's host, so its
+    VMM's address and cgroup are none here, and the calls of :data:`HOST_SIDE` raise
+    SandboxError (each keeps the in-process facade's signature and kind, see ``refused``)."""
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        for name, what in HOST_SIDE.items():
+            if name not in cls.__dict__:
+                setattr(cls, name, refused(getattr(cls, name), what, ELSEWHERE))
+
+    @property
+    def address(self) -> str | None:
+        return None
+
+    @property
+    def cgroup(self) -> None:
+        return None
 
 
 def _json(reply: httpx.Response) -> Any:
@@ -166,39 +211,3 @@ def stream_event(line: str) -> OutputChunk | ExecResult | None:
 
 
 NO_RESULT = "the daemon ended the exec stream without a result"
-
-
-# --- files (whole files per request, bounded by the daemon)
-def write_file(path: PathArg, data: bytes | BinaryIO, mode: int | None) -> Request[int]:
-    params: dict[str, Any] = {"path": str(path)}
-    if mode is not None:
-        params["mode"] = mode
-    content = data if isinstance(data, bytes) else data.read()
-    return Request("PUT", "/files", lambda r: int(r["size"]), {"params": params,
-                                                              "content": content})  # fmt: skip
-
-
-def read_file(path: PathArg, max_output: int | None) -> Request[bytes]:
-    params: dict[str, Any] = {"path": str(path)}
-    if max_output is not None:
-        params["max_output"] = max_output
-    return Request("GET", "/files", bytes, {"params": params})
-
-
-def stat_file(path: PathArg) -> Request[FileStat]:
-    def parse(d: dict[str, Any]) -> FileStat:
-        return FileStat(d["size"], d["mode"], d["mtime"], d["is_dir"], d["is_file"])
-
-    return Request("GET", "/files/stat", parse, {"params": {"path": str(path)}})
-
-
-def list_dir(path: PathArg) -> Request[list[DirEntry]]:
-    def parse(d: dict[str, Any]) -> list[DirEntry]:
-        return [DirEntry(e["name"], e["size"], e["is_dir"]) for e in d["entries"]]
-
-    return Request("GET", "/files/list", parse, {"params": {"path": str(path)}})
-
-
-def remove_file(path: PathArg, recursive: bool) -> Request[Any]:
-    return Request("DELETE", "/files", options={"params": {"path": str(path),
-                                                           "recursive": recursive}})  # fmt: skip

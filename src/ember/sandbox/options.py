@@ -10,10 +10,11 @@ take them through :func:`ember.sandbox.signature.takes`.
 
 from __future__ import annotations
 
+import importlib
 import os
 from dataclasses import KW_ONLY, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from ember.client_wire import DEFAULT_MAX_OUTPUT, Command, Source
 from ember.errors import ConfigError
@@ -24,6 +25,18 @@ from ember.network.policy import NetworkPolicy
 def server_url(server: str | None) -> str:
     """The daemon a sandbox is made in: ``server``, else ``$EMBER_SERVER``; "" is in-process."""
     return os.environ.get("EMBER_SERVER", "") if server is None else server
+
+
+F = TypeVar("F")
+
+
+def new_facade(cls: type[F], local: type[F], server: str | None, remote: str) -> F:
+    """``local.__new__``: a daemon's client (``remote``, "module:Class") when ``server``
+    (else ``$EMBER_SERVER``) names a daemon and ``local`` itself was called."""
+    if cls is local and server_url(server):
+        module, _, name = remote.partition(":")
+        cls = getattr(importlib.import_module(module), name)
+    return object.__new__(cls)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -17,43 +17,30 @@ The requests themselves are built and read in :mod:`ember.sandbox.daemon`.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any, BinaryIO, TypeVar
+from typing import Any, TypeVar
 
 import httpx
 
-from ember.client_wire import (
-    DEFAULT_MAX_OUTPUT,
-    CodeResult,
-    DirEntry,
-    ExecResult,
-    FileStat,
-    OutputChunk,
-    PathArg,
-)
+from ember.client_wire import CodeResult, ExecResult, OutputChunk
 from ember.errors import SandboxError
 from ember.sandbox import daemon
+from ember.sandbox.files import RemoteFiles
 from ember.sandbox.options import ExecArgs, SandboxOptions, StreamArgs
-from ember.sandbox.signature import refused, takes
+from ember.sandbox.signature import takes
 from ember.sandbox.sync import Sandbox
 
 T = TypeVar("T")
-_ELSEWHERE = "through the daemon yet: use it in-process"
 
 
 class Api:
     """One daemon: its base URL, token and a pooled HTTP client."""
 
     def __init__(self, server: str | None = None, token: str | None = None) -> None:
-        options = daemon.client_options(server, token)
-        self.url: str = options["base_url"]
-        self.http = httpx.Client(**options)
+        self.url, self.http = daemon.http_client(httpx.Client, server, token)
 
     def call(self, method: str, path: str, **kwargs: Any) -> Any:
-        try:
-            reply = self.http.request(method, path, **kwargs)
-        except httpx.TransportError as exc:
-            raise SandboxError(f"cannot reach the Ember daemon at {self.url}: {exc}") from exc
-        return daemon.decode(reply)
+        with daemon.reaching(self.url):
+            return daemon.decode(self.http.request(method, path, **kwargs))
 
     def close(self) -> None:
         self.http.close()
@@ -71,7 +58,7 @@ def list_sandboxes(
         api.close()
 
 
-class RemoteSandbox(Sandbox):
+class RemoteSandbox(daemon.OnTheDaemonsHost, Sandbox):
     """A sandbox of a daemon: made by ``Sandbox(server=...)`` or ``Sandbox.connect(ID)``."""
 
     @takes(SandboxOptions)
@@ -189,45 +176,3 @@ class RemoteSandbox(Sandbox):
 
     def run_code(self, code: str, *, timeout: float | None = None) -> CodeResult:
         return self._do(daemon.run_code(code, timeout))
-
-    channel = refused(Sandbox.channel, "channel()", _ELSEWHERE)
-    set_memory = refused(Sandbox.set_memory, "set_memory()", _ELSEWHERE)
-    memory_stats = refused(Sandbox.memory_stats, "memory_stats()", _ELSEWHERE)
-    _connect_port = refused(Sandbox._connect_port, "connect(port)", _ELSEWHERE)
-    expose = refused(Sandbox.expose, "expose()", _ELSEWHERE)
-    listen = refused(Sandbox.listen, "listen()", _ELSEWHERE)  # the VMM's sockets: daemon's host
-    fork = refused(Sandbox.fork, "fork()", _ELSEWHERE)
-    snapshot = refused(Sandbox.snapshot, "snapshot()", _ELSEWHERE)
-
-    @property
-    def address(self) -> str | None:
-        return None
-
-    @property
-    def cgroup(self) -> None:
-        return None
-
-
-class RemoteFiles:
-    """``sb.files`` of a daemon's sandbox (whole files per request, bounded by the daemon)."""
-
-    def __init__(self, sandbox: RemoteSandbox) -> None:
-        self._sb = sandbox
-
-    def write(self, path: PathArg, data: bytes | BinaryIO, *, mode: int | None = None) -> int:
-        return self._sb._do(daemon.write_file(path, data, mode))
-
-    def read(self, path: PathArg, *, max_output: int | None = DEFAULT_MAX_OUTPUT) -> bytes:
-        return self._sb._do(daemon.read_file(path, max_output))
-
-    def read_into(self, path: PathArg, fileobj: BinaryIO) -> int:
-        return fileobj.write(self.read(path))
-
-    def stat(self, path: PathArg) -> FileStat:
-        return self._sb._do(daemon.stat_file(path))
-
-    def list(self, path: PathArg) -> list[DirEntry]:
-        return self._sb._do(daemon.list_dir(path))
-
-    def remove(self, path: PathArg, *, recursive: bool = False) -> None:
-        self._sb._do(daemon.remove_file(path, recursive))

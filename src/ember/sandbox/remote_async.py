@@ -8,44 +8,31 @@ The same requests as :mod:`ember.sandbox.remote` (built and read in
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from typing import Any, BinaryIO, TypeVar
+from typing import Any, TypeVar
 
 import httpx
 
-from ember.client_wire import (
-    DEFAULT_MAX_OUTPUT,
-    CodeResult,
-    DirEntry,
-    ExecResult,
-    FileStat,
-    OutputChunk,
-    PathArg,
-)
+from ember.client_wire import CodeResult, ExecResult, OutputChunk
 from ember.errors import SandboxError
 from ember.sandbox import daemon
 from ember.sandbox.aio import AsyncSandbox
+from ember.sandbox.files import AsyncRemoteFiles
 from ember.sandbox.options import ExecArgs, SandboxOptions, StreamArgs
-from ember.sandbox.signature import refused, takes
+from ember.sandbox.signature import takes
 
 T = TypeVar("T")
-_ELSEWHERE = "through the daemon yet: use it in-process"
 
 
 class AsyncApi:
     def __init__(self, server: str | None = None, token: str | None = None) -> None:
-        options = daemon.client_options(server, token)
-        self.url: str = options["base_url"]
-        self.http = httpx.AsyncClient(**options)
+        self.url, self.http = daemon.http_client(httpx.AsyncClient, server, token)
 
     async def call(self, method: str, path: str, **kwargs: Any) -> Any:
-        try:
-            reply = await self.http.request(method, path, **kwargs)
-        except httpx.TransportError as exc:
-            raise SandboxError(f"cannot reach the Ember daemon at {self.url}: {exc}") from exc
-        return daemon.decode(reply)
+        with daemon.reaching(self.url):
+            return daemon.decode(await self.http.request(method, path, **kwargs))
 
 
-class AsyncRemoteSandbox(AsyncSandbox):
+class AsyncRemoteSandbox(daemon.OnTheDaemonsHost, AsyncSandbox):
     """A daemon's sandbox for asyncio code (see :class:`ember.sandbox.remote.RemoteSandbox`)."""
 
     @takes(SandboxOptions)
@@ -148,45 +135,3 @@ class AsyncRemoteSandbox(AsyncSandbox):
     @property
     def console(self) -> str:
         raise SandboxError("console is not available through the daemon's asyncio client yet")
-
-    @property
-    def address(self) -> str | None:
-        return None
-
-    @property
-    def cgroup(self) -> None:
-        return None
-
-    channel = refused(AsyncSandbox.channel, "channel()", _ELSEWHERE)
-    set_memory = refused(AsyncSandbox.set_memory, "set_memory()", _ELSEWHERE)
-    memory_stats = refused(AsyncSandbox.memory_stats, "memory_stats()", _ELSEWHERE)
-    _connect_port = refused(AsyncSandbox._connect_port, "connect(port)", _ELSEWHERE)
-    expose = refused(AsyncSandbox.expose, "expose()", _ELSEWHERE)
-    listen = refused(AsyncSandbox.listen, "listen()", _ELSEWHERE)
-    fork = refused(AsyncSandbox.fork, "fork()", _ELSEWHERE)
-    snapshot = refused(AsyncSandbox.snapshot, "snapshot()", _ELSEWHERE)
-
-
-class AsyncRemoteFiles:
-    """``sb.files`` of a daemon's sandbox for asyncio code (see ``RemoteFiles``)."""
-
-    def __init__(self, sandbox: AsyncRemoteSandbox) -> None:
-        self._sb = sandbox
-
-    async def write(self, path: PathArg, data: bytes | BinaryIO, *, mode: int | None = None) -> int:
-        return await self._sb._do(daemon.write_file(path, data, mode))
-
-    async def read(self, path: PathArg, *, max_output: int | None = DEFAULT_MAX_OUTPUT) -> bytes:
-        return await self._sb._do(daemon.read_file(path, max_output))
-
-    async def read_into(self, path: PathArg, fileobj: BinaryIO) -> int:
-        return fileobj.write(await self.read(path))
-
-    async def stat(self, path: PathArg) -> FileStat:
-        return await self._sb._do(daemon.stat_file(path))
-
-    async def list(self, path: PathArg) -> list[DirEntry]:
-        return await self._sb._do(daemon.list_dir(path))
-
-    async def remove(self, path: PathArg, *, recursive: bool = False) -> None:
-        await self._sb._do(daemon.remove_file(path, recursive))

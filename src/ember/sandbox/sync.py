@@ -18,25 +18,17 @@ import contextlib
 import socket
 from collections.abc import Callable, Iterator
 from types import TracebackType
-from typing import Any, BinaryIO, ParamSpec, TypeVar, overload
+from typing import Any, ParamSpec, TypeVar, overload
 
 from ember.client import AgentClient, ExecStream
 from ember.client_channel import ChannelServer
 from ember.client_errors import ProtocolError, SandboxTimeout
-from ember.client_wire import (
-    DEFAULT_MAX_OUTPUT,
-    CodeResult,
-    DirEntry,
-    ExecResult,
-    FileStat,
-    OutputChunk,
-    PathArg,
-    explain_crashed_worker,
-)
+from ember.client_wire import CodeResult, ExecResult, OutputChunk, explain_crashed_worker
 from ember.errors import ConfigError, SandboxCrashed, SandboxError
 from ember.jailer.cgroups import SandboxCgroup
 from ember.launcher import SandboxSpec, VmmProcess, fork_vmm, start_vmm
-from ember.sandbox.options import ExecArgs, SandboxOptions, StreamArgs, check_port, server_url
+from ember.sandbox.files import SandboxFiles
+from ember.sandbox.options import ExecArgs, SandboxOptions, StreamArgs, check_port, new_facade
 from ember.sandbox.signature import takes
 
 P = ParamSpec("P")
@@ -96,11 +88,7 @@ class Sandbox:
     """
 
     def __new__(cls, *args: Any, server: str | None = None, **kwargs: Any) -> Sandbox:
-        if cls is Sandbox and server_url(server):
-            from ember.sandbox.remote import RemoteSandbox
-
-            return object.__new__(RemoteSandbox)
-        return object.__new__(cls)
+        return new_facade(cls, Sandbox, server, "ember.sandbox.remote:RemoteSandbox")
 
     @takes(SandboxOptions)
     def __init__(self, options: SandboxOptions) -> None:
@@ -302,33 +290,6 @@ class Sandbox:
         tb: TracebackType | None,
     ) -> None:
         self.close()
-
-
-class SandboxFiles:
-    """``sb.files``: the guest's file system, streamed in bounded pieces."""
-
-    def __init__(self, sandbox: Sandbox) -> None:
-        self._sb = sandbox
-        self._files = sandbox._client.files
-
-    def write(self, path: PathArg, data: bytes | BinaryIO, *, mode: int | None = None) -> int:
-        return self._sb._call(self._files.write, path, data, mode=mode)
-
-    def read(self, path: PathArg, *, max_output: int | None = DEFAULT_MAX_OUTPUT) -> bytes:
-        """The whole file; beyond ``max_output`` bytes OutputTooLarge (then use read_into)."""
-        return self._sb._call(self._files.read, path, max_output=max_output)
-
-    def read_into(self, path: PathArg, fileobj: BinaryIO) -> int:
-        return self._sb._call(self._files.read_into, path, fileobj)
-
-    def stat(self, path: PathArg) -> FileStat:
-        return self._sb._call(self._files.stat, path)
-
-    def list(self, path: PathArg) -> list[DirEntry]:
-        return self._sb._call(self._files.list, path)
-
-    def remove(self, path: PathArg, *, recursive: bool = False) -> None:
-        self._sb._call(self._files.remove, path, recursive=recursive)
 
 
 __all__ = ["Sandbox", "SandboxCrashed", "SandboxFiles"]
