@@ -88,24 +88,23 @@ HOST_SIDE = {
 }
 
 
-class OnTheDaemonsHost:
-    """Mixed into the remote facades: a daemon's sandbox runs on the daemon's host, so its
-    VMM's address and cgroup are none here, and the calls of :data:`HOST_SIDE` raise
+C = TypeVar("C", bound=type)
+
+
+def _none(self: object) -> None:
+    return None
+
+
+def on_the_daemons_host(cls: C) -> C:
+    """Decorates the remote facades: a daemon's sandbox runs on the daemon's host, so its
+    VMM's ``address`` and ``cgroup`` are None here, and the calls of :data:`HOST_SIDE` raise
     SandboxError (each keeps the in-process facade's signature and kind, see ``refused``)."""
-
-    def __init_subclass__(cls, **kwargs: Any) -> None:
-        super().__init_subclass__(**kwargs)
-        for name, what in HOST_SIDE.items():
-            if name not in cls.__dict__:
-                setattr(cls, name, refused(getattr(cls, name), what, ELSEWHERE))
-
-    @property
-    def address(self) -> str | None:
-        return None
-
-    @property
-    def cgroup(self) -> None:
-        return None
+    for name in ("address", "cgroup"):
+        setattr(cls, name, property(_none, doc=f"None: the {name} is on the daemon's host"))
+    for name, what in HOST_SIDE.items():
+        if name not in cls.__dict__:
+            setattr(cls, name, refused(getattr(cls, name), what, ELSEWHERE))
+    return cls
 
 
 def _json(reply: httpx.Response) -> Any:

@@ -58,7 +58,8 @@ def list_sandboxes(
         api.close()
 
 
-class RemoteSandbox(daemon.OnTheDaemonsHost, Sandbox):
+@daemon.on_the_daemons_host
+class RemoteSandbox(Sandbox):
     """A sandbox of a daemon: made by ``Sandbox(server=...)`` or ``Sandbox.connect(ID)``."""
 
     @takes(SandboxOptions)

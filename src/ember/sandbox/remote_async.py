@@ -32,7 +32,8 @@ class AsyncApi:
             return daemon.decode(await self.http.request(method, path, **kwargs))
 
 
-class AsyncRemoteSandbox(daemon.OnTheDaemonsHost, AsyncSandbox):
+@daemon.on_the_daemons_host
+class AsyncRemoteSandbox(AsyncSandbox):
     """A daemon's sandbox for asyncio code (see :class:`ember.sandbox.remote.RemoteSandbox`)."""
 
     @takes(SandboxOptions)
