@@ -41,14 +41,13 @@ if TYPE_CHECKING:
         SnapshotError,
     )
     from ember.network.policy import NetworkPolicy
-    from ember.sandbox import Sandbox
-    from ember.sandbox_async import AsyncSandbox
+    from ember.sandbox import AsyncSandbox, Sandbox
 
 # Names are imported on first use (PEP 562): `import ember.X` for one submodule (the CLI, the
 # zygote, the VMM) must not pay ~0.2 s for the SDK's asyncio, clients and templates.
 _LAZY: dict[str, str] = {
     "AgentError": "ember.errors",
-    "AsyncSandbox": "ember.sandbox_async",
+    "AsyncSandbox": "ember.sandbox",
     "BuildError": "ember.errors",
     "CodeError": "ember.client.results",
     "CodeResult": "ember.client.results",

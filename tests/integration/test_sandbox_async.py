@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from ember.sandbox_async import AsyncSandbox
+from ember.sandbox import AsyncSandbox
 from tests.integration.conftest import Images
 
 

@@ -13,8 +13,8 @@ from collections.abc import Iterator
 import pytest
 
 from ember import AsyncSandbox, ExecError, OutputChunk, Sandbox, SandboxError
-from ember.remote import RemoteSandbox
-from ember.remote_async import AsyncRemoteSandbox
+from ember.sandbox.remote import RemoteSandbox
+from ember.sandbox.remote_async import AsyncRemoteSandbox
 from ember.serve.wire import ServerError
 from tests.integration.conftest import ember_command
 from tests.integration.serve_daemon import Daemon, running_daemon

@@ -34,8 +34,7 @@ from ember.client import (
 from ember.errors import EmberError, OutputTooLarge, ProtocolError, SandboxCrashed, SandboxTimeout
 from ember.launcher import VmmProcess
 from ember.protocol import HEADER, MAX_FRAME, Kind, write_frame, write_json
-from ember.sandbox import Sandbox
-from ember.sandbox_async import AsyncSandbox
+from ember.sandbox import AsyncSandbox, Sandbox
 
 Script = Callable[[socket.socket, dict[str, Any]], None]
 BOUNDS = {"grace": 0.05, "call_timeout": 0.2}  # so that a silent agent is given up on soon

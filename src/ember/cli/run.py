@@ -122,7 +122,7 @@ def _sandbox(args: argparse.Namespace) -> Iterator[Sandbox]:
     """A fresh sandbox, destroyed afterwards; or (``--id``) a daemon's, left running."""
     if getattr(args, "id", None):
         from ember.cli.serve import server_url
-        from ember.remote import RemoteSandbox
+        from ember.sandbox.remote import RemoteSandbox
 
         remote = RemoteSandbox.attach(args.id, server=server_url(args))
         try:

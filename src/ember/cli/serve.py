@@ -141,7 +141,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _ps(args: argparse.Namespace) -> int:
-    from ember.remote import list_sandboxes
+    from ember.sandbox.remote import list_sandboxes
 
     metadata = dict(item.partition("=")[::2] for item in args.metadata)
     found = list_sandboxes(server=server_url(args), metadata=metadata)
@@ -159,7 +159,7 @@ def _ps(args: argparse.Namespace) -> int:
 
 
 def _kill(args: argparse.Namespace) -> int:
-    from ember.remote import Api
+    from ember.sandbox.remote import Api
 
     api = Api(server_url(args))
     status = 0

@@ -16,42 +16,30 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from pathlib import Path
 from types import TracebackType
-from typing import Any, BinaryIO, overload
+from typing import Any, ParamSpec, TypeVar, overload
 
 from ember import protocol
 from ember.client import (
-    DEFAULT_MAX_OUTPUT,
     AsyncAgentClient,
-    AsyncExecStream,
     ChannelServer,
     CodeResult,
-    Command,
-    DirEntry,
     ExecResult,
-    FileStat,
     OutputChunk,
-    PathArg,
-    Source,
     Streams,
     explain_crashed_worker,
 )
 from ember.errors import ConfigError, ProtocolError, SandboxError, SandboxTimeout
 from ember.jailer.cgroups import SandboxCgroup
-from ember.launcher import (
-    DEFAULT_MEM_MIB,
-    HANDSHAKE_TIMEOUT,
-    SandboxSpec,
-    VmmProcess,
-    fork_vmm,
-    quotas_from,
-    start_vmm,
-)
-from ember.network.policy import NetworkPolicy
+from ember.launcher import HANDSHAKE_TIMEOUT, SandboxSpec, VmmProcess, fork_vmm, start_vmm
+from ember.sandbox.files import AsyncSandboxFiles
+from ember.sandbox.options import ExecArgs, SandboxOptions, StreamArgs, check_port, new_facade
+from ember.sandbox.signature import takes
+
+P = ParamSpec("P")
+T = TypeVar("T")
 
 
 class _AsyncConnect:
@@ -73,7 +61,7 @@ class _AsyncConnect:
 
 
 async def _attach(sandbox_id: str, *, server: str | None = None) -> AsyncSandbox:
-    from ember.remote_async import AsyncRemoteSandbox
+    from ember.sandbox.remote_async import AsyncRemoteSandbox
 
     return await AsyncRemoteSandbox.attach(sandbox_id, server=server)
 
@@ -82,47 +70,37 @@ class AsyncSandbox:
     """Create with ``async with AsyncSandbox() as sb`` (or ``await AsyncSandbox().start()``).
 
     ``server=URL`` (default ``$EMBER_SERVER``; ``""``: in-process) makes it in an
-    ``ember serve`` daemon instead, as ``Sandbox(server=...)`` does.
+    ``ember serve`` daemon instead, as ``Sandbox(server=...)`` does.  The arguments
+    are those of :class:`~ember.sandbox.options.SandboxOptions`, as for ``Sandbox``.
     """
 
     def __new__(cls, *args: Any, server: str | None = None, **kwargs: Any) -> AsyncSandbox:
-        url = os.environ.get("EMBER_SERVER", "") if server is None else server
-        if cls is AsyncSandbox and url:
-            from ember.remote_async import AsyncRemoteSandbox
+        remote = "ember.sandbox.remote_async:AsyncRemoteSandbox"
+        return new_facade(cls, AsyncSandbox, server, remote)
 
-            return object.__new__(AsyncRemoteSandbox)
-        return object.__new__(cls)
+    @takes(SandboxOptions)
+    def __init__(self, options: SandboxOptions) -> None:
+        self._setup(options.local_spec(), None, template=options.template, boot=options.boot)
 
-    def __init__(
+    @classmethod
+    def _of_vmm(cls, vmm: VmmProcess, spec: SandboxSpec) -> AsyncSandbox:
+        """The (not yet started) sandbox driving a VMM started elsewhere, e.g. a fork."""
+        sandbox = object.__new__(cls)
+        sandbox._setup(spec, vmm)
+        return sandbox
+
+    def _setup(
         self,
+        spec: SandboxSpec,
+        vmm: VmmProcess | None,
         *,
-        mem_mib: int = DEFAULT_MEM_MIB,
-        vcpus: int = 1,
-        kernel: Path | None = None,
-        rootfs: Path | None = None,
-        cpu_template: str = "auto",
-        boot_timeout: float = 600.0,
-        cpus: float | None = None,
-        memory_mib: int | None = None,
-        pids: int | None = None,
         template: str | None = None,
         boot: bool = False,
-        jail: bool | None = None,
-        network: bool | NetworkPolicy | None = None,
-        server: str | None = None,
-        metadata: dict[str, str] | None = None,
-        timeout: float | None = None,
     ) -> None:
-        if timeout is not None:
-            raise ConfigError("timeout= (a lifetime) is for sandboxes of a daemon: pass server=")
+        self._spec = spec
+        self._vmm = vmm  # None until start() starts it (from template, or booted)
         self._template = template
         self._boot = boot
-        self._spec = SandboxSpec(
-            kernel, rootfs, mem_mib, vcpus, cpu_template, boot_timeout,
-            quotas=quotas_from(cpus, memory_mib, pids), jail=jail,
-            network=NetworkPolicy.coerce(network),
-        )  # fmt: skip
-        self._vmm: VmmProcess | None = None
         self._channels: ChannelServer | None = None
         self._closed = False
         self._client = AsyncAgentClient(self._connect, resume=self._resume, announce_resume=True)
@@ -156,8 +134,7 @@ class AsyncSandbox:
 
     async def _connect_port(self, port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         """Streams to ``port`` in the guest (a vsock listener there); see ``Sandbox.connect``."""
-        if not 0 < port < 0xFFFFFFFF:
-            raise ValueError(f"vsock port {port} is out of range")
+        check_port(port)
         sock = await asyncio.to_thread(self._require().connect, port)
         return await asyncio.open_unix_connection(sock=sock)
 
@@ -180,15 +157,8 @@ class AsyncSandbox:
 
     async def fork(self) -> AsyncSandbox:
         """A started sandbox continuing from this one's exact state; see ``Sandbox.fork``."""
-        vmm = self._require()
-        child = object.__new__(AsyncSandbox)
-        child._template, child._boot, child._spec = None, False, self._spec
-        child._vmm = await asyncio.to_thread(fork_vmm, vmm, self._spec)
-        child._channels = None
-        child._closed = False
-        child._client = AsyncAgentClient(child._connect, resume=child._resume, announce_resume=True)
-        child.files = AsyncSandboxFiles(child)
-        return await child.start()
+        vmm = await asyncio.to_thread(fork_vmm, self._require(), self._spec)
+        return await AsyncSandbox._of_vmm(vmm, self._spec).start()
 
     async def snapshot(self, name: str) -> None:
         """Save this sandbox as it is now as template ``name``; see ``Sandbox.snapshot``."""
@@ -231,7 +201,10 @@ class AsyncSandbox:
                 raise crash from exc
             raise
 
-    async def _call(self, func: Any, *args: Any, **kwargs: Any) -> Any:
+    async def _call(
+        self, func: Callable[P, Awaitable[T]], /, *args: P.args, **kwargs: P.kwargs
+    ) -> T:
+        """``await func(*args, **kwargs)``, a dead VM's failure as SandboxCrashed."""
         async with self._guard():
             return await func(*args, **kwargs)
 
@@ -254,7 +227,7 @@ class AsyncSandbox:
         *, server: str | None = None, metadata: dict[str, str] | None = None
     ) -> list[dict[str, Any]]:
         """The daemon's sandboxes (those whose metadata include ``metadata``), as JSON objects."""
-        from ember.remote import list_sandboxes
+        from ember.sandbox.remote import list_sandboxes
 
         return await asyncio.to_thread(list_sandboxes, server=server, metadata=metadata)
 
@@ -267,48 +240,25 @@ class AsyncSandbox:
         raise ConfigError("set_timeout needs a sandbox of a daemon: use Sandbox(server=...)")
 
     async def ping(self) -> dict[str, Any]:
-        result: dict[str, Any] = await self._call(self._client.ping)
-        return result
+        return await self._call(self._client.ping)
 
-    async def exec(
-        self,
-        cmd: Command,
-        *,
-        timeout: float | None = None,
-        env: dict[str, str] | None = None,
-        cwd: str | None = None,
-        stdin: Source | None = None,
-        max_output: int | None = DEFAULT_MAX_OUTPUT,
-    ) -> ExecResult:
-        result: ExecResult = await self._call(
-            self._client.exec,
-            cmd,
-            timeout=timeout,
-            env=env,
-            cwd=cwd,
-            stdin=stdin,
-            max_output=max_output,
-        )
-        return result
+    @takes(ExecArgs)
+    async def exec(self, a: ExecArgs) -> ExecResult:
+        """Run ``cmd`` and wait for it; see ``Sandbox.exec``."""
+        return await self._call(self._client.exec, a.cmd, timeout=a.timeout, env=a.env,
+                                cwd=a.cwd, stdin=a.stdin, max_output=a.max_output)  # fmt: skip
 
-    async def exec_stream(
-        self,
-        cmd: Command,
-        *,
-        timeout: float | None = None,
-        env: dict[str, str] | None = None,
-        cwd: str | None = None,
-        stdin: Source | None = None,
-    ) -> AsyncIterator[OutputChunk]:
-        stream: AsyncExecStream = self._client.exec_stream(
-            cmd, timeout=timeout, env=env, cwd=cwd, stdin=stdin
-        )
+    @takes(StreamArgs)
+    async def exec_stream(self, a: StreamArgs) -> AsyncIterator[OutputChunk]:
+        """Stdout/stderr chunks as they are produced; see ``Sandbox.exec_stream``."""
+        stream = self._client.exec_stream(a.cmd, timeout=a.timeout, env=a.env, cwd=a.cwd,
+                                          stdin=a.stdin)  # fmt: skip
         async with self._guard(), stream:
             async for chunk in stream:
                 yield chunk
 
     async def run_code(self, code: str, *, timeout: float | None = None) -> CodeResult:
-        result: CodeResult = await self._call(self._client.run_code, code, timeout)
+        result = await self._call(self._client.run_code, code, timeout)
         return explain_crashed_worker(result, self._require().console_tail(200))
 
     async def channel(self, name: str, *, timeout: float | None = None) -> AsyncIterator[bytes]:
@@ -346,32 +296,3 @@ class AsyncSandbox:
         tb: TracebackType | None,
     ) -> None:
         await self.close()
-
-
-class AsyncSandboxFiles:
-    def __init__(self, sandbox: AsyncSandbox) -> None:
-        self._sb = sandbox
-        self._files = sandbox._client.files
-
-    async def write(self, path: PathArg, data: bytes | BinaryIO, *, mode: int | None = None) -> int:
-        result: int = await self._sb._call(self._files.write, path, data, mode=mode)
-        return result
-
-    async def read(self, path: PathArg, *, max_output: int | None = DEFAULT_MAX_OUTPUT) -> bytes:
-        result: bytes = await self._sb._call(self._files.read, path, max_output=max_output)
-        return result
-
-    async def read_into(self, path: PathArg, fileobj: BinaryIO) -> int:
-        result: int = await self._sb._call(self._files.read_into, path, fileobj)
-        return result
-
-    async def stat(self, path: PathArg) -> FileStat:
-        result: FileStat = await self._sb._call(self._files.stat, path)
-        return result
-
-    async def list(self, path: PathArg) -> list[DirEntry]:
-        result: list[DirEntry] = await self._sb._call(self._files.list, path)
-        return result
-
-    async def remove(self, path: PathArg, *, recursive: bool = False) -> None:
-        await self._sb._call(self._files.remove, path, recursive=recursive)

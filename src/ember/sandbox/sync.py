@@ -15,39 +15,29 @@ tail; nothing else in the host process is affected.
 from __future__ import annotations
 
 import contextlib
-import os
 import socket
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from types import TracebackType
-from typing import Any, BinaryIO, overload
+from typing import Any, ParamSpec, TypeVar, overload
 
 from ember.client import (
-    DEFAULT_MAX_OUTPUT,
     AgentClient,
     ChannelServer,
     CodeResult,
-    Command,
-    DirEntry,
     ExecResult,
     ExecStream,
-    FileStat,
     OutputChunk,
-    PathArg,
-    Source,
     explain_crashed_worker,
 )
 from ember.errors import ConfigError, ProtocolError, SandboxCrashed, SandboxError, SandboxTimeout
 from ember.jailer.cgroups import SandboxCgroup
-from ember.launcher import (
-    DEFAULT_MEM_MIB,
-    SandboxSpec,
-    VmmProcess,
-    fork_vmm,
-    quotas_from,
-    start_vmm,
-)
-from ember.network.policy import NetworkPolicy
+from ember.launcher import SandboxSpec, VmmProcess, fork_vmm, start_vmm
+from ember.sandbox.files import SandboxFiles
+from ember.sandbox.options import ExecArgs, SandboxOptions, StreamArgs, check_port, new_facade
+from ember.sandbox.signature import takes
+
+P = ParamSpec("P")
+T = TypeVar("T")
 
 
 class _Connect:
@@ -67,7 +57,7 @@ class _Connect:
 
 def _attach(sandbox_id: str, *, server: str | None = None) -> Sandbox:
     """The sandbox ``sandbox_id`` of a daemon (``server``, default ``$EMBER_SERVER``)."""
-    from ember.remote import RemoteSandbox
+    from ember.sandbox.remote import RemoteSandbox
 
     return RemoteSandbox.attach(sandbox_id, server=server)
 
@@ -96,46 +86,26 @@ class Sandbox:
 
     ``server="http://127.0.0.1:7777"`` (default: ``$EMBER_SERVER``; ``""`` forces
     in-process) makes the sandbox in an ``ember serve`` daemon instead and returns
-    its client (:class:`ember.remote.RemoteSandbox`), with the same methods plus
-    ``id``, ``metadata`` and ``timeout`` (seconds until the daemon kills it).
+    its client (:class:`ember.sandbox.remote.RemoteSandbox`), with the same methods
+    plus ``id``, ``metadata`` and ``timeout`` (seconds until the daemon kills it).
+
+    The arguments are those of :class:`~ember.sandbox.options.SandboxOptions`.
     """
 
     def __new__(cls, *args: Any, server: str | None = None, **kwargs: Any) -> Sandbox:
-        url = os.environ.get("EMBER_SERVER", "") if server is None else server
-        if cls is Sandbox and url:
-            from ember.remote import RemoteSandbox
+        return new_facade(cls, Sandbox, server, "ember.sandbox.remote:RemoteSandbox")
 
-            return object.__new__(RemoteSandbox)
-        return object.__new__(cls)
+    @takes(SandboxOptions)
+    def __init__(self, options: SandboxOptions) -> None:
+        spec = options.local_spec()
+        self._setup(start_vmm(spec, template=options.template, boot=options.boot), spec)
 
-    def __init__(
-        self,
-        *,
-        mem_mib: int = DEFAULT_MEM_MIB,
-        vcpus: int = 1,
-        kernel: Path | None = None,
-        rootfs: Path | None = None,
-        cpu_template: str = "auto",
-        boot_timeout: float = 600.0,
-        cpus: float | None = None,
-        memory_mib: int | None = None,
-        pids: int | None = None,
-        template: str | None = None,
-        boot: bool = False,
-        jail: bool | None = None,
-        network: bool | NetworkPolicy | None = None,
-        server: str | None = None,
-        metadata: dict[str, str] | None = None,
-        timeout: float | None = None,
-    ) -> None:
-        if timeout is not None:
-            raise ConfigError("timeout= (a lifetime) is for sandboxes of a daemon: pass server=")
-        spec = SandboxSpec(
-            kernel, rootfs, mem_mib, vcpus, cpu_template, boot_timeout,
-            quotas=quotas_from(cpus, memory_mib, pids), jail=jail,
-            network=NetworkPolicy.coerce(network),
-        )  # fmt: skip
-        self._setup(start_vmm(spec, template=template, boot=boot), spec)
+    @classmethod
+    def _of_vmm(cls, vmm: VmmProcess, spec: SandboxSpec) -> Sandbox:
+        """The sandbox driving a VMM started elsewhere (a fork, a daemon's resume)."""
+        sandbox = object.__new__(cls)
+        sandbox._setup(vmm, spec)
+        return sandbox
 
     def _setup(self, vmm: VmmProcess, spec: SandboxSpec) -> None:
         self._vmm = vmm
@@ -146,10 +116,13 @@ class Sandbox:
         self.files = SandboxFiles(self)
 
     # --- plumbing
-    def _connect(self) -> socket.socket:
+    def _live(self) -> VmmProcess:
         if self._closed:
             raise SandboxError("this sandbox is closed")
-        return self._vmm.connect()
+        return self._vmm
+
+    def _connect(self) -> socket.socket:
+        return self._live().connect()
 
     @contextlib.contextmanager
     def _guard(self) -> Iterator[None]:
@@ -172,7 +145,8 @@ class Sandbox:
                 raise crash from exc
             raise
 
-    def _call(self, func: Any, *args: Any, **kwargs: Any) -> Any:
+    def _call(self, func: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> T:
+        """``func(*args, **kwargs)`` (an agent call), a dead VM's failure as SandboxCrashed."""
         with self._guard():
             return func(*args, **kwargs)
 
@@ -187,7 +161,7 @@ class Sandbox:
         *, server: str | None = None, metadata: dict[str, str] | None = None
     ) -> list[dict[str, Any]]:
         """The daemon's sandboxes (those whose metadata include ``metadata``), as JSON objects."""
-        from ember.remote import list_sandboxes
+        from ember.sandbox.remote import list_sandboxes
 
         return list_sandboxes(server=server, metadata=metadata)
 
@@ -210,47 +184,22 @@ class Sandbox:
         return self._vmm.cgroup
 
     def ping(self) -> dict[str, Any]:
-        result: dict[str, Any] = self._call(self._client.ping)
-        return result
+        return self._call(self._client.ping)
 
-    def exec(
-        self,
-        cmd: Command,
-        *,
-        timeout: float | None = None,
-        env: dict[str, str] | None = None,
-        cwd: str | None = None,
-        stdin: Source | None = None,
-        max_output: int | None = DEFAULT_MAX_OUTPUT,
-    ) -> ExecResult:
+    @takes(ExecArgs)
+    def exec(self, a: ExecArgs) -> ExecResult:
         """Run ``cmd`` (argv list, or a shell string) and wait for it; see AgentClient.exec.
 
         More than ``max_output`` bytes of output (stdout and stderr together) stops the
         command and raises OutputTooLarge: use :meth:`exec_stream` for big outputs."""
-        result: ExecResult = self._call(
-            self._client.exec,
-            cmd,
-            timeout=timeout,
-            env=env,
-            cwd=cwd,
-            stdin=stdin,
-            max_output=max_output,
-        )
-        return result
+        return self._call(self._client.exec, a.cmd, timeout=a.timeout, env=a.env, cwd=a.cwd,
+                          stdin=a.stdin, max_output=a.max_output)  # fmt: skip
 
-    def exec_stream(
-        self,
-        cmd: Command,
-        *,
-        timeout: float | None = None,
-        env: dict[str, str] | None = None,
-        cwd: str | None = None,
-        stdin: Source | None = None,
-    ) -> Iterator[OutputChunk]:
+    @takes(StreamArgs)
+    def exec_stream(self, a: StreamArgs) -> Iterator[OutputChunk]:
         """Yield stdout/stderr chunks as they are produced; the generator's return is the result."""
-        stream: ExecStream = self._call(
-            self._client.exec_stream, cmd, timeout=timeout, env=env, cwd=cwd, stdin=stdin
-        )
+        stream = self._call(self._client.exec_stream, a.cmd, timeout=a.timeout, env=a.env,
+                            cwd=a.cwd, stdin=a.stdin)  # fmt: skip
         return self._guarded_stream(stream)
 
     def _guarded_stream(self, stream: ExecStream) -> Iterator[OutputChunk]:
@@ -264,7 +213,7 @@ class Sandbox:
 
     def run_code(self, code: str, *, timeout: float | None = None) -> CodeResult:
         """Run Python source in the sandbox's persistent interpreter (state kept between calls)."""
-        result: CodeResult = self._call(self._client.run_code, code, timeout)
+        result = self._call(self._client.run_code, code, timeout)
         return explain_crashed_worker(result, self._vmm.console_tail(200))
 
     def channel(self, name: str, *, timeout: float | None = None) -> Iterator[bytes]:
@@ -287,15 +236,13 @@ class Sandbox:
     def _connect_port(self, port: int) -> socket.socket:
         """A stream socket to ``port`` in the guest (a vsock listener there), e.g. a server
         the sandboxed code runs; raises ConnectionError when nothing listens on it."""
-        if not 0 < port < 0xFFFFFFFF:
-            raise ValueError(f"vsock port {port} is out of range")
-        if self._closed:
-            raise SandboxError("this sandbox is closed")
+        check_port(port)
+        vmm = self._live()
         try:
-            return self._vmm.connect(port)
+            return vmm.connect(port)
         except OSError as exc:
-            if self._vmm.exited():
-                raise self._vmm.crashed("the sandbox crashed") from exc
+            if vmm.exited():
+                raise vmm.crashed("the sandbox crashed") from exc
             raise
 
     connect = _Connect()
@@ -303,17 +250,13 @@ class Sandbox:
     def expose(self, port: int) -> tuple[str, int]:
         """Make TCP ``port`` of the guest reachable from the host: the (address, port) to
         connect to.  Needs ``network=``; the egress policy does not apply to these replies."""
-        if self._closed:
-            raise SandboxError("this sandbox is closed")
-        return self._vmm.expose(port)
+        return self._live().expose(port)
 
     def listen(self, port: int, *, backlog: int = 16) -> socket.socket:
         """A listening socket for connections the guest opens to the host's vsock ``port``
         (``socket(AF_VSOCK).connect((2, port))`` in the guest). Only this sandbox's VMM can
         reach it (even jailed, as its own uid); ``accept`` on it, close it when done."""
-        if self._closed:
-            raise SandboxError("this sandbox is closed")
-        return self._vmm.listen(port, backlog=backlog)
+        return self._live().listen(port, backlog=backlog)
 
     @property
     def address(self) -> str | None:
@@ -326,19 +269,13 @@ class Sandbox:
         Its RAM is copy-on-write from a snapshot taken now; connections open
         in this sandbox are not carried over.  The two then diverge.
         """
-        if self._closed:
-            raise SandboxError("this sandbox is closed")
-        child = object.__new__(Sandbox)
-        child._setup(fork_vmm(self._vmm, self._spec), self._spec)
-        return child
+        return Sandbox._of_vmm(fork_vmm(self._live(), self._spec), self._spec)
 
     def snapshot(self, name: str) -> None:
         """Save this sandbox as it is now as template ``name``: ``Sandbox(template=name)``."""
         from ember import templates
 
-        if self._closed:
-            raise SandboxError("this sandbox is closed")
-        templates.save_from(self._vmm, name)
+        templates.save_from(self._live(), name)
 
     def close(self) -> None:
         if self._closed:
@@ -358,38 +295,6 @@ class Sandbox:
         tb: TracebackType | None,
     ) -> None:
         self.close()
-
-
-class SandboxFiles:
-    """``sb.files``: the guest's file system, streamed in bounded pieces."""
-
-    def __init__(self, sandbox: Sandbox) -> None:
-        self._sb = sandbox
-        self._files = sandbox._client.files
-
-    def write(self, path: PathArg, data: bytes | BinaryIO, *, mode: int | None = None) -> int:
-        result: int = self._sb._call(self._files.write, path, data, mode=mode)
-        return result
-
-    def read(self, path: PathArg, *, max_output: int | None = DEFAULT_MAX_OUTPUT) -> bytes:
-        """The whole file; beyond ``max_output`` bytes OutputTooLarge (then use read_into)."""
-        result: bytes = self._sb._call(self._files.read, path, max_output=max_output)
-        return result
-
-    def read_into(self, path: PathArg, fileobj: BinaryIO) -> int:
-        result: int = self._sb._call(self._files.read_into, path, fileobj)
-        return result
-
-    def stat(self, path: PathArg) -> FileStat:
-        result: FileStat = self._sb._call(self._files.stat, path)
-        return result
-
-    def list(self, path: PathArg) -> list[DirEntry]:
-        result: list[DirEntry] = self._sb._call(self._files.list, path)
-        return result
-
-    def remove(self, path: PathArg, *, recursive: bool = False) -> None:
-        self._sb._call(self._files.remove, path, recursive=recursive)
 
 
 __all__ = ["Sandbox", "SandboxCrashed", "SandboxFiles"]

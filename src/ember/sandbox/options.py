@@ -1,0 +1,115 @@
+"""The arguments the sandbox facades share, each set written (and checked) once.
+
+:class:`SandboxOptions` is what ``Sandbox(...)``, ``AsyncSandbox(...)`` and their
+daemon clients take; it becomes a :class:`~ember.launcher.SandboxSpec` in-process
+(:meth:`SandboxOptions.local_spec`) or the body of ``POST /sandboxes`` for a daemon
+(:meth:`SandboxOptions.daemon_body`).  :class:`StreamArgs` and :class:`ExecArgs` are
+a command's ``cmd, *, timeout, env, cwd, stdin`` (and ``max_output``).  The facades
+take them through :func:`ember.sandbox.signature.takes`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from dataclasses import KW_ONLY, dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+from ember.client import DEFAULT_MAX_OUTPUT, Command, Source
+from ember.errors import ConfigError
+from ember.launcher import DEFAULT_MEM_MIB, SandboxSpec, quotas_from
+from ember.network.policy import NetworkPolicy
+
+
+def server_url(server: str | None) -> str:
+    """The daemon a sandbox is made in: ``server``, else ``$EMBER_SERVER``; "" is in-process."""
+    return os.environ.get("EMBER_SERVER", "") if server is None else server
+
+
+F = TypeVar("F")
+
+
+def new_facade(cls: type[F], local: type[F], server: str | None, remote: str) -> F:
+    """``local.__new__``: a daemon's client (``remote``, "module:Class") when ``server``
+    (else ``$EMBER_SERVER``) names a daemon and ``local`` itself was called."""
+    if cls is local and server_url(server):
+        module, _, name = remote.partition(":")
+        cls = getattr(importlib.import_module(module), name)
+    return object.__new__(cls)
+
+
+@dataclass(frozen=True, kw_only=True)
+class SandboxOptions:
+    """One sandbox's shape and where it runs (see :class:`ember.sandbox.Sandbox`)."""
+
+    mem_mib: int = DEFAULT_MEM_MIB
+    vcpus: int = 1
+    kernel: Path | None = None
+    rootfs: Path | None = None
+    cpu_template: str = "auto"
+    boot_timeout: float = 600.0
+    cpus: float | None = None
+    memory_mib: int | None = None
+    pids: int | None = None
+    template: str | None = None
+    boot: bool = False
+    jail: bool | None = None
+    network: bool | NetworkPolicy | None = None
+    server: str | None = None
+    metadata: dict[str, str] | None = None
+    timeout: float | None = None
+
+    def local_spec(self) -> SandboxSpec:
+        """The VMM to start in this process (``template``/``boot`` pick how, not what)."""
+        if self.timeout is not None:
+            raise ConfigError("timeout= (a lifetime) is for sandboxes of a daemon: pass server=")
+        return SandboxSpec(
+            self.kernel, self.rootfs, self.mem_mib, self.vcpus, self.cpu_template,
+            self.boot_timeout, quotas=quotas_from(self.cpus, self.memory_mib, self.pids),
+            jail=self.jail, network=NetworkPolicy.coerce(self.network),
+        )  # fmt: skip
+
+    def daemon_body(self) -> dict[str, Any]:
+        """The JSON body of ``POST /sandboxes``: what a daemon lets a client choose."""
+        if (self.kernel is not None or self.rootfs is not None or self.boot or self.network
+                or self.jail is False):  # fmt: skip
+            raise ConfigError(
+                "kernel=, rootfs=, boot=, network= and jail=False are not available through "
+                'a daemon: use them in-process (server="")'
+            )
+        body: dict[str, Any] = {"mem_mib": self.mem_mib, "vcpus": self.vcpus,
+                                "metadata": self.metadata or {}}  # fmt: skip
+        for key, value in (("cpus", self.cpus), ("memory_mib", self.memory_mib),
+                           ("pids", self.pids), ("template", self.template),
+                           ("timeout", self.timeout)):  # fmt: skip
+            if value is not None:
+                body[key] = value
+        return body
+
+
+@dataclass(frozen=True)
+class StreamArgs:
+    """A command: ``cmd`` (argv list, or a shell string), and how to run it."""
+
+    cmd: Command
+    _: KW_ONLY
+    timeout: float | None = None
+    env: dict[str, str] | None = None
+    cwd: str | None = None
+    stdin: Source | None = None
+
+
+@dataclass(frozen=True)
+class ExecArgs(StreamArgs):
+    """A command run to completion: at most ``max_output`` bytes of output are kept."""
+
+    _: KW_ONLY
+    max_output: int | None = DEFAULT_MAX_OUTPUT
+
+
+def check_port(port: int) -> int:
+    """A guest vsock port (``connect``); the same check in-process and async."""
+    if not 0 < port < 0xFFFFFFFF:
+        raise ValueError(f"vsock port {port} is out of range")
+    return port
