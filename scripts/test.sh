@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Ember's tests: lint and types first (cheap), then unit and integration tests.
+# Ember's tests: lint, types and the import graph first (cheap), then unit and integration tests.
 # Needs scripts/setup.sh to have run (the integration tests boot the built guest images).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 .venv/bin/ruff check src tests bench
 .venv/bin/mypy
+.venv/bin/lint-imports  # the import graph's rules: [tool.importlinter] in pyproject.toml
 .venv/bin/python -m pytest -v -p no:cacheprovider "$@"

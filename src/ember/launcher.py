@@ -378,8 +378,8 @@ class VmmProcess:
 
     def snapshot(self, directory: Path, *, durable: bool) -> dict[str, Any]:
         """Snapshot the running VM into ``directory`` (through the VMM's control socket)."""
-        from ember.snapshot.machine_state import open_snapshot_files
         from ember.vmm import control
+        from ember.vmm.machine_state import open_snapshot_files
 
         if self.exited():
             raise self.crashed("the sandbox is not running")
@@ -563,25 +563,6 @@ def _config_fd(config: ProcessConfig) -> int:
         os.close(fd)
         raise
     return fd
-
-
-def start_vmm(spec: SandboxSpec, *, template: str | None, boot: bool) -> VmmProcess:
-    """A new sandbox VM: restored from a template (the default), or cold-booted."""
-    if boot:
-        if template is not None:
-            raise ConfigError("boot=True boots the image; it cannot also restore a template")
-        return VmmProcess(spec)
-    from ember import templates
-
-    found = templates.find(template or templates.DEFAULT, spec)
-    has_net = bool(found.meta.get("network", False))
-    if has_net != (spec.network is not None):
-        raise ConfigError(
-            f"template {found.name!r} was made "
-            + ("with a network: pass network= to restore it" if has_net else "without a network")
-            + ("" if has_net else ": make a networked one (network= when you snapshot)")
-        )
-    return VmmProcess(spec, restore=found.dir)
 
 
 def fork_vmm(parent: VmmProcess, spec: SandboxSpec) -> VmmProcess:

@@ -416,3 +416,20 @@ def _wait_idle(vmm: VmmProcess) -> None:
         if now - last < IDLE_CPU_S:
             return
         last = now
+
+
+def start_vmm(spec: SandboxSpec, *, template: str | None, boot: bool) -> VmmProcess:
+    """A new sandbox VM: restored from a template (the default), or cold-booted."""
+    if boot:
+        if template is not None:
+            raise ConfigError("boot=True boots the image; it cannot also restore a template")
+        return VmmProcess(spec)
+    found = find(template or DEFAULT, spec)
+    has_net = bool(found.meta.get("network", False))
+    if has_net != (spec.network is not None):
+        raise ConfigError(
+            f"template {found.name!r} was made "
+            + ("with a network: pass network= to restore it" if has_net else "without a network")
+            + ("" if has_net else ": make a networked one (network= when you snapshot)")
+        )
+    return VmmProcess(spec, restore=found.dir)

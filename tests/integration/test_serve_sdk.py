@@ -15,7 +15,7 @@ import pytest
 from ember import AsyncSandbox, ExecError, OutputChunk, Sandbox, SandboxError
 from ember.sandbox.remote import RemoteSandbox
 from ember.sandbox.remote_async import AsyncRemoteSandbox
-from ember.serve.wire import ServerError
+from ember.sandbox.wire import ServerError
 from tests.integration.conftest import ember_command
 from tests.integration.serve_daemon import Daemon, running_daemon
 

@@ -24,6 +24,7 @@ services, balloon targets).  :func:`run_program` plays one against a fresh devic
 
 from __future__ import annotations
 
+import gc
 import logging
 import mmap
 import os
@@ -384,6 +385,7 @@ class RunResult:
 def run_program(program: Program) -> RunResult:
     """Play ``program`` against a fresh device; raise :class:`FuzzFailure` if a check fails."""
     result = RunResult()
+    gc.collect()  # an earlier test's garbage closing its fds mid-run is not this device's doing
     fds = _open_fds()
     started = not tracemalloc.is_tracing()
     if started:
@@ -394,8 +396,9 @@ def run_program(program: Program) -> RunResult:
     finally:
         if started:
             tracemalloc.stop()
-    if _open_fds() != fds:
-        raise FuzzFailure(f"{_open_fds() - fds} fds left open after the device was closed")
+    leaked = _open_fds() - fds
+    if leaked:
+        raise FuzzFailure(f"fds {sorted(leaked)} left open after the device was closed")
     return result
 
 
@@ -464,8 +467,8 @@ def _check_op(rig: Rig, done: Work, peak: int, held: int, what: str) -> None:
         raise FuzzFailure(f"{what}: {why}")
 
 
-def _open_fds() -> int:
-    return len(os.listdir("/proc/self/fd"))
+def _open_fds() -> set[int]:
+    return {int(name) for name in os.listdir("/proc/self/fd")}
 
 
 @contextmanager

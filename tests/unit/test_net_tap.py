@@ -23,15 +23,16 @@ from ember.devices.virtio.net.device import (
     Net,
     tun_offload_flags,
 )
-from ember.devices.virtio.net.tap import TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, open_tap, set_offload
+from ember.devices.virtio.net.tap import open_tap, set_offload
 from ember.devices.virtio.queue import Queue
 from ember.errors import ConfigError, SnapshotError
 from ember.memory import GuestMemory
 from ember.network.host import GATEWAY_IP, GUEST_IP, TAP_MAC, TAP_NAME, SandboxNetwork
+from ember.network.if_tun import TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6
 from ember.network.policy import NetworkPolicy
-from ember.snapshot.machine_state import config_from_state, config_to_state
 from ember.vmm.config import DEFAULT_MAC, NetConfig, VmConfig
 from ember.vmm.event_loop import EventLoop
+from ember.vmm.machine_state import config_from_state, config_to_state
 from tests.unit.virtio_driver import VirtioDriver
 
 MIB = 1 << 20

@@ -23,9 +23,9 @@ from typing import TypeVar
 import pytest
 
 from ember.errors import ConfigError, SandboxError
-from ember.jailer.jail import set_net_namespace
 from ember.network import dns, resolver
 from ember.network.host import SandboxNetwork, _run, name_set_commands
+from ember.network.netns import set_net_namespace
 from ember.network.policy import NetworkPolicy
 from ember.network.resolver import Element, Resolver, SandboxResolver, host_upstream
 from tests.unit.fake_dns import FakeUpstream

@@ -135,7 +135,7 @@ def test_role_lists_are_distinct_and_exclude_process_creation() -> None:
 
 def test_a_vcpu_thread_may_start_virtio_net_but_not_make_taps() -> None:
     """Activation (on the vCPU thread) sets the TAP's offloads and watches its fd."""
-    from ember.devices.virtio.net.tap import TUNSETIFF, TUNSETOFFLOAD
+    from ember.network.if_tun import TUNSETIFF, TUNSETOFFLOAD
 
     poller = select.epoll()  # made before confinement, as the VMM's event loop and TAP are
     tap, other_end = os.pipe()

@@ -18,7 +18,7 @@ from ember.errors import (
     SandboxCrashed,
     SandboxTimeout,
 )
-from ember.serve import wire
+from ember.sandbox import wire
 from ember.serve.guard import Guard
 from ember.serve.state import Record, StateDir, new_id, valid_id
 

@@ -29,11 +29,11 @@ from ember.kvm import abi
 from ember.memory import GuestMemory, GuestMemoryError
 from ember.snapshot import STATE_FILE
 from ember.snapshot import format as fmt
-from ember.snapshot.machine_state import config_from_state, config_to_state, confine_disks
 from ember.snapshot.memory_file import memory_digest, write_memory
 from ember.vmm.builder import restore_machine
 from ember.vmm.config import DiskConfig, VmConfig
 from ember.vmm.console import ConsoleSink
+from ember.vmm.machine_state import config_from_state, config_to_state, confine_disks
 from tests.unit.test_virtio_mmio import (
     ACK,
     DRIVER,

@@ -113,9 +113,10 @@ def _serve(args: argparse.Namespace) -> int:
     try:
         import uvicorn
 
+        from ember.sandbox.wire import default_state_dir
         from ember.serve.app import create_app
         from ember.serve.manager import Manager
-        from ember.serve.state import StateDir, default_state_dir
+        from ember.serve.state import StateDir
     except ImportError as exc:
         raise ConfigError(
             f"ember serve needs the serve extra: pip install 'ember[serve]' ({exc})"

@@ -15,7 +15,7 @@ Cached layers, because they change at very different rates:
   base key, the layer keys and the payload's bytes (seconds), so editing the
   agent never re-runs debootstrap or pip. Every image lives under
   ``<cache>/rootfs/<key>/``: a restore attaches disks from there only
-  (:func:`ember.snapshot.machine_state.confine_disks`).
+  (:func:`ember.vmm.machine_state.confine_disks`).
 
 The image has no journal: every sandbox mounts it read-only under a per-VM
 overlay (ember-init does that), and a journal only costs mount time.

@@ -32,11 +32,11 @@ import signal
 from pathlib import Path
 
 from ember.errors import ConfigError
+from ember.network.netns import CLONE_NEWNET
 
 CLONE_NEWNS = 0x00020000
 CLONE_NEWUTS = 0x04000000
 CLONE_NEWIPC = 0x08000000
-CLONE_NEWNET = 0x40000000
 CLONE_NEWPID = 0x20000000
 MS_REC = 0x4000
 MS_PRIVATE = 1 << 18
@@ -55,13 +55,6 @@ def _check(result: int, what: str) -> None:
     if result != 0:
         err = ctypes.get_errno()
         raise ConfigError(f"jail: {what} failed: {os.strerror(err)} (the jail needs root)")
-
-
-def set_net_namespace(fd: int) -> None:
-    """Move the calling thread into the network namespace ``fd`` refers to; OSError if not."""
-    if _libc.setns(fd, CLONE_NEWNET) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
 
 
 def host_pid(status: str | None = None) -> int:

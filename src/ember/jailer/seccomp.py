@@ -68,9 +68,9 @@ import enum
 import os
 import socket
 
-from ember.devices.virtio.net.tap import TUNSETOFFLOAD
 from ember.errors import ConfigError
 from ember.kvm import abi
+from ember.network.if_tun import TUNSETOFFLOAD
 
 SCMP_ACT_KILL_PROCESS = 0x80000000
 SCMP_ACT_ALLOW = 0x7FFF0000

@@ -39,7 +39,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from ember.errors import ConfigError, SandboxError
-from ember.jailer.jail import set_net_namespace
+from ember.network.netns import set_net_namespace
 from ember.network.policy import NetworkPolicy
 from ember.network.resolver import DNS_PORT, Element, SandboxResolver
 

@@ -46,8 +46,8 @@ from pathlib import Path
 from typing import Any, TypeVar, cast
 
 from ember.errors import ConfigError, SandboxError
-from ember.jailer.jail import set_net_namespace
 from ember.network import dns
+from ember.network.netns import set_net_namespace
 from ember.network.policy import NetworkPolicy, parse_upstream
 
 log = logging.getLogger(__name__)

@@ -33,10 +33,11 @@ from ember.client import (
 )
 from ember.errors import ConfigError, ProtocolError, SandboxError, SandboxTimeout
 from ember.jailer.cgroups import SandboxCgroup
-from ember.launcher import HANDSHAKE_TIMEOUT, SandboxSpec, VmmProcess, fork_vmm, start_vmm
+from ember.launcher import HANDSHAKE_TIMEOUT, SandboxSpec, VmmProcess, fork_vmm
 from ember.sandbox.files import AsyncSandboxFiles
 from ember.sandbox.options import ExecArgs, SandboxOptions, StreamArgs, check_port, new_facade
 from ember.sandbox.signature import takes
+from ember.templates import start_vmm
 
 P = ParamSpec("P")
 T = TypeVar("T")

@@ -5,7 +5,7 @@
 build a :class:`Request` here, send it their way, and hand the decoded reply back to
 the request's ``parse``; a streamed exec's NDJSON lines go through
 :func:`stream_event`.  Errors come back as the SDK's exceptions, decoded from the
-daemon's stable error codes (:mod:`ember.serve.wire`).
+daemon's stable error codes (:mod:`ember.sandbox.wire`).
 """
 
 from __future__ import annotations
@@ -19,9 +19,9 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from ember.client import CodeResult, ExecResult, OutputChunk, Source
 from ember.errors import ConfigError, SandboxError
+from ember.sandbox import wire
 from ember.sandbox.options import ExecArgs, StreamArgs
 from ember.sandbox.signature import refused
-from ember.serve import wire
 
 if TYPE_CHECKING:
     import httpx  # imported by the remote facades; the in-process ones never need it
@@ -37,10 +37,8 @@ def _token(token: str | None) -> str:
         return token
     if os.environ.get("EMBER_TOKEN"):
         return os.environ["EMBER_TOKEN"]
-    from ember.serve.state import TOKEN_NAME, default_state_dir
-
     try:
-        return (default_state_dir() / TOKEN_NAME).read_text().strip()
+        return (wire.default_state_dir() / wire.TOKEN_NAME).read_text().strip()
     except OSError:
         raise ConfigError(
             "no token for the Ember daemon: set EMBER_TOKEN (its token file is "

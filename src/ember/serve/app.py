@@ -3,7 +3,7 @@
 Handlers are plain functions, so FastAPI runs them on its thread pool: the
 SDK's Sandbox is blocking and thread-safe (one agent connection per call).
 Every failure is a JSON ``{"error": {"code", "message"}}`` with a stable code
-(:mod:`ember.serve.wire`); a traceback only ever reaches the daemon's log.
+(:mod:`ember.sandbox.wire`); a traceback only ever reaches the daemon's log.
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ from fastapi.security import HTTPBearer
 from starlette.exceptions import HTTPException
 
 from ember.errors import EmberError, SandboxCrashed
-from ember.sandbox import Sandbox
-from ember.serve import models, wire
+from ember.sandbox import Sandbox, wire
+from ember.serve import models
 from ember.serve.guard import Guard, json_lines
 from ember.serve.manager import CreateArgs, Entry, Manager, NotFound
 from ember.serve.metrics import Metrics

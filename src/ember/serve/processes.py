@@ -25,8 +25,8 @@ from fastapi import FastAPI, Response
 from fastapi.responses import StreamingResponse
 
 from ember.client import Command, ExecStream
-from ember.sandbox import Sandbox
-from ember.serve import models, wire
+from ember.sandbox import Sandbox, wire
+from ember.serve import models
 from ember.serve.guard import json_lines
 from ember.serve.manager import Manager, NotFound
 

@@ -23,15 +23,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-TOKEN_NAME = "token"
+from ember.sandbox.wire import TOKEN_NAME
+
 RECORDS = "sandboxes"
 ID_PREFIX = "sb-"
-
-
-def default_state_dir() -> Path:
-    """``$XDG_STATE_HOME/ember/serve`` (``~/.local/state/ember/serve``)."""
-    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
-    return Path(base) / "ember" / "serve"
 
 
 def new_id() -> str:

@@ -29,8 +29,8 @@ from fastapi import FastAPI, WebSocket, WebSocketDisconnect
 from pydantic import ValidationError
 
 from ember.client import OutputChunk
-from ember.sandbox import Sandbox
-from ember.serve import models, wire
+from ember.sandbox import Sandbox, wire
+from ember.serve import models
 
 
 class WsExecBody(models.Strict):

@@ -29,11 +29,11 @@ from ember.memory import GuestMemory, GuestMemoryError
 from ember.snapshot import MEMORY_FILE, STATE_FILE
 from ember.snapshot.format import read_state, unblob
 from ember.snapshot.kvm_state import restore_vcpu, restore_vm
-from ember.snapshot.machine_state import config_from_state, confine_disks
 from ember.vmm.config import VmConfig
 from ember.vmm.console import ConsoleSink
 from ember.vmm.event_loop import EventLoop
 from ember.vmm.machine import Machine
+from ember.vmm.machine_state import config_from_state, confine_disks
 from ember.vmm.shm import SharedRegion
 from ember.vmm.virtio_slots import VirtioSlots
 

@@ -162,7 +162,7 @@ class ControlServer:
         path = request.get("path")
         if not isinstance(path, str) or not path:
             return {"ok": False, "error": "snapshot needs two fds (state, memory) or a 'path'"}
-        from ember.snapshot.machine_state import open_snapshot_files
+        from ember.vmm.machine_state import open_snapshot_files
 
         state_fd, memory_fd = open_snapshot_files(Path(path))
         try:

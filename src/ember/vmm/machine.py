@@ -171,7 +171,7 @@ class Machine:
         Call from the event thread (the control socket does), so no device
         callback runs while device state is read.
         """
-        from ember.snapshot.machine_state import save_snapshot
+        from ember.vmm.machine_state import save_snapshot
 
         was_paused = self.paused
         started = time.monotonic()

@@ -49,7 +49,7 @@ JAIL_FILE_SLACK = 256 << 20  # console log and snapshot state on top of a RAM-si
 LATE_IMPORTS: tuple[str, ...] = (
     "ember.vmm.control",
     "ember.vmm.idle",
-    "ember.snapshot.machine_state",
+    "ember.vmm.machine_state",
     "ember.snapshot.kvm_state",
     "ember.snapshot.memory_file",
     "ember.snapshot.format",

@@ -93,6 +93,19 @@ class Interrupt:
             self.eventfd = -1
 
 
+class FdWatcher(Protocol):
+    """The part of the VMM's event loop a device with a host-side fd uses.
+
+    A Protocol so that devices sit below the VMM that drives them
+    (:class:`ember.vmm.event_loop.EventLoop` satisfies it): vsock watches its
+    host socket, virtio-net its TAP.  Callbacks run on the event thread.
+    """
+
+    def add_reader(self, fd: int, callback: Callable[[], None]) -> None: ...
+
+    def remove(self, fd: int) -> None: ...
+
+
 @runtime_checkable
 class TransportDevice(Protocol):
     """What a virtio device offers the transport and the VMM.

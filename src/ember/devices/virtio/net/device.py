@@ -36,12 +36,12 @@ from ember.devices.virtio.device import (
     VIRTIO_F_VERSION_1,
     VIRTIO_ID_NET,
     VIRTIO_RING_F_EVENT_IDX,
+    FdWatcher,
     Interrupt,
     VirtioDevice,
 )
 from ember.devices.virtio.queue import Queue, QueueError
 from ember.memory import GuestMemory, GuestMemoryError
-from ember.vmm.event_loop import EventLoop
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +85,7 @@ class Net(VirtioDevice):
     def __init__(
         self,
         fd: int,
-        events: EventLoop,
+        events: FdWatcher,
         mac: bytes,
         *,
         offloads: bool = True,
@@ -295,7 +295,7 @@ class Net(VirtioDevice):
 
 def tun_offload_flags(acked_features: int) -> int:
     """The ``TUN_F_*`` flags matching what the driver accepted (``VIRTIO_NET_F_GUEST_*``)."""
-    from ember.devices.virtio.net.tap import TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6
+    from ember.network.if_tun import TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6
 
     flags = 0
     if acked_features & (1 << VIRTIO_NET_F_GUEST_CSUM):

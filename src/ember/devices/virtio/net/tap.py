@@ -17,22 +17,18 @@ import os
 import struct
 
 from ember.errors import ConfigError
-from ember.jailer.jail import set_net_namespace
+from ember.network.if_tun import (
+    IFF_NO_PI,
+    IFF_TAP,
+    IFF_VNET_HDR,
+    IFNAMSIZ,
+    TUN_PATH,
+    TUNSETIFF,
+    TUNSETOFFLOAD,
+    TUNSETVNETHDRSZ,
+)
+from ember.network.netns import set_net_namespace
 
-TUN_PATH = "/dev/net/tun"
-IFNAMSIZ = 16
-IFF_TAP = 0x0002
-IFF_NO_PI = 0x1000
-IFF_VNET_HDR = 0x4000
-# <linux/if_tun.h>: _IOW('T', n, int)
-TUNSETIFF = 0x400454CA
-TUNSETOFFLOAD = 0x400454D0
-TUNSETVNETHDRSZ = 0x400454D8
-# What the TAP may hand us: frames with partial checksums, TCP segments up to 64 KiB.
-TUN_F_CSUM = 0x01
-TUN_F_TSO4 = 0x02
-TUN_F_TSO6 = 0x04
-TUN_F_TSO_ECN = 0x08
 VNET_HDR_SIZE = 12
 
 

@@ -37,6 +37,7 @@ from ember.devices.virtio.device import (
     VIRTIO_ID_VSOCK,
     VIRTIO_RING_F_EVENT_IDX,
     VIRTIO_RING_F_INDIRECT_DESC,
+    FdWatcher,
     Interrupt,
     VirtioDevice,
 )
@@ -59,7 +60,6 @@ from ember.devices.virtio.vsock.packet import (
 )
 from ember.errors import ConfigError
 from ember.memory import GuestMemory, GuestMemoryError
-from ember.vmm.event_loop import EventLoop
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +76,7 @@ class Vsock(VirtioDevice):
         self,
         guest_cid: int,
         uds_path: Path,
-        events: EventLoop,
+        events: FdWatcher,
         *,
         max_connections: int = MAX_CONNECTIONS,
         connect_timeout: float = CONNECT_TIMEOUT,

@@ -6,12 +6,17 @@ Bytes travel base64-encoded (``stdout``, ``stderr``, a stream line's
     {"error": {"code": "not_found", "message": "...", ...}}
 
 with a ``code`` from :data:`STATUS` that clients switch on (never on the
-message).  Importable without FastAPI: the HTTP client uses it too.
+message).  Importable without FastAPI: the HTTP client uses it too, and it
+lives below both (``ember.serve`` imports the SDK, never the other way).  So
+does where a local daemon keeps its state: a client on the same host finds
+the token there.
 """
 
 from __future__ import annotations
 
 import base64
+import os
+from pathlib import Path
 from typing import Any
 
 from ember.client import CodeError, CodeResult, DirEntry, ExecResult, FileStat
@@ -24,6 +29,15 @@ from ember.errors import (
     SandboxTimeout,
     agent_error,
 )
+
+TOKEN_NAME = "token"  # the daemon's bearer token, in its state directory
+
+
+def default_state_dir() -> Path:
+    """``$XDG_STATE_HOME/ember/serve`` (``~/.local/state/ember/serve``)."""
+    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(base) / "ember" / "serve"
+
 
 # code -> HTTP status
 STATUS: dict[str, int] = {
