@@ -200,6 +200,33 @@ print("before", flush=True)
 outer()
 """
 
+FINALISERS = """\
+import atexit, sys
+import mod
+
+class Noisy:
+    def __init__(self, name):
+        self.name = name
+
+    def __del__(self):
+        print("del", self.name, sys is not None, flush=True)
+
+a = Noisy("main")
+_b = Noisy("underscore")
+cycle = Noisy("cycle")
+cycle.me = cycle
+del cycle
+out = open("out.txt", "w")
+out.write("written, never closed")
+atexit.register(print, "atexit", flush=True)
+print("main done")
+"""
+
+MOD = """\
+log = open("mod.txt", "w")
+log.write("a module's file, never closed")
+"""
+
 CASES = [
     Case("file", ["python3", "{d}/show.py", "a", "b c"], {"show.py": SHOW}),
     Case("relative file", ["python3", "./show.py"], {"show.py": SHOW}),
@@ -266,6 +293,24 @@ CASES = [
                          "import pickle\nclass C: pass\n"
                          "print(pickle.loads(pickle.dumps(C())).__class__)"]),
     Case("random module", ["python3", "-c", "import random, sys; print('random' in sys.modules)"]),
+    # how the program ends: finalisers, exit codes, threads and streams at exit
+    Case("finalisers at exit", ["python3", "{d}/fin.py"], {"fin.py": FINALISERS, "mod.py": MOD}),
+    Case("exit code out of range", ["python3", "-c", "import sys; sys.exit(300)"]),
+    Case("exit negative", ["python3", "-c", "import sys; sys.exit(-1)"]),
+    Case("exit bool", ["python3", "-c", "import sys; sys.exit(True)"]),
+    Case("exit huge", ["python3", "-c", "import sys; sys.exit(1 << 70)"]),
+    Case("atexit error", ["python3", "-c",
+                          "import atexit\nclass F:\n    def __call__(self): 1 / 0\n"
+                          "    def __repr__(self): return 'F()'\natexit.register(F())"]),
+    Case("daemon thread", ["python3", "-c",
+                           "import threading, time\n"
+                           "threading.Thread(target=lambda: time.sleep(30), daemon=True).start()\n"
+                           "print('main')"]),
+    Case("stdout closed", ["python3", "-c",
+                           "import os, sys; sys.stdout.write('unflushed'); os.close(1)"]),
+    Case("stdout replaced", ["python3", "-c",
+                             "import io, sys\nclass D:\n    def __del__(self): print('del')\n"
+                             "d = D()\nsys.stdout = io.StringIO()\nprint('hidden')"]),
 ]  # fmt: skip
 
 
@@ -279,17 +324,29 @@ def materialise(case: Case, base: Path) -> tuple[list[str], str, dict[str, str] 
     return argv, str(directory), case.env
 
 
+def written(directory: Path, case: Case) -> dict[str, bytes]:
+    """Files the program left in its directory (taken away, for the next run)."""
+    found = {}
+    for path in sorted(directory.iterdir()):
+        if path.is_file() and path.name not in case.files:
+            found[path.name] = path.read_bytes()
+            path.unlink()
+    return found
+
+
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
 def test_a_pre_started_interpreter_is_indistinguishable_from_python3(
     agent: Agent, case: Case, tmp_path: Path
 ) -> None:
     argv, cwd, env = materialise(case, tmp_path)
     real = agent.run(argv, pool=False, stdin=case.stdin, env=env, cwd=cwd, timeout=60)
+    real_files = written(Path(cwd), case)
     pooled = agent.pooled(argv, stdin=case.stdin, env=env, cwd=cwd, timeout=60)
-    if pooled.outcome() != real.outcome():
+    pooled_files = written(Path(cwd), case)
+    if (pooled.outcome(), pooled_files) != (real.outcome(), real_files):
         diff = difflib.unified_diff(
-            repr(real.outcome()).replace("\\n", "\n").splitlines(),
-            repr(pooled.outcome()).replace("\\n", "\n").splitlines(),
+            repr((real.outcome(), real_files)).replace("\\n", "\n").splitlines(),
+            repr((pooled.outcome(), pooled_files)).replace("\\n", "\n").splitlines(),
             "real python3", "pre-started", lineterm="",
         )  # fmt: skip
         pytest.fail("\n".join(diff))
@@ -358,6 +415,54 @@ def test_a_program_that_allocates_past_the_heap_just_runs(agent: Agent) -> None:
     code = "b = bytearray(64 << 20); b[-1] = 1; print(len(b), sum(b))"
     run = agent.pooled(["python3", "-c", code])
     assert run.stdout == f"{64 << 20} 1\n".encode() and run.result["exit_code"] == 0
+
+
+END = """\
+import os, sys, types
+sys.path.insert(0, sys.argv[1])
+from ember.agent import pystart
+
+class Noisy:
+    def __init__(self, name):
+        self.name = name
+
+    def __del__(self):
+        os.write(1, f"del {self.name}\\n".encode())
+
+template = types.ModuleType("template_mod")
+template.obj = Noisy("template")
+sys.modules["template_mod"] = template
+job = pystart.Job({}, {})
+job.baseline = set(sys.modules)
+program = types.ModuleType("program_mod")
+program.obj = Noisy("program")
+sys.modules["program_mod"] = program
+del program
+job.end(SystemExit(eval(sys.argv[2])))
+os.write(1, b"returned\\n")
+"""
+
+
+@pytest.mark.parametrize(
+    ("code", "stdout", "status"),
+    [
+        ("7", b"del program\n", 7),  # the program's objects finalised, the template's left
+        ("None", b"del program\n", 0),
+        ("'bye'", b"returned\n", None),  # python3 prints the message: its own finalisation
+    ],
+)
+def test_a_program_ends_without_tearing_the_template_down(
+    code: str, stdout: bytes, status: int | None
+) -> None:
+    run = subprocess.run(
+        [PYTHON, "-c", END, str(SRC), code], capture_output=True, timeout=60, check=False
+    )
+    assert run.stderr == b""
+    if status is None:  # end() returned: python3's own exit tears everything down afterwards
+        assert run.stdout.startswith(stdout) and b"del template" in run.stdout
+        assert run.returncode == 0
+    else:
+        assert (run.stdout, run.returncode) == (stdout, status)
 
 
 def test_a_program_that_kills_its_own_interpreter(agent: Agent) -> None:

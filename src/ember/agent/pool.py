@@ -61,18 +61,25 @@ with open(sys.argv[1], "rb") as _ember_file:
 del _ember_file
 _ember = _ember_ns["wait"](sys.argv[2:], globals(), _ember)
 del _ember_ns
-_ember_exc = None
+_ember_exc = _ember_end = None
 try:
     _ember.call(*_ember.args)
-except SystemExit:
+except SystemExit as _ember_caught:
     _ember.finish()
-    raise
+    _ember_end = _ember_caught
 except BaseException as _ember_caught:
     _ember_exc = _ember_caught
 else:
     _ember.finish()
 if _ember_exc is not None:  # reported outside the handler, as PyErr_Print does
-    _ember.uncaught(_ember_exc)
+    try:
+        _ember.uncaught(_ember_exc)
+    except SystemExit as _ember_caught:
+        _ember_end = _ember_caught
+    _ember_exc = None
+_ember.end(_ember_end)  # exits, unless python3's own finalisation must run
+if _ember_end is not None:
+    raise _ember_end
 """
 PYSTART = os.path.join(os.path.dirname(os.path.abspath(__file__)), "pystart.py")
 

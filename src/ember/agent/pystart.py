@@ -45,6 +45,9 @@ What a program can still tell (each needs introspection, none changes results):
   every sibling (as in the run_code worker): it cannot be changed once strings exist.
   Programs that need their own set ``PYTHONHASHSEED`` (a real process runs them), or ask
   for ``"pool": false``;
+* at exit, finalisers of objects in different modules of the program may run in another
+  order than python3's (it depends on the collector's generations); each still runs, and
+  unclosed files are still flushed;
 * ``sys.getallocatedblocks()`` is 0 (glibc's allocator), ``gc.get_freeze_count()`` is not,
   and the process group holds the holder task besides the program.
 
@@ -53,6 +56,7 @@ Standard library only (it runs in the guest); called by the pool, never imported
 
 from __future__ import annotations
 
+import _weakref
 import marshal
 import os
 import sys
@@ -214,6 +218,7 @@ class Job:
         self.set_file_name = False
         self.sigint = False
         self.alive: list[Any] = []  # the holder's stack
+        self.baseline: set[str] = set()
         self.script: tuple[bytes | None, OSError | None, str | None, bool] = (
             None,
             None,
@@ -261,6 +266,73 @@ class Job:
                 sys.stderr.write("\nOriginal exception was:\n")
                 sys.__excepthook__(type(exc), exc, tb)
         raise SystemExit(1)
+
+    def end(self, exc: BaseException | None) -> None:
+        """End as ``Py_FinalizeEx`` would, but leave the template's modules standing.
+
+        python3's finalisation tears down every module, numpy's included: ~0.5 s here, as each
+        page of the template's objects it writes is a copy-on-write fault, and private memory
+        for the sandbox. What a program can see of it is done here, in python3's order:
+        threads joined, ``atexit``, standard streams flushed, then the program's own modules
+        (``__main__`` and what it imported) cleared as ``finalize_modules`` clears them, so
+        its objects' ``__del__`` run and its unclosed files are flushed; then ``os._exit``.
+        Whenever that could differ from python3 (an exit code that is not an int, death by
+        SIGINT, threads still running, a stream that cannot be flushed) this returns and the
+        real finalisation runs, as it did before.
+        """
+        code = None if exc is None else getattr(exc, "code", None)
+        if code is None:
+            status = 0
+        elif type(code) is int and -(1 << 31) <= code < (1 << 31):
+            status = code
+        else:
+            return  # printed by the interpreter, status 1 (or an overflow it reports)
+        if self.sigint:
+            return
+        threading: Any = sys.modules.get("threading")
+        try:
+            if threading is not None:
+                threading._shutdown()  # wait_for_thread_shutdown
+        except BaseException:
+            return
+        import atexit
+
+        atexit._run_exitfuncs()  # and forgets them: a real finalisation would not run them again
+        if len(sys._current_frames()) > 1 or not _flush_std():
+            return  # daemon threads are stopped, and flush errors reported, by python3 itself
+        if exc is not None:
+            exc.__traceback__ = None  # its frames hold the program's globals
+        self._clear_program_modules()
+        if not _flush_std(report=True):
+            status = 120  # as Py_Exit after a failed flush
+        os._exit(status)
+
+    def _clear_program_modules(self) -> None:
+        """``finalize_modules`` for the modules the program brought (the template's stay)."""
+        import gc
+
+        collect = gc.collect  # gc itself may be cleared below (the program imported it too)
+        for name in ("last_type", "last_value", "last_traceback"):
+            setattr(sys, name, None)
+        for name in ("stdin", "stdout", "stderr"):
+            setattr(sys, name, getattr(sys, f"__{name}__"))
+        collect()  # python3 collects once before it touches a module
+        names = [n for n in sys.modules if n == "__main__" or n not in self.baseline]
+        kept: list[Any] = []
+        for name in names:  # finalize_remove_modules, in sys.modules order
+            module = sys.modules.pop(name, None)
+            try:
+                kept.append(_weakref.ref(module))
+            except TypeError:
+                kept.append(lambda module=module: module)
+        module = None
+        self.main, self.call, self.args = {}, None, ()
+        collect()  # what nothing else references goes now, as in python3
+        for ref in reversed(kept):  # finalize_modules_clear_weaklist: reverse import order
+            namespace = getattr(ref(), "__dict__", None)
+            if isinstance(namespace, dict):
+                _clear_module_dict(namespace)
+        collect()
 
     def _exit_by_sigint(self) -> None:
         if self.sigint:
@@ -323,6 +395,7 @@ class Job:
         atexit.register(self._exit_by_sigint)  # first registered, so it runs last
         for name in drop:
             sys.modules.pop(name, None)
+        self.baseline = set(sys.modules)  # what the program found: not its to tear down
         self._prepare_main(spec)
 
     def _site(self, spec: dict[str, Any]) -> None:
@@ -453,6 +526,37 @@ def _cannot_open(program: str, filename: str, exc: OSError) -> None:
         f"{program}: can't open file {filename!r}: [Errno {exc.errno}] {exc.strerror}\n"
     )
     raise SystemExit(2)
+
+
+def _flush_std(report: bool = False) -> bool:
+    """``flush_std_files``: False if a stream would not flush (reported if ``report``)."""
+    ok = True
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            if stream is not None and not stream.closed:
+                stream.flush()
+        except Exception as exc:
+            ok = False
+            if report and stream is sys.stdout:
+                try:  # PyErr_WriteUnraisable's default output for an error without frames
+                    sys.stderr.write(
+                        f"Exception ignored in: {stream!r}\n{type(exc).__name__}: {exc}\n"
+                    )
+                    sys.stderr.flush()
+                except Exception:
+                    pass
+    return ok
+
+
+def _clear_module_dict(namespace: dict[str, Any]) -> None:
+    """``_PyModule_ClearDict``: names with one leading underscore first, then all but
+    ``__builtins__``, each set to None (not deleted), so ``__del__`` methods still find them."""
+    for key, value in list(namespace.items()):
+        if value is not None and isinstance(key, str) and key[:1] == "_" and key[1:2] != "_":
+            namespace[key] = None
+    for key, value in list(namespace.items()):
+        if value is not None and isinstance(key, str) and key != "__builtins__":
+            namespace[key] = None
 
 
 def _reraise(exc: BaseException) -> None:
