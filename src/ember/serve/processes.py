@@ -113,7 +113,9 @@ class Process:
             for seq, stream, data in batch:
                 next_seq = seq + 1
                 yield {"type": stream, "data": wire.b64(data)}
-        if self.result is not None:
+        if self.killed:  # by a request: its SIGKILL's exit status may still have come back
+            yield {"type": "killed"}
+        elif self.result is not None:
             yield {"type": "exit", **self.result}
         elif self.error is not None:
             yield {"type": "error", **self.error}
