@@ -160,3 +160,19 @@ def test_replies_longer_than_a_request_arrive_and_oversized_ones_are_an_error(
         request(path, "status")
     machine.extra_stats = {}
     assert request(path, "status")["ok"] is True  # still serving
+
+
+def test_a_jailed_vmm_refuses_a_snapshot_path_instead_of_dying_on_it(tmp_path: Path) -> None:
+    """Its seccomp filter kills the VMM on an open for writing: the request must not get there."""
+    machine = FakeMachine()
+    events = EventLoop()
+    server = ControlServer(tmp_path / "c.sock", cast(Machine, machine), events, jailed=True)
+    events.start()
+    try:
+        with pytest.raises(EmberError, match="jailed VMM sees no host path"):
+            request(tmp_path / "c.sock", "snapshot", path=str(tmp_path / "dir"))
+        assert not (tmp_path / "dir").exists()
+        assert request(tmp_path / "c.sock", "status")["ok"] is True
+    finally:
+        server.close()
+        events.close()

@@ -4,7 +4,7 @@ One request per connection, one JSON object per line each way, served on
 the event thread (so no device callback runs during a snapshot)::
 
     {"op": "snapshot", "durable": false} + 2 fds  ->  {"ok": true, "paused_ms": ...}
-    {"op": "snapshot", "path": "/dir"}            (unjailed VMMs only: it opens the files)
+    {"op": "snapshot", "path": "/dir"}            (unjailed VMMs only: a jailed one refuses it)
     {"op": "pause"} / {"op": "resume"} / {"op": "status"}
     {"op": "profile-start", "hz": 1000} / {"op": "profile-stop"} -> RIP samples (vmm/profiler)
     {"op": "shm"}  ->  {"ok": true, "base": ..., "size": ...} + the memory channels' memfd
@@ -47,11 +47,18 @@ MAX_REPLY = 1024 * 1024  # status and balloon replies are a few KiB: this is a w
 
 class ControlServer:
     def __init__(
-        self, path: Path, machine: Machine, events: EventLoop, *, debug: bool = False
+        self,
+        path: Path,
+        machine: Machine,
+        events: EventLoop,
+        *,
+        debug: bool = False,
+        jailed: bool = False,
     ) -> None:
         self.path = path
         self.machine = machine
         self.debug = debug
+        self.jailed = jailed  # no host paths, and its seccomp filter kills on opening for write
         self.events = events
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
@@ -162,6 +169,8 @@ class ControlServer:
         path = request.get("path")
         if not isinstance(path, str) or not path:
             return {"ok": False, "error": "snapshot needs two fds (state, memory) or a 'path'"}
+        if self.jailed:
+            return {"ok": False, "error": "a jailed VMM sees no host path: send two fds instead"}
         from ember.vmm.machine_state import open_snapshot_files
 
         state_fd, memory_fd = open_snapshot_files(Path(path))

@@ -91,7 +91,11 @@ def run(config: ProcessConfig) -> int:
             from ember.vmm.control import ControlServer
 
             control = ControlServer(
-                config.control, machine, machine.events, debug=config.debug_hooks
+                config.control,
+                machine,
+                machine.events,
+                debug=config.debug_hooks,
+                jailed=config.jail is not None,
             )
         if config.park_idle is not None:
             _park_when_idle(machine, config.park_idle)
