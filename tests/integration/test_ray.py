@@ -16,6 +16,8 @@ import os
 import subprocess
 import sys
 import textwrap
+import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -202,7 +204,19 @@ def test_node_loss_raises_sandbox_lost(ctx: Ctx) -> None:
     worker_state = Path(ctx.tmp / "nodes" / ctx.worker_id[:16])
     vmms = _vmm_pids(worker_state)
     assert vmms
+    in_flight: list[BaseException] = []
+
+    def long_call() -> None:  # a call under way when the node goes must end too
+        try:
+            there.exec(["sleep", "600"], timeout=700)
+        except BaseException as exc:
+            in_flight.append(exc)
+
+    caller = threading.Thread(target=long_call, daemon=True)
     try:
+        caller.start()
+        time.sleep(1.0)  # (not a timing assertion: the call is under way, or it fails anyway)
+        removed = time.monotonic()
         ctx.cluster.remove_node(ctx.worker)
 
         def lost() -> bool:  # the daemon may take a moment to be stopped: then it refuses
@@ -213,6 +227,10 @@ def test_node_loss_raises_sandbox_lost(ctx: Ctx) -> None:
             return False
 
         wait_for(lost, WAIT, "a call on the lost node to raise SandboxLost")
+        print(f"SandboxLost {time.monotonic() - removed:.1f} s after remove_node")
+        caller.join(WAIT)
+        assert not caller.is_alive(), "a call in flight on the lost node hangs"
+        assert len(in_flight) == 1 and isinstance(in_flight[0], SandboxLost), in_flight
         with pytest.raises(SandboxLost):  # and every call after it, at once
             there.files.read("/etc/hostname")
         with pytest.raises(SandboxLost):
@@ -222,6 +240,7 @@ def test_node_loss_raises_sandbox_lost(ctx: Ctx) -> None:
             return ray.get(registry().lookup.remote(lost_id)) is None
 
         wait_for(forgotten, WAIT, "the registry to forget the lost node's sandbox")
+        print(f"forgotten {time.monotonic() - removed:.1f} s after remove_node")
         assert [n.node_id for n in ray.get(registry().nodes.remote())] == [ctx.head_id]
         assert {s["id"] for s in ember.ray.list(metadata={"suite": "loss"})} == {here.id}
         # new sandboxes go to the node that is left, the survivor still works
