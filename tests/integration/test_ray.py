@@ -131,6 +131,16 @@ def test_sandboxes_on_both_nodes(ctx: Ctx) -> None:
             assert sb.run_code("6*7").value == "42"
             sb.files.write("/tmp/x", b"on a node")
             assert sb.files.read("/tmp/x") == b"on a node"
+            stream = sb.exec_stream(["sh", "-c", "echo a; echo b >&2; exit 3"])
+            chunks = []
+            while True:
+                try:
+                    chunks.append(next(stream))
+                except StopIteration as stop:
+                    assert stop.value.exit_code == 3
+                    break
+            assert sorted((c.stream, c.data) for c in chunks) == [("stderr", b"b\n"),
+                                                                  ("stdout", b"a\n")]  # fmt: skip
         listed = ember.ray.list(metadata={"suite": "both"})
         assert {(s["id"], s["node"]) for s in listed} == {(sb.id, sb.node.node_id) for sb in made}
         assert ember.ray.list(metadata={"suite": "none"}) == []
@@ -155,14 +165,22 @@ def test_connect_from_another_driver(ctx: Ctx) -> None:
             print(sb.exec(["sh", "-c", "echo from-driver-2"]).stdout.decode().strip())
             print(",".join(s["id"] for s in ember.ray.list(metadata={{"suite": "reconnect"}})))
             sb.detach()  # leaves it running for the first driver
+            mine = ember.ray.Sandbox(metadata={{"suite": "left"}}, timeout=600)
+            mine.files.write("/tmp/note", b"left by the second driver")
+            print(mine.id)  # and this driver exits without closing it
         """)
         done = subprocess.run(
             [sys.executable, "-c", script], capture_output=True, text=True, timeout=WAIT,
             check=False,
         )  # fmt: skip
         assert done.returncode == 0, done.stderr[-3000:]
-        lines = done.stdout.strip().splitlines()[-4:]
+        *lines, left_id = done.stdout.strip().splitlines()[-5:]
         assert lines == [sb.node.node_id, "left by the first driver", "from-driver-2", sb.id]
+        left = ember.ray.connect(left_id)  # the second driver is gone, its sandbox is not
+        assert left.files.read("/tmp/note") == b"left by the second driver"
+        assert left.info()["expires_at"] is not None
+        assert [s["id"] for s in ember.ray.list(metadata={"suite": "left"})] == [left_id]
+        left.close()
         assert sb.exec("echo still-here").stdout == b"still-here\n"
         other = ember.ray.connect(sb.id)  # and in this driver, a second handle
         assert other.node == sb.node
