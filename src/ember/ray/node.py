@@ -203,6 +203,8 @@ def nodes(*, timeout: float = 10.0) -> list[Capacity]:
             refs.append(agent(info).capacity.remote())
         except ValueError:  # its agent is gone; the registry's watcher will drop it
             continue
+    if not refs:
+        return []
     ready, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout)
     found: list[Capacity] = []
     for ref in ready:

@@ -132,7 +132,11 @@ class Sandbox(RemoteSandbox):
             self._init_remote(api, info)
             placed = Placed(self._id, cap.node.node_id, dict(info.get("metadata") or {}),
                             float(info.get("created_at") or time.time()))  # fmt: skip
-            ray.get(registry().record.remote(placed))
+            try:
+                ray.get(registry().record.remote(placed))
+            except BaseException:  # unrecorded, nobody could find it: do not leave it behind
+                self.close()
+                raise
             return
         why = "; ".join(errors) or "no node agents (does any node have an ember_kvm resource?)"
         raise SandboxError(f"no node has room for a {options.mem_mib} MiB sandbox: {why}")
