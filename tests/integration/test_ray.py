@@ -11,6 +11,7 @@ shared); nothing asserts on wall-clock time.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
@@ -150,6 +151,24 @@ def test_sandboxes_on_both_nodes(ctx: Ctx) -> None:
             sb.close()
     assert ember.ray.list(metadata={"suite": "both"}) == []
     assert ray.get(registry().find.remote({"suite": "both"})) == []
+
+
+def test_async_sandbox(ctx: Ctx) -> None:
+    async def main() -> tuple[str, str, bytes, list[tuple[str, bytes]], Any]:
+        async with ember.ray.AsyncSandbox(metadata={"suite": "async"}) as sb:
+            assert sb.id is not None
+            r = await sb.exec(["sh", "-c", "echo async"])
+            chunks = [(c.stream, c.data) async for c in sb.exec_stream(["sh", "-c", "echo s"])]
+            other = await ember.ray.connect_async(sb.id)
+            value = (await other.run_code("6*7")).value
+            await other.detach()
+            return sb.id, sb.node.node_id, r.stdout, chunks, value
+
+    sandbox_id, node_id, out, chunks, value = asyncio.run(main())
+    assert node_id in (ctx.head_id, ctx.worker_id)
+    assert (out, chunks, value) == (b"async\n", [("stdout", b"s\n")], "42")
+    assert ember.ray.list(metadata={"suite": "async"}) == []
+    assert ray.get(registry().lookup.remote(sandbox_id)) is None
 
 
 def test_connect_from_another_driver(ctx: Ctx) -> None:

@@ -24,18 +24,21 @@ import builtins
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from ember.ray.aio import AsyncSandbox, connect_async
     from ember.ray.node import NodeAgent, nodes, start_nodes, stop_nodes
     from ember.ray.placement import Capacity, NodeInfo
     from ember.ray.registry import Registry
     from ember.ray.sandbox import Sandbox, connect, kill, list
 
 _LAZY: dict[str, str] = {
+    "AsyncSandbox": "ember.ray.aio",
     "Capacity": "ember.ray.placement",
     "NodeAgent": "ember.ray.node",
     "NodeInfo": "ember.ray.placement",
     "Registry": "ember.ray.registry",
     "Sandbox": "ember.ray.sandbox",
     "connect": "ember.ray.sandbox",
+    "connect_async": "ember.ray.aio",
     "kill": "ember.ray.sandbox",
     "list": "ember.ray.sandbox",
     "nodes": "ember.ray.node",
@@ -44,12 +47,14 @@ _LAZY: dict[str, str] = {
 }
 
 __all__ = [
+    "AsyncSandbox",
     "Capacity",
     "NodeAgent",
     "NodeInfo",
     "Registry",
     "Sandbox",
     "connect",
+    "connect_async",
     "kill",
     "list",
     "nodes",

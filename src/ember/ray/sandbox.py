@@ -176,8 +176,8 @@ class Sandbox(RemoteSandbox):
             super().close()
         except SandboxLost:
             pass
-        finally:
-            registry().forget.remote(self._id)
+        finally:  # awaited: a lookup right after (the registry runs calls concurrently) misses
+            ray.get(registry().forget.remote(self._id))
 
 
 def _candidates(mem_mib: int, placement: Strategy) -> builtins.list[Capacity]:
