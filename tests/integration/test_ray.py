@@ -146,6 +146,14 @@ def test_sandboxes_on_both_nodes(ctx: Ctx) -> None:
         assert {(s["id"], s["node"]) for s in listed} == {(sb.id, sb.node.node_id) for sb in made}
         assert ember.ray.list(metadata={"suite": "none"}) == []
         assert _by_node(ctx) == {ctx.head_id: 1, ctx.worker_id: 1}
+        done = subprocess.run(
+            [sys.executable, "-m", "ember.ray", "status", "--json", "--address",
+             ctx.cluster.address], capture_output=True, text=True, timeout=WAIT, check=False,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr[-3000:]
+        shown = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+        assert {(n["node"], n["sandboxes"]) for n in shown} == {(ctx.head_id, 1),
+                                                               (ctx.worker_id, 1)}  # fmt: skip
     finally:
         for sb in made:
             sb.close()
