@@ -15,6 +15,11 @@ later.  It does so with the daemon's own code, a :class:`~ember.serve.manager.Ma
 on the same state directory, which re-adopts the VMMs from the keeper and deletes
 each; the keeper leaves by itself once it holds no VMM.
 
+The supervisor runs in a session of its own, so signals for the Ray worker's process
+group miss it.  If it is itself SIGKILLed, the daemon follows (``PR_SET_PDEATHSIG``)
+but its sandboxes stay with the keeper until a daemon on that state directory deletes
+them (``python -m ember.ray.supervise`` again, or ``ember serve --state-dir``).
+
 This module imports no Ray (the package's names are lazy): it starts in a fraction
 of a second on every node.
 """
