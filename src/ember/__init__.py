@@ -37,6 +37,7 @@ if TYPE_CHECKING:
         ProtocolError,
         SandboxCrashed,
         SandboxError,
+        SandboxLost,
         SandboxTimeout,
         SnapshotError,
     )
@@ -68,6 +69,7 @@ _LAZY: dict[str, str] = {
     "Sandbox": "ember.sandbox",
     "SandboxCrashed": "ember.errors",
     "SandboxError": "ember.errors",
+    "SandboxLost": "ember.errors",
     "SandboxTimeout": "ember.errors",
     "SnapshotError": "ember.errors",
 }
@@ -96,6 +98,7 @@ __all__ = [
     "Sandbox",
     "SandboxCrashed",
     "SandboxError",
+    "SandboxLost",
     "SandboxTimeout",
     "SnapshotError",
 ]

@@ -15,6 +15,7 @@ them into a one-line message instead of a traceback::
         ├── GuestCrashed           the guest died: KVM internal error, unexpected shutdown
         ├── SandboxError           a sandbox could not be used
         │   └── SandboxCrashed     its guest panicked or its VMM died (carries the console tail)
+        │       └── SandboxLost    the machine (Ray node) holding it is gone (ember.ray)
         ├── AgentError             the guest agent answered ERROR {"type", "message"}
         │   ├── ExecError          a command could not be started (no such program, bad cwd)
         │   ├── AgentFileNotFoundError    also a FileNotFoundError
@@ -70,6 +71,7 @@ __all__ = [
     "ProtocolError",
     "SandboxCrashed",
     "SandboxError",
+    "SandboxLost",
     "SandboxTimeout",
     "SnapshotError",
     "agent_error",
@@ -126,6 +128,14 @@ class SandboxCrashed(SandboxError):
     def __init__(self, message: str, console_tail: str = "") -> None:
         super().__init__(message)
         self.console_tail = console_tail
+
+
+class SandboxLost(SandboxCrashed):
+    """The node that held the sandbox is gone (its daemon unreachable, its Ray node agent dead).
+
+    Raised by :mod:`ember.ray` instead of waiting on a machine that will not answer; the
+    sandbox is forgotten by the cluster's registry: make a new one.
+    """
 
 
 # -- the guest agent's answers and the host's bounds on them ----------------------------
@@ -228,6 +238,7 @@ for _cls in (
     ProtocolError,
     SandboxCrashed,
     SandboxError,
+    SandboxLost,
     SandboxTimeout,
     SnapshotError,
 ):

@@ -49,6 +49,7 @@ def test_public_errors_survive_pickling() -> None:
     [
         (errors.ImageError, (errors.ConfigError, errors.EmberError)),
         (errors.SandboxCrashed, (errors.SandboxError, errors.EmberError)),
+        (errors.SandboxLost, (errors.SandboxCrashed, errors.SandboxError, errors.EmberError)),
         (errors.SnapshotError, (errors.EmberError,)),
         (errors.ExecError, (errors.AgentError, errors.EmberError)),
         (errors.AgentFileNotFoundError, (errors.AgentError, FileNotFoundError, OSError)),

@@ -27,6 +27,7 @@ EXPECTED = [
     "Sandbox",
     "SandboxCrashed",
     "SandboxError",
+    "SandboxLost",
     "SandboxTimeout",
     "SnapshotError",
 ]

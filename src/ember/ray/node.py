@@ -1,0 +1,229 @@
+"""The node agent: one detached Ray actor per KVM machine, owning that machine's daemon.
+
+Why an actor around ``ember serve`` rather than sandboxes as actors: the daemon
+already does everything a node must (sandboxes by id, TTLs, re-adoption, HTTP with
+streams), so the agent only starts it, says where it is, and reports how full the
+machine is.  Sandboxes never become Ray objects; their bytes go between the driver
+and the daemon over HTTP (see :mod:`ember.ray.sandbox`).
+
+The agent is named ``ember-node-<node id>`` and pinned to its node twice over: it
+asks for a sliver of the ``ember_kvm`` custom resource (only machines with KVM
+advertise it) and a hard ``NodeAffinitySchedulingStrategy``, so Ray can never move
+it elsewhere.  It runs the daemon under :mod:`ember.ray.supervise` (its own state
+directory and a free port on the node's IP), which stops the daemon and destroys its
+sandboxes when the agent dies in any way.
+
+Capacity is reported, not guessed: free memory from /proc/meminfo, live sandboxes
+from the daemon's ``/health``, CPUs, plus slots reserved by creations in flight, so
+two drivers placing at once cannot both take a node's last slot.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import httpx
+import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+from ember.errors import SandboxError
+from ember.ray.placement import Capacity, NodeInfo, mem_available_mib
+from ember.ray.registry import NAMESPACE, actor, ray_nodes, registry
+
+RESOURCE = "ember_kvm"  # the custom resource a KVM machine advertises (`ray start --resources`)
+START_TIMEOUT_S = 180.0  # the daemon's start, on a busy host
+RESERVE_TTL_S = 300.0  # a reservation never released (its driver died) expires
+DEFAULT_RESERVE_MIB = 256  # memory left to the host
+
+
+def agent_name(node_id: str) -> str:
+    return f"ember-node-{node_id}"
+
+
+def default_state_dir(node_id: str) -> Path:
+    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(base) / "ember" / "ray" / node_id[:16]
+
+
+def _free_port(host: str) -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+@actor(num_cpus=0, max_restarts=0, max_concurrency=16)
+class NodeAgent:
+    """One node's daemon and capacity (see the module docstring)."""
+
+    def __init__(
+        self, state_dir: str | None = None, max_sandboxes: int | None = None,
+        reserve_mib: int = DEFAULT_RESERVE_MIB,
+    ) -> None:  # fmt: skip
+        self.node_id = str(ray.get_runtime_context().get_node_id())
+        self.state_dir = Path(state_dir) if state_dir else default_state_dir(self.node_id)
+        self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.max_sandboxes = max_sandboxes
+        self.reserve_mib = reserve_mib
+        self._reserved: dict[str, tuple[int, float]] = {}  # ticket -> (mem_mib, taken at)
+        self._lock = threading.RLock()  # reserve() reads capacity() under it
+        host: str = ray.util.get_node_ip_address()  # type: ignore[no-untyped-call]
+        listen = f"{host}:{_free_port(host)}"
+        self.url = f"http://{listen}"
+        self.log = self.state_dir / "daemon.log"
+        with self.log.open("ab") as log:
+            self._proc = subprocess.Popen(
+                [sys.executable, "-m", "ember.ray.supervise", "--state-dir", str(self.state_dir),
+                 "--listen", listen],
+                stdin=subprocess.PIPE, stdout=log, stderr=log, start_new_session=True,
+            )  # fmt: skip
+        self.token = self._wait_started()
+        self._http = httpx.Client(base_url=self.url, timeout=30.0,
+                                  headers={"Authorization": f"Bearer {self.token}"})  # fmt: skip
+        self.info = NodeInfo(self.node_id, agent_name(self.node_id), self.url, self.token,
+                             os.cpu_count() or 1)  # fmt: skip
+
+    def _wait_started(self) -> str:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        token_file = self.state_dir / "token"
+        while True:
+            if self._proc.poll() is not None:
+                raise SandboxError(f"the node's daemon exited: {self._log_tail()}")
+            try:
+                token = token_file.read_text().strip()
+                reply = httpx.get(f"{self.url}/health", timeout=5.0,
+                                  headers={"Authorization": f"Bearer {token}"})  # fmt: skip
+                if token and reply.status_code == 200:
+                    return token
+            except (OSError, httpx.HTTPError):
+                pass
+            if time.monotonic() > deadline:
+                raise SandboxError(f"the node's daemon did not start: {self._log_tail()}")
+            time.sleep(0.2)
+
+    def _log_tail(self) -> str:
+        try:
+            return self.log.read_text(errors="replace")[-2000:]
+        except OSError:
+            return "(no log)"
+
+    # --- what drivers ask
+    def ping(self) -> str:
+        return self.node_id
+
+    def node(self) -> NodeInfo:
+        return self.info
+
+    def capacity(self) -> Capacity:
+        counts = self._http.get("/health").json()["sandboxes"]
+        now = time.monotonic()
+        with self._lock:
+            for ticket, (_mib, taken) in list(self._reserved.items()):
+                if now - taken > RESERVE_TTL_S:
+                    del self._reserved[ticket]
+            reserved = len(self._reserved)
+            reserved_mib = sum(mib for mib, _ in self._reserved.values())
+        return Capacity(
+            node=self.info,
+            mem_available_mib=mem_available_mib(Path("/proc/meminfo").read_text()),
+            sandboxes=int(counts.get("running", 0)) + int(counts.get("paused", 0)),
+            reserved=reserved, reserved_mib=reserved_mib,
+            max_sandboxes=self.max_sandboxes, reserve_mib=self.reserve_mib,
+        )  # fmt: skip
+
+    def reserve(self, mem_mib: int) -> str | None:
+        """A slot for one creation (a ticket to :meth:`release` once it is made or failed),
+        or None if the node is full now."""
+        with self._lock:
+            if not self.capacity().fits(mem_mib):
+                return None
+            ticket = uuid.uuid4().hex
+            self._reserved[ticket] = (mem_mib, time.monotonic())
+            return ticket
+
+    def release(self, ticket: str) -> None:
+        with self._lock:
+            self._reserved.pop(ticket, None)
+
+    def stop(self) -> None:
+        """Stop the daemon and destroy its sandboxes (the supervisor's EOF path)."""
+        if self._proc.stdin is not None and not self._proc.stdin.closed:
+            self._proc.stdin.close()
+        try:
+            self._proc.wait(START_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            self._proc.kill()
+        self._http.close()
+
+
+def _kvm_nodes(resource: str) -> list[str]:
+    return [str(n["NodeID"]) for n in ray_nodes()
+            if n.get("Alive") and n.get("Resources", {}).get(resource, 0) > 0]  # fmt: skip
+
+
+def start_nodes(
+    *, resource: str = RESOURCE, state_dir: str | None = None,
+    max_sandboxes: int | None = None, reserve_mib: int = DEFAULT_RESERVE_MIB,
+) -> list[NodeInfo]:  # fmt: skip
+    """A node agent on every live node that advertises ``resource`` (those running already
+    are kept), each registered with the registry.  ``state_dir`` is a base: each node uses
+    ``state_dir/<node id>``.  Safe to call from several drivers at once."""
+    reg = registry()
+    agents = []
+    for node_id in _kvm_nodes(resource):
+        node_state = str(Path(state_dir) / node_id[:16]) if state_dir else None
+        agents.append(NodeAgent.options(  # type: ignore[attr-defined]
+            name=agent_name(node_id), namespace=NAMESPACE, lifetime="detached",
+            get_if_exists=True, resources={resource: 0.001},
+            scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False),
+        ).remote(node_state, max_sandboxes, reserve_mib))  # fmt: skip
+    infos: list[NodeInfo] = ray.get([a.node.remote() for a in agents])
+    ray.get([reg.add_node.remote(info) for info in infos])
+    return infos
+
+
+def agent(node: NodeInfo) -> Any:
+    return ray.get_actor(node.agent, namespace=NAMESPACE)
+
+
+def nodes(*, timeout: float = 10.0) -> list[Capacity]:
+    """Every registered node that answers within ``timeout``, with its capacity now."""
+    infos: list[NodeInfo] = ray.get(registry().nodes.remote())
+    refs = []
+    for info in infos:
+        try:
+            refs.append(agent(info).capacity.remote())
+        except ValueError:  # its agent is gone; the registry's watcher will drop it
+            continue
+    if not refs:
+        return []
+    ready, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout)
+    found: list[Capacity] = []
+    for ref in ready:
+        try:
+            found.append(ray.get(ref))
+        except ray.exceptions.RayError:
+            continue
+    return found
+
+
+def stop_nodes() -> None:
+    """Stop every registered node agent, destroying its sandboxes (then the registry)."""
+    reg = registry()
+    for info in ray.get(reg.nodes.remote()):
+        try:
+            handle = agent(info)
+            ray.get(handle.stop.remote(), timeout=START_TIMEOUT_S)
+            ray.kill(handle)
+        except (ValueError, ray.exceptions.RayError):
+            pass
+        ray.get(reg.remove_node.remote(info.node_id))
+    ray.kill(reg)
