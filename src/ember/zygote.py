@@ -232,16 +232,18 @@ class ZygoteChild:
         self.pid = pid
         self.exit_file = exit_file
         self.returncode: int | None = None
+        self._lock = threading.Lock()  # a crash seen by two threads: one of them closes
         try:
             self._pidfd: int | None = os.pidfd_open(pid)
         except ProcessLookupError:
             self._pidfd = None  # already gone
 
     def _dead(self, timeout: float | None) -> bool:
-        if self._pidfd is None:
+        pidfd = self._pidfd
+        if pidfd is None or self.returncode is not None:
             return True
         poller = select.poll()  # not select(): a busy host process has fds above 1024
-        poller.register(self._pidfd, select.POLLIN)
+        poller.register(pidfd, select.POLLIN)
         return bool(poller.poll(None if timeout is None else max(0.0, timeout) * 1000))
 
     def poll(self) -> int | None:
@@ -276,9 +278,10 @@ class ZygoteChild:
                 signal.pidfd_send_signal(self._pidfd, signal.SIGKILL)
 
     def close(self) -> None:
-        if self._pidfd is not None:
-            os.close(self._pidfd)
-            self._pidfd = None
+        with self._lock:
+            pidfd, self._pidfd = self._pidfd, None
+        if pidfd is not None:
+            os.close(pidfd)
 
 
 class Zygote:

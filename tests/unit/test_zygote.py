@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -12,7 +14,7 @@ import pytest
 
 from ember.errors import SandboxError
 from ember.vmm.config import ProcessConfig, RestoreConfig
-from ember.zygote import Zygote
+from ember.zygote import Zygote, ZygoteChild
 
 
 def restore(snapshot: Path) -> ProcessConfig:
@@ -84,3 +86,38 @@ def test_the_zygote_is_one_per_process_and_comes_back_if_it_died(tmp_path: Path)
         cgroup_procs=[],
     )
     assert child.wait(60) == 2
+
+
+def test_threads_that_all_see_the_exit_collect_it_once(tmp_path: Path) -> None:
+    """A crash is noticed by the request that failed and by close() on another thread: both
+    wait, both collect; the pidfd is closed exactly once (twice raised EBADF, or closed an
+    fd that had been reused meanwhile)."""
+    for _ in range(20):
+        proc = subprocess.Popen(["true"])
+        exit_file = tmp_path / f"{proc.pid}.exit"
+        child = ZygoteChild(proc.pid, exit_file)
+        proc.wait()
+        exit_file.write_text("7")
+        start = threading.Barrier(8)
+        codes: list[int] = []
+        errors: list[BaseException] = []
+
+        def collect(child: ZygoteChild = child, start: threading.Barrier = start) -> None:
+            start.wait()
+            try:
+                codes.append(child.wait(timeout=10))
+                child.close()
+            except BaseException as exc:
+                errors.append(exc)
+
+        threads = [threading.Thread(target=collect) for _ in range(8)]
+        sentinel = os.open(os.devnull, os.O_RDONLY)  # an fd a second close would hit
+        try:
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            assert errors == [] and codes == [7] * 8
+            os.fstat(sentinel)  # still open
+        finally:
+            os.close(sentinel)
