@@ -102,7 +102,12 @@ def test_threads_that_all_see_the_exit_collect_it_once(tmp_path: Path) -> None:
         codes: list[int] = []
         errors: list[BaseException] = []
 
-        def collect(child: ZygoteChild = child, start: threading.Barrier = start) -> None:
+        def collect(
+            child: ZygoteChild = child,
+            start: threading.Barrier = start,
+            codes: list[int] = codes,
+            errors: list[BaseException] = errors,
+        ) -> None:
             start.wait()
             try:
                 codes.append(child.wait(timeout=10))
