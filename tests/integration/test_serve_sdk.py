@@ -156,3 +156,54 @@ def test_cli_ps_exec_kill(daemon: Daemon, env: dict[str, str]) -> None:
     assert run("kill", sandbox_id).returncode == 0
     assert run("kill", sandbox_id).returncode == 1  # already gone
     assert run("ps", "--json", "--metadata", "suite=cli").stdout == ""
+
+
+def test_cli_exec_streams_and_logs(daemon: Daemon, env: dict[str, str]) -> None:
+    sb = Sandbox(server=daemon.url, metadata={"suite": "cli-logs"}, timeout=600)
+    sandbox_id = sb.id
+    assert sandbox_id is not None
+    try:
+        # Streamed: the first line arrives while the command still waits for a file that
+        # only appears once the test has read it.
+        waits = "echo first; echo err >&2; while [ ! -e /tmp/go ]; do sleep 0.05; done; " \
+            "echo second; exit 5"  # fmt: skip
+        proc = subprocess.Popen(
+            ember_command("exec", "--id", sandbox_id, "--", "sh", "-c", waits), env=env,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        )  # fmt: skip
+        try:
+            assert proc.stdout is not None and proc.stderr is not None
+            assert proc.stdout.readline() == b"first\n"
+            assert proc.poll() is None
+            sb.files.write("/tmp/go", b"")
+            out, err = proc.communicate(timeout=300)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        assert (proc.returncode, out, err) == (5, b"second\n", b"err\n")
+        assert sb.exec(["true"]).exit_code == 0  # --id leaves the sandbox running
+
+        def run(*args: str) -> subprocess.CompletedProcess[str]:
+            return subprocess.run(
+                ember_command(*args), env=env, capture_output=True, text=True, timeout=300,
+                check=False,
+            )  # fmt: skip
+
+        marker = "ember-logs-marker"
+        assert sb.exec(["sh", "-c", f"echo {marker} > /dev/console"]).exit_code == 0
+        logs = run("logs", sandbox_id)
+        assert logs.returncode == 0, logs.stderr
+        assert marker in logs.stdout.splitlines()
+        assert run("logs", "--lines", "1", sandbox_id).stdout == f"{marker}\n"
+        assert run("logs", "--server", daemon.url, sandbox_id).returncode == 0
+
+        # Unknown ids and bad arguments: one line, no traceback.
+        for args in (("logs", "sb-nosuchsandbox"), ("exec", "--id", "sb-nosuch", "--", "true"),
+                     ("logs", "--lines", "0", sandbox_id)):  # fmt: skip
+            bad = run(*args)
+            assert bad.returncode == 2 and "Traceback" not in bad.stderr, bad.stderr
+            assert len(bad.stderr.splitlines()) == 1, bad.stderr
+        assert "not_found" in run("logs", "sb-nosuchsandbox").stderr
+    finally:
+        sb.kill()

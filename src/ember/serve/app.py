@@ -184,9 +184,13 @@ def create_app(manager: Manager, *, token: str, max_body: int = 128 << 20) -> Gu
         return {"template": body.name}
 
     @app.get("/sandboxes/{sandbox_id}/console")
-    def console(sandbox_id: str) -> dict[str, str]:
+    def console(
+        sandbox_id: str, lines: Annotated[int, Query(ge=1, le=1000)] = 30
+    ) -> dict[str, str]:
+        """The tail of the guest console (a crashed sandbox's: as it was when it crashed)."""
         e = entry(sandbox_id)
-        return {"console": e.sandbox.console if e.sandbox is not None else e.console}
+        sb = e.sandbox
+        return {"console": sb._vmm.console_tail(lines) if sb is not None else e.console}
 
     @app.get("/sandboxes/{sandbox_id}/ping")
     def ping(sandbox_id: str) -> dict[str, Any]:
