@@ -15,7 +15,9 @@ from tests.integration.serve_daemon import Daemon, alive, running_daemon
 
 pytestmark = pytest.mark.kvm
 
-CYCLES = 8
+# The issue asks for 200; 200 take several minutes on the shared CI host, so CI runs 8 (the
+# warm-up cycle aside) and EMBER_SERVE_LEAK_CYCLES=200 runs the issue's count.
+CYCLES = int(os.environ.get("EMBER_SERVE_LEAK_CYCLES", "8"))
 
 
 @pytest.fixture(scope="module")

@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 
 import pytest
@@ -156,3 +157,103 @@ def test_cli_ps_exec_kill(daemon: Daemon, env: dict[str, str]) -> None:
     assert run("kill", sandbox_id).returncode == 0
     assert run("kill", sandbox_id).returncode == 1  # already gone
     assert run("ps", "--json", "--metadata", "suite=cli").stdout == ""
+
+
+def test_cli_exec_streams_and_logs(daemon: Daemon, env: dict[str, str]) -> None:
+    sb = Sandbox(server=daemon.url, metadata={"suite": "cli-logs"}, timeout=600)
+    sandbox_id = sb.id
+    assert sandbox_id is not None
+    try:
+        # Streamed: the first line arrives while the command still waits for a file that
+        # only appears once the test has read it.
+        waits = "echo first; echo err >&2; while [ ! -e /tmp/go ]; do sleep 0.05; done; " \
+            "echo second; exit 5"  # fmt: skip
+        proc = subprocess.Popen(
+            ember_command("exec", "--id", sandbox_id, "--", "sh", "-c", waits), env=env,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        )  # fmt: skip
+        try:
+            assert proc.stdout is not None and proc.stderr is not None
+            assert proc.stdout.readline() == b"first\n"
+            assert proc.poll() is None
+            sb.files.write("/tmp/go", b"")
+            out, err = proc.communicate(timeout=300)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        assert (proc.returncode, out, err) == (5, b"second\n", b"err\n")
+        assert sb.exec(["true"]).exit_code == 0  # --id leaves the sandbox running
+
+        def run(*args: str) -> subprocess.CompletedProcess[str]:
+            return subprocess.run(
+                ember_command(*args), env=env, capture_output=True, text=True, timeout=300,
+                check=False,
+            )  # fmt: skip
+
+        marker = "ember-logs-marker"
+        assert sb.exec(["sh", "-c", f"echo {marker} > /dev/console"]).exit_code == 0
+        logs = run("logs", sandbox_id)
+        assert logs.returncode == 0, logs.stderr
+        assert marker in logs.stdout.splitlines()
+        assert run("logs", "--lines", "1", sandbox_id).stdout == f"{marker}\n"
+        assert run("logs", "--server", daemon.url, sandbox_id).returncode == 0
+
+        # Unknown ids and bad arguments: one line, no traceback.
+        for args in (("logs", "sb-nosuchsandbox"), ("exec", "--id", "sb-nosuch", "--", "true"),
+                     ("logs", "--lines", "0", sandbox_id)):  # fmt: skip
+            bad = run(*args)
+            assert bad.returncode == 2 and "Traceback" not in bad.stderr, bad.stderr
+            assert len(bad.stderr.splitlines()) == 1, bad.stderr
+        assert "not_found" in run("logs", "sb-nosuchsandbox").stderr
+    finally:
+        sb.kill()
+
+
+STREAMS = 50
+STREAM_SANDBOXES = 4
+
+
+def test_50_concurrent_exec_streams(daemon: Daemon, env: dict[str, str]) -> None:
+    """50 exec streams at once through the daemon, over 4 sandboxes (50 threads let go
+    together): each stream's output and exit status are exactly its own."""
+    sandboxes = [
+        Sandbox(server=daemon.url, metadata={"suite": "streams"}, timeout=900)
+        for _ in range(STREAM_SANDBOXES)
+    ]
+    go = threading.Barrier(STREAMS)
+    results: dict[int, tuple[bytes, bytes, int | None]] = {}
+    failures: list[BaseException] = []
+
+    def one(n: int) -> None:
+        script = f"i=0; while [ $i -lt 3 ]; do echo {n}-$i; i=$((i+1)); done; " \
+            f"echo {n}-err >&2; exit {n % 7}"  # fmt: skip
+        out, err = bytearray(), bytearray()
+        try:
+            go.wait(300)
+            stream = sandboxes[n % STREAM_SANDBOXES].exec_stream(["sh", "-c", script], timeout=600)
+            while True:
+                try:
+                    chunk = next(stream)
+                except StopIteration as stop:
+                    result = stop.value
+                    break
+                (out if chunk.stream == "stdout" else err).extend(chunk.data)
+            results[n] = (bytes(out), bytes(err), result.exit_code)
+        except BaseException as exc:
+            failures.append(exc)
+            go.abort()
+
+    threads = [threading.Thread(target=one, args=(n,)) for n in range(STREAMS)]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(900)
+        assert not failures, failures
+        for n in range(STREAMS):
+            lines = "".join(f"{n}-{i}\n" for i in range(3))
+            assert results[n] == (lines.encode(), f"{n}-err\n".encode(), n % 7), n
+    finally:
+        for sb in sandboxes:
+            sb.kill()

@@ -1,4 +1,5 @@
-"""``ember serve`` (the daemon), ``ember ps`` and ``ember kill`` (its clients).
+"""``ember serve`` (the daemon), ``ember ps``, ``ember kill`` and ``ember logs`` (its clients;
+``ember exec --id`` is in :mod:`ember.cli.run`).
 
 FastAPI, uvicorn and httpx are imported inside the commands, so ``ember``
 itself (and the VMM processes it runs) work without the ``serve`` extra.
@@ -18,6 +19,7 @@ from typing import Any
 from ember.errors import ConfigError
 
 DEFAULT_LISTEN = "127.0.0.1:7777"
+MAX_CONSOLE_LINES = 1000  # what GET /sandboxes/ID/console?lines= allows
 
 
 class JsonLogs(logging.Formatter):
@@ -77,6 +79,18 @@ def register(sub: Any) -> None:
     _client_args(kill)
     kill.add_argument("ids", nargs="+", metavar="ID")
     kill.set_defaults(func=_kill)
+    logs = sub.add_parser(
+        "logs",
+        help="print the guest console of a daemon's sandbox",
+        description="Print the tail of sandbox ID's guest console (kernel messages, the VMM's "
+        "stop reason; a crashed sandbox's last words).",
+    )
+    _client_args(logs)
+    logs.add_argument("id", metavar="ID")
+    logs.add_argument(
+        "-n", "--lines", type=int, default=30, metavar="N", help="the last N lines (default 30)"
+    )
+    logs.set_defaults(func=_logs)
     mcp = sub.add_parser(
         "mcp",
         help="serve sandboxes as MCP tools over stdio (for AI agents)",
@@ -174,6 +188,22 @@ def _kill(args: argparse.Namespace) -> int:
     finally:
         api.close()
     return status
+
+
+def _logs(args: argparse.Namespace) -> int:
+    from ember.sandbox.remote import Api
+
+    if not 1 <= args.lines <= MAX_CONSOLE_LINES:
+        raise ConfigError(f"--lines {args.lines}: give 1..{MAX_CONSOLE_LINES}")
+    api = Api(server_url(args))
+    try:
+        reply = api.call("GET", f"/sandboxes/{args.id}/console", params={"lines": args.lines})
+    finally:
+        api.close()
+    text = str(reply["console"])
+    if text:
+        print(text)
+    return 0
 
 
 def _mcp(args: argparse.Namespace) -> int:

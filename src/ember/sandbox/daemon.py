@@ -81,8 +81,6 @@ HOST_SIDE = {
     "_connect_port": "connect(port)",
     "expose": "expose()",
     "listen": "listen()",  # the VMM's sockets are on the daemon's host
-    "fork": "fork()",
-    "snapshot": "snapshot()",
 }
 
 
@@ -149,6 +147,15 @@ def list_params(metadata: dict[str, str] | None) -> list[tuple[str, str]]:
 def state(method: str = "GET", tail: str = "", **options: Any) -> Request[dict[str, Any]]:
     """A request answered by the sandbox's record (info, timeout, pause, resume, delete)."""
     return Request(method, tail, options=options)
+
+
+def fork() -> Request[dict[str, Any]]:
+    """A fork: the new sandbox's record (its own id; the parent's metadata and deadline)."""
+    return Request("POST", "/fork", options={"json": {}})
+
+
+def snapshot(name: str) -> Request[None]:
+    return Request("POST", "/snapshot", lambda _reply: None, {"json": {"name": name}})
 
 
 def ping() -> Request[dict[str, Any]]:

@@ -28,6 +28,7 @@ from ember.sandbox.files import RemoteFiles
 from ember.sandbox.options import ExecArgs, SandboxOptions, StreamArgs
 from ember.sandbox.signature import takes
 from ember.sandbox.sync import Sandbox
+from ember.templates import check_name
 
 T = TypeVar("T")
 
@@ -41,6 +42,15 @@ class Api:
     def call(self, method: str, path: str, **kwargs: Any) -> Any:
         with daemon.reaching(self.url):
             return daemon.decode(self.http.request(method, path, **kwargs))
+
+    def twin(self) -> Api:
+        """Another client of the same daemon (same token), closed on its own."""
+        twin = object.__new__(Api)
+        twin.url = self.url
+        twin.http = httpx.Client(
+            base_url=self.url, headers=self.http.headers, timeout=self.http.timeout
+        )
+        return twin
 
     def close(self) -> None:
         self.http.close()
@@ -128,6 +138,19 @@ class RemoteSandbox(Sandbox):
 
     def resume(self) -> None:
         self._info = self._do(daemon.state("POST", "/resume"))
+
+    def fork(self) -> RemoteSandbox:
+        """A new sandbox of the daemon continuing from this one's state (its own id, this
+        one's metadata and deadline); see ``Sandbox.fork``."""
+        info = self._do(daemon.fork())
+        sb = object.__new__(type(self))
+        sb._init_remote(self._api.twin(), info)
+        return sb
+
+    def snapshot(self, name: str) -> None:
+        """Save this sandbox as it is now as the daemon's template ``name``:
+        ``Sandbox(template=name, server=...)``."""
+        self._do(daemon.snapshot(check_name(name)))
 
     def detach(self) -> None:
         """Let go of the sandbox without destroying it (``Sandbox.connect(ID)`` gets it back)."""

@@ -19,6 +19,7 @@ from ember.sandbox.aio import AsyncSandbox
 from ember.sandbox.files import AsyncRemoteFiles
 from ember.sandbox.options import ExecArgs, SandboxOptions, StreamArgs
 from ember.sandbox.signature import takes
+from ember.templates import check_name
 
 T = TypeVar("T")
 
@@ -26,6 +27,15 @@ T = TypeVar("T")
 class AsyncApi:
     def __init__(self, server: str | None = None, token: str | None = None) -> None:
         self.url, self.http = daemon.http_client(httpx.AsyncClient, server, token)
+
+    def twin(self) -> AsyncApi:
+        """Another client of the same daemon (same token), closed on its own."""
+        twin = object.__new__(AsyncApi)
+        twin.url = self.url
+        twin.http = httpx.AsyncClient(
+            base_url=self.url, headers=self.http.headers, timeout=self.http.timeout
+        )
+        return twin
 
     async def call(self, method: str, path: str, **kwargs: Any) -> Any:
         with daemon.reaching(self.url):
@@ -90,6 +100,19 @@ class AsyncRemoteSandbox(AsyncSandbox):
 
     async def resume(self) -> None:
         self._info = await self._do(daemon.state("POST", "/resume"))
+
+    async def fork(self) -> AsyncRemoteSandbox:
+        """A new (started) sandbox of the daemon continuing from this one's state; see
+        ``RemoteSandbox.fork``."""
+        info = await self._do(daemon.fork())
+        sb = object.__new__(type(self))
+        sb._setup_remote(self._api.twin(), body={})
+        sb._info = info
+        return sb
+
+    async def snapshot(self, name: str) -> None:
+        """Save this sandbox as it is now as the daemon's template ``name``."""
+        await self._do(daemon.snapshot(check_name(name)))
 
     async def detach(self) -> None:
         if not self._closed:

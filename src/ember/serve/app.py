@@ -25,7 +25,7 @@ from ember.errors import EmberError, SandboxCrashed
 from ember.sandbox import Sandbox, wire
 from ember.serve import models
 from ember.serve.guard import Guard, json_lines
-from ember.serve.manager import CreateArgs, Entry, Manager, NotFound
+from ember.serve.manager import CreateArgs, Entry, ForkArgs, Manager, NotFound
 from ember.serve.metrics import Metrics
 from ember.serve.state import valid_id
 
@@ -64,15 +64,18 @@ def create_app(manager: Manager, *, token: str, max_body: int = 128 << 20) -> Gu
             raise NotFound(sandbox_id)
         return manager.get(sandbox_id)
 
-    def call(sandbox_id: str, op: Callable[[Sandbox], T]) -> T:
-        """``op`` on a running sandbox; a crash found on the way is recorded as such."""
+    def noting_crash(sandbox_id: str, op: Callable[[Entry], T]) -> T:
+        """``op`` on a sandbox's entry; a crash found on the way is recorded as such."""
         e = entry(sandbox_id)
-        _, sb = manager.running(e.record.id)
         try:
-            return op(sb)
+            return op(e)
         except SandboxCrashed as exc:
             manager.mark_crashed(e, str(exc), exc.console_tail)
             raise
+
+    def call(sandbox_id: str, op: Callable[[Sandbox], T]) -> T:
+        """``op`` on a running sandbox; a crash found on the way is recorded as such."""
+        return noting_crash(sandbox_id, lambda e: op(manager.running(e.record.id)[1]))
 
     # --- errors
     @app.exception_handler(RequestValidationError)
@@ -159,10 +162,35 @@ def create_app(manager: Manager, *, token: str, max_body: int = 128 << 20) -> Gu
         metrics.create_seconds.observe(time.perf_counter() - started)
         return info
 
+    @app.post("/sandboxes/{sandbox_id}/fork", status_code=201,
+              response_model=models.SandboxInfo)  # fmt: skip
+    def fork(sandbox_id: str, body: models.ForkBody | None = None) -> dict[str, Any]:
+        """A new sandbox (its own id) continuing from this one's state: memory, processes,
+        files. Connections open in the parent are not carried over; the two then diverge."""
+        body = body or models.ForkBody()
+        args = ForkArgs(metadata=body.metadata, timeout=body.timeout,
+                        keep_timeout="timeout" not in body.model_fields_set)  # fmt: skip
+        started = time.perf_counter()
+        info = noting_crash(sandbox_id, lambda e: manager.fork(e.record.id, args)).json()
+        metrics.create_seconds.observe(time.perf_counter() - started)
+        return info
+
+    @app.post("/sandboxes/{sandbox_id}/snapshot", status_code=201,
+              response_model=models.TemplateReply)  # fmt: skip
+    def snapshot(sandbox_id: str, body: models.SnapshotBody) -> dict[str, str]:
+        """Save the sandbox as it is now as a template: ``POST /sandboxes {"template": NAME}``
+        then starts sandboxes from it. The sandbox runs on."""
+        noting_crash(sandbox_id, lambda e: manager.snapshot(e.record.id, body.name))
+        return {"template": body.name}
+
     @app.get("/sandboxes/{sandbox_id}/console")
-    def console(sandbox_id: str) -> dict[str, str]:
+    def console(
+        sandbox_id: str, lines: Annotated[int, Query(ge=1, le=1000)] = 30
+    ) -> dict[str, str]:
+        """The tail of the guest console (a crashed sandbox's: as it was when it crashed)."""
         e = entry(sandbox_id)
-        return {"console": e.sandbox.console if e.sandbox is not None else e.console}
+        sb = e.sandbox
+        return {"console": sb._vmm.console_tail(lines) if sb is not None else e.console}
 
     @app.get("/sandboxes/{sandbox_id}/ping")
     def ping(sandbox_id: str) -> dict[str, Any]:

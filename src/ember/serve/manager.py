@@ -71,6 +71,13 @@ class CreateArgs:
     timeout: float | None = None
 
 
+@dataclass(frozen=True)
+class ForkArgs:
+    metadata: dict[str, str] | None = None  # None: the parent's
+    timeout: float | None = None  # seconds from now; None: no timeout
+    keep_timeout: bool = True  # no timeout given: the parent's deadline
+
+
 class Manager:
     def __init__(
         self, state: StateDir, *, reap_interval: float = 1.0,
@@ -132,17 +139,25 @@ class Manager:
             template=args.template, mem_mib=args.mem_mib, vcpus=args.vcpus, cpus=args.cpus,
             memory_mib=args.memory_mib, pids=args.pids, server="",
         )  # fmt: skip
+        now = time.time()
+        spec = {"mem_mib": args.mem_mib, "vcpus": args.vcpus, "cpus": args.cpus,
+                "memory_mib": args.memory_mib, "pids": args.pids}  # fmt: skip
+        expires = now + args.timeout if args.timeout is not None else None
+        entry = self._own(sandbox, args.template or "default", spec, dict(args.metadata), expires)
+        self._event("created", entry.record.id)
+        return entry
+
+    def _own(
+        self, sandbox: Sandbox, template: str, spec: dict[str, Any], metadata: dict[str, str],
+        expires_at: float | None,
+    ) -> Entry:  # fmt: skip
+        """A new id and record for a sandbox just started (created or forked)."""
         try:
-            now = time.time()
             vmm = sandbox._vmm
             assert vmm.proc is not None
             record = Record(
-                id=new_id(), dir=str(vmm.dir), pid=vmm.proc.pid,
-                template=args.template or "default", created_at=now,
-                spec={"mem_mib": args.mem_mib, "vcpus": args.vcpus, "cpus": args.cpus,
-                      "memory_mib": args.memory_mib, "pids": args.pids},
-                metadata=dict(args.metadata),
-                expires_at=now + args.timeout if args.timeout is not None else None,
+                id=new_id(), dir=str(vmm.dir), pid=vmm.proc.pid, template=template,
+                created_at=time.time(), spec=spec, metadata=metadata, expires_at=expires_at,
                 cgroup=adopt.cgroup_record(vmm.cgroup),
             )  # fmt: skip
             self.state.save(record)
@@ -152,8 +167,33 @@ class Manager:
         entry = Entry(record, sandbox)
         with self._lock:
             self._entries[record.id] = entry
-        self._event("created", record.id)
         return entry
+
+    def fork(self, sandbox_id: str, args: ForkArgs) -> Entry:
+        """A new sandbox continuing from this one's state (see ``Sandbox.fork``), with an id
+        and record of its own, so a restarted daemon re-adopts it like any other."""
+        entry = self.get(sandbox_id)
+        with entry.lock:
+            _, sandbox = self.running(sandbox_id)
+            child = sandbox.fork()
+        parent = entry.record
+        if args.keep_timeout:
+            expires = parent.expires_at
+        else:
+            expires = time.time() + args.timeout if args.timeout is not None else None
+        metadata = dict(parent.metadata if args.metadata is None else args.metadata)
+        forked = self._own(child, parent.template, dict(parent.spec), metadata, expires)
+        self._event("forked", forked.record.id)
+        return forked
+
+    def snapshot(self, sandbox_id: str, name: str) -> None:
+        """Save the sandbox as it is now as template ``name`` (``POST /sandboxes`` can then
+        restore it by that name); the sandbox runs on."""
+        entry = self.get(sandbox_id)
+        with entry.lock:
+            _, sandbox = self.running(sandbox_id)
+            sandbox.snapshot(name)
+        self._event("snapshotted", sandbox_id)
 
     def get(self, sandbox_id: str) -> Entry:
         with self._lock:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from ember.launcher import DEFAULT_MEM_MIB
 
@@ -31,6 +31,32 @@ class CreateBody(Strict):
     pids: int | None = Field(None, ge=8, le=1 << 20)
     metadata: dict[MetaKey, MetaValue] = Field(default_factory=dict, max_length=64)
     timeout: Seconds | None = Field(None, description="seconds until the daemon kills it")
+
+
+class ForkBody(Strict):
+    metadata: dict[MetaKey, MetaValue] | None = Field(
+        default=None, max_length=64, description="the fork's metadata (default: the parent's)"
+    )
+    timeout: Seconds | None = Field(
+        default=None, description="seconds until the daemon kills the fork; null: never "
+        "(left out: the parent's deadline)",
+    )  # fmt: skip
+
+
+def _not_default(name: str) -> str:
+    if name == "default" or name.startswith("default-"):
+        raise ValueError("'default' and 'default-*' are the daemon's own template names")
+    return name
+
+
+class SnapshotBody(Strict):
+    name: Annotated[TemplateName, AfterValidator(_not_default)] = Field(
+        ..., description="the template to save (a name, never a path; replaces one so named)"
+    )
+
+
+class TemplateReply(BaseModel):
+    template: str
 
 
 class SandboxInfo(BaseModel):
