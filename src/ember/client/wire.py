@@ -13,6 +13,7 @@ import json
 from collections.abc import Iterator
 from typing import Any, BinaryIO
 
+from ember import protocol
 from ember.errors import AgentError, ProtocolError, agent_error
 from ember.protocol import CHUNK_SIZE, HEADER, MAX_FRAME, Kind, Payload
 
@@ -37,18 +38,13 @@ MAX_JSON_DEPTH = 32
 """Nesting deeper than any answer has (they are 3 deep): refused, so that no deep object
 from the guest ever reaches ``repr`` or user code."""
 
-_KINDS = {k.value: k for k in Kind}
-
-
 def parse_header(header: bytes) -> tuple[Kind, int]:
-    """A frame header's kind and payload length, both checked."""
-    length, raw_kind = HEADER.unpack(header)
-    kind = _KINDS.get(raw_kind)
-    if kind is None:
-        raise ProtocolError(f"unknown frame kind {raw_kind}")
-    if length > MAX_FRAME:
-        raise ProtocolError(f"frame of {length} bytes is over the {MAX_FRAME}-byte limit")
-    return kind, length
+    """A frame header's kind and payload length, both checked (by the guest's own parser,
+    whose error becomes the host's :class:`~ember.errors.ProtocolError`)."""
+    try:
+        return protocol.parse_header(header)
+    except protocol.ProtocolError as exc:
+        raise ProtocolError(str(exc)) from None
 
 
 def cut_short(missing: int) -> ProtocolError:
