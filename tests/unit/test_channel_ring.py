@@ -81,8 +81,9 @@ def guest(region: Region, path: str, name: str, body: Body) -> threading.Thread:
     def run() -> None:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.connect(path)
-        protocol.write_frame(sock, protocol.Kind.REQUEST,
-                             b'{"op":"channel","name":"%s","ring":1}' % name.encode())
+        protocol.write_frame(
+            sock, protocol.Kind.REQUEST, b'{"op":"channel","name":"%s","ring":1}' % name.encode()
+        )
         frame = protocol.read_frame(sock)
         assert frame is not None
         writer = None
@@ -206,3 +207,41 @@ def test_a_hostile_ring_fails_its_stream_only(setup: tuple[Region, ChannelServer
 
     guest(region, path, "good", good).join(0)
     assert list(server.channel("good", timeout=30)) == [b"next"]
+
+
+def test_ring_requests_racing_the_first_region_answer_all_get_a_ring(tmp_path: Path) -> None:
+    """The region is asked for on the first ring request; requests that arrive while that
+    answer is on its way must wait for it, not fall back to vsock with slots free."""
+    region = Region()
+    asked = threading.Event()
+
+    def slow_region() -> HostRegion:
+        asked.set()
+        time.sleep(0.3)  # the VMM's answer over its control socket takes a while
+        return region.host()
+
+    path = str(tmp_path / "ch.sock")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen(8)
+    server = ChannelServer(listener, shm=slow_region)
+    writers: list[ring.RingWriter | None] = []
+
+    def body(writer: ring.RingWriter | None, sock: socket.socket) -> None:
+        writers.append(writer)
+        protocol.write_frame(sock, protocol.Kind.DATA_EOF)
+        sock.close()
+
+    try:
+        first = guest(region, path, "a", body)
+        assert asked.wait(10)
+        second = guest(region, path, "b", body)
+        assert list(server.channel("a", timeout=30)) == []
+        assert list(server.channel("b", timeout=30)) == []
+        first.join(10)
+        second.join(10)
+        assert len(writers) == 2 and None not in writers
+        assert server.ring_leases == 2
+    finally:
+        server.close()
+        region.close()

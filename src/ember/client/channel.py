@@ -160,6 +160,7 @@ class ChannelServer:
         self._listener = listener
         self._shm_factory = shm
         self._shm: HostRegion | None = None
+        self._shm_lock = threading.Lock()
         self._max_buffer = max_buffer
         self._budget = _Budget(max_pending)
         self._slots = threading.BoundedSemaphore(max_connections)
@@ -205,18 +206,22 @@ class ChannelServer:
             return stream
 
     def _region(self) -> HostRegion | None:
-        """The sandbox's shared region, asked of the VMM on the first ring request only."""
-        with self._cond:
+        """The sandbox's shared region, asked of the VMM on the first ring request only.
+
+        Concurrent first requests wait for that one answer (under ``_shm_lock``):
+        one that went on without it would fall back to vsock while a slot is free.
+        """
+        with self._shm_lock:
             factory, self._shm_factory = self._shm_factory, None
-        if factory is not None:
-            region = factory()
-            with self._cond:
-                if self._closed:
-                    if region is not None:
-                        region.close()
-                    return None
-                self._shm = region
-        return self._shm
+            if factory is not None:
+                region = factory()
+                with self._cond:
+                    if self._closed:
+                        if region is not None:
+                            region.close()
+                        return None
+                    self._shm = region
+            return self._shm
 
     @property
     def ring_leases(self) -> int:
