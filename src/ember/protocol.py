@@ -60,7 +60,7 @@ READY_PORT = 1025  # the agent connects to the host here once, to say it is up
 CHANNEL_PORT = 1026  # guest code connects to the host here to open a data channel
 # Requests that may ask (``"keepalive": true``) to keep their connection for the next request:
 # one REQUEST frame in, one RESULT or ERROR frame out, nothing else on the connection.
-KEEPALIVE_OPS = frozenset({"ping", "run_code", "stat", "list", "remove"})
+KEEPALIVE_OPS = frozenset({"ping", "run_code", "code_ring", "stat", "list", "remove"})
 HOST_CID = 2  # VMADDR_CID_HOST
 
 MAX_FRAME = 1 << 20  # largest payload either side accepts

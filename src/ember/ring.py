@@ -23,6 +23,15 @@ Layout, version 1 (all words u64, little-endian, naturally aligned)::
       offset 128  capacity        data bytes (written by the host when leasing)
       offset 136  lease           the host's token for this use of the slot
 
+The last :data:`CODE_SLOTS` slots are not leased to channels: they carry ``run_code``
+(``ember.agent.codering``). Slot ``slot_count - 2`` holds requests (host -> guest: the
+host produces, the run_code worker consumes), slot ``slot_count - 1`` replies (guest ->
+host). The worker, not the host, lays both rings out (capacity, lease) whenever it sees a
+region it has not announced itself in, then stores, in the request slot's control page::
+
+      offset 192  code_ready      non-zero: a worker serves these rings (stored last)
+      offset 256  code_epoch      written by the agent: how many workers have died
+
 Head and tail sit on separate cache lines, so producer and consumer never write
 the same line. A record is an 8-byte header (``length | kind << 32``) and its
 payload, padded to 8 bytes; records never wrap: when one would pass the end of the
@@ -48,7 +57,13 @@ from time import monotonic as _monotonic
 TYPE_CHECKING = False  # typing would drag `re` into every guest program that sends
 if TYPE_CHECKING:
     from collections.abc import Callable
-    from typing import NoReturn
+    from typing import NoReturn, Protocol
+
+    class Doorbell(Protocol):
+        """A u32 doorbell in guest memory, or anything that rings when a word is stored."""
+
+        def __setitem__(self, index: int, value: int, /) -> None: ...
+
 
 MAGIC = int.from_bytes(b"EMBERSHM", "little")
 VERSION = 1
@@ -65,6 +80,10 @@ TAIL = 8
 CONSUMER_FLAGS = 9
 CAPACITY = 16
 LEASE = 17
+
+CODE_READY = 24  # request slot only (see the module docstring)
+CODE_EPOCH = 32
+CODE_SLOTS = 2
 
 PRODUCER_WAITING = 1
 CONSUMER_SLEEPING = 1
@@ -94,6 +113,18 @@ def region_size(slot_count: int = SLOT_COUNT, slot_size: int = SLOT_SIZE) -> int
     return SLOT_BASE + slot_count * slot_size
 
 
+def code_slots(slot_count: int) -> tuple[int, int]:
+    """The request and reply slots of ``run_code`` in a region of ``slot_count`` slots."""
+    return slot_count - 2, slot_count - 1
+
+
+def lay_out(ctl: memoryview, capacity: int, lease: int) -> None:
+    """Make a slot an empty ring of ``capacity`` bytes for ``lease`` (lease stored last)."""
+    ctl[HEAD] = ctl[TAIL] = ctl[PRODUCER_FLAGS] = ctl[CONSUMER_FLAGS] = 0
+    ctl[CAPACITY] = capacity
+    ctl[LEASE] = lease
+
+
 def align8(n: int) -> int:
     return (n + 7) & ~7
 
@@ -112,7 +143,7 @@ class RingWriter:
         self,
         ctl: memoryview,
         data: memoryview,
-        doorbell: memoryview | None,
+        doorbell: Doorbell | None,
         wait: Callable[[], None],
     ) -> None:
         self._ctl = ctl
@@ -200,11 +231,16 @@ class RingReader:
 
     def reset(self, lease: int) -> None:
         """Make the slot a fresh, empty ring for a new lease (before the guest learns it)."""
-        ctl = self._ctl
-        ctl[HEAD] = ctl[TAIL] = ctl[PRODUCER_FLAGS] = ctl[CONSUMER_FLAGS] = 0
-        ctl[CAPACITY] = self._cap
-        ctl[LEASE] = lease
+        lay_out(self._ctl, self._cap, lease)
         self._tail = 0
+
+    def attach(self) -> None:
+        """Take over a ring the producer laid out: consume from its current tail on."""
+        tail = self._ctl[TAIL]
+        if tail % 8:
+            self._fail(f"tail {tail} is not aligned")
+        self._tail = tail
+        self.available()  # the head must be within a ring of it
 
     def available(self) -> int:
         """Bytes published and not consumed; RingError if the head is impossible."""

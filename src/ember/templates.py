@@ -63,6 +63,8 @@ WARM_TIMEOUT_S = 300.0
 POOL_TIMEOUT_S = 1200.0
 SETTLE_TIMEOUT_S = 10.0
 IDLE_WINDOW_S = 0.2
+POLL_LINGER_S = 60.0  # the worker polls this long: the snapshot is taken well within it
+POLL_SETTLE_S = 0.3
 IDLE_CPU_S = 0.002
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 VERIFIED_FILE = "verified.json"  # see verify()
@@ -97,7 +99,7 @@ def default_key(spec: SandboxSpec) -> str:
         ("kernel", str(kernel)), ("initrd", str(initrd)), ("rootfs", str(rootfs)),
         ("mem_mib", spec.mem_mib), ("vcpus", spec.vcpus), ("cpu_template", spec.cpu_template),
         ("format", FORMAT_VERSION), ("agent", " ".join(agent_argv(spec))),
-        ("warm", "worker sockets"),  # what _wait_warm does before the snapshot
+        ("warm", "worker sockets, code ring polling"),  # what _wait_warm does before the snapshot
         ("devices", "rootfs vsock balloon" + (" net" if spec.network is not None else "")),
     ):  # fmt: skip
         key.add(label, value)
@@ -372,7 +374,19 @@ def _wait_warm(vmm: VmmProcess) -> AgentClient:
         time.sleep(0.05)
     client.ping()  # kept open: the agent waits on it for the next request
     _wait_idle(vmm)
+    _start_polling(client)
     return client
+
+
+def _start_polling(client: AgentClient) -> None:
+    """Leave the run_code worker polling its code ring (ember.agent.codering) when the
+    snapshot is taken: every restored sandbox then answers its first run_code from user
+    space, with no guest-kernel wake-up. Last, after the guest went idle (the polling vCPU
+    never will), and with a pause for the vsock reply's last packets to settle."""
+    result = client.run_code("None", timeout=WARM_TIMEOUT_S, linger=POLL_LINGER_S)
+    if result.error is not None:
+        raise SandboxError(f"the template's code worker failed: {result.error}")
+    time.sleep(POLL_SETTLE_S)
 
 
 # The guest kernel's first TCP connection costs ~3.4 s of emulated kernel time here

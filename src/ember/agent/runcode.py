@@ -26,9 +26,11 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from typing import Any
 
-from ember.agent.common import log, opt_float, req_str
+from ember.agent.codering import DeathNotice
+from ember.agent.common import BadRequest, log, opt_float, opt_int, opt_str, req_str
 from ember.agent.heap import HEAP_ENV, MALLOC_ENV
 from ember.agent.resume import ResumeState
 from ember.protocol import Kind, ProtocolError, encode_json, read_frame, write_frame
@@ -72,6 +74,22 @@ def _error(type_name: str, message: str) -> bytes:
     )
 
 
+def _timed_out(timeout: float | None) -> bytes:
+    return _error(
+        "WorkerTimeout",
+        f"the code ran longer than {timeout or 0:g} s; the worker was killed and "
+        "its state (variables, imports) is lost; a fresh worker is starting",
+    )
+
+
+def _crashed(how: str) -> bytes:
+    return _error(
+        "WorkerCrashed",
+        f"the Python worker {how} during this call; its state (variables, "
+        "imports) is lost; a fresh worker is starting",
+    )
+
+
 class CodeRunner:
     """Owns the worker process: start, call, detect death, replace."""
 
@@ -87,6 +105,10 @@ class CodeRunner:
         self.last_error = ""
         self._closed = False
         self.resume = ResumeState()  # the server hands over its own
+        self._send_lock = threading.Lock()  # frames to the worker: a call's and wake-ups
+        # Hosts waiting on the code rings learn of a worker's death through the region.
+        self.notice = DeathNotice.open()
+        self.last_death = ""
 
     def start_in_background(self) -> None:
         """Begin starting a worker without making the caller wait for it."""
@@ -145,7 +167,22 @@ class CodeRunner:
             raise
         ours.settimeout(None)
         self.state, self.last_error = WorkerState.READY, ""
+        threading.Thread(target=self._watch, args=(proc,), name="worker-watch", daemon=True).start()
         return ours
+
+    def _watch(self, proc: subprocess.Popen[bytes]) -> None:
+        """Wait for this worker's end; a death nobody asked for is published at once (hosts
+        on the rings are waiting), and a replacement started as after a failed call."""
+        status = proc.wait()
+        if self._closed:
+            return
+        self.last_death = _describe(status)
+        if self.notice is not None:
+            self.notice.publish()
+        with self._lock:
+            if self._proc is proc and not self._closed:
+                self._discard()
+                self.start_in_background()
 
     def _discard(self, grace: float = 0.0) -> int | None:
         """Kill and reap the worker (and anything it started); return its exit status.
@@ -172,7 +209,7 @@ class CodeRunner:
                 pass
         return proc.wait()
 
-    def run(self, code: str, timeout: float | None) -> bytes:
+    def run(self, code: str, timeout: float | None, linger: float | None = None) -> bytes:
         """Run one cell; return the RESULT payload to send to the client."""
         with self._lock:
             try:
@@ -181,19 +218,22 @@ class CodeRunner:
                 return _error("WorkerUnavailable", f"the Python worker could not start: {exc}")
             try:
                 # the worker reseeds ``random`` when the generation moved (a restore or fork)
-                request = {"op": "run", "code": code, "generation": self.resume.generation}
-                write_frame(sock, Kind.REQUEST, encode_json(request))
+                request: dict[str, Any] = {
+                    "op": "run",
+                    "code": code,
+                    "generation": self.resume.generation,
+                }
+                if linger is not None:
+                    request["linger"] = linger
+                with self._send_lock:
+                    write_frame(sock, Kind.REQUEST, encode_json(request))
                 sock.settimeout(timeout)
                 frame = read_frame(sock)
                 sock.settimeout(None)
             except TimeoutError:
                 self._discard()
                 self.start_in_background()
-                return _error(
-                    "WorkerTimeout",
-                    f"the code ran longer than {timeout or 0:g} s; the worker was killed and "
-                    "its state (variables, imports) is lost; a fresh worker is starting",
-                )
+                return _timed_out(timeout)
             except (OSError, ProtocolError):
                 frame = None
             if frame is not None and frame[0] is Kind.RESULT:
@@ -201,11 +241,7 @@ class CodeRunner:
             status = self._discard(grace=5.0)
             self.start_in_background()
             how = _describe(status) if status is not None else "went away"
-            return _error(
-                "WorkerCrashed",
-                f"the Python worker {how} during this call; its state (variables, "
-                "imports) is lost; a fresh worker is starting",
-            )
+            return _crashed(how)
 
     def close(self) -> None:
         """Stop the worker for good, even in the middle of a call or a start."""
@@ -226,4 +262,58 @@ class CodeRunner:
     def handle(self, conn: socket.socket, req: dict[str, Any]) -> None:
         """The ``run_code`` op handler."""
         code, timeout = req_str(req, "code"), opt_float(req, "timeout")
-        write_frame(conn, Kind.RESULT, self.run(code, timeout))
+        write_frame(conn, Kind.RESULT, self.run(code, timeout, opt_float(req, "linger")))
+
+    # -- the code rings' slow path (ember.agent.codering) ------------------------------
+
+    def wake(self) -> None:
+        """A host wrote a request into the ring while the worker slept: wake it. Without a
+        live worker, make sure one is starting (it serves the ring once it is up)."""
+        sock, proc = self._sock, self._proc
+        if sock is not None and proc is not None and proc.poll() is None:
+            try:
+                with self._send_lock:
+                    write_frame(sock, Kind.REQUEST, encode_json({"op": "wake"}))
+                return
+            except OSError:
+                pass
+        if self.state is not WorkerState.STARTING and not self._closed:
+            self.start_in_background()
+
+    def stop(self, epoch: int, why: str, timeout: float | None) -> bytes:
+        """A ring call ended without a reply: the worker of ``epoch`` overran ``timeout``
+        (it is killed now) or died. The RESULT is what a vsock call would have returned."""
+        notice = self.notice
+        proc = self._proc
+        if notice is None:
+            return _crashed(self.last_death or "went away")
+        alive = notice.read_epoch() == epoch
+        if why == "timeout" and alive and proc is not None and proc.poll() is None:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)  # _watch publishes it and starts another
+            except (ProcessLookupError, PermissionError):
+                pass
+            # Published before we answer: the host's next call must not find it "ready".
+            proc.wait()
+            deadline = time.monotonic() + 5.0
+            while notice.read_epoch() == epoch and time.monotonic() < deadline:
+                time.sleep(0.001)
+            return _timed_out(timeout)
+        how = self.last_death or "went away"
+        return _crashed(how)
+
+    def handle_ring(self, conn: socket.socket, req: dict[str, Any]) -> None:
+        """The ``code_ring`` op: ``{"action": "wake"}`` or ``{"action": "stop", "epoch",
+        "why": "timeout"|"crashed", "timeout"}``."""
+        action = opt_str(req, "action")
+        if action == "wake":
+            self.wake()
+            write_frame(conn, Kind.RESULT, encode_json({}))
+        elif action == "stop":
+            epoch = opt_int(req, "epoch")
+            why = opt_str(req, "why")
+            if epoch is None or why not in ("timeout", "crashed"):
+                raise BadRequest("stop needs an epoch and why: timeout or crashed")
+            write_frame(conn, Kind.RESULT, self.stop(epoch, why, opt_float(req, "timeout")))
+        else:
+            raise BadRequest(f"unknown code_ring action {action!r}; known: wake, stop")

@@ -87,6 +87,7 @@ class AgentServer:
             "ping": self._ping,
             "exec": exec_handler(pool),
             "run_code": self.runner.handle,
+            "code_ring": self.runner.handle_ring,
             "shutdown": self._shutdown,
             **FILE_OPS,
         }

@@ -82,7 +82,8 @@ class Region:
         if self._whole is None:
             self._whole = mmap.mmap(self._fd, self.size, offset=self.base)
 
-    def _slot(self, index: int) -> memoryview:
+    def slot(self, index: int) -> memoryview:
+        """Slot ``index`` (control page, then data), mapped now if the region is not."""
         offset = ring.SLOT_BASE + index * self.slot_size
         if self._whole is not None:
             return memoryview(self._whole)[offset : offset + self.slot_size]
@@ -93,17 +94,28 @@ class Region:
             )
         return memoryview(found)
 
+    def control(self, index: int) -> memoryview:
+        """Just slot ``index``'s control page as u64 words (one page mapped, not the slot)."""
+        if self._whole is not None:
+            return self.slot(index)[: ring.PAGE].cast("Q")
+        offset = self.base + ring.SLOT_BASE + index * self.slot_size
+        page = self._slots[-1 - index] = mmap.mmap(self._fd, ring.PAGE, offset=offset)
+        return memoryview(page).cast("Q")
+
+    def bell(self, index: int) -> memoryview:
+        """Slot ``index``'s doorbell: storing to it signals the host (an ioeventfd)."""
+        return self._bells[index : index + 1]
+
     def writer(self, index: int, lease: int, wait: Callable[[], None]) -> ring.RingWriter | None:
         """The producer end of slot ``index`` if the host leased it as ``lease``."""
         if not 0 <= index < self.slot_count or not self.valid():
             return None
-        slot = self._slot(index)
+        slot = self.slot(index)
         ctl = slot[: ring.PAGE].cast("Q")
         data = slot[ring.PAGE :]
         if ctl[ring.LEASE] != lease or ctl[ring.CAPACITY] != len(data):
             return None
-        bell = self._bells[index : index + 1]
-        return ring.RingWriter(ctl, data, bell, wait)
+        return ring.RingWriter(ctl, data, self.bell(index), wait)
 
 
 def region() -> Region | None:

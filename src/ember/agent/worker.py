@@ -34,8 +34,18 @@ import traceback
 import types
 from typing import Any
 
-from ember.agent import heap, preload, pystart, shm
-from ember.protocol import MAX_FRAME, Kind, decode_json, encode_json, read_frame, write_frame
+from ember.agent import codering, heap, preload, pystart, shm
+from ember.agent.common import BadRequest
+from ember.agent.resume import ResumeState, apply_resume
+from ember.protocol import (
+    MAX_FRAME,
+    Kind,
+    ProtocolError,
+    decode_json,
+    encode_json,
+    read_frame,
+    write_frame,
+)
 
 __all__ = ["CAPTURE_LIMIT", "Worker", "main"]
 
@@ -172,31 +182,75 @@ def fit(result: dict[str, Any], limit: int = MAX_FRAME - 4096) -> bytes:
     return payload
 
 
+def _error_result(type_name: str, message: str) -> dict[str, Any]:
+    error = {"type": type_name, "message": message, "traceback": ""}
+    return {"stdout": "", "stderr": "", "value": None, "error": error}
+
+
+def _linger(request: dict[str, Any]) -> float:
+    """How long to poll the code ring after this call (a template build asks for long)."""
+    linger = request.get("linger")
+    if isinstance(linger, (int, float)) and not isinstance(linger, bool):
+        return float(linger)
+    return codering.AFTER_CALL_S
+
+
 def main(argv: list[str]) -> int:
     if len(argv) != 2 or not argv[1].isdigit():
         sys.stderr.write("usage: python3 -m ember.agent.worker FD  (started by the agent)\n")
         return 2
     sock = socket.socket(fileno=int(argv[1]))
+    shm.premap()  # memory channels' region, mapped once here and in every restored sandbox
+    serve_cells(sock, codering.WorkerRing.open())
+    return 0
+
+
+def serve_cells(sock: socket.socket, code_ring: codering.WorkerRing | None) -> None:
+    """Warm up, say "ready" to the agent on ``sock``, then serve cells from it and from
+    ``code_ring`` until the agent goes away."""
     worker = Worker()
     preload.import_from_env()  # the template's --preload modules, before "ready"
     pystart.warm_numpy()  # numpy's kernels once, so the first real call is not the slow one
     heap.touch_from_env()  # pages later cells reuse for free (ember.agent.heap)
     gc.freeze()  # the template's objects: never scanned (nor written to) by a collection
     worker.run("None")  # touch the parse/compile/exec path now, not on the first real call
-    shm.premap()  # memory channels' region, mapped once here and in every restored sandbox
-    write_frame(sock, Kind.RESULT, encode_json({"ready": True, "pid": os.getpid()}))
-    while (frame := read_frame(sock)) is not None:
-        kind, payload = frame
-        request = decode_json(payload) if kind is Kind.REQUEST else {}
+    resumed = ResumeState()  # what ring requests' ``resume`` applied (vsock: the agent's)
+    resumed.open_random()
+
+    def answer(request: dict[str, Any], generation: object) -> tuple[dict[str, Any], float]:
         code = request.get("code")
         if not isinstance(code, str):
-            error = {"type": "BadRequest", "message": "no code", "traceback": ""}
-            result: dict[str, Any] = {"stdout": "", "stderr": "", "value": None, "error": error}
-        else:
-            worker.reseed(request.get("generation"))
-            result = worker.run(code)
+            return _error_result("BadRequest", "no code"), codering.AFTER_CALL_S
+        # a new generation (restore, fork): reseed ``random``. With a region its generation
+        # is the one signal for both paths, so switching between them never reseeds.
+        worker.reseed(code_ring.generation if code_ring is not None else generation)
+        return worker.run(code), _linger(request)
+
+    def on_ring(payload: bytes) -> tuple[bytes, float]:
+        linger = codering.AFTER_CALL_S
+        try:
+            request = decode_json(payload)
+            if "resume" in request:  # the host's first ring request to this VM
+                apply_resume(resumed, request["resume"])
+        except (ProtocolError, BadRequest) as exc:
+            return fit(_error_result(type(exc).__name__, str(exc))), linger
+        result, linger = answer(request, None)
+        return fit({**result, "id": request.get("id")}), linger  # the host skips stale ones
+
+    def on_socket() -> float | None:
+        frame = read_frame(sock)
+        if frame is None:
+            return None
+        kind, payload = frame
+        request = decode_json(payload) if kind is Kind.REQUEST else {}
+        if request.get("op") == "wake":  # a host wrote to the ring while we slept
+            return codering.AFTER_CALL_S
+        result, linger = answer(request, request.get("generation"))
         write_frame(sock, Kind.RESULT, fit(result))
-    return 0
+        return linger
+
+    write_frame(sock, Kind.RESULT, encode_json({"ready": True, "pid": os.getpid()}))
+    codering.serve(sock, code_ring, on_ring, on_socket)
 
 
 if __name__ == "__main__":

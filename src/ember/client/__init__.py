@@ -11,6 +11,7 @@
     blocking.py   sockets + threads: AgentClient, ExecStream, Files
     aio.py        asyncio streams: AsyncAgentClient, AsyncExecStream, AsyncFiles
     channel.py    data channels from guest code (ChannelServer)
+    code_ring.py  run_code over the shared region's rings (CodeRing)
     shm.py        memory channels: the shared region, its slots and rings
 
 Names are imported on first use (PEP 562), so ``ember.client.results`` alone costs no
@@ -30,6 +31,7 @@ if TYPE_CHECKING:
         Deadline,
     )
     from ember.client.channel import ChannelServer
+    from ember.client.code_ring import CodeRing
     from ember.client.core import Command, PathArg
     from ember.client.results import (
         CodeError,
@@ -56,6 +58,7 @@ _LAZY: dict[str, tuple[str, str]] = {
     "ChannelServer": ("ember.client.channel", "ChannelServer"),
     "Client": ("ember.client.blocking", "AgentClient"),
     "CodeError": ("ember.client.results", "CodeError"),
+    "CodeRing": ("ember.client.code_ring", "CodeRing"),
     "CodeResult": ("ember.client.results", "CodeResult"),
     "Command": ("ember.client.core", "Command"),
     "DEFAULT_CALL_TIMEOUT": ("ember.client.bounds", "DEFAULT_CALL_TIMEOUT"),
@@ -94,6 +97,7 @@ __all__ = [
     "Client",
     "CodeError",
     "CodeResult",
+    "CodeRing",
     "Command",
     "Deadline",
     "DirEntry",

@@ -18,6 +18,7 @@ from types import TracebackType
 from typing import Any, BinaryIO, TypeVar
 
 from ember.client.bounds import DEFAULT_CALL_TIMEOUT, DEFAULT_GRACE, DEFAULT_MAX_OUTPUT, Deadline
+from ember.client.code_ring import CodeRing
 from ember.client.core import (
     EXPIRED,
     Command,
@@ -28,7 +29,14 @@ from ember.client.core import (
     Send,
     stdin_frames,
 )
-from ember.client.results import CodeResult, DirEntry, ExecResult, FileStat, OutputChunk
+from ember.client.results import (
+    CodeResult,
+    DirEntry,
+    ExecResult,
+    FileStat,
+    OutputChunk,
+    parse_code_result,
+)
 from ember.client.session import KeepalivePool, Session
 from ember.client.wire import Frame, Source, cut_short, frame_header, parse_header
 from ember.errors import SandboxTimeout
@@ -255,8 +263,10 @@ class AsyncAgentClient:
         grace: float = DEFAULT_GRACE,
         call_timeout: float = DEFAULT_CALL_TIMEOUT,
         announce_resume: bool = False,
+        code_ring: CodeRing | None = None,
     ) -> None:
         self._connect = connect
+        self._code_ring = code_ring
         self._session = Session(
             grace=grace, call_timeout=call_timeout, announce_resume=announce_resume, clock=_CLOCK
         )
@@ -362,9 +372,22 @@ class AsyncAgentClient:
                 pass
         return op.value
 
-    async def run_code(self, code: str, timeout: float | None = None) -> CodeResult:
+    async def run_code(
+        self, code: str, timeout: float | None = None, *, linger: float | None = None
+    ) -> CodeResult:
         """Python in the sandbox's persistent interpreter; see ``AgentClient.run_code``."""
-        return await self._run(self._session.run_code(code, timeout))
+        if self._code_ring is not None:
+            loop = asyncio.get_running_loop()
+
+            def agent(request: dict[str, Any]) -> dict[str, Any]:  # from the waiting thread
+                call = self._run(self._session.code_ring(request))
+                return asyncio.run_coroutine_threadsafe(call, loop).result()
+
+            request = self._session.ring_request(code, linger)
+            reply = await asyncio.to_thread(self._code_ring.call, request, timeout, agent)
+            if reply is not None:
+                return parse_code_result(reply)
+        return await self._run(self._session.run_code(code, timeout, linger))
 
     async def shutdown(self) -> None:
         """Ask the agent to exit (tests and orderly teardown)."""

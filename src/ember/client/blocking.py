@@ -32,6 +32,7 @@ from types import TracebackType
 from typing import Any, BinaryIO, TypeVar
 
 from ember.client.bounds import DEFAULT_CALL_TIMEOUT, DEFAULT_GRACE, DEFAULT_MAX_OUTPUT
+from ember.client.code_ring import CodeRing
 from ember.client.core import (
     Command,
     ExecOp,
@@ -40,7 +41,14 @@ from ember.client.core import (
     Send,
     stdin_frames,
 )
-from ember.client.results import CodeResult, DirEntry, ExecResult, FileStat, OutputChunk
+from ember.client.results import (
+    CodeResult,
+    DirEntry,
+    ExecResult,
+    FileStat,
+    OutputChunk,
+    parse_code_result,
+)
 from ember.client.session import KeepalivePool, Session
 from ember.client.sockets import drive, receive_frame, send_frame, still_open
 from ember.client.wire import Source
@@ -203,8 +211,10 @@ class AgentClient:
         grace: float = DEFAULT_GRACE,
         call_timeout: float = DEFAULT_CALL_TIMEOUT,
         announce_resume: bool = False,
+        code_ring: CodeRing | None = None,
     ) -> None:
         self._connect = connect
+        self._code_ring = code_ring
         self._session = Session(
             grace=grace, call_timeout=call_timeout, announce_resume=announce_resume, clock=_CLOCK
         )
@@ -334,7 +344,9 @@ class AgentClient:
                 pass
         return op.value
 
-    def run_code(self, code: str, timeout: float | None = None) -> CodeResult:
+    def run_code(
+        self, code: str, timeout: float | None = None, *, linger: float | None = None
+    ) -> CodeResult:
         """Run Python in the sandbox's persistent interpreter (notebook semantics).
 
         Exceptions in ``code`` come back in ``result.error``, not raised; so do
@@ -343,7 +355,15 @@ class AgentClient:
         allowance plus ``grace`` (calls queue behind each other in the guest);
         without one, as long as the code runs.
         """
-        return self._run(self._session.run_code(code, timeout))
+        if self._code_ring is not None:
+            request = self._session.ring_request(code, linger)
+            reply = self._code_ring.call(request, timeout, self._ring_op)
+            if reply is not None:
+                return parse_code_result(reply)
+        return self._run(self._session.run_code(code, timeout, linger))
+
+    def _ring_op(self, request: dict[str, Any]) -> dict[str, Any]:
+        return self._run(self._session.code_ring(request))
 
     def shutdown(self) -> None:
         """Ask the agent to exit (tests and orderly teardown)."""

@@ -78,6 +78,9 @@ class Session:
         # A new VMM (restored, forked): its first request carries the host's clock and
         # entropy, applied by the agent before anything else runs (bounds.resume_announcement).
         self._announcer = ResumeAnnouncer(announce_resume)
+        # The code rings reach the worker, not the agent: their first request carries its
+        # own announcement, applied by the worker (ember.agent.codering).
+        self._ring_announcer = ResumeAnnouncer(announce_resume)
 
     def request(self, op: Operation[Any]) -> bytes:
         """The REQUEST frame's payload for ``op``, encoded as late as possible (``op``
@@ -98,15 +101,31 @@ class Session:
     def shutdown(self) -> Call[None]:
         return self._call({"op": "shutdown"}, results.parse_nothing)
 
-    def run_code(self, code: str, timeout: float | None) -> Call[CodeResult]:
+    def run_code(
+        self, code: str, timeout: float | None, linger: float | None = None
+    ) -> Call[CodeResult]:
         """Without a timeout the answer may take as long as the code runs (the request may
-        not); with one, the worker's start-up allowance comes on top of it."""
+        not); with one, the worker's start-up allowance comes on top of it. ``linger``: how
+        long the worker polls its code ring afterwards (ember.agent.codering)."""
         request: dict[str, Any] = {"op": "run_code", "code": code}
+        if linger is not None:
+            request["linger"] = linger
         if timeout is None:
             return self._call(request, results.parse_code_result, bounded=False)
         request["timeout"] = timeout
         deadline = self.bounds.call("run_code", timeout, WORKER_START_ALLOWANCE)
         return Call(request, self.bounds, results.parse_code_result, deadline)
+
+    def ring_request(self, code: str, linger: float | None) -> dict[str, Any]:
+        """A ``run_code`` request for the code ring (the worker's own format)."""
+        request: dict[str, Any] = {"op": "run", "code": code}
+        if linger is not None:
+            request["linger"] = linger
+        return self._ring_announcer.stamp(request)
+
+    def code_ring(self, request: dict[str, Any]) -> Call[dict[str, Any]]:
+        """A ``code_ring`` op (wake the worker, or stop a ring call): its RESULT as is."""
+        return self._call(request, dict)
 
     def exec(
         self,

@@ -53,14 +53,20 @@ class Lease:
 class HostRegion:
     """A sandbox's region as this process maps it; thread-safe leasing of its slots."""
 
-    def __init__(self, memfd: int, doorbells: list[int], size: int, slot_size: int) -> None:
+    def __init__(
+        self, memfd: int, doorbells: list[int], size: int, slot_size: int, *, code: bool = False
+    ) -> None:
         if size != ring.region_size(len(doorbells), slot_size) or slot_size % ring.PAGE:
             raise ValueError("the VMM described a region this SDK does not lay out")
+        if code and len(doorbells) <= ring.CODE_SLOTS:
+            raise ValueError("a region with code rings needs a slot for channels too")
         self._mem = mmap.mmap(memfd, size, mmap.MAP_SHARED)
         self._doorbells = doorbells
         self._slot_size = slot_size
         self._lock = threading.Lock()
-        self._free = list(range(len(doorbells)))
+        # With ``code``, the last slots are run_code's (ember.client.code_ring), never leased.
+        self.code = code
+        self._free = list(range(len(doorbells) - (ring.CODE_SLOTS if code else 0)))
         self._views: dict[int, tuple[memoryview, memoryview, memoryview]] = {}
         self._closed = False
         self.leases = 0  # slots handed out so far (tests and benchmarks read it)
@@ -79,7 +85,8 @@ class HostRegion:
             size, slot_size = int(reply["size"]), int(reply["slot_size"])
             if len(fds) != 1 + int(reply["slot_count"]):
                 raise ValueError(f"{len(fds)} fds for {reply['slot_count']} slots")
-            region = cls(fds[0], fds[1:], size, slot_size)
+            count = int(reply["slot_count"])
+            region = cls(fds[0], fds[1:], size, slot_size, code=count > ring.CODE_SLOTS)
         except (KeyError, TypeError, ValueError, OSError) as exc:
             log.warning("the VMM's memory channel region is unusable: %s", exc)
             for fd in fds:
@@ -88,22 +95,39 @@ class HostRegion:
         os.close(fds[0])  # the mapping keeps the memory
         return region
 
+    @property
+    def slot_count(self) -> int:
+        return len(self._doorbells)
+
     def lease(self, max_message: int) -> Lease | None:
         """A free slot made an empty ring, or None when all are in use (use vsock)."""
         with self._lock:
             if self._closed or not self._free:
                 return None
             slot = self._free.pop(0)
-            if slot not in self._views:
-                offset = ring.SLOT_BASE + slot * self._slot_size
-                whole = memoryview(self._mem)[offset : offset + self._slot_size]
-                self._views[slot] = (whole, whole[: ring.PAGE].cast("Q"), whole[ring.PAGE :])
-            _, ctl, data = self._views[slot]
+            ctl, data = self._view(slot)
             reader = ring.RingReader(ctl, data, self._slot_size - ring.PAGE, max_message)
             token = secrets.randbits(63) | 1
             reader.reset(token)
             self.leases += 1
             return Lease(slot, token, reader, self._doorbells[slot])
+
+    def slot(self, index: int) -> tuple[memoryview, memoryview, int]:
+        """Slot ``index``'s control words, data area and doorbell eventfd (code rings)."""
+        with self._lock:
+            if self._closed:
+                raise ValueError("the region is closed")
+            ctl, data = self._view(index)
+            return ctl, data, self._doorbells[index]
+
+    def _view(self, index: int) -> tuple[memoryview, memoryview]:
+        """Slot ``index`` as control words and data (lock held; views made once)."""
+        if index not in self._views:
+            offset = ring.SLOT_BASE + index * self._slot_size
+            whole = memoryview(self._mem)[offset : offset + self._slot_size]
+            self._views[index] = (whole, whole[: ring.PAGE].cast("Q"), whole[ring.PAGE :])
+        _, ctl, data = self._views[index]
+        return ctl, data
 
     def release(self, lease: Lease) -> None:
         """The channel ended: the slot's producer loses its lease; the slot is free again."""

@@ -38,6 +38,7 @@ MAX_JSON_DEPTH = 32
 """Nesting deeper than any answer has (they are 3 deep): refused, so that no deep object
 from the guest ever reaches ``repr`` or user code."""
 
+
 def parse_header(header: bytes) -> tuple[Kind, int]:
     """A frame header's kind and payload length, both checked (by the guest's own parser,
     whose error becomes the host's :class:`~ember.errors.ProtocolError`)."""

@@ -26,6 +26,7 @@ from ember.client import (
     AsyncAgentClient,
     ChannelServer,
     CodeResult,
+    CodeRing,
     ExecResult,
     OutputChunk,
     Streams,
@@ -104,7 +105,13 @@ class AsyncSandbox:
         self._boot = boot
         self._channels: ChannelServer | None = None
         self._closed = False
-        self._client = AsyncAgentClient(self._connect, resume=self._resume, announce_resume=True)
+        self._code_ring = CodeRing(
+            lambda: self._require().shm_region(),
+            alive=lambda: self._vmm is not None and not self._vmm.exited(),
+        )
+        self._client = AsyncAgentClient(
+            self._connect, resume=self._resume, announce_resume=True, code_ring=self._code_ring
+        )
         self.files = AsyncSandboxFiles(self)
 
     async def _resume(self) -> Streams | None:
@@ -284,6 +291,7 @@ class AsyncSandbox:
         await self._client.close()
         if self._channels is not None:
             self._channels.close()
+        self._code_ring.close()
         if self._vmm is not None:
             await asyncio.to_thread(self._vmm.close)
 

@@ -24,6 +24,7 @@ from ember.client import (
     AgentClient,
     ChannelServer,
     CodeResult,
+    CodeRing,
     ExecResult,
     ExecStream,
     OutputChunk,
@@ -112,7 +113,10 @@ class Sandbox:
         self._vmm = vmm
         self._spec = spec
         self._closed = False
-        self._client = AgentClient(self._connect, resume=self._vmm.resume, announce_resume=True)
+        self._code_ring = CodeRing(vmm.shm_region, alive=lambda: not vmm.exited())
+        self._client = AgentClient(
+            self._connect, resume=vmm.resume, announce_resume=True, code_ring=self._code_ring
+        )
         self._channels = ChannelServer(self._vmm.take_channel_listener(), shm=self._vmm.shm_region)
         self.files = SandboxFiles(self)
 
@@ -284,6 +288,7 @@ class Sandbox:
         self._closed = True
         self._client.close()
         self._channels.close()
+        self._code_ring.close()
         self._vmm.close()
 
     def __enter__(self) -> Sandbox:

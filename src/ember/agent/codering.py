@@ -1,0 +1,232 @@
+"""``run_code`` over memory: the worker's end of the code rings, and its spin-then-sleep loop.
+
+A ``run_code`` over vsock costs ~40 ms here, nearly all of it the emulated guest kernel:
+vsock packets, the agent's threads waking, a socketpair to the worker. The worker's own
+work for a small cell is well under a millisecond. So the worker also serves requests
+from the shared region (:mod:`ember.ring`, the last two slots): the host writes a request
+into one ring, the worker, polling it from user space, runs the cell and writes the reply
+into the other. Nothing in between enters the guest kernel.
+
+Polling costs a vCPU, so the worker polls only for a while after activity
+(:data:`AFTER_CALL_S` after a call, :data:`AFTER_RESTORE_S` after it finds a new region,
+i.e. after a restore or a fork, or what a request's ``linger`` asks), then sleeps on its
+socketpair to the agent and says so in the request ring (``CONSUMER_SLEEPING``). A host
+that finds it asleep writes the request all the same and asks the agent to wake it
+(``{"op": "code_ring", "action": "wake"}`` over vsock): the slow path, once. Templates are
+snapshotted while the worker polls, so a restored sandbox answers its first ``run_code``
+with no guest-kernel wake-up at all.
+
+The worker lays out both rings itself (fresh capacity and leases) the first time it sees a
+region (a new VMM, restore or fork: the header's generation changed) and only then stores
+``CODE_READY``; until then the host uses vsock. When the worker dies, the agent
+(:class:`DeathNotice`) clears ``CODE_READY``, bumps ``CODE_EPOCH`` and rings the reply
+slot's doorbell, so a host waiting for a reply learns it at once.
+
+Runs in the guest: standard library only.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import socket
+import time
+
+from ember import ring
+from ember.agent import shm
+from ember.protocol import MAX_FRAME
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+__all__ = ["AFTER_CALL_S", "AFTER_RESTORE_S", "MAX_LINGER_S", "DeathNotice", "WorkerRing"]
+
+AFTER_CALL_S = 0.25  # keep polling this long after a call: the next one is often close behind
+AFTER_RESTORE_S = 0.1  # and after a restore or fork, for the host's first request
+MAX_LINGER_S = 120.0  # the most a request may ask for (a template build asks for a while)
+SOCKET_CHECK_S = 0.01  # while polling, look at the agent's socket this often (a syscall)
+FULL_WAIT_S = 0.0005  # a reply that does not fit yet: the host frees room as it reads
+
+
+def _views(region: shm.Region, index: int) -> tuple[memoryview, memoryview]:
+    slot = region.slot(index)
+    return slot[: ring.PAGE].cast("Q"), slot[ring.PAGE :]
+
+
+class WorkerRing:
+    """The worker's end: requests in, replies out, and how long to keep polling."""
+
+    def __init__(self, region: shm.Region) -> None:
+        self._region = region
+        request, reply = ring.code_slots(region.slot_count)
+        self._req_ctl, self._req_data = _views(region, request)
+        self._rep_ctl, self._rep_data = _views(region, reply)
+        self._bell = region.bell(reply)
+        self._generation = 0
+        self._reader: ring.RingReader | None = None
+        self._writer: ring.RingWriter | None = None
+        self._start = 0.0
+        self._window = 0.0
+        self.served = 0
+
+    @classmethod
+    def open(cls) -> WorkerRing | None:
+        """This process's rings, or None without a region (vsock only, as before)."""
+        region = shm.region()
+        if region is None or region.slot_count < ring.CODE_SLOTS + 1:
+            return None
+        try:
+            region.premap()
+            return cls(region)
+        except (OSError, ValueError):
+            return None
+
+    @property
+    def generation(self) -> int:
+        """The region's generation: new on every VMM start, restore and fork."""
+        return self._region.generation
+
+    def refresh(self) -> bool:
+        """Lay the rings out and announce them in a region not seen yet; True if it was new."""
+        generation = self._region.generation
+        if generation == self._generation or not self._region.valid():
+            return False
+        self._req_ctl[ring.CODE_READY] = 0
+        leases = int.from_bytes(os.urandom(16), "little")
+        capacity = len(self._req_data)
+        ring.lay_out(self._req_ctl, capacity, (leases & (1 << 63) - 1) | 1)
+        ring.lay_out(self._rep_ctl, len(self._rep_data), (leases >> 64 & (1 << 63) - 1) | 1)
+        self._reader = ring.RingReader(self._req_ctl, self._req_data, capacity, MAX_FRAME)
+        self._writer = ring.RingWriter(self._rep_ctl, self._rep_data, self._bell, _wait_room)
+        self._generation = generation
+        self._req_ctl[ring.CODE_READY] = os.getpid() or 1  # last: the host may go now
+        self.poll_for(AFTER_RESTORE_S)
+        return True
+
+    def poll_for(self, seconds: float) -> None:
+        """Keep polling for ``seconds`` from now (a restored clock may jump: see polling)."""
+        self._start = time.monotonic()
+        self._window = min(max(seconds, 0.0), MAX_LINGER_S)
+
+    def polling(self, now: float) -> bool:
+        if now < self._start:  # the clock went back (a restore): count from here
+            self._start = now
+        return now - self._start < self._window
+
+    def take(self) -> list[bytes]:
+        """Requests the host has published (none when the rings are not laid out)."""
+        if self._reader is None:
+            return []
+        try:
+            return self._reader.read()
+        except ring.RingError:
+            self._generation = 0  # lay the rings out afresh; the host re-attaches
+            return []
+
+    def reply(self, payload: bytes) -> None:
+        assert self._writer is not None
+        try:
+            self._writer.send(memoryview(payload))
+        except BrokenPipeError:
+            self._generation = 0
+
+    def sleep(self) -> bool:
+        """Say "I sleep" to the host; False (still awake) if a request came meanwhile."""
+        if self._reader is None:
+            return True
+        self._reader.sleep(True)
+        try:
+            pending = self._reader.available()
+        except ring.RingError:
+            pending = 0
+        if pending:
+            self._reader.sleep(False)
+            return False
+        return True
+
+    def wake(self) -> None:
+        if self._reader is not None:
+            self._reader.sleep(False)
+
+
+def _wait_room() -> None:
+    time.sleep(FULL_WAIT_S)
+
+
+def serve(
+    sock: socket.socket,
+    code_ring: WorkerRing | None,
+    on_ring: Callable[[bytes], tuple[bytes, float]],
+    on_socket: Callable[[], float | None],
+) -> None:
+    """The worker's loop: poll the ring while there was activity, else sleep on ``sock``.
+
+    ``on_ring`` serves one ring request (its reply and how long to poll after it);
+    ``on_socket`` reads and serves one frame from the agent (how long to poll after
+    it, or None when the agent has gone).
+    """
+    poller = select.poll()
+    poller.register(sock.fileno(), select.POLLIN)
+    while True:
+        if code_ring is not None:
+            code_ring.refresh()
+            check_at = 0.0
+            while True:
+                if code_ring.refresh():  # a restore or fork while we polled
+                    check_at = 0.0
+                requests = code_ring.take()
+                for request in requests:
+                    reply, linger = on_ring(request)
+                    code_ring.reply(reply)
+                    code_ring.served += 1
+                    code_ring.poll_for(linger)
+                if requests:
+                    continue
+                now = time.monotonic()
+                if not code_ring.polling(now):
+                    break
+                if now >= check_at:
+                    if poller.poll(0):
+                        break  # the agent wants us: serve it below, then poll again
+                    check_at = now + SOCKET_CHECK_S
+            if not code_ring.sleep():
+                continue
+        after = on_socket()
+        if after is None:
+            return
+        if code_ring is not None:
+            code_ring.wake()
+            code_ring.poll_for(after)
+
+
+class DeathNotice:
+    """The agent's part: tell a host waiting on the rings that the worker died."""
+
+    def __init__(self, region: shm.Region) -> None:
+        request, reply = ring.code_slots(region.slot_count)
+        self._ctl = region.control(request)
+        self._bell = region.bell(reply)
+        self.epoch = 0
+
+    @classmethod
+    def open(cls) -> DeathNotice | None:
+        region = shm.region()
+        if region is None or region.slot_count < ring.CODE_SLOTS + 1:
+            return None
+        try:
+            return cls(region)
+        except (OSError, ValueError):
+            return None
+
+    def read_epoch(self) -> int:
+        """The epoch hosts see (0 in a region no worker has died in yet)."""
+        return int(self._ctl[ring.CODE_EPOCH])
+
+    def publish(self) -> None:
+        """The worker died: the rings are nobody's until a new worker lays them out."""
+        self.epoch = max(self.epoch, self.read_epoch()) + 1
+        self._ctl[ring.CODE_READY] = 0
+        self._ctl[ring.CODE_EPOCH] = self.epoch
+        ring.fence()
+        self._bell[0] = 1

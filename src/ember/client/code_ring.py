@@ -1,0 +1,248 @@
+"""``run_code`` over memory: the host's end of the code rings (``ember.agent.codering``).
+
+A call writes its request into the request ring of the sandbox's shared region and
+waits for the reply in the reply ring: no vsock packet, no guest-kernel wake-up while
+the worker polls. When the worker sleeps, the request is written all the same and the
+agent is asked over vsock to wake it (``code_ring`` ``wake``); when the worker dies or
+overruns the call's timeout, the agent is asked for the RESULT a vsock call would have
+had (``code_ring`` ``stop``: it kills an overrunning worker first). So a caller sees
+exactly the vsock path's results, ``WorkerCrashed`` and ``WorkerTimeout`` included.
+
+:meth:`CodeRing.call` returns None, having sent nothing, whenever the rings are not
+usable (no region, an older agent, no worker has announced itself in this region yet):
+the caller then uses vsock, which also makes the worker announce itself for next time.
+
+Everything read from the region is the guest's: the reply ring is read by
+:class:`ember.ring.RingReader` (bounded, checked), the request ring is written at the
+host's own offsets only, and a reply must carry the request's id, so a stale one (a call
+that failed after its request was published) is skipped. One call at a time per sandbox
+(the worker runs one cell at a time anyway).
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from ember import ring
+from ember.client.shm import HostRegion
+from ember.client.wire import decode
+from ember.errors import ProtocolError
+from ember.protocol import MAX_FRAME, encode_json
+from ember.ring import RingError, RingReader, RingWriter
+
+__all__ = ["Agent", "CodeRing"]
+
+SPIN_S = 200e-6  # a short cell's reply often follows within this: poll before sleeping
+SLEEP_S = 0.1  # a sleeping caller looks again (the worker's epoch, the VM) at least this often
+ROOM_WAIT_S = 0.0002  # the request ring is full (a huge cell): the worker frees room soon
+
+#: Runs a ``code_ring`` op over vsock and returns its RESULT object.
+Agent = Callable[[dict[str, Any]], dict[str, Any]]
+
+
+class _Stalled(Exception):
+    """The worker did not free room for the request before the call's deadline."""
+
+
+class _Waker:
+    """The request ring's doorbell: the worker sleeps, so ask the agent to wake it."""
+
+    def __init__(self, owner: CodeRing, agent: Agent) -> None:
+        self._owner = owner
+        self._agent = agent
+
+    def __setitem__(self, index: int, value: int) -> None:
+        self._owner.wakes += 1
+        self._agent({"op": "code_ring", "action": "wake"})
+
+
+class CodeRing:
+    """One sandbox's code rings as this process drives them.
+
+    ``region`` gives the VMM's region (asked once, at the first call); ``alive`` says
+    whether the VM still runs (a dead one ends a waiting call with ConnectionResetError).
+    """
+
+    def __init__(self, region: Callable[[], HostRegion | None], alive: Callable[[], bool]) -> None:
+        self._factory: Callable[[], HostRegion | None] | None = region
+        self._alive = alive
+        self._region: HostRegion | None = None
+        self._lock = threading.Lock()
+        self._leases: tuple[int, int] | None = None  # the worker's layout we are attached to
+        self._writer: RingWriter | None = None
+        self._reader: RingReader | None = None
+        self._deadline: float | None = None
+        self._next_id = 0
+        self._closed = False
+        self.calls = 0  # calls answered through the rings (tests and benchmarks read these)
+        self.wakes = 0
+
+    def call(
+        self, request: dict[str, Any], timeout: float | None, agent: Agent
+    ) -> dict[str, Any] | None:
+        """The worker's RESULT object for ``request`` (``{"op": "run", "code", ...}``), or
+        None when the rings cannot carry it (nothing was sent: use vsock)."""
+        with self._lock:
+            region = self._open()
+            if region is None:
+                return None
+            try:
+                request_slot, reply_slot = ring.code_slots(region.slot_count)
+                req_ctl, req_data, _ = region.slot(request_slot)
+                rep_ctl, rep_data, doorbell = region.slot(reply_slot)
+                if not req_ctl[ring.CODE_READY] or not self._attach(
+                    req_ctl, req_data, rep_ctl, rep_data, agent
+                ):
+                    return None
+                epoch = int(req_ctl[ring.CODE_EPOCH])
+            except ValueError:  # closed under us
+                return None
+            self._next_id += 1
+            ident = self._next_id
+            self._deadline = None if timeout is None else time.monotonic() + timeout
+            assert self._writer is not None
+            try:
+                self._writer.send(memoryview(encode_json({**request, "id": ident})))
+            except BrokenPipeError:  # a new worker laid the rings out again: nothing sent
+                self._leases = None
+                return None
+            except _Stalled:
+                return self._stop(agent, epoch, "timeout", timeout)
+            except ValueError:
+                raise ConnectionResetError("the sandbox was closed") from None
+            return self._wait(ident, epoch, timeout, req_ctl, rep_ctl, doorbell, agent)
+
+    def close(self) -> None:
+        """Unmap the region (a call still waiting ends with ConnectionResetError)."""
+        self._closed = True
+        with self._lock:
+            self._factory = None
+        region, self._region = self._region, None
+        if region is not None:
+            region.close()
+
+    # -- inside a call (lock held) ---------------------------------------------------
+
+    def _open(self) -> HostRegion | None:
+        if self._closed:
+            return None
+        factory, self._factory = self._factory, None
+        if factory is not None:
+            self._region = factory()
+            if self._region is not None and not self._region.code:
+                self._region.close()
+                self._region = None
+        return self._region
+
+    def _attach(
+        self,
+        req_ctl: memoryview,
+        req_data: memoryview,
+        rep_ctl: memoryview,
+        rep_data: memoryview,
+        agent: Agent,
+    ) -> bool:
+        """Attach to the worker's current layout (again, after a new worker laid it out)."""
+        leases = (int(req_ctl[ring.LEASE]), int(rep_ctl[ring.LEASE]))
+        if leases == self._leases:
+            return True
+        self._leases = None
+        if req_ctl[ring.CAPACITY] != len(req_data) or rep_ctl[ring.CAPACITY] != len(rep_data):
+            return False  # not the geometry this host lays out: vsock
+        head, tail = int(req_ctl[ring.HEAD]), int(req_ctl[ring.TAIL])
+        if head % 8 or not 0 <= head - tail <= len(req_data):
+            return False
+        reader = RingReader(rep_ctl, rep_data, len(rep_data), MAX_FRAME)
+        try:
+            reader.attach()
+        except RingError:
+            return False
+        self._writer = RingWriter(req_ctl, req_data, _Waker(self, agent), self._room_wait)
+        self._reader = reader
+        self._leases = leases
+        return True
+
+    def _room_wait(self) -> None:
+        if self._deadline is not None and time.monotonic() >= self._deadline:
+            raise _Stalled
+        if not self._alive():
+            raise ConnectionResetError("the sandbox's VM is gone")
+        time.sleep(ROOM_WAIT_S)
+
+    def _stop(self, agent: Agent, epoch: int, why: str, timeout: float | None) -> dict[str, Any]:
+        """No reply: the agent says what happened (and kills an overrunning worker)."""
+        self._leases = None  # the next worker lays the rings out afresh
+        request: dict[str, Any] = {"op": "code_ring", "action": "stop", "epoch": epoch}
+        return agent({**request, "why": why, "timeout": timeout})
+
+    def _wait(
+        self,
+        ident: int,
+        epoch: int,
+        timeout: float | None,
+        req_ctl: memoryview,
+        rep_ctl: memoryview,
+        doorbell: int,
+        agent: Agent,
+    ) -> dict[str, Any]:
+        reader = self._reader
+        assert reader is not None and self._leases is not None
+        reply_lease = self._leases[1]
+        poller = select.poll()
+        poller.register(doorbell, select.POLLIN)
+
+        def gone() -> bool:  # the worker died, or a new one laid the rings out again
+            return bool(
+                req_ctl[ring.CODE_EPOCH] != epoch
+                or not req_ctl[ring.CODE_READY]
+                or rep_ctl[ring.LEASE] != reply_lease
+            )
+
+        try:
+            while True:
+                messages = reader.read()
+                for message in messages:
+                    reply = decode(message)
+                    if reply.get("id") == ident:
+                        self.calls += 1
+                        return reply
+                if messages:
+                    continue
+                if gone():
+                    return self._stop(agent, epoch, "crashed", timeout)
+                now = time.monotonic()
+                if self._deadline is not None and now >= self._deadline:
+                    return self._stop(agent, epoch, "timeout", timeout)
+                if _spin(reader):
+                    continue
+                reader.sleep(True)
+                if not gone() and not reader.available():
+                    limit = SLEEP_S if self._deadline is None else self._deadline - now
+                    if poller.poll(max(0.0, min(SLEEP_S, limit)) * 1000):
+                        try:
+                            os.read(doorbell, 8)
+                        except BlockingIOError:
+                            pass
+                reader.sleep(False)
+                if not self._alive():
+                    raise ConnectionResetError("the sandbox's VM is gone")
+        except RingError as exc:
+            if gone():  # a replacement's fresh ring, not a broken one
+                return self._stop(agent, epoch, "crashed", timeout)
+            self._leases = None
+            raise ProtocolError(f"the guest broke its run_code ring: {exc}") from None
+        except ValueError:  # the region was unmapped under us (close)
+            raise ConnectionResetError("the sandbox was closed") from None
+
+
+def _spin(reader: RingReader) -> bool:
+    deadline = time.perf_counter() + SPIN_S
+    while time.perf_counter() < deadline:
+        if reader.available():
+            return True
+    return False

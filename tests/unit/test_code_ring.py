@@ -1,0 +1,173 @@
+"""run_code over the code rings without KVM: the real worker, agent runner and host end.
+
+A memfd laid out like the VMM's region stands in for the shared memory. The agent's
+:class:`CodeRunner` starts the real worker loop (``serve_cells``) in a real process,
+which maps the same memfd through ``/proc/PID/fd`` as the guest maps ``/dev/mem``; the
+host's :class:`CodeRing` writes requests and reads replies. Only the doorbells are plain
+memory here (no ioeventfd), so a sleeping host finds replies on its periodic look.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from ember import ring
+from ember.agent import shm
+from ember.agent.codering import AFTER_CALL_S, DeathNotice
+from ember.agent.runcode import CodeRunner
+from ember.client import CodeRing, HostRegion
+from ember.client.results import CodeResult, parse_code_result
+from ember.client.wire import decode
+from ember.errors import ProtocolError
+
+SLOTS = 4
+SLOT_SIZE = 64 << 10
+SIZE = ring.region_size(SLOTS, SLOT_SIZE)
+
+WORKER = """
+import os, socket, sys
+from ember.agent import codering, shm, worker
+fd = os.open(sys.argv[1], os.O_RDWR)
+region = shm.Region(fd, int(sys.argv[2]), 0)
+worker.serve_cells(socket.socket(fileno=int(sys.argv[3])), codering.WorkerRing(region))
+"""
+
+
+class Fixture:
+    def __init__(self) -> None:
+        self.memfd = os.memfd_create("test-code-ring", os.MFD_CLOEXEC)
+        os.ftruncate(self.memfd, SIZE + ring.PAGE)  # the doorbell page after the region
+        self.map = mmap.mmap(self.memfd, SIZE + ring.PAGE)
+        self.header = memoryview(self.map)[: ring.PAGE].cast("Q")
+        self.header[ring.H_VERSION] = ring.VERSION
+        self.header[ring.H_GENERATION] = 12345
+        self.header[ring.H_SLOT_COUNT] = SLOTS
+        self.header[ring.H_SLOT_SIZE] = SLOT_SIZE
+        self.header[ring.H_MAGIC] = ring.MAGIC
+        path = f"/proc/{os.getpid()}/fd/{self.memfd}"
+        self.runner = CodeRunner([sys.executable, "-c", WORKER, path, str(SIZE)])
+        self.agent_region = shm.Region(os.dup(self.memfd), SIZE, 0)
+        self.runner.notice = DeathNotice(self.agent_region)
+        self.bells = [os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC) for _ in range(SLOTS)]
+        self.host = HostRegion(os.dup(self.memfd), self.bells, SIZE, SLOT_SIZE, code=True)
+        self.alive = True
+        self.code = CodeRing(lambda: self.host, alive=lambda: self.alive)
+        self.ops: list[dict[str, Any]] = []
+
+    def agent(self, request: dict[str, Any]) -> dict[str, Any]:
+        """The agent's ``code_ring`` op, as its server would run it."""
+        self.ops.append(request)
+        if request["action"] == "wake":
+            self.runner.wake()
+            return {}
+        return decode(self.runner.stop(request["epoch"], request["why"], request.get("timeout")))
+
+    def ctl(self, slot: int) -> memoryview:
+        offset = ring.SLOT_BASE + slot * SLOT_SIZE
+        return memoryview(self.map)[offset : offset + ring.PAGE].cast("Q")
+
+    def call(self, code: str, timeout: float | None = 30) -> CodeResult | None:
+        reply = self.code.call({"op": "run", "code": code}, timeout, self.agent)
+        return None if reply is None else parse_code_result(reply)
+
+    def ready_call(self, code: str, timeout: float | None = 30) -> CodeResult:
+        """Once a worker has announced itself (a replacement takes a moment to start)."""
+        deadline = time.monotonic() + 60
+        while (result := self.call(code, timeout)) is None:
+            assert time.monotonic() < deadline, "no worker announced itself on the rings"
+            time.sleep(0.05)
+        return result
+
+    def close(self) -> None:
+        self.runner.close()
+        self.code.close()
+
+
+@pytest.fixture
+def fx() -> Iterator[Fixture]:
+    fixture = Fixture()
+    fixture.runner.start_in_background()
+    try:
+        yield fixture
+    finally:
+        fixture.close()
+
+
+def test_cells_go_through_the_rings_and_keep_their_state(fx: Fixture) -> None:
+    first = fx.ready_call("x = 6\nprint('hi')\nx * 7")
+    assert (first.value, first.stdout, first.error) == ("42", "hi\n", None)
+    assert fx.ready_call("x + 1").value == "7"
+    error = fx.ready_call("1/0").error
+    assert error is not None and error.type == "ZeroDivisionError"
+    assert fx.code.calls == 3
+    assert fx.ctl(2)[ring.CODE_READY] != 0  # the worker announced itself in the request slot
+
+
+def test_a_sleeping_worker_is_woken_by_the_agent(fx: Fixture) -> None:
+    fx.ready_call("y = 1")
+    time.sleep(AFTER_CALL_S + 0.3)  # the worker stops polling and sleeps
+    assert fx.ctl(2)[ring.CONSUMER_FLAGS] & ring.CONSUMER_SLEEPING
+    assert fx.ready_call("y + 1").value == "2"
+    assert fx.code.wakes == 1 and [op["action"] for op in fx.ops] == ["wake"]
+    assert fx.ready_call("y + 2").value == "3"  # polling again: no second wake
+    assert fx.code.wakes == 1
+
+
+def test_a_worker_that_dies_is_reported_and_replaced(fx: Fixture) -> None:
+    fx.ready_call("state = 'kept'")
+    result = fx.ready_call("import os\nos._exit(3)")
+    assert result.error is not None and result.error.type == "WorkerCrashed"
+    assert "exited with status 3" in result.error.message
+    assert fx.ctl(2)[ring.CODE_EPOCH] == 1
+    after = fx.ready_call("'state' in globals()")  # a new worker, a fresh namespace
+    assert after.value == "False"
+
+
+def test_a_cell_over_its_timeout_is_killed_and_the_next_one_runs(fx: Fixture) -> None:
+    fx.ready_call("z = 1")
+    started = time.monotonic()
+    result = fx.ready_call("while True: pass", timeout=0.5)
+    assert result.error is not None and result.error.type == "WorkerTimeout"
+    assert time.monotonic() - started < 20
+    assert fx.ready_call("1 + 1").value == "2"
+
+
+def test_a_reply_ring_the_guest_breaks_fails_the_call_not_the_host(fx: Fixture) -> None:
+    fx.ready_call("import time")
+    reply_ctl = fx.ctl(3)
+
+    def vandal() -> None:
+        time.sleep(0.3)
+        reply_ctl[ring.HEAD] = (1 << 40) + 8  # a head no ring of this size can have
+
+    thread = threading.Thread(target=vandal)
+    thread.start()
+    with pytest.raises(ProtocolError, match="broke its run_code ring"):
+        fx.call("time.sleep(2)")
+    thread.join()
+
+
+def test_a_vm_that_goes_away_ends_a_waiting_call(fx: Fixture) -> None:
+    fx.ready_call("import time")
+    threading.Timer(0.3, lambda: setattr(fx, "alive", False)).start()
+    with pytest.raises(ConnectionResetError):
+        fx.call("time.sleep(5)", timeout=None)
+
+
+def test_no_region_or_no_announced_worker_means_vsock() -> None:
+    nothing = CodeRing(lambda: None, alive=lambda: True)
+    assert nothing.call({"op": "run", "code": "1"}, None, lambda r: {}) is None
+    fixture = Fixture()  # its worker never started: CODE_READY stays 0
+    try:
+        assert fixture.call("1") is None
+        assert fixture.code.calls == 0 and fixture.ops == []
+    finally:
+        fixture.close()
