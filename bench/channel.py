@@ -28,6 +28,7 @@ import argparse
 import os
 import socket
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -199,15 +200,50 @@ def frames_scenario(transport: str, size: int, seconds: float) -> dict[str, Any]
             "sent_before_panic": panic_at, "worst_tick_lateness_ms": worst * 1000}
 
 
-def run_code_round_trip(runs: int) -> list[float]:
+FLOOR = """
+import sys
+ns = {}
+for line in sys.stdin:
+    sys.stdout.write(repr(eval(line, ns)) + "\\n")
+    sys.stdout.flush()
+"""
+
+
+def run_code_round_trips(runs: int) -> dict[str, float]:
+    """p50 ms of ``run_code('x * 7')``: code ring (worker polling), vsock (the agent's
+    socketpair to the worker), the ring after the worker fell asleep (one vsock wake-up),
+    and the floor: a host Python subprocess answering over pipes (no VM at all)."""
+    from ember.agent.codering import AFTER_CALL_S
+    from ember.client import AgentClient
+
+    out: dict[str, list[float]] = {"ring": [], "vsock": [], "ring after sleep": [], "host": []}
     with Sandbox() as sb:
         sb.run_code("x = 6", timeout=300)
-        out = []
-        for _ in range(runs):
-            t0 = time.perf_counter()
-            sb.run_code("x * 7", timeout=300)
-            out.append(time.perf_counter() - t0)
-    return out
+        vsock = AgentClient(sb._connect)
+        try:
+            for _ in range(runs):
+                for name, call in (("ring", sb.run_code), ("vsock", vsock.run_code)):
+                    t0 = time.perf_counter()
+                    call("x * 7", timeout=300)
+                    out[name].append(time.perf_counter() - t0)
+            for _ in range(min(runs, 3)):
+                time.sleep(AFTER_CALL_S + 0.3)
+                t0 = time.perf_counter()
+                sb.run_code("x * 7", timeout=300)
+                out["ring after sleep"].append(time.perf_counter() - t0)
+        finally:
+            vsock.close()
+    proc = subprocess.Popen([sys.executable, "-c", FLOOR], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True, bufsize=1)
+    assert proc.stdin is not None and proc.stdout is not None
+    for _ in range(runs + 1):
+        t0 = time.perf_counter()
+        proc.stdin.write("6 * 7\n")
+        proc.stdout.readline()
+        out["host"].append(time.perf_counter() - t0)
+    proc.stdin.close()
+    proc.wait()
+    return {name: statistics.median(v) * 1000 for name, v in out.items()}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -237,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
             for size in (64 << 10, MIB):
                 results["frames"][f"{transport} {size >> 10} KiB"] = frames_scenario(
                     transport, size, args.seconds)
-        results["run_code_ms"] = statistics.median(run_code_round_trip(5)) * 1000
+        results["run_code_ms"] = run_code_round_trips(max(args.runs, 9))
     finally:
         peer.close()
     if args.json:
@@ -265,7 +301,10 @@ def print_tables(results: dict[str, Any]) -> None:
     print(format_table(["60 Hz frames, panic half-way", "late ticks", "lost frames",
                         "received/sent", "worst tick late (ms)"], frame_rows))
     print()
-    print(f"run_code('x * 7') round trip p50: {results['run_code_ms']:.1f} ms (vsock, unchanged)")
+    code = results["run_code_ms"]
+    print(format_table(["run_code('x * 7') round trip", "p50 ms", "/host"],
+                       [[name, fmt_num(ms, 2), ratio(ms, code["host"])]
+                        for name, ms in code.items()]))
 
 
 def ratio(a: float, b: float) -> str:

@@ -161,6 +161,7 @@ class VmmProcess:
         debug_hooks: bool = False,
     ) -> None:
         self.debug_hooks = debug_hooks  # tests of the jail only: see ember.vmm.control
+        self.restored = restore is not None
         self.dir = Path(tempfile.mkdtemp(prefix="ember-"))
         self.uds = str(self.dir / VSOCK_NAME)
         self.console_path = self.dir / CONSOLE_LOG

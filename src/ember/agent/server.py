@@ -70,7 +70,7 @@ class AgentServer:
     ) -> None:
         self._listener = listener
         self.resume = ResumeState()
-        self.resume.open_random()
+        self.resume.warm()
         self.runner = runner if runner is not None else CodeRunner()
         self.runner.resume = self.resume
         self.pool = pool  # pre-started interpreters for exec; refilled only between requests

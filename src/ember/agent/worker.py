@@ -215,7 +215,7 @@ def serve_cells(sock: socket.socket, code_ring: codering.WorkerRing | None) -> N
     gc.freeze()  # the template's objects: never scanned (nor written to) by a collection
     worker.run("None")  # touch the parse/compile/exec path now, not on the first real call
     resumed = ResumeState()  # what ring requests' ``resume`` applied (vsock: the agent's)
-    resumed.open_random()
+    resumed.warm()
 
     def answer(request: dict[str, Any], generation: object) -> tuple[dict[str, Any], float]:
         code = request.get("code")

@@ -40,6 +40,7 @@ __all__ = ["Agent", "CodeRing"]
 SPIN_S = 200e-6  # a short cell's reply often follows within this: poll before sleeping
 SLEEP_S = 0.1  # a sleeping caller looks again (the worker's epoch, the VM) at least this often
 ROOM_WAIT_S = 0.0002  # the request ring is full (a huge cell): the worker frees room soon
+ANNOUNCE_WAIT_S = 0.15  # a restored worker announces itself when it first runs (~40 ms here)
 
 #: Runs a ``code_ring`` op over vsock and returns its RESULT object.
 Agent = Callable[[dict[str, Any]], dict[str, Any]]
@@ -66,11 +67,21 @@ class CodeRing:
 
     ``region`` gives the VMM's region (asked once, at the first call); ``alive`` says
     whether the VM still runs (a dead one ends a waiting call with ConnectionResetError).
+    ``expect``: the VM was restored from a snapshot whose worker was likely polling (a
+    template), so the first call waits up to :data:`ANNOUNCE_WAIT_S` for the worker to
+    announce itself rather than taking the slow path at once.
     """
 
-    def __init__(self, region: Callable[[], HostRegion | None], alive: Callable[[], bool]) -> None:
+    def __init__(
+        self,
+        region: Callable[[], HostRegion | None],
+        alive: Callable[[], bool],
+        *,
+        expect: bool = False,
+    ) -> None:
         self._factory: Callable[[], HostRegion | None] | None = region
         self._alive = alive
+        self._expect = expect
         self._region: HostRegion | None = None
         self._lock = threading.Lock()
         self._leases: tuple[int, int] | None = None  # the worker's layout we are attached to
@@ -95,6 +106,9 @@ class CodeRing:
                 request_slot, reply_slot = ring.code_slots(region.slot_count)
                 req_ctl, req_data, _ = region.slot(request_slot)
                 rep_ctl, rep_data, doorbell = region.slot(reply_slot)
+                if self._expect:
+                    self._expect = False
+                    _await_announcement(req_ctl)
                 if not req_ctl[ring.CODE_READY] or not self._attach(
                     req_ctl, req_data, rep_ctl, rep_data, agent
                 ):
@@ -238,6 +252,12 @@ class CodeRing:
             raise ProtocolError(f"the guest broke its run_code ring: {exc}") from None
         except ValueError:  # the region was unmapped under us (close)
             raise ConnectionResetError("the sandbox was closed") from None
+
+
+def _await_announcement(req_ctl: memoryview) -> None:
+    deadline = time.monotonic() + ANNOUNCE_WAIT_S
+    while not req_ctl[ring.CODE_READY] and time.monotonic() < deadline:
+        time.sleep(0.0005)
 
 
 def _spin(reader: RingReader) -> bool:

@@ -108,6 +108,7 @@ class AsyncSandbox:
         self._code_ring = CodeRing(
             lambda: self._require().shm_region(),
             alive=lambda: self._vmm is not None and not self._vmm.exited(),
+            expect=not boot if vmm is None else vmm.restored,  # None: start() restores it
         )
         self._client = AsyncAgentClient(
             self._connect, resume=self._resume, announce_resume=True, code_ring=self._code_ring

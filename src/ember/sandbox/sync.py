@@ -113,7 +113,9 @@ class Sandbox:
         self._vmm = vmm
         self._spec = spec
         self._closed = False
-        self._code_ring = CodeRing(vmm.shm_region, alive=lambda: not vmm.exited())
+        self._code_ring = CodeRing(
+            vmm.shm_region, alive=lambda: not vmm.exited(), expect=vmm.restored
+        )
         self._client = AgentClient(
             self._connect, resume=vmm.resume, announce_resume=True, code_ring=self._code_ring
         )

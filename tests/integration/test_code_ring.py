@@ -1,0 +1,107 @@
+"""run_code over memory, end to end (issue 16 item 4): the SDK and the guest's worker.
+
+Sandboxes restored from the default template, whose worker was polling its code ring when
+the snapshot was taken. Each test checks which path carried the call (the host's
+``CodeRing`` counts calls and wake-ups) as well as what came back, and that the two paths
+are one interpreter: state, output, ``random`` and failures are the same either way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from ember import AsyncSandbox, Sandbox, ring
+from ember.agent.codering import AFTER_CALL_S
+from ember.client import AgentClient
+
+from .conftest import Images
+
+
+def generation(sandbox: Sandbox) -> int:
+    region = sandbox._code_ring._region
+    assert region is not None
+    word = ring.H_GENERATION * 8
+    return int.from_bytes(region._mem[word : word + 8], "little")
+
+
+@pytest.fixture
+def sb(images: Images) -> Iterator[Sandbox]:
+    with Sandbox() as sandbox:
+        yield sandbox
+
+
+def test_a_restored_sandbox_answers_through_the_ring_with_no_wake_up(sb: Sandbox) -> None:
+    result = sb.run_code("6 * 7", timeout=60)
+    assert (result.value, result.error) == ("42", None)
+    assert (sb._code_ring.calls, sb._code_ring.wakes) == (1, 0)
+    for i in range(20):
+        assert sb.run_code(f"{i} + 1", timeout=60).value == str(i + 1)
+    assert sb._code_ring.calls == 21
+
+
+def test_ring_and_vsock_reach_one_interpreter(sb: Sandbox) -> None:
+    vsock = AgentClient(sb._connect)  # no code ring: the agent's socketpair to the worker
+    try:
+        assert sb.run_code("import random\nrandom.seed(5)\nx = 1").error is None
+        assert vsock.run_code("x += 1\nprint(x)\nrandom.random()").stdout == "2\n"
+        third = sb.run_code("x += 1\nprint(x)\nrandom.random()")
+        expected = random.Random(5)
+        expected.random()
+        assert (third.stdout, third.value) == ("3\n", repr(expected.random()))  # no reseed
+        error = vsock.run_code("raise KeyError('k')").error
+        assert error is not None and error.type == "KeyError"
+        error = sb.run_code("raise KeyError('k')").error
+        assert error is not None and error.type == "KeyError"
+        assert "<cell-" in error.traceback and "worker.py" not in error.traceback
+    finally:
+        vsock.close()
+    assert sb._code_ring.calls == 3
+
+
+def test_a_sleeping_worker_is_woken_once_then_polls_again(sb: Sandbox) -> None:
+    assert sb.run_code("y = 1").error is None
+    time.sleep(AFTER_CALL_S + 0.5)
+    assert sb.run_code("y + 1", timeout=60).value == "2"
+    assert sb._code_ring.wakes == 1
+    assert sb.run_code("y + 2", timeout=60).value == "3"
+    assert (sb._code_ring.calls, sb._code_ring.wakes) == (3, 1)
+
+
+def test_a_dead_or_overrunning_worker_is_reported_and_replaced(sb: Sandbox) -> None:
+    assert sb.run_code("kept = 1").error is None
+    crashed = sb.run_code("import os\nos._exit(3)", timeout=60)
+    assert crashed.error is not None and crashed.error.type == "WorkerCrashed", crashed
+    assert "exited with status 3" in crashed.error.message
+    fresh = sb.run_code("'kept' in globals()", timeout=300)  # waits for the replacement
+    assert (fresh.value, fresh.error) == ("False", None)
+    started = time.monotonic()
+    over = sb.run_code("while True: pass", timeout=1)
+    assert over.error is not None and over.error.type == "WorkerTimeout", over
+    assert time.monotonic() - started < 30
+    assert sb.run_code("1 + 1", timeout=300).value == "2"
+
+
+def test_a_fork_continues_on_rings_of_its_own(sb: Sandbox) -> None:
+    assert sb.run_code("z = 'parent'").error is None
+    with sb.fork() as child:
+        assert child.run_code("z", timeout=60).value == "'parent'"
+        assert child.run_code("z = 'child'").error is None
+        assert child._code_ring.calls == 2
+        assert generation(child) != generation(sb)  # the VMM's fresh region, not a copy
+    assert sb.run_code("z").value == "'parent'"
+
+
+def test_the_async_sandbox_uses_the_ring_too(images: Images) -> None:
+    async def main() -> tuple[str | None, int]:
+        async with AsyncSandbox() as sb:
+            results = await asyncio.gather(*(sb.run_code(f"{i} * 2") for i in range(5)))
+            assert [r.value for r in results] == [str(i * 2) for i in range(5)]
+            return (await sb.run_code("'done'")).value, sb._code_ring.calls
+
+    value, calls = asyncio.run(main())
+    assert (value, calls) == ("'done'", 6)
