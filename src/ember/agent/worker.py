@@ -246,6 +246,8 @@ def serve_cells(sock: socket.socket, code_ring: codering.WorkerRing | None) -> N
         if request.get("op") == "wake":  # a host wrote to the ring while we slept
             return codering.AFTER_CALL_S
         result, linger = answer(request, request.get("generation"))
+        if code_ring is not None:
+            code_ring.refresh()  # announced before the reply: the host's next call may use it
         write_frame(sock, Kind.RESULT, fit(result))
         return linger
 
