@@ -446,15 +446,9 @@ class VmmProcess:
 
     @property
     def vmm_pid(self) -> int | None:
-        """The process running the VM: a jailed VMM is the child of a PID-namespace relay."""
-        if self.proc is None:
-            return None
-        try:
-            children = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children").read_text()
-        except OSError:
-            return self.proc.pid
-        first = children.split()[:1]
-        return int(first[0]) if first else self.proc.pid
+        """The process running the VM (a jailed one is PID 1 of its own PID namespace, and
+        this is its PID here)."""
+        return None if self.proc is None else self.proc.pid
 
     def connect(self, port: int = protocol.AGENT_PORT) -> socket.socket:
         """A stream to ``port`` in the guest, through the hybrid-vsock handshake."""

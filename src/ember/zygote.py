@@ -156,8 +156,8 @@ def _back_to_own_pid_ns() -> None:
 
 def serve(sock: socket.socket) -> None:
     _preload()
-    # A jailed VMM is the child of a PID-namespace relay; if the relay dies first, the VMM
-    # is reparented here rather than to init, and reaped like our own children.
+    # Whatever a VMM leaves behind (it starts no processes, but a VMM is the guest's to
+    # attack) is reparented here rather than to init, and reaped like our own children.
     _libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
     read_end, write_end = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
     signal.signal(signal.SIGCHLD, lambda _s, _f: None)
@@ -273,9 +273,10 @@ class ZygoteChild:
         self.close()
 
     def kill(self) -> None:
-        if self._pidfd is not None:
-            with contextlib.suppress(ProcessLookupError):
-                signal.pidfd_send_signal(self._pidfd, signal.SIGKILL)
+        with self._lock:  # close() may be closing the pidfd: never signal a reused fd
+            if self._pidfd is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    signal.pidfd_send_signal(self._pidfd, signal.SIGKILL)
 
     def close(self) -> None:
         with self._lock:

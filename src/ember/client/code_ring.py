@@ -21,6 +21,7 @@ that failed after its request was published) is skipped. One call at a time per 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import select
 import threading
@@ -29,11 +30,12 @@ from collections.abc import Callable
 from typing import Any
 
 from ember import ring
-from ember.client.shm import HostRegion
+from ember.client.shm import HostRegion, spin
 from ember.client.wire import decode
 from ember.errors import ProtocolError
 from ember.protocol import MAX_FRAME, encode_json
 from ember.ring import RingError, RingReader, RingWriter
+from ember.vmm.shm import CODE_HOST_WAITING
 
 __all__ = ["Agent", "CodeRing"]
 
@@ -120,16 +122,38 @@ class CodeRing:
             ident = self._next_id
             self._deadline = None if timeout is None else time.monotonic() + timeout
             assert self._writer is not None
+            req_ctl[CODE_HOST_WAITING] = 1  # the VMM must not park a guest working for us
             try:
-                self._writer.send(memoryview(encode_json({**request, "id": ident})))
-            except BrokenPipeError:  # a new worker laid the rings out again: nothing sent
-                self._leases = None
-                return None
-            except _Stalled:
-                return self._stop(agent, epoch, "timeout", timeout)
-            except ValueError:
-                raise ConnectionResetError("the sandbox was closed") from None
-            return self._wait(ident, epoch, timeout, req_ctl, rep_ctl, doorbell, agent)
+                payload = encode_json({**request, "id": ident})
+                return self._send_and_wait(
+                    payload, ident, epoch, timeout, req_ctl, rep_ctl, doorbell, agent
+                )
+            finally:
+                with contextlib.suppress(ValueError):  # unmapped by close()
+                    req_ctl[CODE_HOST_WAITING] = 0
+
+    def _send_and_wait(
+        self,
+        payload: bytes,
+        ident: int,
+        epoch: int,
+        timeout: float | None,
+        req_ctl: memoryview,
+        rep_ctl: memoryview,
+        doorbell: int,
+        agent: Agent,
+    ) -> dict[str, Any] | None:
+        assert self._writer is not None
+        try:
+            self._writer.send(memoryview(payload))
+        except BrokenPipeError:  # a new worker laid the rings out again: nothing sent
+            self._leases = None
+            return None
+        except _Stalled:
+            return self._stop(agent, epoch, "timeout", timeout)
+        except ValueError:
+            raise ConnectionResetError("the sandbox was closed") from None
+        return self._wait(ident, epoch, timeout, req_ctl, rep_ctl, doorbell, agent)
 
     def close(self) -> None:
         """Unmap the region (a call still waiting ends with ConnectionResetError)."""
@@ -232,7 +256,7 @@ class CodeRing:
                 now = time.monotonic()
                 if self._deadline is not None and now >= self._deadline:
                     return self._stop(agent, epoch, "timeout", timeout)
-                if _spin(reader):
+                if spin(reader, SPIN_S):
                     continue
                 reader.sleep(True)
                 if not gone() and not reader.available():
@@ -258,11 +282,3 @@ def _await_announcement(req_ctl: memoryview) -> None:
     deadline = time.monotonic() + ANNOUNCE_WAIT_S
     while not req_ctl[ring.CODE_READY] and time.monotonic() < deadline:
         time.sleep(0.0005)
-
-
-def _spin(reader: RingReader) -> bool:
-    deadline = time.perf_counter() + SPIN_S
-    while time.perf_counter() < deadline:
-        if reader.available():
-            return True
-    return False

@@ -190,7 +190,7 @@ def pump_ring(
                     ended = "the guest ended the channel in the middle of a message"
                 put(ended)
                 return
-            if _spin(reader):
+            if spin(reader):
                 continue
             reader.sleep(True)
             if reader.available():
@@ -228,9 +228,9 @@ def _wake(conn: socket.socket) -> None:
         pass
 
 
-def _spin(reader: RingReader) -> bool:
-    """Poll a dry ring for SPIN_S: data that follows closely needs no doorbell."""
-    deadline = time.perf_counter() + SPIN_S
+def spin(reader: RingReader, seconds: float = SPIN_S) -> bool:
+    """Poll a dry ring for ``seconds``: data that follows closely needs no doorbell."""
+    deadline = time.perf_counter() + seconds
     while time.perf_counter() < deadline:
         if reader.available():
             return True

@@ -84,6 +84,7 @@ def adopt(record: Record) -> Sandbox:
     vmm.proc = ZygoteChild(record.pid, directory / EXIT_FILE)
     vmm.cgroup = cgroup_of(record)
     vmm.network = None
+    vmm.restored = False  # long running: its worker announced itself already, or sleeps
     path = f"{vmm.uds}_{protocol.CHANNEL_PORT}"
     with contextlib.suppress(FileNotFoundError):
         Path(path).unlink()
@@ -94,7 +95,7 @@ def adopt(record: Record) -> Sandbox:
     sandbox = object.__new__(Sandbox)
     sandbox._setup(vmm, spec_of(record))
     # Not a new VM: no snapshot connection to take over, no clock or entropy to announce.
-    sandbox._client = AgentClient(sandbox._connect)
+    sandbox._client = AgentClient(sandbox._connect, code_ring=sandbox._code_ring)
     sandbox.files = SandboxFiles(sandbox)
     return sandbox
 

@@ -190,7 +190,12 @@ def _park_when_idle(machine: Machine, after_s: float) -> None:
     vsock = machine.device(Vsock)
     if vsock is None:
         raise ConfigError("--park-idle needs a vsock device: it is how the host wakes the guest")
-    parker = IdleParker(machine, lambda: vsock.host_connections, after_s)
+    shm = machine.shm
+
+    def busy() -> int:  # an open connection, or a run_code call waiting on the code rings
+        return vsock.host_connections or int(shm is not None and shm.host_waiting())
+
+    parker = IdleParker(machine, busy, after_s)
     vsock.on_host_activity = parker.wake
     net = machine.device(Net)
     if net is not None:  # a frame for the guest wakes it too

@@ -29,6 +29,12 @@ from ember.arch.x86_64.bootparams import E820_RESERVED, E820Entry
 from ember.kvm.system import Vm, c_address
 from ember.memory import MMIO_GAP_END, GuestMemory
 
+# A word of the code request slot's control page that the host sets while a run_code call
+# waits on the rings, with no vsock connection open: the idle parker must not park a guest
+# that is working on it (a cell in time.sleep looks idle). Host-written and VMM-read only;
+# a guest that sets it can keep itself unparked, which it can do by spinning anyway.
+CODE_HOST_WAITING = 40
+
 ALIGN = 2 << 20  # a 2 MiB boundary: large pages stay possible on both sides
 
 
@@ -72,6 +78,12 @@ class SharedRegion:
         words[ring.H_DOORBELL] = self.doorbell_gpa
         words[ring.H_MAGIC] = ring.MAGIC  # last: a reader that sees it sees the rest
         words.release()
+
+    def host_waiting(self) -> bool:
+        """A host waits for a run_code reply on the rings (see :data:`CODE_HOST_WAITING`)."""
+        request, _ = ring.code_slots(ring.SLOT_COUNT)
+        offset = ring.SLOT_BASE + request * ring.SLOT_SIZE + CODE_HOST_WAITING * 8
+        return self.mem[offset : offset + 8] != bytes(8)
 
     def e820_entry(self) -> E820Entry:
         """The region and its doorbell page, reserved so the guest kernel leaves them be."""
