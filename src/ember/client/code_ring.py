@@ -124,36 +124,19 @@ class CodeRing:
             assert self._writer is not None
             req_ctl[CODE_HOST_WAITING] = 1  # the VMM must not park a guest working for us
             try:
-                payload = encode_json({**request, "id": ident})
-                return self._send_and_wait(
-                    payload, ident, epoch, timeout, req_ctl, rep_ctl, doorbell, agent
-                )
+                try:
+                    self._writer.send(memoryview(encode_json({**request, "id": ident})))
+                except BrokenPipeError:  # a new worker laid the rings out again: nothing sent
+                    self._leases = None
+                    return None
+                except _Stalled:
+                    return self._stop(agent, epoch, "timeout", timeout)
+                except ValueError:  # the region was unmapped under us (close)
+                    raise ConnectionResetError("the sandbox was closed") from None
+                return self._wait(ident, epoch, timeout, req_ctl, rep_ctl, doorbell, agent)
             finally:
                 with contextlib.suppress(ValueError):  # unmapped by close()
                     req_ctl[CODE_HOST_WAITING] = 0
-
-    def _send_and_wait(
-        self,
-        payload: bytes,
-        ident: int,
-        epoch: int,
-        timeout: float | None,
-        req_ctl: memoryview,
-        rep_ctl: memoryview,
-        doorbell: int,
-        agent: Agent,
-    ) -> dict[str, Any] | None:
-        assert self._writer is not None
-        try:
-            self._writer.send(memoryview(payload))
-        except BrokenPipeError:  # a new worker laid the rings out again: nothing sent
-            self._leases = None
-            return None
-        except _Stalled:
-            return self._stop(agent, epoch, "timeout", timeout)
-        except ValueError:
-            raise ConnectionResetError("the sandbox was closed") from None
-        return self._wait(ident, epoch, timeout, req_ctl, rep_ctl, doorbell, agent)
 
     def close(self) -> None:
         """Unmap the region (a call still waiting ends with ConnectionResetError)."""

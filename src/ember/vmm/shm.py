@@ -53,6 +53,8 @@ class SharedRegion:
         self.size = ring.region_size()
         self.doorbell_gpa = self.base + self.size
         self.generation = secrets.randbits(63) | 1
+        request, _ = ring.code_slots(ring.SLOT_COUNT)  # read on every idle-parker tick
+        self._waiting_offset = ring.SLOT_BASE + request * ring.SLOT_SIZE + CODE_HOST_WAITING * 8
         self.memfd = os.memfd_create("ember-shm", os.MFD_CLOEXEC)
         self.eventfds: list[int] = []
         try:
@@ -81,8 +83,7 @@ class SharedRegion:
 
     def host_waiting(self) -> bool:
         """A host waits for a run_code reply on the rings (see :data:`CODE_HOST_WAITING`)."""
-        request, _ = ring.code_slots(ring.SLOT_COUNT)
-        offset = ring.SLOT_BASE + request * ring.SLOT_SIZE + CODE_HOST_WAITING * 8
+        offset = self._waiting_offset
         return self.mem[offset : offset + 8] != bytes(8)
 
     def e820_entry(self) -> E820Entry:
