@@ -171,3 +171,26 @@ def test_no_region_or_no_announced_worker_means_vsock() -> None:
         assert fixture.code.calls == 0 and fixture.ops == []
     finally:
         fixture.close()
+
+
+def test_a_wake_that_fails_after_publishing_is_an_error_not_a_second_run(fx: Fixture) -> None:
+    """A request already in the ring must never be sent again over vsock: the cell
+    could then run twice. A broken agent connection during the wake is an error."""
+    fx.ready_call("runs = 0")
+    time.sleep(AFTER_CALL_S + 0.3)  # the worker sleeps: the next call must wake it
+    assert fx.ctl(2)[ring.CONSUMER_FLAGS] & ring.CONSUMER_SLEEPING
+
+    broken: list[dict[str, Any]] = []
+
+    def broken_agent(request: dict[str, Any]) -> dict[str, Any]:
+        broken.append(request)
+        raise BrokenPipeError(32, "the agent's connection broke")
+
+    with pytest.raises(ConnectionResetError, match="could not wake"):
+        fx.code.call({"op": "run", "code": "runs += 1"}, 30, broken_agent)
+    fx.runner.wake()  # the request is in the ring: once woken, the worker runs it once
+    deadline = time.monotonic() + 30
+    while (result := fx.call("runs")) is None or result.value != "1":
+        assert time.monotonic() < deadline, f"the published cell did not run once: {result}"
+        time.sleep(0.05)
+    assert [op["action"] for op in broken] == ["wake"]  # asked once, never for a rerun

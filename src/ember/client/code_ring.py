@@ -52,16 +52,28 @@ class _Stalled(Exception):
     """The worker did not free room for the request before the call's deadline."""
 
 
+class _WakeFailed(Exception):
+    """The agent could not be asked to wake the worker, after the request was published.
+
+    Kept apart from the BrokenPipeError that means "nothing was sent": the request is
+    in the ring already, so falling back to vsock could run the cell twice.
+    """
+
+
 class _Waker:
     """The request ring's doorbell: the worker sleeps, so ask the agent to wake it."""
 
-    def __init__(self, owner: CodeRing, agent: Agent) -> None:
+    def __init__(self, owner: CodeRing) -> None:
         self._owner = owner
-        self._agent = agent
 
     def __setitem__(self, index: int, value: int) -> None:
-        self._owner.wakes += 1
-        self._agent({"op": "code_ring", "action": "wake"})
+        owner = self._owner
+        owner.wakes += 1
+        assert owner.agent is not None  # set by the call that publishes
+        try:
+            owner.agent({"op": "code_ring", "action": "wake"})
+        except OSError as exc:
+            raise _WakeFailed(exc) from exc
 
 
 class CodeRing:
@@ -92,6 +104,7 @@ class CodeRing:
         self._deadline: float | None = None
         self._next_id = 0
         self._closed = False
+        self.agent: Agent | None = None  # the current call's (the waker uses it)
         self.calls = 0  # calls answered through the rings (tests and benchmarks read these)
         self.wakes = 0
 
@@ -120,6 +133,7 @@ class CodeRing:
                 return None
             self._next_id += 1
             ident = self._next_id
+            self.agent = agent
             self._deadline = None if timeout is None else time.monotonic() + timeout
             assert self._writer is not None
             req_ctl[CODE_HOST_WAITING] = 1  # the VMM must not park a guest working for us
@@ -131,6 +145,12 @@ class CodeRing:
                     return None
                 except _Stalled:
                     return self._stop(agent, epoch, "timeout", timeout)
+                except _WakeFailed as exc:  # published, maybe run: never resend over vsock
+                    self._leases = None
+                    cause = exc.__cause__
+                    raise ConnectionResetError(
+                        f"the agent could not wake the run_code worker: {cause}"
+                    ) from cause
                 except ValueError:  # the region was unmapped under us (close)
                     raise ConnectionResetError("the sandbox was closed") from None
                 return self._wait(ident, epoch, timeout, req_ctl, rep_ctl, doorbell, agent)
@@ -183,7 +203,7 @@ class CodeRing:
             reader.attach()
         except RingError:
             return False
-        self._writer = RingWriter(req_ctl, req_data, _Waker(self, agent), self._room_wait)
+        self._writer = RingWriter(req_ctl, req_data, _Waker(self), self._room_wait)
         self._reader = reader
         self._leases = leases
         return True
