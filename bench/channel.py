@@ -1,6 +1,7 @@
 """Data channels guest -> host: the shared-memory ring against vsock and a host socket pair.
 
-Usage: ``.venv/bin/python bench/channel.py [--runs 3] [--mib 64] [--seconds 2] [--json]``
+Usage: ``.venv/bin/python bench/channel.py [--runs 3] [--mib 64] [--seconds 2]
+[--files-mib 10] [--only-files] [--json]``
 
 Three transports carry the same messages from ``ember.agent.channel`` to
 ``Sandbox.channel`` (DESIGN.md §6: peers in the same run, medians and ratios):
@@ -18,8 +19,10 @@ small message (2,000 x 64 B). Then the seed's scenario: the guest sends 64 KiB a
 1 MiB frames at 60 Hz for ``--seconds`` and panics half-way, while a host loop ticks at
 60 Hz; counted: late ticks (a tick that does not yet have the previous tick's frame)
 and lost frames while the guest lived, and the host loop's worst lateness, which must
-stay small after the panic too (the host never blocks on a dead guest). Nothing is
-asserted: this prints a table.
+stay small after the panic too (the host never blocks on a dead guest). Then
+``sb.files`` writing and reading ``--files-mib`` MiB through a ring and over vsock, next
+to the guest's own tmpfs write and read (the target is 1.1x of it) and a host tmpfs
+file. Nothing is asserted: this prints tables.
 """
 
 from __future__ import annotations
@@ -248,15 +251,94 @@ def run_code_round_trips(runs: int) -> dict[str, float]:
     return {name: statistics.median(v) * 1000 for name, v in out.items()}
 
 
+GUEST_OWN_FILE = """
+import time
+buf = bytearray({size})
+buf[::4096] = b"x" * len(buf[::4096])  # the buffer's pages exist before the clock starts
+t0 = time.perf_counter()
+with open({path!r}, "wb") as f:
+    f.write(buf)
+t1 = time.perf_counter()
+with open({path!r}, "rb", buffering=0) as f:
+    f.readinto(buf)
+t2 = time.perf_counter()
+import os
+os.unlink({path!r})
+del buf
+(t1 - t0, t2 - t1)
+"""
+
+
+def files_each_way(mib: int, runs: int) -> dict[str, dict[str, float]]:
+    """Median seconds to write and read ``mib`` MiB: ``sb.files`` through the ring and
+    through vsock, the guest's own write and read of its tmpfs (the target: within
+    1.1x), and a host tmpfs file (the floor). Each write makes a new file, as a user's does."""
+    from ember.client import AgentClient
+
+    size = mib * MIB
+    data = os.urandom(size)
+    out: dict[str, dict[str, list[float]]] = {
+        name: {"write": [], "read": []} for name in ("ring", "vsock", "guest itself", "host")
+    }
+    with Sandbox() as sb:
+        vsock = AgentClient(sb._connect)  # no region: today's DATA frames
+        try:
+            for run in range(runs):
+                for name, files in (("ring", sb.files), ("vsock", vsock.files)):
+                    path = f"/tmp/bench-{name}-{run}"
+                    t0 = time.perf_counter()
+                    files.write(path, data)
+                    t1 = time.perf_counter()
+                    back = files.read(path, max_output=None)
+                    t2 = time.perf_counter()
+                    assert back == data, f"{name} read back different bytes"
+                    files.remove(path)
+                    out[name]["write"].append(t1 - t0)
+                    out[name]["read"].append(t2 - t1)
+                code = GUEST_OWN_FILE.format(size=size, path=f"/tmp/bench-own-{run}")
+                value = sb.run_code(code, timeout=600).value
+                assert value is not None, "the guest's own file timing failed"
+                wrote, read = (float(x) for x in value.strip("()").split(","))
+                out["guest itself"]["write"].append(wrote)
+                out["guest itself"]["read"].append(read)
+        finally:
+            vsock.close()
+    with tempfile.TemporaryDirectory(dir="/dev/shm") as tmp:
+        for run in range(runs):
+            path = os.path.join(tmp, f"f{run}")
+            t0 = time.perf_counter()
+            with open(path, "wb") as f:
+                f.write(data)
+            t1 = time.perf_counter()
+            with open(path, "rb") as f:
+                f.read()
+            out["host"]["write"].append(t1 - t0)
+            out["host"]["read"].append(time.perf_counter() - t1)
+    return {name: {way: statistics.median(v) for way, v in ways.items()}
+            for name, ways in out.items()}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--mib", type=int, default=64, help="bulk MiB per run (vsock: /8)")
     parser.add_argument("--seconds", type=float, default=2.0, help="60 Hz scenario length")
+    parser.add_argument("--files-mib", type=int, default=10,
+                        help="MiB per sb.files write and read (0: skip)")
+    parser.add_argument("--only-files", action="store_true", help="just the file transfers")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
 
     results: dict[str, Any] = {"bulk_mb_s": {}, "small_us": {}, "frames": {}}
+    if args.files_mib:
+        results["files_mib"] = args.files_mib
+        results["files_s"] = files_each_way(args.files_mib, 1 if args.only_files else args.runs)
+    if args.only_files:
+        if args.json:
+            print(to_json(results))
+        elif "files_s" in results:
+            print_files(results["files_s"], args.files_mib)
+        return 0
     peer = UnixPeer()
     try:
         for transport in ("ring", "vsock", "unix"):
@@ -285,6 +367,14 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def print_files(files: dict[str, dict[str, float]], mib: int) -> None:
+    own = files["guest itself"]
+    print(format_table(
+        [f"sb.files, {mib} MiB", "write s", "read s", "write / guest's own", "read / guest's own"],
+        [[name, fmt_num(t["write"], 2), fmt_num(t["read"], 2), ratio(t["write"], own["write"]),
+          ratio(t["read"], own["read"])] for name, t in files.items()]))
+
+
 def print_tables(results: dict[str, Any]) -> None:
     bulk_mb, small = results["bulk_mb_s"], results["small_us"]
     rows = []
@@ -303,6 +393,9 @@ def print_tables(results: dict[str, Any]) -> None:
     print(format_table(["60 Hz frames, panic half-way", "late ticks", "lost frames",
                         "received/sent", "worst tick late (ms)"], frame_rows))
     print()
+    if "files_s" in results:
+        print_files(results["files_s"], results["files_mib"])
+        print()
     code = results["run_code_ms"]
     print(format_table(["run_code('x * 7') round trip", "p50 ms", "/host"],
                        [[name, fmt_num(ms, 2), ratio(ms, code["host"])]

@@ -166,21 +166,41 @@ class RingWriter:
             if start >= total:
                 return
 
+    def fill(self, readinto: Callable[[memoryview], int], limit: int) -> int:
+        """Publish one record of up to ``limit`` bytes that ``readinto`` writes straight
+        into the ring (a file's ``readinto``: no copy through a buffer of our own, so no
+        fresh pages); returns its length. 0 publishes nothing (the source's end)."""
+        limit = min(limit, self.max_record)
+        pos = self._claim(RECORD_HEADER + align8(limit))
+        n = readinto(self._data[pos + RECORD_HEADER : pos + RECORD_HEADER + limit])
+        if not 0 <= n <= limit:
+            raise ValueError(f"readinto said {n} bytes of at most {limit}")
+        if n:
+            self._publish(pos, n, RECORD_DATA)
+        return n
+
     def _put(self, piece: memoryview, kind: int) -> None:
+        pos = self._claim(RECORD_HEADER + align8(piece.nbytes))
+        self._data[pos + RECORD_HEADER : pos + RECORD_HEADER + piece.nbytes] = piece
+        self._publish(pos, piece.nbytes, kind)
+
+    def _claim(self, size: int) -> int:
+        """Room for a record of ``size`` bytes (a pad record first if it would pass the
+        end); returns the record's offset. Nothing is published yet."""
         if self._ctl[LEASE] != self._lease:
             raise BrokenPipeError("the host ended this channel")
-        size = RECORD_HEADER + align8(piece.nbytes)
         pos = self._head % self._cap
         pad = self._cap - pos if pos + size > self._cap else 0
         self._reserve(size + pad)
-        head = self._head
         if pad:
             self._write_header(pos, 0, RECORD_PAD)
-            head += pad
+            self._head += pad  # published with the record that follows it
             pos = 0
-        self._data[pos + RECORD_HEADER : pos + RECORD_HEADER + piece.nbytes] = piece
-        self._write_header(pos, piece.nbytes, kind)
-        self._head = head + size
+        return pos
+
+    def _publish(self, pos: int, length: int, kind: int) -> None:
+        self._write_header(pos, length, kind)
+        self._head += RECORD_HEADER + align8(length)
         self._ctl[HEAD] = self._head  # after the record: stores stay in order
         fence()
         if self._ctl[CONSUMER_FLAGS] & CONSUMER_SLEEPING and self._doorbell is not None:
@@ -259,18 +279,7 @@ class RingReader:
         consumed = 0
         while consumed < budget:
             pos = self._tail % self._cap
-            header = int.from_bytes(self._data[pos : pos + RECORD_HEADER], "little")
-            length, kind = header & 0xFFFF_FFFF, header >> 32
-            if kind == RECORD_PAD:
-                size = self._cap - pos
-            elif kind in (RECORD_DATA, RECORD_MORE):
-                size = RECORD_HEADER + align8(length)
-                if pos + size > self._cap:
-                    self._fail(f"a {length}-byte record at {pos} passes the ring's end")
-            else:
-                self._fail(f"unknown record kind {kind} at {pos}")
-            if size > used - consumed:
-                self._fail(f"a {size}-byte record at {pos} passes the head")
+            size, length, kind = self._record(pos, used - consumed)
             if kind != RECORD_PAD:
                 if self._partial_size + length > self._max_message:
                     self._fail(f"a message over {self._max_message} bytes")
@@ -289,6 +298,51 @@ class RingReader:
             self._tail += size
             self._ctl[TAIL] = self._tail  # room for the producer at once, record by record
         return done
+
+    def take(self, use: Callable[[memoryview], bool]) -> int:
+        """Hand each published record's payload to ``use`` in place (no copy), consuming
+        it once ``use`` returns; stop after a record for which it returns False.
+
+        Fragments are not joined (a byte stream, such as a file, needs no message
+        boundaries), and the views are valid only inside ``use``. Returns the bytes
+        consumed; RingError, as :meth:`read`, for anything a producer may not do.
+        """
+        self._check()
+        used = self.available()
+        consumed = 0
+        while consumed < used:
+            pos = self._tail % self._cap
+            size, length, kind = self._record(pos, used - consumed)
+            more = True
+            if kind != RECORD_PAD:
+                view = self._data[pos + RECORD_HEADER : pos + RECORD_HEADER + length]
+                try:
+                    more = use(view)
+                finally:
+                    view.release()
+            consumed += size
+            self._tail += size
+            self._ctl[TAIL] = self._tail
+            if not more:
+                break
+        return consumed
+
+    def _record(self, pos: int, published: int) -> tuple[int, int, int]:
+        """The record at ``pos``: its size in the ring, payload length and kind, checked
+        against the ring's end and the ``published`` bytes left before the head."""
+        header = int.from_bytes(self._data[pos : pos + RECORD_HEADER], "little")
+        length, kind = header & 0xFFFF_FFFF, header >> 32
+        if kind == RECORD_PAD:
+            size = self._cap - pos
+        elif kind in (RECORD_DATA, RECORD_MORE):
+            size = RECORD_HEADER + align8(length)
+            if pos + size > self._cap:
+                self._fail(f"a {length}-byte record at {pos} passes the ring's end")
+        else:
+            self._fail(f"unknown record kind {kind} at {pos}")
+        if size > published:
+            self._fail(f"a {size}-byte record at {pos} passes the head")
+        return size, length, kind
 
     @property
     def mid_message(self) -> bool:

@@ -147,3 +147,25 @@ def _swallow(sb: Sandbox, code: str) -> None:
         sb.run_code(code, timeout=600)
     except SandboxCrashed:
         pass
+
+
+def test_files_cross_a_ring_both_ways_and_arrive_whole(sb: Sandbox) -> None:
+    """sb.files through a leased slot: the agent writes the file straight from the ring
+    and reads it straight into one; what lands in the guest is checked in the guest."""
+    data = hashlib.sha256(b"seed").digest() * (3 << 15) + b"odd tail"  # 3 MiB and a bit
+    ring = sb._client.files._ring
+    assert ring is not None
+    before = ring.transfers
+    assert sb.files.write("/tmp/ring/blob.bin", data, mode=0o600) == len(data)
+    digest = sb.run_code(
+        "import hashlib, os\n"
+        "p = '/tmp/ring/blob.bin'\n"
+        "(hashlib.sha256(open(p, 'rb').read()).hexdigest(), oct(os.stat(p).st_mode & 0o777))",
+        timeout=300,
+    ).value
+    assert digest == repr((hashlib.sha256(data).hexdigest(), "0o600"))
+    assert sb.files.read("/tmp/ring/blob.bin", max_output=None) == data
+    assert ring.transfers == before + 2
+    with pytest.raises(FileNotFoundError):
+        sb.files.read("/tmp/ring/missing")
+    sb.files.remove("/tmp/ring", recursive=True)

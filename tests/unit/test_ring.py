@@ -177,3 +177,90 @@ def test_a_hostile_producer_cannot_make_the_reader_misbehave(ops: list[tuple]) -
             assert all(len(m) <= MAX_MESSAGE for m in messages)
             if consumed:  # the reader publishes its own tail, never reads the guest's back
                 assert ctl[ring.TAIL] == reader._tail
+
+
+# --- byte streams (file transfers): fill in place, take in place ----------------------
+
+
+@settings(max_examples=100, deadline=None, derandomize=True)
+@given(st.binary(max_size=20_000), st.integers(1, 3000))
+def test_a_byte_stream_filled_and_taken_in_place_arrives_whole(blob: bytes, piece: int) -> None:
+    ctl, data, reader = make_ring()
+    taken = bytearray()
+
+    def use(view: memoryview) -> bool:
+        taken.extend(view)
+        return True
+
+    writer = ring.RingWriter(ctl, data, None, lambda: reader.take(use))
+    source = memoryview(blob)
+
+    def readinto(view: memoryview) -> int:  # what a file's readinto does
+        nonlocal source
+        n = min(len(view), piece, source.nbytes)
+        view[:n] = source[:n]
+        source = source[n:]
+        return n
+
+    while writer.fill(readinto, writer.max_record):
+        pass
+    reader.take(use)
+    assert bytes(taken) == blob and reader.available() == 0
+
+
+def test_take_stops_after_the_record_its_user_refuses() -> None:
+    ctl, data, reader = make_ring()
+    writer = writer_for(ctl, data, reader, [])
+    for message in (b"one", b"", b"after"):
+        writer.send(memoryview(message))
+    seen: list[bytes] = []
+
+    def use(view: memoryview) -> bool:
+        seen.append(bytes(view))
+        return bool(view.nbytes)  # an empty record ends a file transfer
+
+    reader.take(use)
+    assert seen == [b"one", b""] and reader.available() == 16  # "after" is left
+
+
+def test_fill_refuses_a_readinto_that_claims_more_than_it_was_given() -> None:
+    ctl, data, reader = make_ring()
+    writer = writer_for(ctl, data, reader, [])
+    with pytest.raises(ValueError, match="at most 100"):
+        writer.fill(lambda view: len(view) + 1, 100)
+    assert ctl[ring.HEAD] == 0  # nothing was published
+
+
+@settings(max_examples=300, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.too_slow])  # fmt: skip
+@given(st.lists(_ops, max_size=60))
+def test_a_hostile_producer_cannot_make_take_misbehave(ops: list[tuple]) -> None:  # type: ignore[type-arg]
+    """take() hands out views of the ring only, never past it or the head, and dies for good."""
+    ctl, data, reader = make_ring()
+    dead = False
+    for op in ops:
+        kind = op[0]
+        if kind == "head":
+            ctl[ring.HEAD] = op[1]
+        elif kind == "head+":
+            ctl[ring.HEAD] = (ctl[ring.HEAD] + op[1]) % 2**64
+        elif kind == "header":
+            data[op[1] * 8 : op[1] * 8 + 8] = struct.pack("<Q", op[2] | (op[3] << 32) % 2**64)
+        elif kind == "bytes":
+            end = min(CAPACITY, op[1] + len(op[2]))
+            data[op[1] : end] = op[2][: end - op[1]]
+        elif kind == "tail":
+            ctl[ring.TAIL] = op[1]
+        else:
+            views: list[int] = []
+            before = reader._tail
+            try:
+                consumed = reader.take(lambda view, seen=views: seen.append(view.nbytes) is None)
+            except ring.RingError:
+                dead = True
+                with pytest.raises(ring.RingError):
+                    reader.take(lambda view: True)
+                continue
+            assert not dead, "a dead ring came back"
+            assert consumed == reader._tail - before and 0 <= consumed <= CAPACITY
+            assert all(0 <= n <= CAPACITY - 8 for n in views) and sum(views) <= consumed

@@ -47,7 +47,7 @@ if TYPE_CHECKING:
     from ember.protocol import Payload
     from ember.ring import RingWriter
 
-__all__ = ["Channel", "channel"]
+__all__ = ["Channel", "channel", "wait_for_wake"]
 
 UNIX_ENV = "EMBER_CHANNEL_UNIX"
 LEASE = struct.Struct("<QQ")  # the host's answer to a ring request: slot, lease
@@ -161,14 +161,14 @@ def channel(name: str, *, buffer_size: int = 0) -> Channel:
                 raise ConnectionResetError("the host closed the channel")
             if frame[0] is Kind.DATA and len(frame[1]) == LEASE.size:
                 slot, lease = LEASE.unpack(frame[1])
-                writer = region.writer(slot, lease, lambda: _wait_for_wake(sock))
+                writer = region.writer(slot, lease, lambda: wait_for_wake(sock))
     except BaseException:
         sock.close()
         raise
     return Channel(sock, name, buffer_size=buffer_size, ring=writer)
 
 
-def _wait_for_wake(sock: socket.socket) -> None:
+def wait_for_wake(sock: socket.socket) -> None:
     """The ring is full: wait for the host's wake-up (any bytes), or a short while."""
     sock.settimeout(WAKE_WAIT_S)
     try:

@@ -43,14 +43,14 @@ from ember.protocol import (
     write_json,
 )
 
-__all__ = ["FILE_OPS"]
+__all__ = ["FILE_OPS", "Sink"]
 
 _tmp_ids = itertools.count()
 # Read buffers are reused: in the guest a fresh 256 KiB buffer costs 64 page faults.
 _buffers: list[bytearray] = []
 
 
-class _Sink:
+class Sink:
     """Where file_write puts bytes: a temp file to rename, or the target for appends."""
 
     def __init__(self, path: str, mode: int | None, append: bool) -> None:
@@ -78,7 +78,7 @@ class _Sink:
         self.fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         os.fchmod(self.fd, mode)
 
-    def write(self, data: bytes) -> None:
+    def write(self, data: bytes | memoryview) -> None:
         view = memoryview(data)
         while view:
             view = view[os.write(self.fd, view) :]
@@ -105,9 +105,9 @@ class _Sink:
 def handle_file_write(conn: socket.socket, req: dict[str, Any]) -> None:
     path, mode, append = req_path(req), opt_int(req, "mode"), opt_bool(req, "append")
     failure: Exception | None = None
-    sink: _Sink | None = None
+    sink: Sink | None = None
     try:
-        sink = _Sink(path, mode, append)
+        sink = Sink(path, mode, append)
     except (OSError, ValueError) as exc:
         failure = exc
     size = 0

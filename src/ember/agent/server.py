@@ -32,8 +32,10 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from ember.agent import shm
 from ember.agent.common import BadRequest, ClientGone, log
 from ember.agent.execute import exec_handler
+from ember.agent.filering import FILE_RING_OPS
 from ember.agent.files import FILE_OPS
 from ember.agent.pool import InterpreterPool
 from ember.agent.resume import ResumeState, apply_resume
@@ -71,6 +73,9 @@ class AgentServer:
         self._listener = listener
         self.resume = ResumeState()
         self.resume.warm()
+        # File transfers through the region write from and read into these mappings:
+        # made in the template, every restored sandbox has them without a guest mmap.
+        shm.premap()
         self.runner = runner if runner is not None else CodeRunner()
         self.runner.resume = self.resume
         self.pool = pool  # pre-started interpreters for exec; refilled only between requests
@@ -90,6 +95,7 @@ class AgentServer:
             "code_ring": self.runner.handle_ring,
             "shutdown": self._shutdown,
             **FILE_OPS,
+            **FILE_RING_OPS,
         }
 
     # -- accept loop ------------------------------------------------------------------

@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     from ember.client.channel import ChannelServer
     from ember.client.code_ring import CodeRing
     from ember.client.core import Command, PathArg
+    from ember.client.file_ring import FileRing
     from ember.client.results import (
         CodeError,
         CodeResult,
@@ -42,7 +43,7 @@ if TYPE_CHECKING:
         OutputChunk,
         explain_crashed_worker,
     )
-    from ember.client.shm import HostRegion
+    from ember.client.shm import HostRegion, SharedRegion
     from ember.client.sockets import read_frame, send_frame
     from ember.client.wire import MAX_JSON_DEPTH, Source
 
@@ -69,11 +70,13 @@ _LAZY: dict[str, tuple[str, str]] = {
     "ExecResult": ("ember.client.results", "ExecResult"),
     "ExecStream": ("ember.client.blocking", "ExecStream"),
     "FileStat": ("ember.client.results", "FileStat"),
+    "FileRing": ("ember.client.file_ring", "FileRing"),
     "Files": ("ember.client.blocking", "Files"),
     "HostRegion": ("ember.client.shm", "HostRegion"),
     "MAX_JSON_DEPTH": ("ember.client.wire", "MAX_JSON_DEPTH"),
     "OutputChunk": ("ember.client.results", "OutputChunk"),
     "PathArg": ("ember.client.core", "PathArg"),
+    "SharedRegion": ("ember.client.shm", "SharedRegion"),
     "Source": ("ember.client.wire", "Source"),
     "Streams": ("ember.client.aio", "Streams"),
     "WORKER_START_ALLOWANCE": ("ember.client.bounds", "WORKER_START_ALLOWANCE"),
@@ -103,11 +106,13 @@ __all__ = [
     "DirEntry",
     "ExecResult",
     "ExecStream",
+    "FileRing",
     "FileStat",
     "Files",
     "HostRegion",
     "OutputChunk",
     "PathArg",
+    "SharedRegion",
     "Source",
     "Streams",
     "explain_crashed_worker",

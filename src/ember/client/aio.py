@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import io
+import os
+import socket
 import time
 from collections.abc import Awaitable, Callable
 from types import TracebackType
@@ -29,6 +31,7 @@ from ember.client.core import (
     Send,
     stdin_frames,
 )
+from ember.client.file_ring import FileRing
 from ember.client.results import (
     CodeResult,
     DirEntry,
@@ -38,6 +41,7 @@ from ember.client.results import (
     parse_code_result,
 )
 from ember.client.session import KeepalivePool, Session
+from ember.client.shm import HostRegion
 from ember.client.wire import Frame, Source, cut_short, frame_header, parse_header
 from ember.errors import SandboxTimeout
 from ember.protocol import HEADER, Kind, Payload
@@ -215,24 +219,45 @@ class AsyncExecStream:
 class AsyncFiles:
     """Async twin of :class:`ember.client.blocking.Files`."""
 
-    def __init__(self, session: Session, run: Callable[[Operation[Any]], Awaitable[Any]]) -> None:
+    def __init__(
+        self,
+        session: Session,
+        run: Callable[[Operation[Any]], Awaitable[Any]],
+        ring: FileRing | None = None,
+    ) -> None:
         self._session = session
         self._run = run
+        # The shared region's path, tried first. Its waits are memory polls and eventfds,
+        # so it runs in a worker thread (a cancelled call finishes its transfer there).
+        self._ring = ring
 
     async def write(
         self, path: PathArg, data: Source, *, mode: int | None = None, append: bool = False
     ) -> int:
-        size: int = await self._run(self._session.write_file(path, data, mode, append))
-        return size
+        op = self._session.write_file(path, data, mode, append)  # checks the arguments
+        if self._ring is not None:
+            size = await asyncio.to_thread(self._ring.write, op.request["path"], data, mode, append)
+            if size is not None:
+                return size
+        written: int = await self._run(op)
+        return written
 
     async def read_into(self, path: PathArg, fileobj: BinaryIO) -> int:
-        size: int = await self._run(self._session.read_file(path, fileobj.write, None))
-        return size
+        return await self._read(path, fileobj.write, None)
 
     async def read(self, path: PathArg, *, max_output: int | None = DEFAULT_MAX_OUTPUT) -> bytes:
         buf = io.BytesIO()
-        await self._run(self._session.read_file(path, buf.write, max_output))
+        await self._read(path, buf.write, max_output)
         return buf.getvalue()
+
+    async def _read(self, path: PathArg, sink: Callable[[bytes], object], limit: int | None) -> int:
+        op = self._session.read_file(path, sink, limit)  # checks the arguments
+        if self._ring is not None:
+            size = await asyncio.to_thread(self._ring.read, os.fspath(path), sink, op.limit)
+            if size is not None:
+                return size
+        read: int = await self._run(op)
+        return read
 
     async def stat(self, path: PathArg) -> FileStat:
         stat: FileStat = await self._run(self._session.stat(path))
@@ -264,6 +289,8 @@ class AsyncAgentClient:
         call_timeout: float = DEFAULT_CALL_TIMEOUT,
         announce_resume: bool = False,
         code_ring: CodeRing | None = None,
+        shm: Callable[[], HostRegion | None] | None = None,
+        ring_connect: Callable[[], socket.socket] | None = None,
     ) -> None:
         self._connect = connect
         self._code_ring = code_ring
@@ -273,7 +300,11 @@ class AsyncAgentClient:
         self._resume = resume
         self._pool: KeepalivePool[Streams] = KeepalivePool(_CLOCK)
         self._expiry: asyncio.TimerHandle | None = None
-        self.files = AsyncFiles(self._session, self._run)
+        files_ring = None
+        if shm is not None and ring_connect is not None:  # the ring's waits are blocking ones
+            session = self._session
+            files_ring = FileRing(shm, ring_connect, session.encode, session.bounds)
+        self.files = AsyncFiles(self._session, self._run, files_ring)
 
     async def _start(self, op: Operation[Any]) -> Streams:
         """A connection with ``op``'s REQUEST sent on it (a kept one if ``op`` may)."""

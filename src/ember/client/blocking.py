@@ -24,6 +24,7 @@ timeout are the exception: a command may rightly run, silent, as long as it like
 from __future__ import annotations
 
 import io
+import os
 import socket
 import threading
 import time
@@ -41,6 +42,7 @@ from ember.client.core import (
     Send,
     stdin_frames,
 )
+from ember.client.file_ring import FileRing
 from ember.client.results import (
     CodeResult,
     DirEntry,
@@ -50,6 +52,7 @@ from ember.client.results import (
     parse_code_result,
 )
 from ember.client.session import KeepalivePool, Session
+from ember.client.shm import HostRegion
 from ember.client.sockets import drive, receive_frame, send_frame, still_open
 from ember.client.wire import Source
 from ember.errors import SandboxTimeout
@@ -147,9 +150,15 @@ class ExecStream:
 class Files:
     """File transfer and inspection inside the sandbox (paths are absolute)."""
 
-    def __init__(self, session: Session, run: Callable[[Operation[Any]], Any]) -> None:
+    def __init__(
+        self,
+        session: Session,
+        run: Callable[[Operation[Any]], Any],
+        ring: FileRing | None = None,
+    ) -> None:
         self._session = session
         self._run = run
+        self._ring = ring  # the shared region's path, tried first (ember.client.file_ring)
 
     def write(
         self, path: PathArg, data: Source, *, mode: int | None = None, append: bool = False
@@ -159,19 +168,32 @@ class Files:
         Replacement is atomic (temp file + rename) and keeps the old file's mode
         unless ``mode`` is given; parent directories are created.
         """
-        size: int = self._run(self._session.write_file(path, data, mode, append))
-        return size
+        op = self._session.write_file(path, data, mode, append)  # checks the arguments
+        if self._ring is not None:
+            size = self._ring.write(op.request["path"], data, mode, append)
+            if size is not None:
+                return size
+        written: int = self._run(op)
+        return written
 
     def read_into(self, path: PathArg, fileobj: BinaryIO) -> int:
         """Stream the file at ``path`` into ``fileobj``; return its size."""
-        size: int = self._run(self._session.read_file(path, fileobj.write, None))
-        return size
+        return self._read(path, fileobj.write, None)
+
+    def _read(self, path: PathArg, sink: Callable[[bytes], object], limit: int | None) -> int:
+        op = self._session.read_file(path, sink, limit)  # checks the arguments
+        if self._ring is not None:
+            size = self._ring.read(os.fspath(path), sink, op.limit)
+            if size is not None:
+                return size
+        read: int = self._run(op)
+        return read
 
     def read(self, path: PathArg, *, max_output: int | None = DEFAULT_MAX_OUTPUT) -> bytes:
         """The whole file at ``path``; more than ``max_output`` bytes raises
         :class:`~ember.errors.OutputTooLarge` (use :meth:`read_into` for big files)."""
         buf = io.BytesIO()
-        self._run(self._session.read_file(path, buf.write, max_output))
+        self._read(path, buf.write, max_output)
         return buf.getvalue()
 
     def stat(self, path: PathArg) -> FileStat:
@@ -212,17 +234,22 @@ class AgentClient:
         call_timeout: float = DEFAULT_CALL_TIMEOUT,
         announce_resume: bool = False,
         code_ring: CodeRing | None = None,
+        shm: Callable[[], HostRegion | None] | None = None,
     ) -> None:
         self._connect = connect
         self._code_ring = code_ring
         self._session = Session(
             grace=grace, call_timeout=call_timeout, announce_resume=announce_resume, clock=_CLOCK
         )
+        files_ring = None
+        if shm is not None:
+            session = self._session
+            files_ring = FileRing(shm, connect, session.encode, session.bounds)
         self._resume = resume
         self._pool: KeepalivePool[socket.socket] = KeepalivePool(_CLOCK)
         self._lock = threading.Lock()
         self._expiry: threading.Timer | None = None
-        self.files = Files(self._session, self._run)
+        self.files = Files(self._session, self._run, files_ring)
 
     def _start(self, op: Operation[Any]) -> socket.socket:
         """A connection with ``op``'s REQUEST sent on it (a kept one if ``op`` may)."""

@@ -22,6 +22,7 @@ that failed after its request was published) is skipped. One call at a time per 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import select
 import threading
@@ -176,8 +177,7 @@ class CodeRing:
         if factory is not None:
             self._region = factory()
             if self._region is not None and not self._region.code:
-                self._region.close()
-                self._region = None
+                self._region = None  # no code slots: vsock (the region may serve channels)
         return self._region
 
     def _attach(
@@ -265,10 +265,7 @@ class CodeRing:
                 if not gone() and not reader.available():
                     limit = SLEEP_S if self._deadline is None else self._deadline - now
                     if poller.poll(max(0.0, min(SLEEP_S, limit)) * 1000):
-                        try:
-                            os.read(doorbell, 8)
-                        except BlockingIOError:
-                            pass
+                        _drain(doorbell)
                 reader.sleep(False)
                 if not self._alive():
                     raise ConnectionResetError("the sandbox's VM is gone")
@@ -285,3 +282,15 @@ def _await_announcement(req_ctl: memoryview) -> None:
     deadline = time.monotonic() + ANNOUNCE_WAIT_S
     while not req_ctl[ring.CODE_READY] and time.monotonic() < deadline:
         time.sleep(0.0005)
+
+
+def _drain(doorbell: int) -> None:
+    """Take the doorbell's count; a doorbell closed under us means the sandbox closed."""
+    try:
+        os.read(doorbell, 8)
+    except BlockingIOError:
+        pass
+    except OSError as exc:
+        if exc.errno == errno.EBADF:
+            raise ConnectionResetError("the sandbox was closed") from None
+        raise

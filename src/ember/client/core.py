@@ -257,7 +257,7 @@ class ReadFile(Operation[int]):
         super().__init__({"op": "file_read", "path": path}, bounds)
         self._path = path
         self._sink = sink
-        self._limit = limit
+        self.limit = limit
         self._total = 0
         self._ended = False  # DATA_EOF came: the RESULT is next
 
@@ -274,8 +274,8 @@ class ReadFile(Operation[int]):
                 raise ProtocolError(f"file_read sent {self._total} bytes but said {size}")
             self._finish(self._total)
         elif frame is not None and frame[0] is Kind.DATA:
-            if self._limit is not None and self._total + len(frame[1]) > self._limit:
-                raise file_too_large(self._path, self._limit)
+            if self.limit is not None and self._total + len(frame[1]) > self.limit:
+                raise file_too_large(self._path, self.limit)
             self._sink(frame[1])
             self._total += len(frame[1])
         elif frame is not None and frame[0] is Kind.DATA_EOF:

@@ -89,6 +89,10 @@ class Session:
         request = self._announcer.stamp(op.request)
         return encode_json({**request, "keepalive": True} if op.keepalive else request)
 
+    def encode(self, request: dict[str, Any]) -> bytes:
+        """A REQUEST payload for an exchange outside the operations here (the file rings)."""
+        return encode_json(self._announcer.stamp(request))
+
     def _call(
         self, request: dict[str, Any], parse: Callable[[dict[str, Any]], Any], bounded: bool = True
     ) -> Call[Any]:

@@ -96,6 +96,10 @@ class HostRegion:
         return region
 
     @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
     def slot_count(self) -> int:
         return len(self._doorbells)
 
@@ -159,6 +163,31 @@ class HostRegion:
                 os.close(fd)
 
 
+class SharedRegion:
+    """A sandbox's one :class:`HostRegion`, asked of the VMM at first use, by whichever of
+    its users (channels, code rings, file transfers) comes first: one mapping, and one
+    pool of leases, so two users never lease the same slot. Thread-safe; callable."""
+
+    def __init__(self, factory: Callable[[], HostRegion | None]) -> None:
+        self._factory: Callable[[], HostRegion | None] | None = factory
+        self._region: HostRegion | None = None
+        self._lock = threading.Lock()
+
+    def __call__(self) -> HostRegion | None:
+        with self._lock:
+            factory, self._factory = self._factory, None
+            if factory is not None:
+                self._region = factory()
+            return self._region
+
+    def close(self) -> None:
+        with self._lock:
+            self._factory = None
+            region, self._region = self._region, None
+        if region is not None:
+            region.close()
+
+
 # -- the receiving side of one leased slot (a thread of ember.client.channel) -------------
 
 
@@ -183,7 +212,7 @@ def pump_ring(
                     return  # the consumer left: hang up so the guest's next wait fails
             if messages:
                 if reader.producer_waiting():
-                    _wake(conn)
+                    nudge(conn)
                 continue
             if ended is not None:
                 if reader.mid_message:
@@ -219,12 +248,15 @@ def pump_ring(
         put("the sandbox closed")
 
 
-def _wake(conn: socket.socket) -> None:
-    """One byte for a producer waiting for room; never blocks: if the guest left earlier
-    ones unread, they wake it just as well (and a guest cannot stall this thread so)."""
+def nudge(conn: socket.socket) -> None:
+    """One byte for a guest that sleeps on the connection; never blocks: if the guest left
+    earlier ones unread, they wake it just as well (and a guest cannot stall this thread
+    so). A connection the guest already closed is no error here: it may have taken the
+    last record and answered between our store and this byte; reading its answer (or its
+    end) is what tells the caller how things went."""
     try:
         conn.send(b"w", socket.MSG_DONTWAIT)
-    except (BlockingIOError, InterruptedError):
+    except OSError:
         pass
 
 

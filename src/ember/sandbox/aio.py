@@ -29,6 +29,7 @@ from ember.client import (
     CodeRing,
     ExecResult,
     OutputChunk,
+    SharedRegion,
     Streams,
     explain_crashed_worker,
 )
@@ -105,14 +106,17 @@ class AsyncSandbox:
         self._boot = boot
         self._channels: ChannelServer | None = None
         self._closed = False
+        # One mapping of the VMM's region for channels, code rings and file transfers.
+        self._region = SharedRegion(lambda: self._require().shm_region())
         self._code_ring = CodeRing(
-            lambda: self._require().shm_region(),
+            self._region,
             alive=lambda: self._vmm is not None and not self._vmm.exited(),
             expect=not boot if vmm is None else vmm.restored,  # None: start() restores it
         )
         self._client = AsyncAgentClient(
-            self._connect, resume=self._resume, announce_resume=True, code_ring=self._code_ring
-        )
+            self._connect, resume=self._resume, announce_resume=True, code_ring=self._code_ring,
+            shm=self._region, ring_connect=lambda: self._require().connect(),
+        )  # fmt: skip
         self.files = AsyncSandboxFiles(self)
 
     async def _resume(self) -> Streams | None:
@@ -130,7 +134,7 @@ class AsyncSandbox:
                 start_vmm, self._spec, template=self._template, boot=self._boot
             )
             self._vmm = vmm
-        self._channels = ChannelServer(vmm.take_channel_listener(), shm=vmm.shm_region)
+        self._channels = ChannelServer(vmm.take_channel_listener(), shm=self._region)
         return self
 
     async def set_memory(self, target_mib: int, *, timeout: float = 120.0) -> int:
@@ -293,6 +297,7 @@ class AsyncSandbox:
         if self._channels is not None:
             self._channels.close()
         self._code_ring.close()
+        self._region.close()
         if self._vmm is not None:
             await asyncio.to_thread(self._vmm.close)
 

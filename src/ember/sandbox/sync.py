@@ -28,6 +28,7 @@ from ember.client import (
     ExecResult,
     ExecStream,
     OutputChunk,
+    SharedRegion,
     explain_crashed_worker,
 )
 from ember.errors import ConfigError, ProtocolError, SandboxCrashed, SandboxError, SandboxTimeout
@@ -113,13 +114,16 @@ class Sandbox:
         self._vmm = vmm
         self._spec = spec
         self._closed = False
+        # One mapping of the VMM's region for channels, code rings and file transfers.
+        self._region = SharedRegion(vmm.shm_region)
         self._code_ring = CodeRing(
-            vmm.shm_region, alive=lambda: not vmm.exited(), expect=vmm.restored
+            self._region, alive=lambda: not vmm.exited(), expect=vmm.restored
         )
         self._client = AgentClient(
-            self._connect, resume=vmm.resume, announce_resume=True, code_ring=self._code_ring
-        )
-        self._channels = ChannelServer(self._vmm.take_channel_listener(), shm=self._vmm.shm_region)
+            self._connect, resume=vmm.resume, announce_resume=True, code_ring=self._code_ring,
+            shm=self._region,
+        )  # fmt: skip
+        self._channels = ChannelServer(self._vmm.take_channel_listener(), shm=self._region)
         self.files = SandboxFiles(self)
 
     # --- plumbing
@@ -291,6 +295,7 @@ class Sandbox:
         self._client.close()
         self._channels.close()
         self._code_ring.close()
+        self._region.close()
         self._vmm.close()
 
     def __enter__(self) -> Sandbox:

@@ -95,7 +95,9 @@ def adopt(record: Record) -> Sandbox:
     sandbox = object.__new__(Sandbox)
     sandbox._setup(vmm, spec_of(record))
     # Not a new VM: no snapshot connection to take over, no clock or entropy to announce.
-    sandbox._client = AgentClient(sandbox._connect, code_ring=sandbox._code_ring)
+    sandbox._client = AgentClient(
+        sandbox._connect, code_ring=sandbox._code_ring, shm=sandbox._region
+    )
     sandbox.files = SandboxFiles(sandbox)
     return sandbox
 

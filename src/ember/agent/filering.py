@@ -1,0 +1,149 @@
+"""File bytes through the shared region: ``file_ring_write`` and ``file_ring_read``.
+
+The vsock file ops (:mod:`ember.agent.files`) move every byte through the emulated
+guest kernel twice: once as vsock packets, once into the page cache. These move the
+bytes through a slot of the VMM's shared region instead (:mod:`ember.ring`), which
+this process has mapped, so only the page-cache copy is left: ``os.write`` straight
+from the ring to the file, and ``readinto`` straight from the file into the ring.
+
+The host leases the slot and lays it out as an empty ring before asking:
+
+* ``file_ring_write {"path", "slot", "lease", "mode"?, "append"?}``: the host is the
+  producer. The agent answers one empty ``DATA`` frame ("the ring is taken"), then
+  consumes records (any kind; fragments need no joining in a byte stream) until a
+  zero-length record, the end; then ``RESULT {"size"}``. As over vsock, a failing
+  write is reported only after the end: the host sends everything first.
+* ``file_ring_read {"path", "slot", "lease"}``: the agent is the producer, one
+  record per ``readinto``, then ``RESULT {"size"}`` once every record is published.
+
+``RingUnavailable`` (no region here, a slot or lease that does not match what this
+agent sees) makes the host use vsock; an agent from before this module answers
+``BadRequest`` (unknown op), which does the same. Wake-ups go the way the rings'
+doorbells go elsewhere: the host writes any byte on the connection to a guest that
+sleeps; the guest stores to the slot's doorbell (an ioeventfd) for a host that does.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from typing import Any
+
+from ember import ring
+from ember.agent import shm
+from ember.agent.channels import wait_for_wake
+from ember.agent.common import ClientGone, opt_bool, opt_int, req_path
+from ember.agent.files import Sink
+from ember.protocol import Kind, write_frame, write_json
+
+__all__ = ["FILE_RING_OPS", "RingUnavailable"]
+
+SPIN_S = 0.002  # a consumer with nothing to read polls this long (user time) before it sleeps
+WAKE_WAIT_S = 0.05  # a sleeping consumer looks again at least this often
+
+
+class RingUnavailable(Exception):
+    """This agent cannot use the slot the host named: the host falls back to vsock."""
+
+
+class _Slot:
+    """The leased slot as this process maps it (checked against the host's request)."""
+
+    def __init__(self, req: dict[str, Any]) -> None:
+        region = shm.region()
+        if region is None:
+            raise RingUnavailable("this guest has no shared region mapped")
+        index, lease = opt_int(req, "slot"), opt_int(req, "lease")
+        if index is None or lease is None or not lease:
+            raise RingUnavailable("the request names no slot and lease")
+        if not 0 <= index < region.slot_count - ring.CODE_SLOTS:
+            raise RingUnavailable(f"slot {index} is not a data slot of this region")
+        whole = region.slot(index)
+        self.ctl = whole[: ring.PAGE].cast("Q")
+        self.data = whole[ring.PAGE :]
+        if self.ctl[ring.LEASE] != lease or self.ctl[ring.CAPACITY] != len(self.data):
+            raise RingUnavailable(f"slot {index} is not leased as the host says")
+        self.bell = region.bell(index)
+
+
+def handle_file_ring_write(conn: socket.socket, req: dict[str, Any]) -> None:
+    path, mode, append = req_path(req), opt_int(req, "mode"), opt_bool(req, "append")
+    slot = _Slot(req)
+    reader = ring.RingReader(slot.ctl, slot.data, len(slot.data), len(slot.data))
+    failure: Exception | None = None
+    sink: Sink | None = None
+    try:
+        sink = Sink(path, mode, append)
+    except (OSError, ValueError) as exc:
+        failure = exc
+    write_frame(conn, Kind.DATA)  # the ring is taken: the host may start
+    size = 0
+    ended = False
+
+    def use(view: memoryview) -> bool:
+        nonlocal size, ended, failure
+        if not view.nbytes:
+            ended = True
+            return False
+        size += view.nbytes
+        if sink is not None and failure is None:
+            try:
+                sink.write(view)
+            except OSError as exc:
+                failure = exc
+        return True
+
+    try:
+        while not ended:
+            if reader.take(use):
+                if reader.producer_waiting():
+                    slot.bell[0] = 1
+                continue
+            _await_producer(reader, conn)
+        if failure is not None:
+            raise failure
+        assert sink is not None
+        sink.commit()
+    finally:
+        if sink is not None:
+            sink.abort()
+    write_json(conn, Kind.RESULT, {"size": size})
+
+
+def _await_producer(reader: ring.RingReader, conn: socket.socket) -> None:
+    """Nothing to consume: poll briefly (no syscall), then sleep until the host's byte."""
+    deadline = time.perf_counter() + SPIN_S
+    while time.perf_counter() < deadline:
+        if reader.available():
+            return
+    reader.sleep(True)
+    try:
+        if reader.available():
+            return
+        conn.settimeout(WAKE_WAIT_S)
+        try:
+            if not conn.recv(4096):
+                raise ClientGone
+        except TimeoutError:
+            pass
+        finally:
+            conn.settimeout(None)
+    finally:
+        reader.sleep(False)
+
+
+def handle_file_ring_read(conn: socket.socket, req: dict[str, Any]) -> None:
+    path = req_path(req)
+    slot = _Slot(req)
+    with open(path, "rb", buffering=0) as f:
+        writer = ring.RingWriter(slot.ctl, slot.data, slot.bell, lambda: wait_for_wake(conn))
+        total = 0
+        while n := writer.fill(f.readinto, writer.max_record):
+            total += n
+    write_json(conn, Kind.RESULT, {"size": total})
+
+
+FILE_RING_OPS = {
+    "file_ring_write": handle_file_ring_write,
+    "file_ring_read": handle_file_ring_read,
+}

@@ -1,0 +1,290 @@
+"""``files.write``/``files.read`` through the shared region: the host's end.
+
+The guest's end is :mod:`ember.agent.filering` (the protocol is described there). Over
+vsock each byte crosses the emulated guest kernel as a packet and again into the page
+cache; through a leased slot of the region only the page-cache copy is left, and on
+this side the bytes are plain memory copies.
+
+:class:`FileRing` returns None, having changed nothing in the guest, whenever the ring
+cannot carry a transfer: no region, every slot leased to channels, an agent that does
+not know the ops (built before them) or cannot see the slot. The caller then uses
+vsock. Everything the guest writes is checked: records by :class:`ember.ring.RingReader`
+against this side's capacity, sizes against what crossed, and a guest that stops making
+progress for the call timeout ends the transfer with :class:`SandboxTimeout`.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import select
+import socket
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from ember.client import results
+from ember.client.bounds import CallBounds, file_too_large
+from ember.client.shm import HostRegion, Lease, nudge, spin
+from ember.client.sockets import read_frame, send_frame
+from ember.client.wire import Frame, Source, check_result, data_chunks, remote_error, unexpected
+from ember.errors import ProtocolError, SandboxTimeout
+from ember.protocol import Kind
+from ember.ring import TAIL, RingError, RingWriter
+
+__all__ = ["FileRing"]
+
+POLL_S = 0.05  # a waiting side looks at the ring, the connection and its clock this often
+FALLBACK_TYPES = ("RingUnavailable",)
+
+Connect = Callable[[], socket.socket]
+Encode = Callable[[dict[str, Any]], bytes]
+
+
+class _AgentSpoke(Exception):
+    """A frame arrived while the host was still producing: read it."""
+
+
+class _Progress:
+    """The transfer's clock: SandboxTimeout once the ring has not moved for ``bounds``'
+    call timeout (a slow guest that keeps moving is never cut off)."""
+
+    def __init__(self, bounds: CallBounds, what: str) -> None:
+        self._bounds = bounds
+        self._what = what
+        self._mark = -1
+        self._since = bounds.clock()
+
+    def check(self, position: int) -> None:
+        now = self._bounds.clock()
+        if position != self._mark:
+            self._mark, self._since = position, now
+        elif now - self._since > self._bounds.call_timeout:
+            raise SandboxTimeout(
+                f"{self._what}: the guest made no progress for {self._bounds.call_timeout:g} s"
+            )
+
+
+class FileRing:
+    """One sandbox's file transfers through its region.
+
+    ``region`` gives the region shared with the sandbox's channels (their leases and
+    these come from one pool); ``connect`` opens an agent connection; ``encode`` turns
+    a request into its REQUEST payload (it carries a restored VM's resume announcement).
+    """
+
+    def __init__(
+        self,
+        region: Callable[[], HostRegion | None],
+        connect: Connect,
+        encode: Encode,
+        bounds: CallBounds,
+    ) -> None:
+        self._region = region
+        self._connect = connect
+        self._encode = encode
+        self._bounds = bounds
+        self._lock = threading.Lock()
+        self.supported = True  # False once the agent turned out not to know the ops
+        self.transfers = 0  # transfers carried by the ring (tests and benchmarks read it)
+
+    def write(self, path: str, data: Source, mode: int | None, append: bool) -> int | None:
+        """Bytes written, or None when the ring cannot carry it (nothing was sent)."""
+        request: dict[str, Any] = {"op": "file_ring_write", "path": path, "append": append}
+        if mode is not None:
+            request["mode"] = mode
+        lease = self._lease()
+        if lease is None:
+            return None
+        region, held = lease
+        try:
+            with self._connect() as sock:
+                first = self._ask(sock, request, held)
+                if first is None:
+                    return None
+                if first[0] is not Kind.DATA or first[1]:
+                    raise unexpected(first, "file_ring_write")
+                size = self._produce(sock, region, held, data, path)
+        except ValueError:  # the region was unmapped under us
+            if region.closed:
+                raise ConnectionResetError("the sandbox was closed") from None
+            raise
+        finally:
+            region.release(held)
+        self.transfers += 1
+        return size
+
+    def read(self, path: str, sink: Callable[[bytes], object], limit: int | None) -> int | None:
+        """Bytes read into ``sink``, or None when the ring cannot carry it."""
+        lease = self._lease()
+        if lease is None:
+            return None
+        region, held = lease
+        try:
+            with self._connect() as sock:
+                size = self._consume(sock, held, path, sink, limit)
+        except ValueError:  # the region was unmapped under us
+            if region.closed:
+                raise ConnectionResetError("the sandbox was closed") from None
+            raise
+        finally:
+            region.release(held)
+        if size is not None:
+            self.transfers += 1
+        return size
+
+    # -- the two directions -------------------------------------------------------------
+
+    def _lease(self) -> tuple[HostRegion, Lease] | None:
+        if not self.supported:
+            return None
+        region = self._region()
+        if region is None:
+            return None
+        held = region.lease(0)
+        return None if held is None else (region, held)
+
+    def _ask(self, sock: socket.socket, request: dict[str, Any], held: Lease) -> Frame | None:
+        """Send the request; its first answer, or None for "use vsock" (ERROR frames
+        other than those raise)."""
+        request = {**request, "slot": held.slot, "lease": held.token}
+        deadline = self._bounds.call(str(request["op"]), None)
+        send_frame(sock, Kind.REQUEST, self._encode(request), deadline)
+        first = read_frame(sock, deadline)
+        return None if self._declined(first) else first
+
+    def _declined(self, frame: Frame | None) -> bool:
+        if frame is None or frame[0] is not Kind.ERROR:
+            return False
+        error = remote_error(frame[1])
+        if error.type == "BadRequest" and error.message.startswith("unknown op"):
+            self.supported = False  # an agent from before the file rings
+            return True
+        if error.type in FALLBACK_TYPES:
+            return True
+        raise error
+
+    def _produce(
+        self, sock: socket.socket, region: HostRegion, held: Lease, data: Source, path: str
+    ) -> int:
+        ctl, ring_data, doorbell = region.slot(held.slot)
+        progress = _Progress(self._bounds, f"writing {path}")
+        poller = select.poll()
+        poller.register(sock, select.POLLIN)
+        poller.register(doorbell, select.POLLIN)
+
+        def room() -> None:  # the guest frees room as it writes the file
+            progress.check(int(ctl[TAIL]))  # what the guest has consumed
+            for fd, _ in poller.poll(POLL_S * 1000):
+                if fd == doorbell:
+                    _drain(doorbell)
+                else:
+                    raise _AgentSpoke
+
+        writer = RingWriter(ctl, ring_data, _Bell(sock), room)
+        sent = 0
+        try:
+            for piece in data_chunks(data):
+                view = memoryview(piece).cast("B")
+                if view.nbytes:
+                    writer.send(view)
+                    sent += view.nbytes
+            writer.send(memoryview(b""))  # the end
+        except _AgentSpoke:
+            pass  # the agent answered early (an error, or it went away): read it
+        except BrokenPipeError:
+            raise ProtocolError(f"the guest took the ring back while writing {path}") from None
+        frame = self._await_frame(sock, lambda: int(ctl[TAIL]), progress)
+        size = results.parse_size(check_result(frame, "file_ring_write"))
+        if size != sent:
+            raise ProtocolError(f"file_ring_write took {sent} bytes but said it wrote {size}")
+        return size
+
+    def _await_frame(
+        self, sock: socket.socket, position: Callable[[], int], progress: _Progress
+    ) -> Frame | None:
+        """The agent's answer, however long the guest takes while the ring still moves."""
+        poller = select.poll()
+        poller.register(sock, select.POLLIN)
+        while not poller.poll(POLL_S * 1000):
+            progress.check(position())
+        return read_frame(sock, self._bounds.call("file_ring", None))
+
+    def _consume(
+        self,
+        sock: socket.socket,
+        held: Lease,
+        path: str,
+        sink: Callable[[bytes], object],
+        limit: int | None,
+    ) -> int | None:
+        request = {"op": "file_ring_read", "path": path, "slot": held.slot, "lease": held.token}
+        send_frame(sock, Kind.REQUEST, self._encode(request), self._bounds.send())
+        reader = held.reader
+        progress = _Progress(self._bounds, f"reading {path}")
+        poller = select.poll()
+        poller.register(sock, select.POLLIN)
+        poller.register(held.doorbell, select.POLLIN)
+        total = 0
+
+        def use(view: memoryview) -> bool:
+            nonlocal total
+            if limit is not None and total + view.nbytes > limit:
+                raise file_too_large(path, limit)
+            sink(bytes(view))  # the sink may keep it; the ring's memory is reused
+            total += view.nbytes
+            return True
+
+        answer: Frame | None = None
+        answered = False
+        try:
+            while True:
+                if reader.take(use):
+                    if reader.producer_waiting():
+                        nudge(sock)
+                    continue
+                if answered:  # every record was published before the answer was sent
+                    break
+                progress.check(total)
+                if spin(reader):
+                    continue
+                reader.sleep(True)
+                events = [] if reader.available() else poller.poll(POLL_S * 1000)
+                reader.sleep(False)
+                for fd, _ in events:
+                    if fd == held.doorbell:
+                        _drain(fd)
+                        continue
+                    answer, answered = read_frame(sock, self._bounds.call("file_ring", None)), True
+                    if answer is not None and answer[0] is Kind.ERROR:
+                        if not total and self._declined(answer):
+                            return None
+                        raise remote_error(answer[1])
+                    poller.unregister(sock)
+        except RingError as exc:
+            raise ProtocolError(f"the guest broke its ring while sending {path}: {exc}") from None
+        size = results.parse_size(check_result(answer, "file_ring_read"))
+        if size != total:
+            raise ProtocolError(f"file_ring_read sent {total} bytes but said {size}")
+        return total
+
+
+class _Bell:
+    """The request ring's doorbell towards a sleeping guest: a byte on the connection."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock = sock
+
+    def __setitem__(self, index: int, value: int) -> None:
+        nudge(self._sock)
+
+
+def _drain(eventfd: int) -> None:
+    try:
+        os.read(eventfd, 8)
+    except BlockingIOError:
+        pass
+    except OSError as exc:
+        if exc.errno == errno.EBADF:  # the region's doorbells were closed under us
+            raise ConnectionResetError("the sandbox was closed") from None
+        raise

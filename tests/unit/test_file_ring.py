@@ -1,0 +1,188 @@
+"""files.write/read through the shared region without KVM: the real agent and host ends.
+
+A memfd laid out like the VMM's region stands in for the shared memory: the agent's
+handlers (in a real :class:`AgentServer` on a Unix socket) see it as their mapped
+region, the host's :class:`AgentClient` leases its slots. The slots here are small
+(256 KiB), so a file of 1.5 MiB wraps each ring many times and both ends wait for room. The
+doorbells are plain memory (no ioeventfd): a sleeping host finds records on its look.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import mmap
+import os
+import socket
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from ember import ring
+from ember.agent import shm
+from ember.agent.server import AgentServer
+from ember.client import AgentClient, HostRegion
+from ember.errors import AgentFileNotFoundError, OutputTooLarge, ProtocolError
+
+SLOTS = 4  # two for channels and files, two for run_code
+SLOT_SIZE = 256 << 10
+SIZE = ring.region_size(SLOTS, SLOT_SIZE)
+
+
+class Rig:
+    def __init__(self, base: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.memfd = os.memfd_create("test-file-ring", os.MFD_CLOEXEC)
+        os.ftruncate(self.memfd, SIZE + ring.PAGE)
+        self.map = mmap.mmap(self.memfd, SIZE + ring.PAGE)
+        header = memoryview(self.map)[: ring.PAGE].cast("Q")
+        header[ring.H_VERSION] = ring.VERSION
+        header[ring.H_GENERATION] = 777
+        header[ring.H_SLOT_COUNT] = SLOTS
+        header[ring.H_SLOT_SIZE] = SLOT_SIZE
+        header[ring.H_MAGIC] = ring.MAGIC
+        header.release()
+        monkeypatch.setattr(shm, "_region", shm.Region(os.dup(self.memfd), SIZE, 0))
+        self.path = str(base / "agent.sock")
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        listener.bind(self.path)
+        listener.listen(16)
+        self.server = AgentServer(listener)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+        bells = [os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC) for _ in range(SLOTS)]
+        self.region = HostRegion(os.dup(self.memfd), bells, SIZE, SLOT_SIZE, code=True)
+        self.client = AgentClient(self.connect, shm=lambda: self.region)
+        self.ring = self.client.files._ring
+        assert self.ring is not None
+
+    def connect(self) -> socket.socket:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.connect(self.path)
+        return sock
+
+    def close(self) -> None:
+        self.client.close()
+        self.server.stop()
+        self.thread.join(10)
+        self.region.close()
+
+
+@pytest.fixture
+def rig(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Rig]:
+    made = Rig(tmp_path, monkeypatch)
+    try:
+        yield made
+    finally:
+        made.close()
+
+
+def test_a_file_many_rings_long_goes_through_memory_both_ways(rig: Rig, tmp_path: Path) -> None:
+    data = os.urandom(3 << 19) + b"tail"  # 6 rings of this size, ends mid-record
+    target = tmp_path / "deep" / "dir" / "blob.bin"
+    assert rig.client.files.write(target, data, mode=0o640) == len(data)
+    assert target.read_bytes() == data and (target.stat().st_mode & 0o777) == 0o640
+    assert rig.client.files.read(target, max_output=None) == data
+    out = io.BytesIO()
+    assert rig.client.files.read_into(target, out) == len(data)
+    assert hashlib.sha256(out.getvalue()).digest() == hashlib.sha256(data).digest()
+    assert rig.ring.transfers == 3 and rig.region.leases == 3
+    assert not [p for p in target.parent.iterdir() if p.name != "blob.bin"]  # no temp left
+
+
+def test_a_stream_source_an_append_and_an_empty_file(rig: Rig, tmp_path: Path) -> None:
+    target = tmp_path / "log"
+    rig.client.files.write(target, io.BytesIO(b"a" * 100_000))
+    rig.client.files.write(target, b"b" * 10, append=True)
+    assert target.read_bytes() == b"a" * 100_000 + b"b" * 10
+    assert rig.client.files.write(tmp_path / "empty", b"") == 0
+    assert (tmp_path / "empty").read_bytes() == b""
+    assert rig.client.files.read(tmp_path / "empty") == b""
+    assert rig.ring.transfers == 4
+
+
+def test_guest_errors_arrive_as_they_do_over_vsock(rig: Rig, tmp_path: Path) -> None:
+    with pytest.raises(AgentFileNotFoundError):
+        rig.client.files.read(tmp_path / "missing")
+    keep = tmp_path / "keep"
+    keep.write_bytes(b"old")
+    (tmp_path / "adir").mkdir()
+    with pytest.raises(Exception, match="IsADirectoryError"):
+        rig.client.files.write(tmp_path / "adir", os.urandom(200_000))
+    big = tmp_path / "big"
+    big.write_bytes(b"x" * 600_000)
+    with pytest.raises(OutputTooLarge):
+        rig.client.files.read(big, max_output=100_000)
+    assert rig.client.files.read(keep) == b"old"  # the slot came back after each failure
+    assert rig.region.leases == 4 and rig.ring.transfers == 1
+
+
+def test_no_free_slot_or_an_agent_without_the_ops_means_vsock(rig: Rig, tmp_path: Path) -> None:
+    held = [rig.region.lease(0), rig.region.lease(0)]  # both data slots are busy
+    assert all(held) and rig.region.lease(0) is None
+    target = tmp_path / "f"
+    assert rig.client.files.write(target, b"over vsock") == 10
+    assert rig.client.files.read(target) == b"over vsock"
+    assert rig.ring.transfers == 0
+    for lease in held:
+        assert lease is not None
+        rig.region.release(lease)
+    for op in ("file_ring_write", "file_ring_read"):  # an agent from before the file rings
+        del rig.server._ops[op]
+    assert rig.client.files.write(target, b"still vsock") == 11
+    assert rig.ring.supported is False and rig.ring.transfers == 0
+    assert rig.client.files.read(target) == b"still vsock"
+
+
+def test_a_guest_that_breaks_the_ring_fails_the_read_not_the_host(
+    rig: Rig, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The producer (the guest) publishes a head no ring of this size can have."""
+    from ember.agent import filering
+
+    def vandal(conn: socket.socket, req: dict[str, object]) -> None:
+        slot = filering._Slot(req)  # type: ignore[arg-type]
+        slot.ctl[ring.HEAD] = (1 << 40) + 8
+        conn.recv(1)  # hold the connection until the host gives up
+
+    rig.server._ops["file_ring_read"] = vandal
+    with pytest.raises(ProtocolError, match="broke its ring"):
+        rig.client.files.read(tmp_path)
+    rig.server._ops["file_ring_read"] = filering.handle_file_ring_read
+    (tmp_path / "ok").write_bytes(b"fine")
+    assert rig.client.files.read(tmp_path / "ok") == b"fine"  # the slot is usable again
+
+
+def test_the_async_client_moves_files_through_the_ring_too(rig: Rig, tmp_path: Path) -> None:
+    import asyncio
+
+    from ember.client import AsyncAgentClient
+
+    async def main() -> tuple[int, bytes]:
+        client = AsyncAgentClient(
+            lambda: asyncio.open_unix_connection(rig.path),
+            shm=lambda: rig.region,
+            ring_connect=rig.connect,
+        )
+        try:
+            size = await client.files.write(tmp_path / "a.bin", data)
+            return size, await client.files.read(tmp_path / "a.bin", max_output=None)
+        finally:
+            await client.close()
+
+    data = os.urandom(700_000)
+    assert asyncio.run(main()) == (len(data), data)
+    assert rig.region.leases == 2  # both went through a leased slot
+
+
+def test_a_wake_byte_to_a_guest_that_already_answered_and_left_is_no_error() -> None:
+    """The guest may take the last record and close between the host's store and its
+    wake byte; the transfer's outcome is in the answer, not in that send."""
+    from ember.client.shm import nudge
+
+    ours, theirs = socket.socketpair()
+    theirs.close()
+    nudge(ours)  # EPIPE: ignored
+    nudge(ours)
+    ours.close()
