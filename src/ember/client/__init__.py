@@ -43,7 +43,7 @@ if TYPE_CHECKING:
         OutputChunk,
         explain_crashed_worker,
     )
-    from ember.client.shm import HostRegion, SharedRegion
+    from ember.client.shm import HostRegion, LazyRegion
     from ember.client.sockets import read_frame, send_frame
     from ember.client.wire import MAX_JSON_DEPTH, Source
 
@@ -76,7 +76,7 @@ _LAZY: dict[str, tuple[str, str]] = {
     "MAX_JSON_DEPTH": ("ember.client.wire", "MAX_JSON_DEPTH"),
     "OutputChunk": ("ember.client.results", "OutputChunk"),
     "PathArg": ("ember.client.core", "PathArg"),
-    "SharedRegion": ("ember.client.shm", "SharedRegion"),
+    "LazyRegion": ("ember.client.shm", "LazyRegion"),
     "Source": ("ember.client.wire", "Source"),
     "Streams": ("ember.client.aio", "Streams"),
     "WORKER_START_ALLOWANCE": ("ember.client.bounds", "WORKER_START_ALLOWANCE"),
@@ -110,9 +110,9 @@ __all__ = [
     "FileStat",
     "Files",
     "HostRegion",
+    "LazyRegion",
     "OutputChunk",
     "PathArg",
-    "SharedRegion",
     "Source",
     "Streams",
     "explain_crashed_worker",

@@ -163,7 +163,7 @@ class HostRegion:
                 os.close(fd)
 
 
-class SharedRegion:
+class LazyRegion:
     """A sandbox's one :class:`HostRegion`, asked of the VMM at first use, by whichever of
     its users (channels, code rings, file transfers) comes first: one mapping, and one
     pool of leases, so two users never lease the same slot. Thread-safe; callable."""

@@ -28,8 +28,8 @@ from ember.client import (
     CodeResult,
     CodeRing,
     ExecResult,
+    LazyRegion,
     OutputChunk,
-    SharedRegion,
     Streams,
     explain_crashed_worker,
 )
@@ -107,7 +107,7 @@ class AsyncSandbox:
         self._channels: ChannelServer | None = None
         self._closed = False
         # One mapping of the VMM's region for channels, code rings and file transfers.
-        self._region = SharedRegion(lambda: self._require().shm_region())
+        self._region = LazyRegion(lambda: self._require().shm_region())
         self._code_ring = CodeRing(
             self._region,
             alive=lambda: self._vmm is not None and not self._vmm.exited(),

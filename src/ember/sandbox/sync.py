@@ -27,8 +27,8 @@ from ember.client import (
     CodeRing,
     ExecResult,
     ExecStream,
+    LazyRegion,
     OutputChunk,
-    SharedRegion,
     explain_crashed_worker,
 )
 from ember.errors import ConfigError, ProtocolError, SandboxCrashed, SandboxError, SandboxTimeout
@@ -115,7 +115,7 @@ class Sandbox:
         self._spec = spec
         self._closed = False
         # One mapping of the VMM's region for channels, code rings and file transfers.
-        self._region = SharedRegion(vmm.shm_region)
+        self._region = LazyRegion(vmm.shm_region)
         self._code_ring = CodeRing(
             self._region, alive=lambda: not vmm.exited(), expect=vmm.restored
         )
