@@ -49,6 +49,14 @@ SOCKET_CHECK_S = 0.01  # while polling, look at the agent's socket this often (a
 FULL_WAIT_S = 0.0005  # a reply that does not fit yet: the host frees room as it reads
 
 
+def _code_region() -> shm.Region | None:
+    """This process's region if it has code slots (and one for channels besides)."""
+    region = shm.region()
+    if region is None or region.slot_count < ring.CODE_SLOTS + 1:
+        return None
+    return region
+
+
 def _views(region: shm.Region, index: int) -> tuple[memoryview, memoryview]:
     slot = region.slot(index)
     return slot[: ring.PAGE].cast("Q"), slot[ring.PAGE :]
@@ -75,8 +83,8 @@ class WorkerRing:
     @classmethod
     def open(cls) -> WorkerRing | None:
         """This process's rings, or None without a region (vsock only, as before)."""
-        region = shm.region()
-        if region is None or region.slot_count < ring.CODE_SLOTS + 1:
+        region = _code_region()
+        if region is None:
             return None
         try:
             region.premap()
@@ -175,7 +183,6 @@ def serve(
     poller.register(sock.fileno(), select.POLLIN)
     while True:
         if code_ring is not None:
-            code_ring.refresh()
             check_at = 0.0
             while True:
                 if code_ring.refresh():  # a restore or fork while we polled
@@ -216,8 +223,8 @@ class DeathNotice:
 
     @classmethod
     def open(cls) -> DeathNotice | None:
-        region = shm.region()
-        if region is None or region.slot_count < ring.CODE_SLOTS + 1:
+        region = _code_region()
+        if region is None:
             return None
         try:
             return cls(region)

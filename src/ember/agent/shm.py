@@ -67,6 +67,7 @@ class Region:
         self._bells = memoryview(self._doorbells).cast("I")
         self._whole: mmap.mmap | None = None
         self._slots: dict[int, mmap.mmap] = {}
+        self._controls: dict[int, mmap.mmap] = {}  # control pages mapped alone
 
     def valid(self) -> bool:
         """Magic and version as this agent knows them (a restore rewrote the header)."""
@@ -98,8 +99,10 @@ class Region:
         """Just slot ``index``'s control page as u64 words (one page mapped, not the slot)."""
         if self._whole is not None:
             return self.slot(index)[: ring.PAGE].cast("Q")
-        offset = self.base + ring.SLOT_BASE + index * self.slot_size
-        page = self._slots[-1 - index] = mmap.mmap(self._fd, ring.PAGE, offset=offset)
+        page = self._controls.get(index)
+        if page is None:
+            offset = self.base + ring.SLOT_BASE + index * self.slot_size
+            page = self._controls[index] = mmap.mmap(self._fd, ring.PAGE, offset=offset)
         return memoryview(page).cast("Q")
 
     def bell(self, index: int) -> memoryview:
