@@ -32,8 +32,8 @@ from typing import Any
 from ember import ring
 from ember.agent import shm
 from ember.agent.channels import wait_for_wake
-from ember.agent.common import ClientGone, opt_bool, opt_int, req_path
-from ember.agent.files import Sink
+from ember.agent.common import ClientGone, opt_int, req_path
+from ember.agent.files import Upload
 from ember.protocol import Kind, write_frame, write_json
 
 __all__ = ["FILE_RING_OPS", "RingUnavailable"]
@@ -67,30 +67,18 @@ class _Slot:
 
 
 def handle_file_ring_write(conn: socket.socket, req: dict[str, Any]) -> None:
-    path, mode, append = req_path(req), opt_int(req, "mode"), opt_bool(req, "append")
     slot = _Slot(req)
     reader = ring.RingReader(slot.ctl, slot.data, len(slot.data), len(slot.data))
-    failure: Exception | None = None
-    sink: Sink | None = None
-    try:
-        sink = Sink(path, mode, append)
-    except (OSError, ValueError) as exc:
-        failure = exc
+    upload = Upload(req)
     write_frame(conn, Kind.DATA)  # the ring is taken: the host may start
-    size = 0
     ended = False
 
     def use(view: memoryview) -> bool:
-        nonlocal size, ended, failure
-        if not view.nbytes:
+        nonlocal ended
+        if not view.nbytes:  # the end
             ended = True
             return False
-        size += view.nbytes
-        if sink is not None and failure is None:
-            try:
-                sink.write(view)
-            except OSError as exc:
-                failure = exc
+        upload.write(view)
         return True
 
     try:
@@ -100,14 +88,10 @@ def handle_file_ring_write(conn: socket.socket, req: dict[str, Any]) -> None:
                     slot.bell[0] = 1
                 continue
             _await_producer(reader, conn)
-        if failure is not None:
-            raise failure
-        assert sink is not None
-        sink.commit()
+        upload.finish()
     finally:
-        if sink is not None:
-            sink.abort()
-    write_json(conn, Kind.RESULT, {"size": size})
+        upload.abort()
+    write_json(conn, Kind.RESULT, {"size": upload.size})
 
 
 def _await_producer(reader: ring.RingReader, conn: socket.socket) -> None:

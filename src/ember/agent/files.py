@@ -43,7 +43,7 @@ from ember.protocol import (
     write_json,
 )
 
-__all__ = ["FILE_OPS", "Sink"]
+__all__ = ["FILE_OPS", "Sink", "Upload"]
 
 _tmp_ids = itertools.count()
 # Read buffers are reused: in the guest a fresh 256 KiB buffer costs 64 page faults.
@@ -102,15 +102,43 @@ class Sink:
             self.tmp = None
 
 
+class Upload:
+    """An upload's destination that keeps the first failure for the end: the agent reads
+    on to the end before answering, because the host sends everything before it reads."""
+
+    def __init__(self, req: dict[str, Any]) -> None:
+        path, mode, append = req_path(req), opt_int(req, "mode"), opt_bool(req, "append")
+        self.size = 0
+        self._failure: Exception | None = None
+        self._sink: Sink | None = None
+        try:
+            self._sink = Sink(path, mode, append)
+        except (OSError, ValueError) as exc:
+            self._failure = exc
+
+    def write(self, data: bytes | memoryview) -> None:
+        self.size += len(data)
+        if self._sink is not None and self._failure is None:
+            try:
+                self._sink.write(data)
+            except OSError as exc:
+                self._failure = exc
+
+    def finish(self) -> None:
+        """All bytes are in: the file is in place, or the first failure is raised."""
+        if self._failure is not None:
+            raise self._failure
+        assert self._sink is not None
+        self._sink.commit()
+
+    def abort(self) -> None:
+        """Drop a temporary file not committed (nothing after :meth:`finish`)."""
+        if self._sink is not None:
+            self._sink.abort()
+
+
 def handle_file_write(conn: socket.socket, req: dict[str, Any]) -> None:
-    path, mode, append = req_path(req), opt_int(req, "mode"), opt_bool(req, "append")
-    failure: Exception | None = None
-    sink: Sink | None = None
-    try:
-        sink = Sink(path, mode, append)
-    except (OSError, ValueError) as exc:
-        failure = exc
-    size = 0
+    upload = Upload(req)
     try:
         while True:
             frame = read_frame(conn)
@@ -121,20 +149,11 @@ def handle_file_write(conn: socket.socket, req: dict[str, Any]) -> None:
                 break
             if kind is not Kind.DATA:
                 raise ProtocolError(f"expected DATA or DATA_EOF, got {kind.name}")
-            size += len(payload)
-            if sink is not None and failure is None:
-                try:
-                    sink.write(payload)
-                except OSError as exc:
-                    failure = exc
-        if failure is not None:
-            raise failure
-        assert sink is not None
-        sink.commit()
+            upload.write(payload)
+        upload.finish()
     finally:
-        if sink is not None:
-            sink.abort()
-    write_json(conn, Kind.RESULT, {"size": size})
+        upload.abort()
+    write_json(conn, Kind.RESULT, {"size": upload.size})
 
 
 def handle_file_read(conn: socket.socket, req: dict[str, Any]) -> None:

@@ -15,12 +15,13 @@ progress for the call timeout ends the transfer with :class:`SandboxTimeout`.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import select
 import socket
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from ember.client import results
@@ -93,11 +94,10 @@ class FileRing:
         request: dict[str, Any] = {"op": "file_ring_write", "path": path, "append": append}
         if mode is not None:
             request["mode"] = mode
-        lease = self._lease()
-        if lease is None:
-            return None
-        region, held = lease
-        try:
+        with self._leased() as lease:
+            if lease is None:
+                return None
+            region, held = lease
             with self._connect() as sock:
                 first = self._ask(sock, request, held)
                 if first is None:
@@ -105,44 +105,38 @@ class FileRing:
                 if first[0] is not Kind.DATA or first[1]:
                     raise unexpected(first, "file_ring_write")
                 size = self._produce(sock, region, held, data, path)
-        except ValueError:  # the region was unmapped under us
-            if region.closed:
-                raise ConnectionResetError("the sandbox was closed") from None
-            raise
-        finally:
-            region.release(held)
         self.transfers += 1
         return size
 
     def read(self, path: str, sink: Callable[[bytes], object], limit: int | None) -> int | None:
         """Bytes read into ``sink``, or None when the ring cannot carry it."""
-        lease = self._lease()
-        if lease is None:
-            return None
-        region, held = lease
-        try:
+        with self._leased() as lease:
+            if lease is None:
+                return None
             with self._connect() as sock:
-                size = self._consume(sock, held, path, sink, limit)
-        except ValueError:  # the region was unmapped under us
-            if region.closed:
-                raise ConnectionResetError("the sandbox was closed") from None
-            raise
-        finally:
-            region.release(held)
+                size = self._consume(sock, lease[1], path, sink, limit)
         if size is not None:
             self.transfers += 1
         return size
 
     # -- the two directions -------------------------------------------------------------
 
-    def _lease(self) -> tuple[HostRegion, Lease] | None:
-        if not self.supported:
-            return None
-        region = self._region()
-        if region is None:
-            return None
-        held = region.lease(0)
-        return None if held is None else (region, held)
+    @contextlib.contextmanager
+    def _leased(self) -> Iterator[tuple[HostRegion, Lease] | None]:
+        """A free slot for one transfer (None: use vsock), released afterwards."""
+        region = self._region() if self.supported else None
+        held = None if region is None else region.lease(0)
+        if region is None or held is None:
+            yield None
+            return
+        try:
+            yield region, held
+        except ValueError:  # the region was unmapped under us
+            if region.closed:
+                raise ConnectionResetError("the sandbox was closed") from None
+            raise
+        finally:
+            region.release(held)
 
     def _ask(self, sock: socket.socket, request: dict[str, Any], held: Lease) -> Frame | None:
         """Send the request; its first answer, or None for "use vsock" (ERROR frames
