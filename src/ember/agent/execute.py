@@ -29,6 +29,11 @@ process ~1 s, fork of a big process ~2 s):
   same pipes, session and process group, the same streaming and result, but
   none of the ~7 s a new interpreter costs this guest. ``"pool": false`` in the
   request asks for a real process (for comparisons and benchmarks).
+* A request that names a leased slot of the shared region (``"slot"``,
+  ``"lease"``, as the file rings do) gets its output there instead of in frames:
+  each pipe read goes straight into the ring, no vsock packet per piece. A slot
+  this agent cannot use is ignored (frames, as before); an older agent ignores
+  the keys, so a host must always accept frames too.
 """
 
 from __future__ import annotations
@@ -43,7 +48,9 @@ import time
 from collections.abc import Callable
 from typing import IO, TYPE_CHECKING, Any
 
+from ember import ring
 from ember.agent.common import BadRequest, ClientGone, ExecError, opt_bool, opt_float, opt_str
+from ember.agent.filering import Slot, leased_slot
 from ember.protocol import Kind, ProtocolError, read_frame, write_frame, write_json
 
 if TYPE_CHECKING:
@@ -52,6 +59,7 @@ if TYPE_CHECKING:
 __all__ = ["KILL_GRACE", "default_env", "exec_handler", "handle_exec"]
 
 READ_SIZE = 64 << 10
+RING_ROOM_WAIT_S = 0.002  # a full output ring: the host frees room as it reads
 KILL_GRACE = 2.0
 POLL_MS = 250
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -170,7 +178,46 @@ def _pidfd(pid: int) -> int | None:
         return None  # old kernel: fall back to polling for the exit
 
 
-def _relay(conn: socket.socket, run: _Run, *, watch_client: bool, timed: bool) -> float:
+class _RingOutput:
+    """Output into a leased slot of the shared region (issue 16), not STDOUT/STDERR frames.
+
+    Each record is one pipe read, read straight into the ring, after a byte that names
+    the stream (:data:`ember.protocol.Kind` ``STDOUT`` or ``STDERR``). The connection may
+    carry the host's stdin frames, so a full ring is waited out by sleeping, not by
+    reading the host's wake-up from it. The RESULT frame follows the last record.
+    """
+
+    def __init__(self, slot: Slot) -> None:
+        self._writer = ring.RingWriter(slot.ctl, slot.data, slot.bell, _await_room)
+
+    def relay(self, fd: int, kind: Kind) -> int:
+        """One read of ``fd`` into the ring; 0 at the pipe's end."""
+
+        def readinto(view: memoryview) -> int:
+            n = os.readv(fd, [view[1:]])
+            if not n:
+                return 0
+            view[0] = kind
+            return n + 1
+
+        try:
+            return self._writer.fill(readinto, READ_SIZE + 1)
+        except BrokenPipeError:  # the host took the slot back: it hung up
+            raise ClientGone from None
+
+
+def _await_room() -> None:
+    time.sleep(RING_ROOM_WAIT_S)
+
+
+def _relay(
+    conn: socket.socket,
+    run: _Run,
+    *,
+    watch_client: bool,
+    timed: bool,
+    ring_out: _RingOutput | None = None,
+) -> float:
     """Forward output until the pipes close and the process exits; return its exit time."""
     proc = run.proc
     assert proc.stdout is not None and proc.stderr is not None
@@ -199,6 +246,11 @@ def _relay(conn: socket.socket, run: _Run, *, watch_client: bool, timed: bool) -
                 kind = streams.get(fd)
                 if kind is None:
                     check_exit = True  # the pidfd: the process has exited
+                    continue
+                if ring_out is not None:
+                    if not ring_out.relay(fd, kind):
+                        poller.unregister(fd)
+                        del streams[fd]
                     continue
                 chunk = os.read(fd, READ_SIZE)
                 if not chunk:
@@ -268,16 +320,21 @@ def handle_exec(
     argv, env = _command(req), _env(req)
     cwd, timeout = opt_str(req, "cwd"), opt_float(req, "timeout")
     want_stdin = opt_bool(req, "stdin")
+    slot = leased_slot(req)
     proc = _start(argv, req, env, cwd, want_stdin, pool)
     try:
-        _serve(conn, proc, timeout, want_stdin)
+        _serve(conn, proc, timeout, want_stdin, None if slot is None else _RingOutput(slot))
     finally:
         if pool is not None:
             pool.release(proc)
 
 
 def _serve(
-    conn: socket.socket, proc: subprocess.Popen[bytes], timeout: float | None, want_stdin: bool
+    conn: socket.socket,
+    proc: subprocess.Popen[bytes],
+    timeout: float | None,
+    want_stdin: bool,
+    ring_out: _RingOutput | None,
 ) -> None:
     started = time.monotonic()
     run = _Run(proc)
@@ -292,7 +349,9 @@ def _serve(
             assert proc.stdin is not None
             pump = threading.Thread(target=_pump_stdin, args=(conn, proc.stdin, run), daemon=True)
             pump.start()
-        exited_at = _relay(conn, run, watch_client=not want_stdin, timed=timer is not None)
+        exited_at = _relay(
+            conn, run, watch_client=not want_stdin, timed=timer is not None, ring_out=ring_out
+        )
         with run.lock:
             run.done = True
         returncode = proc.wait()

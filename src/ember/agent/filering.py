@@ -32,11 +32,11 @@ from typing import Any
 from ember import ring
 from ember.agent import shm
 from ember.agent.channels import wait_for_wake
-from ember.agent.common import ClientGone, opt_int, req_path
+from ember.agent.common import BadRequest, ClientGone, opt_int, req_path
 from ember.agent.files import Upload
 from ember.protocol import Kind, write_frame, write_json
 
-__all__ = ["FILE_RING_OPS", "RingUnavailable"]
+__all__ = ["FILE_RING_OPS", "RingUnavailable", "Slot", "leased_slot"]
 
 SPIN_S = 0.002  # a consumer with nothing to read polls this long (user time) before it sleeps
 WAKE_WAIT_S = 0.05  # a sleeping consumer looks again at least this often
@@ -46,7 +46,7 @@ class RingUnavailable(Exception):
     """This agent cannot use the slot the host named: the host falls back to vsock."""
 
 
-class _Slot:
+class Slot:
     """The leased slot as this process maps it (checked against the host's request)."""
 
     def __init__(self, req: dict[str, Any]) -> None:
@@ -66,8 +66,18 @@ class _Slot:
         self.bell = region.bell(index)
 
 
+def leased_slot(req: dict[str, Any]) -> Slot | None:
+    """The slot a request names, if it names one this agent can use (else None: vsock)."""
+    if req.get("slot") is None:
+        return None
+    try:
+        return Slot(req)
+    except (RingUnavailable, BadRequest, OSError, ValueError):
+        return None
+
+
 def handle_file_ring_write(conn: socket.socket, req: dict[str, Any]) -> None:
-    slot = _Slot(req)
+    slot = Slot(req)
     reader = ring.RingReader(slot.ctl, slot.data, len(slot.data), len(slot.data))
     upload = Upload(req)
     write_frame(conn, Kind.DATA)  # the ring is taken: the host may start
@@ -118,7 +128,7 @@ def _await_producer(reader: ring.RingReader, conn: socket.socket) -> None:
 
 def handle_file_ring_read(conn: socket.socket, req: dict[str, Any]) -> None:
     path = req_path(req)
-    slot = _Slot(req)
+    slot = Slot(req)
     with open(path, "rb", buffering=0) as f:
         writer = ring.RingWriter(slot.ctl, slot.data, slot.bell, lambda: wait_for_wake(conn))
         total = 0

@@ -43,6 +43,7 @@ from ember.client.core import (
     stdin_frames,
 )
 from ember.client.file_ring import FileRing
+from ember.client.output_ring import OutputRing
 from ember.client.results import (
     CodeResult,
     DirEntry,
@@ -76,9 +77,16 @@ class ExecStream:
     kills the command's process group.
     """
 
-    def __init__(self, sock: socket.socket, op: ExecOp, stdin: Source | None) -> None:
+    def __init__(
+        self,
+        sock: socket.socket,
+        op: ExecOp,
+        stdin: Source | None,
+        output: OutputRing | None = None,
+    ) -> None:
         self._sock = sock
         self._op = op
+        self._output = output  # the output's ring, when the request named one
         self._done = False
         self._pump: threading.Thread | None = None
         if stdin is not None:
@@ -113,7 +121,11 @@ class ExecStream:
         try:
             while (step := self._op.next()) is not None:
                 assert not isinstance(step, Send)
-                chunk = self._op.receive(receive_frame(self._sock, step.deadline))
+                if self._output is not None:
+                    frame = self._output.receive(self._sock, step.deadline)
+                else:
+                    frame = receive_frame(self._sock, step.deadline)
+                chunk = self._op.receive(frame)
                 if chunk is not None:
                     return chunk
         except BaseException:
@@ -134,6 +146,8 @@ class ExecStream:
         if self._pump is not None:
             self._pump.join()
         self._sock.close()
+        if self._output is not None:
+            self._output.close()
 
     def __enter__(self) -> ExecStream:
         return self
@@ -241,6 +255,7 @@ class AgentClient:
         self._session = Session(
             grace=grace, call_timeout=call_timeout, announce_resume=announce_resume, clock=_CLOCK
         )
+        self._shm = shm
         files_ring = None
         if shm is not None:
             session = self._session
@@ -341,7 +356,20 @@ class AgentClient:
         fast it is read; without one, the host waits as long as the command runs.
         """
         op = self._session.exec(cmd, timeout=timeout, env=env, cwd=cwd, stdin=stdin is not None)
-        return ExecStream(self._start(op), op, stdin)
+        return self._exec(op, stdin)
+
+    def _exec(self, op: ExecOp, stdin: Source | None) -> ExecStream:
+        """Start ``op``, its output through a leased ring when there is a free slot."""
+        output = OutputRing.lease(self._shm()) if self._shm is not None else None
+        if output is not None:
+            op.request.update(output.fields())
+        try:
+            sock = self._start(op)
+        except BaseException:
+            if output is not None:
+                output.close()
+            raise
+        return ExecStream(sock, op, stdin, output)
 
     def exec(
         self,
@@ -366,7 +394,7 @@ class AgentClient:
             cmd, timeout=timeout, env=env, cwd=cwd, stdin=stdin is not None,
             collect=True, max_output=max_output,
         )  # fmt: skip
-        with ExecStream(self._start(op), op, stdin) as stream:
+        with self._exec(op, stdin) as stream:
             for _ in stream:  # a collecting op keeps the output: no chunks come out
                 pass
         return op.value

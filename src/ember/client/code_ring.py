@@ -22,8 +22,6 @@ that failed after its request was published) is skipped. One call at a time per 
 from __future__ import annotations
 
 import contextlib
-import errno
-import os
 import select
 import threading
 import time
@@ -31,7 +29,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ember import ring
-from ember.client.shm import HostRegion, spin
+from ember.client.shm import HostRegion, drain_doorbell, spin
 from ember.client.wire import decode
 from ember.errors import ProtocolError
 from ember.protocol import MAX_FRAME, encode_json
@@ -265,7 +263,7 @@ class CodeRing:
                 if not gone() and not reader.available():
                     limit = SLEEP_S if self._deadline is None else self._deadline - now
                     if poller.poll(max(0.0, min(SLEEP_S, limit)) * 1000):
-                        _drain(doorbell)
+                        drain_doorbell(doorbell)
                 reader.sleep(False)
                 if not self._alive():
                     raise ConnectionResetError("the sandbox's VM is gone")
@@ -283,14 +281,3 @@ def _await_announcement(req_ctl: memoryview) -> None:
     while not req_ctl[ring.CODE_READY] and time.monotonic() < deadline:
         time.sleep(0.0005)
 
-
-def _drain(doorbell: int) -> None:
-    """Take the doorbell's count; a doorbell closed under us means the sandbox closed."""
-    try:
-        os.read(doorbell, 8)
-    except BlockingIOError:
-        pass
-    except OSError as exc:
-        if exc.errno == errno.EBADF:
-            raise ConnectionResetError("the sandbox was closed") from None
-        raise

@@ -16,8 +16,6 @@ progress for the call timeout ends the transfer with :class:`SandboxTimeout`.
 from __future__ import annotations
 
 import contextlib
-import errno
-import os
 import select
 import socket
 import threading
@@ -26,7 +24,7 @@ from typing import Any
 
 from ember.client import results
 from ember.client.bounds import CallBounds, file_too_large
-from ember.client.shm import HostRegion, Lease, nudge, spin
+from ember.client.shm import HostRegion, Lease, drain_doorbell, nudge, spin
 from ember.client.sockets import read_frame, send_frame
 from ember.client.wire import Frame, Source, check_result, data_chunks, remote_error, unexpected
 from ember.errors import ProtocolError, SandboxTimeout
@@ -171,7 +169,7 @@ class FileRing:
             progress.check(int(ctl[TAIL]))  # what the guest has consumed
             for fd, _ in poller.poll(POLL_S * 1000):
                 if fd == doorbell:
-                    _drain(doorbell)
+                    drain_doorbell(doorbell)
                 else:
                     raise _AgentSpoke
 
@@ -247,7 +245,7 @@ class FileRing:
                 reader.sleep(False)
                 for fd, _ in events:
                     if fd == held.doorbell:
-                        _drain(fd)
+                        drain_doorbell(fd)
                         continue
                     answer, answered = read_frame(sock, self._bounds.call("file_ring", None)), True
                     if answer is not None and answer[0] is Kind.ERROR:
@@ -272,13 +270,3 @@ class _Bell:
     def __setitem__(self, index: int, value: int) -> None:
         nudge(self._sock)
 
-
-def _drain(eventfd: int) -> None:
-    try:
-        os.read(eventfd, 8)
-    except BlockingIOError:
-        pass
-    except OSError as exc:
-        if exc.errno == errno.EBADF:  # the region's doorbells were closed under us
-            raise ConnectionResetError("the sandbox was closed") from None
-        raise

@@ -16,6 +16,7 @@ Every number read from the region is the guest's and is checked by
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import mmap
 import os
@@ -229,10 +230,7 @@ def pump_ring(
             reader.sleep(False)
             for fd, _ in events:
                 if fd == lease.doorbell:
-                    try:
-                        os.read(fd, 8)
-                    except BlockingIOError:
-                        pass
+                    drain_doorbell(fd)
                     continue
                 poller.unregister(conn.fileno())
                 frame = read_frame(conn)
@@ -246,6 +244,19 @@ def pump_ring(
         raise ProtocolError(f"the guest broke its ring: {exc}") from None
     except ValueError:  # the region was unmapped under us: the sandbox is closing
         put("the sandbox closed")
+
+
+def drain_doorbell(eventfd: int) -> None:
+    """Take a doorbell eventfd's count. One closed under us (the sandbox closed its
+    region while this thread waited) is ConnectionResetError, not a stray EBADF."""
+    try:
+        os.read(eventfd, 8)
+    except BlockingIOError:
+        pass
+    except OSError as exc:
+        if exc.errno == errno.EBADF:
+            raise ConnectionResetError("the sandbox was closed") from None
+        raise
 
 
 def nudge(conn: socket.socket) -> None:

@@ -1,4 +1,4 @@
-"""files.write/read through the shared region without KVM: the real agent and host ends.
+"""Files and exec output through the shared region without KVM: the real agent and host ends.
 
 A memfd laid out like the VMM's region stands in for the shared memory: the agent's
 handlers (in a real :class:`AgentServer` on a Unix socket) see it as their mapped
@@ -14,6 +14,7 @@ import io
 import mmap
 import os
 import socket
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,7 +25,7 @@ from ember import ring
 from ember.agent import shm
 from ember.agent.server import AgentServer
 from ember.client import AgentClient, HostRegion
-from ember.errors import AgentFileNotFoundError, OutputTooLarge, ProtocolError
+from ember.errors import AgentFileNotFoundError, OutputTooLarge, ProtocolError, SandboxTimeout
 
 SLOTS = 4  # two for channels and files, two for run_code
 SLOT_SIZE = 256 << 10
@@ -142,7 +143,7 @@ def test_a_guest_that_breaks_the_ring_fails_the_read_not_the_host(
     from ember.agent import filering
 
     def vandal(conn: socket.socket, req: dict[str, object]) -> None:
-        slot = filering._Slot(req)  # type: ignore[arg-type]
+        slot = filering.Slot(req)  # type: ignore[arg-type]
         slot.ctl[ring.HEAD] = (1 << 40) + 8
         conn.recv(1)  # hold the connection until the host gives up
 
@@ -186,3 +187,67 @@ def test_a_wake_byte_to_a_guest_that_already_answered_and_left_is_no_error() -> 
     nudge(ours)  # EPIPE: ignored
     nudge(ours)
     ours.close()
+
+
+# --- exec output through a leased slot (ember.agent.execute, ember.client.output_ring) ---
+
+BIG_OUTPUT = (
+    "import sys\n"
+    "for i in range(40):\n"
+    "    sys.stdout.buffer.write(bytes([65 + i % 26]) * 20000)\n"
+    "    sys.stdout.flush()\n"
+    "    sys.stderr.write(f'e{i}')\n"
+    "    sys.stderr.flush()\n"
+)
+
+
+def test_exec_output_crosses_the_ring_in_order_per_stream(rig: Rig) -> None:
+    with rig.client.exec_stream([sys.executable, "-c", BIG_OUTPUT], timeout=60) as stream:
+        out, err = bytearray(), bytearray()
+        for chunk in stream:
+            (out if chunk.stream == "stdout" else err).extend(chunk.data)
+        assert stream._output is not None and stream._output.records >= 13  # 64 KiB reads
+    assert stream.result is not None and stream.result.exit_code == 0
+    assert bytes(out) == b"".join(bytes([65 + i % 26]) * 20000 for i in range(40))
+    assert err.decode() == "".join(f"e{i}" for i in range(40))
+    assert rig.region.leases == 1
+    assert len(rig.region._free) == 2  # the slot came back
+
+
+def test_exec_with_stdin_limits_and_timeouts_keep_their_rules(rig: Rig) -> None:
+    data = os.urandom(600_000)
+    result = rig.client.exec(["cat"], stdin=data, timeout=60, max_output=None)
+    assert (result.exit_code, result.stdout) == (0, data)
+    with pytest.raises(OutputTooLarge):
+        rig.client.exec(["head", "-c", "500000", "/dev/zero"], timeout=60, max_output=100_000)
+    with pytest.raises(SandboxTimeout) as timed_out:
+        rig.client.exec(["sh", "-c", "echo started; sleep 30"], timeout=0.5)
+    assert timed_out.value.result is not None and timed_out.value.result.stdout == b"started\n"
+    assert rig.region.leases == 3 and len(rig.region._free) == 2
+
+
+def test_an_agent_that_ignores_the_slot_still_streams_frames(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from ember.agent import execute
+
+    monkeypatch.setattr(execute, "leased_slot", lambda req: None)  # as an older agent does
+    with rig.client.exec_stream(["sh", "-c", "echo out; echo err >&2"], timeout=60) as stream:
+        chunks = [(c.stream, c.data) for c in stream]
+        assert stream._output is not None and stream._output.records == 0
+    assert sorted(chunks) == [("stderr", b"err\n"), ("stdout", b"out\n")]
+
+
+def test_an_output_record_of_no_known_stream_is_a_protocol_error(rig: Rig) -> None:
+    from ember.agent import filering
+
+    def vandal(conn: socket.socket, req: dict[str, object]) -> None:
+        slot = filering.Slot(req)  # type: ignore[arg-type]
+        writer = ring.RingWriter(slot.ctl, slot.data, slot.bell, lambda: None)
+        writer.send(memoryview(b"\x09not a stream"))
+        conn.recv(1)  # hold the connection until the host gives up
+
+    rig.server._ops["exec"] = vandal
+    with pytest.raises(ProtocolError, match="no known stream"):
+        rig.client.exec(["true"], timeout=30)
+    assert len(rig.region._free) == 2
