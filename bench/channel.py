@@ -20,9 +20,9 @@ small message (2,000 x 64 B). Then the seed's scenario: the guest sends 64 KiB a
 60 Hz; counted: late ticks (a tick that does not yet have the previous tick's frame)
 and lost frames while the guest lived, and the host loop's worst lateness, which must
 stay small after the panic too (the host never blocks on a dead guest). Then
-``sb.files`` writing and reading ``--files-mib`` MiB through a ring and over vsock, next
-to the guest's own tmpfs write and read (the target is 1.1x of it) and a host tmpfs
-file. Nothing is asserted: this prints tables.
+``sb.files`` writing and reading ``--files-mib`` MiB, and ``exec(["cat", file])``
+showing it, through rings and over vsock, next to the guest's own tmpfs write and read
+(the target is 1.1x of it) and a host tmpfs file. Nothing is asserted: this prints tables.
 """
 
 from __future__ import annotations
@@ -278,29 +278,35 @@ def files_each_way(mib: int, runs: int) -> dict[str, dict[str, float]]:
     size = mib * MIB
     data = os.urandom(size)
     out: dict[str, dict[str, list[float]]] = {
-        name: {"write": [], "read": []} for name in ("ring", "vsock", "guest itself", "host")
+        name: {"write": [], "read": [], "exec cat": []}
+        for name in ("ring", "vsock", "guest itself", "host")
     }
     with Sandbox() as sb:
-        vsock = AgentClient(sb._connect)  # no region: today's DATA frames
+        vsock = AgentClient(sb._connect)  # no region: today's DATA and STDOUT frames
         try:
             for run in range(runs):
-                for name, files in (("ring", sb.files), ("vsock", vsock.files)):
+                for name, client in (("ring", sb._client), ("vsock", vsock)):
                     path = f"/tmp/bench-{name}-{run}"
                     t0 = time.perf_counter()
-                    files.write(path, data)
+                    client.files.write(path, data)
                     t1 = time.perf_counter()
-                    back = files.read(path, max_output=None)
+                    back = client.files.read(path, max_output=None)
                     t2 = time.perf_counter()
                     assert back == data, f"{name} read back different bytes"
-                    files.remove(path)
+                    shown = client.exec(["cat", path], timeout=600, max_output=None).stdout
+                    t3 = time.perf_counter()
+                    assert shown == data, f"{name} exec output differs"
+                    client.files.remove(path)
                     out[name]["write"].append(t1 - t0)
                     out[name]["read"].append(t2 - t1)
+                    out[name]["exec cat"].append(t3 - t2)
                 code = GUEST_OWN_FILE.format(size=size, path=f"/tmp/bench-own-{run}")
                 value = sb.run_code(code, timeout=600).value
                 assert value is not None, "the guest's own file timing failed"
                 wrote, read = (float(x) for x in value.strip("()").split(","))
                 out["guest itself"]["write"].append(wrote)
                 out["guest itself"]["read"].append(read)
+                out["guest itself"]["exec cat"].append(read)  # cat's read of it, at best
         finally:
             vsock.close()
     with tempfile.TemporaryDirectory(dir="/dev/shm") as tmp:
@@ -312,8 +318,11 @@ def files_each_way(mib: int, runs: int) -> dict[str, dict[str, float]]:
             t1 = time.perf_counter()
             with open(path, "rb") as f:
                 f.read()
+            t2 = time.perf_counter()
+            subprocess.run(["cat", path], stdout=subprocess.PIPE, check=True)
             out["host"]["write"].append(t1 - t0)
-            out["host"]["read"].append(time.perf_counter() - t1)
+            out["host"]["read"].append(t2 - t1)
+            out["host"]["exec cat"].append(time.perf_counter() - t2)
     return {name: {way: statistics.median(v) for way, v in ways.items()}
             for name, ways in out.items()}
 
@@ -370,9 +379,11 @@ def main(argv: list[str] | None = None) -> int:
 def print_files(files: dict[str, dict[str, float]], mib: int) -> None:
     own = files["guest itself"]
     print(format_table(
-        [f"sb.files, {mib} MiB", "write s", "read s", "write / guest's own", "read / guest's own"],
-        [[name, fmt_num(t["write"], 2), fmt_num(t["read"], 2), ratio(t["write"], own["write"]),
-          ratio(t["read"], own["read"])] for name, t in files.items()]))
+        [f"{mib} MiB", "files.write s", "files.read s", "exec cat s", "write / guest's own",
+         "read / guest's own"],
+        [[name, fmt_num(t["write"], 2), fmt_num(t["read"], 2), fmt_num(t["exec cat"], 2),
+          ratio(t["write"], own["write"]), ratio(t["read"], own["read"])]
+         for name, t in files.items()]))
 
 
 def print_tables(results: dict[str, Any]) -> None:
