@@ -136,6 +136,25 @@ _ops = st.one_of(
 )
 
 
+def scribble(op: tuple, ctl: memoryview, data: memoryview) -> bool:  # type: ignore[type-arg]
+    """Apply one of the hostile producer's writes; False for a "read" (the test's turn)."""
+    kind = op[0]
+    if kind == "head":
+        ctl[ring.HEAD] = op[1]
+    elif kind == "head+":
+        ctl[ring.HEAD] = (ctl[ring.HEAD] + op[1]) % 2**64
+    elif kind == "header":
+        data[op[1] * 8 : op[1] * 8 + 8] = struct.pack("<Q", op[2] | (op[3] << 32) % 2**64)
+    elif kind == "bytes":
+        end = min(CAPACITY, op[1] + len(op[2]))
+        data[op[1] : end] = op[2][: end - op[1]]
+    elif kind == "tail":
+        ctl[ring.TAIL] = op[1]
+    else:
+        return False
+    return True
+
+
 @settings(
     max_examples=400,
     deadline=None,
@@ -148,35 +167,24 @@ def test_a_hostile_producer_cannot_make_the_reader_misbehave(ops: list[tuple]) -
     consumed_before = 0
     dead = False
     for op in ops:
-        kind = op[0]
-        if kind == "head":
-            ctl[ring.HEAD] = op[1]
-        elif kind == "head+":
-            ctl[ring.HEAD] = (ctl[ring.HEAD] + op[1]) % 2**64
-        elif kind == "header":
-            data[op[1] * 8 : op[1] * 8 + 8] = struct.pack("<Q", op[2] | (op[3] << 32) % 2**64)
-        elif kind == "bytes":
-            end = min(CAPACITY, op[1] + len(op[2]))
-            data[op[1] : end] = op[2][: end - op[1]]
-        elif kind == "tail":
-            ctl[ring.TAIL] = op[1]
-        else:
-            try:
-                messages = reader.read(op[1])
-            except ring.RingError:
-                dead = True
-                with pytest.raises(ring.RingError):
-                    reader.read()
-                continue
-            assert not dead, "a dead ring came back"
-            consumed = reader._tail - consumed_before
-            consumed_before = reader._tail
-            assert 0 <= consumed <= CAPACITY  # never more than one ring's worth per read
-            payload = sum(len(m) for m in messages)
-            assert payload <= MAX_MESSAGE * max(1, len(messages))
-            assert all(len(m) <= MAX_MESSAGE for m in messages)
-            if consumed:  # the reader publishes its own tail, never reads the guest's back
-                assert ctl[ring.TAIL] == reader._tail
+        if scribble(op, ctl, data):
+            continue
+        try:
+            messages = reader.read(op[1])
+        except ring.RingError:
+            dead = True
+            with pytest.raises(ring.RingError):
+                reader.read()
+            continue
+        assert not dead, "a dead ring came back"
+        consumed = reader._tail - consumed_before
+        consumed_before = reader._tail
+        assert 0 <= consumed <= CAPACITY  # never more than one ring's worth per read
+        payload = sum(len(m) for m in messages)
+        assert payload <= MAX_MESSAGE * max(1, len(messages))
+        assert all(len(m) <= MAX_MESSAGE for m in messages)
+        if consumed:  # the reader publishes its own tail, never reads the guest's back
+            assert ctl[ring.TAIL] == reader._tail
 
 
 # --- byte streams (file transfers): fill in place, take in place ----------------------
@@ -239,28 +247,17 @@ def test_a_hostile_producer_cannot_make_take_misbehave(ops: list[tuple]) -> None
     ctl, data, reader = make_ring()
     dead = False
     for op in ops:
-        kind = op[0]
-        if kind == "head":
-            ctl[ring.HEAD] = op[1]
-        elif kind == "head+":
-            ctl[ring.HEAD] = (ctl[ring.HEAD] + op[1]) % 2**64
-        elif kind == "header":
-            data[op[1] * 8 : op[1] * 8 + 8] = struct.pack("<Q", op[2] | (op[3] << 32) % 2**64)
-        elif kind == "bytes":
-            end = min(CAPACITY, op[1] + len(op[2]))
-            data[op[1] : end] = op[2][: end - op[1]]
-        elif kind == "tail":
-            ctl[ring.TAIL] = op[1]
-        else:
-            views: list[int] = []
-            before = reader._tail
-            try:
-                consumed = reader.take(lambda view, seen=views: seen.append(view.nbytes) is None)
-            except ring.RingError:
-                dead = True
-                with pytest.raises(ring.RingError):
-                    reader.take(lambda view: True)
-                continue
-            assert not dead, "a dead ring came back"
-            assert consumed == reader._tail - before and 0 <= consumed <= CAPACITY
-            assert all(0 <= n <= CAPACITY - 8 for n in views) and sum(views) <= consumed
+        if scribble(op, ctl, data):
+            continue
+        views: list[int] = []
+        before = reader._tail
+        try:
+            consumed = reader.take(lambda view, seen=views: seen.append(view.nbytes) is None)
+        except ring.RingError:
+            dead = True
+            with pytest.raises(ring.RingError):
+                reader.take(lambda view: True)
+            continue
+        assert not dead, "a dead ring came back"
+        assert consumed == reader._tail - before and 0 <= consumed <= CAPACITY
+        assert all(0 <= n <= CAPACITY - 8 for n in views) and sum(views) <= consumed
