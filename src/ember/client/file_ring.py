@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import select
 import socket
-import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -83,7 +82,6 @@ class FileRing:
         self._connect = connect
         self._encode = encode
         self._bounds = bounds
-        self._lock = threading.Lock()
         self.supported = True  # False once the agent turned out not to know the ops
         self.transfers = 0  # transfers carried by the ring (tests and benchmarks read it)
 
