@@ -27,10 +27,20 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 from ember.agent.codering import DeathNotice
-from ember.agent.common import BadRequest, log, opt_float, opt_int, opt_str, req_str
+from ember.agent.common import (
+    BadRequest,
+    ClientGone,
+    log,
+    opt_bool,
+    opt_float,
+    opt_int,
+    opt_str,
+    req_str,
+)
 from ember.agent.heap import HEAP_ENV, MALLOC_ENV
 from ember.agent.resume import ResumeState
 from ember.protocol import Kind, ProtocolError, encode_json, read_frame, write_frame
@@ -209,8 +219,15 @@ class CodeRunner:
                 pass
         return proc.wait()
 
-    def run(self, code: str, timeout: float | None, linger: float | None = None) -> bytes:
-        """Run one cell; return the RESULT payload to send to the client."""
+    def run(
+        self,
+        code: str,
+        timeout: float | None,
+        linger: float | None = None,
+        output: Callable[[Kind, bytes], None] | None = None,
+    ) -> bytes:
+        """Run one cell; return the RESULT payload to send to the client. With ``output``
+        the cell's output is streamed: each piece is passed to it as the worker sends it."""
         with self._lock:
             try:
                 sock = self._ensure()
@@ -225,11 +242,11 @@ class CodeRunner:
                 }
                 if linger is not None:
                     request["linger"] = linger
+                if output is not None:
+                    request["stream"] = True
                 with self._send_lock:
                     write_frame(sock, Kind.REQUEST, encode_json(request))
-                sock.settimeout(timeout)
-                frame = read_frame(sock)
-                sock.settimeout(None)
+                frame = self._answer(sock, timeout, output)
             except TimeoutError:
                 self._discard()
                 self.start_in_background()
@@ -242,6 +259,30 @@ class CodeRunner:
             self.start_in_background()
             how = _describe(status) if status is not None else "went away"
             return _crashed(how)
+
+    @staticmethod
+    def _answer(
+        sock: socket.socket, timeout: float | None, output: Callable[[Kind, bytes], None] | None
+    ) -> tuple[Kind, bytes] | None:
+        """The worker's RESULT, passing any streamed output on; TimeoutError past ``timeout``."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        try:
+            while True:
+                if deadline is not None:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        raise TimeoutError()
+                    sock.settimeout(left)
+                frame = read_frame(sock)
+                if frame is None or frame[0] not in (Kind.STDOUT, Kind.STDERR):
+                    return frame
+                if output is not None:
+                    try:
+                        output(*frame)
+                    except (OSError, ClientGone):
+                        output = None  # the host left: the cell still runs to its end
+        finally:
+            sock.settimeout(None)
 
     def close(self) -> None:
         """Stop the worker for good, even in the middle of a call or a start."""
@@ -260,9 +301,15 @@ class CodeRunner:
         self.state = WorkerState.STOPPED
 
     def handle(self, conn: socket.socket, req: dict[str, Any]) -> None:
-        """The ``run_code`` op handler."""
+        """The ``run_code`` op handler; ``"stream": true`` sends the cell's output as
+        STDOUT/STDERR frames while it runs, before the RESULT (which still holds it all)."""
         code, timeout = req_str(req, "code"), opt_float(req, "timeout")
-        write_frame(conn, Kind.RESULT, self.run(code, timeout, opt_float(req, "linger")))
+
+        def relay(kind: Kind, data: bytes) -> None:
+            write_frame(conn, kind, data)
+
+        output = relay if opt_bool(req, "stream") else None
+        write_frame(conn, Kind.RESULT, self.run(code, timeout, opt_float(req, "linger"), output))
 
     # -- the code rings' slow path (ember.agent.codering) ------------------------------
 

@@ -40,6 +40,8 @@ from ember.agent.files import FILE_OPS
 from ember.agent.pool import InterpreterPool
 from ember.agent.resume import ResumeState, apply_resume
 from ember.agent.runcode import CodeRunner
+from ember.agent.terminal import handle_pty
+from ember.agent.watch import handle_watch
 from ember.protocol import (
     KEEPALIVE_OPS,
     PROTOCOL_VERSION,
@@ -94,6 +96,8 @@ class AgentServer:
             "run_code": self.runner.handle,
             "code_ring": self.runner.handle_ring,
             "shutdown": self._shutdown,
+            "pty": handle_pty,
+            "watch": handle_watch,
             **FILE_OPS,
             **FILE_RING_OPS,
         }
@@ -198,7 +202,8 @@ class AgentServer:
         op = request.get("op")
         handler = self._ops.get(op) if isinstance(op, str) else None
         # Anything but ping keeps the pool from refilling: that costs the guest seconds of CPU.
-        counted = self.pool is not None and op != "ping"
+        # A watch only waits (for as long as the host likes): it must not hold refills off.
+        counted = self.pool is not None and op not in ("ping", "watch")
         if counted:
             assert self.pool is not None
             self.pool.busy()

@@ -32,12 +32,14 @@ import socket
 import sys
 import traceback
 import types
+from collections.abc import Callable
 from typing import Any
 
 from ember.agent import codering, heap, preload, pystart, shm
 from ember.agent.common import BadRequest
 from ember.agent.resume import ResumeState, apply_resume
 from ember.protocol import (
+    CHUNK_SIZE,
     MAX_FRAME,
     Kind,
     ProtocolError,
@@ -56,8 +58,11 @@ REPR_LIMIT = 64 << 10
 class _Capture(io.TextIOBase):
     """A write-only text stream that keeps the first ``limit`` characters."""
 
-    def __init__(self, limit: int = CAPTURE_LIMIT) -> None:
+    def __init__(
+        self, limit: int = CAPTURE_LIMIT, emit: Callable[[str], None] | None = None
+    ) -> None:
         super().__init__()
+        self._emit = emit  # a streamed call: each write also goes to the host at once
         self._parts: list[str] = []
         self._room = limit
         self._dropped = 0
@@ -78,6 +83,8 @@ class _Capture(io.TextIOBase):
             self._parts.append(kept)
             self._room -= len(kept)
         self._dropped += len(s) - len(kept)
+        if self._emit is not None and s:
+            self._emit(s)
         return len(s)
 
     def getvalue(self) -> str:
@@ -131,10 +138,15 @@ class Worker:
             if random is not None:
                 random.seed(os.urandom(32))  # not 2,496 bytes of emulated ChaCha: see pystart
 
-    def run(self, code: str) -> dict[str, Any]:
+    def run(self, code: str, emit: Callable[[Kind, str], None] | None = None) -> dict[str, Any]:
+        """Run one cell; with ``emit``, its output also goes out as it is written."""
         self._cells += 1
         filename = f"<cell-{self._cells}>"
-        out, err = _Capture(), _Capture()
+        if emit is None:
+            out, err = _Capture(), _Capture()
+        else:
+            out = _Capture(emit=lambda text: emit(Kind.STDOUT, text))
+            err = _Capture(emit=lambda text: emit(Kind.STDERR, text))
         value: str | None = None
         error: dict[str, str] | None = None
         saved = sys.stdout, sys.stderr
@@ -182,6 +194,28 @@ def fit(result: dict[str, Any], limit: int = MAX_FRAME - 4096) -> bytes:
     return payload
 
 
+class _Streamer:
+    """A streamed cell's output, sent to the agent as STDOUT/STDERR frames as it is written.
+
+    Called from inside the cell's ``print``: a failure to send (the agent is gone) must not
+    become the cell's exception, so the first one turns streaming off for the rest of it.
+    """
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock = sock
+        self._broken = False
+
+    def __call__(self, kind: Kind, text: str) -> None:
+        if self._broken:
+            return
+        data = text.encode("utf-8", "replace")
+        try:
+            for start in range(0, len(data), CHUNK_SIZE):
+                write_frame(self._sock, kind, data[start : start + CHUNK_SIZE])
+        except (OSError, ProtocolError):
+            self._broken = True
+
+
 def _error_result(type_name: str, message: str) -> dict[str, Any]:
     error = {"type": type_name, "message": message, "traceback": ""}
     return {"stdout": "", "stderr": "", "value": None, "error": error}
@@ -217,14 +251,16 @@ def serve_cells(sock: socket.socket, code_ring: codering.WorkerRing | None) -> N
     resumed = ResumeState()  # what ring requests' ``resume`` applied (vsock: the agent's)
     resumed.warm()
 
-    def answer(request: dict[str, Any], generation: object) -> tuple[dict[str, Any], float]:
+    def answer(
+        request: dict[str, Any], generation: object, emit: Callable[[Kind, str], None] | None = None
+    ) -> tuple[dict[str, Any], float]:
         code = request.get("code")
         if not isinstance(code, str):
             return _error_result("BadRequest", "no code"), codering.AFTER_CALL_S
         # a new generation (restore, fork): reseed ``random``. With a region its generation
         # is the one signal for both paths, so switching between them never reseeds.
         worker.reseed(code_ring.generation if code_ring is not None else generation)
-        return worker.run(code), _linger(request)
+        return worker.run(code, emit), _linger(request)
 
     def on_ring(payload: bytes) -> tuple[bytes, float]:
         linger = codering.AFTER_CALL_S
@@ -245,7 +281,8 @@ def serve_cells(sock: socket.socket, code_ring: codering.WorkerRing | None) -> N
         request = decode_json(payload) if kind is Kind.REQUEST else {}
         if request.get("op") == "wake":  # a host wrote to the ring while we slept
             return codering.AFTER_CALL_S
-        result, linger = answer(request, request.get("generation"))
+        emit = _Streamer(sock) if request.get("stream") is True else None
+        result, linger = answer(request, request.get("generation"), emit)
         if code_ring is not None:
             code_ring.refresh()  # announced before the reply: the host's next call may use it
         write_frame(sock, Kind.RESULT, fit(result))

@@ -15,17 +15,15 @@ import io
 import os
 import socket
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from types import TracebackType
 from typing import Any, BinaryIO, TypeVar
 
-from ember.client.bounds import DEFAULT_CALL_TIMEOUT, DEFAULT_GRACE, DEFAULT_MAX_OUTPUT, Deadline
+from ember.client.bounds import DEFAULT_CALL_TIMEOUT, DEFAULT_GRACE, DEFAULT_MAX_OUTPUT
 from ember.client.code_ring import CodeRing
 from ember.client.core import (
-    EXPIRED,
     Command,
     ExecOp,
-    Incoming,
     Operation,
     PathArg,
     Send,
@@ -40,72 +38,20 @@ from ember.client.results import (
     OutputChunk,
     parse_code_result,
 )
-from ember.client.session import KeepalivePool, Session
+from ember.client.session import KeepalivePool, Session, streamed
 from ember.client.shm import HostRegion
-from ember.client.wire import Frame, Source, cut_short, frame_header, parse_header
+from ember.client.streams import Streams, receive_frame, send_frame
+from ember.client.terminal import AsyncTerminal
+from ember.client.watch import AsyncWatch
+from ember.client.wire import Source
 from ember.errors import SandboxTimeout
-from ember.protocol import HEADER, Kind, Payload
+from ember.protocol import Kind
 
 __all__ = ["AsyncAgentClient", "AsyncConnect", "AsyncExecStream", "AsyncFiles", "Streams"]
 
-Streams = tuple[asyncio.StreamReader, asyncio.StreamWriter]
 AsyncConnect = Callable[[], Awaitable[Streams]]
 T = TypeVar("T")
 _CLOCK = time.monotonic  # what asyncio's loop.time() is too
-
-
-async def receive_frame(reader: asyncio.StreamReader, deadline: Deadline | None) -> Incoming:
-    """One whole frame, ``None`` at a clean EOF between frames, or EXPIRED at ``deadline``."""
-    if deadline is None:
-        return await _read_frame(reader)
-    limit = asyncio.timeout(max(deadline.remaining(_CLOCK()), 0.0))
-    try:
-        async with limit:
-            return await _read_frame(reader)
-    except TimeoutError:
-        if limit.expired():
-            return EXPIRED
-        raise
-
-
-async def _read_frame(reader: asyncio.StreamReader) -> Frame | None:
-    try:
-        header = await reader.readexactly(HEADER.size)
-    except asyncio.IncompleteReadError as exc:
-        if not exc.partial:
-            return None
-        raise cut_short(HEADER.size - len(exc.partial)) from None
-    kind, length = parse_header(header)
-    if not length:
-        return kind, b""
-    try:
-        return kind, await reader.readexactly(length)
-    except asyncio.IncompleteReadError as exc:
-        raise cut_short(length - len(exc.partial)) from None
-
-
-async def send_frame(
-    writer: asyncio.StreamWriter,
-    kind: Kind,
-    payload: Payload = b"",
-    deadline: Deadline | None = None,
-) -> None:
-    """Send one frame; with a ``deadline``, a guest that stops reading is given up on then."""
-    header, view = frame_header(kind, payload)
-    writer.write(header)
-    if view.nbytes:
-        writer.write(view)
-    if deadline is None:
-        await writer.drain()
-        return
-    limit = asyncio.timeout(max(deadline.remaining(_CLOCK()), 0.0))
-    try:
-        async with limit:
-            await writer.drain()
-    except TimeoutError:
-        if limit.expired():
-            raise deadline.expired() from None
-        raise
 
 
 async def drive(streams: Streams, op: Operation[T]) -> T:
@@ -224,9 +170,11 @@ class AsyncFiles:
         session: Session,
         run: Callable[[Operation[Any]], Awaitable[Any]],
         ring: FileRing | None = None,
+        start: Callable[[Operation[Any]], Awaitable[Streams]] | None = None,
     ) -> None:
         self._session = session
         self._run = run
+        self._start = start  # opens a connection for a long-lived op (watch)
         # The shared region's path, tried first. Its waits are memory polls and eventfds,
         # so it runs in a worker thread (a cancelled call finishes its transfer there).
         self._ring = ring
@@ -258,6 +206,19 @@ class AsyncFiles:
                 return size
         read: int = await self._run(op)
         return read
+
+    async def watch(self, path: PathArg, *, recursive: bool = False) -> AsyncWatch:
+        """Changes under the directory ``path``; see ``Files.watch``."""
+        op = self._session.watch(path, recursive)
+        if self._start is None:
+            raise RuntimeError("this client cannot open a watch")
+        watch = AsyncWatch(await self._start(op), op)
+        try:
+            await watch.wait_ready()
+        except BaseException:
+            await watch.close()
+            raise
+        return watch
 
     async def stat(self, path: PathArg) -> FileStat:
         stat: FileStat = await self._run(self._session.stat(path))
@@ -304,7 +265,7 @@ class AsyncAgentClient:
         if shm is not None and ring_connect is not None:  # the ring's waits are blocking ones
             session = self._session
             files_ring = FileRing(shm, ring_connect, session.encode, session.bounds)
-        self.files = AsyncFiles(self._session, self._run, files_ring)
+        self.files = AsyncFiles(self._session, self._run, files_ring, self._start)
 
     async def _start(self, op: Operation[Any]) -> Streams:
         """A connection with ``op``'s REQUEST sent on it (a kept one if ``op`` may)."""
@@ -403,11 +364,33 @@ class AsyncAgentClient:
                 pass
         return op.value
 
+    async def pty(
+        self,
+        argv: Sequence[str] | None = None,
+        *,
+        rows: int = 24,
+        cols: int = 80,
+        env: dict[str, str] | None = None,
+        cwd: str | None = None,
+        timeout: float | None = None,
+    ) -> AsyncTerminal:
+        """A program on a terminal in the guest; see ``AgentClient.pty``."""
+        op = self._session.pty(argv, rows=rows, cols=cols, env=env, cwd=cwd, timeout=timeout)
+        return AsyncTerminal(await self._start(op), op)
+
     async def run_code(
-        self, code: str, timeout: float | None = None, *, linger: float | None = None
+        self,
+        code: str,
+        timeout: float | None = None,
+        *,
+        linger: float | None = None,
+        on_stdout: Callable[[str], object] | None = None,
+        on_stderr: Callable[[str], object] | None = None,
     ) -> CodeResult:
-        """Python in the sandbox's persistent interpreter; see ``AgentClient.run_code``."""
-        if self._code_ring is not None:
+        """Python in the sandbox's persistent interpreter; see ``AgentClient.run_code``
+        (the callbacks are called in the event loop's thread, so keep them quick)."""
+        on_output = streamed(on_stdout, on_stderr)
+        if self._code_ring is not None and on_output is None:
             loop = asyncio.get_running_loop()
 
             def agent(request: dict[str, Any]) -> dict[str, Any]:  # from the waiting thread
@@ -418,7 +401,7 @@ class AsyncAgentClient:
             reply = await asyncio.to_thread(self._code_ring.call, request, timeout, agent)
             if reply is not None:
                 return parse_code_result(reply)
-        return await self._run(self._session.run_code(code, timeout, linger))
+        return await self._run(self._session.run_code(code, timeout, linger, on_output))
 
     async def shutdown(self) -> None:
         """Ask the agent to exit (tests and orderly teardown)."""

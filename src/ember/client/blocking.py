@@ -28,7 +28,7 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from types import TracebackType
 from typing import Any, BinaryIO, TypeVar
 
@@ -52,9 +52,11 @@ from ember.client.results import (
     OutputChunk,
     parse_code_result,
 )
-from ember.client.session import KeepalivePool, Session
+from ember.client.session import KeepalivePool, Session, streamed
 from ember.client.shm import HostRegion
 from ember.client.sockets import drive, receive_frame, send_frame, still_open
+from ember.client.terminal import Terminal
+from ember.client.watch import Watch
 from ember.client.wire import Source
 from ember.errors import SandboxTimeout
 from ember.protocol import Kind
@@ -169,9 +171,11 @@ class Files:
         session: Session,
         run: Callable[[Operation[Any]], Any],
         ring: FileRing | None = None,
+        start: Callable[[Operation[Any]], socket.socket] | None = None,
     ) -> None:
         self._session = session
         self._run = run
+        self._start = start  # opens a connection for a long-lived op (watch)
         self._ring = ring  # the shared region's path, tried first (ember.client.file_ring)
 
     def write(
@@ -209,6 +213,21 @@ class Files:
         buf = io.BytesIO()
         self._read(path, buf.write, max_output)
         return buf.getvalue()
+
+    def watch(self, path: PathArg, *, recursive: bool = False) -> Watch:
+        """Changes under the directory ``path`` (and its subdirectories with ``recursive``),
+        as :class:`FileEvent` objects; returns once the guest watches, so what the caller
+        does next is seen. Iterate it; close it (or leave its ``with``) to stop."""
+        op = self._session.watch(path, recursive)
+        if self._start is None:
+            raise RuntimeError("this client cannot open a watch")
+        watch = Watch(self._start(op), op)
+        try:
+            watch.wait_ready()
+        except BaseException:
+            watch.close()
+            raise
+        return watch
 
     def stat(self, path: PathArg) -> FileStat:
         stat: FileStat = self._run(self._session.stat(path))
@@ -264,7 +283,7 @@ class AgentClient:
         self._pool: KeepalivePool[socket.socket] = KeepalivePool(_CLOCK)
         self._lock = threading.Lock()
         self._expiry: threading.Timer | None = None
-        self.files = Files(self._session, self._run, files_ring)
+        self.files = Files(self._session, self._run, files_ring, self._start)
 
     def _start(self, op: Operation[Any]) -> socket.socket:
         """A connection with ``op``'s REQUEST sent on it (a kept one if ``op`` may)."""
@@ -399,8 +418,30 @@ class AgentClient:
                 pass
         return op.value
 
+    def pty(
+        self,
+        argv: Sequence[str] | None = None,
+        *,
+        rows: int = 24,
+        cols: int = 80,
+        env: dict[str, str] | None = None,
+        cwd: str | None = None,
+        timeout: float | None = None,
+    ) -> Terminal:
+        """Start ``argv`` (default: the guest's login shell) on a terminal of ``rows`` x
+        ``cols``: a real one, with job control, ^C, colours and ``isatty()``. Write keys
+        to it, read what it shows; closing it hangs up (SIGHUP)."""
+        op = self._session.pty(argv, rows=rows, cols=cols, env=env, cwd=cwd, timeout=timeout)
+        return Terminal(self._start(op), op)
+
     def run_code(
-        self, code: str, timeout: float | None = None, *, linger: float | None = None
+        self,
+        code: str,
+        timeout: float | None = None,
+        *,
+        linger: float | None = None,
+        on_stdout: Callable[[str], object] | None = None,
+        on_stderr: Callable[[str], object] | None = None,
     ) -> CodeResult:
         """Run Python in the sandbox's persistent interpreter (notebook semantics).
 
@@ -409,13 +450,17 @@ class AgentClient:
         With a ``timeout``, the host waits that long plus the worker's start-up
         allowance plus ``grace`` (calls queue behind each other in the guest);
         without one, as long as the code runs.
+        ``on_stdout``/``on_stderr`` stream the cell's output: each is called with text as
+        the cell writes it (through vsock: the code ring carries whole replies only); the
+        result still holds all of it.
         """
-        if self._code_ring is not None:
+        on_output = streamed(on_stdout, on_stderr)
+        if self._code_ring is not None and on_output is None:
             request = self._session.ring_request(code, linger)
             reply = self._code_ring.call(request, timeout, self._ring_op)
             if reply is not None:
                 return parse_code_result(reply)
-        return self._run(self._session.run_code(code, timeout, linger))
+        return self._run(self._session.run_code(code, timeout, linger, on_output))
 
     def _ring_op(self, request: dict[str, Any]) -> dict[str, Any]:
         return self._run(self._session.code_ring(request))

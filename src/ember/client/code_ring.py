@@ -280,4 +280,3 @@ def _await_announcement(req_ctl: memoryview) -> None:
     deadline = time.monotonic() + ANNOUNCE_WAIT_S
     while not req_ctl[ring.CODE_READY] and time.monotonic() < deadline:
         time.sleep(0.0005)
-

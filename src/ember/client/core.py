@@ -22,6 +22,7 @@ what a timeout leaves behind, whether the connection may carry the next request.
 
 from __future__ import annotations
 
+import codecs
 import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -47,6 +48,7 @@ __all__ = [
     "ReadFile",
     "Receive",
     "Send",
+    "StreamedCode",
     "WriteFile",
     "stdin_frames",
 ]
@@ -168,6 +170,34 @@ class Call(Operation[T]):
         obj = decode(frame[1])
         self.reusable = self.keepalive
         self._finish(self._parse(obj))
+
+
+class StreamedCode(Call[results.CodeResult]):
+    """``run_code`` with ``"stream": true``: the cell's output comes as STDOUT/STDERR frames
+    while it runs, each decoded (a character cut between frames waits for its rest) and
+    passed to ``on_output(stream, text)``; then the usual RESULT, which holds it all too."""
+
+    def __init__(
+        self,
+        request: dict[str, Any],
+        bounds: CallBounds,
+        deadline: Deadline | None,
+        on_output: Callable[[str, str], None],
+    ) -> None:
+        super().__init__({**request, "stream": True}, bounds, results.parse_code_result, deadline)
+        self._on_output = on_output
+        self._decoders = {
+            Kind.STDOUT: codecs.getincrementaldecoder("utf-8")("replace"),
+            Kind.STDERR: codecs.getincrementaldecoder("utf-8")("replace"),
+        }
+
+    def _frame(self, frame: Frame | None) -> None:
+        if frame is not None and frame[0] in self._decoders:
+            text = self._decoders[frame[0]].decode(frame[1])
+            if text:
+                self._on_output("stdout" if frame[0] is Kind.STDOUT else "stderr", text)
+            return
+        super()._frame(frame)
 
 
 class ExecOp(Operation[ExecResult]):

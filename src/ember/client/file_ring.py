@@ -267,4 +267,3 @@ class _Bell:
 
     def __setitem__(self, index: int, value: int) -> None:
         nudge(self._sock)
-

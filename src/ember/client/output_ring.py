@@ -113,4 +113,3 @@ class OutputRing:
         lease, self._lease = self._lease, None
         if lease is not None:
             self._region.release(lease)
-

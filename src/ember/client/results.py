@@ -20,11 +20,13 @@ __all__ = [
     "CodeResult",
     "DirEntry",
     "ExecResult",
+    "FileEvent",
     "FileStat",
     "OutputChunk",
     "explain_crashed_worker",
     "parse_code_result",
     "parse_exec_result",
+    "parse_file_event",
     "parse_list",
     "parse_size",
     "parse_stat",
@@ -53,6 +55,20 @@ class OutputChunk:
 
     stream: Literal["stdout", "stderr"]
     data: bytes
+
+
+@dataclass(frozen=True)
+class FileEvent:
+    """A change seen by ``files.watch``: ``type`` is ``create``, ``write``, ``remove``,
+    ``rename`` (``path`` is the old name; the new one comes as ``create``), ``chmod``, or
+    ``overflow`` (the guest kernel dropped events; ``path`` is then empty)."""
+
+    type: Literal["create", "write", "remove", "rename", "chmod", "overflow"]
+    path: str
+    is_dir: bool
+
+
+_EVENT_TYPES = frozenset({"create", "write", "remove", "rename", "chmod", "overflow"})
 
 
 @dataclass(frozen=True)
@@ -172,6 +188,16 @@ def parse_exec_result(obj: dict[str, Any], stdout: bytes, stderr: bytes) -> Exec
         timed_out=_get(obj, "timed_out", bool),
         duration=_float(obj, "duration", 0.0, 1e9),
     )
+
+
+def parse_file_event(obj: dict[str, Any]) -> FileEvent:
+    kind = _get(obj, "type", str)
+    if kind not in _EVENT_TYPES:
+        raise ProtocolError(f"unknown file event type {kind!r:.40}")
+    if kind == "overflow":
+        return FileEvent("overflow", "", False)
+    path = _get(obj, "path", str)
+    return FileEvent(kind, path, bool(_get(obj, "is_dir", bool)))
 
 
 def parse_code_result(obj: dict[str, Any]) -> CodeResult:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Generic, TypeVar
 
 from ember.client import results
@@ -25,12 +25,29 @@ from ember.client.bounds import (
     ResumeAnnouncer,
     check_max_output,
 )
-from ember.client.core import Call, Command, ExecOp, Operation, PathArg, ReadFile, WriteFile
+from ember.client.core import (
+    Call,
+    Command,
+    ExecOp,
+    Operation,
+    PathArg,
+    ReadFile,
+    StreamedCode,
+    WriteFile,
+)
+from ember.client.interactive import TerminalOp, WatchOp, pty_request
 from ember.client.results import CodeResult, DirEntry, FileStat
 from ember.client.wire import Source
 from ember.protocol import encode_json
 
-__all__ = ["KEEPALIVE_IDLE_S", "KEEPALIVE_MAX", "KeepalivePool", "Session", "exec_request"]
+__all__ = [
+    "KEEPALIVE_IDLE_S",
+    "KEEPALIVE_MAX",
+    "KeepalivePool",
+    "Session",
+    "exec_request",
+    "streamed",
+]
 
 KEEPALIVE_IDLE_S = 0.5  # a kept connection unused this long is closed (so the VM can park)
 KEEPALIVE_MAX = 4
@@ -56,6 +73,21 @@ def exec_request(
     if cwd is not None:
         request["cwd"] = cwd
     return request
+
+
+def streamed(
+    on_stdout: Callable[[str], object] | None, on_stderr: Callable[[str], object] | None
+) -> Callable[[str, str], None] | None:
+    """One ``on_output(stream, text)`` for a streamed ``run_code``, or None if neither is given."""
+    if on_stdout is None and on_stderr is None:
+        return None
+
+    def on_output(stream: str, text: str) -> None:
+        callback = on_stdout if stream == "stdout" else on_stderr
+        if callback is not None:
+            callback(text)
+
+    return on_output
 
 
 class Session:
@@ -106,18 +138,25 @@ class Session:
         return self._call({"op": "shutdown"}, results.parse_nothing)
 
     def run_code(
-        self, code: str, timeout: float | None, linger: float | None = None
+        self,
+        code: str,
+        timeout: float | None,
+        linger: float | None = None,
+        on_output: Callable[[str, str], None] | None = None,
     ) -> Call[CodeResult]:
         """Without a timeout the answer may take as long as the code runs (the request may
         not); with one, the worker's start-up allowance comes on top of it. ``linger``: how
-        long the worker polls its code ring afterwards (ember.agent.codering)."""
+        long the worker polls its code ring afterwards (ember.agent.codering). ``on_output``
+        streams the cell's output as it is written (:class:`StreamedCode`)."""
         request: dict[str, Any] = {"op": "run_code", "code": code}
         if linger is not None:
             request["linger"] = linger
-        if timeout is None:
-            return self._call(request, results.parse_code_result, bounded=False)
-        request["timeout"] = timeout
-        deadline = self.bounds.call("run_code", timeout, WORKER_START_ALLOWANCE)
+        deadline = None
+        if timeout is not None:
+            request["timeout"] = timeout
+            deadline = self.bounds.call("run_code", timeout, WORKER_START_ALLOWANCE)
+        if on_output is not None:
+            return StreamedCode(request, self.bounds, deadline, on_output)
         return Call(request, self.bounds, results.parse_code_result, deadline)
 
     def ring_request(self, code: str, linger: float | None) -> dict[str, Any]:
@@ -145,6 +184,23 @@ class Session:
         limit = check_max_output(max_output)
         request = exec_request(cmd, timeout=timeout, env=env, cwd=cwd, stdin=stdin)
         return ExecOp(request, self.bounds, collect=collect, max_output=limit)
+
+    def pty(
+        self,
+        argv: Sequence[str] | None,
+        *,
+        rows: int,
+        cols: int,
+        env: dict[str, str] | None,
+        cwd: str | None,
+        timeout: float | None,
+    ) -> TerminalOp:
+        args = None if argv is None else [str(a) for a in argv]
+        request = pty_request(args, rows=rows, cols=cols, env=env, cwd=cwd, timeout=timeout)
+        return TerminalOp(request, self.bounds)
+
+    def watch(self, path: PathArg, recursive: bool) -> WatchOp:
+        return WatchOp(os.fspath(path), bool(recursive), self.bounds)
 
     def stat(self, path: PathArg) -> Call[FileStat]:
         return self._call({"op": "stat", "path": os.fspath(path)}, results.parse_stat)

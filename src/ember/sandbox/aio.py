@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from types import TracebackType
 from typing import Any, ParamSpec, TypeVar, overload
 
@@ -33,6 +33,7 @@ from ember.client import (
     Streams,
     explain_crashed_worker,
 )
+from ember.client.terminal import AsyncTerminal
 from ember.errors import ConfigError, ProtocolError, SandboxError, SandboxTimeout
 from ember.jailer.cgroups import SandboxCgroup
 from ember.launcher import HANDSHAKE_TIMEOUT, SandboxSpec, VmmProcess, fork_vmm
@@ -270,9 +271,33 @@ class AsyncSandbox:
             async for chunk in stream:
                 yield chunk
 
-    async def run_code(self, code: str, *, timeout: float | None = None) -> CodeResult:
-        result = await self._call(self._client.run_code, code, timeout)
+    async def run_code(
+        self,
+        code: str,
+        *,
+        timeout: float | None = None,
+        on_stdout: Callable[[str], object] | None = None,
+        on_stderr: Callable[[str], object] | None = None,
+    ) -> CodeResult:
+        result = await self._call(
+            self._client.run_code, code, timeout, on_stdout=on_stdout, on_stderr=on_stderr
+        )
         return explain_crashed_worker(result, self._require().console_tail(200))
+
+    async def pty(
+        self,
+        argv: Sequence[str] | None = None,
+        *,
+        rows: int = 24,
+        cols: int = 80,
+        env: dict[str, str] | None = None,
+        cwd: str | None = None,
+        timeout: float | None = None,
+    ) -> AsyncTerminal:
+        """A program on a guest terminal; see ``Sandbox.pty``."""
+        return await self._call(
+            self._client.pty, argv, rows=rows, cols=cols, env=env, cwd=cwd, timeout=timeout
+        )
 
     async def channel(self, name: str, *, timeout: float | None = None) -> AsyncIterator[bytes]:
         """Frames from guest code's ``channel(name)``; the blocking reads run in a thread."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, BinaryIO
 
 from ember.client import DEFAULT_MAX_OUTPUT, DirEntry, FileStat, PathArg
+from ember.client.watch import AsyncWatch, Watch
 from ember.sandbox.daemon import Request
 
 if TYPE_CHECKING:
@@ -46,6 +47,10 @@ class SandboxFiles:
     def remove(self, path: PathArg, *, recursive: bool = False) -> None:
         self._sb._call(self._files.remove, path, recursive=recursive)
 
+    def watch(self, path: PathArg, *, recursive: bool = False) -> Watch:
+        """Changes under the directory ``path``, as they happen; see ``Files.watch``."""
+        return self._sb._call(self._files.watch, path, recursive=recursive)
+
 
 class AsyncSandboxFiles:
     """``sb.files`` of an AsyncSandbox: ``SandboxFiles``' methods, awaitable."""
@@ -71,6 +76,10 @@ class AsyncSandboxFiles:
 
     async def remove(self, path: PathArg, *, recursive: bool = False) -> None:
         await self._sb._call(self._files.remove, path, recursive=recursive)
+
+    async def watch(self, path: PathArg, *, recursive: bool = False) -> AsyncWatch:
+        """Changes under the directory ``path``; see ``SandboxFiles.watch``."""
+        return await self._sb._call(self._files.watch, path, recursive=recursive)
 
 
 class RemoteFiles:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import socket
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from types import TracebackType
 from typing import Any, ParamSpec, TypeVar, overload
 
@@ -31,6 +31,7 @@ from ember.client import (
     OutputChunk,
     explain_crashed_worker,
 )
+from ember.client.terminal import Terminal
 from ember.errors import ConfigError, ProtocolError, SandboxCrashed, SandboxError, SandboxTimeout
 from ember.jailer.cgroups import SandboxCgroup
 from ember.launcher import SandboxSpec, VmmProcess, fork_vmm
@@ -222,10 +223,37 @@ class Sandbox:
                     return stream.result  # type: ignore[return-value]
                 yield chunk
 
-    def run_code(self, code: str, *, timeout: float | None = None) -> CodeResult:
-        """Run Python source in the sandbox's persistent interpreter (state kept between calls)."""
-        result = self._call(self._client.run_code, code, timeout)
+    def run_code(
+        self,
+        code: str,
+        *,
+        timeout: float | None = None,
+        on_stdout: Callable[[str], object] | None = None,
+        on_stderr: Callable[[str], object] | None = None,
+    ) -> CodeResult:
+        """Run Python source in the sandbox's persistent interpreter (state kept between calls).
+
+        ``on_stdout``/``on_stderr`` are called with the cell's output as it is written."""
+        result = self._call(
+            self._client.run_code, code, timeout, on_stdout=on_stdout, on_stderr=on_stderr
+        )
         return explain_crashed_worker(result, self._vmm.console_tail(200))
+
+    def pty(
+        self,
+        argv: Sequence[str] | None = None,
+        *,
+        rows: int = 24,
+        cols: int = 80,
+        env: dict[str, str] | None = None,
+        cwd: str | None = None,
+        timeout: float | None = None,
+    ) -> Terminal:
+        """``argv`` (default: a login shell) on a real terminal in the guest; see
+        ``AgentClient.pty``. ``ember shell`` is this, wired to your own terminal."""
+        return self._call(
+            self._client.pty, argv, rows=rows, cols=cols, env=env, cwd=cwd, timeout=timeout
+        )
 
     def channel(self, name: str, *, timeout: float | None = None) -> Iterator[bytes]:
         """Frames guest code sends with ``ember.agent.channel(name)``, in order."""
