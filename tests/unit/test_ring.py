@@ -29,8 +29,13 @@ def make_ring(capacity: int = CAPACITY) -> tuple[memoryview, memoryview, ring.Ri
     return ctl, data, reader
 
 
-def writer_for(ctl: memoryview, data: memoryview, reader: ring.RingReader,
-               received: list[bytes], bell: memoryview | None = None) -> ring.RingWriter:
+def writer_for(
+    ctl: memoryview,
+    data: memoryview,
+    reader: ring.RingReader,
+    received: list[bytes],
+    bell: memoryview | None = None,
+) -> ring.RingWriter:
     """A producer whose 'wait for space' runs the consumer (one thread plays both)."""
     return ring.RingWriter(ctl, data, bell, lambda: received.extend(reader.read()))
 

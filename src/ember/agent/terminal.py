@@ -20,6 +20,8 @@ Why it is built this way:
 
 * The program must own the terminal (``/dev/tty``, job control, ^C): it starts in a
   new session under ``setsid --ctty``, which makes the terminal its controlling one.
+  The child is *not* started in a session of its own (no ``start_new_session``): a
+  process-group leader makes setsid(1) fork and return at once, losing the program.
   The alternative, a ``preexec_fn``, would make ``subprocess`` fork this whole agent
   (~2 s in the emulated guest) instead of spawning.
 * ``/dev/pts`` is mounted (devpts) on first use, not at boot: most sandboxes never
@@ -119,8 +121,7 @@ def _spawn(
     try:
         return subprocess.Popen(
             [setsid, "--ctty", "--", *argv],
-            stdin=slave, stdout=slave, stderr=slave, cwd=cwd, env=env,
-            start_new_session=True, close_fds=True,
+            stdin=slave, stdout=slave, stderr=slave, cwd=cwd, env=env, close_fds=True,
         )  # fmt: skip
     except OSError as exc:
         raise ExecError(f"cannot start {argv[0]!r}: {exc}") from None
@@ -178,17 +179,28 @@ class _Session:
 
     def _kill(self, first: int) -> None:
         """Signal the program's session, then make sure it is gone."""
+        self._signal(first)
         try:
-            os.killpg(self.proc.pid, first)
             self.proc.wait(HANGUP_GRACE)
-        except (ProcessLookupError, PermissionError):
-            pass
+            return
         except subprocess.TimeoutExpired:
+            pass
+        while True:
+            self._signal(signal.SIGKILL)
             try:
-                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(0.1)
+                return
+            except subprocess.TimeoutExpired:
+                continue
+
+    def _signal(self, signum: int) -> None:
+        # Its group, once setsid(1) has made one; the process itself before that.
+        for send in (os.killpg, os.kill):
+            try:
+                send(self.proc.pid, signum)
+                return
             except (ProcessLookupError, PermissionError):
-                pass
-        self.proc.wait()
+                continue
 
     def _relay(self) -> int:
         poller = select.poll()
@@ -305,7 +317,7 @@ class _Session:
         try:
             os.killpg(self.proc.pid, signal.SIGHUP)
         except (ProcessLookupError, PermissionError):
-            pass
+            pass  # nothing left in its group
         return self.proc.returncode
 
 

@@ -52,6 +52,7 @@ from ember.protocol import (
 __all__ = ["CAPTURE_LIMIT", "Worker", "main"]
 
 CAPTURE_LIMIT = 256 << 10
+STREAM_BUFFER = 16 << 10  # a streamed cell's output waits for a newline up to this
 REPR_LIMIT = 64 << 10
 
 
@@ -59,7 +60,7 @@ class _Capture(io.TextIOBase):
     """A write-only text stream that keeps the first ``limit`` characters."""
 
     def __init__(
-        self, limit: int = CAPTURE_LIMIT, emit: Callable[[str], None] | None = None
+        self, limit: int = CAPTURE_LIMIT, emit: Callable[[str | None], None] | None = None
     ) -> None:
         super().__init__()
         self._emit = emit  # a streamed call: each write also goes to the host at once
@@ -86,6 +87,10 @@ class _Capture(io.TextIOBase):
         if self._emit is not None and s:
             self._emit(s)
         return len(s)
+
+    def flush(self) -> None:
+        if self._emit is not None:
+            self._emit(None)  # print(..., flush=True): send what is pending now
 
     def getvalue(self) -> str:
         text = "".join(self._parts)
@@ -138,7 +143,7 @@ class Worker:
             if random is not None:
                 random.seed(os.urandom(32))  # not 2,496 bytes of emulated ChaCha: see pystart
 
-    def run(self, code: str, emit: Callable[[Kind, str], None] | None = None) -> dict[str, Any]:
+    def run(self, code: str, emit: _Streamer | None = None) -> dict[str, Any]:
         """Run one cell; with ``emit``, its output also goes out as it is written."""
         self._cells += 1
         filename = f"<cell-{self._cells}>"
@@ -146,7 +151,7 @@ class Worker:
             out, err = _Capture(), _Capture()
         else:
             out = _Capture(emit=lambda text: emit(Kind.STDOUT, text))
-            err = _Capture(emit=lambda text: emit(Kind.STDERR, text))
+            err = _Capture(emit=lambda text: emit(Kind.STDERR, text))  # (None: flush)
         value: str | None = None
         error: dict[str, str] | None = None
         saved = sys.stdout, sys.stderr
@@ -171,6 +176,8 @@ class Worker:
             error = _describe_error(exc, parsing=False)
         finally:
             sys.stdout, sys.stderr = saved
+            if emit is not None:
+                emit(Kind.STDOUT, None)
         return {"stdout": out.getvalue(), "stderr": err.getvalue(), "value": value, "error": error}
 
 
@@ -197,21 +204,40 @@ def fit(result: dict[str, Any], limit: int = MAX_FRAME - 4096) -> bytes:
 class _Streamer:
     """A streamed cell's output, sent to the agent as STDOUT/STDERR frames as it is written.
 
-    Called from inside the cell's ``print``: a failure to send (the agent is gone) must not
-    become the cell's exception, so the first one turns streaming off for the rest of it.
+    Line-buffered: ``print`` writes the text and the newline separately, and each frame
+    costs the guest a vsock packet (~6 ms), so pieces are sent at a newline, a flush,
+    a switch of stream (which keeps the order), past :data:`STREAM_BUFFER`, or at the
+    cell's end. Called from inside the cell's ``print``: a failure to send (the agent
+    is gone) must not become the cell's exception, so the first one turns streaming off.
     """
 
     def __init__(self, sock: socket.socket) -> None:
         self._sock = sock
         self._broken = False
+        self._kind = Kind.STDOUT
+        self._pending: list[str] = []
+        self._size = 0
 
-    def __call__(self, kind: Kind, text: str) -> None:
+    def __call__(self, kind: Kind, text: str | None) -> None:
+        """``text`` None: send what is pending."""
         if self._broken:
             return
-        data = text.encode("utf-8", "replace")
+        if self._pending and (text is None or kind is not self._kind):
+            self._send()
+        if text:
+            self._kind = kind
+            self._pending.append(text)
+            self._size += len(text)
+            if "\n" in text or self._size >= STREAM_BUFFER:
+                self._send()
+
+    def _send(self) -> None:
+        data = "".join(self._pending).encode("utf-8", "replace")
+        self._pending.clear()
+        self._size = 0
         try:
             for start in range(0, len(data), CHUNK_SIZE):
-                write_frame(self._sock, kind, data[start : start + CHUNK_SIZE])
+                write_frame(self._sock, self._kind, data[start : start + CHUNK_SIZE])
         except (OSError, ProtocolError):
             self._broken = True
 
@@ -252,7 +278,7 @@ def serve_cells(sock: socket.socket, code_ring: codering.WorkerRing | None) -> N
     resumed.warm()
 
     def answer(
-        request: dict[str, Any], generation: object, emit: Callable[[Kind, str], None] | None = None
+        request: dict[str, Any], generation: object, emit: _Streamer | None = None
     ) -> tuple[dict[str, Any], float]:
         code = request.get("code")
         if not isinstance(code, str):
