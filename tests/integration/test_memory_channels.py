@@ -35,8 +35,10 @@ memory
 
 
 def expected(sizes: list[int]) -> list[bytes]:
-    return [hashlib.sha256(str(i).encode()).digest() * (s // 32) + bytes(s % 32)
-            for i, s in enumerate(sizes)]
+    return [
+        hashlib.sha256(str(i).encode()).digest() * (s // 32) + bytes(s % 32)
+        for i, s in enumerate(sizes)
+    ]
 
 
 def send_and_receive(sb: Sandbox, name: str, sizes: list[int]) -> tuple[str | None, list[bytes]]:
@@ -114,8 +116,10 @@ def test_a_fork_gets_a_region_of_its_own(sb: Sandbox) -> None:
         def one(box: Sandbox, name: str) -> None:
             results[name] = send_and_receive(box, name, [50000] * 20)[1]
 
-        threads = [threading.Thread(target=one, args=(box, name))
-                   for box, name in ((sb, "parent"), (child, "child"))]
+        threads = [
+            threading.Thread(target=one, args=(box, name))
+            for box, name in ((sb, "parent"), (child, "child"))
+        ]
         for t in threads:
             t.start()
         for t in threads:

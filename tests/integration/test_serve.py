@@ -252,6 +252,34 @@ def test_timeout_reaper(daemon: Daemon, api: httpx.Client) -> None:
     assert api.delete(f"/sandboxes/{kept['id']}").status_code == 204
 
 
+def test_idle_reaper_kills_or_pauses_and_spares_an_open_stream(
+    daemon: Daemon, api: httpx.Client
+) -> None:
+    idle = make(api, idle_timeout=1)
+    paused = make(api, idle_timeout=3, on_timeout="pause")  # 3: time to call it once resumed
+    streaming = make(api, idle_timeout=1)
+    assert (idle["idle_timeout"], paused["on_timeout"]) == (1, "pause")
+    assert error_code(api.post("/sandboxes", json={"on_timeout": "explode"})) == "invalid_request"
+    body = {"cmd": ["sh", "-c", "sleep 4; echo done"], "stream": True}
+    with api.stream("POST", f"/sandboxes/{streaming['id']}/exec", json=body) as reply:
+        # a stream open for longer than idle_timeout: the sandbox is not idle meanwhile
+        events = [json.loads(line) for line in reply.iter_lines() if line]
+    assert events[-1]["type"] == "exit" and events[-1]["exit_code"] == 0
+    wait_for(lambda: api.get(f"/sandboxes/{idle['id']}").status_code == 404, 60, "idle kill")
+    wait_for(
+        lambda: api.get(f"/sandboxes/{paused['id']}").json()["state"] == "paused", 120, "idle pause"
+    )
+    resumed = api.post(f"/sandboxes/{paused['id']}/resume", timeout=600).json()
+    assert resumed["state"] == "running"
+    assert (
+        api.post(f"/sandboxes/{paused['id']}/run_code", json={"code": "6*7"}).json()["value"]
+        == "42"
+    )
+    # after the stream ended, it is idle like any other
+    wait_for(lambda: api.get(f"/sandboxes/{streaming['id']}").status_code == 404, 60, "idle kill")
+    assert api.delete(f"/sandboxes/{paused['id']}").status_code == 204
+
+
 def test_crash_is_reported(daemon: Daemon, api: httpx.Client) -> None:
     sid = make(api)["id"]
     os.kill(int(str(record(daemon, sid)["pid"])), 9)

@@ -14,7 +14,7 @@ import importlib
 import os
 from dataclasses import KW_ONLY, dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 from ember.client import DEFAULT_MAX_OUTPUT, Command, Source
 from ember.errors import ConfigError
@@ -59,11 +59,15 @@ class SandboxOptions:
     server: str | None = None
     metadata: dict[str, str] | None = None
     timeout: float | None = None
+    idle_timeout: float | None = None
+    on_timeout: Literal["kill", "pause"] = "kill"
 
     def local_spec(self) -> SandboxSpec:
         """The VMM to start in this process (``template``/``boot`` pick how, not what)."""
-        if self.timeout is not None:
-            raise ConfigError("timeout= (a lifetime) is for sandboxes of a daemon: pass server=")
+        if self.timeout is not None or self.idle_timeout is not None:
+            raise ConfigError(
+                "timeout= and idle_timeout= (lifetimes) are for sandboxes of a daemon: pass server="
+            )
         return SandboxSpec(
             self.kernel, self.rootfs, self.mem_mib, self.vcpus, self.cpu_template,
             self.boot_timeout, quotas=quotas_from(self.cpus, self.memory_mib, self.pids),
@@ -82,9 +86,12 @@ class SandboxOptions:
                                 "metadata": self.metadata or {}}  # fmt: skip
         for key, value in (("cpus", self.cpus), ("memory_mib", self.memory_mib),
                            ("pids", self.pids), ("template", self.template),
-                           ("timeout", self.timeout)):  # fmt: skip
+                           ("timeout", self.timeout),
+                           ("idle_timeout", self.idle_timeout)):  # fmt: skip
             if value is not None:
                 body[key] = value
+        if self.on_timeout != "kill":
+            body["on_timeout"] = self.on_timeout
         return body
 
 

@@ -219,7 +219,8 @@ def create_app(manager: Manager, *, token: str, max_body: int = 128 << 20) -> Gu
             metrics.exec_seconds.labels("exec").observe(time.perf_counter() - started)
             return wire.exec_result_json(r)
         stream = call(sandbox_id, lambda sb: sb.exec_stream(body.cmd, **kwargs))
-        return StreamingResponse(_ndjson(stream), media_type="application/x-ndjson")
+        held = manager.streaming(entry(sandbox_id), stream)  # never idle while it streams
+        return StreamingResponse(_ndjson(held), media_type="application/x-ndjson")
 
     @app.post("/sandboxes/{sandbox_id}/run_code", response_model=models.CodeReply)
     def run_code(sandbox_id: str, body: models.CodeBody) -> dict[str, Any]:

@@ -13,9 +13,9 @@ import logging
 import shutil
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar, cast
 
 from ember.errors import SandboxCrashed, SandboxError
 from ember.launcher import DEFAULT_MEM_MIB, VmmProcess
@@ -24,6 +24,7 @@ from ember.serve import adopt
 from ember.serve.keeper import KeeperClient, keeper_pid
 from ember.serve.state import Record, StateDir, new_id
 
+T = TypeVar("T")
 log = logging.getLogger("ember.serve")
 
 
@@ -49,6 +50,8 @@ class Entry:
     error: str | None = None
     console: str = ""
     lock: threading.Lock = field(default_factory=threading.Lock)
+    last_active: float = field(default_factory=time.time)  # the last API call's start or end
+    streams: int = 0  # streams open on it (exec, terminals, watches): never idle then
 
     def json(self) -> dict[str, Any]:
         r = self.record
@@ -56,7 +59,12 @@ class Entry:
             "id": r.id, "state": self.state.value, "template": r.template,
             "created_at": r.created_at, "expires_at": r.expires_at, "metadata": r.metadata,
             "mem_mib": r.spec.get("mem_mib"), "vcpus": r.spec.get("vcpus"), "error": self.error,
+            "idle_timeout": r.idle_timeout, "on_timeout": r.on_timeout,
         }  # fmt: skip
+
+    def idle_for(self, now: float) -> float:
+        """Seconds since its last API call, 0 while a stream is open."""
+        return 0.0 if self.streams else now - self.last_active
 
 
 @dataclass(frozen=True)
@@ -69,6 +77,8 @@ class CreateArgs:
     pids: int | None = None
     metadata: dict[str, str] = field(default_factory=dict)
     timeout: float | None = None
+    idle_timeout: float | None = None
+    on_timeout: str = "kill"
 
 
 @dataclass(frozen=True)
@@ -143,13 +153,14 @@ class Manager:
         spec = {"mem_mib": args.mem_mib, "vcpus": args.vcpus, "cpus": args.cpus,
                 "memory_mib": args.memory_mib, "pids": args.pids}  # fmt: skip
         expires = now + args.timeout if args.timeout is not None else None
-        entry = self._own(sandbox, args.template or "default", spec, dict(args.metadata), expires)
+        entry = self._own(sandbox, args.template or "default", spec, dict(args.metadata), expires,
+                          idle_timeout=args.idle_timeout, on_timeout=args.on_timeout)  # fmt: skip
         self._event("created", entry.record.id)
         return entry
 
     def _own(
         self, sandbox: Sandbox, template: str, spec: dict[str, Any], metadata: dict[str, str],
-        expires_at: float | None,
+        expires_at: float | None, *, idle_timeout: float | None = None, on_timeout: str = "kill",
     ) -> Entry:  # fmt: skip
         """A new id and record for a sandbox just started (created or forked)."""
         try:
@@ -158,7 +169,8 @@ class Manager:
             record = Record(
                 id=new_id(), dir=str(vmm.dir), pid=vmm.proc.pid, template=template,
                 created_at=time.time(), spec=spec, metadata=metadata, expires_at=expires_at,
-                cgroup=adopt.cgroup_record(vmm.cgroup),
+                cgroup=adopt.cgroup_record(vmm.cgroup), idle_timeout=idle_timeout,
+                on_timeout=on_timeout,
             )  # fmt: skip
             self.state.save(record)
         except BaseException:
@@ -182,7 +194,9 @@ class Manager:
         else:
             expires = time.time() + args.timeout if args.timeout is not None else None
         metadata = dict(parent.metadata if args.metadata is None else args.metadata)
-        forked = self._own(child, parent.template, dict(parent.spec), metadata, expires)
+        idle, on_timeout = parent.idle_timeout, parent.on_timeout
+        forked = self._own(child, parent.template, dict(parent.spec), metadata, expires,
+                           idle_timeout=idle, on_timeout=on_timeout)  # fmt: skip
         self._event("forked", forked.record.id)
         return forked
 
@@ -208,7 +222,22 @@ class Manager:
             raise Paused(f"sandbox {sandbox_id} is paused: resume it first")
         if entry.sandbox is None or entry.state is not State.RUNNING:
             raise SandboxCrashed(f"sandbox {sandbox_id} crashed: {entry.error}", entry.console)
+        entry.last_active = time.time()
         return entry, entry.sandbox
+
+    def streaming(self, entry: Entry, items: Iterator[T]) -> Generator[T, None, Any]:
+        """``items`` (a stream served from the sandbox), with the sandbox never idle while it
+        is open: the idle reaper must not kill a sandbox whose exec is still talking."""
+        with entry.lock:
+            entry.streams += 1
+        try:
+            # a generator's return (an exec's result) passes on
+            result: Any = yield from cast(Generator[T, None, Any], items)
+            return result
+        finally:
+            with entry.lock:
+                entry.streams -= 1
+            entry.last_active = time.time()
 
     def find(self, metadata: dict[str, str] | None = None, state: str | None = None) -> list[Entry]:
         with self._lock:
@@ -283,6 +312,7 @@ class Manager:
             self.state.save(record)
             shutil.rmtree(snapshot, ignore_errors=True)
             entry.sandbox, entry.state = sandbox, State.RUNNING
+            entry.last_active = time.time()  # idle from now, not from before the pause
         self._event("resumed", sandbox_id)
         return entry
 
@@ -311,11 +341,12 @@ class Manager:
         reaped = []
         for entry in self.find():
             rid = entry.record.id
-            expires = entry.record.expires_at
-            if expires is not None and expires <= now:
-                try:
-                    self.delete(rid)
-                except NotFound:
+            expires, idle = entry.record.expires_at, entry.record.idle_timeout
+            running = entry.state is State.RUNNING
+            if (expires is not None and expires <= now) or (
+                idle is not None and running and entry.idle_for(now) > idle
+            ):
+                if not self._time_out(entry):
                     continue
                 reaped.append(rid)
                 self._event("reaped", rid)
@@ -325,6 +356,23 @@ class Manager:
                     self.mark_crashed(entry, str(vmm.crashed("the VMM exited")),
                                       vmm.console_tail())  # fmt: skip
         return reaped
+
+    def _time_out(self, entry: Entry) -> bool:
+        """Kill, or pause (``on_timeout``), a sandbox past a timeout; False if it was gone."""
+        rid = entry.record.id
+        try:
+            if entry.record.on_timeout == "pause":
+                with entry.lock:
+                    entry.record.expires_at = None  # paused, it waits for a resume
+                if entry.state is State.RUNNING:
+                    self.pause(rid)
+                else:
+                    self.state.save(entry.record)
+            else:
+                self.delete(rid)
+        except NotFound:
+            return False
+        return True
 
     def _reap_loop(self) -> None:
         while not self._stop.wait(self._reap_interval):

@@ -31,6 +31,12 @@ class CreateBody(Strict):
     pids: int | None = Field(None, ge=8, le=1 << 20)
     metadata: dict[MetaKey, MetaValue] = Field(default_factory=dict, max_length=64)
     timeout: Seconds | None = Field(None, description="seconds until the daemon kills it")
+    idle_timeout: Seconds | None = Field(
+        None, description="seconds without an API call (and no stream open) until it is killed"
+    )
+    on_timeout: Literal["kill", "pause"] = Field(
+        "kill", description="what either timeout does: kill it, or pause it (resumable by id)"
+    )
 
 
 class ForkBody(Strict):
@@ -68,6 +74,8 @@ class SandboxInfo(BaseModel):
     metadata: dict[str, str]
     mem_mib: int | None
     vcpus: int | None
+    idle_timeout: float | None = None
+    on_timeout: Literal["kill", "pause"] = "kill"
     error: str | None = None
 
 

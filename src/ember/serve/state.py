@@ -57,6 +57,8 @@ class Record:
     expires_at: float | None = None  # wall clock; None: no timeout
     cgroup: dict[str, Any] | None = None  # {"version": 2, "dirs": {"": "/sys/fs/cgroup/..."}}
     paused: bool = False  # snapshotted to STATE_DIR/paused/ID, no VMM (dir and pid unused)
+    idle_timeout: float | None = None  # seconds without an API call; None: never idle
+    on_timeout: str = "kill"  # or "pause": what expires_at and idle_timeout do
 
 
 class StateDir:
