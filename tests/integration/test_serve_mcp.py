@@ -1,16 +1,22 @@
-"""``ember mcp`` driven by the official ``mcp`` package's own client over stdio: an AI agent's
-view of Ember (in-process sandboxes; the tools' daemon mode is the SDK's server= path)."""
+"""``ember mcp`` driven by the official ``mcp`` package's own client, over stdio (in-process
+sandboxes) and over streamable HTTP under a real daemon (the daemon's sandboxes): an AI
+agent's view of Ember."""
 
 from __future__ import annotations
 
 import asyncio
 import os
 import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
 from mcp import Client
 from mcp.client.stdio import StdioServerParameters
+from mcp.client.streamable_http import streamable_http_client
+from mcp.shared._httpx_utils import create_mcp_http_client
+
+from tests.integration.serve_daemon import running_daemon
 
 pytestmark = pytest.mark.kvm
 
@@ -24,16 +30,15 @@ def structured(result: Any) -> Any:
     return content.get("result", content) if isinstance(content, dict) else content
 
 
-async def session() -> None:
-    env = {k: v for k, v in os.environ.items() if k != "EMBER_SERVER"}
-    params = StdioServerParameters(
-        command=sys.executable, args=["-m", "ember.cli.main", "mcp"], env=env
-    )
-    async with Client(params) as client:
+async def session(server: Any, seen: list[str] | None = None) -> None:
+    """The whole tool set, as an agent would use it; ``seen`` gets the sandbox's id."""
+    async with Client(server) as client:
         tools = await client.list_tools()
         assert {t.name for t in tools.tools} == TOOLS
         sid = structured(await client.call_tool("create_sandbox", {}))["sandbox_id"]
         assert sid.startswith("sb-")
+        if seen is not None:
+            seen.append(sid)
         assert (
             structured(await client.call_tool("run_code", {"sandbox_id": sid, "code": "x = 6"}))[
                 "error"
@@ -63,4 +68,25 @@ async def session() -> None:
 
 
 def test_mcp_stdio_tools() -> None:
-    asyncio.run(asyncio.wait_for(session(), 600))
+    env = {k: v for k, v in os.environ.items() if k != "EMBER_SERVER"}
+    params = StdioServerParameters(
+        command=sys.executable, args=["-m", "ember.cli.main", "mcp"], env=env
+    )
+    asyncio.run(asyncio.wait_for(session(params), 600))
+
+
+def test_mcp_over_http_under_the_daemon(tmp_path: Path) -> None:
+    with running_daemon(tmp_path) as daemon:
+        with daemon.client() as api:
+            before = api.get("/sandboxes").json()["sandboxes"]
+        seen: list[str] = []
+        headers = {"Authorization": f"Bearer {daemon.token}"}
+        http = create_mcp_http_client(headers=headers)
+        transport = streamable_http_client(f"{daemon.url}/mcp/", http_client=http)
+        asyncio.run(asyncio.wait_for(session(transport, seen), 600))
+        with daemon.client() as api:
+            # the tools' sandbox was the daemon's: listed while it lived, gone once killed
+            assert api.get(f"/sandboxes/{seen[0]}").status_code == 404
+            assert api.get("/sandboxes").json()["sandboxes"] == before
+            refused = api.post("/mcp/", headers={"Authorization": "Bearer wrong"}, json={})
+            assert refused.status_code == 401

@@ -26,6 +26,7 @@ from ember.sandbox import Sandbox, wire
 from ember.serve import models
 from ember.serve.guard import Guard, json_lines
 from ember.serve.manager import CreateArgs, Entry, ForkArgs, Manager, NotFound
+from ember.serve.mcp_http import McpMount
 from ember.serve.metrics import Metrics
 from ember.serve.state import valid_id
 
@@ -42,11 +43,13 @@ def create_app(manager: Manager, *, token: str, max_body: int = 128 << 20) -> Gu
     """The API app behind its token and size guard."""
     metrics = Metrics()
     manager._on_event = metrics.event
+    mcp = McpMount(manager)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         anyio.to_thread.current_default_thread_limiter().total_tokens = THREADS
-        yield
+        async with mcp.running():
+            yield
 
     app = FastAPI(
         title="Ember", version="0.1.0", lifespan=lifespan, responses=ERRORS,
@@ -58,6 +61,7 @@ def create_app(manager: Manager, *, token: str, max_body: int = 128 << 20) -> Gu
     from fastapi import Depends
 
     app.router.dependencies.append(Depends(bearer))
+    app.mount("/mcp", mcp.app)  # MCP over streamable HTTP (ember.serve.mcp_http)
 
     def entry(sandbox_id: str) -> Entry:
         if not valid_id(sandbox_id):
