@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import io
 import mmap
+import gc
 import os
 import socket
 import sys
@@ -224,6 +225,17 @@ def test_exec_with_stdin_limits_and_timeouts_keep_their_rules(rig: Rig) -> None:
         rig.client.exec(["sh", "-c", "echo started; sleep 30"], timeout=0.5)
     assert timed_out.value.result is not None and timed_out.value.result.stdout == b"started\n"
     assert rig.region.leases == 3 and len(rig.region._free) == 2
+
+
+def test_an_exec_stream_dropped_unclosed_gives_its_slot_back(rig: Rig) -> None:
+    stream = rig.client.exec_stream(["sh", "-c", "echo up; exec sleep 30"], timeout=60)
+    assert next(stream).data == b"up\n"
+    assert len(rig.region._free) == 1  # leased while it lives
+    del stream
+    gc.collect()
+    assert len(rig.region._free) == 2  # dropped: the slot is back, and the command hung up
+    result = rig.client.exec(["echo", "next"], timeout=60)
+    assert result.stdout == b"next\n" and rig.region.leases == 2  # through the ring again
 
 
 def test_an_agent_that_ignores_the_slot_still_streams_frames(

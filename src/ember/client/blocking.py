@@ -28,6 +28,7 @@ import os
 import socket
 import threading
 import time
+import weakref
 from collections.abc import Callable, Sequence
 from types import TracebackType
 from typing import Any, BinaryIO, TypeVar
@@ -90,6 +91,9 @@ class ExecStream:
         self._op = op
         self._output = output  # the output's ring, when the request named one
         self._done = False
+        # Dropped without close(): still hang up and give the ring slot back, or later
+        # transfers would find every slot leased and fall back to vsock.
+        self._finalizer = weakref.finalize(self, _abandon, sock, output)
         self._pump: threading.Thread | None = None
         if stdin is not None:
             # stdin goes in on its own thread: the process may need its output
@@ -147,9 +151,8 @@ class ExecStream:
             pass
         if self._pump is not None:
             self._pump.join()
-        self._sock.close()
-        if self._output is not None:
-            self._output.close()
+        self._finalizer.detach()
+        _abandon(self._sock, self._output)
 
     def __enter__(self) -> ExecStream:
         return self
@@ -161,6 +164,12 @@ class ExecStream:
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+
+def _abandon(sock: socket.socket, output: OutputRing | None) -> None:
+    sock.close()
+    if output is not None:
+        output.close()
 
 
 class Files:
