@@ -9,10 +9,10 @@ doorbells are plain memory (no ioeventfd): a sleeping host finds records on its 
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import io
 import mmap
-import gc
 import os
 import socket
 import sys
