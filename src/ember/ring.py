@@ -31,6 +31,10 @@ region it has not announced itself in, then stores, in the request slot's contro
 
       offset 192  code_ready      non-zero: a worker serves these rings (stored last)
       offset 256  code_epoch      written by the agent: how many workers have died
+      offset 384  code_not_yet    written by the host: its first request to a restored
+                                  VM is not a ``run_code``, so the worker stops the poll
+                                  it began at the restore (it competes with the agent for
+                                  the vCPU) and clears the word
 
 Head and tail sit on separate cache lines, so producer and consumer never write
 the same line. A record is an 8-byte header (``length | kind << 32``) and its
@@ -83,6 +87,7 @@ LEASE = 17
 
 CODE_READY = 24  # request slot only (see the module docstring)
 CODE_EPOCH = 32
+CODE_NOT_YET = 48
 CODE_SLOTS = 2
 
 PRODUCER_WAITING = 1

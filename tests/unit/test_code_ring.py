@@ -194,3 +194,30 @@ def test_a_wake_that_fails_after_publishing_is_an_error_not_a_second_run(fx: Fix
         assert time.monotonic() < deadline, f"the published cell did not run once: {result}"
         time.sleep(0.05)
     assert [op["action"] for op in broken] == ["wake"]  # asked once, never for a rerun
+
+
+def test_a_first_request_that_is_not_run_code_stops_the_restored_workers_poll(
+    fx: Fixture,
+) -> None:
+    # A poll far longer than the test: only CODE_NOT_YET can end it in time.
+    reply = None
+    while reply is None:
+        reply = fx.code.call({"op": "run", "code": "w = 1", "linger": 120}, 30, fx.agent)
+    slot = fx.ctl(2)
+    assert not slot[ring.CONSUMER_FLAGS] & ring.CONSUMER_SLEEPING
+    restored = CodeRing(lambda: fx.host, alive=lambda: True, expect=True)
+    deadline = time.monotonic() + 30
+    try:
+        restored.not_yet()  # e.g. an exec is the first request: the worker need not poll
+        while not slot[ring.CONSUMER_FLAGS] & ring.CONSUMER_SLEEPING:
+            assert time.monotonic() < deadline, "the worker kept polling"
+            time.sleep(0.001)
+        assert slot[ring.CODE_NOT_YET] == 0  # taken, so the next poll runs its course
+        restored.not_yet()  # once only: nothing is written a second time
+        assert slot[ring.CODE_NOT_YET] == 0
+        reply = restored.call({"op": "run", "code": "w + 1"}, 30, fx.agent)
+        assert reply is not None and parse_code_result(reply).value == "2"
+        assert restored.wakes == 1  # the first run_code then wakes it, as after any sleep
+    finally:
+        restored._region = None  # fx.host is the fixture's to close
+        restored.close()

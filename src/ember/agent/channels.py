@@ -51,7 +51,7 @@ __all__ = ["Channel", "channel", "wait_for_wake"]
 
 UNIX_ENV = "EMBER_CHANNEL_UNIX"
 LEASE = struct.Struct("<QQ")  # the host's answer to a ring request: slot, lease
-WAKE_WAIT_S = 0.05  # a full ring's producer re-checks at least this often
+WAKE_WAIT_S = 0.05  # a producer of a full ring, or a consumer of an empty one, looks again
 
 
 class Channel:
@@ -168,12 +168,13 @@ def channel(name: str, *, buffer_size: int = 0) -> Channel:
     return Channel(sock, name, buffer_size=buffer_size, ring=writer)
 
 
-def wait_for_wake(sock: socket.socket) -> None:
-    """The ring is full: wait for the host's wake-up (any bytes), or a short while."""
+def wait_for_wake(sock: socket.socket, closed: type[Exception] = ConnectionResetError) -> None:
+    """Wait for the host's wake-up (any bytes), or a short while: a full ring waiting for
+    room, or an empty one waiting for data. The host hanging up raises ``closed``."""
     sock.settimeout(WAKE_WAIT_S)
     try:
         if not sock.recv(4096):
-            raise ConnectionResetError("the host closed the channel")
+            raise closed("the host closed the connection")
     except TimeoutError:
         pass
     finally:

@@ -14,7 +14,9 @@ socketpair to the agent and says so in the request ring (``CONSUMER_SLEEPING``).
 that finds it asleep writes the request all the same and asks the agent to wake it
 (``{"op": "code_ring", "action": "wake"}`` over vsock): the slow path, once. Templates are
 snapshotted while the worker polls, so a restored sandbox answers its first ``run_code``
-with no guest-kernel wake-up at all.
+with no guest-kernel wake-up at all; a host whose first request is something else stores
+``CODE_NOT_YET`` and the worker stops that poll at once (on one vCPU it would slow the
+agent serving that request).
 
 The worker lays out both rings itself (fresh capacity and leases) the first time it sees a
 region (a new VMM, restore or fork: the header's generation changed) and only then stores
@@ -122,6 +124,15 @@ class WorkerRing:
         self._start = time.monotonic()
         self._window = min(max(seconds, 0.0), MAX_LINGER_S)
 
+    def not_yet(self) -> bool:
+        """The host said its first request is not for us: stop polling (one load, no
+        system call, so it is read on every turn of the loop)."""
+        if not self._req_ctl[ring.CODE_NOT_YET]:
+            return False
+        self._req_ctl[ring.CODE_NOT_YET] = 0
+        self._window = 0.0
+        return True
+
     def polling(self, now: float) -> bool:
         if now < self._start:  # the clock went back (a restore): count from here
             self._start = now
@@ -148,6 +159,7 @@ class WorkerRing:
         """Say "I sleep" to the host; False (still awake) if a request came meanwhile."""
         if self._reader is None:
             return True
+        self._req_ctl[ring.CODE_NOT_YET] = 0  # for a poll that has ended anyway
         self._reader.sleep(True)
         try:
             pending = self._reader.available()
@@ -195,6 +207,8 @@ def serve(
                     code_ring.poll_for(linger)
                 if requests:
                     continue
+                if code_ring.not_yet():
+                    break
                 now = time.monotonic()
                 if not code_ring.polling(now):
                     break

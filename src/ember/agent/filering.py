@@ -39,7 +39,6 @@ from ember.protocol import Kind, write_frame, write_json
 __all__ = ["FILE_RING_OPS", "RingUnavailable", "Slot", "leased_slot"]
 
 SPIN_S = 0.002  # a consumer with nothing to read polls this long (user time) before it sleeps
-WAKE_WAIT_S = 0.05  # a sleeping consumer looks again at least this often
 
 
 class RingUnavailable(Exception):
@@ -112,16 +111,8 @@ def _await_producer(reader: ring.RingReader, conn: socket.socket) -> None:
             return
     reader.sleep(True)
     try:
-        if reader.available():
-            return
-        conn.settimeout(WAKE_WAIT_S)
-        try:
-            if not conn.recv(4096):
-                raise ClientGone
-        except TimeoutError:
-            pass
-        finally:
-            conn.settimeout(None)
+        if not reader.available():
+            wait_for_wake(conn, ClientGone)
     finally:
         reader.sleep(False)
 

@@ -283,6 +283,8 @@ class AgentClient:
         self._session = Session(
             grace=grace, call_timeout=call_timeout, announce_resume=announce_resume, clock=_CLOCK
         )
+        if code_ring is not None:  # a restored VM's worker need not poll for other requests
+            self._session.not_yet = code_ring.not_yet
         self._shm = shm
         files_ring = None
         if shm is not None:

@@ -157,6 +157,28 @@ class CodeRing:
                 with contextlib.suppress(ValueError):  # unmapped by close()
                     req_ctl[CODE_HOST_WAITING] = 0
 
+    def not_yet(self) -> None:
+        """The first request to this restored VM is not a ``run_code``: tell the worker,
+        which polls the ring right after a restore, to stop (on one vCPU its poll slows
+        the agent answering that request). A store into shared memory, no system call;
+        nothing at all after the first call, on a VM that was not restored, or once the
+        worker sleeps anyway."""
+        if not self._expect:
+            return
+        with self._lock:
+            if not self._expect:
+                return
+            self._expect = False  # the ring's first call takes the slow path, as it would
+            region = self._open()
+            if region is None:
+                return
+            try:
+                req_ctl, _, _ = region.slot(ring.code_slots(region.slot_count)[0])
+                if not req_ctl[ring.CONSUMER_FLAGS] & ring.CONSUMER_SLEEPING:
+                    req_ctl[ring.CODE_NOT_YET] = 1
+            except ValueError:  # closed under us
+                pass
+
     def close(self) -> None:
         """Unmap the region (a call still waiting ends with ConnectionResetError)."""
         self._closed = True

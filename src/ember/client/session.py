@@ -113,17 +113,25 @@ class Session:
         # The code rings reach the worker, not the agent: their first request carries its
         # own announcement, applied by the worker (ember.agent.codering).
         self._ring_announcer = ResumeAnnouncer(announce_resume)
+        # Called before each REQUEST that is not run_code (the code ring's ``not_yet``).
+        self.not_yet: Callable[[], None] | None = None
 
     def request(self, op: Operation[Any]) -> bytes:
         """The REQUEST frame's payload for ``op``, encoded as late as possible (``op``
         starts its clocks now)."""
         op.start()
+        self._not_for_the_worker(op.op)
         request = self._announcer.stamp(op.request)
         return encode_json({**request, "keepalive": True} if op.keepalive else request)
 
     def encode(self, request: dict[str, Any]) -> bytes:
         """A REQUEST payload for an exchange outside the operations here (the file rings)."""
+        self._not_for_the_worker(str(request.get("op")))
         return encode_json(self._announcer.stamp(request))
+
+    def _not_for_the_worker(self, op: str) -> None:
+        if self.not_yet is not None and op not in ("run_code", "code_ring"):
+            self.not_yet()
 
     def _call(
         self, request: dict[str, Any], parse: Callable[[dict[str, Any]], Any], bounded: bool = True
