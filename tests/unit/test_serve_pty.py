@@ -109,6 +109,8 @@ def test_a_shell_over_the_socket_echoes_resizes_and_takes_ctrl_c(server: str) ->
         term.send_eof()
         result = term.wait()
         assert term.read() is None  # ended: nothing more
+        with pytest.raises(OSError):  # as from an in-process terminal
+            term.write(b"late")
     assert result.exit_code == 0 and not result.timed_out
     assert term.result is not None and term.result.exit_code == 0
 

@@ -87,10 +87,12 @@ class _Events:
             return message
         event = json.loads(message)
         self.ended = True
+        if not isinstance(event, dict):
+            raise SandboxError(f"the daemon sent {message[:200]!r} on a terminal")
         if event.get("type") == "exit":
             self.result = wire.exec_result(event)
             return None
-        error = event.get("error") if isinstance(event, dict) else None
+        error = event.get("error")
         code = str(error.get("code")) if isinstance(error, dict) else "internal"
         wire.raise_for(wire.STATUS.get(code, 500), event)
         raise SandboxError(f"the daemon sent {message[:200]!r} on a terminal")
@@ -98,6 +100,11 @@ class _Events:
     def closed(self) -> NoReturn:
         self.ended = True
         raise SandboxError(NO_RESULT)
+
+
+def _gone(exc: ConnectionClosed) -> BrokenPipeError:
+    """Sending on a terminal that is gone: an OSError, as from the in-process one."""
+    return BrokenPipeError(f"the terminal's connection is closed ({exc})")
 
 
 def _with_output(result: ExecResult, out: bytes) -> ExecResult:
@@ -141,21 +148,27 @@ class RemoteTerminal(Terminal):
     def result(self) -> ExecResult | None:
         return self._events.result
 
+    def _put(self, message: str | bytes) -> None:
+        try:
+            self._ws.send(message)
+        except ConnectionClosed as exc:
+            raise _gone(exc) from exc
+
     def write(self, data: bytes) -> None:
         """Type ``data`` (bytes as a keyboard sends them: ``b"\\x03"`` is ^C)."""
         for start in range(0, len(data), CHUNK):
-            self._ws.send(bytes(data[start : start + CHUNK]))
+            self._put(bytes(data[start : start + CHUNK]))
 
     def resize(self, rows: int, cols: int) -> None:
-        self._ws.send(_control("resize", resize_payload(rows, cols)))
+        self._put(_control("resize", resize_payload(rows, cols)))
 
     def signal(self, signum: int) -> None:
         """Send ``signum`` to the terminal's foreground process group."""
-        self._ws.send(_control("signal", signal_payload(signum)))
+        self._put(_control("signal", signal_payload(signum)))
 
     def send_eof(self) -> None:
         """Type the terminal's end-of-file character (^D)."""
-        self._ws.send(json.dumps({"type": "eof"}))
+        self._put(json.dumps({"type": "eof"}))
 
     def read(self, timeout: float | None = None) -> bytes | None:
         if self._events.ended:
@@ -213,18 +226,24 @@ class AsyncRemoteTerminal(AsyncTerminal):
     def result(self) -> ExecResult | None:
         return self._events.result
 
+    async def _put(self, message: str | bytes) -> None:
+        try:
+            await self._ws.send(message)
+        except ConnectionClosed as exc:
+            raise _gone(exc) from exc
+
     async def write(self, data: bytes) -> None:
         for start in range(0, len(data), CHUNK):
-            await self._ws.send(bytes(data[start : start + CHUNK]))
+            await self._put(bytes(data[start : start + CHUNK]))
 
     async def resize(self, rows: int, cols: int) -> None:
-        await self._ws.send(_control("resize", resize_payload(rows, cols)))
+        await self._put(_control("resize", resize_payload(rows, cols)))
 
     async def signal(self, signum: int) -> None:
-        await self._ws.send(_control("signal", signal_payload(signum)))
+        await self._put(_control("signal", signal_payload(signum)))
 
     async def send_eof(self) -> None:
-        await self._ws.send(json.dumps({"type": "eof"}))
+        await self._put(json.dumps({"type": "eof"}))
 
     async def read(self, timeout: float | None = None) -> bytes | None:
         if self._events.ended:
