@@ -139,6 +139,7 @@ def run_shell(term: Terminal, stdin: int = 0, stdout: int = 1) -> int:
     try:
         with _signals(wakeup_w), raw_mode(stdin) if tty_in else contextlib.nullcontext():
             keys.start()
+            os.write(wakeup_w, b"w")  # a resize between the terminal's start and now: sent
             for data in term:
                 _write_all(stdout, data)
     finally:

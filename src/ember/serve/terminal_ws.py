@@ -69,7 +69,7 @@ class Eof(models.Strict):
     type: Literal["eof"]
 
 
-Control = TypeAdapter(Annotated[Resize | Signal | Eof, Field(discriminator="type")])
+CONTROL = TypeAdapter(Annotated[Resize | Signal | Eof, Field(discriminator="type")])
 
 
 def _error(code: str, message: str) -> dict[str, Any]:
@@ -88,7 +88,10 @@ class _Session:
         """Client messages into the terminal until the client leaves (or is cancelled)."""
         try:
             while True:
-                message = await self.ws.receive()
+                try:
+                    message = await self.ws.receive()
+                except (WebSocketDisconnect, RuntimeError):  # the connection is gone
+                    return
                 if message["type"] == "websocket.disconnect":
                     return
                 data = message.get("bytes")
@@ -96,7 +99,7 @@ class _Session:
                     await anyio.to_thread.run_sync(self._type, data)
                     continue
                 try:
-                    control = Control.validate_json(message.get("text") or "")
+                    control = CONTROL.validate_json(message.get("text") or "")
                 except ValidationError as exc:
                     problem = exc.errors()[0]["msg"]
                     self.error = _error("invalid_request", f"not a terminal message: {problem}")
