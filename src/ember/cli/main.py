@@ -17,6 +17,7 @@ import ember.cli.boot
 import ember.cli.image
 import ember.cli.run
 import ember.cli.serve
+import ember.cli.shell
 import ember.cli.template
 from ember.errors import EmberError
 
@@ -32,6 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     ember.cli.image.register(sub)
     ember.cli.run.register(sub)
     ember.cli.serve.register(sub)
+    ember.cli.shell.register(sub)
     ember.cli.template.register(sub)
     return parser
 

@@ -16,16 +16,17 @@ The requests themselves are built and read in :mod:`ember.sandbox.daemon`.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any, TypeVar
 
 import httpx
 
 from ember.client import CodeResult, ExecResult, OutputChunk
 from ember.errors import SandboxError
-from ember.sandbox import daemon
+from ember.sandbox import daemon, remote_terminal
 from ember.sandbox.files import RemoteFiles
 from ember.sandbox.options import ExecArgs, SandboxOptions, StreamArgs
+from ember.sandbox.remote_terminal import RemoteTerminal
 from ember.sandbox.signature import takes
 from ember.sandbox.sync import Sandbox
 from ember.templates import check_name
@@ -200,3 +201,19 @@ class RemoteSandbox(Sandbox):
 
     def run_code(self, code: str, *, timeout: float | None = None) -> CodeResult:
         return self._do(daemon.run_code(code, timeout))
+
+    def pty(
+        self,
+        argv: Sequence[str] | None = None,
+        *,
+        rows: int = 24,
+        cols: int = 80,
+        env: dict[str, str] | None = None,
+        cwd: str | None = None,
+        timeout: float | None = None,
+    ) -> RemoteTerminal:
+        """``Sandbox.pty`` over the daemon's ``/pty/ws`` WebSocket (``ember shell``'s)."""
+        first = remote_terminal.request(argv, rows=rows, cols=cols, env=env, cwd=cwd,
+                                        timeout=timeout)  # fmt: skip
+        auth = self._api.http.headers["Authorization"]
+        return remote_terminal.open_sync(self._api.url, auth, self._path("/pty/ws"), first)

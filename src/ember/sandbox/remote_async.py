@@ -7,17 +7,18 @@ The same requests as :mod:`ember.sandbox.remote` (built and read in
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import Any, TypeVar
 
 import httpx
 
 from ember.client import CodeResult, ExecResult, OutputChunk
 from ember.errors import SandboxError
-from ember.sandbox import daemon
+from ember.sandbox import daemon, remote_terminal
 from ember.sandbox.aio import AsyncSandbox
 from ember.sandbox.files import AsyncRemoteFiles
 from ember.sandbox.options import ExecArgs, SandboxOptions, StreamArgs
+from ember.sandbox.remote_terminal import AsyncRemoteTerminal
 from ember.sandbox.signature import takes
 from ember.templates import check_name
 
@@ -155,6 +156,22 @@ class AsyncRemoteSandbox(AsyncSandbox):
 
     async def run_code(self, code: str, *, timeout: float | None = None) -> CodeResult:
         return await self._do(daemon.run_code(code, timeout))
+
+    async def pty(
+        self,
+        argv: Sequence[str] | None = None,
+        *,
+        rows: int = 24,
+        cols: int = 80,
+        env: dict[str, str] | None = None,
+        cwd: str | None = None,
+        timeout: float | None = None,
+    ) -> AsyncRemoteTerminal:
+        """``RemoteSandbox.pty`` for asyncio."""
+        first = remote_terminal.request(argv, rows=rows, cols=cols, env=env, cwd=cwd,
+                                        timeout=timeout)  # fmt: skip
+        auth = self._api.http.headers["Authorization"]
+        return await remote_terminal.open_async(self._api.url, auth, self._path("/pty/ws"), first)
 
     @property
     def console(self) -> str:

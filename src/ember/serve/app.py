@@ -23,7 +23,7 @@ from starlette.exceptions import HTTPException
 
 from ember.errors import EmberError, SandboxCrashed
 from ember.sandbox import Sandbox, wire
-from ember.serve import models
+from ember.serve import models, terminal_ws
 from ember.serve.guard import Guard, json_lines
 from ember.serve.manager import CreateArgs, Entry, ForkArgs, Manager, NotFound
 from ember.serve.mcp_http import McpMount
@@ -281,6 +281,7 @@ def create_app(manager: Manager, *, token: str, max_body: int = 128 << 20) -> Gu
     from ember.serve import processes, ws
 
     ws.register(app, call)
+    terminal_ws.register(app, call)
     background = processes.register(app, manager, call)
 
     def on_event(event: str, sandbox_id: str) -> None:
