@@ -224,6 +224,12 @@ def test_the_async_client(
             r = await sb.run_code("abc", on_stdout=out.append)
             assert (out, r.value, r.stderr) == (["out\n"], "3", "err\n")
             assert [f async for f in sb.channel("c3")] == [b"a", b"b"]
+            fake.channel_closed.clear()
+            fake.frames["c4"] = [b"%d" % i for i in range(1000)]
+            frames = sb.channel("c4")
+            assert await anext(frames) == b"0"
+            await frames.aclose()  # type: ignore[attr-defined]
+            assert await asyncio.to_thread(fake.channel_closed.wait, 10)
         finally:
             await sb.detach()
 

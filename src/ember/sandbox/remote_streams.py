@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import socket
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, urlencode
@@ -150,20 +151,50 @@ def channel(
     except BaseException:
         ws.close()
         raise
-    return _frames(base, ws)
+    return _Frames(base, ws)
 
 
-def _frames(base: str, ws: Any) -> Iterator[bytes]:
-    try:
-        with _refusals(base):
-            while True:
-                message = ws.recv()
-                if isinstance(message, bytes):
-                    yield message
-                elif not _control(message):
-                    return
-    finally:
-        ws.close()
+class _Frames:
+    """A channel's messages as they arrive; closing it (or dropping it, or leaving a loop
+    over it early) closes the WebSocket, which abandons the channel in the daemon."""
+
+    def __init__(self, base: str, ws: Any) -> None:
+        self._base, self._ws = base, ws
+        self._done = False
+
+    def __iter__(self) -> _Frames:
+        return self
+
+    def __next__(self) -> bytes:
+        if self._done:
+            raise StopIteration
+        try:
+            with _refusals(self._base):
+                while True:
+                    message = self._ws.recv()
+                    if isinstance(message, bytes):
+                        return message
+                    if not _control(message):
+                        break
+        except BaseException:
+            self.close()
+            raise
+        self._done = True
+        self._ws.close()  # the daemon said end: an orderly close
+        raise StopIteration
+
+    def close(self) -> None:
+        """Hang up now: messages still on their way would hold up an orderly close (the
+        connection stops reading while its queue is full), and the channel is given up."""
+        if not self._done:
+            self._done = True
+            with contextlib.suppress(OSError):
+                self._ws.socket.shutdown(socket.SHUT_RDWR)
+            self._ws.close()
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):
+            self.close()
 
 
 async def aio_channel(
@@ -177,9 +208,15 @@ async def aio_channel(
         async with connect(url, additional_headers=headers, max_size=MAX_MESSAGE,
                            open_timeout=daemon.CONNECT_TIMEOUT) as ws:  # fmt: skip
             _opened(await ws.recv())
-            while True:
-                message = await ws.recv()
-                if isinstance(message, bytes):
-                    yield message
-                elif not _control(message):
-                    return
+            ended = False
+            try:
+                while True:
+                    message = await ws.recv()
+                    if isinstance(message, bytes):
+                        yield message
+                    elif not _control(message):
+                        ended = True
+                        return
+            finally:
+                if not ended:  # given up early: hang up now (see _Frames.close)
+                    ws.transport.abort()

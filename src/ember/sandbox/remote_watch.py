@@ -162,9 +162,12 @@ class RemoteWatch:
             return
         self._closed.set()
         self._done = True
-        if self._sock is not None:  # wakes the reading thread; the daemon sees us leave
-            with contextlib.suppress(OSError):
-                self._sock.shutdown(socket.SHUT_RDWR)
+        if self._sock is None:  # no socket to shut down (another transport): hang up
+            with contextlib.suppress(Exception):
+                self._opened.__exit__(None, None, None)
+            return
+        with contextlib.suppress(OSError):  # wakes the reading thread; the daemon sees us leave
+            self._sock.shutdown(socket.SHUT_RDWR)
         self._thread.join(timeout=10)
 
     def __enter__(self) -> RemoteWatch:

@@ -33,7 +33,7 @@ from typing import Annotated, Any
 
 import anyio
 import anyio.to_thread
-from fastapi import FastAPI, Query, WebSocket, WebSocketDisconnect
+from fastapi import FastAPI, Query, WebSocket
 from fastapi.responses import StreamingResponse
 
 from ember.client.watch import Watch
@@ -187,10 +187,14 @@ async def _relay(ws: WebSocket, relay: _Relay) -> None:
             continue
         if item is _END:
             return
-        if isinstance(item, bytes):
-            await ws.send_bytes(item)
-        else:
-            await ws.send_text(json.dumps(item))
+        try:
+            if isinstance(item, bytes):
+                await ws.send_bytes(item)
+            else:
+                await ws.send_text(json.dumps(item))
+        except Exception:  # the client left (starlette raises more than one kind for it)
+            relay.gone.set()
+            return
 
 
 def register(app: FastAPI, call: Call) -> None:
@@ -226,9 +230,7 @@ def register(app: FastAPI, call: Call) -> None:
                 tasks.start_soon(_watch_for_leaving, ws, relay, tasks.cancel_scope)
                 await _relay(ws, relay)
                 tasks.cancel_scope.cancel()
-        except WebSocketDisconnect:
-            pass
         finally:
-            relay.gone.set()
+            relay.gone.set()  # the pump stops at its next look
         with contextlib.suppress(Exception):
             await ws.close()
