@@ -67,6 +67,7 @@ class FakeSandbox:
         self.files = FakeFiles()
         self.frames: dict[str, list[bytes]] = {}
         self.channel_closed = threading.Event()
+        self.entry: Entry | None = None  # its record in the daemon
 
     def run_code(
         self, code: str, *, timeout: float | None = None, on_stdout: Any = None,
@@ -92,6 +93,8 @@ class FakeSandbox:
 
 
 class FakeManager:
+    streaming = Manager.streaming  # the real hold: ``entry.streams`` counts open streams
+
     def __init__(self, entry: Entry) -> None:
         self.entry = entry
         self._on_event: Any = None
@@ -113,6 +116,7 @@ def served() -> Iterator[tuple[str, str, FakeSandbox]]:
     fake = FakeSandbox()
     record = Record(id=new_id(), dir="/nonexistent", pid=0, template="default", created_at=0.0)
     entry = Entry(record, cast(Any, fake))
+    fake.entry = entry
     app = create_app(cast(Manager, FakeManager(entry)), token=TOKEN)
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
@@ -144,12 +148,25 @@ def test_watch_streams_events_until_the_directory_goes(
     with sb.files.watch("/d") as watch:
         guest = fake.files.watches.get(timeout=5)
         assert watch.get(timeout=0.05) is None and watch.ended is None
+        assert entry_of(served).streams == 1  # a watched sandbox is never idle
         guest.events.put(FileEvent("create", "/d/a", False))
         guest.events.put(FileEvent("overflow", "", False))
         guest.events.put(_END)
         assert list(watch) == [FileEvent("create", "/d/a", False), FileEvent("overflow", "", False)]
         assert watch.ended == "removed" and watch.get(timeout=0) is None
     assert guest.closed.wait(10)
+    wait_until(lambda: entry_of(served).streams == 0)
+
+
+def entry_of(served: tuple[str, str, FakeSandbox]) -> Entry:
+    return cast(Entry, served[2].entry)
+
+
+def wait_until(predicate: Any) -> None:
+    deadline = time.monotonic() + 10
+    while not predicate():
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
 
 
 def test_leaving_a_watch_closes_the_guests(
@@ -161,6 +178,7 @@ def test_leaving_a_watch_closes_the_guests(
     watch.close()
     assert guest.closed.wait(10)  # the daemon noticed the client leave
     assert watch.get(timeout=0) is None
+    wait_until(lambda: entry_of(served).streams == 0)
 
 
 def test_watch_errors_are_the_sdks(sb: RemoteSandbox) -> None:
@@ -197,8 +215,10 @@ def test_leaving_a_channel_early_abandons_it(
     fake.frames["c2"] = [b"%d" % i for i in range(1000)]
     frames = sb.channel("c2")
     assert next(frames) == b"0"
+    assert entry_of(served).streams == 1
     frames.close()  # type: ignore[attr-defined]
     assert fake.channel_closed.wait(10)
+    wait_until(lambda: entry_of(served).streams == 0)
 
 
 def test_the_async_client(

@@ -230,7 +230,7 @@ def create_app(manager: Manager, *, token: str, max_body: int = 128 << 20) -> Gu
               responses={200: {"content": {"application/x-ndjson": {}}}})  # fmt: skip
     def run_code(sandbox_id: str, body: models.CodeBody) -> Any:
         if body.stream:
-            return streams.run_code_lines(call, sandbox_id, body)
+            return streams.run_code_lines(manager, call, sandbox_id, body)
         started = time.perf_counter()
         r = call(sandbox_id, lambda sb: sb.run_code(body.code, timeout=body.timeout))
         metrics.exec_seconds.labels("run_code").observe(time.perf_counter() - started)
@@ -284,7 +284,7 @@ def create_app(manager: Manager, *, token: str, max_body: int = 128 << 20) -> Gu
     from ember.serve import processes, ws
 
     ws.register(app, call)
-    streams.register(app, call)
+    streams.register(app, manager, call)
     background = processes.register(app, manager, call)
 
     def on_event(event: str, sandbox_id: str) -> None:

@@ -24,24 +24,27 @@ guest's next ``send`` fails) when it next delivers a message.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import posixpath
 import queue
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import ExitStack
 from typing import Annotated, Any
 
 import anyio
 import anyio.to_thread
 from fastapi import FastAPI, Query, WebSocket
 from fastapi.responses import StreamingResponse
+from starlette.background import BackgroundTask
 
 from ember.client.watch import Watch
 from ember.errors import SandboxTimeout
 from ember.sandbox import Sandbox, wire
 from ember.serve import models
 from ember.serve.guard import json_lines
-from ember.serve.manager import NotFound
+from ember.serve.manager import Manager, NotFound
 
 Call = Callable[[str, Callable[[Sandbox], Any]], Any]
 NDJSON = "application/x-ndjson"
@@ -49,6 +52,18 @@ POLL = 1.0  # seconds between looks at a quiet watch or an unopened channel: how
 # client's leaving is noticed there
 QUEUE = 256  # channel messages held for a slow WebSocket client before the guest waits
 _END = object()
+
+
+@contextlib.contextmanager
+def _busy(manager: Manager, sandbox_id: str) -> Iterator[None]:
+    """Inside, the sandbox is never idle (the idle reaper leaves a watched sandbox alone):
+    ``Manager.streaming``'s hold, kept open for as long as the block runs."""
+    hold = manager.streaming(manager.get(sandbox_id), itertools.repeat(None))
+    next(hold)
+    try:
+        yield
+    finally:
+        hold.close()
 
 
 def _error(exc: BaseException) -> dict[str, Any]:
@@ -61,7 +76,9 @@ def _error(exc: BaseException) -> dict[str, Any]:
 
 
 # --- run_code, streamed
-def run_code_lines(call: Call, sandbox_id: str, body: models.CodeBody) -> StreamingResponse:
+def run_code_lines(
+    manager: Manager, call: Call, sandbox_id: str, body: models.CodeBody
+) -> StreamingResponse:
     """``run_code`` with the cell's output as NDJSON lines while it runs, then its result."""
     call(sandbox_id, lambda _sb: None)  # a missing or paused sandbox: an error reply, not lines
     events: queue.Queue[dict[str, Any] | None] = queue.Queue()
@@ -76,7 +93,8 @@ def run_code_lines(call: Call, sandbox_id: str, body: models.CodeBody) -> Stream
 
     def work() -> None:
         try:
-            events.put(call(sandbox_id, run))
+            with _busy(manager, sandbox_id):
+                events.put(call(sandbox_id, run))
         except Exception as exc:
             events.put(_error(exc))
         finally:
@@ -93,9 +111,9 @@ def run_code_lines(call: Call, sandbox_id: str, body: models.CodeBody) -> Stream
 
 
 # --- files/watch
-async def _watch_lines(watch: Watch, path: str) -> AsyncIterator[bytes]:
+async def _watch_lines(watch: Watch, path: str, busy: ExitStack) -> AsyncIterator[bytes]:
     """The watch's events as NDJSON; the guest watch is closed however this ends (a client
-    that leaves cancels it, at the latest ``POLL`` seconds later)."""
+    that leaves cancels it, at the latest ``POLL`` seconds later), and ``busy`` with it."""
     try:
         yield json_lines({"type": "ready", "path": path})
         while True:
@@ -111,6 +129,7 @@ async def _watch_lines(watch: Watch, path: str) -> AsyncIterator[bytes]:
                 return
     finally:
         watch.close()
+        busy.close()
 
 
 # --- channels
@@ -144,11 +163,13 @@ class _Relay:
                     ) from None
         return None
 
-    def pump(self, call: Call, sandbox_id: str) -> None:
+    def pump(self, manager: Manager, call: Call, sandbox_id: str) -> None:
         """On its own thread: the guest's messages into ``items``, then how it ended."""
         frames: Iterator[bytes] | None = None
+        busy = ExitStack()
         try:
             frames = call(sandbox_id, self._open)
+            busy.enter_context(_busy(manager, sandbox_id))
             if frames is None or not self._put({"type": "open"}):
                 return
             for frame in frames:
@@ -161,6 +182,7 @@ class _Relay:
             close = getattr(frames, "close", None)
             if close is not None:
                 close()
+            busy.close()
             self._put(_END)
 
     def next(self) -> bytes | dict[str, Any] | object:
@@ -197,7 +219,7 @@ async def _relay(ws: WebSocket, relay: _Relay) -> None:
             return
 
 
-def register(app: FastAPI, call: Call) -> None:
+def register(app: FastAPI, manager: Manager, call: Call) -> None:
     """The streaming routes: ``files/watch``, ``channels/NAME/ws`` (run_code's is in app.py,
     which hands ``"stream": true`` bodies to :func:`run_code_lines`)."""
 
@@ -211,7 +233,21 @@ def register(app: FastAPI, call: Call) -> None:
         """NDJSON: ``ready`` once the guest watches ``path``, then one line per change,
         until the directory goes (``end``) or the client hangs up."""
         found: Watch = call(sandbox_id, lambda sb: sb.files.watch(path, recursive=recursive))
-        return StreamingResponse(_watch_lines(found, posixpath.normpath(path)), media_type=NDJSON)
+        busy = ExitStack()
+        try:
+            busy.enter_context(_busy(manager, sandbox_id))
+        except BaseException:
+            found.close()
+            raise
+        lines = _watch_lines(found, posixpath.normpath(path), busy)
+
+        # Also when the reply never started (a client gone at once): the lines' finally
+        # then never runs, this does.
+        def done() -> None:
+            found.close()
+            busy.close()
+
+        return StreamingResponse(lines, media_type=NDJSON, background=BackgroundTask(done))
 
     @app.websocket("/sandboxes/{sandbox_id}/channels/{name}/ws")
     async def channel_ws(
@@ -222,7 +258,7 @@ def register(app: FastAPI, call: Call) -> None:
     ) -> None:
         await ws.accept()
         relay = _Relay(name, timeout)
-        thread = threading.Thread(target=relay.pump, args=(call, sandbox_id), daemon=True,
+        thread = threading.Thread(target=relay.pump, args=(manager, call, sandbox_id), daemon=True,
                                   name=f"ember-channel-{sandbox_id}")  # fmt: skip
         thread.start()
         try:
