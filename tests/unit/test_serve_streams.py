@@ -5,6 +5,7 @@ edge cases (a client that leaves, an error mid-stream, ordering) are cheap to re
 from __future__ import annotations
 
 import asyncio
+import json
 import queue
 import threading
 import time
@@ -13,12 +14,16 @@ from typing import Any, cast
 
 import pytest
 import uvicorn
+from websockets.exceptions import InvalidStatus
+from websockets.sync.client import connect
 
 from ember.client import CodeResult
 from ember.client.results import FileEvent
+from ember.client.watch import AsyncWatch, Watch
 from ember.errors import AgentFileNotFoundError, SandboxTimeout
 from ember.sandbox.remote import RemoteSandbox
 from ember.sandbox.remote_async import AsyncRemoteSandbox
+from ember.sandbox.remote_watch import AsyncRemoteWatch, RemoteWatch
 from ember.serve.app import create_app
 from ember.serve.manager import Entry, Manager, NotFound
 from ember.serve.state import Record, new_id
@@ -207,6 +212,18 @@ def test_channel_messages_arrive_in_order(
         sb.channel("never", timeout=0.2)
 
 
+def test_a_channel_socket_of_no_sandbox_or_no_token(served: tuple[str, str, FakeSandbox]) -> None:
+    base = served[0].replace("http://", "ws://")
+    headers = {"Authorization": f"Bearer {TOKEN}"}
+    with connect(
+        f"{base}/sandboxes/sb-nosuchsandbox/channels/c/ws", additional_headers=headers
+    ) as ws:
+        event = json.loads(ws.recv())
+        assert (event["type"], event["error"]["code"]) == ("error", "not_found")
+    with pytest.raises(InvalidStatus):
+        connect(f"{base}/sandboxes/{served[1]}/channels/c/ws").recv()
+
+
 def test_leaving_a_channel_early_abandons_it(
     sb: RemoteSandbox, served: tuple[str, str, FakeSandbox]
 ) -> None:
@@ -254,3 +271,17 @@ def test_the_async_client(
             await sb.detach()
 
     asyncio.run(main())
+
+
+@pytest.mark.parametrize(
+    ("local", "remote"), [(Watch, RemoteWatch), (AsyncWatch, AsyncRemoteWatch)]
+)
+def test_a_daemons_watch_has_the_in_process_watchs_methods(local: type, remote: type) -> None:
+    def public(cls: type) -> set[str]:
+        return {name for name in dir(cls) if not name.startswith("_") or name in DUNDERS}
+
+    assert public(local) == public(remote)
+
+
+DUNDERS = {"__iter__", "__next__", "__aiter__", "__anext__", "__enter__", "__exit__",
+           "__aenter__", "__aexit__"}  # fmt: skip

@@ -84,7 +84,7 @@ class AsyncRemoteSandbox(AsyncSandbox):
         params = watch_params(path, recursive)
         with daemon.reaching(self._api.url):
             opened = self._api.http.stream("GET", self._path("/files/watch"), params=params)
-            return await AsyncRemoteWatch(opened, self._api.url).open()
+            return await AsyncRemoteWatch(opened, self._api.url)._open()
 
     @property
     def id(self) -> str | None:

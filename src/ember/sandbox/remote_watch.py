@@ -194,7 +194,7 @@ class AsyncRemoteWatch:
         self._ended: str | None = None
         self._done = False
 
-    async def open(self) -> AsyncRemoteWatch:
+    async def _open(self) -> AsyncRemoteWatch:
         """Send the request and wait for the daemon's ``ready`` line."""
         reply = await self._opened.__aenter__()
         try:

@@ -168,8 +168,8 @@ class _Relay:
         frames: Iterator[bytes] | None = None
         busy = ExitStack()
         try:
+            busy.enter_context(_busy(manager, sandbox_id))  # a client listens: not idle
             frames = call(sandbox_id, self._open)
-            busy.enter_context(_busy(manager, sandbox_id))
             if frames is None or not self._put({"type": "open"}):
                 return
             for frame in frames:
