@@ -179,7 +179,11 @@ def test_leaving_a_watch_closes_the_guests(
 ) -> None:
     watch = sb.files.watch("/d", recursive=True)
     guest = served[2].files.watches.get(timeout=5)
+    waiting = threading.Thread(target=watch.get)  # no timeout: woken by the close
+    waiting.start()
     watch.close()
+    waiting.join(10)
+    assert not waiting.is_alive() and watch.ended is None
     watch.close()
     assert guest.closed.wait(10)  # the daemon noticed the client leave
     assert watch.get(timeout=0) is None

@@ -179,8 +179,11 @@ class AsyncRemoteSandbox(AsyncSandbox):
         """Frames guest code sends on channel ``name``, over a WebSocket to the daemon."""
         headers = {"Authorization": self._api.http.headers["Authorization"]}
         frames = remote_streams.aio_channel(self._api.url, headers, self._path(), name, timeout)
-        async for frame in frames:
-            yield frame
+        try:
+            async for frame in frames:
+                yield frame
+        finally:
+            await frames.aclose()  # left early: hang up now, not when it is collected
 
     @property
     def console(self) -> str:

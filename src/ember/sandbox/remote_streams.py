@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import json
 import socket
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncGenerator, Callable, Iterator
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, urlencode
 
@@ -199,7 +199,7 @@ class _Frames:
 
 async def aio_channel(
     base: str, headers: dict[str, str], path: str, name: str, timeout: float | None
-) -> AsyncIterator[bytes]:
+) -> AsyncGenerator[bytes, None]:
     """:func:`channel` for asyncio (the socket opens at the first ``anext``)."""
     from websockets.asyncio.client import connect
 

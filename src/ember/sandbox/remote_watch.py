@@ -44,6 +44,9 @@ class _End:
         self.reason = reason
 
 
+_CLOSED = _End("")  # wakes a get() blocked when another thread closes the watch
+
+
 def watch_params(path: PathArg, recursive: bool) -> dict[str, Any]:
     return {"path": str(path), "recursive": "true" if recursive else "false"}
 
@@ -143,7 +146,7 @@ class RemoteWatch:
             return item
         self._done = True
         if isinstance(item, _End):
-            self._ended = item.reason
+            self._ended = item.reason if item is not _CLOSED else None
             return None
         raise item
 
@@ -165,10 +168,14 @@ class RemoteWatch:
         if self._sock is None:  # no socket to shut down (another transport): hang up
             with contextlib.suppress(Exception):
                 self._opened.__exit__(None, None, None)
+            with contextlib.suppress(queue.Full):
+                self._items.put_nowait(_CLOSED)
             return
         with contextlib.suppress(OSError):  # wakes the reading thread; the daemon sees us leave
             self._sock.shutdown(socket.SHUT_RDWR)
         self._thread.join(timeout=10)
+        with contextlib.suppress(queue.Full):  # a full queue wakes a blocked get() anyway
+            self._items.put_nowait(_CLOSED)
 
     def __enter__(self) -> RemoteWatch:
         return self
