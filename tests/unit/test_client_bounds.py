@@ -587,3 +587,17 @@ def test_a_channel_request_nested_too_deep_only_drops_that_connection(
             write_frame(sock, Kind.DATA_EOF)
         assert list(server.channel("ok", timeout=30)) == [b"fine"]
     assert escaped == []
+
+
+def test_closing_the_server_ends_a_channel_being_read(tmp_path: Path) -> None:
+    # Before, a consumer waiting for the next message waited forever once the server closed
+    # (a sandbox closed or deleted under a reader: the daemon's channel WebSocket hung).
+    with channel_server(tmp_path) as (server, path), open_channel(path, "c") as sock:
+        write_frame(sock, Kind.DATA, b"first")
+        frames = server.channel("c", timeout=30)
+        assert next(frames) == b"first"
+        closer = threading.Timer(0.2, server.close)
+        closer.start()
+        with pytest.raises(ProtocolError, match="closed"):
+            next(frames)
+        closer.join()

@@ -111,8 +111,10 @@ class _Stream:
 
     def get(self) -> bytes | object:
         with self._cond:
-            while not self._items:
+            while not self._items and not self.abandoned:
                 self._cond.wait()
+            if not self._items:  # the server closed under its consumer, who must not hang
+                return "the channel server was closed"
             item = self._items.popleft()
             if isinstance(item, bytes):
                 self._size -= len(item)

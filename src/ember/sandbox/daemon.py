@@ -75,7 +75,6 @@ def reaching(url: str) -> Iterator[None]:
 
 # What a remote facade refuses (the name in its message), not available through a daemon yet.
 HOST_SIDE = {
-    "channel": "channel()",
     "set_memory": "set_memory()",
     "memory_stats": "memory_stats()",
     "_connect_port": "connect(port)",

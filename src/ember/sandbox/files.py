@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from ember.sandbox.aio import AsyncSandbox
     from ember.sandbox.remote import RemoteSandbox
     from ember.sandbox.remote_async import AsyncRemoteSandbox
+    from ember.sandbox.remote_watch import AsyncRemoteWatch, RemoteWatch
     from ember.sandbox.sync import Sandbox
 
 
@@ -106,6 +107,10 @@ class RemoteFiles:
     def remove(self, path: PathArg, *, recursive: bool = False) -> None:
         self._sb._do(remove_file(path, recursive))
 
+    def watch(self, path: PathArg, *, recursive: bool = False) -> RemoteWatch:
+        """Changes under the directory ``path``, streamed by the daemon; see ``Files.watch``."""
+        return self._sb._watch(path, recursive)
+
 
 class AsyncRemoteFiles:
     """``sb.files`` of a daemon's sandbox for asyncio code (see ``RemoteFiles``)."""
@@ -130,6 +135,10 @@ class AsyncRemoteFiles:
 
     async def remove(self, path: PathArg, *, recursive: bool = False) -> None:
         await self._sb._do(remove_file(path, recursive))
+
+    async def watch(self, path: PathArg, *, recursive: bool = False) -> AsyncRemoteWatch:
+        """Changes under the directory ``path``; see ``RemoteFiles.watch``."""
+        return await self._sb._watch(path, recursive)
 
 
 # --- the daemon's requests (whole files per request, bounded by the daemon)

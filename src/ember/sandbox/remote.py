@@ -16,17 +16,18 @@ The requests themselves are built and read in :mod:`ember.sandbox.daemon`.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TypeVar
 
 import httpx
 
-from ember.client import CodeResult, ExecResult, OutputChunk
+from ember.client import CodeResult, ExecResult, OutputChunk, PathArg
 from ember.errors import SandboxError
-from ember.sandbox import daemon, remote_terminal
+from ember.sandbox import daemon, remote_streams, remote_terminal
 from ember.sandbox.files import RemoteFiles
 from ember.sandbox.options import ExecArgs, SandboxOptions, StreamArgs
 from ember.sandbox.remote_terminal import RemoteTerminal
+from ember.sandbox.remote_watch import RemoteWatch, watch_params
 from ember.sandbox.signature import takes
 from ember.sandbox.sync import Sandbox
 from ember.templates import check_name
@@ -114,6 +115,12 @@ class RemoteSandbox(Sandbox):
             self._api.call(request.method, self._path(request.tail), **request.options)
         )
 
+    def _watch(self, path: PathArg, recursive: bool) -> RemoteWatch:
+        params = watch_params(path, recursive)
+        with daemon.reaching(self._api.url):
+            opened = self._api.http.stream("GET", self._path("/files/watch"), params=params)
+            return RemoteWatch(opened, self._api.url)
+
     # --- the daemon's own
     @property
     def id(self) -> str:
@@ -199,8 +206,25 @@ class RemoteSandbox(Sandbox):
                     yield event
         raise SandboxError(daemon.NO_RESULT)
 
-    def run_code(self, code: str, *, timeout: float | None = None) -> CodeResult:
-        return self._do(daemon.run_code(code, timeout))
+    def run_code(
+        self,
+        code: str,
+        *,
+        timeout: float | None = None,
+        on_stdout: Callable[[str], object] | None = None,
+        on_stderr: Callable[[str], object] | None = None,
+    ) -> CodeResult:
+        """As in-process; with a callback the daemon streams the output (NDJSON) to it."""
+        if on_stdout is None and on_stderr is None:
+            return self._do(daemon.run_code(code, timeout))
+        body = remote_streams.code_body(code, timeout)
+        return remote_streams.run_code(self._api.http, self._api.url, self._path("/run_code"),
+                                       body, on_stdout, on_stderr)  # fmt: skip
+
+    def channel(self, name: str, *, timeout: float | None = None) -> Iterator[bytes]:
+        """Frames guest code sends with ``ember.agent.channel(name)``, over a WebSocket."""
+        headers = {"Authorization": self._api.http.headers["Authorization"]}
+        return remote_streams.channel(self._api.url, headers, self._path(), name, timeout)
 
     def pty(
         self,

@@ -7,18 +7,19 @@ The same requests as :mod:`ember.sandbox.remote` (built and read in
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any, TypeVar
 
 import httpx
 
-from ember.client import CodeResult, ExecResult, OutputChunk
+from ember.client import CodeResult, ExecResult, OutputChunk, PathArg
 from ember.errors import SandboxError
-from ember.sandbox import daemon, remote_terminal
+from ember.sandbox import daemon, remote_streams, remote_terminal
 from ember.sandbox.aio import AsyncSandbox
 from ember.sandbox.files import AsyncRemoteFiles
 from ember.sandbox.options import ExecArgs, SandboxOptions, StreamArgs
 from ember.sandbox.remote_terminal import AsyncRemoteTerminal
+from ember.sandbox.remote_watch import AsyncRemoteWatch, watch_params
 from ember.sandbox.signature import takes
 from ember.templates import check_name
 
@@ -79,6 +80,12 @@ class AsyncRemoteSandbox(AsyncSandbox):
     async def _do(self, request: daemon.Request[T]) -> T:
         reply = await self._api.call(request.method, self._path(request.tail), **request.options)
         return request.parse(reply)
+
+    async def _watch(self, path: PathArg, recursive: bool) -> AsyncRemoteWatch:
+        params = watch_params(path, recursive)
+        with daemon.reaching(self._api.url):
+            opened = self._api.http.stream("GET", self._path("/files/watch"), params=params)
+            return await AsyncRemoteWatch(opened, self._api.url)._open()
 
     @property
     def id(self) -> str | None:
@@ -154,8 +161,30 @@ class AsyncRemoteSandbox(AsyncSandbox):
                     yield event
         raise SandboxError(daemon.NO_RESULT)
 
-    async def run_code(self, code: str, *, timeout: float | None = None) -> CodeResult:
-        return await self._do(daemon.run_code(code, timeout))
+    async def run_code(
+        self,
+        code: str,
+        *,
+        timeout: float | None = None,
+        on_stdout: Callable[[str], object] | None = None,
+        on_stderr: Callable[[str], object] | None = None,
+    ) -> CodeResult:
+        if on_stdout is None and on_stderr is None:
+            return await self._do(daemon.run_code(code, timeout))
+        body = remote_streams.code_body(code, timeout)
+        return await remote_streams.aio_run_code(
+            self._api.http, self._api.url, self._path("/run_code"), body, on_stdout, on_stderr
+        )
+
+    async def channel(self, name: str, *, timeout: float | None = None) -> AsyncIterator[bytes]:
+        """Frames guest code sends on channel ``name``, over a WebSocket to the daemon."""
+        headers = {"Authorization": self._api.http.headers["Authorization"]}
+        frames = remote_streams.aio_channel(self._api.url, headers, self._path(), name, timeout)
+        try:
+            async for frame in frames:
+                yield frame
+        finally:
+            await frames.aclose()  # left early: hang up now, not when it is collected
 
     async def pty(
         self,

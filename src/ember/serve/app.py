@@ -23,7 +23,7 @@ from starlette.exceptions import HTTPException
 
 from ember.errors import EmberError, SandboxCrashed
 from ember.sandbox import Sandbox, wire
-from ember.serve import models, terminal_ws
+from ember.serve import models, streams, terminal_ws
 from ember.serve.guard import Guard, json_lines
 from ember.serve.manager import CreateArgs, Entry, ForkArgs, Manager, NotFound
 from ember.serve.mcp_http import McpMount
@@ -226,8 +226,11 @@ def create_app(manager: Manager, *, token: str, max_body: int = 128 << 20) -> Gu
         held = manager.streaming(entry(sandbox_id), stream)  # never idle while it streams
         return StreamingResponse(_ndjson(held), media_type="application/x-ndjson")
 
-    @app.post("/sandboxes/{sandbox_id}/run_code", response_model=models.CodeReply)
-    def run_code(sandbox_id: str, body: models.CodeBody) -> dict[str, Any]:
+    @app.post("/sandboxes/{sandbox_id}/run_code", response_model=models.CodeReply,
+              responses={200: {"content": {"application/x-ndjson": {}}}})  # fmt: skip
+    def run_code(sandbox_id: str, body: models.CodeBody) -> Any:
+        if body.stream:
+            return streams.run_code_lines(manager, call, sandbox_id, body)
         started = time.perf_counter()
         r = call(sandbox_id, lambda sb: sb.run_code(body.code, timeout=body.timeout))
         metrics.exec_seconds.labels("run_code").observe(time.perf_counter() - started)
@@ -282,6 +285,7 @@ def create_app(manager: Manager, *, token: str, max_body: int = 128 << 20) -> Gu
 
     ws.register(app, call)
     terminal_ws.register(app, call)
+    streams.register(app, manager, call)
     background = processes.register(app, manager, call)
 
     def on_event(event: str, sandbox_id: str) -> None:

@@ -121,6 +121,8 @@ class ExecReply(BaseModel):
 class CodeBody(Strict):
     code: Annotated[str, Field(max_length=16 << 20)]
     timeout: Seconds | None = None
+    stream: bool = Field(False, description="reply NDJSON: output lines as the cell writes, "
+                         "then the result")  # fmt: skip
 
 
 class CodeErrorModel(BaseModel):
