@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from ember.errors import SandboxCrashed, SandboxTimeout
+from ember.errors import AgentFileNotFoundError, SandboxCrashed, SandboxTimeout
 from ember.sandbox import Sandbox
 from tests.integration.conftest import Images, ember
 
@@ -132,3 +132,23 @@ def test_ember_run_streams_a_script_and_returns_its_status(images: Images, tmp_p
     assert result.returncode == 5, result.stderr
     assert result.stdout == "args ['a', 'b']\n"
     assert result.stderr == "oops\n"
+
+
+def test_a_missing_file_is_the_agents_answer_not_a_crash_to_look_for(
+    sb: Sandbox, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # FileNotFoundError is an OSError, as a broken connection is; only the latter may be a
+    # dead VM worth waiting for (crash_after_failure waits up to 5 s for the VMM to exit).
+    looked: list[bool] = []
+    real = sb._vmm.crash_after_failure
+
+    def spy() -> SandboxCrashed | None:
+        looked.append(True)
+        return real()
+
+    monkeypatch.setattr(sb._vmm, "crash_after_failure", spy)
+    with pytest.raises(AgentFileNotFoundError):
+        sb.files.stat("/no/such/file")
+    with pytest.raises(AgentFileNotFoundError):
+        sb.files.read("/no/such/file")
+    assert looked == []

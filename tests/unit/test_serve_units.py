@@ -20,6 +20,7 @@ from ember.errors import (
 )
 from ember.sandbox import wire
 from ember.serve.guard import Guard
+from ember.serve.manager import NotFound
 from ember.serve.state import Record, StateDir, new_id, valid_id
 
 
@@ -60,6 +61,7 @@ def test_records_round_trip_and_torn_ones_are_dropped(tmp_path: Path) -> None:
         (OutputTooLarge("big", 10), 413, "output_too_large", OutputTooLarge),
         (ConfigError("bad"), 400, "config_error", ConfigError),
         (RuntimeError("secret detail"), 500, "internal", wire.ServerError),
+        (NotFound("sb-gone"), 404, "not_found", wire.ServerError),  # as exec/ws reports it
     ],
 )
 def test_errors_become_codes_and_back(

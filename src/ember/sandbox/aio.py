@@ -34,7 +34,7 @@ from ember.client import (
     explain_crashed_worker,
 )
 from ember.client.terminal import AsyncTerminal
-from ember.errors import ConfigError, ProtocolError, SandboxError, SandboxTimeout
+from ember.errors import AgentError, ConfigError, ProtocolError, SandboxError, SandboxTimeout
 from ember.jailer.cgroups import SandboxCgroup
 from ember.launcher import HANDSHAKE_TIMEOUT, SandboxSpec, VmmProcess, fork_vmm
 from ember.sandbox.files import AsyncSandboxFiles
@@ -208,6 +208,8 @@ class AsyncSandbox:
             if vmm.exited():
                 raise vmm.crashed("the sandbox crashed") from exc
             raise
+        except AgentError:
+            raise  # the agent answered (FileNotFoundError is an OSError too): no crash to look for
         except (OSError, ProtocolError, asyncio.IncompleteReadError) as exc:
             vmm = self._require()
             crash = await asyncio.to_thread(vmm.crash_after_failure)

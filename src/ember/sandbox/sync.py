@@ -32,7 +32,14 @@ from ember.client import (
     explain_crashed_worker,
 )
 from ember.client.terminal import Terminal
-from ember.errors import ConfigError, ProtocolError, SandboxCrashed, SandboxError, SandboxTimeout
+from ember.errors import (
+    AgentError,
+    ConfigError,
+    ProtocolError,
+    SandboxCrashed,
+    SandboxError,
+    SandboxTimeout,
+)
 from ember.jailer.cgroups import SandboxCgroup
 from ember.launcher import SandboxSpec, VmmProcess, fork_vmm
 from ember.sandbox.files import SandboxFiles
@@ -149,6 +156,8 @@ class Sandbox:
             if self._vmm.exited():
                 raise self._vmm.crashed("the sandbox crashed") from exc
             raise
+        except AgentError:
+            raise  # the agent answered (FileNotFoundError is an OSError too): no crash to look for
         except (OSError, ProtocolError) as exc:
             if self._closed:
                 raise SandboxError("this sandbox is closed") from exc

@@ -132,11 +132,15 @@ def error_body(exc: BaseException) -> tuple[int, dict[str, Any]]:
         code = "config_error"
     elif type(exc).__name__ == "Paused":  # ember.serve.manager.Paused (no import cycle)
         code = "sandbox_paused"
+    elif type(exc).__name__ == "NotFound" and exc.args:  # ember.serve.manager.NotFound
+        code = "not_found"
+        kind = exc.args[1] if len(exc.args) > 1 else "sandbox"
+        message = f"no {kind} {exc.args[0]!r}"
     elif isinstance(exc, EmberError):
         code = "sandbox_error"
     else:
         code = "internal"
-    if not isinstance(exc, AgentError):
+    if not isinstance(exc, AgentError) and code != "not_found":
         message = str(exc) if code != "internal" else f"internal error: {type(exc).__name__}"
     return STATUS[code], {"error": {"code": code, "message": message, **extra}}
 
