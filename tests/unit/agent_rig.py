@@ -73,3 +73,12 @@ def agent(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Agent]:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def alive(pid: int) -> bool:
+    """The process runs (a zombie does not count): what a hung-up terminal must end."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"

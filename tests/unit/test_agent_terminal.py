@@ -20,7 +20,7 @@ import pytest
 from ember.client.results import FileEvent
 from ember.errors import AgentError
 from ember.protocol import Kind, decode_json, read_frame, write_frame, write_json
-from tests.unit.agent_rig import Agent
+from tests.unit.agent_rig import Agent, alive
 
 
 def read_until(term: object, needle: bytes, timeout: float = 30.0) -> bytes:
@@ -72,17 +72,9 @@ def test_hanging_up_kills_the_program_on_the_terminal(agent: Agent, tmp_path: Pa
     pid = int(pidfile.read_text())
     term.close()
     deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and _alive(pid):
+    while time.monotonic() < deadline and alive(pid):
         time.sleep(0.05)
-    assert not _alive(pid)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
+    assert not alive(pid)
 
 
 def test_a_terminal_timeout_kills_the_program_and_says_so(agent: Agent) -> None:

@@ -35,7 +35,7 @@ from ember.serve.guard import Guard
 from ember.serve.manager import NotFound
 from tests.integration.serve_daemon import free_port
 from tests.shell_rig import HostTerminal
-from tests.unit.agent_rig import Agent
+from tests.unit.agent_rig import Agent, alive
 from tests.unit.test_agent_terminal import read_until
 
 TOKEN = "t" * 43
@@ -136,17 +136,9 @@ def test_hanging_up_kills_the_program(server: str, tmp_path: Path) -> None:
     pid = int(pidfile.read_text())
     term.close()
     deadline = time.monotonic() + 30
-    while _alive(pid):
+    while alive(pid):
         assert time.monotonic() < deadline, "the program outlived its terminal"
         time.sleep(0.05)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
 
 
 def test_refusals_are_the_daemons_error_codes(server: str) -> None:
@@ -204,18 +196,13 @@ def shell_env() -> dict[str, str]:
     return {**os.environ, "EMBER_TOKEN": TOKEN, "PYTHONPATH": pythonpath}
 
 
+def shell_argv(server: str) -> list[str]:
+    return [sys.executable, "-m", "ember.cli.main", "shell", "--server", server, SID, "--",
+            "/bin/sh"]  # fmt: skip
+
+
 def test_ember_shell_on_a_host_terminal(server: str) -> None:
-    argv = [
-        sys.executable,
-        "-m",
-        "ember.cli.main",
-        "shell",
-        "--server",
-        server,
-        SID,
-        "--",
-        "/bin/sh",
-    ]
+    argv = shell_argv(server)
     host = HostTerminal(argv, shell_env(), rows=30, cols=100)
     host.type(b"echo hi-$((6*7)); stty size\r")  # raw here: \r reaches the guest as typed
     assert b"30 100" in host.read_until(b"hi-42") + host.read_until(b"30 100")
@@ -225,17 +212,7 @@ def test_ember_shell_on_a_host_terminal(server: str) -> None:
 
 
 def test_ember_shell_with_a_pipe_for_stdin(server: str) -> None:
-    argv = [
-        sys.executable,
-        "-m",
-        "ember.cli.main",
-        "shell",
-        "--server",
-        server,
-        SID,
-        "--",
-        "/bin/sh",
-    ]
+    argv = shell_argv(server)
     done = subprocess.run(argv, input=b"echo hi-$((6*7))\n", capture_output=True,
                           env=shell_env(), timeout=120)  # fmt: skip
     assert done.returncode == 0 and b"hi-42" in done.stdout  # ^D at the end ended the shell

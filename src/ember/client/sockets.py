@@ -21,7 +21,7 @@ from ember.client.wire import Frame, cut_short, frame_header, parse_header
 from ember.errors import SandboxTimeout
 from ember.protocol import HEADER, Kind, Payload
 
-__all__ = ["drive", "read_frame", "receive_frame", "send_frame", "still_open"]
+__all__ = ["drive", "read_frame", "readable", "receive_frame", "send_frame", "still_open"]
 
 T = TypeVar("T")
 _CLOCK = time.monotonic
@@ -112,6 +112,14 @@ def drive(sock: socket.socket, op: Operation[T]) -> T:
         else:
             op.receive(receive_frame(sock, step.deadline))
     return op.value
+
+
+def readable(sock: socket.socket, timeout: float | None) -> bool:
+    """Whether a byte (or EOF) arrives within ``timeout`` (None: wait for it). A caller's own
+    timeout waits here, never inside a frame, so it cannot cut one in half."""
+    poller = select.poll()
+    poller.register(sock, select.POLLIN)
+    return bool(poller.poll(None if timeout is None else max(int(timeout * 1000), 0)))
 
 
 def still_open(sock: socket.socket) -> bool:

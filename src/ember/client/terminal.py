@@ -9,7 +9,6 @@ never cuts a frame in half. Closing it hangs up: the guest program gets SIGHUP.
 from __future__ import annotations
 
 import asyncio
-import select
 import socket
 import threading
 from types import TracebackType
@@ -18,7 +17,7 @@ from ember.client import streams
 from ember.client.core import Incoming
 from ember.client.interactive import TerminalOp, resize_payload, signal_payload
 from ember.client.results import ExecResult
-from ember.client.sockets import receive_frame
+from ember.client.sockets import readable, receive_frame
 from ember.protocol import Kind, write_frame
 
 __all__ = ["AsyncTerminal", "Terminal"]
@@ -63,9 +62,7 @@ class Terminal:
 
     def read(self, timeout: float | None = None) -> bytes | None:
         while (step := self._op.next()) is not None:
-            poller = select.poll()
-            poller.register(self._sock, select.POLLIN)
-            if not poller.poll(None if timeout is None else max(int(timeout * 1000), 0)):
+            if not readable(self._sock, timeout):
                 return b""
             chunk = self._op.receive(receive_frame(self._sock, step.deadline))
             if chunk is not None:
@@ -86,8 +83,8 @@ class Terminal:
         out = bytearray()
         while (data := self.read()) is not None:
             out += data
-        assert self._op.result is not None
-        return _with_output(self._op.result, bytes(out))
+        assert self.result is not None  # the property: a subclass's transport may differ
+        return _with_output(self.result, bytes(out))
 
     def close(self) -> None:
         """Hang up (the program gets SIGHUP if it still runs); safe to call twice."""
@@ -176,8 +173,8 @@ class AsyncTerminal:
         out = bytearray()
         while (data := await self.read()) is not None:
             out += data
-        assert self._op.result is not None
-        return _with_output(self._op.result, bytes(out))
+        assert self.result is not None
+        return _with_output(self.result, bytes(out))
 
     async def close(self) -> None:
         if not self._closed:

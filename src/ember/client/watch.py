@@ -10,7 +10,6 @@ watch in the guest.
 from __future__ import annotations
 
 import asyncio
-import select
 import socket
 from types import TracebackType
 
@@ -18,7 +17,7 @@ from ember.client import streams
 from ember.client.core import Incoming
 from ember.client.interactive import WatchOp
 from ember.client.results import FileEvent
-from ember.client.sockets import receive_frame
+from ember.client.sockets import readable, receive_frame
 
 __all__ = ["AsyncWatch", "Watch"]
 
@@ -45,9 +44,7 @@ class Watch:
     def get(self, timeout: float | None = None) -> FileEvent | None:
         """The next event; None if ``timeout`` passed first or the watch has ended."""
         while (step := self._op.next()) is not None:
-            poller = select.poll()
-            poller.register(self._sock, select.POLLIN)
-            if not poller.poll(None if timeout is None else max(int(timeout * 1000), 0)):
+            if not readable(self._sock, timeout):
                 return None
             self._op.receive(receive_frame(self._sock, step.deadline))
             if self._op.event is not None:

@@ -184,14 +184,6 @@ class RemoteTerminal(Terminal):
             self.close()
         return data
 
-    def wait(self) -> ExecResult:
-        """Read to the end; the result holds the output read here, as ``stdout``."""
-        out = bytearray()
-        while (data := self.read()) is not None:
-            out += data
-        assert self._events.result is not None
-        return _with_output(self._events.result, bytes(out))
-
     def close(self) -> None:
         """Hang up (the program gets SIGHUP if it still runs); safe to call twice."""
         self._stack.close()
@@ -260,13 +252,6 @@ class AsyncRemoteTerminal(AsyncTerminal):
         if data is None:
             await self.close()
         return data
-
-    async def wait(self) -> ExecResult:
-        out = bytearray()
-        while (data := await self.read()) is not None:
-            out += data
-        assert self._events.result is not None
-        return _with_output(self._events.result, bytes(out))
 
     async def close(self) -> None:
         await self._ws.close()
