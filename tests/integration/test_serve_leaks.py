@@ -50,6 +50,7 @@ def test_create_delete_cycles_leak_nothing(daemon: Daemon) -> None:
             assert reply.json()["exit_code"] == 0
             usage = api.get(f"/sandboxes/{sid}/metrics").json()  # from its cgroup
             assert usage["cpu_seconds"] > 0 and usage["state"] == "running"
+            assert usage["memory_bytes"] > 0  # the cgroup's memory.current
             assert api.delete(f"/sandboxes/{sid}").status_code == 204
             return rec
 

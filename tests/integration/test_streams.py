@@ -199,6 +199,11 @@ def test_channel_through_the_daemon(remote: RemoteSandbox, daemon: Daemon) -> No
         assert json.loads(ws.recv()) == {"type": "open"}
         assert [ws.recv() for _ in want] == want  # one binary message each, in order
         assert json.loads(ws.recv()) == {"type": "end"}
+    with daemon.client() as api:
+        # both channels' 3 frames of 7 bytes, counted as relayed; the guest's own memory
+        assert "ember_channel_bytes_total 42.0" in api.get("/metrics").text
+        usage = api.get(f"/sandboxes/{remote.id}/metrics").json()
+        assert usage["guest"]["total_memory"] > 0  # through the balloon's statistics
 
 
 def test_the_async_client_through_the_daemon(remote: RemoteSandbox, daemon: Daemon) -> None:

@@ -29,6 +29,7 @@ V2_FILES = {
     "memory.max": "max\n",
     "memory.swap.max": "max\n",
     "memory.peak": "12345678\n",
+    "memory.current": "2345678\n",
     "memory.events": "low 0\nhigh 0\nmax 3\noom 2\noom_kill 2\n",
     "pids.max": "max\n",
 }
@@ -39,6 +40,7 @@ V1_FILES = {
         "memory.limit_in_bytes": "9223372036854771712\n",
         "memory.memsw.limit_in_bytes": "9223372036854771712\n",
         "memory.max_usage_in_bytes": "4194304\n",
+        "memory.usage_in_bytes": "1048576\n",
         "memory.oom_control": "oom_kill_disable 0\nunder_oom 0\noom_kill 1\n",
     },
     "pids": {"pids.max": "max\n"},
@@ -149,6 +151,7 @@ def test_v2_usage_add_and_remove(fake_kernel: Path) -> None:
     (group.path / "cgroup.procs").write_text("")  # the fake "process" is gone
     assert group.cpu_usage_seconds() == pytest.approx(2.5)
     assert group.memory_peak_bytes() == 12345678
+    assert group.memory_current_bytes() == 2345678
     assert group.oom_kills() == 2
     group.remove()
     assert not group.path.exists()
@@ -203,6 +206,7 @@ def test_v1_add_usage_remove(fake_kernel: Path) -> None:
         (d / "cgroup.procs").write_text("")
     assert group.cpu_usage_seconds() == pytest.approx(1.5)
     assert group.memory_peak_bytes() == 4194304
+    assert group.memory_current_bytes() == 1048576
     assert group.oom_kills() == 1
     group.remove()
     assert not any(d.exists() for d in group.paths)

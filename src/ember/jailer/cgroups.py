@@ -324,8 +324,15 @@ class SandboxCgroup:
 
     def memory_peak_bytes(self) -> int | None:
         """The highest memory use seen, or None where the kernel does not track it."""
+        return self._memory("memory.peak", "memory.max_usage_in_bytes")
+
+    def memory_current_bytes(self) -> int | None:
+        """The memory charged to the group now (host pages of the VMM and its guest)."""
+        return self._memory("memory.current", "memory.usage_in_bytes")
+
+    def _memory(self, v2_name: str, v1_name: str) -> int | None:
         d = self._dirs.get("" if self.version == 2 else "memory")
-        name = "memory.peak" if self.version == 2 else "memory.max_usage_in_bytes"
+        name = v2_name if self.version == 2 else v1_name
         try:
             return int(_read(d / name)) if d is not None else None
         except (OSError, ValueError):

@@ -8,6 +8,7 @@ Every failure is a JSON ``{"error": {"code", "message"}}`` with a stable code
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -202,12 +203,20 @@ def create_app(manager: Manager, *, token: str, max_body: int = 128 << 20) -> Gu
 
     @app.get("/sandboxes/{sandbox_id}/metrics")
     def sandbox_metrics(sandbox_id: str) -> dict[str, Any]:
+        """The sandbox's CPU and memory (its cgroup) and, running, the guest's own memory
+        statistics through the balloon (``guest``: virtio-balloon names, bytes)."""
         e = entry(sandbox_id)
         group = e.sandbox.cgroup if e.sandbox is not None else None
+        guest: dict[str, int] | None = None
+        if e.sandbox is not None and e.state.value == "running":
+            with contextlib.suppress(EmberError, OSError):
+                guest = e.sandbox.memory_stats(timeout=5.0)
         return {
             "id": e.record.id, "state": e.state.value,
             "cpu_seconds": group.cpu_usage_seconds() if group is not None else None,
             "memory_peak_bytes": group.memory_peak_bytes() if group is not None else None,
+            "memory_bytes": group.memory_current_bytes() if group is not None else None,
+            "guest": guest,
         }  # fmt: skip
 
     # --- processes and code
@@ -285,7 +294,7 @@ def create_app(manager: Manager, *, token: str, max_body: int = 128 << 20) -> Gu
 
     ws.register(app, call)
     terminal_ws.register(app, call)
-    streams.register(app, manager, call)
+    streams.register(app, manager, call, metrics.channel_bytes.inc)
     background = processes.register(app, manager, call)
 
     def on_event(event: str, sandbox_id: str) -> None:

@@ -29,6 +29,13 @@ class Metrics:
         self.file_bytes = Counter(
             "ember_file_bytes", "Bytes moved through files", ["direction"], registry=r
         )
+        self.channel_bytes = Counter(
+            "ember_channel_bytes", "Bytes of channel messages relayed to clients", registry=r
+        )
+        self.memory_bytes = Gauge(
+            "ember_sandbox_memory_bytes", "Memory charged to a sandbox's VMM now (cgroup)",
+            ["id"], registry=r,
+        )  # fmt: skip
         self.cpu_seconds = Gauge(
             "ember_sandbox_cpu_seconds", "CPU time of a sandbox's VMM (cgroup)", ["id"],
             registry=r,
@@ -41,6 +48,7 @@ class Metrics:
         for state, n in manager.counts().items():
             self.sandboxes.labels(state).set(n)
         self.cpu_seconds.clear()
+        self.memory_bytes.clear()
         for entry in manager.find(state="running"):
             group = entry.sandbox.cgroup if entry.sandbox is not None else None
             if group is not None:
@@ -48,4 +56,7 @@ class Metrics:
                     self.cpu_seconds.labels(entry.record.id).set(group.cpu_usage_seconds())
                 except OSError:
                     pass
+                memory = group.memory_current_bytes()
+                if memory is not None:
+                    self.memory_bytes.labels(entry.record.id).set(memory)
         return generate_latest(self.registry)

@@ -202,7 +202,7 @@ async def _watch_for_leaving(ws: WebSocket, relay: _Relay, scope: anyio.CancelSc
     scope.cancel()
 
 
-async def _relay(ws: WebSocket, relay: _Relay) -> None:
+async def _relay(ws: WebSocket, relay: _Relay, counted: Callable[[int], None]) -> None:
     while True:
         item = await anyio.to_thread.run_sync(relay.next)
         if item is None:
@@ -212,6 +212,7 @@ async def _relay(ws: WebSocket, relay: _Relay) -> None:
         try:
             if isinstance(item, bytes):
                 await ws.send_bytes(item)
+                counted(len(item))
             else:
                 await ws.send_text(json.dumps(item))
         except Exception:  # the client left (starlette raises more than one kind for it)
@@ -219,9 +220,12 @@ async def _relay(ws: WebSocket, relay: _Relay) -> None:
             return
 
 
-def register(app: FastAPI, manager: Manager, call: Call) -> None:
+def register(
+    app: FastAPI, manager: Manager, call: Call, counted: Callable[[int], None] = lambda n: None
+) -> None:
     """The streaming routes: ``files/watch``, ``channels/NAME/ws`` (run_code's is in app.py,
-    which hands ``"stream": true`` bodies to :func:`run_code_lines`)."""
+    which hands ``"stream": true`` bodies to :func:`run_code_lines`); ``counted`` is told
+    the size of each channel message relayed (the daemon's metrics)."""
 
     @app.get("/sandboxes/{sandbox_id}/files/watch",
              responses={200: {"content": {NDJSON: {}}}})  # fmt: skip
@@ -264,7 +268,7 @@ def register(app: FastAPI, manager: Manager, call: Call) -> None:
         try:
             async with anyio.create_task_group() as tasks:
                 tasks.start_soon(_watch_for_leaving, ws, relay, tasks.cancel_scope)
-                await _relay(ws, relay)
+                await _relay(ws, relay, counted)
                 tasks.cancel_scope.cancel()
         finally:
             relay.gone.set()  # the pump stops at its next look
