@@ -254,3 +254,14 @@ def test_opening_addresses_replaces_their_timeout_in_one_transaction() -> None:
     ]
     policy = NetworkPolicy(["a.test:443", "b.test"])
     nft_check(SandboxNetwork(slot=1, policy=policy).sandbox_ruleset() + commands)
+
+
+def test_a_policy_travels_to_a_daemon_and_back() -> None:
+    policy = NetworkPolicy(["10.0.0.5:443", "192.168.1.0/24", "*.pypi.org:443"], internet=True)
+    again = NetworkPolicy.from_json(policy.to_json())
+    assert again == policy and again.egress_rules() == policy.egress_rules()
+    assert NetworkPolicy.from_json(True) == NetworkPolicy(internet=True)
+    with pytest.raises(ConfigError):
+        NetworkPolicy.from_json({"allow": ["not an address:99999"]})
+    with pytest.raises(ConfigError):
+        NetworkPolicy.from_json("everything")

@@ -106,6 +106,31 @@ class SandboxNetwork:
             raise
         return network
 
+    @classmethod
+    def adopt(cls, slot: int, policy: NetworkPolicy, exposed: Sequence[int] = ()) -> SandboxNetwork:
+        """The network of a sandbox whose VMM outlived the process that made it (a daemon
+        restarted): take its slot's lock again, and start its resolver, which lived in that
+        process. The namespace, TAP and rules are the kernel's and still in place."""
+        _require_root()
+        fd = os.open(f"{LOCK_DIR}/{slot}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise SandboxError(f"network slot {slot} is held by another process") from None
+        network = cls(slot, policy, fd, set(exposed))
+        try:
+            if not os.path.exists(network.netns_path):
+                raise SandboxError(f"the namespace of network slot {slot} is gone")
+            network.resolver = SandboxResolver.start(
+                network.netns_path, policy, network.open_names, address=GATEWAY_IP,
+                guest_ip=GUEST_IP,
+            )  # fmt: skip
+        except BaseException:
+            network.close()
+            raise
+        return network
+
     def _build(self) -> None:
         # The host's table first, in parallel: it names the veth, it does not need it.
         host_rules = _start(["nft", "-f", "-"], self.host_ruleset(), sysctls=_HOST_SYSCTLS)

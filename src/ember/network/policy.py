@@ -24,6 +24,7 @@ import ipaddress
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 from ember.errors import ConfigError
 
@@ -226,6 +227,23 @@ class NetworkPolicy:
         if isinstance(network, NetworkPolicy):
             return network
         raise ConfigError(f"network= takes True, False or a NetworkPolicy, not {network!r}")
+
+    def to_json(self) -> dict[str, Any]:
+        """The policy as a daemon takes it and keeps it (``from_json`` gives it back)."""
+        return {"allow": [str(e) for e in (*self.allow, *self.names)], "internet": self.internet}
+
+    @classmethod
+    def from_json(cls, obj: object) -> NetworkPolicy:
+        """A policy from :meth:`to_json`'s form; ``True`` is the internet, as ``network=True``.
+        Every entry is parsed as the SDK's are (ConfigError for a bad one)."""
+        if obj is True:
+            return cls(internet=True)
+        if not isinstance(obj, dict) or not isinstance(obj.get("allow", []), list):
+            raise ConfigError(
+                f"a network policy is {{'allow': [...], 'internet': bool}}, not {obj!r:.80}"
+            )
+        allow = [str(entry) for entry in obj.get("allow", [])]
+        return cls(allow, internet=bool(obj.get("internet", False)))
 
     def matching(self, name: str) -> tuple[AllowName, ...]:
         """The name entries allowing ``name`` (normalized)."""

@@ -78,7 +78,6 @@ HOST_SIDE = {
     "set_memory": "set_memory()",
     "memory_stats": "memory_stats()",
     "_connect_port": "connect(port)",
-    "expose": "expose()",
     "listen": "listen()",  # the VMM's sockets are on the daemon's host
 }
 
@@ -155,6 +154,12 @@ def fork() -> Request[dict[str, Any]]:
 
 def snapshot(name: str) -> Request[None]:
     return Request("POST", "/snapshot", lambda _reply: None, {"json": {"name": name}})
+
+
+def expose(port: int) -> Request[tuple[str, int]]:
+    """A networked sandbox's TCP ``port``, forwarded on the daemon's host."""
+    return Request("POST", "/expose", lambda r: (str(r["address"]), int(r["port"])),
+                   {"json": {"port": port}})  # fmt: skip
 
 
 def ping() -> Request[dict[str, Any]]:

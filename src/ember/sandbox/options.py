@@ -76,12 +76,14 @@ class SandboxOptions:
 
     def daemon_body(self) -> dict[str, Any]:
         """The JSON body of ``POST /sandboxes``: what a daemon lets a client choose."""
-        if (self.kernel is not None or self.rootfs is not None or self.boot or self.network
-                or self.jail is False):  # fmt: skip
+        if self.kernel is not None or self.rootfs is not None or self.boot or self.jail is False:
             raise ConfigError(
-                "kernel=, rootfs=, boot=, network= and jail=False are not available through "
-                'a daemon: use them in-process (server="")'
+                "kernel=, rootfs=, boot= and jail=False are not available through a daemon: "
+                'use them in-process (server="")'
             )
+        policy = NetworkPolicy.coerce(self.network)
+        if policy is not None and policy.dns_upstream is not None:
+            raise ConfigError("dns_upstream= is the daemon's host's business, not a client's")
         body: dict[str, Any] = {"mem_mib": self.mem_mib, "vcpus": self.vcpus,
                                 "metadata": self.metadata or {}}  # fmt: skip
         for key, value in (("cpus", self.cpus), ("memory_mib", self.memory_mib),
@@ -92,6 +94,8 @@ class SandboxOptions:
                 body[key] = value
         if self.on_timeout != "kill":
             body["on_timeout"] = self.on_timeout
+        if policy is not None:
+            body["network"] = policy.to_json()
         return body
 
 

@@ -139,6 +139,11 @@ class RemoteSandbox(Sandbox):
     def set_timeout(self, seconds: float) -> None:
         self._info = self._do(daemon.state("POST", "/timeout", json={"timeout": seconds}))
 
+    def expose(self, port: int) -> tuple[str, int]:
+        """As in-process (a sandbox made with ``network=``): the address is on the daemon's
+        host, and the port stays exposed across a pause and a daemon restart."""
+        return self._do(daemon.expose(port))
+
     def pause(self) -> None:
         """Snapshot the sandbox to the daemon's disk and stop it (no CPU, memory freed);
         :meth:`resume` (from any process, after a daemon restart too) brings it back."""

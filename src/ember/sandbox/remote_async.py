@@ -103,6 +103,10 @@ class AsyncRemoteSandbox(AsyncSandbox):
     async def set_timeout(self, seconds: float) -> None:
         self._info = await self._do(daemon.state("POST", "/timeout", json={"timeout": seconds}))
 
+    async def expose(self, port: int) -> tuple[str, int]:
+        """See ``RemoteSandbox.expose``."""
+        return await self._do(daemon.expose(port))
+
     async def pause(self) -> None:
         self._info = await self._do(daemon.state("POST", "/pause"))
 

@@ -15,6 +15,7 @@ import contextlib
 import shutil
 import socket
 from pathlib import Path
+from typing import Any
 
 from ember import protocol
 from ember.client import AgentClient
@@ -29,6 +30,7 @@ from ember.launcher import (
     VmmProcess,
     quotas_from,
 )
+from ember.network.policy import NetworkPolicy
 from ember.sandbox import Sandbox, SandboxFiles
 from ember.serve.state import Record
 from ember.zygote import ZygoteChild
@@ -36,11 +38,20 @@ from ember.zygote import ZygoteChild
 
 def spec_of(record: Record) -> SandboxSpec:
     s = record.spec
+    network = s.get("network")
     return SandboxSpec(
         mem_mib=int(s.get("mem_mib", DEFAULT_MEM_MIB)),
         vcpus=int(s.get("vcpus", 1)),
         quotas=quotas_from(s.get("cpus"), s.get("memory_mib"), s.get("pids")),
+        network=NetworkPolicy.from_json(network) if network is not None else None,
     )
+
+
+def network_record(vmm: VmmProcess, exposed: list[int] | None = None) -> dict[str, Any] | None:
+    """What a record keeps of a networked VMM's network (see ``Record.network``)."""
+    if vmm.network is None:
+        return None
+    return {"slot": vmm.network.slot, "exposed": sorted(exposed or vmm.network.exposed)}
 
 
 def cgroup_of(record: Record) -> SandboxCgroup | None:
@@ -84,6 +95,14 @@ def adopt(record: Record) -> Sandbox:
     vmm.proc = ZygoteChild(record.pid, directory / EXIT_FILE)
     vmm.cgroup = cgroup_of(record)
     vmm.network = None
+    if record.network is not None:  # its resolver lived in the daemon that made it
+        from ember.network.host import SandboxNetwork
+
+        policy = spec_of(record).network
+        assert policy is not None
+        vmm.network = SandboxNetwork.adopt(
+            int(record.network["slot"]), policy, record.network.get("exposed", [])
+        )
     vmm.restored = False  # long running: its worker announced itself already, or sleeps
     path = f"{vmm.uds}_{protocol.CHANNEL_PORT}"
     with contextlib.suppress(FileNotFoundError):

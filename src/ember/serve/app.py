@@ -188,6 +188,13 @@ def create_app(manager: Manager, *, token: str, max_body: int = 128 << 20) -> Gu
         noting_crash(sandbox_id, lambda e: manager.snapshot(e.record.id, body.name))
         return {"template": body.name}
 
+    @app.post("/sandboxes/{sandbox_id}/expose", response_model=models.ExposeReply)
+    def expose(sandbox_id: str, body: models.ExposeBody) -> dict[str, Any]:
+        """Forward a TCP port of a networked sandbox (``network`` at create): connect to
+        the address and port answered, from the daemon's host."""
+        address, port = noting_crash(sandbox_id, lambda e: manager.expose(e.record.id, body.port))
+        return {"address": address, "port": port}
+
     @app.get("/sandboxes/{sandbox_id}/console")
     def console(
         sandbox_id: str, lines: Annotated[int, Query(ge=1, le=1000)] = 30

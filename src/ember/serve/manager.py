@@ -19,6 +19,7 @@ from typing import Any, TypeVar, cast
 
 from ember.errors import SandboxCrashed, SandboxError
 from ember.launcher import DEFAULT_MEM_MIB, VmmProcess
+from ember.network.policy import NetworkPolicy
 from ember.sandbox import Sandbox
 from ember.serve import adopt
 from ember.serve.keeper import KeeperClient, keeper_pid
@@ -60,7 +61,12 @@ class Entry:
             "created_at": r.created_at, "expires_at": r.expires_at, "metadata": r.metadata,
             "mem_mib": r.spec.get("mem_mib"), "vcpus": r.spec.get("vcpus"), "error": self.error,
             "idle_timeout": r.idle_timeout, "on_timeout": r.on_timeout,
+            "address": self._address(),
         }  # fmt: skip
+
+    def _address(self) -> str | None:
+        vmm = self.sandbox._vmm if self.sandbox is not None else None
+        return vmm.network.address if vmm is not None and vmm.network is not None else None
 
     def idle_for(self, now: float) -> float:
         """Seconds since its last API call, 0 while a stream is open."""
@@ -79,6 +85,7 @@ class CreateArgs:
     timeout: float | None = None
     idle_timeout: float | None = None
     on_timeout: str = "kill"
+    network: Any = None  # None, True, or NetworkPolicy.to_json()'s form
 
 
 @dataclass(frozen=True)
@@ -145,13 +152,15 @@ class Manager:
 
     # --- requests
     def create(self, args: CreateArgs) -> Entry:
+        network = None if args.network in (None, False) else NetworkPolicy.from_json(args.network)
         sandbox = Sandbox(
             template=args.template, mem_mib=args.mem_mib, vcpus=args.vcpus, cpus=args.cpus,
-            memory_mib=args.memory_mib, pids=args.pids, server="",
+            memory_mib=args.memory_mib, pids=args.pids, server="", network=network,
         )  # fmt: skip
         now = time.time()
         spec = {"mem_mib": args.mem_mib, "vcpus": args.vcpus, "cpus": args.cpus,
-                "memory_mib": args.memory_mib, "pids": args.pids}  # fmt: skip
+                "memory_mib": args.memory_mib, "pids": args.pids,
+                "network": network.to_json() if network is not None else None}  # fmt: skip
         expires = now + args.timeout if args.timeout is not None else None
         entry = self._own(sandbox, args.template or "default", spec, dict(args.metadata), expires,
                           idle_timeout=args.idle_timeout, on_timeout=args.on_timeout)  # fmt: skip
@@ -170,7 +179,7 @@ class Manager:
                 id=new_id(), dir=str(vmm.dir), pid=vmm.proc.pid, template=template,
                 created_at=time.time(), spec=spec, metadata=metadata, expires_at=expires_at,
                 cgroup=adopt.cgroup_record(vmm.cgroup), idle_timeout=idle_timeout,
-                on_timeout=on_timeout,
+                on_timeout=on_timeout, network=adopt.network_record(vmm),
             )  # fmt: skip
             self.state.save(record)
         except BaseException:
@@ -309,12 +318,27 @@ class Manager:
             assert vmm.proc is not None
             record.paused, record.pid, record.dir = False, vmm.proc.pid, str(vmm.dir)
             record.cgroup = adopt.cgroup_record(vmm.cgroup)
+            # a new namespace (the guest's side is the same in all): its ports again
+            exposed = record.network["exposed"] if record.network is not None else []
+            for port in exposed:
+                sandbox.expose(port)
+            record.network = adopt.network_record(vmm)
             self.state.save(record)
             shutil.rmtree(snapshot, ignore_errors=True)
             entry.sandbox, entry.state = sandbox, State.RUNNING
             entry.last_active = time.time()  # idle from now, not from before the pause
         self._event("resumed", sandbox_id)
         return entry
+
+    def expose(self, sandbox_id: str, port: int) -> tuple[str, int]:
+        """Forward TCP ``port`` of the sandbox's address to the guest (kept across a pause
+        and a daemon restart); the address and port to connect to, on the daemon's host."""
+        entry, sandbox = self.running(sandbox_id)
+        with entry.lock:
+            found = sandbox.expose(port)
+            entry.record.network = adopt.network_record(sandbox._vmm)
+            self.state.save(entry.record)
+        return found
 
     def mark_crashed(self, entry: Entry, error: str, console: str) -> None:
         """A call found the VMM gone: report the sandbox as crashed from now on."""

@@ -22,6 +22,24 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class NetworkBody(Strict):
+    allow: list[Annotated[str, Field(min_length=1, max_length=300)]] = Field(
+        default_factory=list, max_length=256,
+        description="addresses (10.0.0.5, 10.0.0.0/24) or DNS names (pypi.org, *.pypi.org), "
+        "each optionally :PORT or :FIRST-LAST",
+    )  # fmt: skip
+    internet: bool = Field(False, description="the public internet too")
+
+
+class ExposeBody(Strict):
+    port: int = Field(..., ge=1, le=65535, description="a TCP port of the guest")
+
+
+class ExposeReply(BaseModel):
+    address: str
+    port: int
+
+
 class CreateBody(Strict):
     template: TemplateName | None = Field(None, description="a template name (default: default)")
     mem_mib: int = Field(DEFAULT_MEM_MIB, ge=64, le=65536, description="guest RAM")
@@ -31,6 +49,9 @@ class CreateBody(Strict):
     pids: int | None = Field(None, ge=8, le=1 << 20)
     metadata: dict[MetaKey, MetaValue] = Field(default_factory=dict, max_length=64)
     timeout: Seconds | None = Field(None, description="seconds until the daemon kills it")
+    network: bool | NetworkBody | None = Field(
+        None, description="off by default; true: the internet; or an egress allow-list"
+    )
     idle_timeout: Seconds | None = Field(
         None, description="seconds without an API call (and no stream open) until it is killed"
     )
@@ -76,6 +97,7 @@ class SandboxInfo(BaseModel):
     vcpus: int | None
     idle_timeout: float | None = None
     on_timeout: Literal["kill", "pause"] = "kill"
+    address: str | None = Field(None, description="networked: its address on the daemon's host")
     error: str | None = None
 
 

@@ -59,6 +59,9 @@ class Record:
     paused: bool = False  # snapshotted to STATE_DIR/paused/ID, no VMM (dir and pid unused)
     idle_timeout: float | None = None  # seconds without an API call; None: never idle
     on_timeout: str = "kill"  # or "pause": what expires_at and idle_timeout do
+    # A networked sandbox's namespace slot and exposed ports (its policy is in ``spec``),
+    # so that a restarted daemon takes them over and a resumed one exposes them again.
+    network: dict[str, Any] | None = None
 
 
 class StateDir:
