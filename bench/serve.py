@@ -9,7 +9,9 @@ beside its peer from the same run:
   in-process ``Sandbox()`` (both restore the default template);
 - a ``run_code("1")`` round trip in a live sandbox, through the daemon and in-process;
 - API latency under ``--clients`` concurrent clients (threads, one HTTP connection each):
-  ``GET /sandboxes/ID`` (the daemon alone) and ``run_code`` (daemon + agent), p50 and p99.
+  ``GET /sandboxes/ID`` (the daemon alone) and ``run_code`` (daemon + agent), p50 and p99;
+- ``pause`` (snapshot to disk, VMM gone) and ``resume`` of a sandbox with state in it;
+- ``GET /sandboxes`` with ``--list`` sandboxes alive (created through the API, 4 at a time).
 
 Medians over ``--runs``; ratios daemon / in-process (the issue's goal is <= 1.2x). Nothing is
 asserted.
@@ -34,6 +36,7 @@ import httpx
 from _common import fmt_num, fmt_ratio, format_table, ratio, summarize, to_json
 
 from ember import Sandbox
+from ember.sandbox.remote import RemoteSandbox
 
 
 def free_port() -> int:
@@ -103,6 +106,8 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=10)
     parser.add_argument("--clients", type=int, default=50)
     parser.add_argument("--per-client", type=int, default=4)
+    parser.add_argument("--pauses", type=int, default=3, help="pause/resume rounds")
+    parser.add_argument("--list", type=int, default=1000, help="sandboxes alive when listed")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="ember-bench-serve-") as tmp:
@@ -125,6 +130,9 @@ def main() -> None:
     rows = [[name, fmt_num(v["p50"], 4), fmt_num(v["p99"], 4), str(v["n"])]
             for name, v in report["concurrent"].items()]  # fmt: skip
     print(format_table([f"{args.clients} clients", "p50 s", "p99 s", "requests"], rows))
+    print()
+    rows = [[name, fmt_num(v["p50"], 3), str(v["n"])] for name, v in report["state"].items()]
+    print(format_table(["lifecycle", "p50 s", "n"], rows))
 
 
 ONE = {"code": "1"}
@@ -159,7 +167,60 @@ def measure(args: argparse.Namespace, url: str, token: str) -> dict[str, Any]:
         ):  # fmt: skip
             lat = concurrent(args.clients, args.per_client, request, url, token)
             report["concurrent"][name] = {"p50": pct(lat, 50), "p99": pct(lat, 99), "n": len(lat)}
+    report["state"] = pause_resume(url, args.pauses)
+    if args.list:
+        report["state"].update(listing(url, token, args.list))
     return report
+
+
+def pause_resume(url: str, rounds: int) -> dict[str, Any]:
+    """Pause and resume one sandbox ``rounds`` times; its interpreter's state must survive."""
+    pauses, resumes = [], []
+    with Sandbox(server=url) as sb:
+        assert isinstance(sb, RemoteSandbox)
+        sb.run_code("x = 41")
+        for _ in range(rounds):
+            pauses.append(timed(sb.pause))
+            resumes.append(timed(sb.resume))
+            if sb.run_code("x + 1").value != "42":
+                raise SystemExit("a resumed sandbox lost its state")
+    return {"pause": {"p50": statistics.median(pauses), "n": rounds},
+            "resume": {"p50": statistics.median(resumes), "n": rounds}}  # fmt: skip
+
+
+def listing(url: str, token: str, count: int) -> dict[str, Any]:
+    """``GET /sandboxes`` with ``count`` alive (the API's create, 4 at a time, then delete)."""
+    ids: list[str] = []
+    lock = threading.Lock()
+    headers = {"Authorization": f"Bearer {token}"}
+
+    def create(n: int) -> None:
+        with httpx.Client(base_url=url, headers=headers, timeout=600) as c:
+            for _ in range(n):
+                sid = c.post("/sandboxes", json={}).raise_for_status().json()["id"]
+                with lock:
+                    ids.append(sid)
+
+    started = time.perf_counter()
+    workers = [threading.Thread(target=create, args=(count // 4 + (i < count % 4),))
+               for i in range(4)]  # fmt: skip
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    created = time.perf_counter() - started
+    with httpx.Client(base_url=url, headers=headers, timeout=600) as c:
+        lists = []
+        for _ in range(5):
+            t = time.perf_counter()
+            listed = len(c.get("/sandboxes").raise_for_status().json()["sandboxes"])
+            lists.append(time.perf_counter() - t)
+        for sid in ids:
+            c.delete(f"/sandboxes/{sid}")
+    return {
+        f"GET /sandboxes ({listed} alive)": {"p50": statistics.median(lists), "n": 5},
+        f"create {count} (4 clients), s each": {"p50": created / count, "n": count},
+    }
 
 
 if __name__ == "__main__":
