@@ -32,7 +32,8 @@ from ember.sandbox import remote_terminal as rt
 from ember.sandbox.wire import ServerError
 from ember.serve import terminal_ws
 from ember.serve.guard import Guard
-from ember.serve.manager import NotFound
+from ember.serve.manager import Entry, Manager, NotFound
+from ember.serve.state import Record
 from tests.integration.serve_daemon import free_port
 from tests.shell_rig import HostTerminal
 from tests.unit.agent_rig import Agent, alive
@@ -54,6 +55,24 @@ class _AgentSandbox:
         return self.client.pty(*args, **kwargs)
 
 
+class _Manager:
+    """What the route uses of the daemon's Manager: the real idle hold on one entry."""
+
+    holding = Manager.holding
+
+    def __init__(self) -> None:
+        record = Record(id=SID, dir="/nonexistent", pid=0, template="default", created_at=0.0)
+        self.entry = Entry(record, None)
+
+    def get(self, sandbox_id: str) -> Entry:
+        if sandbox_id != SID:
+            raise NotFound(sandbox_id)
+        return self.entry
+
+
+MANAGER = _Manager()
+
+
 @pytest.fixture(scope="module")
 def server(agent: Agent) -> Iterator[str]:
     def call(sandbox_id: str, op: Any) -> Any:
@@ -62,7 +81,7 @@ def server(agent: Agent) -> Iterator[str]:
         return op(cast(Sandbox, _AgentSandbox(agent.client)))
 
     app = FastAPI()
-    terminal_ws.register(app, call)
+    terminal_ws.register(app, call, cast(Manager, MANAGER))
 
     @app.get("/sandboxes/{sandbox_id}")
     def get(sandbox_id: str) -> JSONResponse:  # what `ember shell` asks first
@@ -219,3 +238,19 @@ def test_ember_shell_with_a_pipe_for_stdin(server: str) -> None:
     argv[-3] = "sb-nope"
     done = subprocess.run(argv, capture_output=True, env=shell_env(), timeout=120)
     assert done.returncode == 2 and b"not_found" in done.stderr
+
+
+def test_an_open_terminal_keeps_its_sandbox_from_idling(server: str) -> None:
+    term = open_term(server, ["/bin/sh"])
+    try:
+        term.write(b"echo held-$((2*3))\n")
+        seen = b""
+        while b"held-6" not in seen:
+            seen += term.read(timeout=30) or b""
+        assert MANAGER.entry.streams == 1  # the idle reaper skips it meanwhile
+    finally:
+        term.close()
+    deadline = time.monotonic() + 30
+    while MANAGER.entry.streams:
+        assert time.monotonic() < deadline, "the terminal's hold outlived it"
+        time.sleep(0.02)

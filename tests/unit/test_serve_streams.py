@@ -73,6 +73,7 @@ class FakeSandbox:
         self.frames: dict[str, list[bytes]] = {}
         self.channel_closed = threading.Event()
         self.entry: Entry | None = None  # its record in the daemon
+        self._vmm: Any = None  # no VMM, so no network address to report
 
     def run_code(
         self, code: str, *, timeout: float | None = None, on_stdout: Any = None,
@@ -99,6 +100,7 @@ class FakeSandbox:
 
 class FakeManager:
     streaming = Manager.streaming  # the real hold: ``entry.streams`` counts open streams
+    holding = Manager.holding
 
     def __init__(self, entry: Entry) -> None:
         self.entry = entry

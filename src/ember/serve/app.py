@@ -299,8 +299,8 @@ def create_app(manager: Manager, *, token: str, max_body: int = 128 << 20) -> Gu
 
     from ember.serve import processes, ws
 
-    ws.register(app, call)
-    terminal_ws.register(app, call)
+    ws.register(app, call, manager)
+    terminal_ws.register(app, call, manager)
     streams.register(app, manager, call, metrics.channel_bytes.inc)
     background = processes.register(app, manager, call)
 

@@ -8,6 +8,7 @@ console tail) until it is deleted, so its owner learns what happened.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import logging
 import shutil
@@ -234,19 +235,26 @@ class Manager:
         entry.last_active = time.time()
         return entry, entry.sandbox
 
-    def streaming(self, entry: Entry, items: Iterator[T]) -> Generator[T, None, Any]:
-        """``items`` (a stream served from the sandbox), with the sandbox never idle while it
-        is open: the idle reaper must not kill a sandbox whose exec is still talking."""
+    @contextlib.contextmanager
+    def holding(self, sandbox_id: str) -> Iterator[Entry]:
+        """Inside, the sandbox is never idle: the idle reaper must not kill a sandbox whose
+        exec is still talking, or whose terminal, watch or channel a client holds open."""
+        entry = self.get(sandbox_id)
         with entry.lock:
             entry.streams += 1
         try:
-            # a generator's return (an exec's result) passes on
-            result: Any = yield from cast(Generator[T, None, Any], items)
-            return result
+            yield entry
         finally:
             with entry.lock:
                 entry.streams -= 1
             entry.last_active = time.time()
+
+    def streaming(self, entry: Entry, items: Iterator[T]) -> Generator[T, None, Any]:
+        """``items`` (a stream served from the sandbox), held (:meth:`holding`) while open."""
+        with self.holding(entry.record.id):
+            # a generator's return (an exec's result) passes on
+            result: Any = yield from cast(Generator[T, None, Any], items)
+            return result
 
     def find(self, metadata: dict[str, str] | None = None, state: str | None = None) -> list[Entry]:
         with self._lock:

@@ -24,7 +24,6 @@ guest's next ``send`` fails) when it next delivers a message.
 from __future__ import annotations
 
 import contextlib
-import itertools
 import json
 import posixpath
 import queue
@@ -54,18 +53,6 @@ QUEUE = 256  # channel messages held for a slow WebSocket client before the gues
 _END = object()
 
 
-@contextlib.contextmanager
-def _busy(manager: Manager, sandbox_id: str) -> Iterator[None]:
-    """Inside, the sandbox is never idle (the idle reaper leaves a watched sandbox alone):
-    ``Manager.streaming``'s hold, kept open for as long as the block runs."""
-    hold = manager.streaming(manager.get(sandbox_id), itertools.repeat(None))
-    next(hold)
-    try:
-        yield
-    finally:
-        hold.close()
-
-
 def _error(exc: BaseException) -> dict[str, Any]:
     """An error line or message: the body an HTTP route would have replied."""
     if isinstance(exc, NotFound):  # app.py's handler says this for the HTTP routes
@@ -93,7 +80,7 @@ def run_code_lines(
 
     def work() -> None:
         try:
-            with _busy(manager, sandbox_id):
+            with manager.holding(sandbox_id):
                 events.put(call(sandbox_id, run))
         except Exception as exc:
             events.put(_error(exc))
@@ -168,7 +155,7 @@ class _Relay:
         frames: Iterator[bytes] | None = None
         busy = ExitStack()
         try:
-            busy.enter_context(_busy(manager, sandbox_id))  # a client listens: not idle
+            busy.enter_context(manager.holding(sandbox_id))  # a client listens: not idle
             frames = call(sandbox_id, self._open)
             if frames is None or not self._put({"type": "open"}):
                 return
@@ -239,7 +226,7 @@ def register(
         found: Watch = call(sandbox_id, lambda sb: sb.files.watch(path, recursive=recursive))
         busy = ExitStack()
         try:
-            busy.enter_context(_busy(manager, sandbox_id))
+            busy.enter_context(manager.holding(sandbox_id))
         except BaseException:
             found.close()
             raise

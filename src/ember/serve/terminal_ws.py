@@ -37,7 +37,7 @@ from pydantic import Field, TypeAdapter, ValidationError
 from ember.client.terminal import Terminal
 from ember.sandbox import Sandbox, wire
 from ember.serve import models
-from ember.serve.manager import NotFound
+from ember.serve.manager import Manager, NotFound
 
 POLL = 0.25  # how often the relay looks whether the client has gone (no output meanwhile)
 Size = Annotated[int, Field(ge=1, le=10_000)]
@@ -158,7 +158,11 @@ class _ClientGone(Exception):
     """Sending to the client failed: it has gone."""
 
 
-def register(app: FastAPI, call: Callable[[str, Callable[[Sandbox], Any]], Any]) -> None:
+def register(
+    app: FastAPI, call: Callable[[str, Callable[[Sandbox], Any]], Any], manager: Manager
+) -> None:
+    """The ``/pty/ws`` route; an open terminal holds its sandbox from the idle reaper."""
+
     @app.websocket("/sandboxes/{sandbox_id}/pty/ws")
     async def pty_ws(ws: WebSocket, sandbox_id: str) -> None:
         await ws.accept()
@@ -186,10 +190,13 @@ def register(app: FastAPI, call: Callable[[str, Callable[[Sandbox], Any]], Any])
             await _close_with(ws, {"type": "error", **wire.error_body(exc)[1]})
             return
         session = _Session(ws, term)
-        async with anyio.create_task_group() as tasks:
-            tasks.start_soon(session.keys)
-            await anyio.to_thread.run_sync(session.relay)
-            tasks.cancel_scope.cancel()
+        with contextlib.ExitStack() as held:
+            with contextlib.suppress(NotFound):  # deleted meanwhile: its terminal ends too
+                held.enter_context(manager.holding(sandbox_id))
+            async with anyio.create_task_group() as tasks:
+                tasks.start_soon(session.keys)
+                await anyio.to_thread.run_sync(session.relay)
+                tasks.cancel_scope.cancel()
         with contextlib.suppress(Exception):
             if session.error is not None:
                 await ws.send_text(json.dumps(session.error))

@@ -31,6 +31,7 @@ from pydantic import ValidationError
 from ember.client import OutputChunk
 from ember.sandbox import Sandbox, wire
 from ember.serve import models
+from ember.serve.manager import Manager, NotFound
 
 
 class WsExecBody(models.Strict):
@@ -67,7 +68,11 @@ class StdinPipe:
         self.reader.close()
 
 
-def register(app: FastAPI, call: Callable[[str, Callable[[Sandbox], Any]], Any]) -> None:
+def register(
+    app: FastAPI, call: Callable[[str, Callable[[Sandbox], Any]], Any], manager: Manager
+) -> None:
+    """The ``/exec/ws`` route; a running exec holds its sandbox from the idle reaper."""
+
     @app.websocket("/sandboxes/{sandbox_id}/exec/ws")
     async def exec_ws(ws: WebSocket, sandbox_id: str) -> None:
         await ws.accept()
@@ -95,17 +100,20 @@ def register(app: FastAPI, call: Callable[[str, Callable[[Sandbox], Any]], Any])
                 pipe.close()
             await _close_with(ws, {"type": "error", **wire.error_body(exc)[1]})
             return
-        async with anyio.create_task_group() as tasks:
-            if pipe is not None:
-                tasks.start_soon(_feed_stdin, ws, pipe)
-            try:
-                await anyio.to_thread.run_sync(_drain, ws, stream)
-            finally:
-                tasks.cancel_scope.cancel()
+        with contextlib.ExitStack() as held:
+            with contextlib.suppress(NotFound):  # deleted meanwhile: the stream ends too
+                held.enter_context(manager.holding(sandbox_id))  # never idle while it runs
+            async with anyio.create_task_group() as tasks:
                 if pipe is not None:
-                    # EOF for the exec's stdin pump, which then ends and drops (closes) the
-                    # reader: closing that here could pull it from under a read in progress.
-                    pipe.close_write()
+                    tasks.start_soon(_feed_stdin, ws, pipe)
+                try:
+                    await anyio.to_thread.run_sync(_drain, ws, stream)
+                finally:
+                    tasks.cancel_scope.cancel()
+                    if pipe is not None:
+                        # EOF for the exec's stdin pump, which then ends and drops (closes)
+                        # the reader: closing it here could pull it from under a read.
+                        pipe.close_write()
         with contextlib.suppress(Exception):
             await ws.close()
 
