@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -42,6 +43,14 @@ class Agent:
         return AsyncAgentClient(lambda: asyncio.open_unix_connection(self.path))
 
 
+def _default_signals() -> None:
+    """SIGINT and SIGQUIT as the guest's agent has them. A test run started in the
+    background by a non-interactive shell inherits them ignored, and an ignored signal
+    stays ignored across exec: ^C on a test terminal would then do nothing."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGQUIT, signal.SIG_DFL)
+
+
 @pytest.fixture(scope="module")
 def agent(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Agent]:
     base = tmp_path_factory.mktemp("agent")
@@ -55,6 +64,7 @@ def agent(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Agent]:
     proc = subprocess.Popen(
         [sys.executable, "-m", "ember.agent", "--listen-unix", path, "--ready-unix", ready_path],
         env=env,
+        preexec_fn=_default_signals,
     )
     try:
         conn, _ = ready.accept()  # the readiness announcement
