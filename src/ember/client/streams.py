@@ -6,16 +6,48 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable, Callable
+from typing import Any, Generic, TypeVar
 
 from ember.client.bounds import Deadline
 from ember.client.core import EXPIRED, Incoming
 from ember.client.wire import Frame, cut_short, frame_header, parse_header
 from ember.protocol import HEADER, Kind, Payload
 
-__all__ = ["Streams", "receive_frame", "send_frame"]
+__all__ = ["Pending", "Streams", "receive_frame", "send_frame"]
 
 Streams = tuple[asyncio.StreamReader, asyncio.StreamWriter]
 _CLOCK = time.monotonic  # what asyncio's loop.time() is too
+T = TypeVar("T")
+
+
+class Pending(Generic[T]):
+    """One read kept across a caller's timeouts: a timeout leaves it running for the next
+    call instead of cancelling it, so no frame (or line) is cut in half or lost."""
+
+    def __init__(self) -> None:
+        self._task: asyncio.Future[T] | None = None
+
+    async def take(
+        self, timeout: float | None, read: Callable[..., Awaitable[T]], *args: Any
+    ) -> tuple[bool, T | None]:
+        """``(True, value)`` of the read (``read(*args)`` begins one if none runs), or
+        ``(False, None)`` if ``timeout`` passed first."""
+        if self._task is None:
+            self._task = asyncio.ensure_future(read(*args))
+        if timeout is not None:
+            done, _ = await asyncio.wait({self._task}, timeout=timeout)
+            if not done:
+                return False, None
+        task, self._task = self._task, None
+        return True, await task
+
+    def cancel(self) -> asyncio.Future[T] | None:
+        """Give the read up; the cancelled task (None if none ran), to wait for if need be."""
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+        return task
 
 
 async def receive_frame(reader: asyncio.StreamReader, deadline: Deadline | None) -> Incoming:

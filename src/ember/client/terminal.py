@@ -18,9 +18,12 @@ from ember.client.core import Incoming
 from ember.client.interactive import TerminalOp, resize_payload, signal_payload
 from ember.client.results import ExecResult
 from ember.client.sockets import readable, receive_frame
+from ember.client.streams import Pending
 from ember.protocol import Kind, write_frame
 
-__all__ = ["AsyncTerminal", "Terminal"]
+__all__ = ["KEYS_CHUNK", "AsyncTerminal", "Terminal"]
+
+KEYS_CHUNK = 64 << 10  # keystrokes per frame: a paste goes as several
 
 
 class Terminal:
@@ -46,8 +49,8 @@ class Terminal:
 
     def write(self, data: bytes) -> None:
         """Type ``data`` (bytes as a keyboard sends them: ``b"\\x03"`` is ^C)."""
-        for start in range(0, len(data), 64 << 10):
-            self._send(Kind.STDIN, data[start : start + (64 << 10)])
+        for start in range(0, len(data), KEYS_CHUNK):
+            self._send(Kind.STDIN, data[start : start + KEYS_CHUNK])
 
     def resize(self, rows: int, cols: int) -> None:
         self._send(Kind.DATA, resize_payload(rows, cols))
@@ -120,7 +123,7 @@ class AsyncTerminal:
         self._op = op
         self._send_lock = asyncio.Lock()
         self._closed = False
-        self._next: asyncio.Future[Incoming] | None = None
+        self._next: Pending[Incoming] = Pending()
 
     @property
     def result(self) -> ExecResult | None:
@@ -131,8 +134,8 @@ class AsyncTerminal:
             await streams.send_frame(self._writer, kind, payload)
 
     async def write(self, data: bytes) -> None:
-        for start in range(0, len(data), 64 << 10):
-            await self._send(Kind.STDIN, data[start : start + (64 << 10)])
+        for start in range(0, len(data), KEYS_CHUNK):
+            await self._send(Kind.STDIN, data[start : start + KEYS_CHUNK])
 
     async def resize(self, rows: int, cols: int) -> None:
         await self._send(Kind.DATA, resize_payload(rows, cols))
@@ -145,17 +148,12 @@ class AsyncTerminal:
 
     async def read(self, timeout: float | None = None) -> bytes | None:
         while (step := self._op.next()) is not None:
-            # A timeout leaves the frame's read running for the next call: never half a frame.
-            if self._next is None:
-                self._next = asyncio.ensure_future(
-                    streams.receive_frame(self._reader, step.deadline)
-                )
-            if timeout is not None:
-                done, _ = await asyncio.wait({self._next}, timeout=timeout)
-                if not done:
-                    return b""
-            task, self._next = self._next, None
-            chunk = self._op.receive(await task)
+            arrived, frame = await self._next.take(
+                timeout, streams.receive_frame, self._reader, step.deadline
+            )
+            if not arrived:
+                return b""
+            chunk = self._op.receive(frame)
             if chunk is not None:
                 return chunk.data
         return None
@@ -179,8 +177,7 @@ class AsyncTerminal:
     async def close(self) -> None:
         if not self._closed:
             self._closed = True
-            if self._next is not None:
-                self._next.cancel()
+            self._next.cancel()
             self._writer.transport.abort()
 
     async def __aenter__(self) -> AsyncTerminal:

@@ -9,7 +9,6 @@ watch in the guest.
 
 from __future__ import annotations
 
-import asyncio
 import socket
 from types import TracebackType
 
@@ -18,6 +17,7 @@ from ember.client.core import Incoming
 from ember.client.interactive import WatchOp
 from ember.client.results import FileEvent
 from ember.client.sockets import readable, receive_frame
+from ember.client.streams import Pending
 
 __all__ = ["AsyncWatch", "Watch"]
 
@@ -87,7 +87,7 @@ class AsyncWatch:
     def __init__(self, streams: streams.Streams, op: WatchOp) -> None:
         self._reader, self._writer = streams
         self._op = op
-        self._next: asyncio.Future[Incoming] | None = None
+        self._next: Pending[Incoming] = Pending()
 
     @property
     def ended(self) -> str | None:
@@ -101,16 +101,12 @@ class AsyncWatch:
 
     async def get(self, timeout: float | None = None) -> FileEvent | None:
         while (step := self._op.next()) is not None:
-            if self._next is None:  # a timeout leaves this read running for the next call
-                self._next = asyncio.ensure_future(
-                    streams.receive_frame(self._reader, step.deadline)
-                )
-            if timeout is not None:
-                done, _ = await asyncio.wait({self._next}, timeout=timeout)
-                if not done:
-                    return None
-            task, self._next = self._next, None
-            self._op.receive(await task)
+            arrived, frame = await self._next.take(
+                timeout, streams.receive_frame, self._reader, step.deadline
+            )
+            if not arrived:
+                return None
+            self._op.receive(frame)
             if self._op.event is not None:
                 return self._op.event
         return None
@@ -125,8 +121,7 @@ class AsyncWatch:
         return event
 
     async def close(self) -> None:
-        if self._next is not None:
-            self._next.cancel()
+        self._next.cancel()
         self._writer.transport.abort()
 
     async def __aenter__(self) -> AsyncWatch:

@@ -25,13 +25,12 @@ from websockets.sync.client import connect as sync_connect
 
 from ember.client import ExecResult
 from ember.client.interactive import pty_request, resize_payload, signal_payload
-from ember.client.terminal import AsyncTerminal, Terminal
+from ember.client.terminal import KEYS_CHUNK, AsyncTerminal, Terminal
 from ember.errors import SandboxError
 from ember.sandbox import wire
 
 __all__ = ["AsyncRemoteTerminal", "RemoteTerminal", "open_async", "open_sync", "request"]
 
-CHUNK = 64 << 10  # keystrokes per message: a paste goes as several
 OPEN_TIMEOUT = 10.0
 NO_RESULT = "the daemon closed the terminal without saying how the program ended"
 
@@ -156,8 +155,8 @@ class RemoteTerminal(Terminal):
 
     def write(self, data: bytes) -> None:
         """Type ``data`` (bytes as a keyboard sends them: ``b"\\x03"`` is ^C)."""
-        for start in range(0, len(data), CHUNK):
-            self._put(bytes(data[start : start + CHUNK]))
+        for start in range(0, len(data), KEYS_CHUNK):
+            self._put(bytes(data[start : start + KEYS_CHUNK]))
 
     def resize(self, rows: int, cols: int) -> None:
         self._put(_control("resize", resize_payload(rows, cols)))
@@ -225,8 +224,8 @@ class AsyncRemoteTerminal(AsyncTerminal):
             raise _gone(exc) from exc
 
     async def write(self, data: bytes) -> None:
-        for start in range(0, len(data), CHUNK):
-            await self._put(bytes(data[start : start + CHUNK]))
+        for start in range(0, len(data), KEYS_CHUNK):
+            await self._put(bytes(data[start : start + KEYS_CHUNK]))
 
     async def resize(self, rows: int, cols: int) -> None:
         await self._put(_control("resize", resize_payload(rows, cols)))

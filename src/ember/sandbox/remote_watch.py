@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 from ember.client import PathArg
 from ember.client.results import FileEvent, parse_file_event
+from ember.client.streams import Pending
 from ember.errors import ProtocolError
 from ember.sandbox import daemon, wire
 
@@ -197,7 +198,7 @@ class AsyncRemoteWatch:
     ) -> None:
         self._opened, self._url = opened, url
         self._lines: AsyncIterator[str] | None = None
-        self._next: asyncio.Future[str] | None = None
+        self._next: Pending[str] = Pending()
         self._ended: str | None = None
         self._done = False
 
@@ -224,16 +225,13 @@ class AsyncRemoteWatch:
 
     async def get(self, timeout: float | None = None) -> FileEvent | None:
         while not self._done and self._lines is not None:
-            if self._next is None:  # a timeout leaves this read running for the next call
-                self._next = asyncio.ensure_future(anext(self._lines))
-            if timeout is not None:
-                done, _ = await asyncio.wait({self._next}, timeout=timeout)
-                if not done:
-                    return None
-            task, self._next = self._next, None
             try:
                 with daemon.reaching(self._url):
-                    event = watch_event(await task)
+                    arrived, line = await self._next.take(timeout, anext, self._lines)
+                    if not arrived:
+                        return None
+                    assert line is not None
+                    event = watch_event(line)
             except StopAsyncIteration:
                 self._done = True
                 raise ProtocolError("the daemon ended the watch without saying why") from None
@@ -259,9 +257,8 @@ class AsyncRemoteWatch:
     async def close(self) -> None:
         """Stop watching (safe to call twice)."""
         self._done = True
-        task, self._next = self._next, None
+        task = self._next.cancel()
         if task is not None:
-            task.cancel()
             await asyncio.wait({task})
             if not task.cancelled():
                 task.exception()  # retrieved: a read that failed as it was given up
