@@ -27,6 +27,7 @@ than restored into a guest that crashes later.
 from __future__ import annotations
 
 import json
+import os
 import re
 import sys
 import threading
@@ -79,7 +80,17 @@ class Template:
     meta: dict[str, Any]
 
 
+TEMPLATES_ENV = "EMBER_TEMPLATES_DIR"
+
+
 def templates_root() -> Path:
+    """``$EMBER_TEMPLATES_DIR``, else ``<cache>/templates``.  The override gives one host's
+    daemons template stores of their own while they share the image cache (and so the
+    templates' keys, which name image paths): two simulated cluster nodes on one machine,
+    each lacking what the other built."""
+    configured = os.environ.get(TEMPLATES_ENV)
+    if configured:
+        return Path(configured).expanduser().absolute()
     return cache_root() / "templates"
 
 
