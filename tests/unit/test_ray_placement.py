@@ -19,3 +19,21 @@ def test_spread_pack_and_limits() -> None:
     with pytest.raises(ValueError):
         rank(caps, 512, "random")  # type: ignore[arg-type]
     assert mem_available_mib("MemTotal: 100 kB\nMemAvailable:   2097152 kB\n") == 2048
+
+
+def test_nodes_with_the_template_come_first() -> None:
+    def cap(name: str, live: int, templates: tuple[str, ...]) -> Capacity:
+        node = NodeInfo(name, f"ember-node-{name}", "http://x", "t", 2)
+        return Capacity(node, 8000, live, 0, 0, 4, 256, templates)
+
+    caps = [
+        cap("a", 0, ()),
+        cap("b", 2, ("sci",)),
+        cap("c", 1, ("sci", "web")),
+        cap("d", 4, ("sci",)),
+    ]
+    # d is full: having the template does not make room
+    assert [c.node.node_id for c in rank(caps, 512, "spread", "sci")] == ["c", "b", "a"]
+    assert [c.node.node_id for c in rank(caps, 512, "pack", "sci")] == ["b", "c", "a"]
+    assert [c.node.node_id for c in rank(caps, 512, "spread", "web")] == ["c", "a", "b"]
+    assert [c.node.node_id for c in rank(caps, 512, "spread")] == ["a", "c", "b"]

@@ -24,7 +24,7 @@ from ember.errors import ConfigError, SandboxError, SandboxLost
 from ember.ray import node as nodes_
 from ember.ray.placement import NodeInfo
 from ember.ray.registry import Placed, registry
-from ember.ray.sandbox import RayOptions, _candidates, _keepalive, _lost
+from ember.ray.sandbox import RayOptions, _candidates, _ensure_template, _keepalive, _lost
 from ember.sandbox import daemon
 from ember.sandbox.files import AsyncRemoteFiles
 from ember.sandbox.options import StreamArgs
@@ -82,8 +82,8 @@ class AsyncSandbox(AsyncRemoteSandbox):
     async def start(self) -> AsyncSandbox:
         if self._info:
             return self
-        mem, errors = self._options.mem_mib, []
-        for cap in await asyncio.to_thread(_candidates, mem, self._options.placement):
+        mem, errors, template = self._options.mem_mib, [], self._options.template
+        for cap in await asyncio.to_thread(_candidates, mem, self._options.placement, template):
             name = cap.node.node_id[:12]
             try:
                 handle = nodes_.agent(cap.node)
@@ -96,6 +96,8 @@ class AsyncSandbox(AsyncRemoteSandbox):
                 continue
             api = AsyncNodeApi(cap.node)
             try:
+                if template is not None and template not in cap.templates:
+                    await asyncio.to_thread(_ensure_template, handle, template)
                 info = await api.call("POST", "/sandboxes", json=self._body)
             except SandboxLost as exc:
                 await api.http.aclose()
@@ -105,7 +107,7 @@ class AsyncSandbox(AsyncRemoteSandbox):
                 await api.http.aclose()
                 raise
             finally:
-                handle.release.remote(ticket)
+                await handle.release.remote(ticket)
             self._api, self._info = api, info
             placed = Placed(info["id"], cap.node.node_id, dict(info.get("metadata") or {}),
                             float(info.get("created_at") or time.time()))  # fmt: skip

@@ -8,7 +8,8 @@ reserved by creations in flight) and its free memory, less what the reservations
 will take and a reserve kept for the host, still fits the new guest. ``spread``
 prefers the emptiest node (fewest sandboxes, then most free memory): failures and
 noisy neighbours hit fewer sandboxes. ``pack`` prefers the fullest node that still
-has room: idle nodes stay empty, so an autoscaler can take them away.
+has room: idle nodes stay empty, so an autoscaler can take them away.  Either way a
+node that already has the sandbox's template comes before one that lacks it.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ class Capacity:
     reserved_mib: int  # the memory those will take
     max_sandboxes: int | None  # None: memory is the only limit
     reserve_mib: int  # memory kept free for the host
+    templates: tuple[str, ...] = ()  # the templates in its store (directory names)
 
     @property
     def load(self) -> int:
@@ -54,8 +56,13 @@ class Capacity:
         return free >= mem_mib
 
 
-def rank(capacities: list[Capacity], mem_mib: int, strategy: Strategy = "spread") -> list[Capacity]:
-    """The nodes with room for a ``mem_mib`` guest, best first."""
+def rank(
+    capacities: list[Capacity], mem_mib: int, strategy: Strategy = "spread",
+    template: str | None = None,
+) -> list[Capacity]:  # fmt: skip
+    """The nodes with room for a ``mem_mib`` guest, best first; with ``template``, those
+    that have it before those that would first copy it (a copy is seconds of I/O, and
+    a node that lacks it everywhere would have to build it)."""
     if strategy not in STRATEGIES:
         raise ValueError(f"placement={strategy!r}: choose one of {', '.join(STRATEGIES)}")
     room = [c for c in capacities if c.fits(mem_mib)]
@@ -65,7 +72,10 @@ def rank(capacities: list[Capacity], mem_mib: int, strategy: Strategy = "spread"
         keyed.sort(key=lambda cf: (cf[0].load, -cf[1], cf[0].node.node_id))
     else:
         keyed.sort(key=lambda cf: (-cf[0].load, cf[1], cf[0].node.node_id))
-    return [c for c, _ in keyed]
+    ranked = [c for c, _ in keyed]
+    if template is not None:
+        ranked.sort(key=lambda c: template not in c.templates)  # stable: policy order kept
+    return ranked
 
 
 def mem_available_mib(meminfo: str) -> int:

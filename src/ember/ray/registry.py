@@ -8,6 +8,10 @@ It only *routes*.  The truth about a sandbox (its state, its metadata, its timeo
 lives in the daemon of its node; a lookup that misses is answered by asking the
 nodes.  So a registry that restarts empty costs lookups, not sandboxes.
 
+Capacity is pushed here: each node agent reports its own every second and after each
+reservation, so placing a sandbox costs one call for the snapshot of every node rather
+than one call per node (the node's own ``reserve`` still has the last word).
+
 Forgetting is prompt, from two sides: a watcher thread compares the nodes it knows
 with Ray's live nodes every :data:`WATCH_S`, and a client that finds a node's daemon
 unreachable calls :meth:`Registry.suspect`, which pings that node's agent and drops
@@ -24,11 +28,12 @@ from typing import Any
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from ember.ray.placement import NodeInfo
+from ember.ray.placement import Capacity, NodeInfo
 
 NAMESPACE = "ember"
 NAME = "ember-registry"
 WATCH_S = 1.0
+STALE_S = 5.0  # a capacity pushed longer ago than this is not used for placement
 PING_TIMEOUT_S = 5.0  # an agent that takes longer is treated as gone
 actor: Any = ray.remote  # Ray's stubs do not know actor options such as max_concurrency
 
@@ -57,6 +62,7 @@ class Registry:
         self._lock = threading.Lock()
         self._nodes: dict[str, NodeInfo] = {}
         self._sandboxes: dict[str, Placed] = {}
+        self._capacity: dict[str, tuple[Capacity, float]] = {}  # node id -> (pushed, when)
         self._watcher = threading.Thread(target=self._watch, name="ember-registry", daemon=True)
         self._watcher.start()
 
@@ -73,10 +79,26 @@ class Registry:
         """Forget a node and its sandboxes; the ids forgotten."""
         with self._lock:
             self._nodes.pop(node_id, None)
+            self._capacity.pop(node_id, None)
             gone = [s for s, p in self._sandboxes.items() if p.node_id == node_id]
             for sandbox_id in gone:
                 del self._sandboxes[sandbox_id]
         return gone
+
+    # --- capacity, pushed by the agents
+    def report(self, capacity: Capacity) -> None:
+        """A node agent's capacity now (every :data:`~ember.ray.node.PUSH_S` and after each
+        reservation); a node not registered (or removed) is not brought back by it."""
+        with self._lock:
+            if capacity.node.node_id in self._nodes:
+                self._capacity[capacity.node.node_id] = (capacity, time.monotonic())
+
+    def capacities(self) -> list[Capacity]:
+        """The last capacity each live node pushed, if recent: placement's snapshot, one
+        call whatever the number of nodes."""
+        now = time.monotonic()
+        with self._lock:
+            return [c for c, when in self._capacity.values() if now - when <= STALE_S]
 
     def suspect(self, node_id: str) -> bool:
         """A client could not reach ``node_id``'s daemon: is its agent still there?  A

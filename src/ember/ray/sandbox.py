@@ -4,9 +4,11 @@ The class is :class:`~ember.sandbox.remote.RemoteSandbox` (the client of one
 ``ember serve``) with three differences, so the HTTP client, the error decoding and
 every method are the daemon client's own, not a copy:
 
-* **where**: the constructor asks the node agents for their capacity, reserves a slot
-  on the best node (``placement="spread"`` or ``"pack"``, :mod:`.placement`), and
-  creates the sandbox through that node's HTTP API; the registry records id -> node.
+* **where**: the constructor reads the capacities the node agents pushed to the registry,
+  reserves a slot on the best node (``placement="spread"`` or ``"pack"``, nodes that have
+  the template first, :mod:`.placement`), has that node's agent copy the template from a
+  peer if it lacks it, and creates the sandbox through that node's HTTP API; the
+  registry records id -> node.
 * **how**: the node's :class:`NodeApi` turns on TCP keepalive, so a machine that
   vanishes mid-call (no RST, no FIN) fails the call within :data:`KEEPALIVE_S`.
 * **failures**: a node that cannot be reached (connection refused, reset, timed out)
@@ -42,6 +44,7 @@ from ember.sandbox.signature import takes
 from ember.sandbox.wire import ServerError
 
 T = TypeVar("T")
+TRANSFER_TIMEOUT_S = 900.0  # a template copied between nodes (~120 MiB of data here)
 KEEPALIVE_S = (5, 2, 3)  # idle, interval, probes: a silent peer is dead after ~11 s
 
 
@@ -107,7 +110,7 @@ class Sandbox(RemoteSandbox):
             raise ConfigError("ember.ray.Sandbox picks its node: do not pass server=")
         body = options.daemon_body()
         errors: builtins.list[str] = []
-        for cap in _candidates(options.mem_mib, options.placement):
+        for cap in _candidates(options.mem_mib, options.placement, options.template):
             handle = nodes_.agent(cap.node)
             try:
                 ticket = ray.get(handle.reserve.remote(options.mem_mib), timeout=30.0)
@@ -119,6 +122,8 @@ class Sandbox(RemoteSandbox):
                 continue
             api = NodeApi(cap.node)
             try:
+                if options.template is not None and options.template not in cap.templates:
+                    _ensure_template(handle, options.template)
                 info = api.call("POST", "/sandboxes", json=body)
             except SandboxLost as exc:
                 api.close()
@@ -128,7 +133,7 @@ class Sandbox(RemoteSandbox):
                 api.close()
                 raise
             finally:
-                handle.release.remote(ticket)
+                ray.get(handle.release.remote(ticket))  # its next placement sees the slot
             self._init_remote(api, info)
             placed = Placed(self._id, cap.node.node_id, dict(info.get("metadata") or {}),
                             float(info.get("created_at") or time.time()))  # fmt: skip
@@ -180,12 +185,22 @@ class Sandbox(RemoteSandbox):
             ray.get(registry().forget.remote(self._id))
 
 
-def _candidates(mem_mib: int, placement: Strategy) -> builtins.list[Capacity]:
-    found = nodes_.nodes()
-    if not found and not ray.get(registry().nodes.remote()):
-        nodes_.start_nodes()
+def _candidates(mem_mib: int, placement: Strategy, template: str | None) -> builtins.list[Capacity]:
+    found = nodes_.pushed()
+    if not found:  # just started, or no agents at all yet
+        if not ray.get(registry().nodes.remote()):
+            nodes_.start_nodes()
         found = nodes_.nodes()
-    return rank(found, mem_mib, placement)
+    return rank(found, mem_mib, placement, template)
+
+
+def _ensure_template(handle: Any, name: str) -> None:
+    """The chosen node lacks template ``name``: its agent copies it from a node that has it
+    (verified before use); if none has it, the daemon's own error says so."""
+    try:
+        ray.get(handle.ensure_template.remote(name), timeout=TRANSFER_TIMEOUT_S)
+    except ray.exceptions.RayTaskError as exc:
+        raise SandboxError(f"template {name!r} could not be copied here: {exc.cause}") from None
 
 
 def connect(sandbox_id: str) -> Sandbox:

@@ -13,9 +13,10 @@ on plain directories:
   data here): the sender lists its data extents (``SEEK_DATA``/``SEEK_HOLE``) and the
   receiver writes them into a file of the right size, which stays sparse.
 * **Nothing is usable until verified.**  The receiver assembles the copy in
-  ``.incoming/<name>`` in the store (a name no restore can ask for), hashes every file as written on its disk
-  against the manifest, decodes the state (its own checksum) and checks the memory against
-  it (:func:`ember.templates.verify`), and only then renames the directory into place.  A
+  ``.incoming/<name>`` in the store (a name no restore can ask for), hashes every file
+  as written on its disk against the manifest, decodes the state (its own checksum),
+  checks the memory against it (:func:`ember.templates.verify`) and that this node has
+  the images it restores onto, and only then renames the directory into place.  A
   short chunk, a flipped bit, a dead peer or any exception removes the staging directory:
   a restore can never find half a template.
 """
@@ -217,7 +218,7 @@ def _check(m: Manifest) -> None:
         end = 0
         for offset, length in f.extents:
             if offset < end or length <= 0 or offset + length > f.size:
-                raise TransferError(f"template {m.template}: {f.name}: bad extent {offset}+{length}")
+                raise TransferError(f"template {m.template}: {f.name}: extent {offset}+{length}")
             end = offset + length
 
 
