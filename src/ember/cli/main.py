@@ -14,6 +14,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 import ember.cli.boot
+import ember.cli.cluster
 import ember.cli.image
 import ember.cli.run
 import ember.cli.serve
@@ -30,6 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     ember.cli.boot.register(sub)
+    ember.cli.cluster.register(sub)
     ember.cli.image.register(sub)
     ember.cli.run.register(sub)
     ember.cli.serve.register(sub)

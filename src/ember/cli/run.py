@@ -16,7 +16,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -32,7 +33,7 @@ EXIT_CRASH = 1
 GUEST_DIR = "/tmp/ember-run"
 
 
-def _common(p: argparse.ArgumentParser) -> None:
+def common_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--timeout", type=float, default=None, metavar="S", help="kill after S seconds")
     p.add_argument(
         "--mem", type=int, default=DEFAULT_MEM_MIB, metavar="MiB",
@@ -79,14 +80,14 @@ def register(sub: Any) -> None:
     )
     run.add_argument("script", type=Path)
     run.add_argument("args", nargs=argparse.REMAINDER, help="arguments for the script")
-    _common(run)
+    common_options(run)
     run.set_defaults(func=_run)
     exe = sub.add_parser(
         "exec",
         help="run a command in a fresh sandbox",
         description="Run CMD in a fresh sandbox, stream its output, exit with its status.",
     )
-    _common(exe)
+    common_options(exe)
     exe.add_argument(
         "--id", default=None, metavar="ID", help="run in this sandbox of an `ember serve` daemon"
     )
@@ -98,14 +99,33 @@ def register(sub: Any) -> None:
     exe.set_defaults(func=_exec)
 
 
+Opener = Callable[[argparse.Namespace], AbstractContextManager["Sandbox"]]
+
+
 def _run(args: argparse.Namespace) -> int:
+    return run_script(args, _sandbox)
+
+
+def run_script(args: argparse.Namespace, opener: Opener) -> int:
+    """``ember run``'s work in the sandbox ``opener`` gives (``ember cluster run`` passes one
+    placed on a cluster node): upload, stream, the script's exit status."""
     script: Path = args.script
     try:
         source = script.read_bytes()
     except OSError as exc:
         raise ConfigError(f"cannot read {script}: {exc.strerror}") from None
     guest_path = f"{GUEST_DIR}/{script.name}"
-    return _in_sandbox(args, ["python3", guest_path, *args.args], upload=(guest_path, source))
+    argv = ["python3", guest_path, *args.args]
+    return _in_sandbox(args, argv, upload=(guest_path, source), opener=opener)
+
+
+def sandbox_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The sandbox the options of :func:`common_options` ask for, as ``Sandbox()`` keywords."""
+    return dict(
+        mem_mib=args.mem, vcpus=args.vcpus,
+        cpus=args.cpus, memory_mib=args.memory, pids=args.pids,
+        template=args.template, boot=args.boot, network=network_policy(args),
+    )  # fmt: skip
 
 
 def _exec(args: argparse.Namespace) -> int:
@@ -132,18 +152,17 @@ def _sandbox(args: argparse.Namespace) -> Iterator[Sandbox]:
         return
     from ember.sandbox import Sandbox
 
-    with Sandbox(
-        mem_mib=args.mem, vcpus=args.vcpus,
-        cpus=args.cpus, memory_mib=args.memory, pids=args.pids,
-        template=args.template, boot=args.boot, network=network_policy(args),
-    ) as sb:  # fmt: skip
+    with Sandbox(**sandbox_options(args)) as sb:
         yield sb
 
 
-def _in_sandbox(args: argparse.Namespace, argv: list[str], upload: tuple[str, bytes] | None) -> int:
+def _in_sandbox(
+    args: argparse.Namespace, argv: list[str], upload: tuple[str, bytes] | None,
+    opener: Opener = _sandbox,
+) -> int:  # fmt: skip
     out, err = sys.stdout.buffer, sys.stderr.buffer
     try:
-        with _sandbox(args) as sb:
+        with opener(args) as sb:
             if upload is not None:
                 sb.files.write(upload[0], upload[1])
             stream = sb.exec_stream(argv, timeout=args.timeout)
