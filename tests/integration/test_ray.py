@@ -2,11 +2,13 @@
 an ``ember serve`` on each, sandboxes placed across them through ``ember.ray``.
 
 The head node and one worker node each advertise an ``ember_kvm`` resource and get a
-state directory of their own under the test's tmp dir.  The registry lives on the head;
-the node-loss test removes the worker.  Teardown stops the agents (which destroys their
-sandboxes), shuts Ray down and then checks that no daemon, supervisor, keeper or VMM of
-these state directories is left.  Every wait is bounded and generous (the host is
-shared); nothing asserts on wall-clock time.
+state directory and a template store of their own under the test's tmp dir (each store
+starts with the default template, linked from the host's cache, and nothing else, so a
+template made on one node is missing on the other until it is copied).  The registry
+lives on the head; the node-loss test, last, removes the worker.  Teardown stops the
+agents (which destroys their sandboxes), shuts Ray down and then checks that no daemon,
+supervisor, keeper or VMM of these state directories is left.  Every wait is bounded
+and generous (the host is shared); nothing asserts on wall-clock time.
 """
 
 from __future__ import annotations
@@ -30,7 +32,9 @@ from ray.cluster_utils import Cluster
 
 import ember.ray
 from ember import SandboxError, SandboxLost
-from ember.ray.registry import registry
+from ember.ray.node import agent, pushed
+from ember.ray.registry import ray_nodes, registry
+from ember.ray.transfer import INCOMING
 from ember.templates import find
 from tests.integration.conftest import Images
 from tests.integration.serve_daemon import alive, wait_for
@@ -90,7 +94,7 @@ def _vmm_pids(state: Path) -> list[int]:
 
 @pytest.fixture(scope="module")
 def ctx(images: Images, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Ctx]:
-    find()  # the default template, built here once rather than by two daemons at once
+    default = find()  # the default template, built here once rather than by two daemons at once
     tmp = tmp_path_factory.mktemp("ray")
     cluster = Cluster(
         initialize_head=True, head_node_args={**NODE_ARGS, "_system_config": FAST_HEALTH}
@@ -101,7 +105,12 @@ def ctx(images: Images, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Ct
         cluster.wait_for_nodes()
         ray.init(address=cluster.address, namespace="ember-tests")
         head_id = ray.get_runtime_context().get_node_id()
-        infos = ember.ray.start_nodes(state_dir=str(tmp / "nodes"), max_sandboxes=MAX_PER_NODE)
+        for n in ray_nodes():  # each node's store: the default template and nothing else
+            store = tmp / "templates" / str(n["NodeID"])[:16]
+            store.mkdir(parents=True)
+            (store / default.dir.name).symlink_to(default.dir)
+        infos = ember.ray.start_nodes(state_dir=str(tmp / "nodes"), max_sandboxes=MAX_PER_NODE,
+                                      templates_dir=str(tmp / "templates"))  # fmt: skip
         assert len(infos) == 2, infos
         (worker_id,) = [i.node_id for i in infos if i.node_id != head_id]
         yield Ctx(cluster, worker, head_id, worker_id, tmp)
@@ -117,6 +126,17 @@ def ctx(images: Images, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Ct
 
 def _by_node(ctx: Ctx) -> dict[str, int]:
     return {c.node.node_id: c.sandboxes for c in ember.ray.nodes()}
+
+
+def _settled() -> None:
+    """Until the capacities the agents pushed (placement's view) match the nodes' own now:
+    a test that expects a given node must not place on a view a second old."""
+
+    def same() -> bool:
+        fresh = {c.node.node_id: c.load for c in ember.ray.nodes()}
+        return {c.node.node_id: c.load for c in pushed()} == fresh
+
+    wait_for(same, WAIT, "the pushed capacities to catch up")
 
 
 def test_sandboxes_on_both_nodes(ctx: Ctx) -> None:
@@ -239,7 +259,119 @@ def test_placement_honours_capacity(ctx: Ctx) -> None:
     assert _by_node(ctx) == {ctx.head_id: 0, ctx.worker_id: 0}
 
 
+def _ember(ctx: Ctx, *argv: str) -> subprocess.CompletedProcess[str]:
+    """The ``ember`` command line, as a user runs it against this cluster."""
+    return subprocess.run(
+        [sys.executable, "-m", "ember.cli.main", "cluster", argv[0], "--address",
+         ctx.cluster.address, *argv[1:]], capture_output=True, text=True, timeout=WAIT,
+        check=False,
+    )  # fmt: skip
+
+
+def test_cluster_status_and_run(ctx: Ctx, tmp_path: Path) -> None:
+    default = find().dir.name
+    shown = _ember(ctx, "status", "--json")
+    assert shown.returncode == 0, shown.stderr[-3000:]
+    nodes = [json.loads(line) for line in shown.stdout.splitlines() if line.startswith("{")]
+    assert {n["node"] for n in nodes} == {ctx.head_id, ctx.worker_id}
+    assert all(n["templates"] == [default] and n["max_sandboxes"] == MAX_PER_NODE for n in nodes)
+    table = _ember(ctx, "status")
+    assert table.returncode == 0 and "TEMPLATES" in table.stdout, table.stderr[-3000:]
+    assert f"{ctx.head_id[:12]}" in table.stdout and "2 nodes answering" in table.stdout
+
+    script = tmp_path / "job.py"
+    script.write_text(
+        "import sys\nprint('args', sys.argv[1:])\nprint('to stderr', file=sys.stderr)\n"
+        "sys.exit(int(sys.argv[1]))\n"
+    )
+    _settled()
+    full = [ember.ray.Sandbox(placement="pack", metadata={"suite": "run"})
+            for _ in range(MAX_PER_NODE)]  # fmt: skip
+    try:  # one node is full: the script runs on the other
+        assert len({sb.node.node_id for sb in full}) == 1
+        done = _ember(ctx, "run", str(script), "3", "--flag")
+        assert done.returncode == 3, done.stderr[-3000:]
+        assert done.stdout == "args ['3', '--flag']\n"
+        assert "to stderr" in done.stderr
+        assert _ember(ctx, "run", str(script), "0").returncode == 0
+    finally:
+        for sb in full:
+            sb.close()
+    assert ember.ray.list(metadata={"ember": "cluster run"}) == []  # each run's sandbox is gone
+    missing = _ember(ctx, "run", str(tmp_path / "nope.py"))
+    assert missing.returncode == 2 and "cannot read" in missing.stderr
+
+
+def _store(ctx: Ctx, node_id: str) -> Path:
+    return ctx.tmp / "templates" / node_id[:16]
+
+
+def test_template_copied_to_the_node_lacking_it(ctx: Ctx) -> None:
+    _settled()
+    source = ember.ray.Sandbox(metadata={"suite": "dist"})
+    a, made = source.node, [source]
+    b_id = ctx.worker_id if a.node_id == ctx.head_id else ctx.head_id
+    b = agent(next(c.node for c in ember.ray.nodes() if c.node.node_id == b_id))
+    try:
+        source.files.write("/tmp/marker", b"made on the first node")
+        source.snapshot("dist")
+        assert (_store(ctx, a.node_id) / "dist" / "state").is_file()
+        assert not (_store(ctx, b_id) / "dist").exists()
+
+        def a_has_it() -> bool:  # the agents push capacity (and templates) every second
+            return any(c.node == a and "dist" in c.templates for c in pushed())
+
+        wait_for(a_has_it, WAIT, "the source node to report the new template")
+
+        # a peer that sends one flipped bit: the copy is refused and nothing of it stays
+        @ray.remote(num_cpus=0)
+        class Liar:
+            def __init__(self, honest: Any) -> None:
+                self.honest = honest
+
+            def template_manifest(self, name: str) -> Any:
+                import ray
+
+                return ray.get(self.honest.template_manifest.remote(name))
+
+            def read_template(self, name: str, file: str, offset: int, length: int) -> bytes:
+                import ray
+
+                data: bytes = ray.get(self.honest.read_template.remote(name, file, offset, length))
+                if file == "memory" and offset == 0:
+                    data = bytes([data[0] ^ 0x10]) + data[1:]
+                return data
+
+        liar = Liar.remote(agent(a))  # type: ignore[attr-defined]
+        with pytest.raises(ray.exceptions.RayTaskError, match="discarded"):
+            ray.get(b.pull_template.remote("dist", liar), timeout=WAIT * 5)
+        assert not (_store(ctx, b_id) / "dist").exists()
+        assert list((_store(ctx, b_id) / INCOMING).iterdir()) == []
+        assert "dist" not in ray.get(b.templates.remote())
+
+        # placement prefers the node that has it (spread alone would pick the empty one)...
+        second = ember.ray.Sandbox(template="dist", metadata={"suite": "dist"})
+        made.append(second)
+        assert second.node == a
+        assert second.files.read("/tmp/marker") == b"made on the first node"
+        # ...and when that node is full, the other one gets a verified copy and restores it
+        third = ember.ray.Sandbox(template="dist", metadata={"suite": "dist"})
+        made.append(third)
+        assert third.node.node_id == b_id
+        assert third.files.read("/tmp/marker") == b"made on the first node"
+        assert ray.get(b.templates.remote()) == sorted([find().dir.name, "dist"])
+        digests = {
+            ray.get(agent(n).template_manifest.remote("dist")).digest for n in (a, third.node)
+        }
+        assert len(digests) == 1
+        assert list((_store(ctx, b_id) / INCOMING).iterdir()) == []
+    finally:
+        for sb in made:
+            sb.close()
+
+
 def test_node_loss_raises_sandbox_lost(ctx: Ctx) -> None:
+    _settled()
     here = ember.ray.Sandbox(metadata={"suite": "loss"})
     there = ember.ray.Sandbox(metadata={"suite": "loss"})
     if there.node.node_id != ctx.worker_id:

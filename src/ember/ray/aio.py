@@ -24,7 +24,14 @@ from ember.errors import ConfigError, SandboxError, SandboxLost
 from ember.ray import node as nodes_
 from ember.ray.placement import NodeInfo
 from ember.ray.registry import Placed, registry
-from ember.ray.sandbox import RayOptions, _candidates, _ensure_template, _keepalive, _lost
+from ember.ray.sandbox import (
+    RayOptions,
+    _candidates,
+    _ensure_template,
+    _keepalive,
+    _lost,
+    _pushes,
+)
 from ember.sandbox import daemon
 from ember.sandbox.files import AsyncRemoteFiles
 from ember.sandbox.options import StreamArgs
@@ -157,6 +164,7 @@ class AsyncSandbox(AsyncRemoteSandbox):
             pass
         finally:  # awaited: see ember.ray.Sandbox.close
             if self._info:
+                _pushes(self._api.node)
                 await registry().forget.remote(self.id)
 
 

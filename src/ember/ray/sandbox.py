@@ -182,7 +182,18 @@ class Sandbox(RemoteSandbox):
         except SandboxLost:
             pass
         finally:  # awaited: a lookup right after (the registry runs calls concurrently) misses
+            _pushes(self._api.node)
             ray.get(registry().forget.remote(self._id))
+
+
+def _pushes(node: NodeInfo) -> None:
+    """Ask the node's agent to push its capacity now (not awaited): the agent does not see
+    deletions, which go to its daemon, and placement should not wait up to
+    :data:`~ember.ray.node.PUSH_S` to see the freed slot."""
+    try:
+        nodes_.agent(node).push.remote(False)
+    except Exception:  # the agent is gone: nothing to update
+        pass
 
 
 def _candidates(mem_mib: int, placement: Strategy, template: str | None) -> builtins.list[Capacity]:
