@@ -1,6 +1,7 @@
 """Ember on Ray: what placing through the cluster costs, beside a node's daemon and in-process.
 
 Usage: ``.venv/bin/python bench/cluster.py [--sandboxes 20] [--live 6] [--runs 30] [--json]``
+(issue 19's size: ``--sandboxes 200``; several minutes here)
 
 Starts its own two-node ``ray.cluster_utils.Cluster`` on this machine (each node with an
 ``ember_kvm`` resource, a node agent and an ``ember serve`` of its own, in a temporary
@@ -10,7 +11,8 @@ state dir) and measures, each beside its peers from the same run:
   another in waves, then closed): ``ember.ray.Sandbox()`` (capacity of every node, a
   slot reserved on the best, ``POST /sandboxes`` on it, the registry told) against
   ``Sandbox(server=URL)`` on one node's daemon and the in-process ``Sandbox()``;
-  creations per second and the median of one creation;
+  creations per second and the median of one creation, and how the cluster's spread them
+  over the two nodes;
 - an ``exec(["true"])`` and a ``run_code("1")`` round trip in a live sandbox, the same
   three ways (the cluster's path is the node's HTTP API, so it should match ``server=``);
 - one Ray actor call that does nothing (``agent.ping``): the floor of any data path
@@ -22,6 +24,7 @@ Medians; ratios over in-process.  Nothing is asserted.
 from __future__ import annotations
 
 import argparse
+import collections
 import os
 import shutil
 import statistics
@@ -98,8 +101,12 @@ def main() -> int:
         os.environ["EMBER_TOKEN"] = node.token  # for Sandbox(server=node.url)
         os.environ.pop("EMBER_SERVER", None)
 
+        placed: collections.Counter[str] = collections.Counter()
+
         def cluster_sb() -> Sandbox:
-            return ember.ray.Sandbox()
+            sb = ember.ray.Sandbox()
+            placed[sb.node.node_id[:8]] += 1
+            return sb
 
         def server_sb() -> Sandbox:
             return Sandbox(server=node.url)
@@ -109,11 +116,15 @@ def main() -> int:
 
         for name, make in (("cluster", cluster_sb), ("server", server_sb), ("local", local_sb)):
             make().close()  # warm: the template's pages, the daemons' imports
+            placed.clear()
             rate, each = creations(make, args.sandboxes, args.live)
+            spread_over = dict(placed)
             with make() as sb:
                 exec_s, code_s = round_trips(sb, args.runs)
             results[name] = {"creations_per_s": rate, "create_s": statistics.median(each),
                              "exec_s": exec_s, "run_code_s": code_s}  # fmt: skip
+            if name == "cluster":
+                results[name]["per_node"] = spread_over
         handle = agent(node)
         ray.get(handle.ping.remote())
         ping = statistics.median(
@@ -145,6 +156,8 @@ def main() -> int:
     headers = ["", "ember.ray", "server=URL", "in-process", "ray/local", "ray/server"]
     print(format_table(headers, rows))
     print(f"one Ray actor call (agent.ping, no work): {fmt_num(ping * 1000)} ms")
+    spread = ", ".join(f"{node}: {n}" for node, n in sorted(c["per_node"].items()))
+    print(f"ember.ray placed its {args.sandboxes} sandboxes: {spread}")
     return 0
 
 
