@@ -3,12 +3,13 @@ an ``ember serve`` on each, sandboxes placed across them through ``ember.ray``.
 
 The head node and one worker node each advertise an ``ember_kvm`` resource and get a
 state directory and a template store of their own under the test's tmp dir (each store
-starts with the default template, linked from the host's cache, and nothing else, so a
-template made on one node is missing on the other until it is copied).  The registry
-lives on the head; the node-loss test, last, removes the worker.  Teardown stops the
-agents (which destroys their sandboxes), shuts Ray down and then checks that no daemon,
-supervisor, keeper or VMM of these state directories is left.  Every wait is bounded
-and generous (the host is shared); nothing asserts on wall-clock time.
+has nothing but the default template: the head's linked from the host's cache, the
+worker's copied from the head by ``start_nodes``; a template made on one node is missing
+on the other until it is copied).  The registry lives on the head; the node-loss test,
+last, removes the worker.  Teardown stops the agents (which destroys their sandboxes),
+shuts Ray down and then checks that no daemon, supervisor, keeper or VMM of these state
+directories is left.  Every wait is bounded and generous (the host is shared); nothing
+asserts on wall-clock time.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from ember import SandboxError, SandboxLost
 from ember.ray.node import agent, pushed
 from ember.ray.registry import ray_nodes, registry
 from ember.ray.transfer import INCOMING
+from ember.snapshot.memory_file import memory_digest
 from ember.templates import find
 from tests.integration.conftest import Images
 from tests.integration.serve_daemon import alive, wait_for
@@ -105,10 +107,11 @@ def ctx(images: Images, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Ct
         cluster.wait_for_nodes()
         ray.init(address=cluster.address, namespace="ember-tests")
         head_id = ray.get_runtime_context().get_node_id()
-        for n in ray_nodes():  # each node's store: the default template and nothing else
-            store = tmp / "templates" / str(n["NodeID"])[:16]
+        for n in ray_nodes():  # each node's store: the head's has the default template (the
+            store = tmp / "templates" / str(n["NodeID"])[:16]  # worker's is copied from it)
             store.mkdir(parents=True)
-            (store / default.dir.name).symlink_to(default.dir)
+            if n["NodeID"] == head_id:
+                (store / default.dir.name).symlink_to(default.dir)
         infos = ember.ray.start_nodes(state_dir=str(tmp / "nodes"), max_sandboxes=MAX_PER_NODE,
                                       templates_dir=str(tmp / "templates"))  # fmt: skip
         assert len(infos) == 2, infos
@@ -275,6 +278,9 @@ def test_cluster_status_and_run(ctx: Ctx, tmp_path: Path) -> None:
     nodes = [json.loads(line) for line in shown.stdout.splitlines() if line.startswith("{")]
     assert {n["node"] for n in nodes} == {ctx.head_id, ctx.worker_id}
     assert all(n["templates"] == [default] and n["max_sandboxes"] == MAX_PER_NODE for n in nodes)
+    copied = _store(ctx, ctx.worker_id) / default  # start_nodes copied it, verified
+    assert copied.is_dir() and not copied.is_symlink()
+    assert memory_digest(copied / "memory") == memory_digest(find().dir / "memory")
     table = _ember(ctx, "status")
     assert table.returncode == 0 and "TEMPLATES" in table.stdout, table.stderr[-3000:]
     assert f"{ctx.head_id[:12]}" in table.stdout and "2 nodes answering" in table.stdout

@@ -46,7 +46,8 @@ import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from ember import templates
-from ember.errors import SandboxError
+from ember.errors import EmberError, SandboxError
+from ember.launcher import SandboxSpec
 from ember.ray import transfer
 from ember.ray.placement import Capacity, NodeInfo, mem_available_mib
 from ember.ray.registry import NAMESPACE, actor, ray_nodes, registry
@@ -257,6 +258,16 @@ class NodeAgent:
             raise failure
         return None
 
+    def ensure_default(self) -> str | None:
+        """:meth:`ensure_template` for the default template of a default sandbox (its
+        directory name is a hash of this node's images): a node that joins gets a copy
+        from a peer in seconds rather than building it (~10 minutes here) on first use."""
+        try:
+            name = templates.template_dir(templates.DEFAULT, SandboxSpec()).name
+        except EmberError:  # this node has no images yet: the daemon will say so
+            return None
+        return self.ensure_template(name)
+
     def stop(self) -> None:
         """Stop the daemon and destroy its sandboxes (the supervisor's EOF path)."""
         self._stopped.set()
@@ -282,8 +293,9 @@ def start_nodes(
     """A node agent on every live node that advertises ``resource`` (those running already
     are kept), each registered with the registry.  ``state_dir`` and ``templates_dir`` are
     bases: each node uses ``<base>/<node id>`` (without ``templates_dir``, the host's
-    template cache; give it when several simulated nodes share one host).  Safe to call
-    from several drivers at once."""
+    template cache; give it when several simulated nodes share one host).  A node lacking
+    the default template gets a verified copy from one that has it before this returns.
+    Safe to call from several drivers at once."""
     reg = registry()
     agents = []
     for node_id in _kvm_nodes(resource):
@@ -297,6 +309,7 @@ def start_nodes(
     infos: list[NodeInfo] = ray.get([a.node.remote() for a in agents])
     ray.get([reg.add_node.remote(info) for info in infos])
     ray.get([a.push.remote() for a in agents])  # placement can use them at once
+    ray.get([a.ensure_default.remote() for a in agents])
     return infos
 
 
