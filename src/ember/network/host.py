@@ -34,7 +34,9 @@ import fcntl
 import ipaddress
 import os
 import random
+import signal
 import socket
+import subprocess
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -385,7 +387,8 @@ def _claim_slot() -> tuple[int, int]:
 
     Slots are claimed with an exclusive ``flock`` on ``/run/ember/net/K.lock``,
     held for the sandbox's life: a namespace whose lock is free belongs to
-    an owner that died without cleaning up, and is removed and reused.
+    an owner that died without cleaning up, and is removed (:func:`_clean_stale`);
+    the slot then gets a new one, never the old one again.
     """
     os.makedirs(NETNS_DIR, exist_ok=True)
     os.makedirs(LOCK_DIR, exist_ok=True)
@@ -399,14 +402,29 @@ def _claim_slot() -> tuple[int, int]:
             os.close(fd)
             continue
         try:
-            name = f"{NS_PREFIX}{slot}"
-            if os.path.exists(f"{NETNS_DIR}/{name}"):  # left by a dead owner
-                _run(["ip", "netns", "delete", name], "")
+            _clean_stale(slot)
         except BaseException:
             os.close(fd)
             raise
         return slot, fd
     raise SandboxError(f"all {SLOTS} sandbox network slots are in use")
+
+
+def _clean_stale(slot: int) -> None:
+    """Remove what a dead owner left in ``slot``: the processes in its namespace (killed:
+    they would keep it, its TAP and its rules alive), the namespace's name, and the host
+    end of its veth, which outlives the name while anything holds the namespace."""
+    name, veth = f"{NS_PREFIX}{slot}", f"{VETH_PREFIX}{slot}"
+    if os.path.exists(f"{NETNS_DIR}/{name}"):
+        pids = subprocess.run(
+            ["ip", "netns", "pids", name], capture_output=True, text=True, check=False
+        ).stdout.split()
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError, ValueError):
+                os.kill(int(pid), signal.SIGKILL)
+        _run(["ip", "netns", "delete", name], "")
+    if os.path.exists(f"/sys/class/net/{veth}"):
+        _run(["ip", "link", "delete", veth], "")
 
 
 # Forwarding on; no IPv6 in the sandbox namespace: the guest has none, and every router
