@@ -18,10 +18,12 @@ import pytest
 
 import ember.network.host as host
 import ember.network.pool as pool_module
+import ember.network.slots as slots
 from ember.errors import SandboxError
-from ember.network.host import CLOSED, HOST_TABLE, LOCK_DIR, SandboxNetwork
+from ember.network.host import CLOSED, HOST_TABLE, SandboxNetwork
 from ember.network.policy import NetworkPolicy
-from ember.network.pool import NetworkPool
+from ember.network.pool import POOLED_DIR, NetworkPool
+from ember.network.slots import LOCK_DIR
 
 OWNER = """
 import sys, time
@@ -123,7 +125,7 @@ def test_a_slot_another_process_holds_is_never_claimed(
     owner: tuple[subprocess.Popen[str], int], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     _, slot = owner
-    monkeypatch.setattr(host.random, "randrange", lambda n: slot)  # try its slot first
+    monkeypatch.setattr(slots.random, "randrange", lambda n: slot)  # try its slot first
     network = SandboxNetwork.prepare()
     try:
         assert network.slot != slot
@@ -147,7 +149,7 @@ def test_a_dead_owners_network_is_cleaned_before_reuse(
         old_inode = os.stat(netns).st_ino
         proc.kill()
         proc.wait()
-        monkeypatch.setattr(host.random, "randrange", lambda n: slot)
+        monkeypatch.setattr(slots.random, "randrange", lambda n: slot)
         pool = NetworkPool(0)
         network = pool.take(NetworkPolicy(internet=True))
         try:
@@ -210,6 +212,42 @@ def test_the_pool_prefers_a_network_made_for_the_policy_taken() -> None:
             pool.release(network)
     finally:
         pool.shutdown()
+
+
+def test_a_pooled_network_left_by_a_killed_process_is_swept_by_the_next_pool() -> None:
+    script = (
+        "import os, time\n"
+        "from ember.network.pool import NetworkPool\n"
+        "pool = NetworkPool(2)\n"
+        "pool.fill()\n"
+        "while pool.ready() < 2: time.sleep(0.05)\n"
+        "print(' '.join(str(n.slot) for n in pool._ready), flush=True)\n"
+        "taken = pool.take(pool._ready[0].policy)\n"  # a sandbox's: never swept
+        "print(taken.slot, flush=True)\n"
+        "time.sleep(600)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, env=env)
+    assert proc.stdout is not None
+    pooled = [int(word) for word in proc.stdout.readline().split()]
+    taken = int(proc.stdout.readline())
+    assert all(os.path.exists(f"{POOLED_DIR}/{slot}") for slot in pooled if slot != taken)
+    assert not os.path.exists(f"{POOLED_DIR}/{taken}")
+    proc.kill()  # no exit handlers: its networks stay behind
+    proc.wait()
+    left = [slot for slot in pooled if slot != taken]
+    pool = NetworkPool(0)
+    try:
+        pool.fill()  # starts its thread, which sweeps first
+        wait_for(
+            lambda: not any(os.path.exists(f"{host.NETNS_DIR}/ember-{s}") for s in left),
+            30, "the sweep",
+        )  # fmt: skip
+        assert all(slot_is_free(slot) and host_chain(slot) == "" for slot in left)
+        assert os.path.exists(f"{host.NETNS_DIR}/ember-{taken}")  # a sandbox's: kept
+    finally:
+        pool.shutdown()
+        SandboxNetwork(taken, CLOSED).close()
 
 
 def test_a_forked_child_forgets_the_pool_and_the_parent_keeps_its_networks() -> None:

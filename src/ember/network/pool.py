@@ -26,7 +26,10 @@ Never shared, never reused dirty:
 
 The pool's size is ``$EMBER_NET_POOL`` (default 2; 0 turns the pool off:
 each network is then made on demand, but still torn down in the background).
-At exit, the pool deletes what it holds and waits for pending teardowns.
+At exit, the pool deletes what it holds and waits for pending teardowns; a
+process killed before that (a daemon stopped by a signal) leaves its pooled
+networks marked in ``/run/ember/net/pooled``, and the next pool to start
+deletes those whose slot lock is free.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from __future__ import annotations
 import atexit
 import collections
 import contextlib
+import fcntl
 import logging
 import os
 import queue
@@ -41,9 +45,11 @@ import threading
 
 from ember.network.host import CLOSED, SandboxNetwork
 from ember.network.policy import NetworkPolicy
+from ember.network.slots import LOCK_DIR
 
 log = logging.getLogger(__name__)
 
+POOLED_DIR = f"{LOCK_DIR}/pooled"  # a file K while slot K waits in some process's pool
 SIZE_ENV = "EMBER_NET_POOL"
 DEFAULT_SIZE = 2
 SHUTDOWN_WAIT_S = 30.0
@@ -145,6 +151,8 @@ class NetworkPool:
                 self._ready.remove(network)
             elif self._ready:
                 network = self._ready.popleft()
+        if network is not None:
+            _unmark(network.slot)  # a sandbox's now: a daemon may adopt it after a crash
         if network is not None and not os.path.exists(network.netns_path):
             self.release(network)  # deleted behind our back (ip netns delete): not usable
             return None
@@ -164,6 +172,7 @@ class NetworkPool:
         return self._stopped or not (self._taking or self._starting)
 
     def _work(self) -> None:
+        _sweep()
         while True:
             job = self._jobs.get()
             if job == _STOP:
@@ -183,12 +192,15 @@ class NetworkPool:
             except Exception:  # not root, no iproute2...: take() will say why, on its thread
                 log.debug("preparing a pooled sandbox network failed", exc_info=True)
                 network = None
+            if network is not None:
+                _mark(network.slot)
             with self._lock:
                 self._filling -= 1
                 if network is not None and not self._stopped:
                     self._ready.append(network)
                     network = None
             if network is not None:
+                _unmark(network.slot)
                 network.close()
 
     def shutdown(self) -> None:
@@ -202,6 +214,7 @@ class NetworkPool:
             self._jobs.put(_STOP)
             thread.join(SHUTDOWN_WAIT_S)
         for network in ready:
+            _unmark(network.slot)
             with contextlib.suppress(Exception):
                 network.close()
         if thread is not None and thread.is_alive():
@@ -259,6 +272,45 @@ def network_settled(network: SandboxNetwork) -> None:
 def release_network(network: SandboxNetwork) -> None:
     """Delete a closed sandbox's network in the background: see :meth:`NetworkPool.release`."""
     network_pool().release(network)
+
+
+def _mark(slot: int) -> None:
+    os.makedirs(POOLED_DIR, exist_ok=True)
+    with open(f"{POOLED_DIR}/{slot}", "w"):
+        pass
+
+
+def _unmark(slot: int) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(f"{POOLED_DIR}/{slot}")
+
+
+def _sweep() -> None:
+    """Delete the pooled networks of processes that died without their exit handlers (a
+    daemon killed by a signal): marked pooled, their slot's lock free.  Never a sandbox's
+    network: a taken one is unmarked, and a daemon may re-adopt it after a crash."""
+    try:
+        names = os.listdir(POOLED_DIR)
+    except FileNotFoundError:
+        return
+    for name in names:
+        if not name.isdigit():
+            continue
+        slot = int(name)
+        fd = os.open(f"{LOCK_DIR}/{slot}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:  # waiting in a live process's pool
+            os.close(fd)
+            continue
+        if not os.path.exists(f"{POOLED_DIR}/{slot}"):  # taken meanwhile, then released
+            os.close(fd)
+            continue
+        _unmark(slot)
+        try:
+            SandboxNetwork(slot, CLOSED, fd).close()  # closes fd too
+        except Exception:
+            log.exception("deleting stale pooled network slot %d failed", slot)
 
 
 def _after_fork_in_child() -> None:
