@@ -14,8 +14,7 @@ import socket
 import subprocess
 import sys
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import pytest
 
@@ -27,20 +26,10 @@ from ember.network.host import HOST_TABLE
 from ember.network.pool import NetworkPool
 from ember.sandbox import Sandbox
 from tests.integration.conftest import Images
-from tests.integration.nethost import SERVE, RemoteHost
+from tests.integration.nethost import GUEST_PORT, GUEST_SERVER, PROBE, RemoteHost
+from tests.waiting import wait_for
 
 ALLOWED, OTHER = 8090, 8091
-GUEST_PORT = 8000
-PROBE = """
-import socket
-def _probe(host, port):
-    try:
-        with socket.create_connection((host, port), timeout=15) as s:
-            return s.makefile().readline().strip()
-    except OSError as exc:
-        return type(exc).__name__
-"""
-GUEST_SERVER = SERVE + f'_serve_ports("guest hello {{peer}}", [{GUEST_PORT}])\n'
 # A process owning a networked sandbox with an exposed port and a rule for the host.
 OWNER = """
 import time
@@ -70,14 +59,6 @@ def host_chain(slot: int) -> str:
         ["nft", "list", "chain", "inet", HOST_TABLE, f"sandbox{slot}"],
         capture_output=True, text=True, check=False,
     ).stdout  # fmt: skip
-
-
-def wait_for(check: Callable[[], bool], seconds: float, what: str) -> None:
-    deadline = time.monotonic() + seconds
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 @pytest.fixture(scope="module")

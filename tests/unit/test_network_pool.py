@@ -11,8 +11,7 @@ import os
 import subprocess
 import sys
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import pytest
 
@@ -24,6 +23,7 @@ from ember.network.host import CLOSED, HOST_TABLE, SandboxNetwork
 from ember.network.policy import NetworkPolicy
 from ember.network.pool import POOLED_DIR, NetworkPool
 from ember.network.slots import LOCK_DIR
+from tests.waiting import wait_for
 
 OWNER = """
 import sys, time
@@ -58,14 +58,6 @@ def slot_is_free(slot: int) -> bool:
     finally:
         os.close(fd)
     return True
-
-
-def wait_for(check: Callable[[], bool], seconds: float, what: str) -> None:
-    deadline = time.monotonic() + seconds
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 @pytest.fixture
