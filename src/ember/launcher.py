@@ -173,19 +173,32 @@ class VmmProcess:
         self.network: SandboxNetwork | None = None
         try:
             if spec.network is not None:
-                from ember.network.host import SandboxNetwork
+                from ember.network.pool import take_network
 
-                self.network = SandboxNetwork.create(spec.network)
+                # Pooled: only the policy's rules are loaded, while the VMM restores.
+                self.network = take_network(spec.network)
             self.channel_listener = _listen(f"{self.uds}_{protocol.CHANNEL_PORT}")
             if spec.quotas is not None and spec.quotas.any():
                 self.cgroup = SandboxCgroup.create(self.dir.name, spec.quotas)
             if restore is None:
+                self._network_ready()
                 self._boot(spec)
             else:
                 self._restore(spec, restore, park_idle)
+                self._network_ready()  # until now the guest could reach nothing
         except BaseException:
             self.close()
             raise
+
+    def _network_ready(self) -> None:
+        """Wait for the policy's rules and start the resolver; then let the pool refill."""
+        if self.network is not None:
+            from ember.network.pool import network_settled
+
+            try:
+                self.network.wait_applied()
+            finally:
+                network_settled(self.network)  # background work may run again
 
     def _boot(self, spec: SandboxSpec) -> None:
         config = self.boot_config(spec)
@@ -538,7 +551,9 @@ class VmmProcess:
         finally:
             try:
                 if self.network is not None:  # after the VMM: it holds the TAP
-                    self.network.close()
+                    from ember.network.pool import release_network
+
+                    release_network(self.network)  # deleted in the background
                     self.network = None
             finally:
                 shutil.rmtree(self.dir, ignore_errors=True)

@@ -44,11 +44,15 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ember.errors import EmberError, SandboxError
-from ember.jailer.jail import CLONE_NEWPID, PR_SET_PDEATHSIG
-from ember.vmm.config import ProcessConfig, from_json, to_json
+
+if TYPE_CHECKING:
+    from ember.vmm.config import ProcessConfig
+# The server's imports (the jail's constants, the config's JSON) are made where they are
+# used: ``ember run`` starts its zygote before anything else, and this module's own import
+# is what that start waits for.
 
 _libc = ctypes.CDLL(None, use_errno=True)  # loaded once: spawns are the zygote's hot path
 MAX_INHERITED_FD = 65536
@@ -82,6 +86,8 @@ def _child(
         signal.set_wakeup_fd(-1)
         os.closerange(3, MAX_INHERITED_FD)  # nothing of the zygote's reaches a VMM
         os.setsid()
+        from ember.jailer.jail import PR_SET_PDEATHSIG
+
         _libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
         if os.getppid() == 1:  # the zygote died between fork and prctl
             os._exit(status)
@@ -145,11 +151,15 @@ def _enter_new_pid_ns_for_next_child() -> None:
     global _own_pid_ns
     if _own_pid_ns is None:
         _own_pid_ns = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
+    from ember.jailer.jail import CLONE_NEWPID
+
     if _libc.unshare(CLONE_NEWPID) != 0:
         raise OSError(ctypes.get_errno(), "unshare(CLONE_NEWPID)")
 
 
 def _back_to_own_pid_ns() -> None:
+    from ember.jailer.jail import CLONE_NEWPID
+
     if _own_pid_ns is not None and _libc.setns(_own_pid_ns, CLONE_NEWPID) != 0:
         raise OSError(ctypes.get_errno(), "setns back to our PID namespace")
 
@@ -193,6 +203,8 @@ def _spawn(
         request = json.loads(line)
         if not isinstance(request, dict) or not isinstance(request.get("console"), str):
             return {"error": "a request needs a config and a console"}
+        from ember.vmm.config import from_json
+
         config = from_json(request.get("config"))
     except (ValueError, EmberError) as exc:  # the ConfigError names the bad field
         return {"error": f"bad request: {exc}"}
@@ -325,6 +337,8 @@ class Zygote:
     ) -> ZygoteChild:
         """Fork a VMM process running ``config`` (its console and exit status in these files;
         ``new_pid_ns``: as PID 1 of a PID namespace of its own, for a jailed VMM)."""
+        from ember.vmm.config import to_json
+
         request = {
             "config": to_json(config),
             "console": str(console),

@@ -30,6 +30,22 @@ def _serve_ports(greeting, ports):
         threading.Thread(target=serve, args=(listener, port), daemon=True).start()
 """
 
+# Installed in a sandbox's code worker: the first line a server sends, or the error's name.
+PROBE = """
+import socket
+import time
+def _probe(host, port):
+    try:
+        with socket.create_connection((host, port), timeout=15) as s:
+            return s.makefile().readline().strip()
+    except OSError as exc:
+        return type(exc).__name__
+"""
+
+# A server inside the guest answering like the test hosts do.
+GUEST_PORT = 8000
+GUEST_SERVER = SERVE + f'_serve_ports("guest hello {{peer}}", [{GUEST_PORT}])\n'
+
 SERVER = (
     SERVE
     + r"""

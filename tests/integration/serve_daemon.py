@@ -15,6 +15,9 @@ from pathlib import Path
 import httpx
 
 from tests.integration.conftest import ember_command
+from tests.waiting import wait_for
+
+__all__ = ["Daemon", "alive", "free_port", "running_daemon", "wait_for"]
 
 START_TIMEOUT = 120.0
 
@@ -32,14 +35,6 @@ def alive(pid: int) -> bool:
     except OSError:
         return False
     return stat.rsplit(")", 1)[1].split()[0] != "Z"
-
-
-def wait_for(predicate: object, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():  # type: ignore[operator]
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.1)
 
 
 @dataclass

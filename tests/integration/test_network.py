@@ -19,25 +19,9 @@ from ember.network.host import GATEWAY_IP, GUEST_IP
 from ember.sandbox import Sandbox
 from ember.templates import templates_root
 from tests.integration.conftest import Images, ember
-from tests.integration.nethost import SERVE, RemoteHost
+from tests.integration.nethost import GUEST_PORT, GUEST_SERVER, PROBE, RemoteHost
 
 ALLOWED, OTHER = 8080, 8081
-GUEST_PORT = 8000
-
-# Installed in each sandbox's code worker: the first line a server sends, or the error.
-PROBE = """
-import socket
-import time
-def _probe(host, port):
-    try:
-        with socket.create_connection((host, port), timeout=15) as s:
-            return s.makefile().readline().strip()
-    except OSError as exc:
-        return type(exc).__name__
-"""
-
-# A server inside the guest answering like the test hosts do.
-GUEST_SERVER = SERVE + f'_serve_ports("guest hello {{peer}}", [{GUEST_PORT}])\n'
 
 
 # What the guest's resolver (getaddrinfo through /etc/resolv.conf) makes of a name.

@@ -125,7 +125,9 @@ def test_short_calls_reuse_one_kept_connection(agent: Agent) -> None:
         client.files.stat("/no/such/file")  # an error reply keeps the connection usable too
     assert client.ping()["pong"] is True
     assert len(opened) == 1
-    assert client.exec(["true"]).exit_code == 0  # streams get their own connection
+    assert client.exec(["true"]).exit_code == 0  # an exec without stdin may keep it too
+    assert len(opened) == 1
+    assert client.exec(["cat"], stdin=b"").exit_code == 0  # one with stdin gets its own
     assert len(opened) == 2
     client.close()
     assert opened[0].fileno() == -1

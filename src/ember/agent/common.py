@@ -11,10 +11,13 @@ import os
 import sys
 from typing import Any
 
+from ember.protocol import KEPT_STREAM_OPS
+
 __all__ = [
     "BadRequest",
     "ClientGone",
     "ExecError",
+    "kept_stream",
     "log",
     "opt_bool",
     "opt_float",
@@ -90,3 +93,16 @@ def req_path(req: dict[str, Any], key: str = "path") -> str:
     if not path.startswith("/") or "\0" in path:
         raise BadRequest(f"{key!r} must be an absolute path, e.g. /root/data.csv; got {path!r}")
     return path
+
+
+def kept_stream(req: dict[str, Any]) -> bool:
+    """Whether this stream's connection carries the host's next request after its RESULT.
+
+    Only when the host asked, and only for streams after whose RESULT the connection holds
+    nothing more: not an exec with stdin (STDIN frames may still be on their way).
+    """
+    return (
+        req.get("keepalive") is True
+        and req.get("op") in KEPT_STREAM_OPS
+        and req.get("stdin", False) is False
+    )

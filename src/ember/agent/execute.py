@@ -49,7 +49,15 @@ from collections.abc import Callable
 from typing import IO, TYPE_CHECKING, Any
 
 from ember import ring
-from ember.agent.common import BadRequest, ClientGone, ExecError, opt_bool, opt_float, opt_str
+from ember.agent.common import (
+    BadRequest,
+    ClientGone,
+    ExecError,
+    kept_stream,
+    opt_bool,
+    opt_float,
+    opt_str,
+)
 from ember.agent.filering import Slot, leased_slot
 from ember.protocol import Kind, ProtocolError, read_frame, write_frame, write_json
 
@@ -323,7 +331,8 @@ def handle_exec(
     slot = leased_slot(req)
     proc = _start(argv, req, env, cwd, want_stdin, pool)
     try:
-        _serve(conn, proc, timeout, want_stdin, None if slot is None else _RingOutput(slot))
+        ring_out = None if slot is None else _RingOutput(slot)
+        _serve(conn, proc, timeout, want_stdin, ring_out, keep=kept_stream(req))
     finally:
         if pool is not None:
             pool.release(proc)
@@ -335,6 +344,8 @@ def _serve(
     timeout: float | None,
     want_stdin: bool,
     ring_out: _RingOutput | None,
+    *,
+    keep: bool = False,
 ) -> None:
     started = time.monotonic()
     run = _Run(proc)
@@ -374,5 +385,6 @@ def _serve(
             "signal": -returncode if returncode < 0 else None,
             "timed_out": run.timed_out,
             "duration": round(exited_at - started, 6),
+            **({"keepalive": True} if keep else {}),
         },
     )

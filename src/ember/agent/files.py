@@ -31,7 +31,7 @@ import stat
 import threading
 from typing import Any
 
-from ember.agent.common import ClientGone, opt_bool, opt_int, req_path
+from ember.agent.common import ClientGone, kept_stream, opt_bool, opt_int, req_path
 from ember.protocol import (
     CHUNK_SIZE,
     MAX_FRAME,
@@ -153,7 +153,8 @@ def handle_file_write(conn: socket.socket, req: dict[str, Any]) -> None:
         upload.finish()
     finally:
         upload.abort()
-    write_json(conn, Kind.RESULT, {"size": upload.size})
+    keep = {"keepalive": True} if kept_stream(req) else {}
+    write_json(conn, Kind.RESULT, {"size": upload.size, **keep})
 
 
 def handle_file_read(conn: socket.socket, req: dict[str, Any]) -> None:

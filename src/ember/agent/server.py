@@ -33,7 +33,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ember.agent import shm
-from ember.agent.common import BadRequest, ClientGone, log
+from ember.agent.common import BadRequest, ClientGone, kept_stream, log
 from ember.agent.execute import exec_handler
 from ember.agent.filering import FILE_RING_OPS
 from ember.agent.files import FILE_OPS
@@ -207,12 +207,14 @@ class AgentServer:
         if counted:
             assert self.pool is not None
             self.pool.busy()
+        answered = False  # a RESULT, not an ERROR: what a kept stream needs
         try:
             if "resume" in request:  # the first request after a restore or fork: before any op
                 apply_resume(self.resume, request["resume"])
             if handler is None:
                 raise BadRequest(f"unknown op {op!r}; known: {', '.join(sorted(self._ops))}")
             handler(conn, request)
+            answered = True
         except (ProtocolError, ClientGone):
             raise
         except Exception as exc:
@@ -221,7 +223,9 @@ class AgentServer:
             if counted:
                 assert self.pool is not None
                 self.pool.idle()
-        return request.get("keepalive") is True and op in KEEPALIVE_OPS
+        if request.get("keepalive") is True and op in KEEPALIVE_OPS:
+            return True
+        return answered and kept_stream(request)  # the host was told so in the RESULT
 
     @staticmethod
     def _reply_error(conn: socket.socket, type_name: str, message: str) -> None:

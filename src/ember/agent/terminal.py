@@ -85,6 +85,12 @@ def _size(req: dict[str, Any], key: str, default: int) -> int:
     return value
 
 
+def get_size(fd: int) -> tuple[int, int]:
+    """TIOCGWINSZ: the terminal's rows and columns now."""
+    rows, cols, _, _ = struct.unpack("HHHH", fcntl.ioctl(fd, termios.TIOCGWINSZ, bytes(8)))
+    return rows, cols
+
+
 def set_size(fd: int, rows: int, cols: int) -> None:
     """TIOCSWINSZ: the kernel tells the foreground process group with SIGWINCH."""
     fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
@@ -264,8 +270,11 @@ class _Session:
 
     def _control(self, payload: bytes) -> None:
         control = decode_json(payload)
-        if "rows" in control or "cols" in control:
-            set_size(self.master, _size(control, "rows", 24), _size(control, "cols", 80))
+        if "rows" in control or "cols" in control:  # a size not given stays as it is
+            now_rows, now_cols = get_size(self.master)
+            set_size(
+                self.master, _size(control, "rows", now_rows), _size(control, "cols", now_cols)
+            )
         sig = control.get("signal")
         if sig is not None:
             if isinstance(sig, bool) or not isinstance(sig, int) or not 0 < sig < 65:

@@ -38,7 +38,7 @@ from ember.client.results import (
     OutputChunk,
     parse_code_result,
 )
-from ember.client.session import KeepalivePool, Session, streamed
+from ember.client.session import INLINE_WRITE_MAX, KeepalivePool, Session, streamed
 from ember.client.shm import HostRegion
 from ember.client.streams import Streams, receive_frame, send_frame
 from ember.client.terminal import AsyncTerminal
@@ -121,6 +121,7 @@ class AsyncExecStream:
             raise StopAsyncIteration
         try:
             if self._streams is None:
+                self._op.keepalive = self._stdin is None  # see AgentClient._exec
                 self._streams = await self._client._start(self._op)
                 if self._stdin is not None:
                     pump = self._send_stdin(self._streams[1], self._stdin)
@@ -133,7 +134,11 @@ class AsyncExecStream:
         except BaseException:
             await self.aclose()
             raise
-        await self.aclose()
+        if self._op.reusable and self._pump is None and self._streams is not None:
+            self._done = True  # the agent kept the connection: the next request may use it
+            self._client._keep(self._streams)
+        else:
+            await self.aclose()
         raise StopAsyncIteration
 
     async def aclose(self) -> None:
@@ -168,7 +173,7 @@ class AsyncFiles:
     def __init__(
         self,
         session: Session,
-        run: Callable[[Operation[Any]], Awaitable[Any]],
+        run: Callable[..., Awaitable[Any]],
         ring: FileRing | None = None,
         start: Callable[[Operation[Any]], Awaitable[Streams]] | None = None,
     ) -> None:
@@ -183,11 +188,12 @@ class AsyncFiles:
         self, path: PathArg, data: Source, *, mode: int | None = None, append: bool = False
     ) -> int:
         op = self._session.write_file(path, data, mode, append)  # checks the arguments
-        if self._ring is not None:
+        trailer = op.inline(INLINE_WRITE_MAX)  # small: one packet on a kept connection
+        if trailer is None and self._ring is not None:
             size = await asyncio.to_thread(self._ring.write, op.request["path"], data, mode, append)
             if size is not None:
                 return size
-        written: int = await self._run(op)
+        written: int = await self._run(op, trailer or b"")
         return written
 
     async def read_into(self, path: PathArg, fileobj: BinaryIO) -> int:
@@ -269,13 +275,16 @@ class AsyncAgentClient:
             files_ring = FileRing(shm, ring_connect, session.encode, session.bounds)
         self.files = AsyncFiles(self._session, self._run, files_ring, self._start)
 
-    async def _start(self, op: Operation[Any]) -> Streams:
-        """A connection with ``op``'s REQUEST sent on it (a kept one if ``op`` may)."""
+    async def _start(self, op: Operation[Any], trailer: bytes = b"") -> Streams:
+        """A connection with ``op``'s REQUEST (and ``trailer``) sent on it (a kept one if
+        ``op`` may); see ``AgentClient._start``."""
         payload = self._session.request(op)
         streams = await self._take_kept() if op.keepalive else None
         if streams is not None:
             try:
-                await send_frame(streams[1], Kind.REQUEST, payload, op.send_deadline)
+                await send_frame(
+                    streams[1], Kind.REQUEST, payload, op.send_deadline, trailer=trailer
+                )
                 return streams
             except SandboxTimeout:
                 await _close(streams[1])
@@ -284,14 +293,14 @@ class AsyncAgentClient:
                 await _close(streams[1])
         streams = await self._connect()
         try:
-            await send_frame(streams[1], Kind.REQUEST, payload, op.send_deadline)
+            await send_frame(streams[1], Kind.REQUEST, payload, op.send_deadline, trailer=trailer)
         except BaseException:
             streams[1].transport.abort()  # a graceful close would wait to send the request
             raise
         return streams
 
-    async def _run(self, op: Operation[T]) -> T:
-        streams = await self._start(op)
+    async def _run(self, op: Operation[T], trailer: bytes = b"") -> T:
+        streams = await self._start(op, trailer)
         try:
             return await drive(streams, op)
         finally:

@@ -53,7 +53,7 @@ from ember.client.results import (
     OutputChunk,
     parse_code_result,
 )
-from ember.client.session import KeepalivePool, Session, streamed
+from ember.client.session import INLINE_WRITE_MAX, KeepalivePool, Session, streamed
 from ember.client.shm import HostRegion
 from ember.client.sockets import drive, receive_frame, send_frame, still_open
 from ember.client.terminal import Terminal
@@ -86,10 +86,13 @@ class ExecStream:
         op: ExecOp,
         stdin: Source | None,
         output: OutputRing | None = None,
+        *,
+        keep: Callable[[socket.socket], None] | None = None,
     ) -> None:
         self._sock = sock
         self._op = op
         self._output = output  # the output's ring, when the request named one
+        self._keep = keep  # takes the connection back when the agent kept it
         self._done = False
         # Dropped without close(): still hang up and give the ring slot back, or later
         # transfers would find every slot leased and fall back to vsock.
@@ -137,8 +140,19 @@ class ExecStream:
         except BaseException:
             self.close()
             raise
-        self.close()
+        self._end()
         raise StopIteration
+
+    def _end(self) -> None:
+        """The RESULT came: hand a connection the agent kept back for the next request."""
+        if self._keep is None or not self._op.reusable or self._pump is not None or self._done:
+            self.close()
+            return
+        self._done = True
+        self._finalizer.detach()
+        if self._output is not None:
+            self._output.close()
+        self._keep(self._sock)
 
     def close(self) -> None:
         """Hang up (killing the command if it still runs); safe to call twice."""
@@ -178,12 +192,12 @@ class Files:
     def __init__(
         self,
         session: Session,
-        run: Callable[[Operation[Any]], Any],
+        run: Callable[..., Any],
         ring: FileRing | None = None,
         start: Callable[[Operation[Any]], socket.socket] | None = None,
     ) -> None:
         self._session = session
-        self._run = run
+        self._run = run  # (op, trailer): see AgentClient._run
         self._start = start  # opens a connection for a long-lived op (watch)
         self._ring = ring  # the shared region's path, tried first (ember.client.file_ring)
 
@@ -196,11 +210,12 @@ class Files:
         unless ``mode`` is given; parent directories are created.
         """
         op = self._session.write_file(path, data, mode, append)  # checks the arguments
-        if self._ring is not None:
+        trailer = op.inline(INLINE_WRITE_MAX)  # small: one packet on a kept connection
+        if trailer is None and self._ring is not None:
             size = self._ring.write(op.request["path"], data, mode, append)
             if size is not None:
                 return size
-        written: int = self._run(op)
+        written: int = self._run(op, trailer or b"")
         return written
 
     def read_into(self, path: PathArg, fileobj: BinaryIO) -> int:
@@ -296,13 +311,14 @@ class AgentClient:
         self._expiry: threading.Timer | None = None
         self.files = Files(self._session, self._run, files_ring, self._start)
 
-    def _start(self, op: Operation[Any]) -> socket.socket:
-        """A connection with ``op``'s REQUEST sent on it (a kept one if ``op`` may)."""
+    def _start(self, op: Operation[Any], trailer: bytes = b"") -> socket.socket:
+        """A connection with ``op``'s REQUEST (and ``trailer``, frames that follow it) sent
+        on it: a kept one if ``op`` may."""
         payload = self._session.request(op)
         sock = self._take_kept() if op.keepalive else None
         if sock is not None:
             try:
-                send_frame(sock, Kind.REQUEST, payload, op.send_deadline)
+                send_frame(sock, Kind.REQUEST, payload, op.send_deadline, trailer=trailer)
                 return sock
             except SandboxTimeout:
                 sock.close()
@@ -311,14 +327,14 @@ class AgentClient:
                 sock.close()
         sock = self._connect()
         try:
-            send_frame(sock, Kind.REQUEST, payload, op.send_deadline)
+            send_frame(sock, Kind.REQUEST, payload, op.send_deadline, trailer=trailer)
         except BaseException:
             sock.close()
             raise
         return sock
 
-    def _run(self, op: Operation[T]) -> T:
-        sock = self._start(op)
+    def _run(self, op: Operation[T], trailer: bytes = b"") -> T:
+        sock = self._start(op, trailer)
         try:
             return drive(sock, op)
         finally:
@@ -393,13 +409,14 @@ class AgentClient:
         output = OutputRing.lease(self._shm()) if self._shm is not None else None
         if output is not None:
             op.request.update(output.fields())
+        op.keepalive = stdin is None  # nothing follows the REQUEST: the connection may stay
         try:
             sock = self._start(op)
         except BaseException:
             if output is not None:
                 output.close()
             raise
-        return ExecStream(sock, op, stdin, output)
+        return ExecStream(sock, op, stdin, output, keep=self._keep)
 
     def exec(
         self,

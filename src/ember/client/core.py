@@ -31,7 +31,15 @@ from typing import Any, Generic, Literal, TypeVar
 from ember.client import results
 from ember.client.bounds import CallBounds, Deadline, file_too_large, output_too_large
 from ember.client.results import ExecResult, OutputChunk
-from ember.client.wire import Frame, Source, check_result, data_chunks, decode, remote_error
+from ember.client.wire import (
+    Frame,
+    Source,
+    check_result,
+    data_chunks,
+    decode,
+    frame_header,
+    remote_error,
+)
 from ember.client.wire import unexpected as unexpected_frame
 from ember.errors import ProtocolError, SandboxTimeout
 from ember.protocol import KEEPALIVE_OPS, Kind, Payload
@@ -256,6 +264,7 @@ class ExecOp(Operation[ExecResult]):
         if frame is None and self._stdin_error is not None:
             raise self._stdin_error
         obj = check_result(frame, "exec")
+        self.reusable = self.keepalive and obj.get("keepalive") is True  # the agent agreed
         self.result = results.parse_exec_result(obj, bytes(self._out), bytes(self._err))
         self._finish(self.result)
         if self.result.timed_out:
@@ -322,6 +331,7 @@ class WriteFile(Operation[int]):
     def __init__(self, request: dict[str, Any], bounds: CallBounds, data: Source) -> None:
         super().__init__(request, bounds)
         self._path = str(request["path"])
+        self._data = data
         self._chunks: Iterator[bytes | memoryview] | None = data_chunks(data)
         self._sent = 0
         self._pending = 0  # the size of the DATA frame being sent
@@ -342,6 +352,22 @@ class WriteFile(Operation[int]):
         self._waiting = self.bounds.call("file_write", None)
         return Receive(self._waiting)
 
+    def inline(self, limit: int) -> bytes | None:
+        """A small upload's DATA and DATA_EOF frames as one piece, to leave with the REQUEST
+        in a single write, and the op then only waits for the RESULT; None for a stream or
+        for more than ``limit`` bytes. A small file then costs one vsock packet each way,
+        and the op asks to keep its connection (:data:`ember.protocol.KEPT_STREAM_OPS`)."""
+        data = self._data
+        if not isinstance(data, bytes | bytearray | memoryview) or self._chunks is None:
+            return None
+        view = memoryview(data).cast("B")
+        if view.nbytes > limit:
+            return None
+        pieces = [b"".join(frame_header(Kind.DATA, view))] if view.nbytes else []
+        pieces.append(frame_header(Kind.DATA_EOF, b"")[0])
+        self._chunks, self._sent, self.keepalive = None, view.nbytes, True
+        return b"".join(pieces)
+
     def send_failed(self, exc: OSError) -> None:
         """The agent may still have said why: read its answer."""
         self._send_error, self._chunks, self._pending = exc, None, 0
@@ -350,7 +376,9 @@ class WriteFile(Operation[int]):
         if frame is None and self._send_error is not None:
             error = self._send_error
             raise ProtocolError(f"upload to {self._path} failed: {error}") from error
-        size = results.parse_size(check_result(frame, "file_write"))
+        obj = check_result(frame, "file_write")
+        size = results.parse_size(obj)
+        self.reusable = self.keepalive and self._send_error is None and obj.get("keepalive") is True
         if self._send_error is None and size != self._sent:
             raise ProtocolError(f"file_write took {self._sent} bytes but said it wrote {size}")
         self._finish(size)

@@ -77,12 +77,18 @@ def _recv(
 
 
 def send_frame(
-    sock: socket.socket, kind: Kind, payload: Payload = b"", deadline: Deadline | None = None
+    sock: socket.socket,
+    kind: Kind,
+    payload: Payload = b"",
+    deadline: Deadline | None = None,
+    *,
+    trailer: bytes = b"",
 ) -> None:
     """Send one frame, given up (:class:`SandboxTimeout`) at ``deadline``: a guest that
     stops reading would otherwise block the sender once the buffers fill. Only for
-    sockets no other thread sends on (the timeout is the whole socket's)."""
-    frame_header(kind, payload)  # too big a payload is refused before anything is sent
+    sockets no other thread sends on (the timeout is the whole socket's). ``trailer``
+    (frames already encoded) leaves in the same write: one vsock packet, not several."""
+    header, view = frame_header(kind, payload)  # too big a payload is refused before sending
     previous = sock.gettimeout()
     if deadline is not None:
         remaining = deadline.remaining(_CLOCK())
@@ -90,7 +96,10 @@ def send_frame(
             raise deadline.expired()
         sock.settimeout(remaining)
     try:
-        protocol.write_frame(sock, kind, payload)
+        if trailer:
+            sock.sendall(b"".join((header, view, trailer)))
+        else:
+            protocol.write_frame(sock, kind, payload)
     except TimeoutError:
         assert deadline is not None
         raise deadline.expired() from None

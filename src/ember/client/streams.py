@@ -85,12 +85,18 @@ async def send_frame(
     kind: Kind,
     payload: Payload = b"",
     deadline: Deadline | None = None,
+    *,
+    trailer: bytes = b"",
 ) -> None:
-    """Send one frame; with a ``deadline``, a guest that stops reading is given up on then."""
+    """Send one frame (and ``trailer``, frames already encoded, in the same write); with a
+    ``deadline``, a guest that stops reading is given up on then."""
     header, view = frame_header(kind, payload)
-    writer.write(header)
-    if view.nbytes:
-        writer.write(view)
+    if trailer:
+        writer.write(b"".join((header, view, trailer)))
+    else:
+        writer.write(header)
+        if view.nbytes:
+            writer.write(view)
     if deadline is None:
         await writer.drain()
         return

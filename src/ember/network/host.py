@@ -31,31 +31,30 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import ipaddress
 import os
-import random
-import subprocess
-from collections.abc import Callable, Sequence
+import socket
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from ember.errors import ConfigError, SandboxError
-from ember.network.netns import set_net_namespace
+from ember.network.commands import _Command, _finish, _run, _start
 from ember.network.policy import NetworkPolicy
-from ember.network.resolver import DNS_PORT, Element, SandboxResolver
+from ember.network.resolver import DNS_PORT, Element, SandboxResolver, guest_sockets
+from ember.network.slots import LOCK_DIR as LOCK_DIR  # re-exported: the slots' names
+from ember.network.slots import NETNS_DIR as NETNS_DIR
+from ember.network.slots import NS_PREFIX as NS_PREFIX
+from ember.network.slots import POOL as POOL
+from ember.network.slots import SLOTS as SLOTS
+from ember.network.slots import VETH_PREFIX as VETH_PREFIX
+from ember.network.slots import _claim_slot
 
-POOL = ipaddress.IPv4Network("10.253.0.0/16")  # /30 per sandbox: 16384 of them
-SLOTS = POOL.num_addresses // 4
-NETNS_DIR = "/run/netns"
-LOCK_DIR = "/run/ember/net"
-NS_PREFIX = "ember-"
-VETH_PREFIX = "ember"
 TAP_NAME = "tap0"
 TAP_MAC = "02:65:6d:62:00:01"
 GUEST_IP = "172.16.0.2"
 GATEWAY_IP = "172.16.0.1"
 GUEST_CIDR = f"{GUEST_IP}/30"
 HOST_TABLE = "ember"
-COMMAND_TIMEOUT = 30.0
+CLOSED = NetworkPolicy()  # lets nothing out: what a namespace waiting in the pool enforces
 
 
 @dataclass
@@ -67,6 +66,9 @@ class SandboxNetwork:
     lock_fd: int = -1  # flock held while the slot is ours: a dead owner's slot is reusable
     exposed: set[int] = field(default_factory=set)
     resolver: SandboxResolver | None = None
+    # The resolver's sockets, bound in the namespace until the resolver takes them.
+    _sockets: tuple[socket.socket, socket.socket] | None = field(default=None, repr=False)
+    _pending: list[_Command] = field(default_factory=list, repr=False)  # apply()'s nft runs
 
     @property
     def netns(self) -> str:
@@ -96,6 +98,24 @@ class SandboxNetwork:
 
     @classmethod
     def create(cls, policy: NetworkPolicy) -> SandboxNetwork:
+        """A network enforcing ``policy``, built whole on the caller's thread."""
+        network = cls.prepare(policy)
+        try:
+            network.wait_applied()
+        except BaseException:
+            network.close()
+            raise
+        return network
+
+    @classmethod
+    def prepare(cls, policy: NetworkPolicy = CLOSED) -> SandboxNetwork:
+        """A free slot's namespace, veth, TAP and rules for ``policy``, its resolver's
+        sockets bound but the resolver not started (:meth:`wait_applied` starts it).
+
+        With the default (:data:`CLOSED`) nothing depends on a sandbox: this is what
+        the pool (:mod:`ember.network.pool`) makes ahead of time; :meth:`apply`
+        then loads the sandbox's own policy over it.
+        """
         _require_root()
         slot, lock_fd = _claim_slot()
         network = cls(slot, policy, lock_fd)
@@ -122,10 +142,7 @@ class SandboxNetwork:
         try:
             if not os.path.exists(network.netns_path):
                 raise SandboxError(f"the namespace of network slot {slot} is gone")
-            network.resolver = SandboxResolver.start(
-                network.netns_path, policy, network.open_names, address=GATEWAY_IP,
-                guest_ip=GUEST_IP,
-            )  # fmt: skip
+            network.wait_applied()
         except BaseException:
             network.close()
             raise
@@ -138,9 +155,61 @@ class SandboxNetwork:
             self._build_namespace()
         finally:
             _finish(host_rules)
-        self.resolver = SandboxResolver.start(
-            self.netns_path, self.policy, self.open_names, address=GATEWAY_IP, guest_ip=GUEST_IP
+        self._sockets = guest_sockets(self.netns_path, GATEWAY_IP, DNS_PORT)
+
+    def apply(self, policy: NetworkPolicy) -> bool:
+        """Start loading ``policy`` over the rules of a prepared network (not yet in use).
+
+        Only what differs is loaded: the name sets and egress rules in the
+        namespace, the rules for the host in this slot's host chain; nothing
+        if the network was prepared for ``policy`` itself.  ``nft`` runs while
+        the caller goes on (a VMM restoring); :meth:`wait_applied` waits for it.
+        Returns whether the guest may run meanwhile: only if the rules being
+        replaced are :data:`CLOSED` (nothing gets out) or already the policy's.
+        """
+        if self._pending or self.resolver is not None:
+            raise SandboxError(f"network slot {self.slot} is in use: its policy is set")
+        old, self.policy = self.policy, policy
+        if policy == old:
+            return True
+        declarations = dict(zip(policy.name_sets(), policy.set_declarations(), strict=True))
+        sets = "".join(
+            f"add {text.replace('set ', 'set ip ember ', 1)}\n"
+            for name, text in declarations.items()
+            if name not in old.name_sets()
         )
+        egress = "".join(f"add rule ip ember egress {rule}\n" for rule in policy.egress_rules())
+        unused = "".join(
+            f"delete set ip ember {name}\n" for name in old.name_sets() if name not in declarations
+        )  # after the flush: the old rules referred to them
+        rules = f"{sets}flush chain ip ember egress\n{egress}{unused}"
+        self._pending.append(_start(["nft", "-f", "-"], rules, netns=self.netns_path))
+        chain = f"inet {HOST_TABLE} {self.host_chain}"
+        host_rules = "".join(f"add rule {chain} {rule}\n" for rule in policy.host_rules())
+        if host_rules or old.host_rules():
+            self._pending.append(_start(["nft", "-f", "-"], f"flush chain {chain}\n{host_rules}"))
+        return old == CLOSED
+
+    def wait_rules(self) -> None:
+        """Wait for the rules :meth:`apply` is loading (SandboxError if one failed)."""
+        pending, self._pending = self._pending, []
+        try:
+            for command in pending:
+                _finish(command)
+        finally:
+            for command in pending:  # one failed: do not leave the others running
+                if command.proc.poll() is None:
+                    command.proc.kill()
+                    command.proc.wait()
+
+    def wait_applied(self) -> None:
+        """Wait for :meth:`apply`'s rules, then serve DNS for the policy: the sandbox is ready."""
+        self.wait_rules()
+        sockets, self._sockets = self._sockets, None
+        self.resolver = SandboxResolver.start(
+            self.netns_path, self.policy, self.open_names, address=GATEWAY_IP,
+            guest_ip=GUEST_IP, sockets=sockets,
+        )  # fmt: skip
 
     def _build_namespace(self) -> None:
         _run(
@@ -235,9 +304,18 @@ class SandboxNetwork:
 
     def close(self) -> None:
         """Remove the host rules and the namespace (its veth and TAP go with it)."""
+        for command in self._pending:  # an apply() still running
+            with contextlib.suppress(OSError):
+                command.proc.kill()
+            command.proc.wait()
+        self._pending = []
         if self.resolver is not None:  # first: its sockets would keep the namespace alive
             self.resolver.close()
             self.resolver = None
+        if self._sockets is not None:
+            for sock in self._sockets:
+                sock.close()
+            self._sockets = None
         undo = (
             (
                 ["nft", "-f", "-"],
@@ -255,6 +333,17 @@ class SandboxNetwork:
                 _finish(command)
         if self.lock_fd >= 0:
             os.close(self.lock_fd)  # the slot is free again
+            self.lock_fd = -1
+
+    def forget(self) -> None:
+        """In a forked child: close this process's copies of the lock and the sockets, and
+        nothing else (the namespace and the slot are the parent's)."""
+        if self._sockets is not None:
+            for sock in self._sockets:
+                sock.close()
+            self._sockets = None
+        if self.lock_fd >= 0:
+            os.close(self.lock_fd)
             self.lock_fd = -1
 
 
@@ -290,35 +379,6 @@ def _host_input_rules() -> str:
     )
 
 
-def _claim_slot() -> tuple[int, int]:
-    """A free slot and the lock that holds it.
-
-    Slots are claimed with an exclusive ``flock`` on ``/run/ember/net/K.lock``,
-    held for the sandbox's life: a namespace whose lock is free belongs to
-    an owner that died without cleaning up, and is removed and reused.
-    """
-    os.makedirs(NETNS_DIR, exist_ok=True)
-    os.makedirs(LOCK_DIR, exist_ok=True)
-    start = random.randrange(SLOTS)
-    for i in range(SLOTS):
-        slot = (start + i) % SLOTS
-        fd = os.open(f"{LOCK_DIR}/{slot}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            continue
-        try:
-            name = f"{NS_PREFIX}{slot}"
-            if os.path.exists(f"{NETNS_DIR}/{name}"):  # left by a dead owner
-                _run(["ip", "netns", "delete", name], "")
-        except BaseException:
-            os.close(fd)
-            raise
-        return slot, fd
-    raise SandboxError(f"all {SLOTS} sandbox network slots are in use")
-
-
 # Forwarding on; no IPv6 in the sandbox namespace: the guest has none, and every router
 # or neighbour solicitation a TAP with a link-local address sends would cost it time.
 _SANDBOX_SYSCTLS = {
@@ -327,84 +387,6 @@ _SANDBOX_SYSCTLS = {
     "ipv6/conf/default/disable_ipv6": "1",
 }
 _HOST_SYSCTLS = {"ipv4/ip_forward": "1"}
-
-
-def _run(
-    argv: list[str],
-    stdin: str,
-    *,
-    netns: str | None = None,
-    sysctls: dict[str, str] | None = None,
-) -> None:
-    """Run ``ip``/``nft`` (inside ``netns`` if given); SandboxError with its complaint."""
-    _finish(_start(argv, stdin, netns=netns, sysctls=sysctls))
-
-
-@dataclass
-class _Command:
-    argv: list[str]
-    where: str
-    proc: subprocess.Popen[bytes]
-    stdin: bytes
-
-
-def _start(
-    argv: list[str],
-    stdin: str,
-    *,
-    netns: str | None = None,
-    sysctls: dict[str, str] | None = None,
-) -> _Command:
-    try:
-        proc = subprocess.Popen(
-            argv,
-            stdin=subprocess.PIPE,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            preexec_fn=_in_namespace(netns, sysctls or {}),
-        )
-    except FileNotFoundError:
-        raise SandboxError(
-            f"{argv[0]} is needed for sandbox networking: apt-get install iproute2 nftables"
-        ) from None
-    return _Command(argv, f" in {netns}" if netns else "", proc, stdin.encode())
-
-
-def _finish(command: _Command) -> None:
-    try:
-        _, stderr = command.proc.communicate(command.stdin, timeout=COMMAND_TIMEOUT)
-    except subprocess.TimeoutExpired:
-        command.proc.kill()
-        command.proc.wait()
-        raise SandboxError(f"{' '.join(command.argv[:2])} did not finish") from None
-    if command.proc.returncode != 0:
-        raise SandboxError(
-            f"{' '.join(command.argv[:2])}{command.where} failed: {stderr.decode().strip()}"
-        )
-
-
-def _in_namespace(netns: str | None, sysctls: dict[str, str]) -> Callable[[], None] | None:
-    """Between fork and exec: enter ``netns``, then set ``net.*`` sysctls there (raw calls)."""
-    if netns is None and not sysctls:
-        return None
-
-    def enter() -> None:
-        if netns is not None:
-            fd = os.open(netns, os.O_RDONLY | os.O_CLOEXEC)
-            try:
-                set_net_namespace(fd)
-            except OSError:
-                os._exit(126)
-            os.close(fd)
-        for name, value in sysctls.items():  # /proc/sys/net is the opener's namespace
-            try:
-                fd = os.open(f"/proc/sys/net/{name}", os.O_WRONLY)
-            except FileNotFoundError:  # e.g. a kernel without IPv6
-                continue
-            os.write(fd, value.encode())
-            os.close(fd)
-
-    return enter
 
 
 def _require_root() -> None:

@@ -458,16 +458,21 @@ class SandboxResolver:
         address: str,
         guest_ip: str,
         port: int = DNS_PORT,
+        sockets: tuple[socket.socket, socket.socket] | None = None,
     ) -> SandboxResolver:
-        """Serve ``policy``'s names on ``address:port`` in the namespace at ``netns_path``."""
+        """Serve ``policy``'s names on ``address:port`` in the namespace at ``netns_path``
+        (on ``sockets``, UDP and TCP, if given: bound there ahead of time, taken over)."""
         upstream = policy.dns_upstream or host_upstream()
         if upstream is None and policy.names:
+            if sockets is not None:
+                for sock in sockets:
+                    sock.close()
             raise ConfigError(
                 f"the policy allows names ({policy.names[0]}, ...) but {RESOLV_CONF} names "
                 "no IPv4 nameserver to ask: add one there, or pass "
                 "NetworkPolicy(..., dns_upstream='ADDR')"
             )
-        udp, tcp = guest_sockets(netns_path, address, port)
+        udp, tcp = sockets if sockets is not None else guest_sockets(netns_path, address, port)
         service = _get_service()
         try:
             resolver = Resolver(policy, upstream, write_sets, service.executor)

@@ -31,12 +31,14 @@ import logging
 import os
 import socket
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ember.errors import EmberError
-from ember.vmm.event_loop import EventLoop
-from ember.vmm.machine import Machine
-from ember.vmm.profiler import GuestProfiler
+
+if TYPE_CHECKING:  # the server's side only: the SDK imports this module for request()
+    from ember.vmm.event_loop import EventLoop
+    from ember.vmm.machine import Machine
+    from ember.vmm.profiler import GuestProfiler
 
 log = logging.getLogger(__name__)
 
@@ -149,6 +151,8 @@ class ControlServer:
             return {"ok": False, "error": "'hz' must be a number"}
         if self._profiler is not None:
             return {"ok": False, "error": "a profile is already running"}
+        from ember.vmm.profiler import GuestProfiler
+
         try:
             self._profiler = GuestProfiler(self.events, list(self.machine.vcpu_threads), float(hz))
         except ValueError as exc:

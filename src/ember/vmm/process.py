@@ -48,6 +48,7 @@ JAIL_FILE_SLACK = 256 << 20  # console log and snapshot state on top of a RAM-si
 #: :func:`preload` must already be loaded.
 LATE_IMPORTS: tuple[str, ...] = (
     "ember.vmm.control",
+    "ember.vmm.profiler",
     "ember.vmm.idle",
     "ember.vmm.machine_state",
     "ember.snapshot.kvm_state",

@@ -23,11 +23,14 @@ from __future__ import annotations
 import mmap
 import os
 import secrets
+from typing import TYPE_CHECKING
 
 from ember import ring
-from ember.arch.x86_64.bootparams import E820_RESERVED, E820Entry
-from ember.kvm.system import Vm, c_address
-from ember.memory import MMIO_GAP_END, GuestMemory
+
+if TYPE_CHECKING:  # the VMM's side; the SDK imports this module for CODE_HOST_WAITING only
+    from ember.arch.x86_64.bootparams import E820Entry
+    from ember.kvm.system import Vm
+    from ember.memory import GuestMemory
 
 # A word of the code request slot's control page that the host sets while a run_code call
 # waits on the rings, with no vsock connection open: the idle parker must not park a guest
@@ -41,6 +44,8 @@ ALIGN = 2 << 20  # a 2 MiB boundary: large pages stay possible on both sides
 def region_base(memory: GuestMemory) -> int:
     """Where the region goes for this RAM: above 4 GiB and above all RAM, so it depends only
     on the RAM size (a restore finds it where the template's guest mapped it)."""
+    from ember.memory import MMIO_GAP_END
+
     top = max(MMIO_GAP_END, max(r.end for r in memory.regions))
     return (top + ALIGN - 1) & ~(ALIGN - 1)
 
@@ -49,6 +54,8 @@ class SharedRegion:
     """The memfd, its mapping in the VMM, and the doorbells' eventfds."""
 
     def __init__(self, vm: Vm, memory: GuestMemory, slot: int) -> None:
+        from ember.kvm.system import c_address
+
         self.base = region_base(memory)
         self.size = ring.region_size()
         self.doorbell_gpa = self.base + self.size
@@ -88,6 +95,8 @@ class SharedRegion:
 
     def e820_entry(self) -> E820Entry:
         """The region and its doorbell page, reserved so the guest kernel leaves them be."""
+        from ember.arch.x86_64.bootparams import E820_RESERVED, E820Entry
+
         return E820Entry(self.base, self.size + ring.PAGE, E820_RESERVED)
 
     def cmdline(self) -> str:

@@ -1,0 +1,51 @@
+"""The ``ember`` entry point: each subcommand imports only the module that owns it."""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+
+import pytest
+
+from ember.cli import main as cli_main
+
+
+def _subcommands(parser: argparse.ArgumentParser) -> set[str]:
+    return {
+        name
+        for action in parser._actions
+        if isinstance(action, argparse._SubParsersAction)
+        for name in action.choices
+    }
+
+
+def test_the_owner_table_names_every_subcommand_and_only_its_module_registers_it() -> None:
+    every = _subcommands(cli_main.build_parser())
+    assert every == set(cli_main.OWNER)
+    for command, module in cli_main.OWNER.items():
+        alone = _subcommands(cli_main.build_parser(command))
+        assert command in alone
+        siblings = {c for c, m in cli_main.OWNER.items() if m == module}
+        assert alone == siblings, (command, alone)
+
+
+def test_an_unknown_command_gets_the_whole_list() -> None:
+    assert _subcommands(cli_main.build_parser("no-such-command")) == set(cli_main.OWNER)
+    with pytest.raises(SystemExit):
+        cli_main.main(["no-such-command"])
+
+
+def test_ember_run_imports_neither_the_image_builder_nor_the_vmm_parser() -> None:
+    probe = (
+        "import sys\n"
+        "from ember.cli.main import build_parser\n"
+        "build_parser('run').parse_args(['run', 'x.py'])\n"
+        "print(sorted(m for m in sys.modules if m.startswith(('ember.cli.', 'ember.images'))))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True
+    ).stdout
+    assert "'ember.cli.run'" in out
+    for heavy in ("ember.cli.image", "ember.cli.boot", "ember.cli.shell", "ember.images.layers"):
+        assert f"'{heavy}'" not in out, out
