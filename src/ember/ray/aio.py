@@ -31,6 +31,7 @@ from ember.ray.sandbox import (
     _keepalive,
     _lost,
     _pushes,
+    _release,
 )
 from ember.sandbox import daemon
 from ember.sandbox.files import AsyncRemoteFiles
@@ -114,7 +115,7 @@ class AsyncSandbox(AsyncRemoteSandbox):
                 await api.http.aclose()
                 raise
             finally:
-                await handle.release.remote(ticket)
+                await asyncio.to_thread(_release, handle, ticket)
             self._api, self._info = api, info
             placed = Placed(info["id"], cap.node.node_id, dict(info.get("metadata") or {}),
                             float(info.get("created_at") or time.time()))  # fmt: skip

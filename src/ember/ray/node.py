@@ -225,6 +225,8 @@ class NodeAgent:
         its content hash.  A copy that does not match raises and leaves nothing."""
         manifest: transfer.Manifest = ray.get(source.template_manifest.remote(name),
                                               timeout=CHUNK_TIMEOUT_S)  # fmt: skip
+        if manifest.template != name:  # a peer answering for another template
+            raise transfer.TransferError(f"asked for template {name!r}, sent {manifest.template!r}")
 
         def fetch(wanted: list[tuple[str, int, int]]) -> Iterator[bytes]:
             pending = iter(wanted)

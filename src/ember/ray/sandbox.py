@@ -133,7 +133,7 @@ class Sandbox(RemoteSandbox):
                 api.close()
                 raise
             finally:
-                ray.get(handle.release.remote(ticket))  # its next placement sees the slot
+                _release(handle, ticket)
             self._init_remote(api, info)
             placed = Placed(self._id, cap.node.node_id, dict(info.get("metadata") or {}),
                             float(info.get("created_at") or time.time()))  # fmt: skip
@@ -203,6 +203,15 @@ def _candidates(mem_mib: int, placement: Strategy, template: str | None) -> buil
             nodes_.start_nodes()
         found = nodes_.nodes()
     return rank(found, mem_mib, placement, template)
+
+
+def _release(handle: Any, ticket: str) -> None:
+    """Give the reservation back, waiting for the agent's push (this driver's next placement
+    then sees the new sandbox); an agent that died meanwhile holds no slot to give back."""
+    try:
+        ray.get(handle.release.remote(ticket), timeout=30.0)
+    except (ray.exceptions.RayError, ValueError):
+        pass
 
 
 def _ensure_template(handle: Any, name: str) -> None:
