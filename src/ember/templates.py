@@ -48,7 +48,14 @@ from ember.images.cache import (
     staging_dir,
 )
 from ember.images.progress import Progress
-from ember.launcher import SandboxSpec, VmmProcess, agent_argv, resolve_images, resolve_preload
+from ember.launcher import (
+    SandboxSpec,
+    VmmProcess,
+    agent_argv,
+    descriptors_checked,
+    resolve_images,
+    resolve_preload,
+)
 from ember.snapshot import MEMORY_FILE, STATE_FILE
 from ember.snapshot.format import FORMAT_VERSION, read_state
 from ember.snapshot.memory_file import memory_digest
@@ -448,7 +455,8 @@ def start_vmm(spec: SandboxSpec, *, template: str | None, boot: bool) -> VmmProc
     if boot:
         if template is not None:
             raise ConfigError("boot=True boots the image; it cannot also restore a template")
-        return VmmProcess(spec)
+        with descriptors_checked():
+            return VmmProcess(spec)
     found = find(template or DEFAULT, spec)
     has_net = bool(found.meta.get("network", False))
     if has_net != (spec.network is not None):
@@ -457,4 +465,5 @@ def start_vmm(spec: SandboxSpec, *, template: str | None, boot: bool) -> VmmProc
             + ("with a network: pass network= to restore it" if has_net else "without a network")
             + ("" if has_net else ": make a networked one (network= when you snapshot)")
         )
-    return VmmProcess(spec, restore=found.dir)
+    with descriptors_checked():
+        return VmmProcess(spec, restore=found.dir)

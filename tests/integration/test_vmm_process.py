@@ -8,11 +8,16 @@ that read it on stdin.  Neither passes a flag: the process's command line says s
 from __future__ import annotations
 
 import os
+import shutil
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 from ember.sandbox import Sandbox
 from ember.zygote import Zygote
 from tests.integration.conftest import Images
+from tests.waiting import wait_for
 
 
 def _parent(pid: int) -> int:
@@ -39,3 +44,80 @@ def test_a_cold_boot_is_a_fresh_interpreter_reading_its_config_on_stdin(images: 
         assert _cmdline(proc.pid)[1:] == [b"-m", b"ember.vmm.process"]
         assert os.readlink(f"/proc/{proc.pid}/fd/0") == "/dev/null"  # the config was read
         assert sb.exec(["echo", "booted"], timeout=300).stdout == b"booted\n"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+ABANDON = """
+import sys
+from ember import Sandbox
+sb = Sandbox()
+print(sb._vmm.vmm_pid, sb._vmm.dir, flush=True)
+sys.stdin.read()  # until the test lets this process end, sandbox still open
+"""
+
+
+def test_a_vmm_dies_with_the_process_that_made_it_even_unclosed(images: Images) -> None:
+    """The jail's change of uid clears the parent-death signal; it is armed again, so a
+    script that ends (or crashes) without close() leaves no VMM running."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    owner = subprocess.Popen(
+        [sys.executable, "-c", ABANDON], stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env
+    )
+    assert owner.stdout is not None and owner.stdin is not None
+    pid_text, directory = owner.stdout.readline().decode().split()
+    vmm = int(pid_text)
+    try:
+        assert _alive(vmm)
+        owner.stdin.close()  # the script ends without closing its sandbox
+        assert owner.wait(timeout=60) == 0
+        wait_for(lambda: not _alive(vmm), 30, "the abandoned VMM to die with its zygote")
+    finally:
+        if _alive(vmm):
+            os.kill(vmm, signal.SIGKILL)
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+RUN_OUT = """
+import resource, sys
+from ember import Sandbox
+from ember.errors import SandboxError
+Sandbox().close()  # the zygote and the template warm
+live = []
+resource.setrlimit(resource.RLIMIT_NOFILE, (len(__import__("os").listdir("/proc/self/fd")) + 40,
+                   resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+try:
+    while len(live) < 20:
+        live.append(Sandbox())
+        live[-1].ping()
+except SandboxError as exc:
+    print("refused after", len(live), "|", exc, flush=True)
+answers = [sb.ping()["pong"] for sb in live]
+print("answered", sum(answers), "of", len(live), flush=True)
+pids = [sb._vmm.vmm_pid for sb in live]
+for sb in live:
+    sb.close()
+print("pids", *pids, flush=True)
+"""
+
+
+def test_running_out_of_descriptors_is_a_clear_error_and_the_others_keep_answering(
+    images: Images,
+) -> None:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    out = subprocess.run(
+        [sys.executable, "-c", RUN_OUT], capture_output=True, text=True, env=env, timeout=600
+    )
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    refused = next(line for line in lines if line.startswith("refused after"))
+    made = int(refused.split()[2])
+    assert 0 < made < 20 and "RLIMIT_NOFILE" in refused and "file descriptors" in refused
+    assert f"answered {made} of {made}" in lines
+    pids = [int(p) for p in lines[-1].split()[1:]]
+    wait_for(lambda: not any(_alive(p) for p in pids), 30, "the closed sandboxes' VMMs to end")

@@ -99,3 +99,22 @@ def test_the_docstring_draws_every_class() -> None:
 def test_client_errors_is_gone() -> None:
     with pytest.raises(ModuleNotFoundError):
         __import__("ember.client_errors")
+
+
+def test_running_out_of_descriptors_is_one_sandbox_error_naming_the_limit() -> None:
+    import errno
+    import os
+    import resource
+
+    from ember.launcher import descriptors_checked, out_of_descriptors
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    expected = f"RLIMIT_NOFILE {soft}, hard {hard}"
+    with pytest.raises(errors.SandboxError, match=expected) as info, descriptors_checked():
+        raise OSError(errno.EMFILE, os.strerror(errno.EMFILE))
+    assert isinstance(info.value.__cause__, OSError)
+    assert "this process's" in str(out_of_descriptors(OSError(errno.EMFILE, "x")))
+    assert "the host's" in str(out_of_descriptors(OSError(errno.ENFILE, "x")))
+    with pytest.raises(ConnectionResetError), descriptors_checked():  # others pass through
+        raise ConnectionResetError(errno.ECONNRESET, "reset")
+    assert out_of_descriptors(OSError(errno.EPIPE, "x")) is None

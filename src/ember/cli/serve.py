@@ -123,6 +123,16 @@ def _listen(value: str) -> tuple[str, int]:
     return host.strip("[]") or "127.0.0.1", int(port)
 
 
+def _descriptors_for_many() -> None:
+    """The daemon holds ~13 descriptors per live sandbox, and a soft RLIMIT_NOFILE of 1,024
+    (a common default) would stop it near 75: take the hard limit, as servers do."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
 def _serve(args: argparse.Namespace) -> int:
     try:
         import uvicorn
@@ -137,6 +147,7 @@ def _serve(args: argparse.Namespace) -> int:
         ) from None
     host, port = _listen(args.listen)
     os.environ.pop("EMBER_SERVER", None)  # the daemon's own Sandbox() calls stay in-process
+    _descriptors_for_many()
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonLogs())
     logging.getLogger("ember.serve").addHandler(handler)

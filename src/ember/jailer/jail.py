@@ -107,13 +107,22 @@ def enter(root: Path, *, file_size_limit: int) -> int:
     limit = min(MAX_FDS, hard) if hard != resource.RLIM_INFINITY else MAX_FDS
     resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))
     _scrub_environment(env_area)
+    death_signal = ctypes.c_int(0)
+    _check(_libc.prctl(PR_GET_PDEATHSIG, ctypes.byref(death_signal), 0, 0, 0), "PR_GET_PDEATHSIG")
     os.setgroups([])
     os.setresgid(gid, gid, gid)
     os.setresuid(uid, uid, uid)
+    # A change of uid or gid clears the parent-death signal (prctl(2)): without this, a VMM
+    # outlived its zygote, and so the process that made the sandbox, when that process
+    # ended without closing it (a script's last line, a crash). Armed again at once; a
+    # parent gone in between is not seen from PID 1 of a namespace (getppid() is 0).
+    if death_signal.value:
+        _check(_libc.prctl(PR_SET_PDEATHSIG, death_signal.value, 0, 0, 0), "PR_SET_PDEATHSIG")
     return uid
 
 
 PR_SET_PDEATHSIG = 1
+PR_GET_PDEATHSIG = 2
 
 
 def _environment_area() -> tuple[int, int]:

@@ -36,7 +36,14 @@ from ember.client import (
 from ember.client.terminal import AsyncTerminal
 from ember.errors import AgentError, ConfigError, ProtocolError, SandboxError, SandboxTimeout
 from ember.jailer.cgroups import SandboxCgroup
-from ember.launcher import HANDSHAKE_TIMEOUT, SandboxSpec, VmmProcess, fork_vmm
+from ember.launcher import (
+    HANDSHAKE_TIMEOUT,
+    SandboxSpec,
+    VmmProcess,
+    descriptors_checked,
+    fork_vmm,
+    out_of_descriptors,
+)
 from ember.sandbox.files import AsyncSandboxFiles
 from ember.sandbox.options import ExecArgs, SandboxOptions, StreamArgs, check_port, new_facade
 from ember.sandbox.signature import takes
@@ -135,7 +142,13 @@ class AsyncSandbox:
                 start_vmm, self._spec, template=self._template, boot=self._boot
             )
             self._vmm = vmm
-        self._channels = ChannelServer(vmm.take_channel_listener(), shm=self._region)
+        try:
+            with descriptors_checked():
+                self._channels = ChannelServer(vmm.take_channel_listener(), shm=self._region)
+        except BaseException:
+            self._closed = True
+            await asyncio.to_thread(vmm.close)  # nobody will drive it: it must not linger
+            raise
         return self
 
     async def set_memory(self, target_mib: int, *, timeout: float = 120.0) -> int:
@@ -212,6 +225,8 @@ class AsyncSandbox:
             raise  # the agent answered (FileNotFoundError is an OSError too): no crash to look for
         except (OSError, ProtocolError, asyncio.IncompleteReadError) as exc:
             vmm = self._require()
+            if isinstance(exc, OSError) and (fds := out_of_descriptors(exc)) is not None:
+                raise fds from exc  # this process's limit, not the VM's failure
             crash = await asyncio.to_thread(vmm.crash_after_failure)
             if crash is not None:
                 raise crash from exc

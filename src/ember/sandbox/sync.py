@@ -41,7 +41,13 @@ from ember.errors import (
     SandboxTimeout,
 )
 from ember.jailer.cgroups import SandboxCgroup
-from ember.launcher import SandboxSpec, VmmProcess, fork_vmm
+from ember.launcher import (
+    SandboxSpec,
+    VmmProcess,
+    descriptors_checked,
+    fork_vmm,
+    out_of_descriptors,
+)
 from ember.sandbox.files import SandboxFiles
 from ember.sandbox.options import ExecArgs, SandboxOptions, StreamArgs, check_port, new_facade
 from ember.sandbox.signature import takes
@@ -109,7 +115,13 @@ class Sandbox:
     @takes(SandboxOptions)
     def __init__(self, options: SandboxOptions) -> None:
         spec = options.local_spec()
-        self._setup(start_vmm(spec, template=options.template, boot=options.boot), spec)
+        vmm = start_vmm(spec, template=options.template, boot=options.boot)
+        try:
+            with descriptors_checked():
+                self._setup(vmm, spec)
+        except BaseException:
+            vmm.close()  # a VMM nobody drives must not outlive the failed constructor
+            raise
 
     @classmethod
     def _of_vmm(cls, vmm: VmmProcess, spec: SandboxSpec) -> Sandbox:
@@ -161,6 +173,8 @@ class Sandbox:
         except (OSError, ProtocolError) as exc:
             if self._closed:
                 raise SandboxError("this sandbox is closed") from exc
+            if isinstance(exc, OSError) and (fds := out_of_descriptors(exc)) is not None:
+                raise fds from exc  # this process's limit, not the VM's failure
             crash = self._vmm.crash_after_failure()
             if crash is not None:
                 raise crash from exc
