@@ -451,12 +451,17 @@ def _wait_idle(vmm: VmmProcess) -> None:
 
 
 def start_vmm(spec: SandboxSpec, *, template: str | None, boot: bool) -> VmmProcess:
-    """A new sandbox VM: restored from a template (the default), or cold-booted."""
+    """A new sandbox VM: restored from a template (the default), or cold-booted; a process
+    out of file descriptors anywhere on the way gets the one error that says so."""
+    with descriptors_checked():
+        return _start_vmm(spec, template=template, boot=boot)
+
+
+def _start_vmm(spec: SandboxSpec, *, template: str | None, boot: bool) -> VmmProcess:
     if boot:
         if template is not None:
             raise ConfigError("boot=True boots the image; it cannot also restore a template")
-        with descriptors_checked():
-            return VmmProcess(spec)
+        return VmmProcess(spec)
     found = find(template or DEFAULT, spec)
     has_net = bool(found.meta.get("network", False))
     if has_net != (spec.network is not None):
@@ -465,5 +470,4 @@ def start_vmm(spec: SandboxSpec, *, template: str | None, boot: bool) -> VmmProc
             + ("with a network: pass network= to restore it" if has_net else "without a network")
             + ("" if has_net else ": make a networked one (network= when you snapshot)")
         )
-    with descriptors_checked():
-        return VmmProcess(spec, restore=found.dir)
+    return VmmProcess(spec, restore=found.dir)

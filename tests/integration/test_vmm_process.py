@@ -93,8 +93,13 @@ resource.setrlimit(resource.RLIMIT_NOFILE, (len(__import__("os").listdir("/proc/
                    resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
 try:
     while len(live) < 60:
-        live.append(Sandbox())
-        live[-1].ping()
+        sb = Sandbox()
+        try:
+            sb.ping()
+        except SandboxError:
+            sb.close()
+            raise
+        live.append(sb)
 except SandboxError as exc:
     print("refused after", len(live), "|", exc, flush=True)
 answers = [sb.ping()["pong"] for sb in live]
