@@ -37,6 +37,7 @@ import gc
 import json
 import os
 import select
+import shutil
 import signal
 import socket
 import subprocess
@@ -138,6 +139,23 @@ def _reap(exit_files: dict[int, str]) -> None:
                 os.replace(tmp, path)
 
 
+def _abandoned(exit_files: dict[int, str]) -> None:
+    """The host process ended without closing these sandboxes (a script's last line, a
+    crash): do what its ``close()`` would have, kill each VMM and remove its directory
+    (console log, sockets). Left to the parent-death signal, the VMMs would die, but their
+    directories would stay in the host's temporary directory for good."""
+    for pid in exit_files:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    for pid, path in exit_files.items():
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, 0)
+        directory = Path(path).parent
+        if directory.name.startswith("ember-"):  # a sandbox's own directory, nothing else
+            shutil.rmtree(directory, ignore_errors=True)
+    exit_files.clear()
+
+
 PR_SET_CHILD_SUBREAPER = 36
 _own_pid_ns: int | None = None
 
@@ -189,7 +207,8 @@ def serve(sock: socket.socket) -> None:
                 continue
             data = sock.recv(65536)
             if not data:
-                return  # the host process is gone; children die with us (PDEATHSIG)
+                _abandoned(exit_files)
+                return  # the host process is gone
             buffer += data
             while b"\n" in buffer:
                 line, buffer = buffer.split(b"\n", 1)

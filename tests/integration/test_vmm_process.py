@@ -54,21 +54,45 @@ def _alive(pid: int) -> bool:
 
 
 ABANDON = """
-import sys
+import os, signal, sys
 from ember import Sandbox
+from ember.zygote import Zygote
 sb = Sandbox()
 print(sb._vmm.vmm_pid, sb._vmm.dir, flush=True)
+if sys.argv[1] == "kill-zygote":  # no clean-up by the zygote: the death signal alone
+    os.kill(Zygote.get()._proc.pid, signal.SIGKILL)
 sys.stdin.read()  # until the test lets this process end, sandbox still open
 """
 
 
-def test_a_vmm_dies_with_the_process_that_made_it_even_unclosed(images: Images) -> None:
-    """The jail's change of uid clears the parent-death signal; it is armed again, so a
-    script that ends (or crashes) without close() leaves no VMM running."""
+def test_a_vmm_dies_with_its_zygote_killed_outright(images: Images) -> None:
+    """The jail's change of uid clears the parent-death signal; it is armed again."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     owner = subprocess.Popen(
-        [sys.executable, "-c", ABANDON], stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env
-    )
+        [sys.executable, "-c", ABANDON, "kill-zygote"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env,
+    )  # fmt: skip
+    assert owner.stdout is not None and owner.stdin is not None
+    pid_text, directory = owner.stdout.readline().decode().split()
+    vmm = int(pid_text)
+    try:
+        wait_for(lambda: not _alive(vmm), 30, "the VMM to die with its killed zygote")
+    finally:
+        owner.stdin.close()
+        owner.wait(timeout=60)
+        if _alive(vmm):
+            os.kill(vmm, signal.SIGKILL)
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def test_a_vmm_dies_with_the_process_that_made_it_even_unclosed(images: Images) -> None:
+    """A script that ends (or crashes) without close() leaves no VMM running and no sandbox
+    directory: its zygote kills and cleans what is left."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    owner = subprocess.Popen(
+        [sys.executable, "-c", ABANDON, "end"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env,
+    )  # fmt: skip
     assert owner.stdout is not None and owner.stdin is not None
     pid_text, directory = owner.stdout.readline().decode().split()
     vmm = int(pid_text)
@@ -77,6 +101,7 @@ def test_a_vmm_dies_with_the_process_that_made_it_even_unclosed(images: Images) 
         owner.stdin.close()  # the script ends without closing its sandbox
         assert owner.wait(timeout=60) == 0
         wait_for(lambda: not _alive(vmm), 30, "the abandoned VMM to die with its zygote")
+        wait_for(lambda: not os.path.exists(directory), 30, "its directory to be removed")
     finally:
         if _alive(vmm):
             os.kill(vmm, signal.SIGKILL)
