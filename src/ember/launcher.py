@@ -23,10 +23,8 @@ exec, so not one instruction of the VMM runs unconfined.
 from __future__ import annotations
 
 import contextlib
-import errno
 import json
 import os
-import resource
 import shutil
 import signal
 import socket
@@ -34,7 +32,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -132,40 +129,6 @@ def agent_argv(spec: SandboxSpec) -> tuple[str, ...]:
 
 # Host vsock ports Ember itself listens on (guest -> host): Sandbox.listen refuses them.
 HOST_PORTS = frozenset({protocol.READY_PORT, protocol.CHANNEL_PORT})
-
-
-FDS_PER_SANDBOX = 13  # held by the host process per live sandbox (measured): see below
-
-
-def out_of_descriptors(exc: OSError) -> SandboxError | None:
-    """``EMFILE``/``ENFILE`` as one SandboxError that says what ran out and what lifts it.
-
-    A sandbox needs descriptors in this process (its pidfd, channel listener and wake pipe,
-    the shared region's memfd and eight doorbell eventfds, its connections); with
-    ``RLIMIT_NOFILE`` reached, the failure would otherwise be an OSError from deep inside,
-    or a connection that looks broken. None for any other error.
-    """
-    if exc.errno not in (errno.EMFILE, errno.ENFILE):
-        return None
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    whose = "the host's" if exc.errno == errno.ENFILE else "this process's"
-    return SandboxError(
-        f"{whose} file descriptors are used up (RLIMIT_NOFILE {soft}, hard {hard}; each live "
-        f"sandbox holds about {FDS_PER_SANDBOX}): close sandboxes, or raise the limit "
-        "(ulimit -n; resource.setrlimit)"
-    )
-
-
-@contextlib.contextmanager
-def descriptors_checked() -> Iterator[None]:
-    """Raise :func:`out_of_descriptors`' error for an ``EMFILE`` in the block."""
-    try:
-        yield
-    except OSError as exc:
-        error = out_of_descriptors(exc)
-        if error is None:
-            raise
-        raise error from exc
 
 
 def _listen(path: str, backlog: int = 64) -> socket.socket:

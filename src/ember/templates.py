@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ember.client import AgentClient
+from ember.descriptors import descriptors_checked
 from ember.errors import BuildError, ConfigError, SandboxError, SnapshotError
 from ember.images.cache import (
     KeyHasher,
@@ -52,7 +53,6 @@ from ember.launcher import (
     SandboxSpec,
     VmmProcess,
     agent_argv,
-    descriptors_checked,
     resolve_images,
     resolve_preload,
 )

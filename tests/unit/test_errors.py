@@ -106,7 +106,7 @@ def test_running_out_of_descriptors_is_one_sandbox_error_naming_the_limit() -> N
     import os
     import resource
 
-    from ember.launcher import descriptors_checked, out_of_descriptors
+    from ember.descriptors import descriptors_checked, out_of_descriptors
 
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     expected = f"RLIMIT_NOFILE {soft}, hard {hard}"

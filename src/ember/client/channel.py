@@ -171,7 +171,7 @@ class ChannelServer:
         self._conns: set[socket.socket] = set()
         self._streams: set[_Stream] = set()
         self._closed = False
-        self._wake_r, self._wake_w = os.pipe()
+        self._wake = os.eventfd(0, os.EFD_CLOEXEC)  # close() wakes the accept loop: one fd
         self._thread = threading.Thread(target=self._accept_loop, name="channels", daemon=True)
         self._thread.start()
 
@@ -264,7 +264,7 @@ class ChannelServer:
     def _accept_loop(self) -> None:
         poller = select.poll()
         poller.register(self._listener.fileno(), select.POLLIN)
-        poller.register(self._wake_r, select.POLLIN)
+        poller.register(self._wake, select.POLLIN)
         self._listener.setblocking(False)
         while not self._closed:
             if not self._slots.acquire(timeout=0.5):
@@ -367,7 +367,7 @@ class ChannelServer:
             self._cond.notify_all()
         for stream in streams:
             stream.abandon()  # unblocks receivers waiting for room
-        os.write(self._wake_w, b"!")
+        os.eventfd_write(self._wake, 1)
         for conn in conns:
             try:
                 conn.shutdown(socket.SHUT_RDWR)
@@ -377,8 +377,7 @@ class ChannelServer:
         if self._shm is not None:
             self._shm.close()
         self._listener.close()
-        os.close(self._wake_r)
-        os.close(self._wake_w)
+        os.close(self._wake)
 
     def __enter__(self) -> ChannelServer:
         return self

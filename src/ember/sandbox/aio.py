@@ -34,15 +34,14 @@ from ember.client import (
     explain_crashed_worker,
 )
 from ember.client.terminal import AsyncTerminal
+from ember.descriptors import descriptors_checked, out_of_descriptors
 from ember.errors import AgentError, ConfigError, ProtocolError, SandboxError, SandboxTimeout
 from ember.jailer.cgroups import SandboxCgroup
 from ember.launcher import (
     HANDSHAKE_TIMEOUT,
     SandboxSpec,
     VmmProcess,
-    descriptors_checked,
     fork_vmm,
-    out_of_descriptors,
 )
 from ember.sandbox.files import AsyncSandboxFiles
 from ember.sandbox.options import ExecArgs, SandboxOptions, StreamArgs, check_port, new_facade

@@ -32,6 +32,7 @@ from ember.client import (
     explain_crashed_worker,
 )
 from ember.client.terminal import Terminal
+from ember.descriptors import descriptors_checked, out_of_descriptors
 from ember.errors import (
     AgentError,
     ConfigError,
@@ -44,9 +45,7 @@ from ember.jailer.cgroups import SandboxCgroup
 from ember.launcher import (
     SandboxSpec,
     VmmProcess,
-    descriptors_checked,
     fork_vmm,
-    out_of_descriptors,
 )
 from ember.sandbox.files import SandboxFiles
 from ember.sandbox.options import ExecArgs, SandboxOptions, StreamArgs, check_port, new_facade
