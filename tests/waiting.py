@@ -1,9 +1,11 @@
-"""Waiting for a condition in tests: polled, with a deadline that names what never happened."""
+"""Waiting in tests: for a condition (polled, with a deadline that names what never
+happened), and whether a process still runs."""
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 
 def wait_for(check: Callable[[], object], seconds: float, what: str, every: float = 0.05) -> None:
@@ -13,3 +15,12 @@ def wait_for(check: Callable[[], object], seconds: float, what: str, every: floa
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         time.sleep(every)
+
+
+def alive(pid: int) -> bool:
+    """The process runs (a zombie does not count: it has ended, only its status is left)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"

@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 
 from tests.integration.conftest import ember_command
-from tests.waiting import wait_for
+from tests.waiting import alive, wait_for
 
 __all__ = ["Daemon", "alive", "free_port", "running_daemon", "wait_for"]
 
@@ -27,14 +27,6 @@ def free_port() -> int:
         s.bind(("127.0.0.1", 0))
         port: int = s.getsockname()[1]
         return port
-
-
-def alive(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
 @dataclass

@@ -7,17 +7,19 @@ that read it on stdin.  Neither passes a flag: the process's command line says s
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 from ember.sandbox import Sandbox
 from ember.zygote import Zygote
 from tests.integration.conftest import Images
-from tests.waiting import wait_for
+from tests.waiting import alive, wait_for
 
 
 def _parent(pid: int) -> int:
@@ -46,13 +48,6 @@ def test_a_cold_boot_is_a_fresh_interpreter_reading_its_config_on_stdin(images: 
         assert sb.exec(["echo", "booted"], timeout=300).stdout == b"booted\n"
 
 
-def _alive(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
 ABANDON = """
 import os, signal, sys
 from ember import Sandbox
@@ -65,47 +60,45 @@ sys.stdin.read()  # until the test lets this process end, sandbox still open
 """
 
 
-def test_a_vmm_dies_with_its_zygote_killed_outright(images: Images) -> None:
-    """The jail's change of uid clears the parent-death signal; it is armed again."""
+@contextlib.contextmanager
+def abandoning(how: str) -> Iterator[tuple[subprocess.Popen[bytes], int, str]]:
+    """A process running ABANDON ``how``, its VMM's pid and its sandbox directory; after the
+    test, the process ended and anything of its sandbox still there removed."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     owner = subprocess.Popen(
-        [sys.executable, "-c", ABANDON, "kill-zygote"],
+        [sys.executable, "-c", ABANDON, how],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env,
     )  # fmt: skip
     assert owner.stdout is not None and owner.stdin is not None
     pid_text, directory = owner.stdout.readline().decode().split()
     vmm = int(pid_text)
     try:
-        wait_for(lambda: not _alive(vmm), 30, "the VMM to die with its killed zygote")
+        yield owner, vmm, directory
     finally:
-        owner.stdin.close()
+        if not owner.stdin.closed:
+            owner.stdin.close()
         owner.wait(timeout=60)
-        if _alive(vmm):
+        if alive(vmm):
             os.kill(vmm, signal.SIGKILL)
         shutil.rmtree(directory, ignore_errors=True)
+
+
+def test_a_vmm_dies_with_its_zygote_killed_outright(images: Images) -> None:
+    """The jail's change of uid clears the parent-death signal; it is armed again."""
+    with abandoning("kill-zygote") as (_owner, vmm, _directory):
+        wait_for(lambda: not alive(vmm), 30, "the VMM to die with its killed zygote")
 
 
 def test_a_vmm_dies_with_the_process_that_made_it_even_unclosed(images: Images) -> None:
     """A script that ends (or crashes) without close() leaves no VMM running and no sandbox
     directory: its zygote kills and cleans what is left."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-    owner = subprocess.Popen(
-        [sys.executable, "-c", ABANDON, "end"],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env,
-    )  # fmt: skip
-    assert owner.stdout is not None and owner.stdin is not None
-    pid_text, directory = owner.stdout.readline().decode().split()
-    vmm = int(pid_text)
-    try:
-        assert _alive(vmm)
+    with abandoning("end") as (owner, vmm, directory):
+        assert alive(vmm)
+        assert owner.stdin is not None
         owner.stdin.close()  # the script ends without closing its sandbox
         assert owner.wait(timeout=60) == 0
-        wait_for(lambda: not _alive(vmm), 30, "the abandoned VMM to die with its zygote")
+        wait_for(lambda: not alive(vmm), 30, "the abandoned VMM to die with its zygote")
         wait_for(lambda: not os.path.exists(directory), 30, "its directory to be removed")
-    finally:
-        if _alive(vmm):
-            os.kill(vmm, signal.SIGKILL)
-        shutil.rmtree(directory, ignore_errors=True)
 
 
 RUN_OUT = """
@@ -162,4 +155,4 @@ def test_running_out_of_descriptors_is_a_clear_error_and_the_others_keep_answeri
     assert len(at_limit) == made and set(at_limit) <= {"pong", "limit"}, said
     assert f"answered {made - 1} of {made - 1}" in lines, said
     pids = [int(p) for p in lines[-1].split()[1:]]
-    wait_for(lambda: not any(_alive(p) for p in pids), 30, "the closed sandboxes' VMMs to end")
+    wait_for(lambda: not any(alive(p) for p in pids), 30, "the closed sandboxes' VMMs to end")

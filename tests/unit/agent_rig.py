@@ -22,6 +22,9 @@ import pytest
 from ember import protocol
 from ember.client import AgentClient, AsyncAgentClient
 from ember.protocol import Kind, read_frame
+from tests.waiting import alive
+
+__all__ = ["Agent", "agent", "alive"]
 
 SRC = Path(__file__).resolve().parents[2] / "src"
 
@@ -83,12 +86,3 @@ def agent(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Agent]:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-
-
-def alive(pid: int) -> bool:
-    """The process runs (a zombie does not count): what a hung-up terminal must end."""
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
