@@ -9,6 +9,7 @@ restores) and reaped with :func:`_finish`, which turns a failure into a
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
@@ -86,6 +87,16 @@ def _finish(command: _Command) -> None:
         raise SandboxError(
             f"{' '.join(command.argv[:2])}{command.where} failed: {stderr.decode().strip()}"
         )
+
+
+def _stop(commands: list[_Command]) -> None:
+    """Kill the commands still running (a failed sibling's, or a closed network's) and reap
+    them all."""
+    for command in commands:
+        if command.proc.poll() is None:
+            with contextlib.suppress(OSError):
+                command.proc.kill()
+        command.proc.wait()
 
 
 def _in_namespace(netns: str | None, sysctls: dict[str, str]) -> Callable[[], None] | None:

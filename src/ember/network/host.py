@@ -37,7 +37,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from ember.errors import ConfigError, SandboxError
-from ember.network.commands import _Command, _finish, _run, _start
+from ember.network.commands import _Command, _finish, _run, _start, _stop
 from ember.network.policy import NetworkPolicy
 from ember.network.resolver import DNS_PORT, Element, SandboxResolver, guest_sockets
 from ember.network.slots import LOCK_DIR as LOCK_DIR  # re-exported: the slots' names
@@ -197,10 +197,7 @@ class SandboxNetwork:
             for command in pending:
                 _finish(command)
         finally:
-            for command in pending:  # one failed: do not leave the others running
-                if command.proc.poll() is None:
-                    command.proc.kill()
-                    command.proc.wait()
+            _stop(pending)  # one failed: do not leave the others running
 
     def wait_applied(self) -> None:
         """Wait for :meth:`apply`'s rules, then serve DNS for the policy: the sandbox is ready."""
@@ -304,18 +301,12 @@ class SandboxNetwork:
 
     def close(self) -> None:
         """Remove the host rules and the namespace (its veth and TAP go with it)."""
-        for command in self._pending:  # an apply() still running
-            with contextlib.suppress(OSError):
-                command.proc.kill()
-            command.proc.wait()
+        _stop(self._pending)  # an apply() still running
         self._pending = []
         if self.resolver is not None:  # first: its sockets would keep the namespace alive
             self.resolver.close()
             self.resolver = None
-        if self._sockets is not None:
-            for sock in self._sockets:
-                sock.close()
-            self._sockets = None
+        self._close_sockets()
         undo = (
             (
                 ["nft", "-f", "-"],
@@ -335,13 +326,17 @@ class SandboxNetwork:
             os.close(self.lock_fd)  # the slot is free again
             self.lock_fd = -1
 
-    def forget(self) -> None:
-        """In a forked child: close this process's copies of the lock and the sockets, and
-        nothing else (the namespace and the slot are the parent's)."""
+    def _close_sockets(self) -> None:
+        """The resolver's sockets, if no resolver took them."""
         if self._sockets is not None:
             for sock in self._sockets:
                 sock.close()
             self._sockets = None
+
+    def forget(self) -> None:
+        """In a forked child: close this process's copies of the lock and the sockets, and
+        nothing else (the namespace and the slot are the parent's)."""
+        self._close_sockets()
         if self.lock_fd >= 0:
             os.close(self.lock_fd)
             self.lock_fd = -1
