@@ -4,7 +4,8 @@ Usage::
 
     .venv/bin/python bench/profile.py [--runs 3] [--hz 1000] [--top 30] WORKLOAD
 
-WORKLOAD is ``exec-python`` (``python3 -c 'print(1)'``, the first exec in a fresh sandbox),
+WORKLOAD is ``ping`` (the first request after the restore), ``exec-python`` (``python3 -c
+'print(1)'``, the first exec in a fresh sandbox),
 ``exec-true``, ``run-code`` (ten ``run_code('6*7')``), ``write-10mib`` (``files.write``) or
 ``code:SOURCE`` (one ``run_code(SOURCE)``). Each run restores a sandbox, lets it settle,
 samples its vCPUs while the workload runs (``ember.vmm.profiler``), and the counts of all runs
@@ -77,6 +78,8 @@ def family(name: str) -> str:
 def workload(name: str, sb: Sandbox) -> Callable[[], object]:
     if name == "exec-python":
         return lambda: sb.exec(["python3", "-c", "print(1)"])
+    if name == "ping":
+        return sb.ping
     if name == "exec-true":
         return lambda: sb.exec(["true"])
     if name == "run-code":

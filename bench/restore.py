@@ -8,6 +8,7 @@ Ember (through the SDK, the zygote warm, the default template cached):
 - ``ping``: ``Sandbox()`` then the agent's answer to a ping;
 - ``run_code``: ``Sandbox()`` then ``run_code('6*7')`` answered by the warm worker;
 - ``lifecycle``: ``Sandbox()`` → ``exec(["true"])`` → ``close()``;
+- the same from a spare (``keep_warm(1)``: restored and warmed ahead, waiting 1 s);
 - creations per second with N threads creating, pinging and closing sandboxes;
 - the private memory (USS) of an idle sandbox's VMM process;
 - how many sandboxes live at once, each answering a ping, with ≥ 2 GiB of host memory free.
@@ -340,6 +341,56 @@ def measure_subprocess(runs: int) -> dict[str, Any]:
 # --- report --------------------------------------------------------------------------------------
 
 
+def measure_spares(runs: int, template: str | None = None, gap_s: float = 1.0) -> dict[str, Any]:
+    """The same three figures when ``Sandbox()`` takes a spare (``keep_warm(1)``): restored
+    and warmed in the background, and left waiting ``gap_s`` before each take, as a spare
+    does between requests. The refill is not timed (it runs while the taker works)."""
+    from ember import keep_warm
+    from ember.sandbox.options import SandboxOptions
+    from ember.sandbox.sync import spare_key, spare_pool
+
+    key = spare_key(SandboxOptions(template=template))
+    keep_warm(1, template=template)
+    ready: list[float] = []
+    ping: list[float] = []
+    code: list[float] = []
+    life: list[float] = []
+    taken = spare_pool().taken
+
+    def take() -> float:
+        if not spare_pool().wait_ready(key, 1, 120):
+            raise SystemExit("no spare was made in 120 s")
+        time.sleep(gap_s)
+        return time.perf_counter()
+
+    try:
+        for _ in range(runs):
+            started = take()
+            sb = Sandbox(template=template)
+            ready.append((time.perf_counter() - started) * 1000)
+            sb.ping()
+            ping.append((time.perf_counter() - started) * 1000)
+            sb.close()
+            started = take()
+            with Sandbox(template=template) as sb:
+                value = sb.run_code("6*7").value
+                code.append((time.perf_counter() - started) * 1000)
+            assert value == "42", value
+            started = take()
+            with Sandbox(template=template) as box:
+                assert box.exec(["true"]).exit_code == 0
+            life.append((time.perf_counter() - started) * 1000)
+    finally:
+        keep_warm(0, template=template)
+    return {
+        "taken": spare_pool().taken - taken,
+        "ready_ms": quantiles(ready),
+        "ping_ms": quantiles(ping),
+        "run_code_ms": quantiles(code),
+        "lifecycle_ms": quantiles(life),
+    }
+
+
 def _q(report: dict[str, Any], *keys: str) -> tuple[str, str]:
     node: Any = report
     for key in keys:
@@ -356,6 +407,10 @@ def render(report: dict[str, Any]) -> str:
         ("restore -> ping answered", "ember", "ping_ms"),
         ("restore -> run_code('6*7')", "ember", "run_code_ms"),
         ("create -> exec(true) -> destroy", "ember", "lifecycle_ms"),
+        ("Sandbox() from a spare -> ready", "spare", "ready_ms"),
+        ("Sandbox() from a spare -> ping answered", "spare", "ping_ms"),
+        ("Sandbox() from a spare -> run_code('6*7')", "spare", "run_code_ms"),
+        ("spare -> exec(true) -> destroy", "spare", "lifecycle_ms"),
         ("ready (restore -> running)", "qemu", "ready_ms"),
         ("new process: subprocess true", "subprocess", "ready_ms"),
     ):
@@ -393,6 +448,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--live", type=int, default=1000, help="density target (0: skip)")
     parser.add_argument("--idle", type=float, default=3.0, help="settle time before pinging all")
     parser.add_argument("--no-qemu", action="store_true")
+    parser.add_argument("--no-spares", action="store_true", help="skip the keep_warm figures")
     parser.add_argument("--json", action="store_true")
     parser.add_argument(
         "--age-hours",
@@ -403,6 +459,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     template = aged_template(args.age_hours) if args.age_hours is not None else None
     report: dict[str, Any] = {"ember": measure_ember(args.runs, template)}
+    if not args.no_spares:
+        report["spare"] = measure_spares(args.runs, template)
     report["subprocess"] = measure_subprocess(args.runs)
     if not args.no_qemu:
         with tempfile.TemporaryDirectory(prefix="ember-bench-") as workdir:

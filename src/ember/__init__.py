@@ -42,7 +42,7 @@ if TYPE_CHECKING:
         SnapshotError,
     )
     from ember.network.policy import NetworkPolicy
-    from ember.sandbox import AsyncSandbox, Sandbox
+    from ember.sandbox import AsyncSandbox, Sandbox, keep_warm
 
 # Names are imported on first use (PEP 562): `import ember.X` for one submodule (the CLI, the
 # zygote, the VMM) must not pay ~0.2 s for the SDK's asyncio, clients and templates.
@@ -72,6 +72,7 @@ _LAZY: dict[str, str] = {
     "SandboxLost": "ember.errors",
     "SandboxTimeout": "ember.errors",
     "SnapshotError": "ember.errors",
+    "keep_warm": "ember.sandbox",
 }
 
 
@@ -101,6 +102,7 @@ __all__ = [
     "SandboxLost",
     "SandboxTimeout",
     "SnapshotError",
+    "keep_warm",
 ]
 __version__ = "0.1.0"
 

@@ -309,6 +309,7 @@ class AgentClient:
         self._pool: KeepalivePool[socket.socket] = KeepalivePool(_CLOCK)
         self._lock = threading.Lock()
         self._expiry: threading.Timer | None = None
+        self._held = False  # hold_kept
         self.files = Files(self._session, self._run, files_ring, self._start)
 
     def _start(self, op: Operation[Any], trailer: bytes = b"") -> socket.socket:
@@ -358,9 +359,22 @@ class AgentClient:
             return
         self._arm_expiry()
 
+    def hold_kept(self, hold: bool) -> None:
+        """While held, kept connections do not expire: a spare sandbox waiting to be taken
+        (ember.sandbox.spares) stays unparked, so its first call costs what a later one
+        does. Released, the idle clock of each kept connection starts again from now."""
+        with self._lock:
+            self._held = hold
+        if not hold:
+            self._pool.touch()
+            if len(self._pool):
+                self._arm_expiry()
+
     def _expire(self) -> None:
         with self._lock:
             self._expiry = None
+            if self._held:
+                return  # hold_kept(False) arms it again
         for sock in self._pool.expire():
             sock.close()
         if len(self._pool):
@@ -368,7 +382,7 @@ class AgentClient:
 
     def _arm_expiry(self) -> None:
         with self._lock:
-            if self._expiry is None:
+            if self._expiry is None and not self._held:
                 self._expiry = threading.Timer(self._pool.idle, self._expire)
                 self._expiry.daemon = True
                 self._expiry.start()

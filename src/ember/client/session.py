@@ -275,6 +275,12 @@ class KeepalivePool(Generic[C]):
             self._kept = [(conn, since) for conn, since in self._kept if now - since < self.idle]
             return stale
 
+    def touch(self) -> None:
+        """Count every kept connection as used now."""
+        now = self.clock()
+        with self._lock:
+            self._kept = [(conn, now) for conn, _ in self._kept]
+
     def drain(self) -> list[C]:
         """Every kept connection, taken out to be closed."""
         with self._lock:

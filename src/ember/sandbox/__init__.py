@@ -6,6 +6,7 @@
 ``sync``           ``Sandbox``: an in-process VMM, blocking calls
 ``aio``            ``AsyncSandbox``: the same, awaitable
 ``files``          ``sb.files`` of the four facades (and the daemon's file requests)
+``spares``         sandboxes restored and warmed ahead of time (``keep_warm``)
 ``daemon``         an ``ember serve`` daemon's HTTP API, without I/O
 ``remote``         ``RemoteSandbox``: ``Sandbox(server=...)`` over ``httpx.Client``
 ``remote_async``   ``AsyncRemoteSandbox``: ``AsyncSandbox(server=...)``, asyncio
@@ -21,7 +22,7 @@ if TYPE_CHECKING:
     from ember.errors import SandboxCrashed
     from ember.sandbox.aio import AsyncSandbox
     from ember.sandbox.files import AsyncSandboxFiles, SandboxFiles
-    from ember.sandbox.sync import Sandbox
+    from ember.sandbox.sync import Sandbox, keep_warm
 
 # Imported on first use (PEP 562), as in ``ember``: blocking users do not pay for asyncio.
 _LAZY = {
@@ -30,9 +31,12 @@ _LAZY = {
     "Sandbox": "ember.sandbox.sync",
     "SandboxCrashed": "ember.errors",
     "SandboxFiles": "ember.sandbox.files",
+    "keep_warm": "ember.sandbox.sync",
 }
 
-__all__ = ["AsyncSandbox", "AsyncSandboxFiles", "Sandbox", "SandboxCrashed", "SandboxFiles"]
+__all__ = [
+    "AsyncSandbox", "AsyncSandboxFiles", "Sandbox", "SandboxCrashed", "SandboxFiles", "keep_warm",
+]  # fmt: skip
 
 
 def __getattr__(name: str) -> Any:
