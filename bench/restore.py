@@ -346,10 +346,10 @@ def measure_spares(runs: int, template: str | None = None, gap_s: float = 1.0) -
     and warmed in the background, and left waiting ``gap_s`` before each take, as a spare
     does between requests. The refill is not timed (it runs while the taker works)."""
     from ember import keep_warm
-    from ember.sandbox.options import SandboxOptions
-    from ember.sandbox.sync import spare_key, spare_pool
+    from ember.launcher import SandboxSpec
+    from ember.sandbox.spares import spare_key, spare_pool
 
-    key = spare_key(SandboxOptions(template=template))
+    key = spare_key(SandboxSpec(), template, False)
     keep_warm(1, template=template)
     ready: list[float] = []
     ping: list[float] = []

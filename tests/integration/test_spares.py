@@ -13,9 +13,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from ember import ConfigError, Sandbox, keep_warm
-from ember.sandbox.options import SandboxOptions
-from ember.sandbox.sync import spare_key, spare_pool
+from ember import AsyncSandbox, ConfigError, Sandbox, keep_warm
+from ember.launcher import SandboxSpec, VmmProcess
+from ember.sandbox.spares import SpareKey, spare_key, spare_pool
 from tests.waiting import alive, wait_for
 
 pytestmark = pytest.mark.kvm
@@ -23,15 +23,21 @@ pytestmark = pytest.mark.kvm
 READY_S = 120.0  # a restore and two first calls; generous for a loaded CI host
 
 
-def waiting_spares(key: object) -> list[Sandbox]:
-    """The spares waiting for ``key`` (read under the pool's lock)."""
+def key_of(template: str | None = None) -> SpareKey:
+    key = spare_key(SandboxSpec(), template, False)
+    assert key is not None
+    return key
+
+
+def waiting_vmms(key: SpareKey) -> list[VmmProcess]:
+    """The VMMs of the spares waiting for ``key`` (read under the pool's lock)."""
     pool = spare_pool()
     with pool._lock:
-        return [s.item for s in pool._ready.get(key, ())]
+        return [s.item.vmm for s in pool._ready.get(key, ())]
 
 
-def waiting_vmm_pids(key: object) -> list[int]:
-    return [sb._vmm.vmm_pid for sb in waiting_spares(key)]  # type: ignore[misc]
+def waiting_vmm_pids(key: SpareKey) -> list[int | None]:
+    return [vmm.vmm_pid for vmm in waiting_vmms(key)]
 
 
 @pytest.fixture
@@ -48,7 +54,7 @@ def test_sandbox_takes_a_warm_spare_and_a_new_one_is_made(
 ) -> None:
     spares_of.append({})
     keep_warm(1)
-    key = spare_key(SandboxOptions())
+    key = key_of()
     assert spare_pool().wait_ready(key, 1, READY_S)
     [waiting] = waiting_vmm_pids(key)
     taken_before = spare_pool().taken
@@ -58,7 +64,6 @@ def test_sandbox_takes_a_warm_spare_and_a_new_one_is_made(
         assert first.exec(["echo", "hi"]).stdout == b"hi\n"
         first_random = first.run_code("import random; random.random()").value
         # It is the caller's now: its kept connection expires as usual, so it can park.
-        assert not first._client._held
         wait_for(lambda: len(first._client._pool) == 0, 10, "the kept connection expiring")
         assert spare_pool().wait_ready(key, 1, READY_S)
         [refill] = waiting_vmm_pids(key)
@@ -74,7 +79,7 @@ def test_sandbox_takes_a_warm_spare_and_a_new_one_is_made(
 def test_other_options_do_not_get_the_spare(spares_of: list[dict[str, object]]) -> None:
     spares_of.append({})
     keep_warm(1)
-    key = spare_key(SandboxOptions())
+    key = key_of()
     assert spare_pool().wait_ready(key, 1, READY_S)
     [waiting] = waiting_vmm_pids(key)
     with Sandbox(pids=64) as other:  # its own cgroup: another shape of sandbox
@@ -86,15 +91,16 @@ def test_other_options_do_not_get_the_spare(spares_of: list[dict[str, object]]) 
 def test_a_spare_whose_vm_died_is_not_handed_out(spares_of: list[dict[str, object]]) -> None:
     spares_of.append({})
     keep_warm(1)
-    key = spare_key(SandboxOptions())
+    key = key_of()
     assert spare_pool().wait_ready(key, 1, READY_S)
-    [spare] = waiting_spares(key)
-    os.kill(spare._vmm.vmm_pid, signal.SIGKILL)  # type: ignore[arg-type]
+    [spare] = waiting_vmms(key)
+    assert spare.vmm_pid is not None
+    os.kill(spare.vmm_pid, signal.SIGKILL)
     # Its exit as the pool sees it: the leader of a threaded process shows as a zombie in
     # /proc before its vCPU threads are gone, and only then does its pidfd say it ended.
-    wait_for(spare._vmm.exited, 10, "the spare's VMM to die")
+    wait_for(spare.exited, 10, "the spare's VMM to die")
     with Sandbox() as sb:
-        assert sb is not spare and sb._vmm.vmm_pid != spare._vmm.vmm_pid
+        assert sb._vmm is not spare and sb._vmm.vmm_pid != spare.vmm_pid
         assert sb.exec(["true"]).exit_code == 0
 
 
@@ -106,7 +112,7 @@ def test_a_template_rebuilt_in_place_drops_its_old_spares(
         maker.snapshot("spare-rebuilt")
         spares_of.append({"template": "spare-rebuilt"})
         keep_warm(1, template="spare-rebuilt")
-        key = spare_key(SandboxOptions(template="spare-rebuilt"))
+        key = key_of("spare-rebuilt")
         assert spare_pool().wait_ready(key, 1, READY_S)
         [old] = waiting_vmm_pids(key)
         maker.files.write("/tmp/which", b"second")
@@ -119,7 +125,7 @@ def test_a_template_rebuilt_in_place_drops_its_old_spares(
 
 def test_keep_warm_zero_closes_the_waiting_spares() -> None:
     keep_warm(1)
-    key = spare_key(SandboxOptions())
+    key = key_of()
     assert spare_pool().wait_ready(key, 1, READY_S)
     [waiting] = waiting_vmm_pids(key)
     keep_warm(0)
@@ -140,17 +146,18 @@ def test_ember_spares_in_the_environment_warms_what_the_process_uses() -> None:
     script = textwrap.dedent(
         """
         from ember import Sandbox
-        from ember.sandbox.options import SandboxOptions
-        from ember.sandbox.sync import spare_key, spare_pool
+        from ember.launcher import SandboxSpec
+        from ember.sandbox.spares import spare_key, spare_pool
+        key = spare_key(SandboxSpec(), None, False)
         with Sandbox() as sb:
             first = sb._vmm.vmm_pid
-        assert spare_pool().wait_ready(spare_key(SandboxOptions()), 1, 120)
+        assert spare_pool().wait_ready(key, 1, 120)
         with Sandbox() as sb:
             print(first, sb._vmm.vmm_pid, spare_pool().taken, flush=True)
-        assert spare_pool().wait_ready(spare_key(SandboxOptions()), 1, 120)
+        assert spare_pool().wait_ready(key, 1, 120)
         with spare_pool()._lock:
-            [waiting] = spare_pool()._ready[spare_key(SandboxOptions())]
-        print(waiting.item._vmm.vmm_pid, flush=True)
+            [waiting] = spare_pool()._ready[key]
+        print(waiting.item.vmm.vmm_pid, flush=True)
         """
     )
     env = dict(os.environ, EMBER_SPARES="1")
@@ -162,3 +169,25 @@ def test_ember_spares_in_the_environment_warms_what_the_process_uses() -> None:
     [left] = out.stdout.split("\n")[1].split()
     assert first != second and taken == "1"
     wait_for(lambda: not alive(int(left)), 20, "the waiting spare to be closed at exit")
+
+
+async def _async_takes() -> tuple[int | None, str, bool]:
+    async with AsyncSandbox() as sb:
+        assert sb._vmm is not None
+        pid = sb._vmm.vmm_pid
+        result = await sb.exec(["echo", "async"])
+        pong = (await sb.ping())["pong"]
+        return pid, result.stdout.decode(), bool(pong)
+
+
+def test_async_sandbox_takes_a_spare_too(spares_of: list[dict[str, object]]) -> None:
+    import asyncio
+
+    spares_of.append({})
+    keep_warm(1)
+    key = key_of()
+    assert spare_pool().wait_ready(key, 1, READY_S)
+    [waiting] = waiting_vmm_pids(key)
+    pid, out, pong = asyncio.run(_async_takes())
+    assert (pid, out, pong) == (waiting, "async\n", True)
+    assert not alive(waiting)  # closed with its AsyncSandbox

@@ -30,6 +30,7 @@ EXPECTED = [
     "SandboxLost",
     "SandboxTimeout",
     "SnapshotError",
+    "keep_warm",
 ]
 
 

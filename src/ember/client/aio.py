@@ -50,6 +50,7 @@ from ember.protocol import Kind
 __all__ = ["AsyncAgentClient", "AsyncConnect", "AsyncExecStream", "AsyncFiles", "Streams"]
 
 AsyncConnect = Callable[[], Awaitable[Streams]]
+Conn = Streams  # a connection to the agent (the blocking client's: its socket)
 T = TypeVar("T")
 _CLOCK = time.monotonic  # what asyncio's loop.time() is too
 
@@ -316,6 +317,15 @@ class AsyncAgentClient:
             streams[1].close()
         resume, self._resume = self._resume, None
         return await resume() if resume is not None else None
+
+    def take_kept(self) -> Conn | None:
+        """The newest kept connection, out of the pool; see ``AgentClient.take_kept``."""
+        return self._pool.pop()
+
+    def adopt(self, conn: Conn) -> None:
+        """Take over a warmed VM's agent connection; see ``AgentClient.adopt``."""
+        self._session.announced()
+        self._keep(conn)
 
     def _keep(self, streams: Streams) -> None:
         if not self._pool.put(streams):

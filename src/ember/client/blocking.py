@@ -65,6 +65,7 @@ from ember.protocol import Kind
 __all__ = ["AgentClient", "Connect", "ExecStream", "Files"]
 
 Connect = Callable[[], socket.socket]
+Conn = socket.socket  # a connection to the agent (the asyncio client's: its streams)
 T = TypeVar("T")
 _CLOCK = time.monotonic
 
@@ -309,7 +310,6 @@ class AgentClient:
         self._pool: KeepalivePool[socket.socket] = KeepalivePool(_CLOCK)
         self._lock = threading.Lock()
         self._expiry: threading.Timer | None = None
-        self._held = False  # hold_kept
         self.files = Files(self._session, self._run, files_ring, self._start)
 
     def _start(self, op: Operation[Any], trailer: bytes = b"") -> socket.socket:
@@ -359,22 +359,19 @@ class AgentClient:
             return
         self._arm_expiry()
 
-    def hold_kept(self, hold: bool) -> None:
-        """While held, kept connections do not expire: a spare sandbox waiting to be taken
-        (ember.sandbox.spares) stays unparked, so its first call costs what a later one
-        does. Released, the idle clock of each kept connection starts again from now."""
-        with self._lock:
-            self._held = hold
-        if not hold:
-            self._pool.touch()
-            if len(self._pool):
-                self._arm_expiry()
+    def adopt(self, conn: Conn) -> None:
+        """Take over a warmed VM's agent connection (a spare, ember.sandbox.spares): kept
+        for the next call, and no resume announcement (its warm-up made it)."""
+        self._session.announced()
+        self._keep(conn)
+
+    def take_kept(self) -> Conn | None:
+        """The newest kept connection, out of the pool: a spare's warm-up hands it on."""
+        return self._pool.pop()
 
     def _expire(self) -> None:
         with self._lock:
             self._expiry = None
-            if self._held:
-                return  # hold_kept(False) arms it again
         for sock in self._pool.expire():
             sock.close()
         if len(self._pool):
@@ -382,7 +379,7 @@ class AgentClient:
 
     def _arm_expiry(self) -> None:
         with self._lock:
-            if self._expiry is None and not self._held:
+            if self._expiry is None:
                 self._expiry = threading.Timer(self._pool.idle, self._expire)
                 self._expiry.daemon = True
                 self._expiry.start()

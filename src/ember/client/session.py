@@ -120,6 +120,12 @@ class Session:
         # Called before each REQUEST that is not run_code (the code ring's ``not_yet``).
         self.not_yet: Callable[[], None] | None = None
 
+    def announced(self) -> None:
+        """The VM's resume was announced already (a spare's warm-up made its first calls):
+        the agent and the worker took the host's clock and entropy then."""
+        self._announcer = ResumeAnnouncer(False)
+        self._ring_announcer = ResumeAnnouncer(False)
+
     def request(self, op: Operation[Any]) -> bytes:
         """The REQUEST frame's payload for ``op``, encoded as late as possible (``op``
         starts its clocks now)."""
@@ -274,12 +280,6 @@ class KeepalivePool(Generic[C]):
             stale = [conn for conn, since in self._kept if now - since >= self.idle]
             self._kept = [(conn, since) for conn, since in self._kept if now - since < self.idle]
             return stale
-
-    def touch(self) -> None:
-        """Count every kept connection as used now."""
-        now = self.clock()
-        with self._lock:
-            self._kept = [(conn, now) for conn, _ in self._kept]
 
     def drain(self) -> list[C]:
         """Every kept connection, taken out to be closed."""

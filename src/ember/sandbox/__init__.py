@@ -22,7 +22,8 @@ if TYPE_CHECKING:
     from ember.errors import SandboxCrashed
     from ember.sandbox.aio import AsyncSandbox
     from ember.sandbox.files import AsyncSandboxFiles, SandboxFiles
-    from ember.sandbox.sync import Sandbox, keep_warm
+    from ember.sandbox.spares import keep_warm
+    from ember.sandbox.sync import Sandbox
 
 # Imported on first use (PEP 562), as in ``ember``: blocking users do not pay for asyncio.
 _LAZY = {
@@ -31,7 +32,7 @@ _LAZY = {
     "Sandbox": "ember.sandbox.sync",
     "SandboxCrashed": "ember.errors",
     "SandboxFiles": "ember.sandbox.files",
-    "keep_warm": "ember.sandbox.sync",
+    "keep_warm": "ember.sandbox.spares",
 }
 
 __all__ = [

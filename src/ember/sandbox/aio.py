@@ -43,6 +43,7 @@ from ember.launcher import (
     VmmProcess,
     fork_vmm,
 )
+from ember.sandbox import spares
 from ember.sandbox.files import AsyncSandboxFiles
 from ember.sandbox.options import ExecArgs, SandboxOptions, StreamArgs, check_port, new_facade
 from ember.sandbox.signature import takes
@@ -136,19 +137,30 @@ class AsyncSandbox:
 
     async def start(self) -> AsyncSandbox:
         vmm = self._vmm
+        warm = None
         if vmm is None:
-            vmm = await asyncio.to_thread(
-                start_vmm, self._spec, template=self._template, boot=self._boot
-            )
+            warm = spares.take(self._spec, self._template, self._boot)
+            if warm is not None:
+                vmm = warm.vmm
+            else:
+                vmm = await asyncio.to_thread(self._start_vmm)
             self._vmm = vmm
         try:
             with descriptors_checked():
                 self._channels = ChannelServer(vmm.take_channel_listener(), shm=self._region)
+                if warm is not None:
+                    self._client.adopt(await asyncio.open_unix_connection(sock=warm.conn))
         except BaseException:
             self._closed = True
+            if warm is not None:
+                warm.conn.close()
             await asyncio.to_thread(vmm.close)  # nobody will drive it: it must not linger
             raise
         return self
+
+    def _start_vmm(self) -> VmmProcess:
+        with spares.making():
+            return start_vmm(self._spec, template=self._template, boot=self._boot)
 
     async def set_memory(self, target_mib: int, *, timeout: float = 120.0) -> int:
         """Move the balloon so the guest keeps ``target_mib``; see ``Sandbox.set_memory``."""

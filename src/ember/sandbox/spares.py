@@ -25,9 +25,10 @@ is being made on demand (up to :data:`QUIET_WAIT_S`), so it does not slow that o
 on a small host; a failing refill backs off. A forked child forgets its parent's spares
 (they are the parent's VMs); at exit they are closed.
 
-This module is generic over what it keeps (the facade supplies ``make``),
-so it does not import the facade: ``make`` restores and warms one, and the
-:class:`Spare` it returns says how to tell that it is still usable.
+:class:`SparePool` is generic over what it keeps; what this process keeps are
+:class:`Warm` VMs (a VMM and the agent connection its warm-up left open), which either
+facade drives: ``Sandbox()`` and ``AsyncSandbox()`` call :func:`take`, and a miss makes
+its sandbox on demand inside :func:`making`.
 """
 
 from __future__ import annotations
@@ -37,11 +38,20 @@ import collections
 import contextlib
 import logging
 import os
+import socket
 import threading
 import time
 from collections.abc import Callable, Hashable, Iterator
 from dataclasses import dataclass
-from typing import Generic, TypeVar
+from pathlib import Path
+from typing import Any, Generic, TypeVar, cast
+
+from ember.client import AgentClient, CodeRing, LazyRegion
+from ember.descriptors import descriptors_checked
+from ember.errors import ConfigError
+from ember.launcher import SandboxSpec, VmmProcess
+from ember.snapshot import STATE_FILE
+from ember.templates import DEFAULT, find, start_vmm
 
 log = logging.getLogger(__name__)
 
@@ -285,3 +295,114 @@ def _shutdown_all() -> None:
 def _forget_all() -> None:
     for pool in _pools:
         pool.forget()
+
+
+# --- what this process keeps: warmed VMs, for both facades
+
+
+@dataclass
+class Warm:
+    """A restored VM after its first calls: the facade drives ``vmm`` and adopts ``conn``."""
+
+    vmm: VmmProcess
+    conn: socket.socket  # to the agent, which waits on it for a request
+
+
+SpareKey = tuple[SandboxSpec, "str | None"]
+_vms: SparePool[Warm] | None = None
+_vms_lock = threading.Lock()
+
+
+def spare_pool() -> SparePool[Warm]:
+    """This process's spares, made (and registered for the end) on first use."""
+    global _vms
+    with _vms_lock:
+        if _vms is None:
+            _vms = register(SparePool(_make, auto=auto_count()))
+        return _vms
+
+
+def spare_key(spec: SandboxSpec, template: str | None, boot: bool) -> SpareKey | None:
+    """What a spare must have been made with to stand for this sandbox; None when no spare
+    can (a cold boot; a network, whose namespace and policy are the sandbox's own)."""
+    return None if boot or spec.network is not None else (spec, template)
+
+
+def take(spec: SandboxSpec, template: str | None, boot: bool) -> Warm | None:
+    """A spare for this sandbox, or None: then make it on demand, inside :func:`making`."""
+    if _vms is None and not auto_count():
+        return None  # spares were never asked for: nothing to look up
+    key = spare_key(spec, template, boot)
+    return None if key is None else spare_pool().take(key)
+
+
+def making() -> contextlib.AbstractContextManager[None]:
+    """Around a sandbox made on demand (refills wait for it)."""
+    return _vms.starting() if _vms is not None else contextlib.nullcontext()
+
+
+def keep_warm(count: int = 1, **options: Any) -> None:
+    """Keep ``count`` sandboxes of these options (``Sandbox``'s arguments) restored and
+    warmed in the background, so that ``Sandbox(**options)`` (or ``AsyncSandbox``) gets
+    one at once and its first call costs what a later one does; 0 stops, and closes those
+    waiting. For sandboxes restored from a template without ``network=``."""
+    from ember.sandbox.options import SandboxOptions
+
+    opts = SandboxOptions(**options)
+    if opts.network not in (None, False) or opts.boot:
+        raise ConfigError("spares are for sandboxes restored from a template without network=")
+    key = spare_key(opts.local_spec(), opts.template, opts.boot)
+    assert key is not None
+    spare_pool().keep(key, count)
+
+
+def _make(key: Hashable) -> Spare[Warm]:
+    """Restore one and make its first calls, as its facade would: the first ``run_code``
+    first (the worker still polls after the restore, and a first request of another kind
+    would tell it to stop), then the agent's first request (the resume announcement). The
+    connection that leaves open is held while the spare waits: an idle VM with no
+    connection is parked, and its next first request costs ~70 ms again (held, it costs
+    ~0.2% of a core)."""
+    spec, template = cast(SpareKey, key)
+    state = find(template or DEFAULT, spec).dir / STATE_FILE
+    made_from = _identity(state)
+    vmm = start_vmm(spec, template=template, boot=False)
+    region = LazyRegion(vmm.shm_region)
+    code_ring = CodeRing(region, alive=lambda: not vmm.exited(), expect=vmm.restored)
+    client = AgentClient(
+        vmm.connect, resume=vmm.resume, announce_resume=True, code_ring=code_ring, shm=region
+    )
+    conn = None
+    try:
+        with descriptors_checked():
+            client.run_code("None")
+            client.ping()
+            conn = client.take_kept()
+        if conn is None:
+            raise ConfigError("the agent did not keep its connection open")  # an old image
+    except BaseException:
+        vmm.close()
+        raise
+    finally:
+        client.close()
+        code_ring.close()
+        region.close()
+    warm = Warm(vmm, conn)
+
+    def usable() -> bool:
+        # A template rebuilt in place (sb.snapshot(name) again) has a new state file.
+        return not vmm.exited() and _identity(state) == made_from
+
+    def close() -> None:
+        warm.conn.close()
+        vmm.close()
+
+    return Spare(warm, usable, close)
+
+
+def _identity(path: Path) -> tuple[int, int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_ino, st.st_mtime_ns, st.st_size)

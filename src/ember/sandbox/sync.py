@@ -15,13 +15,10 @@ tail; nothing else in the host process is affected.
 from __future__ import annotations
 
 import contextlib
-import os
 import socket
-import threading
-from collections.abc import Callable, Hashable, Iterator, Sequence
-from pathlib import Path
+from collections.abc import Callable, Iterator, Sequence
 from types import TracebackType
-from typing import Any, ParamSpec, TypeVar, cast, overload
+from typing import Any, ParamSpec, TypeVar, overload
 
 from ember.client import (
     AgentClient,
@@ -50,19 +47,11 @@ from ember.launcher import (
     VmmProcess,
     fork_vmm,
 )
+from ember.sandbox import spares
 from ember.sandbox.files import SandboxFiles
-from ember.sandbox.options import (
-    ExecArgs,
-    SandboxOptions,
-    StreamArgs,
-    check_port,
-    new_facade,
-    server_url,
-)
+from ember.sandbox.options import ExecArgs, SandboxOptions, StreamArgs, check_port, new_facade
 from ember.sandbox.signature import takes
-from ember.sandbox.spares import Spare, SparePool, auto_count, register
-from ember.snapshot import STATE_FILE
-from ember.templates import DEFAULT, find, start_vmm
+from ember.templates import start_vmm
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -121,26 +110,23 @@ class Sandbox:
     """
 
     def __new__(cls, *args: Any, server: str | None = None, **kwargs: Any) -> Sandbox:
-        if cls is Sandbox and not server_url(server) and (_spares is not None or auto_count()):
-            spare = _take_spare(kwargs)
-            if spare is not None:
-                spare._client.hold_kept(False)  # the user's now: idle, it parks as usual
-                spare.__dict__["_handed"] = True  # for __init__, which Python calls next
-                return spare
         return new_facade(cls, Sandbox, server, "ember.sandbox.remote:RemoteSandbox")
 
     @takes(SandboxOptions)
     def __init__(self, options: SandboxOptions) -> None:
-        if self.__dict__.pop("_handed", False):
-            return  # a spare (ember.sandbox.spares): restored and warmed already
         spec = options.local_spec()
-        pool = _spares
-        with pool.starting() if pool is not None else contextlib.nullcontext():
-            vmm = start_vmm(spec, template=options.template, boot=options.boot)
+        warm = spares.take(spec, options.template, options.boot)
+        if warm is None:
+            with spares.making():
+                vmm = start_vmm(spec, template=options.template, boot=options.boot)
+        else:
+            vmm = warm.vmm
         try:
             with descriptors_checked():
-                self._setup(vmm, spec)
+                self._setup(vmm, spec, warm)
         except BaseException:
+            if warm is not None:
+                warm.conn.close()
             vmm.close()  # a VMM nobody drives must not outlive the failed constructor
             raise
 
@@ -151,7 +137,7 @@ class Sandbox:
         sandbox._setup(vmm, spec)
         return sandbox
 
-    def _setup(self, vmm: VmmProcess, spec: SandboxSpec) -> None:
+    def _setup(self, vmm: VmmProcess, spec: SandboxSpec, warm: spares.Warm | None = None) -> None:
         self._vmm = vmm
         self._spec = spec
         self._closed = False
@@ -166,6 +152,8 @@ class Sandbox:
         )  # fmt: skip
         self._channels = ChannelServer(self._vmm.take_channel_listener(), shm=self._region)
         self.files = SandboxFiles(self)
+        if warm is not None:
+            self._client.adopt(warm.conn)
 
     # --- plumbing
     def _live(self) -> VmmProcess:
@@ -382,93 +370,4 @@ class Sandbox:
         self.close()
 
 
-# --- spares (ember.sandbox.spares): sandboxes restored and warmed ahead of time
-
-SpareKey = tuple[SandboxSpec, "str | None"]
-_spares: SparePool[Sandbox] | None = None
-_spares_lock = threading.Lock()
-
-
-def spare_pool() -> SparePool[Sandbox]:
-    """This process's spares of :class:`Sandbox`, made on first use."""
-    global _spares
-    with _spares_lock:
-        if _spares is None:
-            _spares = register(SparePool(_make_spare, auto=auto_count()))
-        return _spares
-
-
-def spare_key(options: SandboxOptions) -> SpareKey | None:
-    """What a spare must have been made with to stand for ``Sandbox(**options)``; None when
-    no spare can (a cold boot; a network, whose policy is the sandbox's own)."""
-    if options.boot or options.network not in (None, False):
-        return None
-    try:
-        spec = options.local_spec()
-    except ConfigError:
-        return None  # the constructor will say why
-    return (spec, options.template)
-
-
-def keep_warm(count: int = 1, **options: Any) -> None:
-    """Keep ``count`` sandboxes of these options (``Sandbox``'s arguments) restored and
-    warmed in the background, so that ``Sandbox(**options)`` returns one at once and its
-    first call costs what a later one does; 0 stops and closes those waiting.
-
-    For sandboxes restored from a template without ``network=``; see
-    :mod:`ember.sandbox.spares` (and ``$EMBER_SPARES``) for what a spare costs."""
-    key = spare_key(SandboxOptions(**options))
-    if key is None:
-        raise ConfigError("spares are for sandboxes restored from a template without network=")
-    spare_pool().keep(key, count)
-
-
-def _take_spare(kwargs: dict[str, Any]) -> Sandbox | None:
-    try:
-        options = SandboxOptions(**kwargs)
-    except (TypeError, ValueError, ConfigError):
-        return None  # the constructor raises it properly
-    key = spare_key(options)
-    return None if key is None else spare_pool().take(key)
-
-
-def _make_spare(key: Hashable) -> Spare[Sandbox]:
-    spec, name = cast("SpareKey", key)
-    state = find(name or DEFAULT, spec).dir / STATE_FILE
-    made_from = _identity(state)
-    vmm = start_vmm(spec, template=name, boot=False)
-    try:
-        with descriptors_checked():
-            sandbox = Sandbox._of_vmm(vmm, spec)
-    except BaseException:
-        vmm.close()
-        raise
-    try:
-        # The first run_code goes first: the worker still polls after the restore, and a
-        # first request of another kind would tell it to stop. Then the agent's first
-        # request (the resume announcement), which leaves a kept connection behind, held
-        # open while the spare waits: an idle VM with no connection is parked, and its
-        # next first request would cost ~70 ms again (held, it costs ~0.2% of a core).
-        sandbox.run_code("None")
-        sandbox.ping()
-        sandbox._client.hold_kept(True)
-    except BaseException:
-        sandbox.close()
-        raise
-
-    def usable() -> bool:
-        # A template rebuilt in place (sb.snapshot(name) again) has a new state file.
-        return not vmm.exited() and _identity(state) == made_from
-
-    return Spare(sandbox, usable, sandbox.close)
-
-
-def _identity(path: Path) -> tuple[int, int, int] | None:
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return (st.st_ino, st.st_mtime_ns, st.st_size)
-
-
-__all__ = ["Sandbox", "SandboxCrashed", "SandboxFiles", "keep_warm"]
+__all__ = ["Sandbox", "SandboxCrashed", "SandboxFiles"]
