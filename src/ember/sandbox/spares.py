@@ -100,13 +100,16 @@ class SparePool(Generic[T]):
         with self._lock:
             if self._stopped:
                 return None
+            evicted: list[Spare[T]] = []
             if self._auto and key not in self._wanted:
                 self._recent[key] = None
                 self._recent.move_to_end(key)
                 while len(self._recent) > MAX_AUTO_KEYS:
                     dropped, _ = self._recent.popitem(last=False)
-                    self._discard_locked(dropped)
+                    evicted += self._discard_locked(dropped)
             self._kick_locked()
+        if evicted:  # closed off the taker's path
+            threading.Thread(target=_close_all, args=(evicted,), daemon=True).start()
         while True:
             with self._lock:
                 queue = self._ready.get(key)
@@ -140,14 +143,19 @@ class SparePool(Generic[T]):
         with self._lock:
             if self._stopped:
                 return
+            closing: list[Spare[T]] = []
             if count:
                 self._wanted[key] = count
                 self._failed_until.pop(key, None)
+                queue = self._ready.get(key)
+                while queue and len(queue) > self._count_locked(key):
+                    closing.append(queue.pop())
             else:
                 self._wanted.pop(key, None)
                 self._recent.pop(key, None)
-                self._discard_locked(key)
+                closing = self._discard_locked(key)
             self._kick_locked()
+        _close_all(closing)  # before it returns (one being made is closed once it is made)
 
     def ready(self, key: Hashable) -> int:
         """How many spares of ``key`` wait now."""
@@ -173,12 +181,9 @@ class SparePool(Generic[T]):
         auto = self._auto if key in self._recent else 0
         return max(self._wanted.get(key, 0), auto)
 
-    def _discard_locked(self, key: Hashable) -> None:
-        """Close ``key``'s waiting spares (off the lock's holder: on a thread of their own)."""
-        queue = self._ready.pop(key, None)
-        if queue:
-            closing = list(queue)
-            threading.Thread(target=_close_all, args=(closing,), daemon=True).start()
+    def _discard_locked(self, key: Hashable) -> list[Spare[T]]:
+        """Take ``key``'s waiting spares out, for the caller to close once it unlocks."""
+        return list(self._ready.pop(key, ()))
 
     def _kick_locked(self) -> None:
         if self._thread is None and not self._stopped:
