@@ -17,6 +17,9 @@ What issue 15 measures, each beside its peer from the same run:
 - ``import numpy`` and a 200x200 ``numpy.linalg.eig`` in a Python exec (time inside the guest),
   the default template preloading numpy, against the host's python3 running the guest's own
   numpy (the image cache's layer on ``PYTHONPATH``: the same build, default threads);
+- the same first calls on a sandbox taken from a spare (``keep_warm(1)``, restored and warmed
+  ahead, waiting 1 s): ``Sandbox()`` ready, its first and second Python exec, its first
+  10 MiB allocation;
 - ``Sandbox()`` ready, and the private dirty memory of the sandbox's VMM after a ping and after
   the Python exec: memory the sandbox did not touch must not cost the host anything.
 
@@ -195,19 +198,58 @@ def host_allocs(runs: int) -> dict[str, list[float]]:
     return out
 
 
+def bench_spares(runs: int, gap_s: float = 1.0) -> dict[str, list[float]]:
+    """The same first calls on sandboxes taken from a spare (``keep_warm(1)``), each having
+    waited ``gap_s``: its first exec and a first 10 MiB allocation in its run_code worker."""
+    from ember import keep_warm
+    from ember.launcher import SandboxSpec
+    from ember.sandbox.spares import spare_key, spare_pool
+
+    key = spare_key(SandboxSpec(), None, False)
+    out: dict[str, list[float]] = {"ready": [], "exec1": [], "exec2": [], "alloc10": []}
+    keep_warm(1)
+    try:
+        for _ in range(runs):
+            for what in ("exec", "alloc"):
+                if not spare_pool().wait_ready(key, 1, 120):
+                    raise SystemExit("no spare was made in 120 s")
+                time.sleep(gap_s)
+                t0 = time.monotonic()
+                with Sandbox() as sb:
+                    out["ready"].append(time.monotonic() - t0)
+                    if what == "exec":
+                        for name in ("exec1", "exec2"):
+                            t = time.monotonic()
+                            assert sb.exec(["python3", "-c", "print(1)"]).stdout == b"1\n"
+                            out[name].append(time.monotonic() - t)
+                    else:
+                        r_code = sb.run_code(ALLOC.format(mib=10) + "seconds", timeout=900)
+                        if r_code.error is None and r_code.value is not None:
+                            out["alloc10"].append(float(r_code.value))
+    finally:
+        keep_warm(0)
+    return out
+
+
 def p50(values: list[float]) -> float | None:
     s = summarize(values)
     return None if s is None else s.p50
 
 
 def report(
-    cli: dict[str, list[float]], sb: dict[str, list[float]], host: dict[str, list[float]]
+    cli: dict[str, list[float]],
+    sb: dict[str, list[float]],
+    host: dict[str, list[float]],
+    spare: dict[str, list[float]],
 ) -> dict[str, Any]:
     rows: dict[str, dict[str, float | None]] = {}
 
     def row(name: str, ember: list[float], before: list[float] | None, peer: list[float]) -> None:
+        key = {"exec python3 -c (1st)": "exec1", "exec python3 -c (2nd)": "exec2",
+               "bytearray 10 MiB": "alloc10", "Sandbox() ready": "ready"}.get(name)  # fmt: skip
         rows[name] = {
             "ember": p50(ember),
+            "spare": p50(spare.get(key, [])) if key else None,
             "before": p50(before) if before is not None else None,
             "host": p50(peer),
         }
@@ -228,10 +270,11 @@ def print_report(result: dict[str, Any]) -> None:
     table = []
     for name, r in result["rows"].items():
         table.append([
-            name, fmt_num(r["ember"], 3), fmt_num(r["before"], 3), fmt_num(r["host"], 3),
-            fmt_ratio(ratio(r["ember"], r["host"])), TARGETS.get(name, ""),
+            name, fmt_num(r["ember"], 3), fmt_num(r["spare"], 3), fmt_num(r["before"], 3),
+            fmt_num(r["host"], 3), fmt_ratio(ratio(r["ember"], r["host"])), TARGETS.get(name, ""),
         ])  # fmt: skip
-    headers = ["seconds (p50)", "ember", "real guest process", "host", "ember/host", "target"]
+    headers = ["seconds (p50)", "ember", "from a spare", "real guest process", "host",
+               "ember/host", "target"]  # fmt: skip
     print(format_table(headers, table))
     mem = result["memory"]
     print(
@@ -247,6 +290,7 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--skip-real", action="store_true", help="no real-process rows (slow)")
+    parser.add_argument("--no-spares", action="store_true", help="no 'from a spare' column")
     args = parser.parse_args()
     with Sandbox():
         pass  # builds the default template if needed: not part of any figure
@@ -254,7 +298,8 @@ def main() -> int:
         cli = bench_cli(args.runs, Path(tmp), real=not args.skip_real)
     sb = bench_sandbox(args.runs, real=not args.skip_real)
     host = host_allocs(args.runs)
-    result = report(cli, sb, host)
+    spare = {} if args.no_spares else bench_spares(args.runs)
+    result = report(cli, sb, host, spare)
     if args.json:
         print(to_json(result))
     else:

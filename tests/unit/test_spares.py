@@ -140,6 +140,19 @@ def test_refills_wait_while_a_sandbox_is_made_on_demand(pool_of: Callable[..., t
     assert pool.wait_ready("a", 1, 5)
 
 
+def test_a_refill_starts_only_a_while_after_the_last_take(
+    pool_of: Callable[..., tuple], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(spares, "AFTER_TAKE_S", 0.6)
+    pool, maker = pool_of()
+    pool.keep("a", 1)
+    assert pool.wait_ready("a", 1, 5)
+    assert pool.take("a") is not None
+    time.sleep(0.3)
+    assert maker.calls == 1  # the taker's first calls go first
+    assert pool.wait_ready("a", 1, 5)
+
+
 def test_auto_keeps_spares_for_the_option_sets_used_last(pool_of: Callable[..., tuple]) -> None:
     pool, maker = pool_of(auto=1)
     assert pool.take("k0") is None  # first use: none yet, one is made for next time
