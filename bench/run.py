@@ -4,7 +4,8 @@ Usage: ``.venv/bin/python bench/run.py [--runs 5] [--json] [--skip-real]``
 
 What issue 15 measures, each beside its peer from the same run:
 
-- ``ember run hello.py`` (a new CLI process each run: restore, upload, exec, tear down) against
+- ``ember run hello.py`` (a new CLI process each run: through the run daemon, which has a warm
+  spare; and with ``EMBER_RUNNER=0``, in-process: restore, upload, exec, tear down) against
   ``python3 hello.py`` on the host and against ``ember exec -- python3 -O -c HELLO`` (a new
   guest python3: the path every run took before the pool); ``hello.py`` prints a line and
   exits 3;
@@ -112,24 +113,48 @@ def host_seconds(code: str, pythonpath: str | None = None) -> list[float] | None
 
 
 def bench_cli(runs: int, work: Path, real: bool) -> dict[str, list[float]]:
+    """``ember run`` as a user types it (through the run daemon, which the first run starts:
+    untimed, as are the daemon's first spares), and with ``EMBER_RUNNER=0`` (in-process)."""
+    from ember.cli import runner
+
     hello = work / "hello.py"
     hello.write_text(HELLO)
     ember = Path(sys.executable).with_name("ember")
-    out: dict[str, list[float]] = {"cli": [], "cli_real": [], "host": []}
-    for i in range(runs):
+    out: dict[str, list[float]] = {"cli": [], "cli_local": [], "cli_real": [], "host": []}
+    daemon_dir = work / "run"
+    env = dict(os.environ, EMBER_RUNNER="1", EMBER_RUNNER_DIR=str(daemon_dir))
+    local = dict(env, EMBER_RUNNER="0")
+
+    def run(environment: dict[str, str]) -> float:
         t0 = time.monotonic()
-        r = subprocess.run([str(ember), "run", str(hello)], capture_output=True, check=False)
-        out["cli"].append(time.monotonic() - t0)
+        r = subprocess.run(
+            [str(ember), "run", str(hello)], capture_output=True, check=False, env=environment
+        )
+        took = time.monotonic() - t0
         if r.returncode != 3 or b"hello from the sandbox" not in r.stdout:
             raise SystemExit(f"ember run hello.py failed ({r.returncode}): {r.stderr.decode()}")
-        if real and i < 3:  # the same through a new guest python3 (-O: the pool declines it)
-            t0 = time.monotonic()
-            argv = [str(ember), "exec", "--", "python3", "-O", "-c", HELLO]
-            r = subprocess.run(argv, capture_output=True, check=False)
-            out["cli_real"].append(time.monotonic() - t0)
-        out["host"].append(
-            timed(lambda: subprocess.run([host_python(), str(hello)], capture_output=True))
-        )
+        return took
+
+    try:
+        run(env)  # starts the daemon
+        deadline = time.monotonic() + 120
+        while not (daemon_dir / runner.SOCKET).exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        time.sleep(3.0)  # its first spares
+        for i in range(runs):
+            out["cli"].append(run(env))
+            time.sleep(1.0)  # a spare is made again between runs, as between a user's commands
+            out["cli_local"].append(run(local))
+            if real and i < 3:  # the same through a new guest python3 (-O: the pool declines it)
+                t0 = time.monotonic()
+                argv = [str(ember), "exec", "--", "python3", "-O", "-c", HELLO]
+                subprocess.run(argv, capture_output=True, check=False, env=local)
+                out["cli_real"].append(time.monotonic() - t0)
+            out["host"].append(
+                timed(lambda: subprocess.run([host_python(), str(hello)], capture_output=True))
+            )
+    finally:
+        runner.stop(daemon_dir)
     return out
 
 
@@ -255,6 +280,7 @@ def report(
         }
 
     row("ember run hello.py", cli["cli"], cli["cli_real"], cli["host"])
+    row("ember run, in-process", cli["cli_local"], cli["cli_real"], cli["host"])
     row("exec python3 -c (1st)", sb["exec1"], sb["exec_real"], sb["exec_host"])
     row("exec python3 -c (2nd)", sb["exec2"], sb["exec_real"], sb["exec_host"])
     row("bytearray 10 MiB", sb["alloc10"], sb["alloc10_real"], host["alloc10"])

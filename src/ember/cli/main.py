@@ -53,6 +53,10 @@ def _prestart(argv: Sequence[str]) -> None:
     """``ember run``/``exec`` restore a template through the zygote, a Python that imports
     the VMM (~0.2 s): start it now, so that it imports while this process does."""
     if argv[:1] in (["run"], ["exec"]) and not {"--boot", "--id", "-h", "--help"} & set(argv):
+        from ember.cli import runner
+
+        if runner.enabled() and (runner.runner_dir() / runner.SOCKET).exists():
+            return  # the run daemon will likely take it: no zygote needed here
         from ember.zygote import Zygote
 
         Zygote.get()

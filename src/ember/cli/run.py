@@ -21,23 +21,23 @@ from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ember.errors import ConfigError, SandboxCrashed, SandboxTimeout
-from ember.launcher import DEFAULT_MEM_MIB
-from ember.network.policy import NetworkPolicy
+from ember.cli import runner
+from ember.errors import ConfigError
 
 if TYPE_CHECKING:
+    from ember.network.policy import NetworkPolicy
     from ember.sandbox import Sandbox
 
-EXIT_TIMEOUT = 124
-EXIT_CRASH = 1
+EXIT_TIMEOUT = runner.EXIT_TIMEOUT
+EXIT_CRASH = runner.EXIT_CRASH
 GUEST_DIR = "/tmp/ember-run"
 
 
 def common_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--timeout", type=float, default=None, metavar="S", help="kill after S seconds")
     p.add_argument(
-        "--mem", type=int, default=DEFAULT_MEM_MIB, metavar="MiB",
-        help=f"guest RAM (default {DEFAULT_MEM_MIB})",
+        "--mem", type=int, default=None, metavar="MiB",
+        help="guest RAM (default: the launcher's, 512)",
     )  # fmt: skip
     p.add_argument("--vcpus", type=int, default=1, metavar="N")
     p.add_argument(
@@ -68,6 +68,8 @@ def network_policy(args: argparse.Namespace) -> NetworkPolicy | None:
     """``--internet`` / ``--allow``: the sandbox's policy; None (no network) without them."""
     if not args.internet and not args.allow:
         return None
+    from ember.network.policy import NetworkPolicy
+
     return NetworkPolicy(args.allow, internet=args.internet)
 
 
@@ -103,12 +105,13 @@ Opener = Callable[[argparse.Namespace], AbstractContextManager["Sandbox"]]
 
 
 def _run(args: argparse.Namespace) -> int:
-    return run_script(args, _sandbox)
+    return run_script(args, None)
 
 
-def run_script(args: argparse.Namespace, opener: Opener) -> int:
+def run_script(args: argparse.Namespace, opener: Opener | None) -> int:
     """``ember run``'s work in the sandbox ``opener`` gives (``ember cluster run`` passes one
-    placed on a cluster node): upload, stream, the script's exit status."""
+    placed on a cluster node; None: the run daemon's, else a fresh one in this process):
+    upload, stream, the script's exit status."""
     script: Path = args.script
     try:
         source = script.read_bytes()
@@ -121,8 +124,10 @@ def run_script(args: argparse.Namespace, opener: Opener) -> int:
 
 def sandbox_options(args: argparse.Namespace) -> dict[str, Any]:
     """The sandbox the options of :func:`common_options` ask for, as ``Sandbox()`` keywords."""
+    from ember.launcher import DEFAULT_MEM_MIB
+
     return dict(
-        mem_mib=args.mem, vcpus=args.vcpus,
+        mem_mib=args.mem if args.mem is not None else DEFAULT_MEM_MIB, vcpus=args.vcpus,
         cpus=args.cpus, memory_mib=args.memory, pids=args.pids,
         template=args.template, boot=args.boot, network=network_policy(args),
     )  # fmt: skip
@@ -134,7 +139,7 @@ def _exec(args: argparse.Namespace) -> int:
         command = command[1:]
     if not command:
         raise ConfigError("no command given: ember exec -- CMD [ARGS...]")
-    return _in_sandbox(args, command, upload=None)
+    return _in_sandbox(args, command, upload=None, opener=None)
 
 
 @contextlib.contextmanager
@@ -158,33 +163,13 @@ def _sandbox(args: argparse.Namespace) -> Iterator[Sandbox]:
 
 def _in_sandbox(
     args: argparse.Namespace, argv: list[str], upload: tuple[str, bytes] | None,
-    opener: Opener = _sandbox,
+    opener: Opener | None,
 ) -> int:  # fmt: skip
-    out, err = sys.stdout.buffer, sys.stderr.buffer
-    try:
-        with opener(args) as sb:
-            if upload is not None:
-                sb.files.write(upload[0], upload[1])
-            stream = sb.exec_stream(argv, timeout=args.timeout)
-            while True:
-                try:
-                    chunk = next(stream)
-                except StopIteration as stop:
-                    result = stop.value
-                    break
-                target = out if chunk.stream == "stdout" else err
-                target.write(chunk.data)
-                target.flush()
-    except SandboxTimeout:
-        print(
-            f"ember: the command ran longer than {args.timeout} s and was killed", file=sys.stderr
-        )
-        return EXIT_TIMEOUT
-    except SandboxCrashed as exc:
-        print(f"ember: {exc}", file=sys.stderr)
-        return EXIT_CRASH
-    if result is None:
-        return EXIT_CRASH
-    if result.signal is not None:
-        return 128 + int(result.signal)
-    return int(result.exit_code or 0)
+    """Through the run daemon (:mod:`ember.cli.runner`) when it takes the run, else here."""
+    if opener is None:
+        code = runner.try_run(args, argv, upload)
+        if code is not None:
+            return code
+        opener = _sandbox
+    say: Callable[[str], None] = lambda line: print(line, file=sys.stderr)  # noqa: E731
+    return runner.execute(args, argv, upload, opener, sys.stdout.buffer, sys.stderr.buffer, say)

@@ -1,0 +1,147 @@
+"""The run daemon's client against a fake daemon (no KVM): what it prints, what it exits
+with, and when it falls back to running in-process instead."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import socket
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from ember.cli import runner
+
+
+def args(**overrides: object) -> argparse.Namespace:
+    base: dict[str, object] = dict(
+        boot=False, internet=False, allow=[], mem=None, vcpus=1, cpus=None, memory=None,
+        pids=None, template=None, timeout=None,
+    )  # fmt: skip
+    base.update(overrides)
+    return argparse.Namespace(**base)
+
+
+@pytest.fixture
+def fake_daemon(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[Callable[[Callable[[socket.socket, dict[str, object]], None]], list[dict]]]:
+    """Serve one connection with ``answer(conn, request)``; the requests seen are returned."""
+    monkeypatch.setenv(runner.ENABLE_ENV, "1")
+    monkeypatch.setenv(runner.DIR_ENV, str(tmp_path))
+    monkeypatch.delenv("EMBER_SERVER", raising=False)
+    started: list[int] = []
+    monkeypatch.setattr(runner, "start_daemon", lambda: started.append(1))
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(tmp_path / runner.SOCKET))
+    listener.listen(1)
+    threads: list[threading.Thread] = []
+
+    def serve(answer: Callable[[socket.socket, dict[str, object]], None]) -> list[dict]:
+        seen: list[dict] = []
+
+        def one() -> None:
+            conn, _ = listener.accept()
+            with conn:
+                request = json.loads(runner._read_line(conn))
+                seen.append(request)
+                answer(conn, request)
+
+        thread = threading.Thread(target=one, daemon=True)
+        thread.start()
+        threads.append(thread)
+        return seen
+
+    yield serve
+    listener.close()
+    for thread in threads:
+        thread.join(5)
+
+
+def frame(conn: socket.socket, kind: bytes, payload: bytes) -> None:
+    runner._send(conn, kind, payload)
+
+
+def test_frames_are_printed_and_the_end_is_the_exit_status(
+    fake_daemon: Callable, capfdbinary: pytest.CaptureFixture[bytes]
+) -> None:
+    def answer(conn: socket.socket, request: dict[str, object]) -> None:
+        frame(conn, runner.STDOUT, b"out\n")
+        frame(conn, runner.STDERR, b"err\n")
+        frame(conn, runner.END, json.dumps({"exit": 7, "message": "ember: said"}).encode())
+
+    seen = fake_daemon(answer)
+    code = runner.try_run(args(timeout=5.0), ["python3", "/tmp/x.py"], ("/tmp/x.py", b"\x00\xff"))
+    assert code == 7
+    out, err = capfdbinary.readouterr()
+    assert out == b"out\n" and err == b"err\nember: said\n"
+    [request] = seen
+    assert request["argv"] == ["python3", "/tmp/x.py"] and request["timeout"] == 5.0
+    assert request["fingerprint"] == runner.fingerprint()
+    assert request["upload"] == ["/tmp/x.py", "AP8="]  # the bytes, exactly
+
+
+def test_a_stale_daemon_means_in_process_and_a_new_daemon(
+    fake_daemon: Callable, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fake_daemon(lambda conn, _r: frame(conn, runner.STALE, b""))
+    started: list[int] = []
+    monkeypatch.setattr(runner, "start_daemon", lambda: started.append(1))
+    assert runner.try_run(args(), ["true"], None) is None
+    assert started == [1]
+
+
+def test_a_daemon_that_hangs_up_before_any_output_means_in_process(fake_daemon: Callable) -> None:
+    fake_daemon(lambda conn, _r: None)  # accepted, then closed: an idle exit's backlog
+    assert runner.try_run(args(), ["true"], None) is None
+
+
+def test_a_daemon_that_hangs_up_after_output_is_an_error_not_a_second_run(
+    fake_daemon: Callable,
+) -> None:
+    fake_daemon(lambda conn, _r: frame(conn, runner.STDOUT, b"partial"))
+    with pytest.raises(ConnectionError):
+        runner.try_run(args(), ["true"], None)
+
+
+def test_an_unknown_frame_is_refused(fake_daemon: Callable) -> None:
+    def answer(conn: socket.socket, _r: dict[str, object]) -> None:
+        frame(conn, runner.STDOUT, b"x")
+        frame(conn, b"?", b"")
+
+    fake_daemon(answer)
+    with pytest.raises(ConnectionError, match="unknown frame"):
+        runner.try_run(args(), ["true"], None)
+
+
+def test_no_daemon_starts_one_and_runs_in_process(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(runner.ENABLE_ENV, "1")
+    monkeypatch.setenv(runner.DIR_ENV, str(tmp_path / "none"))
+    monkeypatch.delenv("EMBER_SERVER", raising=False)
+    started: list[int] = []
+    monkeypatch.setattr(runner, "start_daemon", lambda: started.append(1))
+    assert runner.try_run(args(), ["true"], None) is None
+    assert started == [1]
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [{"boot": True}, {"internet": True}, {"allow": ["10.0.0.5:443"]}, {"id": "sb-1"}],
+)
+def test_runs_a_spare_cannot_serve_are_not_the_daemons(overrides: dict[str, object]) -> None:
+    assert runner.daemon_options(args(**overrides)) is None
+    assert runner.daemon_options(args()) is not None
+
+
+def test_the_switches_that_keep_runs_in_process(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(runner.ENABLE_ENV, "0")
+    assert not runner.enabled()
+    monkeypatch.setenv(runner.ENABLE_ENV, "1")
+    monkeypatch.setenv("EMBER_SERVER", "http://127.0.0.1:7777")
+    assert not runner.enabled()
+    monkeypatch.delenv("EMBER_SERVER")
+    assert runner.enabled()
