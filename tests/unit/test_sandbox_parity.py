@@ -109,3 +109,31 @@ def test_the_constructors_take_the_options_type() -> None:
     options = list(inspect.signature(SandboxOptions).parameters)
     for cls in (Sandbox, AsyncSandbox, RemoteSandbox, AsyncRemoteSandbox):
         assert list(inspect.signature(cls.__init__).parameters) == ["self", *options], cls
+
+
+def test_closing_an_async_facade_stream_closes_the_method_s_own_at_once() -> None:
+    """``await sb.exec_stream(...).aclose()`` must hang up then and there (and give the
+    exec's ring slot back), not whenever the generator inside is collected."""
+    import asyncio
+
+    from ember.sandbox.options import StreamArgs
+    from ember.sandbox.signature import takes
+
+    closed: list[str] = []
+
+    class Facade:
+        @takes(StreamArgs)
+        async def exec_stream(self, a: StreamArgs) -> Any:
+            try:
+                yield a.cmd
+                yield "never"
+            finally:
+                closed.append("inner")
+
+    async def main() -> None:
+        stream = Facade().exec_stream("echo hi")
+        assert await stream.__anext__() == "echo hi"
+        await stream.aclose()
+        assert closed == ["inner"]  # without aclosing: only once the loop's GC hook runs
+
+    asyncio.run(main())

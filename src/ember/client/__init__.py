@@ -9,10 +9,13 @@
     session.py    builds operations and REQUESTs; the keepalive pool (its clock given)
     sockets.py    frames over a blocking socket, each bounded by a deadline
     blocking.py   sockets + threads: AgentClient, ExecStream, Files
-    aio.py        asyncio streams: AsyncAgentClient, AsyncExecStream, AsyncFiles
+    aio.py        asyncio streams: AsyncAgentClient, AsyncFiles
+    exec_aio.py   asyncio streams: AsyncExecStream (an exec's output as it arrives)
     channel.py    data channels from guest code (ChannelServer)
     code_ring.py  run_code over the shared region's rings (CodeRing)
     shm.py        memory channels: the shared region, its slots and rings
+    output_ring.py      an exec's output through a leased slot (blocking client)
+    output_ring_aio.py  the same for the asyncio client
 
 Names are imported on first use (PEP 562), so ``ember.client.results`` alone costs no
 sockets, threads or asyncio.
@@ -54,7 +57,7 @@ _LAZY: dict[str, tuple[str, str]] = {
     "AgentClient": ("ember.client.blocking", "AgentClient"),
     "AsyncAgentClient": ("ember.client.aio", "AsyncAgentClient"),
     "AsyncClient": ("ember.client.aio", "AsyncAgentClient"),
-    "AsyncExecStream": ("ember.client.aio", "AsyncExecStream"),
+    "AsyncExecStream": ("ember.client.exec_aio", "AsyncExecStream"),
     "AsyncFiles": ("ember.client.aio", "AsyncFiles"),
     "ChannelServer": ("ember.client.channel", "ChannelServer"),
     "Client": ("ember.client.blocking", "AgentClient"),

@@ -16,31 +16,18 @@ import os
 import socket
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from types import TracebackType
 from typing import Any, BinaryIO, TypeVar
 
 from ember.client.bounds import DEFAULT_CALL_TIMEOUT, DEFAULT_GRACE, DEFAULT_MAX_OUTPUT
 from ember.client.code_ring import CodeRing
-from ember.client.core import (
-    Command,
-    ExecOp,
-    Operation,
-    PathArg,
-    Send,
-    stdin_frames,
-)
+from ember.client.core import Command, ExecOp, Operation, PathArg
+from ember.client.exec_aio import AsyncExecStream
 from ember.client.file_ring import FileRing
-from ember.client.results import (
-    CodeResult,
-    DirEntry,
-    ExecResult,
-    FileStat,
-    OutputChunk,
-    parse_code_result,
-)
+from ember.client.output_ring_aio import AsyncOutputRing
+from ember.client.results import CodeResult, DirEntry, ExecResult, FileStat, parse_code_result
 from ember.client.session import INLINE_WRITE_MAX, KeepalivePool, Session, streamed
 from ember.client.shm import HostRegion
-from ember.client.streams import Streams, receive_frame, send_frame
+from ember.client.streams import Streams, drive, hang_up, send_frame
 from ember.client.terminal import AsyncTerminal
 from ember.client.watch import AsyncWatch
 from ember.client.wire import Source
@@ -53,119 +40,6 @@ AsyncConnect = Callable[[], Awaitable[Streams]]
 Conn = Streams  # a connection to the agent (the blocking client's: its socket)
 T = TypeVar("T")
 _CLOCK = time.monotonic  # what asyncio's loop.time() is too
-
-
-async def drive(streams: Streams, op: Operation[T]) -> T:
-    """Run ``op`` on ``streams`` (its REQUEST sent) to its end."""
-    while (step := op.next()) is not None:
-        if isinstance(step, Send):
-            try:
-                await send_frame(streams[1], step.kind, step.payload, step.deadline)
-            except SandboxTimeout:
-                raise
-            except OSError as exc:
-                op.send_failed(exc)
-        else:
-            op.receive(await receive_frame(streams[0], step.deadline))
-    return op.value
-
-
-async def _close(writer: asyncio.StreamWriter) -> None:
-    """Hang up without waiting on the guest: a graceful close first sends what is still
-    buffered, and a guest that stopped reading would keep ``wait_closed()`` waiting for ever."""
-    if writer.transport.get_write_buffer_size():
-        writer.transport.abort()
-    else:
-        writer.close()
-    try:
-        await writer.wait_closed()
-    except OSError:
-        pass
-
-
-class AsyncExecStream:
-    """Async iterator of :class:`OutputChunk`; ``result`` is set once exhausted.
-
-    Like :class:`ember.client.blocking.ExecStream`: a timeout (the agent's, or the
-    host's timeout + grace) raises :class:`SandboxTimeout` at the end; :meth:`aclose`
-    hangs up, which kills the command. The connection opens on the first
-    ``__anext__``, and the host's deadline counts from then.
-    """
-
-    def __init__(self, client: AsyncAgentClient, op: ExecOp, stdin: Source | None) -> None:
-        self._client = client
-        self._op = op
-        self._stdin = stdin
-        self._streams: Streams | None = None
-        self._pump: asyncio.Task[None] | None = None
-        self._done = False
-
-    @property
-    def result(self) -> ExecResult | None:
-        return self._op.result
-
-    async def _send_stdin(self, writer: asyncio.StreamWriter, source: Source) -> None:
-        try:
-            for kind, piece in stdin_frames(source):
-                await send_frame(writer, kind, piece)
-        except OSError:
-            pass  # the process stopped reading, or the call ended
-        except Exception as exc:  # reading the caller's stdin failed: abort the call
-            self._op.stdin_failed(exc)
-            writer.transport.abort()
-
-    def __aiter__(self) -> AsyncExecStream:
-        return self
-
-    async def __anext__(self) -> OutputChunk:
-        if self._done:
-            raise StopAsyncIteration
-        try:
-            if self._streams is None:
-                self._op.keepalive = self._stdin is None  # see AgentClient._exec
-                self._streams = await self._client._start(self._op)
-                if self._stdin is not None:
-                    pump = self._send_stdin(self._streams[1], self._stdin)
-                    self._pump = asyncio.create_task(pump)
-            while (step := self._op.next()) is not None:
-                assert not isinstance(step, Send)
-                chunk = self._op.receive(await receive_frame(self._streams[0], step.deadline))
-                if chunk is not None:
-                    return chunk
-        except BaseException:
-            await self.aclose()
-            raise
-        if self._op.reusable and self._pump is None and self._streams is not None:
-            self._done = True  # the agent kept the connection: the next request may use it
-            self._client._keep(self._streams)
-        else:
-            await self.aclose()
-        raise StopAsyncIteration
-
-    async def aclose(self) -> None:
-        """Hang up (killing the command if it still runs); safe to call twice."""
-        if self._done:
-            return
-        self._done = True
-        if self._pump is not None and not self._pump.done():
-            self._pump.cancel()
-            try:
-                await self._pump
-            except asyncio.CancelledError:
-                pass
-        if self._streams is not None:
-            await _close(self._streams[1])
-
-    async def __aenter__(self) -> AsyncExecStream:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
 
 
 class AsyncFiles:
@@ -245,7 +119,10 @@ class AsyncAgentClient:
     Like the blocking client, short calls keep their connection for the next one
     (closed after ``KEEPALIVE_IDLE_S`` unused) and the first one may take over a
     connection carried over in a restored snapshot (``resume``); ``grace`` and
-    ``call_timeout`` bound every wait on the agent the same way.
+    ``call_timeout`` bound every wait on the agent the same way. With ``shm`` (the
+    sandbox's shared region), an exec's output comes through a leased slot as the
+    blocking client's does, its waits on the loop; file transfers through the region
+    also need ``ring_connect`` (their waits block, so they run in a worker thread).
     """
 
     def __init__(
@@ -268,6 +145,8 @@ class AsyncAgentClient:
         if code_ring is not None:  # a restored VM's worker need not poll for other requests
             self._session.not_yet = code_ring.not_yet
         self._resume = resume
+        self._shm = shm
+        self._region: HostRegion | None = None  # self._shm(), once asked
         self._pool: KeepalivePool[Streams] = KeepalivePool(_CLOCK)
         self._expiry: asyncio.TimerHandle | None = None
         files_ring = None
@@ -288,10 +167,10 @@ class AsyncAgentClient:
                 )
                 return streams
             except SandboxTimeout:
-                await _close(streams[1])
+                await hang_up(streams[1])
                 raise
             except OSError:  # closed under us before the request left: nothing ran
-                await _close(streams[1])
+                await hang_up(streams[1])
         streams = await self._connect()
         try:
             await send_frame(streams[1], Kind.REQUEST, payload, op.send_deadline, trailer=trailer)
@@ -299,6 +178,18 @@ class AsyncAgentClient:
             streams[1].transport.abort()  # a graceful close would wait to send the request
             raise
         return streams
+
+    async def _lease_output(self) -> AsyncOutputRing | None:
+        """A slot for an exec's output, or None (no region, every slot in use): frames then.
+        The region is asked for once, in a worker thread: the first ask may be a request
+        to the VMM over its control socket, which must not hold up the loop."""
+        if self._shm is None:
+            return None
+        if self._region is None:
+            self._region = await asyncio.to_thread(self._shm)
+            if self._region is None:
+                self._shm = None  # the sandbox has none (or an older VMM): never ask again
+        return AsyncOutputRing.lease(self._region)
 
     async def _run(self, op: Operation[T], trailer: bytes = b"") -> T:
         streams = await self._start(op, trailer)
@@ -308,7 +199,7 @@ class AsyncAgentClient:
             if op.reusable:
                 self._keep(streams)
             else:
-                await _close(streams[1])
+                await hang_up(streams[1])
 
     async def _take_kept(self) -> Streams | None:
         while (streams := self._pool.pop()) is not None:
@@ -343,7 +234,7 @@ class AsyncAgentClient:
     async def close(self) -> None:
         """Close the kept connections (the client stays usable)."""
         for _reader, writer in self._pool.drain():
-            await _close(writer)
+            await hang_up(writer)
         if self._expiry is not None:
             self._expiry.cancel()
             self._expiry = None
@@ -363,7 +254,12 @@ class AsyncAgentClient:
     ) -> AsyncExecStream:
         """Start ``cmd`` and stream its output; see ``AgentClient.exec_stream``."""
         op = self._session.exec(cmd, timeout=timeout, env=env, cwd=cwd, stdin=stdin is not None)
-        return AsyncExecStream(self, op, stdin)
+        return self._exec(op, stdin)
+
+    def _exec(self, op: ExecOp, stdin: Source | None) -> AsyncExecStream:
+        return AsyncExecStream(
+            op, stdin, start=self._start, lease=self._lease_output, keep=self._keep
+        )
 
     async def exec(
         self,
@@ -380,7 +276,7 @@ class AsyncAgentClient:
             cmd, timeout=timeout, env=env, cwd=cwd, stdin=stdin is not None,
             collect=True, max_output=max_output,
         )  # fmt: skip
-        async with AsyncExecStream(self, op, stdin) as stream:
+        async with self._exec(op, stdin) as stream:
             async for _ in stream:  # a collecting op keeps the output: no chunks come out
                 pass
         return op.value

@@ -178,7 +178,13 @@ class LazyRegion:
         with self._lock:
             factory, self._factory = self._factory, None
             if factory is not None:
-                self._region = factory()
+                try:
+                    self._region = factory()
+                except BaseException:
+                    # Asked too early (the sandbox not started yet): the error is the
+                    # caller's, and the region must still be there once it runs.
+                    self._factory = factory
+                    raise
             return self._region
 
     def close(self) -> None:

@@ -1,6 +1,6 @@
 """Frames over asyncio streams, each wait bounded by a :class:`Deadline`: the asyncio
 twin of :mod:`ember.client.sockets`, shared by the async client and its long-lived
-transports (terminals, watches)."""
+transports (terminals, watches, the exec output ring)."""
 
 from __future__ import annotations
 
@@ -10,11 +10,21 @@ from collections.abc import Awaitable, Callable
 from typing import Any, Generic, TypeVar
 
 from ember.client.bounds import Deadline
-from ember.client.core import EXPIRED, Incoming
+from ember.client.core import EXPIRED, Incoming, Operation, Send
 from ember.client.wire import Frame, cut_short, frame_header, parse_header
+from ember.errors import SandboxTimeout
 from ember.protocol import HEADER, Kind, Payload
 
-__all__ = ["Pending", "Streams", "receive_frame", "send_frame"]
+__all__ = [
+    "Pending",
+    "Streams",
+    "drive",
+    "hang_up",
+    "in_loop",
+    "read_frame",
+    "receive_frame",
+    "send_frame",
+]
 
 Streams = tuple[asyncio.StreamReader, asyncio.StreamWriter]
 _CLOCK = time.monotonic  # what asyncio's loop.time() is too
@@ -50,21 +60,40 @@ class Pending(Generic[T]):
         return task
 
 
+def in_loop(loop: asyncio.AbstractEventLoop, callback: Callable[[], object]) -> None:
+    """Call ``callback`` in ``loop``'s thread: at once from there, else soon. A finalizer
+    (of a stream dropped unclosed) may run in any thread, and neither tasks nor transports
+    may be touched from another; a closed loop has nothing left to tidy."""
+    try:
+        running: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+    except RuntimeError:
+        running = None
+    if running is loop:
+        callback()
+        return
+    try:
+        loop.call_soon_threadsafe(callback)
+    except RuntimeError:  # the loop is closed
+        pass
+
+
 async def receive_frame(reader: asyncio.StreamReader, deadline: Deadline | None) -> Incoming:
     """One whole frame, ``None`` at a clean EOF between frames, or EXPIRED at ``deadline``."""
     if deadline is None:
-        return await _read_frame(reader)
+        return await read_frame(reader)
     limit = asyncio.timeout(max(deadline.remaining(_CLOCK()), 0.0))
     try:
         async with limit:
-            return await _read_frame(reader)
+            return await read_frame(reader)
     except TimeoutError:
         if limit.expired():
             return EXPIRED
         raise
 
 
-async def _read_frame(reader: asyncio.StreamReader) -> Frame | None:
+async def read_frame(reader: asyncio.StreamReader) -> Frame | None:
+    """One whole frame, ``None`` at a clean EOF between frames; no deadline of its own (the
+    caller bounds it, e.g. by waiting on it as a task, as the output ring does)."""
     try:
         header = await reader.readexactly(HEADER.size)
     except asyncio.IncompleteReadError as exc:
@@ -108,3 +137,31 @@ async def send_frame(
         if limit.expired():
             raise deadline.expired() from None
         raise
+
+
+async def drive(streams: Streams, op: Operation[T]) -> T:
+    """Run ``op`` on ``streams`` (its REQUEST sent) to its end."""
+    while (step := op.next()) is not None:
+        if isinstance(step, Send):
+            try:
+                await send_frame(streams[1], step.kind, step.payload, step.deadline)
+            except SandboxTimeout:
+                raise
+            except OSError as exc:
+                op.send_failed(exc)
+        else:
+            op.receive(await receive_frame(streams[0], step.deadline))
+    return op.value
+
+
+async def hang_up(writer: asyncio.StreamWriter) -> None:
+    """Hang up without waiting on the guest: a graceful close first sends what is still
+    buffered, and a guest that stopped reading would keep ``wait_closed()`` waiting for ever."""
+    if writer.transport.get_write_buffer_size():
+        writer.transport.abort()
+    else:
+        writer.close()
+    try:
+        await writer.wait_closed()
+    except OSError:
+        pass

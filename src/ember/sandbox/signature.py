@@ -18,6 +18,7 @@ options type's parameters; a coroutine (or async generator) stays one, so
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 from collections.abc import Callable
@@ -34,8 +35,11 @@ def _same_kind(model: Callable[..., Any], body: Callable[..., Any]) -> Callable[
     if inspect.isasyncgenfunction(model):
 
         async def agen(*args: Any, **kwargs: Any) -> Any:
-            async for item in body(*args, **kwargs):
-                yield item
+            # aclosing: closing this generator closes the method's at once (an exec stream
+            # hangs up and gives its ring slot back), not whenever it is collected.
+            async with contextlib.aclosing(body(*args, **kwargs)) as inner:
+                async for item in inner:
+                    yield item
 
         return agen
     if inspect.iscoroutinefunction(model):
