@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import gc
 import os
-import socket
 import sys
 import time
 from collections.abc import Awaitable, Callable, Iterator
@@ -33,7 +32,7 @@ from ember.client.shm import LazyRegion
 from ember.client.wire import frame_header
 from ember.errors import OutputTooLarge, ProtocolError, SandboxError, SandboxTimeout
 from ember.protocol import Kind
-from tests.unit.test_memory_transfers import BIG_OUTPUT, Rig
+from tests.unit.test_memory_transfers import BIG_OUTPUT, Rig, unknown_stream_vandal
 
 T = TypeVar("T")
 DATA_SLOTS = 2  # the rig's region: two slots to lease, two for run_code
@@ -201,19 +200,12 @@ def test_no_free_slot_or_an_agent_that_ignores_it_means_frames(
 
 
 def test_an_output_record_of_no_known_stream_is_a_protocol_error(rig: Rig) -> None:
-    from ember.agent import filering
-
-    def vandal(conn: socket.socket, req: dict[str, object]) -> None:
-        slot = filering.Slot(req)  # type: ignore[arg-type]
-        writer = ring.RingWriter(slot.ctl, slot.data, slot.bell, lambda: None)
-        writer.send(memoryview(b"\x09not a stream"))
-        conn.recv(1)  # hold the connection until the host gives up
 
     async def scenario(client: AsyncAgentClient) -> None:
         with pytest.raises(ProtocolError, match="no known stream"):
             await client.exec(["true"], timeout=30)
 
-    rig.server._ops["exec"] = vandal
+    rig.server._ops["exec"] = unknown_stream_vandal
     run(rig, scenario)
     assert free(rig) == DATA_SLOTS
 

@@ -252,16 +252,18 @@ def test_an_agent_that_ignores_the_slot_still_streams_frames(
     assert sorted(chunks) == [("stderr", b"err\n"), ("stdout", b"out\n")]
 
 
-def test_an_output_record_of_no_known_stream_is_a_protocol_error(rig: Rig) -> None:
+def unknown_stream_vandal(conn: socket.socket, req: dict[str, object]) -> None:
+    """An exec op that writes an output record naming no stream into its leased slot."""
     from ember.agent import filering
 
-    def vandal(conn: socket.socket, req: dict[str, object]) -> None:
-        slot = filering.Slot(req)  # type: ignore[arg-type]
-        writer = ring.RingWriter(slot.ctl, slot.data, slot.bell, lambda: None)
-        writer.send(memoryview(b"\x09not a stream"))
-        conn.recv(1)  # hold the connection until the host gives up
+    slot = filering.Slot(req)  # type: ignore[arg-type]
+    writer = ring.RingWriter(slot.ctl, slot.data, slot.bell, lambda: None)
+    writer.send(memoryview(b"\x09not a stream"))
+    conn.recv(1)  # hold the connection until the host gives up
 
-    rig.server._ops["exec"] = vandal
+
+def test_an_output_record_of_no_known_stream_is_a_protocol_error(rig: Rig) -> None:
+    rig.server._ops["exec"] = unknown_stream_vandal
     with pytest.raises(ProtocolError, match="no known stream"):
         rig.client.exec(["true"], timeout=30)
     assert len(rig.region._free) == 2
