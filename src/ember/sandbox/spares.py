@@ -44,7 +44,7 @@ import time
 from collections.abc import Callable, Hashable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Generic, TypeVar, cast
+from typing import Any, Generic, Protocol, TypeVar, cast
 
 from ember.client import AgentClient, CodeRing, LazyRegion
 from ember.descriptors import descriptors_checked
@@ -322,9 +322,25 @@ class Warm:
     conn: socket.socket  # to the agent, which waits on it for a request
 
 
+class Watcher(Protocol):
+    """Told of each spare's life: ``ember serve`` records its spares, so that the next
+    daemon kills those a crashed one left (they are the keeper's children, not its own)."""
+
+    def made(self, warm: Warm) -> None: ...
+    def taken(self, warm: Warm) -> None: ...
+    def gone(self, warm: Warm) -> None: ...
+
+
 SpareKey = tuple[SandboxSpec, "str | None"]
 _vms: SparePool[Warm] | None = None
 _vms_lock = threading.Lock()
+_watcher: Watcher | None = None
+
+
+def watch(watcher: Watcher | None) -> None:
+    """Tell ``watcher`` of every spare made, taken or closed from now on."""
+    global _watcher
+    _watcher = watcher
 
 
 def spare_pool() -> SparePool[Warm]:
@@ -350,6 +366,8 @@ def take(spec: SandboxSpec, template: str | None, boot: bool) -> Warm | None:
     warm = None if key is None else spare_pool().take(key)
     if warm is not None:
         _renice(warm.vmm, 0)
+        if _watcher is not None:
+            _watcher.taken(warm)
     return warm
 
 
@@ -407,12 +425,22 @@ def _make(key: Hashable) -> Spare[Warm]:
         code_ring.close()
         region.close()
     warm = Warm(vmm, conn)
+    watcher = _watcher
+    if watcher is not None:
+        try:
+            watcher.made(warm)
+        except BaseException:
+            conn.close()
+            vmm.close()
+            raise
 
     def usable() -> bool:
         # A template rebuilt in place (sb.snapshot(name) again) has a new state file.
         return not vmm.exited() and _identity(state) == made_from
 
     def close() -> None:
+        if watcher is not None:
+            watcher.gone(warm)
         warm.conn.close()
         vmm.close()
 

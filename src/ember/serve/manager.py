@@ -22,7 +22,7 @@ from ember.errors import SandboxCrashed, SandboxError
 from ember.launcher import DEFAULT_MEM_MIB, VmmProcess
 from ember.network.policy import NetworkPolicy
 from ember.sandbox import Sandbox
-from ember.serve import adopt
+from ember.serve import adopt, spare_records
 from ember.serve.keeper import KeeperClient, keeper_pid
 from ember.serve.state import Record, StateDir, new_id
 
@@ -133,6 +133,10 @@ class Manager:
     def readopt(self) -> None:
         keeper = keeper_pid(self.state.path)
         for record in self.state.load_all():
+            if spare_records.is_spare(record):  # a crashed daemon's spare: nobody's sandbox
+                spare_records.kill_left(record, keeper)
+                self.state.remove(record.id)
+                continue
             if record.paused and self.state.paused_dir(record.id).is_dir():
                 entry = Entry(record, None, State.PAUSED)
             elif adopt.alive(record, keeper):
