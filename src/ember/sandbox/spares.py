@@ -51,7 +51,7 @@ from ember.descriptors import descriptors_checked
 from ember.errors import ConfigError
 from ember.launcher import SandboxSpec, VmmProcess
 from ember.snapshot import STATE_FILE
-from ember.templates import DEFAULT, find, start_vmm
+from ember.templates import DEFAULT, find, start_vmm, template_dir
 
 log = logging.getLogger(__name__)
 
@@ -435,8 +435,14 @@ def _make(key: Hashable) -> Spare[Warm]:
             raise
 
     def usable() -> bool:
-        # A template rebuilt in place (sb.snapshot(name) again) has a new state file.
-        return not vmm.exited() and _identity(state) == made_from
+        # A template rebuilt in place (sb.snapshot(name) again) has a new state file; a
+        # new image another default template (~1 ms to tell: the image's identity).
+        if vmm.exited() or _identity(state) != made_from:
+            return False
+        try:
+            return template_dir(template or DEFAULT, spec) / STATE_FILE == state
+        except Exception:
+            return False  # no image now: the on-demand path says why
 
     def close() -> None:
         if watcher is not None:
