@@ -11,8 +11,8 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from ember.sandbox import spares
-from ember.sandbox.spares import MAX_AUTO_KEYS, Spare, SparePool
+from ember.sandbox import spare_pool as spares
+from ember.sandbox.spare_pool import MAX_AUTO_KEYS, Spare, SparePool
 from tests.waiting import wait_for
 
 
@@ -21,6 +21,7 @@ class Fake:
     key: Hashable
     number: int
     alive: bool = True
+    current: bool = True
     closed: bool = False
 
 
@@ -47,7 +48,7 @@ class Maker:
         def close() -> None:
             fake.closed = True
 
-        return Spare(fake, lambda: fake.alive, close)
+        return Spare(fake, lambda: fake.alive, close, lambda: fake.current)
 
 
 @pytest.fixture
@@ -97,6 +98,20 @@ def test_a_dead_spare_is_closed_and_skipped(pool_of: Callable[..., tuple]) -> No
     assert pool.wait_ready("a", 1, 5)
     taken = pool.take("a")
     assert taken is not None and taken.number == 1 and not taken.closed
+
+
+def test_a_spare_no_longer_current_is_retired_while_it_waits(
+    pool_of: Callable[..., tuple], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(spares, "SWEEP_S", 0.05)
+    pool, maker = pool_of()
+    pool.keep("a", 1)
+    assert pool.wait_ready("a", 1, 5)
+    maker.made[0].current = False  # its template is no longer what a new one would be
+    wait_for(lambda: maker.made[0].closed, 5, "the sweep to close it")
+    assert pool.wait_ready("a", 1, 5)  # replaced, with no take asking
+    taken = pool.take("a")
+    assert taken is not None and taken.number == 1
 
 
 def test_keep_zero_closes_the_waiting_spares(pool_of: Callable[..., tuple]) -> None:

@@ -6,7 +6,8 @@
 ``sync``           ``Sandbox``: an in-process VMM, blocking calls
 ``aio``            ``AsyncSandbox``: the same, awaitable
 ``files``          ``sb.files`` of the four facades (and the daemon's file requests)
-``spares``         sandboxes restored and warmed ahead of time (``keep_warm``)
+``spares``         sandboxes restored and warmed ahead of time (``keep_warm``), kept in a
+                   ``spare_pool``
 ``daemon``         an ``ember serve`` daemon's HTTP API, without I/O
 ``remote``         ``RemoteSandbox``: ``Sandbox(server=...)`` over ``httpx.Client``
 ``remote_async``   ``AsyncRemoteSandbox``: ``AsyncSandbox(server=...)``, asyncio
