@@ -424,3 +424,11 @@ def page_cache_fraction(path: str | os.PathLike[str]) -> float | None:
             libc.munmap(addr, size)
     finally:
         os.close(fd)
+
+
+def spare_after(pool: Any, key: object, gap_s: float, timeout: float = 120.0) -> None:
+    """Return once a spare of ``key`` (``ember.sandbox.spares``) has waited ``gap_s``, as one
+    does between a user's requests; a bench with no spare after ``timeout`` stops."""
+    if not pool.wait_ready(key, 1, timeout):
+        raise SystemExit(f"no spare was made in {timeout:g} s")
+    time.sleep(gap_s)

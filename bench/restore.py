@@ -45,7 +45,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from _common import fmt_num, format_table, to_json
+from _common import fmt_num, format_table, spare_after, to_json
 from boot import CMDLINE, default_artifact, qemu_base_argv
 
 from ember import Sandbox, templates
@@ -358,9 +358,7 @@ def measure_spares(runs: int, template: str | None = None, gap_s: float = 1.0) -
     taken = spare_pool().taken
 
     def take() -> float:
-        if not spare_pool().wait_ready(key, 1, 120):
-            raise SystemExit("no spare was made in 120 s")
-        time.sleep(gap_s)
+        spare_after(spare_pool(), key, gap_s)
         return time.perf_counter()
 
     try:

@@ -40,7 +40,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from _common import fmt_num, fmt_ratio, format_table, ratio, summarize, to_json
+from _common import fmt_num, fmt_ratio, format_table, ratio, spare_after, summarize, to_json
 
 from ember import Sandbox
 
@@ -236,9 +236,7 @@ def bench_spares(runs: int, gap_s: float = 1.0) -> dict[str, list[float]]:
     try:
         for _ in range(runs):
             for what in ("exec", "alloc"):
-                if not spare_pool().wait_ready(key, 1, 120):
-                    raise SystemExit("no spare was made in 120 s")
-                time.sleep(gap_s)
+                spare_after(spare_pool(), key, gap_s)
                 t0 = time.monotonic()
                 with Sandbox() as sb:
                     out["ready"].append(time.monotonic() - t0)

@@ -269,7 +269,7 @@ def verify(directory: Path) -> None:
     state_path = directory / STATE_FILE
     memory = directory / MEMORY_FILE
     try:
-        identity = [_file_identity(state_path), _file_identity(memory)]
+        identity = [file_identity(state_path), file_identity(memory)]
     except OSError:
         raise SnapshotError(f"template {directory} has no state or memory file") from None
     stamp = (str(directory), json.dumps(identity))
@@ -298,7 +298,8 @@ def verify(directory: Path) -> None:
             pass  # a read-only template: verified again by the next process
 
 
-def _file_identity(path: Path) -> list[int]:
+def file_identity(path: Path) -> list[int]:
+    """A file as its stat says it is: any write, replacement or rename over it changes this."""
     st = path.stat()
     return [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
 

@@ -126,11 +126,10 @@ def sandbox_options(args: argparse.Namespace) -> dict[str, Any]:
     """The sandbox the options of :func:`common_options` ask for, as ``Sandbox()`` keywords."""
     from ember.launcher import DEFAULT_MEM_MIB
 
-    return dict(
-        mem_mib=args.mem if args.mem is not None else DEFAULT_MEM_MIB, vcpus=args.vcpus,
-        cpus=args.cpus, memory_mib=args.memory, pids=args.pids,
-        template=args.template, boot=args.boot, network=network_policy(args),
-    )  # fmt: skip
+    options = runner.shape_options(args)
+    if options["mem_mib"] is None:
+        options["mem_mib"] = DEFAULT_MEM_MIB
+    return options | {"boot": args.boot, "network": network_policy(args)}
 
 
 def _exec(args: argparse.Namespace) -> int:

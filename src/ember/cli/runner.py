@@ -148,17 +148,22 @@ def execute(
 # --- the client (ember run / ember exec)
 
 
-OPTIONS = {"mem_mib", "vcpus", "cpus", "memory_mib", "pids", "template"}
+# ``Sandbox()`` keyword <- the CLI option (ember.cli.run.common_options) that sets it: the
+# sandbox's shape, what a run daemon may be asked for (``--mem`` unset is None here).
+SHAPE = {"mem_mib": "mem", "vcpus": "vcpus", "cpus": "cpus", "memory_mib": "memory",
+         "pids": "pids", "template": "template"}  # fmt: skip
+
+
+def shape_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The sandbox's shape from the CLI's options, as ``Sandbox()`` keywords."""
+    return {keyword: getattr(args, option) for keyword, option in SHAPE.items()}
 
 
 def daemon_options(args: argparse.Namespace) -> dict[str, Any] | None:
     """The sandbox options to send, or None when this run is not the daemon's to make."""
     if args.boot or args.internet or args.allow or getattr(args, "id", None):
         return None
-    return {
-        "mem_mib": args.mem, "vcpus": args.vcpus, "cpus": args.cpus,
-        "memory_mib": args.memory, "pids": args.pids, "template": args.template,
-    }  # fmt: skip
+    return shape_options(args)
 
 
 def try_run(
@@ -186,16 +191,16 @@ def try_run(
             "upload": None if upload is None
             else [upload[0], base64.b64encode(upload[1]).decode()],
         }  # fmt: skip
-        printed = [False]
         try:
-            sock.sendall(json.dumps(request).encode() + b"\n")
-            return _print_frames(sock, sys.stdout.buffer, sys.stderr.buffer, printed)
+            try:
+                sock.sendall(json.dumps(request).encode() + b"\n")
+            except OSError:
+                raise _NotRun from None
+            return _print_frames(sock, sys.stdout.buffer, sys.stderr.buffer)
         except _Stale:
             start_daemon()
             return None
-        except OSError:
-            if printed[0]:
-                raise  # output went out: running it again would print it twice
+        except _NotRun:
             return None  # the daemon went away before running it (idle exit): run here
 
 
@@ -203,12 +208,22 @@ class _Stale(Exception):
     """The daemon runs other code than this client's."""
 
 
-def _print_frames(sock: socket.socket, out: BinaryIO, err: BinaryIO, printed: list[bool]) -> int:
+class _NotRun(Exception):
+    """The daemon went away before any output: running it here prints nothing twice."""
+
+
+def _print_frames(sock: socket.socket, out: BinaryIO, err: BinaryIO) -> int:
+    printed = False
     while True:
-        kind, length = _HEADER.unpack(_recv_exact(sock, _HEADER.size))
-        payload = _recv_exact(sock, length)
+        try:
+            kind, length = _HEADER.unpack(_recv_exact(sock, _HEADER.size))
+            payload = _recv_exact(sock, length)
+        except OSError:
+            if printed:
+                raise  # output went out: running it again would print it twice
+            raise _NotRun from None
         if kind in (STDOUT, STDERR):
-            printed[0] = True
+            printed = True
             target = out if kind == STDOUT else err
             target.write(payload)
             target.flush()
@@ -258,8 +273,7 @@ class _Frames:
 
 
 class Daemon:
-    def __init__(self, directory: Path) -> None:
-        self.directory = directory
+    def __init__(self) -> None:
         self.fingerprint = fingerprint()
         self._busy = 0
         self._last = time.monotonic()
@@ -323,23 +337,19 @@ class Daemon:
         print(f"ember run daemon: a run ended with status {code}", file=sys.stderr, flush=True)
 
 
-def _opener(
-    options: dict[str, Any], conn: socket.socket
-) -> Callable[[argparse.Namespace], contextlib.AbstractContextManager[Any]]:
+def _opener(options: dict[str, Any], conn: socket.socket) -> Opener:
     """Sandboxes for one request: closed off the client's path (after its exit status
     went out), or at once if the client hangs up first (which kills the command)."""
 
     @contextlib.contextmanager
     def sandbox(_args: argparse.Namespace) -> Iterator[Any]:
-        from ember.launcher import DEFAULT_MEM_MIB
         from ember.sandbox import Sandbox
 
-        unknown = set(options) - OPTIONS
+        unknown = set(options) - set(SHAPE)
         if unknown:
             raise ValueError(f"unknown sandbox options {sorted(unknown)}")
-        if options.get("mem_mib") is None:
-            options["mem_mib"] = DEFAULT_MEM_MIB
-        sb = Sandbox(**options, server="")
+        given = {keyword: value for keyword, value in options.items() if value is not None}
+        sb = Sandbox(**given, server="")  # an option not given (None) is Sandbox()'s default
         once = threading.Lock()
         done = threading.Event()
 
@@ -396,7 +406,7 @@ def main(directory: Path) -> int:
     lock.truncate(0)
     lock.write(f"{os.getpid()}\n")
     lock.flush()
-    daemon = Daemon(directory)
+    daemon = Daemon()
     signal.signal(signal.SIGTERM, lambda _sig, _frame: daemon.stop())
     os.environ.setdefault("EMBER_SPARES", "1")  # each other shape asked for gets one
     from ember.sandbox.spares import keep_warm

@@ -47,7 +47,6 @@ from ember.sandbox import spares
 from ember.sandbox.files import AsyncSandboxFiles
 from ember.sandbox.options import ExecArgs, SandboxOptions, StreamArgs, check_port, new_facade
 from ember.sandbox.signature import takes
-from ember.templates import start_vmm
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -136,15 +135,12 @@ class AsyncSandbox:
         return await asyncio.open_unix_connection(sock=sock)
 
     async def start(self) -> AsyncSandbox:
-        vmm = self._vmm
-        warm = None
+        vmm, warm = self._vmm, None
         if vmm is None:
-            warm = spares.take(self._spec, self._template, self._boot)
-            if warm is not None:
-                vmm = warm.vmm
-            else:
-                vmm = await asyncio.to_thread(self._start_vmm)
-            self._vmm = vmm
+            started, warm = await asyncio.to_thread(
+                spares.vmm_for, self._spec, self._template, self._boot
+            )
+            vmm = self._vmm = started
         try:
             with descriptors_checked():
                 self._channels = ChannelServer(vmm.take_channel_listener(), shm=self._region)
@@ -157,10 +153,6 @@ class AsyncSandbox:
             await asyncio.to_thread(vmm.close)  # nobody will drive it: it must not linger
             raise
         return self
-
-    def _start_vmm(self) -> VmmProcess:
-        with spares.making():
-            return start_vmm(self._spec, template=self._template, boot=self._boot)
 
     async def set_memory(self, target_mib: int, *, timeout: float = 120.0) -> int:
         """Move the balloon so the guest keeps ``target_mib``; see ``Sandbox.set_memory``."""

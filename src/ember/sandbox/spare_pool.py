@@ -141,13 +141,13 @@ class SparePool(Generic[T]):
     def ready(self, key: Hashable) -> int:
         """How many spares of ``key`` wait now."""
         with self._lock:
-            return len(self._ready.get(key, ()))
+            return self._waiting(key)
 
     def wait_ready(self, key: Hashable, count: int, timeout: float) -> bool:
         """Wait until ``count`` spares of ``key`` wait (a bench, a daemon at start)."""
         deadline = time.monotonic() + timeout
         with self._lock:
-            while len(self._ready.get(key, ())) < count:
+            while self._waiting(key) < count:
                 left = deadline - time.monotonic()
                 if left <= 0 or self._stopped:
                     return False
@@ -177,7 +177,7 @@ class SparePool(Generic[T]):
         for key in [*self._wanted, *self._recent]:
             if key in self._filling or self._failed_until.get(key, 0.0) > now:
                 continue
-            if len(self._ready.get(key, ())) < self._count_locked(key):
+            if self._waiting(key) < self._count_locked(key):
                 return key
         return None
 

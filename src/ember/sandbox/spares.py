@@ -27,7 +27,7 @@ and fork) are :mod:`ember.sandbox.spare_pool`'s.
 
 What this process keeps are :class:`Warm` VMs (a VMM and the agent connection its warm-up
 left open), which either facade drives: ``Sandbox()`` and ``AsyncSandbox()`` call
-:func:`take`, and a miss makes its sandbox on demand inside :func:`making`.
+:func:`vmm_for`, which takes a spare or starts a VMM on demand.
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ from ember.errors import ConfigError
 from ember.launcher import SandboxSpec, VmmProcess
 from ember.sandbox.spare_pool import Spare, SparePool, auto_count, register
 from ember.snapshot import STATE_FILE
-from ember.templates import DEFAULT, find, start_vmm, template_dir
+from ember.templates import DEFAULT, file_identity, find, start_vmm, template_dir
 
 # The run_code worker's pre-faulted heap a spare's warm-up writes once: a restored guest's
 # first write to each page costs ~20 µs of shadow paging here (a first 10 MiB bytearray
@@ -103,7 +103,7 @@ def spare_key(spec: SandboxSpec, template: str | None, boot: bool) -> SpareKey |
 
 
 def take(spec: SandboxSpec, template: str | None, boot: bool) -> Warm | None:
-    """A spare for this sandbox, or None: then make it on demand, inside :func:`making`."""
+    """A spare for this sandbox, or None (:func:`vmm_for` then starts one)."""
     if _vms is None and not auto_count():
         return None  # spares were never asked for: nothing to look up
     key = spare_key(spec, template, boot)
@@ -115,9 +115,14 @@ def take(spec: SandboxSpec, template: str | None, boot: bool) -> Warm | None:
     return warm
 
 
-def making() -> contextlib.AbstractContextManager[None]:
-    """Around a sandbox made on demand (refills wait for it)."""
-    return _vms.starting() if _vms is not None else contextlib.nullcontext()
+def vmm_for(spec: SandboxSpec, template: str | None, boot: bool) -> tuple[VmmProcess, Warm | None]:
+    """The VMM of a new sandbox: a spare's (with the connection its facade adopts) when
+    one matches, else one started now, while the refills wait."""
+    warm = take(spec, template, boot)
+    if warm is not None:
+        return warm.vmm, warm
+    with _vms.starting() if _vms is not None else contextlib.nullcontext():
+        return start_vmm(spec, template=template, boot=boot), None
 
 
 def keep_warm(count: int = 1, **options: Any) -> None:
@@ -128,10 +133,9 @@ def keep_warm(count: int = 1, **options: Any) -> None:
     from ember.sandbox.options import SandboxOptions
 
     opts = SandboxOptions(**options)
-    if opts.network not in (None, False) or opts.boot:
-        raise ConfigError("spares are for sandboxes restored from a template without network=")
     key = spare_key(opts.local_spec(), opts.template, opts.boot)
-    assert key is not None
+    if key is None:
+        raise ConfigError("spares are for sandboxes restored from a template without network=")
     spare_pool().keep(key, count)
 
 
@@ -139,10 +143,9 @@ def _make(key: Hashable) -> Spare[Warm]:
     """Restore one and make its first calls, as its facade would: the first ``run_code``
     first (the worker still polls after the restore, and a first request of another kind
     would tell it to stop; it writes :data:`WARM_HEAP_MIB` of the worker's heap), then the
-    agent's first request (the resume announcement). The
-    connection that leaves open is held while the spare waits: an idle VM with no
-    connection is parked, and its next first request costs ~70 ms again (held, it costs
-    ~0.2% of a core)."""
+    agent's first request (the resume announcement). The connection that leaves open is
+    held while the spare waits: an idle VM with no connection is parked, and its next
+    first request costs ~70 ms again (held, it costs ~0.2% of a core)."""
     spec, template = cast(SpareKey, key)
     state = find(template or DEFAULT, spec).dir / STATE_FILE
     made_from = _identity(state)
@@ -210,9 +213,8 @@ def _renice(vmm: VmmProcess, nice: int) -> None:
             os.setpriority(os.PRIO_PROCESS, tid, nice)
 
 
-def _identity(path: Path) -> tuple[int, int, int] | None:
+def _identity(path: Path) -> list[int] | None:
     try:
-        st = os.stat(path)
+        return file_identity(path)
     except OSError:
-        return None
-    return (st.st_ino, st.st_mtime_ns, st.st_size)
+        return None  # removed: no longer what the spare was made from

@@ -51,7 +51,6 @@ from ember.sandbox import spares
 from ember.sandbox.files import SandboxFiles
 from ember.sandbox.options import ExecArgs, SandboxOptions, StreamArgs, check_port, new_facade
 from ember.sandbox.signature import takes
-from ember.templates import start_vmm
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -115,12 +114,7 @@ class Sandbox:
     @takes(SandboxOptions)
     def __init__(self, options: SandboxOptions) -> None:
         spec = options.local_spec()
-        warm = spares.take(spec, options.template, options.boot)
-        if warm is None:
-            with spares.making():
-                vmm = start_vmm(spec, template=options.template, boot=options.boot)
-        else:
-            vmm = warm.vmm
+        vmm, warm = spares.vmm_for(spec, options.template, options.boot)
         try:
             with descriptors_checked():
                 self._setup(vmm, spec, warm)

@@ -134,8 +134,7 @@ class Manager:
         keeper = keeper_pid(self.state.path)
         for record in self.state.load_all():
             if spare_records.is_spare(record):  # a crashed daemon's spare: nobody's sandbox
-                spare_records.kill_left(record, keeper)
-                self.state.remove(record.id)
+                spare_records.kill_left(self.state, record, keeper)
                 continue
             if record.paused and self.state.paused_dir(record.id).is_dir():
                 entry = Entry(record, None, State.PAUSED)

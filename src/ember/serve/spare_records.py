@@ -28,13 +28,14 @@ def is_spare(record: Record) -> bool:
     return record.metadata.get(SPARE) == "1"
 
 
-def kill_left(record: Record, keeper: int | None) -> None:
+def kill_left(state: StateDir, record: Record, keeper: int | None) -> None:
     """A spare a crashed daemon left: kill its VMM (if it is still the keeper's child),
     remove its cgroup and directory, and its record."""
     if adopt.alive(record, keeper):
         with contextlib.suppress(ProcessLookupError):
             os.kill(record.pid, signal.SIGKILL)
     adopt.discard(record)
+    state.remove(record.id)
 
 
 class SpareRecords:
