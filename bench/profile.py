@@ -11,7 +11,10 @@ WORKLOAD is ``ping`` (the first request after the restore), ``exec-python`` (``p
 samples its vCPUs while the workload runs (``ember.vmm.profiler``), and the counts of all runs
 are summed. User-mode samples are one line (``[user]``); kernel samples are named from the
 kernel's ``vmlinux`` (``nm``) and grouped into a few families, so that a change can be judged
-by which family shrank. Sampling costs the guest a few percent at 1 kHz.
+by which family shrank. KVM's own counters for the same window (``ember.kvm.stats``) are
+printed per run: ``insn_emulation`` is the guest kernel's emulated work. ``--gap S`` profiles
+the workload's second run, after S idle seconds (a kept connection expiring, a worker that
+stopped polling, a parked VM). Sampling costs the guest a few percent at 1 kHz.
 """
 
 from __future__ import annotations
@@ -53,6 +56,11 @@ FAMILIES = [
     ("sockets, pipes, files", r"sock|skb|unix|pipe|vfs|fd|file|copy_|iov|poll|select"),
     ("syscall entry", r"syscall|entry|^__x64|^do_"),
 ]
+
+
+# What the hypervisor did (ember.kvm.stats): under kvm_pvm every guest-kernel instruction is
+# emulated (~1 us each here), so insn_emulation is the guest kernel's work.
+KVM_COUNTERS = ("insn_emulation", "exits", "pf_taken", "mmu_pte_write", "halt_exits")
 
 
 def kernel_symbols() -> tuple[list[int], list[str]]:
@@ -98,6 +106,12 @@ def main() -> None:
     parser.add_argument("--hz", type=float, default=1000.0)
     parser.add_argument("--top", type=int, default=30)
     parser.add_argument("--settle", type=float, default=0.5, help="seconds after the restore")
+    parser.add_argument(
+        "--gap",
+        type=float,
+        default=None,
+        help="run the workload once first, then profile it again after this many idle seconds",
+    )
     args = parser.parse_args()
     addrs, names = kernel_symbols()
 
@@ -108,16 +122,26 @@ def main() -> None:
         return names[i] if i >= 0 else "[unknown kernel]"
 
     by_function: Counter[str] = Counter()
+    kvm: Counter[str] = Counter()
     walls: list[float] = []
     for _ in range(args.runs):
         with Sandbox() as sb:
             run = workload(args.workload, sb)
             time.sleep(args.settle)
+            if args.gap is not None:
+                run()
+                time.sleep(args.gap)
+            stats_before = sb._vmm.control("kvm-stats")
             sb._vmm.control("profile-start", hz=args.hz)
             t0 = time.monotonic()
             run()
             walls.append(time.monotonic() - t0)
             report = sb._vmm.control("profile-stop")
+            stats_after = sb._vmm.control("kvm-stats")
+        for section in ("vcpus", "vm"):
+            for name in KVM_COUNTERS:
+                if name in stats_after[section]:
+                    kvm[name] += stats_after[section][name] - stats_before[section][name]
         for rip, count in report["samples"].items():
             by_function[name_of(int(rip, 16))] += count
         by_function["[not reported]"] += report["other"]
@@ -130,6 +154,7 @@ def main() -> None:
         f"{args.workload}: {args.runs} runs, wall p50 {walls[len(walls) // 2]:.3f} s, "
         f"{total} samples at {args.hz:g} Hz"
     )
+    print("\nKVM, per run: " + ", ".join(f"{n} {kvm[n] / args.runs:.0f}" for n in KVM_COUNTERS))
     print("\nby family")
     for label, count in by_family.most_common():
         print(f"  {100 * count / total:5.1f}%  {label}")

@@ -58,3 +58,24 @@ def test_bad_rates_are_refused(images: Images) -> None:
             with pytest.raises(EmberError):
                 sb._vmm.control("profile-start", hz=hz)
         assert sb.run_code("1 + 1").value == "2"  # a refused start changed nothing
+
+
+def test_kvm_stats_count_what_the_hypervisor_did_for_this_vm(images: Images) -> None:
+    # Read in the jailed VMM (the stats fds were opened before the jail, reading them is a
+    # pread): the counters must move with this guest's own work and only then.
+    with Sandbox() as sb:
+        sb.ping()
+        control = sb._vmm.control
+        before = control("kvm-stats")
+        assert {"vm", "vcpus"} <= before.keys()
+        assert before["vcpus"]["exits"] > 0 and "pages_4k" in before["vm"]
+        sb.exec(["true"], timeout=120)  # a new guest process: kernel work, hence exits
+        after = control("kvm-stats")
+        assert after["vcpus"]["exits"] > before["vcpus"]["exits"]
+        assert after["vcpus"]["insn_emulation"] >= before["vcpus"]["insn_emulation"]
+        control("pause")
+        paused = control("kvm-stats")
+        again = control("kvm-stats")
+        assert again["vcpus"]["exits"] == paused["vcpus"]["exits"]  # a stopped guest: no exits
+        control("resume")
+        assert sb.run_code("6*7").value == "42"

@@ -327,6 +327,20 @@ def test_the_keepalive_pool_runs_on_the_clock_it_is_given() -> None:
     assert pool.drain() == ["d"] and len(pool) == 0
 
 
+def test_the_pool_says_when_its_oldest_connection_is_due() -> None:
+    clock = Clock()
+    pool: KeepalivePool[str] = KeepalivePool(clock, idle=5.0)
+    assert pool.next_expiry() is None  # nothing kept: no timer to arm
+    pool.put("a")
+    clock.now += 2.0
+    pool.put("b")
+    assert pool.next_expiry() == pytest.approx(3.0)  # "a", not "b" and not a full period
+    clock.now += 4.0
+    assert pool.next_expiry() == 0.0  # overdue, never negative
+    assert pool.expire() == ["a"]
+    assert pool.next_expiry() == pytest.approx(1.0)
+
+
 def test_the_pool_hands_out_the_newest_first() -> None:
     pool: KeepalivePool[int] = KeepalivePool(Clock())
     for conn in (1, 2, 3):

@@ -25,7 +25,13 @@ from ember.client.exec_aio import AsyncExecStream
 from ember.client.file_ring import FileRing
 from ember.client.output_ring_aio import AsyncOutputRing
 from ember.client.results import CodeResult, DirEntry, ExecResult, FileStat, parse_code_result
-from ember.client.session import INLINE_WRITE_MAX, KeepalivePool, Session, streamed
+from ember.client.session import (
+    EXPIRY_SLACK_S,
+    INLINE_WRITE_MAX,
+    KeepalivePool,
+    Session,
+    streamed,
+)
 from ember.client.shm import HostRegion
 from ember.client.streams import Streams, drive, hang_up, send_frame
 from ember.client.terminal import AsyncTerminal
@@ -221,15 +227,21 @@ class AsyncAgentClient:
     def _keep(self, streams: Streams) -> None:
         if not self._pool.put(streams):
             streams[1].close()
-        elif self._expiry is None:
-            self._expiry = asyncio.get_running_loop().call_later(self._pool.idle, self._expire)
+        else:
+            self._arm_expiry()
+
+    def _arm_expiry(self) -> None:
+        """A timer for when the oldest kept connection is due (none when none is kept)."""
+        due = self._pool.next_expiry()
+        if self._expiry is None and due is not None:
+            loop = asyncio.get_running_loop()
+            self._expiry = loop.call_later(due + EXPIRY_SLACK_S, self._expire)
 
     def _expire(self) -> None:
         self._expiry = None
         for _reader, writer in self._pool.expire():
             writer.close()
-        if len(self._pool):
-            self._expiry = asyncio.get_running_loop().call_later(self._pool.idle, self._expire)
+        self._arm_expiry()
 
     async def close(self) -> None:
         """Close the kept connections (the client stays usable)."""

@@ -53,7 +53,13 @@ from ember.client.results import (
     OutputChunk,
     parse_code_result,
 )
-from ember.client.session import INLINE_WRITE_MAX, KeepalivePool, Session, streamed
+from ember.client.session import (
+    EXPIRY_SLACK_S,
+    INLINE_WRITE_MAX,
+    KeepalivePool,
+    Session,
+    streamed,
+)
 from ember.client.shm import HostRegion
 from ember.client.sockets import drive, receive_frame, send_frame, still_open
 from ember.client.terminal import Terminal
@@ -374,13 +380,14 @@ class AgentClient:
             self._expiry = None
         for sock in self._pool.expire():
             sock.close()
-        if len(self._pool):
-            self._arm_expiry()
+        self._arm_expiry()
 
     def _arm_expiry(self) -> None:
+        """A timer for when the oldest kept connection is due (none when none is kept)."""
         with self._lock:
-            if self._expiry is None:
-                self._expiry = threading.Timer(self._pool.idle, self._expire)
+            due = self._pool.next_expiry()
+            if self._expiry is None and due is not None:
+                self._expiry = threading.Timer(due + EXPIRY_SLACK_S, self._expire)
                 self._expiry.daemon = True
                 self._expiry.start()
 

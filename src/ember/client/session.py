@@ -41,6 +41,7 @@ from ember.client.wire import Source
 from ember.protocol import encode_json
 
 __all__ = [
+    "EXPIRY_SLACK_S",
     "INLINE_WRITE_MAX",
     "KEEPALIVE_IDLE_S",
     "KEEPALIVE_MAX",
@@ -50,7 +51,12 @@ __all__ = [
     "streamed",
 ]
 
-KEEPALIVE_IDLE_S = 0.5  # a kept connection unused this long is closed (so the VM can park)
+# A kept connection unused this long is closed, so the VM can park. A new connection costs
+# the guest ~50k emulated kernel instructions (~50 ms here) more than a kept one: a ping 1-3 s
+# after the last call took 57-93 ms with 0.5 s and takes 15-21 ms with 5 s, at the price of
+# an idle sandbox parking ~5 s later (an unparked idle guest costs ~0.2% of a core).
+KEEPALIVE_IDLE_S = 5.0
+EXPIRY_SLACK_S = 0.01  # the expiry timer fires this much after a connection is due
 KEEPALIVE_MAX = 4
 # Uploads up to this size go with their REQUEST in one write on a kept connection (~15 ms
 # here) rather than through a ring slot, whose hand-shake costs two vsock round trips (~85 ms).
@@ -280,6 +286,14 @@ class KeepalivePool(Generic[C]):
             stale = [conn for conn, since in self._kept if now - since >= self.idle]
             self._kept = [(conn, since) for conn, since in self._kept if now - since < self.idle]
             return stale
+
+    def next_expiry(self) -> float | None:
+        """Seconds until the oldest kept connection is due to close; None when none is kept."""
+        with self._lock:
+            if not self._kept:
+                return None
+            oldest = min(since for _, since in self._kept)
+        return max(0.0, self.idle - (self.clock() - oldest))
 
     def drain(self) -> list[C]:
         """Every kept connection, taken out to be closed."""

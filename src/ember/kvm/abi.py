@@ -328,6 +328,7 @@ KVM_GET_IRQCHIP = _iowr(0x62, ctypes.sizeof(kvm_irqchip))
 KVM_SET_IRQCHIP = _ior(0x63, ctypes.sizeof(kvm_irqchip))
 KVM_SET_CLOCK = _iow(0x7B, ctypes.sizeof(kvm_clock_data))
 KVM_GET_CLOCK = _ior(0x7C, ctypes.sizeof(kvm_clock_data))
+KVM_GET_STATS_FD = _io(0xCE)  # on a VM or a vCPU fd: see ember.kvm.stats
 KVM_GET_PIT2 = _ior(0x9F, ctypes.sizeof(kvm_pit_state2))
 KVM_SET_PIT2 = _iow(0xA0, ctypes.sizeof(kvm_pit_state2))
 

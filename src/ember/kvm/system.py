@@ -143,6 +143,10 @@ class Vm:
     def set_clock(self, clock: abi.kvm_clock_data) -> None:
         ioctl_buf(self.fd, abi.KVM_SET_CLOCK, clock, what="KVM_SET_CLOCK")
 
+    def stats_fd(self) -> int:
+        """A new fd of this VM's binary statistics (:mod:`ember.kvm.stats`)."""
+        return ioctl_int(self.fd, abi.KVM_GET_STATS_FD, what="KVM_GET_STATS_FD")
+
     def create_vcpu(self, index: int) -> Vcpu:
         fd = ioctl_int(self.fd, abi.KVM_CREATE_VCPU, index, what="KVM_CREATE_VCPU")
         return Vcpu(fd, index, self.kvm.vcpu_mmap_size)
@@ -269,6 +273,10 @@ class Vcpu:
 
     def set_tsc_khz(self, khz: int) -> None:
         ioctl_int(self.fd, abi.KVM_SET_TSC_KHZ, khz, what="KVM_SET_TSC_KHZ")
+
+    def stats_fd(self) -> int:
+        """A new fd of this vCPU's binary statistics (:mod:`ember.kvm.stats`)."""
+        return ioctl_int(self.fd, abi.KVM_GET_STATS_FD, what="KVM_GET_STATS_FD")
 
     # --- running
     def run(self) -> int:

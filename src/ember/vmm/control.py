@@ -7,6 +7,8 @@ the event thread (so no device callback runs during a snapshot)::
     {"op": "snapshot", "path": "/dir"}            (unjailed VMMs only: a jailed one refuses it)
     {"op": "pause"} / {"op": "resume"} / {"op": "status"}
     {"op": "profile-start", "hz": 1000} / {"op": "profile-stop"} -> RIP samples (vmm/profiler)
+    {"op": "kvm-stats"}  ->  {"ok": true, "vm": {...}, "vcpus": {...}}: KVM's counters
+                       (ember.kvm.stats), the vCPUs' summed
     {"op": "shm"}  ->  {"ok": true, "base": ..., "size": ...} + the memory channels' memfd
                        and one doorbell eventfd per slot (see ember.vmm.shm)
 
@@ -126,6 +128,8 @@ class ControlServer:
                 return self._profile_start(request)
             if op == "profile-stop":
                 return self._profile_stop()
+            if op == "kvm-stats":
+                return {"ok": True, **self.machine.kvm_stats()}
             if op == "status":
                 return {
                     "ok": True,

@@ -17,8 +17,10 @@ from typing import Any, TypeVar
 
 from ember.devices.bus import Bus
 from ember.devices.legacy.serial import Serial8250
-from ember.errors import SnapshotError
+from ember.errors import KvmError, SnapshotError
 from ember.kvm import abi
+from ember.kvm.stats import StatsFile
+from ember.kvm.stats import total as stats_total
 from ember.kvm.system import Kvm, Vcpu, Vm
 from ember.memory import GuestMemory
 from ember.vmm.config import VmConfig
@@ -66,6 +68,9 @@ class Machine:
         self._stops: queue.Queue[StopReason] = queue.Queue()
         self._lock = threading.Lock()
         self.vcpu_threads = [VcpuThread(v, pio, mmio, self.request_stop) for v in vcpus]
+        # Opened now: a vCPU ioctl waits for its KVM_RUN to return, which an idle guest's
+        # never does; reading an open stats fd takes no lock.
+        self._stats = _open_stats(vm, vcpus)
 
     def request_stop(self, reason: StopReason) -> None:
         """Thread-safe: the first reason wins; later ones are logged only."""
@@ -161,6 +166,16 @@ class Machine:
                 found[transport.name] = counters
         return found
 
+    def kvm_stats(self) -> dict[str, dict[str, int]]:
+        """KVM's own counters: the VM's, and its vCPUs' summed (see :mod:`ember.kvm.stats`)."""
+        if not self._stats:
+            raise KvmError("this kernel has no KVM_GET_STATS_FD")
+        vm, *vcpus = self._stats
+        return {
+            "vm": vm.read(),
+            "vcpus": stats_total([v.read() for v in vcpus], vcpus[0].kinds if vcpus else {}),
+        }
+
     @property
     def paused(self) -> bool:
         return all(thread.parked for thread in self.vcpu_threads)
@@ -212,6 +227,8 @@ class Machine:
                 return
             self.events.close()
             self.slots.close()
+            for stats in self._stats:
+                stats.close()
             for thread in self.vcpu_threads:
                 thread.vcpu.close()
             self.vm.close()
@@ -220,3 +237,16 @@ class Machine:
             self.memory.close()
             self.kvm.close()
             self.state = VmState.STOPPED
+
+
+def _open_stats(vm: Vm, vcpus: list[Vcpu]) -> list[StatsFile]:
+    """The VM's and each vCPU's stats fd (parsed when first read); none on an older kernel."""
+    opened: list[StatsFile] = []
+    try:
+        opened.append(StatsFile(vm.stats_fd()))
+        opened += [StatsFile(vcpu.stats_fd()) for vcpu in vcpus]
+    except KvmError:
+        for item in opened:
+            item.close()
+        return []
+    return opened
