@@ -380,6 +380,29 @@ def test_other_programs_never_touch_the_pool(agent: Agent) -> None:
     assert (after["served"], after["fallbacks"]) == (before["served"], before["fallbacks"])
 
 
+def test_a_python3_that_appears_earlier_on_path_is_the_one_that_runs(
+    agent: Agent, tmp_path: Path
+) -> None:
+    # Which python3 PATH names is kept between execs (ember.agent.fscache): a python3 made
+    # later in a directory that did not even exist must still win, as execvpe would have it.
+    first = tmp_path / "first"
+    env = {"PATH": f"{first}:/usr/local/bin:/usr/bin:/bin"}
+    argv = ["python3", "-c", "print('pool')"]
+    assert agent.pooled(argv, env=env).stdout == b"pool\n"
+    lookups = agent.pool()["lookups"]
+    assert agent.pooled(argv, env=env).stdout == b"pool\n"
+    assert agent.pool()["lookups"] == lookups  # the kept answers: no path looked up
+    first.mkdir()
+    shadow = first / "python3"
+    shadow.write_text("#!/bin/sh\necho shadow\n")
+    shadow.chmod(0o755)
+    before = agent.pool()["served"]
+    assert agent.run(argv, env=env).stdout == b"shadow\n"
+    assert agent.pool()["served"] == before
+    shadow.unlink()  # and gone again: the pool's python3 is PATH's choice once more
+    assert agent.pooled(argv, env=env).stdout == b"pool\n"
+
+
 def test_the_pool_refills_after_use_and_frees_the_programs_memory(agent: Agent) -> None:
     agent.wait_full()
     run = agent.pooled(["python3", "-c", "import os; print(os.getpid())"])

@@ -31,7 +31,6 @@ import os
 import select
 import signal
 import socket
-import stat
 import subprocess
 import threading
 import time
@@ -41,6 +40,7 @@ from typing import IO, Any, cast
 from ember.agent.common import ExecError, log
 from ember.agent.heap import MALLOC_ENV
 from ember.agent.pyargs import PyJob, effective_ctype, plan
+from ember.agent.pyfind import PythonFinder
 from ember.agent.resume import ResumeState
 
 __all__ = ["BOOT", "DEFAULT_SIZE", "IDLE_S", "InterpreterPool", "PoolState"]
@@ -118,14 +118,6 @@ class _Member:
             self.ctl.close()
 
 
-def _find_python(path_env: str) -> str | None:
-    for directory in path_env.split(os.pathsep):
-        candidate = os.path.join(directory or ".", "python3")
-        if os.path.isfile(candidate) and os.access(candidate, os.X_OK):
-            return candidate
-    return None
-
-
 def _read_message(sock: socket.socket) -> dict[str, Any] | None:
     import marshal
 
@@ -176,10 +168,8 @@ class InterpreterPool:
         self.resume = resume if resume is not None else ResumeState()
         self.idle_s = idle_s
         self._env = (env if env is not None else default_env()) | MALLOC_ENV
-        self._python = _find_python(self._env.get("PATH", ""))
-        self._python_real = os.path.realpath(self._python) if self._python else ""
-        python_info = _stat(self._python) if self._python else None
-        self._python_id = (python_info.st_dev, python_info.st_ino) if python_info else (-1, -1)
+        self._finder = PythonFinder(self._env.get("PATH", ""))
+        self._python = self._finder.python
         self._ctype = effective_ctype(self._env)
         self._cond = threading.Condition()
         self._ready: list[_Member] = []
@@ -266,6 +256,7 @@ class InterpreterPool:
                 "heaps_mib": [int(m.info.get("heap", 0)) >> 20 for m in self._ready],
                 "holders": len(self._holders),
                 "last": dict(self._last),
+                "lookups": self._finder.lookups,  # path answers computed, not kept (pyfind)
                 "error": self.last_error,
             }
 
@@ -279,7 +270,7 @@ class InterpreterPool:
         with self._cond:
             if not self._ready:
                 return None
-        executable = self._interpreter(argv[0], env, cwd)
+        executable = self._finder.interpreter(argv[0], env, cwd)
         if executable is None:
             return None
         job = plan(argv, env, pool_ctype=self._ctype, pool_env=self._env)
@@ -350,40 +341,6 @@ class InterpreterPool:
         self._closing[proc.pid] = later
         return proc
 
-    def _interpreter(self, argv0: str, env: dict[str, str], cwd: str | None) -> str | None:
-        """What ``sys.executable`` would be if ``argv0`` names the pool's python3, else None.
-
-        As ``execvpe`` searches ``PATH`` and python3's getpath names the result, in as few
-        system calls as possible (each path lookup costs this guest ~2-3 ms): one ``stat``
-        per ``PATH`` entry tried, whose inode is compared with the pool's interpreter; only a
-        name other than the one the pool was started as (``python3.11``, a symlink elsewhere)
-        costs a ``realpath`` too. A virtual environment (``pyvenv.cfg`` beside the program
-        or one level up) has another ``sys.prefix``: a real process runs it.
-        """
-        if "/" not in argv0 and not argv0.startswith("python"):
-            return None  # the common case, decided without a system call
-        base = cwd or os.getcwd()
-        if "/" in argv0:
-            candidate = argv0 if argv0.startswith("/") else os.path.join(base, argv0)
-            info = _stat(candidate)
-        else:
-            candidate, info = "", None
-            for directory in env.get("PATH", "").split(os.pathsep):
-                path = os.path.join(directory or base, argv0)
-                found = _stat(path)
-                if found is not None and stat.S_ISREG(found.st_mode) and found.st_mode & 0o111:
-                    candidate, info = path, found
-                    break
-        if info is None or (info.st_dev, info.st_ino) != self._python_id:
-            return None
-        if candidate != self._python and os.path.realpath(candidate) != self._python_real:
-            return None  # the same file under another directory: another prefix (hard link)
-        here = os.path.dirname(candidate)
-        for directory in (here, os.path.dirname(here)):
-            if _stat(os.path.join(directory, "pyvenv.cfg")) is not None:
-                return None
-        return candidate
-
     def _acceptable(self, job: PyJob, env: dict[str, str]) -> bool:
         """What plan() cannot see: the file system and the codec registry."""
         if job.io_encoding:
@@ -408,7 +365,7 @@ class InterpreterPool:
                 home = env.get("HOME") or "/root"
                 base = os.path.join(home, ".local")
             user_site = os.path.join(base, "lib", f"python{version}", "site-packages")
-            job_user_site = os.path.isdir(user_site)
+            job_user_site = self._finder.is_dir(user_site)
         return not pool_user_site and not job_user_site
 
     # -- filling --------------------------------------------------------------------------
@@ -429,18 +386,36 @@ class InterpreterPool:
                 continue
             first = not self._first_fill_done
             member = self._start_one(first)
+            filled = False
             with self._cond:
                 if member is not None:
                     self._ready.append(member)
-                    if len(self._ready) >= self.size and not self._first_fill_done:
-                        self._first_fill_done = True
-                        self.state = PoolState.READY
+                    filled = len(self._ready) >= self.size and not self._first_fill_done
                 elif first:
                     self.state = PoolState.FAILED
                     self._gave_up = True
                     return
+            if filled:
+                self._warm_lookups()
+                with self._cond:
+                    self._first_fill_done = True
+                    self.state = PoolState.READY
             if member is None:
                 time.sleep(RETRY_S)
+
+    def _warm_lookups(self) -> None:
+        """Keep the file-system answers a plain ``exec python3`` needs before the pool says
+        it is ready, so before a template's snapshot: restored sandboxes skip the lookups."""
+        from ember.agent.execute import default_env
+
+        env = default_env()
+        try:
+            self._finder.interpreter("python3", env, None)
+            job = plan(["python3", "-c", "pass"], env, pool_ctype=self._ctype, pool_env=self._env)
+            if job is not None:
+                self._acceptable(job, env)
+        except OSError:
+            pass  # a warm-up only: the first exec asks again
 
     def _work_wanted(self) -> bool:
         return bool(self._holders) or (not self._gave_up and len(self._ready) < self.size)
@@ -602,13 +577,6 @@ class _Pipe(io.RawIOBase):
 
 def _pipe(fd: int) -> IO[bytes]:
     return cast("IO[bytes]", _Pipe(fd))
-
-
-def _stat(path: str) -> os.stat_result | None:
-    try:
-        return os.stat(path)
-    except OSError:
-        return None
 
 
 def _check_cwd(program: str, cwd: str) -> None:

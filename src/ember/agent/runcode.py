@@ -354,8 +354,12 @@ class CodeRunner:
         "why": "timeout"|"crashed", "timeout"}``."""
         action = opt_str(req, "action")
         if action == "wake":
-            self.wake()
-            write_frame(conn, Kind.RESULT, encode_json({}))
+            # Answer first: on one vCPU the woken worker preempts this thread, runs the cell
+            # and polls for more, and the answer would wait for the next tick (40 ms here).
+            try:
+                write_frame(conn, Kind.RESULT, encode_json({}))
+            finally:
+                self.wake()
         elif action == "stop":
             epoch = opt_int(req, "epoch")
             why = opt_str(req, "why")
