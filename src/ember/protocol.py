@@ -61,7 +61,7 @@ READY_PORT = 1025  # the agent connects to the host here once, to say it is up
 CHANNEL_PORT = 1026  # guest code connects to the host here to open a data channel
 # Requests that may ask (``"keepalive": true``) to keep their connection for the next request:
 # one REQUEST frame in, one RESULT or ERROR frame out, nothing else on the connection.
-KEEPALIVE_OPS = frozenset({"ping", "run_code", "code_ring", "stat", "list", "remove"})
+KEEPALIVE_OPS = frozenset({"ping", "run_code", "code_ring", "stat", "list", "remove", "pool"})
 # Streams that may keep their connection too: an ``exec`` without stdin (nothing follows its
 # REQUEST from the host) and a ``file_write`` (the agent reads every frame up to DATA_EOF,
 # even after a failure). The agent agrees by putting ``"keepalive": true`` in the RESULT; an

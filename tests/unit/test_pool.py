@@ -26,6 +26,7 @@ import pytest
 from ember import protocol
 from ember.agent import pystart
 from ember.client import AgentClient
+from ember.errors import AgentError
 from ember.protocol import Kind, read_frame, write_frame, write_json
 
 SRC = Path(__file__).resolve().parents[2] / "src"
@@ -401,6 +402,23 @@ def test_a_python3_that_appears_earlier_on_path_is_the_one_that_runs(
     assert agent.pool()["served"] == before
     shadow.unlink()  # and gone again: the pool's python3 is PATH's choice once more
     assert agent.pooled(argv, env=env).stdout == b"pool\n"
+
+
+def test_a_rehearsal_leaves_the_interpreters_waiting_and_as_they_were(agent: Agent) -> None:
+    # A spare's warm-up: each member reads its heap and rehearses a start, then waits for
+    # its job again; the program it then runs sees nothing of the rehearsal.
+    before = agent.wait_full()
+    warmed = agent.client.warm_pool()
+    assert len(warmed) == before["size"] and all(pages > 0 for pages in warmed), warmed
+    after = agent.pool()
+    assert after["ready"] == before["ready"] and after["served"] == before["served"]
+    run = agent.pooled(
+        ["python3", "-c", "import sys; print(sorted(k for k in globals() if k[0] != '_'),"
+         " '_words' in dir(sys.modules['__main__']), '<rehearsal>' in repr(sys.modules))"]
+    )  # fmt: skip
+    assert run.stdout == b"['sys'] False False\n", run  # its own import, and nothing else
+    with pytest.raises(AgentError, match="unknown pool action"):
+        agent.client._run(agent.client._session._call({"op": "pool"}, lambda obj: obj))
 
 
 def test_the_pool_refills_after_use_and_frees_the_programs_memory(agent: Agent) -> None:

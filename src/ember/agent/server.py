@@ -33,7 +33,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ember.agent import shm
-from ember.agent.common import BadRequest, ClientGone, kept_stream, log
+from ember.agent.common import BadRequest, ClientGone, kept_stream, log, opt_str
 from ember.agent.execute import exec_handler
 from ember.agent.filering import FILE_RING_OPS
 from ember.agent.files import FILE_OPS
@@ -96,6 +96,7 @@ class AgentServer:
             "run_code": self.runner.handle,
             "code_ring": self.runner.handle_ring,
             "shutdown": self._shutdown,
+            "pool": self._pool_op,
             "pty": handle_pty,
             "watch": handle_watch,
             **FILE_OPS,
@@ -250,6 +251,15 @@ class AgentServer:
                 "resume": self.resume.snapshot(),
             },
         )
+
+    def _pool_op(self, conn: socket.socket, req: dict[str, Any]) -> None:
+        """``{"op": "pool", "action": "warm"}``: the waiting interpreters rehearse a program's
+        start (:meth:`InterpreterPool.warm`); the pages each read, none without a pool."""
+        action = opt_str(req, "action")
+        if action != "warm":
+            raise BadRequest(f"unknown pool action {action!r}; known: warm")
+        touched = self.pool.warm() if self.pool is not None else []
+        write_json(conn, Kind.RESULT, {"warmed": touched})
 
     def _shutdown(self, conn: socket.socket, req: dict[str, Any]) -> None:
         write_json(conn, Kind.RESULT, {})

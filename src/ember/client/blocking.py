@@ -405,6 +405,11 @@ class AgentClient:
         ``"starting"``/``"ready"``/``"failed"``: snapshot a template once it is ready."""
         return self._run(self._session.ping())
 
+    def warm_pool(self) -> list[int]:
+        """Have the pre-started interpreters rehearse a program's start (a spare's warm-up:
+        a restored copy's first exec then skips ~100 ms of first touches); pages each read."""
+        return self._run(self._session.warm_pool())
+
     def exec_stream(
         self,
         cmd: Command,

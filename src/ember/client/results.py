@@ -259,5 +259,15 @@ def parse_ping(obj: dict[str, Any]) -> dict[str, Any]:
     return obj
 
 
+def parse_warmed(obj: dict[str, Any]) -> list[int]:
+    """``pool`` ``warm``: the pages each waiting interpreter read (none without a pool)."""
+    warmed = obj.get("warmed")
+    if not isinstance(warmed, list) or not all(
+        isinstance(n, int) and not isinstance(n, bool) for n in warmed
+    ):
+        raise ProtocolError(f"pool warm: 'warmed' must be a list of integers, got {warmed!r}")
+    return warmed
+
+
 def parse_nothing(obj: dict[str, Any]) -> None:
     """``remove`` and ``shutdown`` answer nothing worth keeping."""

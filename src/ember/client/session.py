@@ -158,6 +158,9 @@ class Session:
     def ping(self) -> Call[dict[str, Any]]:
         return self._call({"op": "ping"}, results.parse_ping)
 
+    def warm_pool(self) -> Call[list[int]]:
+        return self._call({"op": "pool", "action": "warm"}, results.parse_warmed)
+
     def shutdown(self) -> Call[None]:
         return self._call({"op": "shutdown"}, results.parse_nothing)
 
