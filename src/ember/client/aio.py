@@ -255,6 +255,11 @@ class AsyncAgentClient:
         """``{"pong", "version", "uptime", "pid", "worker"}``; see ``AgentClient.ping``."""
         return await self._run(self._session.ping())
 
+    async def warm_pool(self) -> list[int]:
+        """The pre-started interpreters rehearse a program's start; see
+        ``AgentClient.warm_pool``."""
+        return await self._run(self._session.warm_pool())
+
     def exec_stream(
         self,
         cmd: Command,
