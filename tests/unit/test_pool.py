@@ -412,6 +412,7 @@ def test_a_rehearsal_leaves_the_interpreters_waiting_and_as_they_were(agent: Age
     assert len(warmed) == before["size"] and all(pages > 0 for pages in warmed), warmed
     after = agent.pool()
     assert after["ready"] == before["ready"] and after["served"] == before["served"]
+    assert after["rehearsed"] == before["rehearsed"] + before["size"]
     run = agent.pooled(
         ["python3", "-c", "import sys; print(sorted(k for k in globals() if k[0] != '_'),"
          " '_words' in dir(sys.modules['__main__']), '<rehearsal>' in repr(sys.modules))"]

@@ -188,6 +188,7 @@ class InterpreterPool:
         self.last_error = ""
         self.served = 0
         self.fallbacks = 0
+        self.rehearsed = 0  # members that rehearsed a start (warm), in all
         self._thread: threading.Thread | None = None
 
     # -- life cycle -------------------------------------------------------------------
@@ -248,6 +249,7 @@ class InterpreterPool:
         finally:
             with self._cond:
                 self._ready[0:0] = kept + pending
+                self.rehearsed += len(kept)
                 self._cond.notify_all()
         return touched
 
@@ -292,7 +294,8 @@ class InterpreterPool:
                 "heaps_mib": [int(m.info.get("heap", 0)) >> 20 for m in self._ready],
                 "holders": len(self._holders),
                 "last": dict(self._last),
-                "lookups": self._finder.lookups,  # path answers computed, not kept (pyfind)
+                "lookups": self._finder.lookups,
+                "rehearsed": self.rehearsed,  # path answers computed, not kept (pyfind)
                 "error": self.last_error,
             }
 

@@ -640,15 +640,18 @@ def _make_holder(keep: list[Any]) -> int:
 
 
 def _rehearse(heap: int, keep: set[str]) -> int:
-    """Touch now what a program's start will touch; the pages read (``{"op": "warm"}``).
+    """Touch now what a program's start will touch; the pages touched (``{"op": "warm"}``).
 
     In a sandbox restored from a template each page a process touches first costs a shadow
     page fault and a host fault (~25 us here): ~3,500 of them, ~100 ms, in a pre-started
     interpreter's first program. A sandbox restored ahead of its use (a spare) asks for
     this while it waits. The compiler and the eval loop are rehearsed by compiling and
-    running a throwaway program, the hand-over's own steps by doing them on copies; the
-    heap (all but the tail of the pre-faulted block, which small programs never reach) by
-    reading a byte of each page. Reads only: no page stops being shared with the template.
+    running a throwaway program, the hand-over's own steps by doing them on copies. Memory
+    is read a byte a page: the heap (but the pre-faulted block's tail, which small programs
+    never reach) and the stack; what every program writes is written back unchanged: the
+    interpreter's and libc's data (their globals, malloc's arena) and the first
+    :data:`REHEARSED_HEAP` of the block, where its allocations land. That costs the host
+    ~3 MiB of private memory per interpreter; the rest stays shared with the template.
     """
     import ctypes  # imported in the template already (_Flags)
 
@@ -657,17 +660,40 @@ def _rehearse(heap: int, keep: set[str]) -> int:
     marshal.loads(marshal.dumps({"argv": ["python3"], "env": dict(os.environ)}))
     _ = set(sys.modules) - keep
     page = os.sysconf("SC_PAGE_SIZE")
-    pages = 0
     with open("/proc/self/maps", "rb") as maps:
         lines = maps.read().splitlines()
+    reads: list[tuple[int, int]] = []
+    writes: list[tuple[int, int]] = []
+    data_of = (b"python3", b"libc.so")
+    after_data = False  # the mapping after a file's data is its .bss
     for line in lines:
         fields = line.split()
-        if len(fields) < 6 or fields[5] != b"[heap]":
-            continue
         low, high = (int(x, 16) for x in fields[0].split(b"-"))
-        high -= max(0, heap - REHEARSED_HEAP)  # the block's tail stays untouched
+        name = fields[5] if len(fields) > 5 else b""
+        perms = fields[1]
+        if name == b"[heap]":
+            block = max(low, high - heap)  # the block is the heap's top, as the template freed it
+            reads.append((low, block if heap else high))
+            if heap:
+                writes.append((block, min(high, block + REHEARSED_HEAP)))
+        elif name == b"[stack]":
+            reads.append((low, high))
+        elif perms.startswith(b"rw") and (
+            any(part in name.rsplit(b"/", 1)[-1] for part in data_of) or (after_data and not name)
+        ):
+            writes.append((low, high))
+        after_data = perms.startswith(b"rw") and any(
+            part in name.rsplit(b"/", 1)[-1] for part in data_of
+        )
+    pages = 0
+    for low, high in reads:
         for address in range(low, high, page):
             ctypes.string_at(address, 1)
+            pages += 1
+    for low, high in writes:
+        for address in range(low, high, page):
+            byte = ctypes.c_char.from_address(address)
+            byte.value = byte.value  # the same byte back: a write, no change
             pages += 1
     return pages
 
