@@ -9,6 +9,8 @@ Ember (through the SDK, the zygote warm, the default template cached):
 - ``run_code``: ``Sandbox()`` then ``run_code('6*7')`` answered by the warm worker;
 - ``lifecycle``: ``Sandbox()`` → ``exec(["true"])`` → ``close()``;
 - the same from a spare (``keep_warm(1)``: restored and warmed ahead, waiting 1 s);
+- a live sandbox's ``ping`` and ``run_code`` 0, 1 and 3 s after its last call (an interactive
+  caller's latency: a kept connection, a worker that stopped polling);
 - creations per second with N threads creating, pinging and closing sandboxes;
 - the private memory (USS) of an idle sandbox's VMM process;
 - how many sandboxes live at once, each answering a ping, with ≥ 2 GiB of host memory free.
@@ -389,6 +391,25 @@ def measure_spares(runs: int, template: str | None = None, gap_s: float = 1.0) -
     }
 
 
+def measure_gaps(runs: int, gaps: Sequence[float] = (0.0, 1.0, 3.0)) -> dict[str, Any]:
+    """A live sandbox's ``ping`` and ``run_code('6*7')`` after the caller was idle for each of
+    ``gaps`` seconds, as an interactive caller (an agent between tool calls) sees them: within
+    the kept connection's life (5 s) the call reuses it; the ``run_code`` worker stops polling
+    0.25 s after a call, so later calls wake it (one vsock round trip)."""
+    found: dict[str, Any] = {}
+    with Sandbox() as sb:
+        sb.ping()
+        for gap in gaps:
+            for name, call in (("ping", sb.ping), ("run_code", lambda: sb.run_code("6*7"))):
+                call()
+                times = []
+                for _ in range(runs):
+                    time.sleep(gap)
+                    times.append(timed(call))
+                found[f"{name}_after_{gap:g}s_ms"] = quantiles(times)
+    return found
+
+
 def _q(report: dict[str, Any], *keys: str) -> tuple[str, str]:
     node: Any = report
     for key in keys:
@@ -409,6 +430,11 @@ def render(report: dict[str, Any]) -> str:
         ("Sandbox() from a spare -> ping answered", "spare", "ping_ms"),
         ("Sandbox() from a spare -> run_code('6*7')", "spare", "run_code_ms"),
         ("spare -> exec(true) -> destroy", "spare", "lifecycle_ms"),
+        *(
+            (f"live, {what} {gap:g} s after the last call", "gaps", f"{what}_after_{gap:g}s_ms")
+            for what in ("ping", "run_code")
+            for gap in (0.0, 1.0, 3.0)
+        ),
         ("ready (restore -> running)", "qemu", "ready_ms"),
         ("new process: subprocess true", "subprocess", "ready_ms"),
     ):
@@ -459,6 +485,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     report: dict[str, Any] = {"ember": measure_ember(args.runs, template)}
     if not args.no_spares:
         report["spare"] = measure_spares(args.runs, template)
+    report["gaps"] = measure_gaps(min(args.runs, 10))
     report["subprocess"] = measure_subprocess(args.runs)
     if not args.no_qemu:
         with tempfile.TemporaryDirectory(prefix="ember-bench-") as workdir:
