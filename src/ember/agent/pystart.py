@@ -73,7 +73,8 @@ CLONE_VM = 0x100
 CLONE_PARENT = 0x8000
 SIGCHLD = 17
 SYS_PAUSE = 34  # x86_64
-REHEARSED_HEAP = 2 << 20  # of the pre-faulted block, what a rehearsal reads (see _rehearse)
+REHEARSED_HEAP = 2 << 20  # of the pre-faulted block, what a rehearsal writes (see _rehearse)
+MAX_BSS = 4 << 20  # an unnamed mapping after a library's data bigger than this is not its .bss
 _ZIP_END = b"PK\x05\x06"
 
 
@@ -665,12 +666,13 @@ def _rehearse(heap: int, keep: set[str]) -> int:
     reads: list[tuple[int, int]] = []
     writes: list[tuple[int, int]] = []
     data_of = (b"python3", b"libc.so")
-    after_data = False  # the mapping after a file's data is its .bss
+    data_end = -1  # where python3's or libc's data ends: an unnamed mapping right there is .bss
     for line in lines:
         fields = line.split()
         low, high = (int(x, 16) for x in fields[0].split(b"-"))
         name = fields[5] if len(fields) > 5 else b""
-        perms = fields[1]
+        writable = fields[1].startswith(b"rw")
+        ours = any(part in name.rsplit(b"/", 1)[-1] for part in data_of)
         if name == b"[heap]":
             block = max(low, high - heap)  # the block is the heap's top, as the template freed it
             reads.append((low, block if heap else high))
@@ -678,13 +680,9 @@ def _rehearse(heap: int, keep: set[str]) -> int:
                 writes.append((block, min(high, block + REHEARSED_HEAP)))
         elif name == b"[stack]":
             reads.append((low, high))
-        elif perms.startswith(b"rw") and (
-            any(part in name.rsplit(b"/", 1)[-1] for part in data_of) or (after_data and not name)
-        ):
+        elif writable and (ours or (not name and low == data_end and high - low <= MAX_BSS)):
             writes.append((low, high))
-        after_data = perms.startswith(b"rw") and any(
-            part in name.rsplit(b"/", 1)[-1] for part in data_of
-        )
+        data_end = high if writable and ours else -1
     pages = 0
     for low, high in reads:
         for address in range(low, high, page):
