@@ -78,24 +78,28 @@ class SparePool(Generic[T]):
     # --- the callers' side
     def take(self, key: Hashable) -> T | None:
         """A warmed spare of ``key``, or None (then make one on demand, inside :meth:`starting`)."""
-        with self._lock:
-            if self._stopped:
-                return None
-            evicted: list[Spare[T]] = []
-            if self._auto and key not in self._wanted:
-                self._recent[key] = None
-                self._recent.move_to_end(key)
-                while len(self._recent) > MAX_AUTO_KEYS:
-                    dropped, _ = self._recent.popitem(last=False)
-                    evicted += self._discard_locked(dropped)
-            self._kick_locked()
-        if evicted:  # closed off the taker's path
-            threading.Thread(target=_close_all, args=(evicted,), daemon=True).start()
+        evicted: list[Spare[T]] = []
+        first = True
         while True:
             with self._lock:
+                if self._stopped:
+                    return None
+                if first and self._auto and key not in self._wanted:
+                    # Registered in the same hold of the lock as the look at the queue: the
+                    # refill this asks for cannot slip in between and be handed out as if
+                    # it had waited.
+                    self._recent[key] = None
+                    self._recent.move_to_end(key)
+                    while len(self._recent) > MAX_AUTO_KEYS:
+                        dropped, _ = self._recent.popitem(last=False)
+                        evicted += self._discard_locked(dropped)
+                first = False
                 queue = self._ready.get(key)
                 spare = queue.popleft() if queue else None
                 self._kick_locked()  # a refill, once the caller is up
+            if evicted:  # closed off the taker's path
+                threading.Thread(target=_close_all, args=(evicted,), daemon=True).start()
+                evicted = []
             if spare is None:
                 return None
             if spare.usable():
