@@ -224,10 +224,9 @@ class InterpreterPool:
         here), ~3,500 of them, ~100 ms, for each interpreter's first program. Members are out
         of the pool while they rehearse (an exec meanwhile starts a real process)."""
         with self._cond:
-            members, self._ready = self._ready, []
+            pending, self._ready = self._ready, []
         touched: list[int] = []
         kept: list[_Member] = []
-        pending = list(members)
         try:
             while pending:
                 member = pending[0]
@@ -294,8 +293,8 @@ class InterpreterPool:
                 "heaps_mib": [int(m.info.get("heap", 0)) >> 20 for m in self._ready],
                 "holders": len(self._holders),
                 "last": dict(self._last),
-                "lookups": self._finder.lookups,
-                "rehearsed": self.rehearsed,  # path answers computed, not kept (pyfind)
+                "lookups": self._finder.lookups,  # path answers computed, not kept (pyfind)
+                "rehearsed": self.rehearsed,
                 "error": self.last_error,
             }
 

@@ -149,7 +149,6 @@ _IOCTLS: dict[Role, tuple[int, ...]] = {
         abi.KVM_GET_MP_STATE, abi.KVM_GET_VCPU_EVENTS, abi.KVM_GET_DEBUGREGS,
         abi.KVM_GET_XSAVE, abi.KVM_GET_XCRS, abi.KVM_GET_TSC_KHZ,
         abi.KVM_GET_IRQCHIP, abi.KVM_GET_PIT2, abi.KVM_GET_CLOCK, abi.KVM_IRQ_LINE,
-        abi.KVM_GET_STATS_FD,  # the control socket's kvm-stats (read-only counters)
     ),
     Role.MAIN: (abi.KVM_GET_REGS,),
 }  # fmt: skip
