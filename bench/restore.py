@@ -11,6 +11,7 @@ Ember (through the SDK, the zygote warm, the default template cached):
 - the same from a spare (``keep_warm(1)``: restored and warmed ahead, waiting 1 s);
 - a live sandbox's ``ping`` and ``run_code`` 0, 1 and 3 s after its last call (an interactive
   caller's latency: a kept connection, a worker that stopped polling);
+- the guest's wall clock minus the host's, read in ``run_code`` (``agent/tscclock.py``);
 - creations per second with N threads creating, pinging and closing sandboxes;
 - the private memory (USS) of an idle sandbox's VMM process;
 - how many sandboxes live at once, each answering a ping, with ≥ 2 GiB of host memory free.
@@ -410,6 +411,42 @@ def measure_gaps(runs: int, gaps: Sequence[float] = (0.0, 1.0, 3.0)) -> dict[str
     return found
 
 
+def measure_clock(runs: int) -> dict[str, Any]:
+    """The guest's wall clock against the host's: ``time.time_ns()`` read in ``run_code``,
+    minus the middle of the host's window around the call (ms; negative: the guest is
+    behind), for a restored sandbox's first call, its later ones, and a spare's first call.
+    The window's half-width bounds what a reading can tell (the first call's is large)."""
+    from ember import keep_warm
+
+    code = "import time\ntime.time_ns()"
+
+    def offset(sb: Sandbox) -> tuple[float, float]:
+        before = time.time_ns()
+        guest = int(sb.run_code(code).value or "0")
+        after = time.time_ns()
+        return (guest - (before + after) / 2) / 1e6, (after - before) / 2e6
+
+    first, later, spare = [], [], []
+    for _ in range(runs):
+        with Sandbox() as sb:
+            first.append(offset(sb)[0])
+            later.extend(offset(sb)[0] for _ in range(3))
+    keep_warm(1)
+    try:
+        for _ in range(min(runs, 5)):
+            time.sleep(1.0)
+            with Sandbox() as sb:
+                offset(sb)
+                spare.append(offset(sb)[0])
+    finally:
+        keep_warm(0)
+    return {
+        "first_call_ms": quantiles(first),
+        "later_calls_ms": quantiles(later),
+        "spare_second_call_ms": quantiles(spare),
+    }
+
+
 def _q(report: dict[str, Any], *keys: str) -> tuple[str, str]:
     node: Any = report
     for key in keys:
@@ -435,6 +472,9 @@ def render(report: dict[str, Any]) -> str:
             for what in ("ping", "run_code")
             for gap in (0.0, 1.0, 3.0)
         ),
+        ("guest wall clock - host's, restore -> first call", "clock", "first_call_ms"),
+        ("guest wall clock - host's, later calls", "clock", "later_calls_ms"),
+        ("guest wall clock - host's, a spare's 2nd call", "clock", "spare_second_call_ms"),
         ("ready (restore -> running)", "qemu", "ready_ms"),
         ("new process: subprocess true", "subprocess", "ready_ms"),
     ):
@@ -486,6 +526,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.no_spares:
         report["spare"] = measure_spares(args.runs, template)
     report["gaps"] = measure_gaps(min(args.runs, 10))
+    report["clock"] = measure_clock(min(args.runs, 10))
     report["subprocess"] = measure_subprocess(args.runs)
     if not args.no_qemu:
         with tempfile.TemporaryDirectory(prefix="ember-bench-") as workdir:

@@ -11,7 +11,10 @@ Layout, version 1 (all words u64, little-endian, naturally aligned)::
 
     region offset 0           header page, written by the VMM before any vCPU runs:
                               magic "EMBERSHM", version, generation (random per VMM
-                              start, restore or fork), slot_count, slot_size, doorbell_gpa
+                              start, restore or fork), slot_count, slot_size, doorbell_gpa,
+                              then a clock pair: the guest's TSC, the host's CLOCK_REALTIME
+                              (ns) at that TSC, the guest's TSC frequency (kHz); all three
+                              zero when the VMM has none (another architecture, an older VMM)
     SLOT_BASE + i*slot_size   slot i: a control page, then slot_size - PAGE bytes of data
 
     control page of a slot (one single-producer/single-consumer ring, guest -> host):
@@ -76,6 +79,7 @@ SLOT_BASE = PAGE
 
 # Header words (index into the region's first page viewed as u64).
 H_MAGIC, H_VERSION, H_GENERATION, H_SLOT_COUNT, H_SLOT_SIZE, H_DOORBELL = range(6)
+H_TSC, H_TSC_REALTIME, H_TSC_KHZ = range(6, 9)  # the clock pair (ember.agent.tscclock)
 
 # Control words (index into a slot's control page viewed as u64).
 HEAD = 0

@@ -108,3 +108,47 @@ def test_a_guest_sleeping_longer_than_the_longest_run_is_not_cut_short(images: I
     slept_mono, counted_as_sleep = ast.literal_eval(result.value or "")
     assert slept_mono >= 15.0
     assert counted_as_sleep < 0.5, counted_as_sleep
+
+
+#: How far a guest reading may fall outside the host's window around the call: the VMM's TSC
+#: pair is good to microseconds; this covers the step's own system call and clock rounding.
+#: Stepped to the first request's stamp instead, a restored guest stayed 40-90 ms behind.
+WALL_TOLERANCE_NS = 3_000_000
+
+
+def wall_clock_errors(sb: Sandbox, calls: int = 3) -> list[int]:
+    """Per call, how far (ns) the guest's ``time.time_ns()`` fell outside the host's
+    before/after window (0: inside it)."""
+    errors = []
+    for _ in range(calls):
+        before = time.time_ns()
+        result = sb.run_code("import time\ntime.time_ns()", timeout=120)
+        after = time.time_ns()
+        assert result.error is None, result.error
+        guest = int(result.value or "0")
+        errors.append(max(0, before - guest, guest - after))
+    return errors
+
+
+@pytest.mark.parametrize("first", ["run_code", "exec", "ping"])
+def test_a_restored_guest_has_the_hosts_wall_clock(images: Images, first: str) -> None:
+    """Whichever request reaches the guest first (the worker's code ring, or the agent over
+    vsock), the clock it sets is the host's now, from the TSC pair, not the request's stamp."""
+    with Sandbox() as sb:
+        if first == "exec":
+            assert sb.exec(["true"]).exit_code == 0
+        elif first == "ping":
+            sb.ping()
+        errors = wall_clock_errors(sb)
+        status = sb.ping()
+    assert max(errors) <= WALL_TOLERANCE_NS, errors
+    resume = status.get("resume") or {}
+    assert resume.get("generation") == 1, resume  # one resume applied by the agent (or none)
+
+
+def test_a_fork_has_the_hosts_wall_clock(images: Images) -> None:
+    with Sandbox() as sb:
+        sb.run_code("1")
+        with sb.fork() as child:
+            errors = wall_clock_errors(child)
+    assert max(errors) <= WALL_TOLERANCE_NS, errors

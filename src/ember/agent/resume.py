@@ -12,8 +12,13 @@ restore or fork::
 and the agent applies it before that request is served, so no user code ever runs on the
 template's clock or randomness:
 
-* the wall clock is stepped to the host's when they differ by more than :data:`CLOCK_STEP_NS`
-  (a request takes a few ms to arrive; a smaller difference is that, not an error);
+* the wall clock is stepped to the host's. With the VMM's clock pair in the shared region
+  (``ember.agent.tscclock``) that is the host's clock *now*, read from the TSC, and it is
+  stepped when they differ by more than :data:`TSC_STEP_NS`; without one, to the stamp in the
+  request when they differ by more than :data:`CLOCK_STEP_NS` (the request took that long to
+  arrive: the clock stays behind by its transit, 40-90 ms for a restored guest's first one).
+  :func:`sync_clock` repeats the TSC check on later requests, so a guest that drifted while
+  parked is put right too;
 * the bytes go into the kernel's pool with ``RNDADDENTROPY`` and the kernel's CRNG is reseeded
   at once (``RNDRESEEDCRNG``), so ``os.urandom`` differs between siblings from the first call;
 * the warm interpreters are told to reseed ``random`` before their next job
@@ -35,14 +40,17 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ember.agent.common import BadRequest, log
+from ember.agent.tscclock import TscClock, region_pair
 
-__all__ = ["CLOCK_STEP_NS", "ResumeState", "apply_resume"]
+__all__ = ["CLOCK_STEP_NS", "TSC_STEP_NS", "ResumeState", "apply_resume", "sync_clock"]
 
 #: linux/random.h ioctls on /dev/random (both need CAP_SYS_ADMIN; the agent is root).
 RNDADDENTROPY = 0x40085203  # _IOW('R', 0x03, int[2]) + the buffer: struct rand_pool_info
 RNDRESEEDCRNG = 0x5207  # _IO('R', 0x07)
 
 CLOCK_STEP_NS = 50_000_000
+TSC_STEP_NS = 1_000_000  # the pair is good to microseconds: a millisecond off is drift
+MIN_LAG_NS = 20_000  # a step's own lag worth a second step (see _step_clock)
 MAX_ENTROPY = 512  # bytes taken from one resume; the host sends 32
 
 
@@ -57,6 +65,7 @@ class ResumeState:
     last_error: str = ""
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     random_fd: int | None = field(default=None, repr=False)
+    clock: TscClock | None = field(default=None, repr=False)
 
     def open_random(self) -> None:
         """Open ``/dev/random`` now, in the template: a path lookup costs a restored guest
@@ -72,6 +81,9 @@ class ResumeState:
         base64's validating regex compiled (tens of ms of fresh pages in a restored guest)."""
         self.open_random()
         base64.b64decode(b"AAAA", validate=True)
+        if self.clock is None:
+            self.clock = TscClock(region_pair)  # its code page mapped and called once here
+            self.clock.realtime_ns()
 
     def snapshot(self) -> dict[str, Any]:
         return {
@@ -83,12 +95,48 @@ class ResumeState:
         }
 
 
-def _step_clock(host_ns: int) -> bool:
-    guest_ns = time.clock_gettime_ns(time.CLOCK_REALTIME)
-    if abs(guest_ns - host_ns) <= CLOCK_STEP_NS:
+def _step_clock(host_ns: int | None, clock: TscClock | None) -> bool:
+    """Step the wall clock to the host's: from the TSC pair if there is one, else to
+    ``host_ns`` (a stamp as old as the request's transit). False if it was close enough."""
+    true_ns = clock.realtime_ns() if clock is not None else None
+    if true_ns is not None:
+        target, slack = true_ns, TSC_STEP_NS
+    elif host_ns is not None:
+        target, slack = host_ns, CLOCK_STEP_NS
+    else:
         return False
-    time.clock_settime_ns(time.CLOCK_REALTIME, host_ns)
+    if abs(time.clock_gettime_ns(time.CLOCK_REALTIME) - target) <= slack:
+        return False
+    if clock is None or true_ns is None:
+        time.clock_settime_ns(time.CLOCK_REALTIME, target)
+        return True
+    time.clock_settime_ns(time.CLOCK_REALTIME, clock.realtime_ns() or target)
+    # The kernel set that value ~0.3 ms after it was read here (a system call's entry is
+    # emulated): the clock now lags by that much. Once more, ahead by the lag just seen.
+    now = clock.realtime_ns()
+    if now is not None:
+        lag = now - time.clock_gettime_ns(time.CLOCK_REALTIME)
+        if MIN_LAG_NS < lag < TSC_STEP_NS:
+            time.clock_settime_ns(time.CLOCK_REALTIME, (clock.realtime_ns() or now) + lag)
     return True
+
+
+def sync_clock(state: ResumeState) -> None:
+    """On any request: if the TSC pair says the clock is off by more than
+    :data:`TSC_STEP_NS` (drift while parked or paused), step it. A few microseconds of user
+    code when it is not; nothing without a pair."""
+    clock = state.clock
+    if clock is None:
+        return
+    true_ns = clock.realtime_ns()
+    if true_ns is None or abs(time.clock_gettime_ns(time.CLOCK_REALTIME) - true_ns) <= TSC_STEP_NS:
+        return
+    with state.lock:
+        try:
+            if _step_clock(None, clock):
+                state.clock_steps += 1
+        except OSError as exc:
+            state.last_error = f"{type(exc).__name__}: {exc}"
 
 
 def _add_entropy(fd: int, data: bytes) -> None:
@@ -125,7 +173,7 @@ def apply_resume(state: ResumeState, resume: object) -> None:
     with state.lock:
         state.generation += 1
         try:
-            if host_ns is not None and _step_clock(host_ns):
+            if _step_clock(host_ns, state.clock):
                 state.clock_steps += 1
             if data:
                 state.open_random()

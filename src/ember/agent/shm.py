@@ -78,6 +78,13 @@ class Region:
     def generation(self) -> int:
         return int(self._words[ring.H_GENERATION])
 
+    def clock_pair(self) -> tuple[int, int, int] | None:
+        """The VMM's clock pair ``(tsc, realtime_ns, khz)`` (``ember.agent.tscclock``), or
+        ``None`` from a VMM that publishes none."""
+        words = self._words
+        pair = (int(words[ring.H_TSC]), int(words[ring.H_TSC_REALTIME]), int(words[ring.H_TSC_KHZ]))
+        return pair if all(pair) else None
+
     def premap(self) -> None:
         """Map every slot now (in the template: restored sandboxes inherit the mapping)."""
         if self._whole is None:

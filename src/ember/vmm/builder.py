@@ -255,6 +255,8 @@ def _finish(
         config=config, serial=serial, cpuids=cpuids,
     )  # fmt: skip
     machine.shm = parts.shm
+    if parts.shm is not None and vcpus:
+        parts.shm.publish_clock(vcpus[0])  # after the vCPUs' state (a restore's TSC) is set
     parts.pio.insert(serial, COM1_PORT, UART_PORT_LEN)
     parts.pio.insert(I8042(machine.guest_reset), I8042_PORT_BASE, I8042_PORT_LEN)
     return machine

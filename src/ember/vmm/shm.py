@@ -16,6 +16,11 @@ slot, each an ioeventfd. A guest user-mode write there costs ~2.5 µs here and n
 exit to this process; the SDK, which consumes the rings, gets the eventfds (and
 the memfd) over the control socket (``{"op": "shm"}``, SCM_RIGHTS). The VMM
 itself never reads the region after writing its header: it only hosts it.
+
+The header also carries a clock pair (:meth:`SharedRegion.publish_clock`): the guest's TSC
+and this host's ``CLOCK_REALTIME`` read at one instant, and the TSC's rate. A guest process
+that reads its TSC (``rdtsc``, user mode, no exit) then knows the host's wall clock to a few
+microseconds at any later moment, however long a request took to reach it.
 """
 
 from __future__ import annotations
@@ -23,13 +28,14 @@ from __future__ import annotations
 import mmap
 import os
 import secrets
+import time
 from typing import TYPE_CHECKING
 
 from ember import ring
 
 if TYPE_CHECKING:  # the VMM's side; the SDK imports this module for CODE_HOST_WAITING only
     from ember.arch.x86_64.bootparams import E820Entry
-    from ember.kvm.system import Vm
+    from ember.kvm.system import Vcpu, Vm
     from ember.memory import GuestMemory
 
 # A word of the code request slot's control page that the host sets while a run_code call
@@ -39,6 +45,9 @@ if TYPE_CHECKING:  # the VMM's side; the SDK imports this module for CODE_HOST_W
 CODE_HOST_WAITING = 40
 
 ALIGN = 2 << 20  # a 2 MiB boundary: large pages stay possible on both sides
+MSR_IA32_TSC = 0x10
+PAIR_TRIES = 5  # reads of the pair; the tightest bracket is kept
+PAIR_MAX_NS = 1_000_000  # a bracket wider than this (the host descheduled us) is no pair
 
 
 def region_base(memory: GuestMemory) -> int:
@@ -87,6 +96,40 @@ class SharedRegion:
         words[ring.H_DOORBELL] = self.doorbell_gpa
         words[ring.H_MAGIC] = ring.MAGIC  # last: a reader that sees it sees the rest
         words.release()
+
+    def publish_clock(self, vcpu: Vcpu) -> bool:
+        """Write the clock pair into the header, before any vCPU runs (restore, fork, boot).
+
+        The guest's TSC is read through KVM (``KVM_GET_MSRS``), not with our own ``rdtsc``:
+        on hardware KVM a restored guest's TSC carries an offset (the snapshot's value was
+        put back), under kvm_pvm it is the host's; KVM answers the guest's value in both.
+        The realtime half is the middle of the two host readings around that ioctl. Without
+        a pair (no TSC, KVM refused) the words stay zero and the guest steps its clock to
+        the host's stamp in the first request instead (less precise by that request's
+        transit time).
+        """
+        from ember.errors import KvmError
+
+        best: tuple[int, int, int] | None = None  # (bracket ns, tsc, realtime ns)
+        try:
+            khz = vcpu.get_tsc_khz()
+            for _ in range(PAIR_TRIES):
+                before = time.clock_gettime_ns(time.CLOCK_REALTIME)
+                tsc = vcpu.get_msrs([MSR_IA32_TSC]).get(MSR_IA32_TSC, 0)
+                after = time.clock_gettime_ns(time.CLOCK_REALTIME)
+                width = after - before
+                if tsc and 0 <= width <= PAIR_MAX_NS and (best is None or width < best[0]):
+                    best = (width, tsc, before + width // 2)
+        except (KvmError, OSError):
+            return False
+        if best is None or khz <= 0:
+            return False
+        words = memoryview(self.mem)[: ring.PAGE].cast("Q")
+        words[ring.H_TSC] = best[1]
+        words[ring.H_TSC_REALTIME] = best[2]
+        words[ring.H_TSC_KHZ] = khz
+        words.release()
+        return True
 
     def host_waiting(self) -> bool:
         """A host waits for a run_code reply on the rings (see :data:`CODE_HOST_WAITING`)."""
