@@ -427,7 +427,9 @@ def measure_clock(runs: int) -> dict[str, Any]:
         outside = min(0, guest - before) + max(0, guest - after)
         return outside / 1e6, (after - before) / 1e6
 
-    first, later, spare = [], [], []
+    first: list[float] = []
+    later: list[float] = []
+    spare: list[float] = []
     for _ in range(runs):
         with Sandbox() as sb:
             first.append(offset(sb)[0])
