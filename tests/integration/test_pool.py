@@ -163,3 +163,29 @@ def test_untouched_template_memory_costs_the_host_nothing(sb: Sandbox) -> None:
         private_kib = sum(int(line.split()[1]) for line in f if line.startswith("Private_"))
     heaps_mib = sum(sb.ping()["pool"]["heaps_mib"])
     assert private_kib // 1024 < max(32, heaps_mib // 2), (private_kib, heaps_mib)
+
+
+HUGE_KIB = (  # the guest's transparent huge pages in use (no smaps in this kernel)
+    "def huge_kib():\n"
+    "    for line in open('/proc/meminfo'):\n"
+    "        if line.startswith('AnonHugePages:'):\n"
+    "            return int(line.split()[1])\n"
+    "    return 0\n"
+)
+
+
+def test_warm_heaps_are_transparent_huge_pages(sb: Sandbox) -> None:
+    """The warm interpreters' heaps ask for 2 MiB pages (glibc.malloc.hugetlb=1, THP in
+    madvise mode): the blocks touched in the template and memory a program takes past its
+    block are huge pages, while a program that does not ask keeps 4 KiB pages (the host
+    pays for what it touches only)."""
+    cell = sb.run_code(HUGE_KIB + "huge_kib()", timeout=600)
+    assert cell.error is None and int(str(cell.value)) >= 32 << 10, cell  # the blocks
+    grow = HUGE_KIB + "before = huge_kib()\nb = bytearray(96 << 20)\nprint(huge_kib() - before)"
+    grown = sb.exec(["python3", "-c", grow], timeout=900)
+    assert grown.exit_code == 0 and int(grown.stdout) >= 16 << 10, grown  # past its block
+    mode = sb.files.read("/sys/kernel/mm/transparent_hugepage/enabled").decode()
+    assert "[madvise]" in mode, mode
+    plain = HUGE_KIB + "before = huge_kib()\nb = bytearray(16 << 20)\nprint(huge_kib() - before)"
+    real = sb.exec(["python3", "-O", "-c", plain], timeout=900)  # -O: a real process
+    assert real.exit_code == 0 and int(real.stdout) == 0, real

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
-from ember.agent.heap import per_interpreter
+from ember.agent.heap import THP_SETTINGS, per_interpreter, tune_thp
 from ember.agent.pyargs import PyJob, effective_ctype, parse_command, plan
 
 POOL_ENV = {"PATH": "/usr/bin:/bin", "HOME": "/root", "LANG": "C.UTF-8", "PYTHONMALLOC": "malloc"}
@@ -137,3 +139,15 @@ def test_heap_budget_is_shared_and_bounded_by_free_memory() -> None:
     assert per_interpreter(64, 3, available_mib=50) == 0
     assert per_interpreter(0, 3, available_mib=4096) == 0
     assert per_interpreter(64, 0, available_mib=4096) == 0
+
+
+def test_thp_settings_go_to_the_files_that_exist(tmp_path: Path) -> None:
+    (tmp_path / "khugepaged").mkdir()
+    for name in THP_SETTINGS:
+        (tmp_path / name).write_text("always [madvise] never\n")
+    assert tune_thp(str(tmp_path)) == len(THP_SETTINGS)
+    assert (tmp_path / "defrag").read_text() == "never"
+    assert (tmp_path / "enabled").read_text() == "madvise"
+    assert int((tmp_path / "khugepaged/scan_sleep_millisecs").read_text()) >= 3600 * 1000
+    # a kernel without THP: no files, nothing done, no error
+    assert tune_thp(str(tmp_path / "absent")) == 0

@@ -9,13 +9,22 @@ of ``heap`` bytes before the snapshot, in a heap that keeps what is freed:
   256 KiB arenas (those are ``mmap``-ed fresh and returned with ``munmap`` when empty);
 * ``MALLOC_MMAP_MAX_=0``: big blocks come from the heap too, not from a fresh ``mmap``;
 * ``MALLOC_TRIM_THRESHOLD_`` huge: ``free`` never gives the top of the heap back;
-* ``MALLOC_ARENA_MAX=1``: threads share that one heap instead of fresh 64 MiB arenas.
+* ``MALLOC_ARENA_MAX=1``: threads share that one heap instead of fresh 64 MiB arenas;
+* ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1``: glibc grows the heap in 2 MiB steps and asks for
+  transparent huge pages there (``MADV_HUGEPAGE``), so a fresh 2 MiB of heap is one page fault
+  of the emulated kernel instead of 512 (the template's block, and what a program allocates
+  past it).
 
 Side effects, accepted: memory an interpreter freed stays with it until it exits (the pool's
 interpreters run one program each; the run_code worker keeps its peak), and an exiting
-interpreter never unmaps anything during finalisation, which here is also faster. The guest
-kernel has no transparent huge pages (``src/ember/images/kernel/ember.config``), so every
-touched page is 4 KiB; measuring THP would need a kernel rebuild, not done.
+interpreter never unmaps anything during finalisation, which here is also faster.
+
+The guest kernel has transparent huge pages in ``madvise`` mode
+(``src/ember/images/kernel/ember.config``): only memory that asks gets them (the warm
+interpreters' heaps above), so a program that touches one byte of a fresh region still costs
+the host 4 KiB, not 2 MiB. :func:`tune_thp` makes them never wait: no compaction at fault time
+(``defrag`` ``never``: a huge page when one is free, else 4 KiB pages as before), and no
+``khugepaged`` scans (each would be emulated kernel work every 10 s in every idle sandbox).
 
 The budget is clamped to what the guest can spare (``MemAvailable`` minus :data:`RESERVE_MIB`,
 shared by all warm interpreters), so a small guest is not filled with idle heaps.
@@ -31,6 +40,7 @@ __all__ = [
     "per_interpreter",
     "touch",
     "touch_from_env",
+    "tune_thp",
 ]
 
 DEFAULT_HEAP_MIB = 64
@@ -42,7 +52,32 @@ MALLOC_ENV = {
     "MALLOC_MMAP_MAX_": "0",
     "MALLOC_TRIM_THRESHOLD_": str(1 << 40),
     "MALLOC_ARENA_MAX": "1",
+    "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1",
 }
+
+THP_DIR = "/sys/kernel/mm/transparent_hugepage"
+#: What :func:`tune_thp` writes: sysfs file (under THP_DIR) -> value.
+THP_SETTINGS = {
+    "enabled": "madvise",
+    "defrag": "never",
+    "khugepaged/defrag": "0",
+    "khugepaged/scan_sleep_millisecs": str(24 * 3600 * 1000),
+    "khugepaged/alloc_sleep_millisecs": str(24 * 3600 * 1000),
+}
+
+
+def tune_thp(root: str = THP_DIR) -> int:
+    """Apply :data:`THP_SETTINGS` (the agent, at boot, as root); how many took. A kernel
+    without THP has no such files: nothing to do, and the heaps are 4 KiB pages."""
+    done = 0
+    for name, value in THP_SETTINGS.items():
+        try:
+            with open(f"{root}/{name}", "w", encoding="ascii") as f:
+                f.write(value)
+            done += 1
+        except OSError:
+            pass
+    return done
 
 
 def _available_mib(meminfo: str = "/proc/meminfo") -> int | None:
