@@ -152,3 +152,20 @@ def test_a_fork_has_the_hosts_wall_clock(images: Images) -> None:
         with sb.fork() as child:
             errors = wall_clock_errors(child)
     assert max(errors) <= WALL_TOLERANCE_NS, errors
+
+
+def test_a_clock_the_program_set_is_left_alone(images: Images) -> None:
+    """Only a restore's first request on each path (the agent's, the worker's) steps the
+    clock: a program that sets it later (testing an expiry, say) keeps its time."""
+    hour_ns = 3600 * 10**9
+    with Sandbox() as sb:
+        sb.ping()  # the agent's first request: its resume
+        sb.run_code("1")  # the worker's
+        moved = sb.run_code(
+            f"import time\ntime.clock_settime_ns(time.CLOCK_REALTIME, time.time_ns() + {hour_ns})"
+        )
+        assert moved.error is None, moved.error
+        sb.ping()
+        assert sb.exec(["true"]).exit_code == 0
+        later = int(sb.run_code("import time\ntime.time_ns()").value or "0")
+    assert later - time.time_ns() > hour_ns - 60 * 10**9, (later, time.time_ns())

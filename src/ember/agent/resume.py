@@ -17,8 +17,8 @@ template's clock or randomness:
   stepped when they differ by more than :data:`TSC_STEP_NS`; without one, to the stamp in the
   request when they differ by more than :data:`CLOCK_STEP_NS` (the request took that long to
   arrive: the clock stays behind by its transit, 40-90 ms for a restored guest's first one).
-  :func:`sync_clock` repeats the TSC check on later requests, so a guest that drifted while
-  parked is put right too;
+  Later requests leave the clock alone: a program may set it, and a parked or paused guest
+  keeps time by the same TSC (time it did not run is counted as sleep, patch ``0005``);
 * the bytes go into the kernel's pool with ``RNDADDENTROPY`` and the kernel's CRNG is reseeded
   at once (``RNDRESEEDCRNG``), so ``os.urandom`` differs between siblings from the first call;
 * the warm interpreters are told to reseed ``random`` before their next job
@@ -42,7 +42,7 @@ from typing import Any
 from ember.agent.common import BadRequest, log
 from ember.agent.tscclock import TscClock, region_pair
 
-__all__ = ["CLOCK_STEP_NS", "TSC_STEP_NS", "ResumeState", "apply_resume", "sync_clock"]
+__all__ = ["CLOCK_STEP_NS", "TSC_STEP_NS", "ResumeState", "apply_resume"]
 
 #: linux/random.h ioctls on /dev/random (both need CAP_SYS_ADMIN; the agent is root).
 RNDADDENTROPY = 0x40085203  # _IOW('R', 0x03, int[2]) + the buffer: struct rand_pool_info
@@ -119,24 +119,6 @@ def _step_clock(host_ns: int | None, clock: TscClock | None) -> bool:
         if MIN_LAG_NS < lag < TSC_STEP_NS:
             time.clock_settime_ns(time.CLOCK_REALTIME, (clock.realtime_ns() or now) + lag)
     return True
-
-
-def sync_clock(state: ResumeState) -> None:
-    """On any request: if the TSC pair says the clock is off by more than
-    :data:`TSC_STEP_NS` (drift while parked or paused), step it. A few microseconds of user
-    code when it is not; nothing without a pair."""
-    clock = state.clock
-    if clock is None:
-        return
-    true_ns = clock.realtime_ns()
-    if true_ns is None or abs(time.clock_gettime_ns(time.CLOCK_REALTIME) - true_ns) <= TSC_STEP_NS:
-        return
-    with state.lock:
-        try:
-            if _step_clock(None, clock):
-                state.clock_steps += 1
-        except OSError as exc:
-            state.last_error = f"{type(exc).__name__}: {exc}"
 
 
 def _add_entropy(fd: int, data: bytes) -> None:

@@ -38,7 +38,7 @@ from ember.agent.execute import exec_handler
 from ember.agent.filering import FILE_RING_OPS
 from ember.agent.files import FILE_OPS
 from ember.agent.pool import InterpreterPool
-from ember.agent.resume import ResumeState, apply_resume, sync_clock
+from ember.agent.resume import ResumeState, apply_resume
 from ember.agent.runcode import CodeRunner
 from ember.agent.terminal import handle_pty
 from ember.agent.watch import handle_watch
@@ -212,8 +212,6 @@ class AgentServer:
         try:
             if "resume" in request:  # the first request after a restore or fork: before any op
                 apply_resume(self.resume, request["resume"])
-            else:
-                sync_clock(self.resume)  # parked or paused a while: the TSC says if it drifted
             if handler is None:
                 raise BadRequest(f"unknown op {op!r}; known: {', '.join(sorted(self._ops))}")
             handler(conn, request)

@@ -37,7 +37,7 @@ from typing import Any
 
 from ember.agent import codering, heap, preload, pystart, shm
 from ember.agent.common import BadRequest
-from ember.agent.resume import ResumeState, apply_resume, sync_clock
+from ember.agent.resume import ResumeState, apply_resume
 from ember.protocol import (
     CHUNK_SIZE,
     MAX_FRAME,
@@ -294,8 +294,6 @@ def serve_cells(sock: socket.socket, code_ring: codering.WorkerRing | None) -> N
             request = decode_json(payload)
             if "resume" in request:  # the host's first ring request to this VM
                 apply_resume(resumed, request["resume"])
-            else:
-                sync_clock(resumed)
         except (ProtocolError, BadRequest) as exc:
             return fit(_error_result(type(exc).__name__, str(exc))), linger
         result, linger = answer(request, None)
