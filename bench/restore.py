@@ -420,27 +420,26 @@ def measure_clock(runs: int) -> dict[str, Any]:
 
     code = "import time\ntime.time_ns()"
 
-    def offset(sb: Sandbox) -> tuple[float, float]:
+    def offset(sb: Sandbox) -> float:
         before = time.time_ns()
         guest = int(sb.run_code(code).value or "0")
         after = time.time_ns()
-        outside = min(0, guest - before) + max(0, guest - after)
-        return outside / 1e6, (after - before) / 1e6
+        return (min(0, guest - before) + max(0, guest - after)) / 1e6
 
     first: list[float] = []
     later: list[float] = []
     spare: list[float] = []
     for _ in range(runs):
         with Sandbox() as sb:
-            first.append(offset(sb)[0])
-            later.extend(offset(sb)[0] for _ in range(3))
+            first.append(offset(sb))
+            later.extend(offset(sb) for _ in range(3))
     keep_warm(1)
     try:
         for _ in range(min(runs, 5)):
             time.sleep(1.0)
             with Sandbox() as sb:
                 offset(sb)
-                spare.append(offset(sb)[0])
+                spare.append(offset(sb))
     finally:
         keep_warm(0)
     return {

@@ -16,6 +16,7 @@ from ember import ring
 from ember.agent import resume as resume_mod
 from ember.agent.resume import TSC_STEP_NS, ResumeState, apply_resume
 from ember.agent.tscclock import MAX_PAIR_AGE_NS, TscClock, realtime_from_pair
+from ember.arch.x86_64.regs import MSR_IA32_TSC
 from ember.errors import KvmError
 from ember.vmm import shm as vmm_shm
 
@@ -118,8 +119,8 @@ class FakeVcpu:
         return self.khz
 
     def get_msrs(self, indices: list[int]) -> dict[int, int]:
-        assert indices == [vmm_shm.MSR_IA32_TSC]
-        return {} if self.tsc is None else {vmm_shm.MSR_IA32_TSC: self.tsc}
+        assert indices == [MSR_IA32_TSC]
+        return {} if self.tsc is None else {MSR_IA32_TSC: self.tsc}
 
 
 class HeaderOnly(vmm_shm.SharedRegion):

@@ -45,7 +45,6 @@ if TYPE_CHECKING:  # the VMM's side; the SDK imports this module for CODE_HOST_W
 CODE_HOST_WAITING = 40
 
 ALIGN = 2 << 20  # a 2 MiB boundary: large pages stay possible on both sides
-MSR_IA32_TSC = 0x10
 PAIR_TRIES = 5  # reads of the pair; the tightest bracket is kept
 PAIR_MAX_NS = 1_000_000  # a bracket wider than this (the host descheduled us) is no pair
 
@@ -108,6 +107,7 @@ class SharedRegion:
         the host's stamp in the first request instead (less precise by that request's
         transit time).
         """
+        from ember.arch.x86_64.regs import MSR_IA32_TSC
         from ember.errors import KvmError
 
         best: tuple[int, int, int] | None = None  # (bracket ns, tsc, realtime ns)
