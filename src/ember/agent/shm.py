@@ -148,7 +148,7 @@ def region() -> Region | None:
     except (OSError, ValueError):
         os.close(fd)
         return None
-    return _region
+    return _region if _region.valid() else None
 
 
 def premap() -> bool:
