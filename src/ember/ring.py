@@ -92,6 +92,7 @@ LEASE = 17
 CODE_READY = 24  # request slot only (see the module docstring)
 CODE_EPOCH = 32
 CODE_NOT_YET = 48
+CODE_BELL = 56  # nonzero: a sleeping worker also wakes on the guest bell (ember.vmm.shm)
 CODE_SLOTS = 2
 
 PRODUCER_WAITING = 1

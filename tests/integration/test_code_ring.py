@@ -18,6 +18,7 @@ import pytest
 from ember import AsyncSandbox, Sandbox, ring
 from ember.agent.codering import AFTER_CALL_S
 from ember.client import AgentClient
+from ember.vmm import control
 
 from .conftest import Images
 
@@ -63,13 +64,37 @@ def test_ring_and_vsock_reach_one_interpreter(sb: Sandbox) -> None:
     assert sb._code_ring.calls == 3
 
 
-def test_a_sleeping_worker_is_woken_once_then_polls_again(sb: Sandbox) -> None:
+def doorbell_interrupts(sb: Sandbox) -> int:
+    """The guest kernel's count of the guest bell's interrupts (``/proc/interrupts``)."""
+    lines = sb.exec(["cat", "/proc/interrupts"]).stdout.decode().splitlines()
+    [line] = [line for line in lines if line.rstrip().endswith("ember-doorbell")]
+    return sum(int(word) for word in line.split()[1:] if word.isdigit())
+
+
+def test_a_sleeping_worker_is_woken_by_the_guest_bell_then_polls_again(sb: Sandbox) -> None:
+    """No vsock packet: the host rings the bell (an interrupt the guest driver turns into
+    the worker's wake-up), and the agent is never asked."""
     assert sb.run_code("y = 1").error is None
+    before = doorbell_interrupts(sb)
     time.sleep(AFTER_CALL_S + 0.5)
+    assert sb._code_ring._req_ctl is not None
+    assert sb._code_ring._req_ctl[ring.CONSUMER_FLAGS] & ring.CONSUMER_SLEEPING
     assert sb.run_code("y + 1", timeout=60).value == "2"
-    assert sb._code_ring.wakes == 1
-    assert sb.run_code("y + 2", timeout=60).value == "3"
-    assert (sb._code_ring.calls, sb._code_ring.wakes) == (3, 1)
+    assert (sb._code_ring.bells, sb._code_ring.wakes) == (1, 0)
+    assert sb.run_code("y + 2", timeout=60).value == "3"  # polling again: no ring
+    assert (sb._code_ring.calls, sb._code_ring.bells, sb._code_ring.wakes) == (3, 1, 0)
+    assert doorbell_interrupts(sb) == before + 1
+
+
+def test_the_guest_bell_wakes_a_parked_sandbox(sb: Sandbox) -> None:
+    """The VMM's event thread resumes a parked VM before it pulses the line."""
+    assert sb.run_code("w = 7").error is None
+    deadline = time.monotonic() + 300
+    while not control.request(sb._vmm.control_path, "status")["paused"]:
+        assert time.monotonic() < deadline, "the idle sandbox was never parked"
+        time.sleep(0.2)
+    assert sb.run_code("w * 6", timeout=60).value == "42"
+    assert (sb._code_ring.bells, sb._code_ring.wakes) == (1, 0)
 
 
 def test_a_dead_or_overrunning_worker_is_reported_and_replaced(sb: Sandbox) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import mmap
 import os
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -37,12 +38,18 @@ import os, socket, sys
 from ember.agent import codering, shm, worker
 fd = os.open(sys.argv[1], os.O_RDWR)
 region = shm.Region(fd, int(sys.argv[2]), 0)
-worker.serve_cells(socket.socket(fileno=int(sys.argv[3])), codering.WorkerRing(region))
+if sys.argv[3] != "-":
+    codering.BELL_PATH = sys.argv[3]  # the guest bell's device, an eventfd here
+worker.serve_cells(socket.socket(fileno=int(sys.argv[4])), codering.WorkerRing(region))
 """
 
 
 class Fixture:
-    def __init__(self) -> None:
+    """``bell``: the worker listens on a guest bell, a FIFO standing in for
+    ``/dev/ember-doorbell`` (8-byte reads, poll). ``unheard``: the host's rings go to an
+    eventfd that nobody reads (a bell the guest never hears)."""
+
+    def __init__(self, bell: bool = False, unheard: bool = False) -> None:
         self.memfd = os.memfd_create("test-code-ring", os.MFD_CLOEXEC)
         os.ftruncate(self.memfd, SIZE + ring.PAGE)  # the doorbell page after the region
         self.map = mmap.mmap(self.memfd, SIZE + ring.PAGE)
@@ -53,11 +60,22 @@ class Fixture:
         self.header[ring.H_SLOT_SIZE] = SLOT_SIZE
         self.header[ring.H_MAGIC] = ring.MAGIC
         path = f"/proc/{os.getpid()}/fd/{self.memfd}"
-        self.runner = CodeRunner([sys.executable, "-c", WORKER, path, str(SIZE)])
+        self.tmp = tempfile.TemporaryDirectory()
+        bell_path = os.path.join(self.tmp.name, "bell") if bell else "-"
+        self.bell = -1
+        if bell:
+            os.mkfifo(bell_path)
+            self.bell = os.open(bell_path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+        self.runner = CodeRunner([sys.executable, "-c", WORKER, path, str(SIZE), bell_path])
         self.agent_region = shm.Region(os.dup(self.memfd), SIZE, 0)
         self.runner.notice = DeathNotice(self.agent_region)
         self.bells = [os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC) for _ in range(SLOTS)]
-        self.host = HostRegion(os.dup(self.memfd), self.bells, SIZE, SLOT_SIZE, code=True)
+        host_bell = -1
+        if bell:
+            host_bell = os.eventfd(0, os.EFD_NONBLOCK) if unheard else os.dup(self.bell)
+        self.host = HostRegion(
+            os.dup(self.memfd), self.bells, SIZE, SLOT_SIZE, code=True, guest_bell=host_bell
+        )
         self.alive = True
         self.code = CodeRing(lambda: self.host, alive=lambda: self.alive)
         self.ops: list[dict[str, Any]] = []
@@ -89,16 +107,33 @@ class Fixture:
     def close(self) -> None:
         self.runner.close()
         self.code.close()
+        if self.bell >= 0:
+            os.close(self.bell)
+        self.tmp.cleanup()
 
 
-@pytest.fixture
-def fx() -> Iterator[Fixture]:
-    fixture = Fixture()
+def _fixture(**options: bool) -> Iterator[Fixture]:
+    fixture = Fixture(**options)
     fixture.runner.start_in_background()
     try:
         yield fixture
     finally:
         fixture.close()
+
+
+@pytest.fixture
+def fx() -> Iterator[Fixture]:
+    yield from _fixture()
+
+
+@pytest.fixture
+def fx_bell() -> Iterator[Fixture]:
+    yield from _fixture(bell=True)
+
+
+@pytest.fixture
+def fx_unheard() -> Iterator[Fixture]:
+    yield from _fixture(bell=True, unheard=True)
 
 
 def test_cells_go_through_the_rings_and_keep_their_state(fx: Fixture) -> None:
@@ -119,6 +154,33 @@ def test_a_sleeping_worker_is_woken_by_the_agent(fx: Fixture) -> None:
     assert fx.code.wakes == 1 and [op["action"] for op in fx.ops] == ["wake"]
     assert fx.ready_call("y + 2").value == "3"  # polling again: no second wake
     assert fx.code.wakes == 1
+
+
+def test_a_worker_without_a_bell_does_not_arm_it(fx: Fixture) -> None:
+    fx.ready_call("1")
+    assert fx.ctl(2)[ring.CODE_BELL] == 0  # BELL_PATH does not exist on this host
+
+
+def test_a_sleeping_worker_is_woken_by_the_guest_bell(fx_bell: Fixture) -> None:
+    fx = fx_bell
+    fx.ready_call("y = 1")
+    assert fx.ctl(2)[ring.CODE_BELL] == 1  # the worker said it listens
+    for expected in ("2", "3"):
+        time.sleep(AFTER_CALL_S + 0.3)  # the worker stops polling and sleeps
+        assert fx.ctl(2)[ring.CONSUMER_FLAGS] & ring.CONSUMER_SLEEPING
+        assert fx.ready_call(f"y + {expected} - 1").value == expected
+    assert (fx.code.bells, fx.code.wakes, fx.ops) == (2, 0, [])  # never the agent
+    assert fx.ready_call("y").value == "1"  # polling again: no ring at all
+    assert fx.code.bells == 2
+
+
+def test_a_bell_the_worker_never_hears_falls_back_to_the_agent(fx_unheard: Fixture) -> None:
+    fx = fx_unheard
+    fx.ready_call("z = 5")
+    time.sleep(AFTER_CALL_S + 0.3)
+    assert fx.ready_call("z * 2").value == "10"
+    assert (fx.code.bells, fx.code.wakes) == (1, 1)
+    assert [op["action"] for op in fx.ops] == ["wake"]
 
 
 def test_a_worker_that_dies_is_reported_and_replaced(fx: Fixture) -> None:

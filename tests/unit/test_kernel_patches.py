@@ -35,12 +35,21 @@ def test_patched_files_parses_headers() -> None:
         "kernel/time/vsyscall.c",
         "lib/vdso/gettimeofday.c",
         "kernel/Kconfig.hz",
+        "drivers/misc/Kconfig",
+        "drivers/misc/Makefile",
+        "drivers/misc/ember_doorbell.c",
     ]
+    created = [f for _, data in patches for f in kernel_build.patched_files(data, created=True)]
+    assert created == ["drivers/misc/ember_doorbell.c"]
+    modified = [f for _, data in patches for f in kernel_build.patched_files(data, created=False)]
+    assert sorted(modified + created) == sorted(files)
 
 
 def test_patches_apply_cleanly(tmp_path: Path) -> None:
     patches = kernel_build.load_patches()
-    files = sorted({f for _, data in patches for f in kernel_build.patched_files(data)})
+    files = sorted(
+        {f for _, data in patches for f in kernel_build.patched_files(data, created=False)}
+    )
     subprocess.run(
         [
             "tar",

@@ -11,8 +11,11 @@ Polling costs a vCPU, so the worker polls only for a while after activity
 (:data:`AFTER_CALL_S` after a call, :data:`AFTER_RESTORE_S` after it finds a new region,
 i.e. after a restore or a fork, or what a request's ``linger`` asks), then sleeps on its
 socketpair to the agent and says so in the request ring (``CONSUMER_SLEEPING``). A host
-that finds it asleep writes the request all the same and asks the agent to wake it
-(``{"op": "code_ring", "action": "wake"}`` over vsock): the slow path, once. Templates are
+that finds it asleep writes the request all the same and rings the guest bell (an
+interrupt, ``/dev/ember-doorbell``: kernel patch ``0007``), which the sleeping worker also
+waits on when it could open it (``CODE_BELL`` says so); otherwise, or if the bell goes
+unheard, it asks the agent to wake it (``{"op": "code_ring", "action": "wake"}`` over
+vsock): ~15,000 emulated guest-kernel instructions against a few thousand. Templates are
 snapshotted while the worker polls, so a restored sandbox answers its first ``run_code``
 with no guest-kernel wake-up at all; a host whose first request is something else stores
 ``CODE_NOT_YET`` and the worker stops that poll at once (on one vCPU it would slow the
@@ -47,6 +50,7 @@ __all__ = ["AFTER_CALL_S", "AFTER_RESTORE_S", "MAX_LINGER_S", "DeathNotice", "Wo
 AFTER_CALL_S = 0.25  # keep polling this long after a call: the next one is often close behind
 AFTER_RESTORE_S = 0.1  # and after a restore or fork, for the host's first request
 MAX_LINGER_S = 120.0  # the most a request may ask for (a template build asks for a while)
+BELL_PATH = "/dev/ember-doorbell"
 SOCKET_CHECK_S = 0.01  # while polling, look at the agent's socket this often (a syscall)
 FULL_WAIT_S = 0.0005  # a reply that does not fit yet: the host frees room as it reads
 
@@ -81,6 +85,8 @@ class WorkerRing:
         self._start = 0.0
         self._window = 0.0
         self.served = 0
+        self.guest_bell = _open_bell()  # opened in the template: every restored worker has it
+        self.bells = 0
 
     @classmethod
     def open(cls) -> WorkerRing | None:
@@ -115,6 +121,7 @@ class WorkerRing:
         self._reader = ring.RingReader(self._req_ctl, self._req_data, capacity, MAX_FRAME)
         self._writer = ring.RingWriter(self._rep_ctl, self._rep_data, self._bell, _wait_room)
         self._generation = generation
+        self._req_ctl[ring.CODE_BELL] = int(self.guest_bell is not None)
         self._req_ctl[ring.CODE_READY] = self._pid  # last: the host may go now
         self.poll_for(AFTER_RESTORE_S)
         return True
@@ -175,6 +182,21 @@ class WorkerRing:
             self._reader.sleep(False)
 
 
+def _open_bell() -> int | None:
+    try:
+        return os.open(BELL_PATH, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:  # a kernel without the driver, or no line given: vsock wakes us
+        return None
+
+
+def _heard(bell: int) -> bool:
+    """Consume the bell's rings (one read returns them all); False if it had none."""
+    try:
+        return len(os.read(bell, 8)) == 8
+    except (BlockingIOError, InterruptedError):
+        return False
+
+
 def _wait_room() -> None:
     time.sleep(FULL_WAIT_S)
 
@@ -193,6 +215,11 @@ def serve(
     """
     poller = select.poll()
     poller.register(sock.fileno(), select.POLLIN)
+    bell = code_ring.guest_bell if code_ring is not None else None
+    sleeper = select.poll()  # asleep: the agent's socket, or the host's bell
+    sleeper.register(sock.fileno(), select.POLLIN)
+    if bell is not None:
+        sleeper.register(bell, select.POLLIN)
     while True:
         if code_ring is not None:
             check_at = 0.0
@@ -221,6 +248,14 @@ def serve(
                     check_at = now + SOCKET_CHECK_S
             if not code_ring.sleep():
                 continue
+            if bell is not None:
+                ready = {fd for fd, _ in sleeper.poll()}
+                if bell in ready and _heard(bell):
+                    code_ring.bells += 1
+                    code_ring.wake()
+                    code_ring.poll_for(AFTER_CALL_S)
+                if sock.fileno() not in ready:
+                    continue
         after = on_socket()
         if after is None:
             return

@@ -3,7 +3,9 @@
 A call writes its request into the request ring of the sandbox's shared region and
 waits for the reply in the reply ring: no vsock packet, no guest-kernel wake-up while
 the worker polls. When the worker sleeps, the request is written all the same and the
-agent is asked over vsock to wake it (``code_ring`` ``wake``); when the worker dies or
+guest bell is rung (an interrupt that wakes the worker: ``ember.vmm.shm``), or, without one
+(an older template or kernel) or when the worker has not woken :data:`BELL_GRACE_S` later,
+the agent is asked over vsock to wake it (``code_ring`` ``wake``); when the worker dies or
 overruns the call's timeout, the agent is asked for the RESULT a vsock call would have
 had (``code_ring`` ``stop``: it kills an overrunning worker first). So a caller sees
 exactly the vsock path's results, ``WorkerCrashed`` and ``WorkerTimeout`` included.
@@ -22,6 +24,7 @@ that failed after its request was published) is skipped. One call at a time per 
 from __future__ import annotations
 
 import contextlib
+import os
 import select
 import threading
 import time
@@ -41,6 +44,7 @@ __all__ = ["Agent", "CodeRing"]
 SPIN_S = 200e-6  # a short cell's reply often follows within this: poll before sleeping
 SLEEP_S = 0.1  # a sleeping caller looks again (the worker's epoch, the VM) at least this often
 ROOM_WAIT_S = 0.0002  # the request ring is full (a huge cell): the worker frees room soon
+BELL_GRACE_S = 0.5  # a worker still asleep this long after the bell: ask the agent instead
 ANNOUNCE_WAIT_S = 0.15  # a restored worker announces itself when it first runs (~40 ms here)
 
 #: Runs a ``code_ring`` op over vsock and returns its RESULT object.
@@ -60,19 +64,14 @@ class _WakeFailed(Exception):
 
 
 class _Waker:
-    """The request ring's doorbell: the worker sleeps, so ask the agent to wake it."""
+    """The request ring's doorbell: the worker sleeps, so ring its bell or ask the agent."""
 
     def __init__(self, owner: CodeRing) -> None:
         self._owner = owner
 
     def __setitem__(self, index: int, value: int) -> None:
-        owner = self._owner
-        owner.wakes += 1
-        assert owner.agent is not None  # set by the call that publishes
-        try:
-            owner.agent({"op": "code_ring", "action": "wake"})
-        except OSError as exc:
-            raise _WakeFailed(exc) from exc
+        if not self._owner.ring_bell():
+            self._owner.wake_by_agent()
 
 
 class CodeRing:
@@ -104,8 +103,11 @@ class CodeRing:
         self._next_id = 0
         self._closed = False
         self.agent: Agent | None = None  # the current call's (the waker uses it)
+        self._req_ctl: memoryview | None = None  # the current call's (the waker reads it)
+        self._rang_at: float | None = None  # when this call rang the guest bell
         self.calls = 0  # calls answered through the rings (tests and benchmarks read these)
-        self.wakes = 0
+        self.wakes = 0  # wakes asked of the agent over vsock
+        self.bells = 0  # wakes by the guest bell
 
     def call(
         self, request: dict[str, Any], timeout: float | None, agent: Agent
@@ -133,6 +135,8 @@ class CodeRing:
             self._next_id += 1
             ident = self._next_id
             self.agent = agent
+            self._req_ctl = req_ctl
+            self._rang_at = None
             self._deadline = None if timeout is None else time.monotonic() + timeout
             assert self._writer is not None
             req_ctl[CODE_HOST_WAITING] = 1  # the VMM must not park a guest working for us
@@ -156,6 +160,40 @@ class CodeRing:
             finally:
                 with contextlib.suppress(ValueError):  # unmapped by close()
                     req_ctl[CODE_HOST_WAITING] = 0
+
+    def ring_bell(self) -> bool:
+        """Wake the sleeping worker by the guest bell, if it listens for it; False if not
+        (the caller asks the agent)."""
+        region, req_ctl = self._region, self._req_ctl
+        if region is None or region.guest_bell < 0 or req_ctl is None:
+            return False
+        if not req_ctl[ring.CODE_BELL]:
+            return False
+        try:
+            os.eventfd_write(region.guest_bell, 1)
+        except OSError:
+            return False
+        self.bells += 1
+        self._rang_at = time.monotonic()
+        return True
+
+    def wake_by_agent(self) -> None:
+        """Ask the agent over vsock to wake the worker (the request is already published:
+        a failure is :class:`_WakeFailed`, never a resend)."""
+        self.wakes += 1
+        assert self.agent is not None  # set by the call that publishes
+        try:
+            self.agent({"op": "code_ring", "action": "wake"})
+        except OSError as exc:
+            raise _WakeFailed(exc) from exc
+
+    def _bell_unheard(self, req_ctl: memoryview, now: float) -> bool:
+        """The bell rang :data:`BELL_GRACE_S` ago and the worker still sleeps."""
+        rang = self._rang_at
+        if rang is None or now - rang < BELL_GRACE_S:
+            return False
+        self._rang_at = None
+        return bool(req_ctl[ring.CONSUMER_FLAGS] & ring.CONSUMER_SLEEPING)
 
     def not_yet(self) -> None:
         """The first request to this restored VM is not a ``run_code``: tell the worker,
@@ -280,6 +318,15 @@ class CodeRing:
                 if self._deadline is not None and now >= self._deadline:
                     return self._stop(agent, epoch, "timeout", timeout)
                 if spin(reader, SPIN_S):
+                    continue
+                if self._bell_unheard(req_ctl, now):
+                    try:
+                        self.wake_by_agent()
+                    except _WakeFailed as exc:
+                        cause = exc.__cause__
+                        raise ConnectionResetError(
+                            f"the agent could not wake the run_code worker: {cause}"
+                        ) from cause
                     continue
                 reader.sleep(True)
                 if not gone() and not reader.available():

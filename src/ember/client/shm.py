@@ -55,7 +55,14 @@ class HostRegion:
     """A sandbox's region as this process maps it; thread-safe leasing of its slots."""
 
     def __init__(
-        self, memfd: int, doorbells: list[int], size: int, slot_size: int, *, code: bool = False
+        self,
+        memfd: int,
+        doorbells: list[int],
+        size: int,
+        slot_size: int,
+        *,
+        code: bool = False,
+        guest_bell: int = -1,
     ) -> None:
         if size != ring.region_size(len(doorbells), slot_size) or slot_size % ring.PAGE:
             raise ValueError("the VMM described a region this SDK does not lay out")
@@ -63,6 +70,8 @@ class HostRegion:
             raise ValueError("a region with code rings needs a slot for channels too")
         self._mem = mmap.mmap(memfd, size, mmap.MAP_SHARED)
         self._doorbells = doorbells
+        # Written to wake the guest's run_code worker (ember.vmm.shm): -1 from an older VMM.
+        self.guest_bell = guest_bell
         self._slot_size = slot_size
         self._lock = threading.Lock()
         # With ``code``, the last slots are run_code's (ember.client.code_ring), never leased.
@@ -84,10 +93,14 @@ class HostRegion:
             return None
         try:
             size, slot_size = int(reply["size"]), int(reply["slot_size"])
-            if len(fds) != 1 + int(reply["slot_count"]):
-                raise ValueError(f"{len(fds)} fds for {reply['slot_count']} slots")
             count = int(reply["slot_count"])
-            region = cls(fds[0], fds[1:], size, slot_size, code=count > ring.CODE_SLOTS)
+            bell = reply.get("guest_bell") is True
+            if len(fds) != 1 + count + int(bell):
+                raise ValueError(f"{len(fds)} fds for {count} slots")
+            region = cls(
+                fds[0], fds[1 : 1 + count], size, slot_size, code=count > ring.CODE_SLOTS,
+                guest_bell=fds[1 + count] if bell else -1,
+            )  # fmt: skip
         except (KeyError, TypeError, ValueError, OSError) as exc:
             log.warning("the VMM's memory channel region is unusable: %s", exc)
             for fd in fds:
@@ -162,6 +175,9 @@ class HostRegion:
                 pass
             for fd in self._doorbells:
                 os.close(fd)
+            if self.guest_bell >= 0:
+                os.close(self.guest_bell)
+                self.guest_bell = -1
 
 
 class LazyRegion:

@@ -84,11 +84,15 @@ def load_patches() -> tuple[tuple[str, bytes], ...]:
     return tuple((p.name, p.read_bytes()) for p in sorted(patches, key=lambda p: p.name))
 
 
-def patched_files(patch: bytes) -> list[str]:
-    """Tree-relative paths a ``-p1`` unified diff modifies (its ``+++ b/...`` lines)."""
+def patched_files(patch: bytes, *, created: bool | None = None) -> list[str]:
+    """Tree-relative paths a ``-p1`` unified diff touches (its ``+++ b/...`` lines); with
+    ``created``, only the files it creates (``--- /dev/null``) or only those it modifies."""
     files = []
+    new = False
     for line in patch.decode(errors="replace").splitlines():
-        if line.startswith("+++ b/"):
+        if line.startswith("--- "):
+            new = line[len("--- ") :].split("\t")[0].strip() == "/dev/null"
+        elif line.startswith("+++ b/") and created in (None, new):
             files.append(line[len("+++ b/") :].split("\t")[0].strip())
     return files
 

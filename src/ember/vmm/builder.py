@@ -237,6 +237,8 @@ def _create_vm(config: VmConfig, memory: GuestMemory, undo: ExitStack) -> _VmPar
             os.close(fd)
             raise
         slots.attach(device)  # closed with the slots from here on
+    if shm is not None:  # after every device: their lines (and a template's) stay put
+        shm.attach_guest_bell(vm, slots.reserve_irq())
     return _VmParts(kvm, vm, Bus("pio"), mmio, events, slots, shm)
 
 

@@ -98,8 +98,11 @@ def run(config: ProcessConfig) -> int:
                 debug=config.debug_hooks,
                 jailed=config.jail is not None,
             )
+        wake = None
         if config.park_idle is not None:
-            _park_when_idle(machine, config.park_idle)
+            wake = _park_when_idle(machine, config.park_idle)
+        if machine.shm is not None:
+            machine.shm.serve_bell(machine.events, wake)
         if config.jail is not None:
             confine = _jail(config.jail, machine, seccomp=config.seccomp)
     except BaseException:
@@ -183,7 +186,8 @@ def _jail(directory: Path, machine: Machine, *, seccomp: bool) -> Callable[[str]
     return confine
 
 
-def _park_when_idle(machine: Machine, after_s: float) -> None:
+def _park_when_idle(machine: Machine, after_s: float) -> Callable[[], None]:
+    """Park the VM when idle; returns what wakes it (host activity calls it)."""
     from ember.devices.virtio.net.device import Net
     from ember.devices.virtio.vsock.device import Vsock
     from ember.vmm.idle import TICK_S, IdleParker
@@ -202,6 +206,7 @@ def _park_when_idle(machine: Machine, after_s: float) -> None:
     if net is not None:  # a frame for the guest wakes it too
         net.on_host_activity = parker.wake
     machine.events.set_tick(TICK_S, parker.tick)
+    return parker.wake
 
 
 def read_config(fd: int = 0) -> ProcessConfig:

@@ -17,6 +17,15 @@ exit to this process; the SDK, which consumes the rings, gets the eventfds (and
 the memfd) over the control socket (``{"op": "shm"}``, SCM_RIGHTS). The VMM
 itself never reads the region after writing its header: it only hosts it.
 
+The guest bell goes the other way (kernel patch ``0007-misc-ember-doorbell``): an interrupt
+line of its own, announced as ``ember_doorbell.irq=N``, that wakes a guest process blocked
+on ``/dev/ember-doorbell`` (the run_code worker, asleep). The SDK writes ``host_bell``, an
+eventfd this process watches on its event thread (:meth:`SharedRegion.serve_bell`), which
+wakes a parked VM first and then pulses the line through an irqfd. A vsock "wake me" costs
+the emulated guest kernel ~15,000 instructions (a packet in, the agent, a packet out); the
+interrupt a few thousand. A guest kernel without the driver never arms it, and the host
+keeps asking over vsock.
+
 The header also carries a clock pair (:meth:`SharedRegion.publish_clock`): the guest's TSC
 and this host's ``CLOCK_REALTIME`` read at one instant, and the TSC's rate. A guest process
 that reads its TSC (``rdtsc``, user mode, no exit) then knows the host's wall clock to a few
@@ -34,9 +43,12 @@ from typing import TYPE_CHECKING
 from ember import ring
 
 if TYPE_CHECKING:  # the VMM's side; the SDK imports this module for CODE_HOST_WAITING only
+    from collections.abc import Callable
+
     from ember.arch.x86_64.bootparams import E820Entry
     from ember.kvm.system import Vcpu, Vm
     from ember.memory import GuestMemory
+    from ember.vmm.event_loop import EventLoop
 
 # A word of the code request slot's control page that the host sets while a run_code call
 # waits on the rings, with no vsock connection open: the idle parker must not park a guest
@@ -72,6 +84,9 @@ class SharedRegion:
         self._waiting_offset = ring.SLOT_BASE + request * ring.SLOT_SIZE + CODE_HOST_WAITING * 8
         self.memfd = os.memfd_create("ember-shm", os.MFD_CLOEXEC)
         self.eventfds: list[int] = []
+        self.bell_irq: int | None = None
+        self.host_bell = -1  # the SDK writes it: ring the guest (see attach_guest_bell)
+        self._irqfd = -1
         try:
             os.ftruncate(self.memfd, self.size)
             self.mem = mmap.mmap(self.memfd, self.size, mmap.MAP_SHARED)
@@ -84,6 +99,30 @@ class SharedRegion:
             self.close()
             raise
         self.write_header()
+
+    def attach_guest_bell(self, vm: Vm, irq: int) -> None:
+        """Wire interrupt line ``irq`` to an irqfd, and make the eventfd the SDK rings."""
+        self._irqfd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        vm.irqfd(self._irqfd, irq)
+        self.host_bell = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self.bell_irq = irq
+
+    def serve_bell(self, events: EventLoop, wake: Callable[[], None] | None) -> None:
+        """Watch ``host_bell`` on the event thread: each ring wakes a parked VM (``wake``,
+        the idle parker's) and pulses the guest's line. Rings that come together are one
+        (the eventfd's count is drained), as the guest's reader wants."""
+        if self.host_bell < 0:
+            return
+
+        def ring_guest() -> None:
+            if wake is not None:
+                wake()
+            try:
+                os.eventfd_write(self._irqfd, 1)
+            except BlockingIOError:  # the count is saturated: a pulse is pending anyway
+                pass
+
+        events.add_eventfd(self.host_bell, ring_guest)
 
     def write_header(self) -> None:
         """The header the agent validates; everything after it is zero (empty rings)."""
@@ -143,8 +182,12 @@ class SharedRegion:
         return E820Entry(self.base, self.size + ring.PAGE, E820_RESERVED)
 
     def cmdline(self) -> str:
-        """Where the agent finds it: ``ember.shm=SIZE@BASE`` (bytes, hex)."""
-        return f"ember.shm={self.size:#x}@{self.base:#x}"
+        """Where the agent finds it: ``ember.shm=SIZE@BASE`` (bytes, hex); the guest bell's
+        line for the kernel's driver."""
+        words = f"ember.shm={self.size:#x}@{self.base:#x}"
+        if self.bell_irq is not None:
+            words += f" ember_doorbell.irq={self.bell_irq}"
+        return words
 
     def describe(self) -> dict[str, int]:
         return {
@@ -153,11 +196,13 @@ class SharedRegion:
             "generation": self.generation,
             "slot_count": ring.SLOT_COUNT,
             "slot_size": ring.SLOT_SIZE,
+            "guest_bell": self.host_bell >= 0,
         }
 
     def fds(self) -> list[int]:
-        """The memfd, then one doorbell eventfd per slot (for SCM_RIGHTS; still ours)."""
-        return [self.memfd, *self.eventfds]
+        """The memfd, one doorbell eventfd per slot, then the guest bell's if there is one
+        (for SCM_RIGHTS; still ours)."""
+        return [self.memfd, *self.eventfds, *([self.host_bell] if self.host_bell >= 0 else [])]
 
     def close(self) -> None:
         """Safe to call twice; after the VM's fd is closed (KVM maps the memory until then)."""
@@ -169,10 +214,12 @@ class SharedRegion:
                 mem.close()
             except BufferError:  # a view still open: the mapping goes with the process
                 pass
-        for fd in [self.memfd, *self.eventfds]:
+        for fd in [self.memfd, *self.eventfds, self.host_bell, self._irqfd]:
+            if fd < 0:
+                continue
             try:
                 os.close(fd)
             except OSError:
                 pass
         self.eventfds = []
-        self.memfd = -1
+        self.memfd = self.host_bell = self._irqfd = -1

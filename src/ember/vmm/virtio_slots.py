@@ -37,10 +37,20 @@ class VirtioSlots:
     interrupts: list[Interrupt] = field(default_factory=list)
     kick_fds: list[int] = field(default_factory=list)
     cmdline: list[str] = field(default_factory=list)
+    reserved_irqs: list[int] = field(default_factory=list)
+
+    def reserve_irq(self) -> int:
+        """The next free interrupt line, for something that is not a virtio device (the
+        guest bell, ember.vmm.shm): taken after the devices', so theirs never move."""
+        irq = FIRST_IRQ + len(self.transports) + len(self.reserved_irqs)
+        if irq > LAST_IRQ:
+            raise ConfigError(f"no interrupt line is left (at most {LAST_IRQ - FIRST_IRQ + 1})")
+        self.reserved_irqs.append(irq)
+        return irq
 
     def attach(self, device: TransportDevice) -> MmioTransport:
         index = len(self.transports)
-        irq = FIRST_IRQ + index
+        irq = FIRST_IRQ + index + len(self.reserved_irqs)
         if irq > LAST_IRQ:
             raise ConfigError(f"too many virtio devices: at most {LAST_IRQ - FIRST_IRQ + 1}")
         base = VIRTIO_MMIO_BASE + index * MMIO_SIZE
