@@ -143,8 +143,9 @@ class UnixPeer:
         self._dir.cleanup()
 
 
-def bulk(transport: str, size: int, count: int, runs: int, peer: UnixPeer | None,
-         sb: Sandbox | None) -> list[tuple[float, int]]:
+def bulk(
+    transport: str, size: int, count: int, runs: int, peer: UnixPeer | None, sb: Sandbox | None
+) -> list[tuple[float, int]]:
     out = []
     for run in range(runs):
         name = f"bulk{size}-{run}"
@@ -170,8 +171,7 @@ def frames_scenario(transport: str, size: int, seconds: float) -> dict[str, Any]
     arrived: list[int] = []
     ended = threading.Event()
     with sandbox(transport) as sb:
-        in_guest(sb, GUEST_FRAMES.format(size=size, name="frames", count=count,
-                                         panic_at=panic_at))
+        in_guest(sb, GUEST_FRAMES.format(size=size, name="frames", count=count, panic_at=panic_at))
 
         def consume() -> None:
             try:
@@ -199,8 +199,13 @@ def frames_scenario(transport: str, size: int, seconds: float) -> dict[str, Any]
             elif tick <= panic_at and len(arrived) < min(tick, panic_at):
                 late += 1
     lost = panic_at - len([i for i in arrived if i < panic_at])
-    return {"late_ticks": late, "lost_frames": lost, "received": len(arrived),
-            "sent_before_panic": panic_at, "worst_tick_lateness_ms": worst * 1000}
+    return {
+        "late_ticks": late,
+        "lost_frames": lost,
+        "received": len(arrived),
+        "sent_before_panic": panic_at,
+        "worst_tick_lateness_ms": worst * 1000,
+    }
 
 
 FLOOR = """
@@ -238,8 +243,13 @@ def run_code_round_trips(runs: int) -> dict[str, float]:
                 out["ring after sleep"].append(time.perf_counter() - t0)
         finally:
             vsock.close()
-    proc = subprocess.Popen([sys.executable, "-c", FLOOR], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, text=True, bufsize=1)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", FLOOR],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        bufsize=1,
+    )
     assert proc.stdin is not None and proc.stdout is not None
     for _ in range(runs + 1):
         t0 = time.perf_counter()
@@ -323,8 +333,9 @@ def files_each_way(mib: int, runs: int) -> dict[str, dict[str, float]]:
             out["host"]["write"].append(t1 - t0)
             out["host"]["read"].append(t2 - t1)
             out["host"]["exec cat"].append(time.perf_counter() - t2)
-    return {name: {way: statistics.median(v) for way, v in ways.items()}
-            for name, ways in out.items()}
+    return {
+        name: {way: statistics.median(v) for way, v in ways.items()} for name, ways in out.items()
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -332,8 +343,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--mib", type=int, default=64, help="bulk MiB per run (vsock: /8)")
     parser.add_argument("--seconds", type=float, default=2.0, help="60 Hz scenario length")
-    parser.add_argument("--files-mib", type=int, default=10,
-                        help="MiB per sb.files write and read (0: skip)")
+    parser.add_argument(
+        "--files-mib", type=int, default=10, help="MiB per sb.files write and read (0: skip)"
+    )
     parser.add_argument("--only-files", action="store_true", help="just the file transfers")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
@@ -356,7 +368,8 @@ def main(argv: list[str] | None = None) -> int:
                 mib = max(1, args.mib // 8) if transport == "vsock" else args.mib
                 runs = bulk(transport, MIB, mib, args.runs, peer, sb)
                 results["bulk_mb_s"][transport] = statistics.median(
-                    nbytes / s / 1e6 for s, nbytes in runs)
+                    nbytes / s / 1e6 for s, nbytes in runs
+                )
                 small = bulk(transport, 64, 2000, args.runs, peer, sb)
                 results["small_us"][transport] = statistics.median(s / 2000 * 1e6 for s, _ in small)
             finally:
@@ -365,7 +378,8 @@ def main(argv: list[str] | None = None) -> int:
         for transport in ("ring", "vsock"):
             for size in (64 << 10, MIB):
                 results["frames"][f"{transport} {size >> 10} KiB"] = frames_scenario(
-                    transport, size, args.seconds)
+                    transport, size, args.seconds
+                )
         results["run_code_ms"] = run_code_round_trips(max(args.runs, 9))
     finally:
         peer.close()
@@ -378,43 +392,92 @@ def main(argv: list[str] | None = None) -> int:
 
 def print_files(files: dict[str, dict[str, float]], mib: int) -> None:
     own = files["guest itself"]
-    print(format_table(
-        [f"{mib} MiB", "files.write s", "files.read s", "exec cat s", "write / guest's own",
-         "read / guest's own"],
-        [[name, fmt_num(t["write"], 2), fmt_num(t["read"], 2), fmt_num(t["exec cat"], 2),
-          ratio(t["write"], own["write"]), ratio(t["read"], own["read"])]
-         for name, t in files.items()]))
+    print(
+        format_table(
+            [
+                f"{mib} MiB",
+                "files.write s",
+                "files.read s",
+                "exec cat s",
+                "write / guest's own",
+                "read / guest's own",
+            ],
+            [
+                [
+                    name,
+                    fmt_num(t["write"], 2),
+                    fmt_num(t["read"], 2),
+                    fmt_num(t["exec cat"], 2),
+                    ratio(t["write"], own["write"]),
+                    ratio(t["read"], own["read"]),
+                ]
+                for name, t in files.items()
+            ],
+        )
+    )
 
 
 def print_tables(results: dict[str, Any]) -> None:
     bulk_mb, small = results["bulk_mb_s"], results["small_us"]
     rows = []
-    for name, fmt in (("throughput 1 MiB messages (MB/s)", bulk_mb),
-                      ("per 64 B message (us)", small)):
-        rows.append([name, fmt_num(fmt["ring"], 1), fmt_num(fmt["vsock"], 1),
-                     fmt_num(fmt["unix"], 1), ratio(fmt["ring"], fmt["vsock"]),
-                     ratio(fmt["ring"], fmt["unix"])])
-    print(format_table(["guest -> host channel", "ring", "vsock", "host unix", "ring/vsock",
-                        "ring/unix"], rows))
+    for name, fmt in (
+        ("throughput 1 MiB messages (MB/s)", bulk_mb),
+        ("per 64 B message (us)", small),
+    ):
+        rows.append(
+            [
+                name,
+                fmt_num(fmt["ring"], 1),
+                fmt_num(fmt["vsock"], 1),
+                fmt_num(fmt["unix"], 1),
+                ratio(fmt["ring"], fmt["vsock"]),
+                ratio(fmt["ring"], fmt["unix"]),
+            ]
+        )
+    print(
+        format_table(
+            ["guest -> host channel", "ring", "vsock", "host unix", "ring/vsock", "ring/unix"], rows
+        )
+    )
     print()
-    frame_rows = [[name, str(r["late_ticks"]), str(r["lost_frames"]),
-                   f"{r['received']}/{r['sent_before_panic']}",
-                   fmt_num(r["worst_tick_lateness_ms"], 1)]
-                  for name, r in results["frames"].items()]
-    print(format_table(["60 Hz frames, panic half-way", "late ticks", "lost frames",
-                        "received/sent", "worst tick late (ms)"], frame_rows))
+    frame_rows = [
+        [
+            name,
+            str(r["late_ticks"]),
+            str(r["lost_frames"]),
+            f"{r['received']}/{r['sent_before_panic']}",
+            fmt_num(r["worst_tick_lateness_ms"], 1),
+        ]
+        for name, r in results["frames"].items()
+    ]
+    print(
+        format_table(
+            [
+                "60 Hz frames, panic half-way",
+                "late ticks",
+                "lost frames",
+                "received/sent",
+                "worst tick late (ms)",
+            ],
+            frame_rows,
+        )
+    )
     print()
     if "files_s" in results:
         print_files(results["files_s"], results["files_mib"])
         print()
     code = results["run_code_ms"]
-    print(format_table(["run_code('x * 7') round trip", "p50 ms", "/host"],
-                       [[name, fmt_num(ms, 2), ratio(ms, code["host"])]
-                        for name, ms in code.items()]))
+    print(
+        format_table(
+            ["run_code('x * 7') round trip", "p50 ms", "/host"],
+            [[name, fmt_num(ms, 2), ratio(ms, code["host"])] for name, ms in code.items()],
+        )
+    )
 
 
 def ratio(a: float, b: float) -> str:
     return f"{a / b:.2f}x" if b else "-"
+
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -4,6 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 .venv/bin/ruff check src tests bench
+.venv/bin/ruff format --check src tests bench  # one layout, so diffs show only changes
 .venv/bin/mypy
 .venv/bin/lint-imports  # the import graph's rules: [tool.importlinter] in pyproject.toml
 .venv/bin/python -m pytest -v -p no:cacheprovider "$@"
