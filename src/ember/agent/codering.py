@@ -86,7 +86,6 @@ class WorkerRing:
         self._window = 0.0
         self.served = 0
         self.guest_bell = _open_bell()  # opened in the template: every restored worker has it
-        self.bells = 0
 
     @classmethod
     def open(cls) -> WorkerRing | None:
@@ -251,7 +250,6 @@ def serve(
             if bell is not None:
                 ready = {fd for fd, _ in sleeper.poll()}
                 if bell in ready and _heard(bell):
-                    code_ring.bells += 1
                     code_ring.wake()
                     code_ring.poll_for(AFTER_CALL_S)
                 if sock.fileno() not in ready:

@@ -189,7 +189,7 @@ class SharedRegion:
             words += f" ember_doorbell.irq={self.bell_irq}"
         return words
 
-    def describe(self) -> dict[str, int]:
+    def describe(self) -> dict[str, int | bool]:
         return {
             "base": self.base,
             "size": self.size,
