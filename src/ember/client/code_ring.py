@@ -148,15 +148,15 @@ class CodeRing:
                     return None
                 except _Stalled:
                     return self._stop(agent, epoch, "timeout", timeout)
-                except _WakeFailed as exc:  # published, maybe run: never resend over vsock
-                    self._leases = None
-                    cause = exc.__cause__
-                    raise ConnectionResetError(
-                        f"the agent could not wake the run_code worker: {cause}"
-                    ) from cause
                 except ValueError:  # the region was unmapped under us (close)
                     raise ConnectionResetError("the sandbox was closed") from None
                 return self._wait(ident, epoch, timeout, req_ctl, rep_ctl, doorbell, agent)
+            except _WakeFailed as exc:  # published, maybe run: never resend over vsock
+                self._leases = None
+                cause = exc.__cause__
+                raise ConnectionResetError(
+                    f"the agent could not wake the run_code worker: {cause}"
+                ) from cause
             finally:
                 with contextlib.suppress(ValueError):  # unmapped by close()
                     req_ctl[CODE_HOST_WAITING] = 0
@@ -320,13 +320,7 @@ class CodeRing:
                 if spin(reader, SPIN_S):
                     continue
                 if self._bell_unheard(req_ctl, now):
-                    try:
-                        self.wake_by_agent()
-                    except _WakeFailed as exc:
-                        cause = exc.__cause__
-                        raise ConnectionResetError(
-                            f"the agent could not wake the run_code worker: {cause}"
-                        ) from cause
+                    self.wake_by_agent()  # a failure is call()'s _WakeFailed
                     continue
                 reader.sleep(True)
                 if not gone() and not reader.available():

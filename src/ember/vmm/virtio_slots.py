@@ -42,17 +42,19 @@ class VirtioSlots:
     def reserve_irq(self) -> int:
         """The next free interrupt line, for something that is not a virtio device (the
         guest bell, ember.vmm.shm): taken after the devices', so theirs never move."""
+        irq = self._next_irq("no interrupt line is left")
+        self.reserved_irqs.append(irq)
+        return irq
+
+    def _next_irq(self, refusal: str) -> int:
         irq = FIRST_IRQ + len(self.transports) + len(self.reserved_irqs)
         if irq > LAST_IRQ:
-            raise ConfigError(f"no interrupt line is left (at most {LAST_IRQ - FIRST_IRQ + 1})")
-        self.reserved_irqs.append(irq)
+            raise ConfigError(f"{refusal}: at most {LAST_IRQ - FIRST_IRQ + 1}")
         return irq
 
     def attach(self, device: TransportDevice) -> MmioTransport:
         index = len(self.transports)
-        irq = FIRST_IRQ + index + len(self.reserved_irqs)
-        if irq > LAST_IRQ:
-            raise ConfigError(f"too many virtio devices: at most {LAST_IRQ - FIRST_IRQ + 1}")
+        irq = self._next_irq("too many virtio devices")
         base = VIRTIO_MMIO_BASE + index * MMIO_SIZE
         interrupt = Interrupt()
         self.interrupts.append(interrupt)
