@@ -352,6 +352,15 @@ def _check_preload(vmm: VmmProcess, name: str, modules: tuple[str, ...]) -> None
         )
 
 
+#: Console lines that explain a failed pool: the agent's own, and the guest kernel's OOM killer.
+_POOL_EVIDENCE = ("interpreter pool:", "Out of memory", "oom-kill", "Killed process")
+
+
+def _pool_evidence(console: str) -> str:
+    lines = [line for line in console.splitlines() if any(m in line for m in _POOL_EVIDENCE)]
+    return "".join(f"\n  guest console: {line.strip()}" for line in lines[-8:])
+
+
 def _wait_warm(vmm: VmmProcess) -> AgentClient:
     """Ping until the agent's code worker and its pre-started interpreters are ready, so
     restores start warm; return the client holding one idle agent connection, which every
@@ -368,6 +377,7 @@ def _wait_warm(vmm: VmmProcess) -> AgentClient:
             assert isinstance(pool, dict)
             raise SandboxError(
                 f"the template's pre-started interpreters failed: {pool.get('error') or '?'}"
+                + _pool_evidence(vmm.console_tail(400))
             )
         worker_ready = pong.get("worker") == "ready"
         if worker_ready and pool_state in ("ready", "off"):

@@ -531,6 +531,57 @@ def test_a_missing_preload_module_fails_the_pool_with_its_reason(tmp_path: Path)
             a.proc.wait()
 
 
+DIES_ONCE = """\
+import os, pathlib, signal
+marker = pathlib.Path(__file__).with_suffix(".died")
+if not marker.exists():
+    marker.touch()
+    os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+EXITS = """\
+import os, sys
+sys.stderr.write("the first line\\nstarting failed here\\n")
+sys.stderr.flush()
+os._exit(3)
+"""
+
+
+def _first_fill(tmp_path: Path, module: str, source: str) -> dict[str, Any]:
+    """An in-process pool of one preloading ``module``; its status once the first fill ended."""
+    from ember.agent.execute import default_env
+    from ember.agent.pool import InterpreterPool
+
+    (tmp_path / f"{module}.py").write_text(source)
+    env = default_env() | {"PYTHONPATH": str(tmp_path)}
+    pool = InterpreterPool(1, preload=(module,), env=env)
+    pool.start()
+    try:
+        deadline = time.monotonic() + 60
+        while (status := pool.status())["state"] == "starting":
+            assert time.monotonic() < deadline, status
+            time.sleep(0.05)
+        return status
+    finally:
+        pool.close()
+
+
+def test_a_first_start_that_dies_is_started_again(tmp_path: Path) -> None:
+    """One lost start (the guest's OOM killer while the template boots, say) must not fail
+    the template: the first fill tries again, and only a start that keeps dying fails it."""
+    status = _first_fill(tmp_path, "dies_once", DIES_ONCE)
+    assert (tmp_path / "dies_once.died").exists()  # it did die once
+    assert status["state"] == "ready" and status["ready"] == 1, status
+
+
+def test_a_start_that_keeps_dying_fails_the_pool_saying_how(tmp_path: Path) -> None:
+    status = _first_fill(tmp_path, "exits", EXITS)
+    assert status["state"] == "failed"
+    assert status["error"] == (
+        "a pre-started interpreter exited with status 3 while starting: starting failed here"
+    )
+
+
 def test_preloaded_modules_are_there_and_pool_only_modules_are_not(tmp_path: Path) -> None:
     a = start_agent(tmp_path, "--preload", "json,random", "--pool", "1")
     try:
@@ -589,9 +640,18 @@ def test_a_template_whose_pool_failed_is_a_build_error(tmp_path: Path) -> None:
         def exited() -> bool:
             return False
 
+        @staticmethod
+        def console_tail(lines: int) -> str:
+            return "[ 9.1] ember-agent: interpreter pool: preloading failed\n[ 9.2] unrelated line"
+
     try:
-        with pytest.raises(SandboxError, match=r"pre-started interpreters failed.*no_such_module"):
+        with pytest.raises(SandboxError) as caught:
             templates._wait_warm(FakeVmm())  # type: ignore[arg-type]
+        message = str(caught.value)
+        assert "pre-started interpreters failed: preloading 'no_such_module_xyz'" in message
+        assert message.endswith(
+            "\n  guest console: [ 9.1] ember-agent: interpreter pool: preloading failed"
+        )
         stop_agent(a)
     finally:
         if a.proc.poll() is None:

@@ -49,6 +49,9 @@ DEFAULT_SIZE = 2
 IDLE_S = 1.0  # a sandbox this long without requests may spend its CPU on refills
 START_TIMEOUT_S = 600.0  # running time (stopped time excluded) a start may take
 RETRY_S = 30.0  # after a refill failed
+FIRST_TRIES = 3  # starts the first fill may lose to a death (not to a reported error)
+FIRST_RETRY_S = 1.0
+DEATH_WAIT_S = 5.0  # for a start whose control socket closed to be reaped
 WARM_TIMEOUT_S = 30.0  # a rehearsal takes ~0.1 s here: one not done by then is broken
 
 # Runs pystart.py's code in a namespace of its own (nothing imported, nothing on sys.path),
@@ -102,6 +105,7 @@ class _Member:
     theirs: tuple[int, int, int]  # stdin read, stdout write, stderr write: sent at hand-over
     info: dict[str, Any] = field(default_factory=dict)
     stopped: bool = False
+    timed_out: bool = False
 
     @property
     def holder(self) -> int:
@@ -183,6 +187,8 @@ class InterpreterPool:
         self._idle_since = time.monotonic()
         self._closed = False
         self._first_fill_done = False
+        self._first_failures = 0
+        self._reported = False  # the last failed start said why (it would say so again)
         self._gave_up = False
         self.state = PoolState.OFF if self.size == 0 else PoolState.STARTING
         self.last_error = ""
@@ -430,16 +436,22 @@ class InterpreterPool:
                     self._ready.append(member)
                     filled = len(self._ready) >= self.size and not self._first_fill_done
                 elif first:
-                    self.state = PoolState.FAILED
-                    self._gave_up = True
-                    return
+                    # A member that reported an error (a preload module that does not
+                    # import) would report it again; one that died (the OOM killer while
+                    # the guest was tight, a signal) is worth another start: a template
+                    # build should not fail on one loss.
+                    self._first_failures += 1
+                    if self._reported or self._first_failures >= FIRST_TRIES:
+                        self.state = PoolState.FAILED
+                        self._gave_up = True
+                        return
             if filled:
                 self._warm_lookups()
                 with self._cond:
                     self._first_fill_done = True
                     self.state = PoolState.READY
             if member is None:
-                time.sleep(RETRY_S)
+                time.sleep(FIRST_RETRY_S if first else RETRY_S)
 
     def _warm_lookups(self) -> None:
         """Keep the file-system answers a plain ``exec python3`` needs before the pool says
@@ -503,6 +515,7 @@ class InterpreterPool:
             if member.stopped:
                 member.stopped = False
                 _signal(proc.pid, signal.SIGCONT)
+        self._reported = bool(info and info.get("error"))
         if info is None or not info.get("ready"):
             error = (info or {}).get("error") or self._describe_death(member)
             self.last_error = str(error)
@@ -528,14 +541,30 @@ class InterpreterPool:
                     _signal(member.proc.pid, signal.SIGCONT)
                 elif not member.stopped:
                     ran += time.monotonic() - t0
+        member.timed_out = not self._closed
         return None
 
     @staticmethod
     def _describe_death(member: _Member) -> str:
-        code = member.proc.poll()
-        if code is None:
-            return "a pre-started interpreter did not become ready in time"
-        return f"a pre-started interpreter exited with status {code} while starting"
+        """Why a start ended without ``ready``: its exit (waited for briefly: its control
+        socket closes a moment before it can be reaped) and the end of what it printed."""
+        try:
+            code: int | None = member.proc.wait(0 if member.timed_out else DEATH_WAIT_S)
+        except subprocess.TimeoutExpired:
+            code = None
+        if code is None and member.timed_out:
+            what = f"did not become ready in {START_TIMEOUT_S:.0f} s of running time"
+        elif code is None:
+            what = "closed its control socket while starting, and lives on"
+        elif code < 0:
+            name = signal.Signals(-code).name if -code in signal.valid_signals() else -code
+            what = f"was killed by {name} while starting"
+            if code == -signal.SIGKILL:
+                what += " (the guest's OOM killer, if nothing else sent it)"
+        else:
+            what = f"exited with status {code} while starting"
+        said = _tail(member.proc.stderr) if code is not None else ""
+        return f"a pre-started interpreter {what}" + (f": {said}" if said else "")
 
     def _discard(self, member: _Member) -> None:
         member.close_fds()
@@ -625,6 +654,19 @@ def _check_cwd(program: str, cwd: str) -> None:
             raise NotADirectoryError(20, os.strerror(20), cwd)
     except OSError as exc:
         raise ExecError(f"cannot start {program!r}: {exc}") from None
+
+
+def _tail(stream: IO[bytes] | None, limit: int = 4096) -> str:
+    """The last line of what a dead start wrote (its pipe: nothing more can come)."""
+    if stream is None:
+        return ""
+    try:
+        os.set_blocking(stream.fileno(), False)
+        data = os.read(stream.fileno(), 1 << 16)[-limit:]
+    except (OSError, ValueError):
+        return ""
+    lines = data.decode("utf-8", "replace").strip().splitlines()
+    return lines[-1].strip() if lines else ""
 
 
 def _signal(pid: int, signum: int, *, group: bool = False) -> None:
