@@ -6,7 +6,13 @@ from pathlib import Path
 
 import pytest
 
-from ember.agent.heap import THP_SETTINGS, per_interpreter, tune_thp
+from ember.agent.heap import (
+    THP_SETTINGS,
+    per_interpreter,
+    tune_thp,
+    with_malloc_env,
+    without_malloc_env,
+)
 from ember.agent.pyargs import PyJob, effective_ctype, parse_command, plan
 
 POOL_ENV = {"PATH": "/usr/bin:/bin", "HOME": "/root", "LANG": "C.UTF-8", "PYTHONMALLOC": "malloc"}
@@ -151,3 +157,47 @@ def test_thp_settings_go_to_the_files_that_exist(tmp_path: Path) -> None:
     assert int((tmp_path / "khugepaged/scan_sleep_millisecs").read_text()) >= 3600 * 1000
     # a kernel without THP: no files, nothing done, no error
     assert tune_thp(str(tmp_path / "absent")) == 0
+
+
+SSE_ONLY = {
+    "GLIBC_TUNABLES": "glibc.cpu.hwcaps=-AVX,-AVX2",
+    "NPY_DISABLE_CPU_FEATURES": "AVX,AVX2",
+    "OPENBLAS_CORETYPE": "Nehalem",
+}
+
+
+def test_the_heap_settings_join_inherited_glibc_tunables_and_come_off_again() -> None:
+    env = ENV | SSE_ONLY
+    merged = with_malloc_env(env)
+    assert merged["GLIBC_TUNABLES"] == "glibc.cpu.hwcaps=-AVX,-AVX2:glibc.malloc.hugetlb=1"
+    assert merged["MALLOC_ARENA_MAX"] == "1" and env == ENV | SSE_ONLY  # a copy
+    without_malloc_env(merged)
+    assert merged == env
+    bare = with_malloc_env(ENV)
+    assert bare["GLIBC_TUNABLES"] == "glibc.malloc.hugetlb=1"
+    without_malloc_env(bare)
+    assert bare == ENV
+
+
+def test_the_sse_only_variables_reach_every_command(monkeypatch: pytest.MonkeyPatch) -> None:
+    from ember.agent.execute import INHERITED_ENV, default_env
+
+    for name in INHERITED_ENV:
+        monkeypatch.delenv(name, raising=False)
+    assert set(default_env()) == {"PATH", "HOME", "LANG"}
+    for name, value in SSE_ONLY.items():
+        monkeypatch.setenv(name, value)
+    assert default_env() == default_env() | SSE_ONLY and set(SSE_ONLY) <= set(default_env())
+
+
+@pytest.mark.parametrize("name", sorted(SSE_ONLY))
+def test_a_program_that_wants_other_simd_settings_gets_a_real_process(name: str) -> None:
+    pool_env = with_malloc_env(POOL_ENV | SSE_ONLY)
+    env = ENV | SSE_ONLY
+
+    def planned(env: dict[str, str]) -> PyJob | None:
+        return plan(["python3", "x.py"], env, pool_ctype="C.UTF-8", pool_env=pool_env)
+
+    assert planned(env) is not None
+    assert planned(env | {name: "something else"}) is None
+    assert planned({k: v for k, v in env.items() if k != name}) is None

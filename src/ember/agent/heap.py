@@ -32,6 +32,8 @@ shared by all warm interpreters), so a small guest is not filled with idle heaps
 
 from __future__ import annotations
 
+from collections.abc import Mapping, MutableMapping
+
 __all__ = [
     "DEFAULT_HEAP_MIB",
     "HEAP_ENV",
@@ -41,6 +43,8 @@ __all__ = [
     "touch",
     "touch_from_env",
     "tune_thp",
+    "with_malloc_env",
+    "without_malloc_env",
 ]
 
 DEFAULT_HEAP_MIB = 64
@@ -54,6 +58,8 @@ MALLOC_ENV = {
     "MALLOC_ARENA_MAX": "1",
     "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1",
 }
+
+TUNABLES = "GLIBC_TUNABLES"
 
 THP_DIR = "/sys/kernel/mm/transparent_hugepage"
 #: What :func:`tune_thp` writes: sysfs file (under THP_DIR) -> value.
@@ -118,6 +124,28 @@ def touch(nbytes: int) -> int:
     return max(0, nbytes)
 
 
+def with_malloc_env(env: Mapping[str, str]) -> dict[str, str]:
+    """``env`` with :data:`MALLOC_ENV` laid over it; glibc tunables already there (the SSE-only
+    ``glibc.cpu.hwcaps`` ember-init sets, see ember.agent.execute) are kept, not replaced."""
+    merged = dict(env) | MALLOC_ENV
+    inherited = env.get(TUNABLES)
+    if inherited:
+        merged[TUNABLES] = f"{inherited}:{MALLOC_ENV[TUNABLES]}"
+    return merged
+
+
+def without_malloc_env(env: MutableMapping[str, str]) -> None:
+    """Undo :func:`with_malloc_env` in place: what remains is what ``env`` had before it."""
+    for name in MALLOC_ENV:
+        if name != TUNABLES:
+            env.pop(name, None)
+    kept = [
+        item for item in env.pop(TUNABLES, "").split(":") if item and item != MALLOC_ENV[TUNABLES]
+    ]
+    if kept:
+        env[TUNABLES] = ":".join(kept)
+
+
 def touch_from_env() -> int:
     """The run_code worker's start: touch the bytes the agent gave it; forget the variable."""
     import os
@@ -126,6 +154,5 @@ def touch_from_env() -> int:
         nbytes = int(os.environ.pop(HEAP_ENV, "0") or 0)
     except ValueError:
         nbytes = 0
-    for name in MALLOC_ENV:  # read at start-up already; programs the cells start get none
-        os.environ.pop(name, None)
+    without_malloc_env(os.environ)  # read at start-up already; programs the cells start get none
     return touch(nbytes)

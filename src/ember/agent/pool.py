@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from typing import IO, Any, cast
 
 from ember.agent.common import ExecError, log
-from ember.agent.heap import MALLOC_ENV
+from ember.agent.heap import with_malloc_env
 from ember.agent.pyargs import PyJob, effective_ctype, plan
 from ember.agent.pyfind import PythonFinder
 from ember.agent.resume import ResumeState
@@ -172,7 +172,7 @@ class InterpreterPool:
         self.heap_bytes = heap_bytes
         self.resume = resume if resume is not None else ResumeState()
         self.idle_s = idle_s
-        self._env = (env if env is not None else default_env()) | MALLOC_ENV
+        self._env = with_malloc_env(env if env is not None else default_env())
         self._finder = PythonFinder(self._env.get("PATH", ""))
         self._python = self._finder.python
         self._ctype = effective_ctype(self._env)

@@ -22,6 +22,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ember.agent.heap import without_malloc_env
+
 __all__ = ["Mode", "PyJob", "effective_ctype", "parse_command", "plan"]
 
 Mode = str  # "file" | "command" | "module" | "stdin"
@@ -50,6 +52,9 @@ _RUNTIME_ENV = frozenset(
 )
 # The pool's own variables that programs cannot observe (the allocator: ember.agent.heap).
 _IGNORED_POOL_ENV = _RUNTIME_ENV | {"PYTHONMALLOC"}
+# Read once, when the interpreter started (glibc) or imported its preload modules (numpy,
+# OpenBLAS): a program asking for other values needs a process of its own.
+_START_ENV = ("GLIBC_TUNABLES", "NPY_DISABLE_CPU_FEATURES", "OPENBLAS_CORETYPE")
 
 
 @dataclass(frozen=True)
@@ -150,6 +155,10 @@ def plan(
     for name, value in pool_env.items():  # what the pool's own start-up consumed must match
         if name.startswith("PYTHON") and name not in _IGNORED_POOL_ENV and seen.get(name) != value:
             return None
+    started = dict(pool_env)
+    without_malloc_env(started)
+    if any(env.get(name) != started.get(name) for name in _START_ENV):
+        return None
     unbuffered = "u" in opts or "PYTHONUNBUFFERED" in seen
     no_bytecode = "B" in opts or "PYTHONDONTWRITEBYTECODE" in seen
     no_user_site = isolated or "s" in opts or "PYTHONNOUSERSITE" in seen

@@ -41,7 +41,7 @@ from ember.agent.common import (
     opt_str,
     req_str,
 )
-from ember.agent.heap import HEAP_ENV, MALLOC_ENV
+from ember.agent.heap import HEAP_ENV, with_malloc_env
 from ember.agent.resume import ResumeState
 from ember.protocol import Kind, ProtocolError, encode_json, read_frame, write_frame
 
@@ -143,7 +143,7 @@ class CodeRunner:
         self._discard()
         self.state = WorkerState.STARTING
         ours, theirs = socket.socketpair()
-        env = dict(os.environ) | MALLOC_ENV  # freed memory stays in the heap: ember.agent.heap
+        env = with_malloc_env(os.environ)  # freed memory stays in the heap: ember.agent.heap
         env["PYTHONPATH"] = os.pathsep.join(
             p for p in (_package_root(), env.get("PYTHONPATH")) if p
         )

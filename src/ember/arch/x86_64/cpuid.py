@@ -101,6 +101,10 @@ TEMPLATES: dict[str, CpuTemplate] = {
         drop_leaves=frozenset({LEAF_XSAVE}),
         cmdline=(
             "noxsave",
+            # without XSAVE the guest kernel saves no AVX register at a process switch, yet
+            # user code runs natively and may see AVX in CPUID (AMD hosts: no CPUID faulting):
+            # ember-init tells glibc, numpy and OpenBLAS to use SSE only (initramfs/init.c)
+            "ember.simd=sse",
             # erms/fsrm: the emulator runs `rep movsb` a byte per step; without them the
             # kernel copies and clears with `rep movsq`, 3-4x faster here (measured)
             "clearcpuid=cx16,popcnt,rdrand,rdseed,smap,smep,fsgsbase,pcid,invpcid,rdpid,erms,fsrm",

@@ -236,13 +236,42 @@ static void test_mode(void)
 	end(0);
 }
 
-static char *const envp[] = {
+static char *envp[] = {
 	"PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
 	"HOME=/root",
 	"TERM=linux",
 	"LANG=C.UTF-8",
+	0, /* the SSE-only variables below, given ember.simd=sse */
+	0,
+	0,
 	0,
 };
+#define ENVP_BASE 4
+
+/*
+ * ember.simd=sse: the guest kernel does not save the AVX registers (it runs
+ * without XSAVE: kvm_pvm cannot execute xrstor), yet user code runs natively
+ * and, on a host whose CPUID user code reads directly (AMD here), sees AVX,
+ * AVX2 and AVX-512.  Two processes that both use them corrupt each other's
+ * registers at every switch (seen: random SIGSEGV and SIGBUS in python3, whose
+ * glibc copies strings with AVX-512).  These variables, inherited by the
+ * agent and everything it starts, keep glibc, numpy and OpenBLAS on SSE.
+ * ember.agent.execute.INHERITED_ENV passes them on to every command.
+ */
+static char *const sse_only[] = {
+	"GLIBC_TUNABLES=glibc.cpu.hwcaps=-AVX,-AVX2,-AVX512F,-AVX512VL,-AVX512BW,-AVX512DQ,"
+	"-AVX512CD,-FMA,-FMA4,-F16C,-AVX_Fast_Unaligned_Load",
+	"NPY_DISABLE_CPU_FEATURES=AVX,F16C,FMA3,AVX2,AVX512F,AVX512CD,AVX512_KNL,AVX512_KNM,"
+	"AVX512_SKX,AVX512_CLX,AVX512_CNL,AVX512_ICL,AVX512_SPR",
+	"OPENBLAS_CORETYPE=Nehalem",
+	0,
+};
+
+static void use_sse_only(void)
+{
+	for (int i = 0; sse_only[i]; i++)
+		envp[ENVP_BASE + i] = sse_only[i];
+}
 
 static void enter_root(const char *device)
 {
@@ -471,6 +500,7 @@ void _start(void)
 	static char root[256];
 	static char args[ARGS_MAX];
 	static char net[64];
+	static char simd[16];
 	long fd, n;
 
 	fd = sys3(SYS_open, "/dev/console", O_RDWR, 0);
@@ -493,6 +523,9 @@ void _start(void)
 	size_t argsize = 0;
 	if (param(cmdline, "ember.cmd=", args, sizeof(args)))
 		argsize = unbase64(args);
+	if (param(cmdline, "ember.simd=", simd, sizeof(simd)) && simd[0] == 's' && simd[1] == 's' &&
+	    simd[2] == 'e' && !simd[3])
+		use_sse_only();
 	sys6(SYS_umount2, (long)"/proc", 0, 0, 0, 0);
 	/* the initramfs has no device nodes but the console: devtmpfs has the disks */
 	sys3(SYS_mkdir, "/dev", 0755, 0);
