@@ -17,7 +17,8 @@ What issue 15 measures, each beside its peer from the same run:
   guest), against the same in a new guest ``python3`` (no pre-faulted heap) and on the host;
 - ``import numpy`` and a 200x200 ``numpy.linalg.eig`` in a Python exec (time inside the guest),
   the default template preloading numpy, against the host's python3 running the guest's own
-  numpy (the image cache's layer on ``PYTHONPATH``: the same build, default threads);
+  numpy (the image cache's layer on ``PYTHONPATH``: the same build, default threads), and
+  again with the guest's SSE-only settings where it has them (the ``pvm`` CPU template);
 - the same first calls on a sandbox taken from a spare (``keep_warm(1)``, restored and warmed
   ahead, waiting 1 s): ``Sandbox()`` ready, its first and second Python exec, its first
   10 MiB allocation;
@@ -99,9 +100,11 @@ def guest_numpy_dir() -> str | None:
     return str(found[-1].parent) if found else None
 
 
-def host_seconds(code: str, pythonpath: str | None = None) -> list[float] | None:
+def host_seconds(
+    code: str, pythonpath: str | None = None, extra_env: dict[str, str] | None = None
+) -> list[float] | None:
     """Run ``code`` (which prints seconds) in a new host python3; None if it fails."""
-    env = dict(os.environ)
+    env = dict(os.environ) | (extra_env or {})
     if pythonpath:
         env["PYTHONPATH"] = pythonpath
     r = subprocess.run(
@@ -208,10 +211,29 @@ def bench_sandbox(runs: int, real: bool) -> dict[str, list[float]]:
     return out
 
 
+#: What ember-init may set to keep the guest's user space on SSE (CPU template pvm).
+SIMD_ENV = ("GLIBC_TUNABLES", "NPY_DISABLE_CPU_FEATURES", "OPENBLAS_CORETYPE")
+
+
+def guest_simd_env() -> dict[str, str]:
+    """The guest's SIMD settings, read from a sandbox: the host peer can run with them too."""
+    with Sandbox() as sb:
+        lines = sb.exec(["env"]).stdout.decode().splitlines()
+    env = dict(line.split("=", 1) for line in lines if "=" in line)
+    return {name: env[name] for name in SIMD_ENV if name in env}
+
+
 def host_allocs(runs: int) -> dict[str, list[float]]:
-    out: dict[str, list[float]] = {"alloc10": [], "alloc100": [], "numpy_import": [], "eig": []}
+    out: dict[str, list[float]] = {
+        "alloc10": [], "alloc100": [], "numpy_import": [], "eig": [], "eig_guest_simd": [],
+    }  # fmt: skip
     numpy_dir = guest_numpy_dir()
+    simd = guest_simd_env()
     for _ in range(runs):
+        if simd:
+            got = host_seconds(NUMPY, numpy_dir, simd)
+            if got:
+                out["eig_guest_simd"].append(got[1])
         for mib in (10, 100):
             got = host_seconds(ALLOC.format(mib=mib) + "print(seconds)")
             if got:
@@ -285,6 +307,9 @@ def report(
     row("bytearray 100 MiB", sb["alloc100"], None, host["alloc100"])
     row("import numpy", sb["numpy_import"], None, host["numpy_import"])
     row("numpy eig 200x200", sb["numpy_eig"], None, host["eig"])
+    if host["eig_guest_simd"]:  # the guest keeps to SSE (README: user space keeps to SSE)
+        row("numpy eig 200x200, host with the guest's SSE-only settings", sb["numpy_eig"], None,
+            host["eig_guest_simd"])  # fmt: skip
     row("Sandbox() ready", sb["ready"], None, [])
     memory = {"uss_after_ping_mib": p50(sb["uss_ping"]), "uss_after_exec_mib": p50(sb["uss_exec"])}
     return {"rows": rows, "memory": memory, "runs": len(sb["ready"])}
