@@ -17,9 +17,13 @@ from tests.integration.conftest import Images
 
 GUEST_MIB = DEFAULT_MEM_MIB  # the default template's RAM
 # The figure.  Allocating is slow here (each guest page costs emulated kernel work:
-# ~60 s for 200 MiB); hardware KVM does it in a blink.  The guest has ~217 MiB available.
+# ~60 s for 200 MiB); hardware KVM does it in a blink.  What the guest has available depends
+# on the host's CPU (~217 MiB on one kind of host, ~177 on the AMD ones: OpenBLAS's buffers
+# and the pre-faulted heaps differ), so the test takes at most what it leaves free.
 ALLOC_MIB = 200
-RETURNED_MIB = 150  # of those, at least this much must come back to the host
+SPARE_MIB = 32  # left to the guest: more, and the OOM killer ends the holder (seen)
+MIN_ALLOC_MIB = 100  # below this the test would prove little
+RETURNED_SHARE = 0.75  # of what was allocated, at least this much must come back to the host
 
 
 @pytest.fixture(scope="module")
@@ -73,9 +77,12 @@ def test_memory_the_guest_frees_goes_back_to_the_host(sb: Sandbox) -> None:
 
     busy = threading.Thread(target=keep_busy, daemon=True)
     busy.start()
+    alloc_mib = min(ALLOC_MIB, meminfo_kib(sb)["MemAvailable"] // 1024 - SPARE_MIB)
+    assert alloc_mib >= MIN_ALLOC_MIB, f"the guest has only {alloc_mib + SPARE_MIB} MiB available"
+    returned_mib = int(alloc_mib * RETURNED_SHARE)
     grab = (
         "import mmap, os, time\n"
-        f"m = mmap.mmap(-1, {ALLOC_MIB} << 20, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS"
+        f"m = mmap.mmap(-1, {alloc_mib} << 20, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS"
         " | mmap.MAP_POPULATE)\n"
         "print('held', flush=True)\n"
         "while not os.path.exists('/tmp/release'):\n"
@@ -88,11 +95,11 @@ def test_memory_the_guest_frees_goes_back_to_the_host(sb: Sandbox) -> None:
     stream = sb.exec_stream(["sh", "-c", 'exec python3 -c "$0"', grab], timeout=600)
     assert next(stream).data == b"held\n"  # the guest holds the memory now
     peak = rss_anon_mib(pid)
-    assert peak - start >= RETURNED_MIB, (start, peak)  # the guest's pages became ours
+    assert peak - start >= returned_mib, (start, peak)  # the guest's pages became ours
     sb.files.write("/tmp/release", b"")
     assert list(stream) == []  # the holder exits: its memory is free in the guest
     deadline = time.monotonic() + 60
-    while rss_anon_mib(pid) > peak - RETURNED_MIB:
+    while rss_anon_mib(pid) > peak - returned_mib:
         assert time.monotonic() < deadline, f"RSS {rss_anon_mib(pid):.0f} MiB, peak {peak:.0f}"
         time.sleep(0.5)
-    assert sb.memory_stats()["reported_mib"] >= RETURNED_MIB
+    assert sb.memory_stats()["reported_mib"] >= returned_mib
