@@ -7,4 +7,4 @@ cd "$(dirname "$0")/.."
 .venv/bin/ruff format --check src tests bench  # one layout, so diffs show only changes
 .venv/bin/mypy
 .venv/bin/lint-imports  # the import graph's rules: [tool.importlinter] in pyproject.toml
-.venv/bin/python -m pytest -v -p no:cacheprovider "$@"
+.venv/bin/python -m pytest -v -p no:cacheprovider --durations=25 "$@"  # the slowest: CI must stay under 45 min
