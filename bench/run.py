@@ -44,6 +44,7 @@ from typing import Any
 from _common import fmt_num, fmt_ratio, format_table, ratio, spare_after, summarize, to_json
 
 from ember import Sandbox
+from ember.agent.execute import INHERITED_ENV  # what ember-init may set to keep SSE only
 
 HELLO = "print('hello from the sandbox')\nraise SystemExit(3)\n"
 ALLOC = (
@@ -211,16 +212,12 @@ def bench_sandbox(runs: int, real: bool) -> dict[str, list[float]]:
     return out
 
 
-#: What ember-init may set to keep the guest's user space on SSE (CPU template pvm).
-SIMD_ENV = ("GLIBC_TUNABLES", "NPY_DISABLE_CPU_FEATURES", "OPENBLAS_CORETYPE")
-
-
 def guest_simd_env() -> dict[str, str]:
     """The guest's SIMD settings, read from a sandbox: the host peer can run with them too."""
     with Sandbox() as sb:
         lines = sb.exec(["env"]).stdout.decode().splitlines()
     env = dict(line.split("=", 1) for line in lines if "=" in line)
-    return {name: env[name] for name in SIMD_ENV if name in env}
+    return {name: env[name] for name in INHERITED_ENV if name in env}
 
 
 def host_allocs(runs: int) -> dict[str, list[float]]:
