@@ -44,7 +44,7 @@ from typing import Any
 from _common import fmt_num, fmt_ratio, format_table, ratio, spare_after, summarize, to_json
 
 from ember import Sandbox
-from ember.agent.execute import INHERITED_ENV  # what ember-init may set to keep SSE only
+from ember.agent.simd import SIMD_ENV  # what ember-init may set to keep SSE only
 
 HELLO = "print('hello from the sandbox')\nraise SystemExit(3)\n"
 ALLOC = (
@@ -217,7 +217,7 @@ def guest_simd_env() -> dict[str, str]:
     with Sandbox() as sb:
         lines = sb.exec(["env"]).stdout.decode().splitlines()
     env = dict(line.split("=", 1) for line in lines if "=" in line)
-    return {name: env[name] for name in INHERITED_ENV if name in env}
+    return {name: env[name] for name in SIMD_ENV if name in env}
 
 
 def host_allocs(runs: int) -> dict[str, list[float]]:

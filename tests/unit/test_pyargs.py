@@ -180,9 +180,10 @@ def test_the_heap_settings_join_inherited_glibc_tunables_and_come_off_again() ->
 
 
 def test_the_sse_only_variables_reach_every_command(monkeypatch: pytest.MonkeyPatch) -> None:
-    from ember.agent.execute import INHERITED_ENV, default_env
+    from ember.agent.execute import default_env
+    from ember.agent.simd import SIMD_ENV
 
-    for name in INHERITED_ENV:
+    for name in SIMD_ENV:
         monkeypatch.delenv(name, raising=False)
     assert set(default_env()) == {"PATH", "HOME", "LANG"}
     for name, value in SSE_ONLY.items():

@@ -59,12 +59,13 @@ from ember.agent.common import (
     opt_str,
 )
 from ember.agent.filering import Slot, leased_slot
+from ember.agent.simd import SIMD_ENV
 from ember.protocol import Kind, ProtocolError, read_frame, write_frame, write_json
 
 if TYPE_CHECKING:
     from ember.agent.pool import InterpreterPool
 
-__all__ = ["INHERITED_ENV", "KILL_GRACE", "default_env", "exec_handler", "handle_exec"]
+__all__ = ["KILL_GRACE", "default_env", "exec_handler", "handle_exec"]
 
 READ_SIZE = 64 << 10
 RING_ROOM_WAIT_S = 0.002  # a full output ring: the host frees room as it reads
@@ -73,17 +74,11 @@ POLL_MS = 250
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
-#: Passed on from the agent's own environment to every command: ember-init sets them with
-#: ``ember.simd=sse`` (the CPU template ``pvm``), where the guest kernel does not save the AVX
-#: registers across process switches, to keep glibc, numpy and OpenBLAS on SSE (see
-#: src/ember/images/initramfs/init.c). A request's ``env`` can still override them.
-INHERITED_ENV = ("GLIBC_TUNABLES", "NPY_DISABLE_CPU_FEATURES", "OPENBLAS_CORETYPE")
-
-
 def default_env() -> dict[str, str]:
-    """What a command sees before the request's ``env`` is laid over it."""
+    """What a command sees before the request's ``env`` is laid over it: the SSE-only
+    variables ember-init may have given the agent (:mod:`ember.agent.simd`) included."""
     env = {"PATH": DEFAULT_PATH, "HOME": os.environ.get("HOME") or "/root", "LANG": "C.UTF-8"}
-    return env | {name: os.environ[name] for name in INHERITED_ENV if name in os.environ}
+    return env | {name: os.environ[name] for name in SIMD_ENV if name in os.environ}
 
 
 def _command(req: dict[str, Any]) -> list[str]:

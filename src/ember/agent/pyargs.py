@@ -23,6 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ember.agent.heap import without_malloc_env
+from ember.agent.simd import SIMD_ENV
 
 __all__ = ["Mode", "PyJob", "effective_ctype", "parse_command", "plan"]
 
@@ -52,9 +53,6 @@ _RUNTIME_ENV = frozenset(
 )
 # The pool's own variables that programs cannot observe (the allocator: ember.agent.heap).
 _IGNORED_POOL_ENV = _RUNTIME_ENV | {"PYTHONMALLOC"}
-# Read once, when the interpreter started (glibc) or imported its preload modules (numpy,
-# OpenBLAS): a program asking for other values needs a process of its own.
-_START_ENV = ("GLIBC_TUNABLES", "NPY_DISABLE_CPU_FEATURES", "OPENBLAS_CORETYPE")
 
 
 @dataclass(frozen=True)
@@ -157,7 +155,9 @@ def plan(
             return None
     started = dict(pool_env)
     without_malloc_env(started)
-    if any(env.get(name) != started.get(name) for name in _START_ENV):
+    # read once, when the interpreter started (glibc) or imported its preload modules (numpy,
+    # OpenBLAS): a program asking for other values needs a process of its own
+    if any(env.get(name) != started.get(name) for name in SIMD_ENV):
         return None
     unbuffered = "u" in opts or "PYTHONUNBUFFERED" in seen
     no_bytecode = "B" in opts or "PYTHONDONTWRITEBYTECODE" in seen

@@ -256,7 +256,8 @@ static char *envp[] = {
  * registers at every switch (seen: random SIGSEGV and SIGBUS in python3, whose
  * glibc copies strings with AVX-512).  These variables, inherited by the
  * agent and everything it starts, keep glibc, numpy and OpenBLAS on SSE.
- * ember.agent.execute.INHERITED_ENV passes them on to every command.
+ * ember.agent.execute passes them (ember.agent.simd.SIMD_ENV) on to every
+ * command.
  */
 static char *const sse_only[] = {
 	"GLIBC_TUNABLES=glibc.cpu.hwcaps=-AVX,-AVX2,-AVX512F,-AVX512VL,-AVX512BW,-AVX512DQ,"
