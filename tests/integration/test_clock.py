@@ -169,3 +169,70 @@ def test_a_clock_the_program_set_is_left_alone(images: Images) -> None:
         assert sb.exec(["true"]).exit_code == 0
         later = int(sb.run_code("import time\ntime.time_ns()").value or "0")
     assert later - time.time_ns() > hour_ns - 60 * 10**9, (later, time.time_ns())
+
+
+#: The worker's monotonic clock, watched by a thread of its own: the longest step between two
+#: readings, and any reading below the one before it. The thread keeps the vCPU running (the
+#: tick on), as a template's polling worker does when it is snapshotted.
+WATCH_CLOCK = """
+import threading, time
+def _ember_watch():
+    global clock_max_step, clock_backwards
+    prev = time.monotonic()
+    while not clock_stop:
+        now = time.monotonic()
+        clock_max_step = max(clock_max_step, now - prev)
+        if now < prev:
+            clock_backwards.append((prev, now))
+        prev = now
+clock_max_step, clock_backwards, clock_stop = 0.0, [], False
+threading.Thread(target=_ember_watch, daemon=True).start()
+"""
+SYSCTL = "/proc/sys/kernel/ember_snapshot_run_ms"
+
+
+def set_limit(value: object) -> str:
+    """A cell that writes ``value`` to the limit (closed in the cell: a refused write raises)."""
+    return f"with open({SYSCTL!r}, 'w') as f:\n    f.write({str(value)!r})"
+
+
+def test_a_snapshot_of_a_running_guest_credits_only_its_last_run(
+    images: Images, template_name: str
+) -> None:
+    """Templates are snapshotted while their worker polls, after telling the guest kernel that
+    the pause comes within ``templates.SNAPSHOT_RUN_MS`` (kernel patch ``0009``): a restored
+    copy counts only that much of its gap as running time (instead of up to 10 s, which fired
+    every timer due in them before its first request), its monotonic clock never steps back,
+    and its first update puts the 10 s limit back (an idle sandbox must not wake every 50 ms).
+    """
+    from ember.templates import SNAPSHOT_RUN_MS
+
+    gap_s = 3.0  # under the 10 s limit: the old kernel counted all of it as running time
+    with Sandbox() as sb:
+        assert sb.run_code(WATCH_CLOCK).error is None
+        time.sleep(0.3)  # the watcher has readings from before the limit was lowered
+        limit = sb.run_code(f"{set_limit(SNAPSHOT_RUN_MS)}\nopen({SYSCTL!r}).read()")
+        assert limit.error is None, limit.error
+        assert ast.literal_eval(limit.value or "") == f"{SNAPSHOT_RUN_MS}\n"
+        # at once: a host that held the vCPU off for longer than the limit would be taken
+        # for a pause (counted as sleep, never as a step back) and the limit put back
+        sb.snapshot(template_name)
+    time.sleep(gap_s)
+    with Sandbox(template=template_name) as sb:
+        time.sleep(0.5)  # the watcher's readings across the restore
+        result = sb.run_code(
+            f"clock_stop = True\n(clock_max_step, clock_backwards, open({SYSCTL!r}).read())"
+        )
+    assert result.error is None, result.error
+    max_step, backwards, after = ast.literal_eval(result.value or "")
+    assert backwards == [], backwards
+    assert max_step < SNAPSHOT_RUN_MS / 1000 + 0.5 < gap_s, max_step  # not the 3 s gap
+    assert after.strip() == "0"  # restored: the running guest's limit again
+
+
+def test_the_snapshot_limit_is_checked(images: Images) -> None:
+    with Sandbox() as sb:
+        for bad in ("5", "4001", "-1", "many"):
+            result = sb.run_code(set_limit(bad))
+            assert result.error is not None and result.error.type == "OSError", (bad, result)
+        assert sb.run_code(f"open({SYSCTL!r}).read()").value == repr("0\n")

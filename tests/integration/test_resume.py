@@ -22,6 +22,7 @@ def test_the_resume_is_applied_before_the_first_request_is_served(images: Images
     with Sandbox() as sb:
         resume = sb.ping()["resume"]  # the ping is the first request: it carried the resume
         assert resume["reseeds"] >= 1 and resume["entropy_bytes"] >= 32, resume
+        assert resume["rekeys"] == resume["reseeds"], resume  # Ember's kernel: in one step
         assert resume["last_error"] == ""
         generation = resume["generation"]
         with sb.fork() as child:

@@ -7,6 +7,8 @@ a unit test must never step the host's clock.
 from __future__ import annotations
 
 import base64
+import errno
+import struct
 import time
 
 import pytest
@@ -23,7 +25,12 @@ def recorded(monkeypatch: pytest.MonkeyPatch) -> dict[str, list[object]]:
     monkeypatch.setattr(
         resume_mod.time, "clock_settime_ns", lambda clock, ns: calls["settime"].append(ns)
     )
-    monkeypatch.setattr(resume_mod, "_add_entropy", lambda fd, data: calls["entropy"].append(data))
+
+    def add_entropy(fd: int, data: bytes) -> bool:
+        calls["entropy"].append(data)
+        return True  # as Ember's kernel: re-keyed in one step
+
+    monkeypatch.setattr(resume_mod, "_add_entropy", add_entropy)
     return calls
 
 
@@ -35,6 +42,7 @@ def test_a_far_clock_is_stepped_and_entropy_added(recorded: dict[str, list[objec
     assert recorded["settime"] == [host_ns]
     assert recorded["entropy"] == [seed]
     assert (state.generation, state.clock_steps, state.entropy_bytes) == (1, 1, 32)
+    assert (state.reseeds, state.rekeys) == (1, 1)
 
 
 def test_a_near_clock_is_left_alone(recorded: dict[str, list[object]]) -> None:
@@ -84,3 +92,73 @@ def test_the_worker_reseeds_random_once_per_generation() -> None:
     worker.run("random.seed(7)")
     worker.reseed(1)  # the same generation again: nothing to do
     assert worker.run("random.random()")["value"] == template_draw
+
+
+class FakeRandom:
+    """``fcntl.ioctl`` on /dev/random as a kernel would answer it: with or without Ember's
+    one-step re-key (patch 0008), or refusing it as a CRNG that is not ready yet."""
+
+    def __init__(self, rekey_errno: int | None) -> None:
+        self.rekey_errno = rekey_errno
+        self.calls: list[tuple[int, bytes | None]] = []
+
+    def ioctl(self, fd: int, request: int, arg: bytes | int = 0) -> bytes | int:
+        self.calls.append((request, arg if isinstance(arg, bytes) else None))
+        if request == resume_mod.RNDEMBERREKEY and self.rekey_errno is not None:
+            raise OSError(self.rekey_errno, "refused")
+        return arg
+
+
+def _kernel(monkeypatch: pytest.MonkeyPatch, rekey_errno: int | None) -> FakeRandom:
+    fake = FakeRandom(rekey_errno)
+    monkeypatch.setattr(resume_mod.fcntl, "ioctl", fake.ioctl)
+    monkeypatch.setattr(resume_mod, "_rekey_missing", False)
+    return fake
+
+
+def test_ember_kernels_are_rekeyed_in_one_step_per_32_bytes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    fake = _kernel(monkeypatch, None)
+    seed = bytes(range(1, 41))
+    assert resume_mod._add_entropy(3, seed) is True
+    assert fake.calls == [
+        (resume_mod.RNDEMBERREKEY, seed[:32]),
+        (resume_mod.RNDEMBERREKEY, seed[32:] + bytes(24)),  # zero padding XORs nothing in
+    ]
+
+
+def test_another_kernel_gets_credited_entropy_and_a_reseed_and_is_not_asked_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    fake = _kernel(monkeypatch, errno.EINVAL)
+    seed = bytes(range(32))
+    for _ in range(2):
+        assert resume_mod._add_entropy(3, seed) is False
+    added = struct.pack("ii", 256, 32) + seed
+    fallback = [(resume_mod.RNDADDENTROPY, added), (resume_mod.RNDRESEEDCRNG, None)]
+    assert fake.calls == [(resume_mod.RNDEMBERREKEY, seed), *fallback, *fallback]
+
+
+def test_a_crng_not_ready_is_credited_and_the_rekey_tried_again_later(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    fake = _kernel(monkeypatch, errno.ENODATA)
+    resume_mod._add_entropy(3, bytes(32))
+    fake.rekey_errno = None
+    assert resume_mod._add_entropy(3, bytes(32)) is True
+    assert [request for request, _ in fake.calls] == [
+        resume_mod.RNDEMBERREKEY,
+        resume_mod.RNDADDENTROPY,
+        resume_mod.RNDRESEEDCRNG,
+        resume_mod.RNDEMBERREKEY,
+    ]
+
+
+def test_a_refused_rekey_is_an_error_not_a_silent_fallback(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    fake = _kernel(monkeypatch, errno.EPERM)
+    with pytest.raises(PermissionError):
+        resume_mod._add_entropy(3, bytes(32))
+    assert len(fake.calls) == 1
