@@ -160,9 +160,11 @@ def _add_entropy(fd: int, data: bytes) -> bool:
     restore no longer moves jiffies on by the template's age, so without it siblings would draw
     the same bytes from ``os.urandom`` until then. Ember's kernel (patch ``0008``) XORs the
     bytes into the CRNG key, 32 at a time, starts a new generation and mixes them into the
-    input pool, at a cost of a few hundred emulated instructions. A kernel without it gets them
-    credited to its pool and reseeds from it (``RNDADDENTROPY`` + ``RNDRESEEDCRNG``: ~13,000
-    emulated instructions of BLAKE2s, ~15 ms in the first request of every restored sandbox).
+    input pool, in one system call per 32 bytes (with it, the whole first request of a restored
+    sandbox measured ~11,000 emulated instructions: ``bench/first_call.py``). A kernel without
+    it gets them credited to its pool and reseeds from it (``RNDADDENTROPY`` +
+    ``RNDRESEEDCRNG``: ~13,000 emulated instructions of BLAKE2s, ~15 ms in the first request of
+    every restored sandbox).
     """
     global _rekey_missing
     if not _rekey_missing:
