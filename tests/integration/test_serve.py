@@ -126,6 +126,11 @@ def test_create_exec_files_delete(daemon: Daemon, api: httpx.Client) -> None:
     r = api.post(f"{base}/exec", json={"cmd": "cat; echo $FOO", "stdin": stdin,
                                        "env": {"FOO": "bar"}}).json()  # fmt: skip
     assert base64.b64decode(r["stdout"]) == b"from stdinbar\n"
+    files = {"/tmp/api/x.sh": base64.b64encode(b"echo from a file").decode()}
+    r = api.post(f"{base}/exec", json={"cmd": ["sh", "/tmp/api/x.sh"], "files": files}).json()
+    assert base64.b64decode(r["stdout"]) == b"from a file\n"
+    bad = api.post(f"{base}/exec", json={"cmd": ["true"], "files": {"/tmp/y": "not base64!"}})
+    assert bad.status_code == 400, bad.text
 
     body = {"cmd": "for i in 1 2 3; do echo $i; echo e$i >&2; done; exit 7", "stream": True}
     with api.stream("POST", f"{base}/exec", json=body) as stream:

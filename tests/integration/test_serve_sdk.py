@@ -44,6 +44,8 @@ def test_sandbox_through_the_daemon(daemon: Daemon, env: dict[str, str]) -> None
         r = sb.exec(["python3", "-c", "import sys; print(6*7); print('e', file=sys.stderr)"])
         assert (r.exit_code, r.stdout, r.stderr) == (0, b"42\n", b"e\n")
         assert sb.exec("cat", stdin=b"in").stdout == b"in"
+        r = sb.exec(["cat", "/tmp/sent/f"], files={"/tmp/sent/f": b"\0with files\xff"})
+        assert r.stdout == b"\0with files\xff"
         stream = sb.exec_stream(["sh", "-c", "echo a; echo b >&2; exit 4"])
         chunks: list[OutputChunk] = []
         while True:

@@ -226,6 +226,43 @@ def test_exec_errors() -> None:
         exec_op(session()).receive(result({**EXEC_OK, "exit_code": 10**400}))
 
 
+def test_exec_files_go_in_the_request_checked_and_must_be_acknowledged() -> None:
+    s = session()
+    op = s.exec(["python3", "/tmp/a.py"], timeout=None, env=None, cwd=None, stdin=False,
+                files={"/tmp/a.py": b"print(1)\n", "/tmp/d/b": bytearray(b"\0\xff")})  # fmt: skip
+    assert start(s, op)["files"] == [
+        {"path": "/tmp/a.py", "data": "cHJpbnQoMSkK"},
+        {"path": "/tmp/d/b", "data": "AP8="},
+    ]
+    op.next()
+    assert op.receive(result({**EXEC_OK, "files": 2})) is None and op.value.exit_code == 0
+
+    older = s.exec(["true"], timeout=None, env=None, cwd=None, stdin=False,
+                   files={"/tmp/x": b"x"})  # fmt: skip
+    start(s, older)
+    with pytest.raises(ProtocolError, match="wrote 0 of the command's 1 files"):
+        older.receive(result(EXEC_OK))  # an agent that ignored them: said, not silent
+
+    def build(files: Any) -> None:
+        s.exec(["true"], timeout=None, env=None, cwd=None, stdin=False, files=files)
+
+    with pytest.raises(ValueError, match="not an absolute guest path"):
+        build({"tmp/a.py": b""})
+    with pytest.raises(ValueError, match="not an absolute guest path"):
+        build({"/tmp/a\0b": b""})
+    with pytest.raises(TypeError, match="must be bytes"):
+        build({"/tmp/a": "text"})
+    with pytest.raises(TypeError, match="map guest paths"):
+        build([("/tmp/a", b"")])
+    with pytest.raises(ValueError, match="at most 512 KiB"):
+        build({"/tmp/a": bytes(300 << 10), "/tmp/b": bytes(300 << 10)})
+    whole = s.exec(["true"], timeout=None, env=None, cwd=None, stdin=False,
+                   files={"/tmp/a": bytes(512 << 10)})  # fmt: skip
+    assert len(s.request(whole)) <= protocol.MAX_FRAME  # the limit itself fits in one frame
+    assert "files" not in start(s, s.exec("true", timeout=None, env=None, cwd=None,
+                                          stdin=False, files={}))  # fmt: skip
+
+
 # -- files -------------------------------------------------------------------------------
 
 

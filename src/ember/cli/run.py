@@ -4,11 +4,12 @@ The exit status is the guest command's (128 + N when killed by signal N),
 so shell scripts can use Ember like any other command.  Sandbox problems
 (timeout, crash) print one line and exit 124 (timeout, as timeout(1)) or 1.
 
-``ember run script.py`` uploads the script and executes ``python3 PATH ARGS``:
-the guest agent hands that command line to one of the template's pre-started
-interpreters (ember.agent.pool), which runs it exactly as a new ``python3``
-would, without the seconds a new guest interpreter costs. Nothing here needs
-to know: a command the pool cannot honour simply runs as a real process.
+``ember run script.py`` executes ``python3 PATH ARGS`` with the script sent in the
+same request (``exec(files=)``; one over 512 KiB is uploaded first): the guest agent
+hands that command line to one of the template's pre-started interpreters
+(ember.agent.pool), which runs it exactly as a new ``python3`` would, without the
+seconds a new guest interpreter costs. Nothing here needs to know: a command the
+pool cannot honour simply runs as a real process.
 """
 
 from __future__ import annotations

@@ -118,11 +118,16 @@ def execute(
 ) -> int:  # fmt: skip
     """Run ``argv`` in the sandbox ``opener`` gives, its output to ``out``/``err``, a
     sandbox's failure as one line to ``say``: the exit status ``ember run`` exits with."""
+    from ember.client.session import EXEC_FILES_MAX  # here: a thin client never needs it
+
     try:
         with opener(args) as sb:
-            if upload is not None:
+            files = None
+            if upload is not None and len(upload[1]) <= EXEC_FILES_MAX:
+                files = {upload[0]: upload[1]}  # with the command: one round trip, not two
+            elif upload is not None:
                 sb.files.write(upload[0], upload[1])
-            stream = sb.exec_stream(argv, timeout=args.timeout)
+            stream = sb.exec_stream(argv, timeout=args.timeout, files=files)
             while True:
                 try:
                     chunk = next(stream)

@@ -15,7 +15,7 @@ import io
 import os
 import socket
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, BinaryIO, TypeVar
 
 from ember.client.bounds import DEFAULT_CALL_TIMEOUT, DEFAULT_GRACE, DEFAULT_MAX_OUTPUT
@@ -268,9 +268,12 @@ class AsyncAgentClient:
         env: dict[str, str] | None = None,
         cwd: str | None = None,
         stdin: Source | None = None,
+        files: Mapping[str, bytes] | None = None,
     ) -> AsyncExecStream:
         """Start ``cmd`` and stream its output; see ``AgentClient.exec_stream``."""
-        op = self._session.exec(cmd, timeout=timeout, env=env, cwd=cwd, stdin=stdin is not None)
+        op = self._session.exec(
+            cmd, timeout=timeout, env=env, cwd=cwd, stdin=stdin is not None, files=files
+        )
         return self._exec(op, stdin)
 
     def _exec(self, op: ExecOp, stdin: Source | None) -> AsyncExecStream:
@@ -287,11 +290,12 @@ class AsyncAgentClient:
         cwd: str | None = None,
         stdin: Source | None = None,
         max_output: int | None = DEFAULT_MAX_OUTPUT,
+        files: Mapping[str, bytes] | None = None,
     ) -> ExecResult:
         """Run ``cmd`` to completion; see ``AgentClient.exec``."""
         op = self._session.exec(
             cmd, timeout=timeout, env=env, cwd=cwd, stdin=stdin is not None,
-            collect=True, max_output=max_output,
+            collect=True, max_output=max_output, files=files,
         )  # fmt: skip
         async with self._exec(op, stdin) as stream:
             async for _ in stream:  # a collecting op keeps the output: no chunks come out

@@ -29,7 +29,7 @@ import socket
 import threading
 import time
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from types import TracebackType
 from typing import Any, BinaryIO, TypeVar
 
@@ -418,13 +418,18 @@ class AgentClient:
         env: dict[str, str] | None = None,
         cwd: str | None = None,
         stdin: Source | None = None,
+        files: Mapping[str, bytes] | None = None,
     ) -> ExecStream:
         """Start ``cmd`` (a list: argv, no shell; a string: ``sh -c``) and stream its output.
 
         With a ``timeout``, the stream must end within it plus ``grace``, however
         fast it is read; without one, the host waits as long as the command runs.
+        ``files`` (guest path -> bytes, at most 512 KiB in all) are written as
+        ``files.write`` writes them, in the same request, before the command starts.
         """
-        op = self._session.exec(cmd, timeout=timeout, env=env, cwd=cwd, stdin=stdin is not None)
+        op = self._session.exec(
+            cmd, timeout=timeout, env=env, cwd=cwd, stdin=stdin is not None, files=files
+        )
         return self._exec(op, stdin)
 
     def _exec(self, op: ExecOp, stdin: Source | None) -> ExecStream:
@@ -450,6 +455,7 @@ class AgentClient:
         cwd: str | None = None,
         stdin: Source | None = None,
         max_output: int | None = DEFAULT_MAX_OUTPUT,
+        files: Mapping[str, bytes] | None = None,
     ) -> ExecResult:
         """Run ``cmd`` to completion and return its output and status.
 
@@ -462,7 +468,7 @@ class AgentClient:
         """
         op = self._session.exec(
             cmd, timeout=timeout, env=env, cwd=cwd, stdin=stdin is not None,
-            collect=True, max_output=max_output,
+            collect=True, max_output=max_output, files=files,
         )  # fmt: skip
         with self._exec(op, stdin) as stream:
             for _ in stream:  # a collecting op keeps the output: no chunks come out

@@ -266,6 +266,12 @@ class ExecOp(Operation[ExecResult]):
         obj = check_result(frame, "exec")
         self.reusable = self.keepalive and obj.get("keepalive") is True  # the agent agreed
         self.result = results.parse_exec_result(obj, bytes(self._out), bytes(self._err))
+        sent = len(self.request.get("files") or ())
+        if sent and obj.get("files") != sent:  # an agent from before exec's files ignored them
+            raise ProtocolError(
+                f"the guest agent wrote {obj.get('files') or 0} of the command's {sent} files "
+                "(a snapshot from an older Ember?): write them with files.write instead"
+            )
         self._finish(self.result)
         if self.result.timed_out:
             raise SandboxTimeout(

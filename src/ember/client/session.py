@@ -9,10 +9,11 @@ argument and never closes anything itself: the transport does, when told to.
 
 from __future__ import annotations
 
+import base64
 import os
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Generic, TypeVar
 
 from ember.client import results
@@ -41,6 +42,7 @@ from ember.client.wire import Source
 from ember.protocol import encode_json
 
 __all__ = [
+    "EXEC_FILES_MAX",
     "EXPIRY_SLACK_S",
     "INLINE_WRITE_MAX",
     "KEEPALIVE_IDLE_S",
@@ -61,15 +63,20 @@ KEEPALIVE_MAX = 4
 # Uploads up to this size go with their REQUEST in one write on a kept connection (~15 ms
 # here) rather than through a ring slot, whose hand-shake costs two vsock round trips (~85 ms).
 INLINE_WRITE_MAX = 64 << 10
+# An exec's ``files`` go in its REQUEST frame as base64 (4/3 of the bytes): this much in all
+# fits in one frame (protocol.MAX_FRAME) with room for the rest of the request.
+EXEC_FILES_MAX = 512 << 10
 C = TypeVar("C")
 
 
 def exec_request(
     cmd: Command, *, timeout: float | None, env: dict[str, str] | None, cwd: str | None,
-    stdin: bool,
+    stdin: bool, files: Mapping[str, bytes] | None = None,
 ) -> dict[str, Any]:  # fmt: skip
     """A list runs as argv without a shell; a string runs under ``/bin/sh -c``."""
     request: dict[str, Any] = {"op": "exec", "stdin": stdin}
+    if files:
+        request["files"] = exec_files(files)
     if isinstance(cmd, str):
         request["shell"] = cmd
     else:
@@ -83,6 +90,27 @@ def exec_request(
     if cwd is not None:
         request["cwd"] = cwd
     return request
+
+
+def exec_files(files: Mapping[str, bytes]) -> list[dict[str, str]]:
+    """``files`` as the REQUEST carries them, checked: absolute paths, bytes, at most
+    :data:`EXEC_FILES_MAX` in all (bigger files go through ``files.write``)."""
+    if not isinstance(files, Mapping):
+        raise TypeError(f"files must map guest paths to bytes, got {type(files).__name__}")
+    encoded, total = [], 0
+    for path, data in files.items():
+        if not isinstance(path, str) or not path.startswith("/") or "\0" in path:
+            raise ValueError(f"files: {path!r} is not an absolute guest path")
+        if not isinstance(data, bytes | bytearray | memoryview):
+            raise TypeError(f"files: {path} must be bytes, got {type(data).__name__}")
+        total += len(data)
+        if total > EXEC_FILES_MAX:
+            raise ValueError(
+                f"files carry at most {EXEC_FILES_MAX >> 10} KiB with a command; "
+                "write bigger ones with files.write first"
+            )
+        encoded.append({"path": path, "data": base64.b64encode(data).decode("ascii")})
+    return encoded
 
 
 def streamed(
@@ -207,9 +235,10 @@ class Session:
         stdin: bool,
         collect: bool = False,
         max_output: int | None = None,
+        files: Mapping[str, bytes] | None = None,
     ) -> ExecOp:
         limit = check_max_output(max_output)
-        request = exec_request(cmd, timeout=timeout, env=env, cwd=cwd, stdin=stdin)
+        request = exec_request(cmd, timeout=timeout, env=env, cwd=cwd, stdin=stdin, files=files)
         return ExecOp(request, self.bounds, collect=collect, max_output=limit)
 
     def pty(

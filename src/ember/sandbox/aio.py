@@ -280,13 +280,14 @@ class AsyncSandbox:
     async def exec(self, a: ExecArgs) -> ExecResult:
         """Run ``cmd`` and wait for it; see ``Sandbox.exec``."""
         return await self._call(self._client.exec, a.cmd, timeout=a.timeout, env=a.env,
-                                cwd=a.cwd, stdin=a.stdin, max_output=a.max_output)  # fmt: skip
+                                cwd=a.cwd, stdin=a.stdin, max_output=a.max_output,
+                                files=a.files)  # fmt: skip
 
     @takes(StreamArgs)
     async def exec_stream(self, a: StreamArgs) -> AsyncIterator[OutputChunk]:
         """Stdout/stderr chunks as they are produced; see ``Sandbox.exec_stream``."""
         stream = self._client.exec_stream(a.cmd, timeout=a.timeout, env=a.env, cwd=a.cwd,
-                                          stdin=a.stdin)  # fmt: skip
+                                          stdin=a.stdin, files=a.files)  # fmt: skip
         async with self._guard(), stream:
             async for chunk in stream:
                 yield chunk

@@ -187,6 +187,8 @@ def _exec_body(a: StreamArgs) -> dict[str, Any]:
             body[key] = value
     if a.stdin is not None:
         body["stdin"] = wire.b64(_read_all(a.stdin))
+    if a.files:
+        body["files"] = {path: wire.b64(bytes(data)) for path, data in a.files.items()}
     return body
 
 

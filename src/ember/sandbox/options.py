@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib
 import os
+from collections.abc import Mapping
 from dataclasses import KW_ONLY, dataclass
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -101,7 +102,12 @@ class SandboxOptions:
 
 @dataclass(frozen=True)
 class StreamArgs:
-    """A command: ``cmd`` (argv list, or a shell string), and how to run it."""
+    """A command: ``cmd`` (argv list, or a shell string), and how to run it.
+
+    ``files`` (guest path -> bytes, at most 512 KiB in all) are written before the command
+    starts, in the same request: a script and its inputs cost one round trip, not one more
+    per file. Each is written as ``files.write`` would (atomically, parents created).
+    """
 
     cmd: Command
     _: KW_ONLY
@@ -109,6 +115,7 @@ class StreamArgs:
     env: dict[str, str] | None = None
     cwd: str | None = None
     stdin: Source | None = None
+    files: Mapping[str, bytes] | None = None
 
 
 @dataclass(frozen=True)

@@ -231,8 +231,10 @@ def create_app(manager: Manager, *, token: str, max_body: int = 128 << 20) -> Gu
               responses={200: {"content": {"application/x-ndjson": {}}}})  # fmt: skip
     def exec_(sandbox_id: str, body: models.ExecBody) -> Any:
         stdin = wire.unb64(body.stdin) if body.stdin is not None else None
+        files = None if body.files is None else {
+            path: wire.unb64(data) for path, data in body.files.items()}  # fmt: skip
         kwargs: dict[str, Any] = {"timeout": body.timeout, "env": body.env, "cwd": body.cwd,
-                                  "stdin": stdin}  # fmt: skip
+                                  "stdin": stdin, "files": files}  # fmt: skip
         if not body.stream:
             started = time.perf_counter()
             r = call(sandbox_id, lambda sb: sb.exec(body.cmd, max_output=body.max_output, **kwargs))

@@ -119,6 +119,9 @@ Env = Annotated[
     dict[Annotated[str, Field(min_length=1, max_length=256)], str], Field(max_length=1024)
 ]
 Cwd = Annotated[str, Field(min_length=1, max_length=4096)]
+Files = Annotated[
+    dict[Annotated[str, Field(min_length=1, max_length=4096)], str], Field(max_length=1024)
+]
 
 
 class ExecBody(Strict):
@@ -127,6 +130,9 @@ class ExecBody(Strict):
     env: Env | None = None
     cwd: Cwd | None = None
     stdin: str | None = Field(None, description="base64 bytes for the process's stdin")
+    files: Files | None = Field(
+        None, description="guest path -> base64 bytes, written before the command starts"
+    )
     stream: bool = Field(False, description="reply NDJSON lines as output is produced")
     max_output: int | None = Field(64 << 20, ge=0, le=1 << 30)
 
