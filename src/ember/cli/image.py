@@ -70,6 +70,16 @@ def register(subparsers: argparse._SubParsersAction[Any]) -> None:
     )
     path.set_defaults(func=_path)
 
+    prune = sub.add_parser(
+        "prune",
+        help="delete cached images and default templates nothing current uses",
+        description="Delete what earlier versions of the guest images left in the cache: "
+        "kernels, initramfs, root file systems and layers of other inputs, and default "
+        "templates of other images. Named templates and what they use are kept.",
+    )
+    prune.add_argument("--dry-run", action="store_true", help="list, delete nothing")
+    prune.set_defaults(func=_prune)
+
 
 def _build(args: argparse.Namespace) -> int:
     paths = images.build_all(
@@ -88,4 +98,16 @@ def _build(args: argparse.Namespace) -> int:
 
 def _path(args: argparse.Namespace) -> int:
     print(images.artifact_path(args.artifact))
+    return 0
+
+
+def _prune(args: argparse.Namespace) -> int:
+    from ember.prune import prune
+
+    entries = prune(dry_run=args.dry_run)
+    verb = "would remove" if args.dry_run else "removed"
+    for entry in entries:
+        print(f"{verb} {entry.kind:<12} {entry.size / (1 << 20):8.1f} MiB  {entry.path}")
+    total = sum(entry.size for entry in entries)
+    print(f"{verb} {len(entries)} entries, {total / (1 << 20):.1f} MiB")
     return 0
