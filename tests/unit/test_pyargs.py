@@ -8,7 +8,9 @@ import pytest
 
 from ember.agent.heap import (
     THP_SETTINGS,
+    default_min_free_kbytes,
     per_interpreter,
+    tune_min_free,
     tune_thp,
     with_malloc_env,
     without_malloc_env,
@@ -157,6 +159,22 @@ def test_thp_settings_go_to_the_files_that_exist(tmp_path: Path) -> None:
     assert int((tmp_path / "khugepaged/scan_sleep_millisecs").read_text()) >= 3600 * 1000
     # a kernel without THP: no files, nothing done, no error
     assert tune_thp(str(tmp_path / "absent")) == 0
+
+
+def test_min_free_goes_back_to_the_kernels_own_figure(tmp_path: Path) -> None:
+    # mm/page_alloc.c: sqrt(16 x KiB), clamped; 512 MiB -> 2896 KiB, not THP's 25124
+    assert default_min_free_kbytes(512 * 1024) == 2896
+    assert default_min_free_kbytes(1024) == 128
+    assert default_min_free_kbytes(64 << 30) == 262144
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal:         506768 kB\nMemFree:          198388 kB\n")
+    sysctl = tmp_path / "min_free_kbytes"
+    sysctl.write_text("25124\n")
+    assert tune_min_free(str(meminfo), str(sysctl)) == 2847
+    assert sysctl.read_text() == "2847"
+    # no /proc (or no such sysctl): nothing written, no error
+    assert tune_min_free(str(tmp_path / "absent"), str(sysctl)) is None
+    assert tune_min_free(str(meminfo), str(tmp_path / "no" / "such")) is None
 
 
 SSE_ONLY = {

@@ -35,7 +35,7 @@ import socket
 import sys
 
 from ember.agent import preload as preload_mod
-from ember.agent.heap import DEFAULT_HEAP_MIB, per_interpreter, tune_thp
+from ember.agent.heap import DEFAULT_HEAP_MIB, per_interpreter, tune_min_free, tune_thp
 from ember.agent.pool import DEFAULT_SIZE, IDLE_S, InterpreterPool
 from ember.agent.preload import ENV as PRELOAD_ENV
 from ember.agent.runcode import CodeRunner
@@ -136,6 +136,7 @@ def main(argv: list[str] | None = None) -> int:
         os.environ[PRELOAD_ENV] = preload  # inherited by the run_code worker and the pool
     worker = not options.get("no-worker")
     tune_thp()  # huge pages for the heaps that ask, never a stall or a scan for them
+    tune_min_free()  # and not the ~25 MiB reserve that turning them on asked for
     # Each warm interpreter's pre-faulted heap, within what the guest can spare.
     heap = per_interpreter(heap_mib, pool_size + int(worker))
     listener = _listen(listen_unix if isinstance(listen_unix, str) else None)
