@@ -431,6 +431,34 @@ def test_the_pool_refills_after_use_and_frees_the_programs_memory(agent: Agent) 
     assert not Path(f"/proc/{pid}").exists()
 
 
+FORKED = """\
+import ctypes, os, random, threading
+libc = ctypes.CDLL(None)
+libc.pthread_self.restype = ctypes.c_void_p
+glibc_tid = ctypes.c_int.from_address(libc.pthread_self() + 0x2D0).value
+print(os.getppid(), os.getsid(0) == os.getpgid(0) == os.getpid(),
+      glibc_tid == threading.get_native_id() == os.getpid(), random.random())
+"""
+
+
+def test_refills_are_forked_by_the_mother_as_the_agents_own_children(agent: Agent) -> None:
+    # The template's members are started; once they are used, the mother forks the refills.
+    # Each must be what a started member is: the agent's child (its exit status is the
+    # agent's to collect), in a session of its own, with glibc's idea of its thread id
+    # right (raise(), pthread_kill, mutex owners read it), and random draws of its own.
+    status = agent.wait_full()
+    assert status["mother"], status["mother_error"]
+    forked = status["forked"]
+    runs = [agent.pooled(["python3", "-c", FORKED]) for _ in range(status["size"] + 2)]
+    assert agent.pool()["forked"] >= forked + 2
+    lines = [run.stdout.split() for run in runs]
+    assert all(line[:3] == [str(agent.proc.pid).encode(), b"True", b"True"] for line in lines), runs
+    assert len({line[3] for line in lines}) == len(lines)  # no two share a random stream
+    # A forked member's death by a signal is seen as a started one's is.
+    run = agent.pooled(["python3", "-c", "import os, signal; os.kill(os.getpid(), signal.SIGTERM)"])
+    assert run.result["signal"] == signal.SIGTERM, run
+
+
 def test_a_timeout_kills_the_program_and_its_holder(agent: Agent) -> None:
     agent.wait_full()
     script = "import os, sys, time; print(os.getpid(), flush=True); time.sleep(60)"

@@ -15,6 +15,16 @@ the memory and skips tearing it down, so the pipes close and the exit status arr
 the agent kills the holder later, when the sandbox is idle (or never, if the sandbox is
 thrown away first), and only then does the guest pay for freeing the pages.
 
+Refills are forked from a *mother*: one more interpreter, started with the template's, that
+has imported the preload modules, holds no heap and never runs a program. A fresh
+``python3`` with numpy costs ~20 s of guest time here, a fork of the mother ~1 s, so a
+sandbox that runs a Python program every few seconds keeps finding a member ready. The
+forked member is the agent's own child (``CLONE_PARENT``, see ``pystart._Forker``), and the
+agent reaps it as it reaps the members it started (:func:`ember.agent.adopt.adopt`). The
+template's own members are started, not forked: a forked member shares its pages with the
+mother, and each one its program writes would cost a guest copy-on-write fault. Without a
+mother (she failed, or cannot fork here) refills start ``python3`` as before.
+
 Refills and the holders' deaths cost the guest seconds, so they happen only while the sandbox
 is otherwise idle (no request but ``ping`` in flight for :data:`IDLE_S`); an interpreter still
 starting when a request arrives is stopped (``SIGSTOP``) until the sandbox is idle again. The
@@ -37,6 +47,7 @@ import time
 from dataclasses import dataclass, field
 from typing import IO, Any, cast
 
+from ember.agent.adopt import adopt
 from ember.agent.common import ExecError, log
 from ember.agent.heap import with_malloc_env
 from ember.agent.pyargs import PyJob, effective_ctype, plan
@@ -115,6 +126,8 @@ class _Member:
     def close_fds(self, *, theirs_only: bool = False) -> None:
         fds = self.theirs if theirs_only else (*self.ours, *self.theirs)
         for fd in fds:
+            if fd < 0:
+                continue  # a mother has no program pipes
             try:
                 os.close(fd)
             except OSError:
@@ -179,6 +192,7 @@ class InterpreterPool:
         self._cond = threading.Condition()
         self._ready: list[_Member] = []
         self._starting: _Member | None = None
+        self._mother: _Member | None = None  # forks refills (see _fork); None: spawn them
         self._holders: list[int] = []  # holders of finished programs, to kill when idle
         self._handed: dict[int, int] = {}  # program pid -> its holder, until released
         self._last: dict[str, float] = {}
@@ -195,6 +209,8 @@ class InterpreterPool:
         self.served = 0
         self.fallbacks = 0
         self.rehearsed = 0  # members that rehearsed a start (warm), in all
+        self.forked = 0  # members the mother forked, in all
+        self.mother_error = ""  # why there is no mother: refills are fresh python3 processes
         self._thread: threading.Thread | None = None
 
     # -- life cycle -------------------------------------------------------------------
@@ -216,6 +232,9 @@ class InterpreterPool:
             self._ready.clear()
             if self._starting is not None:
                 members.append(self._starting)
+            if self._mother is not None and self._mother not in members:
+                members.append(self._mother)
+            self._mother = None
             holders, self._holders = self._holders, []
             self._cond.notify_all()
         for member in members:
@@ -301,6 +320,9 @@ class InterpreterPool:
                 "last": dict(self._last),
                 "lookups": self._finder.lookups,  # path answers computed, not kept (pyfind)
                 "rehearsed": self.rehearsed,
+                "mother": self._mother is not None,
+                "forked": self.forked,
+                "mother_error": self.mother_error,
                 "error": self.last_error,
             }
 
@@ -446,6 +468,7 @@ class InterpreterPool:
                         self._gave_up = True
                         return
             if filled:
+                self._start_mother()  # before READY: a template has her too
                 self._warm_lookups()
                 with self._cond:
                     self._first_fill_done = True
@@ -471,14 +494,80 @@ class InterpreterPool:
         return bool(self._holders) or (not self._gave_up and len(self._ready) < self.size)
 
     def _start_one(self, first: bool) -> _Member | None:
+        """A new member: forked by the mother if there is one, else a fresh ``python3``."""
+        heap = self.heap_bytes if first else 0
+        member = None
+        # Not for the template's own members: a forked one shares its pages with the mother
+        # (a guest copy-on-write fault, ~3 ms, on each its program writes); a started one
+        # owns them (a host fault, ~25 us, in a restored copy).
+        if self._mother is not None and not first:
+            member = self._fork(self._mother, heap)
+        if member is None:
+            member = self._spawn(heap, "member")
+        if member is None:
+            return None
+        info = self._run_start(member)
+        self._reported = bool(info and info.get("error"))
+        if info is None or not info.get("ready"):
+            error = (info or {}).get("error") or self._describe_death(member)
+            self.last_error = str(error)
+            log(f"interpreter pool: {self.last_error}")
+            self._discard(member)
+            return None
+        member.info = info
+        self.last_error = ""
+        return member
+
+    def _start_mother(self) -> None:
+        """The interpreter refills are forked from: preload imported, no heap, no program.
+        Without one (it failed, or cannot fork here) refills are fresh processes, as before."""
+        mother = self._spawn(0, "mother")
+        info = self._run_start(mother) if mother is not None else None
+        if mother is None or info is None or not info.get("mother"):
+            error = (info or {}).get("error") or (
+                self._describe_death(mother) if mother is not None else self.last_error
+            )
+            self.mother_error = str(error)
+            log(f"interpreter pool: no mother ({self.mother_error}): refills start python3")
+            if mother is not None:
+                self._discard(mother)
+            return
+        mother.info = info
+        self._mother = mother
+
+    def _fork(self, mother: _Member, heap: int) -> _Member | None:
+        """Ask the mother for a member; None (and no mother from now on) if she cannot."""
+        ours, theirs = socket.socketpair()
+        reply = None
+        try:
+            _send_message(mother.ctl, {"op": "fork", "heap": heap}, (theirs.fileno(),))
+            reply = self._run_start(mother)
+        except OSError:
+            pass
+        finally:
+            theirs.close()
+        pid = (reply or {}).get("pid")
+        if not isinstance(pid, int) or pid <= 0:
+            ours.close()
+            self.mother_error = str((reply or {}).get("error") or self._describe_death(mother))
+            log(f"interpreter pool: the mother failed ({self.mother_error}): refills start python3")
+            with self._cond:
+                self._mother = None
+            self._discard(mother)
+            return None
+        with self._cond:
+            self.forked += 1
+        assert self._python is not None
+        proc = adopt(pid, [self._python, "-c", BOOT, PYSTART, "(forked)"])
+        ends = _pipes()
+        return _Member(proc, ours, ends[0], ends[1])
+
+    def _spawn(self, heap: int, role: str) -> _Member | None:
         assert self._python is not None
         ours, theirs = socket.socketpair()
-        stdin_r, stdin_w = os.pipe()
-        stdout_r, stdout_w = os.pipe()
-        stderr_r, stderr_w = os.pipe()
         argv = [
             self._python, "-c", BOOT, PYSTART, str(theirs.fileno()),
-            str(self.resume.generation), str(self.heap_bytes if first else 0), *self.preload,
+            str(self.resume.generation), str(heap), role, *self.preload,
         ]  # fmt: skip
         try:
             # stdin /dev/null, stdout and stderr pipes: the files a program's streams are made
@@ -495,36 +584,29 @@ class InterpreterPool:
                 close_fds=True,
             )
         except OSError as exc:
-            for fd in (stdin_r, stdin_w, stdout_r, stdout_w, stderr_r, stderr_w):
-                os.close(fd)
             ours.close()
             self.last_error = f"cannot start {self._python}: {exc}"
             log(f"interpreter pool: {self.last_error}")
             return None
         finally:
             theirs.close()
-        member = _Member(proc, ours, (stdin_w, stdout_r, stderr_r), (stdin_r, stdout_w, stderr_w))
+        ends = _pipes() if role == "member" else ((-1, -1, -1), (-1, -1, -1))
+        return _Member(proc, ours, ends[0], ends[1])
+
+    def _run_start(self, member: _Member) -> dict[str, Any] | None:
+        """The member's next message, with it stopped while a request is in flight."""
         with self._cond:
             self._starting = member
             if self._busy and not member.stopped:
                 member.stopped = True
-                _signal(proc.pid, signal.SIGSTOP)
+                _signal(member.proc.pid, signal.SIGSTOP)
         info = self._await_ready(member)
         with self._cond:
             self._starting = None
             if member.stopped:
                 member.stopped = False
-                _signal(proc.pid, signal.SIGCONT)
-        self._reported = bool(info and info.get("error"))
-        if info is None or not info.get("ready"):
-            error = (info or {}).get("error") or self._describe_death(member)
-            self.last_error = str(error)
-            log(f"interpreter pool: {self.last_error}")
-            self._discard(member)
-            return None
-        member.info = info
-        self.last_error = ""
-        return member
+                _signal(member.proc.pid, signal.SIGCONT)
+        return info
 
     def _await_ready(self, member: _Member) -> dict[str, Any] | None:
         """Wait for the ``ready`` message; continue a start stopped by :meth:`busy` when idle."""
@@ -578,6 +660,15 @@ class InterpreterPool:
             pass
         if member.holder:
             _kill_holder(member.holder)
+
+
+def _pipes() -> tuple[tuple[int, int, int], tuple[int, int, int]]:
+    """A program's three pipes: (stdin write, stdout read, stderr read) for the agent,
+    (stdin read, stdout write, stderr write) for the program."""
+    stdin_r, stdin_w = os.pipe()
+    stdout_r, stdout_w = os.pipe()
+    stderr_r, stderr_w = os.pipe()
+    return (stdin_w, stdout_r, stderr_r), (stdin_r, stdout_w, stderr_w)
 
 
 def _spec(

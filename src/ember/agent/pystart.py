@@ -4,19 +4,20 @@ A fresh ``python3`` costs the guest seconds (hundreds of system calls and page f
 paid to an emulated kernel); a template snapshot taken while this interpreter waits makes all
 of that free for every sandbox restored from it. The agent (:mod:`ember.agent.pool`) starts::
 
-    python3 -c BOOT PYSTART CTL GENERATION HEAP_BYTES PRELOAD...
+    python3 -c BOOT PYSTART CTL GENERATION HEAP_BYTES ROLE PRELOAD...
 
 with stdin ``/dev/null`` and stdout/stderr pipes. ``BOOT`` (:data:`ember.agent.pool.BOOT`) runs
 this file in a private namespace and calls :func:`wait`, which imports the preload modules,
 touches the heap, clones the holder, says ``ready`` on the ``CTL`` socket and blocks reading
-it. The job (a ``marshal``-ed dict made by the agent from a :class:`ember.agent.pyargs.PyJob`,
-the program's pipes attached) is applied here — descriptors, directory, environment,
-``sys.argv``/``sys.path``/``sys.flags``/``sys.executable``, standard streams, a new
-``__main__`` — and ``BOOT`` itself runs the program with ``exec`` (or ``runpy`` for ``-m``),
-then ends the way ``python3`` ends: ``SystemExit`` re-raised for the interpreter to handle,
-any other uncaught exception printed by ``sys.excepthook`` (frames of ``BOOT`` and this file
-cut) and status 1, an uncaught ``KeyboardInterrupt`` as death by ``SIGINT``, normal
-finalisation (threads joined, ``atexit``, buffers flushed) in every case.
+it (``ROLE`` ``member``). A ``mother`` (``ROLE``) stops before the heap and forks members on request
+instead (:func:`_mother`). The job (a ``marshal``-ed dict made by the agent from a
+:class:`ember.agent.pyargs.PyJob`, the program's pipes attached) is applied here — descriptors,
+directory, environment, ``sys.argv``/``sys.path``/``sys.flags``/``sys.executable``, standard
+streams, a new ``__main__`` — and ``BOOT`` itself runs the program with ``exec`` (or ``runpy`` for
+``-m``), then ends the way ``python3`` ends: ``SystemExit`` re-raised for the interpreter to handle,
+any other uncaught exception printed by ``sys.excepthook`` (frames of ``BOOT`` and this file cut)
+and status 1, an uncaught ``KeyboardInterrupt`` as death by ``SIGINT``, normal finalisation (threads
+joined, ``atexit``, buffers flushed) in every case.
 
 Why these choices:
 
@@ -73,6 +74,10 @@ CLONE_VM = 0x100
 CLONE_PARENT = 0x8000
 SIGCHLD = 17
 SYS_PAUSE = 34  # x86_64
+SYS_CLONE = 56
+SYS_GETTID = 186
+CLONE_CHILD_SETTID = 0x01000000
+TID_OFFSET = 0x2D0  # of ``tid`` in glibc's struct pthread, x86_64 (checked: _Forker)
 REHEARSED_HEAP = 2 << 20  # of the pre-faulted block, what a rehearsal writes (see _rehearse)
 MAX_BSS = 4 << 20  # an unnamed mapping after a library's data bigger than this is not its .bss
 _ZIP_END = b"PK\x05\x06"
@@ -736,10 +741,108 @@ def _receive_job(ctl: int) -> tuple[dict[str, Any], list[int]]:
     return message, fds
 
 
+def _mother(ctl: int, keep: set[str]) -> tuple[int, int]:
+    """Be the pool's mother: fork a member each time the agent asks (``{"op": "fork"}``, the
+    member's control socket attached), never run a program. Returns in each child, with its
+    control socket and the heap it is to touch.
+
+    A refill by a fresh ``python3`` costs ~20 s of guest time here (start-up ~5 s, ``import
+    numpy`` ~14 s); a fork of this interpreter, which has done both and has no heap, ~1 s.
+    The child is the agent's, not ours (:class:`_Forker`): the agent reaps it like any other
+    member, and the mother has nothing to report."""
+    try:
+        forker = _Forker()
+    except OSError as exc:
+        _send(ctl, {"ready": False, "error": f"cannot fork members: {exc}"})
+        os._exit(1)
+    _send(ctl, {"ready": True, "pid": os.getpid(), "mother": True})
+    while True:
+        try:
+            spec, fds = _receive_job(ctl)
+        except (EOFError, OSError, ValueError):
+            os._exit(0)  # the agent went away or is shutting the pool down
+        if spec.get("op") != "fork" or len(fds) != 1:
+            for fd in fds:
+                os.close(fd)
+            _send(ctl, {"error": "not a fork request"})
+            continue
+        try:
+            pid = forker.fork()
+        except OSError as exc:
+            os.close(fds[0])
+            _send(ctl, {"error": f"fork: {exc}"})
+            continue
+        if pid == 0:
+            os.close(ctl)
+            os.setsid()  # a session and process group of its own, as a started member has
+            _rehearse(0, keep)  # its copy-on-write faults now, not in its program
+            return fds[0], int(spec.get("heap", 0))
+        os.close(fds[0])
+        _send(ctl, {"pid": pid})
+
+
+class _Forker:
+    """``fork()`` whose child's parent is our parent: ``clone(CLONE_PARENT | SIGCHLD)``.
+
+    The agent can then wait for the child's exit status as for any member it started itself.
+    glibc's ``fork()`` cannot set ``CLONE_PARENT``, so the system call is made here and the
+    child-side fix-ups ``fork()`` does that matter to a process with one thread are done too:
+    the kernel writes the child's thread id into glibc's ``struct pthread`` (``raise()``,
+    ``pthread_kill`` and mutex owners read it: left alone it would name the mother), and
+    Python's own ``PyOS_BeforeFork``/``PyOS_AfterFork_*`` run as ``os.fork`` runs them, with
+    the GIL held throughout (``PyDLL``). With more than one thread, locks another thread holds
+    would be copied held: the mother refuses then (numpy's BLAS runs one thread on one vCPU).
+    """
+
+    def __init__(self) -> None:
+        import ctypes
+
+        if os.uname().machine != "x86_64":
+            raise OSError("only on x86_64")
+        threads = len(os.listdir("/proc/self/task"))
+        if threads != 1:
+            raise OSError(f"the mother has {threads} threads, not 1")
+        self._ctypes = ctypes
+        self._libc = libc = ctypes.PyDLL(None, use_errno=True)
+        libc.pthread_self.restype = ctypes.c_void_p
+        libc.syscall.restype = ctypes.c_long
+        self._tid = libc.pthread_self() + self._tid_offset(libc.pthread_self())
+
+    def _tid_offset(self, thread: int) -> int:
+        """Where glibc keeps the thread id in ``struct pthread`` (0x2d0 in every x86_64 glibc
+        since 2.25), checked against the kernel's answer rather than trusted."""
+        tid = self._libc.syscall(SYS_GETTID)
+        read = self._ctypes.c_int.from_address
+        if read(thread + TID_OFFSET).value == tid:
+            return TID_OFFSET
+        hits = [off for off in range(0, 4096, 4) if read(thread + off).value == tid]
+        if len(hits) != 1:
+            raise OSError("cannot find the thread id in glibc's struct pthread")
+        return hits[0]
+
+    def fork(self) -> int:
+        ctypes, api = self._ctypes, self._ctypes.pythonapi
+        flags = CLONE_PARENT | CLONE_CHILD_SETTID | SIGCHLD
+        api.PyOS_BeforeFork()
+        pid = self._libc.syscall(
+            ctypes.c_long(SYS_CLONE), ctypes.c_ulong(flags), None, None,
+            ctypes.c_void_p(self._tid), ctypes.c_ulong(0),
+        )  # fmt: skip
+        if pid == 0:
+            api.PyOS_AfterFork_Child()
+            return 0
+        errno = ctypes.get_errno()
+        api.PyOS_AfterFork_Parent()
+        if pid < 0:
+            raise OSError(errno, os.strerror(errno))
+        return int(pid)
+
+
 def wait(argv: list[str], boot_globals: dict[str, Any], baseline: set[str]) -> Job:
     """Start-up work, ``ready``, then block until the agent hands over a job (BOOT calls this)."""
     ctl, generation, heap = (int(a) for a in argv[:3])
-    preload = argv[3:]
+    mother = argv[3] == "mother"
+    preload = argv[4:]
     before = set(sys.modules)
     error = ""
     for name in preload:
@@ -766,6 +869,10 @@ def wait(argv: list[str], boot_globals: dict[str, Any], baseline: set[str]) -> J
     # host-side copy-on-write fault each, and private memory for the sandbox). Only
     # introspection (gc.get_objects, gc.get_freeze_count) can tell.
     gc.freeze()
+    if mother and not error:
+        # Returns only in each interpreter this one forks: that carries on below as a member.
+        ctl, heap = _mother(ctl, keep)
+        generation = -1  # its generators are its mother's, as in every sibling: reseed
     if heap > 0 and not error:
         heap = min(heap, _spare_bytes())
         block = bytearray(heap)  # every page written once; freed into a heap that keeps it
