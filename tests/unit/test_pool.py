@@ -122,7 +122,7 @@ def start_agent(base: Path, *extra: str, env: dict[str, str] | None = None) -> A
     ready.bind(ready_path)
     ready.listen(1)
     ready.settimeout(30)
-    agent_env = dict(os.environ, EMBER_POOL_IDLE_S="0.05", **(env or {}))
+    agent_env = {**os.environ, "EMBER_POOL_IDLE_S": "0.05", **(env or {})}
     agent_env["PYTHONPATH"] = str(SRC)
     proc = subprocess.Popen(
         [sys.executable, "-m", "ember.agent", "--listen-unix", path, "--ready-unix", ready_path,
@@ -457,6 +457,31 @@ def test_refills_are_forked_by_the_mother_as_the_agents_own_children(agent: Agen
     # A forked member's death by a signal is seen as a started one's is.
     run = agent.pooled(["python3", "-c", "import os, signal; os.kill(os.getpid(), signal.SIGTERM)"])
     assert run.result["signal"] == signal.SIGTERM, run
+
+
+def test_an_exec_finding_the_pool_empty_waits_for_a_fork_not_a_real_python3(
+    tmp_path: Path,
+) -> None:
+    # Refills wait for 30 s of idleness here, so only the exec's own wait can bring the third
+    # member in time: it is forked while the request is in flight and serves it.
+    a = start_agent(tmp_path, "--pool", "2", env={"EMBER_POOL_IDLE_S": "30"})
+    try:
+        deadline = time.monotonic() + 60
+        while (status := a.pool())["state"] == "starting":  # the mother comes last
+            assert time.monotonic() < deadline, status
+            time.sleep(0.05)
+        assert status["mother"], status["mother_error"]
+        for _ in range(3):
+            run = a.run(["python3", "-c", "import sys; print(sys.argv)"])
+            assert run.stdout == b"['-c']\n", run
+        status = a.pool()
+        assert status["served"] == 3 and status["forked"] == 1, status
+        assert status["ready"] == 0  # nothing else was refilled: the sandbox never sat idle
+        stop_agent(a)
+    finally:
+        if a.proc.poll() is None:
+            a.proc.kill()
+            a.proc.wait()
 
 
 def test_a_timeout_kills_the_program_and_its_holder(agent: Agent) -> None:

@@ -64,6 +64,8 @@ FIRST_TRIES = 3  # starts the first fill may lose to a death (not to a reported 
 FIRST_RETRY_S = 1.0
 DEATH_WAIT_S = 5.0  # for a start whose control socket closed to be reaped
 WARM_TIMEOUT_S = 30.0  # a rehearsal takes ~0.1 s here: one not done by then is broken
+FORK_IDLE = 0.2  # of IDLE_S, before a refill the mother forks (~1 s of work, not ~20)
+FORK_WAIT_S = 4.0  # an exec waits this long for a forked member (a real python3: 4-8 s here)
 
 # Runs pystart.py's code in a namespace of its own (nothing imported, nothing on sys.path),
 # then runs the program from this frame, so the program's module frame sits right on it.
@@ -198,6 +200,7 @@ class InterpreterPool:
         self._last: dict[str, float] = {}
         self._closing: dict[int, list[Any]] = {}  # program pid -> what to close when done
         self._busy = 0
+        self._waiting = 0  # execs waiting for a forked member (the refill runs for them)
         self._idle_since = time.monotonic()
         self._closed = False
         self._first_fill_done = False
@@ -283,7 +286,7 @@ class InterpreterPool:
         with self._cond:
             self._busy += 1
             starting = self._starting
-            if starting is not None and not starting.stopped:
+            if starting is not None and not starting.stopped and not self._waiting:
                 starting.stopped = True
                 _signal(starting.proc.pid, signal.SIGSTOP)
 
@@ -295,10 +298,19 @@ class InterpreterPool:
                 self._cond.notify_all()
 
     def _may_work(self) -> bool:
-        """(Lock held.) No request in flight, and none for IDLE_S once the first fill is done."""
+        """(Lock held.) An exec waits for a member; or no request in flight, and none for the
+        idle time the next piece of work needs, once the first fill is done."""
+        if self._waiting:
+            return True
         if self._busy:
             return False
-        return not self._first_fill_done or time.monotonic() - self._idle_since >= self.idle_s
+        return not self._first_fill_done or self._idle_left() <= 0
+
+    def _idle_left(self) -> float:
+        """(Lock held.) Seconds of idleness still due before the next piece of work."""
+        forks = self._mother is not None and not self._holders
+        needed = self.idle_s * FORK_IDLE if forks else self.idle_s
+        return needed - (time.monotonic() - self._idle_since)
 
     # -- status -------------------------------------------------------------------------
 
@@ -333,9 +345,8 @@ class InterpreterPool:
     ) -> subprocess.Popen[bytes] | None:
         """A pre-started interpreter now running ``argv``, or None: start a real process."""
         started = time.monotonic()
-        with self._cond:
-            if not self._ready:
-                return None
+        if not self._await_member():
+            return None
         executable = self._finder.interpreter(argv[0], env, cwd)
         if executable is None:
             return None
@@ -377,6 +388,32 @@ class InterpreterPool:
             self._last = {"take_ms": round((time.monotonic() - started) * 1e3, 3),
                           "handed_at": time.monotonic()}  # fmt: skip
         return proc
+
+    def _await_member(self) -> bool:
+        """A member is ready, or (when the mother can fork one) becomes ready within
+        :data:`FORK_WAIT_S`: the refill then runs although a request is in flight, as this
+        request is what it is for."""
+        with self._cond:
+            if self._ready:
+                return True
+            if self._mother is None or self._closed:
+                return False
+            deadline = time.monotonic() + FORK_WAIT_S
+            self._waiting += 1
+            starting = self._starting
+            if starting is not None and starting.stopped:
+                starting.stopped = False
+                _signal(starting.proc.pid, signal.SIGCONT)
+            self._cond.notify_all()
+            try:
+                while not self._ready and self._mother is not None and not self._closed:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        break
+                    self._cond.wait(left)
+                return bool(self._ready)
+            finally:
+                self._waiting -= 1
 
     def release(self, proc: subprocess.Popen[bytes]) -> None:
         """The program handed to ``proc`` has been reaped: free its memory when idle."""
@@ -442,11 +479,12 @@ class InterpreterPool:
                 while not self._closed and not (self._may_work() and self._work_wanted()):
                     timeout = None
                     if not self._busy and self._work_wanted():
-                        timeout = max(0.01, self.idle_s - (time.monotonic() - self._idle_since))
+                        timeout = max(0.01, self._idle_left())
                     self._cond.wait(timeout)
                 if self._closed:
                     return
-                holder = self._holders.pop() if self._holders else 0
+                # an exec waiting for a member comes before freeing old programs' memory
+                holder = self._holders.pop() if self._holders and not self._waiting else 0
             if holder:
                 _kill_holder(holder)
                 continue
@@ -456,6 +494,7 @@ class InterpreterPool:
             with self._cond:
                 if member is not None:
                     self._ready.append(member)
+                    self._cond.notify_all()  # an exec may be waiting for it
                     filled = len(self._ready) >= self.size and not self._first_fill_done
                 elif first:
                     # A member that reported an error (a preload module that does not
@@ -553,6 +592,7 @@ class InterpreterPool:
             log(f"interpreter pool: the mother failed ({self.mother_error}): refills start python3")
             with self._cond:
                 self._mother = None
+                self._cond.notify_all()  # execs waiting for a fork: start real processes
             self._discard(mother)
             return None
         with self._cond:
@@ -618,7 +658,7 @@ class InterpreterPool:
             if poller.poll(250):
                 return _read_message(member.ctl)
             with self._cond:
-                if member.stopped and self._busy == 0:
+                if member.stopped and (self._busy == 0 or self._waiting):
                     member.stopped = False
                     _signal(member.proc.pid, signal.SIGCONT)
                 elif not member.stopped:
