@@ -66,6 +66,7 @@ _sys: Any = sys  # for the attributes typeshed calls final or does not know
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # no run-time import: this file must not add to sys.modules
+    from collections.abc import Iterator
     from typing import Any
 
 HOLDER_STACK = 64 << 10
@@ -78,6 +79,7 @@ SYS_CLONE = 56
 SYS_GETTID = 186
 CLONE_CHILD_SETTID = 0x01000000
 TID_OFFSET = 0x2D0  # of ``tid`` in glibc's struct pthread, x86_64 (checked: _Forker)
+STEP_PAGES = 64  # of a forked member's warm-up between two looks for a job (~0.2 s here)
 REHEARSED_HEAP = 2 << 20  # of the pre-faulted block, what a rehearsal writes (see _rehearse)
 MAX_BSS = 4 << 20  # an unnamed mapping after a library's data bigger than this is not its .bss
 _ZIP_END = b"PK\x05\x06"
@@ -659,6 +661,11 @@ def _rehearse(heap: int, keep: set[str]) -> int:
     :data:`REHEARSED_HEAP` of the block, where its allocations land. That costs the host
     ~3 MiB of private memory per interpreter; the rest stays shared with the template.
     """
+    return sum(_rehearsal(heap, keep))
+
+
+def _rehearsal(heap: int, keep: set[str]) -> Iterator[int]:
+    """:func:`_rehearse` in steps of at most :data:`STEP_PAGES` pages, each yielding its count."""
     import ctypes  # imported in the template already (_Flags)
 
     namespace: dict[str, Any] = {"__builtins__": __builtins__}
@@ -693,12 +700,58 @@ def _rehearse(heap: int, keep: set[str]) -> int:
         for address in range(low, high, page):
             ctypes.string_at(address, 1)
             pages += 1
+            if pages == STEP_PAGES:
+                yield pages
+                pages = 0
     for low, high in writes:
         for address in range(low, high, page):
             byte = ctypes.c_char.from_address(address)
             byte.value = byte.value  # the same byte back: a write, no change
             pages += 1
-    return pages
+            if pages == STEP_PAGES:
+                yield pages
+                pages = 0
+    yield pages
+
+
+def _warm_forked(ctl: int, keep: set[str]) -> None:
+    """A forked member's copy-on-write faults, taken while it waits rather than in its job.
+
+    Every page a forked member writes first is still its mother's: a guest page fault and a
+    copy (~3 ms here). Its first program would take ~600 of them (the hand-over ~500, a small
+    program ~100, counted on a host); after this warm-up, ~150-250. The warm-up costs ~2,000
+    faults of its own, so it runs in steps, and stops as soon as a job is waiting on ``ctl``:
+    the member says ``ready`` first, and an exec never waits for a warm-up.
+    """
+    import _socket
+
+    sock = _socket.socket(fileno=ctl)
+
+    def pending() -> bool:
+        try:
+            sock.recv(1, _socket.MSG_PEEK | _socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return False
+        except OSError:
+            pass
+        return True  # a job, or the agent closed the socket: the caller reads which
+
+    try:
+        if pending():
+            return
+        for _ in _warm_steps(keep):
+            if pending():
+                return
+    finally:
+        sock.detach()
+
+
+def _warm_steps(keep: set[str]) -> Iterator[int]:
+    _reseed()  # random's and numpy's state, which the hand-over reseeds again
+    yield 0
+    yield from _rehearsal(0, keep)
+    exec(compile(_WARM_PROGRAM, "<warm>", "exec", dont_inherit=True), {})
+    yield 0
 
 
 _REHEARSAL = """\
@@ -710,6 +763,25 @@ try:
     raise ValueError(_text[:8])
 except ValueError as _exc:
     _table["error"] = repr(_exc)
+"""
+
+
+_WARM_PROGRAM = """\
+import io, json, collections
+class _Point:
+    def __init__(self, x, y):
+        self.x, self.y = x, y
+_points = sorted((_Point(i % 17, i * 3.5) for i in range(500)), key=lambda p: (p.x, -p.y))
+_words = " ".join(f"{p.x}-{p.y:.1f}" for p in _points[:64]).split()
+try:
+    {}[_words[0]]
+except KeyError as _exc:
+    _error = repr(_exc)
+_table = {i: str(i) for i in range(2000)}
+_out = io.StringIO()
+print(len(_points), collections.Counter(w[0] for w in _words).most_common(2), _error, file=_out)
+json.loads(json.dumps(_table))
+_blobs = [bytes(n) for n in range(1, 4096, 5)]
 """
 
 
@@ -775,7 +847,6 @@ def _mother(ctl: int, keep: set[str]) -> tuple[int, int]:
         if pid == 0:
             os.close(ctl)
             os.setsid()  # a session and process group of its own, as a started member has
-            _rehearse(0, keep)  # its copy-on-write faults now, not in its program
             return fds[0], int(spec.get("heap", 0))
         os.close(fds[0])
         _send(ctl, {"pid": pid})
@@ -869,10 +940,12 @@ def wait(argv: list[str], boot_globals: dict[str, Any], baseline: set[str]) -> J
     # host-side copy-on-write fault each, and private memory for the sandbox). Only
     # introspection (gc.get_objects, gc.get_freeze_count) can tell.
     gc.freeze()
+    forked = False
     if mother and not error:
         # Returns only in each interpreter this one forks: that carries on below as a member.
         ctl, heap = _mother(ctl, keep)
         generation = -1  # its generators are its mother's, as in every sibling: reseed
+        forked = True
     if heap > 0 and not error:
         heap = min(heap, _spare_bytes())
         block = bytearray(heap)  # every page written once; freed into a heap that keeps it
@@ -903,6 +976,8 @@ def wait(argv: list[str], boot_globals: dict[str, Any], baseline: set[str]) -> J
     )
     if error:
         os._exit(1)
+    if forked:
+        _warm_forked(ctl, keep)
     while True:
         try:
             spec, fds = _receive_job(ctl)
