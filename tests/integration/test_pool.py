@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ast
 import difflib
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -107,6 +108,56 @@ def test_a_pre_started_interpreter_runs_a_program_as_python3_does(sb: Sandbox, c
             "real python3", "pre-started", lineterm="",
         )  # fmt: skip
         pytest.fail("\n".join(diff))
+
+
+def refilled_by_fork(sb: Sandbox, timeout: float = 300.0) -> dict[str, object]:
+    """Use up the template's members, then wait until the mother's forks have refilled the
+    pool (an idle sandbox refills it), so the next programs go to forked members."""
+    pool = sb.ping()["pool"]
+    assert pool["mother"], pool["mother_error"]
+    for _ in range(int(pool["size"])):
+        assert sb.exec(["python3", "-c", "pass"], timeout=600).exit_code == 0
+    pool = full(sb, timeout)
+    assert pool["forked"] >= pool["size"], pool
+    return pool
+
+
+def full(sb: Sandbox, timeout: float = 300.0) -> dict[str, object]:
+    deadline = time.monotonic() + timeout
+    while (pool := sb.ping()["pool"])["ready"] < pool["size"] or pool["starting"]:
+        assert time.monotonic() < deadline, pool
+        time.sleep(0.5)
+    return dict(pool)
+
+
+FORKED = ("show", "traceback", "signal", "threads atexit fork")
+
+
+def test_members_forked_from_the_mother_run_programs_as_python3_does(sb: Sandbox) -> None:
+    """Refills are forked from the template's mother interpreter: the same table, through
+    forked members (their parent, process group, descriptors and exit status included)."""
+    refilled_by_fork(sb)
+    preloaded = list(sb.ping()["pool"]["preloaded"])
+    for case in (c for c in CASES if c.name in FORKED):
+        for path, text in case.files.items():
+            sb.files.write(path, text.encode())
+        cwd = "/tmp/case" if case.files else None
+        full(sb)  # a forked member for each case, not a real process after a 4 s wait
+        before = served(sb)
+        pooled = sb.exec(case.argv, cwd=cwd, stdin=case.stdin, timeout=600)
+        assert served(sb) == before + 1, "the program did not go to a pre-started interpreter"
+        real = sb.exec(["env", *case.argv], cwd=cwd, stdin=case.stdin, timeout=900)
+        got = (without_preloaded(pooled.stdout, preloaded), pooled.stderr, pooled.exit_code,
+               pooled.signal)  # fmt: skip
+        expected = (without_preloaded(real.stdout, preloaded), real.stderr, real.exit_code,
+                    real.signal)  # fmt: skip
+        assert got == expected, case.name
+    parent = ["python3", "-c", "import os, random; print(os.getppid(), random.random())"]
+    full(sb)
+    first, second = (sb.exec(parent, timeout=600).stdout.split() for _ in range(2))
+    agent = sb.exec(["env", "python3", "-c", "import os; print(os.getppid())"], timeout=900)
+    assert first[0] == second[0] == agent.stdout.strip()  # the agent's children, as started ones
+    assert first[1] != second[1]  # each forked member draws its own random numbers
 
 
 def test_a_restored_sandbox_has_a_full_pool(sb: Sandbox) -> None:

@@ -436,7 +436,7 @@ import ctypes, os, random, threading
 libc = ctypes.CDLL(None)
 libc.pthread_self.restype = ctypes.c_void_p
 glibc_tid = ctypes.c_int.from_address(libc.pthread_self() + 0x2D0).value
-print(os.getppid(), os.getsid(0) == os.getpgid(0) == os.getpid(),
+print(os.getppid(), os.getsid(0) == os.getpgid(0) == os.getpid() and os.nice(0) == 0,
       glibc_tid == threading.get_native_id() == os.getpid(), random.random())
 """
 
@@ -445,7 +445,8 @@ def test_refills_are_forked_by_the_mother_as_the_agents_own_children(agent: Agen
     # The template's members are started; once they are used, the mother forks the refills.
     # Each must be what a started member is: the agent's child (its exit status is the
     # agent's to collect), in a session of its own, with glibc's idea of its thread id
-    # right (raise(), pthread_kill, mutex owners read it), and random draws of its own.
+    # right (raise(), pthread_kill, mutex owners read it), random draws of its own, and the
+    # agent's priority (the mother and her children's warm-ups run at nice 19).
     status = agent.wait_full()
     assert status["mother"], status["mother_error"]
     forked = status["forked"]

@@ -308,7 +308,7 @@ class InterpreterPool:
 
     def _idle_left(self) -> float:
         """(Lock held.) Seconds of idleness still due before the next piece of work."""
-        forks = self._mother is not None and not self._holders
+        forks = self._mother is not None and len(self._ready) < self.size  # see _loop
         needed = self.idle_s * FORK_IDLE if forks else self.idle_s
         return needed - (time.monotonic() - self._idle_since)
 
@@ -483,8 +483,10 @@ class InterpreterPool:
                     self._cond.wait(timeout)
                 if self._closed:
                     return
-                # an exec waiting for a member comes before freeing old programs' memory
-                holder = self._holders.pop() if self._holders and not self._waiting else 0
+                # A refill the mother forks (~4 s here) comes before freeing old programs'
+                # memory (seconds each: a template member's heap is 64 MiB).
+                forks = self._mother is not None and len(self._ready) < self.size
+                holder = self._holders.pop() if self._holders and not forks else 0
             if holder:
                 _kill_holder(holder)
                 continue
@@ -811,7 +813,13 @@ def _signal(pid: int, signum: int, *, group: bool = False) -> None:
 
 
 def _kill_holder(pid: int) -> None:
-    """Kill and reap a holder (the agent is its parent: it was cloned with CLONE_PARENT)."""
+    """Kill and reap a holder (the agent is its parent: it was cloned with CLONE_PARENT).
+    Its death frees the program's memory, seconds of guest-kernel work, in its own context:
+    at nice 19 a request arriving meanwhile gets the vCPU."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, pid, 19)
+    except OSError:
+        pass
     _signal(pid, signal.SIGKILL)
     try:
         os.waitpid(pid, 0)

@@ -75,6 +75,7 @@ CLONE_VM = 0x100
 CLONE_PARENT = 0x8000
 SIGCHLD = 17
 SYS_PAUSE = 34  # x86_64
+BACKGROUND_NICE = 19
 SYS_CLONE = 56
 SYS_GETTID = 186
 CLONE_CHILD_SETTID = 0x01000000
@@ -813,10 +814,10 @@ def _receive_job(ctl: int) -> tuple[dict[str, Any], list[int]]:
     return message, fds
 
 
-def _mother(ctl: int, keep: set[str]) -> tuple[int, int]:
+def _mother(ctl: int, keep: set[str]) -> tuple[int, int, int]:
     """Be the pool's mother: fork a member each time the agent asks (``{"op": "fork"}``, the
     member's control socket attached), never run a program. Returns in each child, with its
-    control socket and the heap it is to touch.
+    control socket, the heap it is to touch and the priority its program is to have.
 
     A refill by a fresh ``python3`` costs ~20 s of guest time here (start-up ~5 s, ``import
     numpy`` ~14 s); a fork of this interpreter, which has done both and has no heap, ~1 s.
@@ -828,6 +829,11 @@ def _mother(ctl: int, keep: set[str]) -> tuple[int, int]:
         _send(ctl, {"ready": False, "error": f"cannot fork members: {exc}"})
         os._exit(1)
     _send(ctl, {"ready": True, "pid": os.getpid(), "mother": True})
+    # Her forks, and her children's warm-ups, are background work: at nice 19 a request's
+    # program and the agent get the one vCPU (page-fault work runs at the faulting task's
+    # priority too). A child goes back to the agent's priority when it takes a job.
+    priority = os.getpriority(os.PRIO_PROCESS, 0)
+    os.setpriority(os.PRIO_PROCESS, 0, BACKGROUND_NICE)
     while True:
         try:
             spec, fds = _receive_job(ctl)
@@ -847,7 +853,7 @@ def _mother(ctl: int, keep: set[str]) -> tuple[int, int]:
         if pid == 0:
             os.close(ctl)
             os.setsid()  # a session and process group of its own, as a started member has
-            return fds[0], int(spec.get("heap", 0))
+            return fds[0], int(spec.get("heap", 0)), priority
         os.close(fds[0])
         _send(ctl, {"pid": pid})
 
@@ -941,9 +947,10 @@ def wait(argv: list[str], boot_globals: dict[str, Any], baseline: set[str]) -> J
     # introspection (gc.get_objects, gc.get_freeze_count) can tell.
     gc.freeze()
     forked = False
+    priority = 0
     if mother and not error:
         # Returns only in each interpreter this one forks: that carries on below as a member.
-        ctl, heap = _mother(ctl, keep)
+        ctl, heap, priority = _mother(ctl, keep)
         generation = -1  # its generators are its mother's, as in every sibling: reseed
         forked = True
     if heap > 0 and not error:
@@ -988,6 +995,8 @@ def wait(argv: list[str], boot_globals: dict[str, Any], baseline: set[str]) -> J
         _send(ctl, {"pages": _rehearse(heap, keep)})
     if len(fds) not in (2, 3):
         os._exit(0)  # a job without its pipes: not from our agent
+    if forked:
+        os.setpriority(os.PRIO_PROCESS, 0, priority)  # out of the background (see _mother)
     job = Job(spec, boot_globals)
     job.alive = alive
     job.apply((ctl, *fds), flags if flags and flags.works else None, state)
