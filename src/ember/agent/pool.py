@@ -119,6 +119,7 @@ class _Member:
     info: dict[str, Any] = field(default_factory=dict)
     stopped: bool = False
     timed_out: bool = False
+    forked: bool = False
 
     @property
     def holder(self) -> int:
@@ -378,6 +379,13 @@ class InterpreterPool:
                 self._discard(member)  # it died while waiting: try the next one
                 continue
             break
+        if member.forked:
+            # Out of the background at once: a forked member still warming up (at nice 19,
+            # see pystart._mother) finishes the step in hand at the agent's priority.
+            try:
+                os.setpriority(os.PRIO_PROCESS, member.proc.pid, os.getpriority(os.PRIO_PROCESS, 0))
+            except OSError:
+                pass
         proc = self._become(member, want_stdin)
         with self._cond:
             self.served += 1
@@ -602,7 +610,7 @@ class InterpreterPool:
         assert self._python is not None
         proc = adopt(pid, [self._python, "-c", BOOT, PYSTART, "(forked)"])
         ends = _pipes()
-        return _Member(proc, ours, ends[0], ends[1])
+        return _Member(proc, ours, ends[0], ends[1], forked=True)
 
     def _spawn(self, heap: int, role: str) -> _Member | None:
         assert self._python is not None
