@@ -14,9 +14,11 @@ What issue 15 measures, each beside its peer from the same run:
   (``python3 -O -c``: ``-O`` is a flag a pre-started interpreter cannot honour, so it is the
   "before" path, a new ``python3``) and against the host; and a third one
   :data:`THIRD_GAP_S` after the second, the pace of an agent's tool calls: the pool (two
-  interpreters) is empty by then, and a refill costs the guest a fresh ``python3`` plus its
-  preload imports (~20 s of idle time with numpy here: ~5 s to start, ~14 s to import numpy
-  from a warm page cache), so this is the path a busy sandbox mostly takes;
+  interpreters) is empty by then. A refill used to be a fresh ``python3`` plus its preload
+  imports (~20 s of idle time with numpy here: ~5 s to start, ~14 s to import numpy from a
+  warm page cache), so the third exec got a real process; now the template's mother
+  interpreter forks it (~4 s here), and an exec that finds the pool empty waits for that
+  fork rather than start ``python3``;
 - a 10 MiB and a 100 MiB ``bytearray`` in the warm ``run_code`` interpreter (time inside the
   guest), against the same in a new guest ``python3`` (no pre-faulted heap) and on the host;
 - ``import numpy`` and a 200x200 ``numpy.linalg.eig`` in a Python exec (time inside the guest),

@@ -23,7 +23,9 @@ forked member is the agent's own child (``CLONE_PARENT``, see ``pystart._Forker`
 agent reaps it as it reaps the members it started (:func:`ember.agent.adopt.adopt`). The
 template's own members are started, not forked: a forked member shares its pages with the
 mother, and each one its program writes would cost a guest copy-on-write fault. Without a
-mother (she failed, or cannot fork here) refills start ``python3`` as before.
+mother (she failed, or cannot fork here) refills start ``python3`` as before. The mother's
+work runs at nice 19; a fork refill starts after a fifth of :data:`IDLE_S`, and an exec that
+finds the pool empty waits up to :data:`FORK_WAIT_S` for the fork instead of a new process.
 
 Refills and the holders' deaths cost the guest seconds, so they happen only while the sandbox
 is otherwise idle (no request but ``ping`` in flight for :data:`IDLE_S`); an interpreter still
