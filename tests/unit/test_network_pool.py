@@ -260,3 +260,25 @@ def test_a_forked_child_forgets_the_pool_and_the_parent_keeps_its_networks() -> 
         pool_module._pool = saved
         pool.shutdown()
     assert not os.path.exists(network.netns_path)
+
+
+def test_a_link_that_vanishes_before_its_delete_is_gone_not_a_failure(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A dead namespace takes its veth with it asynchronously, after the look at /sys."""
+    name = "embertest0"
+    subprocess.run(
+        ["ip", "link", "add", name, "type", "veth", "peer", "name", "embertest1"], check=True
+    )
+    real_run = slots._run
+
+    def gone_first(argv: list[str], stdin: str) -> None:
+        subprocess.run(["ip", "link", "delete", name], check=True)  # the kernel's clean-up
+        real_run(argv, stdin)
+
+    monkeypatch.setattr(slots, "_run", gone_first)
+    slots._delete_link(name)
+    assert not os.path.exists(f"/sys/class/net/{name}")
+    monkeypatch.setattr(slots, "_run", real_run)
+    with pytest.raises(SandboxError, match="ip link failed"):
+        slots._delete_link("lo")  # still there after its delete failed: a real failure
