@@ -130,7 +130,7 @@ def full(sb: Sandbox, timeout: float = 300.0) -> dict[str, object]:
     return dict(pool)
 
 
-FORKED = ("show", "traceback", "signal", "threads atexit fork")
+FORKED = ("show", "threads atexit fork")  # the others run through started members only (CI time)
 
 
 def test_members_forked_from_the_mother_run_programs_as_python3_does(sb: Sandbox) -> None:
