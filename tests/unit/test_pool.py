@@ -1,4 +1,4 @@
-"""Pre-started interpreters (ember.agent.pool, ember.agent.pystart) on a Unix socket (no KVM).
+"""Pre-started interpreters (ember.agent.pool, and the py* files they run) on a Unix socket.
 
 The agent runs as a real subprocess with a real pool of this host's ``/usr/bin/python3``
 (Debian 12's 3.11, the guest's python3), exactly as in the guest but for the socket family.
@@ -8,6 +8,7 @@ real ``python3`` (``"pool": false``) and requires the same stdout, stderr and st
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import os
 import random
@@ -15,6 +16,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -24,7 +26,7 @@ from typing import Any
 import pytest
 
 from ember import protocol
-from ember.agent import pystart
+from ember.agent import pybase
 from ember.client import AgentClient
 from ember.errors import AgentError
 from ember.protocol import Kind, read_frame, write_frame, write_json
@@ -485,6 +487,85 @@ def test_an_exec_finding_the_pool_empty_waits_for_a_fork_not_a_real_python3(
             a.proc.wait()
 
 
+def _mother_pid(agent: Agent) -> int:
+    for pid in _live_pids():
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as f:
+                parent = int(f.read().rsplit(b")", 1)[1].split()[1])
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                argv = f.read().split(b"\0")
+        except (OSError, ValueError, IndexError):
+            continue
+        if parent == agent.proc.pid and b"mother" in argv:
+            return pid
+    raise AssertionError("no mother among the agent's children")
+
+
+@contextlib.contextmanager
+def frozen(pid: int, name: str) -> Iterator[None]:
+    """``pid`` frozen by the cgroup freezer (v1, else v2): the SIGCONT the pool sends a member
+    it stopped does not thaw it. Afterwards it, and any child it had meanwhile, go back."""
+    v1 = "/sys/fs/cgroup/freezer"
+    if os.path.isdir(v1):
+        root, switch, on, off = v1, "freezer.state", "FROZEN", "THAWED"
+    else:
+        root, switch, on, off = "/sys/fs/cgroup", "cgroup.freeze", "1", "0"
+    group = Path(root, name)
+    group.mkdir()
+    try:
+        (group / "cgroup.procs").write_text(str(pid))
+        (group / switch).write_text(on)
+        try:
+            yield
+        finally:
+            (group / switch).write_text(off)
+    finally:
+        deadline = time.monotonic() + 30
+        while tasks := (group / "cgroup.procs").read_text().split():  # a fork may be under way
+            assert time.monotonic() < deadline, tasks
+            for task in tasks:
+                with contextlib.suppress(OSError):  # it may have ended meanwhile
+                    Path(root, "cgroup.procs").write_text(task)
+            time.sleep(0.05)
+        group.rmdir()
+
+
+def test_a_burst_of_execs_on_an_empty_pool_waits_for_the_forks_in_turn(tmp_path: Path) -> None:
+    # Forks come one after another, so the second exec of a burst may wait one FORK_WAIT_S
+    # (4 s) longer than the first. The mother is frozen for 5 s: past the first exec's
+    # wait (it starts a real python3), within the second's, which a fork then serves. With
+    # one FORK_WAIT_S for both, both would start real processes.
+    a = start_agent(tmp_path, "--pool", "2", env={"EMBER_POOL_IDLE_S": "30"})
+    runs: list[Run] = []
+
+    def one(n: int) -> None:
+        runs.append(a.run(["python3", "-c", f"print({n})"]))
+
+    try:
+        deadline = time.monotonic() + 60
+        while (status := a.pool())["state"] == "starting":
+            assert time.monotonic() < deadline, status
+            time.sleep(0.05)
+        assert status["mother"], status["mother_error"]
+        for _ in range(2):
+            assert a.run(["python3", "-c", "pass"]).result["exit_code"] == 0
+        burst = [threading.Thread(target=one, args=(n,)) for n in range(2)]
+        with frozen(_mother_pid(a), f"ember-test-{os.getpid()}"):
+            for thread in burst:
+                thread.start()
+            time.sleep(5)
+        for thread in burst:
+            thread.join(60)
+        assert sorted(run.stdout for run in runs) == [b"0\n", b"1\n"], runs
+        status = a.pool()
+        assert status["served"] >= 3 and status["forked"] >= 1, status
+        stop_agent(a)
+    finally:
+        if a.proc.poll() is None:
+            a.proc.kill()
+            a.proc.wait()
+
+
 def test_a_timeout_kills_the_program_and_its_holder(agent: Agent) -> None:
     agent.wait_full()
     script = "import os, sys, time; print(os.getpid(), flush=True); time.sleep(60)"
@@ -516,7 +597,7 @@ def test_a_program_that_allocates_past_the_heap_just_runs(agent: Agent) -> None:
 END = """\
 import os, sys, types
 sys.path.insert(0, sys.argv[1])
-from ember.agent import pystart
+from ember.agent import pyjob
 
 class Noisy:
     def __init__(self, name):
@@ -528,7 +609,7 @@ class Noisy:
 template = types.ModuleType("template_mod")
 template.obj = Noisy("template")
 sys.modules["template_mod"] = template
-job = pystart.Job({}, {})
+job = pyjob.Job({}, {})
 job.baseline = set(sys.modules)
 program = types.ModuleType("program_mod")
 program.obj = Noisy("program")
@@ -655,7 +736,7 @@ def test_reseeding_gives_a_template_copy_its_own_random_stream() -> None:
     random.seed(7)
     template_draw = random.random()
     random.seed(7)  # a sibling restored from the same template: the same state
-    pystart._reseed()
+    pybase._reseed()
     assert random.random() != template_draw
 
 

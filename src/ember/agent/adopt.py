@@ -1,6 +1,6 @@
 """A ``subprocess.Popen`` for a child the agent did not start itself.
 
-The pool's mother forks members with ``CLONE_PARENT`` (see ``pystart._Forker``), so each
+The pool's mother forks members with ``CLONE_PARENT`` (see ``pyclone._Forker``), so each
 is the agent's child although no ``Popen`` of the agent made it. Everything that hands a
 member's program to the relay (:mod:`ember.agent.execute`) speaks ``Popen``: ``pid``,
 ``poll``, ``wait``, ``send_signal``, ``kill``, ``returncode`` and the standard streams.

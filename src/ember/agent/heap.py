@@ -110,26 +110,33 @@ def tune_min_free(meminfo: str = "/proc/meminfo", path: str = MIN_FREE_PATH) -> 
     to the low watermark (~30 MiB) of freed pages that neither MemFree counts nor free page
     reporting hands back to the host (seen after a balloon deflate: 23 MiB stranded).
     """
+    total = _meminfo_kib("MemTotal", meminfo)
+    if total is None:
+        return None
+    value = default_min_free_kbytes(total)
     try:
-        with open(meminfo, encoding="ascii") as f:
-            total = next(int(line.split()[1]) for line in f if line.startswith("MemTotal:"))
-        value = default_min_free_kbytes(total)
         with open(path, "w", encoding="ascii") as f:
             f.write(str(value))
-    except (OSError, ValueError, IndexError, StopIteration):
+    except OSError:
         return None
     return value
 
 
-def _available_mib(meminfo: str = "/proc/meminfo") -> int | None:
+def _meminfo_kib(name: str, meminfo: str = "/proc/meminfo") -> int | None:
+    """One ``/proc/meminfo`` figure, in KiB; None if it cannot be read."""
     try:
         with open(meminfo, encoding="ascii") as f:
             for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) // 1024
+                if line.startswith(f"{name}:"):
+                    return int(line.split()[1])
     except (OSError, ValueError, IndexError):
         pass
     return None
+
+
+def _available_mib(meminfo: str = "/proc/meminfo") -> int | None:
+    kib = _meminfo_kib("MemAvailable", meminfo)
+    return None if kib is None else kib // 1024
 
 
 def per_interpreter(heap_mib: int, interpreters: int, available_mib: int | None = None) -> int:

@@ -19,7 +19,7 @@ Refills are forked from a *mother*: one more interpreter, started with the templ
 has imported the preload modules, holds no heap and never runs a program. A fresh
 ``python3`` with numpy costs ~20 s of guest time here, a fork of the mother ~1 s, so a
 sandbox that runs a Python program every few seconds keeps finding a member ready. The
-forked member is the agent's own child (``CLONE_PARENT``, see ``pystart._Forker``), and the
+forked member is the agent's own child (``CLONE_PARENT``, see ``pyclone._Forker``), and the
 agent reaps it as it reaps the members it started (:func:`ember.agent.adopt.adopt`). The
 template's own members are started, not forked: a forked member shares its pages with the
 mother, and each one its program writes would cost a guest copy-on-write fault. Without a
@@ -36,9 +36,7 @@ heap: touching pages in a live sandbox is exactly the cost the heap exists to av
 
 from __future__ import annotations
 
-import codecs
 import enum
-import io
 import os
 import select
 import signal
@@ -46,61 +44,40 @@ import socket
 import subprocess
 import threading
 import time
-from dataclasses import dataclass, field
-from typing import IO, Any, cast
+from typing import Any
 
-from ember.agent.adopt import adopt
-from ember.agent.common import ExecError, log
+from ember.agent.common import log
+from ember.agent.handover import acceptable, as_file, check_cwd, job_spec
 from ember.agent.heap import with_malloc_env
-from ember.agent.pyargs import PyJob, effective_ctype, plan
+from ember.agent.member import (
+    BACKGROUND_NICE,
+    MEMBER,
+    MOTHER,
+    START_TIMEOUT_S,
+    Member,
+    describe_death,
+    discard,
+    forked,
+    kill_holder,
+    read_message,
+    send_message,
+    send_signal,
+    spawn,
+)
+from ember.agent.pyargs import effective_ctype, plan
 from ember.agent.pyfind import PythonFinder
 from ember.agent.resume import ResumeState
 
-__all__ = ["BOOT", "DEFAULT_SIZE", "IDLE_S", "InterpreterPool", "PoolState"]
+__all__ = ["DEFAULT_SIZE", "IDLE_S", "InterpreterPool", "PoolState"]
 
 DEFAULT_SIZE = 2
 IDLE_S = 1.0  # a sandbox this long without requests may spend its CPU on refills
-START_TIMEOUT_S = 600.0  # running time (stopped time excluded) a start may take
 RETRY_S = 30.0  # after a refill failed
 FIRST_TRIES = 3  # starts the first fill may lose to a death (not to a reported error)
 FIRST_RETRY_S = 1.0
-DEATH_WAIT_S = 5.0  # for a start whose control socket closed to be reaped
 WARM_TIMEOUT_S = 30.0  # a rehearsal takes ~0.1 s here: one not done by then is broken
 FORK_IDLE = 0.2  # of IDLE_S, before a refill the mother forks (~1 s of work, not ~20)
 FORK_WAIT_S = 4.0  # an exec waits this long for a forked member (a real python3: 4-8 s here)
-
-# Runs pystart.py's code in a namespace of its own (nothing imported, nothing on sys.path),
-# then runs the program from this frame, so the program's module frame sits right on it.
-BOOT = """\
-import sys
-_ember = set(sys.modules)
-_ember_ns = {"__name__": "ember_pystart", "__builtins__": __builtins__}
-with open(sys.argv[1], "rb") as _ember_file:
-    exec(compile(_ember_file.read(), sys.argv[1], "exec"), _ember_ns)
-del _ember_file
-_ember = _ember_ns["wait"](sys.argv[2:], globals(), _ember)
-del _ember_ns
-_ember_exc = _ember_end = None
-try:
-    _ember.call(*_ember.args)
-except SystemExit as _ember_caught:
-    _ember.finish()
-    _ember_end = _ember_caught
-except BaseException as _ember_caught:
-    _ember_exc = _ember_caught
-else:
-    _ember.finish()
-if _ember_exc is not None:  # reported outside the handler, as PyErr_Print does
-    try:
-        _ember.uncaught(_ember_exc)
-    except SystemExit as _ember_caught:
-        _ember_end = _ember_caught
-    _ember_exc = None
-_ember.end(_ember_end)  # exits, unless python3's own finalisation must run
-if _ember_end is not None:
-    raise _ember_end
-"""
-PYSTART = os.path.join(os.path.dirname(os.path.abspath(__file__)), "pystart.py")
 
 
 class PoolState(enum.Enum):
@@ -108,66 +85,6 @@ class PoolState(enum.Enum):
     STARTING = "starting"
     READY = "ready"  # the first fill is complete (what a template waits for)
     FAILED = "failed"  # the first fill failed: last_error says why
-
-
-@dataclass
-class _Member:
-    """One interpreter, its control socket and the pipes its program will get."""
-
-    proc: subprocess.Popen[bytes]
-    ctl: socket.socket
-    ours: tuple[int, int, int]  # stdin write, stdout read, stderr read
-    theirs: tuple[int, int, int]  # stdin read, stdout write, stderr write: sent at hand-over
-    info: dict[str, Any] = field(default_factory=dict)
-    stopped: bool = False
-    timed_out: bool = False
-    forked: bool = False
-
-    @property
-    def holder(self) -> int:
-        pid = self.info.get("holder")
-        return pid if isinstance(pid, int) and pid > 0 else 0
-
-    def close_fds(self, *, theirs_only: bool = False) -> None:
-        fds = self.theirs if theirs_only else (*self.ours, *self.theirs)
-        for fd in fds:
-            if fd < 0:
-                continue  # a mother has no program pipes
-            try:
-                os.close(fd)
-            except OSError:
-                pass
-        if not theirs_only:
-            self.ctl.close()
-
-
-def _read_message(sock: socket.socket) -> dict[str, Any] | None:
-    import marshal
-
-    def exact(size: int) -> bytes:
-        data = b""
-        while len(data) < size:
-            chunk = sock.recv(size - len(data))
-            if not chunk:
-                raise EOFError
-            data += chunk
-        return data
-
-    try:
-        message = marshal.loads(exact(int.from_bytes(exact(4), "big")))
-    except (EOFError, OSError, ValueError):
-        return None
-    return message if isinstance(message, dict) else None
-
-
-def _send_message(sock: socket.socket, message: dict[str, Any], fds: tuple[int, ...]) -> None:
-    import marshal
-
-    data = marshal.dumps(message)
-    data = len(data).to_bytes(4, "big") + data
-    sent = socket.send_fds(sock, [data[:4096]], list(fds))
-    if sent < len(data):  # an empty send is a system call too, and each costs this guest
-        sock.sendall(data[sent:])
 
 
 class InterpreterPool:
@@ -195,15 +112,16 @@ class InterpreterPool:
         self._python = self._finder.python
         self._ctype = effective_ctype(self._env)
         self._cond = threading.Condition()
-        self._ready: list[_Member] = []
-        self._starting: _Member | None = None
-        self._mother: _Member | None = None  # forks refills (see _fork); None: spawn them
+        self._ready: list[Member] = []
+        self._starting: Member | None = None
+        self._mother: Member | None = None  # forks refills (see _fork); None: spawn them
         self._holders: list[int] = []  # holders of finished programs, to kill when idle
         self._handed: dict[int, int] = {}  # program pid -> its holder, until released
         self._last: dict[str, float] = {}
         self._closing: dict[int, list[Any]] = {}  # program pid -> what to close when done
         self._busy = 0
         self._waiting = 0  # execs waiting for a forked member (the refill runs for them)
+        self._priority = os.getpriority(os.PRIO_PROCESS, 0)  # what programs run at
         self._idle_since = time.monotonic()
         self._closed = False
         self._first_fill_done = False
@@ -244,12 +162,12 @@ class InterpreterPool:
             holders, self._holders = self._holders, []
             self._cond.notify_all()
         for member in members:
-            self._discard(member)
+            discard(member)
         for pid in holders:
-            _kill_holder(pid)
+            kill_holder(pid)
 
     def warm(self) -> list[int]:
-        """Have each waiting interpreter rehearse a program's start (see ``pystart``); the
+        """Have each waiting interpreter rehearse a program's start (see ``pywarm``); the
         pages each touched. For a sandbox restored ahead of its use (a spare): in a restored
         copy every page a process touches first costs a shadow and a host fault (~25 us
         here), ~3,500 of them, ~100 ms, for each interpreter's first program. Members are out
@@ -257,22 +175,22 @@ class InterpreterPool:
         with self._cond:
             pending, self._ready = self._ready, []
         touched: list[int] = []
-        kept: list[_Member] = []
+        kept: list[Member] = []
         try:
             while pending:
                 member = pending[0]
                 reply = None
                 try:
                     member.ctl.settimeout(WARM_TIMEOUT_S)
-                    _send_message(member.ctl, {"op": "warm"}, ())
-                    reply = _read_message(member.ctl)
+                    send_message(member.ctl, {"op": "warm"}, ())
+                    reply = read_message(member.ctl)
                 except OSError:
                     pass
                 finally:
                     member.ctl.settimeout(None)
                 pending.pop(0)
                 if reply is None or member.proc.poll() is not None:
-                    self._discard(member)  # it died, or cannot say: a refill replaces it
+                    discard(member)  # it died, or cannot say: a refill replaces it
                     continue
                 touched.append(int(reply.get("pages", 0)))
                 kept.append(member)
@@ -291,7 +209,7 @@ class InterpreterPool:
             starting = self._starting
             if starting is not None and not starting.stopped and not self._waiting:
                 starting.stopped = True
-                _signal(starting.proc.pid, signal.SIGSTOP)
+                send_signal(starting.proc.pid, signal.SIGSTOP)
 
     def idle(self) -> None:
         with self._cond:
@@ -311,9 +229,17 @@ class InterpreterPool:
 
     def _idle_left(self) -> float:
         """(Lock held.) Seconds of idleness still due before the next piece of work."""
-        forks = self._mother is not None and len(self._ready) < self.size  # see _loop
-        needed = self.idle_s * FORK_IDLE if forks else self.idle_s
+        needed = self.idle_s * FORK_IDLE if self._fork_wanted() else self.idle_s
         return needed - (time.monotonic() - self._idle_since)
+
+    def _fork_wanted(self) -> bool:
+        """(Lock held.) The next piece of work is a refill the mother forks."""
+        return self._mother is not None and len(self._ready) < self.size
+
+    def _member_info(self) -> dict[str, Any]:
+        """What the members said when ready (all alike: the same python3, the same start)."""
+        with self._cond:
+            return self._ready[-1].info if self._ready else {}
 
     # -- status -------------------------------------------------------------------------
 
@@ -354,40 +280,44 @@ class InterpreterPool:
         if executable is None:
             return None
         job = plan(argv, env, pool_ctype=self._ctype, pool_env=self._env)
-        if job is None or not self._acceptable(job, env):
+        if job is None or not acceptable(job, env, self._member_info(), self._finder):
             with self._cond:
                 self.fallbacks += 1
             return None
         if cwd is not None:
-            _check_cwd(argv[0], cwd)
-        spec = _spec(job, env, cwd, executable, want_stdin, self.resume.generation)
+            check_cwd(argv[0], cwd)
+        spec = job_spec(job, env, cwd, executable, want_stdin, self.resume.generation)
         while True:
             with self._cond:
+                ready = bool(self._ready)
+            if not ready and not self._await_member():  # another exec took the one it saw
+                return None
+            with self._cond:
                 if not self._ready:
-                    return None
+                    continue
                 # the biggest pre-faulted heap first: a small guest cannot give every member one
                 best = max(
                     range(len(self._ready)), key=lambda i: self._ready[i].info.get("heap", 0)
                 )
                 member = self._ready.pop(best)
             if member.proc.poll() is not None:  # died while waiting (OOM killer, say)
-                self._discard(member)
+                discard(member)
                 continue
+            if member.forked:
+                # Out of the background at once: a forked member still warming up (at nice
+                # 19, see _start_mother) finishes the step in hand at the agent's priority.
+                try:
+                    os.setpriority(os.PRIO_PROCESS, member.proc.pid, self._priority)
+                except OSError:
+                    pass
             stdin_r, stdout_w, stderr_w = member.theirs
             fds = (stdout_w, stderr_w, stdin_r) if want_stdin else (stdout_w, stderr_w)
             try:
-                _send_message(member.ctl, spec, fds)
+                send_message(member.ctl, spec, fds)
             except OSError:
-                self._discard(member)  # it died while waiting: try the next one
+                discard(member)  # it died while waiting: try the next one
                 continue
             break
-        if member.forked:
-            # Out of the background at once: a forked member still warming up (at nice 19,
-            # see pystart._mother) finishes the step in hand at the agent's priority.
-            try:
-                os.setpriority(os.PRIO_PROCESS, member.proc.pid, os.getpriority(os.PRIO_PROCESS, 0))
-            except OSError:
-                pass
         proc = self._become(member, want_stdin)
         with self._cond:
             self.served += 1
@@ -401,19 +331,21 @@ class InterpreterPool:
 
     def _await_member(self) -> bool:
         """A member is ready, or (when the mother can fork one) becomes ready within
-        :data:`FORK_WAIT_S`: the refill then runs although a request is in flight, as this
-        request is what it is for."""
+        :data:`FORK_WAIT_S` for each exec already waiting and this one: the refills then run
+        although requests are in flight, as these requests are what they are for. Forks come
+        one after another, so the second of a burst waits for the second fork (~2 s more
+        here), not for a python3 of its own after the first's wait (4-8 s more)."""
         with self._cond:
             if self._ready:
                 return True
             if self._mother is None or self._closed:
                 return False
-            deadline = time.monotonic() + FORK_WAIT_S
+            deadline = time.monotonic() + FORK_WAIT_S * (1 + self._waiting)
             self._waiting += 1
             starting = self._starting
             if starting is not None and starting.stopped:
                 starting.stopped = False
-                _signal(starting.proc.pid, signal.SIGCONT)
+                send_signal(starting.proc.pid, signal.SIGCONT)
             self._cond.notify_all()
             try:
                 while not self._ready and self._mother is not None and not self._closed:
@@ -439,7 +371,7 @@ class InterpreterPool:
                 self._holders.append(holder)
                 self._cond.notify_all()
 
-    def _become(self, member: _Member, want_stdin: bool) -> subprocess.Popen[bytes]:
+    def _become(self, member: Member, want_stdin: bool) -> subprocess.Popen[bytes]:
         """The member's Popen with the program's pipes; only the closes the relay needs (our
         copies of the program's ends) happen now, the rest once the program is done."""
         proc = member.proc
@@ -447,39 +379,12 @@ class InterpreterPool:
         later: list[Any] = [member.ctl, proc.stdout, proc.stderr]  # the pipes it started with
         stdin_w, stdout_r, stderr_r = member.ours
         if want_stdin:
-            proc.stdin = _pipe(stdin_w)
+            proc.stdin = as_file(stdin_w)
         else:
-            later.append(_pipe(stdin_w))
-        proc.stdout, proc.stderr = _pipe(stdout_r), _pipe(stderr_r)
+            later.append(as_file(stdin_w))
+        proc.stdout, proc.stderr = as_file(stdout_r), as_file(stderr_r)
         self._closing[proc.pid] = later
         return proc
-
-    def _acceptable(self, job: PyJob, env: dict[str, str]) -> bool:
-        """What plan() cannot see: the file system and the codec registry."""
-        if job.io_encoding:
-            encoding = job.io_encoding.partition(":")[0]
-            if encoding:
-                try:
-                    codecs.lookup(encoding)
-                except LookupError:
-                    return False  # python3 fails to start: let it say so
-        if job.mode == "file" and job.target.endswith(".pyc"):
-            return False
-        with self._cond:
-            info = self._ready[-1].info if self._ready else {}
-        if job.flags and not info.get("flags"):
-            return False  # this interpreter cannot change sys.flags (see pystart._Flags)
-        pool_user_site = bool(info.get("user_site_in_path"))
-        job_user_site = False
-        if not job.no_user_site:
-            version = str(info.get("version", ""))
-            base = env.get("PYTHONUSERBASE") if "ignore_environment" not in job.flags else None
-            if not base:
-                home = env.get("HOME") or "/root"
-                base = os.path.join(home, ".local")
-            user_site = os.path.join(base, "lib", f"python{version}", "site-packages")
-            job_user_site = self._finder.is_dir(user_site)
-        return not pool_user_site and not job_user_site
 
     # -- filling --------------------------------------------------------------------------
 
@@ -495,10 +400,9 @@ class InterpreterPool:
                     return
                 # A refill the mother forks (~4 s here) comes before freeing old programs'
                 # memory (seconds each: a template member's heap is 64 MiB).
-                forks = self._mother is not None and len(self._ready) < self.size
-                holder = self._holders.pop() if self._holders and not forks else 0
+                holder = self._holders.pop() if self._holders and not self._fork_wanted() else 0
             if holder:
-                _kill_holder(holder)
+                kill_holder(holder)
                 continue
             first = not self._first_fill_done
             member = self._start_one(first)
@@ -537,14 +441,14 @@ class InterpreterPool:
             self._finder.interpreter("python3", env, None)
             job = plan(["python3", "-c", "pass"], env, pool_ctype=self._ctype, pool_env=self._env)
             if job is not None:
-                self._acceptable(job, env)
+                acceptable(job, env, self._member_info(), self._finder)
         except OSError:
             pass  # a warm-up only: the first exec asks again
 
     def _work_wanted(self) -> bool:
         return bool(self._holders) or (not self._gave_up and len(self._ready) < self.size)
 
-    def _start_one(self, first: bool) -> _Member | None:
+    def _start_one(self, first: bool) -> Member | None:
         """A new member: forked by the mother if there is one, else a fresh ``python3``."""
         heap = self.heap_bytes if first else 0
         member = None
@@ -554,16 +458,16 @@ class InterpreterPool:
         if self._mother is not None and not first:
             member = self._fork(self._mother, heap)
         if member is None:
-            member = self._spawn(heap, "member")
+            member = self._spawn(heap, MEMBER)
         if member is None:
             return None
         info = self._run_start(member)
         self._reported = bool(info and info.get("error"))
         if info is None or not info.get("ready"):
-            error = (info or {}).get("error") or self._describe_death(member)
+            error = (info or {}).get("error") or describe_death(member)
             self.last_error = str(error)
             log(f"interpreter pool: {self.last_error}")
-            self._discard(member)
+            discard(member)
             return None
         member.info = info
         self.last_error = ""
@@ -572,26 +476,34 @@ class InterpreterPool:
     def _start_mother(self) -> None:
         """The interpreter refills are forked from: preload imported, no heap, no program.
         Without one (it failed, or cannot fork here) refills are fresh processes, as before."""
-        mother = self._spawn(0, "mother")
+        mother = self._spawn(0, MOTHER)
         info = self._run_start(mother) if mother is not None else None
         if mother is None or info is None or not info.get("mother"):
             error = (info or {}).get("error") or (
-                self._describe_death(mother) if mother is not None else self.last_error
+                describe_death(mother) if mother is not None else self.last_error
             )
             self.mother_error = str(error)
             log(f"interpreter pool: no mother ({self.mother_error}): refills start python3")
             if mother is not None:
-                self._discard(mother)
+                discard(mother)
             return
         mother.info = info
+        # Her forks, and her children's warm-ups, are background work: at nice 19 a
+        # request's program and the agent get the one vCPU (page-fault work runs at the
+        # faulting task's priority too). Her children are born there; take() lifts each
+        # to the agent's priority with its job.
+        try:
+            os.setpriority(os.PRIO_PROCESS, mother.proc.pid, BACKGROUND_NICE)
+        except OSError:
+            pass
         self._mother = mother
 
-    def _fork(self, mother: _Member, heap: int) -> _Member | None:
+    def _fork(self, mother: Member, heap: int) -> Member | None:
         """Ask the mother for a member; None (and no mother from now on) if she cannot."""
         ours, theirs = socket.socketpair()
         reply = None
         try:
-            _send_message(mother.ctl, {"op": "fork", "heap": heap}, (theirs.fileno(),))
+            send_message(mother.ctl, {"op": "fork", "heap": heap}, (theirs.fileno(),))
             reply = self._run_start(mother)
         except OSError:
             pass
@@ -600,67 +512,44 @@ class InterpreterPool:
         pid = (reply or {}).get("pid")
         if not isinstance(pid, int) or pid <= 0:
             ours.close()
-            self.mother_error = str((reply or {}).get("error") or self._describe_death(mother))
+            self.mother_error = str((reply or {}).get("error") or describe_death(mother))
             log(f"interpreter pool: the mother failed ({self.mother_error}): refills start python3")
             with self._cond:
                 self._mother = None
                 self._cond.notify_all()  # execs waiting for a fork: start real processes
-            self._discard(mother)
+            discard(mother)
             return None
         with self._cond:
             self.forked += 1
         assert self._python is not None
-        proc = adopt(pid, [self._python, "-c", BOOT, PYSTART, "(forked)"])
-        ends = _pipes()
-        return _Member(proc, ours, ends[0], ends[1], forked=True)
+        return forked(self._python, pid, ours)
 
-    def _spawn(self, heap: int, role: str) -> _Member | None:
+    def _spawn(self, heap: int, role: str) -> Member | None:
         assert self._python is not None
-        ours, theirs = socket.socketpair()
-        argv = [
-            self._python, "-c", BOOT, PYSTART, str(theirs.fileno()),
-            str(self.resume.generation), str(heap), role, *self.preload,
-        ]  # fmt: skip
         try:
-            # stdin /dev/null, stdout and stderr pipes: the files a program's streams are made
-            # on, so python3's own sys.stdin/stdout/stderr serve it as they are (no system calls
-            # at hand-over); the program gets pipes of its own on the same descriptors.
-            proc = subprocess.Popen(
-                argv,
-                pass_fds=(theirs.fileno(),),
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                env=self._env,
-                start_new_session=True,
-                close_fds=True,
-            )
+            return spawn(self._python, self._env, role, generation=self.resume.generation,
+                         heap=heap, preload=self.preload)  # fmt: skip
         except OSError as exc:
-            ours.close()
             self.last_error = f"cannot start {self._python}: {exc}"
             log(f"interpreter pool: {self.last_error}")
             return None
-        finally:
-            theirs.close()
-        ends = _pipes() if role == "member" else ((-1, -1, -1), (-1, -1, -1))
-        return _Member(proc, ours, ends[0], ends[1])
 
-    def _run_start(self, member: _Member) -> dict[str, Any] | None:
+    def _run_start(self, member: Member) -> dict[str, Any] | None:
         """The member's next message, with it stopped while a request is in flight."""
         with self._cond:
             self._starting = member
             if self._busy and not member.stopped:
                 member.stopped = True
-                _signal(member.proc.pid, signal.SIGSTOP)
+                send_signal(member.proc.pid, signal.SIGSTOP)
         info = self._await_ready(member)
         with self._cond:
             self._starting = None
             if member.stopped:
                 member.stopped = False
-                _signal(member.proc.pid, signal.SIGCONT)
+                send_signal(member.proc.pid, signal.SIGCONT)
         return info
 
-    def _await_ready(self, member: _Member) -> dict[str, Any] | None:
+    def _await_ready(self, member: Member) -> dict[str, Any] | None:
         """Wait for the ``ready`` message; continue a start stopped by :meth:`busy` when idle."""
         poller = select.poll()
         poller.register(member.ctl.fileno(), select.POLLIN)
@@ -668,170 +557,12 @@ class InterpreterPool:
         while ran < START_TIMEOUT_S and not self._closed:
             t0 = time.monotonic()
             if poller.poll(250):
-                return _read_message(member.ctl)
+                return read_message(member.ctl)
             with self._cond:
                 if member.stopped and (self._busy == 0 or self._waiting):
                     member.stopped = False
-                    _signal(member.proc.pid, signal.SIGCONT)
+                    send_signal(member.proc.pid, signal.SIGCONT)
                 elif not member.stopped:
                     ran += time.monotonic() - t0
         member.timed_out = not self._closed
         return None
-
-    @staticmethod
-    def _describe_death(member: _Member) -> str:
-        """Why a start ended without ``ready``: its exit (waited for briefly: its control
-        socket closes a moment before it can be reaped) and the end of what it printed."""
-        try:
-            code: int | None = member.proc.wait(0 if member.timed_out else DEATH_WAIT_S)
-        except subprocess.TimeoutExpired:
-            code = None
-        if code is None and member.timed_out:
-            what = f"did not become ready in {START_TIMEOUT_S:.0f} s of running time"
-        elif code is None:
-            what = "closed its control socket while starting, and lives on"
-        elif code < 0:
-            name = signal.Signals(-code).name if -code in signal.valid_signals() else -code
-            what = f"was killed by {name} while starting"
-            if code == -signal.SIGKILL:
-                what += " (the guest's OOM killer, if nothing else sent it)"
-        else:
-            what = f"exited with status {code} while starting"
-        said = _tail(member.proc.stderr) if code is not None else ""
-        return f"a pre-started interpreter {what}" + (f": {said}" if said else "")
-
-    def _discard(self, member: _Member) -> None:
-        member.close_fds()
-        for startup in (member.proc.stdout, member.proc.stderr):
-            if startup is not None:
-                startup.close()
-        _signal(member.proc.pid, signal.SIGKILL, group=True)
-        try:
-            member.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            pass
-        if member.holder:
-            _kill_holder(member.holder)
-
-
-def _pipes() -> tuple[tuple[int, int, int], tuple[int, int, int]]:
-    """A program's three pipes: (stdin write, stdout read, stderr read) for the agent,
-    (stdin read, stdout write, stderr write) for the program."""
-    stdin_r, stdin_w = os.pipe()
-    stdout_r, stdout_w = os.pipe()
-    stderr_r, stderr_w = os.pipe()
-    return (stdin_w, stdout_r, stderr_r), (stdin_r, stdout_w, stderr_w)
-
-
-def _spec(
-    job: PyJob,
-    env: dict[str, str],
-    cwd: str | None,
-    executable: str,
-    want_stdin: bool,
-    generation: int,
-) -> dict[str, Any]:
-    return {
-        "mode": job.mode,
-        "target": job.target,
-        "argv": list(job.argv),
-        "orig_argv": list(job.orig_argv),
-        "executable": executable,
-        "unbuffered": job.unbuffered,
-        "flags": dict(job.flags),
-        "pythonpath": list(job.pythonpath),
-        "io_encoding": job.io_encoding,
-        "no_user_site": job.no_user_site,
-        "safe_path": job.safe_path,
-        "env": dict(env),
-        "cwd": cwd,
-        "stdin": want_stdin,
-        "generation": generation,
-    }
-
-
-class _Pipe(io.RawIOBase):
-    """The agent's end of a program's pipe: ``fileno`` and ``close`` are all the relay uses.
-
-    ``os.fdopen`` would ``fstat`` each descriptor: a system call, a few ms in this guest.
-    """
-
-    def __init__(self, fd: int) -> None:
-        super().__init__()
-        self._fd = fd
-
-    def fileno(self) -> int:
-        return self._fd
-
-    def readable(self) -> bool:
-        return True
-
-    def writable(self) -> bool:
-        return True
-
-    def readinto(self, buffer: Any) -> int:
-        data = os.read(self._fd, len(buffer))
-        buffer[: len(data)] = data
-        return len(data)
-
-    def write(self, data: Any) -> int:
-        return os.write(self._fd, data)
-
-    def close(self) -> None:
-        if not self.closed:
-            try:
-                os.close(self._fd)
-            finally:
-                super().close()
-
-
-def _pipe(fd: int) -> IO[bytes]:
-    return cast("IO[bytes]", _Pipe(fd))
-
-
-def _check_cwd(program: str, cwd: str) -> None:
-    """Refuse a bad ``cwd`` exactly as ``subprocess.Popen`` would, before using an interpreter."""
-    try:
-        if not os.path.isdir(cwd):
-            os.stat(cwd)  # raises the real error if it does not exist
-            raise NotADirectoryError(20, os.strerror(20), cwd)
-    except OSError as exc:
-        raise ExecError(f"cannot start {program!r}: {exc}") from None
-
-
-def _tail(stream: IO[bytes] | None, limit: int = 4096) -> str:
-    """The last line of what a dead start wrote (its pipe: nothing more can come)."""
-    if stream is None:
-        return ""
-    try:
-        os.set_blocking(stream.fileno(), False)
-        data = os.read(stream.fileno(), 1 << 16)[-limit:]
-    except (OSError, ValueError):
-        return ""
-    lines = data.decode("utf-8", "replace").strip().splitlines()
-    return lines[-1].strip() if lines else ""
-
-
-def _signal(pid: int, signum: int, *, group: bool = False) -> None:
-    try:
-        if group:
-            os.killpg(pid, signum)
-        else:
-            os.kill(pid, signum)
-    except (ProcessLookupError, PermissionError):
-        pass
-
-
-def _kill_holder(pid: int) -> None:
-    """Kill and reap a holder (the agent is its parent: it was cloned with CLONE_PARENT).
-    Its death frees the program's memory, seconds of guest-kernel work, in its own context:
-    at nice 19 a request arriving meanwhile gets the vCPU."""
-    try:
-        os.setpriority(os.PRIO_PROCESS, pid, 19)
-    except OSError:
-        pass
-    _signal(pid, signal.SIGKILL)
-    try:
-        os.waitpid(pid, 0)
-    except ChildProcessError:
-        pass

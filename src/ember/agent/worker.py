@@ -35,7 +35,7 @@ import types
 from collections.abc import Callable
 from typing import Any
 
-from ember.agent import codering, heap, preload, pystart, shm
+from ember.agent import codering, heap, preload, pywarm, shm
 from ember.agent.common import BadRequest
 from ember.agent.resume import ResumeState, apply_resume
 from ember.protocol import (
@@ -141,7 +141,9 @@ class Worker:
             self.generation = generation
             random = sys.modules.get("random")
             if random is not None:
-                random.seed(os.urandom(32))  # not 2,496 bytes of emulated ChaCha: see pystart
+                random.seed(
+                    os.urandom(32)
+                )  # not 2,496 bytes of emulated ChaCha: see pybase._reseed
 
     def run(self, code: str, emit: _Streamer | None = None) -> dict[str, Any]:
         """Run one cell; with ``emit``, its output also goes out as it is written."""
@@ -270,7 +272,7 @@ def serve_cells(sock: socket.socket, code_ring: codering.WorkerRing | None) -> N
     ``code_ring`` until the agent goes away."""
     worker = Worker()
     preload.import_from_env()  # the template's --preload modules, before "ready"
-    pystart.warm_numpy()  # numpy's kernels once, so the first real call is not the slow one
+    pywarm.warm_numpy()  # numpy's kernels once, so the first real call is not the slow one
     heap.touch_from_env()  # pages later cells reuse for free (ember.agent.heap)
     gc.freeze()  # the template's objects: never scanned (nor written to) by a collection
     worker.run("None")  # touch the parse/compile/exec path now, not on the first real call
