@@ -27,9 +27,11 @@ import pytest
 
 from ember import protocol
 from ember.agent import pybase
+from ember.agent.pool import FORK_WAIT_S
 from ember.client import AgentClient
 from ember.errors import AgentError
 from ember.protocol import Kind, read_frame, write_frame, write_json
+from tests.waiting import wait_for
 
 SRC = Path(__file__).resolve().parents[2] / "src"
 PYTHON = "/usr/bin/python3"
@@ -530,11 +532,18 @@ def frozen(pid: int, name: str) -> Iterator[None]:
         group.rmdir()
 
 
+def _nice(pid: int) -> int:
+    with open(f"/proc/{pid}/stat", "rb") as f:
+        return int(f.read().rsplit(b")", 1)[1].split()[16])
+
+
 def test_a_burst_of_execs_on_an_empty_pool_waits_for_the_forks_in_turn(tmp_path: Path) -> None:
     # Forks come one after another, so the second exec of a burst may wait one FORK_WAIT_S
-    # (4 s) longer than the first. The mother is frozen for 5 s: past the first exec's
-    # wait (it starts a real python3), within the second's, which a fork then serves. With
-    # one FORK_WAIT_S for both, both would start real processes.
+    # longer than the first. The mother is frozen for 1.25 FORK_WAIT_S: past the first
+    # exec's wait (it starts a real python3), within the second's, which a fork then serves.
+    # With one FORK_WAIT_S for both, both would start real processes. While execs wait for
+    # her, the mother is not background work: she runs at the agent's priority, not nice 19
+    # (beside the first exec's python3 she would hardly run, and the second would run out).
     a = start_agent(tmp_path, "--pool", "2", env={"EMBER_POOL_IDLE_S": "30"})
     runs: list[Run] = []
 
@@ -549,16 +558,22 @@ def test_a_burst_of_execs_on_an_empty_pool_waits_for_the_forks_in_turn(tmp_path:
         assert status["mother"], status["mother_error"]
         for _ in range(2):
             assert a.run(["python3", "-c", "pass"]).result["exit_code"] == 0
+        mother = _mother_pid(a)
+        assert _nice(mother) == 19  # idle: background
         burst = [threading.Thread(target=one, args=(n,)) for n in range(2)]
-        with frozen(_mother_pid(a), f"ember-test-{os.getpid()}"):
+        started = time.monotonic()
+        with frozen(mother, f"ember-test-{os.getpid()}"):
             for thread in burst:
                 thread.start()
-            time.sleep(5)
+            wait_for(lambda: _nice(mother) == os.getpriority(os.PRIO_PROCESS, 0), 10,
+                     "the mother to leave the background for the waiting execs")  # fmt: skip
+            time.sleep(max(0.0, started + 1.25 * FORK_WAIT_S - time.monotonic()))
         for thread in burst:
             thread.join(60)
         assert sorted(run.stdout for run in runs) == [b"0\n", b"1\n"], runs
         status = a.pool()
         assert status["served"] >= 3 and status["forked"] >= 1, status
+        wait_for(lambda: _nice(mother) == 19, 10, "the mother to go back to the background")
         stop_agent(a)
     finally:
         if a.proc.poll() is None:

@@ -73,6 +73,7 @@ class Member:
     stopped: bool = False
     timed_out: bool = False
     forked: bool = False
+    lifted: bool = False  # a mother's or forked member's nice 19 lifted (see pool._foreground)
 
     @property
     def holder(self) -> int:

@@ -77,7 +77,7 @@ FIRST_TRIES = 3  # starts the first fill may lose to a death (not to a reported 
 FIRST_RETRY_S = 1.0
 WARM_TIMEOUT_S = 30.0  # a rehearsal takes ~0.1 s here: one not done by then is broken
 FORK_IDLE = 0.2  # of IDLE_S, before a refill the mother forks (~1 s of work, not ~20)
-FORK_WAIT_S = 4.0  # an exec waits this long for a forked member (a real python3: 4-8 s here)
+FORK_WAIT_S = 8.0  # an exec waits this long for a fork (~2 s, ready ~2 s later; python3: 4-8 s)
 
 
 class PoolState(enum.Enum):
@@ -219,9 +219,10 @@ class InterpreterPool:
                 self._cond.notify_all()
 
     def _may_work(self) -> bool:
-        """(Lock held.) An exec waits for a member; or no request in flight, and none for the
-        idle time the next piece of work needs, once the first fill is done."""
-        if self._waiting:
+        """(Lock held.) More execs wait for a member than are ready (a member just made is
+        theirs until they wake); or no request in flight, and none for the idle time the next
+        piece of work needs, once the first fill is done."""
+        if self._waiting > len(self._ready):
             return True
         if self._busy:
             return False
@@ -303,13 +304,11 @@ class InterpreterPool:
             if member.proc.poll() is not None:  # died while waiting (OOM killer, say)
                 discard(member)
                 continue
-            if member.forked:
+            if member.forked and not member.lifted:
                 # Out of the background at once: a forked member still warming up (at nice
                 # 19, see _start_mother) finishes the step in hand at the agent's priority.
-                try:
-                    os.setpriority(os.PRIO_PROCESS, member.proc.pid, self._priority)
-                except OSError:
-                    pass
+                member.lifted = True
+                _renice(member.proc.pid, self._priority)
             stdin_r, stdout_w, stderr_w = member.theirs
             fds = (stdout_w, stderr_w, stdin_r) if want_stdin else (stdout_w, stderr_w)
             try:
@@ -343,9 +342,11 @@ class InterpreterPool:
             deadline = time.monotonic() + FORK_WAIT_S * (1 + self._waiting)
             self._waiting += 1
             starting = self._starting
-            if starting is not None and starting.stopped:
-                starting.stopped = False
-                send_signal(starting.proc.pid, signal.SIGCONT)
+            if starting is not None:
+                self._foreground(starting)
+                if starting.stopped:
+                    starting.stopped = False
+                    send_signal(starting.proc.pid, signal.SIGCONT)
             self._cond.notify_all()
             try:
                 while not self._ready and self._mother is not None and not self._closed:
@@ -492,10 +493,7 @@ class InterpreterPool:
         # request's program and the agent get the one vCPU (page-fault work runs at the
         # faulting task's priority too). Her children are born there; take() lifts each
         # to the agent's priority with its job.
-        try:
-            os.setpriority(os.PRIO_PROCESS, mother.proc.pid, BACKGROUND_NICE)
-        except OSError:
-            pass
+        _renice(mother.proc.pid, BACKGROUND_NICE)
         self._mother = mother
 
     def _fork(self, mother: Member, heap: int) -> Member | None:
@@ -535,10 +533,13 @@ class InterpreterPool:
             return None
 
     def _run_start(self, member: Member) -> dict[str, Any] | None:
-        """The member's next message, with it stopped while a request is in flight."""
+        """The member's next message, with it stopped while a request is in flight (unless
+        an exec waits for it: then it runs in the foreground, see :meth:`_foreground`)."""
         with self._cond:
             self._starting = member
-            if self._busy and not member.stopped:
+            if self._waiting:
+                self._foreground(member)
+            elif self._busy and not member.stopped:
                 member.stopped = True
                 send_signal(member.proc.pid, signal.SIGSTOP)
         info = self._await_ready(member)
@@ -547,7 +548,20 @@ class InterpreterPool:
             if member.stopped:
                 member.stopped = False
                 send_signal(member.proc.pid, signal.SIGCONT)
+            for lifted in (member, self._mother):
+                if lifted is not None and lifted.lifted and not self._waiting:
+                    lifted.lifted = False  # nobody waits for it (any more): background again
+                    _renice(lifted.proc.pid, BACKGROUND_NICE)
         return info
+
+    def _foreground(self, member: Member) -> None:
+        """(Lock held.) A start an exec waits for is that exec's work, not background work:
+        the mother (her fork) and a forked member (its start) go to the agent's priority.
+        At nice 19 they would get almost none of the vCPU beside a program (the exec of an
+        earlier wait that ran out), and the next waiting exec would run out too."""
+        if (member.forked or member is self._mother) and not member.lifted:
+            member.lifted = True
+            _renice(member.proc.pid, self._priority)
 
     def _await_ready(self, member: Member) -> dict[str, Any] | None:
         """Wait for the ``ready`` message; continue a start stopped by :meth:`busy` when idle."""
@@ -566,3 +580,10 @@ class InterpreterPool:
                     ran += time.monotonic() - t0
         member.timed_out = not self._closed
         return None
+
+
+def _renice(pid: int, priority: int) -> None:
+    try:
+        os.setpriority(os.PRIO_PROCESS, pid, priority)
+    except OSError:
+        pass  # it died: its reaper says so
