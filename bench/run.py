@@ -18,7 +18,9 @@ What issue 15 measures, each beside its peer from the same run:
   imports (~20 s of idle time with numpy here: ~5 s to start, ~14 s to import numpy from a
   warm page cache), so the third exec got a real process; now the template's mother
   interpreter forks it (~4 s here), and an exec that finds the pool empty waits for that
-  fork rather than start ``python3``;
+  fork rather than start ``python3``; and two sent at once (an agent's parallel tool calls)
+  on a sandbox whose pool is used up: the slower one's time (the second waits for the second
+  fork);
 - a 10 MiB and a 100 MiB ``bytearray`` in the warm ``run_code`` interpreter (time inside the
   guest), against the same in a new guest ``python3`` (no pre-faulted heap) and on the host;
 - ``import numpy`` and a 200x200 ``numpy.linalg.eig`` in a Python exec (time inside the guest),
@@ -42,6 +44,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -174,7 +177,8 @@ def bench_sandbox(runs: int, real: bool) -> dict[str, list[float]]:
     out: dict[str, list[float]] = {
         k: []
         for k in (
-            "ready", "exec1", "exec2", "exec3", "exec_real", "alloc10", "alloc100", "alloc10_real",
+            "ready", "exec1", "exec2", "exec3", "burst", "exec_real", "alloc10", "alloc100",
+            "alloc10_real",
             "numpy_import", "numpy_eig", "uss_ping", "uss_exec", "exec_host",
         )
     }  # fmt: skip
@@ -219,10 +223,33 @@ def bench_sandbox(runs: int, real: bool) -> dict[str, list[float]]:
                 )
                 if r.exit_code == 0:
                     out["alloc10_real"].append(float(r.stdout))
+        with Sandbox() as sb:
+            out["burst"].append(burst(sb, code))
         out["exec_host"].append(
             timed(lambda: subprocess.run([host_python(), "-c", code], capture_output=True))
         )
     return out
+
+
+def burst(sb: Sandbox, code: str) -> float:
+    """Seconds until the slower of two Python execs sent at once ends, the pool used up
+    first (as by an agent's parallel tool calls): both wait for the mother's forks."""
+    for _ in range(int(sb.ping()["pool"]["size"])):
+        sb.exec(["python3", "-c", "pass"], timeout=600)
+    results: list[bytes] = []
+
+    def one() -> None:
+        results.append(sb.exec(["python3", "-c", code], timeout=600).stdout)
+
+    threads = [threading.Thread(target=one) for _ in range(2)]
+    t = time.monotonic()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    took = time.monotonic() - t
+    assert results == [b"1\n", b"1\n"], results
+    return took
 
 
 def guest_simd_env() -> dict[str, str]:
@@ -314,6 +341,7 @@ def report(
     row("exec python3 -c (1st)", sb["exec1"], sb["exec_real"], sb["exec_host"])
     row("exec python3 -c (2nd)", sb["exec2"], sb["exec_real"], sb["exec_host"])
     row("exec python3 -c (3rd, 2 s on)", sb["exec3"], sb["exec_real"], sb["exec_host"])
+    row("2 execs at once, pool used up (slower)", sb["burst"], sb["exec_real"], sb["exec_host"])
     row("bytearray 10 MiB", sb["alloc10"], sb["alloc10_real"], host["alloc10"])
     row("bytearray 100 MiB", sb["alloc100"], None, host["alloc100"])
     row("import numpy", sb["numpy_import"], None, host["numpy_import"])

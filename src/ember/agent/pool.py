@@ -357,6 +357,8 @@ class InterpreterPool:
                 return bool(self._ready)
             finally:
                 self._waiting -= 1
+                if not self._waiting:
+                    self._background_again()
 
     def release(self, proc: subprocess.Popen[bytes]) -> None:
         """The program handed to ``proc`` has been reaped: free its memory when idle."""
@@ -539,7 +541,12 @@ class InterpreterPool:
             self._starting = member
             if self._waiting:
                 self._foreground(member)
-            elif self._busy and not member.stopped:
+            elif member.forked:
+                # Born at the mother's priority, which an exec's wait may have lifted for the
+                # fork: its start and warm-up are background work once nobody waits.
+                member.lifted = False
+                _renice(member.proc.pid, BACKGROUND_NICE)
+            if self._busy and not self._waiting and not member.stopped:
                 member.stopped = True
                 send_signal(member.proc.pid, signal.SIGSTOP)
         info = self._await_ready(member)
@@ -548,11 +555,16 @@ class InterpreterPool:
             if member.stopped:
                 member.stopped = False
                 send_signal(member.proc.pid, signal.SIGCONT)
-            for lifted in (member, self._mother):
-                if lifted is not None and lifted.lifted and not self._waiting:
-                    lifted.lifted = False  # nobody waits for it (any more): background again
-                    _renice(lifted.proc.pid, BACKGROUND_NICE)
         return info
+
+    def _background_again(self) -> None:
+        """(Lock held.) No exec waits any more: what :meth:`_foreground` lifted goes back
+        (the next refill's fork, and its child's warm-up, are background work again; a
+        member about to be taken is lifted again by :meth:`take`)."""
+        for member in (self._mother, self._starting, *self._ready):
+            if member is not None and member.lifted:
+                member.lifted = False
+                _renice(member.proc.pid, BACKGROUND_NICE)
 
     def _foreground(self, member: Member) -> None:
         """(Lock held.) A start an exec waits for is that exec's work, not background work:
