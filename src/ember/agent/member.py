@@ -235,14 +235,19 @@ def send_signal(pid: int, signum: int, *, group: bool = False) -> None:
         pass
 
 
+def renice(pid: int, priority: int) -> None:
+    """Set a member's (or holder's) nice value; one that died meanwhile is its reaper's news."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, pid, priority)
+    except OSError:
+        pass
+
+
 def kill_holder(pid: int) -> None:
     """Kill and reap a holder (the agent is its parent: it was cloned with CLONE_PARENT).
     Its death frees the program's memory, seconds of guest-kernel work, in its own context:
     at nice 19 a request arriving meanwhile gets the vCPU."""
-    try:
-        os.setpriority(os.PRIO_PROCESS, pid, BACKGROUND_NICE)
-    except OSError:
-        pass
+    renice(pid, BACKGROUND_NICE)
     send_signal(pid, signal.SIGKILL)
     try:
         os.waitpid(pid, 0)

@@ -60,6 +60,7 @@ from ember.agent.member import (
     forked,
     kill_holder,
     read_message,
+    renice,
     send_message,
     send_signal,
     spawn,
@@ -289,9 +290,7 @@ class InterpreterPool:
             check_cwd(argv[0], cwd)
         spec = job_spec(job, env, cwd, executable, want_stdin, self.resume.generation)
         while True:
-            with self._cond:
-                ready = bool(self._ready)
-            if not ready and not self._await_member():  # another exec took the one it saw
+            if not self._await_member():  # at once if one is ready; else another exec took it
                 return None
             with self._cond:
                 if not self._ready:
@@ -304,11 +303,10 @@ class InterpreterPool:
             if member.proc.poll() is not None:  # died while waiting (OOM killer, say)
                 discard(member)
                 continue
-            if member.forked and not member.lifted:
+            with self._cond:
                 # Out of the background at once: a forked member still warming up (at nice
-                # 19, see _start_mother) finishes the step in hand at the agent's priority.
-                member.lifted = True
-                _renice(member.proc.pid, self._priority)
+                # 19) finishes the step in hand at the agent's priority.
+                self._foreground(member)
             stdin_r, stdout_w, stderr_w = member.theirs
             fds = (stdout_w, stderr_w, stdin_r) if want_stdin else (stdout_w, stderr_w)
             try:
@@ -495,7 +493,7 @@ class InterpreterPool:
         # request's program and the agent get the one vCPU (page-fault work runs at the
         # faulting task's priority too). Her children are born there; take() lifts each
         # to the agent's priority with its job.
-        _renice(mother.proc.pid, BACKGROUND_NICE)
+        renice(mother.proc.pid, BACKGROUND_NICE)
         self._mother = mother
 
     def _fork(self, mother: Member, heap: int) -> Member | None:
@@ -544,8 +542,7 @@ class InterpreterPool:
             elif member.forked:
                 # Born at the mother's priority, which an exec's wait may have lifted for the
                 # fork: its start and warm-up are background work once nobody waits.
-                member.lifted = False
-                _renice(member.proc.pid, BACKGROUND_NICE)
+                self._background(member)
             if self._busy and not self._waiting and not member.stopped:
                 member.stopped = True
                 send_signal(member.proc.pid, signal.SIGSTOP)
@@ -563,8 +560,13 @@ class InterpreterPool:
         member about to be taken is lifted again by :meth:`take`)."""
         for member in (self._mother, self._starting, *self._ready):
             if member is not None and member.lifted:
-                member.lifted = False
-                _renice(member.proc.pid, BACKGROUND_NICE)
+                self._background(member)
+
+    @staticmethod
+    def _background(member: Member) -> None:
+        """Back to nice 19, where the mother and forked members do their own work."""
+        member.lifted = False
+        renice(member.proc.pid, BACKGROUND_NICE)
 
     def _foreground(self, member: Member) -> None:
         """(Lock held.) A start an exec waits for is that exec's work, not background work:
@@ -573,7 +575,7 @@ class InterpreterPool:
         earlier wait that ran out), and the next waiting exec would run out too."""
         if (member.forked or member is self._mother) and not member.lifted:
             member.lifted = True
-            _renice(member.proc.pid, self._priority)
+            renice(member.proc.pid, self._priority)
 
     def _await_ready(self, member: Member) -> dict[str, Any] | None:
         """Wait for the ``ready`` message; continue a start stopped by :meth:`busy` when idle."""
@@ -592,10 +594,3 @@ class InterpreterPool:
                     ran += time.monotonic() - t0
         member.timed_out = not self._closed
         return None
-
-
-def _renice(pid: int, priority: int) -> None:
-    try:
-        os.setpriority(os.PRIO_PROCESS, pid, priority)
-    except OSError:
-        pass  # it died: its reaper says so
