@@ -62,6 +62,9 @@ AGENT_ARGV = ("python3", "-m", "ember.agent")
 # (~25 MiB) plus what a guest can make it hold, vsock's buffers included (at most
 # devices/virtio/vsock/budget.py TX_BUDGET = 16 MiB per VMM).
 VMM_OVERHEAD_MIB = 64
+# Pre-started interpreters a template may ask for: each costs the template build ~65 s of
+# emulated start-up here and the guest its heap, so a handful is already a lot.
+MAX_POOL = 8
 
 
 @dataclass(frozen=True)
@@ -80,12 +83,25 @@ class SandboxSpec:
     # Modules the booted agent's interpreters import before anything runs (ember.agent.preload);
     # None: the image's own (numpy for the default image, nothing for another rootfs).
     preload: tuple[str, ...] | None = None
+    # The template's pre-started interpreters for exec and each warm interpreter's pre-faulted
+    # heap (ember.agent.pool, ember.agent.heap); None: the agent's defaults (2, 64 MiB).
+    pool: int | None = None
+    heap_mib: int | None = None
 
     @property
     def jailed(self) -> bool:
         return self.jail if self.jail is not None else os.geteuid() == 0
 
     def __post_init__(self) -> None:
+        if self.pool is not None and not 0 <= self.pool <= MAX_POOL:
+            raise ConfigError(
+                f"pool={self.pool}: from 0 (no pre-started interpreters) to {MAX_POOL}"
+            )
+        if self.heap_mib is not None and not 0 <= self.heap_mib <= self.mem_mib:
+            raise ConfigError(
+                f"heap_mib={self.heap_mib}: from 0 (no pre-faulted heap) to the guest's RAM, "
+                f"{self.mem_mib} MiB (the agent shrinks it to what the guest can spare)"
+            )
         # The memory quota covers the whole VMM process, guest RAM included:
         # below this the VMM would be OOM-killed as soon as the guest used its RAM.
         limit = self.quotas.memory_mib if self.quotas is not None else None
@@ -122,9 +138,15 @@ def resolve_preload(spec: SandboxSpec) -> tuple[str, ...]:
 
 
 def agent_argv(spec: SandboxSpec) -> tuple[str, ...]:
-    """The guest agent's command line for a boot of ``spec`` (part of a template's key)."""
+    """The guest agent's command line for a boot of ``spec`` (part of a template's key: an
+    option left at the agent's default is not given, so it does not change the key)."""
     preload = resolve_preload(spec)
-    return (*AGENT_ARGV, "--preload", ",".join(preload)) if preload else AGENT_ARGV
+    argv = [*AGENT_ARGV, "--preload", ",".join(preload)] if preload else [*AGENT_ARGV]
+    if spec.pool is not None:
+        argv += ["--pool", str(spec.pool)]
+    if spec.heap_mib is not None:
+        argv += ["--heap-mib", str(spec.heap_mib)]
+    return tuple(argv)
 
 
 # Host vsock ports Ember itself listens on (guest -> host): Sandbox.listen refuses them.

@@ -164,6 +164,7 @@ def build(
                 "name": name, "created": time.time(), "from": "image", "snapshot": timings,
                 "network": spec.network is not None, "inputs": default_key(spec),
                 "rootfs": str(resolve_images(spec)[1]), "preload": list(preload),
+                "pool": spec.pool, "heap_mib": spec.heap_mib,  # None: the agent's defaults
                 **(extra_meta or {}),
             }  # fmt: skip
             (staging / META_FILE).write_text(json.dumps(meta))

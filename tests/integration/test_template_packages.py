@@ -26,6 +26,9 @@ from tests.integration.conftest import Images, ember
 
 BUILD_TIMEOUT = 1800  # a boot, then numpy and the package imported by the emulated guest
 PROBE = "ember_probe_pkg"
+# One pre-started interpreter with a 32 MiB heap, not the default 2 with 64: the build's pool
+# warm-up takes half as long, and the options are checked to reach the guest.
+LEAN = ("--pool", "1", "--heap-mib", "32")
 PROBE_SOURCE = "ANSWER = 42\n\ndef greet(name):\n    return f'hello {name} from the template'\n"
 
 
@@ -54,7 +57,7 @@ def make_wheel(directory: Path, name: str = PROBE, source: str = PROBE_SOURCE) -
 def probe_template(images: Images, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     name = f"test-pkg-{os.getpid()}"
     wheel = make_wheel(tmp_path_factory.mktemp("wheel"))
-    r = ember("template", "build", name, "--pip", str(wheel), "--preload", PROBE,
+    r = ember("template", "build", name, "--pip", str(wheel), "--preload", PROBE, *LEAN,
               timeout=BUILD_TIMEOUT)  # fmt: skip
     assert r.returncode == 0, r.stderr[-3000:]
     try:
@@ -67,6 +70,8 @@ def test_the_package_imports_in_a_script_and_in_run_code(probe_template: str) ->
     with Sandbox(template=probe_template) as sb:
         preloaded = sb.run_code(f"import sys\n[m in sys.modules for m in ('numpy', '{PROBE}')]")
         assert preloaded.value == "[True, True]", preloaded  # imported before the snapshot
+        pool = sb.ping()["pool"]
+        assert (pool["size"], pool["heap_mib"]) == (1, 32), pool  # --pool 1 --heap-mib 32
         r = sb.run_code(f"import {PROBE}\n{PROBE}.ANSWER")
         assert r.error is None and r.value == "42", r
         script = f"import {PROBE}; print({PROBE}.greet('exec'))"
@@ -86,13 +91,14 @@ def test_ember_run_uses_the_template(probe_template: str, tmp_path: Path) -> Non
 
 def test_building_it_again_is_a_cache_hit(probe_template: str, tmp_path: Path) -> None:
     wheel = make_wheel(tmp_path)  # the same bytes under another path: the same template
-    spec = templates.package_spec_for(SandboxSpec(), PackageSpec(pip=(str(wheel),)), [PROBE])
+    lean = SandboxSpec(pool=1, heap_mib=32)
+    spec = templates.package_spec_for(lean, PackageSpec(pip=(str(wheel),)), [PROBE])
     meta = templates.read_meta(templates.templates_root() / probe_template)
     if meta["inputs"] != templates.default_key(spec):
         # only where someone edits the agent while this runs (a shared work tree), never in CI
         pytest.skip("the guest agent's code changed since the template was built")
     r = ember("template", "build", probe_template, "--pip", str(wheel), "--preload", PROBE,
-              timeout=300)  # fmt: skip
+              *LEAN, timeout=300)  # fmt: skip
     assert r.returncode == 0 and "(cached)" in r.stdout, (r.stdout, r.stderr[-2000:])
     listing = ember("template", "ls", timeout=60).stdout
     assert any(probe_template in line and PROBE in line for line in listing.splitlines())

@@ -17,6 +17,8 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
+from ember import templates
+from ember.agent import __main__ as agent_main
 from ember.agent import preload
 from ember.cli.main import main as ember_main
 from ember.errors import BuildError, ConfigError
@@ -24,7 +26,7 @@ from ember.images import layers, packages, rootfs
 from ember.images.packages import LayerInputs, PackageSpec, layer_chain
 from ember.images.progress import Progress
 from ember.images.rich_progress import RichProgress
-from ember.launcher import SandboxSpec, agent_argv, resolve_preload
+from ember.launcher import MAX_POOL, SandboxSpec, agent_argv, resolve_preload
 
 BASE = "b" * 64
 
@@ -229,6 +231,52 @@ def test_preload_defaults_follow_the_image(tmp_path: Path) -> None:
     assert resolve_preload(custom) == () and "--preload" not in agent_argv(custom)
     both = SandboxSpec(rootfs=tmp_path / "r.ext4", preload=("numpy", "json"))
     assert agent_argv(both)[-1] == "numpy,json"
+
+
+# -- pool and heap: template options -> agent argv -> the agent's own parser --------------
+
+
+def test_pool_and_heap_reach_the_agent_and_the_key() -> None:
+    lean = SandboxSpec(pool=1, heap_mib=16)
+    argv = agent_argv(lean)
+    assert argv[-4:] == ("--pool", "1", "--heap-mib", "16")
+    assert argv[:-4] == agent_argv(SandboxSpec())  # the default's command line, unchanged
+    # the guest's parser takes exactly what the host writes
+    options = agent_main._parse(list(argv[3:]))
+    assert options is not None and (options["pool"], options["heap-mib"]) == ("1", "16")
+    none = SandboxSpec(pool=0, heap_mib=0)
+    assert agent_argv(none)[-4:] == ("--pool", "0", "--heap-mib", "0")
+    keys = {templates.default_key(s) for s in (SandboxSpec(), lean, none)}
+    assert len(keys) == 3  # a template is rebuilt when its pool or heap changes
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [{"pool": -1}, {"pool": MAX_POOL + 1}, {"heap_mib": -1}, {"heap_mib": 513, "mem_mib": 512}],
+)
+def test_pool_and_heap_out_of_range_are_refused(fields: dict[str, int]) -> None:
+    with pytest.raises(ConfigError, match=r"^(pool|heap_mib)="):
+        SandboxSpec(**fields)
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["template", "build", "--pool", "1"], "default template's interpreters are fixed"),
+        (["template", "build", "lean", "--pool", "-1"], "-1 is negative"),
+        (["template", "build", "lean", "--heap-mib", "lots"], "'lots' is not a whole number"),
+        (["template", "build", "lean", "--pool", "99"], f"to {MAX_POOL}"),
+    ],
+)
+def test_bad_pool_options_are_refused_before_any_build(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    try:
+        code = ember_main(argv)
+    except SystemExit as exc:  # argparse's own refusal
+        code = exc.code
+    assert code == 2
+    assert message in capsys.readouterr().err
 
 
 def test_preload_imports_what_it_can_and_records_the_rest(monkeypatch: pytest.MonkeyPatch) -> None:

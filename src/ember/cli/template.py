@@ -6,7 +6,10 @@ layer with them (built on the host, cached by a hash of what was asked for),
 and its interpreters import numpy and the ``--preload`` modules before the
 snapshot (see :mod:`ember.templates`). Building it again with the same inputs
 is a cache hit; with other inputs it is rebuilt; ``--force`` rebuilds it and
-re-resolves its packages.
+re-resolves its packages. ``--pool N`` and ``--heap-mib N`` size a named template's
+pre-started interpreters (the agent's options of the same names): fewer members build sooner
+(each costs the emulated guest about a minute) and hold less guest memory; more serve more
+execs at once before one falls back to a real ``python3``.
 """
 
 from __future__ import annotations
@@ -65,12 +68,31 @@ def register(sub: Any) -> None:
         "--preload", action="extend", nargs="+", default=[], metavar="MOD",
         help="modules the template's interpreters import before the snapshot (numpy always)",
     )  # fmt: skip
+    build.add_argument(
+        "--pool", type=_count, metavar="N",
+        help="pre-started python3 interpreters for exec (default 2; 0: none); each costs the "
+        "build about a minute here",
+    )  # fmt: skip
+    build.add_argument(
+        "--heap-mib", type=_count, metavar="MiB",
+        help="heap each warm interpreter touches before the snapshot (default 64; 0: none)",
+    )  # fmt: skip
     build.set_defaults(func=_build)
     ls = actions.add_parser("ls", help="list templates")
     ls.set_defaults(func=_ls)
     rm = actions.add_parser("rm", help="remove a named template")
     rm.add_argument("name")
     rm.set_defaults(func=_rm)
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} is negative")
+    return value
 
 
 def _build(args: argparse.Namespace) -> int:
@@ -81,7 +103,13 @@ def _build(args: argparse.Namespace) -> int:
     from ember.network.policy import NetworkPolicy
 
     network = NetworkPolicy() if args.network else None  # the template's guest reaches nothing
-    spec = SandboxSpec(mem_mib=args.mem, vcpus=args.vcpus, network=network)
+    spec = SandboxSpec(mem_mib=args.mem, vcpus=args.vcpus, network=network, pool=args.pool,
+                       heap_mib=args.heap_mib)  # fmt: skip
+    if args.name == templates.DEFAULT and (args.pool is not None or args.heap_mib is not None):
+        raise ConfigError(
+            "the default template's interpreters are fixed (2, 64 MiB heaps): name the "
+            "template, e.g. `ember template build lean --pool 1`, and use --template lean"
+        )
     packages = PackageSpec(pip=tuple(args.pip), requirements=tuple(args.requirements),
                            apt=tuple(args.apt))  # fmt: skip
     preload = list(check_modules(m for arg in args.preload for m in arg.split(",") if m))
