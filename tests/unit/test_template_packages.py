@@ -263,8 +263,8 @@ def test_pool_and_heap_out_of_range_are_refused(fields: dict[str, int]) -> None:
     ("argv", "message"),
     [
         (["template", "build", "--pool", "1"], "default template's interpreters are fixed"),
-        (["template", "build", "lean", "--pool", "-1"], "-1 is negative"),
-        (["template", "build", "lean", "--heap-mib", "lots"], "'lots' is not a whole number"),
+        (["template", "build", "lean", "--pool", "-1"], "must be at least 0, got -1"),
+        (["template", "build", "lean", "--heap-mib", "lots"], "not a whole number: 'lots'"),
         (["template", "build", "lean", "--pool", "99"], f"to {MAX_POOL}"),
     ],
 )

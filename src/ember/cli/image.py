@@ -13,17 +13,8 @@ import sys
 from typing import Any
 
 from ember import images
+from ember.cli import int_at_least
 from ember.images.kernel_build import default_jobs
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
 
 
 def register(subparsers: argparse._SubParsersAction[Any]) -> None:
@@ -49,7 +40,7 @@ def register(subparsers: argparse._SubParsersAction[Any]) -> None:
     build.add_argument(
         "--jobs",
         "-j",
-        type=_positive_int,
+        type=int_at_least(1),
         default=None,
         metavar="N",
         help=f"parallel make jobs (default: the CPU count, {default_jobs()} here)",

@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ember.cli import int_at_least
 from ember.errors import ConfigError
 from ember.launcher import DEFAULT_MEM_MIB
 
@@ -69,12 +70,12 @@ def register(sub: Any) -> None:
         help="modules the template's interpreters import before the snapshot (numpy always)",
     )  # fmt: skip
     build.add_argument(
-        "--pool", type=_count, metavar="N",
+        "--pool", type=int_at_least(0), metavar="N",
         help="pre-started python3 interpreters for exec (default 2; 0: none); each costs the "
         "build about a minute here",
     )  # fmt: skip
     build.add_argument(
-        "--heap-mib", type=_count, metavar="MiB",
+        "--heap-mib", type=int_at_least(0), metavar="MiB",
         help="heap each warm interpreter touches before the snapshot (default 64; 0: none)",
     )  # fmt: skip
     build.set_defaults(func=_build)
@@ -83,16 +84,6 @@ def register(sub: Any) -> None:
     rm = actions.add_parser("rm", help="remove a named template")
     rm.add_argument("name")
     rm.set_defaults(func=_rm)
-
-
-def _count(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{value} is negative")
-    return value
 
 
 def _build(args: argparse.Namespace) -> int:
