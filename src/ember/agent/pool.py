@@ -300,13 +300,13 @@ class InterpreterPool:
                     range(len(self._ready)), key=lambda i: self._ready[i].info.get("heap", 0)
                 )
                 member = self._ready.pop(best)
+                # Out of the background at once: a forked member still warming up (at nice
+                # 19) finishes the step in hand at the agent's priority (renicing one that
+                # has just died is a silent no-op).
+                self._foreground(member)
             if member.proc.poll() is not None:  # died while waiting (OOM killer, say)
                 discard(member)
                 continue
-            with self._cond:
-                # Out of the background at once: a forked member still warming up (at nice
-                # 19) finishes the step in hand at the agent's priority.
-                self._foreground(member)
             stdin_r, stdout_w, stderr_w = member.theirs
             fds = (stdout_w, stderr_w, stdin_r) if want_stdin else (stdout_w, stderr_w)
             try:
@@ -493,7 +493,7 @@ class InterpreterPool:
         # request's program and the agent get the one vCPU (page-fault work runs at the
         # faulting task's priority too). Her children are born there; take() lifts each
         # to the agent's priority with its job.
-        renice(mother.proc.pid, BACKGROUND_NICE)
+        self._background(mother)
         self._mother = mother
 
     def _fork(self, mother: Member, heap: int) -> Member | None:
