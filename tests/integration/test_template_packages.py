@@ -101,7 +101,8 @@ def test_building_it_again_is_a_cache_hit(probe_template: str, tmp_path: Path) -
               *LEAN, timeout=300)  # fmt: skip
     assert r.returncode == 0 and "(cached)" in r.stdout, (r.stdout, r.stderr[-2000:])
     listing = ember("template", "ls", timeout=60).stdout
-    assert any(probe_template in line and PROBE in line for line in listing.splitlines())
+    line = next(line for line in listing.splitlines() if line.startswith(f"{probe_template} "))
+    assert PROBE in line and "pool 1" in line and "heap 32 MiB" in line, line
 
 
 def test_a_package_that_cannot_install_fails_in_one_line_and_leaves_nothing(

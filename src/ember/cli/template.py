@@ -148,6 +148,10 @@ def _ls(args: argparse.Namespace) -> int:
         packages = found.meta.get("packages") or {}
         extra = [*packages.get("pip", []), *(f"apt:{a}" for a in packages.get("apt", []))]
         extra += [f"-r {r}" for r in packages.get("requirements", [])]
+        if found.meta.get("pool") is not None:  # --pool/--heap-mib: not the agent's defaults
+            extra.append(f"pool {found.meta['pool']}")
+        if found.meta.get("heap_mib") is not None:
+            extra.append(f"heap {found.meta['heap_mib']} MiB")
         shown = ", ".join(extra) or "-"
         print(f"{found.name:<20} {size:>6} MiB  {net:<7}  {shown:<30}  {found.dir}")
     return 0
