@@ -819,12 +819,16 @@ def test_random_plausible_requests(size: int, read_only: bool, data: st.DataObje
                 heads.append(taken[0])
                 drv.push_avail(taken[0])
             r.blk.process_queue(0)
-            used = drv.used_entries()
-            assert [e.id for e in used] == heads
-            # Disk data written over the rings breaks them: only then may the device need a reset.
-            assert clobbers_rings or not r.blk.needs_reset
-            for elem in used:
-                assert elem.len <= PROP_SECTORS * SECTOR_SIZE + 1  # at most the disk, + status
+            if not clobbers_rings:
+                used = drv.used_entries()
+                assert [e.id for e in used] == heads
+                assert not r.blk.needs_reset
+                for elem in used:
+                    assert elem.len <= PROP_SECTORS * SECTOR_SIZE + 1  # at most the disk, + status
+            # Else disk data written over the rings (the descriptor table, say) may have turned
+            # a later chain into garbage, which is refused and not returned, or broken the
+            # rings, so the device needs a reset: either way the disk must still be intact and
+            # a kick harmless.
             check_after(r, read_only)
         finally:
             r.close()
