@@ -130,7 +130,7 @@ def host_seconds(
 def bench_cli(runs: int, work: Path, real: bool) -> dict[str, list[float]]:
     """``ember run`` as a user types it (through the run daemon, which the first run starts:
     untimed, as are the daemon's first spares), and with ``EMBER_RUNNER=0`` (in-process)."""
-    from ember.cli import runner
+    from ember.cli import runclient, runner
 
     hello = work / "hello.py"
     hello.write_text(HELLO)
@@ -153,7 +153,7 @@ def bench_cli(runs: int, work: Path, real: bool) -> dict[str, list[float]]:
     try:
         run(env)  # starts the daemon
         deadline = time.monotonic() + 120
-        while not (daemon_dir / runner.SOCKET).exists() and time.monotonic() < deadline:
+        while not (daemon_dir / runclient.SOCKET).exists() and time.monotonic() < deadline:
             time.sleep(0.1)
         time.sleep(3.0)  # its first spares
         for i in range(runs):

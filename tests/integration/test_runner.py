@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from ember.cli import runner
+from ember.cli import runclient, runner
 from tests.integration.conftest import ember_command
 from tests.waiting import wait_for
 
@@ -32,7 +32,7 @@ def daemon_env(tmp_path: Path) -> Iterator[dict[str, str]]:
     env.pop("EMBER_SERVER", None)
     yield env
     assert runner.stop(directory), "the run daemon did not stop"
-    assert not (directory / runner.SOCKET).exists()
+    assert not (directory / runclient.SOCKET).exists()
 
 
 def cli(env: dict[str, str], *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
@@ -48,7 +48,7 @@ def runs_logged(env: dict[str, str]) -> int:
 
 
 def wait_for_daemon(env: dict[str, str]) -> None:
-    sock = Path(env["EMBER_RUNNER_DIR"]) / runner.SOCKET
+    sock = Path(env["EMBER_RUNNER_DIR"]) / runclient.SOCKET
     wait_for(sock.exists, 120, "the run daemon's socket")
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from ember.cli import runner
+from ember.cli import runclient, runner
 
 
 def args(**overrides: object) -> argparse.Namespace:
@@ -29,13 +29,13 @@ def fake_daemon(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> Iterator[Callable[[Callable[[socket.socket, dict[str, object]], None]], list[dict]]]:
     """Serve one connection with ``answer(conn, request)``; the requests seen are returned."""
-    monkeypatch.setenv(runner.ENABLE_ENV, "1")
-    monkeypatch.setenv(runner.DIR_ENV, str(tmp_path))
+    monkeypatch.setenv(runclient.ENABLE_ENV, "1")
+    monkeypatch.setenv(runclient.DIR_ENV, str(tmp_path))
     monkeypatch.delenv("EMBER_SERVER", raising=False)
     started: list[int] = []
     monkeypatch.setattr(runner, "start_daemon", lambda: started.append(1))
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    listener.bind(str(tmp_path / runner.SOCKET))
+    listener.bind(str(tmp_path / runclient.SOCKET))
     listener.listen(1)
     threads: list[threading.Thread] = []
 
@@ -68,9 +68,9 @@ def test_frames_are_printed_and_the_end_is_the_exit_status(
     fake_daemon: Callable, capfdbinary: pytest.CaptureFixture[bytes]
 ) -> None:
     def answer(conn: socket.socket, request: dict[str, object]) -> None:
-        frame(conn, runner.STDOUT, b"out\n")
-        frame(conn, runner.STDERR, b"err\n")
-        frame(conn, runner.END, json.dumps({"exit": 7, "message": "ember: said"}).encode())
+        frame(conn, runclient.STDOUT, b"out\n")
+        frame(conn, runclient.STDERR, b"err\n")
+        frame(conn, runclient.END, json.dumps({"exit": 7, "message": "ember: said"}).encode())
 
     seen = fake_daemon(answer)
     code = runner.try_run(args(timeout=5.0), ["python3", "/tmp/x.py"], ("/tmp/x.py", b"\x00\xff"))
@@ -79,14 +79,14 @@ def test_frames_are_printed_and_the_end_is_the_exit_status(
     assert out == b"out\n" and err == b"err\nember: said\n"
     [request] = seen
     assert request["argv"] == ["python3", "/tmp/x.py"] and request["timeout"] == 5.0
-    assert request["fingerprint"] == runner.fingerprint()
+    assert request["fingerprint"] == runclient.fingerprint()
     assert request["upload"] == ["/tmp/x.py", "AP8="]  # the bytes, exactly
 
 
 def test_a_stale_daemon_means_in_process_and_a_new_daemon(
     fake_daemon: Callable, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    fake_daemon(lambda conn, _r: frame(conn, runner.STALE, b""))
+    fake_daemon(lambda conn, _r: frame(conn, runclient.STALE, b""))
     started: list[int] = []
     monkeypatch.setattr(runner, "start_daemon", lambda: started.append(1))
     assert runner.try_run(args(), ["true"], None) is None
@@ -101,14 +101,14 @@ def test_a_daemon_that_hangs_up_before_any_output_means_in_process(fake_daemon: 
 def test_a_daemon_that_hangs_up_after_output_is_an_error_not_a_second_run(
     fake_daemon: Callable,
 ) -> None:
-    fake_daemon(lambda conn, _r: frame(conn, runner.STDOUT, b"partial"))
+    fake_daemon(lambda conn, _r: frame(conn, runclient.STDOUT, b"partial"))
     with pytest.raises(ConnectionError):
         runner.try_run(args(), ["true"], None)
 
 
 def test_an_unknown_frame_is_refused(fake_daemon: Callable) -> None:
     def answer(conn: socket.socket, _r: dict[str, object]) -> None:
-        frame(conn, runner.STDOUT, b"x")
+        frame(conn, runclient.STDOUT, b"x")
         frame(conn, b"?", b"")
 
     fake_daemon(answer)
@@ -119,8 +119,8 @@ def test_an_unknown_frame_is_refused(fake_daemon: Callable) -> None:
 def test_no_daemon_starts_one_and_runs_in_process(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv(runner.ENABLE_ENV, "1")
-    monkeypatch.setenv(runner.DIR_ENV, str(tmp_path / "none"))
+    monkeypatch.setenv(runclient.ENABLE_ENV, "1")
+    monkeypatch.setenv(runclient.DIR_ENV, str(tmp_path / "none"))
     monkeypatch.delenv("EMBER_SERVER", raising=False)
     started: list[int] = []
     monkeypatch.setattr(runner, "start_daemon", lambda: started.append(1))
@@ -138,10 +138,10 @@ def test_runs_a_spare_cannot_serve_are_not_the_daemons(overrides: dict[str, obje
 
 
 def test_the_switches_that_keep_runs_in_process(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv(runner.ENABLE_ENV, "0")
-    assert not runner.enabled()
-    monkeypatch.setenv(runner.ENABLE_ENV, "1")
+    monkeypatch.setenv(runclient.ENABLE_ENV, "0")
+    assert not runclient.enabled()
+    monkeypatch.setenv(runclient.ENABLE_ENV, "1")
     monkeypatch.setenv("EMBER_SERVER", "http://127.0.0.1:7777")
-    assert not runner.enabled()
+    assert not runclient.enabled()
     monkeypatch.delenv("EMBER_SERVER")
-    assert runner.enabled()
+    assert runclient.enabled()

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import argparse
-from collections.abc import Callable
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # the run daemon's thin client imports this package, and not argparse
+    from collections.abc import Callable
 
 
 def int_at_least(minimum: int) -> Callable[[str], int]:
@@ -11,6 +12,8 @@ def int_at_least(minimum: int) -> Callable[[str], int]:
     parser's usage error, not a traceback or a build that fails minutes later."""
 
     def parse(text: str) -> int:
+        import argparse
+
         try:
             value = int(text)
         except ValueError:

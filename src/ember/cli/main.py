@@ -5,16 +5,20 @@ which adds its parser and sets ``func`` to a callable taking the parsed
 arguments and returning the exit code.  Every :class:`ember.errors.EmberError`
 becomes one line on stderr and exit status 2: users get the fix, not a
 traceback.
+
+``ember run``/``ember exec`` through a listening run daemon never get past
+:func:`ember.cli.runclient.fast_main`: this module imports nothing else at the top,
+so that such a run costs Python's start and one request, not the parser's imports.
 """
 
 from __future__ import annotations
 
-import argparse
-import importlib
 import sys
-from collections.abc import Callable, Sequence
 
-from ember.errors import EmberError
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    import argparse
+    from collections.abc import Sequence
 
 EXIT_USAGE = 2
 # The modules that register subcommands, in the order ``ember --help`` lists them, and which
@@ -39,6 +43,9 @@ OWNER = {
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The whole parser, or (``command`` a known subcommand) one with only its module's."""
+    import argparse
+    import importlib
+
     parser = argparse.ArgumentParser(
         prog="ember", description="MicroVM sandboxes on KVM behind a hypervisor written in Python."
     )
@@ -53,9 +60,13 @@ def _prestart(argv: Sequence[str]) -> None:
     """``ember run``/``exec`` restore a template through the zygote, a Python that imports
     the VMM (~0.2 s): start it now, so that it imports while this process does."""
     if argv[:1] in (["run"], ["exec"]) and not {"--boot", "--id", "-h", "--help"} & set(argv):
-        from ember.cli import runner
+        import os
 
-        if runner.enabled() and (runner.runner_dir() / runner.SOCKET).exists():
+        from ember.cli import runclient
+
+        if runclient.enabled() and os.path.exists(
+            os.path.join(runclient.runner_dir(), runclient.SOCKET)
+        ):
             return  # the run daemon will likely take it: no zygote needed here
         from ember.zygote import Zygote
 
@@ -64,11 +75,20 @@ def _prestart(argv: Sequence[str]) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     words = list(sys.argv[1:] if argv is None else argv)
+    try:
+        from ember.cli import runclient
+
+        code = runclient.fast_main(words)
+        if code is not None:
+            return code
+    except KeyboardInterrupt:
+        return 130
+    from ember.errors import EmberError
+
     _prestart(words)
     args = build_parser(words[0] if words else None).parse_args(words)
-    func: Callable[[argparse.Namespace], int] = args.func
     try:
-        return func(args)
+        return int(args.func(args))
     except EmberError as exc:
         print(f"ember: error: {exc}", file=sys.stderr)
         return EXIT_USAGE

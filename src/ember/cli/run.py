@@ -22,7 +22,8 @@ from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ember.cli import runner
+from ember.cli import runclient, runner
+from ember.cli.runclient import SHAPE_DEFAULTS
 from ember.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -31,7 +32,7 @@ if TYPE_CHECKING:
 
 EXIT_TIMEOUT = runner.EXIT_TIMEOUT
 EXIT_CRASH = runner.EXIT_CRASH
-GUEST_DIR = "/tmp/ember-run"
+GUEST_DIR = runclient.GUEST_DIR
 
 
 def common_options(p: argparse.ArgumentParser) -> None:
@@ -40,7 +41,7 @@ def common_options(p: argparse.ArgumentParser) -> None:
         "--mem", type=int, default=None, metavar="MiB",
         help="guest RAM (default: the launcher's, 512)",
     )  # fmt: skip
-    p.add_argument("--vcpus", type=int, default=1, metavar="N")
+    p.add_argument("--vcpus", type=int, default=SHAPE_DEFAULTS["vcpus"], metavar="N")
     p.add_argument(
         "--cpus", type=float, default=None, metavar="F",
         help="CPU quota for the sandbox's VMM, in CPUs (e.g. 0.5)",
@@ -118,9 +119,8 @@ def run_script(args: argparse.Namespace, opener: Opener | None) -> int:
         source = script.read_bytes()
     except OSError as exc:
         raise ConfigError(f"cannot read {script}: {exc.strerror}") from None
-    guest_path = f"{GUEST_DIR}/{script.name}"
-    argv = ["python3", guest_path, *args.args]
-    return _in_sandbox(args, argv, upload=(guest_path, source), opener=opener)
+    argv = runclient.script_command(script.name, list(args.args))
+    return _in_sandbox(args, argv, upload=(argv[1], source), opener=opener)
 
 
 def sandbox_options(args: argparse.Namespace) -> dict[str, Any]:

@@ -6,7 +6,8 @@ zygote (its own Python importing the VMM), and ~0.1 s more the restored guest's 
 request (its first touch of every page the request uses). The daemon keeps the SDK
 imported and two sandboxes of the default shape restored and warmed
 (:func:`ember.sandbox.spares.keep_warm`; ``$EMBER_SPARES=1`` for every other shape it is
-asked for), so ``ember run`` is a thin client: a Python with ``argparse`` and a socket.
+asked for), so ``ember run`` is a thin client: a Python with a socket
+(:mod:`ember.cli.runclient`, which also holds the wire format's constants).
 
 How: the first ``ember run``/``ember exec`` that finds no daemon starts one in the
 background and runs in-process as before; the next ones send the daemon one JSON request
@@ -37,67 +38,43 @@ import json
 import os
 import signal
 import socket
-import struct
-import subprocess
 import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, BinaryIO, Protocol
+from typing import Any, Protocol
 
+from ember.cli import runclient
+from ember.cli.runclient import (
+    END,
+    HEADER,
+    MAX_SCRIPT,
+    SOCKET,
+    STALE,
+    STDERR,
+    STDOUT,
+    enabled,
+    fingerprint,
+)
 from ember.errors import SandboxCrashed, SandboxTimeout
 
-ENABLE_ENV = "EMBER_RUNNER"
-DIR_ENV = "EMBER_RUNNER_DIR"
-SOCKET = "run.sock"
 LOCK = "run.lock"
 LOG = "run.log"
 IDLE_EXIT_S = 600.0
-MAX_SCRIPT = 8 << 20  # bigger scripts go in-process (the request is one JSON line)
 MAX_REQUEST = 2 * MAX_SCRIPT
 DEFAULT_SPARES = 2  # of the default shape: back-to-back runs find one each
-CONNECT_TIMEOUT_S = 1.0
-# Frames the daemon sends: a kind byte, a 4-byte big-endian length, the payload.
-STDOUT, STDERR, END, STALE = b"O", b"E", b"X", b"S"
-_HEADER = struct.Struct(">cI")
 
 
 # --- shared
 
 
 def runner_dir() -> Path:
-    return Path(os.environ.get(DIR_ENV) or Path.home() / ".cache" / "ember" / "run")
-
-
-def enabled() -> bool:
-    return os.environ.get(ENABLE_ENV, "1") != "0" and not os.environ.get("EMBER_SERVER")
-
-
-def fingerprint() -> str:
-    """The installed ``ember`` package as files (~2 ms): a daemon running older code differs."""
-    root = Path(__file__).resolve().parent.parent
-    count = size = newest = 0
-    for directory, _dirs, files in os.walk(root):
-        for name in files:
-            if name.endswith(".py"):
-                st = os.stat(os.path.join(directory, name))
-                count, size, newest = count + 1, size + st.st_size, max(newest, st.st_mtime_ns)
-    return f"{root}:{count}:{size}:{newest}"
+    return Path(runclient.runner_dir())
 
 
 def _send(sock: socket.socket, kind: bytes, payload: bytes) -> None:
-    sock.sendall(_HEADER.pack(kind, len(payload)) + payload)
-
-
-def _recv_exact(sock: socket.socket, n: int) -> bytes:
-    data = bytearray()
-    while len(data) < n:
-        chunk = sock.recv(n - len(data))
-        if not chunk:
-            raise ConnectionError("the run daemon hung up")
-        data += chunk
-    return bytes(data)
+    sock.sendall(HEADER.pack(kind, len(payload)) + payload)
 
 
 # --- running one command (in this process, or in the daemon for a client)
@@ -179,68 +156,13 @@ def try_run(
     options = daemon_options(args)
     if not enabled() or options is None or (upload is not None and len(upload[1]) > MAX_SCRIPT):
         return None
-    path = runner_dir() / SOCKET
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        sock.settimeout(CONNECT_TIMEOUT_S)
-        sock.connect(str(path))
-        sock.settimeout(None)
-    except OSError:
-        sock.close()
-        start_daemon()
-        return None
-    with sock:
-        request = {
-            "fingerprint": fingerprint(), "argv": argv, "options": options,
-            "timeout": args.timeout,
-            "upload": None if upload is None
-            else [upload[0], base64.b64encode(upload[1]).decode()],
-        }  # fmt: skip
-        try:
-            try:
-                sock.sendall(json.dumps(request).encode() + b"\n")
-            except OSError:
-                raise _NotRun from None
-            return _print_frames(sock, sys.stdout.buffer, sys.stderr.buffer)
-        except _Stale:
+        line = runclient.request(argv, options, args.timeout, upload)
+        return runclient.send(line, sys.stdout.buffer, sys.stderr.buffer)
+    except runclient.NotTaken as exc:
+        if exc.restart:
             start_daemon()
-            return None
-        except _NotRun:
-            return None  # the daemon went away before running it (idle exit): run here
-
-
-class _Stale(Exception):
-    """The daemon runs other code than this client's."""
-
-
-class _NotRun(Exception):
-    """The daemon went away before any output: running it here prints nothing twice."""
-
-
-def _print_frames(sock: socket.socket, out: BinaryIO, err: BinaryIO) -> int:
-    printed = False
-    while True:
-        try:
-            kind, length = _HEADER.unpack(_recv_exact(sock, _HEADER.size))
-            payload = _recv_exact(sock, length)
-        except OSError:
-            if printed:
-                raise  # output went out: running it again would print it twice
-            raise _NotRun from None
-        if kind in (STDOUT, STDERR):
-            printed = True
-            target = out if kind == STDOUT else err
-            target.write(payload)
-            target.flush()
-        elif kind == END:
-            end = json.loads(payload)
-            if end.get("message"):
-                print(end["message"], file=sys.stderr)
-            return int(end["exit"])
-        elif kind == STALE:
-            raise _Stale
-        else:
-            raise ConnectionError(f"the run daemon sent an unknown frame {kind!r}")
+        return None
 
 
 def start_daemon() -> None:
@@ -251,6 +173,8 @@ def start_daemon() -> None:
         log = open(directory / LOG, "ab")  # noqa: SIM115 - handed to the child
     except OSError:
         return
+    import subprocess
+
     with log:
         subprocess.Popen(
             [sys.executable, "-m", "ember.cli.runner", str(directory)],

@@ -1,0 +1,204 @@
+"""The run daemon's thin client (ember.cli.runclient) against a fake daemon, no KVM: every
+command line it takes is sent exactly as the full CLI (argparse) sends it, and the fast path
+imports neither argparse nor typing."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from ember.cli import main as cli_main
+from ember.cli import run as cli_run
+from ember.cli import runclient
+
+SCRIPT = b"print('hi')\n"
+
+
+class FakeDaemon:
+    """Accepts any number of runs; records each request line, answers exit ``exit``."""
+
+    def __init__(self, directory: Path) -> None:
+        self.lines: list[bytes] = []
+        self.exit = 0
+        self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._listener.bind(str(directory / runclient.SOCKET))
+        self._listener.listen(16)
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self._listener.accept()
+            except OSError:
+                return
+            with conn:
+                data = b""
+                while not data.endswith(b"\n"):
+                    chunk = conn.recv(65536)
+                    if not chunk:
+                        break
+                    data += chunk
+                self.lines.append(data)
+                end = json.dumps({"exit": self.exit, "message": ""}).encode()
+                conn.sendall(runclient.HEADER.pack(runclient.STDOUT, 3) + b"ok\n")
+                conn.sendall(runclient.HEADER.pack(runclient.END, len(end)) + end)
+
+    def close(self) -> None:
+        self._listener.close()
+
+
+@pytest.fixture(scope="module")
+def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FakeDaemon]:
+    directory = tmp_path_factory.mktemp("run")
+    (directory / "script.py").write_bytes(SCRIPT)
+    fake = FakeDaemon(directory)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(runclient.ENABLE_ENV, "1")
+        mp.setenv(runclient.DIR_ENV, str(directory))
+        mp.delenv("EMBER_SERVER", raising=False)
+        mp.chdir(directory)
+        yield fake
+    fake.close()
+
+
+def fast(daemon: FakeDaemon, words: list[str]) -> bytes | None:
+    """What the thin client sends for ``words``; None if it leaves them to the full CLI."""
+    before = len(daemon.lines)
+    code = runclient.fast_main(words)
+    if code is None:
+        assert len(daemon.lines) == before  # declined: nothing was sent
+        return None
+    assert code == daemon.exit
+    return daemon.lines[-1]
+
+
+def full(daemon: FakeDaemon, words: list[str], monkeypatch: pytest.MonkeyPatch) -> bytes:
+    """What the full CLI (argparse, ember.cli.run, ember.cli.runner) sends for ``words``."""
+
+    def in_process(_args: object) -> None:
+        raise AssertionError("the full CLI would run this in-process, not through the daemon")
+
+    monkeypatch.setattr(runclient, "fast_main", lambda _words: None)
+    monkeypatch.setattr(cli_run, "_sandbox", in_process)
+    before = len(daemon.lines)
+    assert cli_main.main(words) == daemon.exit
+    assert len(daemon.lines) == before + 1
+    return daemon.lines[-1]
+
+
+@pytest.mark.parametrize(
+    ("words", "argv", "timeout", "template"),
+    [
+        (["run", "script.py"], ["python3", "/tmp/ember-run/script.py"], None, None),
+        (
+            ["run", "--timeout", "5", "script.py", "--timeout", "9", "-h"],
+            ["python3", "/tmp/ember-run/script.py", "--timeout", "9", "-h"],
+            5.0,
+            None,
+        ),
+        (["run", "--template=sci", "./script.py", "x"],
+         ["python3", "/tmp/ember-run/script.py", "x"], None, "sci"),
+        (["exec", "--", "ls", "-l"], ["ls", "-l"], None, None),
+        (["exec", "--timeout=2.5", "--template", "t", "sh", "-c", "exit 3"],
+         ["sh", "-c", "exit 3"], 2.5, "t"),
+    ],
+)  # fmt: skip
+def test_the_command_lines_it_takes(
+    daemon: FakeDaemon,
+    monkeypatch: pytest.MonkeyPatch,
+    words: list[str],
+    argv: list[str],
+    timeout: float | None,
+    template: str | None,
+) -> None:
+    sent = fast(daemon, words)
+    assert sent is not None
+    request = json.loads(sent)
+    assert request["argv"] == argv
+    assert request["timeout"] == timeout and request["options"]["template"] == template
+    assert request["fingerprint"] == runclient.fingerprint()
+    if words[0] == "run":
+        assert request["upload"] == ["/tmp/ember-run/script.py", "cHJpbnQoJ2hpJykK"]
+    else:
+        assert request["upload"] is None
+    assert sent == full(daemon, words, monkeypatch)
+
+
+@pytest.mark.parametrize(
+    "words",
+    [
+        [], ["run"], ["exec"], ["exec", "--"], ["ps"], ["run", "-h"], ["exec", "--help"],
+        ["run", "--mem", "256", "script.py"], ["run", "--boot", "script.py"],
+        ["exec", "--id", "sb-1", "true"], ["exec", "--internet", "true"],
+        ["run", "--timeout", "soon", "script.py"], ["run", "--timeout", "-5", "script.py"],
+        ["run", "--ti", "5", "script.py"], ["run", "--template=", "script.py"],
+        ["run", "missing.py"], ["run", "-", "x"], ["run", "."], ["run", "script.py", "--", "x"],
+        ["exec", "--", "ls", "--", "x"],
+    ],
+)  # fmt: skip
+def test_what_it_leaves_to_the_full_cli(daemon: FakeDaemon, words: list[str]) -> None:
+    assert fast(daemon, words) is None
+
+
+def test_nothing_is_taken_when_the_daemon_is_switched_off(
+    daemon: FakeDaemon, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(runclient.ENABLE_ENV, "0")
+    assert fast(daemon, ["exec", "true"]) is None
+    monkeypatch.setenv(runclient.ENABLE_ENV, "1")
+    monkeypatch.setenv("EMBER_SERVER", "http://127.0.0.1:7777")
+    assert fast(daemon, ["exec", "true"]) is None
+
+
+def test_a_script_over_the_limit_is_left_to_the_full_cli(
+    daemon: FakeDaemon, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(runclient, "MAX_SCRIPT", len(SCRIPT) - 1)
+    assert fast(daemon, ["run", "script.py"]) is None
+
+
+WORDS = st.sampled_from(
+    [
+        "--timeout", "--timeout=2.5", "--timeout=-1", "5", "-5", "1e3", "inf", "nan", "x",
+        "--template", "--template=sci", "sci", "--", "-", "-h", "--mem", "256", "--boot",
+        "script.py", "a b", "--ti", "--temp", "", "-x", "--timeout=", "=",
+    ]
+)  # fmt: skip
+
+
+@settings(
+    max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(command=st.sampled_from(["run", "exec"]), rest=st.lists(WORDS, max_size=6))
+def test_whatever_it_takes_the_full_cli_sends_the_same(
+    daemon: FakeDaemon, command: str, rest: list[str]
+) -> None:
+    words = [command, *rest]
+    sent = fast(daemon, words)
+    if sent is None:
+        return
+    with pytest.MonkeyPatch.context() as mp:
+        assert sent == full(daemon, words, mp), words
+
+
+def test_the_fast_path_imports_neither_argparse_nor_typing(daemon: FakeDaemon) -> None:
+    probe = (
+        "import sys\nfrom ember.cli.main import main\ncode = main(['run', 'script.py'])\n"
+        "print(code, 'argparse' in sys.modules, 'typing' in sys.modules)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, env=dict(os.environ),
+        timeout=60, check=True,
+    )  # fmt: skip
+    assert done.stdout.split()[-3:] == ["0", "False", "False"], done
