@@ -27,6 +27,7 @@ from ember.agent import channel
 from ember.client import AgentClient, AsyncAgentClient, ChannelServer
 from ember.errors import (
     AgentError,
+    AgentFileExistsError,
     AgentIsADirectoryError,
     EmberError,
     ExecError,
@@ -314,6 +315,22 @@ def test_file_ops(agent: Agent, tmp_path: Path) -> None:
         files.write("relative/path", bytes(8 << 20))
     with pytest.raises(NotADirectoryError):
         files.list("/etc/hostname")
+
+
+def test_a_write_makes_missing_parents_and_leaves_no_temporary_file(
+    agent: Agent, tmp_path: Path
+) -> None:
+    files = agent.client.files
+    target = tmp_path / "a" / "b" / "c.txt"
+    files.write(str(target), b"deep")  # the temporary file cannot be made: parents first
+    assert target.read_bytes() == b"deep" and target.stat().st_mode & 0o7777 == 0o644
+    files.write(str(target), b"again", mode=0o640)
+    assert target.read_bytes() == b"again" and target.stat().st_mode & 0o7777 == 0o640
+    (tmp_path / "plain").write_bytes(b"")
+    with pytest.raises(AgentFileExistsError):  # a file where a parent should be
+        files.write(str(tmp_path / "plain" / "x"), b"no")
+    names = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*"))
+    assert names == ["a", "a/b", "a/b/c.txt", "plain"]
 
 
 # -- run_code ---------------------------------------------------------------------------

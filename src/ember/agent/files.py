@@ -59,23 +59,34 @@ class Sink:
         self.path = path
         self.tmp: str | None = None
         directory, base = os.path.split(path)
-        os.makedirs(directory or "/", exist_ok=True)
         if append:
+            os.makedirs(directory or "/", exist_ok=True)
             self.fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
             if mode is not None:
                 os.fchmod(self.fd, mode)
             return
-        if os.path.isdir(path):
+        # As few system calls as the promise allows: each costs a restored guest thousands of
+        # emulated kernel instructions, and `ember run` writes its script here. One stat says
+        # whether the target is a directory and which mode a replaced file keeps; the parents
+        # are made only when the temporary file cannot be created without them (makedirs
+        # alone is three calls, one of them a failing mkdir): ~45,000 -> ~22,000 instructions.
+        try:
+            found: os.stat_result | None = os.stat(path)
+        except (FileNotFoundError, NotADirectoryError):  # (a file for a parent: makedirs says)
+            found = None
+        if found is not None and stat.S_ISDIR(found.st_mode):
             raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), path)
         if mode is None:
-            try:
-                mode = stat.S_IMODE(os.stat(path).st_mode)  # replacing keeps the old mode
-            except FileNotFoundError:
-                mode = 0o644
+            mode = stat.S_IMODE(found.st_mode) if found is not None else 0o644  # kept
         self.tmp = os.path.join(
             directory, f".{base}.ember-{os.getpid()}-{threading.get_ident()}-{next(_tmp_ids)}"
         )
-        self.fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+        try:
+            self.fd = os.open(self.tmp, flags, 0o600)
+        except (FileNotFoundError, NotADirectoryError):
+            os.makedirs(directory or "/", exist_ok=True)
+            self.fd = os.open(self.tmp, flags, 0o600)
         os.fchmod(self.fd, mode)
 
     def write(self, data: bytes | memoryview) -> None:
