@@ -32,7 +32,7 @@ def daemon_env(tmp_path: Path) -> Iterator[dict[str, str]]:
     env.pop("EMBER_SERVER", None)
     yield env
     assert runner.stop(directory), "the run daemon did not stop"
-    assert not (directory / runclient.SOCKET).exists()
+    assert not os.path.exists(runclient.socket_path(directory))
 
 
 def cli(env: dict[str, str], *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
@@ -48,7 +48,7 @@ def runs_logged(env: dict[str, str]) -> int:
 
 
 def wait_for_daemon(env: dict[str, str]) -> None:
-    sock = Path(env["EMBER_RUNNER_DIR"]) / runclient.SOCKET
+    sock = Path(runclient.socket_path(env["EMBER_RUNNER_DIR"]))
     wait_for(sock.exists, 120, "the run daemon's socket")
 
 

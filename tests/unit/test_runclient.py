@@ -31,7 +31,7 @@ class FakeDaemon:
         self.lines: list[bytes] = []
         self.exit = 0
         self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self._listener.bind(str(directory / runclient.SOCKET))
+        self._listener.bind(runclient.socket_path(directory))
         self._listener.listen(16)
         self._thread = threading.Thread(target=self._serve, daemon=True)
         self._thread.start()
@@ -202,3 +202,14 @@ def test_the_fast_path_imports_neither_argparse_nor_typing(daemon: FakeDaemon) -
         timeout=60, check=True,
     )  # fmt: skip
     assert done.stdout.split()[-3:] == ["0", "False", "False"], done
+
+
+@pytest.mark.parametrize("command", ["run", "exec"])
+def test_the_full_cli_defaults_are_the_clients(command: str) -> None:
+    """The shape a bare line asks for is the same whichever path parses it: the full CLI's
+    option defaults are :data:`runclient.SHAPE_DEFAULTS`, key for key."""
+    from ember.cli import runner
+
+    assert set(runner.SHAPE) == set(runclient.SHAPE_DEFAULTS)
+    args = cli_main.build_parser().parse_args([command, "x"])
+    assert runner.shape_options(args) == runclient.SHAPE_DEFAULTS

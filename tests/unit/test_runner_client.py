@@ -35,7 +35,7 @@ def fake_daemon(
     started: list[int] = []
     monkeypatch.setattr(runner, "start_daemon", lambda: started.append(1))
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    listener.bind(str(tmp_path / runclient.SOCKET))
+    listener.bind(runclient.socket_path(tmp_path))
     listener.listen(1)
     threads: list[threading.Thread] = []
 

@@ -64,9 +64,7 @@ def _prestart(argv: Sequence[str]) -> None:
 
         from ember.cli import runclient
 
-        if runclient.enabled() and os.path.exists(
-            os.path.join(runclient.runner_dir(), runclient.SOCKET)
-        ):
+        if runclient.enabled() and os.path.exists(runclient.socket_path()):
             return  # the run daemon will likely take it: no zygote needed here
         from ember.zygote import Zygote
 

@@ -38,21 +38,24 @@ GUEST_DIR = runclient.GUEST_DIR
 def common_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--timeout", type=float, default=None, metavar="S", help="kill after S seconds")
     p.add_argument(
-        "--mem", type=int, default=None, metavar="MiB",
+        "--mem", type=int, default=SHAPE_DEFAULTS["mem_mib"], metavar="MiB",
         help="guest RAM (default: the launcher's, 512)",
     )  # fmt: skip
     p.add_argument("--vcpus", type=int, default=SHAPE_DEFAULTS["vcpus"], metavar="N")
     p.add_argument(
-        "--cpus", type=float, default=None, metavar="F",
+        "--cpus", type=float, default=SHAPE_DEFAULTS["cpus"], metavar="F",
         help="CPU quota for the sandbox's VMM, in CPUs (e.g. 0.5)",
     )  # fmt: skip
     p.add_argument(
-        "--memory", type=int, default=None, metavar="MiB",
+        "--memory", type=int, default=SHAPE_DEFAULTS["memory_mib"], metavar="MiB",
         help="memory limit for the whole VMM; at least --mem + 64",
     )  # fmt: skip
-    p.add_argument("--pids", type=int, default=None, metavar="N", help="process/thread limit")
     p.add_argument(
-        "--template", default=None, metavar="NAME",
+        "--pids", type=int, default=SHAPE_DEFAULTS["pids"], metavar="N",
+        help="process/thread limit",
+    )  # fmt: skip
+    p.add_argument(
+        "--template", default=SHAPE_DEFAULTS["template"], metavar="NAME",
         help="restore this template (default: the default template of --mem/--vcpus)",
     )  # fmt: skip
     p.add_argument("--boot", action="store_true", help="boot the image instead of restoring")

@@ -67,6 +67,12 @@ def runner_dir() -> str:
     )
 
 
+def socket_path(directory: str | os.PathLike[str] | None = None) -> str:
+    """Where the daemon of ``directory`` (default :func:`runner_dir`) listens: one name for
+    the daemon, its client, the CLI's pre-start, the benchmark and the tests."""
+    return os.path.join(runner_dir() if directory is None else directory, SOCKET)
+
+
 def enabled() -> bool:
     return os.environ.get(ENABLE_ENV, "1") != "0" and not os.environ.get("EMBER_SERVER")
 
@@ -108,7 +114,7 @@ def send(line: bytes, out: BinaryIO, err: BinaryIO) -> int:
     with sock:
         try:
             sock.settimeout(CONNECT_TIMEOUT_S)
-            sock.connect(os.path.join(runner_dir(), SOCKET))
+            sock.connect(socket_path())
             sock.settimeout(None)
         except OSError:
             raise NotTaken(restart=True) from None

@@ -342,7 +342,8 @@ def main(directory: Path) -> int:
 
     keep_warm(DEFAULT_SPARES)
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    path, temporary = directory / SOCKET, directory / f"{SOCKET}.{os.getpid()}"
+    path = Path(runclient.socket_path(directory))
+    temporary = path.with_name(f"{SOCKET}.{os.getpid()}")
     with contextlib.suppress(FileNotFoundError):
         temporary.unlink()
     listener.bind(str(temporary))
