@@ -52,7 +52,7 @@ from _common import fmt_num, format_table, spare_after, to_json
 from boot import CMDLINE, default_artifact, qemu_base_argv
 
 from ember import Sandbox, templates
-from ember.launcher import DEFAULT_MEM_MIB
+from ember.spec import DEFAULT_MEM_MIB
 
 MIN_FREE_GIB = 2.0
 QEMU_MARKER = b"EMBER-BENCH-WORKLOAD-UP"
@@ -349,8 +349,8 @@ def measure_spares(runs: int, template: str | None = None, gap_s: float = 1.0) -
     and warmed in the background, and left waiting ``gap_s`` before each take, as a spare
     does between requests. The refill is not timed (it runs while the taker works)."""
     from ember import keep_warm
-    from ember.launcher import SandboxSpec
     from ember.sandbox.spares import spare_key, spare_pool
+    from ember.spec import SandboxSpec
 
     key = spare_key(SandboxSpec(), template, False)
     keep_warm(1, template=template)

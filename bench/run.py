@@ -286,8 +286,8 @@ def bench_spares(runs: int, gap_s: float = 1.0) -> dict[str, list[float]]:
     """The same first calls on sandboxes taken from a spare (``keep_warm(1)``), each having
     waited ``gap_s``: its first exec and a first 10 MiB allocation in its run_code worker."""
     from ember import keep_warm
-    from ember.launcher import SandboxSpec
     from ember.sandbox.spares import spare_key, spare_pool
+    from ember.spec import SandboxSpec
 
     key = spare_key(SandboxSpec(), None, False)
     out: dict[str, list[float]] = {"ready": [], "exec1": [], "exec2": [], "alloc10": []}

@@ -318,7 +318,7 @@ def soak(
 ) -> dict[str, Any]:
     """Run the soak in a private TMPDIR; the census report, timings and memory as a dict."""
     from ember import templates
-    from ember.launcher import SandboxSpec
+    from ember.spec import SandboxSpec
 
     tmpdir = Path(tempfile.mkdtemp(prefix="ember-soak-", dir="/tmp"))
     saved = tempfile.tempdir

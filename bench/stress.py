@@ -36,7 +36,7 @@ import time
 from dataclasses import dataclass, field
 
 from ember import Sandbox
-from ember.launcher import DEFAULT_MEM_MIB
+from ember.spec import DEFAULT_MEM_MIB
 
 TEMPLATE = "ember-stress"
 

@@ -126,8 +126,8 @@ def _template_is_kept(path: Path) -> bool:
     config = _state_config(path)
     if config is None:
         return False  # no readable snapshot: nothing can restore it
-    from ember.launcher import SandboxSpec
     from ember.network.policy import NetworkPolicy
+    from ember.spec import SandboxSpec
     from ember.templates import DEFAULT, template_dir
 
     try:

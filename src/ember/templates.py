@@ -49,16 +49,11 @@ from ember.images.cache import (
     staging_dir,
 )
 from ember.images.progress import Progress
-from ember.launcher import (
-    SandboxSpec,
-    VmmProcess,
-    agent_argv,
-    resolve_images,
-    resolve_preload,
-)
+from ember.launcher import VmmProcess
 from ember.snapshot import MEMORY_FILE, STATE_FILE
 from ember.snapshot.format import FORMAT_VERSION, read_state
 from ember.snapshot.memory_file import memory_digest
+from ember.spec import SandboxSpec, agent_argv, resolve_images, resolve_preload
 
 if TYPE_CHECKING:
     from ember.images.packages import PackageSpec

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from ember.launcher import DEFAULT_MEM_MIB
 from ember.sandbox import Sandbox
+from ember.spec import DEFAULT_MEM_MIB
 from tests.integration.conftest import Images
 
 GUEST_MIB = DEFAULT_MEM_MIB  # the default template's RAM

@@ -18,8 +18,9 @@ import pytest
 from ember import templates
 from ember.errors import SandboxCrashed, SandboxTimeout
 from ember.jailer.jail import JAIL_ID_BASE
-from ember.launcher import DEFAULT_MEM_MIB, SandboxSpec, VmmProcess
+from ember.launcher import VmmProcess
 from ember.sandbox import Sandbox
+from ember.spec import DEFAULT_MEM_MIB, SandboxSpec
 from ember.vmm import control
 from tests.integration.conftest import Images, ember
 

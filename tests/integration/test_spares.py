@@ -14,8 +14,9 @@ from collections.abc import Iterator
 import pytest
 
 from ember import AsyncSandbox, ConfigError, Sandbox, keep_warm
-from ember.launcher import SandboxSpec, VmmProcess
+from ember.launcher import VmmProcess
 from ember.sandbox.spares import SpareKey, spare_key, spare_pool
+from ember.spec import SandboxSpec
 from tests.waiting import alive, wait_for
 
 pytestmark = pytest.mark.kvm
@@ -150,7 +151,7 @@ def test_ember_spares_in_the_environment_warms_what_the_process_uses() -> None:
     script = textwrap.dedent(
         """
         from ember import Sandbox
-        from ember.launcher import SandboxSpec
+        from ember.spec import SandboxSpec
         from ember.sandbox.spares import spare_key, spare_pool
         key = spare_key(SandboxSpec(), None, False)
         with Sandbox() as sb:

@@ -20,8 +20,8 @@ from ember import templates
 from ember.images import layers
 from ember.images.packages import PackageSpec, layer_chain
 from ember.images.rootfs import BaseInputs
-from ember.launcher import SandboxSpec
 from ember.sandbox import Sandbox
+from ember.spec import SandboxSpec
 from tests.integration.conftest import Images, ember
 
 BUILD_TIMEOUT = 1800  # a boot, then numpy and the package imported by the emulated guest

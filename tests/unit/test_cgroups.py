@@ -19,7 +19,7 @@ import pytest
 from ember.errors import ConfigError
 from ember.jailer import cgroups
 from ember.jailer.cgroups import Quotas, SandboxCgroup
-from ember.launcher import SandboxSpec, quotas_from
+from ember.spec import SandboxSpec, quotas_from
 
 V2_FILES = {
     "cgroup.procs": "",

@@ -18,10 +18,10 @@ from ember import prune
 from ember.cli.main import main
 from ember.errors import ConfigError
 from ember.images import cache, initrd, kernel_build, layers, rootfs
-from ember.launcher import SandboxSpec
 from ember.network.policy import NetworkPolicy
 from ember.snapshot import STATE_FILE
 from ember.snapshot.format import encode
+from ember.spec import SandboxSpec
 from ember.templates import DEFAULT, template_dir
 
 

@@ -26,7 +26,7 @@ from ember.images import layers, packages, rootfs
 from ember.images.packages import LayerInputs, PackageSpec, layer_chain
 from ember.images.progress import Progress
 from ember.images.rich_progress import RichProgress
-from ember.launcher import MAX_POOL, SandboxSpec, agent_argv, resolve_preload
+from ember.spec import MAX_POOL, SandboxSpec, agent_argv, resolve_preload
 
 BASE = "b" * 64
 

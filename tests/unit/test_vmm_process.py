@@ -26,8 +26,9 @@ from ember import launcher
 from ember.cli.boot import config_from_args
 from ember.cli.main import build_parser
 from ember.errors import ConfigError
-from ember.launcher import SandboxSpec, VmmProcess, agent_argv
+from ember.launcher import VmmProcess
 from ember.network.host import SandboxNetwork
+from ember.spec import SandboxSpec, agent_argv
 from ember.vmm.config import (
     DiskConfig,
     NetConfig,

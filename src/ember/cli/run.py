@@ -128,7 +128,7 @@ def run_script(args: argparse.Namespace, opener: Opener | None) -> int:
 
 def sandbox_options(args: argparse.Namespace) -> dict[str, Any]:
     """The sandbox the options of :func:`common_options` ask for, as ``Sandbox()`` keywords."""
-    from ember.launcher import DEFAULT_MEM_MIB
+    from ember.spec import DEFAULT_MEM_MIB
 
     options = runner.shape_options(args)
     if options["mem_mib"] is None:

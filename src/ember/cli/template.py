@@ -22,10 +22,10 @@ from typing import TYPE_CHECKING, Any
 
 from ember.cli import int_at_least
 from ember.errors import ConfigError
-from ember.launcher import DEFAULT_MEM_MIB
+from ember.spec import DEFAULT_MEM_MIB
 
 if TYPE_CHECKING:
-    from ember.launcher import SandboxSpec
+    from ember.spec import SandboxSpec
 
 
 def register(sub: Any) -> None:
@@ -90,8 +90,8 @@ def _build(args: argparse.Namespace) -> int:
     from ember import templates
     from ember.images.packages import PackageSpec, check_modules
     from ember.images.rich_progress import for_terminal
-    from ember.launcher import SandboxSpec
     from ember.network.policy import NetworkPolicy
+    from ember.spec import SandboxSpec
 
     network = NetworkPolicy() if args.network else None  # the template's guest reaches nothing
     spec = SandboxSpec(mem_mib=args.mem, vcpus=args.vcpus, network=network, pool=args.pool,

@@ -47,11 +47,11 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from ember import templates
 from ember.errors import EmberError, SandboxError
-from ember.launcher import SandboxSpec
 from ember.ray import transfer
 from ember.ray.placement import Capacity, NodeInfo, mem_available_mib
 from ember.ray.registry import NAMESPACE, actor, ray_nodes, registry
 from ember.snapshot import STATE_FILE
+from ember.spec import SandboxSpec
 
 RESOURCE = "ember_kvm"  # the custom resource a KVM machine advertises (`ray start --resources`)
 START_TIMEOUT_S = 180.0  # the daemon's start, on a busy host

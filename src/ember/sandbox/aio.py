@@ -37,16 +37,12 @@ from ember.client.terminal import AsyncTerminal
 from ember.descriptors import descriptors_checked, out_of_descriptors
 from ember.errors import AgentError, ConfigError, ProtocolError, SandboxError, SandboxTimeout
 from ember.jailer.cgroups import SandboxCgroup
-from ember.launcher import (
-    HANDSHAKE_TIMEOUT,
-    SandboxSpec,
-    VmmProcess,
-    fork_vmm,
-)
+from ember.launcher import HANDSHAKE_TIMEOUT, VmmProcess, fork_vmm
 from ember.sandbox import spares
 from ember.sandbox.files import AsyncSandboxFiles
 from ember.sandbox.options import ExecArgs, SandboxOptions, StreamArgs, check_port, new_facade
 from ember.sandbox.signature import takes
+from ember.spec import SandboxSpec
 
 P = ParamSpec("P")
 T = TypeVar("T")

@@ -1,7 +1,7 @@
 """The arguments the sandbox facades share, each set written (and checked) once.
 
 :class:`SandboxOptions` is what ``Sandbox(...)``, ``AsyncSandbox(...)`` and their
-daemon clients take; it becomes a :class:`~ember.launcher.SandboxSpec` in-process
+daemon clients take; it becomes a :class:`~ember.spec.SandboxSpec` in-process
 (:meth:`SandboxOptions.local_spec`) or the body of ``POST /sandboxes`` for a daemon
 (:meth:`SandboxOptions.daemon_body`).  :class:`StreamArgs` and :class:`ExecArgs` are
 a command's ``cmd, *, timeout, env, cwd, stdin`` (and ``max_output``).  The facades
@@ -19,8 +19,8 @@ from typing import Any, Literal, TypeVar
 
 from ember.client import DEFAULT_MAX_OUTPUT, Command, Source
 from ember.errors import ConfigError
-from ember.launcher import DEFAULT_MEM_MIB, SandboxSpec, quotas_from
 from ember.network.policy import NetworkPolicy
+from ember.spec import DEFAULT_MEM_MIB, SandboxSpec, quotas_from
 
 
 def server_url(server: str | None) -> str:

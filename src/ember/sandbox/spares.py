@@ -44,9 +44,10 @@ from typing import Any, Protocol, cast
 from ember.client import AgentClient, CodeRing, LazyRegion
 from ember.descriptors import descriptors_checked
 from ember.errors import AgentError, ConfigError
-from ember.launcher import SandboxSpec, VmmProcess
+from ember.launcher import VmmProcess
 from ember.sandbox.spare_pool import Spare, SparePool, auto_count, register
 from ember.snapshot import STATE_FILE
+from ember.spec import SandboxSpec
 from ember.templates import DEFAULT, file_identity, find, start_vmm, template_dir
 
 # The run_code worker's pre-faulted heap a spare's warm-up writes once: a restored guest's

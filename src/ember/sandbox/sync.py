@@ -42,15 +42,12 @@ from ember.errors import (
     SandboxTimeout,
 )
 from ember.jailer.cgroups import SandboxCgroup
-from ember.launcher import (
-    SandboxSpec,
-    VmmProcess,
-    fork_vmm,
-)
+from ember.launcher import VmmProcess, fork_vmm
 from ember.sandbox import spares
 from ember.sandbox.files import SandboxFiles
 from ember.sandbox.options import ExecArgs, SandboxOptions, StreamArgs, check_port, new_facade
 from ember.sandbox.signature import takes
+from ember.spec import SandboxSpec
 
 P = ParamSpec("P")
 T = TypeVar("T")

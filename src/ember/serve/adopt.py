@@ -20,19 +20,11 @@ from typing import Any
 from ember import protocol
 from ember.client import AgentClient
 from ember.jailer.cgroups import SandboxCgroup
-from ember.launcher import (
-    CONSOLE_LOG,
-    CONTROL_NAME,
-    DEFAULT_MEM_MIB,
-    EXIT_FILE,
-    VSOCK_NAME,
-    SandboxSpec,
-    VmmProcess,
-    quotas_from,
-)
+from ember.launcher import CONSOLE_LOG, CONTROL_NAME, EXIT_FILE, VSOCK_NAME, VmmProcess
 from ember.network.policy import NetworkPolicy
 from ember.sandbox import Sandbox, SandboxFiles
 from ember.serve.state import Record
+from ember.spec import DEFAULT_MEM_MIB, SandboxSpec, quotas_from
 from ember.zygote import ZygoteChild
 
 

@@ -19,12 +19,13 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar, cast
 
 from ember.errors import SandboxCrashed, SandboxError
-from ember.launcher import DEFAULT_MEM_MIB, VmmProcess
+from ember.launcher import VmmProcess
 from ember.network.policy import NetworkPolicy
 from ember.sandbox import Sandbox
 from ember.serve import adopt, spare_records
 from ember.serve.keeper import KeeperClient, keeper_pid
 from ember.serve.state import Record, StateDir, new_id
+from ember.spec import DEFAULT_MEM_MIB
 
 T = TypeVar("T")
 log = logging.getLogger("ember.serve")
