@@ -146,6 +146,25 @@ def test_a_restored_guest_has_the_hosts_wall_clock(images: Images, first: str) -
     assert resume.get("generation") == 1, resume  # one resume applied by the agent (or none)
 
 
+SYNCS = "int(open('/proc/sys/kernel/ember_host_clock_syncs').read())"
+
+
+def test_the_kernel_takes_the_hosts_clock_in_its_first_update(images: Images) -> None:
+    """Ember's kernel (patch ``0011``) sets the wall clock from the VMM's pair in the first
+    timekeeping update after a restore, before any user code runs: the agent's first request
+    then finds the clock within :data:`ember.agent.resume.TSC_STEP_NS` and steps nothing
+    (each step was a ``clock_settime``, 3-20 ms of emulated kernel time here)."""
+    with Sandbox() as sb:
+        status = sb.ping()  # the agent's first request: its resume checks the clock
+        result = sb.run_code(SYNCS, timeout=120)
+        errors = wall_clock_errors(sb)
+    assert result.error is None, result.error
+    assert int(result.value or "0") >= 1, result.value
+    assert status["resume"]["generation"] == 1, status
+    assert status["resume"]["clock_steps"] == 0, status
+    assert max(errors) <= WALL_TOLERANCE_NS, errors
+
+
 def test_a_fork_has_the_hosts_wall_clock(images: Images) -> None:
     with Sandbox() as sb:
         sb.run_code("1")

@@ -41,6 +41,7 @@ def test_patched_files_parses_headers() -> None:
         "drivers/char/random.c",
         "kernel/time/timekeeping.c",
         "net/vmw_vsock/virtio_transport.c",
+        "kernel/time/timekeeping.c",
     ]
     created = [f for _, data in patches for f in kernel_build.patched_files(data, created=True)]
     assert created == ["drivers/misc/ember_doorbell.c"]

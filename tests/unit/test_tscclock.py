@@ -139,6 +139,37 @@ class LaggingKernel:
         return TscClock(lambda: (1, self.host_base + 1, GHZ), rdtsc=self.tick)
 
 
+class SlowFirstReading(LaggingKernel):
+    """A guest clock already on the host's whose first reading takes ``first_ns`` (in a
+    restored guest it may fault a page back in first)."""
+
+    def __init__(self, first_ns: int) -> None:
+        super().__init__(host_ahead_ns=0, lags=[])
+        self.first_ns: int | None = first_ns
+
+    def gettime(self, _clock: int) -> int:
+        slow, self.first_ns = self.first_ns, None
+        if slow is not None:
+            self.tick(slow // 2)
+            value = self.offset + self.t
+            self.tick(slow // 2)
+            return value
+        return super().gettime(_clock)
+
+
+def test_a_clock_on_the_pair_is_left_alone_however_slowly_it_is_read(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The kernel set the clock (patch 0011): a first reading that took 5 ms must not make it
+    look 2.5 ms off and cost a step (the check used to read the pair before the clock only)."""
+    kernel = SlowFirstReading(first_ns=5_000_000)
+    monkeypatch.setattr(resume_mod.time, "clock_gettime_ns", kernel.gettime)
+    monkeypatch.setattr(resume_mod.time, "clock_settime_ns", kernel.settime)
+    state = ResumeState(clock=kernel.clock())
+    apply_resume(state, {})
+    assert kernel.steps == [] and state.clock_steps == 0
+
+
 @pytest.mark.parametrize(
     "lags",
     [

@@ -5,7 +5,7 @@ faults here; imported once before the template's snapshot, it costs every
 restored sandbox nothing. How the list travels, host to guest:
 
 - ``ember template build NAME --preload MOD...`` (and the default template,
-  which preloads numpy) puts it in :class:`ember.launcher.SandboxSpec`
+  which preloads numpy) puts it in :class:`ember.spec.SandboxSpec`
   ``preload``; the template's key covers it through the agent's argv;
 - the VMM boots the agent as ``python3 -m ember.agent --preload numpy,pandas``
   (ember-init runs the argv given on the kernel command line);
