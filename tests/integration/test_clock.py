@@ -219,12 +219,12 @@ def test_a_snapshot_of_a_running_guest_credits_only_its_last_run(
     images: Images, template_name: str
 ) -> None:
     """Templates are snapshotted while their worker polls, after telling the guest kernel that
-    the pause comes within ``templates.SNAPSHOT_RUN_MS`` (kernel patch ``0009``): a restored
+    the pause comes within ``template_warm.SNAPSHOT_RUN_MS`` (kernel patch ``0009``): a restored
     copy counts only that much of its gap as running time (instead of up to 10 s, which fired
     every timer due in them before its first request), its monotonic clock never steps back,
     and its first update puts the 10 s limit back (an idle sandbox must not wake every 100 ms).
     """
-    from ember.templates import SNAPSHOT_RUN_MS
+    from ember.template_warm import SNAPSHOT_RUN_MS
 
     gap_s = 3.0  # under the 10 s limit: the old kernel counted all of it as running time
     with Sandbox() as sb:

@@ -777,8 +777,8 @@ def _pgid(pid: int) -> int:
 
 
 def test_a_template_whose_pool_failed_is_a_build_error(tmp_path: Path) -> None:
-    """templates._wait_warm refuses to snapshot an agent whose pool could not start."""
-    from ember import templates
+    """template_warm.wait_warm refuses to snapshot an agent whose pool could not start."""
+    from ember import template_warm
     from ember.errors import SandboxError
 
     a = start_agent(tmp_path, "--preload", "no_such_module_xyz", "--pool", "1")
@@ -796,7 +796,7 @@ def test_a_template_whose_pool_failed_is_a_build_error(tmp_path: Path) -> None:
 
     try:
         with pytest.raises(SandboxError) as caught:
-            templates._wait_warm(FakeVmm())  # type: ignore[arg-type]
+            template_warm.wait_warm(FakeVmm())  # type: ignore[arg-type]
         message = str(caught.value)
         assert "pre-started interpreters failed: preloading 'no_such_module_xyz'" in message
         assert message.endswith(
