@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from ember.client.aio import AsyncAgentClient, AsyncExecStream, AsyncFiles, Streams
-    from ember.client.blocking import AgentClient, ExecStream, Files
+    from ember.client.blocking import AgentClient, Files
     from ember.client.bounds import (
         DEFAULT_CALL_TIMEOUT,
         DEFAULT_GRACE,
@@ -36,6 +36,7 @@ if TYPE_CHECKING:
     from ember.client.channel import ChannelServer
     from ember.client.code_ring import CodeRing
     from ember.client.core import Command, PathArg
+    from ember.client.exec_blocking import ExecStream
     from ember.client.file_ring import FileRing
     from ember.client.results import (
         CodeError,
@@ -71,7 +72,7 @@ _LAZY: dict[str, tuple[str, str]] = {
     "Deadline": ("ember.client.bounds", "Deadline"),
     "DirEntry": ("ember.client.results", "DirEntry"),
     "ExecResult": ("ember.client.results", "ExecResult"),
-    "ExecStream": ("ember.client.blocking", "ExecStream"),
+    "ExecStream": ("ember.client.exec_blocking", "ExecStream"),
     "FileStat": ("ember.client.results", "FileStat"),
     "FileRing": ("ember.client.file_ring", "FileRing"),
     "Files": ("ember.client.blocking", "Files"),

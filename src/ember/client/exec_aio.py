@@ -1,5 +1,5 @@
 """An exec on the asyncio client: :class:`AsyncExecStream`, the twin of
-:class:`ember.client.blocking.ExecStream`.
+:class:`ember.client.exec_blocking.ExecStream`.
 
 The stream opens its connection on the first ``__anext__``; when the client's sandbox
 has a shared region with a free slot, the request names it and the output comes
@@ -30,7 +30,7 @@ __all__ = ["AsyncExecStream"]
 class AsyncExecStream:
     """Async iterator of :class:`OutputChunk`; ``result`` is set once exhausted.
 
-    Like :class:`ember.client.blocking.ExecStream`: a timeout (the agent's, or the
+    Like :class:`ember.client.exec_blocking.ExecStream`: a timeout (the agent's, or the
     host's timeout + grace) raises :class:`SandboxTimeout` at the end; :meth:`aclose`
     hangs up, which kills the command. The connection opens on the first
     ``__anext__``, and the host's deadline counts from then. The output comes through a
