@@ -80,3 +80,33 @@ def test_patches_apply_cleanly(tmp_path: Path) -> None:
         subprocess.run(
             kernel_build.PATCH, cwd=tmp_path, input=data, check=True, capture_output=True
         )
+
+
+def test_the_kernels_view_of_the_region_header_is_the_vmms() -> None:
+    """Patch 0011 reads the clock pair from the shared region's header in C; its layout is
+    :mod:`ember.ring`'s, which the VMM writes. C cannot import Python, so they are compared:
+    a header change in one that the other misses would make the kernel skip (or misread)
+    the pair."""
+    import re
+
+    from ember import ring
+
+    text = dict(kernel_build.load_patches())[
+        "0011-timekeeping-a-restored-guest-takes-the-hosts-clock.patch"
+    ].decode()
+    defines = {
+        name: int(value, 0)
+        for name, value in re.findall(
+            r"^\+#define\s+(EMBER_SHM_\w+)\s+(0x[0-9a-f]+|\d+)", text, re.M
+        )
+    }
+    assert defines == {
+        "EMBER_SHM_MAGIC": ring.MAGIC,
+        "EMBER_SHM_VERSION": ring.VERSION,
+        "EMBER_SHM_TSC": ring.H_TSC,
+        "EMBER_SHM_TSC_REALTIME": ring.H_TSC_REALTIME,
+        "EMBER_SHM_TSC_KHZ": ring.H_TSC_KHZ,
+    }
+    # and it checks magic and version at the words the VMM puts them in
+    assert ring.H_MAGIC == 0 and "header[0]) != EMBER_SHM_MAGIC" in text
+    assert ring.H_VERSION == 1 and "header[1]) != EMBER_SHM_VERSION" in text
