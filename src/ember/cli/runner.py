@@ -261,9 +261,11 @@ class Daemon:
         except EmberError as exc:
             code, messages = 2, [f"ember: error: {exc}"]
         end = {"exit": code, "message": "\n".join(messages)}
+        # Logged before the client hears of it: once its CLI process has exited, the log
+        # already says so (the tests count these lines; they raced the END frame).
+        print(f"ember run daemon: a run ended with status {code}", file=sys.stderr, flush=True)
         with lock:
             _send(conn, END, json.dumps(end).encode())
-        print(f"ember run daemon: a run ended with status {code}", file=sys.stderr, flush=True)
 
 
 def _opener(options: dict[str, Any], conn: socket.socket) -> Opener:
