@@ -36,6 +36,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ember import template_prefault
 from ember.descriptors import descriptors_checked
 from ember.errors import ConfigError, SnapshotError
 from ember.images.cache import (
@@ -104,6 +105,7 @@ def default_key(spec: SandboxSpec) -> str:
         ("mem_mib", spec.mem_mib), ("vcpus", spec.vcpus), ("cpu_template", spec.cpu_template),
         ("format", FORMAT_VERSION), ("agent", " ".join(agent_argv(spec))),
         ("warm", "worker sockets, code ring polling"),  # template_warm.wait_warm
+        ("prefault", template_prefault.FIRST_CALLS),
         ("devices", "rootfs vsock balloon" + (" net" if spec.network is not None else "")),
     ):  # fmt: skip
         key.add(label, value)
@@ -146,11 +148,14 @@ def build(
                 client.close()
             finally:
                 vmm.close()
+            with progress.step(f"template {name}: record a restored sandbox's first call"):
+                prefault_pages = template_prefault.record(staging, spec, name)
             meta = {
                 "name": name, "created": time.time(), "from": "image", "snapshot": timings,
                 "network": spec.network is not None, "inputs": default_key(spec),
                 "rootfs": str(resolve_images(spec)[1]), "preload": list(preload),
                 "pool": spec.pool, "heap_mib": spec.heap_mib,  # None: the agent's defaults
+                "prefault_pages": prefault_pages,
                 **(extra_meta or {}),
             }  # fmt: skip
             (staging / META_FILE).write_text(json.dumps(meta))
