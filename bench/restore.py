@@ -147,6 +147,10 @@ def measure_ember(runs: int, template: str | None = None) -> dict[str, Any]:
     return {
         "template": template or templates.DEFAULT,
         "template_age_h": age_h,
+        # pages each restore copies before its guest runs (ember.snapshot.prefault); 0: none
+        "prefault_pages": int(
+            templates.find(template or templates.DEFAULT).meta.get("prefault_pages", 0)
+        ),
         "ready_ms": quantiles(ready),
         "ping_ms": quantiles(ping),
         "run_code_ms": quantiles(code),
@@ -485,7 +489,10 @@ def render(report: dict[str, Any]) -> str:
     ember = report.get("ember", {})
     if "template_age_h" in ember:
         age = ember["template_age_h"]
-        lines.append(f"template {ember['template']!r}, {age * 60:.1f} min old ({age:.2f} h)")
+        lines.append(
+            f"template {ember['template']!r}, {age * 60:.1f} min old ({age:.2f} h), "
+            f"{ember.get('prefault_pages', 0)} pages prefaulted per restore"
+        )
     ember_ready = report.get("ember", {}).get("ready_ms", {}).get("p50")
     for peer in ("qemu", "subprocess"):
         base = report.get(peer, {}).get("ready_ms", {}).get("p50")

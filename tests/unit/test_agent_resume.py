@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import base64
 import errno
+import os
 import struct
+import sys
 import time
+import types
 
 import pytest
 
@@ -92,6 +95,58 @@ def test_the_worker_reseeds_random_once_per_generation() -> None:
     worker.run("random.seed(7)")
     worker.reseed(1)  # the same generation again: nothing to do
     assert worker.run("random.random()")["value"] == template_draw
+
+
+def test_apply_resume_hands_back_the_entropy_it_applied(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(resume_mod, "_add_entropy", lambda fd, data: True)
+    monkeypatch.setattr(ResumeState, "open_random", lambda self: setattr(self, "random_fd", 99))
+    state = ResumeState()
+    assert apply_resume(state, {"entropy": base64.b64encode(b"e" * 32).decode()}) == b"e" * 32
+    assert apply_resume(state, {}) == b""
+
+
+class FakeNumpyRandom(types.ModuleType):
+    """``numpy.random`` as far as the reseed uses it: its legacy global ``seed``."""
+
+    def __init__(self) -> None:
+        super().__init__("numpy.random")
+        self.seeds: list[object] = []
+
+    def seed(self, seed: object = None) -> None:
+        self.seeds.append(seed)
+
+
+def test_the_worker_seeds_from_the_resumes_entropy_without_the_kernel(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The code ring's first request carries the host's entropy: the worker derives its
+    generators' seeds from it, with no ``getrandom`` (emulated kernel work) on the way."""
+    numpy_random = FakeNumpyRandom()
+    monkeypatch.setitem(sys.modules, "numpy.random", numpy_random)
+    draws = []
+    for entropy in (b"a" * 32, b"a" * 32, b"b" * 32):
+        worker = Worker()
+        worker.run("import random\nrandom.seed(7)")
+        with monkeypatch.context() as patched:
+            patched.setattr(os, "urandom", lambda n: pytest.fail("the kernel was asked"))
+            worker.reseed(1, entropy)
+        draws.append(worker.run("random.random()")["value"])
+    assert draws[0] == draws[1] != draws[2]  # the seed is the entropy's, and only its
+    seeds = numpy_random.seeds  # an int (numpy's cheap path), drawn from the new random
+    assert len(seeds) == 3 and seeds[0] == seeds[1] != seeds[2]
+    assert all(isinstance(s, int) and 0 <= s < 1 << 32 for s in seeds)
+
+
+def test_without_entropy_the_worker_reseeds_from_the_kernel(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    numpy_random = FakeNumpyRandom()
+    monkeypatch.setitem(sys.modules, "numpy.random", numpy_random)
+    asked: list[int] = []
+    real = os.urandom
+    monkeypatch.setattr(os, "urandom", lambda n: asked.append(n) or real(n))
+    Worker().reseed(1)
+    assert asked == [32] and numpy_random.seeds == [None]  # numpy takes its own from the OS
 
 
 class FakeRandom:

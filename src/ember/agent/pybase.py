@@ -109,17 +109,30 @@ class _Flags:
                 self._write(index, value)
 
 
-def _reseed() -> None:
-    """Draws made by user-space generators seeded in the template differ in every sibling."""
+def _reseed(seed: bytes = b"") -> None:
+    """Draws made by user-space generators seeded in the template differ in every sibling.
+
+    ``seed``: bytes from the host's entropy in the request that resumed this VM (the run_code
+    worker has them), which cost no system call; without them, the kernel's (each
+    ``getrandom`` here is ~3,000 emulated guest-kernel instructions). With them, numpy's
+    global generator takes 32 bits drawn from the reseeded ``random``: an int seed is
+    numpy's cheapest path, while an array seed runs its array and ufunc machinery, whose
+    code pages are each a first touch in a restored guest. (``numpy.random.default_rng()``
+    seeds itself from the kernel with full entropy.)
+    """
     random = sys.modules.get("random")
     if random is not None:
         # 32 bytes, not random.seed()'s 2,496: each 64 bytes of os.urandom is a ChaCha block
         # of emulated kernel code here (~0.6 ms); 256 bits seed a non-crypto generator plenty.
-        random.seed(os.urandom(32))
+        # Bytes are hashed by random.seed itself (SHA-512).
+        random.seed(seed or os.urandom(32))
     numpy_random = sys.modules.get("numpy.random")
     if numpy_random is not None:
         try:
-            numpy_random.seed()
+            if seed and random is not None:
+                numpy_random.seed(random.getrandbits(32))
+            else:
+                numpy_random.seed()
         except Exception:
             pass
     tempfile: Any = sys.modules.get("tempfile")

@@ -193,8 +193,12 @@ def _add_entropy(fd: int, data: bytes) -> bool:
     return False
 
 
-def apply_resume(state: ResumeState, resume: object) -> None:
-    """Apply a ``resume`` object from the host; a malformed one is a :class:`BadRequest`."""
+def apply_resume(state: ResumeState, resume: object) -> bytes:
+    """Apply a ``resume`` object from the host; a malformed one is a :class:`BadRequest`.
+
+    Returns the entropy it carried (empty if none), so a process that applies it can seed
+    its own generators from it without asking the kernel again.
+    """
     if not isinstance(resume, dict):
         raise BadRequest("resume must be an object")
     host_ns = resume.get("realtime_ns")
@@ -227,3 +231,4 @@ def apply_resume(state: ResumeState, resume: object) -> None:
         except OSError as exc:  # not root (tests on a host): say so, serve the request anyway
             state.last_error = f"{type(exc).__name__}: {exc}"
             log(f"resume: {state.last_error}")
+    return data

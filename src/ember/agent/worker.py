@@ -37,6 +37,7 @@ from typing import Any
 
 from ember.agent import codering, heap, preload, pywarm, shm
 from ember.agent.common import BadRequest
+from ember.agent.pybase import _reseed
 from ember.agent.resume import ResumeState, apply_resume
 from ember.protocol import (
     CHUNK_SIZE,
@@ -54,6 +55,7 @@ __all__ = ["CAPTURE_LIMIT", "Worker", "main"]
 CAPTURE_LIMIT = 256 << 10
 STREAM_BUFFER = 16 << 10  # a streamed cell's output waits for a newline up to this
 REPR_LIMIT = 64 << 10
+RESEED_DOMAIN = b"ember: the run_code worker's generators\0"  # never the kernel key's bytes
 
 
 class _Capture(io.TextIOBase):
@@ -131,19 +133,21 @@ class Worker:
         self._cells = 0
         self.generation = 0
 
-    def reseed(self, generation: object) -> None:
-        """After a restore or fork (a new ``generation``), reseed ``random`` from the kernel.
+    def reseed(self, generation: object, entropy: bytes = b"") -> None:
+        """After a restore or fork (a new ``generation``), reseed ``random`` and numpy's global
+        generator, and restart ``tempfile``'s name sequence (``pybase._reseed``).
 
-        The template's interpreter seeded it once; every sibling would otherwise draw the same
-        numbers. ``os.urandom`` is fresh by now (the agent fed the kernel host entropy first).
+        The template's interpreter seeded them once; every sibling would otherwise draw the
+        same numbers. ``entropy``: the host's bytes from the request that resumed this VM
+        (the code ring's first request); the seeds come from them in user space, with no
+        ``getrandom`` (~3,000 emulated guest-kernel instructions before the first reply) and
+        no hashlib (OpenSSL's code and state: more pages for a restored guest to touch first).
+        Without them (the agent applied the resume: a vsock request), the kernel's, which
+        the agent fed the host's entropy first.
         """
         if isinstance(generation, int) and generation != self.generation:
             self.generation = generation
-            random = sys.modules.get("random")
-            if random is not None:
-                random.seed(
-                    os.urandom(32)
-                )  # not 2,496 bytes of emulated ChaCha: see pybase._reseed
+            _reseed(RESEED_DOMAIN + entropy if entropy else b"")
 
     def run(self, code: str, emit: _Streamer | None = None) -> dict[str, Any]:
         """Run one cell; with ``emit``, its output also goes out as it is written."""
@@ -280,25 +284,29 @@ def serve_cells(sock: socket.socket, code_ring: codering.WorkerRing | None) -> N
     resumed.warm()
 
     def answer(
-        request: dict[str, Any], generation: object, emit: _Streamer | None = None
+        request: dict[str, Any],
+        generation: object,
+        emit: _Streamer | None = None,
+        entropy: bytes = b"",
     ) -> tuple[dict[str, Any], float]:
         code = request.get("code")
         if not isinstance(code, str):
             return _error_result("BadRequest", "no code"), codering.AFTER_CALL_S
-        # a new generation (restore, fork): reseed ``random``. With a region its generation
-        # is the one signal for both paths, so switching between them never reseeds.
-        worker.reseed(code_ring.generation if code_ring is not None else generation)
+        # a new generation (restore, fork): reseed. With a region its generation is the one
+        # signal for both paths, so switching between them never reseeds.
+        worker.reseed(code_ring.generation if code_ring is not None else generation, entropy)
         return worker.run(code, emit), _linger(request)
 
     def on_ring(payload: bytes) -> tuple[bytes, float]:
         linger = codering.AFTER_CALL_S
+        entropy = b""
         try:
             request = decode_json(payload)
             if "resume" in request:  # the host's first ring request to this VM
-                apply_resume(resumed, request["resume"])
+                entropy = apply_resume(resumed, request["resume"])
         except (ProtocolError, BadRequest) as exc:
             return fit(_error_result(type(exc).__name__, str(exc))), linger
-        result, linger = answer(request, None)
+        result, linger = answer(request, None, entropy=entropy)
         return fit({**result, "id": request.get("id")}), linger  # the host skips stale ones
 
     def on_socket() -> float | None:
