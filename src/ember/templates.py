@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ember import template_prefault
+from ember.arch.x86_64.cpuid import resolve_template
 from ember.descriptors import descriptors_checked
 from ember.errors import ConfigError, SnapshotError
 from ember.images.cache import (
@@ -103,6 +104,7 @@ def default_key(spec: SandboxSpec) -> str:
     for label, value in (
         ("kernel", str(kernel)), ("initrd", str(initrd)), ("rootfs", str(rootfs)),
         ("mem_mib", spec.mem_mib), ("vcpus", spec.vcpus), ("cpu_template", spec.cpu_template),
+        ("cpu_features", resolve_template(spec.cpu_template).signature()),
         ("format", FORMAT_VERSION), ("agent", " ".join(agent_argv(spec))),
         ("warm", "worker sockets, code ring polling"),  # template_warm.wait_warm
         ("prefault", template_prefault.FIRST_CALLS),

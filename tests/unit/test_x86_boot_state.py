@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import struct
+from dataclasses import replace
 
 import pytest
 
@@ -149,6 +150,7 @@ SUPPORTED = [
     _entry(0xB, 0, edx=77),
     _entry(0xD, 0, eax=0x2E7),
     _entry(0xD, 1, eax=0xF),
+    _entry(0x40000001, eax=0x01FFFFFF),
 ]
 
 
@@ -167,6 +169,20 @@ def test_pvm_template_hides_what_the_emulator_cannot_run() -> None:
     assert leaf1.ebx >> 24 == 1 and (leaf1.ebx >> 16) & 0xFF == 2
     assert next(e for e in out if e.function == 0xB).edx == 1
     assert "noxsave" in TEMPLATES["pvm"].cmdline
+    kvm = next(e for e in out if e.function == 0x40000001)
+    for bit in (4, 9, 10, 11, 13, 14):  # ASYNC_PF PV_TLB_FLUSH ASYNC_PF_VMEXIT SEND_IPI YIELD INT
+        assert not kvm.eax & (1 << bit)
+    assert kvm.eax & (1 << 3)  # CLOCKSOURCE2 (kvm-clock) untouched
+
+
+def test_a_cpu_templates_signature_changes_with_what_the_guest_sees() -> None:
+    pvm = TEMPLATES["pvm"]
+    assert pvm.signature() == TEMPLATES["pvm"].signature()
+    assert pvm.signature() != TEMPLATES["host"].signature()
+    fewer = dict(pvm.clear)
+    fewer[(0x40000001, 0, "eax")] &= ~(1 << 4)  # async page faults shown again
+    assert replace(pvm, clear=fewer).signature() != pvm.signature()
+    assert replace(pvm, cmdline=pvm.cmdline[1:]).signature() != pvm.signature()
 
 
 def test_host_template_passes_features_through_and_does_not_alias_input() -> None:

@@ -49,9 +49,12 @@ LEAF7_ECX_RDPID = 1 << 22
 LEAF7_EBX_ERMS = 1 << 9
 # KVM's paravirtual features (leaf 0x40000001 EAX, Documentation/virt/kvm/x86/cpuid.rst)
 KVM_CPUID_FEATURES = 0x40000001
+KVM_FEATURE_ASYNC_PF = 1 << 4
 KVM_FEATURE_PV_TLB_FLUSH = 1 << 9
+KVM_FEATURE_ASYNC_PF_VMEXIT = 1 << 10
 KVM_FEATURE_PV_SEND_IPI = 1 << 11
 KVM_FEATURE_PV_SCHED_YIELD = 1 << 13
+KVM_FEATURE_ASYNC_PF_INT = 1 << 14
 LEAF7_EDX_FSRM = 1 << 4
 # Leaves that describe XSAVE state components.
 LEAF_XSAVE = 0xD
@@ -67,6 +70,12 @@ class CpuTemplate:
     clear: dict[tuple[int, int, str], int] = field(default_factory=dict)
     drop_leaves: frozenset[int] = frozenset()
     cmdline: tuple[str, ...] = ()
+
+    def signature(self) -> str:
+        """Everything the guest sees of this template, as text: a template snapshot's cache key
+        includes it, since a guest booted with other CPUID bits is another guest."""
+        clear = sorted((leaf, sub, reg, mask) for (leaf, sub, reg), mask in self.clear.items())
+        return f"{self.name} {clear} {sorted(self.drop_leaves)} {list(self.cmdline)}"
 
 
 TEMPLATES: dict[str, CpuTemplate] = {
@@ -94,9 +103,17 @@ TEMPLATES: dict[str, CpuTemplate] = {
             (7, 0, "edx"): LEAF7_EDX_FSRM,
             # IPIs by hypercall hang a second vCPU's bring-up under kvm_pvm (seen here):
             # use the LAPIC's ordinary IPIs instead
+            # Async page faults: KVM tells a guest that enabled them to wake all their
+            # waiters when their MSR is set, which a restore does, so every restored guest
+            # walked the 256 buckets of apf_task_wake_all under spinlocks in emulated code
+            # before its first request (~5% of a first run_code's samples, bench/profile.py);
+            # nothing here waits on a host page long enough to gain from them
             (KVM_CPUID_FEATURES, 0, "eax"): KVM_FEATURE_PV_SEND_IPI
             | KVM_FEATURE_PV_TLB_FLUSH
-            | KVM_FEATURE_PV_SCHED_YIELD,
+            | KVM_FEATURE_PV_SCHED_YIELD
+            | KVM_FEATURE_ASYNC_PF
+            | KVM_FEATURE_ASYNC_PF_VMEXIT
+            | KVM_FEATURE_ASYNC_PF_INT,
         },
         drop_leaves=frozenset({LEAF_XSAVE}),
         cmdline=(
