@@ -97,9 +97,12 @@ class Agent:
         with self.connect() as sock:
             write_json(sock, Kind.REQUEST, request)
             if stdin is not None:
-                if stdin:
-                    write_frame(sock, Kind.STDIN, stdin)
-                write_frame(sock, Kind.STDIN_EOF, b"")
+                try:
+                    if stdin:
+                        write_frame(sock, Kind.STDIN, stdin)
+                    write_frame(sock, Kind.STDIN_EOF, b"")
+                except OSError:  # as the SDK (exec_blocking): a program that exits without
+                    pass  # reading may be answered and closed before its stdin's EOF arrives
             while (frame := read_frame(sock)) is not None:
                 kind, payload = frame
                 if kind is Kind.STDOUT:

@@ -55,7 +55,10 @@ __all__ = ["CAPTURE_LIMIT", "Worker", "main"]
 CAPTURE_LIMIT = 256 << 10
 STREAM_BUFFER = 16 << 10  # a streamed cell's output waits for a newline up to this
 REPR_LIMIT = 64 << 10
-RESEED_DOMAIN = b"ember: the run_code worker's generators\0"  # never the kernel key's bytes
+# Prefixed to the host's entropy before random.seed hashes it (SHA-512), so this seed differs
+# from any other use of the same bytes. The bytes themselves are this guest's own (its kernel
+# took them too), so a program that recovers them learns nothing about another sandbox.
+RESEED_DOMAIN = b"ember: the run_code worker's generators\0"
 
 
 class _Capture(io.TextIOBase):
