@@ -5,15 +5,16 @@ faults twice and flushes a TLB, and on kvm_pvm it also denies KVM its shadow-pag
 Here the build restores its just-written snapshot (not yet installed), makes the calls a new
 sandbox makes first, and records the memory-file pages the VMM then holds privately; the
 snapshot directory keeps them for every later restore. The calls go through the client a
-:class:`~ember.sandbox.sync.Sandbox` makes, so the pages are those of the real first call:
-the resume, the code worker's reply over its ring, the agent's answer to a ``ping``.
+:class:`~ember.sandbox.sync.Sandbox` makes (:func:`ember.client.attach.attach` builds both),
+so the pages are those of the real first call: the resume, the code worker's reply over its
+ring, the agent's answer to a ``ping``.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from ember.client import AgentClient, CodeRing, LazyRegion
+from ember.client.attach import attach
 from ember.errors import BuildError, EmberError
 from ember.launcher import VmmProcess
 from ember.snapshot import MEMORY_FILE, prefault
@@ -35,11 +36,8 @@ def record(staging: Path, spec: SandboxSpec, name: str) -> int:
     except EmberError as exc:
         raise BuildError(f"template {name}: its snapshot does not restore: {exc}") from None
     try:
-        region = LazyRegion(vmm.shm_region)
-        ring = CodeRing(region, alive=lambda: not vmm.exited(), expect=vmm.restored)
-        client = AgentClient(
-            vmm.connect, resume=vmm.resume, announce_resume=True, code_ring=ring, shm=region
-        )  # what Sandbox() makes (ember.sandbox.sync): the same first call
+        attached = attach(vmm)  # what Sandbox() makes: the same first call
+        client = attached.client
         try:
             result = client.run_code("6*7", timeout=spec.boot_timeout)
             if result.error is not None or result.value != "42":
@@ -54,8 +52,7 @@ def record(staging: Path, spec: SandboxSpec, name: str) -> int:
                 raise
             raise BuildError(f"template {name}: a restored sandbox failed: {exc}") from None
         finally:
-            client.close()
-            region.close()
+            attached.close()
     finally:
         vmm.close()
     prefault.write(staging, prefault.runs_of(pages))

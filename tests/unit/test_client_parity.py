@@ -34,7 +34,8 @@ PAIRS = [(AgentClient, AsyncAgentClient, {}), (Files, AsyncFiles, {}),
 
 
 def public(cls: type, extra: set[str] = frozenset()) -> dict[str, Any]:  # type: ignore[assignment]
-    names = {n for n in vars(cls) if not n.startswith("_")} | (set(vars(cls)) & extra)
+    own = {n for klass in cls.__mro__ if klass is not object for n in vars(klass)}  # and bases'
+    names = {n for n in own if not n.startswith("_")} | (own & extra)
     return {name: inspect.getattr_static(cls, name) for name in names}
 
 

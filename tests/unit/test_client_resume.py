@@ -22,6 +22,7 @@ from ember.client import (
     CodeResult,
     explain_crashed_worker,
 )
+from ember.client.attach import attach
 from ember.protocol import Kind, decode_json, read_frame, write_json
 
 from .test_client_bounds import BOUNDS, STAT_OK, FakeAgent, Script, fake, result, run_async
@@ -75,6 +76,48 @@ def test_a_client_that_is_not_told_announces_nothing(fake: Callable[[Script], Fa
     agent = fake(result(STAT_OK))
     AgentClient(agent.connect, **BOUNDS).files.stat("/a")
     assert "resume" not in agent.requests[0]
+
+
+class FakeVmm:
+    """What :func:`ember.client.attach.attach` asks of a VMM, answered by a fake agent."""
+
+    def __init__(self, agent: KeepingAgent) -> None:
+        self.agent = agent
+        self.restored = False  # no polling worker to wait for: vsock at once
+        self.resumes = 0
+
+    def connect(self, port: int = 0) -> socket.socket:
+        return self.agent.connect()
+
+    def resume(self, port: int = 0) -> socket.socket | None:
+        self.resumes += 1
+        return None  # no connection carried over: the client connects
+
+    def exited(self) -> bool:
+        return False
+
+    def shm_region(self) -> None:
+        return None
+
+
+def test_attach_announces_for_a_new_vm_and_not_for_an_adopted_one() -> None:
+    """A daemon that adopts a VM another process ran must not take over a snapshot's
+    connection or announce a resume again (it would step the clock and reseed a running VM)."""
+    fresh = FakeVmm(KeepingAgent(STAT_OK))
+    before = time.clock_gettime_ns(time.CLOCK_REALTIME)
+    attached = attach(fresh)
+    attached.client.files.stat("/a")
+    attached.client.files.stat("/b")
+    attached.close()
+    check_announced(fresh.agent.requests, before)
+    assert fresh.resumes == 1
+
+    adopted = FakeVmm(KeepingAgent(STAT_OK))
+    attached = attach(adopted, new_vm=False)
+    attached.client.files.stat("/a")
+    attached.close()
+    assert [r.get("resume") for r in adopted.agent.requests] == [None]
+    assert adopted.resumes == 0
 
 
 def test_the_async_client_announces_once() -> None:

@@ -24,10 +24,12 @@ import pytest
 
 from ember.errors import ConfigError, SandboxError
 from ember.network import dns, resolver
+from ember.network.answers import Element, Resolver
 from ember.network.host import SandboxNetwork, _run, name_set_commands
 from ember.network.netns import set_net_namespace
 from ember.network.policy import NetworkPolicy
-from ember.network.resolver import Element, Resolver, SandboxResolver, host_upstream
+from ember.network.resolver import SandboxResolver
+from ember.network.upstream import UPSTREAM_TRIES, host_upstream
 from tests.unit.fake_dns import FakeUpstream
 
 RECORDS = {
@@ -171,13 +173,13 @@ def test_a_set_that_cannot_take_the_address_makes_servfail(upstream: FakeUpstrea
 def test_a_silent_upstream_makes_servfail_in_bounded_time(
     upstream: FakeUpstream, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(resolver, "UPSTREAM_TIMEOUT_S", 0.2)
+    monkeypatch.setattr("ember.network.upstream.UPSTREAM_TIMEOUT_S", 0.2)
     upstream.silent = True
     res, _ = make(upstream, ["allowed.test"])
     started = time.monotonic()
     assert rcode(ask(res, query("allowed.test"))) == dns.Rcode.SERVFAIL
     assert time.monotonic() - started < 2
-    assert len(upstream.asked) == resolver.UPSTREAM_TRIES
+    assert len(upstream.asked) == UPSTREAM_TRIES
 
 
 def test_a_big_answer_is_truncated_over_udp_and_whole_over_tcp(upstream: FakeUpstream) -> None:

@@ -28,10 +28,8 @@ from ember.devices.virtio.device import VIRTIO_F_VERSION_1, VIRTIO_ID_VSOCK, Int
 from ember.devices.virtio.mmio import MmioTransport
 from ember.devices.virtio.queue import Queue
 from ember.devices.virtio.vsock import Vsock
-from ember.devices.virtio.vsock.connection import CONN_TX_BUF_SIZE
 from ember.devices.virtio.vsock.device import EVENT_QUEUE, QUEUE_SIZES, RX_QUEUE, TX_QUEUE
 from ember.devices.virtio.vsock.host import HandshakeError, parse_connect
-from ember.devices.virtio.vsock.muxer import LOCAL_PORT_MIN, MAX_PENDING_RESETS
 from ember.devices.virtio.vsock.packet import (
     HDR_SIZE,
     MAX_PKT_BUF_SIZE,
@@ -50,6 +48,8 @@ from ember.devices.virtio.vsock.packet import (
     VMADDR_CID_HOST,
     VsockHeader,
 )
+from ember.devices.virtio.vsock.state import CONN_TX_BUF_SIZE
+from ember.devices.virtio.vsock.table import LOCAL_PORT_MIN, MAX_PENDING_RESETS
 from ember.errors import ConfigError
 from ember.memory import GuestMemory
 from ember.vmm.event_loop import EventLoop

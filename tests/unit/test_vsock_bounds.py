@@ -22,8 +22,7 @@ import pytest
 
 from ember.devices.virtio.vsock import Vsock
 from ember.devices.virtio.vsock.budget import MIN_WINDOW, TX_BUDGET, TxBudget
-from ember.devices.virtio.vsock.connection import CONN_TX_BUF_SIZE, Connection
-from ember.devices.virtio.vsock.muxer import LOCAL_PORT_MIN, TIMER_SLACK
+from ember.devices.virtio.vsock.connection import Connection
 from ember.devices.virtio.vsock.packet import (
     MAX_PKT_BUF_SIZE,
     VIRTIO_VSOCK_OP_REQUEST,
@@ -33,6 +32,8 @@ from ember.devices.virtio.vsock.packet import (
     VIRTIO_VSOCK_SHUTDOWN_BOTH,
     VsockHeader,
 )
+from ember.devices.virtio.vsock.state import CONN_TX_BUF_SIZE
+from ember.devices.virtio.vsock.table import LOCAL_PORT_MIN, TIMER_SLACK
 from ember.errors import ConfigError
 from ember.vmm.event_loop import EventLoop
 from tests.unit.test_vsock import GUEST_CID, TIMEOUT, FakeGuest, listen, wait_until

@@ -8,7 +8,9 @@
     core.py       each operation as a state machine: fed frames, returns events (no I/O)
     session.py    builds operations and REQUESTs; the keepalive pool (its clock given)
     sockets.py    frames over a blocking socket, each bounded by a deadline
-    blocking.py   sockets + threads: AgentClient, ExecStream, Files
+    blocking.py   sockets + threads: AgentClient
+    files_blocking.py   the blocking client's files (Files)
+    exec_blocking.py    an exec's output as it arrives (ExecStream)
     aio.py        asyncio streams: AsyncAgentClient, AsyncFiles
     exec_aio.py   asyncio streams: AsyncExecStream (an exec's output as it arrives)
     channel.py    data channels from guest code (ChannelServer)
@@ -16,6 +18,7 @@
     shm.py        memory channels: the shared region, its slots and rings
     output_ring.py      an exec's output through a leased slot (blocking client)
     output_ring_aio.py  the same for the asyncio client
+    attach.py     the blocking client for a VMM this process drives (region, rings, client)
 
 Names are imported on first use (PEP 562), so ``ember.client.results`` alone costs no
 sockets, threads or asyncio.
@@ -75,7 +78,7 @@ _LAZY: dict[str, tuple[str, str]] = {
     "ExecStream": ("ember.client.exec_blocking", "ExecStream"),
     "FileStat": ("ember.client.results", "FileStat"),
     "FileRing": ("ember.client.file_ring", "FileRing"),
-    "Files": ("ember.client.blocking", "Files"),
+    "Files": ("ember.client.files_blocking", "Files"),
     "HostRegion": ("ember.client.shm", "HostRegion"),
     "MAX_JSON_DEPTH": ("ember.client.wire", "MAX_JSON_DEPTH"),
     "OutputChunk": ("ember.client.results", "OutputChunk"),

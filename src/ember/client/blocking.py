@@ -23,35 +23,22 @@ timeout are the exception: a command may rightly run, silent, as long as it like
 
 from __future__ import annotations
 
-import io
-import os
 import socket
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, BinaryIO, TypeVar
+from typing import Any, TypeVar
 
 from ember.client.bounds import DEFAULT_CALL_TIMEOUT, DEFAULT_GRACE, DEFAULT_MAX_OUTPUT
 from ember.client.code_ring import CodeRing
-from ember.client.core import (
-    Command,
-    ExecOp,
-    Operation,
-    PathArg,
-)
+from ember.client.core import Command, ExecOp, Operation
 from ember.client.exec_blocking import ExecStream
 from ember.client.file_ring import FileRing
+from ember.client.files_blocking import Files
 from ember.client.output_ring import OutputRing
-from ember.client.results import (
-    CodeResult,
-    DirEntry,
-    ExecResult,
-    FileStat,
-    parse_code_result,
-)
+from ember.client.results import CodeResult, ExecResult, parse_code_result
 from ember.client.session import (
     EXPIRY_SLACK_S,
-    INLINE_WRITE_MAX,
     KeepalivePool,
     Session,
     streamed,
@@ -59,7 +46,6 @@ from ember.client.session import (
 from ember.client.shm import HostRegion
 from ember.client.sockets import drive, send_frame, still_open
 from ember.client.terminal import Terminal
-from ember.client.watch import Watch
 from ember.client.wire import Source
 from ember.errors import SandboxTimeout
 from ember.protocol import Kind
@@ -70,87 +56,6 @@ Connect = Callable[[], socket.socket]
 Conn = socket.socket  # a connection to the agent (the asyncio client's: its streams)
 T = TypeVar("T")
 _CLOCK = time.monotonic
-
-
-class Files:
-    """File transfer and inspection inside the sandbox (paths are absolute)."""
-
-    def __init__(
-        self,
-        session: Session,
-        run: Callable[..., Any],
-        ring: FileRing | None = None,
-        start: Callable[[Operation[Any]], socket.socket] | None = None,
-    ) -> None:
-        self._session = session
-        self._run = run  # (op, trailer): see AgentClient._run
-        self._start = start  # opens a connection for a long-lived op (watch)
-        self._ring = ring  # the shared region's path, tried first (ember.client.file_ring)
-
-    def write(
-        self, path: PathArg, data: Source, *, mode: int | None = None, append: bool = False
-    ) -> int:
-        """Write ``data`` (bytes or a binary file) to ``path``; return the size written.
-
-        Replacement is atomic (temp file + rename) and keeps the old file's mode
-        unless ``mode`` is given; parent directories are created.
-        """
-        op = self._session.write_file(path, data, mode, append)  # checks the arguments
-        trailer = op.inline(INLINE_WRITE_MAX)  # small: one packet on a kept connection
-        if trailer is None and self._ring is not None:
-            size = self._ring.write(op.request["path"], data, mode, append)
-            if size is not None:
-                return size
-        written: int = self._run(op, trailer or b"")
-        return written
-
-    def read_into(self, path: PathArg, fileobj: BinaryIO) -> int:
-        """Stream the file at ``path`` into ``fileobj``; return its size."""
-        return self._read(path, fileobj.write, None)
-
-    def _read(self, path: PathArg, sink: Callable[[bytes], object], limit: int | None) -> int:
-        op = self._session.read_file(path, sink, limit)  # checks the arguments
-        if self._ring is not None:
-            size = self._ring.read(os.fspath(path), sink, op.limit)
-            if size is not None:
-                return size
-        read: int = self._run(op)
-        return read
-
-    def read(self, path: PathArg, *, max_output: int | None = DEFAULT_MAX_OUTPUT) -> bytes:
-        """The whole file at ``path``; more than ``max_output`` bytes raises
-        :class:`~ember.errors.OutputTooLarge` (use :meth:`read_into` for big files)."""
-        buf = io.BytesIO()
-        self._read(path, buf.write, max_output)
-        return buf.getvalue()
-
-    def watch(self, path: PathArg, *, recursive: bool = False) -> Watch:
-        """Changes under the directory ``path`` (and its subdirectories with ``recursive``),
-        as :class:`FileEvent` objects; returns once the guest watches, so what the caller
-        does next is seen. Iterate it; close it (or leave its ``with``) to stop."""
-        op = self._session.watch(path, recursive)
-        if self._start is None:
-            raise RuntimeError("this client cannot open a watch")
-        watch = Watch(self._start(op), op)
-        try:
-            watch.wait_ready()
-        except BaseException:
-            watch.close()
-            raise
-        return watch
-
-    def stat(self, path: PathArg) -> FileStat:
-        stat: FileStat = self._run(self._session.stat(path))
-        return stat
-
-    def list(self, path: PathArg) -> list[DirEntry]:
-        """Entries of a directory, sorted by name."""
-        entries: list[DirEntry] = self._run(self._session.list(path))
-        return entries
-
-    def remove(self, path: PathArg, *, recursive: bool = False) -> None:
-        """Remove a file, an empty directory, or with ``recursive`` a whole tree."""
-        self._run(self._session.remove(path, recursive))
 
 
 class AgentClient:

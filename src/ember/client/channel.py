@@ -48,12 +48,12 @@ import struct
 import threading
 import time
 from collections.abc import Callable, Iterator
-from types import TracebackType
 
 from ember import protocol
 from ember.client.shm import HostRegion, pump_ring
 from ember.client.sockets import read_frame
 from ember.client.wire import decode
+from ember.closing import Closing
 from ember.errors import ProtocolError, SandboxTimeout
 from ember.protocol import Kind
 
@@ -139,7 +139,7 @@ class _Budget:
         self.held = 0
 
 
-class ChannelServer:
+class ChannelServer(Closing):
     """Accepts guest channel connections on ``listener`` (which it then owns).
 
     ``shm`` returns the sandbox's shared region (asked once, on the first ring
@@ -378,14 +378,3 @@ class ChannelServer:
             self._shm.close()
         self._listener.close()
         os.close(self._wake)
-
-    def __enter__(self) -> ChannelServer:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()

@@ -16,7 +16,7 @@ import asyncio
 import weakref
 from collections.abc import Awaitable, Callable
 from types import TracebackType
-from typing import Any
+from typing import Any, Self
 
 from ember.client.core import ExecOp, Send, stdin_frames
 from ember.client.output_ring_aio import AsyncOutputRing
@@ -137,7 +137,7 @@ class AsyncExecStream:
         if self._streams is not None:
             await hang_up(self._streams[1])
 
-    async def __aenter__(self) -> AsyncExecStream:
+    async def __aenter__(self) -> Self:
         return self
 
     async def __aexit__(

@@ -13,18 +13,18 @@ import socket
 import threading
 import weakref
 from collections.abc import Callable
-from types import TracebackType
 
 from ember.client.core import ExecOp, Send, stdin_frames
 from ember.client.output_ring import OutputRing
 from ember.client.results import ExecResult, OutputChunk
 from ember.client.sockets import receive_frame, send_frame
 from ember.client.wire import Source
+from ember.closing import Closing
 
 __all__ = ["ExecStream"]
 
 
-class ExecStream:
+class ExecStream(Closing):
     """Output of one command as it arrives; ``result`` is set once it is exhausted.
 
     Iteration yields :class:`OutputChunk` objects, then ends; if the command overran
@@ -122,17 +122,6 @@ class ExecStream:
             self._pump.join()
         self._finalizer.detach()
         _abandon(self._sock, self._output)
-
-    def __enter__(self) -> ExecStream:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
 
 def _abandon(sock: socket.socket, output: OutputRing | None) -> None:

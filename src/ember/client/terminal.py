@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import socket
 import threading
-from types import TracebackType
 
 from ember.client import streams
 from ember.client.core import Incoming
@@ -19,6 +18,7 @@ from ember.client.interactive import TerminalOp, resize_payload, signal_payload
 from ember.client.results import ExecResult
 from ember.client.sockets import readable, receive_frame
 from ember.client.streams import Pending
+from ember.closing import AsyncClosing, Closing
 from ember.protocol import Kind, write_frame
 
 __all__ = ["KEYS_CHUNK", "AsyncTerminal", "Terminal"]
@@ -26,7 +26,7 @@ __all__ = ["KEYS_CHUNK", "AsyncTerminal", "Terminal"]
 KEYS_CHUNK = 64 << 10  # keystrokes per frame: a paste goes as several
 
 
-class Terminal:
+class Terminal(Closing):
     """A program on a guest terminal: ``write`` keys, ``read`` what it shows, ``wait``.
 
     ``read`` returns the next piece of output, ``b""`` if ``timeout`` passed first, and
@@ -99,23 +99,12 @@ class Terminal:
                 pass
             self._sock.close()
 
-    def __enter__(self) -> Terminal:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
 
 def _with_output(result: ExecResult, out: bytes) -> ExecResult:
     return ExecResult(result.exit_code, result.signal, out, b"", result.timed_out, result.duration)
 
 
-class AsyncTerminal:
+class AsyncTerminal(AsyncClosing):
     """:class:`Terminal` for asyncio: the same methods, awaited."""
 
     def __init__(self, streams: streams.Streams, op: TerminalOp) -> None:
@@ -179,14 +168,3 @@ class AsyncTerminal:
             self._closed = True
             self._next.cancel()
             self._writer.transport.abort()
-
-    async def __aenter__(self) -> AsyncTerminal:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()

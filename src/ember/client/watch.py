@@ -10,7 +10,6 @@ watch in the guest.
 from __future__ import annotations
 
 import socket
-from types import TracebackType
 
 from ember.client import streams
 from ember.client.core import Incoming
@@ -18,11 +17,12 @@ from ember.client.interactive import WatchOp
 from ember.client.results import FileEvent
 from ember.client.sockets import readable, receive_frame
 from ember.client.streams import Pending
+from ember.closing import AsyncClosing, Closing
 
 __all__ = ["AsyncWatch", "Watch"]
 
 
-class Watch:
+class Watch(Closing):
     """File events under one guest directory; ``ended`` is set once it removed."""
 
     def __init__(self, sock: socket.socket, op: WatchOp) -> None:
@@ -69,19 +69,8 @@ class Watch:
                 pass
             self._sock.close()
 
-    def __enter__(self) -> Watch:
-        return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
-
-class AsyncWatch:
+class AsyncWatch(AsyncClosing):
     """:class:`Watch` for asyncio: ``async for event in watch``, ``await get(timeout)``."""
 
     def __init__(self, streams: streams.Streams, op: WatchOp) -> None:
@@ -123,14 +112,3 @@ class AsyncWatch:
     async def close(self) -> None:
         self._next.cancel()
         self._writer.transport.abort()
-
-    async def __aenter__(self) -> AsyncWatch:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()

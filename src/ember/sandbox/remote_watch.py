@@ -22,12 +22,12 @@ import queue
 import socket
 import threading
 from collections.abc import AsyncIterator
-from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 from ember.client import PathArg
 from ember.client.results import FileEvent, parse_file_event
 from ember.client.streams import Pending
+from ember.closing import AsyncClosing, Closing
 from ember.errors import ProtocolError
 from ember.sandbox import daemon, wire
 
@@ -76,7 +76,7 @@ def _expect_ready(line: str | None) -> None:
         raise ProtocolError(f"the daemon's watch began with {line!r:.80} instead of ready")
 
 
-class RemoteWatch:
+class RemoteWatch(Closing):
     """File events under one guest directory of a daemon's sandbox (see ``Watch``)."""
 
     def __init__(self, opened: contextlib.AbstractContextManager[httpx.Response], url: str) -> None:
@@ -178,19 +178,8 @@ class RemoteWatch:
         with contextlib.suppress(queue.Full):  # a full queue wakes a blocked get() anyway
             self._items.put_nowait(_CLOSED)
 
-    def __enter__(self) -> RemoteWatch:
-        return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
-
-class AsyncRemoteWatch:
+class AsyncRemoteWatch(AsyncClosing):
     """:class:`RemoteWatch` for asyncio: ``async for event in watch``, ``await get(timeout)``."""
 
     def __init__(
@@ -266,14 +255,3 @@ class AsyncRemoteWatch:
             self._lines = None
             with contextlib.suppress(Exception):
                 await self._opened.__aexit__(None, None, None)
-
-    async def __aenter__(self) -> AsyncRemoteWatch:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()

@@ -41,7 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, cast
 
-from ember.client import AgentClient, CodeRing, LazyRegion
+from ember.client.attach import attach
 from ember.descriptors import descriptors_checked
 from ember.errors import AgentError, ConfigError
 from ember.launcher import VmmProcess
@@ -153,11 +153,8 @@ def _make(key: Hashable) -> Spare[Warm]:
     made_from = _identity(state)
     vmm = start_vmm(spec, template=template, boot=False)
     _renice(vmm, BACKGROUND_NICE)  # its warm-up yields to the sandboxes in use
-    region = LazyRegion(vmm.shm_region)
-    code_ring = CodeRing(region, alive=lambda: not vmm.exited(), expect=vmm.restored)
-    client = AgentClient(
-        vmm.connect, resume=vmm.resume, announce_resume=True, code_ring=code_ring, shm=region
-    )
+    attached = attach(vmm)
+    client = attached.client
     conn = None
     try:
         with descriptors_checked():
@@ -172,9 +169,7 @@ def _make(key: Hashable) -> Spare[Warm]:
         vmm.close()
         raise
     finally:
-        client.close()
-        code_ring.close()
-        region.close()
+        attached.close()
     warm = Warm(vmm, conn)
     watcher = _watcher
     if watcher is not None:

@@ -17,21 +17,19 @@ from __future__ import annotations
 import contextlib
 import socket
 from collections.abc import Callable, Iterator, Sequence
-from types import TracebackType
 from typing import Any, ParamSpec, TypeVar, overload
 
 from ember.client import (
-    AgentClient,
     ChannelServer,
     CodeResult,
-    CodeRing,
     ExecResult,
     ExecStream,
-    LazyRegion,
     OutputChunk,
     explain_crashed_worker,
 )
+from ember.client.attach import attach
 from ember.client.terminal import Terminal
+from ember.closing import Closing
 from ember.descriptors import descriptors_checked, out_of_descriptors
 from ember.errors import (
     AgentError,
@@ -75,7 +73,7 @@ def _attach(sandbox_id: str, *, server: str | None = None) -> Sandbox:
     return RemoteSandbox.attach(sandbox_id, server=server)
 
 
-class Sandbox:
+class Sandbox(Closing):
     """One sandbox VM, made on construction and destroyed by :meth:`close`.
 
     By default it is restored from the default template (a snapshot of the
@@ -128,19 +126,22 @@ class Sandbox:
         sandbox._setup(vmm, spec)
         return sandbox
 
-    def _setup(self, vmm: VmmProcess, spec: SandboxSpec, warm: spares.Warm | None = None) -> None:
+    def _setup(
+        self,
+        vmm: VmmProcess,
+        spec: SandboxSpec,
+        warm: spares.Warm | None = None,
+        *,
+        new_vm: bool = True,
+    ) -> None:
         self._vmm = vmm
         self._spec = spec
         self._closed = False
         # One mapping of the VMM's region for channels, code rings and file transfers.
-        self._region = LazyRegion(vmm.shm_region)
-        self._code_ring = CodeRing(
-            self._region, alive=lambda: not vmm.exited(), expect=vmm.restored
-        )
-        self._client = AgentClient(
-            self._connect, resume=vmm.resume, announce_resume=True, code_ring=self._code_ring,
-            shm=self._region,
-        )  # fmt: skip
+        self._attached = attach(vmm, self._connect, new_vm=new_vm)
+        self._region = self._attached.region
+        self._code_ring = self._attached.code_ring
+        self._client = self._attached.client
         self._channels = ChannelServer(self._vmm.take_channel_listener(), shm=self._region)
         self.files = SandboxFiles(self)
         if warm is not None:
@@ -343,22 +344,9 @@ class Sandbox:
         if self._closed:
             return
         self._closed = True
-        self._client.close()
         self._channels.close()
-        self._code_ring.close()
-        self._region.close()
+        self._attached.close()
         self._vmm.close()
-
-    def __enter__(self) -> Sandbox:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
 
 __all__ = ["Sandbox", "SandboxCrashed", "SandboxFiles"]

@@ -18,11 +18,10 @@ from pathlib import Path
 from typing import Any
 
 from ember import protocol
-from ember.client import AgentClient
 from ember.jailer.cgroups import SandboxCgroup
 from ember.launcher import CONSOLE_LOG, CONTROL_NAME, EXIT_FILE, VSOCK_NAME, VmmProcess
 from ember.network.policy import NetworkPolicy
-from ember.sandbox import Sandbox, SandboxFiles
+from ember.sandbox import Sandbox
 from ember.serve.state import Record
 from ember.spec import DEFAULT_MEM_MIB, SandboxSpec, quotas_from
 from ember.zygote import ZygoteChild
@@ -104,12 +103,8 @@ def adopt(record: Record) -> Sandbox:
     listener.listen(64)
     vmm.channel_listener = listener
     sandbox = object.__new__(Sandbox)
-    sandbox._setup(vmm, spec_of(record))
     # Not a new VM: no snapshot connection to take over, no clock or entropy to announce.
-    sandbox._client = AgentClient(
-        sandbox._connect, code_ring=sandbox._code_ring, shm=sandbox._region
-    )
-    sandbox.files = SandboxFiles(sandbox)
+    sandbox._setup(vmm, spec_of(record), new_vm=False)
     return sandbox
 
 

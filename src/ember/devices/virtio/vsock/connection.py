@@ -1,55 +1,18 @@
 """One vsock stream connection: a guest port on one side, a host Unix socket on the other.
 
-The state machine (:class:`ConnState`)::
-
-    host client "CONNECT p"            guest REQUEST to CID 2 port p
-            |                                     |  connect(<uds>_p) ok
-            v                                     v
-       LOCAL_INIT --- guest RESPONSE ------> ESTABLISHED --- both directions over ---> CLOSING
-            |                                     |                                      |
-            +---- RST / timeout / error ----------+---- RST / error ----------> CLOSED <-+
-                                                                  (guest RST, or timeout)
-
-Half-close (§5.10.6.5): a guest SHUTDOWN(SEND) becomes ``shutdown(SHUT_WR)`` on
-the host socket once everything the guest sent has been written to it; a guest
-SHUTDOWN(RCV) becomes ``shutdown(SHUT_RD)``; end-of-file on the host socket
-becomes SHUTDOWN(SEND) to the guest.  When both directions are over we send
-SHUTDOWN(RCV|SEND) and wait :data:`CLOSE_TIMEOUT` for the guest's RST; when the
-guest shut both directions we flush what it sent (a slow host reader gets
-:data:`LINGER_TIMEOUT`), then answer with RST.
-
-Credit (§5.10.6.3), both ways, in modulo-2**32 counters:
-
-* toward the guest we never send more than ``peer_buf_alloc - (tx_cnt -
-  peer_fwd_cnt)``; with no credit left the host socket is simply not read, so
-  the data waits in the host kernel, and a CREDIT_REQUEST asks for an update;
-* toward the host we advertise ``buf_alloc`` = our window, the most ``tx_buf``
-  (bytes the host socket would not take yet) may be made to hold, and
-  ``fwd_cnt`` = bytes written to the host socket; we send CREDIT_UPDATE when
-  asked or when ``fwd_cnt`` moved by :data:`CREDIT_UPDATE_THRESHOLD` (or half
-  the window, if smaller) since the guest last heard it.  Windows come from the
-  device's :class:`~ember.devices.virtio.vsock.budget.TxBudget`: at least
-  :data:`~ember.devices.virtio.vsock.budget.MIN_WINDOW`, growing towards
-  :data:`CONN_TX_BUF_SIZE` as the budget allows, never shrunk below what the
-  guest was promised.  A guest that sends past ``fwd_cnt + buf_alloc`` is
-  reset, so the VMM memory of all connections together stays within the budget.
-
-A Connection never raises for the guest's doing or a host socket error: it
-moves to CLOSED and owes the guest an RST.  It does not own its fd's
-registration: the muxer closes the socket once ``state`` is CLOSED.
+:class:`Connection` speaks the protocol: it acts on the guest's packets, the host
+socket's events, and writes what is owed to the guest into rx chains.  Its
+states and their moves toward CLOSED are in ``state.py``, its credit and
+snapshot counters in ``credit.py``.
 """
 
 from __future__ import annotations
 
-import enum
-import logging
 import select
 import socket
-import time
-from dataclasses import dataclass
 
 from ember.devices.virtio.block.request import BufferList
-from ember.devices.virtio.vsock.budget import TxBudget
+from ember.devices.virtio.vsock.credit import StreamCredit
 from ember.devices.virtio.vsock.packet import (
     HDR_SIZE,
     MAX_PKT_BUF_SIZE,
@@ -65,17 +28,9 @@ from ember.devices.virtio.vsock.packet import (
     VIRTIO_VSOCK_SHUTDOWN_RCV,
     VIRTIO_VSOCK_SHUTDOWN_SEND,
     VsockHeader,
-    host_header,
 )
+from ember.devices.virtio.vsock.state import ConnState
 from ember.memory import GuestMemory
-
-log = logging.getLogger(__name__)
-
-CONN_TX_BUF_SIZE = 256 * 1024  # the largest buf_alloc: the most we hold for one slow host socket
-CREDIT_UPDATE_THRESHOLD = MAX_PKT_BUF_SIZE  # forwarded bytes that deserve a CREDIT_UPDATE
-CONNECT_TIMEOUT = 10.0  # seconds a host client waits for the guest's RESPONSE (slow guests)
-CLOSE_TIMEOUT = 2.0  # seconds we wait for the guest's RST after our SHUTDOWN(RCV|SEND)
-LINGER_TIMEOUT = 30.0  # seconds a slow host reader gets for what the guest sent before closing
 
 # Control packets in the order they go out: before data, then after it.
 _OPS_BEFORE_DATA = (
@@ -86,171 +41,8 @@ _OPS_BEFORE_DATA = (
 _OPS_AFTER_DATA = (VIRTIO_VSOCK_OP_CREDIT_UPDATE, VIRTIO_VSOCK_OP_SHUTDOWN, VIRTIO_VSOCK_OP_RST)
 
 
-class ConnState(enum.Enum):
-    LOCAL_INIT = "local-init"  # a host client asked for a guest port; no RESPONSE yet
-    ESTABLISHED = "established"
-    CLOSING = "closing"  # both directions over (or the guest shut both): RST or timeout next
-    CLOSED = "closed"  # host socket closed; an RST may still be owed to the guest
-
-
-@dataclass
-class VsockStats:
-    """Counters for the device's lifetime (read them; nothing resets them)."""
-
-    tx_packets: int = 0  # guest -> host packets accepted
-    rx_packets: int = 0  # host -> guest packets delivered
-    tx_bytes: int = 0  # payload bytes the guest sent
-    rx_bytes: int = 0  # payload bytes delivered to the guest
-    bad_packets: int = 0  # guest packets dropped as malformed (bad cid, type, len, op, ...)
-    bad_rx_buffers: int = 0  # rx chains too small to carry what was due
-    resets_sent: int = 0
-    resets_received: int = 0
-    credit_violations: int = 0  # connections reset for overrunning our buf_alloc
-    host_errors: int = 0  # connections reset for a host socket error or timeout
-    refused: int = 0  # connections refused (nothing listening, too many connections)
-    handshake_errors: int = 0  # host clients dropped for a bad or missing CONNECT line
-    dropped_resets: int = 0  # RSTs to unknown addresses dropped while the rx queue was full
-    connections: int = 0  # connections opened (either side)
-
-
-class Connection:
+class Connection(StreamCredit):
     """Protocol state of one stream; the muxer does the epoll and virtqueue plumbing."""
-
-    def __init__(
-        self,
-        sock: socket.socket,
-        guest_cid: int,
-        local_port: int,
-        peer_port: int,
-        state: ConnState,
-        stats: VsockStats,
-        budget: TxBudget,
-        *,
-        promised: int = 0,
-        max_window: int = CONN_TX_BUF_SIZE,
-        close_timeout: float = CLOSE_TIMEOUT,
-        linger_timeout: float = LINGER_TIMEOUT,
-    ) -> None:
-        self.sock = sock
-        self.fd = sock.fileno()
-        self.guest_cid = guest_cid
-        self.local_port = local_port  # the host end's port (src_port of what we send)
-        self.peer_port = peer_port  # the guest end's port
-        self.state = state
-        self.stats = stats
-        self.budget = budget
-        self.max_window = max_window
-        # Our credit window, taken from the budget (``promised``: already reserved there for
-        # a connection carried over a snapshot) and given back by _close().
-        self.window = budget.open(promised)
-        self.buf_alloc = 0  # the window the guest last heard of (with last_fwd_cnt_sent)
-        self.close_timeout = close_timeout
-        self.linger_timeout = linger_timeout
-        self.pending: set[int] = set()  # control ops owed to the guest
-        self.shutdown_flags = 0  # flags of the SHUTDOWN owed to / last sent to the guest
-        self.peer_shutdown = 0  # SHUTDOWN flags the guest sent us, accumulated
-        self.to_guest_done = False  # no more data will flow host -> guest
-        self.to_host_done = False  # no more data will flow guest -> host (SHUT_WR done)
-        self.data_ready = False  # the host socket polled readable and was not drained since
-        self.deadline: float | None = None
-        self.initiated_by_host = state is ConnState.LOCAL_INIT  # local_port was allocated
-        self.registered = 0  # epoll mask the muxer registered (0: not registered)
-        self.timer_at: float | None = None  # the deadline the muxer's timer knows of
-        # Credit, host -> guest.
-        self.peer_buf_alloc = 0
-        self.peer_fwd_cnt = 0
-        self.tx_cnt = 0
-        self.credit_requested = False
-        # Credit, guest -> host.
-        self.fwd_cnt = 0
-        self.last_fwd_cnt_sent = 0
-        self.tx_buf = bytearray()
-
-    @property
-    def key(self) -> tuple[int, int]:
-        return self.local_port, self.peer_port
-
-    # -- snapshots --------------------------------------------------------------------------
-
-    _RESUMABLE = (
-        "local_port", "peer_port", "buf_alloc", "peer_buf_alloc", "peer_fwd_cnt", "tx_cnt",
-        "fwd_cnt", "last_fwd_cnt_sent",
-    )  # fmt: skip
-
-    def resumable_state(self) -> dict[str, int] | None:
-        """The counters a restored copy needs to carry on, if nothing is in flight.
-
-        Only an established, quiet connection qualifies: no control op owed,
-        no shutdown, nothing buffered either way, everything sent consumed by
-        the guest, nothing unread on the host socket.
-        """
-        if (
-            self.state is not ConnState.ESTABLISHED
-            or self.pending
-            or self.shutdown_flags
-            or self.peer_shutdown
-            or self.tx_buf
-            or self.tx_cnt != self.peer_fwd_cnt
-        ):
-            return None
-        try:
-            if self.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT):
-                return None
-        except BlockingIOError:
-            pass
-        except OSError:
-            return None
-        return {name: int(getattr(self, name)) for name in self._RESUMABLE}
-
-    def load_resumable_state(self, state: dict[str, int]) -> None:
-        for name in self._RESUMABLE:
-            setattr(self, name, int(state[name]) & U32)
-        if self.guest_credit() > self.window:  # a state we never wrote: hold it to our window
-            self.buf_alloc, self.last_fwd_cnt_sent = self.window, self.fwd_cnt
-
-    # -- credit -----------------------------------------------------------------------------
-
-    def peer_credit(self) -> int:
-        """Bytes the guest can still take (0 if its counters make no sense)."""
-        in_flight = (self.tx_cnt - self.peer_fwd_cnt) & U32
-        return max(0, self.peer_buf_alloc - in_flight)
-
-    def update_peer_credit(self, hdr: VsockHeader) -> None:
-        self.peer_buf_alloc = hdr.buf_alloc
-        self.peer_fwd_cnt = hdr.fwd_cnt
-        if self.peer_credit() > 0:
-            self.credit_requested = False
-
-    def header(self, op: int, *, length: int = 0, flags: int = 0) -> VsockHeader:
-        """A header toward the guest, stamped with our credit (which it also acknowledges).
-
-        Every header is a chance for the window to grow (towards ``max_window``,
-        as far as the budget allows); it never shrinks here, so the right edge
-        ``fwd_cnt + buf_alloc`` the guest sees only moves forward.
-        """
-        may_send = not self.peer_shutdown & VIRTIO_VSOCK_SHUTDOWN_SEND
-        if self.state is not ConnState.CLOSED and may_send:
-            self.window = self.budget.resize(self.window, max(self.window, self.max_window))
-        hdr = host_header(
-            self.guest_cid, self.local_port, self.peer_port, op, length=length, flags=flags
-        )
-        hdr.buf_alloc = self.buf_alloc = self.window
-        hdr.fwd_cnt = self.last_fwd_cnt_sent = self.fwd_cnt
-        self.pending.discard(VIRTIO_VSOCK_OP_CREDIT_UPDATE)
-        return hdr
-
-    def guest_credit(self) -> int:
-        """Bytes the guest may still send: up to the right edge it was told, minus what came."""
-        edge = self.last_fwd_cnt_sent + self.buf_alloc
-        room = (edge - self.fwd_cnt - len(self.tx_buf)) & U32
-        return 0 if room > U32 // 2 else room  # past the edge: nothing (a reset follows)
-
-    def _maybe_credit_update(self) -> None:
-        # Half a small window, not a fixed 64 KiB: a guest that has used a 4 KiB window
-        # waits for our update (Linux never asks), and must get one once it drained.
-        threshold = min(CREDIT_UPDATE_THRESHOLD, max(1, self.window // 2))
-        if (self.fwd_cnt - self.last_fwd_cnt_sent) & U32 >= threshold:
-            self.pending.add(VIRTIO_VSOCK_OP_CREDIT_UPDATE)
 
     # -- what the muxer asks ----------------------------------------------------------------
 
@@ -436,83 +228,3 @@ class Connection:
         if self.peer_credit() == 0 and not self.credit_requested:
             self.pending.add(VIRTIO_VSOCK_OP_CREDIT_REQUEST)
         return HDR_SIZE + n
-
-    # -- closing ----------------------------------------------------------------------------
-
-    def _host_eof(self) -> None:
-        self.to_guest_done = True
-        self.data_ready = False
-        self._send_shutdown(VIRTIO_VSOCK_SHUTDOWN_SEND)
-        self._advance()
-
-    def _send_shutdown(self, flags: int) -> None:
-        if flags & ~self.shutdown_flags:
-            self.shutdown_flags |= flags
-            self.pending.add(VIRTIO_VSOCK_OP_SHUTDOWN)
-
-    def _shutdown_host(self, how: int) -> None:
-        try:
-            self.sock.shutdown(how)
-        except OSError:
-            pass  # the host end is already gone; a later read or write will tell
-
-    def _advance(self) -> None:
-        """Move toward CLOSING / CLOSED once the directions that were shut are drained."""
-        if self.state not in (ConnState.ESTABLISHED, ConnState.CLOSING):
-            return
-        if (
-            self.peer_shutdown & VIRTIO_VSOCK_SHUTDOWN_SEND
-            and not self.tx_buf
-            and not self.to_host_done
-        ):
-            self.to_host_done = True
-            self._shutdown_host(socket.SHUT_WR)
-        if self.peer_shutdown == VIRTIO_VSOCK_SHUTDOWN_BOTH and self.to_host_done:
-            self._close(owe_rst=True)  # the guest closed and everything it sent was delivered
-        elif self.peer_shutdown == VIRTIO_VSOCK_SHUTDOWN_BOTH or (
-            self.to_guest_done and self.to_host_done
-        ):
-            lingering = self.peer_shutdown == VIRTIO_VSOCK_SHUTDOWN_BOTH  # tx_buf not empty
-            if not lingering:
-                self._send_shutdown(VIRTIO_VSOCK_SHUTDOWN_BOTH)
-            if self.state is not ConnState.CLOSING:
-                self.state = ConnState.CLOSING
-                timeout = self.linger_timeout if lingering else self.close_timeout
-                self.deadline = time.monotonic() + timeout
-
-    def expire(self, now: float) -> None:
-        """The muxer's timer fired: give up on a connect or a close that took too long."""
-        waiting = self.state in (ConnState.LOCAL_INIT, ConnState.CLOSING)
-        if waiting and self.deadline is not None and now >= self.deadline:
-            why = "close timed out" if self.state is ConnState.CLOSING else "guest did not answer"
-            self.kill(why, host_error=True)
-
-    def forget(self) -> None:
-        """Close without telling the guest (device or transport reset): it forgot us."""
-        self._close(owe_rst=False)
-
-    def kill(self, why: str, *, host_error: bool = False, guest_error: bool = False) -> None:
-        """Abort: close the host socket and owe the guest an RST (if it knows us at all)."""
-        if self.state is ConnState.CLOSED:
-            return
-        log.debug("vsock %d->%d: reset: %s", self.local_port, self.peer_port, why)
-        if host_error:
-            self.stats.host_errors += 1
-        if guest_error:
-            self.stats.bad_packets += 1
-        unknown_to_guest = (
-            self.state is ConnState.LOCAL_INIT and VIRTIO_VSOCK_OP_REQUEST in self.pending
-        )
-        self._close(owe_rst=not unknown_to_guest)
-
-    def _close(self, *, owe_rst: bool) -> None:
-        """Drop what is buffered and give the window back: a closed connection holds nothing
-        (the muxer's timer heap may still point at it for a while)."""
-        self.state = ConnState.CLOSED
-        self.deadline = None
-        self.data_ready = False
-        self.tx_buf = bytearray()
-        if self.window:
-            self.budget.close(self.window)
-            self.window = 0
-        self.pending = {VIRTIO_VSOCK_OP_RST} if owe_rst else set()

@@ -43,12 +43,6 @@ from ember.devices.virtio.device import (
 )
 from ember.devices.virtio.queue import DescriptorChain, Queue, QueueError
 from ember.devices.virtio.vsock.budget import TX_BUDGET
-from ember.devices.virtio.vsock.connection import (
-    CLOSE_TIMEOUT,
-    CONNECT_TIMEOUT,
-    LINGER_TIMEOUT,
-    VsockStats,
-)
 from ember.devices.virtio.vsock.muxer import MAX_CONNECTIONS, VsockMuxer
 from ember.devices.virtio.vsock.packet import (
     VIRTIO_VSOCK_CONFIG,
@@ -57,6 +51,12 @@ from ember.devices.virtio.vsock.packet import (
     VIRTIO_VSOCK_F_STREAM,
     VMADDR_CID_ANY,
     VMADDR_CID_HOST,
+)
+from ember.devices.virtio.vsock.state import (
+    CLOSE_TIMEOUT,
+    CONNECT_TIMEOUT,
+    LINGER_TIMEOUT,
+    VsockStats,
 )
 from ember.errors import ConfigError
 from ember.memory import GuestMemory, GuestMemoryError
