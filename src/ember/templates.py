@@ -56,6 +56,7 @@ from ember.snapshot.format import FORMAT_VERSION, read_state
 from ember.snapshot.memory_file import memory_digest
 from ember.spec import SandboxSpec, agent_argv, resolve_images, resolve_preload
 from ember.template_warm import check_preload, wait_warm
+from ember.vmm.config import DEFAULT_CMDLINE
 
 if TYPE_CHECKING:
     from ember.images.packages import PackageSpec
@@ -105,6 +106,7 @@ def default_key(spec: SandboxSpec) -> str:
         ("kernel", str(kernel)), ("initrd", str(initrd)), ("rootfs", str(rootfs)),
         ("mem_mib", spec.mem_mib), ("vcpus", spec.vcpus), ("cpu_template", spec.cpu_template),
         ("cpu_features", resolve_template(spec.cpu_template).signature()),
+        ("cmdline", DEFAULT_CMDLINE),
         ("format", FORMAT_VERSION), ("agent", " ".join(agent_argv(spec))),
         ("warm", "worker sockets, code ring polling"),  # template_warm.wait_warm
         ("prefault", template_prefault.FIRST_CALLS),

@@ -150,3 +150,28 @@ def test_an_idle_sandbox_stops_polling(sb: Sandbox) -> None:
     time.sleep(1.0)
     idle = vcpu_seconds() - quiet
     assert polled > idle and idle < 0.2, (polled, idle)
+
+
+def test_an_idle_guest_skips_its_housekeeping(sb: Sandbox) -> None:
+    """The kernel command line (vmm.config.QUIET_SYSCTLS) turns off proactive compaction,
+    whose kcompactd wakes an idle guest every 500 ms, and slows vmstat's fold, which would
+    run at the guest's next wake-up: once the worker stops polling, the vCPU stays halted."""
+    names = ("compaction_proactiveness", "stat_interval")
+    got = sb.run_code(f"[open('/proc/sys/vm/' + n).read().strip() for n in {names!r}]")
+    assert got.value == "['0', '60']", got
+
+    def halts() -> int:
+        return int(sb._vmm.control("kvm-stats")["vcpus"]["halt_exits"])
+
+    time.sleep(AFTER_CALL_S + 0.2)  # the worker polled, then slept
+    windows: list[int] = []
+    for _ in range(3):
+        assert sb.ping()["pong"] is True
+        time.sleep(0.3)  # the agent's answer and its wake-ups are done
+        before = halts()
+        time.sleep(1.2)  # two of kcompactd's wake-ups
+        after = halts()
+        if not sb._vmm.control("status")["paused"]:  # a parked guest proves nothing
+            windows.append(after - before)
+    assert windows, "the sandbox was parked in every window"
+    assert min(windows) == 0, windows
