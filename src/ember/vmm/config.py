@@ -29,8 +29,8 @@ from ember.arch.x86_64 import layout
 from ember.errors import ConfigError
 
 # Two kinds of an idle guest's housekeeping, each thousands of emulated instructions under
-# kvm_pvm (measured with the kvm-stats control command: 25-50k while a sandbox sat idle for
-# 2.6 s, none with these; a run_code 3 s after the last 10-17k instead of 5-6k):
+# kvm_pvm (bench/idle.py: ~25k a second while a sandbox sits idle unparked, ~1.4k with
+# these; a run_code that wakes a parked guest 15k, 11k with these):
 # - proactive compaction: kcompactd wakes every 500 ms to score fragmentation, for huge pages
 #   that a VM this small and short-lived does not wait for (compaction on demand stays);
 # - vmstat: per-CPU counters folded every second by deferrable work, which an idle vCPU runs
