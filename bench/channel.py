@@ -221,7 +221,7 @@ def run_code_round_trips(runs: int) -> dict[str, float]:
     """p50 ms of ``run_code('x * 7')``: code ring (worker polling), vsock (the agent's
     socketpair to the worker), the ring after the worker fell asleep (one vsock wake-up),
     and the floor: a host Python subprocess answering over pipes (no VM at all)."""
-    from ember.agent.codering import AFTER_CALL_S
+    from ember.agent.codering import SPIN_MAX_S
     from ember.client import AgentClient
 
     out: dict[str, list[float]] = {"ring": [], "vsock": [], "ring after sleep": [], "host": []}
@@ -237,7 +237,7 @@ def run_code_round_trips(runs: int) -> dict[str, float]:
                     call("x * 7", timeout=300)
                     out[name].append(time.perf_counter() - t0)
             for _ in range(min(runs, 3)):
-                time.sleep(AFTER_CALL_S + 0.3)
+                time.sleep(SPIN_MAX_S + 0.3)
                 t0 = time.perf_counter()
                 sb.run_code("x * 7", timeout=300)
                 out["ring after sleep"].append(time.perf_counter() - t0)

@@ -30,7 +30,7 @@ from _common import fmt_num, fmt_ratio, format_table, ratio, summarize, to_json
 from ember import Sandbox
 
 DEFAULTS = "echo 20 > /proc/sys/vm/compaction_proactiveness; echo 1 > /proc/sys/vm/stat_interval"
-POLL_END_S = 0.6  # the worker polls 0.25 s after a call; the agent's answers settle too
+POLL_END_S = 0.6  # the worker's poll after a call has ended; the agent's answers settle too
 GAP_S = 3.0
 PARK_WAIT_S = 20.0  # an idle VM with no host connection is parked within seconds
 

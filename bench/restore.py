@@ -400,7 +400,7 @@ def measure_gaps(runs: int, gaps: Sequence[float] = (0.0, 1.0, 3.0)) -> dict[str
     """A live sandbox's ``ping`` and ``run_code('6*7')`` after the caller was idle for each of
     ``gaps`` seconds, as an interactive caller (an agent between tool calls) sees them: within
     the kept connection's life (5 s) the call reuses it; the ``run_code`` worker stops polling
-    0.25 s after a call, so later calls wake it (one vsock round trip)."""
+    at most ``SPIN_MAX_S`` after a call, so later calls wake it (the guest bell)."""
     found: dict[str, Any] = {}
     with Sandbox() as sb:
         sb.ping()

@@ -34,10 +34,10 @@ region it has not announced itself in, then stores, in the request slot's contro
 
       offset 192  code_ready      non-zero: a worker serves these rings (stored last)
       offset 256  code_epoch      written by the agent: how many workers have died
-      offset 384  code_not_yet    written by the host: its first request to a restored
-                                  VM is not a ``run_code``, so the worker stops the poll
-                                  it began at the restore (it competes with the agent for
-                                  the vCPU) and clears the word
+      offset 384  code_not_yet    written by the host: a request that is not a
+                                  ``run_code`` is on its way, so the worker stops its poll
+                                  (after a restore or a call; it competes with the agent
+                                  for the vCPU) and clears the word
 
 Head and tail sit on separate cache lines, so producer and consumer never write
 the same line. A record is an 8-byte header (``length | kind << 32``) and its

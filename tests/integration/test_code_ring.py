@@ -16,7 +16,7 @@ from collections.abc import Iterator
 import pytest
 
 from ember import AsyncSandbox, Sandbox, ring
-from ember.agent.codering import AFTER_CALL_S
+from ember.agent.codering import SPIN_MAX_S
 from ember.client import AgentClient
 from ember.vmm import control
 
@@ -76,7 +76,7 @@ def test_a_sleeping_worker_is_woken_by_the_guest_bell_then_polls_again(sb: Sandb
     the worker's wake-up), and the agent is never asked."""
     assert sb.run_code("y = 1").error is None
     before = doorbell_interrupts(sb)
-    time.sleep(AFTER_CALL_S + 0.5)
+    time.sleep(SPIN_MAX_S + 0.5)
     assert sb._code_ring._req_ctl is not None
     assert sb._code_ring._req_ctl[ring.CONSUMER_FLAGS] & ring.CONSUMER_SLEEPING
     assert sb.run_code("y + 1", timeout=60).value == "2"
@@ -136,16 +136,20 @@ def test_the_async_sandbox_uses_the_ring_too(images: Images) -> None:
 
 
 def test_an_idle_sandbox_stops_polling(sb: Sandbox) -> None:
-    """Polling costs a vCPU; after a call it lasts AFTER_CALL_S, then the worker sleeps."""
+    """Polling costs a vCPU: a call that asks to linger is polled for that long, an ordinary
+    call for at most SPIN_MAX_S, then the worker sleeps and the vCPU is idle."""
 
     def vcpu_seconds() -> float:
         return float(sum(sb._vmm.control("status")["vcpu_cpu_s"]))
 
-    assert sb.run_code("1", timeout=60).error is None
+    assert sb._client.run_code("1", timeout=60, linger=0.8).error is None
     busy = vcpu_seconds()
-    time.sleep(AFTER_CALL_S)
-    polled = vcpu_seconds() - busy  # the worker polled through most of this window
     time.sleep(0.5)
+    polled = vcpu_seconds() - busy  # the worker polled through this window
+    assert sb.run_code("2", timeout=60).error is None
+    time.sleep(SPIN_MAX_S + 0.2)
+    ctl = sb._code_ring._req_ctl
+    assert ctl is not None and ctl[ring.CONSUMER_FLAGS] & ring.CONSUMER_SLEEPING
     quiet = vcpu_seconds()
     time.sleep(1.0)
     idle = vcpu_seconds() - quiet
@@ -163,7 +167,7 @@ def test_an_idle_guest_skips_its_housekeeping(sb: Sandbox) -> None:
     def halts() -> int:
         return int(sb._vmm.control("kvm-stats")["vcpus"]["halt_exits"])
 
-    time.sleep(AFTER_CALL_S + 0.2)  # the worker polled, then slept
+    time.sleep(SPIN_MAX_S + 0.2)  # the worker polled, then slept
     windows: list[int] = []
     for _ in range(3):
         assert sb.ping()["pong"] is True

@@ -3,8 +3,8 @@
 A memfd laid out like the VMM's region stands in for the shared memory. The agent's
 :class:`CodeRunner` starts the real worker loop (``serve_cells``) in a real process,
 which maps the same memfd through ``/proc/PID/fd`` as the guest maps ``/dev/mem``; the
-host's :class:`CodeRing` writes requests and reads replies. Only the doorbells are plain
-memory here (no ioeventfd), so a sleeping host finds replies on its periodic look.
+host's :class:`CodeRing` writes requests and reads replies. The doorbells are plain memory
+here (no ioeventfd): a thread relays each store to its eventfd, as KVM would, a little later.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import pytest
 
 from ember import ring
 from ember.agent import shm
-from ember.agent.codering import AFTER_CALL_S, DeathNotice
+from ember.agent.codering import SPIN_MAX_S, SPIN_MIN_S, DeathNotice
 from ember.agent.runcode import CodeRunner
 from ember.client import CodeRing, HostRegion
 from ember.client.results import CodeResult, parse_code_result
@@ -70,6 +70,10 @@ class Fixture:
         self.agent_region = shm.Region(os.dup(self.memfd), SIZE, 0)
         self.runner.notice = DeathNotice(self.agent_region)
         self.bells = [os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC) for _ in range(SLOTS)]
+        self._stores = mmap.mmap(self.memfd, ring.PAGE, offset=SIZE)
+        self._relaying = True
+        self._relay = threading.Thread(target=self._relay_bells, daemon=True)
+        self._relay.start()
         host_bell = -1
         if bell:
             host_bell = os.eventfd(0, os.EFD_NONBLOCK) if unheard else os.dup(self.bell)
@@ -79,6 +83,19 @@ class Fixture:
         self.alive = True
         self.code = CodeRing(lambda: self.host, alive=lambda: self.alive)
         self.ops: list[dict[str, Any]] = []
+
+    def _relay_bells(self) -> None:
+        """The VMM's ioeventfds: a store to slot i's doorbell signals the host's eventfd."""
+        words = memoryview(self._stores).cast("I")
+        try:
+            while self._relaying:
+                for slot in range(SLOTS):
+                    if words[slot]:
+                        words[slot] = 0
+                        os.eventfd_write(self.bells[slot], 1)
+                time.sleep(0.0003)
+        finally:
+            words.release()
 
     def agent(self, request: dict[str, Any]) -> dict[str, Any]:
         """The agent's ``code_ring`` op, as its server would run it."""
@@ -105,6 +122,8 @@ class Fixture:
         return result
 
     def close(self) -> None:
+        self._relaying = False
+        self._relay.join()
         self.runner.close()
         self.code.close()
         if self.bell >= 0:
@@ -148,12 +167,35 @@ def test_cells_go_through_the_rings_and_keep_their_state(fx: Fixture) -> None:
 
 def test_a_sleeping_worker_is_woken_by_the_agent(fx: Fixture) -> None:
     fx.ready_call("y = 1")
-    time.sleep(AFTER_CALL_S + 0.3)  # the worker stops polling and sleeps
+    time.sleep(SPIN_MAX_S + 0.3)  # the worker stops polling and sleeps
     assert fx.ctl(2)[ring.CONSUMER_FLAGS] & ring.CONSUMER_SLEEPING
     assert fx.ready_call("y + 1").value == "2"
     assert fx.code.wakes == 1 and [op["action"] for op in fx.ops] == ["wake"]
     assert fx.ready_call("y + 2").value == "3"  # polling again: no second wake
     assert fx.code.wakes == 1
+
+
+def test_after_an_ordinary_call_the_worker_soon_sleeps(fx: Fixture) -> None:
+    """Polling holds a vCPU: an ordinary call's window is at most SPIN_MAX_S (it was a
+    quarter of a second), while a call that asks to linger is polled for that long."""
+    fx.ready_call("1")
+    time.sleep(SPIN_MAX_S + 0.1)
+    assert fx.ctl(2)[ring.CONSUMER_FLAGS] & ring.CONSUMER_SLEEPING
+    assert fx.code.call({"op": "run", "code": "2", "linger": 30}, 30, fx.agent) is not None
+    time.sleep(SPIN_MAX_S + 0.1)
+    assert not fx.ctl(2)[ring.CONSUMER_FLAGS] & ring.CONSUMER_SLEEPING
+
+
+def test_a_caller_at_a_steady_pace_finds_the_worker_polling(fx: Fixture) -> None:
+    """The window follows the gaps between calls: after the first call at a pace slower
+    than the floor, the next ones are caught by the poll, not woken."""
+    fx.ready_call("n = 0")
+    pace = SPIN_MIN_S * 1.2
+    for _ in range(10):
+        time.sleep(pace)
+        assert fx.ready_call("n += 1").error is None
+    assert fx.ready_call("n").value == "10"
+    assert fx.code.wakes <= 3, fx.code.wakes  # the first, and the odd late sleep
 
 
 def test_a_worker_without_a_bell_does_not_arm_it(fx: Fixture) -> None:
@@ -166,7 +208,7 @@ def test_a_sleeping_worker_is_woken_by_the_guest_bell(fx_bell: Fixture) -> None:
     fx.ready_call("y = 1")
     assert fx.ctl(2)[ring.CODE_BELL] == 1  # the worker said it listens
     for expected in ("2", "3"):
-        time.sleep(AFTER_CALL_S + 0.3)  # the worker stops polling and sleeps
+        time.sleep(SPIN_MAX_S + 0.3)  # the worker stops polling and sleeps
         assert fx.ctl(2)[ring.CONSUMER_FLAGS] & ring.CONSUMER_SLEEPING
         assert fx.ready_call(f"y + {expected} - 1").value == expected
     assert (fx.code.bells, fx.code.wakes, fx.ops) == (2, 0, [])  # never the agent
@@ -177,7 +219,7 @@ def test_a_sleeping_worker_is_woken_by_the_guest_bell(fx_bell: Fixture) -> None:
 def test_a_bell_the_worker_never_hears_falls_back_to_the_agent(fx_unheard: Fixture) -> None:
     fx = fx_unheard
     fx.ready_call("z = 5")
-    time.sleep(AFTER_CALL_S + 0.3)
+    time.sleep(SPIN_MAX_S + 0.3)
     assert fx.ready_call("z * 2").value == "10"
     assert (fx.code.bells, fx.code.wakes) == (1, 1)
     assert [op["action"] for op in fx.ops] == ["wake"]
@@ -239,7 +281,7 @@ def test_a_wake_that_fails_after_publishing_is_an_error_not_a_second_run(fx: Fix
     """A request already in the ring must never be sent again over vsock: the cell
     could then run twice. A broken agent connection during the wake is an error."""
     fx.ready_call("runs = 0")
-    time.sleep(AFTER_CALL_S + 0.3)  # the worker sleeps: the next call must wake it
+    time.sleep(SPIN_MAX_S + 0.3)  # the worker sleeps: the next call must wake it
     assert fx.ctl(2)[ring.CONSUMER_FLAGS] & ring.CONSUMER_SLEEPING
 
     broken: list[dict[str, Any]] = []
@@ -283,3 +325,22 @@ def test_a_first_request_that_is_not_run_code_stops_the_restored_workers_poll(
     finally:
         restored._region = None  # fx.host is the fixture's to close
         restored.close()
+
+
+def test_any_request_that_is_not_run_code_stops_the_poll_after_a_call(fx: Fixture) -> None:
+    """Not only after a restore: a polling worker would slow the agent serving a files or
+    exec request, so the host's ``not_yet`` before it stops the poll after any call."""
+    reply = None
+    while reply is None:  # a poll far longer than the test: only CODE_NOT_YET ends it in time
+        reply = fx.code.call({"op": "run", "code": "v = 1", "linger": 120}, 30, fx.agent)
+    slot = fx.ctl(2)
+    assert not slot[ring.CONSUMER_FLAGS] & ring.CONSUMER_SLEEPING
+    fx.code.not_yet()
+    deadline = time.monotonic() + 30
+    while not slot[ring.CONSUMER_FLAGS] & ring.CONSUMER_SLEEPING:
+        assert time.monotonic() < deadline, "the worker kept polling"
+        time.sleep(0.001)
+    fx.code.not_yet()  # asleep: nothing is written
+    assert slot[ring.CODE_NOT_YET] == 0
+    assert fx.ready_call("v + 1").value == "2"
+    assert fx.code.wakes == 1

@@ -256,12 +256,13 @@ def _error_result(type_name: str, message: str) -> dict[str, Any]:
     return {"stdout": "", "stderr": "", "value": None, "error": error}
 
 
-def _linger(request: dict[str, Any]) -> float:
-    """How long to poll the code ring after this call (a template build asks for long)."""
+def _linger(request: dict[str, Any]) -> float | None:
+    """How long to poll the code ring after this call: what it asks (a template build asks
+    for long), else None, the window learnt from the caller's pace (``SpinWindow``)."""
     linger = request.get("linger")
     if isinstance(linger, (int, float)) and not isinstance(linger, bool):
         return float(linger)
-    return codering.AFTER_CALL_S
+    return None
 
 
 def main(argv: list[str]) -> int:
@@ -291,17 +292,17 @@ def serve_cells(sock: socket.socket, code_ring: codering.WorkerRing | None) -> N
         generation: object,
         emit: _Streamer | None = None,
         entropy: bytes = b"",
-    ) -> tuple[dict[str, Any], float]:
+    ) -> tuple[dict[str, Any], float | None]:
         code = request.get("code")
         if not isinstance(code, str):
-            return _error_result("BadRequest", "no code"), codering.AFTER_CALL_S
+            return _error_result("BadRequest", "no code"), None
         # a new generation (restore, fork): reseed. With a region its generation is the one
         # signal for both paths, so switching between them never reseeds.
         worker.reseed(code_ring.generation if code_ring is not None else generation, entropy)
         return worker.run(code, emit), _linger(request)
 
-    def on_ring(payload: bytes) -> tuple[bytes, float]:
-        linger = codering.AFTER_CALL_S
+    def on_ring(payload: bytes) -> tuple[bytes, float | None]:
+        linger: float | None = None
         entropy = b""
         try:
             request = decode_json(payload)
@@ -315,11 +316,11 @@ def serve_cells(sock: socket.socket, code_ring: codering.WorkerRing | None) -> N
     def on_socket() -> float | None:
         frame = read_frame(sock)
         if frame is None:
-            return None
+            raise EOFError("the agent has gone")
         kind, payload = frame
         request = decode_json(payload) if kind is Kind.REQUEST else {}
         if request.get("op") == "wake":  # a host wrote to the ring while we slept
-            return codering.AFTER_CALL_S
+            return None
         emit = _Streamer(sock) if request.get("stream") is True else None
         result, linger = answer(request, request.get("generation"), emit)
         if code_ring is not None:

@@ -151,7 +151,8 @@ class Session:
         # The code rings reach the worker, not the agent: their first request carries its
         # own announcement, applied by the worker (ember.agent.codering).
         self._ring_announcer = ResumeAnnouncer(announce_resume)
-        # Called before each REQUEST that is not run_code (the code ring's ``not_yet``).
+        # Called before each REQUEST that is not run_code (the code ring's ``not_yet``: a
+        # worker polling the ring stops, so the agent has the vCPU).
         self.not_yet: Callable[[], None] | None = None
 
     def announced(self) -> None:
