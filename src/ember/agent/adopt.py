@@ -2,7 +2,7 @@
 
 The pool's mother forks members with ``CLONE_PARENT`` (see ``pyclone._Forker``), so each
 is the agent's child although no ``Popen`` of the agent made it. Everything that hands a
-member's program to the relay (:mod:`ember.agent.execute`) speaks ``Popen``: ``pid``,
+member's program to the relay (:mod:`ember.agent.relay`) speaks ``Popen``: ``pid``,
 ``poll``, ``wait``, ``send_signal``, ``kill``, ``returncode`` and the standard streams.
 All of those rest on ``waitpid`` of the child's ``pid``, which works for any child; only
 the constructor (which would start a new process) is replaced. The attributes it sets are

@@ -57,7 +57,7 @@ if _ember_end is not None:
 # What a pre-started interpreter runs, in this order, in one namespace (see ember.agent.pybase).
 STARTUP_FILES = ":".join(
     os.path.join(os.path.dirname(os.path.abspath(__file__)), f"{name}.py")
-    for name in ("pybase", "pyjob", "pywarm", "pyclone", "pystart")
+    for name in ("pybase", "pymain", "pyjob", "pywarm", "pyclone", "pystart")
 )
 
 

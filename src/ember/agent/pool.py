@@ -36,107 +36,25 @@ heap: touching pages in a live sandbox is exactly the cost the heap exists to av
 
 from __future__ import annotations
 
-import enum
-import os
-import select
 import signal
-import socket
 import subprocess
 import threading
 import time
 from typing import Any
 
-from ember.agent.common import log
 from ember.agent.handover import acceptable, as_file, check_cwd, job_spec
-from ember.agent.heap import with_malloc_env
-from ember.agent.member import (
-    BACKGROUND_NICE,
-    MEMBER,
-    MOTHER,
-    START_TIMEOUT_S,
-    Member,
-    describe_death,
-    discard,
-    forked,
-    kill_holder,
-    read_message,
-    renice,
-    send_message,
-    send_signal,
-    spawn,
-)
-from ember.agent.pyargs import effective_ctype, plan
-from ember.agent.pyfind import PythonFinder
-from ember.agent.resume import ResumeState
+from ember.agent.member import Member, discard, kill_holder, read_message, send_message, send_signal
+from ember.agent.poolfill import DEFAULT_SIZE, IDLE_S, PoolFiller, PoolState
+from ember.agent.pyargs import plan
 
 __all__ = ["DEFAULT_SIZE", "IDLE_S", "InterpreterPool", "PoolState"]
 
-DEFAULT_SIZE = 2
-IDLE_S = 1.0  # a sandbox this long without requests may spend its CPU on refills
-RETRY_S = 30.0  # after a refill failed
-FIRST_TRIES = 3  # starts the first fill may lose to a death (not to a reported error)
-FIRST_RETRY_S = 1.0
 WARM_TIMEOUT_S = 30.0  # a rehearsal takes ~0.1 s here: one not done by then is broken
-FORK_IDLE = 0.2  # of IDLE_S, before a refill the mother forks (~1 s of work, not ~20)
 FORK_WAIT_S = 8.0  # an exec waits this long for a fork (~2 s, ready ~2 s later; python3: 4-8 s)
 
 
-class PoolState(enum.Enum):
-    OFF = "off"  # size 0
-    STARTING = "starting"
-    READY = "ready"  # the first fill is complete (what a template waits for)
-    FAILED = "failed"  # the first fill failed: last_error says why
-
-
-class InterpreterPool:
+class InterpreterPool(PoolFiller):
     """The agent's side: start, hand over, refill, release."""
-
-    def __init__(
-        self,
-        size: int = DEFAULT_SIZE,
-        *,
-        preload: tuple[str, ...] = (),
-        heap_bytes: int = 0,
-        resume: ResumeState | None = None,
-        env: dict[str, str] | None = None,
-        idle_s: float = IDLE_S,
-    ) -> None:
-        from ember.agent.execute import default_env
-
-        self.size = max(0, size)
-        self.preload = preload
-        self.heap_bytes = heap_bytes
-        self.resume = resume if resume is not None else ResumeState()
-        self.idle_s = idle_s
-        self._env = with_malloc_env(env if env is not None else default_env())
-        self._finder = PythonFinder(self._env.get("PATH", ""))
-        self._python = self._finder.python
-        self._ctype = effective_ctype(self._env)
-        self._cond = threading.Condition()
-        self._ready: list[Member] = []
-        self._starting: Member | None = None
-        self._mother: Member | None = None  # forks refills (see _fork); None: spawn them
-        self._holders: list[int] = []  # holders of finished programs, to kill when idle
-        self._handed: dict[int, int] = {}  # program pid -> its holder, until released
-        self._last: dict[str, float] = {}
-        self._closing: dict[int, list[Any]] = {}  # program pid -> what to close when done
-        self._busy = 0
-        self._waiting = 0  # execs waiting for a forked member (the refill runs for them)
-        self._priority = os.getpriority(os.PRIO_PROCESS, 0)  # what programs run at
-        self._idle_since = time.monotonic()
-        self._closed = False
-        self._first_fill_done = False
-        self._first_failures = 0
-        self._reported = False  # the last failed start said why (it would say so again)
-        self._gave_up = False
-        self.state = PoolState.OFF if self.size == 0 else PoolState.STARTING
-        self.last_error = ""
-        self.served = 0
-        self.fallbacks = 0
-        self.rehearsed = 0  # members that rehearsed a start (warm), in all
-        self.forked = 0  # members the mother forked, in all
-        self.mother_error = ""  # why there is no mother: refills are fresh python3 processes
-        self._thread: threading.Thread | None = None
 
     # -- life cycle -------------------------------------------------------------------
 
@@ -218,30 +136,6 @@ class InterpreterPool:
             if self._busy == 0:
                 self._idle_since = time.monotonic()
                 self._cond.notify_all()
-
-    def _may_work(self) -> bool:
-        """(Lock held.) More execs wait for a member than are ready (a member just made is
-        theirs until they wake); or no request in flight, and none for the idle time the next
-        piece of work needs, once the first fill is done."""
-        if self._waiting > len(self._ready):
-            return True
-        if self._busy:
-            return False
-        return not self._first_fill_done or self._idle_left() <= 0
-
-    def _idle_left(self) -> float:
-        """(Lock held.) Seconds of idleness still due before the next piece of work."""
-        needed = self.idle_s * FORK_IDLE if self._fork_wanted() else self.idle_s
-        return needed - (time.monotonic() - self._idle_since)
-
-    def _fork_wanted(self) -> bool:
-        """(Lock held.) The next piece of work is a refill the mother forks."""
-        return self._mother is not None and len(self._ready) < self.size
-
-    def _member_info(self) -> dict[str, Any]:
-        """What the members said when ready (all alike: the same python3, the same start)."""
-        with self._cond:
-            return self._ready[-1].info if self._ready else {}
 
     # -- status -------------------------------------------------------------------------
 
@@ -386,211 +280,3 @@ class InterpreterPool:
         proc.stdout, proc.stderr = as_file(stdout_r), as_file(stderr_r)
         self._closing[proc.pid] = later
         return proc
-
-    # -- filling --------------------------------------------------------------------------
-
-    def _loop(self) -> None:
-        while True:
-            with self._cond:
-                while not self._closed and not (self._may_work() and self._work_wanted()):
-                    timeout = None
-                    if not self._busy and self._work_wanted():
-                        timeout = max(0.01, self._idle_left())
-                    self._cond.wait(timeout)
-                if self._closed:
-                    return
-                # A refill the mother forks (~4 s here) comes before freeing old programs'
-                # memory (seconds each: a template member's heap is 64 MiB).
-                holder = self._holders.pop() if self._holders and not self._fork_wanted() else 0
-            if holder:
-                kill_holder(holder)
-                continue
-            first = not self._first_fill_done
-            member = self._start_one(first)
-            filled = False
-            with self._cond:
-                if member is not None:
-                    self._ready.append(member)
-                    self._cond.notify_all()  # an exec may be waiting for it
-                    filled = len(self._ready) >= self.size and not self._first_fill_done
-                elif first:
-                    # A member that reported an error (a preload module that does not
-                    # import) would report it again; one that died (the OOM killer while
-                    # the guest was tight, a signal) is worth another start: a template
-                    # build should not fail on one loss.
-                    self._first_failures += 1
-                    if self._reported or self._first_failures >= FIRST_TRIES:
-                        self.state = PoolState.FAILED
-                        self._gave_up = True
-                        return
-            if filled:
-                self._start_mother()  # before READY: a template has her too
-                self._warm_lookups()
-                with self._cond:
-                    self._first_fill_done = True
-                    self.state = PoolState.READY
-            if member is None:
-                time.sleep(FIRST_RETRY_S if first else RETRY_S)
-
-    def _warm_lookups(self) -> None:
-        """Keep the file-system answers a plain ``exec python3`` needs before the pool says
-        it is ready, so before a template's snapshot: restored sandboxes skip the lookups."""
-        from ember.agent.execute import default_env
-
-        env = default_env()
-        try:
-            self._finder.interpreter("python3", env, None)
-            job = plan(["python3", "-c", "pass"], env, pool_ctype=self._ctype, pool_env=self._env)
-            if job is not None:
-                acceptable(job, env, self._member_info(), self._finder)
-        except OSError:
-            pass  # a warm-up only: the first exec asks again
-
-    def _work_wanted(self) -> bool:
-        return bool(self._holders) or (not self._gave_up and len(self._ready) < self.size)
-
-    def _start_one(self, first: bool) -> Member | None:
-        """A new member: forked by the mother if there is one, else a fresh ``python3``."""
-        heap = self.heap_bytes if first else 0
-        member = None
-        # Not for the template's own members: a forked one shares its pages with the mother
-        # (a guest copy-on-write fault, ~3 ms, on each its program writes); a started one
-        # owns them (a host fault, ~25 us, in a restored copy).
-        if self._mother is not None and not first:
-            member = self._fork(self._mother, heap)
-        if member is None:
-            member = self._spawn(heap, MEMBER)
-        if member is None:
-            return None
-        info = self._run_start(member)
-        self._reported = bool(info and info.get("error"))
-        if info is None or not info.get("ready"):
-            error = (info or {}).get("error") or describe_death(member)
-            self.last_error = str(error)
-            log(f"interpreter pool: {self.last_error}")
-            discard(member)
-            return None
-        member.info = info
-        self.last_error = ""
-        return member
-
-    def _start_mother(self) -> None:
-        """The interpreter refills are forked from: preload imported, no heap, no program.
-        Without one (it failed, or cannot fork here) refills are fresh processes, as before."""
-        mother = self._spawn(0, MOTHER)
-        info = self._run_start(mother) if mother is not None else None
-        if mother is None or info is None or not info.get("mother"):
-            error = (info or {}).get("error") or (
-                describe_death(mother) if mother is not None else self.last_error
-            )
-            self.mother_error = str(error)
-            log(f"interpreter pool: no mother ({self.mother_error}): refills start python3")
-            if mother is not None:
-                discard(mother)
-            return
-        mother.info = info
-        # Her forks, and her children's warm-ups, are background work: at nice 19 a
-        # request's program and the agent get the one vCPU (page-fault work runs at the
-        # faulting task's priority too). Her children are born there; take() lifts each
-        # to the agent's priority with its job.
-        self._background(mother)
-        self._mother = mother
-
-    def _fork(self, mother: Member, heap: int) -> Member | None:
-        """Ask the mother for a member; None (and no mother from now on) if she cannot."""
-        ours, theirs = socket.socketpair()
-        reply = None
-        try:
-            send_message(mother.ctl, {"op": "fork", "heap": heap}, (theirs.fileno(),))
-            reply = self._run_start(mother)
-        except OSError:
-            pass
-        finally:
-            theirs.close()
-        pid = (reply or {}).get("pid")
-        if not isinstance(pid, int) or pid <= 0:
-            ours.close()
-            self.mother_error = str((reply or {}).get("error") or describe_death(mother))
-            log(f"interpreter pool: the mother failed ({self.mother_error}): refills start python3")
-            with self._cond:
-                self._mother = None
-                self._cond.notify_all()  # execs waiting for a fork: start real processes
-            discard(mother)
-            return None
-        with self._cond:
-            self.forked += 1
-        assert self._python is not None
-        return forked(self._python, pid, ours)
-
-    def _spawn(self, heap: int, role: str) -> Member | None:
-        assert self._python is not None
-        try:
-            return spawn(self._python, self._env, role, generation=self.resume.generation,
-                         heap=heap, preload=self.preload)  # fmt: skip
-        except OSError as exc:
-            self.last_error = f"cannot start {self._python}: {exc}"
-            log(f"interpreter pool: {self.last_error}")
-            return None
-
-    def _run_start(self, member: Member) -> dict[str, Any] | None:
-        """The member's next message, with it stopped while a request is in flight (unless
-        an exec waits for it: then it runs in the foreground, see :meth:`_foreground`)."""
-        with self._cond:
-            self._starting = member
-            if self._waiting:
-                self._foreground(member)
-            elif member.forked:
-                # Born at the mother's priority, which an exec's wait may have lifted for the
-                # fork: its start and warm-up are background work once nobody waits.
-                self._background(member)
-            if self._busy and not self._waiting and not member.stopped:
-                member.stopped = True
-                send_signal(member.proc.pid, signal.SIGSTOP)
-        info = self._await_ready(member)
-        with self._cond:
-            self._starting = None
-            if member.stopped:
-                member.stopped = False
-                send_signal(member.proc.pid, signal.SIGCONT)
-        return info
-
-    def _background_again(self) -> None:
-        """(Lock held.) No exec waits any more: what :meth:`_foreground` lifted goes back
-        (the next refill's fork, and its child's warm-up, are background work again; a
-        member about to be taken is lifted again by :meth:`take`)."""
-        for member in (self._mother, self._starting, *self._ready):
-            if member is not None and member.lifted:
-                self._background(member)
-
-    @staticmethod
-    def _background(member: Member) -> None:
-        """Back to nice 19, where the mother and forked members do their own work."""
-        member.lifted = False
-        renice(member.proc.pid, BACKGROUND_NICE)
-
-    def _foreground(self, member: Member) -> None:
-        """(Lock held.) A start an exec waits for is that exec's work, not background work:
-        the mother (her fork) and a forked member (its start) go to the agent's priority.
-        At nice 19 they would get almost none of the vCPU beside a program (the exec of an
-        earlier wait that ran out), and the next waiting exec would run out too."""
-        if (member.forked or member is self._mother) and not member.lifted:
-            member.lifted = True
-            renice(member.proc.pid, self._priority)
-
-    def _await_ready(self, member: Member) -> dict[str, Any] | None:
-        """Wait for the ``ready`` message; continue a start stopped by :meth:`busy` when idle."""
-        poller = select.poll()
-        poller.register(member.ctl.fileno(), select.POLLIN)
-        ran = 0.0
-        while ran < START_TIMEOUT_S and not self._closed:
-            t0 = time.monotonic()
-            if poller.poll(250):
-                return read_message(member.ctl)
-            with self._cond:
-                if member.stopped and (self._busy == 0 or self._waiting):
-                    member.stopped = False
-                    send_signal(member.proc.pid, signal.SIGCONT)
-                elif not member.stopped:
-                    ran += time.monotonic() - t0
-        member.timed_out = not self._closed
-        return None

@@ -1,9 +1,10 @@
 """What the parts of a pre-started interpreter share: messages on the control socket,
 the reseed of generators seeded in the template, and writes to ``sys.flags``.
 
-A pre-started interpreter runs five files in one namespace, never as modules (an import
+A pre-started interpreter runs six files in one namespace, never as modules (an import
 would add to the ``sys.modules`` the program finds): ``BOOT`` (:mod:`ember.agent.member`)
-executes this one, :mod:`~ember.agent.pyjob` (the job applied, the program run),
+executes this one, :mod:`~ember.agent.pymain` (python3's C start-up for a program: streams,
+the script read), :mod:`~ember.agent.pyjob` (the job applied, the program run),
 :mod:`~ember.agent.pywarm` (warm-ups), :mod:`~ember.agent.pyclone` (the holder and the
 mother's forks) and :mod:`~ember.agent.pystart` (start-up and the wait for a job), in that
 order. Each names what it takes from the ones before it in imports that run only when it is

@@ -7,11 +7,12 @@ of that free for every sandbox restored from it. The agent (:mod:`ember.agent.po
     python3 -c BOOT FILES CTL GENERATION HEAP_BYTES ROLE PRELOAD...
 
 with stdin ``/dev/null`` and stdout/stderr pipes. ``BOOT`` (:data:`ember.agent.member.BOOT`)
-runs ``FILES`` (:mod:`~ember.agent.pybase`, :mod:`~ember.agent.pyjob`,
-:mod:`~ember.agent.pywarm`, :mod:`~ember.agent.pyclone` and this one) in one private namespace
-and calls :func:`wait`, which imports the preload modules, touches the heap, clones the holder,
-says ``ready`` on the ``CTL`` socket and blocks reading it (``ROLE`` ``member``). A ``mother``
-(``ROLE``) stops before the heap and forks members on request instead (``pyclone._mother``).
+runs ``FILES`` (:mod:`~ember.agent.pybase`, :mod:`~ember.agent.pymain`,
+:mod:`~ember.agent.pyjob`, :mod:`~ember.agent.pywarm`, :mod:`~ember.agent.pyclone` and this
+one) in one private namespace and calls :func:`wait`, which imports the preload modules,
+touches the heap, clones the holder, says ``ready`` on the ``CTL`` socket and blocks reading it
+(``ROLE`` ``member``). A ``mother`` (``ROLE``) stops before the heap and forks members on
+request instead (``pyclone._mother``).
 The job (a ``marshal``-ed dict made by the agent from a :class:`ember.agent.pyargs.PyJob`, the
 program's pipes attached) is applied (:class:`ember.agent.pyjob.Job`): descriptors, directory,
 environment, ``sys.argv``/``sys.path``/``sys.flags``/``sys.executable``, standard streams, a new

@@ -1,6 +1,6 @@
 """An exec's output through a leased slot of the shared region: the host's end.
 
-The agent (:mod:`ember.agent.execute`) reads the command's pipes straight into the
+The agent (:mod:`ember.agent.relay`) reads the command's pipes straight into the
 ring, one record per read, its first byte naming the stream; the RESULT frame still
 comes over the connection, after the last record. :class:`OutputRing` merges the two
 into the frames an :class:`~ember.client.core.ExecOp` expects, so every rule of the op
