@@ -327,6 +327,19 @@ def ember_over_qemu(vmms: Mapping[str, Any], keys: Sequence[str]) -> dict[str, f
     return {key: ratio(p50(vmms["ember"], key), p50(vmms["qemu"], key)) for key in keys}
 
 
+def side_by_side(
+    ours: Mapping[str, Any], peer: Mapping[str, Any], rows: Sequence[tuple[str, str, int]]
+) -> list[list[str]]:
+    """Table rows for a bench whose peer ran the same figures: for each ``(label, key,
+    digits)``, both sides' p50 (``ours[key]["p50"]``; a dash where every run failed) and
+    ours over the peer's."""
+    table = []
+    for label, key, digits in rows:
+        a, b = (None if side.get(key) is None else float(side[key]["p50"]) for side in (ours, peer))
+        table.append([label, fmt_num(a, digits), fmt_num(b, digits), fmt_ratio(ratio(a, b))])
+    return table
+
+
 def fmt_num(value: float | None, digits: int = 2) -> str:
     """A table cell for a number; a dash when the figure is missing (e.g. every run failed)."""
     return "-" if value is None else f"{value:.{digits}f}"

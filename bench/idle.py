@@ -25,7 +25,7 @@ import sys
 import time
 from typing import Any
 
-from _common import fmt_num, fmt_ratio, format_table, ratio, summarize, to_json
+from _common import format_table, side_by_side, summarize, to_json
 
 from ember import Sandbox
 
@@ -120,14 +120,7 @@ def main() -> int:
     if args.json:
         print(to_json(report))
         return 0
-    rows = []
-    for label, key, digits in ROWS:
-        p50s = [
-            None if s is None else float(s["p50"])
-            for s in (report["ember"][key], report["defaults"][key])
-        ]
-        rows.append([label, fmt_num(p50s[0], digits), fmt_num(p50s[1], digits),
-                     fmt_ratio(ratio(p50s[0], p50s[1]))])  # fmt: skip
+    rows = side_by_side(report["ember"], report["defaults"], ROWS)
     print(f"p50 of {args.runs} sandboxes each, {args.seconds:g} s idle with a connection held")
     print(format_table(["what", "ember", "kernel defaults", "ember/defaults"], rows))
     return 0

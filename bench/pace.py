@@ -29,7 +29,7 @@ import sys
 import time
 from typing import Any
 
-from _common import fmt_num, fmt_ratio, format_table, ratio, summarize, to_json
+from _common import format_table, side_by_side, summarize, to_json
 
 from ember import Sandbox
 
@@ -89,9 +89,9 @@ def agent_after_call(sb: Sandbox, linger: float | None) -> float:
 def one(calls: int, flip: bool) -> dict[str, dict[str, float]]:
     """Every series once for each side, in one sandbox; ``flip`` runs the peer's first."""
     found: dict[str, dict[str, float]] = {}
-    sides = (("ember", None), ("fixed", FIXED_S))
+    sides: list[tuple[str, float | None]] = [("ember", None), ("fixed", FIXED_S)]
     if flip:  # a series after another one is sometimes slower: alternate who goes first
-        sides = sides[::-1]
+        sides.reverse()
     with Sandbox() as sb:
         held = sb._vmm.connect()  # as a spare holds one: the VM is not parked between calls
         try:
@@ -127,17 +127,12 @@ def main() -> int:
     if args.json:
         print(to_json(report))
         return 0
-    rows = []
     labels = (("ms", "run_code p50 (ms)", 2), ("cpu_ms", "VMM CPU per call (ms)", 1),
               ("insns", "emulated insns per call", 0))  # fmt: skip
     keys = [(f"{pace:g}/{key}", f"gap {1e3 * pace:g} ms: {label}", digits)
             for pace in PACES_S for key, label, digits in labels]  # fmt: skip
     keys.append(("agent_ms", f"files.write {1e3 * AGENT_AFTER_S:g} ms after a call (ms)", 1))
-    for key, label, digits in keys:
-        ours, peer = (report[who][key] for who in ("ember", "fixed"))
-        p50s = [None if s is None else float(s["p50"]) for s in (ours, peer)]
-        rows.append([label, fmt_num(p50s[0], digits), fmt_num(p50s[1], digits),
-                     fmt_ratio(ratio(p50s[0], p50s[1]))])  # fmt: skip
+    rows = side_by_side(report["ember"], report["fixed"], [(lb, k, d) for k, lb, d in keys])
     print(f"p50 over {args.runs} sandboxes x {args.calls} calls per series")
     print(format_table(["what", "ember (learnt window)", "fixed 0.25 s", "ember/fixed"], rows))
     return 0

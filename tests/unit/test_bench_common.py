@@ -257,3 +257,10 @@ def test_run_measured_missing_program() -> None:
 
 def test_module_constant_is_the_marker_the_initramfs_prints() -> None:
     assert _common.MARKER == b"EMBER-USERSPACE-OK"
+
+
+def test_side_by_side_rows_show_both_medians_and_their_ratio() -> None:
+    ours = {"ms": {"p50": 2.0}, "cpu": None}
+    peer = {"ms": {"p50": 8.0}, "cpu": {"p50": 3.0}}
+    rows = _common.side_by_side(ours, peer, [("time", "ms", 1), ("cpu", "cpu", 0)])
+    assert rows == [["time", "2.0", "8.0", "0.25x"], ["cpu", "-", "3", "-"]]
