@@ -89,6 +89,11 @@ def test_each_vmm_thread_runs_its_roles_filter(images: Images) -> None:
         vcpus = len(sb._vmm.control("status")["vcpu_cpu_s"])
         assert vcpus >= 1
         assert Counter(roles.values()) == {Role.MAIN: 1, Role.EVENTS: 1, Role.VCPU: vcpus}
+        # Each thread's name in the kernel (top -H, perf) says the same role.
+        names = {tid: Path(f"/proc/{pid}/task/{tid}/comm").read_text().strip() for tid in roles}
+        expected = {Role.MAIN: "ember-vmm", Role.EVENTS: "ember-events", Role.VCPU: "ember-vcpu"}
+        for tid, role in roles.items():
+            assert names[tid].startswith(expected[role]), (role, names[tid])
         # Stopping and resuming every thread did the VMM no harm.
         assert sb.exec(["echo", "still here"]).stdout == b"still here\n"
 

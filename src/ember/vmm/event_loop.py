@@ -16,6 +16,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from ember.vmm.threads import name_this_thread
+
 log = logging.getLogger(__name__)
 
 
@@ -75,6 +77,7 @@ class EventLoop:
         self._thread.start()
 
     def _run(self) -> None:
+        name_this_thread()
         if self._on_start is not None:
             self._on_start()
         interval = self._tick[0] if self._tick is not None else None

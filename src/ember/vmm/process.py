@@ -34,6 +34,7 @@ from ember.vmm.builder import build_machine, restore_machine
 from ember.vmm.config import ProcessConfig, RestoreConfig, from_json
 from ember.vmm.console import ConsoleSink
 from ember.vmm.machine import Machine
+from ember.vmm.threads import MAIN_THREAD, name_this_thread
 
 EXIT_CRASH = 1  # the guest crashed (or the VMM could not confine itself)
 EXIT_ERROR = 2  # a bad config: one "ember: error: ..." line on stderr (as the CLI's usage status)
@@ -83,6 +84,7 @@ def run(config: ProcessConfig) -> int:
         from ember.jailer import jail
 
         jail.enter_pid_namespace()  # from here on we are the VMM, PID 1 of its namespace
+    name_this_thread(MAIN_THREAD)
     console = ConsoleSink(sys.stdout.buffer)
     machine = _make_machine(config, console)
     control = None

@@ -20,6 +20,7 @@ from ember.devices.bus import Bus
 from ember.kvm import abi
 from ember.kvm.system import Vcpu
 from ember.vmm.state import StopKind, StopReason
+from ember.vmm.threads import name_this_thread
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +67,8 @@ class VcpuThread:
         self._want_sample = False
         self.samples: dict[int, int] | None = None
         self.on_start: Callable[[], None] | None = None  # first thing on the thread (seccomp)
-        self.thread = threading.Thread(target=self._run, name=f"vcpu{vcpu.index}", daemon=True)
+        name = f"ember-vcpu{vcpu.index}"  # the kernel's too (ember.vmm.threads)
+        self.thread = threading.Thread(target=self._run, name=name, daemon=True)
 
     def start(self) -> None:
         self.thread.start()
@@ -140,6 +142,7 @@ class VcpuThread:
                 pass
 
     def _run(self) -> None:
+        name_this_thread()
         try:
             if self.on_start is not None:
                 self.on_start()
