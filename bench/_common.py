@@ -327,6 +327,14 @@ def ember_over_qemu(vmms: Mapping[str, Any], keys: Sequence[str]) -> dict[str, f
     return {key: ratio(p50(vmms["ember"], key), p50(vmms["qemu"], key)) for key in keys}
 
 
+def process_cpu_seconds(pid: int) -> float:
+    """User plus system CPU time process ``pid`` has used, all its threads (a VMM's vCPUs
+    included), from ``/proc/PID/stat``: tick-grained, so compare it over a series."""
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()  # the name may hold spaces
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def side_by_side(
     ours: Mapping[str, Any], peer: Mapping[str, Any], rows: Sequence[tuple[str, str, int]]
 ) -> list[list[str]]:

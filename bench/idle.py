@@ -20,12 +20,11 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import sys
 import time
 from typing import Any
 
-from _common import format_table, side_by_side, summarize, to_json
+from _common import format_table, process_cpu_seconds, side_by_side, summarize, to_json
 
 from ember import Sandbox
 
@@ -33,12 +32,6 @@ DEFAULTS = "echo 20 > /proc/sys/vm/compaction_proactiveness; echo 1 > /proc/sys/
 POLL_END_S = 0.6  # the worker's poll after a call has ended; the agent's answers settle too
 GAP_S = 3.0
 PARK_WAIT_S = 20.0  # an idle VM with no host connection is parked within seconds
-
-
-def _cpu_seconds(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as stat:
-        fields = stat.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _kvm(sb: Sandbox) -> tuple[int, int]:
@@ -56,10 +49,10 @@ def one(seconds: float, defaults: bool) -> dict[str, float]:
             pid = sb._vmm.vmm_pid
             assert pid is not None
             time.sleep(POLL_END_S)
-            cpu, (insns, halts), t = _cpu_seconds(pid), _kvm(sb), time.monotonic()
+            cpu, (insns, halts), t = process_cpu_seconds(pid), _kvm(sb), time.monotonic()
             time.sleep(seconds)
             elapsed = time.monotonic() - t
-            cpu, (insns2, halts2) = _cpu_seconds(pid) - cpu, _kvm(sb)
+            cpu, (insns2, halts2) = process_cpu_seconds(pid) - cpu, _kvm(sb)
             sb.run_code("6*7")
             time.sleep(GAP_S)
             call_ms, call_insns = _call(sb)

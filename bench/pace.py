@@ -23,13 +23,12 @@ call (it was stored only after a restore).
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import time
 from typing import Any
 
-from _common import format_table, side_by_side, summarize, to_json
+from _common import format_table, process_cpu_seconds, side_by_side, summarize, to_json
 
 from ember import Sandbox
 
@@ -37,12 +36,6 @@ PACES_S = (0.0, 0.01, 0.03, 0.1, 1.0)
 FIXED_S = 0.25  # the window every call had before the worker learnt the caller's pace
 SETTLE_S = 0.6  # after a series: the last poll has ended, the agent's answers are done
 AGENT_AFTER_S = 0.03  # within a fixed 0.25 s poll; past a lone call's learnt one
-
-
-def _cpu_ms(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as stat:
-        fields = stat.read().rsplit(")", 1)[1].split()
-    return 1e3 * (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _insns(sb: Sandbox) -> int:
@@ -54,7 +47,7 @@ def series(
 ) -> dict[str, float]:
     """``calls`` calls ``pace`` seconds apart: p50 ms, and CPU ms and insns per call."""
     sb._client.run_code("6*7", linger=linger)  # the pace starts from a reply, as a caller's does
-    cpu, insns = _cpu_ms(pid), _insns(sb)
+    cpu, insns = process_cpu_seconds(pid), _insns(sb)
     times = []
     for _ in range(calls):
         time.sleep(pace)
@@ -64,7 +57,7 @@ def series(
     time.sleep(SETTLE_S)
     return {
         "ms": statistics.median(times),
-        "cpu_ms": (_cpu_ms(pid) - cpu) / calls,
+        "cpu_ms": 1e3 * (process_cpu_seconds(pid) - cpu) / calls,
         "insns": (_insns(sb) - insns) / calls,
     }
 

@@ -8,7 +8,9 @@ children instead of VMMs.
 from __future__ import annotations
 
 import json
+import os
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -264,3 +266,13 @@ def test_side_by_side_rows_show_both_medians_and_their_ratio() -> None:
     peer = {"ms": {"p50": 8.0}, "cpu": {"p50": 3.0}}
     rows = _common.side_by_side(ours, peer, [("time", "ms", 1), ("cpu", "cpu", 0)])
     assert rows == [["time", "2.0", "8.0", "0.25x"], ["cpu", "-", "3", "-"]]
+
+
+def test_process_cpu_seconds_is_what_the_process_itself_counts() -> None:
+    deadline = time.process_time() + 0.05
+    while time.process_time() < deadline:  # some CPU of our own to count
+        pass
+    own = os.times()
+    counted = _common.process_cpu_seconds(os.getpid())
+    assert counted >= 0.04
+    assert abs(counted - (own.user + own.system)) < 0.05
