@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import mmap
 import os
+import select
 import sys
 import tempfile
 import threading
@@ -214,6 +215,35 @@ def test_a_sleeping_worker_is_woken_by_the_guest_bell(fx_bell: Fixture) -> None:
     assert (fx.code.bells, fx.code.wakes, fx.ops) == (2, 0, [])  # never the agent
     assert fx.ready_call("y").value == "1"  # polling again: no ring at all
     assert fx.code.bells == 2
+
+
+def test_the_bell_is_read_before_the_next_sleep_not_on_waking(fx_bell: Fixture) -> None:
+    """A worker the bell woke serves the request first and reads the bell only on its way
+    back to sleep (a system call fewer in the request's latency). It must read it then:
+    an unread bell keeps poll() returning at once, and the worker would spin."""
+    fx = fx_bell
+    fx.ready_call("w = 1")
+    time.sleep(SPIN_MAX_S + 0.3)
+    assert fx.ready_call("w + 1").value == "2"
+    assert fx.code.bells == 1
+    time.sleep(SPIN_MAX_S + 0.3)  # the window after the woken call ends: asleep again
+    assert fx.ctl(2)[ring.CONSUMER_FLAGS] & ring.CONSUMER_SLEEPING
+    poller = select.poll()
+    poller.register(fx.bell, select.POLLIN)
+    assert poller.poll(0) == []  # the worker read the ring that woke it
+    proc = fx.runner._proc
+    assert proc is not None
+    before = process_cpu_seconds(proc.pid)
+    time.sleep(0.5)
+    assert process_cpu_seconds(proc.pid) - before < 0.1  # asleep, not spinning on the bell
+    assert fx.ready_call("w + 2").value == "3"  # and a later ring still wakes it
+    assert (fx.code.bells, fx.code.wakes) == (2, 0)
+
+
+def process_cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def test_a_bell_the_worker_never_hears_falls_back_to_the_agent(fx_unheard: Fixture) -> None:
