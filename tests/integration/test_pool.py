@@ -184,6 +184,20 @@ def test_siblings_draw_different_random_numbers(images: Images) -> None:
         assert len(set(values)) == 3, values
 
 
+def test_two_programs_of_one_restored_sandbox_draw_different_numbers(sb: Sandbox) -> None:
+    """Both run in members started in the template; each gets a seed of its own from the
+    agent (the resume's entropy and a counter), so they do not repeat each other."""
+    script = [
+        "python3",
+        "-c",
+        "import random, numpy\nprint(random.random(), numpy.random.random())",
+    ]
+    runs = [sb.exec(script, timeout=600) for _ in range(2)]
+    assert all(r.exit_code == 0 for r in runs), runs
+    first, second = (r.stdout.split() for r in runs)
+    assert first[0] != second[0] and first[1] != second[1], (first, second)
+
+
 def test_warm_interpreters_reuse_pages_faulted_in_the_template(sb: Sandbox) -> None:
     """10 MiB in the run_code worker and in a pre-started interpreter: resident already."""
     measure = (

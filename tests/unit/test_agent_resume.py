@@ -217,3 +217,50 @@ def test_a_refused_rekey_is_an_error_not_a_silent_fallback(
     with pytest.raises(PermissionError):
         resume_mod._add_entropy(3, bytes(32))
     assert len(fake.calls) == 1
+
+
+@pytest.mark.parametrize("rekey_errno", [None, errno.EINVAL])
+def test_warm_runs_the_rekey_path_with_zeros_and_never_credits_them(
+    monkeypatch: pytest.MonkeyPatch, rekey_errno: int | None
+) -> None:
+    """The template maps a resume's code by running it once: a re-key with zeros leaves
+    Ember's key as it is, and on another kernel nothing is credited (zeros are no entropy)."""
+    fake = _kernel(monkeypatch, rekey_errno)
+    monkeypatch.setattr(ResumeState, "open_random", lambda self: setattr(self, "random_fd", 7))
+    monkeypatch.setattr(resume_mod, "TscClock", lambda pair: _NoPair())
+    ResumeState().warm()
+    assert fake.calls == [(resume_mod.RNDEMBERREKEY, bytes(resume_mod.REKEY_BYTES))]
+    assert resume_mod._rekey_missing is False  # a real resume still tries the re-key first
+
+
+class _NoPair:
+    """A TSC clock without the VMM's pair: nothing to step to."""
+
+    def realtime_ns(self) -> int | None:
+        return None
+
+
+def test_job_seeds_come_from_the_resumes_entropy_one_per_program(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(resume_mod, "_add_entropy", lambda fd, data: True)
+    monkeypatch.setattr(ResumeState, "open_random", lambda self: setattr(self, "random_fd", 9))
+    state, other = ResumeState(), ResumeState()
+    assert state.job_seed() == ""  # no resume yet: the program asks the kernel
+    for st, entropy in ((state, bytes(range(32))), (other, bytes(range(1, 33)))):
+        apply_resume(st, {"entropy": base64.b64encode(entropy).decode()})
+    seeds = [state.job_seed() for _ in range(3)]
+    assert len(set(seeds)) == 3 and all(len(bytes.fromhex(s)) == 32 for s in seeds)
+    assert other.job_seed() != seeds[0]  # a sibling's differ from the first
+    big = ResumeState()
+    apply_resume(big, {"entropy": base64.b64encode(bytes(300)).decode()})  # > BLAKE2b's key
+    assert len(big.seed_key) == 64 and big.job_seed()
+
+
+def test_a_member_takes_only_a_well_formed_seed() -> None:
+    from ember.agent.pyjob import _seed_of
+
+    good = "ab" * 32
+    assert _seed_of({"seed": good}) == bytes.fromhex(good)
+    for bad in (None, "", "ab" * 31, "zz" * 32, 7):
+        assert _seed_of({"seed": bad}) == b""

@@ -50,7 +50,10 @@ def job_spec(
     executable: str,
     want_stdin: bool,
     generation: int,
+    seed: str = "",
 ) -> dict[str, Any]:
+    """What a member needs to become the program; ``seed``: hex bytes for its generators
+    when ``generation`` says a resume came since it started (see ``ResumeState.job_seed``)."""
     return {
         "mode": job.mode,
         "target": job.target,
@@ -67,6 +70,7 @@ def job_spec(
         "cwd": cwd,
         "stdin": want_stdin,
         "generation": generation,
+        "seed": seed,
     }
 
 

@@ -182,7 +182,8 @@ class InterpreterPool(PoolFiller):
             return None
         if cwd is not None:
             check_cwd(argv[0], cwd)
-        spec = job_spec(job, env, cwd, executable, want_stdin, self.resume.generation)
+        spec = job_spec(job, env, cwd, executable, want_stdin, self.resume.generation,
+                        self.resume.job_seed())  # fmt: skip
         while True:
             if not self._await_member():  # at once if one is ready; else another exec took it
                 return None

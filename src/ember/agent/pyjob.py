@@ -216,7 +216,7 @@ class Job:
         if unbuffered or spec.get("io_encoding") or spec.get("stdin"):  # a pipe, not /dev/null
             sys.stdin = _sys.__stdin__ = _stdio(0, False, "<stdin>", encoding, errors, unbuffered)
         if spec.get("generation") != state["generation"]:
-            _reseed()
+            _reseed(_seed_of(spec))
         atexit.register(self._exit_by_sigint)  # first registered, so it runs last
         for name in drop:
             sys.modules.pop(name, None)
@@ -304,6 +304,18 @@ class Job:
             self.call, self.args = _reraise, (exc,)
             return
         self.call, self.args = exec, (code, main)
+
+
+def _seed_of(spec: dict[str, Any]) -> bytes:
+    """The agent's seed for this program's generators (``ResumeState.job_seed``), or b""
+    (the kernel's, as before) when there is none or it is not 32 bytes of hex."""
+    seed = spec.get("seed")
+    if not isinstance(seed, str) or len(seed) != 64:
+        return b""
+    try:
+        return bytes.fromhex(seed)
+    except ValueError:
+        return b""
 
 
 def _flush_std(report: bool = False) -> bool:
