@@ -35,6 +35,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from profile import family, kernel_symbols, workload
 
+from first_call import emulated
+
 import ember.client.code_ring as code_ring
 from ember import Sandbox
 
@@ -95,11 +97,6 @@ class Trace:
                 else:
                     yield phase, int(m.group(1), 16)
         _write("trace", "")
-
-
-def emulated(sb: Sandbox) -> int:
-    stats = sb._vmm.control("kvm-stats")
-    return sum(int(stats[part].get("insn_emulation", 0)) for part in ("vcpus", "vm"))
 
 
 def traced_workload(name: str, settle: float, gap: float | None) -> Callable[[], int]:

@@ -17,6 +17,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -29,6 +30,10 @@ from ember.client import CodeRing, HostRegion
 from ember.client.results import CodeResult, parse_code_result
 from ember.client.wire import decode
 from ember.errors import ProtocolError
+
+# bench/ is a folder of scripts, not a package: import its modules the way the scripts do.
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
+from _common import process_cpu_seconds  # the benches' helper: one copy
 
 SLOTS = 4
 SLOT_SIZE = 64 << 10
@@ -238,12 +243,6 @@ def test_the_bell_is_read_before_the_next_sleep_not_on_waking(fx_bell: Fixture) 
     assert process_cpu_seconds(proc.pid) - before < 0.1  # asleep, not spinning on the bell
     assert fx.ready_call("w + 2").value == "3"  # and a later ring still wakes it
     assert (fx.code.bells, fx.code.wakes) == (2, 0)
-
-
-def process_cpu_seconds(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as stat:
-        fields = stat.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def test_a_bell_the_worker_never_hears_falls_back_to_the_agent(fx_unheard: Fixture) -> None:
