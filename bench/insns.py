@@ -14,13 +14,13 @@ by which function lost how many. ``--sequence FILE`` writes the path in order (o
 run of instructions in one function), which reads like a call trace.
 
 WORKLOAD is one of :func:`profile.workload`'s (``ping``, ``exec-python``, ``exec-true``,
-``run-code``, ``write-10mib``, ``code:SOURCE``), traced in a sandbox restored ``--settle``
-seconds earlier (``--gap S``: its second run, S idle seconds after the first), or
-``first-run-code``: ``Sandbox()`` and its first ``run_code('6*7')``, traced from before the
-restore (every VM on the host is traced then: run nothing else) and split at the moments the
-sandbox was ready and the worker announced its rings. KVM's own ``insn_emulation`` count for
-the same window is printed beside the traced count. Tracing costs each emulated instruction
-~0.3 us more, so wall times here are not the untraced ones. Nothing is asserted.
+``run-code``, ``write-10mib``, ``code:SOURCE``, ``exec:COMMAND LINE``), traced in a sandbox
+restored ``--settle`` seconds earlier (``--gap S``: its second run, S idle seconds after the
+first), or ``first-run-code``: ``Sandbox()`` and its first ``run_code('6*7')``, traced from
+before the restore (every VM on the host is traced then: run nothing else) and split at the
+moments the sandbox was ready and the worker announced its rings. KVM's own ``insn_emulation``
+count for the same window is printed beside the traced count. Tracing costs each emulated
+instruction ~0.3 us more, so wall times here are not the untraced ones. Nothing is asserted.
 """
 
 from __future__ import annotations

@@ -6,8 +6,9 @@ Usage::
 
 WORKLOAD is ``ping`` (the first request after the restore), ``exec-python`` (``python3 -c
 'print(1)'``, the first exec in a fresh sandbox),
-``exec-true``, ``run-code`` (ten ``run_code('6*7')``), ``write-10mib`` (``files.write``) or
-``code:SOURCE`` (one ``run_code(SOURCE)``). Each run restores a sandbox, lets it settle,
+``exec-true``, ``run-code`` (ten ``run_code('6*7')``), ``write-10mib`` (``files.write``),
+``code:SOURCE`` (one ``run_code(SOURCE)``) or ``exec:COMMAND LINE`` (one ``exec``, the line
+split as a shell would: ``"exec:ls -la /"``). Each run restores a sandbox, lets it settle,
 samples its vCPUs while the workload runs (``ember.vmm.profiler``), and the counts of all runs
 are summed. User-mode samples are one line (``[user]``); kernel samples are named from the
 kernel's ``vmlinux`` (``nm``) and grouped into a few families, so that a change can be judged
@@ -22,6 +23,7 @@ from __future__ import annotations
 import argparse
 import bisect
 import re
+import shlex
 import subprocess
 import sys
 import time
@@ -96,6 +98,9 @@ def workload(name: str, sb: Sandbox) -> Callable[[], object]:
         return lambda: sb.files.write("/tmp/profile.bin", bytes(10 << 20))
     if name.startswith("code:"):
         return lambda: sb.run_code(name[5:])
+    if name.startswith("exec:"):  # exec:ARGV, split as a shell would: "exec:ls -la /"
+        argv = shlex.split(name[5:])
+        return lambda: sb.exec(argv)
     raise SystemExit(f"unknown workload {name!r}")
 
 

@@ -1,12 +1,12 @@
 """A booted guest made ready for its template snapshot: warm, idle, its worker polling.
 
-What a template holds is what every sandbox restored from it starts with, so the build does
-the slow things once, here: the preload modules imported (a module that does not import is a
-build error, in one line), the agent's code worker and pre-started interpreters started and
-waited for, the guest kernel's first TCP and UDP sockets made, the guest left idle, and then
-the worker left polling its code ring with the guest kernel told that the pause is near
-(kernel patch ``0009``). :mod:`ember.templates` boots the guest, calls :func:`check_preload`
-and :func:`wait_warm`, and takes the snapshot.
+What a template holds is what every sandbox restored from it starts with, so the build does the
+slow things once, here: the preload modules imported (a module that does not import is a build
+error, in one line), the agent's code worker and pre-started interpreters started and waited
+for, the guest kernel's first TCP and UDP sockets made, the common commands' files read into the
+page cache, the guest left idle, and then the worker left polling its code ring with the guest
+kernel told that the pause is near (kernel patch ``0009``). :mod:`ember.templates` boots the
+guest, calls :func:`check_preload` and :func:`wait_warm`, and takes the snapshot.
 """
 
 from __future__ import annotations
@@ -166,10 +166,23 @@ del _ember_warm
 """
 
 
+# The common commands' binaries and libraries, read into the page cache for every restored
+# copy (ember.agent.pagecache: a command's first run otherwise reads them from the disk).
+_WARM_PAGE_CACHE = """
+def _ember_warm_page_cache():
+    from ember.agent import pagecache
+    return tuple(pagecache.warm(pagecache.files_of()))
+_ember_warm_page_cache()
+"""
+
+
 def _warm_guest_kernel(client: AgentClient) -> None:
     result = client.run_code(_WARM_SOCKETS, timeout=WARM_TIMEOUT_S)
     if result.error is not None:
         raise SandboxError(f"warming the template's network stack failed: {result.error}")
+    result = client.run_code(_WARM_PAGE_CACHE, timeout=WARM_TIMEOUT_S)
+    if result.error is not None:
+        raise SandboxError(f"warming the template's page cache failed: {result.error}")
 
 
 def _wait_idle(vmm: VmmProcess) -> None:

@@ -37,7 +37,7 @@ from ember.images.packages import LayerInputs, PackageSpec, layer_chain
 from ember.images.progress import Progress
 from ember.images.runner import run_logged
 
-RECIPE_VERSION: Final = "1"
+RECIPE_VERSION: Final = "2"  # 2: C.UTF-8 in the locale archive
 SUITE: Final = "bookworm"
 PACKAGES: Final = ("python3",)
 MIRROR_ENV: Final = "EMBER_DEBIAN_MIRROR"
@@ -48,6 +48,7 @@ GUEST_SITE: Final = "usr/lib/python3/dist-packages"
 GUEST_MODULES: Final = ("protocol.py", "ring.py", "agent")
 GUEST_INIT: Final = b'"""Ember\'s guest-side package: the agent and the wire protocol."""\n'
 SLACK_BYTES: Final = 64 << 20
+LOCALE_DIR: Final = "/usr/lib/locale/C.utf8"
 _TOOLS: Final = ("debootstrap", "mkfs.ext4", "unshare", "chroot")
 
 
@@ -158,9 +159,28 @@ def build_base(inputs: BaseInputs, progress: Progress, *, force: bool = False) -
         # debootstrap leaves downloaded packages behind: they are not needed in the guest.
         for deb in (staging / "tree/var/cache/apt/archives").glob("*.deb"):
             deb.unlink()
+        with progress.step("rootfs base: locale archive"), log_path.open("ab") as log:
+            run_logged(
+                _archive_locale_argv(staging / "tree"), what="localedef", cwd=staging,
+                log=log, log_path=log_path, progress=progress,
+            )  # fmt: skip
         (staging / "complete").write_text(" ".join(argv) + "\n")
         _install_dir(staging, final)
     return tree
+
+
+def _archive_locale_argv(tree: Path) -> list[str]:
+    """The guest's own ``localedef`` (in a chroot: the archive's format is its glibc's) adding
+    its compiled C.UTF-8 to ``/usr/lib/locale/locale-archive``.
+
+    Every sandbox command runs with ``LANG=C.UTF-8``, and Debian ships that locale only as
+    twelve files. A program that calls ``setlocale(LC_ALL, "")`` (``env``, ``ls``, ``grep``,
+    ``bash``: most of them) then opens, maps and closes each one: ~26 opens and ~13 maps,
+    which cost this guest's emulated kernel ~0.3 s per command. From the archive it is one
+    open and one map. A layer that installs ``locales`` may rebuild the archive; without
+    C.UTF-8 in it, glibc reads the files again, as before.
+    """
+    return ["chroot", str(tree), "/usr/bin/localedef", "--add-to-archive", LOCALE_DIR]
 
 
 def _tree_bytes(root: Path) -> int:
