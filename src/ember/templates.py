@@ -116,6 +116,13 @@ def default_key(spec: SandboxSpec) -> str:
     return key.hexdigest()[:16]
 
 
+def _listed(modules: tuple[str, ...], shown: int = 4) -> str:
+    """``numpy, json, pathlib, subprocess and 15 more``: a progress line stays one line."""
+    if len(modules) <= shown + 1:
+        return ", ".join(modules)
+    return f"{', '.join(modules[:shown])} and {len(modules) - shown} more"
+
+
 def template_dir(name: str, spec: SandboxSpec) -> Path:
     if name == DEFAULT:
         return templates_root() / f"{DEFAULT}-{default_key(spec)}"
@@ -141,9 +148,7 @@ def build(
                 vmm = VmmProcess(spec)
             try:
                 if preload:
-                    with progress.step(
-                        f"template {name}: import {', '.join(preload)} in the guest"
-                    ):
+                    with progress.step(f"template {name}: import {_listed(preload)} in the guest"):
                         check_preload(vmm, name, preload)
                 with progress.step(f"template {name}: warm the agent"):
                     client = wait_warm(vmm)

@@ -198,6 +198,44 @@ def test_two_programs_of_one_restored_sandbox_draw_different_numbers(sb: Sandbox
     assert first[0] != second[0] and first[1] != second[1], (first, second)
 
 
+def test_programs_find_common_modules_imported_and_logging_clocked_from_their_start(
+    sb: Sandbox,
+) -> None:
+    """The template's interpreters import the standard modules programs use most
+    (images.packages.STDLIB_PRELOAD); logging, one of them, still times a program's records
+    from the program's start, not from the template's import."""
+    code = (
+        "import sys, logging\n"
+        "print(sorted(m for m in ('json', 'pathlib', 'subprocess', 'dataclasses', 'logging')"
+        " if m in sys.modules))\n"
+        "logging.basicConfig(format='%(relativeCreated)d')\nlogging.warning('x')\n"
+    )
+    before = served(sb)
+    result = sb.exec(["python3", "-c", code], timeout=600)
+    assert served(sb) == before + 1, "the program did not go to a pre-started interpreter"
+    assert result.exit_code == 0, result
+    assert result.stdout == b"['dataclasses', 'json', 'logging', 'pathlib', 'subprocess']\n"
+    assert 0 <= int(result.stderr) < 10_000, result.stderr  # ms; the template is far older
+    cell = sb.run_code(
+        "import logging\nlogging.LogRecord('x', 20, 'f', 1, 'm', None, None).relativeCreated"
+    )
+    assert cell.error is None and cell.value is not None, cell
+    assert 0 <= float(cell.value) < 10_000, cell.value  # the worker's session: since the restore
+
+
+def test_sibling_sandboxes_draw_different_openssl_random_bytes(images: Images) -> None:
+    """libcrypto is in every template (numpy imports hmac, hence _hashlib): its generator must
+    not have been seeded there, or every sibling would draw the template's bytes."""
+    script = ["python3", "-c", "import ssl; print(ssl.RAND_bytes(16).hex())"]
+    drawn = []
+    for _ in range(2):
+        with Sandbox() as box:
+            result = box.exec(script, timeout=600)
+            assert result.exit_code == 0, result
+            drawn.append(result.stdout)
+    assert drawn[0] != drawn[1], drawn
+
+
 def test_warm_interpreters_reuse_pages_faulted_in_the_template(sb: Sandbox) -> None:
     """10 MiB in the run_code worker and in a pre-started interpreter: resident already."""
     measure = (

@@ -758,6 +758,21 @@ def test_reseeding_gives_a_template_copy_its_own_random_stream() -> None:
     assert random.random() != template_draw
 
 
+def test_a_preloaded_logging_counts_relative_times_from_the_program_start(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import logging
+
+    monkeypatch.setattr(logging, "_startTime", time.time() - 3600.0)  # imported in a template
+    pybase._restart_clocks()
+    record = logging.LogRecord("x", logging.INFO, __file__, 1, "m", None, None)
+    assert 0 <= record.relativeCreated < 5000
+    with monkeypatch.context() as m:
+        m.delitem(sys.modules, "logging")  # not preloaded: nothing to restart, no import
+        pybase._restart_clocks()
+        assert "logging" not in sys.modules
+
+
 def _live_pids() -> list[int]:
     pids = []
     for entry in os.listdir("/proc"):

@@ -139,3 +139,12 @@ def _reseed(seed: bytes = b"") -> None:
     tempfile: Any = sys.modules.get("tempfile")
     if tempfile is not None:
         tempfile._name_sequence = None
+
+
+def _restart_clocks() -> None:
+    """Module state that counts from a program's start starts now: ``logging`` (a preload
+    module) measures its records' ``relativeCreated`` from its import, which was in the
+    template, minutes or days before this program or session began."""
+    logging: Any = sys.modules.get("logging")
+    if logging is not None:
+        logging._startTime = logging.time.time()  # its own `time`: no import here

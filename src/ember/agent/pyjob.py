@@ -15,7 +15,7 @@ if TYPE_CHECKING:  # no run-time import: these files must not add to sys.modules
     from typing import Any
 
 if __name__ != "ember_pystart":  # imported as a module; in BOOT's namespace they are there
-    from ember.agent.pybase import _Flags, _reseed
+    from ember.agent.pybase import _Flags, _reseed, _restart_clocks
     from ember.agent.pymain import (
         _abspath,
         _cannot_open,
@@ -217,6 +217,7 @@ class Job:
             sys.stdin = _sys.__stdin__ = _stdio(0, False, "<stdin>", encoding, errors, unbuffered)
         if spec.get("generation") != state["generation"]:
             _reseed(_seed_of(spec))
+        _restart_clocks()
         atexit.register(self._exit_by_sigint)  # first registered, so it runs last
         for name in drop:
             sys.modules.pop(name, None)

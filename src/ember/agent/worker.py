@@ -37,7 +37,7 @@ from typing import Any
 
 from ember.agent import codering, heap, preload, pywarm, shm
 from ember.agent.common import BadRequest
-from ember.agent.pybase import _reseed
+from ember.agent.pybase import _reseed, _restart_clocks
 from ember.agent.resume import ResumeState, apply_resume
 from ember.protocol import (
     CHUNK_SIZE,
@@ -138,7 +138,8 @@ class Worker:
 
     def reseed(self, generation: object, entropy: bytes = b"") -> None:
         """After a restore or fork (a new ``generation``), reseed ``random`` and numpy's global
-        generator, and restart ``tempfile``'s name sequence (``pybase._reseed``).
+        generator, and restart ``tempfile``'s name sequence (``pybase._reseed``) and
+        ``logging``'s clock (``pybase._restart_clocks``).
 
         The template's interpreter seeded them once; every sibling would otherwise draw the
         same numbers. ``entropy``: the host's bytes from the request that resumed this VM
@@ -151,6 +152,7 @@ class Worker:
         if isinstance(generation, int) and generation != self.generation:
             self.generation = generation
             _reseed(RESEED_DOMAIN + entropy if entropy else b"")
+            _restart_clocks()  # a restored sandbox's session starts now
 
     def run(self, code: str, emit: _Streamer | None = None) -> dict[str, Any]:
         """Run one cell; with ``emit``, its output also goes out as it is written."""
