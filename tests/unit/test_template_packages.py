@@ -125,7 +125,8 @@ def test_local_paths_and_preload_names() -> None:
     assert packages.check_modules(["numpy", "a.b_c", "numpy"]) == ("numpy", "a.b_c")
     with pytest.raises(ConfigError, match="not a Python module name"):
         packages.check_modules(["numpy pandas"])
-    assert packages.preload_for(["pandas", "numpy"]) == ("numpy", "pandas")
+    assert packages.preload_for(["pandas", "numpy"]) == (*packages.DEFAULT_PRELOAD, "pandas")
+    assert packages.DEFAULT_PRELOAD[0] == "numpy" and "json" in packages.DEFAULT_PRELOAD
 
 
 # -- building a layer: failures are one line and leave nothing -----------------------------
@@ -225,8 +226,8 @@ def test_a_bad_preload_name_is_refused_before_any_build(capsys: pytest.CaptureFi
 
 
 def test_preload_defaults_follow_the_image(tmp_path: Path) -> None:
-    assert resolve_preload(SandboxSpec()) == ("numpy",)
-    assert agent_argv(SandboxSpec())[-2:] == ("--preload", "numpy")
+    assert resolve_preload(SandboxSpec()) == packages.DEFAULT_PRELOAD
+    assert agent_argv(SandboxSpec())[-2:] == ("--preload", ",".join(packages.DEFAULT_PRELOAD))
     custom = SandboxSpec(rootfs=tmp_path / "rootfs.ext4")
     assert resolve_preload(custom) == () and "--preload" not in agent_argv(custom)
     both = SandboxSpec(rootfs=tmp_path / "r.ext4", preload=("numpy", "json"))
@@ -295,8 +296,8 @@ def test_the_template_key_covers_the_preload_list(monkeypatch: pytest.MonkeyPatc
     fixed = (Path("/k"), Path("/r"), Path("/i"))
     monkeypatch.setattr(templates, "resolve_images", lambda _spec: fixed)
     key = templates.default_key(SandboxSpec())
-    assert templates.default_key(SandboxSpec(preload=("numpy",))) == key
-    assert templates.default_key(SandboxSpec(preload=("numpy", "json"))) != key
+    assert templates.default_key(SandboxSpec(preload=packages.DEFAULT_PRELOAD)) == key
+    assert templates.default_key(SandboxSpec(preload=("numpy",))) != key
 
 
 # -- progress --------------------------------------------------------------------------------
