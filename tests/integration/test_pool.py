@@ -90,7 +90,7 @@ def test_a_pre_started_interpreter_runs_a_program_as_python3_does(sb: Sandbox, c
     for path, text in case.files.items():
         sb.files.write(path, text.encode())
     before = served(sb)
-    preloaded = list(sb.ping()["pool"]["preloaded"])
+    preloaded = sb._client.pool_modules()
     pooled = sb.exec(case.argv, cwd="/tmp/case" if case.files else None, stdin=case.stdin,
                      timeout=600)  # fmt: skip
     assert served(sb) == before + 1, "the program did not go to a pre-started interpreter"
@@ -137,7 +137,7 @@ def test_members_forked_from_the_mother_run_programs_as_python3_does(sb: Sandbox
     """Refills are forked from the template's mother interpreter: the same table, through
     forked members (their parent, process group, descriptors and exit status included)."""
     refilled_by_fork(sb)
-    preloaded = list(sb.ping()["pool"]["preloaded"])
+    preloaded = sb._client.pool_modules()
     for case in (c for c in CASES if c.name in FORKED):
         for path, text in case.files.items():
             sb.files.write(path, text.encode())

@@ -425,7 +425,7 @@ def test_a_rehearsal_leaves_the_interpreters_waiting_and_as_they_were(agent: Age
          " '_words' in dir(sys.modules['__main__']), '<rehearsal>' in repr(sys.modules))"]
     )  # fmt: skip
     assert run.stdout == b"['sys'] False False\n", run  # its own import, and nothing else
-    with pytest.raises(AgentError, match="unknown pool action"):
+    with pytest.raises(AgentError, match="unknown pool action None; known: warm, modules"):
         agent.client._run(agent.client._session._call({"op": "pool"}, lambda obj: obj))
 
 
@@ -743,6 +743,10 @@ def test_preloaded_modules_are_there_and_pool_only_modules_are_not(tmp_path: Pat
         code = f"import sys; print(sorted(m for m in {names} if m in sys.modules))"
         run = a.pooled(["python3", "-c", code])
         assert run.stdout == b"['json', 'random']\n", run
+        a.wait_full()  # the member that ran the program is gone; its refill answers
+        modules = a.client.pool_modules()  # named on request; a ping only counts them
+        assert {"json", "json.decoder", "random"} <= set(modules), modules
+        assert "ctypes" not in modules and a.pool()["preloaded_count"] == len(modules)
         stop_agent(a)
     finally:
         if a.proc.poll() is None:

@@ -254,12 +254,18 @@ class AgentServer:
 
     def _pool_op(self, conn: socket.socket, req: dict[str, Any]) -> None:
         """``{"op": "pool", "action": "warm"}``: the waiting interpreters rehearse a program's
-        start (:meth:`InterpreterPool.warm`); the pages each read, none without a pool."""
+        start (:meth:`InterpreterPool.warm`); the pages each read, none without a pool.
+        ``"action": "modules"``: the modules the preload imported (kept out of ``ping``, whose
+        answer must fit one vsock packet)."""
         action = opt_str(req, "action")
-        if action != "warm":
-            raise BadRequest(f"unknown pool action {action!r}; known: warm")
-        touched = self.pool.warm() if self.pool is not None else []
-        write_json(conn, Kind.RESULT, {"warmed": touched})
+        if action == "warm":
+            touched = self.pool.warm() if self.pool is not None else []
+            write_json(conn, Kind.RESULT, {"warmed": touched})
+        elif action == "modules":
+            names = self.pool.modules() if self.pool is not None else []
+            write_json(conn, Kind.RESULT, {"preloaded": names})
+        else:
+            raise BadRequest(f"unknown pool action {action!r}; known: warm, modules")
 
     def _shutdown(self, conn: socket.socket, req: dict[str, Any]) -> None:
         write_json(conn, Kind.RESULT, {})

@@ -260,6 +260,11 @@ class AsyncAgentClient:
         ``AgentClient.warm_pool``."""
         return await self._run(self._session.warm_pool())
 
+    async def pool_modules(self) -> list[str]:
+        """The modules the pre-started interpreters imported; see
+        ``AgentClient.pool_modules``."""
+        return await self._run(self._session.pool_modules())
+
     def exec_stream(
         self,
         cmd: Command,

@@ -194,6 +194,11 @@ class AgentClient:
         a restored copy's first exec then skips ~100 ms of first touches); pages each read."""
         return self._run(self._session.warm_pool())
 
+    def pool_modules(self) -> list[str]:
+        """The modules the pre-started interpreters imported before the snapshot: a program
+        run by one finds them already in ``sys.modules`` (empty without a pool)."""
+        return self._run(self._session.pool_modules())
+
     def exec_stream(
         self,
         cmd: Command,

@@ -269,5 +269,13 @@ def parse_warmed(obj: dict[str, Any]) -> list[int]:
     return warmed
 
 
+def parse_modules(obj: dict[str, Any]) -> list[str]:
+    """``pool`` ``modules``: the names the pool's preload imported (none without a pool)."""
+    names = obj.get("preloaded")
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise ProtocolError(f"pool modules: 'preloaded' must be a list of strings, got {names!r}")
+    return names
+
+
 def parse_nothing(obj: dict[str, Any]) -> None:
     """``remove`` and ``shutdown`` answer nothing worth keeping."""

@@ -190,6 +190,9 @@ class Session:
     def warm_pool(self) -> Call[list[int]]:
         return self._call({"op": "pool", "action": "warm"}, results.parse_warmed)
 
+    def pool_modules(self) -> Call[list[str]]:
+        return self._call({"op": "pool", "action": "modules"}, results.parse_modules)
+
     def shutdown(self) -> Call[None]:
         return self._call({"op": "shutdown"}, results.parse_nothing)
 
