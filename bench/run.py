@@ -29,8 +29,9 @@ What issue 15 measures, each beside its peer from the same run:
   the default template preloading numpy, against the host's python3 running the guest's own
   numpy (the image cache's layer on ``PYTHONPATH``: the same build, default threads), and
   again with the guest's SSE-only settings where it has them (the ``pvm`` CPU template); then,
-  in the same program, six standard library modules programs import most (templates preload
-  them: ``ember.images.packages.STDLIB_PRELOAD``);
+  in the same program, six standard library modules programs import most, then asyncio,
+  sqlite3, urllib.request and uuid (templates preload them all:
+  ``ember.images.packages.STDLIB_PRELOAD``);
 - the same first calls on a sandbox taken from a spare (``keep_warm(1)``, restored and warmed
   ahead, waiting 1 s): ``Sandbox()`` ready, its first and second Python exec, its first
   10 MiB allocation;
@@ -69,9 +70,11 @@ NUMPY = (
     "a = np.random.default_rng(0).random((200, 200))\nt2 = time.perf_counter()\n"
     "np.linalg.eig(a)\nt3 = time.perf_counter()\n"
     "import json, pathlib, subprocess, logging, argparse, dataclasses\n"
-    "t4 = time.perf_counter()\nprint(t1 - t0, t3 - t2, t4 - t3)\n"
+    "t4 = time.perf_counter()\nimport asyncio, sqlite3, urllib.request, uuid\n"
+    "t5 = time.perf_counter()\nprint(t1 - t0, t3 - t2, t4 - t3, t5 - t4)\n"
 )
 STDLIB_ROW = "import json, pathlib, subprocess, logging, argparse, dataclasses"
+NET_ROW = "import asyncio, sqlite3, urllib.request, uuid"
 THIRD_GAP_S = 2.0  # between the second and the third Python exec in a live sandbox
 TARGETS = {
     "ember run hello.py": "<= 0.300 s",
@@ -193,8 +196,8 @@ def bench_sandbox(runs: int, real: bool) -> dict[str, list[float]]:
         k: []
         for k in (
             "ready", "exec1", "exec2", "exec3", "burst", "exec_real", "alloc10", "alloc100",
-            "alloc10_real",
-            "numpy_import", "numpy_eig", "stdlib_import", "uss_ping", "uss_exec", "exec_host",
+            "alloc10_real", "numpy_import", "numpy_eig", "stdlib_import", "net_import",
+            "uss_ping", "uss_exec", "exec_host",
         )
     }  # fmt: skip
     code = "print(1)"
@@ -226,10 +229,11 @@ def bench_sandbox(runs: int, real: bool) -> dict[str, list[float]]:
         with Sandbox() as sb:  # a fresh one: its pool is full again
             r = sb.exec(["python3", "-c", NUMPY], timeout=900)
             if r.exit_code == 0:
-                imp, eig, stdlib = (float(x) for x in r.stdout.split())
+                imp, eig, stdlib, net = (float(x) for x in r.stdout.split())
                 out["numpy_import"].append(imp)
                 out["numpy_eig"].append(eig)
                 out["stdlib_import"].append(stdlib)
+                out["net_import"].append(net)
             if real:
                 t = time.monotonic()
                 r = sb.exec(["python3", "-O", "-c", code], timeout=900)
@@ -279,7 +283,7 @@ def guest_simd_env() -> dict[str, str]:
 def host_allocs(runs: int) -> dict[str, list[float]]:
     out: dict[str, list[float]] = {
         "alloc10": [], "alloc100": [], "numpy_import": [], "eig": [], "eig_guest_simd": [],
-        "stdlib_import": [],
+        "stdlib_import": [], "net_import": [],
     }  # fmt: skip
     numpy_dir = guest_numpy_dir()
     simd = guest_simd_env()
@@ -297,6 +301,7 @@ def host_allocs(runs: int) -> dict[str, list[float]]:
             out["numpy_import"].append(got[0])
             out["eig"].append(got[1])
             out["stdlib_import"].append(got[2])
+            out["net_import"].append(got[3])
     return out
 
 
@@ -369,6 +374,7 @@ def report(
         row("numpy eig 200x200, host with the guest's SSE-only settings", sb["numpy_eig"], None,
             host["eig_guest_simd"])  # fmt: skip
     row(STDLIB_ROW, sb["stdlib_import"], None, host["stdlib_import"])
+    row(NET_ROW, sb["net_import"], None, host["net_import"])
     row("Sandbox() ready", sb["ready"], None, [])
     memory = {"uss_after_ping_mib": p50(sb["uss_ping"]), "uss_after_exec_mib": p50(sb["uss_exec"])}
     return {"rows": rows, "memory": memory, "runs": len(sb["ready"])}

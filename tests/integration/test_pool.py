@@ -33,6 +33,16 @@ print(sorted(os.environ.items()))
 print(os.getcwd(), os.getpgrp() == os.getpid(), sorted(os.listdir("/proc/self/fd")))
 """
 
+ASYNCIO = """\
+import asyncio
+async def main():
+    child = await asyncio.create_subprocess_exec("echo", "child", stdout=asyncio.subprocess.PIPE)
+    out, _ = await child.communicate()
+    await asyncio.sleep(0.01)
+    return out, child.returncode, type(asyncio.get_running_loop()).__name__
+print(asyncio.run(main()))
+"""
+
 TRACEBACK = """\
 def f(x):
     return 1 / x
@@ -59,6 +69,7 @@ CASES = [
          "import atexit, os, threading\natexit.register(print, 'atexit')\n"
          "threading.Thread(target=print, args=('thread',)).start()\n"
          "pid = os.fork()\nif pid == 0:\n    os._exit(3)\nprint(os.waitpid(pid, 0)[1] >> 8)"], {}),
+    Case("asyncio, preloaded", ["python3", "-c", ASYNCIO], {}),
 ]  # fmt: skip
 
 
@@ -223,17 +234,22 @@ def test_programs_find_common_modules_imported_and_logging_clocked_from_their_st
     assert 0 <= float(cell.value) < 10_000, cell.value  # the worker's session: since the restore
 
 
-def test_sibling_sandboxes_draw_different_openssl_random_bytes(images: Images) -> None:
-    """libcrypto is in every template (numpy imports hmac, hence _hashlib): its generator must
-    not have been seeded there, or every sibling would draw the template's bytes."""
-    script = ["python3", "-c", "import ssl; print(ssl.RAND_bytes(16).hex())"]
+def test_sibling_sandboxes_draw_different_openssl_and_sqlite_random_bytes(images: Images) -> None:
+    """Every template preloads ssl (OpenSSL's libcrypto and TLS library) and sqlite3: neither
+    generator may have been seeded there, or every sibling would draw the template's bytes."""
+    code = (
+        "import sys\npre = [m in sys.modules for m in ('ssl', 'sqlite3')]\n"
+        "import sqlite3, ssl\nsql = 'select hex(randomblob(16))'\n"
+        "print(pre, ssl.RAND_bytes(16).hex(), sqlite3.connect(':memory:').execute(sql).fetchone())"
+    )
     drawn = []
     for _ in range(2):
         with Sandbox() as box:
-            result = box.exec(script, timeout=600)
+            result = box.exec(["python3", "-c", code], timeout=600)
             assert result.exit_code == 0, result
-            drawn.append(result.stdout)
-    assert drawn[0] != drawn[1], drawn
+            assert result.stdout.startswith(b"[True, True] "), result  # from the template
+            drawn.append(result.stdout.split()[2:])
+    assert drawn[0][0] != drawn[1][0] and drawn[0][1] != drawn[1][1], drawn
 
 
 def test_warm_interpreters_reuse_pages_faulted_in_the_template(sb: Sandbox) -> None:

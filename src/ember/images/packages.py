@@ -44,13 +44,18 @@ DEFAULT_PIP: Final = ("numpy==2.3.5",)
 # library modules programs import most, each of which costs a new guest python3 0.1-0.8 s here
 # (json 0.26 s, pathlib 0.58, zipfile 0.76: reading and unmarshalling their code, their C
 # extensions' mappings and relocations, all through the emulated kernel), and nothing once
-# it is in the template. Left out on purpose: modules whose import draws secrets that every
-# restored sibling would share (multiprocessing's authkey) or loads OpenSSL's TLS library
-# (ssl, and so asyncio, http.client, urllib.request): those start in each program.
+# it is in the template: asyncio 3.2 s (ssl with it), http.client 1.4 s, sqlite3 1.1 s,
+# importlib.metadata 0.9 s. Importing OpenSSL's TLS library or SQLite seeds neither's
+# generator (each draws from the kernel at its first use, in the sandbox: a test checks that
+# siblings draw different bytes). Left out on purpose: modules whose import draws a secret
+# every restored sibling would share (multiprocessing's authkey) or reads the environment
+# once (zoneinfo's PYTHONTZPATH): those start in each program.
 STDLIB_PRELOAD: Final = (
     "json", "pathlib", "subprocess", "dataclasses", "argparse", "logging", "csv", "decimal",
     "fractions", "statistics", "glob", "gzip", "zipfile", "tempfile", "shlex", "queue",
     "pprint", "difflib",
+    "asyncio", "ssl", "http.client", "urllib.request", "sqlite3", "importlib.metadata", "uuid",
+    "xml.etree.ElementTree", "html.parser", "unittest", "tomllib", "configparser",
 )  # fmt: skip
 DEFAULT_PRELOAD: Final = ("numpy", *STDLIB_PRELOAD)
 # Debian package names (policy 5.6.1), and a Python module path for --preload.
