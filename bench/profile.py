@@ -7,6 +7,7 @@ Usage::
 WORKLOAD is ``ping`` (the first request after the restore), ``exec-python`` (``python3 -c
 'print(1)'``, the first exec in a fresh sandbox),
 ``exec-true``, ``run-code`` (ten ``run_code('6*7')``), ``write-10mib`` (``files.write``),
+``refill`` (two Python execs, then until the mother's fork is back in the pool),
 ``code:SOURCE`` (one ``run_code(SOURCE)``) or ``exec:COMMAND LINE`` (one ``exec``, the line
 split as a shell would: ``"exec:ls -la /"``). Each run restores a sandbox, lets it settle,
 samples its vCPUs while the workload runs (``ember.vmm.profiler``), and the counts of all runs
@@ -96,12 +97,23 @@ def workload(name: str, sb: Sandbox) -> Callable[[], object]:
         return lambda: [sb.run_code("6*7") for _ in range(10)]
     if name == "write-10mib":
         return lambda: sb.files.write("/tmp/profile.bin", bytes(10 << 20))
+    if name == "refill":
+        return lambda: refill(sb)
     if name.startswith("code:"):
         return lambda: sb.run_code(name[5:])
     if name.startswith("exec:"):  # exec:ARGV, split as a shell would: "exec:ls -la /"
         argv = shlex.split(name[5:])
         return lambda: sb.exec(argv)
     raise SystemExit(f"unknown workload {name!r}")
+
+
+def refill(sb: Sandbox) -> None:
+    """Two Python execs use up the template's pre-started interpreters; then wait (pinging
+    every 0.25 s) until the mother has forked a member back into the pool."""
+    for _ in range(2):
+        sb.exec(["python3", "-c", "pass"])
+    while sb.ping()["pool"]["ready"] < 1:
+        time.sleep(0.25)
 
 
 def main() -> None:
