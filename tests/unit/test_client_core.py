@@ -308,7 +308,12 @@ def test_write_file_sends_frames_then_reads_the_answer() -> None:
     s = session()
     data = bytes(CHUNK_SIZE + 10)
     op = s.write_file("/out", data, 0o600, False)
-    assert start(s, op) == {"op": "file_write", "path": "/out", "append": False, "mode": 0o600}
+    assert start(s, op) == {
+        "op": "file_write", "path": "/out", "append": False, "mode": 0o600,
+        "size": CHUNK_SIZE + 10,  # known up front: the agent sizes the file (huge tmpfs pages)
+    }  # fmt: skip
+    appending = s.write_file("/log", io.BytesIO(b"streamed"), None, True)
+    assert "size" not in start(s, appending)  # an append is never sized, nor a stream
     steps = [op.next(), op.next(), op.next()]
     assert [(st.kind, len(bytes(st.payload))) for st in steps if isinstance(st, Send)] == [
         (Kind.DATA, CHUNK_SIZE),

@@ -25,7 +25,15 @@ from ember.client import results
 from ember.client.bounds import CallBounds, file_too_large
 from ember.client.shm import HostRegion, Lease, drain_doorbell, nudge, spin
 from ember.client.sockets import read_frame, send_frame
-from ember.client.wire import Frame, Source, check_result, data_chunks, remote_error, unexpected
+from ember.client.wire import (
+    Frame,
+    Source,
+    check_result,
+    data_chunks,
+    remote_error,
+    source_size,
+    unexpected,
+)
 from ember.errors import ProtocolError, SandboxTimeout
 from ember.protocol import Kind
 from ember.ring import TAIL, RingError, RingWriter
@@ -90,6 +98,9 @@ class FileRing:
         request: dict[str, Any] = {"op": "file_ring_write", "path": path, "append": append}
         if mode is not None:
             request["mode"] = mode
+        size = source_size(data)
+        if size is not None and not append:
+            request["size"] = size
         with self._leased() as lease:
             if lease is None:
                 return None

@@ -38,7 +38,7 @@ from ember.client.core import (
 )
 from ember.client.interactive import TerminalOp, WatchOp, pty_request
 from ember.client.results import CodeResult, DirEntry, FileStat
-from ember.client.wire import Source
+from ember.client.wire import Source, source_size
 from ember.protocol import encode_json
 
 __all__ = [
@@ -281,6 +281,9 @@ class Session:
         request: dict[str, Any] = {"op": "file_write", "path": os.fspath(path), "append": append}
         if mode is not None:
             request["mode"] = mode
+        size = source_size(data)
+        if size is not None and not append:
+            request["size"] = size
         return WriteFile(request, self.bounds, data)
 
 

@@ -10,6 +10,8 @@ never a ``RecursionError``, a ``KeyError`` or a wrong-typed value in user code.
 from __future__ import annotations
 
 import json
+import os
+import stat
 from collections.abc import Iterator
 from typing import Any, BinaryIO
 
@@ -70,6 +72,19 @@ def data_chunks(data: Source) -> Iterator[bytes | memoryview]:
         return
     while chunk := data.read(CHUNK_SIZE):
         yield chunk
+
+
+def source_size(data: Source) -> int | None:
+    """How many bytes :func:`data_chunks` will yield, when that is known up front: bytes-like
+    input, or a regular file read from its current offset. The agent sizes the file it writes
+    from it (``agent/files.py``); it is a hint, and the bytes sent are what counts."""
+    if isinstance(data, bytes | bytearray | memoryview):
+        return memoryview(data).nbytes
+    try:
+        st = os.fstat(data.fileno())
+        return max(0, st.st_size - data.tell()) if stat.S_ISREG(st.st_mode) else None
+    except (AttributeError, OSError, ValueError):  # io.UnsupportedOperation is both
+        return None
 
 
 def decode(payload: bytes) -> dict[str, Any]:

@@ -275,6 +275,23 @@ static void use_sse_only(void)
 		envp[ENVP_BASE + i] = sse_only[i];
 }
 
+/*
+ * A tmpfs whose files keep each whole 2 MiB of their length in one huge page
+ * (huge=within_size): one page allocation and one page-cache entry instead of
+ * 512, which is what a file's bytes cost the emulated kernel beyond their copy
+ * (10 MiB written in 3.5 s instead of 5.0 s, read in 2.25 s instead of 2.85 s).
+ * Only a file's length decides, so small files keep small pages; the agent gives
+ * an upload its length before its bytes. A kernel without transparent huge
+ * pages refuses the option: then a plain tmpfs.
+ */
+static long mount_tmpfs(const char *target, long flags, const char *huge, const char *plain)
+{
+	long ret = sys6(SYS_mount, (long)"tmpfs", (long)target, (long)"tmpfs", flags, (long)huge);
+	if (ret < 0)
+		ret = sys6(SYS_mount, (long)"tmpfs", (long)target, (long)"tmpfs", flags, (long)plain);
+	return ret;
+}
+
 static void enter_root(const char *device)
 {
 	sys3(SYS_mkdir, "/lower", 0755, 0);
@@ -282,7 +299,7 @@ static void enter_root(const char *device)
 	sys3(SYS_mkdir, "/newroot", 0755, 0);
 	must(sys6(SYS_mount, (long)device, (long)"/lower", (long)"ext4", MS_RDONLY, 0),
 	     "mounting the root file system");
-	must(sys6(SYS_mount, (long)"tmpfs", (long)"/rw", (long)"tmpfs", 0, (long)"mode=0755"),
+	must(mount_tmpfs("/rw", 0, "mode=0755,huge=within_size", "mode=0755"),
 	     "mounting the writable layer");
 	sys3(SYS_mkdir, "/rw/upper", 0755, 0);
 	sys3(SYS_mkdir, "/rw/work", 0755, 0);
@@ -305,8 +322,7 @@ static void enter_root(const char *device)
 	 * each overlay operation also looks through both layers and overrides credentials:
 	 * a small file's create + write + rename costs ~45 ms of emulated kernel on the
 	 * overlay here and ~15 ms on a plain tmpfs. */
-	sys6(SYS_mount, (long)"tmpfs", (long)"/tmp", (long)"tmpfs", MS_NOSUID | MS_NODEV,
-	     (long)"mode=1777");
+	mount_tmpfs("/tmp", MS_NOSUID | MS_NODEV, "mode=1777,huge=within_size", "mode=1777");
 }
 
 /* struct sockaddr_in and struct ifreq (x86-64 layout) */
