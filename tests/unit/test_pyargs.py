@@ -11,6 +11,7 @@ from ember.agent.heap import (
     default_min_free_kbytes,
     per_interpreter,
     tune_min_free,
+    tune_page_reporting,
     tune_thp,
     with_malloc_env,
     without_malloc_env,
@@ -175,6 +176,15 @@ def test_min_free_goes_back_to_the_kernels_own_figure(tmp_path: Path) -> None:
     # no /proc (or no such sysctl): nothing written, no error
     assert tune_min_free(str(tmp_path / "absent"), str(sysctl)) is None
     assert tune_min_free(str(meminfo), str(tmp_path / "no" / "such")) is None
+
+
+def test_page_reporting_order_is_written_where_the_kernel_has_it(tmp_path: Path) -> None:
+    knob = tmp_path / "page_reporting_order"
+    knob.write_text("10\n")
+    assert tune_page_reporting(str(knob)) is True
+    assert knob.read_text() == "9"
+    # a kernel without free page reporting: nothing written, no error
+    assert tune_page_reporting(str(tmp_path / "no" / "such")) is False
 
 
 SSE_ONLY = {

@@ -35,7 +35,13 @@ import socket
 import sys
 
 from ember.agent import preload as preload_mod
-from ember.agent.heap import DEFAULT_HEAP_MIB, per_interpreter, tune_min_free, tune_thp
+from ember.agent.heap import (
+    DEFAULT_HEAP_MIB,
+    per_interpreter,
+    tune_min_free,
+    tune_page_reporting,
+    tune_thp,
+)
 from ember.agent.pool import DEFAULT_SIZE, IDLE_S, InterpreterPool
 from ember.agent.preload import ENV as PRELOAD_ENV
 from ember.agent.runcode import CodeRunner
@@ -137,6 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     worker = not options.get("no-worker")
     tune_thp()  # huge pages for the heaps that ask, never a stall or a scan for them
     tune_min_free()  # and not the ~25 MiB reserve that turning them on asked for
+    tune_page_reporting()  # freed memory goes back to the host with less of it free
     # Each warm interpreter's pre-faulted heap, within what the guest can spare.
     heap = per_interpreter(heap_mib, pool_size + int(worker))
     listener = _listen(listen_unix if isinstance(listen_unix, str) else None)

@@ -47,6 +47,7 @@ __all__ = [
     "touch",
     "touch_from_env",
     "tune_min_free",
+    "tune_page_reporting",
     "tune_thp",
     "with_malloc_env",
     "without_malloc_env",
@@ -120,6 +121,31 @@ def tune_min_free(meminfo: str = "/proc/meminfo", path: str = MIN_FREE_PATH) -> 
     except OSError:
         return None
     return value
+
+
+PAGE_REPORTING_PATH = "/sys/module/page_reporting/parameters/page_reporting_order"
+#: 2 MiB blocks, a transparent huge page: see :func:`tune_page_reporting`.
+PAGE_REPORTING_ORDER = 9
+
+
+def tune_page_reporting(path: str = PAGE_REPORTING_PATH, order: int = PAGE_REPORTING_ORDER) -> bool:
+    """Report free memory to the host in 2 MiB blocks instead of 4 MiB ones; whether it took.
+
+    Free page reporting (virtio-balloon, how memory a guest frees goes back to the host) only
+    runs while a zone has the low watermark plus 32 blocks of the reporting order free
+    (``mm/page_reporting.c``). Without hugetlbfs that order is ``MAX_ORDER - 1``: 32 x 4 MiB,
+    so a 512 MiB guest with less than ~132 MiB free reported nothing at all, however much it
+    had just freed (seen: 96 MiB of free 4 MiB blocks, none reported, after a program freed
+    120 MiB). At order 9 the bar is ~68 MiB. 6.1 lets the balloon driver overwrite the boot
+    parameter when it registers, so the agent writes the sysfs knob after boot; the template
+    keeps it. A kernel without reporting has no such file: nothing to do.
+    """
+    try:
+        with open(path, "w", encoding="ascii") as f:
+            f.write(str(order))
+    except OSError:
+        return False
+    return True
 
 
 def _meminfo_kib(name: str, meminfo: str = "/proc/meminfo") -> int | None:
