@@ -71,10 +71,12 @@ NUMPY = (
     "np.linalg.eig(a)\nt3 = time.perf_counter()\n"
     "import json, pathlib, subprocess, logging, argparse, dataclasses\n"
     "t4 = time.perf_counter()\nimport asyncio, sqlite3, urllib.request, uuid\n"
-    "t5 = time.perf_counter()\nprint(t1 - t0, t3 - t2, t4 - t3, t5 - t4)\n"
+    "t5 = time.perf_counter()\nimport multiprocessing.pool, concurrent.futures.process, zoneinfo\n"
+    "t6 = time.perf_counter()\nprint(t1 - t0, t3 - t2, t4 - t3, t5 - t4, t6 - t5)\n"
 )
 STDLIB_ROW = "import json, pathlib, subprocess, logging, argparse, dataclasses"
 NET_ROW = "import asyncio, sqlite3, urllib.request, uuid"
+MP_ROW = "import multiprocessing.pool, concurrent.futures.process, zoneinfo"
 THIRD_GAP_S = 2.0  # between the second and the third Python exec in a live sandbox
 TARGETS = {
     "ember run hello.py": "<= 0.300 s",
@@ -197,7 +199,7 @@ def bench_sandbox(runs: int, real: bool) -> dict[str, list[float]]:
         for k in (
             "ready", "exec1", "exec2", "exec3", "burst", "exec_real", "alloc10", "alloc100",
             "alloc10_real", "numpy_import", "numpy_eig", "stdlib_import", "net_import",
-            "uss_ping", "uss_exec", "exec_host",
+            "mp_import", "uss_ping", "uss_exec", "exec_host",
         )
     }  # fmt: skip
     code = "print(1)"
@@ -229,11 +231,12 @@ def bench_sandbox(runs: int, real: bool) -> dict[str, list[float]]:
         with Sandbox() as sb:  # a fresh one: its pool is full again
             r = sb.exec(["python3", "-c", NUMPY], timeout=900)
             if r.exit_code == 0:
-                imp, eig, stdlib, net = (float(x) for x in r.stdout.split())
+                imp, eig, stdlib, net, mp = (float(x) for x in r.stdout.split())
                 out["numpy_import"].append(imp)
                 out["numpy_eig"].append(eig)
                 out["stdlib_import"].append(stdlib)
                 out["net_import"].append(net)
+                out["mp_import"].append(mp)
             if real:
                 t = time.monotonic()
                 r = sb.exec(["python3", "-O", "-c", code], timeout=900)
@@ -283,7 +286,7 @@ def guest_simd_env() -> dict[str, str]:
 def host_allocs(runs: int) -> dict[str, list[float]]:
     out: dict[str, list[float]] = {
         "alloc10": [], "alloc100": [], "numpy_import": [], "eig": [], "eig_guest_simd": [],
-        "stdlib_import": [], "net_import": [],
+        "stdlib_import": [], "net_import": [], "mp_import": [],
     }  # fmt: skip
     numpy_dir = guest_numpy_dir()
     simd = guest_simd_env()
@@ -302,6 +305,7 @@ def host_allocs(runs: int) -> dict[str, list[float]]:
             out["eig"].append(got[1])
             out["stdlib_import"].append(got[2])
             out["net_import"].append(got[3])
+            out["mp_import"].append(got[4])
     return out
 
 
@@ -375,6 +379,7 @@ def report(
             host["eig_guest_simd"])  # fmt: skip
     row(STDLIB_ROW, sb["stdlib_import"], None, host["stdlib_import"])
     row(NET_ROW, sb["net_import"], None, host["net_import"])
+    row(MP_ROW, sb["mp_import"], None, host["mp_import"])
     row("Sandbox() ready", sb["ready"], None, [])
     memory = {"uss_after_ping_mib": p50(sb["uss_ping"]), "uss_after_exec_mib": p50(sb["uss_exec"])}
     return {"rows": rows, "memory": memory, "runs": len(sb["ready"])}

@@ -43,6 +43,22 @@ async def main():
 print(asyncio.run(main()))
 """
 
+MULTIPROCESSING = """\
+import multiprocessing as mp
+def square(x):
+    return x * x
+if __name__ == "__main__":
+    with mp.Pool(1) as pool:
+        print(pool.map(square, range(5)))
+    key = mp.current_process().authkey
+    queue = mp.Queue()
+    child = mp.Process(target=queue.put, args=(mp.current_process().authkey == key,))
+    child.start()
+    print(queue.get(), len(key), type(key).__name__)
+    child.join()
+    print(child.exitcode)
+"""
+
 TRACEBACK = """\
 def f(x):
     return 1 / x
@@ -56,6 +72,7 @@ class Case:
     argv: list[str]
     files: dict[str, str]
     stdin: bytes | None = None
+    env: dict[str, str] | None = None
 
 
 CASES = [
@@ -70,6 +87,11 @@ CASES = [
          "threading.Thread(target=print, args=('thread',)).start()\n"
          "pid = os.fork()\nif pid == 0:\n    os._exit(3)\nprint(os.waitpid(pid, 0)[1] >> 8)"], {}),
     Case("asyncio, preloaded", ["python3", "-c", ASYNCIO], {}),
+    Case("multiprocessing, preloaded", ["python3", "-c", MULTIPROCESSING], {}),
+    # -E hides PYTHONTZPATH from the interpreter (so the program is pooled), not from zoneinfo
+    Case("zoneinfo path under -E",
+         ["python3", "-E", "-c", "import zoneinfo; print(zoneinfo.TZPATH)"], {},
+         env={"PYTHONTZPATH": "/opt/zones:/usr/share/zoneinfo"}),
 ]  # fmt: skip
 
 
@@ -103,10 +125,10 @@ def test_a_pre_started_interpreter_runs_a_program_as_python3_does(sb: Sandbox, c
     before = served(sb)
     preloaded = sb._client.pool_modules()
     pooled = sb.exec(case.argv, cwd="/tmp/case" if case.files else None, stdin=case.stdin,
-                     timeout=600)  # fmt: skip
+                     env=case.env, timeout=600)  # fmt: skip
     assert served(sb) == before + 1, "the program did not go to a pre-started interpreter"
     real = sb.exec(["env", *case.argv], cwd="/tmp/case" if case.files else None,
-                   stdin=case.stdin, timeout=900)  # fmt: skip
+                   stdin=case.stdin, env=case.env, timeout=900)  # fmt: skip
     assert served(sb) == before + 1
     stdout = without_preloaded(pooled.stdout, preloaded)
     outcome = (stdout, pooled.stderr, pooled.exit_code, pooled.signal)
@@ -235,21 +257,26 @@ def test_programs_find_common_modules_imported_and_logging_clocked_from_their_st
 
 
 def test_sibling_sandboxes_draw_different_openssl_and_sqlite_random_bytes(images: Images) -> None:
-    """Every template preloads ssl (OpenSSL's libcrypto and TLS library) and sqlite3: neither
-    generator may have been seeded there, or every sibling would draw the template's bytes."""
+    """Every template preloads ssl (OpenSSL's libcrypto and TLS library), sqlite3 and
+    multiprocessing: no generator may have been seeded there, or every sibling would draw the
+    template's bytes; and multiprocessing's authkey, drawn at its import, is each program's."""
     code = (
-        "import sys\npre = [m in sys.modules for m in ('ssl', 'sqlite3')]\n"
-        "import sqlite3, ssl\nsql = 'select hex(randomblob(16))'\n"
-        "print(pre, ssl.RAND_bytes(16).hex(), sqlite3.connect(':memory:').execute(sql).fetchone())"
+        "import sys\npre = [m in sys.modules for m in ('ssl', 'sqlite3', 'multiprocessing')]\n"
+        "import multiprocessing, sqlite3, ssl\nsql = 'select hex(randomblob(16))'\n"
+        "print(''.join('TF'[not p] for p in pre), ssl.RAND_bytes(16).hex(),"
+        " sqlite3.connect(':memory:').execute(sql).fetchone()[0],"
+        " multiprocessing.current_process().authkey.hex())"
     )
     drawn = []
-    for _ in range(2):
+    for runs in (2, 1):
         with Sandbox() as box:
-            result = box.exec(["python3", "-c", code], timeout=600)
-            assert result.exit_code == 0, result
-            assert result.stdout.startswith(b"[True, True] "), result  # from the template
-            drawn.append(result.stdout.split()[2:])
-    assert drawn[0][0] != drawn[1][0] and drawn[0][1] != drawn[1][1], drawn
+            for _ in range(runs):  # two programs in one sandbox, then one in a sibling
+                result = box.exec(["python3", "-c", code], timeout=600)
+                assert result.exit_code == 0, result
+                assert result.stdout.startswith(b"TTT "), result  # from the template
+                drawn.append(result.stdout.split()[1:])
+    for column in zip(*drawn, strict=True):
+        assert len(set(column)) == len(column), drawn  # no two programs drew the same
 
 
 def test_warm_interpreters_reuse_pages_faulted_in_the_template(sb: Sandbox) -> None:

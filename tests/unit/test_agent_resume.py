@@ -18,6 +18,8 @@ import pytest
 
 from ember.agent import resume as resume_mod
 from ember.agent.common import BadRequest
+from ember.agent.pybase import _reseed
+from ember.agent.pyjob import _reset_tzpath
 from ember.agent.resume import CLOCK_STEP_NS, ResumeState, apply_resume
 from ember.agent.worker import Worker
 
@@ -142,11 +144,59 @@ def test_without_entropy_the_worker_reseeds_from_the_kernel(
 ) -> None:
     numpy_random = FakeNumpyRandom()
     monkeypatch.setitem(sys.modules, "numpy.random", numpy_random)
+    monkeypatch.delitem(sys.modules, "multiprocessing.process", raising=False)  # its own draw
     asked: list[int] = []
     real = os.urandom
     monkeypatch.setattr(os, "urandom", lambda n: asked.append(n) or real(n))
     Worker().reseed(1)
     assert asked == [32] and numpy_random.seeds == [None]  # numpy takes its own from the OS
+
+
+class FakeProcess:
+    """``multiprocessing.current_process()`` as far as the reseed uses it."""
+
+    authkey = b"drawn in the template"
+
+
+def test_multiprocessing_authkey_is_each_programs_own(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Drawn at import in the template: replaced at each reseed, derived from the job's seed
+    without the kernel, and from the kernel when there is no seed."""
+    process = FakeProcess()
+    module = types.ModuleType("multiprocessing.process")
+    module.current_process = lambda: process  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "multiprocessing.process", module)
+    monkeypatch.setitem(sys.modules, "numpy.random", FakeNumpyRandom())
+    keys = []
+    for seed in (b"a" * 32, b"a" * 32, b"b" * 32):
+        with monkeypatch.context() as patched:
+            patched.setattr(os, "urandom", lambda n: pytest.fail("the kernel was asked"))
+            _reseed(seed)
+        keys.append(process.authkey)
+    assert keys[0] == keys[1] != keys[2] and {len(k) for k in keys} == {32}, keys
+    import random
+
+    random.seed(b"a" * 32)
+    assert random.randbytes(32) != keys[0]  # not a draw a program could reproduce
+    _reseed()
+    assert process.authkey not in (*keys, FakeProcess.authkey) and len(process.authkey) == 32
+
+
+def test_zoneinfo_reads_its_path_again_without_warning_all_programs(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import warnings
+    import zoneinfo
+
+    monkeypatch.setenv("PYTHONTZPATH", "/opt/zones:relative/zones")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            _reset_tzpath(zoneinfo)
+        assert zoneinfo.TZPATH == ("/opt/zones",) and caught == []
+    finally:
+        monkeypatch.delenv("PYTHONTZPATH")
+        zoneinfo.reset_tzpath()
+    assert "/opt/zones" not in zoneinfo.TZPATH
 
 
 class FakeRandom:

@@ -81,15 +81,17 @@ THP_SETTINGS = {
 def tune_thp(root: str = THP_DIR) -> int:
     """Apply :data:`THP_SETTINGS` (the agent, at boot, as root); how many took. A kernel
     without THP has no such files: nothing to do, and the heaps are 4 KiB pages."""
-    done = 0
-    for name, value in THP_SETTINGS.items():
-        try:
-            with open(f"{root}/{name}", "w", encoding="ascii") as f:
-                f.write(value)
-            done += 1
-        except OSError:
-            pass
-    return done
+    return sum(_write_knob(f"{root}/{name}", value) for name, value in THP_SETTINGS.items())
+
+
+def _write_knob(path: str, value: str) -> bool:
+    """Write one sysfs or procfs setting; False where this kernel has no such file."""
+    try:
+        with open(path, "w", encoding="ascii") as f:
+            f.write(value)
+    except OSError:
+        return False
+    return True
 
 
 MIN_FREE_PATH = "/proc/sys/vm/min_free_kbytes"
@@ -115,12 +117,7 @@ def tune_min_free(meminfo: str = "/proc/meminfo", path: str = MIN_FREE_PATH) -> 
     if total is None:
         return None
     value = default_min_free_kbytes(total)
-    try:
-        with open(path, "w", encoding="ascii") as f:
-            f.write(str(value))
-    except OSError:
-        return None
-    return value
+    return value if _write_knob(path, str(value)) else None
 
 
 PAGE_REPORTING_PATH = "/sys/module/page_reporting/parameters/page_reporting_order"
@@ -140,12 +137,7 @@ def tune_page_reporting(path: str = PAGE_REPORTING_PATH, order: int = PAGE_REPOR
     parameter when it registers, so the agent writes the sysfs knob after boot; the template
     keeps it. A kernel without reporting has no such file: nothing to do.
     """
-    try:
-        with open(path, "w", encoding="ascii") as f:
-            f.write(str(order))
-    except OSError:
-        return False
-    return True
+    return _write_knob(path, str(order))
 
 
 def _meminfo_kib(name: str, meminfo: str = "/proc/meminfo") -> int | None:

@@ -119,7 +119,8 @@ def _reseed(seed: bytes = b"") -> None:
     global generator takes 32 bits drawn from the reseeded ``random``: an int seed is
     numpy's cheapest path, while an array seed runs its array and ufunc machinery, whose
     code pages are each a first touch in a restored guest. (``numpy.random.default_rng()``
-    seeds itself from the kernel with full entropy.)
+    seeds itself from the kernel with full entropy.) ``multiprocessing``'s authkey is a keyed
+    hash of the seed, never drawn from ``random``, whose outputs a program sees.
     """
     random = sys.modules.get("random")
     if random is not None:
@@ -139,6 +140,16 @@ def _reseed(seed: bytes = b"") -> None:
     tempfile: Any = sys.modules.get("tempfile")
     if tempfile is not None:
         tempfile._name_sequence = None
+    process: Any = sys.modules.get("multiprocessing.process")
+    if process is not None:
+        # The main process's authkey, the secret of a program's managers and listeners (its
+        # children inherit it), was drawn from os.urandom when the template imported it.
+        hashlib: Any = sys.modules.get("hashlib")
+        if seed and hashlib is not None:
+            key = hashlib.blake2b(seed, digest_size=32, person=b"mp.authkey").digest()
+        else:
+            key = os.urandom(32)
+        process.current_process().authkey = key
 
 
 def _restart_clocks() -> None:

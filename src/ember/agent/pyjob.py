@@ -190,11 +190,13 @@ class Job:
         os.dup2(stderr_w, 2)
         for fd in fds:
             os.close(fd)
-        old_tz = os.environ.get("TZ")
+        old_tz, old_tzpath = os.environ.get("TZ"), os.environ.get("PYTHONTZPATH")
         os.environ.clear()
         os.environ.update(spec["env"])
         if os.environ.get("TZ") != old_tz and "time" in sys.modules:
             sys.modules["time"].tzset()
+        if os.environ.get("PYTHONTZPATH") != old_tzpath and "zoneinfo" in sys.modules:
+            _reset_tzpath(sys.modules["zoneinfo"])
         sys.argv = list(spec["argv"])
         sys.orig_argv = list(spec["orig_argv"])
         sys.executable = _sys._base_executable = spec["executable"]
@@ -305,6 +307,20 @@ class Job:
             self.call, self.args = _reraise, (exc,)
             return
         self.call, self.args = exec, (code, main)
+
+
+def _reset_tzpath(zoneinfo: Any) -> None:
+    """``zoneinfo`` (a preload module) read ``PYTHONTZPATH`` at its import, in the template.
+    A job that sets it runs in a real ``python3`` unless ``-E``/``-I`` hid it from the
+    interpreter, but zoneinfo reads ``os.environ`` itself, so it is read again here. Its
+    warning about relative entries is for a program that imports zoneinfo, not for all."""
+    warnings: Any = sys.modules.get("warnings")  # no import here: see pybase
+    if warnings is None:
+        zoneinfo.reset_tzpath()
+        return
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        zoneinfo.reset_tzpath()
 
 
 def _seed_of(spec: dict[str, Any]) -> bytes:

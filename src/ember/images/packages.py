@@ -47,15 +47,19 @@ DEFAULT_PIP: Final = ("numpy==2.3.5",)
 # it is in the template: asyncio 3.2 s (ssl with it), http.client 1.4 s, sqlite3 1.1 s,
 # importlib.metadata 0.9 s. Importing OpenSSL's TLS library or SQLite seeds neither's
 # generator (each draws from the kernel at its first use, in the sandbox: a test checks that
-# siblings draw different bytes). Left out on purpose: modules whose import draws a secret
-# every restored sibling would share (multiprocessing's authkey) or reads the environment
-# once (zoneinfo's PYTHONTZPATH): those start in each program.
+# siblings draw different bytes). Two draw or read something at import that a program must
+# not inherit from the template: multiprocessing's authkey (os.urandom; replaced at every
+# hand-over, pybase._reseed) and zoneinfo's PYTHONTZPATH (read again when a job's differs).
+# Then 0.2-0.9 s each: multiprocessing with its pool, concurrent.futures' process pool,
+# zoneinfo, http.server, tarfile.
 STDLIB_PRELOAD: Final = (
     "json", "pathlib", "subprocess", "dataclasses", "argparse", "logging", "csv", "decimal",
     "fractions", "statistics", "glob", "gzip", "zipfile", "tempfile", "shlex", "queue",
     "pprint", "difflib",
     "asyncio", "ssl", "http.client", "urllib.request", "sqlite3", "importlib.metadata", "uuid",
     "xml.etree.ElementTree", "html.parser", "unittest", "tomllib", "configparser",
+    "multiprocessing", "multiprocessing.pool", "concurrent.futures.process", "zoneinfo",
+    "http.server", "tarfile",
 )  # fmt: skip
 DEFAULT_PRELOAD: Final = ("numpy", *STDLIB_PRELOAD)
 # Debian package names (policy 5.6.1), and a Python module path for --preload.
