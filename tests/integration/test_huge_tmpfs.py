@@ -42,6 +42,10 @@ def test_an_upload_lands_in_huge_pages_and_a_small_file_does_not(sb: Sandbox) ->
     grown = huge_kib(sb) - before
     assert grown == 4096, grown  # the tail stays in small pages
     assert sb.files.read("/tmp/up.bin") == data
+    # and its preferred I/O size is still a page (kernel patch 0016): 2 MiB would make cat,
+    # cp and buffered readers allocate 2 MiB buffers, 512 first touches each
+    cell = sb.run_code("import os\nos.stat('/tmp/up.bin').st_blksize", timeout=600)
+    assert cell.error is None and cell.value == "4096", cell
     sb.files.write("/tmp/small.txt", b"x" * 1000)
     sb.files.write("/tmp/up.bin", b"shorter")  # replaced: its huge pages are freed
     assert huge_kib(sb) == before, "a small file took a huge page, or the old one stayed"
