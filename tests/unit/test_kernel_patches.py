@@ -52,6 +52,7 @@ def test_patched_files_parses_headers() -> None:
         "kernel/time/hrtimer.c",
         "kernel/time/timekeeping.c",
         "drivers/char/random.c",
+        "mm/shmem.c",
     ]
     created = [f for _, data in patches for f in kernel_build.patched_files(data, created=True)]
     assert created == ["drivers/misc/ember_doorbell.c"]
