@@ -15,14 +15,16 @@ What issue 15 measures, each beside its peer from the same run:
   served by pre-started interpreters) against the same through a real guest process
   (``python3 -O -c``: ``-O`` is a flag a pre-started interpreter cannot honour, so it is the
   "before" path, a new ``python3``) and against the host; and a third one
-  :data:`THIRD_GAP_S` after the second, the pace of an agent's tool calls: the pool (two
-  interpreters) is empty by then. A refill used to be a fresh ``python3`` plus its preload
-  imports (~20 s of idle time with numpy here: ~5 s to start, ~14 s to import numpy from a
-  warm page cache), so the third exec got a real process; now the template's mother
-  interpreter forks it (~4 s here), and an exec that finds the pool empty waits for that
-  fork rather than start ``python3``; and two sent at once (an agent's parallel tool calls)
-  on a sandbox whose pool is used up: the slower one's time (the second waits for the second
-  fork);
+  :data:`THIRD_GAP_S` after the second, the pace of an agent's tool calls, and a fourth and
+  fifth at the same pace: the template's two started interpreters are used by then, the
+  third and fourth go to the two it forked and warmed, the fifth to a refill (the pool held
+  two interpreters before, so the third was a refill). A refill used to be a fresh
+  ``python3`` plus its preload imports (~20 s of idle time with numpy here: ~5 s to start,
+  ~14 s to import numpy from a warm page cache), so it got a real process; now the
+  template's mother interpreter forks it (~4 s here), and an exec that finds the pool empty
+  waits for that fork rather than start ``python3``; and two sent at once (an agent's
+  parallel tool calls) on a sandbox whose pool is used up: the slower one's time (the second
+  waits for the second fork);
 - a 10 MiB and a 100 MiB ``bytearray`` in the warm ``run_code`` interpreter (time inside the
   guest), against the same in a new guest ``python3`` (no pre-faulted heap) and on the host;
 - ``import numpy`` and a 200x200 ``numpy.linalg.eig`` in a Python exec (time inside the guest),
@@ -65,18 +67,24 @@ ALLOC = (
     "import time\nt = time.perf_counter()\nb = bytearray({mib} << 20)\n"
     "seconds = time.perf_counter() - t\ndel b\n"
 )
+# Imports programs make most, a row each (the templates preload them all:
+# ember.images.packages.STDLIB_PRELOAD), timed in the NUMPY program after its eig.
+IMPORT_ROWS = {
+    "stdlib_import": "import json, pathlib, subprocess, logging, argparse, dataclasses",
+    "net_import": "import asyncio, sqlite3, urllib.request, uuid",
+    "mp_import": "import multiprocessing.pool, concurrent.futures.process, zoneinfo",
+}
 NUMPY = (
     "import time\nt0 = time.perf_counter()\nimport numpy as np\nt1 = time.perf_counter()\n"
     "a = np.random.default_rng(0).random((200, 200))\nt2 = time.perf_counter()\n"
-    "np.linalg.eig(a)\nt3 = time.perf_counter()\n"
-    "import json, pathlib, subprocess, logging, argparse, dataclasses\n"
-    "t4 = time.perf_counter()\nimport asyncio, sqlite3, urllib.request, uuid\n"
-    "t5 = time.perf_counter()\nimport multiprocessing.pool, concurrent.futures.process, zoneinfo\n"
-    "t6 = time.perf_counter()\nprint(t1 - t0, t3 - t2, t4 - t3, t5 - t4, t6 - t5)\n"
+    "np.linalg.eig(a)\nt3 = time.perf_counter()\ntimes = [t1 - t0, t3 - t2]\n"
+    + "".join(
+        f"t = time.perf_counter()\n{line}\ntimes.append(time.perf_counter() - t)\n"
+        for line in IMPORT_ROWS.values()
+    )
+    + "print(*times)\n"
 )
-STDLIB_ROW = "import json, pathlib, subprocess, logging, argparse, dataclasses"
-NET_ROW = "import asyncio, sqlite3, urllib.request, uuid"
-MP_ROW = "import multiprocessing.pool, concurrent.futures.process, zoneinfo"
+NUMPY_KEYS = ("numpy_import", "numpy_eig", *IMPORT_ROWS)  # what NUMPY prints, in order
 THIRD_GAP_S = 2.0  # between the second and the third Python exec in a live sandbox
 TARGETS = {
     "ember run hello.py": "<= 0.300 s",
@@ -197,9 +205,9 @@ def bench_sandbox(runs: int, real: bool) -> dict[str, list[float]]:
     out: dict[str, list[float]] = {
         k: []
         for k in (
-            "ready", "exec1", "exec2", "exec3", "burst", "exec_real", "alloc10", "alloc100",
-            "alloc10_real", "numpy_import", "numpy_eig", "stdlib_import", "net_import",
-            "mp_import", "uss_ping", "uss_exec", "exec_host",
+            "ready", "exec1", "exec2", "exec3", "exec4", "exec5", "burst", "exec_real",
+            "alloc10", "alloc100", "alloc10_real", *NUMPY_KEYS, "uss_ping", "uss_exec",
+            "exec_host",
         )
     }  # fmt: skip
     code = "print(1)"
@@ -219,11 +227,12 @@ def bench_sandbox(runs: int, real: bool) -> dict[str, list[float]]:
                 assert r.stdout == b"1\n", r
             if (u := uss_mib(pid)) is not None:
                 out["uss_exec"].append(u)
-            time.sleep(THIRD_GAP_S)
-            t = time.monotonic()
-            r = sb.exec(["python3", "-c", code], timeout=600)
-            out["exec3"].append(time.monotonic() - t)
-            assert r.stdout == b"1\n", r
+            for key in ("exec3", "exec4", "exec5"):
+                time.sleep(THIRD_GAP_S)
+                t = time.monotonic()
+                r = sb.exec(["python3", "-c", code], timeout=600)
+                out[key].append(time.monotonic() - t)
+                assert r.stdout == b"1\n", r
             for mib in (10, 100):
                 r_code = sb.run_code(ALLOC.format(mib=mib) + "seconds", timeout=900)
                 if r_code.error is None and r_code.value is not None:
@@ -231,12 +240,8 @@ def bench_sandbox(runs: int, real: bool) -> dict[str, list[float]]:
         with Sandbox() as sb:  # a fresh one: its pool is full again
             r = sb.exec(["python3", "-c", NUMPY], timeout=900)
             if r.exit_code == 0:
-                imp, eig, stdlib, net, mp = (float(x) for x in r.stdout.split())
-                out["numpy_import"].append(imp)
-                out["numpy_eig"].append(eig)
-                out["stdlib_import"].append(stdlib)
-                out["net_import"].append(net)
-                out["mp_import"].append(mp)
+                for key, seconds in zip(NUMPY_KEYS, r.stdout.split(), strict=True):
+                    out[key].append(float(seconds))
             if real:
                 t = time.monotonic()
                 r = sb.exec(["python3", "-O", "-c", code], timeout=900)
@@ -285,9 +290,8 @@ def guest_simd_env() -> dict[str, str]:
 
 def host_allocs(runs: int) -> dict[str, list[float]]:
     out: dict[str, list[float]] = {
-        "alloc10": [], "alloc100": [], "numpy_import": [], "eig": [], "eig_guest_simd": [],
-        "stdlib_import": [], "net_import": [], "mp_import": [],
-    }  # fmt: skip
+        key: [] for key in ("alloc10", "alloc100", "eig_guest_simd", *NUMPY_KEYS)
+    }
     numpy_dir = guest_numpy_dir()
     simd = guest_simd_env()
     for _ in range(runs):
@@ -301,11 +305,8 @@ def host_allocs(runs: int) -> dict[str, list[float]]:
                 out[f"alloc{mib}"].append(got[0])
         got = host_seconds(NUMPY, numpy_dir)
         if got:
-            out["numpy_import"].append(got[0])
-            out["eig"].append(got[1])
-            out["stdlib_import"].append(got[2])
-            out["net_import"].append(got[3])
-            out["mp_import"].append(got[4])
+            for key, seconds in zip(NUMPY_KEYS, got, strict=True):
+                out[key].append(seconds)
     return out
 
 
@@ -369,17 +370,18 @@ def report(
     row("exec python3 -c (1st)", sb["exec1"], sb["exec_real"], sb["exec_host"])
     row("exec python3 -c (2nd)", sb["exec2"], sb["exec_real"], sb["exec_host"])
     row("exec python3 -c (3rd, 2 s on)", sb["exec3"], sb["exec_real"], sb["exec_host"])
+    row("exec python3 -c (4th, 2 s on)", sb["exec4"], sb["exec_real"], sb["exec_host"])
+    row("exec python3 -c (5th, 2 s on)", sb["exec5"], sb["exec_real"], sb["exec_host"])
     row("2 execs at once, pool used up (slower)", sb["burst"], sb["exec_real"], sb["exec_host"])
     row("bytearray 10 MiB", sb["alloc10"], sb["alloc10_real"], host["alloc10"])
     row("bytearray 100 MiB", sb["alloc100"], None, host["alloc100"])
     row("import numpy", sb["numpy_import"], None, host["numpy_import"])
-    row("numpy eig 200x200", sb["numpy_eig"], None, host["eig"])
+    row("numpy eig 200x200", sb["numpy_eig"], None, host["numpy_eig"])
     if host["eig_guest_simd"]:  # the guest keeps to SSE (README: user space keeps to SSE)
         row("numpy eig 200x200, host with the guest's SSE-only settings", sb["numpy_eig"], None,
             host["eig_guest_simd"])  # fmt: skip
-    row(STDLIB_ROW, sb["stdlib_import"], None, host["stdlib_import"])
-    row(NET_ROW, sb["net_import"], None, host["net_import"])
-    row(MP_ROW, sb["mp_import"], None, host["mp_import"])
+    for key, line in IMPORT_ROWS.items():
+        row(line, sb[key], None, host[key])
     row("Sandbox() ready", sb["ready"], None, [])
     memory = {"uss_after_ping_mib": p50(sb["uss_ping"]), "uss_after_exec_mib": p50(sb["uss_exec"])}
     return {"rows": rows, "memory": memory, "runs": len(sb["ready"])}

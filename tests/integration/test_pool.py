@@ -197,6 +197,11 @@ def test_a_restored_sandbox_has_a_full_pool(sb: Sandbox) -> None:
     pool = sb.ping()["pool"]
     assert pool["state"] == "ready" and pool["ready"] == pool["size"] >= 1, pool
     assert pool["error"] == ""
+    # Two started with a heap; the rest forked by the mother and warmed before the snapshot.
+    started = min(pool["size"], 2)
+    assert pool["forked"] == pool["size"] - started, pool
+    assert [w > 0 for w in pool["warmed"]] == [False] * started + [True] * pool["forked"], pool
+    assert all(h > 0 for h in pool["heaps_mib"][:started]), pool
 
 
 def test_siblings_draw_different_random_numbers(images: Images) -> None:

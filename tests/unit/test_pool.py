@@ -69,6 +69,14 @@ class Agent:
         assert isinstance(status, dict)
         return status
 
+    def first_fill_done(self, timeout: float = 60.0) -> dict[str, Any]:
+        """The pool's status once its first fill has ended (ready or failed)."""
+        deadline = time.monotonic() + timeout
+        while (status := self.pool())["state"] == "starting":
+            assert time.monotonic() < deadline, status
+            time.sleep(0.05)
+        return status
+
     def wait_full(self, timeout: float = 60.0) -> dict[str, Any]:
         deadline = time.monotonic() + timeout
         while True:
@@ -467,6 +475,31 @@ def test_refills_are_forked_by_the_mother_as_the_agents_own_children(agent: Agen
     assert run.result["signal"] == signal.SIGTERM, run
 
 
+def test_the_first_fill_starts_two_and_forks_the_rest_warmed_before_ready(
+    tmp_path: Path,
+) -> None:
+    # A template's pool past STARTED is forked by the mother, each member warmed (its
+    # copy-on-write faults taken) before it says ready, so before the snapshot; started
+    # members carry the heap, forked ones none. Refills forked later warm up after ready.
+    a = start_agent(tmp_path, "--pool", "3")
+    try:
+        status = a.first_fill_done()
+        assert status["mother"], status["mother_error"]
+        assert (status["size"], status["ready"], status["forked"]) == (3, 3, 1), status
+        assert [w > 0 for w in status["warmed"]] == [False, False, True], status
+        assert [h > 0 for h in status["heaps_mib"]] == [True, True, False], status
+        # The forked member serves its program as the others do, in turn after them.
+        runs = [a.pooled(["python3", "-c", "import os; print(os.getppid())"]) for _ in range(3)]
+        assert {run.stdout for run in runs} == {f"{a.proc.pid}\n".encode()}, runs
+        status = a.wait_full()
+        assert status["forked"] >= 3 and status["warmed"] == [0, 0, 0], status
+        stop_agent(a)
+    finally:
+        if a.proc.poll() is None:
+            a.proc.kill()
+            a.proc.wait()
+
+
 def test_an_exec_finding_the_pool_empty_waits_for_a_fork_not_a_real_python3(
     tmp_path: Path,
 ) -> None:
@@ -474,10 +507,7 @@ def test_an_exec_finding_the_pool_empty_waits_for_a_fork_not_a_real_python3(
     # member in time: it is forked while the request is in flight and serves it.
     a = start_agent(tmp_path, "--pool", "2", env={"EMBER_POOL_IDLE_S": "30"})
     try:
-        deadline = time.monotonic() + 60
-        while (status := a.pool())["state"] == "starting":  # the mother comes last
-            assert time.monotonic() < deadline, status
-            time.sleep(0.05)
+        status = a.first_fill_done()  # the mother comes last
         assert status["mother"], status["mother_error"]
         for _ in range(3):
             run = a.run(["python3", "-c", "import sys; print(sys.argv)"])
@@ -554,10 +584,7 @@ def test_a_burst_of_execs_on_an_empty_pool_waits_for_the_forks_in_turn(tmp_path:
         runs.append(a.run(["python3", "-c", f"print({n})"]))
 
     try:
-        deadline = time.monotonic() + 60
-        while (status := a.pool())["state"] == "starting":
-            assert time.monotonic() < deadline, status
-            time.sleep(0.05)
+        status = a.first_fill_done()
         assert status["mother"], status["mother_error"]
         for _ in range(2):
             assert a.run(["python3", "-c", "pass"]).result["exit_code"] == 0
@@ -669,10 +696,7 @@ def test_a_program_that_kills_its_own_interpreter(agent: Agent) -> None:
 def test_a_missing_preload_module_fails_the_pool_with_its_reason(tmp_path: Path) -> None:
     a = start_agent(tmp_path, "--preload", "no_such_module_xyz", "--pool", "1")
     try:
-        deadline = time.monotonic() + 60
-        while (status := a.pool())["state"] == "starting":
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
+        status = a.first_fill_done()
         assert status["state"] == "failed"
         assert "no_such_module_xyz" in status["error"] and "ModuleNotFoundError" in status["error"]
         run = a.run(["python3", "-c", "print(6 * 7)"], timeout=60)

@@ -42,7 +42,7 @@ from ember.agent.heap import (
     tune_page_reporting,
     tune_thp,
 )
-from ember.agent.pool import DEFAULT_SIZE, IDLE_S, InterpreterPool
+from ember.agent.pool import DEFAULT_SIZE, IDLE_S, STARTED, InterpreterPool
 from ember.agent.preload import ENV as PRELOAD_ENV
 from ember.agent.runcode import CodeRunner
 from ember.agent.server import AgentServer
@@ -144,8 +144,9 @@ def main(argv: list[str] | None = None) -> int:
     tune_thp()  # huge pages for the heaps that ask, never a stall or a scan for them
     tune_min_free()  # and not the ~25 MiB reserve that turning them on asked for
     tune_page_reporting()  # freed memory goes back to the host with less of it free
-    # Each warm interpreter's pre-faulted heap, within what the guest can spare.
-    heap = per_interpreter(heap_mib, pool_size + int(worker))
+    # Each warm interpreter's pre-faulted heap, within what the guest can spare (the pool's
+    # started members have one; the ones the mother forks do not).
+    heap = per_interpreter(heap_mib, min(pool_size, STARTED) + int(worker))
     listener = _listen(listen_unix if isinstance(listen_unix, str) else None)
     pool = None
     if pool_size:

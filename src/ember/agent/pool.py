@@ -3,7 +3,7 @@
 In this guest a fresh ``python3`` costs ~7 s (every system call and page fault goes through an
 emulated kernel) and its exit ~2 s more (the kernel frees every page it touched). A template
 snapshot taken while a few interpreters wait for work makes their start-up free for every
-restored sandbox. The pool (``size`` interpreters, default 2) is filled when the agent starts;
+restored sandbox. The pool (``size`` interpreters, default 4) is filled when the agent starts;
 ``exec`` hands a Python command line to one of them when :func:`ember.agent.pyargs.plan` says
 the result is indistinguishable from a real ``python3`` (otherwise a real process starts, as
 before). Each interpreter runs one program and becomes that program's process: same
@@ -21,8 +21,14 @@ has imported the preload modules, holds no heap and never runs a program. A fres
 sandbox that runs a Python program every few seconds keeps finding a member ready. The
 forked member is the agent's own child (``CLONE_PARENT``, see ``pyclone._Forker``), and the
 agent reaps it as it reaps the members it started (:func:`ember.agent.adopt.adopt`). The
-template's own members are started, not forked: a forked member shares its pages with the
-mother, and each one its program writes would cost a guest copy-on-write fault. Without a
+template's first :data:`~ember.agent.poolfill.STARTED` members are started, not forked: a
+forked member shares its pages with the mother, and each one its program writes costs a guest
+copy-on-write fault (a started member's first program ~0.15 s here, a forked one's ~0.5 s).
+The rest of the template's pool is forked once the mother is there, each member warmed up
+(``pywarm._warm_steps``, its copy-on-write faults taken) before it says ready, so before the
+snapshot: ~4 s of build time and ~7 MiB of guest memory each, where a started one costs ~20 s
+and ~30 MiB besides its heap. So a sandbox's third and fourth Python programs, at an agent's
+pace of a few seconds, find a member waiting instead of waiting ~3 s for a refill. Without a
 mother (she failed, or cannot fork here) refills start ``python3`` as before. The mother's
 work runs at nice 19; a fork refill starts after a fifth of :data:`IDLE_S`, and an exec that
 finds the pool empty waits up to :data:`FORK_WAIT_S` for the fork instead of a new process.
@@ -44,10 +50,10 @@ from typing import Any
 
 from ember.agent.handover import acceptable, as_file, check_cwd, job_spec
 from ember.agent.member import Member, discard, kill_holder, read_message, send_message, send_signal
-from ember.agent.poolfill import DEFAULT_SIZE, IDLE_S, PoolFiller, PoolState
+from ember.agent.poolfill import DEFAULT_SIZE, IDLE_S, STARTED, PoolFiller, PoolState
 from ember.agent.pyargs import plan
 
-__all__ = ["DEFAULT_SIZE", "IDLE_S", "InterpreterPool", "PoolState"]
+__all__ = ["DEFAULT_SIZE", "IDLE_S", "STARTED", "InterpreterPool", "PoolState"]
 
 WARM_TIMEOUT_S = 30.0  # a rehearsal takes ~0.1 s here: one not done by then is broken
 FORK_WAIT_S = 8.0  # an exec waits this long for a fork (~2 s, ready ~2 s later; python3: 4-8 s)
@@ -154,6 +160,8 @@ class InterpreterPool(PoolFiller):
                 "preloaded_count": len(self._preloaded_locked()),
                 "heap_mib": self.heap_bytes >> 20,  # the budget; what each member touched:
                 "heaps_mib": [int(m.info.get("heap", 0)) >> 20 for m in self._ready],
+                # pages each took warm before it said ready (the template's forked ones)
+                "warmed": [int(m.info.get("warmed", 0)) for m in self._ready],
                 "holders": len(self._holders),
                 "last": dict(self._last),
                 "lookups": self._finder.lookups,  # path answers computed, not kept (pyfind)

@@ -46,9 +46,10 @@ from ember.agent.pyargs import effective_ctype, plan
 from ember.agent.pyfind import PythonFinder
 from ember.agent.resume import ResumeState
 
-__all__ = ["DEFAULT_SIZE", "IDLE_S", "PoolFiller", "PoolState"]
+__all__ = ["DEFAULT_SIZE", "IDLE_S", "STARTED", "PoolFiller", "PoolState"]
 
-DEFAULT_SIZE = 2
+DEFAULT_SIZE = 4
+STARTED = 2  # of the first fill, started as python3 with a heap; the rest the mother forks
 IDLE_S = 1.0  # a sandbox this long without requests may spend its CPU on refills
 RETRY_S = 30.0  # after a refill failed
 FIRST_TRIES = 3  # starts the first fill may lose to a death (not to a reported error)
@@ -101,6 +102,8 @@ class PoolFiller:
         self._idle_since = time.monotonic()
         self._closed = False
         self._first_fill_done = False
+        self._started = 0  # members the first fill started (the rest of it is forked)
+        self._mother_tried = False
         self._first_failures = 0
         self._reported = False  # the last failed start said why (it would say so again)
         self._gave_up = False
@@ -159,11 +162,14 @@ class PoolFiller:
                 continue
             first = not self._first_fill_done
             member = self._start_one(first)
-            filled = False
+            filled = mother_due = False
             with self._cond:
                 if member is not None:
                     self._ready.append(member)
                     self._cond.notify_all()  # an exec may be waiting for it
+                    if first and not member.forked:
+                        self._started += 1
+                    mother_due = first and self._started >= min(self.size, STARTED)
                     filled = len(self._ready) >= self.size and not self._first_fill_done
                 elif first:
                     # A member that reported an error (a preload module that does not
@@ -175,8 +181,9 @@ class PoolFiller:
                         self.state = PoolState.FAILED
                         self._gave_up = True
                         return
-            if filled:
+            if mother_due and not self._mother_tried:
                 self._start_mother()  # before READY: a template has her too
+            if filled:
                 self._warm_lookups()
                 with self._cond:
                     self._first_fill_done = True
@@ -203,13 +210,16 @@ class PoolFiller:
 
     def _start_one(self, first: bool) -> Member | None:
         """A new member: forked by the mother if there is one, else a fresh ``python3``."""
-        heap = self.heap_bytes if first else 0
+        # The first fill's last members (past STARTED, once the mother is there): forked,
+        # and warmed before they say ready, so that the template holds them warm.
+        reserve = first and self._mother_tried
+        heap = self.heap_bytes if first and not reserve else 0
         member = None
-        # Not for the template's own members: a forked one shares its pages with the mother
-        # (a guest copy-on-write fault, ~3 ms, on each its program writes); a started one
-        # owns them (a host fault, ~25 us, in a restored copy).
-        if self._mother is not None and not first:
-            member = self._fork(self._mother, heap)
+        # Not for the template's first members: a forked one shares its pages with the
+        # mother (a guest copy-on-write fault, ~3 ms, on each its program writes); a started
+        # one owns them (a host fault, ~25 us, in a restored copy).
+        if self._mother is not None and (reserve or not first):
+            member = self._fork(self._mother, heap, warm_first=reserve)
         if member is None:
             member = self._spawn(heap, MEMBER)
         if member is None:
@@ -239,8 +249,10 @@ class PoolFiller:
             log(f"interpreter pool: no mother ({self.mother_error}): refills start python3")
             if mother is not None:
                 discard(mother)
+            self._mother_tried = True
             return
         mother.info = info
+        self._mother_tried = True
         # Her forks, and her children's warm-ups, are background work: at nice 19 a
         # request's program and the agent get the one vCPU (page-fault work runs at the
         # faulting task's priority too). Her children are born there; take() lifts each
@@ -248,12 +260,14 @@ class PoolFiller:
         self._background(mother)
         self._mother = mother
 
-    def _fork(self, mother: Member, heap: int) -> Member | None:
-        """Ask the mother for a member; None (and no mother from now on) if she cannot."""
+    def _fork(self, mother: Member, heap: int, *, warm_first: bool = False) -> Member | None:
+        """Ask the mother for a member; None (and no mother from now on) if she cannot.
+        ``warm_first``: the member takes its copy-on-write faults before it says ready."""
         ours, theirs = socket.socketpair()
         reply = None
         try:
-            send_message(mother.ctl, {"op": "fork", "heap": heap}, (theirs.fileno(),))
+            request = {"op": "fork", "heap": heap, "warm": warm_first}
+            send_message(mother.ctl, request, (theirs.fileno(),))
             reply = self._run_start(mother)
         except OSError:
             pass

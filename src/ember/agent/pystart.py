@@ -71,7 +71,13 @@ if __name__ != "ember_pystart":  # imported as a module; in BOOT's namespace the
     from ember.agent.pybase import _Flags, _receive_job, _send
     from ember.agent.pyclone import _make_holder, _mother
     from ember.agent.pyjob import Job
-    from ember.agent.pywarm import _rehearse, _spare_bytes, _warm_forked, warm_numpy
+    from ember.agent.pywarm import (
+        _rehearse,
+        _spare_bytes,
+        _warm_forked,
+        _warm_steps,
+        warm_numpy,
+    )
 
 
 def wait(argv: list[str], boot_globals: dict[str, Any], baseline: set[str]) -> Job:
@@ -105,10 +111,10 @@ def wait(argv: list[str], boot_globals: dict[str, Any], baseline: set[str]) -> J
     # host-side copy-on-write fault each, and private memory for the sandbox). Only
     # introspection (gc.get_objects, gc.get_freeze_count) can tell.
     gc.freeze()
-    forked = False
+    forked = warm_first = False
     if mother and not error:
         # Returns only in each interpreter this one forks: that carries on below as a member.
-        ctl, heap = _mother(ctl)
+        ctl, heap, warm_first = _mother(ctl)
         generation = -1  # its generators are its mother's, as in every sibling: reseed
         forked = True
     if heap > 0 and not error:
@@ -117,6 +123,10 @@ def wait(argv: list[str], boot_globals: dict[str, Any], baseline: set[str]) -> J
         del block
     site = sys.modules.get("site")
     user_site = getattr(site, "USER_SITE", None) if site is not None else None
+    # A member forked for the template takes its copy-on-write faults now, before ready
+    # and so before the snapshot: every restored copy has them taken (a live refill takes
+    # them after ready, in steps, and stops for a job: _warm_forked).
+    warmed = sum(_warm_steps(keep)) if warm_first else 0
     alive: list[Any] = []
     holder = 0 if error else _make_holder(alive)
     state = {
@@ -136,12 +146,13 @@ def wait(argv: list[str], boot_globals: dict[str, Any], baseline: set[str]) -> J
             "user_site_in_path": bool(user_site and user_site in sys.path),
             "flags": bool(flags is not None and flags.works),
             "heap": heap,
+            "warmed": warmed,  # pages the warm-up before ready went through (0: none)
             "preloaded": sorted(preloaded),  # what programs will find in sys.modules
         },
     )
     if error:
         os._exit(1)
-    if forked:
+    if forked and not warm_first:
         _warm_forked(ctl, keep)
     while True:
         try:

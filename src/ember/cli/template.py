@@ -71,8 +71,9 @@ def register(sub: Any) -> None:
     )  # fmt: skip
     build.add_argument(
         "--pool", type=int_at_least(0), metavar="N",
-        help="pre-started python3 interpreters for exec (default 2; 0: none); each costs the "
-        "build about a minute here",
+        help="pre-started python3 interpreters for exec (default 4; 0: none): the first two "
+        "are started with a heap (about a minute of build each here), the rest forked from "
+        "them and warmed (seconds each)",
     )  # fmt: skip
     build.add_argument(
         "--heap-mib", type=int_at_least(0), metavar="MiB",
