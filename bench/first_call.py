@@ -51,8 +51,8 @@ class Announcement:
         self._original = code_ring._await_announcement
         code_ring._await_announcement = self._seen
 
-    def _seen(self, req_ctl: memoryview) -> None:
-        self._original(req_ctl)
+    def _seen(self, req_ctl: memoryview, generation: int) -> None:
+        self._original(req_ctl, generation)
         self.at = time.perf_counter()
         if self.sandbox is not None:
             self.insn = emulated(self.sandbox)

@@ -122,8 +122,8 @@ def first_run_code() -> int | None:
     """``Sandbox()`` → first ``run_code``, marked: ready, announced (the worker's rings seen)."""
     original = code_ring._await_announcement
 
-    def announced(req_ctl: memoryview) -> None:
-        original(req_ctl)
+    def announced(req_ctl: memoryview, generation: int) -> None:
+        original(req_ctl, generation)
         mark("announced->reply")
 
     code_ring._await_announcement = announced

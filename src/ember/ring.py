@@ -38,6 +38,12 @@ region it has not announced itself in, then stores, in the request slot's contro
                                   ``run_code`` is on its way, so the worker stops its poll
                                   (after a restore or a call; it competes with the agent
                                   for the vCPU) and clears the word
+      offset 512  code_generation the header's generation the worker laid the rings out
+                                  for (stored before code_ready): a worker snapshotted
+                                  while laying them out finishes that layout in the
+                                  restored copy's region, and lays them out again for its
+                                  generation next; the host attaches only to a layout for
+                                  its region's generation (0: a worker from before this word)
 
 Head and tail sit on separate cache lines, so producer and consumer never write
 the same line. A record is an 8-byte header (``length | kind << 32``) and its
@@ -93,6 +99,7 @@ CODE_READY = 24  # request slot only (see the module docstring)
 CODE_EPOCH = 32
 CODE_NOT_YET = 48
 CODE_BELL = 56  # nonzero: a sleeping worker also wakes on the guest bell (ember.vmm.shm)
+CODE_GENERATION = 64  # the region generation the rings were laid out for (see above)
 CODE_SLOTS = 2
 
 PRODUCER_WAITING = 1

@@ -169,6 +169,7 @@ def test_cells_go_through_the_rings_and_keep_their_state(fx: Fixture) -> None:
     assert error is not None and error.type == "ZeroDivisionError"
     assert fx.code.calls == 3
     assert fx.ctl(2)[ring.CODE_READY] != 0  # the worker announced itself in the request slot
+    assert fx.ctl(2)[ring.CODE_GENERATION] == 12345  # for the region's generation
 
 
 def test_a_sleeping_worker_is_woken_by_the_agent(fx: Fixture) -> None:
@@ -302,6 +303,24 @@ def test_no_region_or_no_announced_worker_means_vsock() -> None:
     try:
         assert fixture.call("1") is None
         assert fixture.code.calls == 0 and fixture.ops == []
+    finally:
+        fixture.close()
+
+
+def test_rings_laid_out_for_another_generation_are_not_used() -> None:
+    """A worker snapshotted while laying its rings out finishes that layout in the restored
+    copy's region, for the template's generation, then lays them out again for the copy's
+    own: a request the host wrote on the first layout would be lost, and the call reported
+    as a crash. The host waits for a layout of its own region's generation, else vsock."""
+    fixture = Fixture()  # no worker: the layout below is the restored one's, finished
+    try:
+        req, rep = fixture.ctl(2), fixture.ctl(3)
+        ring.lay_out(req, SLOT_SIZE - ring.PAGE, 7)
+        ring.lay_out(rep, SLOT_SIZE - ring.PAGE, 7 ^ 2)
+        req[ring.CODE_GENERATION] = 999  # the template's, not this region's 12345
+        req[ring.CODE_READY] = 1
+        assert fixture.call("1") is None  # vsock, nothing written on the stale layout
+        assert req[ring.HEAD] == 0 and fixture.code.calls == 0 and fixture.ops == []
     finally:
         fixture.close()
 

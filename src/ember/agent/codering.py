@@ -177,6 +177,11 @@ class WorkerRing:
         self._generation = generation
         self.spin.forget()
         self._req_ctl[ring.CODE_BELL] = int(self.guest_bell is not None)
+        # The host attaches only to a layout for its region's generation: if a snapshot
+        # caught this worker between reading the generation and here, the copy restored
+        # from it finishes a layout for the old one, which the host ignores until the
+        # next refresh lays the rings out for the copy's own.
+        self._req_ctl[ring.CODE_GENERATION] = generation
         self._req_ctl[ring.CODE_READY] = self._pid  # last: the host may go now
         self.poll_for(AFTER_RESTORE_S)
         return True

@@ -126,7 +126,12 @@ def wait(argv: list[str], boot_globals: dict[str, Any], baseline: set[str]) -> J
     # A member forked for the template takes its copy-on-write faults now, before ready
     # and so before the snapshot: every restored copy has them taken (a live refill takes
     # them after ready, in steps, and stops for a job: _warm_forked).
-    warmed = sum(_warm_steps(keep)) if warm_first else 0
+    warmed = 0
+    if warm_first:
+        try:
+            warmed = sum(_warm_steps(keep))
+        except Exception:
+            pass  # a warm-up only: the member serves its program unwarmed
     alive: list[Any] = []
     holder = 0 if error else _make_holder(alive)
     state = {

@@ -122,10 +122,11 @@ class CodeRing:
                 request_slot, reply_slot = ring.code_slots(region.slot_count)
                 req_ctl, req_data, _ = region.slot(request_slot)
                 rep_ctl, rep_data, doorbell = region.slot(reply_slot)
+                generation = region.generation
                 if self._expect:
                     self._expect = False
-                    _await_announcement(req_ctl)
-                if not req_ctl[ring.CODE_READY] or not self._attach(
+                    _await_announcement(req_ctl, generation)
+                if not _announced(req_ctl, generation) or not self._attach(
                     req_ctl, req_data, rep_ctl, rep_data, agent
                 ):
                     return None
@@ -339,7 +340,14 @@ class CodeRing:
             raise ConnectionResetError("the sandbox was closed") from None
 
 
-def _await_announcement(req_ctl: memoryview) -> None:
+def _announced(req_ctl: memoryview, generation: int) -> bool:
+    """A worker serves rings it laid out for this region (not for the one a snapshot was
+    taken from while it laid them out: it lays them out again, and a request sent on the
+    old layout would be lost; 0 is a worker from before ``CODE_GENERATION``)."""
+    return bool(req_ctl[ring.CODE_READY]) and req_ctl[ring.CODE_GENERATION] in (0, generation)
+
+
+def _await_announcement(req_ctl: memoryview, generation: int) -> None:
     deadline = time.monotonic() + ANNOUNCE_WAIT_S
-    while not req_ctl[ring.CODE_READY] and time.monotonic() < deadline:
+    while not _announced(req_ctl, generation) and time.monotonic() < deadline:
         time.sleep(0.0005)

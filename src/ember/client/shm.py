@@ -117,6 +117,16 @@ class HostRegion:
     def slot_count(self) -> int:
         return len(self._doorbells)
 
+    @property
+    def generation(self) -> int:
+        """The header's generation: the VMM draws it before any vCPU runs, and a region
+        belongs to one VMM (a restore or fork has a region of its own)."""
+        with self._lock:
+            if self._closed:
+                raise ValueError("the region is closed")
+            offset = ring.H_GENERATION * 8
+            return int.from_bytes(self._mem[offset : offset + 8], "little")
+
     def lease(self, max_message: int) -> Lease | None:
         """A free slot made an empty ring, or None when all are in use (use vsock)."""
         with self._lock:
