@@ -62,8 +62,8 @@ def test_sandbox_takes_a_warm_spare_and_a_new_one_is_made(
     with Sandbox() as first:
         assert first._vmm.vmm_pid == waiting
         assert spare_pool().taken == taken_before + 1
-        pool = first.ping()["pool"]  # its interpreters rehearsed a start while it waited
-        assert pool["rehearsed"] == pool["size"] == pool["ready"]
+        pool = first.ping()["pool"]  # its first interpreters rehearsed a start while it waited
+        assert pool["size"] == pool["ready"] and pool["rehearsed"] == min(pool["size"], 2)
         assert first.exec(["python3", "-c", "print('hi')"]).stdout == b"hi\n"
         assert first.ping()["pool"]["served"] == pool["served"] + 1
         assert first.exec(["echo", "hi"]).stdout == b"hi\n"

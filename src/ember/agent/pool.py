@@ -92,13 +92,19 @@ class InterpreterPool(PoolFiller):
             kill_holder(pid)
 
     def warm(self) -> list[int]:
-        """Have each waiting interpreter rehearse a program's start (see ``pywarm``); the
-        pages each touched. For a sandbox restored ahead of its use (a spare): in a restored
-        copy every page a process touches first costs a shadow and a host fault (~25 us
-        here), ~3,500 of them, ~100 ms, for each interpreter's first program. Members are out
-        of the pool while they rehearse (an exec meanwhile starts a real process)."""
+        """Have the waiting interpreters that programs get first (the :data:`STARTED` with
+        the biggest heaps: :meth:`take`'s order) rehearse a program's start (see
+        ``pywarm``); the pages each touched. For a sandbox restored ahead of its use (a
+        spare): in a restored copy every page a process touches first costs a shadow and a
+        host fault (~25 us here), ~3,500 of them, ~100 ms, for each interpreter's first
+        program. Not the forked ones behind them: each rehearsal is ~0.1 s of the spare's
+        making and ~3 MiB of its private memory, for a program that comes seconds later if
+        at all (with all four, ``ember run`` 1 s apart found its spare still rehearsing:
+        0.22-0.25 -> 0.30-0.37 s). Members are out of the pool while they rehearse (an exec
+        meanwhile gets one of the others, or starts a real process)."""
         with self._cond:
-            pending, self._ready = self._ready, []
+            order = sorted(self._ready, key=_heap, reverse=True)  # stable: take()'s order
+            pending, self._ready = order[:STARTED], order[STARTED:]
         touched: list[int] = []
         kept: list[Member] = []
         try:
@@ -209,10 +215,8 @@ class InterpreterPool(PoolFiller):
                 if not self._ready:
                     continue
                 # the biggest pre-faulted heap first: a small guest cannot give every member one
-                best = max(
-                    range(len(self._ready)), key=lambda i: self._ready[i].info.get("heap", 0)
-                )
-                member = self._ready.pop(best)
+                ready = self._ready
+                member = ready.pop(max(range(len(ready)), key=lambda i: _heap(ready[i])))
                 # Out of the background at once: a forked member still warming up (at nice
                 # 19) finishes the step in hand at the agent's priority (renicing one that
                 # has just died is a silent no-op).
@@ -299,3 +303,8 @@ class InterpreterPool(PoolFiller):
         proc.stdout, proc.stderr = as_file(stdout_r), as_file(stderr_r)
         self._closing[proc.pid] = later
         return proc
+
+
+def _heap(member: Member) -> int:
+    """The heap a member pre-faulted: programs go to the biggest first (see take)."""
+    return int(member.info.get("heap", 0))
