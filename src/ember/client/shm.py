@@ -69,6 +69,10 @@ class HostRegion:
         if code and len(doorbells) <= ring.CODE_SLOTS:
             raise ValueError("a region with code rings needs a slot for channels too")
         self._mem = mmap.mmap(memfd, size, mmap.MAP_SHARED)
+        # The header's generation, read once: the VMM writes the header before it hands the
+        # memfd out, and a region belongs to one VMM (a restore or fork has one of its own).
+        offset = ring.H_GENERATION * 8
+        self.generation = int.from_bytes(self._mem[offset : offset + 8], "little")
         self._doorbells = doorbells
         # Written to wake the guest's run_code worker (ember.vmm.shm): -1 from an older VMM.
         self.guest_bell = guest_bell
@@ -116,16 +120,6 @@ class HostRegion:
     @property
     def slot_count(self) -> int:
         return len(self._doorbells)
-
-    @property
-    def generation(self) -> int:
-        """The header's generation: the VMM draws it before any vCPU runs, and a region
-        belongs to one VMM (a restore or fork has a region of its own)."""
-        with self._lock:
-            if self._closed:
-                raise ValueError("the region is closed")
-            offset = ring.H_GENERATION * 8
-            return int.from_bytes(self._mem[offset : offset + 8], "little")
 
     def lease(self, max_message: int) -> Lease | None:
         """A free slot made an empty ring, or None when all are in use (use vsock)."""
