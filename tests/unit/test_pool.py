@@ -489,6 +489,9 @@ def test_the_first_fill_starts_two_and_forks_the_rest_warmed_before_ready(
         assert status["mother"], status["mother_error"]
         assert (status["size"], status["ready"], status["forked"]) == (3, 3, 1), status
         assert [w > 0 for w in status["warmed"]] == [False, False, True], status
+        # The probe (not a member: forked stays 1) found the pages a program writes, and the
+        # forked member's warm-up wrote those of them it has mapped.
+        assert 0 < status["warmed"][2] <= status["profile"], status
         assert [h > 0 for h in status["heaps_mib"]] == [True, True, False], status
         # The forked member serves its program as the others do, in turn after them.
         runs = [a.pooled(["python3", "-c", "import os; print(os.getppid())"]) for _ in range(3)]

@@ -23,12 +23,16 @@ forked member is the agent's own child (``CLONE_PARENT``, see ``pyclone._Forker`
 agent reaps it as it reaps the members it started (:func:`ember.agent.adopt.adopt`). The
 template's first :data:`~ember.agent.poolfill.STARTED` members are started, not forked: a
 forked member shares its pages with the mother, and each one its program writes costs a guest
-copy-on-write fault (a started member's first program ~0.15 s here, a forked one's ~0.5 s).
+copy-on-write fault (a started member's first program ~0.2 s here, a forked one's ~0.6 s
+without the fault profile below, ~0.3 s with it).
 The rest of the template's pool is forked once the mother is there, each member warmed up
 (``pywarm._warm_steps``, its copy-on-write faults taken) before it says ready, so before the
 snapshot: ~4 s of build time and ~7 MiB of guest memory each, where a started one costs ~20 s
 and ~30 MiB besides its heap. So a sandbox's third and fourth Python programs, at an agent's
-pace of a few seconds, find a member waiting instead of waiting ~3 s for a refill. Without a
+pace of a few seconds, find a member waiting instead of waiting ~3 s for a refill. Which
+pages a forked member writes while it waits is learned once, before the mother's first member:
+a probe she forks runs a program as a real job and reports the pages it wrote
+(:mod:`ember.agent.poolprobe`). Without a
 mother (she failed, or cannot fork here) refills start ``python3`` as before. The mother's
 work runs at nice 19; a fork refill starts after a fifth of :data:`IDLE_S`, and an exec that
 finds the pool empty waits up to :data:`FORK_WAIT_S` for the fork instead of a new process.
@@ -165,7 +169,7 @@ class InterpreterPool(PoolFiller):
                 # answer must stay under a vsock packet (4 KiB): each more costs ~6 ms here.
                 "preloaded_count": len(self._preloaded_locked()),
                 "heap_mib": self.heap_bytes >> 20,  # the budget; what each member touched:
-                "heaps_mib": [int(m.info.get("heap", 0)) >> 20 for m in self._ready],
+                "heaps_mib": [_heap(m) >> 20 for m in self._ready],
                 # pages each took warm before it said ready (the template's forked ones)
                 "warmed": [int(m.info.get("warmed", 0)) for m in self._ready],
                 "holders": len(self._holders),
@@ -174,6 +178,7 @@ class InterpreterPool(PoolFiller):
                 "rehearsed": self.rehearsed,
                 "mother": self._mother is not None,
                 "forked": self.forked,
+                "profile": len(self.profile) // 8,  # pages forked members write as they wait
                 "mother_error": self.mother_error,
                 "error": self.last_error,
             }

@@ -42,6 +42,7 @@ from ember.agent.member import (
     send_signal,
     spawn,
 )
+from ember.agent.poolprobe import run_probe
 from ember.agent.pyargs import effective_ctype, plan
 from ember.agent.pyfind import PythonFinder
 from ember.agent.resume import ResumeState
@@ -114,6 +115,7 @@ class PoolFiller:
         self.rehearsed = 0  # members that rehearsed a start (warm), in all
         self.forked = 0  # members the mother forked, in all
         self.mother_error = ""  # why there is no mother: refills are fresh python3 processes
+        self.profile = b""  # the pages forked members write while they wait (poolprobe)
         self._thread: threading.Thread | None = None
 
     # -- when to work -----------------------------------------------------------------
@@ -183,6 +185,7 @@ class PoolFiller:
                         return
             if mother_due and not self._mother_tried:
                 self._start_mother()  # before READY: a template has her too
+                self._learn_profile()  # before her first members: they warm up with it
             if filled:
                 self._warm_lookups()
                 with self._cond:
@@ -260,13 +263,44 @@ class PoolFiller:
         self._background(mother)
         self._mother = mother
 
-    def _fork(self, mother: Member, heap: int, *, warm_first: bool = False) -> Member | None:
+    def _learn_profile(self) -> None:
+        """Fork a probe and run :data:`~ember.agent.pywarm.PROBE_PROGRAM` in it as a real
+        job: the pages it wrote are what each forked member writes while it waits
+        (:mod:`ember.agent.poolprobe`). Without it (no mother, a probe that failed) members
+        warm up as before."""
+        from ember.agent.execute import default_env
+        from ember.agent.handover import job_spec
+        from ember.agent.pywarm import PROBE_PROGRAM
+
+        env = default_env()
+        argv = ["python3", "-c", PROBE_PROGRAM]
+        job = plan(argv, env, pool_ctype=self._ctype, pool_env=self._env)
+        executable = self._finder.interpreter("python3", env, None)
+        if self._mother is None or job is None or executable is None:
+            return
+        probe = self._fork(self._mother, 0, probe=True)
+        info = self._run_start(probe) if probe is not None else None
+        if probe is None or info is None or not info.get("ready"):
+            if probe is not None:
+                discard(probe)
+            return
+        probe.info = info
+        # A seed, as the jobs of a restored sandbox carry (ResumeState.job_seed): the probe's
+        # reseed then takes their path, and writes their pages.
+        seed = os.urandom(32).hex()
+        spec = job_spec(job, env, None, executable, False, self.resume.generation, seed)
+        self.profile = run_probe(probe, {**spec, "profile": True})
+
+    def _fork(
+        self, mother: Member, heap: int, *, warm_first: bool = False, probe: bool = False
+    ) -> Member | None:
         """Ask the mother for a member; None (and no mother from now on) if she cannot.
-        ``warm_first``: the member takes its copy-on-write faults before it says ready."""
+        ``warm_first``: the member takes its copy-on-write faults before it says ready.
+        ``probe``: not a member (:meth:`_learn_profile`), so not counted in ``forked``."""
         ours, theirs = socket.socketpair()
         reply = None
         try:
-            request = {"op": "fork", "heap": heap, "warm": warm_first}
+            request = {"op": "fork", "heap": heap, "warm": warm_first, "profile": self.profile}
             send_message(mother.ctl, request, (theirs.fileno(),))
             reply = self._run_start(mother)
         except OSError:
@@ -284,7 +318,7 @@ class PoolFiller:
             discard(mother)
             return None
         with self._cond:
-            self.forked += 1
+            self.forked += 0 if probe else 1
         assert self._python is not None
         return forked(self._python, pid, ours)
 

@@ -56,11 +56,12 @@ def _make_holder(keep: list[Any]) -> int:
         return 0  # no holder: the program's exit just costs what a real process's does
 
 
-def _mother(ctl: int) -> tuple[int, int, bool]:
+def _mother(ctl: int) -> tuple[int, int, bool, bytes]:
     """Be the pool's mother: fork a member each time the agent asks (``{"op": "fork"}``, the
     member's control socket attached), never run a program. Returns in each child, with its
-    control socket, the heap it is to touch and whether to warm up before it says ready
-    (``"warm"``: the template's forked members, which a snapshot should hold warmed).
+    control socket, the heap it is to touch, whether to warm up before it says ready
+    (``"warm"``: the template's forked members, which a snapshot should hold warmed) and the
+    fault profile its warm-up writes (``"profile"``, see ``pywarm._profile_steps``).
 
     A refill by a fresh ``python3`` costs ~20 s of guest time here (start-up ~5 s, ``import
     numpy`` ~14 s); a fork of this interpreter, which has done both and has no heap, ~1 s.
@@ -94,7 +95,13 @@ def _mother(ctl: int) -> tuple[int, int, bool]:
         if pid == 0:
             os.close(ctl)
             os.setsid()  # a session and process group of its own, as a started member has
-            return fds[0], int(spec.get("heap", 0)), spec.get("warm") is True
+            profile = spec.get("profile")
+            return (
+                fds[0],
+                int(spec.get("heap", 0)),
+                spec.get("warm") is True,
+                profile if isinstance(profile, bytes) else b"",
+            )
         os.close(fds[0])
         _send(ctl, {"pid": pid})
 

@@ -25,6 +25,7 @@ if __name__ != "ember_pystart":  # imported as a module; in BOOT's namespace the
         _read_script,
         _stdio,
     )
+    from ember.agent.pywarm import _ordered_profile, _written_pages
 
 
 _sys: Any = sys  # for the attributes typeshed calls final or does not know
@@ -43,6 +44,7 @@ class Job:
         self.set_file_name = False
         self.sigint = False
         self.alive: list[Any] = []  # the holder's stack
+        self.written: list[bytes] = []  # a probe's pages written, hand-over and program
         self.baseline: set[str] = set()
         self.script: tuple[bytes | None, OSError | None, str | None, bool] = (
             None,
@@ -55,6 +57,8 @@ class Job:
 
     def finish(self) -> None:
         """After the program (or its SystemExit): as ``_PyRun_SimpleFileObject`` ends."""
+        if len(self.written) == 1:  # a probe: what its program wrote, before the ending's
+            self.written.append(_written_pages())
         if self.set_file_name:
             self.main.pop("__file__", None)
             self.main.pop("__cached__", None)
@@ -130,6 +134,9 @@ class Job:
         self._clear_program_modules()
         if not _flush_std(report=True):
             status = 120  # as Py_Exit after a failed flush
+        if len(self.written) == 2:
+            handed, ran = self.written
+            _report_profile(_ordered_profile(handed, ran, _written_pages()))
         os._exit(status)
 
     def _clear_program_modules(self) -> None:
@@ -225,6 +232,8 @@ class Job:
             sys.modules.pop(name, None)
         self.baseline = set(sys.modules)  # what the program found: not its to tear down
         self._prepare_main(spec)
+        if spec.get("profile") is True:  # a probe: what the hand-over wrote comes first
+            self.written = [_written_pages()]
 
     def _site(self, spec: dict[str, Any]) -> None:
         """``site.main`` computes the user's site directory whatever ``-s`` says."""
@@ -333,6 +342,16 @@ def _seed_of(spec: dict[str, Any]) -> bytes:
         return bytes.fromhex(seed)
     except ValueError:
         return b""
+
+
+def _report_profile(data: bytes) -> None:
+    """A probe's last words (the agent's ``profile`` job, ``ember.agent.poolprobe``): the pages
+    it wrote (``pywarm._ordered_profile``), raw on its stderr, which its program leaves empty."""
+    try:
+        while data:
+            data = data[os.write(2, data) :]
+    except OSError:
+        pass  # the agent stopped listening: it gets no profile
 
 
 def _flush_std(report: bool = False) -> bool:

@@ -112,9 +112,10 @@ def wait(argv: list[str], boot_globals: dict[str, Any], baseline: set[str]) -> J
     # introspection (gc.get_objects, gc.get_freeze_count) can tell.
     gc.freeze()
     forked = warm_first = False
+    profile = b""
     if mother and not error:
         # Returns only in each interpreter this one forks: that carries on below as a member.
-        ctl, heap, warm_first = _mother(ctl)
+        ctl, heap, warm_first, profile = _mother(ctl)
         generation = -1  # its generators are its mother's, as in every sibling: reseed
         forked = True
     if heap > 0 and not error:
@@ -129,7 +130,7 @@ def wait(argv: list[str], boot_globals: dict[str, Any], baseline: set[str]) -> J
     warmed = 0
     if warm_first:
         try:
-            warmed = sum(_warm_steps(keep))
+            warmed = sum(_warm_steps(keep, profile))
         except Exception:
             pass  # a warm-up only: the member serves its program unwarmed
     alive: list[Any] = []
@@ -158,7 +159,7 @@ def wait(argv: list[str], boot_globals: dict[str, Any], baseline: set[str]) -> J
     if error:
         os._exit(1)
     if forked and not warm_first:
-        _warm_forked(ctl, keep)
+        _warm_forked(ctl, keep, profile)
     while True:
         try:
             spec, fds = _receive_job(ctl)

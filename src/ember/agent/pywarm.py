@@ -1,6 +1,7 @@
 """Inside a pre-started interpreter: work done before a job so that the job does not
 pay for it; numpy's kernels, the heap's budget, a rehearsal of a program's start, and a forked
-member's copy-on-write faults taken in steps while it waits.
+member's copy-on-write faults taken in steps while it waits, at the pages a probe's program
+wrote (its *fault profile*) when there is one.
 
 Standard library only (it runs in the guest; see :mod:`ember.agent.pybase` for how).
 """
@@ -24,6 +25,10 @@ RESERVE_MIB = 96  # ember.agent.heap.RESERVE_MIB (these files import nothing of 
 STEP_PAGES = 64  # of a forked member's warm-up between two looks for a job (~0.2 s here)
 REHEARSED_HEAP = 2 << 20  # of the pre-faulted block, what a rehearsal writes (see _rehearse)
 MAX_BSS = 4 << 20  # an unnamed mapping after a library's data bigger than this is not its .bss
+PROFILE_MAX_PAGES = 8192  # of a fault profile (8 bytes each): a longer list is cut here
+PAGEMAP_CHUNK = 1 << 16  # entries read at a time (a mapping may reserve gigabytes)
+# pagemap entry bits (Documentation/admin-guide/mm/pagemap.rst)
+PM_PRESENT, PM_FILE, PM_EXCLUSIVE = 1 << 63, 1 << 61, 1 << 56
 
 
 def warm_numpy() -> None:
@@ -125,7 +130,7 @@ def _rehearsal(heap: int, keep: set[str]) -> Iterator[int]:
     yield pages
 
 
-def _warm_forked(ctl: int, keep: set[str]) -> None:
+def _warm_forked(ctl: int, keep: set[str], profile: bytes = b"") -> None:
     """A forked member's copy-on-write faults, taken while it waits rather than in its job.
 
     Every page a forked member writes first is still its mother's: a guest page fault and a
@@ -150,22 +155,125 @@ def _warm_forked(ctl: int, keep: set[str]) -> None:
     try:
         if pending():
             return
-        for _ in _warm_steps(keep):
+        for _ in _warm_steps(keep, profile):
             if pending():
                 return
     finally:
         sock.detach()
 
 
-def _warm_steps(keep: set[str]) -> Iterator[int]:
-    """Most faults saved per fault taken first (counted on a host): the reseed, the small
-    programs, then the rehearsal (~550 faults to save ~200)."""
+def _warm_steps(keep: set[str], profile: bytes = b"") -> Iterator[int]:
+    """Most faults saved per fault taken first (counted on a host): the reseed, then the
+    pages of the mother's fault ``profile``, each one a program would write (see
+    :func:`_profile_steps`); without one, the small programs, then the rehearsal (~550
+    faults to save ~200)."""
     _reseed()  # random's and numpy's state, which the hand-over reseeds again
     yield 0
+    if profile:
+        yield from _profile_steps(profile)
+        return
     for source in _WARM_PROGRAMS:
         exec(compile(source, "<warm>", "exec", dont_inherit=True), {})
         yield 0
     yield from _rehearsal(0, keep)
+
+
+def _private_writable() -> list[tuple[int, int]]:
+    """This process's private writable mappings (``rw?p`` in ``/proc/self/maps``), ascending."""
+    ranges = []
+    with open("/proc/self/maps", "rb") as maps:
+        for line in maps.read().splitlines():
+            fields = line.split()
+            if fields[1].startswith(b"rw") and fields[1].endswith(b"p"):
+                low, high = (int(x, 16) for x in fields[0].split(b"-"))
+                ranges.append((low, high))
+    return ranges
+
+
+def _written_pages() -> bytes:
+    """The pages this process wrote since its fork, as 8-byte little-endian addresses: run
+    by a *probe*, a member the mother forked only to run :data:`PROBE_PROGRAM` (the agent's
+    ``profile`` job, ``ember.agent.poolprobe``), at its end. Its mother's other children
+    have the same address space, so these are the pages their first program will write,
+    each a copy-on-write fault (~3 ms here) unless written while they wait
+    (:func:`_profile_steps`). From ``/proc/self/pagemap``: at the fork every page was the
+    mother's too, so a present, anonymous page mapped by this process alone was copied (or
+    first touched) by it. Empty where there is no pagemap (a kernel without
+    ``CONFIG_PROC_PAGE_MONITOR``): the members then warm up without a profile."""
+    page = os.sysconf("SC_PAGE_SIZE")
+    wanted = PM_PRESENT | PM_FILE | PM_EXCLUSIVE
+    found = bytearray()  # one buffer: a probe's own allocations are pages in its profile too
+    try:
+        ranges = _private_writable()
+        with open("/proc/self/pagemap", "rb", buffering=0) as pagemap:
+            for low, high in ranges:
+                for start in range(low, high, PAGEMAP_CHUNK * page):
+                    pagemap.seek(start // page * 8)
+                    entries = pagemap.read(min(PAGEMAP_CHUNK, (high - start) // page) * 8)
+                    for i in range(0, len(entries) - 7, 8):
+                        entry = int.from_bytes(entries[i : i + 8], "little")
+                        if entry & wanted == PM_PRESENT | PM_EXCLUSIVE:
+                            found += (start + i // 8 * page).to_bytes(8, "little")
+    except OSError:
+        return b""
+    return bytes(found)
+
+
+def _ordered_profile(handed: bytes, ran: bytes, ended: bytes) -> bytes:
+    """A probe's fault profile from its :func:`_written_pages` at three points (after the
+    hand-over, when its program returned, at its end), in the order a member should write
+    them: the hand-over's pages, then the ending's, which every program writes, then those
+    of the probe's own program. A refill warms up in steps that stop for a job, so the job
+    may find only the head of the list written. Cut at :data:`PROFILE_MAX_PAGES`."""
+
+    def pages(data: bytes) -> list[bytes]:
+        return [data[i : i + 8] for i in range(0, len(data) - 7, 8)]
+
+    first, before_end = set(pages(handed)), set(pages(ran))
+    ending = [p for p in pages(ended) if p not in before_end]
+    program = [p for p in pages(ran) if p not in first]
+    return b"".join([*pages(handed), *ending, *program][:PROFILE_MAX_PAGES])
+
+
+def _profile_steps(profile: bytes) -> Iterator[int]:
+    """Write back, unchanged, one byte of each page in ``profile`` (:func:`_written_pages`
+    of a probe forked from this member's mother) that lies in a private writable mapping
+    here, in the list's order (:func:`_ordered_profile`), in steps of at most
+    :data:`STEP_PAGES`, each yielding its count. The list is a hint, from another process:
+    an address that is not page-aligned or not in such a mapping is passed over, and at
+    most :data:`PROFILE_MAX_PAGES` are read. Writing a byte with its own value changes
+    nothing but who owns the page: a copy-on-write fault now, while the member waits (or,
+    in a template, before the snapshot), not in the program."""
+    import ctypes  # imported in the template already (_Flags)
+
+    page = os.sysconf("SC_PAGE_SIZE")
+    ranges = _private_writable()
+    seen: set[int] = set()
+    pages = 0
+    for i in range(min(len(profile) // 8, PROFILE_MAX_PAGES)):
+        address = int.from_bytes(profile[i * 8 : i * 8 + 8], "little")
+        if address % page or address in seen or not _within(ranges, address):
+            continue
+        seen.add(address)
+        byte = ctypes.c_char.from_address(address)
+        byte.value = byte.value
+        pages += 1
+        if pages == STEP_PAGES:
+            yield pages
+            pages = 0
+    yield pages
+
+
+def _within(ranges: list[tuple[int, int]], address: int) -> bool:
+    """``address`` lies in one of ``ranges`` (ascending, disjoint): a binary search."""
+    low, high = 0, len(ranges)
+    while low < high:
+        middle = (low + high) // 2
+        if ranges[middle][1] <= address:
+            low = middle + 1
+        else:
+            high = middle
+    return low < len(ranges) and ranges[low][0] <= address
 
 
 _REHEARSAL = """\
@@ -208,3 +316,7 @@ _blobs = [bytes(n) for n in range(1, 4096, 5)]
 _text = "".join(chr(32 + i % 90) for i in range(20000)).encode().decode()
 """,
 )
+
+# The agent's probe (ember.agent.poolprobe) runs this in a member forked from the mother, and
+# the pages it wrote, hand-over and ending included, become the other members' warm-up.
+PROBE_PROGRAM = "\n".join((*_WARM_PROGRAMS, "print(len(_words), len(_table), len(_blobs))\n"))

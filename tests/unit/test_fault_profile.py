@@ -1,0 +1,156 @@
+"""The pool's fault profile (ember.agent.pywarm, ember.agent.poolprobe): a forked child's
+written pages read from /proc/self/pagemap, and a member writing a profile's pages back so
+that its program takes no copy-on-write fault on them. Real forks on the host's kernel."""
+
+from __future__ import annotations
+
+import mmap
+import os
+import random
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from ember.agent import pywarm
+from ember.agent.poolprobe import MAX_PROFILE_BYTES, valid_profile
+
+PAGE = mmap.PAGESIZE
+PAGES = 16
+
+pytestmark = pytest.mark.skipif(
+    not os.path.exists("/proc/self/pagemap"), reason="needs /proc/self/pagemap"
+)
+
+
+def _minflt() -> int:
+    with open("/proc/self/stat", "rb") as f:
+        return int(f.read().rsplit(b")", 1)[1].split()[7])
+
+
+def _in_child(body: Callable[[int], Any], base: int) -> Any:
+    """``body(base)`` in a forked child; its repr()-able result (or its exception's text)."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child's coverage is not collected
+        os.close(r)
+        try:
+            result: Any = body(base)
+        except BaseException as exc:
+            result = f"raised {type(exc).__name__}: {exc}"
+        os.write(w, repr(result).encode())
+        os._exit(0)
+    os.close(w)
+    data = b""
+    while chunk := os.read(r, 1 << 16):
+        data += chunk
+    os.close(r)
+    os.waitpid(pid, 0)
+    return eval(data)  # our own child's repr of ints, lists and strings
+
+
+@pytest.fixture
+def block() -> Any:
+    """Sixteen private anonymous pages of random bytes, all present in this process."""
+    area = mmap.mmap(-1, PAGES * PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    area.write(random.randbytes(PAGES * PAGE))
+    yield area
+    area.close()
+
+
+def _address(area: mmap.mmap) -> int:
+    import ctypes
+
+    return ctypes.addressof(ctypes.c_char.from_buffer(area))
+
+
+def _pages(profile: bytes) -> set[int]:
+    return {int.from_bytes(profile[i : i + 8], "little") for i in range(0, len(profile), 8)}
+
+
+def test_a_forked_child_reports_the_pages_it_wrote_and_not_those_it_read(block: Any) -> None:
+    base = _address(block)
+
+    def child(base: int) -> list[int]:
+        import ctypes
+
+        ctypes.string_at(base + 3 * PAGE, 16)  # read only: still the parent's page
+        for n in (5, 9):
+            ctypes.c_char.from_address(base + n * PAGE + 100).value = b"x"
+        return sorted(_pages(pywarm._written_pages()))
+
+    written = set(_in_child(child, base))
+    mine = {base + n * PAGE for n in range(PAGES)}
+    assert written & mine == {base + 5 * PAGE, base + 9 * PAGE}
+
+
+def test_a_members_warm_up_takes_the_faults_and_changes_nothing(block: Any) -> None:
+    base = _address(block)
+    before = bytes(block)
+    text = next(low for low, high, perms in _maps() if perms.startswith("r-x"))
+    hint = b"".join(
+        a.to_bytes(8, "little")
+        for a in (
+            base + 2 * PAGE,
+            base + 4 * PAGE,
+            base + 4 * PAGE,  # twice: written once
+            base + 6 * PAGE + 8,  # not page-aligned: passed over
+            text,  # not writable: passed over (a write would crash the member)
+            8 * PAGE,  # not mapped at all
+        )
+    )
+
+    def child(base: int) -> tuple[int, int, int, bool]:
+        import ctypes
+
+        taken = sum(pywarm._profile_steps(hint))
+        unchanged = ctypes.string_at(base, PAGES * PAGE) == before
+        # Everything the measurements need is made first, so that only the writes can fault.
+        warmed = [ctypes.c_char.from_address(base + n * PAGE + 7) for n in (2, 4)]
+        other = ctypes.c_char.from_address(base + 6 * PAGE + 7)  # not in the hint
+        y = b"y"
+        for _ in range(3):
+            _minflt()
+        start = _minflt()
+        for byte in warmed:  # written back by the warm-up: already this process's own
+            byte.value = y
+        warm = _minflt() - start
+        start = _minflt()
+        other.value = y
+        cold = _minflt() - start
+        return taken, warm, cold, unchanged
+
+    taken, warm, cold, unchanged = _in_child(child, base)
+    assert (taken, warm, cold, unchanged) == (2, 0, 1, True)
+    assert bytes(block) == before  # the parent's pages were never the child's to change
+
+
+def test_a_profile_is_whole_addresses_and_bounded() -> None:
+    assert valid_profile((4096).to_bytes(8, "little") * 3)
+    assert not valid_profile(b"")
+    assert not valid_profile(b"\x00" * 12)  # not whole addresses: a traceback, say
+    assert not valid_profile(b"\x00" * (MAX_PROFILE_BYTES + 8))
+    # A member reads at most PROFILE_MAX_PAGES of whatever it is given.
+    assert sum(pywarm._profile_steps(b"\xff" * (MAX_PROFILE_BYTES * 4))) == 0
+
+
+def _maps() -> list[tuple[int, int, str]]:
+    out = []
+    with open("/proc/self/maps") as f:
+        for line in f:
+            fields = line.split()
+            low, high = (int(x, 16) for x in fields[0].split("-"))
+            out.append((low, high, fields[1]))
+    return out
+
+
+def test_a_probes_pages_come_hand_over_first_then_ending_then_program() -> None:
+    # A refill's warm-up stops for a job, so the pages every program writes (the hand-over's
+    # and the ending's) go before those only the probe's own program wrote.
+    def of(*pages: int) -> bytes:
+        return b"".join((n * PAGE).to_bytes(8, "little") for n in pages)
+
+    handed, ran, ended = of(1, 2), of(1, 2, 7, 8), of(1, 2, 7, 8, 5)
+    assert pywarm._ordered_profile(handed, ran, ended) == of(1, 2, 5, 7, 8)
+    many = of(*range(1, pywarm.PROFILE_MAX_PAGES + 10))
+    assert pywarm._ordered_profile(many, many, many) == many[:MAX_PROFILE_BYTES]
