@@ -7,7 +7,7 @@ Usage::
 WORKLOAD is ``ping`` (the first request after the restore), ``exec-python`` (``python3 -c
 'print(1)'``, the first exec in a fresh sandbox),
 ``exec-true``, ``run-code`` (ten ``run_code('6*7')``), ``write-10mib`` (``files.write``),
-``refill`` (two Python execs, then until the mother's fork is back in the pool),
+``refill`` (two Python execs, then until the mother's forks have filled the pool again),
 ``code:SOURCE`` (one ``run_code(SOURCE)``) or ``exec:COMMAND LINE`` (one ``exec``, the line
 split as a shell would: ``"exec:ls -la /"``). Each run restores a sandbox, lets it settle,
 samples its vCPUs while the workload runs (``ember.vmm.profiler``), and the counts of all runs
@@ -108,11 +108,13 @@ def workload(name: str, sb: Sandbox) -> Callable[[], object]:
 
 
 def refill(sb: Sandbox) -> None:
-    """Two Python execs use up the template's pre-started interpreters; then wait (pinging
-    every 0.25 s) until the mother has forked a member back into the pool."""
+    """Two Python execs take two of the pool's members; then wait (pinging every 0.25 s)
+    until the mother has forked both back and the pool is full again. (With the template's
+    four, waiting for one member ready, as this did for a pool of two, waited for nothing.)"""
+    forked = sb.ping()["pool"]["forked"]
     for _ in range(2):
         sb.exec(["python3", "-c", "pass"])
-    while sb.ping()["pool"]["ready"] < 1:
+    while (pool := sb.ping()["pool"])["forked"] < forked + 2 or pool["ready"] < pool["size"]:
         time.sleep(0.25)
 
 

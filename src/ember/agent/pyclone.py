@@ -56,6 +56,22 @@ def _make_holder(keep: list[Any]) -> int:
         return 0  # no holder: the program's exit just costs what a real process's does
 
 
+def _trim_heap() -> None:
+    """Give the free pages of the mother's heap back to the guest kernel (``malloc_trim``).
+
+    The pool's malloc settings (``ember.agent.heap``) keep freed memory in the heap, which is
+    right for a member's program but not for her: what the preload and ``warm_numpy`` freed
+    (~10 MiB of her ~26 MiB heap) stayed resident, and every fork copies a page-table entry
+    for each of those pages, every child's exit drops them again, and the template holds them.
+    """
+    try:
+        import ctypes
+
+        ctypes.CDLL(None).malloc_trim(0)
+    except Exception:
+        pass  # her heap stays as it was: forks cost what they did
+
+
 def _mother(ctl: int) -> tuple[int, int, bool, bytes]:
     """Be the pool's mother: fork a member each time the agent asks (``{"op": "fork"}``, the
     member's control socket attached), never run a program. Returns in each child, with its

@@ -69,7 +69,7 @@ if TYPE_CHECKING:  # no run-time import: these files must not add to sys.modules
 
 if __name__ != "ember_pystart":  # imported as a module; in BOOT's namespace they are there
     from ember.agent.pybase import _Flags, _receive_job, _send
-    from ember.agent.pyclone import _make_holder, _mother
+    from ember.agent.pyclone import _make_holder, _mother, _trim_heap
     from ember.agent.pyjob import Job
     from ember.agent.pywarm import (
         _rehearse,
@@ -114,6 +114,7 @@ def wait(argv: list[str], boot_globals: dict[str, Any], baseline: set[str]) -> J
     forked = warm_first = False
     profile = b""
     if mother and not error:
+        _trim_heap()
         # Returns only in each interpreter this one forks: that carries on below as a member.
         ctl, heap, warm_first, profile = _mother(ctl)
         generation = -1  # its generators are its mother's, as in every sibling: reseed
