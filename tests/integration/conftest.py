@@ -6,9 +6,11 @@ Nothing here skips: a machine without KVM or without the images built by
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
+from collections.abc import Generator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +19,26 @@ import pytest
 from ember.images import artifact_path
 
 BOOT_TIMEOUT = 600  # seconds; a boot takes ~15-40 s on kvm_pvm, well under 1 s on hardware
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Generator[
+    None, pytest.TestReport, pytest.TestReport
+]:  # fmt: skip
+    """A failing test's report ends with the logs of the ``ember serve`` daemons that wrote
+    during it: what the daemon did (a reap, a crash) is often the only account of a failure
+    on a CI machine, where the logs are gone with it."""
+    report = yield
+    if report.failed:
+        from tests.integration.serve_daemon import STARTED
+
+        since = call.start - 1
+        for daemon in STARTED:
+            with contextlib.suppress(OSError):
+                if daemon.log.stat().st_mtime >= since:
+                    report.sections.append((f"ember serve log {daemon.log.name}",
+                                            daemon.log_tail()))  # fmt: skip
+    return report
 
 
 @dataclass(frozen=True)

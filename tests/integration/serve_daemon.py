@@ -20,6 +20,8 @@ from tests.waiting import alive, wait_for
 __all__ = ["Daemon", "alive", "free_port", "running_daemon", "wait_for"]
 
 START_TIMEOUT = 120.0
+#: The daemons this process started: a failing test's report ends with their logs' tails.
+STARTED: list[Daemon] = []
 
 
 def free_port() -> int:
@@ -63,6 +65,7 @@ class Daemon:
         env = {k: v for k, v in os.environ.items() if k not in ("EMBER_SERVER", "EMBER_TOKEN")}
         with self.log.open("ab") as log:
             self.proc = subprocess.Popen(argv, stdout=log, stderr=log, env=env)
+        STARTED.append(self)
         deadline = time.monotonic() + START_TIMEOUT
         while True:
             assert self.proc.poll() is None, self.log.read_text()[-3000:]
@@ -72,6 +75,13 @@ class Daemon:
             if time.monotonic() > deadline:
                 raise AssertionError(f"the daemon did not start: {self.log.read_text()[-3000:]}")
             time.sleep(0.2)
+
+    def log_tail(self, lines: int = 80) -> str:
+        try:
+            text = self.log.read_text(errors="replace")
+        except OSError as exc:
+            return f"(no log: {exc})"
+        return "\n".join(text.splitlines()[-lines:])
 
     def kill9(self) -> None:
         assert self.proc is not None

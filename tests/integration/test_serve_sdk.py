@@ -37,7 +37,7 @@ def env(daemon: Daemon, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
 
 
 def test_sandbox_through_the_daemon(daemon: Daemon, env: dict[str, str]) -> None:
-    with Sandbox(server=daemon.url, metadata={"suite": "sdk"}, timeout=600) as sb:
+    with Sandbox(server=daemon.url, metadata={"suite": "sdk"}, timeout=3600) as sb:
         assert isinstance(sb, RemoteSandbox)
         assert sb.id is not None and sb.id.startswith("sb-")
         assert sb.metadata == {"suite": "sdk"}
@@ -97,7 +97,7 @@ def test_sandbox_through_the_daemon(daemon: Daemon, env: dict[str, str]) -> None
         assert sb.files.read("/tmp/back.txt") == b"from two"
 
         before = sb.info()["expires_at"]
-        sb.set_timeout(3600)
+        sb.set_timeout(7200)
         assert sb.info()["expires_at"] > before
         sandbox_id = sb.id
     with pytest.raises(ServerError) as gone:

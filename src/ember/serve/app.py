@@ -72,10 +72,11 @@ def create_app(manager: Manager, *, token: str, max_body: int = 128 << 20) -> Gu
     def noting_crash(sandbox_id: str, op: Callable[[Entry], T]) -> T:
         """``op`` on a sandbox's entry; a crash found on the way is recorded as such."""
         e = entry(sandbox_id)
+        seen = e.sandbox  # a pause and resume meanwhile replace it: that one is not crashed
         try:
             return op(e)
         except SandboxCrashed as exc:
-            manager.mark_crashed(e, str(exc), exc.console_tail)
+            manager.mark_crashed(e, str(exc), exc.console_tail, seen=seen)
             raise
 
     def call(sandbox_id: str, op: Callable[[Sandbox], T]) -> T:

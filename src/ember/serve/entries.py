@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from ember.sandbox import Sandbox
     from ember.serve.state import Record
 
-__all__ = ["CreateArgs", "Entry", "ForkArgs", "NotFound", "Paused", "State"]
+__all__ = ["CreateArgs", "Entry", "ForkArgs", "NotFound", "Paused", "State", "SteadyClock"]
 
 
 class State(enum.Enum):
@@ -47,7 +47,9 @@ class Entry:
     error: str | None = None
     console: str = ""
     lock: threading.Lock = field(default_factory=threading.Lock)
-    last_active: float = field(default_factory=time.time)  # the last API call's start or end
+    #: The last API call's start or end, on the monotonic clock (never stored: a restarted
+    #: daemon counts idleness from its start).
+    last_active: float = field(default_factory=time.monotonic)
     streams: int = 0  # streams open on it (exec, terminals, watches): never idle then
 
     def json(self) -> dict[str, Any]:
@@ -65,8 +67,25 @@ class Entry:
         return vmm.network.address if vmm is not None and vmm.network is not None else None
 
     def idle_for(self, now: float) -> float:
-        """Seconds since its last API call, 0 while a stream is open."""
+        """Seconds since its last API call (``now`` from ``time.monotonic``), 0 while a
+        stream is open."""
         return 0.0 if self.streams else now - self.last_active
+
+
+class SteadyClock:
+    """Wall-clock seconds that never step: the daemon's start, plus monotonic time since.
+
+    Deadlines are stored as wall-clock times, because a restarted daemon must read them;
+    but an NTP step or a ``date -s`` on the host while the daemon runs must not kill every
+    sandbox at once (a step forward), nor keep them past their time (a step back). So the
+    daemon computes and compares its deadlines on this clock, which a step does not move.
+    A restarted daemon takes the wall clock again."""
+
+    def __init__(self) -> None:
+        self._offset = time.time() - time.monotonic()
+
+    def now(self) -> float:
+        return time.monotonic() + self._offset
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ from ember.launcher import VmmProcess
 from ember.network.policy import NetworkPolicy
 from ember.sandbox import Sandbox
 from ember.serve import adopt, spare_records
-from ember.serve.entries import CreateArgs, Entry, ForkArgs, NotFound, Paused, State
+from ember.serve.entries import CreateArgs, Entry, ForkArgs, NotFound, Paused, State, SteadyClock
 from ember.serve.keeper import KeeperClient, keeper_pid
 from ember.serve.state import Record, StateDir, new_id
 
@@ -46,6 +46,7 @@ class Manager:
         self._reaper: threading.Thread | None = None
         self._keeper: KeeperClient | None = None
         self._on_event = on_event or (lambda _event, _id: None)
+        self.clock = SteadyClock()
 
     # --- life cycle
     def start(self) -> None:
@@ -98,7 +99,7 @@ class Manager:
             template=args.template, mem_mib=args.mem_mib, vcpus=args.vcpus, cpus=args.cpus,
             memory_mib=args.memory_mib, pids=args.pids, server="", network=network,
         )  # fmt: skip
-        now = time.time()
+        now = self.clock.now()
         spec = {"mem_mib": args.mem_mib, "vcpus": args.vcpus, "cpus": args.cpus,
                 "memory_mib": args.memory_mib, "pids": args.pids,
                 "network": network.to_json() if network is not None else None}  # fmt: skip
@@ -118,7 +119,7 @@ class Manager:
             assert vmm.proc is not None
             record = Record(
                 id=new_id(), dir=str(vmm.dir), pid=vmm.proc.pid, template=template,
-                created_at=time.time(), spec=spec, metadata=metadata, expires_at=expires_at,
+                created_at=self.clock.now(), spec=spec, metadata=metadata, expires_at=expires_at,
                 cgroup=adopt.cgroup_record(vmm.cgroup), idle_timeout=idle_timeout,
                 on_timeout=on_timeout, network=adopt.network_record(vmm),
             )  # fmt: skip
@@ -142,7 +143,7 @@ class Manager:
         if args.keep_timeout:
             expires = parent.expires_at
         else:
-            expires = time.time() + args.timeout if args.timeout is not None else None
+            expires = self.clock.now() + args.timeout if args.timeout is not None else None
         metadata = dict(parent.metadata if args.metadata is None else args.metadata)
         idle, on_timeout = parent.idle_timeout, parent.on_timeout
         forked = self._own(child, parent.template, dict(parent.spec), metadata, expires,
@@ -172,7 +173,7 @@ class Manager:
             raise Paused(f"sandbox {sandbox_id} is paused: resume it first")
         if entry.sandbox is None or entry.state is not State.RUNNING:
             raise SandboxCrashed(f"sandbox {sandbox_id} crashed: {entry.error}", entry.console)
-        entry.last_active = time.time()
+        entry.last_active = time.monotonic()
         return entry, entry.sandbox
 
     @contextlib.contextmanager
@@ -187,7 +188,7 @@ class Manager:
         finally:
             with entry.lock:
                 entry.streams -= 1
-            entry.last_active = time.time()
+            entry.last_active = time.monotonic()
 
     def streaming(self, entry: Entry, items: Iterator[T]) -> Generator[T, None, Any]:
         """``items`` (a stream served from the sandbox), held (:meth:`holding`) while open."""
@@ -222,7 +223,7 @@ class Manager:
     def set_timeout(self, sandbox_id: str, seconds: float | None) -> Entry:
         entry = self.get(sandbox_id)
         with entry.lock:
-            entry.record.expires_at = time.time() + seconds if seconds is not None else None
+            entry.record.expires_at = self.clock.now() + seconds if seconds is not None else None
             if entry.state is not State.CRASHED:
                 self.state.save(entry.record)
         return entry
@@ -274,7 +275,7 @@ class Manager:
             self.state.save(record)
             shutil.rmtree(snapshot, ignore_errors=True)
             entry.sandbox, entry.state = sandbox, State.RUNNING
-            entry.last_active = time.time()  # idle from now, not from before the pause
+            entry.last_active = time.monotonic()  # idle from now, not from before the pause
         self._event("resumed", sandbox_id)
         return entry
 
@@ -288,14 +289,23 @@ class Manager:
             self.state.save(entry.record)
         return found
 
-    def mark_crashed(self, entry: Entry, error: str, console: str) -> None:
-        """A call found the VMM gone: report the sandbox as crashed from now on."""
+    def mark_crashed(
+        self, entry: Entry, error: str, console: str, *, seen: Sandbox | None = None
+    ) -> None:
+        """A call found the VMM gone: report the sandbox as crashed from now on.
+
+        ``seen`` is the sandbox whose VMM was found gone, if the caller looked without the
+        entry's lock (the reaper): a pause ends that VMM on purpose, and a resume puts a new
+        sandbox in its place, which must be neither closed nor reported as crashed."""
         with entry.lock:
             if entry.state is State.CRASHED:
                 return
+            if seen is not None and (entry.sandbox is not seen or entry.state is not State.RUNNING):
+                return
             entry.state, entry.error, entry.console = State.CRASHED, error, console
-        if entry.sandbox is not None:
-            entry.sandbox.close()
+            sandbox = entry.sandbox
+        if sandbox is not None:
+            sandbox.close()
         self.state.remove(entry.record.id)
         self._event("crashed", entry.record.id)
 
@@ -309,24 +319,27 @@ class Manager:
     # --- the reaper
     def reap_once(self) -> list[str]:
         """Kill the sandboxes past their timeout; mark those whose VMM died as crashed."""
-        now = time.time()
+        now, steady = self.clock.now(), time.monotonic()
         reaped = []
         for entry in self.find():
             rid = entry.record.id
             expires, idle = entry.record.expires_at, entry.record.idle_timeout
             running = entry.state is State.RUNNING
-            if (expires is not None and expires <= now) or (
-                idle is not None and running and entry.idle_for(now) > idle
-            ):
-                if not self._time_out(entry):
-                    continue
+            if expires is not None and expires <= now:
+                why = f"its timeout passed {now - expires:.1f} s ago"
+            elif idle is not None and running and entry.idle_for(steady) > idle:
+                why = f"idle for {entry.idle_for(steady):.1f} s (idle_timeout {idle:g} s)"
+            else:
+                sandbox = entry.sandbox
+                if running and sandbox is not None and sandbox._vmm.exited():
+                    vmm = sandbox._vmm
+                    self.mark_crashed(entry, str(vmm.crashed("the VMM exited")),
+                                      vmm.console_tail(), seen=sandbox)  # fmt: skip
+                continue
+            log.info("timing out %s: %s (on_timeout %s)", rid, why, entry.record.on_timeout)
+            if self._time_out(entry):
                 reaped.append(rid)
                 self._event("reaped", rid)
-            elif entry.state is State.RUNNING and entry.sandbox is not None:
-                vmm = entry.sandbox._vmm
-                if vmm.exited():
-                    self.mark_crashed(entry, str(vmm.crashed("the VMM exited")),
-                                      vmm.console_tail())  # fmt: skip
         return reaped
 
     def _time_out(self, entry: Entry) -> bool:
