@@ -52,12 +52,14 @@ def _write(path: str, value: str) -> None:
     (TRACEFS / path).write_text(value)
 
 
-def mount_tracefs() -> None:
+def mount_tracefs(buffer_mib: int) -> None:
     if not (TRACEFS / EVENT).is_dir():
         os.system(f"mount -t tracefs nodev {TRACEFS} 2>/dev/null")
     if not (TRACEFS / EVENT).is_dir():
         raise SystemExit(f"needs root and {TRACEFS}/{EVENT} (a KVM with its tracepoints)")
-    _write("buffer_size_kb", str(64 << 10))  # per CPU: ~1M instructions (exec-python: ~110k)
+    # per CPU, ~16 instructions a KiB: 64 MiB holds ~1M (exec-python: ~110k); a refill's
+    # ~6M need --buffer-mib 512, or the oldest are overwritten and the counts are the end's
+    _write("buffer_size_kb", str(buffer_mib << 10))
 
 
 def mark(phase: str) -> None:
@@ -147,9 +149,10 @@ def main() -> None:
     parser.add_argument("--settle", type=float, default=0.5, help="seconds after the restore")
     parser.add_argument("--gap", type=float, default=None, help="trace a second run after S s")
     parser.add_argument("--top", type=int, default=40)
+    parser.add_argument("--buffer-mib", type=int, default=64, help="trace buffer per CPU")
     parser.add_argument("--sequence", type=Path, default=None, help="the last run's path")
     args = parser.parse_args()
-    mount_tracefs()
+    mount_tracefs(args.buffer_mib)
     addrs, names = kernel_symbols()
 
     def name_of(rip: int) -> str:
