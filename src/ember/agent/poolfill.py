@@ -272,11 +272,13 @@ class PoolFiller:
         from ember.agent.handover import job_spec
         from ember.agent.pywarm import PROBE_PROGRAM
 
+        if self._mother is None:
+            return
         env = default_env()
         argv = ["python3", "-c", PROBE_PROGRAM]
         job = plan(argv, env, pool_ctype=self._ctype, pool_env=self._env)
         executable = self._finder.interpreter("python3", env, None)
-        if self._mother is None or job is None or executable is None:
+        if job is None or executable is None:
             return
         probe = self._fork(self._mother, 0, probe=True)
         info = self._run_start(probe) if probe is not None else None

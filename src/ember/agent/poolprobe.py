@@ -4,7 +4,7 @@ by a probe so that every other forked member writes them while it waits.
 Every page a member the mother forked writes first is still hers: a guest copy-on-write
 fault, ~3 ms here, in the program's own time. A forked member's first ``python3 -c
 'print(1)'`` took ~0.6 s against ~0.2 s for a started member: ~90 faults in the hand-over,
-~7 in the program and ~80 in the ending (``pyjob.Job.end``), none of which the warm-up's
+~7 in the program and ~210 ms in the ending (``pyjob.Job.end``), none of which the warm-up's
 guesses (throwaway programs, a rehearsal) had reached. The pages are the same in every
 child of one mother, at the same addresses: so the pool's first fill forks one more member,
 the *probe*, hands it :data:`~ember.agent.pywarm.PROBE_PROGRAM` as a real job (the same
@@ -30,11 +30,12 @@ from typing import Any
 
 from ember.agent.common import log
 from ember.agent.member import Member, discard, send_message
+from ember.agent.pywarm import PROFILE_MAX_PAGES
 
 __all__ = ["PROBE_TIMEOUT_S", "run_probe", "valid_profile"]
 
 PROBE_TIMEOUT_S = 120.0  # running time of its program here: ~1 s; one not done by then is broken
-MAX_PROFILE_BYTES = 8192 * 8  # pywarm.PROFILE_MAX_PAGES addresses (these files import nothing)
+MAX_PROFILE_BYTES = PROFILE_MAX_PAGES * 8  # a member reads no more of a profile
 
 
 def valid_profile(data: bytes) -> bool:

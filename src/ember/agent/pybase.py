@@ -35,11 +35,14 @@ def _read_exact(fd: int, size: int) -> bytes:
     return b"".join(parts)
 
 
-def _send(fd: int, message: dict[str, Any]) -> None:
-    data = marshal.dumps(message)
-    data = len(data).to_bytes(4, "big") + data
+def _write_all(fd: int, data: bytes) -> None:
     while data:
         data = data[os.write(fd, data) :]
+
+
+def _send(fd: int, message: dict[str, Any]) -> None:
+    data = marshal.dumps(message)
+    _write_all(fd, len(data).to_bytes(4, "big") + data)
 
 
 def _receive_job(ctl: int) -> tuple[dict[str, Any], list[int]]:

@@ -15,7 +15,7 @@ if TYPE_CHECKING:  # no run-time import: these files must not add to sys.modules
     from typing import Any
 
 if __name__ != "ember_pystart":  # imported as a module; in BOOT's namespace they are there
-    from ember.agent.pybase import _Flags, _reseed, _restart_clocks
+    from ember.agent.pybase import _Flags, _reseed, _restart_clocks, _write_all
     from ember.agent.pymain import (
         _abspath,
         _cannot_open,
@@ -348,8 +348,7 @@ def _report_profile(data: bytes) -> None:
     """A probe's last words (the agent's ``profile`` job, ``ember.agent.poolprobe``): the pages
     it wrote (``pywarm._ordered_profile``), raw on its stderr, which its program leaves empty."""
     try:
-        while data:
-            data = data[os.write(2, data) :]
+        _write_all(2, data)
     except OSError:
         pass  # the agent stopped listening: it gets no profile
 

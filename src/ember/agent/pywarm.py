@@ -95,17 +95,12 @@ def _rehearsal(heap: int, keep: set[str]) -> Iterator[int]:
     marshal.loads(marshal.dumps({"argv": ["python3"], "env": dict(os.environ)}))
     _ = set(sys.modules) - keep
     page = os.sysconf("SC_PAGE_SIZE")
-    with open("/proc/self/maps", "rb") as maps:
-        lines = maps.read().splitlines()
     reads: list[tuple[int, int]] = []
     writes: list[tuple[int, int]] = []
     data_of = (b"python3", b"libc.so")
     data_end = -1  # where python3's or libc's data ends: an unnamed mapping right there is .bss
-    for line in lines:
-        fields = line.split()
-        low, high = (int(x, 16) for x in fields[0].split(b"-"))
-        name = fields[5] if len(fields) > 5 else b""
-        writable = fields[1].startswith(b"rw")
+    for low, high, perms, name in _maps():
+        writable = perms.startswith(b"rw")
         ours = any(part in name.rsplit(b"/", 1)[-1] for part in data_of)
         if name == b"[heap]":
             block = max(low, high - heap)  # the block is the heap's top, as the template freed it
@@ -180,16 +175,22 @@ def _warm_steps(keep: set[str], profile: bytes = b"") -> Iterator[int]:
     yield from _rehearsal(0, keep)
 
 
-def _private_writable() -> list[tuple[int, int]]:
-    """This process's private writable mappings (``rw?p`` in ``/proc/self/maps``), ascending."""
-    ranges = []
+def _maps() -> list[tuple[int, int, bytes, bytes]]:
+    """This process's mappings from ``/proc/self/maps``, ascending: (low, high, permissions,
+    name). Costly here (~0.9 s for ~280 mappings: the kernel escapes every path character
+    by character), so read once where it is needed at all."""
+    found = []
     with open("/proc/self/maps", "rb") as maps:
         for line in maps.read().splitlines():
             fields = line.split()
-            if fields[1].startswith(b"rw") and fields[1].endswith(b"p"):
-                low, high = (int(x, 16) for x in fields[0].split(b"-"))
-                ranges.append((low, high))
-    return ranges
+            low, high = (int(x, 16) for x in fields[0].split(b"-"))
+            found.append((low, high, fields[1], fields[5] if len(fields) > 5 else b""))
+    return found
+
+
+def _private_writable() -> list[tuple[int, int]]:
+    """This process's private writable mappings (``rw?p``), ascending."""
+    return [(low, high) for low, high, perms, _ in _maps() if perms[:2] + perms[3:] == b"rwp"]
 
 
 def _written_pages() -> bytes:
