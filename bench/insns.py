@@ -3,7 +3,7 @@
 Usage::
 
     .venv/bin/python bench/insns.py [--runs 3] [--settle 0.5] [--gap S] [--top 40]
-        [--sequence FILE] WORKLOAD
+        [--sequence FILE] [--buffer-mib 64] WORKLOAD
 
 Under kvm_pvm each guest-kernel instruction is emulated (~1 us each here) and KVM's
 ``kvm:kvm_emulate_insn`` tracepoint records its address. With tracefs (root) this counts them
@@ -11,7 +11,9 @@ all during one workload and names them from the guest kernel's ``vmlinux``: wher
 ``bench/profile.py`` samples a few hundred RIPs (and charges shadow-fault time to user mode),
 this is the guest kernel's work itself, instruction by instruction, and a change can be judged
 by which function lost how many. ``--sequence FILE`` writes the path in order (one line per
-run of instructions in one function), which reads like a call trace.
+run of instructions in one function), which reads like a call trace. The trace buffer holds
+~16 instructions a KiB per CPU: a longer workload (``refill``: ~6 M) needs ``--buffer-mib``
+(768 for a refill), or its start is overwritten and the counts are its end's.
 
 WORKLOAD is one of :func:`profile.workload`'s (``ping``, ``exec-python``, ``exec-true``,
 ``run-code``, ``write-10mib``, ``code:SOURCE``, ``exec:COMMAND LINE``), traced in a sandbox

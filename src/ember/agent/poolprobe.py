@@ -14,8 +14,7 @@ that list with each fork request; the child writes those pages back unchanged in
 warm-up (``pywarm._profile_steps``): before ``ready`` in the template, in steps between
 looks for a job in a live refill.
 
-The list is a hint: the mother keeps the addresses in her private writable mappings, once
-(``pywarm._mother_profile``), each member those still mapped (``mincore``), and a probe
+The list is a hint: the member checks every address against its own mappings, and a probe
 that fails, says something else or nothing (a kernel without pagemap) leaves the pool as it
 was, warmed by the old steps. Runs in the guest: standard library only.
 """

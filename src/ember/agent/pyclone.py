@@ -15,7 +15,6 @@ if TYPE_CHECKING:  # no run-time import: these files must not add to sys.modules
 
 if __name__ != "ember_pystart":  # imported as a module; in BOOT's namespace they are there
     from ember.agent.pybase import _receive_job, _send
-    from ember.agent.pywarm import _mother_profile
 
 
 HOLDER_STACK = 64 << 10
@@ -78,8 +77,7 @@ def _mother(ctl: int) -> tuple[int, int, bool, bytes]:
     member's control socket attached), never run a program. Returns in each child, with its
     control socket, the heap it is to touch, whether to warm up before it says ready
     (``"warm"``: the template's forked members, which a snapshot should hold warmed) and the
-    fault profile its warm-up writes (``"profile"``, as ``pywarm._mother_profile`` keeps it;
-    see ``pywarm._profile_steps``).
+    fault profile its warm-up writes (``"profile"``, see ``pywarm._profile_steps``).
 
     A refill by a fresh ``python3`` costs ~20 s of guest time here (start-up ~5 s, ``import
     numpy`` ~14 s); a fork of this interpreter, which has done both and has no heap, ~1 s.
@@ -91,9 +89,6 @@ def _mother(ctl: int) -> tuple[int, int, bool, bytes]:
         _send(ctl, {"ready": False, "error": f"cannot fork members: {exc}"})
         os._exit(1)
     _send(ctl, {"ready": True, "pid": os.getpid(), "mother": True})
-    # The agent's fault profile (the same in every request) and what her members may write
-    # of it (pywarm._mother_profile: read once here, not in every member's warm-up).
-    profiles = (b"", b"")
     # The agent moves her to the background once she is ready (see pool.BACKGROUND_NICE):
     # her children, and their warm-ups, are born there, and go back to the agent's priority
     # when the agent hands them a job.
@@ -107,10 +102,6 @@ def _mother(ctl: int) -> tuple[int, int, bool, bytes]:
                 os.close(fd)
             _send(ctl, {"error": "not a fork request"})
             continue
-        profile = spec.get("profile")
-        profile = profile if isinstance(profile, bytes) else b""
-        if profile != profiles[0]:
-            profiles = (profile, _mother_profile(profile) if profile else b"")
         try:
             pid = forker.fork()
         except OSError as exc:
@@ -120,7 +111,13 @@ def _mother(ctl: int) -> tuple[int, int, bool, bytes]:
         if pid == 0:
             os.close(ctl)
             os.setsid()  # a session and process group of its own, as a started member has
-            return fds[0], int(spec.get("heap", 0)), spec.get("warm") is True, profiles[1]
+            profile = spec.get("profile")
+            return (
+                fds[0],
+                int(spec.get("heap", 0)),
+                spec.get("warm") is True,
+                profile if isinstance(profile, bytes) else b"",
+            )
         os.close(fds[0])
         _send(ctl, {"pid": pid})
 

@@ -26,8 +26,6 @@ STEP_PAGES = 64  # of a forked member's warm-up between two looks for a job (~0.
 REHEARSED_HEAP = 2 << 20  # of the pre-faulted block, what a rehearsal writes (see _rehearse)
 MAX_BSS = 4 << 20  # an unnamed mapping after a library's data bigger than this is not its .bss
 PROFILE_MAX_PAGES = 8192  # of a fault profile (8 bytes each): a longer list is cut here
-SPAN_GAP_PAGES = 64  # profile pages this close share a mincore call (see _mapped)
-MINCORE_CALLS = 256  # at most, for one profile (see _mapped)
 PAGEMAP_CHUNK = 1 << 16  # entries read at a time (a mapping may reserve gigabytes)
 # pagemap entry bits (Documentation/admin-guide/mm/pagemap.rst)
 PM_PRESENT, PM_FILE, PM_EXCLUSIVE = 1 << 63, 1 << 61, 1 << 56
@@ -116,8 +114,7 @@ def _rehearsal(heap: int, keep: set[str]) -> Iterator[int]:
     for (low, high), write in [*((r, False) for r in reads), *((w, True) for w in writes)]:
         for address in range(low, high, page):
             if write:
-                byte = ctypes.c_char.from_address(address)
-                byte.value = byte.value  # the same byte back: a write, no change
+                ctypes.memmove(address, address, 1)  # the same byte back (see _profile_steps)
             else:
                 ctypes.string_at(address, 1)
             pages += 1
@@ -238,100 +235,38 @@ def _ordered_profile(handed: bytes, ran: bytes, ended: bytes) -> bytes:
     return b"".join([*pages(handed), *ending, *program][:PROFILE_MAX_PAGES])
 
 
-def _profile_addresses(profile: bytes) -> list[int]:
-    """The page addresses of ``profile``, in its order: each once, at most
-    :data:`PROFILE_MAX_PAGES` read, one not page-aligned passed over (the list comes from
-    another process: a hint, never trusted)."""
-    page = os.sysconf("SC_PAGE_SIZE")
-    seen: set[int] = set()
-    found = []
-    for i in range(min(len(profile) // 8, PROFILE_MAX_PAGES)):
-        address = int.from_bytes(profile[i * 8 : i * 8 + 8], "little")
-        if address % page == 0 and address not in seen:
-            seen.add(address)
-            found.append(address)
-    return found
-
-
-def _mother_profile(profile: bytes) -> bytes:
-    """What of a probe's ``profile`` this mother's members may write back: the addresses
-    inside her private writable mappings (``/proc/self/maps``), in the list's order.
-
-    Run by the mother, once per profile (``pyclone._mother`` keeps the answer; in a template,
-    before the snapshot): reading ``maps`` costs ~0.9 s here (~280 mappings, every path
-    escaped character by character in the emulated kernel), which each member paid in its
-    warm-up before. A member has her mappings: the only ones that change between her read
-    and its warm-up are the allocators' (arenas, the heap), unmapped or mapped again private
-    and writable, never read-only or shared, since neither she nor a member before its job
-    loads anything. An unmapped one :func:`_profile_steps` finds (``mincore``)."""
-    try:
-        ranges = _private_writable()
-    except OSError:
-        return b""  # no warm-up from this profile: a member's first program takes the faults
-    return b"".join(
-        a.to_bytes(8, "little") for a in _profile_addresses(profile) if _within(ranges, a)
-    )
-
-
 def _profile_steps(profile: bytes) -> Iterator[int]:
-    """Write back, unchanged, one byte of each page in ``profile`` (its mother's
-    :func:`_mother_profile` of a probe's :func:`_written_pages`) that is mapped here, in the
-    list's order (:func:`_ordered_profile`), in steps of at most :data:`STEP_PAGES`, each
-    yielding its count. Writing a byte with its own value changes nothing but who owns the
-    page: a copy-on-write fault now, while the member waits (or, in a template, before the
-    snapshot), not in the program."""
+    """Write back, unchanged, one byte of each page in ``profile`` (:func:`_written_pages`
+    of a probe forked from this member's mother) that lies in a private writable mapping
+    here, in the list's order (:func:`_ordered_profile`), in steps of at most
+    :data:`STEP_PAGES`, each yielding its count. The list is a hint, from another process:
+    an address that is not page-aligned or not in such a mapping is passed over, and at
+    most :data:`PROFILE_MAX_PAGES` are read. Writing a byte with its own value changes
+    nothing but who owns the page: a copy-on-write fault now, while the member waits (or,
+    in a template, before the snapshot), not in the program.
+
+    The byte is read and written back inside one C call (``memmove`` onto itself). Read by
+    one bytecode and written by the next, it could be a byte the interpreter changed in
+    between (this frame's value stack, a reference count): the stale value written back
+    would corrupt it. A member forked in a CI run died so, three times in a row (a read
+    at 0x61 in ``_Py_CheckRecursiveCall``)."""
     import ctypes  # imported in the template already (_Flags)
 
-    addresses = _profile_addresses(profile)
-    mapped = _mapped(sorted(addresses))
+    page = os.sysconf("SC_PAGE_SIZE")
+    ranges = _private_writable()
+    seen: set[int] = set()
     pages = 0
-    for address in addresses:
-        if address not in mapped:
+    for i in range(min(len(profile) // 8, PROFILE_MAX_PAGES)):
+        address = int.from_bytes(profile[i * 8 : i * 8 + 8], "little")
+        if address % page or address in seen or not _within(ranges, address):
             continue
-        byte = ctypes.c_char.from_address(address)
-        byte.value = byte.value
+        seen.add(address)
+        ctypes.memmove(address, address, 1)
         pages += 1
         if pages == STEP_PAGES:
             yield pages
             pages = 0
     yield pages
-
-
-def _mapped(pages: list[int]) -> set[int]:
-    """Which of ``pages`` (ascending page addresses) are mapped in this process: ``mincore``
-    over spans of pages at most :data:`SPAN_GAP_PAGES` apart (~20 calls for a profile's
-    ~1,700 pages, ~0.1 s here), a span that is not mapped throughout halved until its mapped
-    pages are found, in at most :data:`MINCORE_CALLS` calls (~2 ms each here); pages still
-    undecided then count as unmapped. A write to an unmapped page would kill the member."""
-    import ctypes
-
-    page = os.sysconf("SC_PAGE_SIZE")
-    libc = ctypes.CDLL(None, use_errno=True)
-    mincore = libc.mincore
-    mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
-    mincore.restype = ctypes.c_int
-    found: set[int] = set()
-    calls = 0
-
-    def check(span: list[int]) -> None:
-        nonlocal calls
-        if calls == MINCORE_CALLS:
-            return
-        calls += 1
-        length = span[-1] + page - span[0]
-        vector = ctypes.create_string_buffer(length // page)
-        if mincore(span[0], length, vector) == 0:
-            found.update(span)
-        elif len(span) > 1:
-            check(span[: len(span) // 2])
-            check(span[len(span) // 2 :])
-
-    start = 0
-    for i in range(1, len(pages) + 1):
-        if i == len(pages) or pages[i] - pages[i - 1] > SPAN_GAP_PAGES * page:
-            check(pages[start:i])
-            start = i
-    return found
 
 
 def _within(ranges: list[tuple[int, int]], address: int) -> bool:
