@@ -59,9 +59,7 @@ def mount_tracefs(buffer_mib: int) -> None:
         os.system(f"mount -t tracefs nodev {TRACEFS} 2>/dev/null")
     if not (TRACEFS / EVENT).is_dir():
         raise SystemExit(f"needs root and {TRACEFS}/{EVENT} (a KVM with its tracepoints)")
-    # per CPU, ~16 instructions a KiB: 64 MiB holds ~1M (exec-python: ~110k); a refill's
-    # ~6M need --buffer-mib 512, or the oldest are overwritten and the counts are the end's
-    _write("buffer_size_kb", str(buffer_mib << 10))
+    _write("buffer_size_kb", str(buffer_mib << 10))  # per CPU: see the module's docstring
 
 
 def mark(phase: str) -> None:
