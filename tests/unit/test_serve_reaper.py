@@ -4,6 +4,7 @@ a VMM a pause ended on purpose is not a crash of the sandbox resumed in its plac
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, cast
 
@@ -11,7 +12,7 @@ import pytest
 
 from ember.errors import SandboxCrashed
 from ember.sandbox import Sandbox
-from ember.serve.manager import Entry, Manager, State
+from ember.serve.manager import Entry, Manager, NotFound, State
 from ember.serve.state import Record, StateDir, new_id
 
 
@@ -31,6 +32,9 @@ class FakeVmm:
     def console_tail(self) -> str:
         return "the tail"
 
+    def snapshot(self, path: Path, *, durable: bool) -> None:
+        (path / "state").write_text("snapshot")
+
 
 class FakeSandbox:
     def __init__(self) -> None:
@@ -48,6 +52,11 @@ def add(manager: Manager, sandbox: FakeSandbox, **fields: Any) -> Entry:
     entry = Entry(record, cast(Sandbox, sandbox))
     manager._entries[record.id] = entry
     return entry
+
+
+def stored(manager: Manager, sandbox_id: str) -> Record:
+    """The record as a restarted daemon would read it."""
+    return next(r for r in manager.state.load_all() if r.id == sandbox_id)
 
 
 @pytest.fixture
@@ -126,13 +135,83 @@ def test_idleness_is_counted_on_the_monotonic_clock(
     assert manager.reap_once() == [entry.record.id] and sandbox.closed
 
 
-def test_a_paused_on_timeout_sandbox_is_paused_not_killed(
+def test_a_paused_on_timeout_sandbox_is_paused_not_killed(manager: Manager) -> None:
+    sandbox = FakeSandbox()
+    entry = add(manager, sandbox, expires_at=manager.clock.now() - 1, on_timeout="pause")
+    events: list[tuple[str, str]] = []
+    manager._on_event = listener(entry, lambda event, rid: events.append((event, rid)))
+    assert manager.reap_once() == [entry.record.id]
+    assert entry.state is State.PAUSED and entry.sandbox is None and sandbox.closed
+    assert entry.record.paused and entry.record.expires_at is None
+    assert (manager.state.paused_dir(entry.record.id) / "state").read_text() == "snapshot"
+    assert stored(manager, entry.record.id).paused  # what a restarted daemon reads
+    assert events == [("paused", entry.record.id), ("reaped", entry.record.id)]
+    assert manager.reap_once() == []  # paused, it waits for a resume: no timeout left
+
+
+def listener(entry: Entry, record: Callable[[str, str], object]) -> Callable[[str, str], None]:
+    """An event listener that takes the entry's lock, as any that calls back into the
+    manager does: the manager must have let go of the lock before it sends an event (as it
+    did before the reaper acted under the lock), or the listener would wait forever."""
+
+    def on_event(event: str, sandbox_id: str) -> None:
+        assert entry.lock.acquire(timeout=5), f"{event}: sent with the entry's lock held"
+        entry.lock.release()
+        record(event, sandbox_id)
+
+    return on_event
+
+
+def interleave(
+    monkeypatch: pytest.MonkeyPatch, manager: Manager, meanwhile: Callable[[], object]
+) -> None:
+    """Run ``meanwhile`` right after the reaper's first look at a sandbox, as a request
+    on another thread could: before it acts."""
+    real = manager._overdue
+    done = False
+
+    def look(entry: Entry) -> str | None:
+        nonlocal done
+        why = real(entry)
+        if not done:
+            done = True
+            meanwhile()
+        return why
+
+    monkeypatch.setattr(manager, "_overdue", look)
+
+
+def test_a_timeout_extended_after_the_reaper_looked_is_kept(
     manager: Manager, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     sandbox = FakeSandbox()
-    entry = add(manager, sandbox, expires_at=manager.clock.now() - 1, on_timeout="pause")
-    paused: list[str] = []
-    monkeypatch.setattr(manager, "pause", lambda rid: paused.append(rid))
-    assert manager.reap_once() == [entry.record.id]
-    assert paused == [entry.record.id] and entry.record.expires_at is None
-    assert not sandbox.closed
+    entry = add(manager, sandbox, expires_at=manager.clock.now() - 1)
+    interleave(monkeypatch, manager, lambda: manager.set_timeout(entry.record.id, 3600))
+    assert manager.reap_once() == []
+    assert not sandbox.closed and manager.get(entry.record.id) is entry
+    assert stored(manager, entry.record.id).expires_at == entry.record.expires_at
+
+
+def test_a_call_after_the_idle_reaper_looked_keeps_the_sandbox(
+    manager: Manager, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sandbox = FakeSandbox()
+    entry = add(manager, sandbox, idle_timeout=60.0)
+    entry.last_active -= 120
+    interleave(monkeypatch, manager, lambda: manager.running(entry.record.id))
+    assert manager.reap_once() == []
+    assert not sandbox.closed and manager.get(entry.record.id) is entry
+
+
+def test_a_sandbox_deleted_after_the_reaper_looked_is_not_reaped_again(
+    manager: Manager, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sandbox = FakeSandbox()
+    entry = add(manager, sandbox, expires_at=manager.clock.now() - 1)
+    events: list[str] = []
+    manager._on_event = listener(entry, lambda event, _rid: events.append(event))
+    interleave(monkeypatch, manager, lambda: manager.delete(entry.record.id))
+    assert manager.reap_once() == []
+    assert sandbox.closed and events == ["deleted"]
+    with pytest.raises(NotFound):
+        manager.delete(entry.record.id)

@@ -207,18 +207,26 @@ class Manager:
         ]  # fmt: skip
 
     def delete(self, sandbox_id: str) -> None:
+        entry = self.get(sandbox_id)
+        with entry.lock:
+            self._delete_locked(entry)
+        self._event("deleted", sandbox_id)
+
+    def _delete_locked(self, entry: Entry) -> None:
+        """End the sandbox and forget it; the caller holds ``entry.lock``, and sends the
+        ``deleted`` event once it let go (a listener that calls back into the manager takes
+        the lock). NotFound if another call deleted it first."""
+        sandbox_id = entry.record.id
         with self._lock:
-            entry = self._entries.pop(sandbox_id, None)
-        if entry is None:
-            raise NotFound(sandbox_id)
+            if self._entries.get(sandbox_id) is not entry:
+                raise NotFound(sandbox_id)
+            del self._entries[sandbox_id]
         try:
-            with entry.lock:
-                if entry.sandbox is not None:
-                    entry.sandbox.close()
-                shutil.rmtree(self.state.paused_dir(sandbox_id), ignore_errors=True)
+            if entry.sandbox is not None:
+                entry.sandbox.close()
+            shutil.rmtree(self.state.paused_dir(sandbox_id), ignore_errors=True)
         finally:
             self.state.remove(sandbox_id)
-        self._event("deleted", sandbox_id)
 
     def set_timeout(self, sandbox_id: str, seconds: float | None) -> Entry:
         entry = self.get(sandbox_id)
@@ -232,23 +240,32 @@ class Manager:
         """Snapshot the sandbox to disk and end its VMM: no CPU, its memory back to the host."""
         entry = self.get(sandbox_id)
         with entry.lock:
-            if entry.state is State.PAUSED:
-                return entry
-            _, sandbox = self.running(sandbox_id)
-            snapshot = self.state.paused_dir(sandbox_id)
-            snapshot.mkdir(parents=True, mode=0o700)
-            try:
-                sandbox._vmm.snapshot(snapshot, durable=True)
-            except BaseException:
-                shutil.rmtree(snapshot, ignore_errors=True)
-                raise
-            record = entry.record
-            record.paused, record.pid, record.cgroup = True, 0, None
-            self.state.save(record)
-            sandbox.close()
-            entry.sandbox, entry.state = None, State.PAUSED
-        self._event("paused", sandbox_id)
+            paused = self._pause_locked(entry)
+        if paused:
+            self._event("paused", sandbox_id)
         return entry
+
+    def _pause_locked(self, entry: Entry) -> bool:
+        """:meth:`pause`, the caller holding ``entry.lock``; whether it paused the sandbox
+        (False: it was paused already). The caller sends the ``paused`` event once it let
+        go of the lock."""
+        if entry.state is State.PAUSED:
+            return False
+        sandbox_id = entry.record.id
+        _, sandbox = self.running(sandbox_id)
+        snapshot = self.state.paused_dir(sandbox_id)
+        snapshot.mkdir(parents=True, mode=0o700)
+        try:
+            sandbox._vmm.snapshot(snapshot, durable=True)
+        except BaseException:
+            shutil.rmtree(snapshot, ignore_errors=True)
+            raise
+        record = entry.record
+        record.paused, record.pid, record.cgroup = True, 0, None
+        self.state.save(record)
+        sandbox.close()
+        entry.sandbox, entry.state = None, State.PAUSED
+        return True
 
     def resume(self, sandbox_id: str) -> Entry:
         """Restore a paused sandbox from its snapshot (in whatever daemon runs now)."""
@@ -319,44 +336,62 @@ class Manager:
     # --- the reaper
     def reap_once(self) -> list[str]:
         """Kill the sandboxes past their timeout; mark those whose VMM died as crashed."""
-        now, steady = self.clock.now(), time.monotonic()
         reaped = []
         for entry in self.find():
-            rid = entry.record.id
-            expires, idle = entry.record.expires_at, entry.record.idle_timeout
-            running = entry.state is State.RUNNING
-            if expires is not None and expires <= now:
-                why = f"its timeout passed {now - expires:.1f} s ago"
-            elif idle is not None and running and entry.idle_for(steady) > idle:
-                why = f"idle for {entry.idle_for(steady):.1f} s (idle_timeout {idle:g} s)"
-            else:
+            if self._overdue(entry) is None:
                 sandbox = entry.sandbox
+                running = entry.state is State.RUNNING
                 if running and sandbox is not None and sandbox._vmm.exited():
                     vmm = sandbox._vmm
                     self.mark_crashed(entry, str(vmm.crashed("the VMM exited")),
                                       vmm.console_tail(), seen=sandbox)  # fmt: skip
                 continue
-            log.info("timing out %s: %s (on_timeout %s)", rid, why, entry.record.on_timeout)
+            rid = entry.record.id
             if self._time_out(entry):
                 reaped.append(rid)
                 self._event("reaped", rid)
         return reaped
 
+    def _overdue(self, entry: Entry) -> str | None:
+        """Why the sandbox is past one of its timeouts now, or None if it is not."""
+        expires, idle = entry.record.expires_at, entry.record.idle_timeout
+        now = self.clock.now()
+        if expires is not None and expires <= now:
+            return f"its timeout passed {now - expires:.1f} s ago"
+        idle_for = entry.idle_for(time.monotonic())
+        if idle is not None and entry.state is State.RUNNING and idle_for > idle:
+            return f"idle for {idle_for:.1f} s (idle_timeout {idle:g} s)"
+        return None
+
     def _time_out(self, entry: Entry) -> bool:
-        """Kill, or pause (``on_timeout``), a sandbox past a timeout; False if it was gone."""
+        """Kill, or pause (``on_timeout``), a sandbox past a timeout; False if it was gone,
+        or is no longer due.
+
+        The reaper looked without the entry's lock: a ``set_timeout``, a call that made it
+        busy again, or a delete may have come in since. So it looks again under the lock,
+        and acts while it holds it, or it would kill a sandbox its owner had just given
+        more time."""
         rid = entry.record.id
-        try:
-            if entry.record.on_timeout == "pause":
-                with entry.lock:
+        event = None
+        with entry.lock:
+            why = self._overdue(entry)
+            if why is None:
+                return False
+            log.info("timing out %s: %s (on_timeout %s)", rid, why, entry.record.on_timeout)
+            try:
+                if entry.record.on_timeout == "pause":
                     entry.record.expires_at = None  # paused, it waits for a resume
-                if entry.state is State.RUNNING:
-                    self.pause(rid)
+                    if entry.state is State.RUNNING and self._pause_locked(entry):
+                        event = "paused"
+                    else:
+                        self.state.save(entry.record)
                 else:
-                    self.state.save(entry.record)
-            else:
-                self.delete(rid)
-        except NotFound:
-            return False
+                    self._delete_locked(entry)
+                    event = "deleted"
+            except NotFound:
+                return False
+        if event is not None:
+            self._event(event, rid)
         return True
 
     def _reap_loop(self) -> None:
