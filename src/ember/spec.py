@@ -16,6 +16,7 @@ from pathlib import Path
 from ember.errors import ConfigError
 from ember.jailer.cgroups import Quotas
 from ember.network.policy import NetworkPolicy
+from ember.vmm.config import MAX_MEM_MIB, MAX_VCPUS, MIN_MEM_MIB
 
 __all__ = [
     "AGENT_ARGV",
@@ -66,6 +67,12 @@ class SandboxSpec:
         return self.jail if self.jail is not None else os.geteuid() == 0
 
     def __post_init__(self) -> None:
+        # The VMM checks these too, but only once it runs: for a size with no template yet,
+        # after the SDK had started building one (a boot that fails minutes in).
+        if not 1 <= self.vcpus <= MAX_VCPUS:
+            raise ConfigError(f"vcpus={self.vcpus}: from 1 to {MAX_VCPUS}")
+        if not MIN_MEM_MIB <= self.mem_mib <= MAX_MEM_MIB:
+            raise ConfigError(f"mem_mib={self.mem_mib}: from {MIN_MEM_MIB} to {MAX_MEM_MIB} MiB")
         if self.pool is not None and not 0 <= self.pool <= MAX_POOL:
             raise ConfigError(
                 f"pool={self.pool}: from 0 (no pre-started interpreters) to {MAX_POOL}"

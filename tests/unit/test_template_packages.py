@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from ember import templates
+from ember import Sandbox, templates
 from ember.agent import __main__ as agent_main
 from ember.agent import preload
 from ember.cli.main import main as ember_main
@@ -258,6 +258,34 @@ def test_pool_and_heap_reach_the_agent_and_the_key() -> None:
 def test_pool_and_heap_out_of_range_are_refused(fields: dict[str, int]) -> None:
     with pytest.raises(ConfigError, match=r"^(pool|heap_mib)="):
         SandboxSpec(**fields)
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"mem_mib": 31}, "mem_mib=31: from 32 to"),
+        ({"mem_mib": -5}, "mem_mib=-5: from 32 to"),
+        ({"mem_mib": (1 << 20) + 1}, "to 1048576 MiB"),
+        ({"vcpus": 0}, "vcpus=0: from 1 to 32"),
+        ({"vcpus": 33}, "vcpus=33: from 1 to 32"),
+    ],
+)
+def test_guest_sizes_out_of_range_are_refused_before_any_template_build(
+    fields: dict[str, int], message: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A size no template has yet would otherwise start building one (minutes here) and
+    fail only when its VMM checked the size."""
+
+    def build(*_args: object, **_kwargs: object) -> None:
+        raise AssertionError("a template build started")
+
+    monkeypatch.setattr(templates, "build", build)
+    monkeypatch.setattr(templates, "start_vmm", build)
+    with pytest.raises(ConfigError, match=message):
+        SandboxSpec(**fields)
+    with pytest.raises(ConfigError, match=message):
+        Sandbox(**fields)  # type: ignore[arg-type]
+    assert SandboxSpec(mem_mib=32, vcpus=32).mem_mib == 32  # the bounds themselves are fine
 
 
 @pytest.mark.parametrize(

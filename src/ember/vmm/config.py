@@ -41,6 +41,7 @@ DEFAULT_CMDLINE = " ".join(("console=ttyS0 reboot=k panic=-1 quiet no_timer_chec
 DEFAULT_MEM_MIB = 128
 MAX_VCPUS = 32  # the MP table lives in the last KiB of base memory
 MAX_MEM_MIB = 1 << 20  # 1 TiB
+MIN_MEM_MIB = layout.MIN_MEM_SIZE >> 20
 
 
 MAX_DISKS = 16
@@ -185,10 +186,9 @@ class VmConfig:
             )
         if not 1 <= self.vcpus <= MAX_VCPUS:
             raise ConfigError(f"--vcpus must be between 1 and {MAX_VCPUS}, not {self.vcpus}")
-        min_mib = layout.MIN_MEM_SIZE >> 20
-        if not min_mib <= self.mem_mib <= MAX_MEM_MIB:
+        if not MIN_MEM_MIB <= self.mem_mib <= MAX_MEM_MIB:
             raise ConfigError(
-                f"--mem {self.mem_mib} MiB is out of range: a guest needs at least {min_mib} MiB"
+                f"--mem {self.mem_mib} MiB is out of range: from {MIN_MEM_MIB} to {MAX_MEM_MIB} MiB"
             )
         from ember.arch.x86_64.cpuid import resolve_template  # see the module docstring
 
