@@ -4,6 +4,7 @@ with, and when it falls back to running in-process instead."""
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import socket
 import threading
@@ -145,3 +146,52 @@ def test_the_switches_that_keep_runs_in_process(monkeypatch: pytest.MonkeyPatch)
     assert not runclient.enabled()
     monkeypatch.delenv("EMBER_SERVER")
     assert runclient.enabled()
+
+
+def test_a_run_the_daemon_fails_on_ends_with_a_message_not_a_hang(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The real daemon's side: a request it raises on, however (here a ValueError, as the
+    SDK raised for ``--timeout 0``), still ends the client's wait, with the error, even
+    while the hang-up watcher (a thread in ``recv`` on the connection) holds it open."""
+    watching = threading.Event()
+
+    def execute(*_args: object) -> int:
+        def watch() -> None:  # as runner._opener's watcher does
+            watching.set()
+            runner._on_hang_up(daemon_end, lambda: None)
+
+        threading.Thread(target=watch, daemon=True).start()
+        watching.wait(5)
+        raise ValueError("timeout must be positive seconds, got 0.0")
+
+    monkeypatch.setattr(runner, "execute", execute)
+    daemon_end, served = socket.socketpair()
+    line = runclient.request(["true"], dict(runclient.SHAPE_DEFAULTS), 0.0, None)
+    served.sendall(line)
+    handler = threading.Thread(target=runner.Daemon()._handle, args=(daemon_end,), daemon=True)
+    handler.start()
+    served.settimeout(10)  # the failure this guards against is a wait for ever
+    out, err = io.BytesIO(), io.BytesIO()
+    code = runclient._print_frames(served, out, err)
+    assert code == runner.EXIT_CRASH
+    assert "the run daemon failed: ValueError('timeout must be positive" in capsys.readouterr().err
+    assert served.recv(1) == b""  # and the daemon hung up
+    handler.join(5)
+    assert not handler.is_alive()
+    served.close()
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "nan", "inf", "soon"])
+def test_a_timeout_that_is_not_positive_seconds_is_a_usage_error(
+    value: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from ember.cli.main import build_parser
+
+    for command in ("run", "exec"):
+        with pytest.raises(SystemExit) as exit_:
+            build_parser().parse_args([command, f"--timeout={value}", "x"])
+        assert exit_.value.code == 2
+        assert "--timeout" in capsys.readouterr().err
+        assert runclient.parse([command, f"--timeout={value}", "x"]) is None  # argparse's call
+    assert build_parser().parse_args(["run", "--timeout=0.5", "x"]).timeout == 0.5

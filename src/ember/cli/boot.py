@@ -15,6 +15,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from ember.cli import positive_seconds
 from ember.errors import ConfigError
 from ember.vmm.config import (
     DEFAULT_CMDLINE,
@@ -83,7 +84,9 @@ def register(sub: Any) -> None:
     p.add_argument(
         "--cpu-template", default="auto", metavar="T", help="auto (default), pvm or host"
     )
-    p.add_argument("--timeout", type=float, default=None, metavar="S", help="stop after S s")
+    p.add_argument(
+        "--timeout", type=positive_seconds, default=None, metavar="S", help="stop after S s"
+    )
     p.add_argument(
         "--rootfs", type=Path, help="ext4 root file system, shared read-only under a tmpfs overlay"
     )

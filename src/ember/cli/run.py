@@ -22,7 +22,7 @@ from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ember.cli import runclient, runner
+from ember.cli import positive_seconds, runclient, runner
 from ember.cli.runclient import SHAPE_DEFAULTS
 from ember.errors import ConfigError
 
@@ -36,7 +36,9 @@ GUEST_DIR = runclient.GUEST_DIR
 
 
 def common_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--timeout", type=float, default=None, metavar="S", help="kill after S seconds")
+    p.add_argument(
+        "--timeout", type=positive_seconds, default=None, metavar="S", help="kill after S seconds"
+    )
     p.add_argument(
         "--mem", type=int, default=SHAPE_DEFAULTS["mem_mib"], metavar="MiB",
         help="guest RAM (default: the launcher's, 512)",

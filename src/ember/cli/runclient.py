@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import base64
 import json
+import math
 import os
 import socket
 import struct
@@ -185,6 +186,8 @@ def parse(words: list[str]) -> tuple[list[str], str | None, dict[str, Any], floa
                 timeout = float(value)
             except ValueError:
                 return None
+            if not (timeout > 0 and math.isfinite(timeout)):
+                return None  # argparse's to refuse, in its words
         elif option == "--template" and value:
             options["template"] = value
         else:

@@ -41,6 +41,7 @@ import socket
 import sys
 import threading
 import time
+import traceback
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Protocol
@@ -230,7 +231,13 @@ class Daemon:
     def _handle(self, conn: socket.socket) -> None:
         try:
             with conn:
-                self._run(conn)
+                try:
+                    self._run(conn)
+                finally:
+                    # The hang-up watcher may sit in recv on it: close() alone would wait
+                    # for that, and the client would see no end until it did.
+                    with contextlib.suppress(OSError):
+                        conn.shutdown(socket.SHUT_RDWR)
         except Exception as exc:  # a client that went away mid-run, a bad request
             print(f"ember run daemon: {exc!r}", file=sys.stderr, flush=True)
         finally:
@@ -260,6 +267,10 @@ class Daemon:
             )  # fmt: skip
         except EmberError as exc:
             code, messages = 2, [f"ember: error: {exc}"]
+        except Exception as exc:  # a bug, or a request the checks let through
+            # The client waits for END: it must hear of this, not wait for ever.
+            traceback.print_exc()  # the daemon's log
+            code, messages = EXIT_CRASH, [f"ember: error: the run daemon failed: {exc!r}"]
         end = {"exit": code, "message": "\n".join(messages)}
         # Logged before the client hears of it: once its CLI process has exited, the log
         # already says so (the tests count these lines; they raced the END frame).
