@@ -37,7 +37,7 @@ def test_a_missing_initrd(images: Images, tmp_path: Path) -> None:
     )
 
 
-@pytest.mark.parametrize(("mem", "needle"), [("8", "at least"), ("0", "at least")])
+@pytest.mark.parametrize(("mem", "needle"), [("8", "from 32 to"), ("0", "from 32 to")])
 def test_too_little_memory(images: Images, mem: str, needle: str) -> None:
     assert_usage_error(ember("boot", "--kernel", str(images.kernel), "--mem", mem), needle)
 
