@@ -268,6 +268,9 @@ def test_pool_and_heap_out_of_range_are_refused(fields: dict[str, int]) -> None:
         ({"mem_mib": (1 << 20) + 1}, "to 1048576 MiB"),
         ({"vcpus": 0}, "vcpus=0: from 1 to 32"),
         ({"vcpus": 33}, "vcpus=33: from 1 to 32"),
+        ({"vcpus": 1.5}, "vcpus must be a whole number, not 1.5"),
+        ({"vcpus": True}, "vcpus must be a whole number, not True"),
+        ({"mem_mib": "512"}, "mem_mib must be a whole number, not '512'"),
     ],
 )
 def test_guest_sizes_out_of_range_are_refused_before_any_template_build(

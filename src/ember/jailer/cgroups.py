@@ -36,6 +36,7 @@ SELF_CGROUP = Path("/proc/self/cgroup")
 CPU_PERIOD_US = 100_000
 MIN_MEMORY_MIB = 64
 MIN_PIDS = 8
+MAX_PIDS = 1 << 22  # PID_MAX_LIMIT on 64-bit: pids.max refuses more (EINVAL)
 V1_CONTROLLERS = ("cpu", "cpuacct", "memory", "pids")
 _REMOVE_TIMEOUT = 5.0
 _HOWTO = "run as root or delegate a cgroup to this user"
@@ -56,15 +57,26 @@ class Quotas:
     pids: int | None = None
 
     def __post_init__(self) -> None:
+        for name in ("memory_mib", "pids"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
+                raise ConfigError(f"{name} must be a whole number, not {value!r}")
+        if self.cpus is not None and (
+            not isinstance(self.cpus, int | float) or isinstance(self.cpus, bool)
+        ):
+            raise ConfigError(f"cpus must be a number of CPUs, not {self.cpus!r}")
         ncpu = os.cpu_count() or 1
         if self.cpus is not None and not 0 < self.cpus <= ncpu:
             raise ConfigError(f"cpus must be > 0 and at most {ncpu} (this host's CPUs), "
                               f"not {self.cpus}")  # fmt: skip
         if self.memory_mib is not None and self.memory_mib < MIN_MEMORY_MIB:
-            raise ConfigError(f"memory must be at least {MIN_MEMORY_MIB} MiB, "
+            raise ConfigError(f"memory_mib must be at least {MIN_MEMORY_MIB} MiB, "
                               f"not {self.memory_mib}")  # fmt: skip
-        if self.pids is not None and self.pids < MIN_PIDS:
-            raise ConfigError(f"pids must be at least {MIN_PIDS}, not {self.pids}")
+        if self.pids is not None and not MIN_PIDS <= self.pids <= MAX_PIDS:
+            raise ConfigError(
+                f"pids must be from {MIN_PIDS} to {MAX_PIDS} (the kernel's most; leave it "
+                f"unset for no limit), not {self.pids}"
+            )
 
     def any(self) -> bool:
         return self.cpus is not None or self.memory_mib is not None or self.pids is not None
