@@ -75,6 +75,7 @@ __all__ = [
     "SandboxTimeout",
     "SnapshotError",
     "agent_error",
+    "require_whole_number",
 ]
 
 
@@ -187,6 +188,13 @@ _BY_TYPE: dict[str, type[AgentError]] = {
 def agent_error(type: str, message: str) -> AgentError:
     """The most specific :class:`AgentError` for a remote exception's class name."""
     return _BY_TYPE.get(type, AgentError)(type, message)
+
+
+def require_whole_number(name: str, value: object) -> None:
+    """A ConfigError naming ``name`` unless ``value`` is an int (a bool is not one): caught
+    where a setting is given, not as a TypeError from the first comparison that uses it."""
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ConfigError(f"{name} must be a whole number, not {value!r}")
 
 
 class SandboxTimeout(EmberError, TimeoutError):

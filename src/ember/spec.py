@@ -13,7 +13,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from ember.errors import ConfigError
+from ember.errors import ConfigError, require_whole_number
 from ember.jailer.cgroups import Quotas
 from ember.network.policy import NetworkPolicy
 from ember.vmm.config import MAX_MEM_MIB, MAX_VCPUS, MIN_MEM_MIB
@@ -69,10 +69,8 @@ class SandboxSpec:
     def __post_init__(self) -> None:
         # The VMM checks these too, but only once it runs: for a size with no template yet,
         # after the SDK had started building one (a boot that fails minutes in).
-        for name in ("mem_mib", "vcpus"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool):
-                raise ConfigError(f"{name} must be a whole number, not {value!r}")
+        require_whole_number("mem_mib", self.mem_mib)
+        require_whole_number("vcpus", self.vcpus)
         if not 1 <= self.vcpus <= MAX_VCPUS:
             raise ConfigError(f"vcpus={self.vcpus}: from 1 to {MAX_VCPUS}")
         if not MIN_MEM_MIB <= self.mem_mib <= MAX_MEM_MIB:

@@ -29,12 +29,18 @@ def positive_seconds(text: str) -> float:
     """An argparse ``type`` for a duration: finite and more than 0 seconds (0 or less was
     passed on to the sandbox, which refused it only once it had started)."""
     import argparse
-    import math
 
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
-    if not (value > 0 and math.isfinite(value)):
+    if not is_positive_seconds(value):
         raise argparse.ArgumentTypeError(f"must be more than 0 seconds, got {text}")
     return value
+
+
+def is_positive_seconds(value: float) -> bool:
+    """What :func:`positive_seconds` accepts, for the run client, which imports no argparse."""
+    import math
+
+    return value > 0 and math.isfinite(value)

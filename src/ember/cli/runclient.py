@@ -25,11 +25,12 @@ from __future__ import annotations
 
 import base64
 import json
-import math
 import os
 import socket
 import struct
 import sys
+
+from ember.cli import is_positive_seconds  # the package, already imported: no cost
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # no run-time import: ``typing`` alone is ~3 ms of this client's start
@@ -186,7 +187,7 @@ def parse(words: list[str]) -> tuple[list[str], str | None, dict[str, Any], floa
                 timeout = float(value)
             except ValueError:
                 return None
-            if not (timeout > 0 and math.isfinite(timeout)):
+            if not is_positive_seconds(timeout):
                 return None  # argparse's to refuse, in its words
         elif option == "--template" and value:
             options["template"] = value

@@ -29,7 +29,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from ember.errors import ConfigError, SandboxError
+from ember.errors import ConfigError, SandboxError, require_whole_number
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 SELF_CGROUP = Path("/proc/self/cgroup")
@@ -57,10 +57,10 @@ class Quotas:
     pids: int | None = None
 
     def __post_init__(self) -> None:
-        for name in ("memory_mib", "pids"):
-            value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
-                raise ConfigError(f"{name} must be a whole number, not {value!r}")
+        if self.memory_mib is not None:
+            require_whole_number("memory_mib", self.memory_mib)
+        if self.pids is not None:
+            require_whole_number("pids", self.pids)
         if self.cpus is not None and (
             not isinstance(self.cpus, int | float) or isinstance(self.cpus, bool)
         ):
