@@ -48,6 +48,7 @@ __all__ = [
     "decode_json",
     "encode_json",
     "error_payload",
+    "interrupted_result",
     "parse_header",
     "read_frame",
     "valid_channel_name",
@@ -209,3 +210,27 @@ def valid_channel_name(name: object) -> bool:
     if not isinstance(name, str) or not 0 < len(name) <= 128 or not name.isascii():
         return False
     return all(c.isalnum() or c in "._-" for c in name)
+
+
+def interrupted_result(result: dict[str, Any], timeout: float | None) -> dict[str, Any]:
+    """What a ``run_code`` caller gets for a cell the agent interrupted at its timeout.
+
+    The worker's own result for such a cell has ``KeyboardInterrupt`` as its error: reported
+    as ``WorkerTimeout``, the one error callers already handle for an overrun, but saying that
+    the worker and its namespace are kept, with the output the cell made and the traceback of
+    where it was stopped. A cell that finished, or caught the interrupt, within the agent's
+    grace keeps its own result. Both ends use this: the agent for a call over vsock, the host
+    for one over the code rings.
+    """
+    error = result.get("error")
+    if not isinstance(error, dict) or error.get("type") != "KeyboardInterrupt":
+        return result
+    message = (
+        f"the code ran longer than {timeout or 0:g} s and was interrupted (KeyboardInterrupt); "
+        "the worker and its state (variables, imports) are kept"
+    )
+    return {
+        **result,
+        "value": None,
+        "error": {**error, "type": "WorkerTimeout", "message": message},
+    }

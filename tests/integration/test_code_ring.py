@@ -97,18 +97,29 @@ def test_the_guest_bell_wakes_a_parked_sandbox(sb: Sandbox) -> None:
     assert (sb._code_ring.bells, sb._code_ring.wakes) == (1, 0)
 
 
-def test_a_dead_or_overrunning_worker_is_reported_and_replaced(sb: Sandbox) -> None:
+def test_a_dead_worker_is_replaced_and_an_overrunning_cell_interrupted(sb: Sandbox) -> None:
     assert sb.run_code("kept = 1").error is None
     crashed = sb.run_code("import os\nos._exit(3)", timeout=60)
     assert crashed.error is not None and crashed.error.type == "WorkerCrashed", crashed
     assert "exited with status 3" in crashed.error.message
     fresh = sb.run_code("'kept' in globals()", timeout=300)  # waits for the replacement
     assert (fresh.value, fresh.error) == ("False", None)
+    assert sb.run_code("kept = 2\nimport os\npid = os.getpid()").error is None
     started = time.monotonic()
-    over = sb.run_code("while True: pass", timeout=1)
+    over = sb.run_code("while True: pass", timeout=1)  # through the ring
     assert over.error is not None and over.error.type == "WorkerTimeout", over
+    assert "interrupted" in over.error.message, over
     assert time.monotonic() - started < 30
-    assert sb.run_code("1 + 1", timeout=300).value == "2"
+    seen: list[str] = []
+    streamed = sb.run_code(  # through vsock: the agent interrupts it itself
+        "print('tick', flush=True)\nimport time\nwhile True: time.sleep(0.05)",
+        timeout=1,
+        on_stdout=seen.append,
+    )
+    assert streamed.error is not None and streamed.error.type == "WorkerTimeout", streamed
+    assert "interrupted" in streamed.error.message and seen == ["tick\n"]
+    # Both times the same worker carried on, its namespace intact.
+    assert sb.run_code("kept + 1, pid == os.getpid()").value == "(3, True)"
 
 
 def test_a_fork_continues_on_rings_of_its_own(sb: Sandbox) -> None:

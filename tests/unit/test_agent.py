@@ -12,7 +12,9 @@ import contextlib
 import hashlib
 import io
 import os
+import signal
 import socket
+import stat
 import struct
 import threading
 import time
@@ -333,6 +335,25 @@ def test_a_write_makes_missing_parents_and_leaves_no_temporary_file(
     assert names == ["a", "a/b", "a/b/c.txt", "plain"]
 
 
+def test_a_write_to_a_device_or_a_proc_file_goes_to_it_in_place(
+    agent: Agent, tmp_path: Path
+) -> None:
+    files = agent.client.files
+    null = tmp_path / "null"  # /dev/null's twin (root, as CI is): a regression breaks only it
+    os.mknod(null, stat.S_IFCHR | 0o666, os.makedev(1, 3))
+    files.write(str(null), b"discarded")  # a rename would leave a plain file there
+    assert stat.S_ISCHR(null.stat().st_mode)
+    # /proc takes no new files, so no temporary file: the agent's own name, written in place
+    files.write("/proc/self/comm", b"renamed-agent")
+    assert files.read("/proc/self/comm") == b"renamed-agent\n"
+    with pytest.raises(FileNotFoundError, match="/proc/self/no-such"):  # the caller's path
+        files.write("/proc/self/no-such", b"x")
+    os.mkfifo(tmp_path / "fifo")
+    with pytest.raises(AgentError, match="is a FIFO"):  # opening it would wait for a reader
+        files.write(str(tmp_path / "fifo"), b"x")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fifo", "null"]
+
+
 # -- run_code ---------------------------------------------------------------------------
 
 
@@ -363,10 +384,46 @@ def test_run_code_worker_crash_and_timeout(agent: Agent) -> None:
     assert "status 3" in r.error.message and "lost" in r.error.message
     r = run("state")
     assert r.error is not None and r.error.type == "NameError"
-    r = run("while True: pass", timeout=0.5)
+    # Past its timeout a cell is interrupted, and the worker and its namespace carry on.
+    run("state = 'kept'\nimport os\npid = os.getpid()")
+    r = run("print('before')\nwhile True: pass", timeout=0.5)
+    assert r.error is not None and r.error.type == "WorkerTimeout", r
+    assert "interrupted" in r.error.message and "kept" in r.error.message
+    assert r.error.traceback.rstrip().endswith("KeyboardInterrupt")
+    assert "<cell-" in r.error.traceback and r.stdout == "before\n"
+    assert run("state, pid == os.getpid()").value == "('kept', True)"
+    # A cell that catches the interrupt ends as it likes.
+    # (A call in the loop: CPython's own `try: while True: pass` lets KeyboardInterrupt out.)
+    caught = "try:\n    while True: abs(1)\nexcept KeyboardInterrupt:\n    print('caught')\n7"
+    r = run(caught, 0.5)
+    assert (r.error, r.stdout, r.value) == (None, "caught\n", "7")
+    # One that will not stop is killed, and its state goes with the worker.
+    stubborn = (
+        "while True:\n    try:\n        while True: abs(1)\n    except KeyboardInterrupt: pass"
+    )
+    r = run(stubborn, timeout=0.5)
     assert r.error is not None and r.error.type == "WorkerTimeout"
+    assert "killed" in r.error.message and "lost" in r.error.message
+    assert run("'state' in globals()").value == "False"
     assert run("1 + 1").value == "2"
     assert agent.client.ping()["worker"] == "ready"
+
+
+def test_run_code_refuses_code_that_is_not_text(agent: Agent) -> None:
+    with pytest.raises(TypeError, match="code as str, not bytes"):
+        agent.client.run_code(b"6 * 7")  # type: ignore[arg-type]
+    assert agent.client.run_code("6 * 7").value == "42"
+
+
+def test_an_interrupt_between_cells_is_ignored(agent: Agent) -> None:
+    """SIGINT outside a cell (an interrupt that came late) must not break the worker."""
+    run = agent.client.run_code
+    pid = int(run("import os\nkept = 5\nos.getpid()").value or 0)
+    for _ in range(3):
+        os.kill(pid, signal.SIGINT)
+        time.sleep(0.05)
+    assert run("kept, os.getpid()").value == f"(5, {pid})"
+    assert run("1 + 1").error is None  # the signals changed nothing for the next cell
 
 
 # -- channels ---------------------------------------------------------------------------

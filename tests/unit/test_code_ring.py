@@ -12,6 +12,7 @@ from __future__ import annotations
 import mmap
 import os
 import select
+import socket
 import sys
 import tempfile
 import threading
@@ -29,7 +30,8 @@ from ember.agent.runcode import CodeRunner
 from ember.client import CodeRing, HostRegion
 from ember.client.results import CodeResult, parse_code_result
 from ember.client.wire import decode
-from ember.errors import ProtocolError
+from ember.errors import AgentError, ProtocolError
+from ember.protocol import Kind, read_frame
 
 # bench/ is a folder of scripts, not a package: import its modules the way the scripts do.
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
@@ -104,12 +106,14 @@ class Fixture:
             words.release()
 
     def agent(self, request: dict[str, Any]) -> dict[str, Any]:
-        """The agent's ``code_ring`` op, as its server would run it."""
+        """The agent's ``code_ring`` op, run by its real handler on a socket pair."""
         self.ops.append(request)
-        if request["action"] == "wake":
-            self.runner.wake()
-            return {}
-        return decode(self.runner.stop(request["epoch"], request["why"], request.get("timeout")))
+        ours, theirs = socket.socketpair()
+        with ours, theirs:
+            self.runner.handle_ring(ours, request)
+            frame = read_frame(theirs)
+        assert frame is not None and frame[0] is Kind.RESULT, frame
+        return decode(frame[1])
 
     def ctl(self, slot: int) -> memoryview:
         offset = ring.SLOT_BASE + slot * SLOT_SIZE
@@ -265,13 +269,49 @@ def test_a_worker_that_dies_is_reported_and_replaced(fx: Fixture) -> None:
     assert after.value == "False"
 
 
-def test_a_cell_over_its_timeout_is_killed_and_the_next_one_runs(fx: Fixture) -> None:
+def test_a_cell_over_its_timeout_is_interrupted_and_the_state_kept(fx: Fixture) -> None:
+    fx.ready_call("z = 1")
+    result = fx.ready_call("print('so far')\nwhile True: pass", timeout=0.5)
+    assert result.error is not None and result.error.type == "WorkerTimeout", result
+    assert "interrupted" in result.error.message and "kept" in result.error.message
+    assert result.error.traceback.rstrip().endswith("KeyboardInterrupt")
+    assert result.stdout == "so far\n"
+    assert [op["action"] for op in fx.ops] == ["interrupt"]  # no stop: nothing was killed
+    assert fx.ctl(2)[ring.CODE_EPOCH] == 0  # the same worker
+    assert fx.ready_call("z + 1").value == "2"
+
+
+def test_a_cell_that_ignores_the_interrupt_is_killed_and_the_next_one_runs(fx: Fixture) -> None:
     fx.ready_call("z = 1")
     started = time.monotonic()
-    result = fx.ready_call("while True: pass", timeout=0.5)
+    stubborn = (
+        "while True:\n    try:\n        while True: abs(1)\n    except KeyboardInterrupt: pass"
+    )
+    result = fx.ready_call(stubborn, timeout=0.5)
     assert result.error is not None and result.error.type == "WorkerTimeout"
+    assert "killed" in result.error.message
+    assert [op["action"] for op in fx.ops] == ["interrupt", "stop"]
     assert time.monotonic() - started < 20
-    assert fx.ready_call("1 + 1").value == "2"
+    assert fx.ready_call("'z' in globals()").value == "False"  # a new worker
+
+
+def test_an_agent_without_interrupts_still_ends_an_overrun(fx: Fixture) -> None:
+    """A template from before interrupts: its agent refuses the op, and stop kills."""
+    real = fx.agent
+
+    def old_agent(request: dict[str, Any]) -> dict[str, Any]:
+        if request["action"] == "interrupt":
+            fx.ops.append(request)
+            raise AgentError("BadRequest", "unknown code_ring action 'interrupt'")
+        return real(request)
+
+    fx.ready_call("z = 1")
+    reply = fx.code.call({"op": "run", "code": "while True: pass"}, 0.5, old_agent)
+    assert reply is not None
+    result = parse_code_result(reply)
+    assert result.error is not None and result.error.type == "WorkerTimeout"
+    assert "killed" in result.error.message
+    assert [op["action"] for op in fx.ops] == ["interrupt", "stop"]
 
 
 def test_a_reply_ring_the_guest_breaks_fails_the_call_not_the_host(fx: Fixture) -> None:

@@ -138,7 +138,9 @@ def test_a_dead_owners_network_is_cleaned_before_reuse(
             lambda: os.stat(f"/proc/{leftover.pid}/ns/net").st_ino == os.stat(netns).st_ino,
             10, "the leftover process to enter the namespace",
         )  # fmt: skip
-        old_inode = os.stat(netns).st_ino
+        # A mark only the old namespace has (its inode number may be reused by the new one).
+        subprocess.run(["nsenter", f"--net={netns}", "sysctl", "-qw", "net.ipv4.ip_default_ttl=33"],
+                       check=True)  # fmt: skip
         proc.kill()
         proc.wait()
         monkeypatch.setattr(slots.random, "randrange", lambda n: slot)
@@ -147,7 +149,10 @@ def test_a_dead_owners_network_is_cleaned_before_reuse(
         try:
             assert network.slot == slot
             network.wait_applied()
-            assert os.stat(network.netns_path).st_ino != old_inode  # a new namespace
+            ttl = subprocess.run(["nsenter", f"--net={network.netns_path}", "sysctl", "-n",
+                                  "net.ipv4.ip_default_ttl"],
+                                 capture_output=True, text=True, check=True).stdout  # fmt: skip
+            assert ttl.strip() == "64"  # a new namespace: the old one's mark (33) is not there
             rules = nft_in(network.netns_path, "list", "ruleset")
             assert "dnat to" not in rules and "10.9.9.9" not in rules
             assert "10.9.9.9" not in host_chain(slot)  # the host chain was flushed too

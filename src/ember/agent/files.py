@@ -13,6 +13,10 @@ Contents always travel as raw ``DATA`` frames (≤256 KiB each) ended by
   ``size``, when the client knows it, is what it will send: the temporary file
   takes that length first (:class:`Sink`), so that the guest's tmpfs, mounted
   ``huge=within_size``, stores each whole 2 MiB of it in one huge page.
+  Targets a rename would break are written where they are, as a shell's ``>`` writes
+  them: a device (renaming over ``/dev/null`` would leave a plain file there) and an
+  existing file whose directory takes no new files (``/proc``, ``/sys``). A FIFO or a
+  socket is refused: opening one can wait forever for a reader.
 * ``file_read {"path"}`` → DATA frames, DATA_EOF, ``RESULT {"size"}``.
 * ``stat`` → ``RESULT {"size", "mode", "mtime", "is_dir", "is_file"}``;
   ``list`` → ``RESULT {"entries": [{"name", "size", "is_dir"}], "truncated"}``;
@@ -34,7 +38,7 @@ import stat
 import threading
 from typing import Any
 
-from ember.agent.common import ClientGone, kept_stream, opt_bool, opt_int, req_path
+from ember.agent.common import BadRequest, ClientGone, kept_stream, opt_bool, opt_int, req_path
 from ember.protocol import (
     CHUNK_SIZE,
     MAX_FRAME,
@@ -53,8 +57,22 @@ _tmp_ids = itertools.count()
 # file's length, which on this host writes 10 MiB in 3.5 s instead of 5.0 s and reads it back
 # in 2.25 s instead of 2.85 s (one page allocation and cache insertion per 512 pages).
 HPAGE_PMD_SIZE = 2 << 20
+# Why a directory may refuse the temporary file of a file it holds (/proc: ENOENT).
+_NO_NEW_FILES = frozenset({errno.ENOENT, errno.EACCES, errno.EPERM})
 # Read buffers are reused: in the guest a fresh 256 KiB buffer costs 64 page faults.
 _buffers: list[bytearray] = []
+
+
+def _create(tmp: str, directory: str, *, make_parents: bool) -> int:
+    """The temporary file, its missing parents made first if ``make_parents``."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+    try:
+        return os.open(tmp, flags, 0o600)
+    except (FileNotFoundError, NotADirectoryError):
+        if not make_parents:
+            raise
+        os.makedirs(directory or "/", exist_ok=True)
+        return os.open(tmp, flags, 0o600)
 
 
 class Sink:
@@ -85,17 +103,25 @@ class Sink:
             found = None
         if found is not None and stat.S_ISDIR(found.st_mode):
             raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), path)
-        if mode is None:
-            mode = stat.S_IMODE(found.st_mode) if found is not None else 0o644  # kept
-        self.tmp = os.path.join(
+        if found is not None and (stat.S_ISFIFO(found.st_mode) or stat.S_ISSOCK(found.st_mode)):
+            kind = "a FIFO" if stat.S_ISFIFO(found.st_mode) else "a socket"
+            raise BadRequest(f"{path} is {kind}: files.write writes files and devices")
+        if found is not None and not stat.S_ISREG(found.st_mode):  # a device
+            self._in_place(mode, truncate=False)
+            return
+        tmp = os.path.join(
             directory, f".{base}.ember-{os.getpid()}-{threading.get_ident()}-{next(_tmp_ids)}"
         )
-        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
         try:
-            self.fd = os.open(self.tmp, flags, 0o600)
-        except (FileNotFoundError, NotADirectoryError):
-            os.makedirs(directory or "/", exist_ok=True)
-            self.fd = os.open(self.tmp, flags, 0o600)
+            self.fd = _create(tmp, directory, make_parents=found is None)
+        except OSError as exc:
+            if found is None or exc.errno not in _NO_NEW_FILES:
+                raise OSError(exc.errno, exc.strerror, path) from None  # the caller's name
+            self._in_place(mode, truncate=True)  # e.g. /proc/sys/...: it takes no new files
+            return
+        self.tmp = tmp
+        if mode is None:
+            mode = stat.S_IMODE(found.st_mode) if found is not None else 0o644  # kept
         os.fchmod(self.fd, mode)
         if size is not None and size >= HPAGE_PMD_SIZE:
             # Not fallocate: that would allocate (and zero, in emulated code) every page
@@ -105,6 +131,13 @@ class Sink:
                 self.presized = size
             except OSError:
                 pass  # too big for the file system: the writes will say so
+
+    def _in_place(self, mode: int | None, *, truncate: bool) -> None:
+        """Write the target itself: not atomic, as the cases that need it cannot be."""
+        flags = os.O_WRONLY | os.O_CLOEXEC | (os.O_TRUNC if truncate else 0)
+        self.fd = os.open(self.path, flags)
+        if mode is not None:
+            os.fchmod(self.fd, mode)
 
     def write(self, data: bytes | memoryview) -> None:
         view = memoryview(data)

@@ -8,11 +8,16 @@ socketpair with the ordinary framing: ``REQUEST {"op": "run", "code"}`` in,
 one ``RESULT {"stdout", "stderr", "value", "error"}`` out, which we pass to the
 client untouched.
 
-Calls are serialised by a lock (one interpreter, one call at a time). When the
-worker dies mid-call (segfault, ``os._exit``) or overruns the call's timeout,
-the caller gets a normal RESULT whose ``error`` says ``WorkerCrashed`` or
-``WorkerTimeout`` and that the worker's state is gone, and a replacement
-starts in the background at once, so the next call waits as little as possible.
+Calls are serialised by a lock (one interpreter, one call at a time). A cell that
+overruns the call's timeout is interrupted first (``SIGINT``: ``KeyboardInterrupt`` in
+the cell, see ``worker.Interrupt``); the caller gets ``WorkerTimeout`` saying that the
+worker and its state are kept, and the next call runs at once. Only a cell still running
+:data:`INTERRUPT_GRACE_S` later (it ignores the interrupt, or sits in C code that never
+returns to the interpreter) gets the worker killed. When the worker dies mid-call
+(segfault, ``os._exit``) or is killed, the caller gets a normal RESULT whose ``error``
+says ``WorkerCrashed`` or ``WorkerTimeout`` and that the worker's state is gone, and a
+replacement starts in the background at once (a fresh ``python3`` with the template's
+preload: ~30 s of guest time here).
 Whether the worker is ready shows in ``ping`` (``"worker"``): a template
 should be snapshotted only once it says ``"ready"``.
 """
@@ -43,11 +48,20 @@ from ember.agent.common import (
 )
 from ember.agent.heap import HEAP_ENV, with_malloc_env
 from ember.agent.resume import ResumeState
-from ember.protocol import Kind, ProtocolError, encode_json, read_frame, write_frame
+from ember.protocol import (
+    Kind,
+    ProtocolError,
+    decode_json,
+    encode_json,
+    interrupted_result,
+    read_frame,
+    write_frame,
+)
 
 __all__ = ["CodeRunner", "WorkerState"]
 
 STARTUP_TIMEOUT = 300.0  # a cold python3 in the guest takes 7-18 s; leave a wide margin
+INTERRUPT_GRACE_S = 1.0  # an interrupted cell ends within this, or the worker is killed
 
 
 class WorkerState(enum.Enum):
@@ -87,8 +101,9 @@ def _error(type_name: str, message: str) -> bytes:
 def _timed_out(timeout: float | None) -> bytes:
     return _error(
         "WorkerTimeout",
-        f"the code ran longer than {timeout or 0:g} s; the worker was killed and "
-        "its state (variables, imports) is lost; a fresh worker is starting",
+        f"the code ran longer than {timeout or 0:g} s and did not stop when interrupted; "
+        "the worker was killed and its state (variables, imports) is lost; "
+        "a fresh worker is starting",
     )
 
 
@@ -248,6 +263,9 @@ class CodeRunner:
                     write_frame(sock, Kind.REQUEST, encode_json(request))
                 frame = self._answer(sock, timeout, output)
             except TimeoutError:
+                frame = self._interrupted(sock, output)
+                if frame is not None:
+                    return encode_json(interrupted_result(decode_json(frame[1]), timeout))
                 self._discard()
                 self.start_in_background()
                 return _timed_out(timeout)
@@ -259,6 +277,33 @@ class CodeRunner:
             self.start_in_background()
             how = _describe(status) if status is not None else "went away"
             return _crashed(how)
+
+    def _interrupted(
+        self, sock: socket.socket, output: Callable[[Kind, bytes], None] | None
+    ) -> tuple[Kind, bytes] | None:
+        """(Lock held.) Interrupt the overrunning cell; the worker's RESULT if it ends within
+        :data:`INTERRUPT_GRACE_S`, else None (kill it)."""
+        if not self.interrupt():
+            return None
+        try:
+            frame = self._answer(sock, INTERRUPT_GRACE_S, output)
+        except (TimeoutError, OSError, ProtocolError):
+            return None
+        return frame if frame is not None and frame[0] is Kind.RESULT else None
+
+    def interrupt(self, epoch: int | None = None) -> bool:
+        """``SIGINT`` to the worker (the worker alone: a cell's children are its own
+        business), if it is alive and, given ``epoch``, still the one of that epoch."""
+        proc = self._proc
+        if proc is None or proc.poll() is not None:
+            return False
+        if epoch is not None and (self.notice is None or self.notice.read_epoch() != epoch):
+            return False
+        try:
+            os.kill(proc.pid, signal.SIGINT)
+        except (ProcessLookupError, PermissionError):
+            return False
+        return True
 
     @staticmethod
     def _answer(
@@ -350,10 +395,19 @@ class CodeRunner:
         return _crashed(how)
 
     def handle_ring(self, conn: socket.socket, req: dict[str, Any]) -> None:
-        """The ``code_ring`` op: ``{"action": "wake"}`` or ``{"action": "stop", "epoch",
-        "why": "timeout"|"crashed", "timeout"}``."""
+        """The ``code_ring`` op: ``{"action": "wake"}``, ``{"action": "interrupt", "epoch"}``
+        (a ring call overran its timeout: :meth:`interrupt`; the host then waits
+        :data:`INTERRUPT_GRACE_S` for the reply before it asks for ``stop``) or
+        ``{"action": "stop", "epoch", "why": "timeout"|"crashed", "timeout"}``."""
         action = opt_str(req, "action")
-        if action == "wake":
+        if action == "interrupt":
+            epoch = opt_int(req, "epoch")
+            if epoch is None:
+                raise BadRequest("interrupt needs the epoch of the worker to interrupt")
+            sent = self.interrupt(epoch)
+            write_frame(conn, Kind.RESULT, encode_json({"interrupted": sent,
+                                                        "grace": INTERRUPT_GRACE_S}))  # fmt: skip
+        elif action == "wake":
             # Answer first: on one vCPU the woken worker preempts this thread, runs the cell
             # and polls for more, and the answer would wait for the next tick (40 ms here).
             try:
@@ -367,4 +421,4 @@ class CodeRunner:
                 raise BadRequest("stop needs an epoch and why: timeout or crashed")
             write_frame(conn, Kind.RESULT, self.stop(epoch, why, opt_float(req, "timeout")))
         else:
-            raise BadRequest(f"unknown code_ring action {action!r}; known: wake, stop")
+            raise BadRequest(f"unknown code_ring action {action!r}; known: interrupt, stop, wake")

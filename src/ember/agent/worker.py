@@ -14,7 +14,11 @@ announces itself with ``RESULT {"ready": true}``, then answers each
   characters each; output written below them (``os.write(1, ...)``, child
   processes) goes to ``/dev/null``: use ``exec`` for programs;
 * exceptions, ``SystemExit`` included, come back as ``error`` with a traceback
-  that starts at the cell, never at this file; the worker carries on.
+  that starts at the cell, never at this file; the worker carries on;
+* ``SIGINT`` is the agent's way to stop a cell that overran its timeout
+  (:class:`Interrupt`): it raises ``KeyboardInterrupt`` in the cell, as Ctrl-C in a
+  notebook does, so the namespace survives; outside a cell, or while the worker sends
+  a streamed cell's output, it waits or is ignored, never breaking the worker's own I/O.
 
 The result must fit one frame, so oversized text is cut (and marked) before
 sending rather than risking a frame the agent would refuse.
@@ -28,6 +32,7 @@ import gc
 import io
 import linecache
 import os
+import signal
 import socket
 import sys
 import traceback
@@ -50,7 +55,7 @@ from ember.protocol import (
     write_frame,
 )
 
-__all__ = ["CAPTURE_LIMIT", "Worker", "main"]
+__all__ = ["CAPTURE_LIMIT", "Interrupt", "Worker", "main"]
 
 CAPTURE_LIMIT = 256 << 10
 STREAM_BUFFER = 16 << 10  # a streamed cell's output waits for a newline up to this
@@ -125,6 +130,47 @@ def _describe_error(exc: BaseException, *, parsing: bool) -> dict[str, str]:
     return {"type": type(exc).__name__, "message": message, "traceback": "".join(lines)}
 
 
+class Interrupt:
+    """``SIGINT`` as ``KeyboardInterrupt`` inside a cell only.
+
+    A cell past its timeout used to cost its whole namespace: the agent killed the worker,
+    and the replacement, a fresh ``python3`` with the template's preload, took ~30 s of guest
+    time before the next call could run. Interrupting it, as Ctrl-C interrupts a notebook
+    cell, keeps both; only a cell that ignores the interrupt is killed (the agent's
+    ``INTERRUPT_GRACE_S``). Python runs the handler in the main thread between bytecodes,
+    so it raises where the cell is: in its loop, its ``time.sleep``, its blocking read.
+
+    It must never raise in the worker's own code: outside a cell (the interrupt came late)
+    it is dropped, and while the worker writes a streamed cell's frames (``shielded``) it
+    is held until the frame is whole, since a frame cut in two would break the stream to
+    the agent. One interrupt per cell: raising disarms it.
+    """
+
+    def __init__(self) -> None:
+        self.armed = False
+        self.shielded = 0
+        self.pending = False
+
+    def install(self) -> None:
+        signal.signal(signal.SIGINT, self.handle)
+
+    def handle(self, signum: int, frame: object) -> None:
+        if not self.armed:
+            return
+        if self.shielded:
+            self.pending = True
+            return
+        self.armed = self.pending = False
+        raise KeyboardInterrupt
+
+    def unshield(self) -> None:
+        """Leave a shielded section; an interrupt held there is raised now."""
+        self.shielded -= 1
+        if self.pending and self.armed and not self.shielded:
+            self.armed = self.pending = False
+            raise KeyboardInterrupt
+
+
 class Worker:
     """The persistent namespace and the cell runner."""
 
@@ -135,6 +181,7 @@ class Worker:
         self.namespace: dict[str, Any] = main_module.__dict__
         self._cells = 0
         self.generation = 0
+        self.interrupt = Interrupt()
 
     def reseed(self, generation: object, entropy: bytes = b"") -> None:
         """After a restore or fork (a new ``generation``), reseed ``random`` and numpy's global
@@ -167,10 +214,13 @@ class Worker:
         error: dict[str, str] | None = None
         saved = sys.stdout, sys.stderr
         sys.stdout, sys.stderr = out, err
+        interrupt = self.interrupt
         try:
+            interrupt.armed, interrupt.pending = True, False
             try:
                 tree = ast.parse(code, filename, "exec")
             except (SyntaxError, ValueError) as exc:
+                interrupt.armed = False
                 error = _describe_error(exc, parsing=True)
             else:
                 linecache.cache[filename] = (len(code), None, code.splitlines(True), filename)
@@ -183,9 +233,12 @@ class Worker:
                     result = eval(expr, self.namespace)
                     if result is not None:
                         value = _clip(repr(result), REPR_LIMIT)
+            interrupt.armed = False
         except BaseException as exc:  # SystemExit and KeyboardInterrupt are the cell's too
+            interrupt.armed = False  # first: no call can run before this store
             error = _describe_error(exc, parsing=False)
         finally:
+            interrupt.armed = False
             sys.stdout, sys.stderr = saved
             if emit is not None:
                 emit(Kind.STDOUT, None)
@@ -222,8 +275,9 @@ class _Streamer:
     is gone) must not become the cell's exception, so the first one turns streaming off.
     """
 
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: socket.socket, interrupt: Interrupt | None = None) -> None:
         self._sock = sock
+        self._interrupt = interrupt  # held off while a frame is being written
         self._broken = False
         self._kind = Kind.STDOUT
         self._pending: list[str] = []
@@ -243,14 +297,20 @@ class _Streamer:
                 self._send()
 
     def _send(self) -> None:
-        data = "".join(self._pending).encode("utf-8", "replace")
-        self._pending.clear()
-        self._size = 0
+        interrupt = self._interrupt
+        if interrupt is not None:
+            interrupt.shielded += 1
         try:
+            data = "".join(self._pending).encode("utf-8", "replace")
+            self._pending.clear()
+            self._size = 0
             for start in range(0, len(data), CHUNK_SIZE):
                 write_frame(self._sock, self._kind, data[start : start + CHUNK_SIZE])
         except (OSError, ProtocolError):
             self._broken = True
+        finally:
+            if interrupt is not None:
+                interrupt.unshield()  # an interrupt held meanwhile is raised here, in the cell
 
 
 def _error_result(type_name: str, message: str) -> dict[str, Any]:
@@ -323,13 +383,14 @@ def serve_cells(sock: socket.socket, code_ring: codering.WorkerRing | None) -> N
         request = decode_json(payload) if kind is Kind.REQUEST else {}
         if request.get("op") == "wake":  # a host wrote to the ring while we slept
             return None
-        emit = _Streamer(sock) if request.get("stream") is True else None
+        emit = _Streamer(sock, worker.interrupt) if request.get("stream") is True else None
         result, linger = answer(request, request.get("generation"), emit)
         if code_ring is not None:
             code_ring.refresh()  # announced before the reply: the host's next call may use it
         write_frame(sock, Kind.RESULT, fit(result))
         return linger
 
+    worker.interrupt.install()  # before "ready": from then on the agent may interrupt a cell
     write_frame(sock, Kind.RESULT, encode_json({"ready": True, "pid": os.getpid()}))
     codering.serve(sock, code_ring, on_ring, on_socket)
 

@@ -5,10 +5,13 @@ waits for the reply in the reply ring: no vsock packet, no guest-kernel wake-up 
 the worker polls. When the worker sleeps, the request is written all the same and the
 guest bell is rung (an interrupt that wakes the worker: ``ember.vmm.shm``), or, without one
 (an older template or kernel) or when the worker has not woken :data:`BELL_GRACE_S` later,
-the agent is asked over vsock to wake it (``code_ring`` ``wake``); when the worker dies or
-overruns the call's timeout, the agent is asked for the RESULT a vsock call would have
-had (``code_ring`` ``stop``: it kills an overrunning worker first). So a caller sees
-exactly the vsock path's results, ``WorkerCrashed`` and ``WorkerTimeout`` included.
+the agent is asked over vsock to wake it (``code_ring`` ``wake``). A call past its timeout
+asks the agent to interrupt the cell (``code_ring`` ``interrupt``: ``KeyboardInterrupt`` in
+the cell, the worker and its namespace kept) and waits the agent's grace for the reply;
+when the worker dies, or the cell is still running then, the agent is asked for the RESULT
+a vsock call would have had (``code_ring`` ``stop``: it kills an overrunning worker first).
+So a caller sees exactly the vsock path's results, ``WorkerCrashed`` and ``WorkerTimeout``
+included. An agent from before interrupts refuses the op, and the call goes on to ``stop``.
 
 :meth:`CodeRing.call` returns None, having sent nothing, whenever the rings are not
 usable (no region, an older agent, no worker has announced itself in this region yet):
@@ -24,6 +27,7 @@ that failed after its request was published) is skipped. One call at a time per 
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import select
 import threading
@@ -34,8 +38,8 @@ from typing import Any
 from ember import ring
 from ember.client.shm import HostRegion, drain_doorbell, spin
 from ember.client.wire import decode
-from ember.errors import ProtocolError
-from ember.protocol import MAX_FRAME, encode_json
+from ember.errors import AgentError, ProtocolError
+from ember.protocol import MAX_FRAME, encode_json, interrupted_result
 from ember.ring import RingError, RingReader, RingWriter
 from ember.vmm.shm import CODE_HOST_WAITING
 
@@ -46,6 +50,8 @@ SLEEP_S = 0.1  # a sleeping caller looks again (the worker's epoch, the VM) at l
 ROOM_WAIT_S = 0.0002  # the request ring is full (a huge cell): the worker frees room soon
 BELL_GRACE_S = 0.5  # a worker still asleep this long after the bell: ask the agent instead
 ANNOUNCE_WAIT_S = 0.15  # a restored worker announces itself when it first runs (~40 ms here)
+MAX_INTERRUPT_GRACE_S = 10.0  # the most of the agent's word on how long an interrupt may take
+REPLY_TRANSIT_S = 0.25  # beyond the agent's grace: the reply still has to be read
 
 #: Runs a ``code_ring`` op over vsock and returns its RESULT object.
 Agent = Callable[[dict[str, Any]], dict[str, Any]]
@@ -274,6 +280,20 @@ class CodeRing:
             raise ConnectionResetError("the sandbox's VM is gone")
         time.sleep(ROOM_WAIT_S)
 
+    def _interrupt(self, agent: Agent, epoch: int) -> float | None:
+        """Ask the agent to interrupt the worker of ``epoch``'s cell; how long to wait for
+        its reply then, or None (no interrupt was sent: an older agent, a worker gone)."""
+        try:
+            answer = agent({"op": "code_ring", "action": "interrupt", "epoch": epoch})
+        except AgentError:  # an agent from before interrupts: stop kills, as it did
+            return None
+        grace = answer.get("grace")
+        if answer.get("interrupted") is not True or not isinstance(grace, (int, float)):
+            return None
+        if not math.isfinite(grace):  # the guest's word: NaN would never pass a deadline
+            return None
+        return min(max(float(grace), 0.0), MAX_INTERRUPT_GRACE_S) + REPLY_TRANSIT_S
+
     def _stop(self, agent: Agent, epoch: int, why: str, timeout: float | None) -> dict[str, Any]:
         """No reply: the agent says what happened (and kills an overrunning worker)."""
         self._leases = None  # the next worker lays the rings out afresh
@@ -303,6 +323,7 @@ class CodeRing:
                 or rep_ctl[ring.LEASE] != reply_lease
             )
 
+        interrupted = False  # the deadline passed and the agent interrupted the cell
         try:
             while True:
                 messages = reader.read()
@@ -310,14 +331,19 @@ class CodeRing:
                     reply = decode(message)
                     if reply.get("id") == ident:
                         self.calls += 1
-                        return reply
+                        return interrupted_result(reply, timeout) if interrupted else reply
                 if messages:
                     continue
                 if gone():
                     return self._stop(agent, epoch, "crashed", timeout)
                 now = time.monotonic()
                 if self._deadline is not None and now >= self._deadline:
-                    return self._stop(agent, epoch, "timeout", timeout)
+                    grace = None if interrupted else self._interrupt(agent, epoch)
+                    if grace is None:
+                        return self._stop(agent, epoch, "timeout", timeout)
+                    interrupted = True
+                    self._deadline = time.monotonic() + grace
+                    continue
                 if spin(reader, SPIN_S):
                     continue
                 if self._bell_unheard(req_ctl, now):

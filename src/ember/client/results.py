@@ -73,8 +73,10 @@ _EVENT_TYPES = frozenset({"create", "write", "remove", "rename", "chmod", "overf
 
 @dataclass(frozen=True)
 class CodeError:
-    """An exception raised by run_code's code, or a worker failure
-    (``WorkerCrashed``, ``WorkerTimeout``: the worker's state is then lost)."""
+    """An exception raised by run_code's code, or a worker failure: ``WorkerCrashed``
+    (the worker's state is lost) or ``WorkerTimeout`` (the cell was interrupted and the
+    state kept, or, for a cell that would not stop, the worker killed and the state lost:
+    ``message`` says which)."""
 
     type: str
     message: str

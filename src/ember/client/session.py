@@ -207,7 +207,7 @@ class Session:
         not); with one, the worker's start-up allowance comes on top of it. ``linger``: how
         long the worker polls its code ring afterwards (ember.agent.codering). ``on_output``
         streams the cell's output as it is written (:class:`StreamedCode`)."""
-        request: dict[str, Any] = {"op": "run_code", "code": code}
+        request: dict[str, Any] = {"op": "run_code", "code": _source(code)}
         if linger is not None:
             request["linger"] = linger
         deadline = None
@@ -220,7 +220,7 @@ class Session:
 
     def ring_request(self, code: str, linger: float | None) -> dict[str, Any]:
         """A ``run_code`` request for the code ring (the worker's own format)."""
-        request: dict[str, Any] = {"op": "run", "code": code}
+        request: dict[str, Any] = {"op": "run", "code": _source(code)}
         if linger is not None:
             request["linger"] = linger
         return self._ring_announcer.stamp(request)
@@ -342,3 +342,10 @@ class KeepalivePool(Generic[C]):
 
     def __len__(self) -> int:
         return len(self._kept)
+
+
+def _source(code: object) -> str:
+    """``run_code``'s code is Python source text (bytes would fail deep in the JSON encoder)."""
+    if not isinstance(code, str):
+        raise TypeError(f"run_code needs the code as str, not {type(code).__name__}")
+    return code
