@@ -886,3 +886,30 @@ def test_the_mothers_freed_heap_pages_are_given_back_before_she_forks() -> None:
     kept, trimmed = (int(x) for x in out.stdout.split())
     assert kept > 40 << 10, out  # the settings kept the freed block
     assert kept - trimmed > 40 << 10, out  # and the trim gave it back
+
+
+def test_a_replacement_run_code_worker_is_a_pre_started_interpreter(agent: Agent) -> None:
+    # A dead worker's replacement is handed to a pool member, as a Python program is: no
+    # fresh python3 importing the preload (~30 s in the guest). It is the pool's python3,
+    # serves cells as the first one did, and its stdin is not the agent's socket.
+    agent.wait_full()
+    run = agent.client.run_code
+    assert run("import os, sys\nfirst = os.getpid()").error is None
+    served = agent.pool()["served"]
+    crashed = run("import os\nos._exit(3)")
+    assert crashed.error is not None and crashed.error.type == "WorkerCrashed", crashed
+    fresh = run(
+        "import os, sys\nos.getpid(), sys.executable, sys.stdin.read(), 'first' in globals()"
+    )
+    assert fresh.error is None, fresh
+    pid, executable, stdin, kept = eval(fresh.value or "")
+    assert agent.client.ping()["worker_replacements"] == [1, 1]
+    assert (executable, stdin, kept) == (PYTHON, "", False)
+    assert agent.pool()["served"] == served + 1
+    assert run("6 * 7").value == "42" and run("os.getpid()").value == str(pid)
+    # Its own death ends it as any member's program ends: the holder goes back to the pool.
+    crashed = run("import os\nos._exit(4)")
+    assert crashed.error is not None and "status 4" in crashed.error.message
+    assert run("1 + 1").value == "2"
+    status = agent.wait_full()
+    assert status["holders"] == 0 and not Path(f"/proc/{pid}").exists()

@@ -46,6 +46,7 @@ heap: touching pages in a live sandbox is exactly the cost the heap exists to av
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import threading
@@ -195,9 +196,17 @@ class InterpreterPool(PoolFiller):
     # -- hand-over ----------------------------------------------------------------------
 
     def take(
-        self, argv: list[str], env: dict[str, str], cwd: str | None, want_stdin: bool
+        self,
+        argv: list[str],
+        env: dict[str, str],
+        cwd: str | None,
+        want_stdin: bool,
+        *,
+        io: tuple[int, int, int] | None = None,
     ) -> subprocess.Popen[bytes] | None:
-        """A pre-started interpreter now running ``argv``, or None: start a real process."""
+        """A pre-started interpreter now running ``argv``, or None: start a real process.
+        ``io``: the program's stdin, stdout and stderr, instead of the member's pipes (the
+        run_code worker's replacement: its socket and ``/dev/null``); its Popen has none."""
         started = time.monotonic()
         if not self._await_member():
             return None
@@ -229,7 +238,7 @@ class InterpreterPool(PoolFiller):
             if member.proc.poll() is not None:  # died while waiting (OOM killer, say)
                 discard(member)
                 continue
-            stdin_r, stdout_w, stderr_w = member.theirs
+            stdin_r, stdout_w, stderr_w = member.theirs if io is None else io
             fds = (stdout_w, stderr_w, stdin_r) if want_stdin else (stdout_w, stderr_w)
             try:
                 send_message(member.ctl, spec, fds)
@@ -237,7 +246,7 @@ class InterpreterPool(PoolFiller):
                 discard(member)  # it died while waiting: try the next one
                 continue
             break
-        proc = self._become(member, want_stdin)
+        proc = self._become(member, want_stdin, own_io=io is not None)
         with self._cond:
             self.served += 1
             if member.holder:
@@ -247,6 +256,11 @@ class InterpreterPool(PoolFiller):
             self._last = {"take_ms": round((time.monotonic() - started) * 1e3, 3),
                           "handed_at": time.monotonic()}  # fmt: skip
         return proc
+
+    @property
+    def python(self) -> str | None:
+        """The interpreter the members run (None: there is none, and no pool)."""
+        return self._python
 
     def _await_member(self) -> bool:
         """A member is ready, or (when the mother can fork one) becomes ready within
@@ -294,12 +308,21 @@ class InterpreterPool(PoolFiller):
                 self._holders.append(holder)
                 self._cond.notify_all()
 
-    def _become(self, member: Member, want_stdin: bool) -> subprocess.Popen[bytes]:
+    def _become(
+        self, member: Member, want_stdin: bool, *, own_io: bool = False
+    ) -> subprocess.Popen[bytes]:
         """The member's Popen with the program's pipes; only the closes the relay needs (our
-        copies of the program's ends) happen now, the rest once the program is done."""
+        copies of the program's ends) happen now, the rest once the program is done.
+        ``own_io``: the program got descriptors of the caller's, so none of the pipes."""
         proc = member.proc
         member.close_fds(theirs_only=True)
         later: list[Any] = [member.ctl, proc.stdout, proc.stderr]  # the pipes it started with
+        if own_io:
+            for fd in member.ours:
+                os.close(fd)
+            proc.stdin = proc.stdout = proc.stderr = None
+            self._closing[proc.pid] = later
+            return proc
         stdin_w, stdout_r, stderr_r = member.ours
         if want_stdin:
             proc.stdin = as_file(stdin_w)

@@ -16,8 +16,13 @@ worker and its state are kept, and the next call runs at once. Only a cell still
 returns to the interpreter) gets the worker killed. When the worker dies mid-call
 (segfault, ``os._exit``) or is killed, the caller gets a normal RESULT whose ``error``
 says ``WorkerCrashed`` or ``WorkerTimeout`` and that the worker's state is gone, and a
-replacement starts in the background at once (a fresh ``python3`` with the template's
-preload: ~30 s of guest time here).
+replacement starts in the background at once. The replacement is a pre-started interpreter
+of the exec pool (:meth:`CodeRunner.use_pool`) running ``python3 -m ember.agent.worker``,
+handed over like any Python program: its start-up and the template's preload are done, so
+the next call waits a few seconds instead of ~30 for a fresh ``python3`` importing the
+preload, and, having a holder (see :mod:`ember.agent.pool`), its own death is reported
+before its memory is torn down. With the pool empty it waits for the mother's fork, as an
+exec would; without a pool, or one that cannot take it, a fresh ``python3`` starts.
 Whether the worker is ready shows in ``ping`` (``"worker"``): a template
 should be snapshotted only once it says ``"ready"``.
 """
@@ -47,6 +52,7 @@ from ember.agent.common import (
     req_str,
 )
 from ember.agent.heap import HEAP_ENV, with_malloc_env
+from ember.agent.preload import ENV as PRELOAD_ENV
 from ember.agent.resume import ResumeState
 from ember.protocol import (
     Kind,
@@ -58,10 +64,15 @@ from ember.protocol import (
     write_frame,
 )
 
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from ember.agent.pool import InterpreterPool
+
 __all__ = ["CodeRunner", "WorkerState"]
 
 STARTUP_TIMEOUT = 300.0  # a cold python3 in the guest takes 7-18 s; leave a wide margin
-INTERRUPT_GRACE_S = 1.0  # an interrupted cell ends within this, or the worker is killed
+INTERRUPT_GRACE_S = 3.0  # an interrupted cell ends within this, or the worker is killed (a
+# loaded host can hold the vCPU off for a second or more; a kill costs the whole namespace)
 
 
 class WorkerState(enum.Enum):
@@ -129,11 +140,20 @@ class CodeRunner:
         self.state = WorkerState.STOPPED
         self.last_error = ""
         self._closed = False
+        self._started_one = False  # the first worker (the template's) is a python3 of its own
         self.resume = ResumeState()  # the server hands over its own
         self._send_lock = threading.Lock()  # frames to the worker: a call's and wake-ups
         # Hosts waiting on the code rings learn of a worker's death through the region.
         self.notice = DeathNotice.open()
         self.last_death = ""
+        self._pool: InterpreterPool | None = None
+        self._pooled: set[int] = set()  # workers that are pool members (pids): released to it
+        self.replacements = 0  # workers started after the first, and how many the pool gave
+        self.pooled_replacements = 0
+
+    def use_pool(self, pool: InterpreterPool | None) -> None:
+        """Start replacements in ``pool``'s pre-started interpreters (see the module)."""
+        self._pool = pool
 
     def start_in_background(self) -> None:
         """Begin starting a worker without making the caller wait for it."""
@@ -162,18 +182,22 @@ class CodeRunner:
         env["PYTHONPATH"] = os.pathsep.join(
             p for p in (_package_root(), env.get("PYTHONPATH")) if p
         )
+        first = not self._started_one
+        self._started_one = True
         env[HEAP_ENV], self._heap_bytes = str(self._heap_bytes), 0
         try:
-            proc = subprocess.Popen(
-                [*self._command, str(theirs.fileno())],
-                pass_fds=(theirs.fileno(),),
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL,  # output below sys.stdout (os.write, children)
-                stderr=subprocess.DEVNULL,  # must not flood the serial console
-                env=env,
-                start_new_session=True,
-                close_fds=True,
-            )
+            proc = None if first else self._from_pool(theirs, env)
+            if proc is None:
+                proc = subprocess.Popen(
+                    [*self._command, str(theirs.fileno())],
+                    pass_fds=(theirs.fileno(),),
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.DEVNULL,  # output below sys.stdout (os.write, children)
+                    stderr=subprocess.DEVNULL,  # must not flood the serial console
+                    env=env,
+                    start_new_session=True,
+                    close_fds=True,
+                )
         except OSError as exc:
             ours.close()
             self.state, self.last_error = WorkerState.FAILED, str(exc)
@@ -195,10 +219,48 @@ class CodeRunner:
         threading.Thread(target=self._watch, args=(proc,), name="worker-watch", daemon=True).start()
         return ours
 
+    def _from_pool(
+        self, sock: socket.socket, env: dict[str, str]
+    ) -> subprocess.Popen[bytes] | None:  # env: what a started worker would get
+        """A replacement worker in a pre-started interpreter of the pool, or None. Its
+        stdin is our socket (the worker moves it off fd 0), stdout and stderr /dev/null."""
+        pool = self._pool
+        self.replacements += 1
+        if pool is None or pool.python is None:
+            return None
+        # A program's environment, as an exec's (the member started with the allocator's
+        # settings already), and what the worker module needs on top of it.
+        from ember.agent.execute import default_env
+
+        job_env = default_env() | {"PYTHONPATH": _package_root(), HEAP_ENV: "0"}
+        if PRELOAD_ENV in env:
+            job_env[PRELOAD_ENV] = env[PRELOAD_ENV]  # already imported: the worker just knows
+        null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+        try:
+            argv = [pool.python, *self._command[1:], "0"]  # the pool's python3 (the guest's)
+            proc = pool.take(argv, job_env, None, True, io=(sock.fileno(), null, null))
+        except Exception as exc:  # the pool's trouble must not keep run_code from starting
+            log(f"run_code worker: no pooled interpreter ({exc}); starting python3")
+            return None
+        finally:
+            os.close(null)
+        if proc is not None:
+            self._pooled.add(proc.pid)
+            self.pooled_replacements += 1
+        return proc
+
+    def _reaped(self, proc: subprocess.Popen[bytes]) -> None:
+        """A pooled worker is gone: its holder (and pipes) go back to the pool, to be freed
+        while the sandbox is idle."""
+        if proc.pid in self._pooled and self._pool is not None:
+            self._pooled.discard(proc.pid)
+            self._pool.release(proc)
+
     def _watch(self, proc: subprocess.Popen[bytes]) -> None:
         """Wait for this worker's end; a death nobody asked for is published at once (hosts
         on the rings are waiting), and a replacement started as after a failed call."""
         status = proc.wait()
+        self._reaped(proc)
         if self._closed:
             return
         self.last_death = _describe(status)
@@ -232,7 +294,9 @@ class CodeRunner:
                 os.killpg(proc.pid, signal.SIGKILL)
             except (ProcessLookupError, PermissionError):
                 pass
-        return proc.wait()
+        status = proc.wait()
+        self._reaped(proc)
+        return status
 
     def run(
         self,

@@ -80,6 +80,7 @@ class AgentServer:
         shm.premap()
         self.runner = runner if runner is not None else CodeRunner()
         self.runner.resume = self.resume
+        self.runner.use_pool(pool)  # a replacement worker is a pre-started interpreter
         self.pool = pool  # pre-started interpreters for exec; refilled only between requests
         if pool is not None:
             pool.resume = self.resume
@@ -247,6 +248,7 @@ class AgentServer:
                 "uptime": round(time.monotonic() - self._started, 3),
                 "pid": os.getpid(),
                 "worker": self.runner.state.value,
+                "worker_replacements": [self.runner.replacements, self.runner.pooled_replacements],
                 **({"pool": self.pool.status()} if self.pool is not None else {}),
                 "resume": self.resume.snapshot(),
             },

@@ -331,7 +331,14 @@ def main(argv: list[str]) -> int:
     if len(argv) != 2 or not argv[1].isdigit():
         sys.stderr.write("usage: python3 -m ember.agent.worker FD  (started by the agent)\n")
         return 2
-    sock = socket.socket(fileno=int(argv[1]))
+    fd = int(argv[1])
+    if fd <= 2:  # a pooled replacement gets its socket as stdin (runcode.CodeRunner._from_pool)
+        moved = os.dup(fd)  # cells' input() and children must find /dev/null there, not us
+        null = os.open(os.devnull, os.O_RDWR)
+        os.dup2(null, fd)
+        os.close(null)
+        fd = moved
+    sock = socket.socket(fileno=fd)
     shm.premap()  # memory channels' region, mapped once here and in every restored sandbox
     serve_cells(sock, codering.WorkerRing.open())
     return 0

@@ -294,7 +294,7 @@ class AgentClient:
         Exceptions in ``code`` come back in ``result.error``, not raised; so do
         ``WorkerCrashed``, after which earlier state is gone, and ``WorkerTimeout``: a
         cell past its ``timeout`` gets ``KeyboardInterrupt`` and the state is kept; only
-        one still running a second later is killed, with the worker's state.
+        one still running 3 s later is killed, with the worker's state.
         With a ``timeout``, the host waits that long plus the worker's start-up
         allowance plus ``grace`` (calls queue behind each other in the guest);
         without one, as long as the code runs.
