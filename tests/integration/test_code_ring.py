@@ -104,6 +104,8 @@ def test_a_dead_worker_is_replaced_and_an_overrunning_cell_interrupted(sb: Sandb
     assert "exited with status 3" in crashed.error.message
     fresh = sb.run_code("'kept' in globals()", timeout=300)  # waits for the replacement
     assert (fresh.value, fresh.error) == ("False", None)
+    # ... which was a pre-started interpreter of the pool, not a fresh python3
+    assert sb.ping()["worker_replacements"] == [1, 1]
     assert sb.run_code("kept = 2\nimport os\npid = os.getpid()").error is None
     started = time.monotonic()
     over = sb.run_code("while True: pass", timeout=1)  # through the ring

@@ -54,7 +54,16 @@ import time
 from typing import Any
 
 from ember.agent.handover import acceptable, as_file, check_cwd, job_spec
-from ember.agent.member import Member, discard, kill_holder, read_message, send_message, send_signal
+from ember.agent.member import (
+    BACKGROUND_NICE,
+    Member,
+    discard,
+    kill_holder,
+    read_message,
+    renice,
+    send_message,
+    send_signal,
+)
 from ember.agent.poolfill import DEFAULT_SIZE, IDLE_S, STARTED, PoolFiller, PoolState
 from ember.agent.pyargs import plan
 
@@ -307,6 +316,15 @@ class InterpreterPool(PoolFiller):
             if holder:
                 self._holders.append(holder)
                 self._cond.notify_all()
+
+    def background_holder(self, pid: int) -> None:
+        """Before a kill that reaches the holder of program ``pid`` (its whole process group):
+        nice 19 for it, so that the teardown its death starts is background work, as when
+        the pool kills it (:func:`~ember.agent.member.kill_holder`)."""
+        with self._cond:
+            holder = self._handed.get(pid, 0)
+        if holder:
+            renice(holder, BACKGROUND_NICE)
 
     def _become(
         self, member: Member, want_stdin: bool, *, own_io: bool = False

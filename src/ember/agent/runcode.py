@@ -185,6 +185,21 @@ class CodeRunner:
         first = not self._started_one
         self._started_one = True
         env[HEAP_ENV], self._heap_bytes = str(self._heap_bytes), 0
+        # A replacement is a caller's work, as a request is: the pool's refills and the freeing
+        # of old programs' memory (seconds of guest CPU each) wait until it is up.
+        busy = None if first else self._pool
+        if busy is not None:
+            busy.busy()
+        try:
+            return self._start(first, ours, theirs, env)
+        finally:
+            if busy is not None:
+                busy.idle()
+
+    def _start(
+        self, first: bool, ours: socket.socket, theirs: socket.socket, env: dict[str, str]
+    ) -> socket.socket:
+        """(Lock held.) Start a worker on ``theirs`` and wait for its "ready" on ``ours``."""
         try:
             proc = None if first else self._from_pool(theirs, env)
             if proc is None:
@@ -249,6 +264,23 @@ class CodeRunner:
             self.pooled_replacements += 1
         return proc
 
+    def _kill_group(self, proc: subprocess.Popen[bytes]) -> None:
+        """SIGKILL the worker and everything its cells started (its process group). A pooled
+        worker's holder is in the group too: the worker goes first, so that its exit leaves
+        the memory to the holder (no teardown while we wait for it), and the holder's death,
+        which tears it down, is background work."""
+        if proc.pid in self._pooled and self._pool is not None:
+            self._pool.background_holder(proc.pid)
+            try:
+                os.kill(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            proc.wait()
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+
     def _reaped(self, proc: subprocess.Popen[bytes]) -> None:
         """A pooled worker is gone: its holder (and pipes) go back to the pool, to be freed
         while the sandbox is idle."""
@@ -290,10 +322,7 @@ class CodeRunner:
             except subprocess.TimeoutExpired:
                 pass
         if proc.poll() is None:
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
+            self._kill_group(proc)
         status = proc.wait()
         self._reaped(proc)
         return status
@@ -445,10 +474,7 @@ class CodeRunner:
             return _crashed(self.last_death or "went away")
         alive = notice.read_epoch() == epoch
         if why == "timeout" and alive and proc is not None and proc.poll() is None:
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)  # _watch publishes it and starts another
-            except (ProcessLookupError, PermissionError):
-                pass
+            self._kill_group(proc)  # _watch publishes it and starts another
             # Published before we answer: the host's next call must not find it "ready".
             proc.wait()
             deadline = time.monotonic() + 5.0
