@@ -4,16 +4,16 @@ Usage: ``.venv/bin/python bench/recovery.py [--runs 3] [--json]``
 
 Per run, in one fresh sandbox (the default template) and in this order:
 
+- ``crash1``: ``os._exit(3)`` in a cell of the template's own worker: the seconds until
+  ``WorkerCrashed``, and the next call's (a replacement: a pre-started interpreter of the
+  exec pool, or a fresh ``python3`` importing the template's preload when none can take it);
 - ``overrun``: ``run_code("while True: pass", timeout=1)`` returns ``WorkerTimeout``; the
   seconds it took, and the next call's (``state kept`` says whether a variable set before it
   survived: the cell is interrupted, not the worker killed);
 - ``stubborn``: the same with a cell that ignores ``SIGINT``, so the worker is killed after
   the agent's grace, and the next call waits for a replacement;
-- ``crash``: ``os._exit(3)`` in a cell: the seconds until ``WorkerCrashed``, and the next
-  call's (a replacement worker: a pre-started interpreter of the exec pool, or a fresh
-  ``python3`` importing the template's preload when none can take it). Twice: the first
-  worker is the template's own process, the second a pooled one (it has a holder, so its
-  death is reported before its memory is torn down).
+- ``crash2``: the same in a replacement (a pooled one has a holder, so its death is reported
+  before its memory is torn down).
 
 Peer, in the same run on the host (the floor a local notebook kernel sets): a ``python3``
 subprocess running the same overrunning loop, interrupted with ``SIGINT`` at 1 s (seconds
@@ -52,6 +52,13 @@ def one_sandbox() -> dict[str, float]:
     out: dict[str, float] = {}
     with Sandbox() as sb:
         run = sb.run_code
+
+        def crash(key: str) -> None:
+            out[key], r = timed(lambda: run("import os\nos._exit(3)", timeout=600))
+            assert r.error is not None and r.error.type == "WorkerCrashed", r
+            out[f"{key}_next"], _ = timed(lambda: run("6 * 7", timeout=600))
+
+        crash("crash1")  # the template's own worker
         assert run("kept = 1").error is None
         out["overrun"], r = timed(lambda: run(LOOP, timeout=TIMEOUT_S))
         assert r.error is not None and r.error.type == "WorkerTimeout", r
@@ -60,10 +67,7 @@ def one_sandbox() -> dict[str, float]:
         out["stubborn"], r = timed(lambda: run(STUBBORN, timeout=TIMEOUT_S))
         assert r.error is not None and r.error.type == "WorkerTimeout", r
         out["stubborn_next"], _ = timed(lambda: run("6 * 7", timeout=600))
-        for n in (1, 2):
-            out[f"crash{n}"], r = timed(lambda: run("import os\nos._exit(3)", timeout=600))
-            assert r.error is not None and r.error.type == "WorkerCrashed", r
-            out[f"crash{n}_next"], _ = timed(lambda: run("6 * 7", timeout=600))
+        crash("crash2")  # a replacement's
         replaced, pooled = sb.ping().get("worker_replacements") or (0, 0)  # (older agents)
         out["pooled_share"] = pooled / replaced if replaced else 0.0
     return out
@@ -108,13 +112,13 @@ def main() -> None:
         return None if s is None else s.p50
 
     rows = [
+        ("the template's worker dies -> WorkerCrashed, s", "crash1", None),
+        ("... the next call (a new worker), s", "crash1_next", "host_restart"),
         ("overrun (timeout 1 s) -> WorkerTimeout, s", "overrun", "host_interrupt"),
         ("... the next call, s", "overrun_next", None),
         ("a SIGINT-proof cell -> WorkerTimeout, s", "stubborn", None),
         ("... the next call (a new worker), s", "stubborn_next", "host_restart"),
-        ("1st crash (template's worker) -> WorkerCrashed, s", "crash1", None),
-        ("... the next call (a new worker), s", "crash1_next", "host_restart"),
-        ("2nd crash (a pooled worker) -> WorkerCrashed, s", "crash2", None),
+        ("a replacement worker dies -> WorkerCrashed, s", "crash2", None),
         ("... the next call (a new worker), s", "crash2_next", "host_restart"),
     ]
     table = [
