@@ -184,6 +184,8 @@ class CodeRunner:
         )
         first = not self._started_one
         self._started_one = True
+        if not first:
+            self.replacements += 1
         env[HEAP_ENV], self._heap_bytes = str(self._heap_bytes), 0
         # A replacement is a caller's work, as a request is: the pool's refills and the freeing
         # of old programs' memory (seconds of guest CPU each) wait until it is up.
@@ -240,7 +242,6 @@ class CodeRunner:
         """A replacement worker in a pre-started interpreter of the pool, or None. Its
         stdin is our socket (the worker moves it off fd 0), stdout and stderr /dev/null."""
         pool = self._pool
-        self.replacements += 1
         if pool is None or pool.python is None:
             return None
         # A program's environment, as an exec's (the member started with the allocator's

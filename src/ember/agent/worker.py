@@ -233,7 +233,6 @@ class Worker:
                     result = eval(expr, self.namespace)
                     if result is not None:
                         value = _clip(repr(result), REPR_LIMIT)
-            interrupt.armed = False
         except BaseException as exc:  # SystemExit and KeyboardInterrupt are the cell's too
             interrupt.armed = False  # first: no call can run before this store
             error = _describe_error(exc, parsing=False)
