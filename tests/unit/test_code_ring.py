@@ -9,6 +9,7 @@ here (no ioeventfd): a thread relays each store to its eventfd, as KVM would, a 
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 import os
 import select
@@ -43,12 +44,14 @@ SIZE = ring.region_size(SLOTS, SLOT_SIZE)
 
 WORKER = """
 import os, socket, sys
-from ember.agent import codering, shm, worker
+from ember.agent import codering, pyclone, shm, worker
+keep = []
+holder, sock = pyclone.holder_without(int(sys.argv[4]), keep)  # as worker.main does
 fd = os.open(sys.argv[1], os.O_RDWR)
 region = shm.Region(fd, int(sys.argv[2]), 0)
 if sys.argv[3] != "-":
     codering.BELL_PATH = sys.argv[3]  # the guest bell's device, an eventfd here
-worker.serve_cells(socket.socket(fileno=int(sys.argv[4])), codering.WorkerRing(region))
+worker.serve_cells(socket.socket(fileno=sock), codering.WorkerRing(region), holder=holder)
 """
 
 
@@ -267,6 +270,52 @@ def test_a_worker_that_dies_is_reported_and_replaced(fx: Fixture) -> None:
     assert fx.ctl(2)[ring.CODE_EPOCH] == 1
     after = fx.ready_call("'state' in globals()")  # a new worker, a fresh namespace
     assert after.value == "False"
+
+
+def _sockets(pid: int) -> set[str]:
+    found = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(OSError):
+            if (link := os.readlink(f"/proc/{pid}/fd/{fd}")).startswith("socket:"):
+                found.add(link)
+    return found
+
+
+def _gone(pid: int, within: float = 10.0) -> bool:
+    deadline = time.monotonic() + within
+    while os.path.exists(f"/proc/{pid}"):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+@pytest.mark.parametrize("path", ["ring", "socket"])
+def test_the_workers_holder_shares_its_memory_not_its_socket_and_is_freed(
+    fx: Fixture, path: str
+) -> None:
+    """The worker's holder keeps its memory after its death (the kernel's teardown is then
+    the holder's, later), but must not hold the agent's socket: its end is how the agent
+    (the vsock path's read) hears of the death."""
+    fx.ready_call("x = 1")
+    proc = fx.runner._proc
+    assert proc is not None
+    holder = fx.runner._holders[proc.pid]
+    with open(f"/proc/{holder}/stat") as f:
+        assert int(f.read().rsplit(")", 1)[1].split()[1]) == os.getpid()  # CLONE_PARENT: ours
+    with open(f"/proc/{holder}/maps") as a, open(f"/proc/{proc.pid}/maps") as b:
+        assert a.read() == b.read()  # one memory (CLONE_VM)
+    assert _sockets(proc.pid) and not _sockets(holder) & _sockets(proc.pid)
+    crash = "import os\nos._exit(7)"
+    if path == "ring":
+        result = fx.ready_call(crash)
+    else:  # the agent reads the worker's socket until it ends
+        result = parse_code_result(decode(fx.runner.run(crash, 30)))
+    assert result.error is not None and result.error.type == "WorkerCrashed", result
+    assert "exited with status 7" in result.error.message
+    assert _gone(holder)  # killed and reaped: no pool here, so at once, in the background
+    assert fx.ready_call("x = 2").error is None  # the replacement has a holder of its own
+    assert fx.runner._holders and holder not in fx.runner._holders.values()
 
 
 def test_a_cell_over_its_timeout_is_interrupted_and_the_state_kept(fx: Fixture) -> None:

@@ -895,6 +895,11 @@ def test_a_replacement_run_code_worker_is_a_pre_started_interpreter(agent: Agent
     agent.wait_full()
     run = agent.client.run_code
     assert run("import os, sys\nfirst = os.getpid()").error is None
+    first = int(run("first").value or "0")
+    # The first worker has a holder of its own (it clones one, as a member does): its death
+    # leaves its memory to the holder, which the pool frees when the agent is idle.
+    group = [pid for pid in _live_pids() if _pgid(pid) == first]
+    assert len(group) == 2, group
     served = agent.pool()["served"]
     crashed = run("import os\nos._exit(3)")
     assert crashed.error is not None and crashed.error.type == "WorkerCrashed", crashed
@@ -913,3 +918,4 @@ def test_a_replacement_run_code_worker_is_a_pre_started_interpreter(agent: Agent
     assert run("1 + 1").value == "2"
     status = agent.wait_full()
     assert status["holders"] == 0 and not Path(f"/proc/{pid}").exists()
+    assert not [p for p in group if Path(f"/proc/{p}").exists()]  # the first's holder too

@@ -62,6 +62,9 @@ SPIN_MAX_S = 0.05  # and at most this long (unless a request asks): calls furthe
 AFTER_RESTORE_S = 0.1  # and after a restore or fork, for the host's first request
 MAX_LINGER_S = 120.0  # the most a request may ask for (a template build asks for a while)
 BELL_PATH = "/dev/ember-doorbell"
+# Set to "1" for the agent's first worker (the template's): it maps the whole region, which
+# every restored sandbox inherits; a replacement maps its code slots only (WorkerRing.open).
+PREMAP_ENV = "EMBER_WORKER_PREMAP"
 SOCKET_CHECK_S = 0.01  # while polling, look at the agent's socket this often (a syscall)
 FULL_WAIT_S = 0.0005  # a reply that does not fit yet: the host frees room as it reads
 
@@ -143,13 +146,16 @@ class WorkerRing:
         self.guest_bell = _open_bell()  # opened in the template: every restored worker has it
 
     @classmethod
-    def open(cls) -> WorkerRing | None:
-        """This process's rings, or None without a region (vsock only, as before)."""
+    def open(cls, *, whole: bool = True) -> WorkerRing | None:
+        """This process's rings, or None without a region (vsock only, as before).
+        ``whole``: map the whole region now (the template's worker); else just the two code
+        slots, and a cell's channel maps its own slot when it asks for one."""
         region = _code_region()
         if region is None:
             return None
         try:
-            region.premap()
+            if whole:
+                region.premap()
             return cls(region)
         except (OSError, ValueError):
             return None

@@ -317,6 +317,16 @@ class InterpreterPool(PoolFiller):
                 self._holders.append(holder)
                 self._cond.notify_all()
 
+    def free_later(self, holder: int) -> None:
+        """Kill ``holder`` (a task of ours holding a dead program's memory, such as the run_code
+        worker's own) when the sandbox is idle, as the holders of finished programs are."""
+        with self._cond:
+            if not self._closed:
+                self._holders.append(holder)
+                self._cond.notify_all()
+                return
+        kill_holder(holder)
+
     def background_holder(self, pid: int) -> None:
         """Before a kill that reaches the holder of program ``pid`` (its whole process group):
         nice 19 for it, so that the teardown its death starts is background work, as when

@@ -40,7 +40,7 @@ import types
 from collections.abc import Callable
 from typing import Any
 
-from ember.agent import codering, heap, preload, pywarm, shm
+from ember.agent import codering, heap, preload, pyclone, pywarm, shm
 from ember.agent.common import BadRequest
 from ember.agent.pybase import _reseed, _restart_clocks
 from ember.agent.resume import ResumeState, apply_resume
@@ -58,6 +58,7 @@ from ember.protocol import (
 __all__ = ["CAPTURE_LIMIT", "Interrupt", "Worker", "main"]
 
 CAPTURE_LIMIT = 256 << 10
+_holder_stack: list[Any] = []  # the holder runs on it: it must live as long as this process
 STREAM_BUFFER = 16 << 10  # a streamed cell's output waits for a newline up to this
 REPR_LIMIT = 64 << 10
 # Prefixed to the host's entropy before random.seed hashes it (SHA-512), so this seed differs
@@ -331,24 +332,43 @@ def main(argv: list[str]) -> int:
         sys.stderr.write("usage: python3 -m ember.agent.worker FD  (started by the agent)\n")
         return 2
     fd = int(argv[1])
-    if fd <= 2:  # a pooled replacement gets its socket as stdin (runcode.CodeRunner._from_pool)
+    pooled = fd <= 2  # a pooled replacement gets its socket as stdin (CodeRunner._from_pool)
+    holder = 0
+    if pooled:  # it has the pool's holder, and warmed numpy's kernels before the snapshot
         moved = os.dup(fd)  # cells' input() and children must find /dev/null there, not us
         null = os.open(os.devnull, os.O_RDWR)
         os.dup2(null, fd)
         os.close(null)
         fd = moved
+    else:
+        holder, fd = pyclone.holder_without(fd, _holder_stack)
+        os.set_inheritable(fd, False)  # a cell's os.system() child must not hold it open
     sock = socket.socket(fileno=fd)
-    shm.premap()  # memory channels' region, mapped once here and in every restored sandbox
-    serve_cells(sock, codering.WorkerRing.open())
+    # The whole region is 16,384 page-table entries (~4.3 s of emulated kernel here): mapped
+    # by the template's worker, inherited by every restored sandbox; a replacement in a live
+    # sandbox maps just its two code slots.
+    whole = os.environ.get(codering.PREMAP_ENV) == "1"
+    if whole:
+        shm.premap()  # memory channels' region, mapped once here and in every restored sandbox
+    serve_cells(sock, codering.WorkerRing.open(whole=whole), warmed=pooled, holder=holder)
     return 0
 
 
-def serve_cells(sock: socket.socket, code_ring: codering.WorkerRing | None) -> None:
-    """Warm up, say "ready" to the agent on ``sock``, then serve cells from it and from
-    ``code_ring`` until the agent goes away."""
+def serve_cells(
+    sock: socket.socket,
+    code_ring: codering.WorkerRing | None,
+    *,
+    warmed: bool = False,
+    holder: int = 0,
+) -> None:
+    """Warm up, say "ready" to the agent on ``sock`` (with the pid of this worker's
+    ``holder``, 0 for none), then serve cells from it and from ``code_ring`` until the agent
+    goes away. ``warmed``: numpy's kernels have run in this process already (a pool member
+    runs them before the snapshot)."""
     worker = Worker()
     preload.import_from_env()  # the template's --preload modules, before "ready"
-    pywarm.warm_numpy()  # numpy's kernels once, so the first real call is not the slow one
+    if not warmed:
+        pywarm.warm_numpy()  # numpy's kernels once, so the first real call is not the slow one
     heap.touch_from_env()  # pages later cells reuse for free (ember.agent.heap)
     gc.freeze()  # the template's objects: never scanned (nor written to) by a collection
     worker.run("None")  # touch the parse/compile/exec path now, not on the first real call
@@ -397,7 +417,8 @@ def serve_cells(sock: socket.socket, code_ring: codering.WorkerRing | None) -> N
         return linger
 
     worker.interrupt.install()  # before "ready": from then on the agent may interrupt a cell
-    write_frame(sock, Kind.RESULT, encode_json({"ready": True, "pid": os.getpid()}))
+    ready = {"ready": True, "pid": os.getpid(), "holder": holder}
+    write_frame(sock, Kind.RESULT, encode_json(ready))
     codering.serve(sock, code_ring, on_ring, on_socket)
 
 
