@@ -5,7 +5,8 @@ Usage: ``.venv/bin/python bench/recovery.py [--runs 3] [--json]``
 Per run, in one fresh sandbox (the default template) and in this order:
 
 - ``crash1``: ``os._exit(3)`` in a cell of the template's own worker: the seconds until
-  ``WorkerCrashed``, and the next call's (a replacement: a pre-started interpreter of the
+  ``WorkerCrashed`` (its holder keeps its memory, so the report does not wait for the guest
+  kernel's teardown), and the next call's (a replacement: a pre-started interpreter of the
   exec pool, or a fresh ``python3`` importing the template's preload when none can take it);
 - ``overrun``: ``run_code("while True: pass", timeout=1)`` returns ``WorkerTimeout``; the
   seconds it took, and the next call's (``state kept`` says whether a variable set before it
