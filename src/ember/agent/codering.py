@@ -146,16 +146,14 @@ class WorkerRing:
         self.guest_bell = _open_bell()  # opened in the template: every restored worker has it
 
     @classmethod
-    def open(cls, *, whole: bool = True) -> WorkerRing | None:
-        """This process's rings, or None without a region (vsock only, as before).
-        ``whole``: map the whole region now (the template's worker); else just the two code
-        slots, and a cell's channel maps its own slot when it asks for one."""
+    def open(cls) -> WorkerRing | None:
+        """This process's rings, or None without a region (vsock only, as before). Maps the
+        two code slots unless the region is already mapped whole (the template's worker:
+        ``shm.premap``); a cell's channel maps its own slot when it asks for one."""
         region = _code_region()
         if region is None:
             return None
         try:
-            if whole:
-                region.premap()
             return cls(region)
         except (OSError, ValueError):
             return None

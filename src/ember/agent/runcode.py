@@ -297,13 +297,13 @@ class CodeRunner:
         holder (the pool's, or its own) is in the group too: the worker goes first, so that
         its exit leaves the memory to the holder (no teardown while we wait for it), and the
         holder's death, which tears it down, is background work."""
-        pooled = proc.pid in self._pooled and self._pool is not None
+        pool = self._pool if proc.pid in self._pooled else None
         holder = self._holders.get(proc.pid, 0)
-        if pooled and self._pool is not None:
-            self._pool.background_holder(proc.pid)
+        if pool is not None:
+            pool.background_holder(proc.pid)
         elif holder:
             renice(holder, BACKGROUND_NICE)
-        if pooled or holder:
+        if pool is not None or holder:
             try:
                 os.kill(proc.pid, signal.SIGKILL)
             except ProcessLookupError:

@@ -347,10 +347,9 @@ def main(argv: list[str]) -> int:
     # The whole region is 16,384 page-table entries (~4.3 s of emulated kernel here): mapped
     # by the template's worker, inherited by every restored sandbox; a replacement in a live
     # sandbox maps just its two code slots.
-    whole = os.environ.get(codering.PREMAP_ENV) == "1"
-    if whole:
+    if os.environ.get(codering.PREMAP_ENV) == "1":
         shm.premap()  # memory channels' region, mapped once here and in every restored sandbox
-    serve_cells(sock, codering.WorkerRing.open(whole=whole), warmed=pooled, holder=holder)
+    serve_cells(sock, codering.WorkerRing.open(), warmed=pooled, holder=holder)
     return 0
 
 
