@@ -30,7 +30,10 @@ The last :data:`CODE_SLOTS` slots are not leased to channels: they carry ``run_c
 (``ember.agent.codering``). Slot ``slot_count - 2`` holds requests (host -> guest: the
 host produces, the run_code worker consumes), slot ``slot_count - 1`` replies (guest ->
 host). The worker, not the host, lays both rings out (capacity, lease) whenever it sees a
-region it has not announced itself in, then stores, in the request slot's control page::
+region it has not announced itself in; a code ring's capacity is the slot's data area or
+less (a multiple of 8, at least :data:`CODE_MIN_CAPACITY`: a worker that maps only part of
+its slots), and the host reads it once, at that layout. Then the worker stores, in the
+request slot's control page::
 
       offset 192  code_ready      non-zero: a worker serves these rings (stored last)
       offset 256  code_epoch      written by the agent: how many workers have died
@@ -101,6 +104,7 @@ CODE_NOT_YET = 48
 CODE_BELL = 56  # nonzero: a sleeping worker also wakes on the guest bell (ember.vmm.shm)
 CODE_GENERATION = 64  # the region generation the rings were laid out for (see above)
 CODE_SLOTS = 2
+CODE_MIN_CAPACITY = 4096  # a code ring the worker lays out smaller than its slot: at least this
 
 PRODUCER_WAITING = 1
 CONSUMER_SLEEPING = 1

@@ -46,11 +46,13 @@ WORKER = """
 import os, socket, sys
 from ember.agent import codering, pyclone, shm, worker
 keep = []
-holder, sock = pyclone.holder_without(int(sys.argv[4]), keep)  # as worker.main does
+holder, sock = pyclone.holder_without(int(sys.argv[-1]), keep)  # as worker.main does
 fd = os.open(sys.argv[1], os.O_RDWR)
 region = shm.Region(fd, int(sys.argv[2]), 0)
 if sys.argv[3] != "-":
     codering.BELL_PATH = sys.argv[3]  # the guest bell's device, an eventfd here
+if sys.argv[4] != "-":
+    codering.REPLACEMENT_CAPACITY = int(sys.argv[4])  # rings laid out on part of the slots
 worker.serve_cells(socket.socket(fileno=sock), codering.WorkerRing(region), holder=holder)
 """
 
@@ -60,7 +62,7 @@ class Fixture:
     ``/dev/ember-doorbell`` (8-byte reads, poll). ``unheard``: the host's rings go to an
     eventfd that nobody reads (a bell the guest never hears)."""
 
-    def __init__(self, bell: bool = False, unheard: bool = False) -> None:
+    def __init__(self, bell: bool = False, unheard: bool = False, capacity: int = 0) -> None:
         self.memfd = os.memfd_create("test-code-ring", os.MFD_CLOEXEC)
         os.ftruncate(self.memfd, SIZE + ring.PAGE)  # the doorbell page after the region
         self.map = mmap.mmap(self.memfd, SIZE + ring.PAGE)
@@ -77,7 +79,9 @@ class Fixture:
         if bell:
             os.mkfifo(bell_path)
             self.bell = os.open(bell_path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
-        self.runner = CodeRunner([sys.executable, "-c", WORKER, path, str(SIZE), bell_path])
+        self.runner = CodeRunner(
+            [sys.executable, "-c", WORKER, path, str(SIZE), bell_path, str(capacity or "-")]
+        )
         self.agent_region = shm.Region(os.dup(self.memfd), SIZE, 0)
         self.runner.notice = DeathNotice(self.agent_region)
         self.bells = [os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC) for _ in range(SLOTS)]
@@ -144,7 +148,7 @@ class Fixture:
         self.tmp.cleanup()
 
 
-def _fixture(**options: bool) -> Iterator[Fixture]:
+def _fixture(**options: Any) -> Iterator[Fixture]:
     fixture = Fixture(**options)
     fixture.runner.start_in_background()
     try:
@@ -409,6 +413,42 @@ def test_rings_laid_out_for_another_generation_are_not_used() -> None:
         req[ring.CODE_GENERATION] = 999  # the template's, not this region's 12345
         req[ring.CODE_READY] = 1
         assert fixture.call("1") is None  # vsock, nothing written on the stale layout
+        assert req[ring.HEAD] == 0 and fixture.code.calls == 0 and fixture.ops == []
+    finally:
+        fixture.close()
+
+
+@pytest.mark.parametrize("capacity", [ring.CODE_MIN_CAPACITY, 8 << 10])
+def test_rings_a_worker_lays_out_smaller_than_its_slots_carry_any_size(capacity: int) -> None:
+    """A replacement maps only part of its code slots (``REPLACEMENT_CAPACITY``): the host
+    takes the capacity the worker laid out, and requests and replies far larger than the
+    ring still cross it, in fragments, not over vsock."""
+    for fixture in _fixture(capacity=capacity):
+        code = "s = " + repr("x" * (100 << 10)) + "\nprint(s * 2)\nlen(s)"
+        result = fixture.ready_call(code)
+        assert (result.value, result.error) == (str(100 << 10), None)
+        assert result.stdout == "x" * (200 << 10) + "\n"
+        assert (fixture.ctl(2)[ring.CAPACITY], fixture.ctl(3)[ring.CAPACITY]) == (capacity,) * 2
+        assert fixture.ctl(2)[ring.HEAD] > capacity  # the request went round the ring
+        assert fixture.code.calls == 1 and fixture.ops == []  # the ring, not the agent
+        # Read once, at the layout: a guest that rewrites it later changes nothing.
+        fixture.ctl(2)[ring.CAPACITY] = fixture.ctl(3)[ring.CAPACITY] = 1 << 40
+        assert fixture.ready_call("len(s)").value == str(100 << 10)
+
+
+@pytest.mark.parametrize(
+    "capacity", [0, ring.CODE_MIN_CAPACITY - 8, ring.CODE_MIN_CAPACITY + 4, SLOT_SIZE, 1 << 40]
+)
+def test_a_code_ring_capacity_the_host_cannot_use_means_vsock(capacity: int) -> None:
+    """Below the minimum, not whole words, or past the slot's data area: never attached."""
+    fixture = Fixture()  # no worker: the layout below is a hostile one
+    try:
+        req, rep = fixture.ctl(2), fixture.ctl(3)
+        ring.lay_out(req, capacity, 7)
+        ring.lay_out(rep, SLOT_SIZE - ring.PAGE, 7 ^ 2)
+        req[ring.CODE_GENERATION] = 12345
+        req[ring.CODE_READY] = 1
+        assert fixture.call("1") is None  # vsock, nothing written on that layout
         assert req[ring.HEAD] == 0 and fixture.code.calls == 0 and fixture.ops == []
     finally:
         fixture.close()

@@ -65,6 +65,10 @@ BELL_PATH = "/dev/ember-doorbell"
 # Set to "1" for the agent's first worker (the template's): it maps the whole region, which
 # every restored sandbox inherits; a replacement maps its code slots only (WorkerRing.open).
 PREMAP_ENV = "EMBER_WORKER_PREMAP"
+# A replacement's code rings (a multiple of 8, at least ring.CODE_MIN_CAPACITY): mapping its two
+# whole 8 MiB slots took ~1.1 s of a replacement's start; larger requests and replies are cut
+# into fragments of a quarter of this, as on any ring.
+REPLACEMENT_CAPACITY = 1 << 20
 SOCKET_CHECK_S = 0.01  # while polling, look at the agent's socket this often (a syscall)
 FULL_WAIT_S = 0.0005  # a reply that does not fit yet: the host frees room as it reads
 
@@ -78,7 +82,11 @@ def _code_region() -> shm.Region | None:
 
 
 def _views(region: shm.Region, index: int) -> tuple[memoryview, memoryview]:
-    slot = region.slot(index)
+    """A code slot's control words and the data area its ring is laid out on: all of it
+    when the region is mapped whole (the template's worker), else
+    :data:`REPLACEMENT_CAPACITY`, so that a replacement maps 2 x 257 pages, not 2 x 2,048."""
+    size = 0 if region.mapped_whole else ring.PAGE + REPLACEMENT_CAPACITY
+    slot = region.slot(index, size)
     return slot[: ring.PAGE].cast("Q"), slot[ring.PAGE :]
 
 

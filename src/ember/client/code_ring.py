@@ -258,12 +258,15 @@ class CodeRing:
         if leases == self._leases:
             return True
         self._leases = None
-        if req_ctl[ring.CAPACITY] != len(req_data) or rep_ctl[ring.CAPACITY] != len(rep_data):
-            return False  # not the geometry this host lays out: vsock
+        # The worker's capacities, read once here and checked: from now on only these copies.
+        req_cap, rep_cap = _capacity(req_ctl, req_data), _capacity(rep_ctl, rep_data)
+        if not req_cap or not rep_cap:
+            return False  # not a geometry this host knows: vsock
+        req_data, rep_data = req_data[:req_cap], rep_data[:rep_cap]
         head, tail = int(req_ctl[ring.HEAD]), int(req_ctl[ring.TAIL])
-        if head % 8 or not 0 <= head - tail <= len(req_data):
+        if head % 8 or not 0 <= head - tail <= req_cap:
             return False
-        reader = RingReader(rep_ctl, rep_data, len(rep_data), MAX_FRAME)
+        reader = RingReader(rep_ctl, rep_data, rep_cap, MAX_FRAME)
         try:
             reader.attach()
         except RingError:
@@ -364,6 +367,16 @@ class CodeRing:
             raise ProtocolError(f"the guest broke its run_code ring: {exc}") from None
         except ValueError:  # the region was unmapped under us (close)
             raise ConnectionResetError("the sandbox was closed") from None
+
+
+def _capacity(ctl: memoryview, data: memoryview) -> int:
+    """The capacity the worker laid a code ring out with, or 0 if this host cannot use it:
+    the slot's whole data area (the template's worker) or less (a replacement, which maps
+    only part of its slots), a multiple of 8 and at least ``ring.CODE_MIN_CAPACITY``."""
+    capacity = int(ctl[ring.CAPACITY])
+    if capacity % 8 or not ring.CODE_MIN_CAPACITY <= capacity <= len(data):
+        return 0
+    return capacity
 
 
 def _announced(req_ctl: memoryview, generation: int) -> bool:
