@@ -67,7 +67,10 @@ def _spare_bytes() -> int:
     return 1 << 62
 
 
-def _rehearse(heap: int, keep: set[str]) -> int:
+Plan = tuple[list[tuple[int, int]], list[tuple[int, int]]]  # a rehearsal's reads, writes
+
+
+def _rehearse(heap: int, keep: set[str], plan: Plan | None = None) -> int:
     """Touch now what a program's start will touch; the pages touched (``{"op": "warm"}``).
 
     In a sandbox restored from a template each page a process touches first costs a shadow
@@ -80,19 +83,18 @@ def _rehearse(heap: int, keep: set[str]) -> int:
     interpreter's and libc's data (their globals, malloc's arena) and the first
     :data:`REHEARSED_HEAP` of the block, where its allocations land. That costs the host
     ~3 MiB of private memory per interpreter; the rest stays shared with the template.
+    Where those are comes from ``plan`` (:func:`_plan_rehearsal`, made in the template)
+    when given: reading ``/proc/self/maps`` again would cost every spare ~0.9 s a member.
     """
-    return sum(_rehearsal(heap, keep))
+    return sum(_rehearsal(heap, keep, plan))
 
 
-def _rehearsal(heap: int, keep: set[str]) -> Iterator[int]:
-    """:func:`_rehearse` in steps of at most :data:`STEP_PAGES` pages, each yielding its count."""
-    import ctypes  # imported in the template already (_Flags)
-
-    namespace: dict[str, Any] = {"__builtins__": __builtins__}
-    exec(compile(_REHEARSAL, "<rehearsal>", "exec", dont_inherit=True), namespace)
-    marshal.loads(marshal.dumps({"argv": ["python3"], "env": dict(os.environ)}))
-    _ = set(sys.modules) - keep
-    page = os.sysconf("SC_PAGE_SIZE")
+def _plan_rehearsal(heap: int) -> Plan:
+    """The ranges a rehearsal reads and writes, from ``/proc/self/maps``: made once, before
+    the snapshot, since none of them shrinks or moves while a member waits (its heap is
+    never trimmed: ``MALLOC_TRIM_THRESHOLD_``, and only a mother calls ``malloc_trim``,
+    before she forks; a stack never shrinks; python3's and libc's data stay where they were
+    loaded). A heap that grew since is rehearsed as far as it reached then."""
     reads: list[tuple[int, int]] = []
     writes: list[tuple[int, int]] = []
     data_of = (b"python3", b"libc.so")
@@ -110,6 +112,19 @@ def _rehearsal(heap: int, keep: set[str]) -> Iterator[int]:
         elif writable and (ours or (not name and low == data_end and high - low <= MAX_BSS)):
             writes.append((low, high))
         data_end = high if writable and ours else -1
+    return reads, writes
+
+
+def _rehearsal(heap: int, keep: set[str], plan: Plan | None = None) -> Iterator[int]:
+    """:func:`_rehearse` in steps of at most :data:`STEP_PAGES` pages, each yielding its count."""
+    import ctypes  # imported in the template already (_Flags)
+
+    namespace: dict[str, Any] = {"__builtins__": __builtins__}
+    exec(compile(_REHEARSAL, "<rehearsal>", "exec", dont_inherit=True), namespace)
+    marshal.loads(marshal.dumps({"argv": ["python3"], "env": dict(os.environ)}))
+    _ = set(sys.modules) - keep
+    page = os.sysconf("SC_PAGE_SIZE")
+    reads, writes = plan if plan is not None else _plan_rehearsal(heap)
     pages = 0
     for (low, high), write in [*((r, False) for r in reads), *((w, True) for w in writes)]:
         for address in range(low, high, page):
