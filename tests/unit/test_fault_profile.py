@@ -23,9 +23,21 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def _minflt() -> int:
-    with open("/proc/self/stat", "rb") as f:
-        return int(f.read().rsplit(b")", 1)[1].split()[7])
+_RU_MINFLT = 8  # struct rusage as longs: two timevals (2 longs each), then ru_maxrss .. ru_minflt
+
+
+def _fault_counter() -> Callable[[Any], None]:
+    """``count(usage)`` fills a ``c_long * 18`` with getrusage(RUSAGE_SELF), ``ru_minflt`` at
+    :data:`_RU_MINFLT`. A count read through Python (``/proc/self/stat``, a parse) allocates
+    between two readings, and a fresh allocator page is a minor fault of its own: the very
+    noise a measurement of one or two faults cannot have. This call allocates nothing, and
+    the caller compares its filled arrays only after the last reading."""
+    import ctypes
+
+    getrusage = ctypes.CDLL(None, use_errno=True).getrusage
+    getrusage.argtypes = [ctypes.c_int, ctypes.c_void_p]
+    getrusage.restype = ctypes.c_int
+    return lambda usage: getrusage(0, usage)
 
 
 def _exclusive(address: int) -> bool:
@@ -120,20 +132,24 @@ def test_a_members_warm_up_takes_the_faults_and_changes_nothing(block: Any) -> N
         # Read before any write: the warmed pages are this process's own, the others the parent's.
         own = [_exclusive(base + n * PAGE) for n in (2, 4, 6)]
         # Everything the measurements need is made first, so that only the writes can fault.
-        warmed = [ctypes.c_char.from_address(base + n * PAGE + 7) for n in (2, 4)]
+        first, second = (ctypes.c_char.from_address(base + n * PAGE + 7) for n in (2, 4))
         other = ctypes.c_char.from_address(base + 6 * PAGE + 7)  # not in the hint
         y = b"y"
         scratch = ctypes.c_char.from_buffer(bytearray(1))
-        for _ in range(3):
-            _minflt()
-            scratch.value = y  # the setter's own first-use faults, taken outside the count
-        start = _minflt()
-        for byte in warmed:  # written back by the warm-up: already this process's own
-            byte.value = y
-        warm = _minflt() - start
-        start = _minflt()
+        count = _fault_counter()
+        usage = [(ctypes.c_long * 18)() for _ in range(3)]
+        start, mid, end = (ctypes.addressof(u) for u in usage)
+        for _ in range(3):  # the call's and the setter's own first-use faults, outside the count
+            count(start)
+            scratch.value = y
+        count(start)
+        first.value = y  # written back by the warm-up: already this process's own
+        second.value = y
+        count(mid)
         other.value = y
-        cold = _minflt() - start
+        count(end)
+        warm = usage[1][_RU_MINFLT] - usage[0][_RU_MINFLT]
+        cold = usage[2][_RU_MINFLT] - usage[1][_RU_MINFLT]
         return taken, own, warm, cold, unchanged
 
     # A busy host adds faults of its own to a count (never takes one away), so each count is
