@@ -35,6 +35,7 @@ __all__ = [
     "AGENT_PORT",
     "CHANNEL_PORT",
     "CHUNK_SIZE",
+    "FILE_GET_MAX",
     "HEADER",
     "HOST_CID",
     "KEEPALIVE_OPS",
@@ -61,8 +62,11 @@ AGENT_PORT = 1024  # the agent listens here (vsock, any CID)
 READY_PORT = 1025  # the agent connects to the host here once, to say it is up
 CHANNEL_PORT = 1026  # guest code connects to the host here to open a data channel
 # Requests that may ask (``"keepalive": true``) to keep their connection for the next request:
-# one REQUEST frame in, one RESULT or ERROR frame out, nothing else on the connection.
-KEEPALIVE_OPS = frozenset({"ping", "run_code", "code_ring", "stat", "list", "remove", "pool"})
+# one REQUEST frame in, one RESULT or ERROR frame out (``file_get``: a DATA frame before its
+# RESULT, sent with it), nothing else on the connection.
+KEEPALIVE_OPS = frozenset(
+    {"ping", "run_code", "code_ring", "stat", "list", "remove", "pool", "file_get"}
+)
 # Streams that may keep their connection too: an ``exec`` without stdin (nothing follows its
 # REQUEST from the host) and a ``file_write`` (the agent reads every frame up to DATA_EOF,
 # even after a failure). The agent agrees by putting ``"keepalive": true`` in the RESULT; an
@@ -73,6 +77,9 @@ HOST_CID = 2  # VMADDR_CID_HOST
 
 MAX_FRAME = 1 << 20  # largest payload either side accepts
 CHUNK_SIZE = 256 << 10  # file and stdin data are cut into frames of at most this
+# What ``file_get`` asks for at most: a file up to this size comes whole in one answer on a
+# kept connection; a larger one is read by ``file_read`` or the file ring.
+FILE_GET_MAX = 64 << 10
 HEADER = struct.Struct("<IB")
 
 _COALESCE = 64 << 10  # below this, copying header + payload beats a second syscall

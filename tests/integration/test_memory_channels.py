@@ -176,6 +176,33 @@ def test_files_cross_a_ring_both_ways_and_arrive_whole(sb: Sandbox) -> None:
     sb.files.remove("/tmp/ring", recursive=True)
 
 
+def test_small_files_come_whole_in_one_exchange_and_larger_ones_by_the_ring(sb: Sandbox) -> None:
+    """A file up to FILE_GET_MAX comes whole in one short exchange on a kept connection
+    (``file_get``), not by a slot's hand-shake; a larger one still crosses a ring."""
+    from ember.protocol import FILE_GET_MAX
+
+    files = sb._client.files
+    ring = files._ring
+    assert ring is not None
+    small = {"/tmp/get/a.txt": b"", "/tmp/get/b.txt": b"hi\n", "/tmp/get/c": b"q" * FILE_GET_MAX}
+    for path, data in small.items():
+        sb.files.write(path, data)
+    larger = bytes(range(256)) * (FILE_GET_MAX // 256 + 1)
+    sb.files.write("/tmp/get/larger", larger)
+    before = ring.transfers
+    for path, data in small.items():
+        assert sb.files.read(path) == data
+    assert sb.files.read("/proc/self/status").startswith(b"Name:")  # size unknown to stat
+    assert ring.transfers == before and files._session.file_get  # the agent knows the op
+    assert sb.files.read("/tmp/get/larger") == larger
+    assert ring.transfers == before + 1
+    with pytest.raises(FileNotFoundError):
+        sb.files.read("/tmp/get/missing")
+    with pytest.raises(IsADirectoryError):
+        sb.files.read("/tmp/get")
+    sb.files.remove("/tmp/get", recursive=True)
+
+
 def test_exec_output_crosses_a_ring_and_arrives_whole(sb: Sandbox) -> None:
     """The agent reads the command's pipes straight into a leased slot; the host sees the
     same output, streams and result as over vsock."""

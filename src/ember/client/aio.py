@@ -78,15 +78,24 @@ class AsyncFiles:
         return written
 
     async def read_into(self, path: PathArg, fileobj: BinaryIO) -> int:
-        return await self._read(path, fileobj.write, None)
+        return await self._read(path, fileobj.write, None, small_first=False)
 
     async def read(self, path: PathArg, *, max_output: int | None = DEFAULT_MAX_OUTPUT) -> bytes:
         buf = io.BytesIO()
-        await self._read(path, buf.write, max_output)
+        await self._read(path, buf.write, max_output, small_first=True)
         return buf.getvalue()
 
-    async def _read(self, path: PathArg, sink: Callable[[bytes], object], limit: int | None) -> int:
+    async def _read(
+        self, path: PathArg, sink: Callable[[bytes], object], limit: int | None, small_first: bool
+    ) -> int:
         op = self._session.read_file(path, sink, limit)  # checks the arguments
+        # A small file comes whole in one exchange; read_into is for big ones: straight on.
+        get = self._session.get_file(path, op.limit) if small_first else None
+        if get is not None:
+            await self._run(get)
+            if (data := self._session.got_file(get)) is not None:
+                sink(data)
+                return len(data)
         if self._ring is not None:
             size = await asyncio.to_thread(self._ring.read, os.fspath(path), sink, op.limit)
             if size is not None:

@@ -2,9 +2,10 @@
 
 The asyncio twin is :class:`ember.client.aio.AsyncFiles`. What each operation means
 lives in :mod:`ember.client.core`; this picks the cheapest way to move its bytes: a
-small write rides inline with its request (one packet on a kept connection), a larger
-write or a read goes through the shared region's ring when a slot is free
-(:mod:`ember.client.file_ring`), and the rest over a connection to the agent.
+small write rides inline with its request (one packet on a kept connection), a small read
+comes whole in one short exchange (:mod:`ember.client.file_get`), a larger write or read
+goes through the shared region's ring when a slot is free (:mod:`ember.client.file_ring`),
+and the rest over a connection to the agent.
 :class:`Files` holds no connection of its own: the
 :class:`~ember.client.blocking.AgentClient` that owns it lends its ``_run`` and ``_start``.
 """
@@ -62,10 +63,19 @@ class Files:
 
     def read_into(self, path: PathArg, fileobj: BinaryIO) -> int:
         """Stream the file at ``path`` into ``fileobj``; return its size."""
-        return self._read(path, fileobj.write, None)
+        return self._read(path, fileobj.write, None, small_first=False)
 
-    def _read(self, path: PathArg, sink: Callable[[bytes], object], limit: int | None) -> int:
+    def _read(
+        self, path: PathArg, sink: Callable[[bytes], object], limit: int | None, small_first: bool
+    ) -> int:
         op = self._session.read_file(path, sink, limit)  # checks the arguments
+        # A small file comes whole in one exchange; read_into is for big ones: straight on.
+        get = self._session.get_file(path, op.limit) if small_first else None
+        if get is not None:
+            self._run(get)
+            if (data := self._session.got_file(get)) is not None:
+                sink(data)
+                return len(data)
         if self._ring is not None:
             size = self._ring.read(os.fspath(path), sink, op.limit)
             if size is not None:
@@ -77,7 +87,7 @@ class Files:
         """The whole file at ``path``; more than ``max_output`` bytes raises
         :class:`~ember.errors.OutputTooLarge` (use :meth:`read_into` for big files)."""
         buf = io.BytesIO()
-        self._read(path, buf.write, max_output)
+        self._read(path, buf.write, max_output, small_first=True)
         return buf.getvalue()
 
     def watch(self, path: PathArg, *, recursive: bool = False) -> Watch:

@@ -36,6 +36,7 @@ from ember.client.core import (
     StreamedCode,
     WriteFile,
 )
+from ember.client.file_get import GetFile, get_limit
 from ember.client.interactive import TerminalOp, WatchOp, pty_request
 from ember.client.results import CodeResult, DirEntry, FileStat
 from ember.client.wire import Source, source_size
@@ -154,6 +155,9 @@ class Session:
         # Called before each REQUEST that is not run_code (the code ring's ``not_yet``: a
         # worker polling the ring stops, so the agent has the vCPU).
         self.not_yet: Callable[[], None] | None = None
+        # Small reads ask for the whole file first (ember.client.file_get); False once the
+        # agent answered that it does not know the op (one from before it).
+        self.file_get = True
 
     def announced(self) -> None:
         """The VM's resume was announced already (a spare's warm-up made its first calls):
@@ -276,6 +280,19 @@ class Session:
         self, path: PathArg, sink: Callable[[bytes], object], max_output: int | None
     ) -> ReadFile:
         return ReadFile(os.fspath(path), self.bounds, sink, check_max_output(max_output))
+
+    def get_file(self, path: PathArg, max_output: int | None) -> GetFile | None:
+        """The whole-file exchange a read tries first; None if this agent does not know it."""
+        if not self.file_get:
+            return None
+        return GetFile(os.fspath(path), self.bounds, get_limit(check_max_output(max_output)))
+
+    def got_file(self, op: GetFile) -> bytes | None:
+        """What ``op`` brought (None: read the file the other way), remembering an agent
+        that does not know it."""
+        if op.unsupported:
+            self.file_get = False
+        return op.value
 
     def write_file(self, path: PathArg, data: Source, mode: int | None, append: bool) -> WriteFile:
         request: dict[str, Any] = {"op": "file_write", "path": os.fspath(path), "append": append}
