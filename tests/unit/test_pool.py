@@ -919,3 +919,50 @@ def test_a_replacement_run_code_worker_is_a_pre_started_interpreter(agent: Agent
     status = agent.wait_full()
     assert status["holders"] == 0 and not Path(f"/proc/{pid}").exists()
     assert not [p for p in group if Path(f"/proc/{p}").exists()]  # the first's holder too
+
+
+def test_the_end_of_a_request_wakes_the_pools_thread_only_for_work_it_has() -> None:
+    # A wake-up the pool's thread does not need costs the next request a GIL hand-over
+    # storm in the guest; one it needs (work wanted, waiting without a deadline) must come,
+    # or a refill would wait for the next request. A real thread in PoolFiller._loop.
+    from ember.agent.pool import InterpreterPool
+
+    pool = InterpreterPool(2, idle_s=0.05)
+    wakes: list[float] = []
+    cond = pool._cond
+    real_notify = cond.notify_all
+
+    def counted_notify() -> None:
+        wakes.append(time.monotonic())
+        real_notify()
+
+    cond.notify_all = counted_notify  # type: ignore[method-assign]
+    started: list[bool] = []
+    with cond:
+        pool._first_fill_done = True
+        pool._ready = [object(), object()]  # type: ignore[list-item]  # full: no work
+
+    def start_one(first: bool) -> object:
+        started.append(first)
+        return object()  # a member, as far as the loop looks
+
+    pool._start_one = start_one  # type: ignore[assignment]
+    thread = threading.Thread(target=pool._loop, daemon=True)
+    thread.start()
+    try:
+        wait_for(lambda: pool._unbounded_wait, 10, "the pool's thread to wait")  # nothing to do
+        for _ in range(3):
+            pool.busy()
+            pool.idle()
+        assert wakes == [] and started == []
+        pool.busy()
+        with cond:
+            pool._ready.pop()  # an exec took a member: a refill is wanted once idle
+        pool.idle()
+        assert len(wakes) == 1
+        wait_for(lambda: started == [False], 10, "the refill")  # started, after idle_s
+    finally:
+        with cond:
+            pool._closed = True
+            real_notify()
+        thread.join(10)

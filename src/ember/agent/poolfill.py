@@ -101,6 +101,7 @@ class PoolFiller:
         self._waiting = 0  # execs waiting for a forked member (the refill runs for them)
         self._priority = os.getpriority(os.PRIO_PROCESS, 0)  # what programs run at
         self._idle_since = time.monotonic()
+        self._unbounded_wait = False  # the pool's thread waits for a notify, not a deadline
         self._closed = False
         self._first_fill_done = False
         self._started = 0  # members the first fill started (the rest of it is forked)
@@ -153,7 +154,9 @@ class PoolFiller:
                     timeout = None
                     if not self._busy and self._work_wanted():
                         timeout = max(0.01, self._idle_left())
+                    self._unbounded_wait = timeout is None  # see PoolFiller.idle
                     self._cond.wait(timeout)
+                    self._unbounded_wait = False
                 if self._closed:
                     return
                 # A refill the mother forks (~4 s here) comes before freeing old programs'
