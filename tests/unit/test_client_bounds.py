@@ -327,6 +327,9 @@ def flood(total: int) -> Script:
     """Sends ``total`` bytes of output (or file data) in full frames, then the end."""
 
     def script(sock: socket.socket, request: dict[str, Any]) -> None:
+        if request["op"] == "file_get":  # as an agent from before it (one request a connection)
+            write_frame(sock, Kind.ERROR, protocol.error_payload("BadRequest", "unknown op"))
+            return
         kind = Kind.STDOUT if request["op"] == "exec" else Kind.DATA
         chunk = bytes(MAX_FRAME)
         for start in range(0, total, MAX_FRAME):

@@ -101,13 +101,19 @@ def test_a_stream_source_an_append_and_an_empty_file(rig: Rig, tmp_path: Path) -
     assert rig.client.files.write(tmp_path / "empty", b"") == 0
     assert (tmp_path / "empty").read_bytes() == b""
     assert rig.client.files.read(tmp_path / "empty") == b""
-    # the small bytes (append, empty) went with their REQUEST over vsock, not a slot
+    # the small bytes (append, empty) went with their REQUEST over vsock, not a slot, and
+    # the empty file came back whole in one exchange (file_get): only the stream took one
+    assert rig.ring.transfers == 1
+    assert rig.client.files.read_into(tmp_path / "empty", io.BytesIO()) == 0  # streams: a slot
     assert rig.ring.transfers == 2
 
 
 def test_guest_errors_arrive_as_they_do_over_vsock(rig: Rig, tmp_path: Path) -> None:
-    with pytest.raises(AgentFileNotFoundError):
+    with pytest.raises(AgentFileNotFoundError):  # small reads ask file_get first: no slot
         rig.client.files.read(tmp_path / "missing")
+    assert rig.region.leases == 0
+    with pytest.raises(AgentFileNotFoundError):  # read_into streams: through a slot
+        rig.client.files.read_into(tmp_path / "missing", io.BytesIO())
     keep = tmp_path / "keep"
     keep.write_bytes(b"old")
     (tmp_path / "adir").mkdir()
@@ -117,7 +123,9 @@ def test_guest_errors_arrive_as_they_do_over_vsock(rig: Rig, tmp_path: Path) -> 
     big.write_bytes(b"x" * 600_000)
     with pytest.raises(OutputTooLarge):
         rig.client.files.read(big, max_output=100_000)
-    assert rig.client.files.read(keep) == b"old"  # the slot came back after each failure
+    out = io.BytesIO()
+    assert rig.client.files.read_into(keep, out) == 3  # the slot came back after each failure
+    assert out.getvalue() == b"old"
     assert rig.region.leases == 4 and rig.ring.transfers == 1
 
 
@@ -152,10 +160,12 @@ def test_a_guest_that_breaks_the_ring_fails_the_read_not_the_host(
 
     rig.server._ops["file_ring_read"] = vandal
     with pytest.raises(ProtocolError, match="broke its ring"):
-        rig.client.files.read(tmp_path)
+        rig.client.files.read_into(tmp_path, io.BytesIO())  # streams: straight to a slot
     rig.server._ops["file_ring_read"] = filering.handle_file_ring_read
     (tmp_path / "ok").write_bytes(b"fine")
-    assert rig.client.files.read(tmp_path / "ok") == b"fine"  # the slot is usable again
+    out = io.BytesIO()
+    assert rig.client.files.read_into(tmp_path / "ok", out) == 4  # the slot is usable again
+    assert out.getvalue() == b"fine" and rig.ring.transfers == 1
 
 
 def test_the_async_client_moves_files_through_the_ring_too(rig: Rig, tmp_path: Path) -> None:
