@@ -79,28 +79,22 @@ def test_a_file_larger_than_file_get_max_is_read_as_before(
     assert connect.opened == 2  # the kept one (file_get said "not whole"), then file_read's
 
 
-def test_max_output_below_the_file_still_refuses_it(
-    counted: tuple[AgentClient, Counting], tmp_path: Path
-) -> None:
-    client, _ = counted
-    (tmp_path / "f").write_bytes(b"12345")
-    with pytest.raises(OutputTooLarge):
-        client.files.read(tmp_path / "f", max_output=4)
-    assert client.files.read(tmp_path / "f", max_output=5) == b"12345"
-    assert client.files.read(tmp_path / "f", max_output=None) == b"12345"
-
-
-def test_errors_keep_their_types_and_the_connection(
+def test_max_output_errors_and_the_connection_keep_their_meaning(
     counted: tuple[AgentClient, Counting], tmp_path: Path
 ) -> None:
     client, connect = counted
-    (tmp_path / "f").write_bytes(b"data")
+    (tmp_path / "f").write_bytes(b"12345")
+    with pytest.raises(OutputTooLarge):  # over the caller's limit: file_read says so
+        client.files.read(tmp_path / "f", max_output=4)
+    assert client.files.read(tmp_path / "f", max_output=5) == b"12345"
+    assert client.files.read(tmp_path / "f", max_output=None) == b"12345"
+    opened = connect.opened
     with pytest.raises(AgentFileNotFoundError):
         client.files.read(tmp_path / "missing")
     with pytest.raises(AgentIsADirectoryError):
         client.files.read(tmp_path)
-    assert client.files.read(tmp_path / "f") == b"data"
-    assert connect.opened == 1
+    assert client.files.read(tmp_path / "f") == b"12345"
+    assert connect.opened == opened  # an ERROR to a short exchange keeps its connection
 
 
 def test_a_file_whose_size_the_kernel_does_not_know_is_read_to_its_end(
