@@ -19,6 +19,7 @@ from ember.errors import ConfigError, SnapshotError
 from ember.sandbox import Sandbox
 from ember.snapshot import MEMORY_FILE, STATE_FILE
 from ember.vmm import control
+from tests.fds import open_fds
 from tests.integration.conftest import Images, ember
 
 COUNTER_PORT = 5000
@@ -182,21 +183,9 @@ def test_another_format_version_is_refused(sb: Sandbox, template_name: str) -> N
         Sandbox(template=template_name)
 
 
-def _fds() -> set[tuple[str, str]]:
-    """Each open descriptor with what it refers to, so that a number freed by another
-    thread meanwhile and taken again by a leak still shows up as new."""
-    found = set()
-    for fd in os.listdir("/proc/self/fd"):
-        try:
-            found.add((fd, os.readlink(f"/proc/self/fd/{fd}")))
-        except FileNotFoundError:  # the listing's own descriptor, or one closed meanwhile
-            pass
-    return found
-
-
 def test_teardown_leaves_nothing_behind(images: Images) -> None:
     Sandbox().close()  # the zygote and its fds exist from here on
-    before = _fds()
+    before = open_fds()
     forks_before = set(Path("/tmp").glob("ember-fork-*"))
     parent = Sandbox()
     child = parent.fork()
@@ -212,7 +201,7 @@ def test_teardown_leaves_nothing_behind(images: Images) -> None:
     assert set(Path("/tmp").glob("ember-fork-*")) == forks_before, "a fork's memory file is left"
     # Only what the test added counts: a descriptor a thread of an earlier test closed
     # meanwhile is not a leak (seen once on a CI host: one fewer after than before).
-    assert _fds() - before == set(), "a descriptor opened for the sandboxes is left open"
+    assert open_fds() - before == set(), "a descriptor opened for the sandboxes is left open"
 
 
 def test_an_idle_sandbox_is_parked_and_a_request_wakes_it(sb: Sandbox) -> None:

@@ -58,6 +58,7 @@ from ember.devices.virtio.mmio import (
 )
 from ember.devices.virtio.queue import VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE
 from ember.memory import GuestMemory, GuestMemoryError, Region
+from tests.fds import open_fds
 from tests.unit.fuzz_ops import (
     AVAIL_OFFSET,
     DATA_START,
@@ -386,7 +387,7 @@ def run_program(program: Program) -> RunResult:
     """Play ``program`` against a fresh device; raise :class:`FuzzFailure` if a check fails."""
     result = RunResult()
     gc.collect()  # an earlier test's garbage closing its fds mid-run is not this device's doing
-    fds = _open_fds()
+    fds = open_fds()
     started = not tracemalloc.is_tracing()
     if started:
         tracemalloc.start()
@@ -396,7 +397,7 @@ def run_program(program: Program) -> RunResult:
     finally:
         if started:
             tracemalloc.stop()
-    leaked = _open_fds() - fds
+    leaked = open_fds() - fds
     if leaked:
         raise FuzzFailure(f"fds {sorted(leaked)} left open after the device was closed")
     return result
@@ -465,10 +466,6 @@ def _check_op(rig: Rig, done: Work, peak: int, held: int, what: str) -> None:
     why = rig.check()
     if why is not None:
         raise FuzzFailure(f"{what}: {why}")
-
-
-def _open_fds() -> set[int]:
-    return {int(name) for name in os.listdir("/proc/self/fd")}
 
 
 @contextmanager
