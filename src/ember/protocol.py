@@ -29,6 +29,7 @@ import struct
 
 TYPE_CHECKING = False  # not typing.TYPE_CHECKING: importing typing costs the guest `re` too
 if TYPE_CHECKING:
+    from collections.abc import Iterable
     from typing import Any
 
 __all__ = [
@@ -54,6 +55,7 @@ __all__ = [
     "read_frame",
     "valid_channel_name",
     "write_frame",
+    "write_frames",
     "write_json",
 ]
 
@@ -69,10 +71,12 @@ KEEPALIVE_OPS = frozenset(
 )
 # Streams that may keep their connection too: an ``exec`` without stdin (nothing follows its
 # REQUEST from the host) and a ``file_write`` (the agent reads every frame up to DATA_EOF,
-# even after a failure). The agent agrees by putting ``"keepalive": true`` in the RESULT; an
-# agent that does not (an older one), or any ERROR reply, ends the connection. On this host a
-# new vsock connection costs the guest ~30 ms more than a kept one.
-KEPT_STREAM_OPS = frozenset({"exec", "file_write"})
+# even after a failure), and the region's file transfers (the host keeps the connection only
+# if it sent no wake-up byte on it: ``ember.client.file_ring``). The agent agrees by putting
+# ``"keepalive": true`` in the RESULT; an agent that does not (an older one), or any ERROR
+# reply, ends the connection. On this host a new vsock connection costs the guest ~30 ms
+# more than a kept one.
+KEPT_STREAM_OPS = frozenset({"exec", "file_write", "file_ring_read", "file_ring_write"})
 HOST_CID = 2  # VMADDR_CID_HOST
 
 MAX_FRAME = 1 << 20  # largest payload either side accepts
@@ -159,23 +163,33 @@ def read_frame(sock: socket.socket) -> tuple[Kind, bytes] | None:
 
 def write_frame(sock: socket.socket, kind: Kind, payload: Payload = b"") -> None:
     """Send one frame whole (blocking: a slow reader slows the writer, by design)."""
-    view = memoryview(payload).cast("B")
-    size = view.nbytes
-    if size > MAX_FRAME:
-        raise ProtocolError(f"refusing to send a {size}-byte frame (limit {MAX_FRAME})")
-    header = HEADER.pack(size, kind)
-    if size <= _COALESCE:
-        sock.sendall(b"".join((header, view)) if size else header)
+    write_frames(sock, ((kind, payload),))
+
+
+def write_frames(sock: socket.socket, frames: Iterable[tuple[Kind, Payload]]) -> None:
+    """Send frames in order by one write where the socket takes them all: in the guest each
+    write is a vsock packet through the emulated kernel, so a DATA frame and its RESULT go
+    as one."""
+    parts: list[Payload] = []
+    total = 0
+    for kind, payload in frames:
+        view = memoryview(payload).cast("B")
+        size = view.nbytes
+        if size > MAX_FRAME:
+            raise ProtocolError(f"refusing to send a {size}-byte frame (limit {MAX_FRAME})")
+        parts += (HEADER.pack(size, kind), view) if size else (HEADER.pack(size, kind),)
+        total += HEADER.size + size
+    if total <= _COALESCE:
+        sock.sendall(b"".join(parts))
         return
     # Big payloads go out by scatter-gather rather than by copying them into a
     # fresh buffer: in the guest a fresh 256 KiB buffer is 64 page faults.
-    sent = sock.sendmsg([header, view])
-    total = HEADER.size + size
-    if sent < total:
-        if sent < HEADER.size:
-            sock.sendall(header[sent:])
-            sent = HEADER.size
-        sock.sendall(view[sent - HEADER.size :])
+    sent = sock.sendmsg(parts)
+    for part in parts:
+        size = memoryview(part).nbytes
+        if sent < size:
+            sock.sendall(memoryview(part)[sent:])
+        sent = max(0, sent - size)
 
 
 def encode_json(obj: object) -> bytes:

@@ -99,6 +99,49 @@ def test_frames_round_trip_and_are_checked() -> None:
     assert protocol.valid_channel_name("a.b-c_9") and not protocol.valid_channel_name("a b")
 
 
+class _PartialSocket:
+    """A socket whose one ``sendmsg`` takes only the first ``take`` bytes of what it is given."""
+
+    def __init__(self, take: int) -> None:
+        self.take, self.out, self.writes = take, bytearray(), 0
+
+    def sendmsg(self, parts: list[bytes]) -> int:
+        taken = b"".join(bytes(part) for part in parts)[: self.take]
+        self.out += taken
+        self.writes += 1
+        return len(taken)
+
+    def sendall(self, data: bytes) -> None:
+        self.out += bytes(data)
+        self.writes += 1
+
+
+# cut points: in the first header, at its end, in and at the end of the payload, in the
+# empty frame's header, in the last header, in the last payload, and nothing cut
+@pytest.mark.parametrize("take", [0, 3, 5, 6, 70_005, 70_007, 70_010, 70_013, 70_020, 1 << 30])
+def test_frames_sent_together_arrive_whole_however_much_one_write_took(take: int) -> None:
+    payload = os.urandom(70_000)  # past the join-and-copy size: by scatter-gather
+    result = protocol.encode_json({"size": len(payload), "whole": True})
+    sock = _PartialSocket(take)
+    frames = ((Kind.DATA, payload), (Kind.DATA_EOF, b""), (Kind.RESULT, result))
+    protocol.write_frames(sock, frames)
+    header = protocol.HEADER.pack
+    expected = header(len(payload), Kind.DATA) + payload + header(0, Kind.DATA_EOF)
+    assert bytes(sock.out) == expected + header(len(result), Kind.RESULT) + result
+    small = _PartialSocket(take)
+    protocol.write_frames(small, ((Kind.DATA, b"abc"), (Kind.RESULT, result)))
+    assert small.writes == 1  # joined: one write, never a sendmsg that could stop short
+    assert (
+        bytes(small.out)
+        == header(3, Kind.DATA) + b"abc" + header(len(result), Kind.RESULT) + result
+    )
+    with pytest.raises(protocol.ProtocolError):  # checked before anything is sent
+        protocol.write_frames(
+            small, ((Kind.DATA, b"x"), (Kind.DATA, bytes(protocol.MAX_FRAME + 1)))
+        )
+    assert small.writes == 1
+
+
 # -- ping, exec -------------------------------------------------------------------------
 
 
@@ -412,7 +455,7 @@ def test_run_code_worker_crash_and_timeout(agent: Agent) -> None:
 
 def test_run_code_refuses_code_that_is_not_text(agent: Agent) -> None:
     with pytest.raises(TypeError, match="code as str, not bytes"):
-        agent.client.run_code(b"6 * 7")  # type: ignore[arg-type]
+        agent.client.run_code(b"6 * 7")
     assert agent.client.run_code("6 * 7").value == "42"
 
 

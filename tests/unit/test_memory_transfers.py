@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from ember import ring
-from ember.agent import shm
+from ember.agent import common, filering, shm
 from ember.agent.server import AgentServer
 from ember.client import AgentClient, HostRegion
 from ember.errors import AgentFileNotFoundError, OutputTooLarge, ProtocolError, SandboxTimeout
@@ -47,6 +47,7 @@ class Rig:
         header.release()
         monkeypatch.setattr(shm, "_region", shm.Region(os.dup(self.memfd), SIZE, 0))
         self.path = str(base / "agent.sock")
+        self.connects = 0
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         listener.bind(self.path)
         listener.listen(16)
@@ -62,6 +63,7 @@ class Rig:
     def connect(self) -> socket.socket:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.connect(self.path)
+        self.connects += 1
         return sock
 
     def close(self) -> None:
@@ -145,6 +147,43 @@ def test_no_free_slot_or_an_agent_without_the_ops_means_vsock(rig: Rig, tmp_path
     assert rig.client.files.write(target, big) == len(big)
     assert rig.ring.supported is False and rig.ring.transfers == 0
     assert rig.client.files.read(target) == big
+
+
+def test_a_transfer_that_woke_no_one_rides_and_keeps_the_kept_connection(
+    rig: Rig, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(filering, "SPIN_S", 30.0)  # the agent never sleeps: no wake-up bytes
+    source = tmp_path / "source"
+    source.write_bytes(os.urandom(100_000))  # past file_get's size, within one ring
+    assert rig.client.ping()["pong"] and rig.connects == 1
+    assert rig.client.files.read(source) == source.read_bytes()
+    out = io.BytesIO()
+    assert rig.client.files.read_into(source, out) == 100_000
+    data = os.urandom(100_000)  # past INLINE_WRITE_MAX: through a slot
+    assert rig.client.files.write(tmp_path / "up", data) == len(data)
+    assert (tmp_path / "up").read_bytes() == data
+    assert rig.ring.transfers == 3
+    # every request rode the first connection, and none left a byte on it for the next
+    assert rig.client.ping()["pong"] and rig.connects == 1
+
+
+def test_a_connection_that_carried_a_wake_up_or_an_unkept_answer_is_closed(
+    rig: Rig, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    source = tmp_path / "source"
+    source.write_bytes(os.urandom(100_000))
+    rig.client.ping()
+    # The host believes the guest waits for room after every record: it sends a wake-up
+    # byte each time that the agent, which never waited, leaves unread on the connection.
+    with monkeypatch.context() as patched:
+        patched.setattr(ring.RingReader, "producer_waiting", lambda self: True)
+        assert rig.client.files.read(source) == source.read_bytes()
+    assert rig.client.ping()["pong"] and rig.connects == 2  # not the byte-laden one
+    # An agent from before this change does not say it keeps the connection.
+    monkeypatch.setattr(common, "KEPT_STREAM_OPS", frozenset({"exec", "file_write"}))
+    assert rig.client.files.read(source) == source.read_bytes()
+    assert rig.client.ping()["pong"] and rig.connects == 3
+    assert rig.ring.transfers == 2
 
 
 def test_a_guest_that_breaks_the_ring_fails_the_read_not_the_host(

@@ -16,6 +16,9 @@ The host leases the slot and lays it out as an empty ring before asking:
 * ``file_ring_read {"path", "slot", "lease"}``: the agent is the producer, one
   record per ``readinto``, then ``RESULT {"size"}`` once every record is published.
 
+Both keep their connection for the host's next request when asked (``"keepalive": true``;
+``ember.protocol.KEPT_STREAM_OPS``), as a short exchange does.
+
 ``RingUnavailable`` (no region here, a slot or lease that does not match what this
 agent sees) makes the host use vsock; an agent from before this module answers
 ``BadRequest`` (unknown op), which does the same. Wake-ups go the way the rings'
@@ -32,7 +35,7 @@ from typing import Any
 from ember import ring
 from ember.agent import shm
 from ember.agent.channels import wait_for_wake
-from ember.agent.common import BadRequest, ClientGone, opt_int, req_path
+from ember.agent.common import BadRequest, ClientGone, kept_stream, opt_int, req_path
 from ember.agent.files import Upload
 from ember.protocol import Kind, write_frame, write_json
 
@@ -100,7 +103,14 @@ def handle_file_ring_write(conn: socket.socket, req: dict[str, Any]) -> None:
         upload.finish()
     finally:
         upload.abort()
-    write_json(conn, Kind.RESULT, {"size": upload.size})
+    write_json(conn, Kind.RESULT, {"size": upload.size, **_kept(req)})
+
+
+def _kept(req: dict[str, Any]) -> dict[str, Any]:
+    """The RESULT's promise that the connection carries the host's next request: asked for,
+    and nothing of ours follows the RESULT. (Wake-up bytes the host sent and this side never
+    read may; the host knows whether it sent any, and closes the connection if so.)"""
+    return {"keepalive": True} if kept_stream(req) else {}
 
 
 def _await_producer(reader: ring.RingReader, conn: socket.socket) -> None:
@@ -125,7 +135,7 @@ def handle_file_ring_read(conn: socket.socket, req: dict[str, Any]) -> None:
         total = 0
         while n := writer.fill(f.readinto, writer.max_record):
             total += n
-    write_json(conn, Kind.RESULT, {"size": total})
+    write_json(conn, Kind.RESULT, {"size": total, **_kept(req)})
 
 
 FILE_RING_OPS = {

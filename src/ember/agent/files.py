@@ -37,24 +37,26 @@ The module avoids ``shutil`` and ``tempfile``: in the guest their imports
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import itertools
 import os
 import socket
 import stat
 import threading
+from collections.abc import Iterator
 from typing import Any
 
 from ember.agent.common import BadRequest, ClientGone, kept_stream, opt_bool, opt_int, req_path
 from ember.protocol import (
     CHUNK_SIZE,
-    HEADER,
     MAX_FRAME,
     Kind,
     ProtocolError,
     encode_json,
     read_frame,
     write_frame,
+    write_frames,
     write_json,
 )
 
@@ -69,6 +71,19 @@ HPAGE_PMD_SIZE = 2 << 20
 _NO_NEW_FILES = frozenset({errno.ENOENT, errno.EACCES, errno.EPERM})
 # Read buffers are reused: in the guest a fresh 256 KiB buffer costs 64 page faults.
 _buffers: list[bytearray] = []
+
+
+@contextlib.contextmanager
+def _chunk_buffer() -> Iterator[bytearray]:
+    """A CHUNK_SIZE buffer of the reused ones (a new one when all are in use), given back."""
+    try:
+        buf = _buffers.pop()
+    except IndexError:
+        buf = bytearray(CHUNK_SIZE)
+    try:
+        yield buf
+    finally:
+        _buffers.append(buf)
 
 
 def _create(tmp: str, directory: str, *, make_parents: bool) -> int:
@@ -233,20 +248,11 @@ def handle_file_write(conn: socket.socket, req: dict[str, Any]) -> None:
 
 def handle_file_read(conn: socket.socket, req: dict[str, Any]) -> None:
     path = req_path(req)
-    with open(path, "rb", buffering=0) as f:
-        try:
-            buf = _buffers.pop()
-        except IndexError:
-            buf = bytearray(CHUNK_SIZE)
-        try:
-            view = memoryview(buf)
-            total = 0
-            while n := f.readinto(buf):
-                write_frame(conn, Kind.DATA, view[:n])
-                total += n
-            view.release()
-        finally:
-            _buffers.append(buf)
+    with open(path, "rb", buffering=0) as f, _chunk_buffer() as buf, memoryview(buf) as view:
+        total = 0
+        while n := f.readinto(buf):
+            write_frame(conn, Kind.DATA, view[:n])
+            total += n
     write_frame(conn, Kind.DATA_EOF)
     write_json(conn, Kind.RESULT, {"size": total})
 
@@ -265,40 +271,20 @@ def handle_file_get(conn: socket.socket, req: dict[str, Any]) -> None:
             # the emulated kernel ~20-40 ms per 64 KiB here.
             write_json(conn, Kind.RESULT, {"size": None, "whole": False})
             return
-        try:
-            buf = _buffers.pop()
-        except IndexError:
-            buf = bytearray(CHUNK_SIZE)
-        try:
-            with memoryview(buf) as whole:
-                # One byte more than asked for: a size the kernel does not know (/proc, a
-                # device) is learnt by reading.
-                view = whole[: limit + 1]
-                size = 0
-                while size < len(view) and (n := os.readv(fd, [view[size:]])):
-                    size += n
-                if size > limit:
-                    write_json(conn, Kind.RESULT, {"size": None, "whole": False})
-                    return
-                result = encode_json({"size": size, "whole": True})
-                # One write, so one packet through the guest kernel for both frames.
-                parts = [HEADER.pack(size, Kind.DATA), view[:size]]
-                parts += [HEADER.pack(len(result), Kind.RESULT), result]
-                _send_parts(conn, parts)
-        finally:
-            _buffers.append(buf)
+        with _chunk_buffer() as buf, memoryview(buf) as whole:
+            # One byte more than asked for: a size the kernel does not know (/proc, a
+            # device) is learnt by reading.
+            view = whole[: limit + 1]
+            size = 0
+            while size < len(view) and (n := os.readv(fd, [view[size:]])):
+                size += n
+            if size > limit:
+                write_json(conn, Kind.RESULT, {"size": None, "whole": False})
+                return
+            result = encode_json({"size": size, "whole": True})
+            write_frames(conn, ((Kind.DATA, view[:size]), (Kind.RESULT, result)))
     finally:
         os.close(fd)
-
-
-def _send_parts(conn: socket.socket, parts: list[Any]) -> None:
-    """``parts`` (bytes-like) in order, by one ``sendmsg`` when the socket takes them all."""
-    sent = conn.sendmsg(parts)
-    for part in parts:
-        size = memoryview(part).nbytes
-        if sent < size:
-            conn.sendall(memoryview(part)[sent:])
-        sent = max(0, sent - size)
 
 
 def handle_stat(conn: socket.socket, req: dict[str, Any]) -> None:

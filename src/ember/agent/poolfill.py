@@ -7,9 +7,7 @@ while the sandbox is idle), hands members over and reports; its
 what the pool's own thread does (:meth:`PoolFiller._loop`): the first fill, refills forked by
 the mother or started as fresh ``python3`` processes, holders killed, and each start stopped
 (``SIGSTOP``) while a request is in flight, or lifted to the agent's priority while an exec
-waits for it.
-
-Runs in the guest: standard library only.
+waits for it. Runs in the guest: standard library only.
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ that is not a pool member clones a holder of its own (``pyclone.holder_without``
 our socket, whose end is how we hear of its death), which the pool frees when idle: the
 template's worker's death is then reported in ~0.05 s instead of the ~4 s the guest kernel
 takes to tear down its heap and its mapping of the shared region. A replacement maps only
-its two code slots of that region.
+its code slots of that region (:data:`ember.ring.CODE_SLOTS`).
 
 The calls themselves (:class:`ember.agent.runcode.CodeRunner`) hold :attr:`_lock` for a
 whole call; everything here that starts or discards a worker runs with it held, except the

@@ -58,6 +58,19 @@ T = TypeVar("T")
 _CLOCK = time.monotonic
 
 
+class _Lender:
+    """The client's kept connections, lent to its file transfers through the region."""
+
+    def __init__(self, client: AgentClient) -> None:
+        self._client = client
+
+    def take(self) -> socket.socket | None:
+        return self._client._take_kept()
+
+    def keep(self, sock: socket.socket) -> None:
+        self._client._keep(sock)
+
+
 class AgentClient:
     """Blocking client for the guest agent; thread-safe.
 
@@ -95,7 +108,7 @@ class AgentClient:
         files_ring = None
         if shm is not None:
             session = self._session
-            files_ring = FileRing(shm, connect, session.encode, session.bounds)
+            files_ring = FileRing(shm, connect, session.encode, session.bounds, _Lender(self))
         self._resume = resume
         self._pool: KeepalivePool[socket.socket] = KeepalivePool(_CLOCK)
         self._lock = threading.Lock()

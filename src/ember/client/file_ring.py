@@ -11,6 +11,15 @@ not know the ops (built before them) or cannot see the slot. The caller then use
 vsock. Everything the guest writes is checked: records by :class:`ember.ring.RingReader`
 against this side's capacity, sizes against what crossed, and a guest that stops making
 progress for the call timeout ends the transfer with :class:`SandboxTimeout`.
+
+With ``kept`` (the blocking client's kept connections) a transfer rides a kept connection
+and asks to keep it: a new vsock connection costs the guest an accept and a hand-over
+between the agent's threads, ~70 ms of a small transfer's ~100 here. The connection also
+carries the wake-up bytes of a side that sleeps, and one this side sends may arrive after
+the guest stopped waiting for it (it saw the ring move first) and be left unread, where
+the next request would be read from. So a connection on which this side sent a wake-up is
+closed after the transfer, never kept: only a transfer that never filled the ring, or
+never found the guest asleep, keeps it, and those are the small ones this is for.
 """
 
 from __future__ import annotations
@@ -19,10 +28,10 @@ import contextlib
 import select
 import socket
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, Protocol
 
 from ember.client import results
-from ember.client.bounds import CallBounds, file_too_large
+from ember.client.bounds import CallBounds, Deadline, file_too_large
 from ember.client.shm import HostRegion, Lease, drain_doorbell, nudge, spin
 from ember.client.sockets import read_frame, send_frame
 from ember.client.wire import (
@@ -45,6 +54,13 @@ FALLBACK_TYPES = ("RingUnavailable",)
 
 Connect = Callable[[], socket.socket]
 Encode = Callable[[dict[str, Any]], bytes]
+
+
+class Kept(Protocol):
+    """Where kept connections come from and go back to (the client's pool)."""
+
+    def take(self) -> socket.socket | None: ...
+    def keep(self, sock: socket.socket) -> None: ...
 
 
 class _AgentSpoke(Exception):
@@ -76,7 +92,8 @@ class FileRing:
 
     ``region`` gives the region shared with the sandbox's channels (their leases and
     these come from one pool); ``connect`` opens an agent connection; ``encode`` turns
-    a request into its REQUEST payload (it carries a restored VM's resume announcement).
+    a request into its REQUEST payload (it carries a restored VM's resume announcement);
+    ``kept``, if given, lends kept connections and takes back those the agent agreed to keep.
     """
 
     def __init__(
@@ -85,11 +102,13 @@ class FileRing:
         connect: Connect,
         encode: Encode,
         bounds: CallBounds,
+        kept: Kept | None = None,
     ) -> None:
         self._region = region
         self._connect = connect
         self._encode = encode
         self._bounds = bounds
+        self._kept = kept
         self.supported = True  # False once the agent turned out not to know the ops
         self.transfers = 0  # transfers carried by the ring (tests and benchmarks read it)
 
@@ -105,13 +124,15 @@ class FileRing:
             if lease is None:
                 return None
             region, held = lease
-            with self._connect() as sock:
-                first = self._ask(sock, request, held)
-                if first is None:
+            request = {**request, "slot": held.slot, "lease": held.token}
+            sock = self._open(request, self._bounds.call("file_ring_write", None))
+            with self._closed_unless_kept(sock) as done:
+                first = read_frame(sock, self._bounds.call("file_ring_write", None))
+                if self._declined(first):
                     return None
-                if first[0] is not Kind.DATA or first[1]:
+                if first is None or first[0] is not Kind.DATA or first[1]:
                     raise unexpected(first, "file_ring_write")
-                size = self._produce(sock, region, held, data, path)
+                size, done.result, done.nudged = self._produce(sock, region, held, data, path)
         self.transfers += 1
         return size
 
@@ -120,11 +141,59 @@ class FileRing:
         with self._leased() as lease:
             if lease is None:
                 return None
-            with self._connect() as sock:
-                size = self._consume(sock, lease[1], path, sink, limit)
-        if size is not None:
-            self.transfers += 1
+            held = lease[1]
+            request = {"op": "file_ring_read", "path": path, "slot": held.slot, "lease": held.token}
+            sock = self._open(request, self._bounds.send())
+            with self._closed_unless_kept(sock) as done:
+                read = self._consume(sock, held, path, sink, limit)
+                if read is None:
+                    return None
+                size, done.result, done.nudged = read
+        self.transfers += 1
         return size
+
+    # -- the connection ---------------------------------------------------------------
+
+    def _open(self, request: dict[str, Any], deadline: Deadline) -> socket.socket:
+        """A connection with ``request`` sent on it: a kept one when there is one."""
+        if self._kept is not None:
+            request = {**request, "keepalive": True}
+        payload = self._encode(request)
+        sock = self._kept.take() if self._kept is not None else None
+        if sock is not None:
+            try:
+                send_frame(sock, Kind.REQUEST, payload, deadline)
+                return sock
+            except SandboxTimeout:
+                sock.close()
+                raise
+            except OSError:  # closed under us before the request left: nothing ran
+                sock.close()
+        sock = self._connect()
+        try:
+            send_frame(sock, Kind.REQUEST, payload, deadline)
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+
+    @contextlib.contextmanager
+    def _closed_unless_kept(self, sock: socket.socket) -> Iterator[_Ending]:
+        """Closes ``sock`` after the transfer, unless it ended well with the agent agreeing
+        to keep the connection and no wake-up byte of ours possibly left unread on it."""
+        done = _Ending()
+        kept = False
+        try:
+            yield done
+            kept = (
+                self._kept is not None and done.nudged == 0 and done.result.get("keepalive") is True
+            )
+        finally:
+            if kept:
+                assert self._kept is not None
+                self._kept.keep(sock)
+            else:
+                sock.close()
 
     # -- the two directions -------------------------------------------------------------
 
@@ -145,15 +214,6 @@ class FileRing:
         finally:
             region.release(held)
 
-    def _ask(self, sock: socket.socket, request: dict[str, Any], held: Lease) -> Frame | None:
-        """Send the request; its first answer, or None for "use vsock" (ERROR frames
-        other than those raise)."""
-        request = {**request, "slot": held.slot, "lease": held.token}
-        deadline = self._bounds.call(str(request["op"]), None)
-        send_frame(sock, Kind.REQUEST, self._encode(request), deadline)
-        first = read_frame(sock, deadline)
-        return None if self._declined(first) else first
-
     def _declined(self, frame: Frame | None) -> bool:
         if frame is None or frame[0] is not Kind.ERROR:
             return False
@@ -167,7 +227,8 @@ class FileRing:
 
     def _produce(
         self, sock: socket.socket, region: HostRegion, held: Lease, data: Source, path: str
-    ) -> int:
+    ) -> tuple[int, dict[str, Any], int]:
+        """Bytes sent, the RESULT, and how many wake-up bytes went on the connection."""
         ctl, ring_data, doorbell = region.slot(held.slot)
         progress = _Progress(self._bounds, f"writing {path}")
         poller = select.poll()
@@ -182,7 +243,8 @@ class FileRing:
                 else:
                     raise _AgentSpoke
 
-        writer = RingWriter(ctl, ring_data, _Bell(sock), room)
+        bell = _Bell(sock)
+        writer = RingWriter(ctl, ring_data, bell, room)
         sent = 0
         try:
             for piece in data_chunks(data):
@@ -196,10 +258,11 @@ class FileRing:
         except BrokenPipeError:
             raise ProtocolError(f"the guest took the ring back while writing {path}") from None
         frame = self._await_frame(sock, lambda: int(ctl[TAIL]), progress)
-        size = results.parse_size(check_result(frame, "file_ring_write"))
+        result = check_result(frame, "file_ring_write")
+        size = results.parse_size(result)
         if size != sent:
             raise ProtocolError(f"file_ring_write took {sent} bytes but said it wrote {size}")
-        return size
+        return size, result, bell.rung
 
     def _await_frame(
         self, sock: socket.socket, position: Callable[[], int], progress: _Progress
@@ -218,15 +281,15 @@ class FileRing:
         path: str,
         sink: Callable[[bytes], object],
         limit: int | None,
-    ) -> int | None:
-        request = {"op": "file_ring_read", "path": path, "slot": held.slot, "lease": held.token}
-        send_frame(sock, Kind.REQUEST, self._encode(request), self._bounds.send())
+    ) -> tuple[int, dict[str, Any], int] | None:
+        """Bytes read, the RESULT, and how many wake-up bytes went on the connection; None:
+        the agent declined before sending anything (use vsock)."""
         reader = held.reader
         progress = _Progress(self._bounds, f"reading {path}")
         poller = select.poll()
         poller.register(sock, select.POLLIN)
         poller.register(held.doorbell, select.POLLIN)
-        total = 0
+        total = nudged = 0
 
         def use(view: memoryview) -> bool:
             nonlocal total
@@ -243,6 +306,7 @@ class FileRing:
                 if reader.take(use):
                     if reader.producer_waiting():
                         nudge(sock)
+                        nudged += 1
                     continue
                 if answered:  # every record was published before the answer was sent
                     break
@@ -264,10 +328,19 @@ class FileRing:
                     poller.unregister(sock)
         except RingError as exc:
             raise ProtocolError(f"the guest broke its ring while sending {path}: {exc}") from None
-        size = results.parse_size(check_result(answer, "file_ring_read"))
+        result = check_result(answer, "file_ring_read")
+        size = results.parse_size(result)
         if size != total:
             raise ProtocolError(f"file_ring_read sent {total} bytes but said {size}")
-        return total
+        return total, result, nudged
+
+
+class _Ending:
+    """How a transfer ended, for whether its connection may be kept."""
+
+    def __init__(self) -> None:
+        self.result: dict[str, Any] = {}
+        self.nudged = 0
 
 
 class _Bell:
@@ -275,6 +348,8 @@ class _Bell:
 
     def __init__(self, sock: socket.socket) -> None:
         self._sock = sock
+        self.rung = 0
 
     def __setitem__(self, index: int, value: int) -> None:
         nudge(self._sock)
+        self.rung += 1
