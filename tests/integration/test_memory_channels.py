@@ -176,30 +176,52 @@ def test_files_cross_a_ring_both_ways_and_arrive_whole(sb: Sandbox) -> None:
     sb.files.remove("/tmp/ring", recursive=True)
 
 
-def test_small_files_come_whole_in_one_exchange_and_larger_ones_by_the_ring(sb: Sandbox) -> None:
-    """A file up to FILE_GET_MAX comes whole in one short exchange on a kept connection
-    (``file_get``), not by a slot's hand-shake; a larger one still crosses a ring."""
+def test_reads_ride_a_kept_connection_through_a_slot_or_come_whole_without_one(
+    sb: Sandbox,
+) -> None:
+    """Every read crosses a slot on the kept connection, small or not (a small file then
+    costs what one short exchange does); with no slot free, a file up to FILE_GET_MAX comes
+    whole in one short exchange (``file_get``) and a larger one over vsock."""
     from ember.protocol import FILE_GET_MAX
 
-    files = sb._client.files
-    ring = files._ring
+    client = sb._client
+    ring = client.files._ring
     assert ring is not None
     small = {"/tmp/get/a.txt": b"", "/tmp/get/b.txt": b"hi\n", "/tmp/get/c": b"q" * FILE_GET_MAX}
     for path, data in small.items():
         sb.files.write(path, data)
     larger = bytes(range(256)) * (FILE_GET_MAX // 256 + 1)
     sb.files.write("/tmp/get/larger", larger)
+    connects: list[int] = []
+    for owner in (client, ring):
+        original = owner._connect
+        owner._connect = lambda original=original: connects.append(1) or original()
+    sb.ping()  # the kept connection every read below rides
+    connects.clear()
     before = ring.transfers
     for path, data in small.items():
         assert sb.files.read(path) == data
     assert sb.files.read("/proc/self/status").startswith(b"Name:")  # size unknown to stat
-    assert ring.transfers == before and files._session.file_get  # the agent knows the op
     assert sb.files.read("/tmp/get/larger") == larger
-    assert ring.transfers == before + 1
+    assert ring.transfers == before + len(small) + 2 and not connects
     with pytest.raises(FileNotFoundError):
         sb.files.read("/tmp/get/missing")
     with pytest.raises(IsADirectoryError):
         sb.files.read("/tmp/get")
+    region = client._shm() if client._shm is not None else None
+    assert region is not None
+    held = []
+    while (lease := region.lease(0)) is not None:  # every data slot taken
+        held.append(lease)
+    try:
+        before = ring.transfers
+        for path, data in small.items():
+            assert sb.files.read(path) == data
+        assert sb.files.read("/tmp/get/larger") == larger
+        assert ring.transfers == before and client._session.file_get  # the agent knows the op
+    finally:
+        for lease in held:
+            region.release(lease)
     sb.files.remove("/tmp/get", recursive=True)
 
 

@@ -102,19 +102,19 @@ def test_a_stream_source_an_append_and_an_empty_file(rig: Rig, tmp_path: Path) -
     assert target.read_bytes() == b"a" * 100_000 + b"b" * 10
     assert rig.client.files.write(tmp_path / "empty", b"") == 0
     assert (tmp_path / "empty").read_bytes() == b""
-    assert rig.client.files.read(tmp_path / "empty") == b""
-    # the small bytes (append, empty) went with their REQUEST over vsock, not a slot, and
-    # the empty file came back whole in one exchange (file_get): only the stream took one
+    # the small bytes (append, empty) went with their REQUEST over vsock, not a slot: only
+    # the stream took one
     assert rig.ring.transfers == 1
-    assert rig.client.files.read_into(tmp_path / "empty", io.BytesIO()) == 0  # streams: a slot
-    assert rig.ring.transfers == 2
+    assert rig.client.files.read(tmp_path / "empty") == b""  # reads take a slot, small or not
+    assert rig.client.files.read_into(tmp_path / "empty", io.BytesIO()) == 0
+    assert rig.ring.transfers == 3
 
 
 def test_guest_errors_arrive_as_they_do_over_vsock(rig: Rig, tmp_path: Path) -> None:
-    with pytest.raises(AgentFileNotFoundError):  # small reads ask file_get first: no slot
+    with pytest.raises(AgentFileNotFoundError):  # through a slot, given back
         rig.client.files.read(tmp_path / "missing")
-    assert rig.region.leases == 0
-    with pytest.raises(AgentFileNotFoundError):  # read_into streams: through a slot
+    assert rig.region.leases == 1
+    with pytest.raises(AgentFileNotFoundError):
         rig.client.files.read_into(tmp_path / "missing", io.BytesIO())
     keep = tmp_path / "keep"
     keep.write_bytes(b"old")
@@ -128,7 +128,7 @@ def test_guest_errors_arrive_as_they_do_over_vsock(rig: Rig, tmp_path: Path) -> 
     out = io.BytesIO()
     assert rig.client.files.read_into(keep, out) == 3  # the slot came back after each failure
     assert out.getvalue() == b"old"
-    assert rig.region.leases == 4 and rig.ring.transfers == 1
+    assert rig.region.leases == 5 and rig.ring.transfers == 1
 
 
 def test_no_free_slot_or_an_agent_without_the_ops_means_vsock(rig: Rig, tmp_path: Path) -> None:
@@ -147,6 +147,13 @@ def test_no_free_slot_or_an_agent_without_the_ops_means_vsock(rig: Rig, tmp_path
     assert rig.client.files.write(target, big) == len(big)
     assert rig.ring.supported is False and rig.ring.transfers == 0
     assert rig.client.files.read(target) == big
+    # Bytes go into the ring before the agent answers; declined, they all go over vsock,
+    # also when the ring filled up before the answer came.
+    rig.ring.supported = True
+    huge = os.urandom(3 * SLOT_SIZE)
+    assert rig.client.files.write(target, huge) == len(huge)
+    assert target.read_bytes() == huge and rig.ring.supported is False
+    assert rig.ring.transfers == 0
 
 
 def test_a_transfer_that_woke_no_one_rides_and_keeps_the_kept_connection(

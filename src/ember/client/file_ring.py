@@ -127,12 +127,16 @@ class FileRing:
             request = {**request, "slot": held.slot, "lease": held.token}
             sock = self._open(request, self._bounds.call("file_ring_write", None))
             with self._closed_unless_kept(sock) as done:
-                first = read_frame(sock, self._bounds.call("file_ring_write", None))
-                if self._declined(first):
+                # Bytes in hand are written into the ring at once, before the agent says it
+                # took the slot (a round trip saved); a declined request then leaves them
+                # for vsock. A stream is read only once the ring is known to be taken.
+                taken = not isinstance(data, bytes | bytearray | memoryview)
+                if taken and not self._taken(sock):
                     return None
-                if first is None or first[0] is not Kind.DATA or first[1]:
-                    raise unexpected(first, "file_ring_write")
-                size, done.result, done.nudged = self._produce(sock, region, held, data, path)
+                produced = self._produce(sock, region, held, data, path, taken)
+                if produced is None:
+                    return None
+                size, done.result, done.nudged = produced
         self.transfers += 1
         return size
 
@@ -225,22 +229,45 @@ class FileRing:
             return True
         raise error
 
+    def _taken(self, sock: socket.socket) -> bool:
+        """The agent's first answer to a ``file_ring_write``: True for "the ring is taken",
+        False for "use vsock"; anything else raises."""
+        first = read_frame(sock, self._bounds.call("file_ring_write", None))
+        if self._declined(first):
+            return False
+        if first is None or first[0] is not Kind.DATA or first[1]:
+            raise unexpected(first, "file_ring_write")
+        return True
+
     def _produce(
-        self, sock: socket.socket, region: HostRegion, held: Lease, data: Source, path: str
-    ) -> tuple[int, dict[str, Any], int]:
-        """Bytes sent, the RESULT, and how many wake-up bytes went on the connection."""
+        self,
+        sock: socket.socket,
+        region: HostRegion,
+        held: Lease,
+        data: Source,
+        path: str,
+        taken: bool,
+    ) -> tuple[int, dict[str, Any], int] | None:
+        """Bytes sent, the RESULT, and how many wake-up bytes went on the connection; None:
+        the agent declined the slot (only when not ``taken`` yet: nothing was consumed)."""
         ctl, ring_data, doorbell = region.slot(held.slot)
         progress = _Progress(self._bounds, f"writing {path}")
         poller = select.poll()
         poller.register(sock, select.POLLIN)
         poller.register(doorbell, select.POLLIN)
 
+        declined = False
+
         def room() -> None:  # the guest frees room as it writes the file
+            nonlocal taken, declined
             progress.check(int(ctl[TAIL]))  # what the guest has consumed
             for fd, _ in poller.poll(POLL_S * 1000):
                 if fd == doorbell:
                     drain_doorbell(doorbell)
-                else:
+                elif taken:
+                    raise _AgentSpoke
+                elif not (taken := self._taken(sock)):
+                    declined = True
                     raise _AgentSpoke
 
         bell = _Bell(sock)
@@ -257,6 +284,8 @@ class FileRing:
             pass  # the agent answered early (an error, or it went away): read it
         except BrokenPipeError:
             raise ProtocolError(f"the guest took the ring back while writing {path}") from None
+        if declined or not (taken or self._taken(sock)):
+            return None
         frame = self._await_frame(sock, lambda: int(ctl[TAIL]), progress)
         result = check_result(frame, "file_ring_write")
         size = results.parse_size(result)

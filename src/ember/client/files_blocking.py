@@ -2,10 +2,10 @@
 
 The asyncio twin is :class:`ember.client.aio.AsyncFiles`. What each operation means
 lives in :mod:`ember.client.core`; this picks the cheapest way to move its bytes: a
-small write rides inline with its request (one packet on a kept connection), a small read
-comes whole in one short exchange (:mod:`ember.client.file_get`), a larger write or read
-goes through the shared region's ring when a slot is free (:mod:`ember.client.file_ring`),
-and the rest over a connection to the agent.
+small write rides inline with its request (one packet on a kept connection), a larger write
+and any read go through the shared region's ring when a slot is free, on a kept connection
+(:mod:`ember.client.file_ring`), a small read without a slot comes whole in one short
+exchange (:mod:`ember.client.file_get`), and the rest over a connection to the agent.
 :class:`Files` holds no connection of its own: the
 :class:`~ember.client.blocking.AgentClient` that owns it lends its ``_run`` and ``_start``.
 """
@@ -69,17 +69,19 @@ class Files:
         self, path: PathArg, sink: Callable[[bytes], object], limit: int | None, small_first: bool
     ) -> int:
         op = self._session.read_file(path, sink, limit)  # checks the arguments
-        # A small file comes whole in one exchange; read_into is for big ones: straight on.
+        # The ring rides a kept connection: a small file costs what file_get costs, and a
+        # larger one is not asked about first. Without a free slot, a small file still comes
+        # whole in one exchange (read_into is for big ones: straight on).
+        if self._ring is not None:
+            size = self._ring.read(os.fspath(path), sink, op.limit)
+            if size is not None:
+                return size
         get = self._session.get_file(path, op.limit) if small_first else None
         if get is not None:
             self._run(get)
             if (data := self._session.got_file(get)) is not None:
                 sink(data)
                 return len(data)
-        if self._ring is not None:
-            size = self._ring.read(os.fspath(path), sink, op.limit)
-            if size is not None:
-                return size
         read: int = self._run(op)
         return read
 
