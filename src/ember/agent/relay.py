@@ -10,7 +10,8 @@ given the guest's costs (syscall ~0.3 ms):
   unless a timeout is pending. Output is read in ≤64 KiB pieces and sent at
   once, so the agent holds at most one piece: when the host stops reading,
   ``sendall`` blocks, the pipes fill and the command itself blocks.
-* The deadline is a separate timer because ``sendall`` may be blocked on a slow
+* The deadline is kept by another thread (the agent's one deadline thread,
+  :mod:`ember.agent.deadlines`) because ``sendall`` may be blocked on a slow
   client exactly when the deadline passes.
 * After the command exits we keep relaying until its pipes close (background
   jobs still writing are part of its output), unless the group was killed:
@@ -33,6 +34,7 @@ from typing import IO
 
 from ember import ring
 from ember.agent.common import ClientGone
+from ember.agent.deadlines import DEADLINES
 from ember.agent.filering import Slot
 from ember.protocol import Kind, ProtocolError, read_frame, write_frame, write_json
 
@@ -66,6 +68,10 @@ class _Run:
                 os.killpg(self.proc.pid, signal.SIGKILL)
             except (ProcessLookupError, PermissionError):
                 pass  # the whole group is gone already
+
+    def time_out(self) -> None:
+        """The deadline passed (on :data:`DEADLINES`' thread)."""
+        self.kill(timed_out=True)
 
 
 def _write_all(fd: int, data: bytes) -> None:
@@ -237,11 +243,7 @@ def _serve(
 ) -> None:
     started = time.monotonic()
     run = _Run(proc)
-    timer: threading.Timer | None = None
-    if timeout is not None:
-        timer = threading.Timer(timeout, run.kill, kwargs={"timed_out": True})
-        timer.daemon = True
-        timer.start()
+    deadline = None if timeout is None else DEADLINES.add(timeout, run.time_out)
     finished = False
     try:
         try:
@@ -251,16 +253,17 @@ def _serve(
                     target=_pump_stdin, args=(conn, proc.stdin, run), daemon=True
                 )
                 pump.start()
+            timed = deadline is not None
             exited_at = _relay(
-                conn, run, watch_client=not want_stdin, timed=timer is not None, ring_out=ring_out
+                conn, run, watch_client=not want_stdin, timed=timed, ring_out=ring_out
             )
             with run.lock:
                 run.done = True
             returncode = proc.wait()
             finished = True
         finally:
-            if timer is not None:
-                timer.cancel()
+            if deadline is not None:
+                DEADLINES.cancel(deadline)
             if not finished:
                 run.done = True
                 run.kill()

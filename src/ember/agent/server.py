@@ -34,6 +34,7 @@ from typing import Any
 
 from ember.agent import shm
 from ember.agent.common import BadRequest, ClientGone, kept_stream, log, opt_str
+from ember.agent.deadlines import DEADLINES
 from ember.agent.execute import exec_handler
 from ember.agent.filering import FILE_RING_OPS
 from ember.agent.files import FILE_OPS
@@ -73,6 +74,7 @@ class AgentServer:
         pool: InterpreterPool | None = None,
     ) -> None:
         self._listener = listener
+        DEADLINES.start()  # here, so the template holds the thread: no exec starts one
         self.resume = ResumeState()
         self.resume.warm()
         # File transfers through the region write from and read into these mappings:
