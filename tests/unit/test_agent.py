@@ -16,6 +16,7 @@ import signal
 import socket
 import stat
 import struct
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -25,7 +26,8 @@ from pathlib import Path
 import pytest
 
 from ember import protocol
-from ember.agent import channel
+from ember.agent import channel, relay
+from ember.agent.deadlines import Deadlines
 from ember.client import AgentClient, AsyncAgentClient, ChannelServer
 from ember.errors import (
     AgentError,
@@ -254,6 +256,65 @@ def test_timeout_kills_the_whole_group(agent: Agent) -> None:
     pgid = int(result.stdout.split()[0])
     assert wait_group_gone(pgid) == []
     assert agent.client.exec(["echo", "still here"]).stdout == b"still here\n"
+
+
+def test_a_timed_command_that_never_blocks_the_relay_never_wakes_the_deadline_thread(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Waking the agent's deadline thread costs the guest a GIL hand-over storm: an exec
+    whose relay never blocks keeps its deadline in its own poll."""
+    added: list[float] = []
+
+    class Recording(Deadlines):
+        def add(self, seconds: float, action: Callable[[], object]) -> int:
+            added.append(seconds)
+            return super().add(seconds, action)
+
+    monkeypatch.setattr(relay, "DEADLINES", Recording())
+    a, b = socket.socketpair()
+    with a, b:
+        proc = subprocess.Popen(
+            ["sh", "-c", "echo hi"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            stdin=subprocess.DEVNULL, start_new_session=True,
+        )  # fmt: skip
+        relay._serve(a, proc, 60.0, False, None)
+        frames = [read_frame(b), read_frame(b)]
+    assert frames[0] == (Kind.STDOUT, b"hi\n")
+    assert frames[1] is not None and protocol.decode_json(frames[1][1])["exit_code"] == 0
+    assert added == []
+
+
+def _state(pid: int) -> str:
+    """A process's state letter (``Z``: dead, not yet reaped), or ``gone``."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return "gone"
+
+
+def test_a_deadline_passes_while_the_host_reads_nothing(agent: Agent) -> None:
+    """The relay keeps a deadline in its own poll, but a host that stops reading blocks its
+    send: the deadline must still kill the command then, not once the host reads again
+    (the agent's deadline thread does it)."""
+    total = 256 << 20
+    with agent.connect() as sock:
+        shell = f"echo $$; exec head -c {total} /dev/zero"
+        write_json(sock, Kind.REQUEST, {"op": "exec", "shell": shell, "timeout": 0.5})
+        first = read_frame(sock)
+        assert first is not None and first[0] is Kind.STDOUT
+        pid = int(first[1].split(b"\n", 1)[0])
+        time.sleep(3.0)  # far past the deadline, reading nothing: the agent's send blocks
+        assert _state(pid) in ("Z", "gone")  # killed while the host still read nothing
+        out, result = len(first[1]), None
+        while (frame := read_frame(sock)) is not None:
+            kind, payload = frame
+            if kind is Kind.RESULT:
+                result = protocol.decode_json(payload)
+                break
+            assert kind is Kind.STDOUT
+            out += len(payload)
+    assert result is not None and result["timed_out"] is True and result["signal"] == 9
+    assert out < total
 
 
 @pytest.mark.parametrize("command", ["exec yes", "exec sleep 1000"])  # loud and silent

@@ -5,7 +5,10 @@ In the guest a new thread is a ``clone``, a fresh stack whose first touches faul
 hand-overs of its start, its cancel and its end; measured here, an ``exec`` of
 ``python3 -c`` took ~95 ms longer with a timeout than without (~370 against ~275 ms), and
 the MCP server and most agents always pass one. This thread is started when the agent
-starts, so it is part of the template and every restored sandbox has it, already warm.
+starts, so it is part of the template and every restored sandbox has it, already warm. The
+relay hands it a deadline only when it may block past it (``ember.agent.relay._Run.arm``):
+waking this thread costs a GIL hand-over between two of the agent's threads (~44k emulated
+instructions), so an exec that finishes without blocking never wakes it.
 
 How: a heap of (when, key) and a :class:`threading.Condition`. :meth:`Deadlines.add` wakes
 the thread only when the new deadline is the earliest (the thread sleeps towards the
