@@ -44,11 +44,9 @@ from ember.client.session import (
     streamed,
 )
 from ember.client.shm import HostRegion
-from ember.client.sockets import drive, send_frame, still_open
+from ember.client.sockets import drive, send_request, still_open
 from ember.client.terminal import Terminal
 from ember.client.wire import Source
-from ember.errors import SandboxTimeout
-from ember.protocol import Kind
 
 __all__ = ["AgentClient", "Connect", "ExecStream", "Files"]
 
@@ -119,23 +117,8 @@ class AgentClient:
         """A connection with ``op``'s REQUEST (and ``trailer``, frames that follow it) sent
         on it: a kept one if ``op`` may."""
         payload = self._session.request(op)
-        sock = self._take_kept() if op.keepalive else None
-        if sock is not None:
-            try:
-                send_frame(sock, Kind.REQUEST, payload, op.send_deadline, trailer=trailer)
-                return sock
-            except SandboxTimeout:
-                sock.close()
-                raise
-            except OSError:  # closed under us before the request left: nothing ran
-                sock.close()
-        sock = self._connect()
-        try:
-            send_frame(sock, Kind.REQUEST, payload, op.send_deadline, trailer=trailer)
-        except BaseException:
-            sock.close()
-            raise
-        return sock
+        kept = self._take_kept() if op.keepalive else None
+        return send_request(kept, self._connect, payload, op.send_deadline, trailer=trailer)
 
     def _run(self, op: Operation[T], trailer: bytes = b"") -> T:
         sock = self._start(op, trailer)

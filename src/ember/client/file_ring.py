@@ -33,7 +33,7 @@ from typing import Any, Protocol
 from ember.client import results
 from ember.client.bounds import CallBounds, Deadline, file_too_large
 from ember.client.shm import HostRegion, Lease, drain_doorbell, nudge, spin
-from ember.client.sockets import read_frame, send_frame
+from ember.client.sockets import read_frame, send_request
 from ember.client.wire import (
     Frame,
     Source,
@@ -162,24 +162,8 @@ class FileRing:
         """A connection with ``request`` sent on it: a kept one when there is one."""
         if self._kept is not None:
             request = {**request, "keepalive": True}
-        payload = self._encode(request)
-        sock = self._kept.take() if self._kept is not None else None
-        if sock is not None:
-            try:
-                send_frame(sock, Kind.REQUEST, payload, deadline)
-                return sock
-            except SandboxTimeout:
-                sock.close()
-                raise
-            except OSError:  # closed under us before the request left: nothing ran
-                sock.close()
-        sock = self._connect()
-        try:
-            send_frame(sock, Kind.REQUEST, payload, deadline)
-        except BaseException:
-            sock.close()
-            raise
-        return sock
+        kept = self._kept.take() if self._kept is not None else None
+        return send_request(kept, self._connect, self._encode(request), deadline)
 
     @contextlib.contextmanager
     def _closed_unless_kept(self, sock: socket.socket) -> Iterator[_Ending]:

@@ -12,6 +12,7 @@ import math
 import select
 import socket
 import time
+from collections.abc import Callable
 from typing import TypeVar
 
 from ember import protocol
@@ -21,7 +22,15 @@ from ember.client.wire import Frame, cut_short, frame_header, parse_header
 from ember.errors import SandboxTimeout
 from ember.protocol import HEADER, Kind, Payload
 
-__all__ = ["drive", "read_frame", "readable", "receive_frame", "send_frame", "still_open"]
+__all__ = [
+    "drive",
+    "read_frame",
+    "readable",
+    "receive_frame",
+    "send_frame",
+    "send_request",
+    "still_open",
+]
 
 T = TypeVar("T")
 _CLOCK = time.monotonic
@@ -106,6 +115,35 @@ def send_frame(
     finally:
         if deadline is not None:
             sock.settimeout(previous)
+
+
+def send_request(
+    kept: socket.socket | None,
+    connect: Callable[[], socket.socket],
+    payload: bytes,
+    deadline: Deadline | None,
+    *,
+    trailer: bytes = b"",
+) -> socket.socket:
+    """A connection with a REQUEST sent on it: ``kept`` when it still takes it, else a new
+    one from ``connect``. A kept connection closed under us before the request left ran
+    nothing, so the request goes on a new one; a timeout is the caller's."""
+    if kept is not None:
+        try:
+            send_frame(kept, Kind.REQUEST, payload, deadline, trailer=trailer)
+            return kept
+        except SandboxTimeout:
+            kept.close()
+            raise
+        except OSError:
+            kept.close()
+    sock = connect()
+    try:
+        send_frame(sock, Kind.REQUEST, payload, deadline, trailer=trailer)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
 
 
 def drive(sock: socket.socket, op: Operation[T]) -> T:
