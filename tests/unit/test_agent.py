@@ -258,6 +258,16 @@ def test_timeout_kills_the_whole_group(agent: Agent) -> None:
     assert agent.client.exec(["echo", "still here"]).stdout == b"still here\n"
 
 
+def test_the_deadline_also_ends_a_background_job_that_holds_the_output(agent: Agent) -> None:
+    """The command exits at once, but a job it left in the background keeps its output
+    open: the deadline still kills the group, as it did when a timer thread kept it."""
+    with pytest.raises(SandboxTimeout) as info:
+        agent.client.exec("echo $$; sleep 1000 &", timeout=0.5)
+    result = info.value.result
+    assert result is not None and result.timed_out and result.exit_code == 0
+    assert wait_group_gone(int(result.stdout.split()[0])) == []
+
+
 def test_a_timed_command_that_never_blocks_the_relay_never_wakes_the_deadline_thread(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

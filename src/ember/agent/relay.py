@@ -230,7 +230,6 @@ def _relay(
     run: _Run,
     *,
     watch_client: bool,
-    timed: bool,
     ring_out: _RingOutput | None = None,
 ) -> float:
     """Forward output until the pipes close and the process exits; return its exit time."""
@@ -249,10 +248,10 @@ def _relay(
     exited_at: float | None = None
     try:
         while streams or exited_at is None:
-            if exited_at is None:
-                run.check_deadline()
+            run.check_deadline()  # also once the command exited: its jobs may hold the pipes
             if run.killed_at is not None and time.monotonic() - run.killed_at > KILL_GRACE:
                 break  # something outside the group holds our pipes: stop waiting for it
+            timed = run.deadline_at is not None
             slow = timed or run.killed_at is not None or (pidfd is None and exited_at is None)
             check_exit = pidfd is None
             for fd, events in poller.poll(run.poll_ms(slow)):
@@ -311,10 +310,7 @@ def _serve(
                     target=_pump_stdin, args=(conn, proc.stdin, run), daemon=True
                 )
                 pump.start()
-            timed = timeout is not None
-            exited_at = _relay(
-                conn, run, watch_client=not want_stdin, timed=timed, ring_out=ring_out
-            )
+            exited_at = _relay(conn, run, watch_client=not want_stdin, ring_out=ring_out)
             with run.lock:
                 run.done = True
             returncode = proc.wait()
