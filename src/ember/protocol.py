@@ -171,15 +171,15 @@ def write_frames(sock: socket.socket, frames: Iterable[tuple[Kind, Payload]]) ->
     write is a vsock packet through the emulated kernel, so a DATA frame and its RESULT go
     as one."""
     parts: list[Payload] = []
-    total = 0
+    payloads = 0  # bytes to copy if joined (headers are few and small)
     for kind, payload in frames:
         view = memoryview(payload).cast("B")
         size = view.nbytes
         if size > MAX_FRAME:
             raise ProtocolError(f"refusing to send a {size}-byte frame (limit {MAX_FRAME})")
         parts += (HEADER.pack(size, kind), view) if size else (HEADER.pack(size, kind),)
-        total += HEADER.size + size
-    if total <= _COALESCE:
+        payloads += size
+    if payloads <= _COALESCE:
         sock.sendall(b"".join(parts))
         return
     # Big payloads go out by scatter-gather rather than by copying them into a

@@ -137,6 +137,9 @@ def test_frames_sent_together_arrive_whole_however_much_one_write_took(take: int
         bytes(small.out)
         == header(3, Kind.DATA) + b"abc" + header(len(result), Kind.RESULT) + result
     )
+    edge = _PartialSocket(take)  # a payload of exactly the join size is still joined
+    protocol.write_frame(edge, Kind.DATA, bytes(64 << 10))
+    assert edge.writes == 1 and bytes(edge.out) == header(64 << 10, Kind.DATA) + bytes(64 << 10)
     with pytest.raises(protocol.ProtocolError):  # checked before anything is sent
         protocol.write_frames(
             small, ((Kind.DATA, b"x"), (Kind.DATA, bytes(protocol.MAX_FRAME + 1)))

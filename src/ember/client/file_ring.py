@@ -160,9 +160,10 @@ class FileRing:
 
     def _open(self, request: dict[str, Any], deadline: Deadline) -> socket.socket:
         """A connection with ``request`` sent on it: a kept one when there is one."""
+        kept = None
         if self._kept is not None:
             request = {**request, "keepalive": True}
-        kept = self._kept.take() if self._kept is not None else None
+            kept = self._kept.take()
         return send_request(kept, self._connect, self._encode(request), deadline)
 
     @contextlib.contextmanager
