@@ -89,6 +89,9 @@ def family(name: str) -> str:
 def workload(name: str, sb: Sandbox) -> Callable[[], object]:
     if name == "exec-python":
         return lambda: sb.exec(["python3", "-c", "print(1)"])
+    if name == "run-file":  # what `ember run hello.py` asks: the script sent with the exec
+        script = {"/tmp/ember-run/hello.py": b'print("hello")\n'}
+        return lambda: sb.exec(["python3", "/tmp/ember-run/hello.py"], files=script)
     if name == "ping":
         return sb.ping
     if name == "exec-true":

@@ -78,6 +78,11 @@ KEEPALIVE_OPS = frozenset(
 # more than a kept one.
 KEPT_STREAM_OPS = frozenset({"exec", "file_write", "file_ring_read", "file_ring_write"})
 HOST_CID = 2  # VMADDR_CID_HOST
+# Where ``ember run`` puts its script (``ember.cli.runclient.GUEST_DIR``, kept literal there:
+# that client imports nothing it can avoid). The agent makes it before the template is
+# taken: made per run, it cost each ``ember run`` a failed create, a stat and a mkdir,
+# ~19,000 emulated instructions.
+RUN_DIR = "/tmp/ember-run"
 
 MAX_FRAME = 1 << 20  # largest payload either side accepts
 CHUNK_SIZE = 256 << 10  # file and stdin data are cut into frames of at most this

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from ember.errors import AgentFileNotFoundError, SandboxCrashed, SandboxTimeout
+from ember.protocol import RUN_DIR
 from ember.sandbox import Sandbox
 from tests.integration.conftest import Images, ember
 
@@ -67,6 +68,14 @@ def test_tmp_is_a_tmpfs_of_its_own(sb: Sandbox) -> None:
     options = tmp[0][3].split(",")
     assert "nosuid" in options and "nodev" in options, options
     assert sb.files.stat("/tmp").mode & 0o7777 == 0o1777
+
+
+def test_the_run_scripts_directory_is_in_the_template(images: Images) -> None:
+    # A fresh sandbox, before anything ran in it: the agent made it before the snapshot, so
+    # that no ember run pays for a mkdir (and its failed create and stat) in its guest.
+    with Sandbox() as fresh:
+        info = fresh.files.stat(RUN_DIR)
+        assert info.is_dir and info.mode & 0o777 == 0o755, info
 
 
 SPOT_CHECKS = 16  # 4 KiB blocks of the file, read by the guest itself

@@ -8,6 +8,7 @@ real ``python3`` (``"pool": false``) and requires the same stdout, stderr and st
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import difflib
 import os
@@ -95,9 +96,15 @@ class Agent:
         env: dict[str, str] | None = None,
         cwd: str | None = None,
         timeout: float | None = None,
+        files: dict[str, bytes] | None = None,
     ) -> Run:
         request: dict[str, Any] = {"op": "exec", "argv": argv, "stdin": stdin is not None}
         request["pool"] = pool
+        if files is not None:
+            request["files"] = [
+                {"path": path, "data": base64.b64encode(data).decode()}
+                for path, data in files.items()
+            ]
         for key, value in (("env", env), ("cwd", cwd), ("timeout", timeout)):
             if value is not None:
                 request[key] = value
@@ -370,6 +377,57 @@ def test_a_pre_started_interpreter_is_indistinguishable_from_python3(
 
 
 # -- behaviour around the table ------------------------------------------------------------
+
+
+SENT_SCRIPT = b"""\
+import linecache, os, sys
+print(__file__, sys.argv, sys.path[0] == os.path.realpath(os.path.dirname(__file__)))
+print(sys.path[0])
+print(open(__file__).read() == linecache.getline(__file__, 1) + "".join(
+    linecache.getlines(__file__)[1:]))
+raise SystemExit(int(sys.argv[1]))
+"""
+
+
+def test_a_script_sent_with_its_exec_is_handed_over_and_runs_as_python3_runs_it(
+    agent: Agent, tmp_path: Path
+) -> None:
+    # ember run: the script comes in the request's files and its path is the program. The
+    # interpreter gets the bytes just written with the job; what the program sees (its
+    # __file__, sys.path[0] through a symlinked directory, its own source) is python3's.
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    script = str(tmp_path / "link" / "sent.py")
+    argv, files = ["python3", script, "7"], {script: SENT_SCRIPT}
+    real = agent.run(argv, pool=False, files=files, timeout=60)
+    pooled = agent.pooled(argv, files=files, timeout=60)
+    assert pooled.outcome() == real.outcome()
+    assert real.result["exit_code"] == 7 and str(tmp_path / "real") in real.stdout.decode()
+    assert agent.pool()["last"]["script_handed"] == 1
+    # Not sent with this exec (or not the program): read from the file, as python3 does.
+    again = agent.pooled(argv, timeout=60)
+    assert again.outcome() == real.outcome()
+    assert agent.pool()["last"]["script_handed"] == 0
+    other = str(tmp_path / "other.py")
+    run = agent.pooled(argv, files={other: b"print(1)\n"}, timeout=60)
+    assert run.outcome() == real.outcome()
+    assert agent.pool()["last"]["script_handed"] == 0
+
+
+def test_a_script_sent_twice_in_one_exec_runs_its_last_bytes(agent: Agent, tmp_path: Path) -> None:
+    script = str(tmp_path / "twice.py")
+    request = {"op": "exec", "argv": ["python3", script], "pool": True, "files": [
+        {"path": script, "data": base64.b64encode(text).decode()}
+        for text in (b"print('first')\n", b"print('last')\n")
+    ]}  # fmt: skip
+    agent.wait_full()
+    with agent.connect() as sock:
+        write_json(sock, Kind.REQUEST, request)
+        frames = []
+        while (frame := read_frame(sock)) is not None and frame[0] is not Kind.RESULT:
+            frames.append(frame)
+    assert frames == [(Kind.STDOUT, b"last\n")]
+    assert agent.pool()["last"]["script_handed"] == 1
 
 
 def test_programs_the_pool_cannot_honour_run_as_real_processes(agent: Agent) -> None:

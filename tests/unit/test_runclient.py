@@ -213,3 +213,12 @@ def test_the_full_cli_defaults_are_the_clients(command: str) -> None:
     assert set(runner.SHAPE) == set(runclient.SHAPE_DEFAULTS)
     args = cli_main.build_parser().parse_args([command, "x"])
     assert runner.shape_options(args) == runclient.SHAPE_DEFAULTS
+
+
+def test_the_run_scripts_directory_is_the_one_the_agent_makes_in_the_template() -> None:
+    # A literal in the client (it imports nothing it can avoid): a change on one side only
+    # would put every run's script where no template has a directory ready.
+    from ember.protocol import RUN_DIR
+
+    assert runclient.GUEST_DIR == RUN_DIR
+    assert runclient.script_command("a.py", ["x"]) == ["python3", f"{RUN_DIR}/a.py", "x"]

@@ -14,7 +14,7 @@ Options (for tests and debugging on a normal Linux host):
     --no-worker          do not start the run_code worker until first used
     --preload MOD,MOD    interpreters the agent starts import these first
                          (sets EMBER_PRELOAD: see ember.agent.preload)
-    --pool N             pre-started python3 interpreters for exec (default 2; 0: none;
+    --pool N             pre-started python3 interpreters for exec (default 4; 0: none;
                          see ember.agent.pool)
     --heap-mib N         heap each warm interpreter touches before the snapshot
                          (default 64; see ember.agent.heap)
@@ -51,6 +51,7 @@ from ember.protocol import (
     HOST_CID,
     PROTOCOL_VERSION,
     READY_PORT,
+    RUN_DIR,
     Kind,
     decode_json,
     write_json,
@@ -116,6 +117,14 @@ def _announce(unix_path: str | None) -> None:
         pass  # nobody listening: the host will find us with ping
 
 
+def _make_run_dir() -> None:
+    """:data:`RUN_DIR` in the template, so that no ``ember run`` makes it (see protocol)."""
+    try:
+        os.mkdir(RUN_DIR, 0o755)
+    except OSError:
+        pass  # there already, or /tmp is not writable: a run's file write says why
+
+
 def _count(options: dict[str, str | bool], name: str, env: str, default: int) -> int | None:
     """A non-negative integer option: the command line, else the environment, else default."""
     given = options.get(name)
@@ -148,6 +157,8 @@ def main(argv: list[str] | None = None) -> int:
     # started members have one; the ones the mother forks do not).
     heap = per_interpreter(heap_mib, min(pool_size, STARTED) + int(worker))
     listener = _listen(listen_unix if isinstance(listen_unix, str) else None)
+    if not isinstance(listen_unix, str):  # in the guest: a test's agent leaves the host alone
+        _make_run_dir()
     pool = None
     if pool_size:
         pool = InterpreterPool(

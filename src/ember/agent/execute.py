@@ -60,6 +60,13 @@ if TYPE_CHECKING:
 __all__ = ["KILL_GRACE", "default_env", "exec_handler", "handle_exec"]
 
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+# A script this request writes and runs (``ember run``) goes to the pre-started interpreter
+# with the hand-over, bytes and real path, so it opens nothing: python3's open, fstat, read,
+# readlink and close of it cost ~15,000 emulated instructions here. The bytes are those just
+# written, with nothing run in between; only the file's access time differs (python3's read
+# would set it). A bigger script is read from the file, as python3 does.
+SCRIPT_HANDOVER_MAX = 32 << 10
+Written = dict[str, tuple[bytes, str]]  # path -> (bytes, real path)
 
 
 def default_env() -> dict[str, str]:
@@ -109,16 +116,37 @@ def _files(req: dict[str, Any]) -> list[tuple[str, bytes]]:
     return checked
 
 
-def _write_files(files: list[tuple[str, bytes]]) -> None:
-    """Each file in place (atomically, parents created, an old file's mode kept), in order."""
+def _write_files(files: list[tuple[str, bytes]], argv: list[str]) -> Written:
+    """Each file in place (atomically, parents created, an old file's mode kept), in order;
+    those the command names as an argument, with their bytes and real paths (see
+    :data:`SCRIPT_HANDOVER_MAX`)."""
+    written: Written = {}
     for path, data in files:
         sink = Sink(path, None, append=False)
         try:
             sink.write(data)
+            named = len(data) <= SCRIPT_HANDOVER_MAX and path in argv[1:]
+            real = _real_path(sink, path) if named else None
             sink.commit()
         except BaseException:
             sink.abort()
             raise
+        written.pop(path, None)  # a path given twice: the last bytes are the file's
+        if real is not None:
+            written[path] = (data, real)
+    return written
+
+
+def _real_path(sink: Sink, path: str) -> str | None:
+    """Where ``path`` is once ``sink`` commits: its temporary file's real directory (one
+    readlink, where the interpreter's own realpath would be an lstat per component)."""
+    if sink.tmp is None:
+        return None  # written in place (a device, /proc): an interpreter reads it itself
+    try:
+        real_tmp = os.readlink(f"/proc/self/fd/{sink.fd}")
+    except OSError:
+        return None
+    return os.path.join(os.path.dirname(real_tmp), os.path.basename(path))
 
 
 def exec_handler(
@@ -139,12 +167,13 @@ def _start(
     cwd: str | None,
     want_stdin: bool,
     pool: InterpreterPool | None,
+    written: Written,
 ) -> subprocess.Popen[bytes]:
     use_pool = req.get("pool", True)
     if not isinstance(use_pool, bool):
         raise BadRequest("'pool' must be true or false")
     if pool is not None and use_pool and req.get("shell") is None:
-        proc = pool.take(argv, env, cwd, want_stdin)
+        proc = pool.take(argv, env, cwd, want_stdin, written=written)
         if proc is not None:
             return proc
     try:
@@ -172,8 +201,8 @@ def handle_exec(
     want_stdin = opt_bool(req, "stdin")
     files = _files(req)
     slot = leased_slot(req)
-    _write_files(files)
-    proc = _start(argv, req, env, cwd, want_stdin, pool)
+    written = _write_files(files, argv)
+    proc = _start(argv, req, env, cwd, want_stdin, pool, written)
     try:
         ring_out = None if slot is None else _RingOutput(slot)
         _serve(conn, proc, timeout, want_stdin, ring_out, keep=kept_stream(req), files=len(files))

@@ -219,10 +219,13 @@ class InterpreterPool(PoolFiller):
         want_stdin: bool,
         *,
         io: tuple[int, int, int] | None = None,
+        written: dict[str, tuple[bytes, str]] | None = None,
     ) -> subprocess.Popen[bytes] | None:
         """A pre-started interpreter now running ``argv``, or None: start a real process.
         ``io``: the program's stdin, stdout and stderr, instead of the member's pipes (the
-        run_code worker's replacement: its socket and ``/dev/null``); its Popen has none."""
+        run_code worker's replacement: its socket and ``/dev/null``); its Popen has none.
+        ``written``: files the request just wrote, by path: (bytes, real path); a script
+        among them is handed over with the job, not read again by the interpreter."""
         started = time.monotonic()
         if not self._await_member():
             return None
@@ -238,6 +241,9 @@ class InterpreterPool(PoolFiller):
             check_cwd(argv[0], cwd)
         spec = job_spec(job, env, cwd, executable, want_stdin, self.resume.generation,
                         self.resume.job_seed())  # fmt: skip
+        script = (written or {}).get(job.target) if job.mode == "file" else None
+        if script is not None and os.path.isabs(job.target):
+            spec["script"] = [job.target, *script]  # as the interpreter's _abspath names it
         while True:
             if not self._await_member():  # at once if one is ready; else another exec took it
                 return None
@@ -270,7 +276,8 @@ class InterpreterPool(PoolFiller):
             # For benchmarks and diagnosis: the agent's share of a hand-over, and when the
             # program could start (CLOCK_MONOTONIC, comparable with the program's own clock).
             self._last = {"take_ms": round((time.monotonic() - started) * 1e3, 3),
-                          "handed_at": time.monotonic()}  # fmt: skip
+                          "handed_at": time.monotonic(),
+                          "script_handed": float("script" in spec)}  # fmt: skip
         return proc
 
     @property

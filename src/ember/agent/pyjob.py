@@ -21,8 +21,8 @@ if __name__ != "ember_pystart":  # imported as a module; in BOOT's namespace the
         _cannot_open,
         _getimporter,
         _io_encoding,
+        _job_script,
         _read_all,
-        _read_script,
         _stdio,
     )
     from ember.agent.pywarm import _ordered_profile, _written_pages
@@ -253,7 +253,7 @@ class Job:
         mode, target = spec["mode"], spec["target"]
         if mode == "file":
             path = _abspath(target)
-            self.script = _read_script(path)
+            self.script = _job_script(path, spec.get("script"))
             source, _, real, is_dir = self.script
             # As pymain_run_python: a directory or zip file runs as its __main__ module. Only
             # a file holding a zip end-of-directory record can be a zip: skip the hooks' I/O

@@ -91,6 +91,16 @@ def _read_script(path: str) -> tuple[bytes | None, OSError | None, str | None, b
         os.close(fd)
 
 
+def _job_script(
+    path: str, given: list[Any] | None
+) -> tuple[bytes | None, OSError | None, str | None, bool]:
+    """:func:`_read_script`'s answer for a script the agent just wrote and handed over with
+    the job (``[path, bytes, real path]``: ``ember.agent.execute.SCRIPT_HANDOVER_MAX``)."""
+    if given is not None and given[0] == path:
+        return given[1], None, given[2], False
+    return _read_script(path)
+
+
 def _abspath(path: str) -> str:
     """``_Py_abspath``: the directory joined on, not normalised (``/tmp/./x.py`` stays)."""
     if os.path.isabs(path):

@@ -41,7 +41,7 @@ DIR_ENV = "EMBER_RUNNER_DIR"
 SOCKET = "run.sock"
 MAX_SCRIPT = 8 << 20  # bigger scripts go in-process (the request is one JSON line)
 CONNECT_TIMEOUT_S = 1.0
-GUEST_DIR = "/tmp/ember-run"  # where ``ember run`` puts the script in the guest
+GUEST_DIR = "/tmp/ember-run"  # where ``ember run`` puts the script: ember.protocol.RUN_DIR
 # Frames the daemon sends: a kind byte, a 4-byte big-endian length, the payload.
 STDOUT, STDERR, END, STALE = b"O", b"E", b"X", b"S"
 HEADER = struct.Struct(">cI")
