@@ -979,10 +979,13 @@ def test_a_replacement_run_code_worker_is_a_pre_started_interpreter(agent: Agent
     assert not [p for p in group if Path(f"/proc/{p}").exists()]  # the first's holder too
 
 
-def test_the_end_of_a_request_wakes_the_pools_thread_only_for_work_it_has() -> None:
+def test_the_end_of_a_request_wakes_the_pools_thread_only_for_work_it_has(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     # A wake-up the pool's thread does not need costs the next request a GIL hand-over
     # storm in the guest; one it needs (work wanted, waiting without a deadline) must come,
     # or a refill would wait for the next request. A real thread in PoolFiller._loop.
+    from ember.agent import poolfill
     from ember.agent.pool import InterpreterPool
 
     pool = InterpreterPool(2, idle_s=0.05)
@@ -1016,9 +1019,23 @@ def test_the_end_of_a_request_wakes_the_pools_thread_only_for_work_it_has() -> N
         pool.busy()
         with cond:
             pool._ready.pop()  # an exec took a member: a refill is wanted once idle
+            pool._handed[4242] = 4343  # its program's holder, freed once idle
+        killed: list[int] = []
+        monkeypatch.setattr(poolfill, "kill_holder", killed.append)
+        pool.release(type("Reaped", (), {"pid": 4242})())  # type: ignore[arg-type]
+        # Inside the request: its end wakes the thread, once.
+        assert wakes == [] and pool._holders == [4343]
         pool.idle()
         assert len(wakes) == 1
         wait_for(lambda: started == [False], 10, "the refill")  # started, after idle_s
+        wait_for(lambda: killed == [4343], 10, "the holder's kill")
+        # Outside a request (a run_code worker died on its own) a holder wakes a thread
+        # that waits for nothing, at once.
+        wait_for(lambda: pool._unbounded_wait, 10, "the pool's thread to wait again")
+        before = len(wakes)  # (the refill's end notified whoever waits for a member)
+        pool.free_later(4444)
+        assert len(wakes) == before + 1
+        wait_for(lambda: killed == [4343, 4444], 10, "the second holder's kill")
     finally:
         with cond:
             pool._closed = True

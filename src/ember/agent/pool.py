@@ -329,7 +329,7 @@ class InterpreterPool(PoolFiller):
             holder = self._handed.pop(proc.pid, 0)
             if holder:
                 self._holders.append(holder)
-                self._cond.notify_all()
+                self._wake_for_work_locked()
 
     def free_later(self, holder: int) -> None:
         """Kill ``holder`` (a task of ours holding a dead program's memory, such as the run_code
@@ -337,9 +337,18 @@ class InterpreterPool(PoolFiller):
         with self._cond:
             if not self._closed:
                 self._holders.append(holder)
-                self._cond.notify_all()
+                self._wake_for_work_locked()
                 return
         kill_holder(holder)
+
+    def _wake_for_work_locked(self) -> None:
+        """New work for the pool's thread (a holder to kill): wake it only if no request is
+        in flight and it waits without a deadline. During a request :meth:`idle` wakes it at
+        the end (an exec releases its program inside the request: woken here as well, the
+        thread cost the next exec a GIL hand-over, ~30k emulated instructions); a thread
+        waiting with a deadline finds the holder when the deadline comes."""
+        if self._busy == 0 and self._unbounded_wait:
+            self._cond.notify_all()
 
     def background_holder(self, pid: int) -> None:
         """Before a kill that reaches the holder of program ``pid`` (its whole process group):
