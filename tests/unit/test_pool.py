@@ -415,19 +415,31 @@ def test_a_script_sent_with_its_exec_is_handed_over_and_runs_as_python3_runs_it(
 
 
 def test_a_script_sent_twice_in_one_exec_runs_its_last_bytes(agent: Agent, tmp_path: Path) -> None:
-    script = str(tmp_path / "twice.py")
-    request = {"op": "exec", "argv": ["python3", script], "pool": True, "files": [
-        {"path": script, "data": base64.b64encode(text).decode()}
-        for text in (b"print('first')\n", b"print('last')\n")
-    ]}  # fmt: skip
-    agent.wait_full()
-    with agent.connect() as sock:
-        write_json(sock, Kind.REQUEST, request)
-        frames = []
-        while (frame := read_frame(sock)) is not None and frame[0] is not Kind.RESULT:
-            frames.append(frame)
-    assert frames == [(Kind.STDOUT, b"last\n")]
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    script, alias = str(tmp_path / "link" / "twice.py"), str(tmp_path / "real" / "twice.py")
+
+    def run(files: list[tuple[str, bytes]]) -> list[tuple[Kind, bytes]]:
+        request = {"op": "exec", "argv": ["python3", script], "pool": True, "files": [
+            {"path": path, "data": base64.b64encode(text).decode()} for path, text in files
+        ]}  # fmt: skip
+        agent.wait_full()
+        with agent.connect() as sock:
+            write_json(sock, Kind.REQUEST, request)
+            frames = []
+            while (frame := read_frame(sock)) is not None and frame[0] is not Kind.RESULT:
+                frames.append(frame)
+        return frames
+
+    assert run([(script, b"print('first')\n"), (script, b"print('last')\n")]) == [
+        (Kind.STDOUT, b"last\n")
+    ]
     assert agent.pool()["last"]["script_handed"] == 1
+    # The same file again under another name, after it: the interpreter reads the file.
+    assert run([(script, b"print('first')\n"), (alias, b"print('alias')\n")]) == [
+        (Kind.STDOUT, b"alias\n")
+    ]
+    assert agent.pool()["last"]["script_handed"] == 0
 
 
 def test_programs_the_pool_cannot_honour_run_as_real_processes(agent: Agent) -> None:

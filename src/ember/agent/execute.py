@@ -118,20 +118,20 @@ def _files(req: dict[str, Any]) -> list[tuple[str, bytes]]:
 
 def _write_files(files: list[tuple[str, bytes]], argv: list[str]) -> Written:
     """Each file in place (atomically, parents created, an old file's mode kept), in order;
-    those the command names as an argument, with their bytes and real paths (see
-    :data:`SCRIPT_HANDOVER_MAX`)."""
+    the last one, if the command names it as an argument, with its bytes and real path (see
+    :data:`SCRIPT_HANDOVER_MAX`; only the last: one written after it under another name,
+    ``/a/./s.py`` or through a symlink, could have replaced it)."""
     written: Written = {}
-    for path, data in files:
+    for i, (path, data) in enumerate(files):
         sink = Sink(path, None, append=False)
         try:
             sink.write(data)
-            named = len(data) <= SCRIPT_HANDOVER_MAX and path in argv[1:]
+            named = i == len(files) - 1 and len(data) <= SCRIPT_HANDOVER_MAX and path in argv[1:]
             real = _real_path(sink, path) if named else None
             sink.commit()
         except BaseException:
             sink.abort()
             raise
-        written.pop(path, None)  # a path given twice: the last bytes are the file's
         if real is not None:
             written[path] = (data, real)
     return written
