@@ -236,6 +236,40 @@ def test_the_async_client_moves_files_through_the_ring_too(rig: Rig, tmp_path: P
     assert rig.region.leases == 2  # both went through a leased slot
 
 
+def test_the_async_clients_ring_transfers_keep_a_connection_of_their_own(
+    rig: Rig, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Its kept connections are asyncio streams; the ring's transfers run in a worker thread
+    # on blocking sockets, so they keep theirs apart: one connection for all of them.
+    import asyncio
+
+    from ember.client import AsyncAgentClient
+
+    monkeypatch.setattr(filering, "SPIN_S", 30.0)  # the agent never sleeps: no wake-up bytes
+    source = tmp_path / "source"
+    source.write_bytes(os.urandom(100_000))  # past file_get's size, within one ring
+
+    async def main() -> tuple[int, int]:
+        client = AsyncAgentClient(
+            lambda: asyncio.open_unix_connection(rig.path),
+            shm=lambda: rig.region,
+            ring_connect=rig.connect,
+        )
+        try:
+            for _ in range(3):
+                assert await client.files.read(source) == source.read_bytes()
+                data = os.urandom(100_000)  # past INLINE_WRITE_MAX: through a slot
+                assert await client.files.write(tmp_path / "up", data) == len(data)
+                assert (tmp_path / "up").read_bytes() == data
+            kept = len(client._ring_kept)
+        finally:
+            await client.close()
+        return kept, len(client._ring_kept)
+
+    assert asyncio.run(main()) == (1, 0)  # kept until the client closed
+    assert rig.connects == 1 and rig.region.leases == 6
+
+
 def test_a_wake_byte_to_a_guest_that_already_answered_and_left_is_no_error() -> None:
     """The guest may take the last record and close between the host's store and its
     wake byte; the transfer's outcome is in the answer, not in that send."""

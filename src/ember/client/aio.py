@@ -23,6 +23,7 @@ from ember.client.code_ring import CodeRing
 from ember.client.core import Command, ExecOp, Operation, PathArg
 from ember.client.exec_aio import AsyncExecStream
 from ember.client.file_ring import FileRing
+from ember.client.kept import KeptSockets
 from ember.client.output_ring_aio import AsyncOutputRing
 from ember.client.results import CodeResult, DirEntry, ExecResult, FileStat, parse_code_result
 from ember.client.session import (
@@ -164,10 +165,15 @@ class AsyncAgentClient:
         self._region: HostRegion | None = None  # self._shm(), once asked
         self._pool: KeepalivePool[Streams] = KeepalivePool(_CLOCK)
         self._expiry: asyncio.TimerHandle | None = None
+        # The ring's transfers run in a worker thread on blocking sockets, so they keep their
+        # connections apart from the streams the other calls keep (see ember.client.kept).
+        self._ring_kept = KeptSockets(clock=_CLOCK)
         files_ring = None
         if shm is not None and ring_connect is not None:  # the ring's waits are blocking ones
             session = self._session
-            files_ring = FileRing(shm, ring_connect, session.encode, session.bounds)
+            files_ring = FileRing(
+                shm, ring_connect, session.encode, session.bounds, self._ring_kept
+            )
         self.files = AsyncFiles(self._session, self._run, files_ring, self._start)
 
     async def _start(self, op: Operation[Any], trailer: bytes = b"") -> Streams:
@@ -254,6 +260,7 @@ class AsyncAgentClient:
 
     async def close(self) -> None:
         """Close the kept connections (the client stays usable)."""
+        self._ring_kept.close()
         for _reader, writer in self._pool.drain():
             await hang_up(writer)
         if self._expiry is not None:

@@ -24,7 +24,6 @@ timeout are the exception: a command may rightly run, silent, as long as it like
 from __future__ import annotations
 
 import socket
-import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
@@ -35,16 +34,12 @@ from ember.client.core import Command, ExecOp, Operation
 from ember.client.exec_blocking import ExecStream
 from ember.client.file_ring import FileRing
 from ember.client.files_blocking import Files
+from ember.client.kept import KeptSockets
 from ember.client.output_ring import OutputRing
 from ember.client.results import CodeResult, ExecResult, parse_code_result
-from ember.client.session import (
-    EXPIRY_SLACK_S,
-    KeepalivePool,
-    Session,
-    streamed,
-)
+from ember.client.session import Session, streamed
 from ember.client.shm import HostRegion
-from ember.client.sockets import drive, send_request, still_open
+from ember.client.sockets import drive, send_request
 from ember.client.terminal import Terminal
 from ember.client.wire import Source
 
@@ -54,19 +49,6 @@ Connect = Callable[[], socket.socket]
 Conn = socket.socket  # a connection to the agent (the asyncio client's: its streams)
 T = TypeVar("T")
 _CLOCK = time.monotonic
-
-
-class _Lender:
-    """The client's kept connections, lent to its file transfers through the region."""
-
-    def __init__(self, client: AgentClient) -> None:
-        self._client = client
-
-    def take(self) -> socket.socket | None:
-        return self._client._take_kept()
-
-    def keep(self, sock: socket.socket) -> None:
-        self._client._keep(sock)
 
 
 class AgentClient:
@@ -103,14 +85,11 @@ class AgentClient:
         if code_ring is not None:  # a restored VM's worker need not poll for other requests
             self._session.not_yet = code_ring.not_yet
         self._shm = shm
+        self._kept = KeptSockets(resume, _CLOCK)
         files_ring = None
         if shm is not None:
             session = self._session
-            files_ring = FileRing(shm, connect, session.encode, session.bounds, _Lender(self))
-        self._resume = resume
-        self._pool: KeepalivePool[socket.socket] = KeepalivePool(_CLOCK)
-        self._lock = threading.Lock()
-        self._expiry: threading.Timer | None = None
+            files_ring = FileRing(shm, connect, session.encode, session.bounds, self._kept)
         self.files = Files(self._session, self._run, files_ring, self._start)
 
     def _start(self, op: Operation[Any], trailer: bytes = b"") -> socket.socket:
@@ -131,19 +110,10 @@ class AgentClient:
                 sock.close()
 
     def _take_kept(self) -> socket.socket | None:
-        while (sock := self._pool.pop()) is not None:
-            if still_open(sock):
-                return sock
-            sock.close()
-        with self._lock:
-            resume, self._resume = self._resume, None
-        return resume() if resume is not None else None
+        return self._kept.take()
 
     def _keep(self, sock: socket.socket) -> None:
-        if not self._pool.put(sock):
-            sock.close()
-            return
-        self._arm_expiry()
+        self._kept.keep(sock)
 
     def adopt(self, conn: Conn) -> None:
         """Take over a warmed VM's agent connection (a spare, ember.sandbox.spares): kept
@@ -153,32 +123,11 @@ class AgentClient:
 
     def take_kept(self) -> Conn | None:
         """The newest kept connection, out of the pool: a spare's warm-up hands it on."""
-        return self._pool.pop()
-
-    def _expire(self) -> None:
-        with self._lock:
-            self._expiry = None
-        for sock in self._pool.expire():
-            sock.close()
-        self._arm_expiry()
-
-    def _arm_expiry(self) -> None:
-        """A timer for when the oldest kept connection is due (none when none is kept)."""
-        with self._lock:
-            due = self._pool.next_expiry()
-            if self._expiry is None and due is not None:
-                self._expiry = threading.Timer(due + EXPIRY_SLACK_S, self._expire)
-                self._expiry.daemon = True
-                self._expiry.start()
+        return self._kept.pop()
 
     def close(self) -> None:
         """Close the kept connections (the client stays usable)."""
-        for sock in self._pool.drain():
-            sock.close()
-        with self._lock:
-            if self._expiry is not None:
-                self._expiry.cancel()
-                self._expiry = None
+        self._kept.close()
 
     def ping(self) -> dict[str, Any]:
         """``{"pong", "version", "uptime", "pid", "worker"}``; ``worker`` is

@@ -12,7 +12,7 @@ vsock. Everything the guest writes is checked: records by :class:`ember.ring.Rin
 against this side's capacity, sizes against what crossed, and a guest that stops making
 progress for the call timeout ends the transfer with :class:`SandboxTimeout`.
 
-With ``kept`` (the blocking client's kept connections) a transfer rides a kept connection
+With ``kept`` (a client's kept blocking connections, :mod:`ember.client.kept`) a transfer rides a kept connection
 and asks to keep it: a new vsock connection costs the guest an accept and a hand-over
 between the agent's threads, ~70 ms of a small transfer's ~100 here. The connection also
 carries the wake-up bytes of a side that sleeps, and one this side sends may arrive after
