@@ -9,6 +9,7 @@ doorbells are plain memory (no ioeventfd): a sleeping host finds records on its 
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import hashlib
 import io
@@ -25,7 +26,7 @@ import pytest
 from ember import ring
 from ember.agent import common, filering, shm
 from ember.agent.server import AgentServer
-from ember.client import AgentClient, HostRegion
+from ember.client import AgentClient, AsyncAgentClient, HostRegion
 from ember.errors import AgentFileNotFoundError, OutputTooLarge, ProtocolError, SandboxTimeout
 
 SLOTS = 4  # two for channels and files, two for run_code
@@ -65,6 +66,14 @@ class Rig:
         sock.connect(self.path)
         self.connects += 1
         return sock
+
+    def async_client(self) -> AsyncAgentClient:
+        """An asyncio client on this agent; its ring transfers connect through ``connect``."""
+        return AsyncAgentClient(
+            lambda: asyncio.open_unix_connection(self.path),
+            shm=lambda: self.region,
+            ring_connect=self.connect,
+        )
 
     def close(self) -> None:
         self.client.close()
@@ -156,12 +165,19 @@ def test_no_free_slot_or_an_agent_without_the_ops_means_vsock(rig: Rig, tmp_path
     assert rig.ring.transfers == 0
 
 
+def _quiet_source(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A file past file_get's size, within one ring, from an agent that never sleeps (so
+    the host sends no wake-up bytes: the transfers may keep their connections)."""
+    monkeypatch.setattr(filering, "SPIN_S", 30.0)
+    source = tmp_path / "source"
+    source.write_bytes(os.urandom(100_000))
+    return source
+
+
 def test_a_transfer_that_woke_no_one_rides_and_keeps_the_kept_connection(
     rig: Rig, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(filering, "SPIN_S", 30.0)  # the agent never sleeps: no wake-up bytes
-    source = tmp_path / "source"
-    source.write_bytes(os.urandom(100_000))  # past file_get's size, within one ring
+    source = _quiet_source(tmp_path, monkeypatch)
     assert rig.client.ping()["pong"] and rig.connects == 1
     assert rig.client.files.read(source) == source.read_bytes()
     out = io.BytesIO()
@@ -215,16 +231,9 @@ def test_a_guest_that_breaks_the_ring_fails_the_read_not_the_host(
 
 
 def test_the_async_client_moves_files_through_the_ring_too(rig: Rig, tmp_path: Path) -> None:
-    import asyncio
-
-    from ember.client import AsyncAgentClient
 
     async def main() -> tuple[int, bytes]:
-        client = AsyncAgentClient(
-            lambda: asyncio.open_unix_connection(rig.path),
-            shm=lambda: rig.region,
-            ring_connect=rig.connect,
-        )
+        client = rig.async_client()
         try:
             size = await client.files.write(tmp_path / "a.bin", data)
             return size, await client.files.read(tmp_path / "a.bin", max_output=None)
@@ -241,20 +250,11 @@ def test_the_async_clients_ring_transfers_keep_a_connection_of_their_own(
 ) -> None:
     # Its kept connections are asyncio streams; the ring's transfers run in a worker thread
     # on blocking sockets, so they keep theirs apart: one connection for all of them.
-    import asyncio
 
-    from ember.client import AsyncAgentClient
-
-    monkeypatch.setattr(filering, "SPIN_S", 30.0)  # the agent never sleeps: no wake-up bytes
-    source = tmp_path / "source"
-    source.write_bytes(os.urandom(100_000))  # past file_get's size, within one ring
+    source = _quiet_source(tmp_path, monkeypatch)
 
     async def main() -> tuple[int, int]:
-        client = AsyncAgentClient(
-            lambda: asyncio.open_unix_connection(rig.path),
-            shm=lambda: rig.region,
-            ring_connect=rig.connect,
-        )
+        client = rig.async_client()
         try:
             for _ in range(3):
                 assert await client.files.read(source) == source.read_bytes()

@@ -12,14 +12,14 @@ vsock. Everything the guest writes is checked: records by :class:`ember.ring.Rin
 against this side's capacity, sizes against what crossed, and a guest that stops making
 progress for the call timeout ends the transfer with :class:`SandboxTimeout`.
 
-With ``kept`` (a client's kept blocking connections, :mod:`ember.client.kept`) a transfer rides a kept connection
-and asks to keep it: a new vsock connection costs the guest an accept and a hand-over
-between the agent's threads, ~70 ms of a small transfer's ~100 here. The connection also
-carries the wake-up bytes of a side that sleeps, and one this side sends may arrive after
-the guest stopped waiting for it (it saw the ring move first) and be left unread, where
-the next request would be read from. So a connection on which this side sent a wake-up is
-closed after the transfer, never kept: only a transfer that never filled the ring, or
-never found the guest asleep, keeps it, and those are the small ones this is for.
+With ``kept`` (a client's kept blocking connections, :mod:`ember.client.kept`) a transfer
+rides a kept connection and asks to keep it: a new vsock connection costs the guest an
+accept and a hand-over between the agent's threads, ~70 ms of a small transfer's ~100 here.
+The connection also carries the wake-up bytes of a side that sleeps, and one this side sends
+may arrive after the guest stopped waiting for it (it saw the ring move first) and be left
+unread, where the next request would be read from. So a connection on which this side sent a
+wake-up is closed after the transfer, never kept: only a transfer that never filled the
+ring, or never found the guest asleep, keeps it, and those are the small ones this is for.
 """
 
 from __future__ import annotations
