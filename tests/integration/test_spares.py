@@ -69,7 +69,7 @@ def test_sandbox_takes_a_warm_spare_and_a_new_one_is_made(
         assert first.exec(["echo", "hi"]).stdout == b"hi\n"
         first_random = first.run_code("import random; random.random()").value
         # It is the caller's now: its kept connection expires as usual, so it can park.
-        wait_for(lambda: len(first._client._pool) == 0, 30, "the kept connection expiring")
+        wait_for(lambda: len(first._client._kept) == 0, 30, "the kept connection expiring")
         assert spare_pool().wait_ready(key, 1, READY_S)
         [refill] = waiting_vmm_pids(key)
         assert refill != waiting
