@@ -115,6 +115,11 @@ class GuestMemory:
                 return region, addr - region.guest_addr
         raise GuestMemoryError(f"guest range {addr:#x}+{length:#x} is outside guest RAM")
 
+    def locate(self, addr: int, length: int) -> tuple[Region, int]:
+        """The region holding a guest range and the range's offset in it (for a caller that
+        changes the mapping itself, as :mod:`ember.snapshot.hugeback` does)."""
+        return self._find(addr, length)
+
     def contains(self, addr: int, length: int) -> bool:
         try:
             self._find(addr, length)

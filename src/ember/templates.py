@@ -110,6 +110,7 @@ def default_key(spec: SandboxSpec) -> str:
         ("format", FORMAT_VERSION), ("agent", " ".join(agent_argv(spec))),
         ("warm", "worker sockets, page cache, code ring polling"),  # template_warm.wait_warm
         ("prefault", template_prefault.FIRST_CALLS),
+        ("huge", template_prefault.HUGE_PAGES),
         ("devices", "rootfs vsock balloon" + (" net" if spec.network is not None else "")),
     ):  # fmt: skip
         key.add(label, value)
@@ -158,13 +159,13 @@ def build(
             finally:
                 vmm.close()
             with progress.step(f"template {name}: record a restored sandbox's first call"):
-                prefault_pages = template_prefault.record(staging, spec, name)
+                prefault_pages, huge_chunks = template_prefault.record(staging, spec, name)
             meta = {
                 "name": name, "created": time.time(), "from": "image", "snapshot": timings,
                 "network": spec.network is not None, "inputs": default_key(spec),
                 "rootfs": str(resolve_images(spec)[1]), "preload": list(preload),
                 "pool": spec.pool, "heap_mib": spec.heap_mib,  # None: the agent's defaults
-                "prefault_pages": prefault_pages,
+                "prefault_pages": prefault_pages, "huge_chunks": huge_chunks,
                 **(extra_meta or {}),
             }  # fmt: skip
             (staging / META_FILE).write_text(json.dumps(meta))

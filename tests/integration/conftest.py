@@ -10,7 +10,8 @@ import contextlib
 import os
 import subprocess
 import sys
-from collections.abc import Generator
+import uuid
+from collections.abc import Generator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,6 +60,26 @@ def images() -> Images:
         artifact_path("initrd"),
         artifact_path("rootfs"),
     )
+
+
+@pytest.fixture
+def template_name(request: pytest.FixtureRequest) -> Iterator[str]:
+    """A template name no other test (or xdist worker) uses, removed after the test."""
+    module = request.module.__name__.rsplit(".", 1)[-1].removeprefix("test_")
+    name = f"test-{module}-{uuid.uuid4().hex[:8]}"
+    yield name
+    ember("template", "rm", name)
+
+
+def kept_snapshot(name: str) -> Path:
+    """Snapshot ``name`` of a fresh sandbox whose worker holds ``kept = 42``; its directory."""
+    from ember import templates
+    from ember.sandbox import Sandbox
+
+    with Sandbox() as sb:
+        sb.run_code("kept = 6*7", timeout=120)
+        sb.snapshot(name)
+    return templates.templates_root() / name
 
 
 def ember_command(*args: str) -> list[str]:

@@ -17,14 +17,12 @@ from __future__ import annotations
 
 import ast
 import time
-import uuid
-from collections.abc import Iterator
 
 import pytest
 
 from ember import Sandbox
 
-from .conftest import Images, ember
+from .conftest import Images
 
 #: The guest's longest stretch of running time without a timekeeping update (the patch's
 #: EMBER_MAX_RUN_NS); a longer gap is sleep.
@@ -47,13 +45,6 @@ def guest_clocks(sb: Sandbox) -> tuple[float, float, float]:
     assert result.error is None, result.error
     mono, boot, real = ast.literal_eval(result.value or "")
     return float(mono), float(boot), float(real)
-
-
-@pytest.fixture
-def template_name() -> Iterator[str]:
-    name = f"clock-{uuid.uuid4().hex[:8]}"
-    yield name
-    ember("template", "rm", name)
 
 
 def test_a_restore_after_a_long_gap_counts_it_as_sleep(images: Images, template_name: str) -> None:

@@ -6,9 +6,6 @@ The VMM's private pages are read from its ``/proc/PID/pagemap`` (ember.snapshot.
 
 from __future__ import annotations
 
-import os
-import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -16,14 +13,7 @@ import pytest
 from ember import templates
 from ember.sandbox import Sandbox
 from ember.snapshot import MEMORY_FILE, prefault
-from tests.integration.conftest import Images, ember
-
-
-@pytest.fixture
-def template_name() -> Iterator[str]:
-    name = f"test-prefault-{os.getpid()}-{time.monotonic_ns()}"
-    yield name
-    ember("template", "rm", name)
+from tests.integration.conftest import Images, kept_snapshot
 
 
 def _recorded(directory: Path) -> list[int]:
@@ -60,10 +50,7 @@ def test_the_template_records_its_first_call_and_every_restore_copies_it(
 def test_a_bad_prefault_file_only_costs_the_faults(
     images: Images, template_name: str, body: str
 ) -> None:
-    with Sandbox() as sb:
-        sb.run_code("kept = 6*7", timeout=120)
-        sb.snapshot(template_name)
-    directory = templates.templates_root() / template_name
+    directory = kept_snapshot(template_name)
     (directory / prefault.PREFAULT_FILE).write_text(body)
     with Sandbox(template=template_name) as copy:
         assert copy.run_code("kept", timeout=120).value == "42"

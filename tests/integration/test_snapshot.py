@@ -7,7 +7,6 @@ milliseconds to make; only guest work (a fresh python3 ~8 s) is slow.
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -42,13 +41,6 @@ while True:
 def sb(images: Images) -> Iterator[Sandbox]:
     with Sandbox() as sandbox:
         yield sandbox
-
-
-@pytest.fixture
-def template_name() -> Iterator[str]:
-    name = f"test-{os.getpid()}-{time.monotonic_ns()}"
-    yield name
-    ember("template", "rm", name)
 
 
 def _count(sandbox: Sandbox, timeout: float = 120.0) -> int:

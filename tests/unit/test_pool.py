@@ -27,7 +27,7 @@ from typing import Any
 import pytest
 
 from ember import protocol
-from ember.agent import pybase
+from ember.agent import hugemap, pybase
 from ember.agent.pool import FORK_WAIT_S, STARTED
 from ember.client import AgentClient
 from ember.errors import AgentError
@@ -846,6 +846,38 @@ def test_preloaded_modules_are_there_and_pool_only_modules_are_not(tmp_path: Pat
         modules = a.client.pool_modules()  # named on request; a ping only counts them
         assert {"json", "json.decoder", "random"} <= set(modules), modules
         assert "ctypes" not in modules and a.pool()["preloaded_count"] == len(modules)
+        stop_agent(a)
+    finally:
+        if a.proc.poll() is None:
+            a.proc.kill()
+            a.proc.wait()
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                fields = f.read().rsplit(b")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if entry.isdigit() and int(fields[1]) == pid:
+            found.append(int(entry))
+    return found
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="page frame numbers need CAP_SYS_ADMIN")
+def test_the_agent_says_where_the_warm_heaps_huge_pages_are(tmp_path: Path) -> None:
+    """Op ``pool`` ``huge``, what a template build records: the 2 MiB pages of the worker's
+    and the waiting interpreters' heaps, as the walk finds them in each of its children."""
+    a = start_agent(tmp_path, "--heap-mib", "64", "--pool", "1")
+    try:
+        a.wait_full()
+        assert a.client.run_code("6*7").value == "42"  # the worker is up, its heap touched
+        huge = a.client.pool_huge()
+        assert huge == hugemap.huge_chunks(_children(a.proc.pid)), huge
+        assert len(huge) >= 4  # 64 MiB between two interpreters, in 2 MiB pages
+        assert all(chunk % hugemap.HUGE_SIZE == 0 for chunk in huge)
         stop_agent(a)
     finally:
         if a.proc.poll() is None:

@@ -200,6 +200,13 @@ class InterpreterPool(PoolFiller):
                 "error": self.last_error,
             }
 
+    def pids(self) -> list[int]:
+        """The waiting interpreters' and the mother's process ids (whose heaps a template
+        records)."""
+        with self._cond:
+            members = [*self._ready, *([self._mother] if self._mother is not None else [])]
+            return [m.proc.pid for m in members]
+
     def modules(self) -> list[str]:
         """Every module the preload imported: a program finds them in its ``sys.modules``
         (empty while no interpreter waits)."""

@@ -38,6 +38,7 @@ from ember.agent.deadlines import DEADLINES
 from ember.agent.execute import exec_handler
 from ember.agent.filering import FILE_RING_OPS
 from ember.agent.files import FILE_OPS
+from ember.agent.hugemap import huge_chunks
 from ember.agent.pool import InterpreterPool
 from ember.agent.resume import ResumeState, apply_resume
 from ember.agent.runcode import CodeRunner
@@ -260,7 +261,9 @@ class AgentServer:
         """``{"op": "pool", "action": "warm"}``: the waiting interpreters rehearse a program's
         start (:meth:`InterpreterPool.warm`); the pages each read, none without a pool.
         ``"action": "modules"``: the modules the preload imported (kept out of ``ping``, whose
-        answer must fit one vsock packet)."""
+        answer must fit one vsock packet). ``"action": "huge"``: the guest-physical 2 MiB
+        pages of the warm interpreters' heaps (:mod:`ember.agent.hugemap`), asked by a
+        template build."""
         action = opt_str(req, "action")
         if action == "warm":
             touched = self.pool.warm() if self.pool is not None else []
@@ -268,8 +271,11 @@ class AgentServer:
         elif action == "modules":
             names = self.pool.modules() if self.pool is not None else []
             write_json(conn, Kind.RESULT, {"preloaded": names})
+        elif action == "huge":
+            pids = [*self.runner.pids(), *(self.pool.pids() if self.pool is not None else ())]
+            write_json(conn, Kind.RESULT, {"huge": huge_chunks(pids)})
         else:
-            raise BadRequest(f"unknown pool action {action!r}; known: warm, modules")
+            raise BadRequest(f"unknown pool action {action!r}; known: warm, modules, huge")
 
     def _shutdown(self, conn: socket.socket, req: dict[str, Any]) -> None:
         write_json(conn, Kind.RESULT, {})

@@ -127,6 +127,12 @@ class WorkerProcess:
             except Exception as exc:
                 log(f"run_code worker did not start: {exc}")
 
+    def pids(self) -> list[int]:
+        """The worker's process id, if it has one (whose heap a template records; not polled:
+        that would reap a dead worker behind the lock's back, and a dead one has no heap)."""
+        proc = self._proc
+        return [proc.pid] if proc is not None else []
+
     def _ensure(self) -> socket.socket:
         """Return a live worker's socket, starting one if needed (lock held)."""
         if self._sock is not None and self._proc is not None and self._proc.poll() is None:

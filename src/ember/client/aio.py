@@ -281,6 +281,11 @@ class AsyncAgentClient:
         ``AgentClient.pool_modules``."""
         return await self._run(self._session.pool_modules())
 
+    async def pool_huge(self) -> list[int]:
+        """Where the warm interpreters' heaps are in 2 MiB guest pages; see
+        ``AgentClient.pool_huge``."""
+        return await self._run(self._session.pool_huge())
+
     def exec_stream(
         self,
         cmd: Command,

@@ -144,6 +144,11 @@ class AgentClient:
         run by one finds them already in ``sys.modules`` (empty without a pool)."""
         return self._run(self._session.pool_modules())
 
+    def pool_huge(self) -> list[int]:
+        """Where the warm interpreters' heaps are in 2 MiB guest pages (guest-physical):
+        a template build records the zero ones (:mod:`ember.snapshot.hugeback`)."""
+        return self._run(self._session.pool_huge())
+
     def exec_stream(
         self,
         cmd: Command,

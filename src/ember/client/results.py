@@ -271,6 +271,17 @@ def parse_warmed(obj: dict[str, Any]) -> list[int]:
     return warmed
 
 
+def parse_huge(obj: dict[str, Any]) -> list[int]:
+    """``pool`` ``huge``: guest-physical addresses of the warm heaps' 2 MiB pages (checked
+    again, with the memory file, by :mod:`ember.snapshot.hugeback`)."""
+    huge = obj.get("huge")
+    if not isinstance(huge, list) or not all(
+        isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in huge
+    ):
+        raise ProtocolError(f"pool huge: 'huge' must be a list of addresses, got {huge!r}")
+    return huge
+
+
 def parse_modules(obj: dict[str, Any]) -> list[str]:
     """``pool`` ``modules``: the names the pool's preload imported (none without a pool)."""
     names = obj.get("preloaded")

@@ -197,6 +197,9 @@ class Session:
     def pool_modules(self) -> Call[list[str]]:
         return self._call({"op": "pool", "action": "modules"}, results.parse_modules)
 
+    def pool_huge(self) -> Call[list[int]]:
+        return self._call({"op": "pool", "action": "huge"}, results.parse_huge)
+
     def shutdown(self) -> Call[None]:
         return self._call({"op": "shutdown"}, results.parse_nothing)
 

@@ -27,8 +27,9 @@ import logging
 import mmap
 import os
 import struct
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Any, TypeVar
 
 from ember.memory import PAGE_SIZE, GuestMemory
 
@@ -44,6 +45,7 @@ PM_PRESENT = 1 << 63
 PM_FILE_OR_SHARED = 1 << 61  # clear on a present page: private, i.e. copied on write
 
 Run = tuple[int, int]  # (first page of the memory file, pages)
+T = TypeVar("T")
 
 
 def runs_of(pages: Iterable[int]) -> list[Run]:
@@ -100,14 +102,7 @@ def parse(text: str, memory_pages: int) -> list[Run]:
     Raises ValueError for anything but what :func:`write` makes: ascending, disjoint,
     non-empty runs inside the file.
     """
-    body = json.loads(text)
-    if not isinstance(body, dict) or body.get("format") != FORMAT:
-        raise ValueError("not a prefault file of format 1")
-    if body.get("page_size") != PAGE_SIZE:
-        raise ValueError(f"page size {body.get('page_size')!r}, expected {PAGE_SIZE}")
-    raw = body.get("runs")
-    if not isinstance(raw, list) or len(raw) > MAX_RUNS:
-        raise ValueError("runs must be a list of at most 65536 [first, count] pairs")
+    raw = hint_list(text, "prefault", ("page_size", PAGE_SIZE), "runs", MAX_RUNS)
     runs: list[Run] = []
     end = 0
     for item in raw:
@@ -127,19 +122,40 @@ def parse(text: str, memory_pages: int) -> list[Run]:
 
 def read(directory: Path, memory_size: int) -> list[Run]:
     """The runs recorded for the snapshot in ``directory``; none when there is no usable file."""
-    path = directory / PREFAULT_FILE
+    runs = read_hint(directory / PREFAULT_FILE, lambda text: parse(text, memory_size // PAGE_SIZE))
+    return runs if runs is not None else []
+
+
+def hint_list(text: str, kind: str, unit: tuple[str, int], key: str, most: int) -> list[Any]:
+    """The list under ``key`` in a hint file of format 1 whose ``unit`` (name, value) is ours,
+    at most ``most`` long; ValueError for anything else (its items are the caller's to check)."""
+    body = json.loads(text)
+    if not isinstance(body, dict) or body.get("format") != FORMAT:
+        raise ValueError(f"not a {kind} file of format {FORMAT}")
+    name, value = unit
+    if body.get(name) != value:
+        raise ValueError(f"{name.replace('_', ' ')} {body.get(name)!r}, expected {value}")
+    raw = body.get(key)
+    if not isinstance(raw, list) or len(raw) > most:
+        raise ValueError(f"{key} must be a list of at most {most} items")
+    return raw
+
+
+def read_hint(path: Path, parse_text: Callable[[str], T]) -> T | None:
+    """A snapshot's hint file (this one, or ``hugepages.json``) parsed, or None when there is
+    none or it is unusable (logged): a restore then goes on without it."""
     try:
         text = path.read_text()
     except FileNotFoundError:
-        return []
+        return None
     except (OSError, UnicodeDecodeError) as exc:
         log.warning("%s is unreadable (%s): restoring without it", path, exc)
-        return []
+        return None
     try:
-        return parse(text, memory_size // PAGE_SIZE)
+        return parse_text(text)
     except ValueError as exc:
         log.warning("%s is ignored: %s", path, exc)
-        return []
+        return None
 
 
 def populate(memory: GuestMemory, runs: list[Run]) -> int:

@@ -26,7 +26,7 @@ from ember.errors import ConfigError, KvmError, SnapshotError
 from ember.kvm import abi
 from ember.kvm.system import Kvm, Vcpu, Vm, c_address
 from ember.memory import GuestMemory, GuestMemoryError
-from ember.snapshot import MEMORY_FILE, STATE_FILE, prefault
+from ember.snapshot import MEMORY_FILE, STATE_FILE, hugeback, prefault
 from ember.snapshot.format import read_state, unblob
 from ember.snapshot.kvm_state import restore_vcpu, restore_vm
 from ember.vmm.config import VmConfig
@@ -153,6 +153,10 @@ def restore_machine(
         except GuestMemoryError as exc:
             raise SnapshotError(f"snapshot {directory}: {exc}") from None
         undo.callback(memory.close)
+        try:
+            hugeback.back(memory, hugeback.read(directory, mem_size), directory / MEMORY_FILE)
+        except GuestMemoryError as exc:
+            raise SnapshotError(f"snapshot {directory}: {exc}") from None
         prefault.populate(memory, prefault.read(directory, mem_size))
         parts = _create_vm(config, memory, undo)
         vcpus: list[Vcpu] = []
