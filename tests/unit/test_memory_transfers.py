@@ -104,6 +104,34 @@ def test_a_file_many_rings_long_goes_through_memory_both_ways(rig: Rig, tmp_path
     assert not [p for p in target.parent.iterdir() if p.name != "blob.bin"]  # no temp left
 
 
+def test_a_big_file_is_read_through_a_mapping_and_what_it_gains_meanwhile_too(
+    rig: Rig, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The agent copies a big regular file out of a read-only mapping (user-space copies,
+    not the guest kernel's), then reads on to the end as before; small files, and files that
+    say they are empty (/proc), are read with readinto."""
+    data = os.urandom(filering.MAP_READ_MIN * 3 + 5)  # past one ring: several records
+    target = tmp_path / "big.bin"
+    target.write_bytes(data)
+    mapped: list[int] = []
+    real = filering._MappedSource.__init__
+
+    def spy(self: filering._MappedSource, view: memoryview) -> None:
+        mapped.append(view.nbytes)
+        with target.open("ab") as f:  # grows after the agent's fstat and mapping
+            f.write(b"grown")
+        real(self, view)
+
+    monkeypatch.setattr(filering._MappedSource, "__init__", spy)
+    assert rig.client.files.read(target, max_output=None) == data + b"grown"
+    assert mapped == [len(data)]
+    small = tmp_path / "small.bin"
+    small.write_bytes(data[: filering.MAP_READ_MIN - 1])
+    assert rig.client.files.read(small, max_output=None) == data[: filering.MAP_READ_MIN - 1]
+    assert rig.client.files.read("/proc/self/status", max_output=None).startswith(b"Name:")
+    assert mapped == [len(data)]  # neither was mapped
+
+
 def test_a_stream_source_an_append_and_an_empty_file(rig: Rig, tmp_path: Path) -> None:
     target = tmp_path / "log"
     rig.client.files.write(target, io.BytesIO(b"a" * 100_000))

@@ -28,9 +28,14 @@ sleeps; the guest stores to the slot's doorbell (an ioeventfd) for a host that d
 
 from __future__ import annotations
 
+import contextlib
+import mmap
+import os
 import socket
+import stat
 import time
-from typing import Any
+from collections.abc import Iterator
+from typing import Any, BinaryIO
 
 from ember import ring
 from ember.agent import shm
@@ -42,6 +47,7 @@ from ember.protocol import Kind, write_frame, write_json
 __all__ = ["FILE_RING_OPS", "RingUnavailable", "Slot", "leased_slot"]
 
 SPIN_S = 0.002  # a consumer with nothing to read polls this long (user time) before it sleeps
+MAP_READ_MIN = 256 << 10  # a file this big is read through a mapping (see _mapped)
 
 
 class RingUnavailable(Exception):
@@ -133,9 +139,59 @@ def handle_file_ring_read(conn: socket.socket, req: dict[str, Any]) -> None:
     with open(path, "rb", buffering=0) as f:
         writer = ring.RingWriter(slot.ctl, slot.data, slot.bell, lambda: wait_for_wake(conn))
         total = 0
+        with _mapped(f) as source:
+            if source is not None:
+                while n := writer.fill(source.readinto, writer.max_record):
+                    total += n
+                f.seek(total)  # and on with readinto: what the file gained since its fstat
         while n := writer.fill(f.readinto, writer.max_record):
             total += n
     write_json(conn, Kind.RESULT, {"size": total, **_kept(req)})
+
+
+class _MappedSource:
+    """A file's bytes read through a mapping: user-space copies out of the page cache."""
+
+    def __init__(self, view: memoryview) -> None:
+        self._view = view
+        self._offset = 0
+
+    def readinto(self, buf: memoryview) -> int:
+        n = min(buf.nbytes, self._view.nbytes - self._offset)
+        buf[:n] = self._view[self._offset : self._offset + n]
+        self._offset += n
+        return n
+
+
+@contextlib.contextmanager
+def _mapped(f: BinaryIO) -> Iterator[_MappedSource | None]:
+    """``f`` mapped read-only if it is a regular file of at least :data:`MAP_READ_MIN`
+    bytes, else None (and None if it cannot be mapped: the caller reads it).
+
+    ``readinto`` has the guest kernel copy every byte, which this host emulates (~3 MB/s:
+    10 MiB in ~3 s); through a mapping the kernel only maps the page cache (one fault per
+    huge page, or per 16 pages with fault-around) and the copy runs in user mode, natively
+    (10 MiB in 0.09-0.16 s measured in a sandbox). A smaller file costs the mapping more
+    than it saves. A file truncated under the mapping by a guest program would kill this
+    process with SIGBUS: that program is root in its own guest and could as well.
+    """
+    try:
+        info = os.fstat(f.fileno())
+    except OSError:
+        info = None
+    if info is None or not stat.S_ISREG(info.st_mode) or info.st_size < MAP_READ_MIN:
+        yield None
+        return
+    try:
+        mapping = mmap.mmap(f.fileno(), info.st_size, mmap.MAP_SHARED, mmap.PROT_READ)
+    except (OSError, ValueError):  # a file system that cannot map, a size that changed
+        yield None
+        return
+    try:
+        with memoryview(mapping) as view:
+            yield _MappedSource(view)
+    finally:
+        mapping.close()
 
 
 FILE_RING_OPS = {
