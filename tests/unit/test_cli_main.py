@@ -49,3 +49,39 @@ def test_ember_run_imports_neither_the_image_builder_nor_the_vmm_parser() -> Non
     assert "'ember.cli.run'" in out
     for heavy in ("ember.cli.image", "ember.cli.boot", "ember.cli.shell", "ember.images.layers"):
         assert f"'{heavy}'" not in out, out
+
+
+UNWIND = """
+import signal, sys, time
+from ember.cli import main
+if sys.argv[1] == "kept":
+    signal.signal(signal.SIGTERM, lambda *_: print("theirs", flush=True) or sys.exit(5))
+main._unwind_on_sigterm()
+try:
+    print("ready", flush=True)
+    time.sleep(60)
+finally:
+    print("unwound", flush=True)
+"""
+
+
+@pytest.mark.parametrize("handler", ["default", "kept"])
+def test_sigterm_unwinds_the_command_unless_a_handler_is_set(handler: str) -> None:
+    """What `ember template build` needs to close its booting VMM when it is killed."""
+    import os
+    import signal
+    from pathlib import Path
+
+    src = str(Path(cli_main.__file__).resolve().parents[2])
+    child = subprocess.Popen(
+        [sys.executable, "-c", UNWIND, handler],
+        stdout=subprocess.PIPE,
+        env={**os.environ, "PYTHONPATH": src},
+    )
+    assert child.stdout is not None and child.stdout.readline() == b"ready\n"
+    child.send_signal(signal.SIGTERM)
+    out, _ = child.communicate(timeout=30)
+    if handler == "default":
+        assert (out, child.returncode) == (b"unwound\n", 128 + signal.SIGTERM)
+    else:
+        assert (out, child.returncode) == (b"theirs\nunwound\n", 5)

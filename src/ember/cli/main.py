@@ -71,6 +71,22 @@ def _prestart(argv: Sequence[str]) -> None:
         Zygote.get()
 
 
+def _unwind_on_sigterm() -> None:
+    """SIGTERM unwinds the command as Ctrl-C does (its ``finally`` blocks close what it
+    started; status 128 + 15) instead of ending the process where it stands: a cold boot's
+    VMM (``ember template build``) runs in its own session without a death signal, and was
+    left running when its CLI was killed. A handler already set (by an embedding
+    application) is kept; commands that serve (the run daemon, ``ember serve``, the shell)
+    install their own."""
+    import signal
+
+    def unwind(signum: int, _frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, unwind)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     words = list(sys.argv[1:] if argv is None else argv)
     try:
@@ -83,6 +99,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     from ember.errors import EmberError
 
+    _unwind_on_sigterm()
     _prestart(words)
     args = build_parser(words[0] if words else None).parse_args(words)
     try:
