@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from ember.kvm.system import c_address
 from ember.memory import MMIO_GAP_END, MMIO_GAP_START, GuestMemory, GuestMemoryError, Region
 from ember.snapshot import hugeback
 
@@ -121,7 +122,7 @@ def _mapped(path: Path, size: int) -> tuple[GuestMemory, int]:
         mem = mmap.mmap(fd, size, mmap.MAP_PRIVATE, prot)
     finally:
         os.close(fd)
-    guest = hugeback._address(mem) % HUGE
+    guest = c_address(mem) % HUGE
     return GuestMemory([Region(guest, size, mem)]), guest + (HUGE - guest) % HUGE
 
 
@@ -130,7 +131,7 @@ def test_back_puts_fresh_huge_page_memory_over_the_listed_holes_only(tmp_path: P
     path = _file(tmp_path, size, {})
     memory, first = _mapped(path, size)
     region = memory.regions[0]
-    host = hugeback._address(region.mem) - region.guest_addr
+    host = c_address(region.mem) - region.guest_addr
     chunks = list(range(first, region.end - HUGE + 1, HUGE))
     picked, data = [chunks[1], chunks[2], chunks[5]], chunks[6]
     # written after the mapping (its pages are the file's until written): 0xAA everywhere
@@ -166,7 +167,7 @@ def test_back_leaves_memory_whose_host_address_is_not_aligned_like_the_guests(
     path = _file(tmp_path, 3 * HUGE, {})  # all hole
     mem = mmap.mmap(-1, 3 * HUGE, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     mem[:4] = b"keep"
-    host = hugeback._address(mem)
+    host = c_address(mem)
     # guest_addr chosen so that guest chunk HUGE lands 4 KiB past a 2 MiB host boundary
     guest_addr = (host + HUGE - 4096) % HUGE
     memory = GuestMemory([Region(guest_addr, 3 * HUGE, mem)])

@@ -32,7 +32,9 @@ import mmap
 import os
 from pathlib import Path
 
+from ember.kvm.system import c_address
 from ember.memory import GuestMemory, GuestMemoryError, ram_layout
+from ember.snapshot import prefault
 from ember.snapshot.prefault import FORMAT, hint_list, read_hint
 
 log = logging.getLogger(__name__)
@@ -92,14 +94,10 @@ def read(directory: Path, memory_size: int) -> list[int]:
 
 
 def runs_of(chunks: list[int]) -> list[tuple[int, int]]:
-    """Ascending chunks as maximal (guest address, bytes) runs: one mmap each."""
-    runs: list[list[int]] = []
-    for chunk in chunks:
-        if runs and runs[-1][0] + runs[-1][1] == chunk:
-            runs[-1][1] += HUGE_SIZE
-        else:
-            runs.append([chunk, HUGE_SIZE])
-    return [(start, length) for start, length in runs]
+    """Chunks as maximal (guest address, bytes) runs: one mmap each (prefault's runs, in
+    2 MiB units)."""
+    units = prefault.runs_of(chunk // HUGE_SIZE for chunk in chunks)
+    return [(first * HUGE_SIZE, count * HUGE_SIZE) for first, count in units]
 
 
 def back(memory: GuestMemory, chunks: list[int], memory_file: Path) -> int:
@@ -118,7 +116,7 @@ def back(memory: GuestMemory, chunks: list[int], memory_file: Path) -> int:
             region, offset = memory.locate(guest_addr, length)
         except GuestMemoryError:
             continue
-        host = _address(region.mem) + offset
+        host = c_address(region.mem) + offset
         if host % HUGE_SIZE:
             log.info("huge pages skipped: guest RAM is not 2 MiB aligned in the VMM")
             return done
@@ -168,13 +166,3 @@ def holes(memory_file: Path, memory_size: int, chunks: list[int]) -> list[int]:
     finally:
         os.close(fd)
     return kept
-
-
-def _address(mem: mmap.mmap) -> int:
-    """Where ``mem`` is mapped in this process (the buffer export is released at once, so the
-    mapping can still be closed)."""
-    view = (ctypes.c_char * 1).from_buffer(mem)
-    try:
-        return ctypes.addressof(view)
-    finally:
-        del view
