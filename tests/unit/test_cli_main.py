@@ -56,12 +56,12 @@ import signal, sys, time
 from ember.cli import main
 if sys.argv[1] == "kept":
     signal.signal(signal.SIGTERM, lambda *_: print("theirs", flush=True) or sys.exit(5))
-main._unwind_on_sigterm()
-try:
-    print("ready", flush=True)
-    time.sleep(60)
-finally:
-    print("unwound", flush=True)
+with main._unwind_on_sigterm():
+    try:
+        print("ready", flush=True)
+        time.sleep(60)
+    finally:
+        print("unwound", flush=True)
 """
 
 
@@ -85,3 +85,20 @@ def test_sigterm_unwinds_the_command_unless_a_handler_is_set(handler: str) -> No
         assert (out, child.returncode) == (b"unwound\n", 128 + signal.SIGTERM)
     else:
         assert (out, child.returncode) == (b"theirs\nunwound\n", 5)
+
+
+def test_the_command_gives_sigterm_back_as_it_found_it() -> None:
+    """A process that calls main() and forks afterwards (pytest's workers do) must not hand
+    its children the unwinding handler: their SIGTERM would raise SystemExit inside a copy of
+    the parent's stack, and the child would run on instead of dying (test_adopt saw it)."""
+    import signal
+
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    seen: list[object] = []
+    with cli_main._unwind_on_sigterm():
+        seen.append(signal.getsignal(signal.SIGTERM))
+    assert seen[0] not in (signal.SIG_DFL, signal.SIG_IGN) and callable(seen[0])
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    with pytest.raises(SystemExit):
+        cli_main.main(["no-such-command"])  # argparse's exit unwinds through main as well
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL

@@ -13,12 +13,13 @@ so that such a run costs Python's start and one request, not the parser's import
 
 from __future__ import annotations
 
+import contextlib
 import sys
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     import argparse
-    from collections.abc import Sequence
+    from collections.abc import Iterator, Sequence
 
 EXIT_USAGE = 2
 # The modules that register subcommands, in the order ``ember --help`` lists them, and which
@@ -71,20 +72,34 @@ def _prestart(argv: Sequence[str]) -> None:
         Zygote.get()
 
 
-def _unwind_on_sigterm() -> None:
+@contextlib.contextmanager
+def _unwind_on_sigterm() -> Iterator[None]:
     """SIGTERM unwinds the command as Ctrl-C does (its ``finally`` blocks close what it
     started; status 128 + 15) instead of ending the process where it stands: a cold boot's
     VMM (``ember template build``) runs in its own session without a death signal, and was
     left running when its CLI was killed. A handler already set (by an embedding
     application) is kept; commands that serve (the run daemon, ``ember serve``, the shell)
-    install their own."""
+    install their own. The default comes back when the command returns: a process that calls
+    :func:`main` and then forks (a test runner) must not hand its children a handler that
+    raises ``SystemExit`` inside a copy of its own stack."""
     import signal
+    import threading
 
     def unwind(signum: int, _frame: object) -> None:
         raise SystemExit(128 + signum)
 
-    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
-        signal.signal(signal.SIGTERM, unwind)
+    if (
+        threading.current_thread() is not threading.main_thread()
+        or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL
+    ):
+        yield
+        return
+    signal.signal(signal.SIGTERM, unwind)
+    try:
+        yield
+    finally:
+        if signal.getsignal(signal.SIGTERM) is unwind:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -99,16 +114,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     from ember.errors import EmberError
 
-    _unwind_on_sigterm()
-    _prestart(words)
-    args = build_parser(words[0] if words else None).parse_args(words)
-    try:
-        return int(args.func(args))
-    except EmberError as exc:
-        print(f"ember: error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    except KeyboardInterrupt:
-        return 130
+    with _unwind_on_sigterm():
+        _prestart(words)
+        args = build_parser(words[0] if words else None).parse_args(words)
+        try:
+            return int(args.func(args))
+        except EmberError as exc:
+            print(f"ember: error: {exc}", file=sys.stderr)
+            return EXIT_USAGE
+        except KeyboardInterrupt:
+            return 130
 
 
 if __name__ == "__main__":
