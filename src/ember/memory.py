@@ -9,13 +9,24 @@ device that asked) instead of touching host memory.
 
 from __future__ import annotations
 
+import ctypes
 import mmap
+import os
 from dataclasses import dataclass, field
 
 from ember.errors import EmberError
 
 PAGE_SIZE = 4096
 MIB = 1 << 20
+HUGE_PAGE_SIZE = 2 << 20
+MADV_HUGEPAGE = getattr(mmap, "MADV_HUGEPAGE", 14)
+
+# mmap(2) at a fixed address (x86-64 Linux), and what it returns on failure
+_MAP_FIXED = 0x10
+_MAP_FAILED = ctypes.c_void_p(-1).value
+_mmap = ctypes.CDLL(None, use_errno=True).mmap
+_mmap.restype = ctypes.c_void_p
+_mmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t, *[ctypes.c_int] * 3, ctypes.c_long)
 
 # Below 4 GiB, [MMIO_GAP_START, 4 GiB) is left for devices (virtio-mmio, IOAPIC, LAPIC).
 MMIO_GAP_START = 0xC000_0000
@@ -145,6 +156,43 @@ class GuestMemory:
             region.mem[offset : offset + n] = chunk[:n]
             offset += n
 
+    def zero(self, addr: int, length: int) -> None:
+        """Clear a range at host speed (``memset``), for the guest kernel's page clearing
+        (:mod:`ember.devices.legacy.page_clear`): no buffer of the range's size is built."""
+        region, offset = self._find(addr, length)
+        if length:
+            ctypes.memset(_address(region.mem) + offset, 0, length)
+
+    def renew(self, addr: int, length: int) -> bool:
+        """Map fresh anonymous memory (zeros) over a range, host huge pages asked for; False,
+        and nothing changed, if the range is not 2 MiB aligned both as a guest address and
+        in this process (KVM maps guest memory huge only where both are).
+
+        Why not ``memset``: RAM restored from a snapshot is the memory file mapped private,
+        so its host pages are 4 KiB and KVM's shadow MMU maps them one by one, an exit per
+        4 KiB the guest touches; fresh anonymous memory gets one host huge page and one
+        2 MiB mapping. Its old private pages, if any, go back to the host. A failing ``mmap``
+        raises GuestMemoryError: an older kernel may have unmapped the range first, and guest
+        RAM with a hole in it must not run on.
+        """
+        region, offset = self._find(addr, length)
+        host = _address(region.mem) + offset
+        if not length or addr % HUGE_PAGE_SIZE or length % HUGE_PAGE_SIZE or host % HUGE_PAGE_SIZE:
+            return False
+        flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_FIXED
+        flags |= getattr(mmap, "MAP_NORESERVE", 0)
+        got = _mmap(host, length, mmap.PROT_READ | mmap.PROT_WRITE, flags, -1, 0)
+        if got == _MAP_FAILED or got != host:
+            raise GuestMemoryError(
+                f"mmap of fresh memory at guest {addr:#x}+{length:#x} failed: "
+                f"{os.strerror(ctypes.get_errno())}"
+            )
+        try:
+            region.mem.madvise(MADV_HUGEPAGE, offset, length)
+        except OSError:  # a kernel without THP: fresh zero pages all the same
+            pass
+        return True
+
     def discard(self, addr: int, length: int) -> None:
         """Give the host memory behind a page-aligned range back (the balloon's job).
 
@@ -166,3 +214,9 @@ class GuestMemory:
     def close(self) -> None:
         for region in self.regions:
             region.mem.close()
+
+
+def _address(buf: mmap.mmap) -> int:
+    """Where an mmap is in this process (the ctypes view is dropped at once, so the mmap
+    can still be closed)."""
+    return ctypes.addressof(ctypes.c_char.from_buffer(buf))

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from ember import memory as memory_module
 from ember.kvm.system import c_address
 from ember.memory import MMIO_GAP_END, MMIO_GAP_START, GuestMemory, GuestMemoryError, Region
 from ember.snapshot import hugeback
@@ -195,9 +196,9 @@ def test_a_failing_mmap_fails_the_restore(tmp_path: Path, monkeypatch: pytest.Mo
     path = _file(tmp_path, 8 * MIB, {})
     memory, first = _mapped(path, 8 * MIB)
 
-    monkeypatch.setattr(hugeback, "_mmap", lambda *args: hugeback._MAP_FAILED)
+    monkeypatch.setattr(memory_module, "_mmap", lambda *args: memory_module._MAP_FAILED)
     try:
-        with pytest.raises(GuestMemoryError, match=f"huge pages: mmap of guest {first:#x}"):
+        with pytest.raises(GuestMemoryError, match=f"mmap of fresh memory at guest {first:#x}"):
             hugeback.back(memory, [first], path)
     finally:
         memory.close()

@@ -53,9 +53,15 @@ def test_patched_files_parses_headers() -> None:
         "kernel/time/timekeeping.c",
         "drivers/char/random.c",
         "mm/shmem.c",
+        "arch/x86/include/asm/page_64.h",
+        "arch/x86/mm/Makefile",
+        "arch/x86/mm/ember_clear.c",
+        "mm/memory.c",
+        "mm/shmem.c",
+        "mm/mmap.c",
     ]
     created = [f for _, data in patches for f in kernel_build.patched_files(data, created=True)]
-    assert created == ["drivers/misc/ember_doorbell.c"]
+    assert created == ["drivers/misc/ember_doorbell.c", "arch/x86/mm/ember_clear.c"]
     modified = [f for _, data in patches for f in kernel_build.patched_files(data, created=False)]
     assert sorted(modified + created) == sorted(files)
     assert modified.count("drivers/misc/ember_doorbell.c") == 1  # 0013 changes what 0007 made

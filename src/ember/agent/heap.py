@@ -195,15 +195,18 @@ def with_malloc_env(env: Mapping[str, str]) -> dict[str, str]:
 
 
 def without_malloc_env(env: MutableMapping[str, str]) -> None:
-    """Undo :func:`with_malloc_env` in place: what remains is what ``env`` had before it."""
+    """Undo :func:`with_malloc_env` in place: what remains is what ``env`` had before it.
+    Only the tunable it appended comes off: ember-init's own tunables may ask for the same
+    (``glibc.malloc.hugetlb=1`` under the pvm CPU template) and stay."""
     for name in MALLOC_ENV:
         if name != TUNABLES:
             env.pop(name, None)
-    kept = [
-        item for item in env.pop(TUNABLES, "").split(":") if item and item != MALLOC_ENV[TUNABLES]
-    ]
-    if kept:
-        env[TUNABLES] = ":".join(kept)
+    ours = MALLOC_ENV[TUNABLES]
+    value = env.pop(TUNABLES, "")
+    if value.endswith(":" + ours):
+        env[TUNABLES] = value[: -len(ours) - 1]
+    elif value and value != ours:
+        env[TUNABLES] = value
 
 
 def touch_from_env() -> int:

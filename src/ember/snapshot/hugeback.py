@@ -24,32 +24,21 @@ like its guest address (KVM could not map it huge), stays mapped from the file.
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import json
 import logging
-import mmap
 import os
 from pathlib import Path
 
-from ember.kvm.system import c_address
-from ember.memory import GuestMemory, GuestMemoryError, ram_layout
+from ember.memory import HUGE_PAGE_SIZE, GuestMemory, ram_layout
 from ember.snapshot import prefault
 from ember.snapshot.prefault import FORMAT, hint_list, read_hint
 
 log = logging.getLogger(__name__)
 
 HUGE_FILE = "hugepages.json"
-HUGE_SIZE = 2 << 20
+HUGE_SIZE = HUGE_PAGE_SIZE
 MAX_CHUNKS = 4096  # 8 GiB of chunks: more is not a file we wrote
-MADV_HUGEPAGE = getattr(mmap, "MADV_HUGEPAGE", 14)
-
-# mmap(2): MAP_FIXED (x86-64 Linux), and what it returns on failure
-_MAP_FIXED = 0x10
-_MAP_FAILED = ctypes.c_void_p(-1).value
-_mmap = ctypes.CDLL(None, use_errno=True).mmap
-_mmap.restype = ctypes.c_void_p
-_mmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t, *[ctypes.c_int] * 3, ctypes.c_long)
 
 
 def _file_offset(guest_addr: int, memory_size: int) -> int | None:
@@ -112,29 +101,11 @@ def back(memory: GuestMemory, chunks: list[int], memory_file: Path) -> int:
     """
     done = 0
     for guest_addr, length in runs_of(holes(memory_file, memory.size, chunks)):
-        try:
-            region, offset = memory.locate(guest_addr, length)
-        except GuestMemoryError:
+        if not memory.contains(guest_addr, length):
             continue
-        host = c_address(region.mem) + offset
-        if host % HUGE_SIZE:
+        if not memory.renew(guest_addr, length):
             log.info("huge pages skipped: guest RAM is not 2 MiB aligned in the VMM")
             return done
-        flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_FIXED
-        flags |= getattr(mmap, "MAP_NORESERVE", 0)
-        prot = mmap.PROT_READ | mmap.PROT_WRITE
-        got = _mmap(host, length, prot, flags, -1, 0)
-        if got == _MAP_FAILED or got != host:
-            # an older kernel may have unmapped the range before failing: guest RAM with a
-            # hole would kill the VM at the guest's first touch, so the restore fails here
-            raise GuestMemoryError(
-                f"huge pages: mmap of guest {guest_addr:#x}+{length:#x} failed: "
-                f"{os.strerror(ctypes.get_errno())}"
-            )
-        try:
-            region.mem.madvise(MADV_HUGEPAGE, offset, length)
-        except OSError as exc:  # a kernel without THP: fresh zero pages all the same
-            log.info("MADV_HUGEPAGE refused: %s", exc.strerror)
         done += length // HUGE_SIZE
     return done
 

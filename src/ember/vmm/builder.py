@@ -20,6 +20,7 @@ from ember.arch.x86_64.cpuid import CpuTemplate, guest_cpuid, resolve_template
 from ember.arch.x86_64.mptable import mptable
 from ember.devices.bus import Bus
 from ember.devices.legacy.i8042 import I8042, I8042_PORT_BASE, I8042_PORT_LEN
+from ember.devices.legacy.page_clear import PAGE_CLEAR_LEN, PageClear
 from ember.devices.legacy.serial import COM1_IRQ, COM1_PORT, UART_PORT_LEN, Serial8250
 from ember.devices.virtio.block.device import Block
 from ember.errors import ConfigError, KvmError, SnapshotError
@@ -266,6 +267,8 @@ def _finish(
         parts.shm.publish_clock(vcpus[0])  # after the vCPUs' state (a restore's TSC) is set
     parts.pio.insert(serial, COM1_PORT, UART_PORT_LEN)
     parts.pio.insert(I8042(machine.guest_reset), I8042_PORT_BASE, I8042_PORT_LEN)
+    machine.page_clear = PageClear(memory)
+    parts.pio.insert(machine.page_clear, layout.HOST_CLEAR_PORT, PAGE_CLEAR_LEN)
     return machine
 
 

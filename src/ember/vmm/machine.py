@@ -16,6 +16,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from ember.devices.bus import Bus
+from ember.devices.legacy.page_clear import PageClear
 from ember.devices.legacy.serial import Serial8250
 from ember.errors import KvmError, SnapshotError
 from ember.kvm import abi
@@ -64,6 +65,7 @@ class Machine:
         self.serial = serial
         self.cpuids = cpuids
         self.shm: SharedRegion | None = None  # memory channels' region (set by the builder)
+        self.page_clear: PageClear | None = None  # the guest kernel's page clearing (builder)
         self.state = VmState.CREATED
         self._stops: queue.Queue[StopReason] = queue.Queue()
         self._lock = threading.Lock()
@@ -164,6 +166,8 @@ class Machine:
             counters = transport.device.counters()
             if counters:
                 found[transport.name] = counters
+        if self.page_clear is not None:
+            found["page_clear"] = self.page_clear.counters()
         return found
 
     def kvm_stats(self) -> dict[str, dict[str, int]]:

@@ -19,6 +19,7 @@ import ctypes
 import os
 from dataclasses import dataclass, field
 
+from ember.arch.x86_64.layout import HOST_CLEAR_PORT
 from ember.errors import ConfigError
 from ember.kvm.abi import kvm_cpuid_entry2
 
@@ -125,6 +126,14 @@ TEMPLATES: dict[str, CpuTemplate] = {
             # erms/fsrm: the emulator runs `rep movsb` a byte per step; without them the
             # kernel copies and clears with `rep movsq`, 3-4x faster here (measured)
             "clearcpuid=cx16,popcnt,rdrand,rdseed,smap,smep,fsgsbase,pcid,invpcid,rdpid,erms,fsrm",
+            # even `rep stosq` is a step per quadword: the kernel hands page clearing to the
+            # VMM (kernel patch 0017, ember.devices.legacy.page_clear), ~0.2 s -> microseconds
+            # per 2 MiB; on hardware KVM an exit per page would cost more than it saves
+            f"ember.host_clear={HOST_CLEAR_PORT:#x}",
+            # a fault costs the emulated kernel ~2 ms: private anonymous mappings of 2 MiB or
+            # more start on a 2 MiB boundary (kernel patch 0018, as Linux 6.7 does), so
+            # transparent huge pages back all of them, not just what follows the first boundary
+            "ember.thp_align",
         ),
     ),
 }

@@ -27,6 +27,10 @@ KERNEL_DEFAULT_LOAD = 0x1000000  # 16 MiB
 IOAPIC_ADDR = 0xFEC0_0000
 APIC_DEFAULT_PHYS_BASE = 0xFEE0_0000
 
+# The port where a guest kernel booted with ember.host_clear=PORT hands the VMM pages to
+# clear (ember.devices.legacy.page_clear; the pvm CPU template adds the word).
+HOST_CLEAR_PORT = 0xEB0
+
 # KVM needs three pages for the TSS just below the BIOS area at 4 GiB.
 KVM_TSS_ADDRESS = 0xFFFB_D000
 

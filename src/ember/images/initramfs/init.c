@@ -258,11 +258,14 @@ static char *envp[] = {
  * glibc copies strings with AVX-512).  These variables, inherited by the
  * agent and everything it starts, keep glibc, numpy and OpenBLAS on SSE.
  * ember.agent.execute passes them (ember.agent.simd.SIMD_ENV) on to every
- * command.
+ * command.  The same emulated kernel makes every page fault cost ~2 ms, so
+ * glibc's malloc also asks for transparent huge pages (glibc.malloc.hugetlb=1:
+ * MADV_HUGEPAGE on its mmap-ed blocks and its heap; THP is in madvise mode):
+ * bytearray(64 MiB) in a fresh python3 took 41 s in 4 KiB faults, 2 s so.
  */
 static char *const sse_only[] = {
 	"GLIBC_TUNABLES=glibc.cpu.hwcaps=-AVX,-AVX2,-AVX512F,-AVX512VL,-AVX512BW,-AVX512DQ,"
-	"-AVX512CD,-FMA,-FMA4,-F16C,-AVX_Fast_Unaligned_Load",
+	"-AVX512CD,-FMA,-FMA4,-F16C,-AVX_Fast_Unaligned_Load:glibc.malloc.hugetlb=1",
 	"NPY_DISABLE_CPU_FEATURES=AVX,F16C,FMA3,AVX2,AVX512F,AVX512CD,AVX512_KNL,AVX512_KNM,"
 	"AVX512_SKX,AVX512_CLX,AVX512_CNL,AVX512_ICL,AVX512_SPR",
 	"OPENBLAS_CORETYPE=Nehalem",
