@@ -68,6 +68,7 @@ class VmmProcess(VmmHandle):
         self.console_path = self.dir / CONSOLE_LOG
         self.control_path = self.dir / CONTROL_NAME
         self.proc = None
+        self._owner: int | None = None  # a cold boot's end of its VMM's owner pipe
         self.channel_listener = None
         self._listeners = {}
         self.cgroup = None
@@ -102,7 +103,11 @@ class VmmProcess(VmmHandle):
                 network_settled(self.network)  # background work may run again
 
     def _boot(self, spec: SandboxSpec) -> None:
-        config = self.boot_config(spec)
+        # The VMM stops when this process is gone, however it goes (ember.vmm.process
+        # _stop_without_owner): it holds the read end, only this process the write end
+        # (non-inheritable: no other child of ours keeps it open).
+        owner_read, self._owner = os.pipe()
+        config = replace(self.boot_config(spec), owner_fd=owner_read)
         ready = unix_listener(f"{self.uds}_{protocol.READY_PORT}")
         try:
             config_fd = _config_fd(config)
@@ -113,6 +118,7 @@ class VmmProcess(VmmHandle):
                         stdin=config_fd,  # read to its end, then replaced with /dev/null
                         stdout=log,
                         stderr=subprocess.STDOUT,
+                        pass_fds=(owner_read,),
                         start_new_session=True,  # a Ctrl-C for the host app is not the VMM's
                         # join_self only makes raw os calls, so it is safe even if
                         # other threads (asyncio.to_thread) exist at fork time.
@@ -120,9 +126,18 @@ class VmmProcess(VmmHandle):
                     )
             finally:
                 os.close(config_fd)
+                os.close(owner_read)
             self._wait_ready(ready, spec.boot_timeout)
         finally:
             ready.close()
+
+    def close(self) -> None:
+        try:
+            super().close()
+        finally:
+            if self._owner is not None:
+                os.close(self._owner)
+                self._owner = None
 
     def boot_config(self, spec: SandboxSpec) -> ProcessConfig:
         """What the VMM of a cold boot of ``spec`` runs: the image with the agent as its

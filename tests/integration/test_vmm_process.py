@@ -13,6 +13,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -156,3 +157,50 @@ def test_running_out_of_descriptors_is_a_clear_error_and_the_others_keep_answeri
     assert f"answered {made - 1} of {made - 1}" in lines, said
     pids = [int(p) for p in lines[-1].split()[1:]]
     wait_for(lambda: not any(alive(p) for p in pids), 30, "the closed sandboxes' VMMs to end")
+
+
+BOOT_AND_WAIT = """
+from ember import Sandbox
+Sandbox(boot=True)  # a cold boot takes minutes here: the test kills this process meanwhile
+"""
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with contextlib.suppress(OSError, IndexError, ValueError):
+                if _parent(int(entry)) == pid:
+                    found.append(int(entry))
+    return found
+
+
+def test_a_cold_boots_vmm_stops_when_its_launcher_is_killed_outright(images: Images) -> None:
+    """No finally runs on SIGKILL, and a cold boot's VMM has no death signal (its own session,
+    forked by the launcher's thread): the owner pipe's end of file stops it."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    owner = subprocess.Popen([sys.executable, "-c", BOOT_AND_WAIT], env=env)
+    vmms: list[int] = []
+
+    def started() -> bool:
+        vmms[:] = [
+            p for p in _children(owner.pid) if _cmdline(p)[1:] == [b"-m", b"ember.vmm.process"]
+        ]
+        return bool(vmms)
+
+    directory = ""
+    try:
+        wait_for(started, 60, "the cold boot's VMM to start")
+        wait_for(lambda: os.path.exists(f"/proc/{vmms[0]}/fd/1"), 10, "its console")
+        directory = os.path.dirname(os.readlink(f"/proc/{vmms[0]}/fd/1"))
+        os.kill(owner.pid, signal.SIGKILL)
+        owner.wait(timeout=30)
+        wait_for(lambda: not alive(vmms[0]), 30, "the VMM to stop without its launcher")
+    finally:
+        if owner.poll() is None:
+            owner.kill()
+        for vmm in vmms:
+            if alive(vmm):
+                os.kill(vmm, signal.SIGKILL)
+        if directory.startswith(tempfile.gettempdir()):
+            shutil.rmtree(directory, ignore_errors=True)

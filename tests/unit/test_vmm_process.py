@@ -82,6 +82,7 @@ def full_process(machine: VmConfig | RestoreConfig) -> ProcessConfig:
         ready_file=Path("/tmp/ember-x/ready"),
         park_idle=0.25,
         timeout=12.5,
+        owner_fd=7,
     )
 
 

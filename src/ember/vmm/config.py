@@ -245,6 +245,9 @@ class ProcessConfig:
     ``ready_file``: created once the VM is whole (and jailed) and about to run.
     ``park_idle``: pause the vCPUs after that many idle seconds (needs vsock).
     ``timeout``: stop the VM after that many seconds.
+    ``owner_fd``: the read end of a pipe whose write end only the launcher holds (a cold
+    boot's): when it reads end of file, the launcher is gone (even by SIGKILL) and the VM
+    stops. A restored VMM needs none: the zygote's fork gives it a death signal.
     """
 
     machine: VmConfig | RestoreConfig
@@ -255,6 +258,7 @@ class ProcessConfig:
     ready_file: Path | None = None
     park_idle: float | None = None
     timeout: float | None = None
+    owner_fd: int | None = None
 
 
 # --- JSON: how a ProcessConfig crosses a process boundary ------------------------------------

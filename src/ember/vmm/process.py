@@ -34,6 +34,7 @@ from ember.vmm.builder import build_machine, restore_machine
 from ember.vmm.config import ProcessConfig, RestoreConfig, from_json
 from ember.vmm.console import ConsoleSink
 from ember.vmm.machine import Machine
+from ember.vmm.state import StopKind, StopReason
 from ember.vmm.threads import MAIN_THREAD, name_this_thread
 
 EXIT_CRASH = 1  # the guest crashed (or the VMM could not confine itself)
@@ -105,6 +106,8 @@ def run(config: ProcessConfig) -> int:
             wake = _park_when_idle(machine, config.park_idle)
         if machine.shm is not None:
             machine.shm.serve_bell(machine.events, wake)
+        if config.owner_fd is not None:
+            _stop_without_owner(machine, config.owner_fd)
         if config.jail is not None:
             confine = _jail(config.jail, machine, seccomp=config.seccomp)
     except BaseException:
@@ -152,6 +155,27 @@ def _make_machine(config: ProcessConfig, console: ConsoleSink) -> Machine:
             netns=spec.netns,
         )
     return build_machine(spec, console)
+
+
+def _stop_without_owner(machine: Machine, fd: int) -> None:
+    """Stop the VM when the pipe ``fd`` reads end of file: its launcher, the only holder of
+    the write end, is gone. A cold boot's VMM runs in a session of its own without a death
+    signal (``PR_SET_PDEATHSIG`` follows the forking thread, which an ``asyncio.to_thread``
+    caller ends at once), so a SIGKILLed ``ember template build`` left it running."""
+    os.set_blocking(fd, False)
+
+    def on_readable() -> None:
+        try:
+            data = os.read(fd, 64)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            machine.events.remove(fd)
+            machine.request_stop(StopReason(StopKind.HOST_REQUEST, "its launcher is gone"))
+
+    machine.events.add_reader(fd, on_readable)
 
 
 def _create(path: Path) -> None:
