@@ -14,12 +14,21 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from ember import memory as memory_module
 from ember.arch.x86_64 import layout
 from ember.arch.x86_64.cpuid import TEMPLATES
 from ember.devices.bus import Bus
 from ember.devices.legacy.page_clear import PAGE_CLEAR_LEN, PageClear
 from ember.kvm.system import c_address
-from ember.memory import HUGE_PAGE_SIZE, MIB, MMIO_GAP_START, PAGE_SIZE, GuestMemory, Region
+from ember.memory import (
+    HUGE_PAGE_SIZE,
+    MIB,
+    MMIO_GAP_START,
+    PAGE_SIZE,
+    GuestMemory,
+    GuestMemoryError,
+    Region,
+)
 
 PORT = layout.HOST_CLEAR_PORT
 SMALL, HUGE = PORT, PORT + 4
@@ -170,3 +179,23 @@ def _vma_at(address: int) -> dict[str, str]:
         elif inside and line.startswith("VmFlags:"):
             found["VmFlags"] = line
     return found
+
+
+def test_a_failing_mmap_is_the_hosts_error_not_a_refusal(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Out of host memory, a 2 MiB clear raises (the vCPU thread stops the VM with it): the
+    range may already be unmapped, and guest RAM with a hole must not run on."""
+    path = tmp_path / "memory"
+    path.write_bytes(bytes(8 * MIB))
+    with path.open("rb") as f:
+        mem = mmap.mmap(f.fileno(), 8 * MIB, mmap.MAP_PRIVATE, mmap.PROT_READ | mmap.PROT_WRITE)
+    base = c_address(mem) % HUGE_PAGE_SIZE
+    memory = GuestMemory([Region(base, 8 * MIB, mem)])
+    monkeypatch.setattr(memory_module, "_mmap", lambda *args: memory_module._MAP_FAILED)
+    try:
+        first = base + (HUGE_PAGE_SIZE - base) % HUGE_PAGE_SIZE
+        with pytest.raises(GuestMemoryError, match="mmap of fresh memory"):
+            PageClear(memory).write(4, struct.pack("<I", first // PAGE_SIZE))
+    finally:
+        memory.close()

@@ -24,7 +24,7 @@ guest can only clear its own RAM this way, which it could do itself.
 
 from __future__ import annotations
 
-from ember.memory import HUGE_PAGE_SIZE, PAGE_SIZE, GuestMemory, GuestMemoryError
+from ember.memory import HUGE_PAGE_SIZE, PAGE_SIZE, GuestMemory
 
 PAGE_CLEAR_LEN = 8  # two 32-bit ports: 4 KiB, then 2 MiB
 _SIZES = {0: PAGE_SIZE, 4: HUGE_PAGE_SIZE}  # offset -> bytes cleared
@@ -49,15 +49,13 @@ class PageClear:
             self.refused += 1
             return
         addr = int.from_bytes(data, "little") * PAGE_SIZE
-        if addr % length:
+        if addr % length or not self._memory.contains(addr, length):
             self.refused += 1
             return
-        try:
-            if length == PAGE_SIZE or not self._memory.renew(addr, length):
-                self._memory.zero(addr, length)
-        except GuestMemoryError:
-            self.refused += 1
-            return
+        # A failing mmap in renew() is the host's (out of memory), not the guest's: it raises,
+        # and the vCPU thread stops the VM with that error rather than leave a hole in its RAM.
+        if length == PAGE_SIZE or not self._memory.renew(addr, length):
+            self._memory.zero(addr, length)
         if length == PAGE_SIZE:
             self.pages += 1
         else:
