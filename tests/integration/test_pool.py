@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import pytest
 
 from ember import Sandbox
+from ember.arch.x86_64.cpuid import host_is_pvm
 
 from .conftest import Images
 
@@ -332,8 +333,9 @@ HUGE_KIB = (  # the guest's transparent huge pages in use (no smaps in this kern
 def test_warm_heaps_are_transparent_huge_pages(sb: Sandbox) -> None:
     """The warm interpreters' heaps ask for 2 MiB pages (glibc.malloc.hugetlb=1, THP in
     madvise mode): the blocks touched in the template and memory a program takes past its
-    block are huge pages, while a program that does not ask keeps 4 KiB pages (the host
-    pays for what it touches only)."""
+    block are huge pages. A real process asks too under the pvm CPU template, where ember-init
+    sets the same tunable (a 4 KiB fault costs the emulated kernel ~2 ms); elsewhere it keeps
+    4 KiB pages (the host pays for what it touches only)."""
     cell = sb.run_code(HUGE_KIB + "huge_kib()", timeout=600)
     assert cell.error is None and int(str(cell.value)) >= 32 << 10, cell  # the blocks
     grow = HUGE_KIB + "before = huge_kib()\nb = bytearray(96 << 20)\nprint(huge_kib() - before)"
@@ -343,4 +345,8 @@ def test_warm_heaps_are_transparent_huge_pages(sb: Sandbox) -> None:
     assert "[madvise]" in mode, mode
     plain = HUGE_KIB + "before = huge_kib()\nb = bytearray(16 << 20)\nprint(huge_kib() - before)"
     real = sb.exec(["python3", "-O", "-c", plain], timeout=900)  # -O: a real process
-    assert real.exit_code == 0 and int(real.stdout) == 0, real
+    assert real.exit_code == 0, real
+    if host_is_pvm():  # ember-init's glibc.malloc.hugetlb=1, big blocks on 2 MiB (0018)
+        assert int(real.stdout) >= 14 << 10, real
+    else:
+        assert int(real.stdout) == 0, real
