@@ -17,6 +17,7 @@ from ember.agent.adopt import adopt
 def _child(code: int, delay: float) -> int:
     pid = os.fork()
     if pid == 0:  # pragma: no cover - the child
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not what an earlier test left set
         time.sleep(delay)
         os._exit(code)
     return pid

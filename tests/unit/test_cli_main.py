@@ -93,12 +93,20 @@ def test_the_command_gives_sigterm_back_as_it_found_it() -> None:
     the parent's stack, and the child would run on instead of dying (test_adopt saw it)."""
     import signal
 
-    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
-    seen: list[object] = []
-    with cli_main._unwind_on_sigterm():
-        seen.append(signal.getsignal(signal.SIGTERM))
-    assert seen[0] not in (signal.SIG_DFL, signal.SIG_IGN) and callable(seen[0])
-    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
-    with pytest.raises(SystemExit):
-        cli_main.main(["no-such-command"])  # argparse's exit unwinds through main as well
-    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    found = signal.signal(signal.SIGTERM, signal.SIG_DFL)  # whatever an earlier test left
+    try:
+        seen: list[object] = []
+        with cli_main._unwind_on_sigterm():
+            seen.append(signal.getsignal(signal.SIGTERM))
+        assert seen[0] not in (signal.SIG_DFL, signal.SIG_IGN) and callable(seen[0])
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+        with pytest.raises(SystemExit):
+            cli_main.main(["no-such-command"])  # argparse's exit unwinds through main as well
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+        kept = signal.signal(signal.SIGTERM, signal.default_int_handler)
+        with cli_main._unwind_on_sigterm():  # a handler already set is neither replaced nor
+            assert signal.getsignal(signal.SIGTERM) is signal.default_int_handler
+        assert signal.getsignal(signal.SIGTERM) is signal.default_int_handler  # ... removed
+        signal.signal(signal.SIGTERM, kept)
+    finally:
+        signal.signal(signal.SIGTERM, found)
