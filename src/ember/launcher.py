@@ -53,6 +53,10 @@ class VmmProcess(VmmHandle):
     socket accepts).
     """
 
+    # A cold boot's end of its VMM's owner pipe; a class default, since ember.serve.adopt
+    # makes instances without __init__ (adopted VMMs were restored: they have none).
+    _owner: int | None = None
+
     def __init__(
         self,
         spec: SandboxSpec,
@@ -68,7 +72,6 @@ class VmmProcess(VmmHandle):
         self.console_path = self.dir / CONSOLE_LOG
         self.control_path = self.dir / CONTROL_NAME
         self.proc = None
-        self._owner: int | None = None  # a cold boot's end of its VMM's owner pipe
         self.channel_listener = None
         self._listeners = {}
         self.cgroup = None
