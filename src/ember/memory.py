@@ -126,11 +126,6 @@ class GuestMemory:
                 return region, addr - region.guest_addr
         raise GuestMemoryError(f"guest range {addr:#x}+{length:#x} is outside guest RAM")
 
-    def locate(self, addr: int, length: int) -> tuple[Region, int]:
-        """The region holding a guest range and the range's offset in it (for a caller that
-        changes the mapping itself, as :mod:`ember.snapshot.hugeback` does)."""
-        return self._find(addr, length)
-
     def contains(self, addr: int, length: int) -> bool:
         try:
             self._find(addr, length)
@@ -147,21 +142,12 @@ class GuestMemory:
         region.mem[offset : offset + len(data)] = data
 
     def fill(self, addr: int, length: int, byte: int) -> None:
-        """Set a range to one byte value without building it in host memory first."""
-        region, offset = self._find(addr, length)
-        chunk = bytes([byte]) * min(length, MIB)
-        end = offset + length
-        while offset < end:
-            n = min(len(chunk), end - offset)
-            region.mem[offset : offset + n] = chunk[:n]
-            offset += n
-
-    def zero(self, addr: int, length: int) -> None:
-        """Clear a range at host speed (``memset``), for the guest kernel's page clearing
-        (:mod:`ember.devices.legacy.page_clear`): no buffer of the range's size is built."""
+        """Set a range to one byte value at host speed (``memset``), without building it in
+        host memory first: a loader's bss, and the guest kernel's page clearing
+        (:mod:`ember.devices.legacy.page_clear`)."""
         region, offset = self._find(addr, length)
         if length:
-            ctypes.memset(_address(region.mem) + offset, 0, length)
+            ctypes.memset(c_address(region.mem) + offset, byte, length)
 
     def renew(self, addr: int, length: int) -> bool:
         """Map fresh anonymous memory (zeros) over a range, host huge pages asked for; False,
@@ -176,7 +162,7 @@ class GuestMemory:
         RAM with a hole in it must not run on.
         """
         region, offset = self._find(addr, length)
-        host = _address(region.mem) + offset
+        host = c_address(region.mem) + offset
         if not length or addr % HUGE_PAGE_SIZE or length % HUGE_PAGE_SIZE or host % HUGE_PAGE_SIZE:
             return False
         flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_FIXED
@@ -216,7 +202,7 @@ class GuestMemory:
             region.mem.close()
 
 
-def _address(buf: mmap.mmap) -> int:
-    """Where an mmap is in this process (the ctypes view is dropped at once, so the mmap
-    can still be closed)."""
+def c_address(buf: mmap.mmap) -> int:
+    """The user-space address of an mmap (for KVM_SET_USER_MEMORY_REGION, ``memset`` and a
+    fixed ``mmap``); the ctypes view is dropped at once, so the mmap can still be closed."""
     return ctypes.addressof(ctypes.c_char.from_buffer(buf))

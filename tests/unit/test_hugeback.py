@@ -11,8 +11,14 @@ from pathlib import Path
 import pytest
 
 from ember import memory as memory_module
-from ember.kvm.system import c_address
-from ember.memory import MMIO_GAP_END, MMIO_GAP_START, GuestMemory, GuestMemoryError, Region
+from ember.memory import (
+    MMIO_GAP_END,
+    MMIO_GAP_START,
+    GuestMemory,
+    GuestMemoryError,
+    Region,
+    c_address,
+)
 from ember.snapshot import hugeback
 
 MIB = 1 << 20

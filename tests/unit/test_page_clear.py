@@ -19,7 +19,6 @@ from ember.arch.x86_64 import layout
 from ember.arch.x86_64.cpuid import TEMPLATES
 from ember.devices.bus import Bus
 from ember.devices.legacy.page_clear import PAGE_CLEAR_LEN, PageClear
-from ember.kvm.system import c_address
 from ember.memory import (
     HUGE_PAGE_SIZE,
     MIB,
@@ -28,6 +27,7 @@ from ember.memory import (
     GuestMemory,
     GuestMemoryError,
     Region,
+    c_address,
 )
 
 PORT = layout.HOST_CLEAR_PORT

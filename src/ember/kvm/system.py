@@ -335,8 +335,3 @@ _S = TypeVar("_S", bound=ctypes.Structure)
 def _get(fd: int, request: int, buf: _S, what: str) -> _S:
     ioctl_buf(fd, request, buf, what=what)
     return buf
-
-
-def c_address(buf: mmap.mmap) -> int:
-    """The user-space address of an mmap, for KVM_SET_USER_MEMORY_REGION."""
-    return ctypes.addressof(ctypes.c_char.from_buffer(buf))

@@ -25,8 +25,8 @@ from ember.devices.legacy.serial import COM1_IRQ, COM1_PORT, UART_PORT_LEN, Seri
 from ember.devices.virtio.block.device import Block
 from ember.errors import ConfigError, KvmError, SnapshotError
 from ember.kvm import abi
-from ember.kvm.system import Kvm, Vcpu, Vm, c_address
-from ember.memory import GuestMemory, GuestMemoryError
+from ember.kvm.system import Kvm, Vcpu, Vm
+from ember.memory import GuestMemory, GuestMemoryError, c_address
 from ember.snapshot import MEMORY_FILE, STATE_FILE, hugeback, prefault
 from ember.snapshot.format import read_state, unblob
 from ember.snapshot.kvm_state import restore_vcpu, restore_vm

@@ -74,7 +74,7 @@ class SharedRegion:
     """The memfd, its mapping in the VMM, and the doorbells' eventfds."""
 
     def __init__(self, vm: Vm, memory: GuestMemory, slot: int) -> None:
-        from ember.kvm.system import c_address
+        from ember.memory import c_address
 
         self.base = region_base(memory)
         self.size = ring.region_size()

@@ -52,14 +52,15 @@ class PageClear:
         if addr % length or not self._memory.contains(addr, length):
             self.refused += 1
             return
+        if length == PAGE_SIZE:
+            self._memory.fill(addr, length, 0)
+            self.pages += 1
+            return
         # A failing mmap in renew() is the host's (out of memory), not the guest's: it raises,
         # and the vCPU thread stops the VM with that error rather than leave a hole in its RAM.
-        if length == PAGE_SIZE or not self._memory.renew(addr, length):
-            self._memory.zero(addr, length)
-        if length == PAGE_SIZE:
-            self.pages += 1
-        else:
-            self.huge_pages += 1
+        if not self._memory.renew(addr, length):
+            self._memory.fill(addr, length, 0)
+        self.huge_pages += 1
 
     def counters(self) -> dict[str, int]:
         return {"pages": self.pages, "huge_pages": self.huge_pages, "refused": self.refused}
