@@ -15,11 +15,14 @@ from ember.agent.adopt import adopt
 
 
 def _child(code: int, delay: float) -> int:
+    # The child starts with SIGTERM's default disposition whatever an earlier test in this
+    # worker left installed: set in the child after the fork, it raced the test's SIGTERM.
+    kept = signal.signal(signal.SIGTERM, signal.SIG_DFL)
     pid = os.fork()
     if pid == 0:  # pragma: no cover - the child
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not what an earlier test left set
         time.sleep(delay)
         os._exit(code)
+    signal.signal(signal.SIGTERM, kept)
     return pid
 
 
