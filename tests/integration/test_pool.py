@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ast
 import difflib
+import re
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -350,3 +351,32 @@ def test_warm_heaps_are_transparent_huge_pages(sb: Sandbox) -> None:
         assert int(real.stdout) >= 14 << 10, real
     else:
         assert int(real.stdout) == 0, real
+
+
+MEM_AVAILABLE = """\
+def available():
+    for line in open("/proc/meminfo"):
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) << 10
+"""
+
+
+def test_a_cell_that_outgrows_the_memory_left_takes_it_from_the_waiting_interpreters(
+    sb: Sandbox,
+) -> None:
+    """The guest has no swap, and the warm interpreters hold most of its memory. A cell that
+    asks for more than the guest has available gets it from them: reclaim kills waiting
+    interpreters (``oom_score_adj`` 1000, the mother 900) before it evicts the files they all
+    run from (kernel patch 0019), and the worker keeps its state. Before, the guest re-read
+    its mapped files for ~190 s of emulated reclaim and then the OOM killer took the worker,
+    the biggest process."""
+    available = int(str(sb.run_code(MEM_AVAILABLE + "available()").value))
+    size = available + (64 << 20)
+    cell = sb.run_code(f"b = bytearray({size})\nlen(b)", timeout=900)
+    assert cell.error is None and int(str(cell.value)) == size, (cell, sb.console)
+    assert int(str(sb.run_code("len(b)").value)) == size  # the same worker, its state kept
+    killed = re.findall(r"Killed process \d+ \(python3\).*oom_score_adj:(-?\d+)", sb.console)
+    assert killed and all(int(score) >= 900 for score in killed), sb.console
+    # The program that outgrew it runs on, and the sandbox serves Python programs still.
+    done = sb.exec(["python3", "-c", "print(6 * 7)"], timeout=900)
+    assert (done.exit_code, done.stdout) == (0, b"42\n"), done

@@ -59,9 +59,15 @@ def test_patched_files_parses_headers() -> None:
         "mm/memory.c",
         "mm/shmem.c",
         "mm/mmap.c",
+        "mm/Makefile",
+        "mm/ember_lmk.c",
     ]
     created = [f for _, data in patches for f in kernel_build.patched_files(data, created=True)]
-    assert created == ["drivers/misc/ember_doorbell.c", "arch/x86/mm/ember_clear.c"]
+    assert created == [
+        "drivers/misc/ember_doorbell.c",
+        "arch/x86/mm/ember_clear.c",
+        "mm/ember_lmk.c",
+    ]
     modified = [f for _, data in patches for f in kernel_build.patched_files(data, created=False)]
     assert sorted(modified + created) == sorted(files)
     assert modified.count("drivers/misc/ember_doorbell.c") == 1  # 0013 changes what 0007 made

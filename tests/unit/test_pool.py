@@ -19,6 +19,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -545,6 +546,63 @@ def test_refills_are_forked_by_the_mother_as_the_agents_own_children(agent: Agen
     # A forked member's death by a signal is seen as a started one's is.
     run = agent.pooled(["python3", "-c", "import os, signal; os.kill(os.getpid(), signal.SIGTERM)"])
     assert run.result["signal"] == signal.SIGTERM, run
+
+
+OOM_ADJ = "print(open('/proc/self/oom_score_adj').read().strip())"
+
+
+def _oom_score_adj(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/oom_score_adj").read_text())
+
+
+def test_waiting_interpreters_are_the_oom_killers_first_choice_and_programs_are_not(
+    agent: Agent,
+) -> None:
+    # The guest has no swap. When a program outgrows the memory left, the OOM killer must
+    # take a waiting interpreter (the agent makes another when idle), not the program or
+    # the run_code worker, which it would pick by size. A program, started or forked
+    # member alike, is weighed as a real python3 is, and has no descriptor more.
+    status = agent.wait_full()
+    assert status["mother"], status["mother_error"]
+    waiting = [
+        pid
+        for pid in _children(agent.proc.pid)
+        if Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[1:2] == [b"-c"]
+    ]
+    assert len(waiting) > status["size"]  # the members, their holders and the mother
+    # the mother (no heap, no holder: one process) goes after the members, whose refills
+    # she forks
+    scores = Counter(_oom_score_adj(pid) for pid in waiting)
+    assert scores == {1000: len(waiting) - 1, 900: 1}, scores
+    real = agent.run(["python3", "-c", OOM_ADJ], pool=False)
+    assert real.stdout.strip() == str(_oom_score_adj(agent.proc.pid)).encode(), real
+    forked = status["forked"]
+    for _ in range(status["size"] + 1):  # the last ones forked by the mother
+        assert agent.pooled(["python3", "-c", OOM_ADJ]).stdout == real.stdout
+    assert agent.pool()["forked"] > forked
+    show = agent.pooled(["python3", "-c", SHOW]).stdout.splitlines()
+    assert show[-2] == agent.run(["python3", "-c", SHOW], pool=False).stdout.splitlines()[-2]
+
+
+MARK_AND_GIVE_BACK = """
+import os
+from ember.agent import pystart
+def score(): return open("/proc/self/oom_score_adj").read().strip()
+open("/proc/self/oom_score_adj", "w").write("100")  # what the agent would have
+adj = pystart._expendable()
+marked = score()
+pystart._needed(adj)
+print(marked, score(), adj[1].decode(), *sorted(os.listdir("/proc/self/fd")))
+"""
+
+
+def test_a_program_gets_back_the_oom_score_its_interpreter_inherited() -> None:
+    # Not 0: the agent's own (a real python3 inherits it), and no descriptor is left open.
+    done = subprocess.run(
+        [sys.executable, "-c", MARK_AND_GIVE_BACK], capture_output=True, text=True, check=True
+    )
+    # the descriptors: the standard three and the one listing them
+    assert done.stdout.split() == ["1000", "100", "100", "0", "1", "2", "3"], done
 
 
 def test_the_first_fill_starts_two_and_forks_the_rest_warmed_before_ready(

@@ -20,9 +20,11 @@ interpreters run one program each; the run_code worker keeps its peak), and an e
 interpreter never unmaps anything during finalisation, which here is also faster.
 
 The guest kernel has transparent huge pages in ``madvise`` mode
-(``src/ember/images/kernel/ember.config``): only memory that asks gets them (the warm
-interpreters' heaps above), so a program that touches one byte of a fresh region still costs
-the host 4 KiB, not 2 MiB. :func:`tune_thp` makes them never wait: no compaction at fault time
+(``src/ember/images/kernel/ember.config``): only memory that asks gets them, so a program that
+touches one byte of a region nobody asked for costs the host 4 KiB, not 2 MiB. The warm
+interpreters' heaps above ask; under the ``pvm`` CPU template every process's glibc heap asks
+too (ember-init's ``GLIBC_TUNABLES``, beside the VMM clearing the guest's fresh pages).
+:func:`tune_thp` makes them never wait: no compaction at fault time
 (``defrag`` ``never``: a huge page when one is free, else 4 KiB pages as before), and no
 ``khugepaged`` scans (each would be emulated kernel work every 10 s in every idle sandbox).
 Turning THP on also makes the kernel raise ``min_free_kbytes`` to what khugepaged would want

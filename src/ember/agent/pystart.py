@@ -81,10 +81,55 @@ if __name__ != "ember_pystart":  # imported as a module; in BOOT's namespace the
     )
 
 
+OOM_SCORE_ADJ = "/proc/self/oom_score_adj"
+EXPENDABLE = b"1000"  # proc(5): the OOM killer's first choice, whatever its size
+MOTHER = b"900"  # after the members: without her a refill is a new python3 (~20 s here)
+
+
+def _expendable(score: bytes = EXPENDABLE) -> tuple[int, bytes]:
+    """Make this waiting interpreter the guest OOM killer's first choice; the open file and
+    the score it had (inherited from the agent, as a real ``python3``'s is), for
+    :func:`_needed` (-1 if it could not be marked).
+
+    The pool's interpreters hold most of a default guest's memory (their heaps), and the agent
+    makes new ones when the sandbox is idle. When a program's allocations outgrow what is
+    left, losing one of them costs a later exec a refill; losing the ``run_code`` worker or
+    the program costs the user their work, and the OOM killer would pick them by size. The
+    file is opened here, before the snapshot, so that a restored member's job pays one
+    ``write``, not a path lookup too."""
+    try:
+        fd = os.open(OOM_SCORE_ADJ, os.O_RDWR | os.O_CLOEXEC)
+    except OSError:
+        return -1, b""
+    try:
+        inherited = os.pread(fd, 16, 0).strip()
+        os.write(fd, score)
+    except OSError:
+        os.close(fd)
+        return -1, b""
+    return fd, inherited
+
+
+def _needed(adj: tuple[int, bytes]) -> None:
+    """The job makes this interpreter a user's program: the OOM killer weighs it as a real
+    ``python3`` again (the holder, sharing its memory, with it: proc(5)). The file is closed,
+    so the program's descriptors are a fresh ``python3``'s."""
+    fd, inherited = adj
+    if fd < 0:
+        return
+    try:
+        os.write(fd, inherited)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 def wait(argv: list[str], boot_globals: dict[str, Any], baseline: set[str]) -> Job:
     """Start-up work, ``ready``, then block until the agent hands over a job (BOOT calls this)."""
     ctl, generation, heap = (int(a) for a in argv[:3])
     mother = argv[3] == "mother"
+    adj = _expendable(MOTHER if mother else EXPENDABLE)
     preload = argv[4:]
     before = set(sys.modules)
     error = ""
@@ -118,6 +163,12 @@ def wait(argv: list[str], boot_globals: dict[str, Any], baseline: set[str]) -> J
         _trim_heap()
         # Returns only in each interpreter this one forks: that carries on below as a member.
         ctl, heap, warm_first, profile = _mother(ctl)
+        # The mother's file: this member marks its own. What a program gets back is what the
+        # mother inherited from the agent (if she could not mark herself, it is what this reads).
+        if adj[0] >= 0:
+            os.close(adj[0])
+        fd, inherited = _expendable()
+        adj = (fd, adj[1] or inherited)
         generation = -1  # its generators are its mother's, as in every sibling: reseed
         forked = True
     if heap > 0 and not error:
@@ -178,6 +229,7 @@ def wait(argv: list[str], boot_globals: dict[str, Any], baseline: set[str]) -> J
         _send(ctl, {"pages": _rehearse(heap, keep, plan)})
     if len(fds) not in (2, 3):
         os._exit(0)  # a job without its pipes: not from our agent
+    _needed(adj)
     job = Job(spec, boot_globals)
     job.alive = alive
     job.apply((ctl, *fds), flags if flags and flags.works else None, state)

@@ -37,7 +37,14 @@ from ember.errors import ConfigError
 #   at its next wake-up, i.e. inside the next request; once a minute instead (meanwhile the
 #   counters drift by at most a per-CPU threshold).
 QUIET_SYSCTLS = ("sysctl.vm.compaction_proactiveness=0", "sysctl.vm.stat_interval=60")
-DEFAULT_CMDLINE = " ".join(("console=ttyS0 reboot=k panic=-1 quiet no_timer_check", *QUIET_SYSCTLS))
+# Reclaim kills the agent's waiting interpreters (oom_score_adj >= 900) before it evicts the
+# last 32 MiB of free memory and unmapped page cache, i.e. before the files every interpreter
+# has mapped (kernel patch 0019): the guest has no swap, and that eviction thrashed for minutes
+# of emulated reclaim before the OOM killer took the program.
+EXPENDABLE_FIRST = "ember.lmk_mib=32"
+DEFAULT_CMDLINE = " ".join(
+    ("console=ttyS0 reboot=k panic=-1 quiet no_timer_check", *QUIET_SYSCTLS, EXPENDABLE_FIRST)
+)
 DEFAULT_MEM_MIB = 128
 MAX_VCPUS = 32  # the MP table lives in the last KiB of base memory
 MAX_MEM_MIB = 1 << 20  # 1 TiB
