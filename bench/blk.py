@@ -69,6 +69,7 @@ from boot import (
     default_artifact,
     ember_env,
     qemu_base_argv,
+    qemu_cmdline,
     schedule,
 )
 
@@ -167,7 +168,7 @@ def qemu_argv(inputs: BlkInputs, qemu: str = "qemu-system-x86_64") -> list[str]:
         "-device", "virtio-blk-device,drive=root",
         "-drive", f"id=data,file={inputs.data},{drive}",
         "-device", "virtio-blk-device,drive=data",
-        "-append", f"{inputs.cmdline} {ember_cmd_words(inputs.workload)}",
+        "-append", f"{qemu_cmdline(inputs.cmdline)} {ember_cmd_words(inputs.workload)}",
     ]  # fmt: skip
 
 

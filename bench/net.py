@@ -42,7 +42,7 @@ from contextlib import ExitStack
 from typing import Any
 
 from _common import fmt_num, fmt_ratio, format_table, run_measured, summarize, to_json
-from boot import CMDLINE, QEMU_CPU, QEMU_MACHINE, ember_env
+from boot import CMDLINE, QEMU_CPU, QEMU_MACHINE, ember_env, qemu_cmdline
 
 from ember.images import artifact_path
 from ember.network.host import GATEWAY_IP, GUEST_CIDR, TAP_NAME, SandboxNetwork
@@ -145,7 +145,8 @@ def boot_argv(vmm: str, net: SandboxNetwork, script: str, mem_mib: int) -> list[
         ]  # fmt: skip
     encoded = base64.urlsafe_b64encode("\0".join(workload).encode()).decode()
     append = (
-        f"{CMDLINE} ember.root=/dev/vda ember.cmd={encoded} ember.net={GUEST_CIDR},{GATEWAY_IP}"
+        f"{qemu_cmdline(CMDLINE)} ember.root=/dev/vda ember.cmd={encoded} "
+        f"ember.net={GUEST_CIDR},{GATEWAY_IP}"
     )
     return [
         "ip", "netns", "exec", net.netns,  # execs QEMU: the measured process is QEMU

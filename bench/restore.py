@@ -49,7 +49,7 @@ from pathlib import Path
 from typing import Any
 
 from _common import fmt_num, format_table, spare_after, to_json
-from boot import CMDLINE, default_artifact, qemu_base_argv
+from boot import CMDLINE, default_artifact, qemu_base_argv, qemu_cmdline
 
 from ember import Sandbox, templates
 from ember.spec import DEFAULT_MEM_MIB
@@ -279,7 +279,7 @@ def qemu_argv(qmp: Path, rootfs: Path) -> list[str]:
     base = qemu_base_argv(DEFAULT_MEM_MIB, default_artifact("kernel"), default_artifact("initrd"),
                           "qemu-system-x86_64")  # fmt: skip
     return [
-        *base, "-append", f"{CMDLINE} ember.root=/dev/vda ember.cmd={cmd}",
+        *base, "-append", f"{qemu_cmdline(CMDLINE)} ember.root=/dev/vda ember.cmd={cmd}",
         "-drive", f"file={rootfs},if=none,id=root,format=raw,readonly=on",
         "-device", "virtio-blk-device,drive=root",
         "-qmp", f"unix:{qmp},server=on,wait=off",
@@ -302,7 +302,9 @@ def measure_qemu(runs: int, workdir: Path) -> dict[str, Any]:
         while QEMU_MARKER not in seen:  # the guest booted and runs its workload
             chunk = os.read(proc.stdout.fileno(), 4096)
             if not chunk:
-                return {"error": "QEMU exited while booting: " + seen[-300:].decode("replace")}
+                return {
+                    "error": "QEMU exited while booting: " + seen[-300:].decode("utf-8", "replace")
+                }
             seen = (seen + chunk)[-8192:]
         # Migrated while running, so the restored VM starts running on its own.
         _qmp(qmp, {"execute": "migrate", "arguments": {"uri": f"exec:cat > {image}"}})
