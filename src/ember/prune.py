@@ -19,7 +19,10 @@ What stays:
   template, network) maps to now (:func:`ember.templates.template_dir`).
 
 Everything else under the kinds listed in :data:`KINDS` goes. An entry being built (its
-build lock held, or a ``.tmp`` staging directory) is left alone; a sandbox restored from a
+build lock held) is left alone, and so are its ``.tmp`` staging directory and an ``.old.PID``
+directory a rebuild is replacing. Without the lock held those are what a build killed
+half-way left (a staging directory is only ever reused by a build of the same key, which
+may never come again): they go too. A sandbox restored from a
 template that goes keeps running (its memory file and disk stay open until it closes).
 Nothing is guessed: when the current inputs cannot be resolved (images not built), the prune
 refuses rather than treat everything as stale.
@@ -68,6 +71,10 @@ def stale() -> list[Entry]:
         for path in _children(cache.cache_root() / kind):
             if path not in keep and not (kind == "rootfs-layer" and _over_kept(path, keep)):
                 found.append(Entry(path, kind, _size(path)))
+    for kind, directory in (("template", templates), *_kind_dirs()):
+        for path in _leftovers(directory):
+            if _abandoned(Entry(path, kind, 0)):
+                found.append(Entry(path, kind, _size(path)))
     return sorted(found, key=lambda entry: entry.size, reverse=True)
 
 
@@ -108,16 +115,39 @@ def _current_artifacts() -> set[Path]:
     return keep | {layers.layer_dir(layer) for layer in image.layers}
 
 
-def _children(directory: Path) -> Iterator[Path]:
-    """Finished entries: no staging (``.tmp``) or half-replaced (``.old.PID``) directories."""
+def _kind_dirs() -> tuple[tuple[str, Path], ...]:
+    return tuple((kind, cache.cache_root() / kind) for kind in KINDS)
+
+
+def _entries(directory: Path) -> Iterator[Path]:
     try:
         names = sorted(os.listdir(directory))
     except FileNotFoundError:
         return
     for name in names:
         path = directory / name
-        if path.is_dir() and not path.is_symlink() and ".tmp" not in name and ".old." not in name:
+        if path.is_dir() and not path.is_symlink():
             yield path
+
+
+def _children(directory: Path) -> Iterator[Path]:
+    """Finished entries: no staging (``.tmp``) or half-replaced (``.old.PID``) directories."""
+    return (path for path in _entries(directory) if _built_name(path.name) is None)
+
+
+def _leftovers(directory: Path) -> Iterator[Path]:
+    """Staging and half-replaced directories (kept only while their build runs)."""
+    return (path for path in _entries(directory) if _built_name(path.name) is not None)
+
+
+def _built_name(name: str) -> str | None:
+    """The entry a staging (``NAME.tmp``, :func:`ember.images.cache.staging_dir`) or
+    half-replaced (``NAME.old.PID``, :func:`ember.images.cache.install`) directory is
+    for; None for a finished entry."""
+    if name.endswith(".tmp"):
+        return name.removesuffix(".tmp")
+    head, old, pid = name.rpartition(".old.")
+    return head if old and pid.isdigit() else None
 
 
 def _template_is_kept(path: Path) -> bool:
@@ -207,12 +237,28 @@ def _size(path: Path) -> int:
     return total
 
 
+def _lock_path(entry: Entry) -> Path:
+    """The build lock of the entry (or of the entry its staging directory is for)."""
+    name = _built_name(entry.path.name) or entry.path.name
+    name = f"template-{name}" if entry.kind == "template" else name
+    return cache.build_root() / f"{name}.lock"
+
+
+def _abandoned(entry: Entry) -> bool:
+    """A staging or half-replaced directory whose build is over: its lock file exists
+    (every build that makes one opens it first, so a directory without one is not a build's
+    and stays) and no build holds it."""
+    if not _lock_path(entry).is_file():
+        return False
+    with _unless_building(entry) as free:
+        return free
+
+
 @contextlib.contextmanager
 def _unless_building(entry: Entry) -> Iterator[bool]:
     """Hold the entry's build lock while it is deleted; False if a build holds it now."""
-    name = f"template-{entry.path.name}" if entry.kind == "template" else entry.path.name
     try:
-        lock = open(cache.build_root() / f"{name}.lock")  # noqa: SIM115 - closed below
+        lock = open(_lock_path(entry))  # noqa: SIM115 - closed below
     except OSError:
         yield True  # never built here (or its lock is gone): no build holds it
         return

@@ -64,6 +64,7 @@ if TYPE_CHECKING:
 DEFAULT = "default"
 META_FILE = "template.json"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+_RESERVED = re.compile(r"(\.tmp|\.old\.[0-9]+)$")
 VERIFIED_FILE = "verified.json"  # see verify()
 _verified: set[tuple[str, str]] = set()
 _verify_lock = threading.Lock()
@@ -91,10 +92,13 @@ def templates_root() -> Path:
 
 
 def check_name(name: str) -> str:
-    if not _NAME.match(name) or name.startswith(f"{DEFAULT}-"):
+    """A template's name; not one the cache uses for a build's staging (``NAME.tmp``) or
+    for a directory being replaced (``NAME.old.PID``): ``ember image prune`` removes those
+    once their build is over."""
+    if not _NAME.match(name) or name.startswith(f"{DEFAULT}-") or _RESERVED.search(name):
         raise ConfigError(
             f"template name {name!r}: use letters, digits, '_', '.', '-' (up to 64), "
-            f"not starting with '{DEFAULT}-'"
+            f"not starting with '{DEFAULT}-' nor ending in '.tmp' or '.old.<digits>'"
         )
     return name
 

@@ -158,3 +158,49 @@ def test_the_cli_lists_what_it_removes(root: Path, capsys: pytest.CaptureFixture
     assert main(["image", "prune"]) == 0
     assert f"removed {len(gone)} entries" in capsys.readouterr().out
     assert not any(os.path.exists(path) for path in gone)
+
+
+def test_what_a_killed_build_left_goes_once_its_lock_is_free(root: Path) -> None:
+    import fcntl
+
+    keep, gone = lay_out(root)
+    locks = cache.build_root()
+    locks.mkdir(parents=True, exist_ok=True)
+    kernel_stage = root / "kernel" / ("8" * 64 + ".tmp")
+    running = root / "initrd" / ("9" * 64 + ".tmp")
+    left = {
+        root / "templates" / "default-0aaaaaaaaaaaaaaa.tmp",  # a template build killed
+        root / "templates" / "mine.old.4242",  # a --force rebuild killed mid-install
+        kernel_stage,
+    }
+    for path in (*left, running):
+        path.mkdir()
+        (path / "memory").write_bytes(b"x" * 4096)
+    for name in ("template-default-0aaaaaaaaaaaaaaa", "template-mine", "8" * 64, "9" * 64):
+        (locks / f"{name}.lock").touch()
+    foreign = root / "templates" / "notours.tmp"  # no lock file: no build of ours made it
+    foreign.mkdir()
+    with open(locks / f"{'9' * 64}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # that build still runs
+        assert {e.path for e in prune.prune(dry_run=True)} == gone | left
+        assert all(path.is_dir() for path in left)
+        removed = {e.path for e in prune.prune()}
+    assert removed == gone | left
+    assert not any(path.exists() for path in left)
+    assert running.is_dir() and foreign.is_dir() and listed(root) == keep
+    assert {e.path for e in prune.prune()} == {running}  # its build is over now
+
+
+@pytest.mark.parametrize("name", ["x.tmp", "mine.old.12", "a.b.old.7"])
+def test_a_template_may_not_take_a_name_the_cache_stages_under(name: str) -> None:
+    from ember.templates import check_name
+
+    with pytest.raises(ConfigError, match=r"ending in '\.tmp'"):
+        check_name(name)
+
+
+@pytest.mark.parametrize("name", ["tmp", "x.tmpl", "mine.old", "old.12", "v1.2.old-3"])
+def test_names_like_those_are_still_templates(name: str) -> None:
+    from ember.templates import check_name
+
+    assert check_name(name) == name
