@@ -47,6 +47,10 @@ request slot's control page::
                                   restored copy's region, and lays them out again for its
                                   generation next; the host attaches only to a layout for
                                   its region's generation (0: a worker from before this word)
+      offset 576  code_cells      written by the worker, read by the agent (the host ignores
+                                  it): ring requests it began plus those it finished, so
+                                  odd while one runs. The agent sees no other sign of them,
+                                  and holds its pool's refills off while they come
 
 Head and tail sit on separate cache lines, so producer and consumer never write
 the same line. A record is an 8-byte header (``length | kind << 32``) and its
@@ -103,6 +107,7 @@ CODE_EPOCH = 32
 CODE_NOT_YET = 48
 CODE_BELL = 56  # nonzero: a sleeping worker also wakes on the guest bell (ember.vmm.shm)
 CODE_GENERATION = 64  # the region generation the rings were laid out for (see above)
+CODE_CELLS = 72  # ring requests begun + finished by the worker (see above)
 CODE_SLOTS = 2
 CODE_MIN_CAPACITY = 4096  # a code ring the worker lays out smaller than its slot: at least this
 

@@ -33,6 +33,7 @@ from ember.client.results import CodeResult, parse_code_result
 from ember.client.wire import decode
 from ember.errors import AgentError, ProtocolError
 from ember.protocol import Kind, read_frame
+from tests.waiting import wait_for
 
 # bench/ is a folder of scripts, not a package: import its modules the way the scripts do.
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
@@ -181,6 +182,23 @@ def test_cells_go_through_the_rings_and_keep_their_state(fx: Fixture) -> None:
     assert fx.code.calls == 3
     assert fx.ctl(2)[ring.CODE_READY] != 0  # the worker announced itself in the request slot
     assert fx.ctl(2)[ring.CODE_GENERATION] == 12345  # for the region's generation
+
+
+def test_the_agent_sees_a_ring_cell_run_through_the_cells_word(fx: Fixture) -> None:
+    # Its pool holds refills off while cells run (ember.agent.poolfill.watch_cells).
+    assert fx.runner.notice is not None
+    read = fx.runner.notice.read_cells
+    fx.ready_call("import time")
+    before = read()
+    assert before % 2 == 0 and before >= 2
+    done: list[CodeResult | None] = []
+    caller = threading.Thread(target=lambda: done.append(fx.call("time.sleep(1.0)")))
+    caller.start()
+    wait_for(lambda: read() % 2 == 1, 10, "the worker to say a cell runs")
+    assert read() == before + 1 and not done
+    caller.join(30)
+    assert done and done[0] is not None and done[0].error is None
+    assert read() == before + 2
 
 
 def test_a_sleeping_worker_is_woken_by_the_agent(fx: Fixture) -> None:

@@ -1081,6 +1081,43 @@ def test_a_replacement_run_code_worker_is_a_pre_started_interpreter(agent: Agent
     assert not [p for p in group if Path(f"/proc/{p}").exists()]  # the first's holder too
 
 
+def test_cells_served_over_the_code_ring_hold_refills_off_as_requests_do() -> None:
+    # The agent never sees a ring-served run_code: only the worker's CODE_CELLS word says
+    # one runs (odd) or ran (changed). A refill must wait for the cells to stop, then for
+    # the idle time, as after a request; with no cells it starts after idle_s as before.
+    from ember.agent.pool import InterpreterPool
+
+    pool = InterpreterPool(2, idle_s=0.1)
+    cells = [7]
+    looks: list[int] = []
+
+    def read() -> int:
+        looks.append(cells[0])
+        return cells[0]
+
+    pool.watch_cells(read)
+    started: list[float] = []
+    with pool._cond:
+        pool._first_fill_done = True
+        pool._ready = [object()]  # type: ignore[list-item]  # one short: a refill is wanted
+        pool._idle_since = time.monotonic() - 10  # long idle: only the cells hold it off
+    cells[0] = 9  # a cell began and is still running
+    pool._start_one = lambda first: started.append(time.monotonic()) or object()  # type: ignore[assignment, func-returns-value]
+    thread = threading.Thread(target=pool._loop, daemon=True)
+    thread.start()
+    try:
+        time.sleep(0.6)  # several idle_s: a running cell holds the refill off throughout
+        assert started == [] and len(looks) >= 3
+        cells[0] = 10  # it ended: the idle time counts from the look that saw it
+        wait_for(lambda: started, 10, "the refill once the cells stopped")
+        assert looks[-1] == 10
+    finally:
+        with pool._cond:
+            pool._closed = True
+            pool._cond.notify_all()
+        thread.join(10)
+
+
 def test_the_end_of_a_request_wakes_the_pools_thread_only_for_work_it_has(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

@@ -151,6 +151,7 @@ class WorkerRing:
         self._window = 0.0
         self.spin = SpinWindow()
         self.served = 0
+        self._cells = 0  # ring.CODE_CELLS: begun + finished (a store each, no system call)
         self.guest_bell = _open_bell()  # opened in the template: every restored worker has it
 
     @classmethod
@@ -197,6 +198,12 @@ class WorkerRing:
         self._req_ctl[ring.CODE_READY] = self._pid  # last: the host may go now
         self.poll_for(AFTER_RESTORE_S)
         return True
+
+    def count_cell(self) -> None:
+        """A ring request begins or ends: the agent's pool waits for its sandbox to be idle
+        before a refill (seconds of guest CPU), and sees these only through the region."""
+        self._cells += 1
+        self._req_ctl[ring.CODE_CELLS] = self._cells
 
     def poll_for(self, seconds: float | None) -> None:
         """Keep polling for ``seconds`` from now, or None: as long as the caller's pace calls
@@ -308,7 +315,11 @@ def serve(
                     check_at = 0.0
                 requests = code_ring.take()
                 for request in requests:
-                    reply, linger = on_ring(request)
+                    code_ring.count_cell()
+                    try:
+                        reply, linger = on_ring(request)
+                    finally:
+                        code_ring.count_cell()
                     code_ring.reply(reply)
                     code_ring.served += 1
                     code_ring.poll_for(linger)
@@ -370,6 +381,10 @@ class DeathNotice:
             return cls(region)
         except (OSError, ValueError):
             return None
+
+    def read_cells(self) -> int:
+        """The worker's ``CODE_CELLS``: odd while it serves a ring request."""
+        return int(self._ctl[ring.CODE_CELLS])
 
     def read_epoch(self) -> int:
         """The epoch hosts see (0 in a region no worker has died in yet)."""

@@ -80,6 +80,21 @@ class Member:
         pid = self.info.get("holder")
         return pid if isinstance(pid, int) and pid > 0 else 0
 
+    def pause(self) -> None:
+        """Stop a start (``SIGSTOP``) while a request or a cell runs: its work is emulated
+        guest-kernel time taken from theirs."""
+        self.stopped = True
+        send_signal(self.proc.pid, signal.SIGSTOP)
+
+    def go_on(self) -> None:
+        self.stopped = False
+        send_signal(self.proc.pid, signal.SIGCONT)
+
+    def background(self) -> None:
+        """Back to nice 19, where the mother and forked members do their own work."""
+        self.lifted = False
+        renice(self.proc.pid, BACKGROUND_NICE)
+
     def close_fds(self, *, theirs_only: bool = False) -> None:
         fds = self.theirs if theirs_only else (*self.ours, *self.theirs)
         for fd in fds:

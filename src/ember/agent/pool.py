@@ -47,7 +47,6 @@ heap: touching pages in a live sandbox is exactly the cost the heap exists to av
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import threading
 import time
@@ -62,7 +61,6 @@ from ember.agent.member import (
     read_message,
     renice,
     send_message,
-    send_signal,
 )
 from ember.agent.poolfill import DEFAULT_SIZE, IDLE_S, STARTED, PoolFiller, PoolState
 from ember.agent.pyargs import plan
@@ -153,8 +151,7 @@ class InterpreterPool(PoolFiller):
             self._busy += 1
             starting = self._starting
             if starting is not None and not starting.stopped and not self._waiting:
-                starting.stopped = True
-                send_signal(starting.proc.pid, signal.SIGSTOP)
+                starting.pause()
 
     def idle(self) -> None:
         """The request in flight ended. The pool's thread is woken only if it waits without
@@ -309,8 +306,7 @@ class InterpreterPool(PoolFiller):
             if starting is not None:
                 self._foreground(starting)
                 if starting.stopped:
-                    starting.stopped = False
-                    send_signal(starting.proc.pid, signal.SIGCONT)
+                    starting.go_on()
             self._cond.notify_all()
             try:
                 while not self._ready and self._mother is not None and not self._closed:

@@ -15,17 +15,17 @@ from __future__ import annotations
 import enum
 import os
 import select
-import signal
 import socket
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
+from ember.agent.cellwatch import CellWatch
 from ember.agent.common import log
 from ember.agent.handover import acceptable
 from ember.agent.heap import with_malloc_env
 from ember.agent.member import (
-    BACKGROUND_NICE,
     MEMBER,
     MOTHER,
     START_TIMEOUT_S,
@@ -37,10 +37,9 @@ from ember.agent.member import (
     read_message,
     renice,
     send_message,
-    send_signal,
     spawn,
 )
-from ember.agent.poolprobe import run_probe
+from ember.agent.poolprobe import probe_spec, run_probe
 from ember.agent.pyargs import effective_ctype, plan
 from ember.agent.pyfind import PythonFinder
 from ember.agent.resume import ResumeState
@@ -99,6 +98,7 @@ class PoolFiller:
         self._waiting = 0  # execs waiting for a forked member (the refill runs for them)
         self._priority = os.getpriority(os.PRIO_PROCESS, 0)  # what programs run at
         self._idle_since = time.monotonic()
+        self._cells = CellWatch()  # run_code cells served over the code ring (watch_cells)
         self._unbounded_wait = False  # the pool's thread waits for a notify, not a deadline
         self._closed = False
         self._first_fill_done = False
@@ -127,12 +127,28 @@ class PoolFiller:
             return True
         if self._busy:
             return False
-        return not self._first_fill_done or self._idle_left() <= 0
+        if not self._first_fill_done:
+            return True
+        return not self._cells_ran() and self._idle_left() <= 0
+
+    def _cells_ran(self) -> bool:
+        """(Lock held.) A code-ring cell runs or ran since the last look: as a request that
+        just ended (and the next look is ``idle_s`` on: :meth:`_idle_left`)."""
+        if self._cells.ran():
+            self._idle_since = time.monotonic()
+            return True
+        return False
 
     def _idle_left(self) -> float:
         """(Lock held.) Seconds of idleness still due before the next piece of work."""
-        needed = self.idle_s * FORK_IDLE if self._fork_wanted() else self.idle_s
+        fork = self._fork_wanted() and not self._cells.lately
+        needed = self.idle_s * FORK_IDLE if fork else self.idle_s
         return needed - (time.monotonic() - self._idle_since)
+
+    def watch_cells(self, read: Callable[[], int]) -> None:
+        """Count code-ring cells as requests: :mod:`ember.agent.cellwatch`."""
+        with self._cond:
+            self._cells.watch(read)
 
     def _fork_wanted(self) -> bool:
         """(Lock held.) The next piece of work is a refill the mother forks."""
@@ -261,7 +277,7 @@ class PoolFiller:
         # request's program and the agent get the one vCPU (page-fault work runs at the
         # faulting task's priority too). Her children are born there; take() lifts each
         # to the agent's priority with its job.
-        self._background(mother)
+        mother.background()
         self._mother = mother
 
     def _learn_profile(self) -> None:
@@ -269,17 +285,8 @@ class PoolFiller:
         job: the pages it wrote are what each forked member writes while it waits
         (:mod:`ember.agent.poolprobe`). Without it (no mother, a probe that failed) members
         warm up as before."""
-        from ember.agent.execute import default_env
-        from ember.agent.handover import job_spec
-        from ember.agent.pywarm import PROBE_PROGRAM
-
-        if self._mother is None:
-            return
-        env = default_env()
-        argv = ["python3", "-c", PROBE_PROGRAM]
-        job = plan(argv, env, pool_ctype=self._ctype, pool_env=self._env)
-        executable = self._finder.interpreter("python3", env, None)
-        if job is None or executable is None:
+        spec = probe_spec(self._finder, self._ctype, self._env, self.resume.generation)
+        if self._mother is None or spec is None:
             return
         probe = self._fork(self._mother, 0, probe=True)
         info = self._run_start(probe) if probe is not None else None
@@ -288,11 +295,7 @@ class PoolFiller:
                 discard(probe)
             return
         probe.info = info
-        # A seed, as the jobs of a restored sandbox carry (ResumeState.job_seed): the probe's
-        # reseed then takes their path, and writes their pages.
-        seed = os.urandom(32).hex()
-        spec = job_spec(job, env, None, executable, False, self.resume.generation, seed)
-        self.profile = run_probe(probe, {**spec, "profile": True})
+        self.profile = run_probe(probe, spec)
 
     def _fork(
         self, mother: Member, heap: int, *, warm_first: bool = False, probe: bool = False
@@ -345,16 +348,14 @@ class PoolFiller:
             elif member.forked:
                 # Born at the mother's priority, which an exec's wait may have lifted for the
                 # fork: its start and warm-up are background work once nobody waits.
-                self._background(member)
+                member.background()
             if self._busy and not self._waiting and not member.stopped:
-                member.stopped = True
-                send_signal(member.proc.pid, signal.SIGSTOP)
+                member.pause()
         info = self._await_ready(member)
         with self._cond:
             self._starting = None
             if member.stopped:
-                member.stopped = False
-                send_signal(member.proc.pid, signal.SIGCONT)
+                member.go_on()
         return info
 
     def _background_again(self) -> None:
@@ -363,13 +364,7 @@ class PoolFiller:
         member about to be taken is lifted again by :meth:`take`)."""
         for member in (self._mother, self._starting, *self._ready):
             if member is not None and member.lifted:
-                self._background(member)
-
-    @staticmethod
-    def _background(member: Member) -> None:
-        """Back to nice 19, where the mother and forked members do their own work."""
-        member.lifted = False
-        renice(member.proc.pid, BACKGROUND_NICE)
+                member.background()
 
     def _foreground(self, member: Member) -> None:
         """(Lock held.) A start an exec waits for is that exec's work, not background work:
@@ -381,7 +376,8 @@ class PoolFiller:
             renice(member.proc.pid, self._priority)
 
     def _await_ready(self, member: Member) -> dict[str, Any] | None:
-        """Wait for the ``ready`` message; continue a start stopped by :meth:`busy` when idle."""
+        """Wait for the ``ready`` message. A start goes on only while no request and no
+        code-ring cell runs (stopped by :meth:`busy`, or here), unless an exec waits for it."""
         poller = select.poll()
         poller.register(member.ctl.fileno(), select.POLLIN)
         ran = 0.0
@@ -390,9 +386,13 @@ class PoolFiller:
             if poller.poll(250):
                 return read_message(member.ctl)
             with self._cond:
-                if member.stopped and (self._busy == 0 or self._waiting):
-                    member.stopped = False
-                    send_signal(member.proc.pid, signal.SIGCONT)
+                held = not self._waiting and (
+                    self._busy > 0 or (self._first_fill_done and self._cells_ran())
+                )
+                if member.stopped and not held:
+                    member.go_on()
+                elif not member.stopped and held:
+                    member.pause()
                 elif not member.stopped:
                     ran += time.monotonic() - t0
         member.timed_out = not self._closed

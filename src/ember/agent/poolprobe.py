@@ -29,9 +29,13 @@ from typing import Any
 
 from ember.agent.common import log
 from ember.agent.member import Member, discard, send_message
-from ember.agent.pywarm import PROFILE_MAX_PAGES
+from ember.agent.pywarm import PROBE_PROGRAM, PROFILE_MAX_PAGES
 
-__all__ = ["PROBE_TIMEOUT_S", "run_probe", "valid_profile"]
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from ember.agent.pyfind import PythonFinder
+
+__all__ = ["PROBE_TIMEOUT_S", "probe_spec", "run_probe", "valid_profile"]
 
 PROBE_TIMEOUT_S = 120.0  # running time of its program here: ~1 s; one not done by then is broken
 MAX_PROFILE_BYTES = PROFILE_MAX_PAGES * 8  # a member reads no more of a profile
@@ -40,6 +44,25 @@ MAX_PROFILE_BYTES = PROFILE_MAX_PAGES * 8  # a member reads no more of a profile
 def valid_profile(data: bytes) -> bool:
     """A page list as ``pywarm._written_pages`` makes it: whole 8-byte addresses, not too many."""
     return 0 < len(data) <= MAX_PROFILE_BYTES and len(data) % 8 == 0
+
+
+def probe_spec(
+    finder: PythonFinder, ctype: str, pool_env: dict[str, str], generation: int
+) -> dict[str, Any] | None:
+    """The probe's job, as an exec of ``python3 -c PROBE_PROGRAM`` would be handed over, with a
+    seed as a restored sandbox's jobs carry (``ResumeState.job_seed``): the probe's reseed
+    then takes their path, and writes their pages. None if no such exec could be pooled."""
+    from ember.agent.execute import default_env
+    from ember.agent.handover import job_spec
+    from ember.agent.pyargs import plan
+
+    env = default_env()
+    job = plan(["python3", "-c", PROBE_PROGRAM], env, pool_ctype=ctype, pool_env=pool_env)
+    executable = finder.interpreter("python3", env, None)
+    if job is None or executable is None:
+        return None
+    seed = os.urandom(32).hex()
+    return {**job_spec(job, env, None, executable, False, generation, seed), "profile": True}
 
 
 def run_probe(member: Member, spec: dict[str, Any]) -> bytes:

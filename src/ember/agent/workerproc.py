@@ -110,8 +110,11 @@ class WorkerProcess:
         self.pooled_replacements = 0
 
     def use_pool(self, pool: InterpreterPool | None) -> None:
-        """Start replacements in ``pool``'s pre-started interpreters (see the module)."""
+        """Start replacements in ``pool``'s pre-started interpreters (see the module), and
+        let it see the cells the worker serves over the code ring."""
         self._pool = pool
+        if pool is not None and self.notice is not None:
+            pool.watch_cells(self.notice.read_cells)
 
     def start_in_background(self) -> None:
         """Begin starting a worker without making the caller wait for it."""
