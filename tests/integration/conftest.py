@@ -19,6 +19,10 @@ import pytest
 
 from ember.images import artifact_path
 
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from ember.sandbox import Sandbox
+
 BOOT_TIMEOUT = 600  # seconds; a boot takes ~15-40 s on kvm_pvm, well under 1 s on hardware
 
 
@@ -95,3 +99,12 @@ def ember(*args: str, timeout: float = BOOT_TIMEOUT) -> subprocess.CompletedProc
         timeout=timeout,
         check=False,
     )
+
+
+def meminfo_kib(sb: Sandbox) -> dict[str, int]:
+    """The guest's ``/proc/meminfo`` in KiB, read by the run_code worker: no new guest
+    process (an exec of ``cat`` costs ~1 s of emulated kernel, and a Python one a pool
+    member, which would change the memory being measured)."""
+    cell = sb.run_code("print(open('/proc/meminfo').read(), end='')", timeout=120)
+    assert cell.error is None, cell
+    return {line.split(":")[0]: int(line.split()[1]) for line in cell.stdout.splitlines()}

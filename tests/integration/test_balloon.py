@@ -13,7 +13,7 @@ import pytest
 
 from ember.sandbox import Sandbox
 from ember.spec import DEFAULT_MEM_MIB
-from tests.integration.conftest import Images
+from tests.integration.conftest import Images, meminfo_kib
 
 GUEST_MIB = DEFAULT_MEM_MIB  # the default template's RAM
 # The figure.  Allocating is slow here (each guest page costs emulated kernel work:
@@ -42,11 +42,6 @@ RETURNED_SHARE = 0.6
 def sb(images: Images) -> Iterator[Sandbox]:
     with Sandbox() as sandbox:
         yield sandbox
-
-
-def meminfo_kib(sb: Sandbox) -> dict[str, int]:
-    out = sb.exec(["cat", "/proc/meminfo"], timeout=120).stdout.decode()
-    return {line.split(":")[0]: int(line.split()[1]) for line in out.splitlines()}
 
 
 def usable_kib(sb: Sandbox) -> int:

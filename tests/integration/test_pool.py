@@ -21,7 +21,7 @@ import pytest
 from ember import Sandbox
 from ember.arch.x86_64.cpuid import host_is_pvm
 
-from .conftest import Images
+from .conftest import Images, meminfo_kib
 
 SHOW = """\
 import os, sys
@@ -353,14 +353,6 @@ def test_warm_heaps_are_transparent_huge_pages(sb: Sandbox) -> None:
         assert int(real.stdout) == 0, real
 
 
-MEM_AVAILABLE = """\
-def available():
-    for line in open("/proc/meminfo"):
-        if line.startswith("MemAvailable:"):
-            return int(line.split()[1]) << 10
-"""
-
-
 def test_a_cell_that_outgrows_the_memory_left_takes_it_from_the_waiting_interpreters(
     sb: Sandbox,
 ) -> None:
@@ -370,7 +362,7 @@ def test_a_cell_that_outgrows_the_memory_left_takes_it_from_the_waiting_interpre
     run from (kernel patch 0019), and the worker keeps its state. Before, the guest re-read
     its mapped files for ~190 s of emulated reclaim and then the OOM killer took the worker,
     the biggest process."""
-    available = int(str(sb.run_code(MEM_AVAILABLE + "available()").value))
+    available = meminfo_kib(sb)["MemAvailable"] << 10
     size = available + (64 << 20)
     cell = sb.run_code(f"b = bytearray({size})\nlen(b)", timeout=900)
     assert cell.error is None and int(str(cell.value)) == size, (cell, sb.console)
