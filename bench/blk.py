@@ -37,7 +37,6 @@ are the host's, not the design's: only the ratio means something. Times are neve
 from __future__ import annotations
 
 import argparse
-import base64
 import os
 import re
 import shutil
@@ -67,6 +66,7 @@ from boot import (
     VMMS,
     BenchError,
     default_artifact,
+    ember_cmd_words,
     ember_env,
     qemu_base_argv,
     qemu_cmdline,
@@ -123,12 +123,6 @@ class BlkInputs:
     @property
     def size_bytes(self) -> int:
         return self.size_mib * MIB
-
-
-def ember_cmd_words(workload: Sequence[str]) -> str:
-    """The words ember-init reads, as ``VmConfig.full_cmdline`` writes them for Ember."""
-    encoded = base64.urlsafe_b64encode("\0".join(workload).encode()).decode()
-    return f"ember.root=/dev/vda ember.cmd={encoded}"
 
 
 def ember_argv(inputs: BlkInputs, python: str = sys.executable) -> list[str]:

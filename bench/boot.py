@@ -18,6 +18,7 @@ behaviour.
 from __future__ import annotations
 
 import argparse
+import base64
 import importlib
 import os
 import shutil
@@ -108,6 +109,13 @@ def ember_argv(inputs: BootInputs, python: str = sys.executable) -> list[str]:
         "--cmdline",
         inputs.cmdline,
     ]
+
+
+def ember_cmd_words(workload: Sequence[str]) -> str:
+    """The words ember-init reads to mount the root disk and run ``workload``, as
+    ``VmConfig.full_cmdline`` writes them for Ember: what a QEMU peer appends."""
+    encoded = base64.urlsafe_b64encode("\0".join(workload).encode()).decode()
+    return f"ember.root=/dev/vda ember.cmd={encoded}"
 
 
 def qemu_base_argv(mem_mib: int, kernel: Path, initrd: Path, qemu: str) -> list[str]:

@@ -29,7 +29,6 @@ which VMM goes first. Times are never asserted anywhere.
 from __future__ import annotations
 
 import argparse
-import base64
 import os
 import re
 import shutil
@@ -39,10 +38,11 @@ import threading
 import time
 from collections.abc import Sequence
 from contextlib import ExitStack
+from pathlib import Path
 from typing import Any
 
 from _common import fmt_num, fmt_ratio, format_table, run_measured, summarize, to_json
-from boot import CMDLINE, QEMU_CPU, QEMU_MACHINE, ember_env, qemu_cmdline
+from boot import CMDLINE, ember_cmd_words, ember_env, qemu_base_argv, qemu_cmdline
 
 from ember.images import artifact_path
 from ember.network.host import GATEWAY_IP, GUEST_CIDR, TAP_NAME, SandboxNetwork
@@ -143,22 +143,16 @@ def boot_argv(vmm: str, net: SandboxNetwork, script: str, mem_mib: int) -> list[
             "--tap", TAP_NAME, "--netns", net.netns_path, "--guest-ip", GUEST_CIDR,
             "--gateway", GATEWAY_IP, "--", *workload,
         ]  # fmt: skip
-    encoded = base64.urlsafe_b64encode("\0".join(workload).encode()).decode()
-    append = (
-        f"{qemu_cmdline(CMDLINE)} ember.root=/dev/vda ember.cmd={encoded} "
-        f"ember.net={GUEST_CIDR},{GATEWAY_IP}"
-    )
+    words = f"{ember_cmd_words(workload)} ember.net={GUEST_CIDR},{GATEWAY_IP}"
+    qemu = shutil.which("qemu-system-x86_64") or "qemu-system-x86_64"
     return [
         "ip", "netns", "exec", net.netns,  # execs QEMU: the measured process is QEMU
-        shutil.which("qemu-system-x86_64") or "qemu-system-x86_64",
-        "-M", QEMU_MACHINE, "-enable-kvm", "-cpu", QEMU_CPU, "-m", str(mem_mib), "-smp", "1",
-        "-nodefaults", "-no-user-config", "-nographic", "-serial", "stdio", "-no-reboot",
-        "-device", "i8042", "-kernel", kernel, "-initrd", initrd,
+        *qemu_base_argv(mem_mib, Path(kernel), Path(initrd), qemu),
         "-drive", f"id=root,file={rootfs},format=raw,if=none,readonly=on",
         "-device", "virtio-blk-device,drive=root",
         "-netdev", f"tap,id=n0,ifname={TAP_NAME},script=no,downscript=no,vhost=off",
         "-device", f"virtio-net-device,netdev=n0,mac={DEFAULT_MAC}",
-        "-append", append,
+        "-append", f"{qemu_cmdline(CMDLINE)} {words}",
     ]  # fmt: skip
 
 

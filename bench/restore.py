@@ -32,7 +32,6 @@ the age is the host time since the snapshot.
 from __future__ import annotations
 
 import argparse
-import base64
 import contextlib
 import json
 import os
@@ -49,7 +48,7 @@ from pathlib import Path
 from typing import Any
 
 from _common import fmt_num, format_table, spare_after, to_json
-from boot import CMDLINE, default_artifact, qemu_base_argv, qemu_cmdline
+from boot import CMDLINE, default_artifact, ember_cmd_words, qemu_base_argv, qemu_cmdline
 
 from ember import Sandbox, templates
 from ember.spec import DEFAULT_MEM_MIB
@@ -275,11 +274,10 @@ def _qmp(path: Path, *commands: dict[str, Any], timeout: float = 30.0) -> list[d
 
 def qemu_argv(qmp: Path, rootfs: Path) -> list[str]:
     workload = ["sh", "-c", f"echo {QEMU_MARKER.decode()}; exec sleep 1000000"]
-    cmd = base64.urlsafe_b64encode("\0".join(workload).encode()).decode()
     base = qemu_base_argv(DEFAULT_MEM_MIB, default_artifact("kernel"), default_artifact("initrd"),
                           "qemu-system-x86_64")  # fmt: skip
     return [
-        *base, "-append", f"{qemu_cmdline(CMDLINE)} ember.root=/dev/vda ember.cmd={cmd}",
+        *base, "-append", f"{qemu_cmdline(CMDLINE)} {ember_cmd_words(workload)}",
         "-drive", f"file={rootfs},if=none,id=root,format=raw,readonly=on",
         "-device", "virtio-blk-device,drive=root",
         "-qmp", f"unix:{qmp},server=on,wait=off",
