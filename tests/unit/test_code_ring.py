@@ -26,6 +26,7 @@ import pytest
 
 from ember import ring
 from ember.agent import shm
+from ember.agent.cellwatch import cells_after
 from ember.agent.codering import SPIN_MAX_S, SPIN_MIN_S, DeathNotice
 from ember.agent.runcode import CodeRunner
 from ember.client import CodeRing, HostRegion
@@ -199,6 +200,20 @@ def test_the_agent_sees_a_ring_cell_run_through_the_cells_word(fx: Fixture) -> N
     caller.join(30)
     assert done and done[0] is not None and done[0].error is None
     assert read() == before + 2
+    # A worker that dies inside a cell leaves the word odd: the agent closes that cell.
+    died = fx.call("import os; os._exit(3)")
+    assert died is not None and died.error is not None and died.error.type == "WorkerCrashed"
+    wait_for(lambda: read() % 2 == 0, 10, "the agent to close the dead worker's cell")
+    assert read() > before + 2
+
+
+@pytest.mark.parametrize("start", [0, 1, 6, 7, (1 << 62) - 2, (1 << 62) - 1])
+def test_each_begin_and_end_leaves_a_new_value_of_the_right_parity(start: int) -> None:
+    begun = cells_after(start, ends=False)
+    ended = cells_after(begun, ends=True)
+    assert begun % 2 == 1 and ended % 2 == 0 and len({start, begun, ended}) == 3
+    again = cells_after(begun, ends=False)  # a begin no end followed (a killed worker's)
+    assert again % 2 == 1 and again != begun
 
 
 def test_a_sleeping_worker_is_woken_by_the_agent(fx: Fixture) -> None:

@@ -9,8 +9,9 @@ the cells that followed and slowed them ~1.5-2x here (p50 of 8 s of 0.1 s-apart 
 
 How: the worker counts each ring request twice, as it begins and as it ends
 (``ring.CODE_CELLS``, a store to the region, no system call), so the word is odd while one
-runs. The pool's thread reads it (one load) each time it would start work, and only then:
-with no work waiting it does not look at all. Runs in the guest: standard library only.
+runs; when a worker dies the agent closes its cell. The pool's thread reads it (one load)
+each time it would start work and while a start runs, and only then: with no work waiting it
+does not look at all. Runs in the guest: standard library only.
 """
 
 from __future__ import annotations
@@ -19,7 +20,14 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-__all__ = ["CellWatch"]
+__all__ = ["CellWatch", "cells_after"]
+
+
+def cells_after(cells: int, *, ends: bool) -> int:
+    """``CODE_CELLS`` once a cell begins (odd) or ends (even): always a new value. The worker
+    continues from the word itself, so a replacement, or the agent closing a dead worker's
+    cell (``DeathNotice.publish``), never repeats a value the pool last saw."""
+    return ((cells | 1) + 1 if ends else cells + 1 | 1) % (1 << 62)
 
 
 class CellWatch:

@@ -40,6 +40,7 @@ import time
 
 from ember import ring
 from ember.agent import shm
+from ember.agent.cellwatch import cells_after
 from ember.protocol import MAX_FRAME
 
 TYPE_CHECKING = False
@@ -151,7 +152,6 @@ class WorkerRing:
         self._window = 0.0
         self.spin = SpinWindow()
         self.served = 0
-        self._cells = 0  # ring.CODE_CELLS: begun + finished (a store each, no system call)
         self.guest_bell = _open_bell()  # opened in the template: every restored worker has it
 
     @classmethod
@@ -199,11 +199,11 @@ class WorkerRing:
         self.poll_for(AFTER_RESTORE_S)
         return True
 
-    def count_cell(self) -> None:
-        """A ring request begins or ends: the agent's pool waits for its sandbox to be idle
-        before a refill (seconds of guest CPU), and sees these only through the region."""
-        self._cells += 1
-        self._req_ctl[ring.CODE_CELLS] = self._cells
+    def count_cell(self, *, ends: bool) -> None:
+        """A ring request begins (the word becomes odd) or ends (even): the agent's pool
+        waits for its sandbox to be idle before a refill (seconds of guest CPU), and sees
+        these only through the region. Continued from the word itself, whoever left it."""
+        self._req_ctl[ring.CODE_CELLS] = cells_after(self._req_ctl[ring.CODE_CELLS], ends=ends)
 
     def poll_for(self, seconds: float | None) -> None:
         """Keep polling for ``seconds`` from now, or None: as long as the caller's pace calls
@@ -315,11 +315,11 @@ def serve(
                     check_at = 0.0
                 requests = code_ring.take()
                 for request in requests:
-                    code_ring.count_cell()
+                    code_ring.count_cell(ends=False)
                     try:
                         reply, linger = on_ring(request)
                     finally:
-                        code_ring.count_cell()
+                        code_ring.count_cell(ends=True)
                     code_ring.reply(reply)
                     code_ring.served += 1
                     code_ring.poll_for(linger)
@@ -394,6 +394,7 @@ class DeathNotice:
         """The worker died: the rings are nobody's until a new worker lays them out."""
         self.epoch = max(self.epoch, self.read_epoch()) + 1
         self._ctl[ring.CODE_READY] = 0
+        self._ctl[ring.CODE_CELLS] = cells_after(self.read_cells(), ends=True)  # its cell ended
         self._ctl[ring.CODE_EPOCH] = self.epoch
         ring.fence()
         self._bell[0] = 1
