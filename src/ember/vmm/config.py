@@ -38,10 +38,12 @@ from ember.errors import ConfigError
 #   counters drift by at most a per-CPU threshold).
 QUIET_SYSCTLS = ("sysctl.vm.compaction_proactiveness=0", "sysctl.vm.stat_interval=60")
 # Reclaim kills the agent's waiting interpreters (oom_score_adj >= 900) before it evicts the
-# last 32 MiB of free memory and unmapped page cache, i.e. before the files every interpreter
+# last 64 MiB of free memory and unmapped page cache, i.e. before the files every interpreter
 # has mapped (kernel patch 0019): the guest has no swap, and that eviction thrashed for minutes
-# of emulated reclaim before the OOM killer took the program.
-EXPENDABLE_FIRST = "ember.lmk_mib=32"
+# of emulated reclaim before the OOM killer took the program. Reclaim runs only with free
+# memory at the watermark (a few MiB) and an idle default guest's unmapped cache is ~25-32 MiB,
+# so at 32 the kill waited ~24 s for reclaim to thrash its way down to it.
+EXPENDABLE_FIRST = "ember.lmk_mib=64"
 DEFAULT_CMDLINE = " ".join(
     ("console=ttyS0 reboot=k panic=-1 quiet no_timer_check", *QUIET_SYSCTLS, EXPENDABLE_FIRST)
 )
