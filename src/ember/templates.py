@@ -140,13 +140,22 @@ def build(
     *,
     progress: Progress | None = None,
     extra_meta: dict[str, Any] | None = None,
+    force: bool = False,
 ) -> Template:
-    """Boot the image, preload, wait for the warm agent, snapshot it into the cache."""
+    """Boot the image, preload, wait for the warm agent, snapshot it into the cache.
+
+    A build that waited for the lock looks again before it starts: the build it waited for
+    may have made the very template it wants (a second ``ember template build``, two first
+    ``Sandbox()`` calls), and a template build takes minutes here. ``force`` builds anyway.
+    """
     spec = spec or SandboxSpec()
     progress = progress or Progress(quiet=True)
     final = template_dir(name, spec)
     preload = resolve_preload(spec)
     with build_lock(f"template-{final.name}"):
+        if not force and is_current(final, spec):
+            verify(final)
+            return Template(name, final, read_meta(final))
         staging = staging_dir(final)
         try:
             with progress.step(f"template {name}: boot the guest"):
@@ -220,7 +229,8 @@ def build_with_packages(
             lowers = rootfs.build_layers(inputs, progress)
         log = build_root() / f"template-{name}.log"
         layers.check_imports(lowers, full.preload, progress, log)
-    return build(name, full, progress=progress, extra_meta={"packages": packages.describe()})
+    return build(name, full, progress=progress, extra_meta={"packages": packages.describe()},
+                 force=force_packages)  # fmt: skip
 
 
 def save_from(vmm: VmmProcess, name: str) -> Template:
@@ -253,6 +263,15 @@ def find(name: str = DEFAULT, spec: SandboxSpec | None = None) -> Template:
     meta = read_meta(directory) or {"name": name}
     verify(directory)
     return Template(name, directory, meta)
+
+
+def is_current(directory: Path, spec: SandboxSpec) -> bool:
+    """A template made from an image is current when its recorded inputs' key is ours; one
+    saved from a sandbox (``sb.snapshot``) records none and is kept as it is."""
+    if not (directory / STATE_FILE).is_file():
+        return False
+    recorded = read_meta(directory).get("inputs")
+    return recorded is None or recorded == default_key(spec)
 
 
 def read_meta(directory: Path) -> dict[str, Any]:

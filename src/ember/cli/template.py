@@ -18,14 +18,11 @@ import argparse
 import shutil
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ember.cli import int_at_least
 from ember.errors import ConfigError
 from ember.spec import DEFAULT_MEM_MIB
-
-if TYPE_CHECKING:
-    from ember.spec import SandboxSpec
 
 
 def register(sub: Any) -> None:
@@ -115,29 +112,23 @@ def _build(args: argparse.Namespace) -> int:
         spec = templates.package_spec_for(spec, packages, preload)
     directory = templates.template_dir(args.name, spec)
     label = f"{args.name} (networked)" if args.network else args.name
-    if directory.is_dir() and not args.force and _up_to_date(directory, spec):
+    if not args.force and templates.is_current(directory, spec):
         templates.verify(directory)
         print(f"template {label}: {directory} (cached)")
         return 0
-    started = time.monotonic()
+    started, started_at = time.monotonic(), time.time()
     with for_terminal() as progress:
         if with_packages:
             found = templates.build_with_packages(
                 args.name, spec, packages, preload, progress=progress, force_packages=args.force
             )
         else:
-            found = templates.build(args.name, spec, progress=progress)
-    print(f"template {label}: {found.dir} (built in {time.monotonic() - started:.1f} s)")
+            found = templates.build(args.name, spec, progress=progress, force=args.force)
+    if found.meta.get("created", started_at) < started_at:  # another build made it meanwhile
+        print(f"template {label}: {found.dir} (cached: built by another process meanwhile)")
+    else:
+        print(f"template {label}: {found.dir} (built in {time.monotonic() - started:.1f} s)")
     return 0
-
-
-def _up_to_date(directory: Path, spec: SandboxSpec) -> bool:
-    """A template made from an image is current when its recorded inputs' key is ours; one
-    saved from a sandbox (``sb.snapshot``) records none and is kept as it is."""
-    from ember import templates
-
-    recorded = templates.read_meta(directory).get("inputs")
-    return recorded is None or recorded == templates.default_key(spec)
 
 
 def _ls(args: argparse.Namespace) -> int:
