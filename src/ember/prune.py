@@ -60,20 +60,21 @@ class Entry:
 def stale() -> list[Entry]:
     """What :func:`prune` would delete, biggest first; nothing is changed."""
     keep = _current_artifacts()
-    templates = _templates_root()
     found: list[Entry] = []
-    for path in _children(templates):
-        if _template_is_kept(path):
-            keep |= _referenced(path)
-        else:
-            found.append(Entry(path, "template", _size(path)))
-    for kind in KINDS:
-        for path in _children(cache.cache_root() / kind):
-            if path not in keep and not (kind == "rootfs-layer" and _over_kept(path, keep)):
-                found.append(Entry(path, kind, _size(path)))
-    for kind, directory in (("template", templates), *_kind_dirs()):
-        for path in _leftovers(directory):
-            if _abandoned(Entry(path, kind, 0)):
+    # Templates first: the images and layers they restore from join ``keep``.
+    listed = [("template", _templates_root())]
+    listed += [(kind, cache.cache_root() / kind) for kind in KINDS]
+    for kind, directory in listed:
+        for path in _entries(directory):
+            if _built_name(path.name) is not None:  # a staging or half-replaced directory
+                gone = _abandoned(Entry(path, kind, 0))
+            elif kind == "template":
+                gone = not _template_is_kept(path)
+                if not gone:
+                    keep |= _referenced(path)
+            else:
+                gone = path not in keep and not (kind == "rootfs-layer" and _over_kept(path, keep))
+            if gone:
                 found.append(Entry(path, kind, _size(path)))
     return sorted(found, key=lambda entry: entry.size, reverse=True)
 
@@ -115,10 +116,6 @@ def _current_artifacts() -> set[Path]:
     return keep | {layers.layer_dir(layer) for layer in image.layers}
 
 
-def _kind_dirs() -> tuple[tuple[str, Path], ...]:
-    return tuple((kind, cache.cache_root() / kind) for kind in KINDS)
-
-
 def _entries(directory: Path) -> Iterator[Path]:
     try:
         names = sorted(os.listdir(directory))
@@ -128,16 +125,6 @@ def _entries(directory: Path) -> Iterator[Path]:
         path = directory / name
         if path.is_dir() and not path.is_symlink():
             yield path
-
-
-def _children(directory: Path) -> Iterator[Path]:
-    """Finished entries: no staging (``.tmp``) or half-replaced (``.old.PID``) directories."""
-    return (path for path in _entries(directory) if _built_name(path.name) is None)
-
-
-def _leftovers(directory: Path) -> Iterator[Path]:
-    """Staging and half-replaced directories (kept only while their build runs)."""
-    return (path for path in _entries(directory) if _built_name(path.name) is not None)
 
 
 def _built_name(name: str) -> str | None:

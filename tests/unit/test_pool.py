@@ -1102,7 +1102,12 @@ def test_cells_served_over_the_code_ring_hold_refills_off_as_requests_do() -> No
         pool._ready = [object()]  # type: ignore[list-item]  # one short: a refill is wanted
         pool._idle_since = time.monotonic() - 10  # long idle: only the cells hold it off
     cells[0] = 9  # a cell began and is still running
-    pool._start_one = lambda first: started.append(time.monotonic()) or object()  # type: ignore[assignment, func-returns-value]
+
+    def start_one(first: bool) -> object:
+        started.append(time.monotonic())
+        return object()
+
+    pool._start_one = start_one  # type: ignore[assignment]
     thread = threading.Thread(target=pool._loop, daemon=True)
     thread.start()
     try:
