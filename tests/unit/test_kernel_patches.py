@@ -61,6 +61,7 @@ def test_patched_files_parses_headers() -> None:
         "mm/mmap.c",
         "mm/Makefile",
         "mm/ember_lmk.c",
+        "kernel/sched/fair.c",
     ]
     created = [f for _, data in patches for f in kernel_build.patched_files(data, created=True)]
     assert created == [
