@@ -50,7 +50,7 @@ class FakeDaemon:
                         break
                     data += chunk
                 self.lines.append(data)
-                end = json.dumps({"exit": self.exit, "message": ""}).encode()
+                end = runclient.end_payload(self.exit, "")
                 conn.sendall(runclient.HEADER.pack(runclient.STDOUT, 3) + b"ok\n")
                 conn.sendall(runclient.HEADER.pack(runclient.END, len(end)) + end)
 
@@ -192,16 +192,53 @@ def test_whatever_it_takes_the_full_cli_sends_the_same(
         assert sent == full(daemon, words, mp), words
 
 
-def test_the_fast_path_imports_neither_argparse_nor_typing(daemon: FakeDaemon) -> None:
+def test_the_fast_path_imports_neither_argparse_nor_typing_nor_json(daemon: FakeDaemon) -> None:
     probe = (
         "import sys\nfrom ember.cli.main import main\ncode = main(['run', 'script.py'])\n"
-        "print(code, 'argparse' in sys.modules, 'typing' in sys.modules)\n"
+        "print(code, *(m in sys.modules for m in ('argparse', 'typing', 'json', 're')))\n"
     )
     done = subprocess.run(
         [sys.executable, "-c", probe], capture_output=True, text=True, env=dict(os.environ),
         timeout=60, check=True,
     )  # fmt: skip
-    assert done.stdout.split()[-3:] == ["0", "False", "False"], done
+    assert done.stdout.split()[-5:] == ["0", "False", "False", "False", "False"], done
+
+
+ANY_TEXT = st.text(st.characters(blacklist_categories=()))  # lone surrogates too
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | ANY_TEXT
+    | st.floats(allow_nan=False, allow_infinity=False),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(ANY_TEXT, inner, max_size=4),
+    max_leaves=12,
+)  # fmt: skip
+
+
+@given(JSON_VALUES)
+def test_a_request_is_the_json_the_json_module_writes(value: object) -> None:
+    # The daemon reads requests with json.loads: the client's own encoder (which spares
+    # every run importing json and re) must write exactly what json.dumps writes, lone
+    # surrogates (argv's undecodable bytes) and control characters included.
+    assert runclient.json_text(value) == json.dumps(value)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), {1: "x"}, b"bytes", {"x"}])
+def test_what_json_cannot_hold_is_refused(bad: object) -> None:
+    with pytest.raises((TypeError, ValueError)):
+        runclient.json_text(bad)
+
+
+@given(st.integers(-(1 << 31), (1 << 31) - 1), st.text())
+def test_an_end_frame_carries_the_status_and_the_message(code: int, message: str) -> None:
+    got = runclient.read_end(runclient.end_payload(code, message))
+    assert got == (code, message.encode("utf-8", "replace").decode("utf-8", "replace"))
+
+
+def test_a_bad_end_frame_is_a_connection_error(tmp_path: Path) -> None:
+    a, b = socket.socketpair()
+    with a, b:
+        a.sendall(runclient.HEADER.pack(runclient.END, 2) + b"7x")
+        with pytest.raises(ConnectionError, match="bad END frame"):
+            runclient._print_frames(b, sys.stdout.buffer, sys.stderr.buffer)
 
 
 @pytest.mark.parametrize("command", ["run", "exec"])

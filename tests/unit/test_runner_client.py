@@ -71,7 +71,7 @@ def test_frames_are_printed_and_the_end_is_the_exit_status(
     def answer(conn: socket.socket, request: dict[str, object]) -> None:
         frame(conn, runclient.STDOUT, b"out\n")
         frame(conn, runclient.STDERR, b"err\n")
-        frame(conn, runclient.END, json.dumps({"exit": 7, "message": "ember: said"}).encode())
+        frame(conn, runclient.END, runclient.end_payload(7, "ember: said"))
 
     seen = fake_daemon(answer)
     code = runner.try_run(args(timeout=5.0), ["python3", "/tmp/x.py"], ("/tmp/x.py", b"\x00\xff"))

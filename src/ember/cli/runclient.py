@@ -4,8 +4,11 @@ Why: through the run daemon (:mod:`ember.cli.runner`) the CLI process only sends
 and prints the frames that come back, yet it used to pay for the whole CLI first: argparse
 building the run parser, ``pathlib``, ``subprocess``, ``typing``, the exception tree. That
 was ~35 ms on top of Python's own ~20 ms start on this host, in every run. This module is
-what such a run needs and nothing more (``os``, ``sys``, ``socket``, ``json``, ``struct``,
-``base64``), and the other half of the daemon's wire format.
+what such a run needs and nothing more (``os``, ``sys``, ``socket``, ``struct``, ``binascii``
+and the C half of ``json``), and the other half of the daemon's wire format. ``import json``
+and ``import base64`` are not among them: both import ``re`` (with ``json.decoder``,
+``json.scanner``, ``json.encoder``), ~__MS__ ms more of every run's start here, for a request of a
+few fixed types (:func:`json_text`) and an exit status (:func:`end_payload`).
 
 :func:`fast_main` takes the command lines users type most, parsed by :func:`parse`::
 
@@ -23,12 +26,16 @@ compares the requests, byte for byte.
 
 from __future__ import annotations
 
-import base64
-import json
+import binascii
 import os
 import socket
 import struct
 import sys
+
+try:  # the C function json.dumps uses for a str with ensure_ascii (CPython's json)
+    from _json import encode_basestring_ascii as _json_str
+except ImportError:  # another Python: the same text, at the cost of the import
+    from json import dumps as _json_str
 
 from ember.cli import is_positive_seconds  # the package, already imported: no cost
 
@@ -100,12 +107,55 @@ def request(
     argv: list[str], options: dict[str, Any], timeout: float | None,
     upload: tuple[str, bytes] | None,
 ) -> bytes:  # fmt: skip
-    """The one line a run is to the daemon."""
+    """The one line a run is to the daemon (which reads it with ``json.loads``)."""
+    sent = None
+    if upload is not None:  # base64, as base64.b64encode writes it
+        sent = [upload[0], binascii.b2a_base64(upload[1], newline=False).decode("ascii")]
     body = {
         "fingerprint": fingerprint(), "argv": argv, "options": options, "timeout": timeout,
-        "upload": None if upload is None else [upload[0], base64.b64encode(upload[1]).decode()],
+        "upload": sent,
     }  # fmt: skip
-    return json.dumps(body).encode() + b"\n"
+    return json_text(body).encode() + b"\n"
+
+
+def json_text(value: object) -> str:
+    """``json.dumps(value)`` for what a request holds (None, bool, int, finite float, str,
+    list, dict with str keys), without importing :mod:`json`."""
+    if value is None:
+        return "null"
+    if value is True or value is False:
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return _json_str(value)
+    if isinstance(value, int):
+        return int.__repr__(value)
+    if isinstance(value, float):
+        if value != value or value in (float("inf"), float("-inf")):
+            raise ValueError(f"{value!r} is not JSON")
+        return float.__repr__(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(json_text(item) for item in value) + "]"
+    if isinstance(value, dict):
+        items = []
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise TypeError(f"a JSON object's keys are strings, not {key!r}")
+            items.append(f"{_json_str(key)}: {json_text(item)}")
+        return "{" + ", ".join(items) + "}"
+    raise TypeError(f"{type(value).__name__} is not part of a run request")
+
+
+def end_payload(code: int, message: str) -> bytes:
+    """The END frame's payload: the run's exit status in decimal, a newline, the message."""
+    return f"{int(code)}\n{message}".encode("utf-8", "replace")
+
+
+def read_end(payload: bytes) -> tuple[int, str]:
+    """:func:`end_payload`'s status and message; ValueError if it is not one."""
+    status, newline, message = payload.partition(b"\n")
+    if not newline:
+        raise ValueError("an END frame without its newline")
+    return int(status), message.decode("utf-8", "replace")
 
 
 def send(line: bytes, out: BinaryIO, err: BinaryIO) -> int:
@@ -143,10 +193,14 @@ def _print_frames(sock: socket.socket, out: BinaryIO, err: BinaryIO) -> int:
             target.write(payload)
             target.flush()
         elif kind == END:
-            end = json.loads(payload)
-            if end.get("message"):
-                print(end["message"], file=sys.stderr)
-            return int(end["exit"])
+            try:
+                code, message = read_end(payload)
+            except ValueError:
+                bad = f"the run daemon sent a bad END frame {payload[:80]!r}"
+                raise ConnectionError(bad) from None
+            if message:
+                print(message, file=sys.stderr)
+            return code
         elif kind == STALE:
             raise NotTaken(restart=True)
         else:

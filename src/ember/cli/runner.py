@@ -271,12 +271,11 @@ class Daemon:
             # The client waits for END: it must hear of this, not wait for ever.
             traceback.print_exc()  # the daemon's log
             code, messages = EXIT_CRASH, [f"ember: error: the run daemon failed: {exc!r}"]
-        end = {"exit": code, "message": "\n".join(messages)}
         # Logged before the client hears of it: once its CLI process has exited, the log
         # already says so (the tests count these lines; they raced the END frame).
         print(f"ember run daemon: a run ended with status {code}", file=sys.stderr, flush=True)
         with lock:
-            _send(conn, END, json.dumps(end).encode())
+            _send(conn, END, runclient.end_payload(code, "\n".join(messages)))
 
 
 def _opener(options: dict[str, Any], conn: socket.socket) -> Opener:
