@@ -7,8 +7,8 @@ was ~35 ms on top of Python's own ~20 ms start on this host, in every run. This 
 what such a run needs and nothing more (``os``, ``sys``, ``socket``, ``struct``, ``binascii``
 and the C half of ``json``), and the other half of the daemon's wire format. ``import json``
 and ``import base64`` are not among them: both import ``re`` (with ``json.decoder``,
-``json.scanner``, ``json.encoder``), ~__MS__ ms more of every run's start here, for a request of a
-few fixed types (:func:`json_text`) and an exit status (:func:`end_payload`).
+``json.scanner``, ``json.encoder``): ~6-7 ms more of every run's start here, for a request of
+a few fixed types (:func:`json_text`) and an exit status (:func:`end_payload`).
 
 :func:`fast_main` takes the command lines users type most, parsed by :func:`parse`::
 
