@@ -233,7 +233,7 @@ def test_an_end_frame_carries_the_status_and_the_message(code: int, message: str
     assert got == (code, message.encode("utf-8", "replace").decode("utf-8", "replace"))
 
 
-def test_a_bad_end_frame_is_a_connection_error(tmp_path: Path) -> None:
+def test_a_bad_end_frame_is_a_connection_error() -> None:
     a, b = socket.socketpair()
     with a, b:
         a.sendall(runclient.HEADER.pack(runclient.END, 2) + b"7x")

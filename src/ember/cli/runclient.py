@@ -130,7 +130,9 @@ def json_text(value: object) -> str:
     if isinstance(value, int):
         return int.__repr__(value)
     if isinstance(value, float):
-        if value != value or value in (float("inf"), float("-inf")):
+        import math  # as is_positive_seconds does: only a timeout is a float
+
+        if not math.isfinite(value):
             raise ValueError(f"{value!r} is not JSON")
         return float.__repr__(value)
     if isinstance(value, (list, tuple)):
