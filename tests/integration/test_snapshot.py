@@ -64,6 +64,19 @@ def test_a_restored_sandbox_runs_commands(sb: Sandbox) -> None:
     assert sb.run_code("6 * 7", timeout=120).value == "42"
 
 
+def test_a_guest_that_masked_the_pit_is_restored_without_one(sb: Sandbox) -> None:
+    # Linux ticks from the LAPIC timer once booted and masks the PIT's line; the restore
+    # leaves the PIT out (kvm_state.needs_pit), and the guest's timers still run.
+    assert control.request(sb._vmm.control_path, "status")["pit"] is False
+    slept = sb.run_code(
+        "import time; t = time.monotonic(); time.sleep(0.3); time.monotonic() - t", timeout=120
+    )
+    assert slept.value is not None and 0.3 <= float(slept.value) < 60, slept
+    with sb.fork() as child:  # saved without a PIT, restored without one
+        assert control.request(child._vmm.control_path, "status")["pit"] is False
+        assert child.run_code("6 * 7", timeout=120).value == "42"
+
+
 def test_siblings_do_not_see_each_others_writes(images: Images) -> None:
     with Sandbox() as a, Sandbox() as b:
         a.files.write("/tmp/who", b"a")

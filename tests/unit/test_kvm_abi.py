@@ -39,6 +39,8 @@ STRUCTS = [
     "kvm_vcpu_events",
     "kvm_debugregs",
     "kvm_irqchip",
+    "kvm_pic_state",
+    "kvm_ioapic_state",
     "kvm_pit_state2",
     "kvm_clock_data",
 ]
@@ -93,6 +95,7 @@ IOCTLS = [
 
 CONSTANTS = [
     "KVM_API_VERSION",
+    "KVM_IOAPIC_NUM_PINS",
     "KVM_CAP_IRQCHIP",
     "KVM_CAP_USER_MEMORY",
     "KVM_CAP_SET_TSS_ADDR",

@@ -87,6 +87,7 @@ class Vm:
     def __init__(self, kvm: Kvm, fd: int) -> None:
         self.kvm = kvm
         self.fd = fd
+        self.has_pit = False
 
     def set_user_memory_region(
         self, slot: int, guest_phys_addr: int, size: int, userspace_addr: int, flags: int = 0
@@ -106,6 +107,7 @@ class Vm:
         """PIT with a dummy speaker, so port 0x61 never exits to the VMM."""
         config = abi.kvm_pit_config(flags=abi.KVM_PIT_SPEAKER_DUMMY)
         ioctl_buf(self.fd, abi.KVM_CREATE_PIT2, config, what="KVM_CREATE_PIT2")
+        self.has_pit = True
 
     def irq_line(self, irq: int, level: int) -> None:
         ioctl_buf(self.fd, abi.KVM_IRQ_LINE, abi.kvm_irq_level(irq, level), what="KVM_IRQ_LINE")

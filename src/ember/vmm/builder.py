@@ -1,7 +1,7 @@
 """Boot a VM from a kernel (and initrd): the one place that wires a machine together.
 
 Follows the recipe shared by the small VMMs (shared/DESIGN.md §4):
-create VM → TSS → irqchip → PIT → RAM → devices (their command-line
+create VM → RAM → TSS → irqchip → PIT → devices (their command-line
 announcements) → kernel, initrd, command line, boot_params, MP table, GDT,
 page tables → vCPUs (CPUID, MSRs, registers, FPU, LAPIC).
 """
@@ -29,7 +29,7 @@ from ember.kvm.system import Kvm, Vcpu, Vm
 from ember.memory import GuestMemory, GuestMemoryError, c_address
 from ember.snapshot import MEMORY_FILE, STATE_FILE, hugeback, prefault
 from ember.snapshot.format import read_state, unblob
-from ember.snapshot.kvm_state import restore_vcpu, restore_vm
+from ember.snapshot.kvm_state import needs_pit, restore_vcpu, restore_vm
 from ember.vmm.config import VmConfig
 from ember.vmm.console import ConsoleSink
 from ember.vmm.event_loop import EventLoop
@@ -159,7 +159,7 @@ def restore_machine(
         except GuestMemoryError as exc:
             raise SnapshotError(f"snapshot {directory}: {exc}") from None
         prefault.populate(memory, prefault.read(directory, mem_size))
-        parts = _create_vm(config, memory, undo)
+        parts = _create_vm(config, memory, undo, pit=needs_pit(state.get("vm")))
         vcpus: list[Vcpu] = []
         cpuids: list[list[abi.kvm_cpuid_entry2]] = []
         for index, vcpu_state in enumerate(state["vcpus"]):
@@ -196,8 +196,11 @@ class _VmParts:
     shm: SharedRegion | None
 
 
-def _create_vm(config: VmConfig, memory: GuestMemory, undo: ExitStack) -> _VmParts:
-    """KVM objects, memory slots and devices: what a boot and a restore share."""
+def _create_vm(
+    config: VmConfig, memory: GuestMemory, undo: ExitStack, *, pit: bool = True
+) -> _VmParts:
+    """KVM objects, memory slots and devices: what a boot and a restore share (a restore
+    whose guest no longer listens to the PIT goes without one: ``kvm_state.needs_pit``)."""
     kvm = Kvm()
     undo.callback(kvm.close)
     for cap, name in _REQUIRED_CAPS.items():
@@ -216,7 +219,8 @@ def _create_vm(config: VmConfig, memory: GuestMemory, undo: ExitStack) -> _VmPar
         undo.callback(shm.close)  # LIFO: after vm.close()
     vm.set_tss_addr(layout.KVM_TSS_ADDRESS)
     vm.create_irqchip()
-    vm.create_pit2()
+    if pit:
+        vm.create_pit2()
 
     events = EventLoop()
     undo.callback(events.close)

@@ -134,6 +134,7 @@ class ControlServer:
                 return {
                     "ok": True,
                     "paused": self.machine.paused,
+                    "pit": self.machine.vm.has_pit,  # a restore leaves out a masked PIT
                     "pid": os.getpid(),
                     "host_connections": self.machine.host_connections(),
                     "devices": self.machine.device_stats(),

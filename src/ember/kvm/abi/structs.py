@@ -256,6 +256,32 @@ class kvm_irqchip(ctypes.Structure):
     _fields_ = [("chip_id", u32), ("pad", u32), ("chip", u8 * 512)]
 
 
+class kvm_pic_state(ctypes.Structure):
+    _fields_ = [
+        (name, u8)
+        for name in (
+            "last_irr", "irr", "imr", "isr", "priority_add", "irq_base", "read_reg_select",
+            "poll", "special_mask", "init_state", "auto_eoi", "rotate_on_auto_eoi",
+            "special_fully_nested_mode", "init4", "elcr", "elcr_mask",
+        )
+    ]  # fmt: skip
+
+
+KVM_IOAPIC_NUM_PINS = 24
+IOAPIC_REDIR_MASKED = 1 << 16  # redirection entry bit 16: the pin is masked
+
+
+class kvm_ioapic_state(ctypes.Structure):
+    _fields_ = [
+        ("base_address", u64),
+        ("ioregsel", u32),
+        ("id", u32),
+        ("irr", u32),
+        ("pad", u32),
+        ("redirtbl", u64 * KVM_IOAPIC_NUM_PINS),
+    ]
+
+
 class kvm_pit_state2(ctypes.Structure):
     _fields_ = [("channels", u8 * 72), ("flags", u32), ("reserved", u32 * 9)]
 
