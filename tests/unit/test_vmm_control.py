@@ -30,6 +30,10 @@ class FakeMemory:
     size = 256 << 20
 
 
+class FakeVm:
+    has_pit = False
+
+
 class FakeMachine:
     def __init__(self) -> None:
         self.vcpu_threads = [FakeThread()]
@@ -38,6 +42,7 @@ class FakeMachine:
         self.memory = FakeMemory()
         self.balloon = Balloon()  # never activated: no guest behind it
         self.extra_stats: dict[str, dict[str, int]] = {}
+        self.vm = FakeVm()
 
     def host_connections(self) -> int:
         return 0

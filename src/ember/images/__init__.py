@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Final
 
 from ember.errors import BuildError, ConfigError, ImageNotBuilt
-from ember.images import cache, initrd, kernel_build, rootfs
+from ember.images import cache, initrd, kernel_build, keymemo, rootfs
 from ember.images.progress import Progress
 
 ARTIFACTS: Final = ("kernel", "bzimage", "initrd", "rootfs")
@@ -30,11 +30,16 @@ __all__ = ["ARTIFACTS", "artifact_path", "build_all", "kernel_release"]
 
 
 def _kernel_dir(source: Path | None) -> Path:
+    watched = kernel_build.input_files(source)
     try:
-        inputs = kernel_build.KernelInputs.current(source)
+        key = keymemo.key(
+            ("kernel", str(kernel_build.source_path(source).absolute())),
+            watched,
+            lambda: kernel_build.KernelInputs.current(source).key(),
+        )
     except BuildError as exc:
         raise ImageNotBuilt(f"the guest kernel is not built: {_HINT} ({exc})") from exc
-    directory = cache.artifact_dir("kernel", inputs.key())
+    directory = cache.artifact_dir("kernel", key)
     if not kernel_build.is_complete(directory):
         raise ImageNotBuilt(f"the guest kernel is not built: {_HINT}")
     return directory
@@ -52,10 +57,12 @@ def artifact_path(name: str, *, source: Path | None = None) -> Path:
         return _kernel_dir(source) / _KERNEL_FILES[name]
     if name == "initrd":
         try:
-            inputs = initrd.InitrdInputs.current()
+            key = keymemo.key(
+                ("initrd",), initrd.input_files(), lambda: initrd.InitrdInputs.current().key()
+            )
         except BuildError as exc:
             raise ImageNotBuilt(f"the test initramfs is not built: {_HINT} ({exc})") from exc
-        path = cache.artifact_dir("initrd", inputs.key()) / initrd.ARTIFACT_FILE
+        path = cache.artifact_dir("initrd", key) / initrd.ARTIFACT_FILE
         if not path.is_file():
             raise ImageNotBuilt(f"the test initramfs is not built: {_HINT}")
         return path

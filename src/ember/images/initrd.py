@@ -52,9 +52,19 @@ _PT_INTERP: Final = 3
 _EM_X86_64: Final = 62
 
 
+def _init_source() -> resources.abc.Traversable:
+    return resources.files("ember.images").joinpath("initramfs", "init.c")
+
+
 def load_init_source() -> bytes:
     """ember-init's C source (``initramfs/init.c``), shipped as package data."""
-    return resources.files("ember.images").joinpath("initramfs", "init.c").read_bytes()
+    return _init_source().read_bytes()
+
+
+def input_files() -> list[str | Path] | None:
+    """What :meth:`InitrdInputs.current` reads, for :mod:`ember.images.keymemo`."""
+    source = _init_source()
+    return [source] if isinstance(source, Path) else None
 
 
 def check_static_elf(data: bytes, where: Path) -> None:

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import BinaryIO, Final
 
 from ember.errors import BuildError
-from ember.images import cache
+from ember.images import cache, keymemo
 from ember.images.kconfig import config_mismatches
 from ember.images.progress import ObjectCounter, Progress
 from ember.images.runner import run_logged
@@ -76,6 +76,15 @@ def _kernel_data() -> resources.abc.Traversable:
 def load_fragment() -> bytes:
     """The Kconfig fragment shipped with Ember (``kernel/ember.config``)."""
     return _kernel_data().joinpath("ember.config").read_bytes()
+
+
+def input_files(source: Path | None = None) -> list[str | Path] | None:
+    """The files :meth:`KernelInputs.current` reads (and the patch directory), for
+    :mod:`ember.images.keymemo`; None where the package data are not plain files."""
+    data = _kernel_data()
+    if not isinstance(data, Path):
+        return None
+    return [source_path(source).absolute(), *keymemo.tree([data], ".patch"), data / "ember.config"]
 
 
 def load_patches() -> tuple[tuple[str, bytes], ...]:

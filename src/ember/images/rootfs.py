@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Final
 
 from ember.errors import BuildError
-from ember.images import cache, layers
+from ember.images import cache, keymemo, layers
 from ember.images.packages import LayerInputs, PackageSpec, layer_chain
 from ember.images.progress import Progress
 from ember.images.runner import run_logged
@@ -114,7 +114,19 @@ class ImageInputs:
 
 def image_path(packages: PackageSpec | None = None) -> Path:
     """Where the image for the current inputs lives (it may not exist)."""
-    return cache.artifact_dir("rootfs", ImageInputs.current(packages).key()) / ARTIFACT_FILE
+    if packages is None:  # the default image's: looked up by every Sandbox()
+        key = keymemo.key(
+            ("rootfs", mirror()), _payload_files(), lambda: ImageInputs.current().key()
+        )
+    else:
+        key = ImageInputs.current(packages).key()
+    return cache.artifact_dir("rootfs", key) / ARTIFACT_FILE
+
+
+def _payload_files() -> list[str]:
+    """What :func:`guest_payload` reads, for :mod:`ember.images.keymemo`."""
+    root = Path(str(resources.files("ember")))
+    return keymemo.tree([root / name for name in GUEST_MODULES], ".py")
 
 
 def _check_tools() -> None:
