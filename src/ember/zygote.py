@@ -50,13 +50,13 @@ from typing import TYPE_CHECKING, Any
 from ember.errors import EmberError, SandboxError
 
 if TYPE_CHECKING:
+    from ember import zygote_fork
     from ember.vmm.config import ProcessConfig
 # The server's imports (the jail's constants, the config's JSON) are made where they are
 # used: ``ember run`` starts its zygote before anything else, and this module's own import
 # is what that start waits for.
 
 _libc = ctypes.CDLL(None, use_errno=True)  # loaded once: spawns are the zygote's hot path
-MAX_INHERITED_FD = 65536
 EXIT_WAIT_S = 2.0  # how long after a child's death its status file may take to appear
 
 
@@ -80,45 +80,13 @@ def _child(
     config: ProcessConfig, request: dict[str, Any], sock: socket.socket, wakeup: int
 ) -> None:
     """In the forked child: never returns."""
-    status = 70
+    from ember.zygote_fork import become_vmm, detach
+
     try:
-        sock.close()
-        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-        signal.set_wakeup_fd(-1)
-        os.closerange(3, MAX_INHERITED_FD)  # nothing of the zygote's reaches a VMM
-        os.setsid()
-        from ember.jailer.jail import PR_SET_PDEATHSIG
-
-        _libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
-        if os.getppid() == 1:  # the zygote died between fork and prctl
-            os._exit(status)
-        for procs in request.get("cgroup_procs", []):
-            fd = os.open(procs, os.O_WRONLY)
-            try:
-                os.write(fd, b"0")
-            finally:
-                os.close(fd)
-        log = os.open(request["console"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-        null = os.open(os.devnull, os.O_RDONLY)
-        os.dup2(null, 0)
-        os.dup2(log, 1)
-        os.dup2(log, 2)
-        os.close(log)
-        os.close(null)
-        # The zygote's heap stays frozen (see the module docstring): no gc.unfreeze() here.
-        from ember.vmm.process import serve
-
-        status = serve(config)
-    except SystemExit as exc:
-        status = exc.code if isinstance(exc.code, int) else 1
-    except BaseException as exc:  # whatever happens, the child must exit here
-        with contextlib.suppress(Exception):
-            os.write(2, f"ember: zygote child failed: {exc!r}\n".encode())
-    finally:
-        with contextlib.suppress(Exception):
-            sys.stdout.flush()
-            sys.stderr.flush()
-        os._exit(status)
+        detach(sock)
+    except BaseException:
+        os._exit(70)
+    become_vmm(config, request)
 
 
 def _reap(exit_files: dict[int, str]) -> None:
@@ -157,29 +125,6 @@ def _abandoned(exit_files: dict[int, str]) -> None:
 
 
 PR_SET_CHILD_SUBREAPER = 36
-_own_pid_ns: int | None = None
-
-
-def _enter_new_pid_ns_for_next_child() -> None:
-    """The next fork becomes PID 1 of a new PID namespace (a jailed VMM needs no relay).
-
-    ``unshare(CLONE_NEWPID)`` only changes where *children* go, and works
-    once; ``setns`` back to our own namespace re-arms it for the next child.
-    """
-    global _own_pid_ns
-    if _own_pid_ns is None:
-        _own_pid_ns = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
-    from ember.jailer.jail import CLONE_NEWPID
-
-    if _libc.unshare(CLONE_NEWPID) != 0:
-        raise OSError(ctypes.get_errno(), "unshare(CLONE_NEWPID)")
-
-
-def _back_to_own_pid_ns() -> None:
-    from ember.jailer.jail import CLONE_NEWPID
-
-    if _own_pid_ns is not None and _libc.setns(_own_pid_ns, CLONE_NEWPID) != 0:
-        raise OSError(ctypes.get_errno(), "setns back to our PID namespace")
 
 
 def serve(sock: socket.socket) -> None:
@@ -198,8 +143,20 @@ def serve(sock: socket.socket) -> None:
     poller = select.poll()
     poller.register(sock.fileno(), select.POLLIN)
     poller.register(read_end, select.POLLIN)
+    from ember import zygote_fork
+
+    ahead: zygote_fork.Ahead | None = None
+    retry_at = 0.0
     while True:
-        for fd, _event in poller.poll():
+        # No child forked ahead: fork one as soon as no request waits (zygote_fork).
+        wait = None if ahead is not None else max(0.0, retry_at - time.monotonic()) * 1000
+        events = poller.poll(wait)
+        if not events:
+            ahead = zygote_fork.fork_ahead(sock)
+            if ahead is None:  # no fork now: requests fork for themselves; try again later
+                retry_at = time.monotonic() + zygote_fork.RETRY_S
+            continue
+        for fd, _event in events:
             if fd == read_end:
                 with contextlib.suppress(BlockingIOError):
                     os.read(read_end, 4096)
@@ -207,32 +164,46 @@ def serve(sock: socket.socket) -> None:
                 continue
             data = sock.recv(65536)
             if not data:
+                if ahead is not None:
+                    ahead.kill()
                 _abandoned(exit_files)
                 return  # the host process is gone
             buffer += data
             while b"\n" in buffer:
                 line, buffer = buffer.split(b"\n", 1)
-                sock.sendall(json.dumps(_spawn(line, sock, read_end, exit_files)).encode() + b"\n")
+                reply, ahead = _spawn(line, sock, read_end, exit_files, ahead)
+                sock.sendall(json.dumps(reply).encode() + b"\n")
 
 
 def _spawn(
-    line: bytes, sock: socket.socket, wakeup: int, exit_files: dict[int, str]
-) -> dict[str, Any]:
+    line: bytes,
+    sock: socket.socket,
+    wakeup: int,
+    exit_files: dict[int, str],
+    ahead: zygote_fork.Ahead | None,
+) -> tuple[dict[str, Any], zygote_fork.Ahead | None]:
+    """The reply to one request, and the child forked ahead if it is still unused."""
+    from ember.zygote_fork import back_to_own_pid_ns, enter_new_pid_ns_for_next_child
+
     try:
         request = json.loads(line)
         if not isinstance(request, dict) or not isinstance(request.get("console"), str):
-            return {"error": "a request needs a config and a console"}
+            return {"error": "a request needs a config and a console"}, ahead
         from ember.vmm.config import from_json
 
         config = from_json(request.get("config"))
     except (ValueError, EmberError) as exc:  # the ConfigError names the bad field
-        return {"error": f"bad request: {exc}"}
+        return {"error": f"bad request: {exc}"}, ahead
     new_pid_ns = bool(request.get("new_pid_ns"))
+    if new_pid_ns and ahead is not None:  # it was forked into a new PID namespace
+        if ahead.hand(config, request):
+            return _started(ahead.pid, request, exit_files), None
+        ahead = None  # it died waiting: fork as below
     if new_pid_ns:
         try:
-            _enter_new_pid_ns_for_next_child()
+            enter_new_pid_ns_for_next_child()
         except OSError as exc:
-            return {"error": f"cannot make a PID namespace: {exc}"}
+            return {"error": f"cannot make a PID namespace: {exc}"}, ahead
     try:
         pid = os.fork()
     except OSError as exc:
@@ -241,9 +212,13 @@ def _spawn(
     if pid == 0:
         _child(config, request, sock, wakeup)  # never returns
     if new_pid_ns:
-        _back_to_own_pid_ns()  # in the parent only: a child cannot leave its namespace
+        back_to_own_pid_ns()  # in the parent only: a child cannot leave its namespace
     if pid < 0:
-        return {"error": f"fork failed: {error}"}
+        return {"error": f"fork failed: {error}"}, ahead
+    return _started(pid, request, exit_files), ahead
+
+
+def _started(pid: int, request: dict[str, Any], exit_files: dict[int, str]) -> dict[str, Any]:
     if isinstance(request.get("exit_file"), str):
         exit_files[pid] = request["exit_file"]
     return {"pid": pid}

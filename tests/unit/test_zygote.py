@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import threading
 import time
@@ -126,3 +127,83 @@ def test_threads_that_all_see_the_exit_collect_it_once(tmp_path: Path) -> None:
             os.fstat(sentinel)  # still open
         finally:
             os.close(sentinel)
+
+
+def _children(pid: int) -> set[int]:
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        return {int(p) for p in f.read().split()}
+
+
+def _forked_ahead(zygote: Zygote, timeout: float = 30) -> int:
+    """The zygote's one child that waits for a request (forked whenever none waits)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        waiting = [p for p in _children(zygote._proc.pid) if os.getsid(p) == p]
+        if len(waiting) == 1:
+            return waiting[0]
+        time.sleep(0.01)
+    raise AssertionError(f"no child forked ahead: {_children(zygote._proc.pid)}")
+
+
+def _jailed_spawn(zygote: Zygote, tmp_path: Path, name: str) -> ZygoteChild:
+    return zygote.spawn(
+        restore(tmp_path / "no-such-snapshot"),
+        console=tmp_path / f"{name}.log",
+        exit_file=tmp_path / f"{name}.exit",
+        cgroup_procs=[],
+        new_pid_ns=True,
+    )
+
+
+def test_an_idle_zygote_forks_the_next_child_ahead_and_a_request_takes_it(
+    tmp_path: Path,
+) -> None:
+    zygote = Zygote.get()
+    waiting = _forked_ahead(zygote)
+    unjailed = zygote.spawn(
+        restore(tmp_path / "nope"),
+        console=tmp_path / "unjailed.log",
+        exit_file=tmp_path / "unjailed.exit",
+        cgroup_procs=[],
+    )
+    assert unjailed.pid != waiting  # not in a PID namespace of its own: forked for it
+    assert unjailed.wait(60) == 2
+    child = _jailed_spawn(zygote, tmp_path, "jailed")
+    assert child.pid == waiting  # the request went to the child forked ahead...
+    assert child.wait(60) == 2  # ...which ran the VMM process on it, status and all
+    log = (tmp_path / "jailed.log").read_text()
+    assert "ember: error:" in log and "no-such-snapshot" in log
+    assert _forked_ahead(zygote) not in (waiting, unjailed.pid)  # and the next one is there
+
+
+def test_a_child_forked_ahead_that_died_waiting_is_replaced_by_a_fork(tmp_path: Path) -> None:
+    zygote = Zygote.get()
+    waiting = _forked_ahead(zygote)
+    os.kill(waiting, signal.SIGKILL)
+    _gone(waiting)  # (killed, its pipe closes only once it has exited)
+    child = _jailed_spawn(zygote, tmp_path, "after")
+    assert child.pid != waiting
+    assert child.wait(60) == 2
+
+
+def test_a_child_forked_ahead_goes_with_its_zygote(tmp_path: Path) -> None:
+    zygote = Zygote.get()
+    waiting = _forked_ahead(zygote)
+    zygote._sock.close()  # the host process is gone, for the zygote
+    zygote._proc.wait(30)
+    _gone(waiting)
+    Zygote._instance = None  # the next test starts its own
+
+
+def _gone(pid: int, timeout: float = 30) -> None:
+    """Wait until ``pid`` has exited (a zombie or reaped)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+                    return
+        except FileNotFoundError:
+            return
+        time.sleep(0.01)
+    raise AssertionError(f"process {pid} is still running")

@@ -100,7 +100,7 @@ def _serve_client(
     while b"\n" in buffer:
         line, _, rest = bytes(buffer).partition(b"\n")
         buffer[:] = rest
-        reply = zygote._spawn(line, conn, wakeup, exit_files)
+        reply, _ = zygote._spawn(line, conn, wakeup, exit_files, None)  # no child forked ahead
         with contextlib.suppress(OSError):
             conn.sendall(json.dumps(reply).encode() + b"\n")
 

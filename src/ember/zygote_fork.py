@@ -1,0 +1,187 @@
+"""The zygote's children: how one is forked, detached and made a VMM, and one forked ahead.
+
+A child forked for a request (:func:`ember.zygote._child`) and one forked before it
+(:func:`fork_ahead`) take the same steps: :func:`detach`, then :func:`become_vmm`.
+
+**Forked ahead.**
+Forking the zygote (~25 MiB resident, ~200 mappings) and the child's first steps (a
+session of its own, the zygote's descriptors closed, the parent-death signal) took ~3-4 ms
+of the ~30 a ``Sandbox()`` restored on demand costs here. None of it depends on the
+request, and the zygote is idle while the VMM it forked restores. So whenever no request
+waits, it forks one child ahead: into a new PID namespace (a jailed VMM's, which every SDK
+sandbox is), detached, and blocked reading a pipe. The next request that wants a new PID
+namespace is written into that pipe, pickled (the zygote to its own child, both the same
+code), and the child goes on exactly as one forked for it would. A request that finds
+none (an unjailed VMM, requests queued at once) is forked for as before. The fork ahead
+runs beside the restore it follows, on the host's other core, before that VMM's guest runs.
+
+The child waiting costs its ~1.3 MiB of private memory and nothing else; it dies with the
+zygote (parent-death signal), and reads end of file, then exits, when the zygote closes
+its pipe without a request.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import pickle
+import signal
+import socket
+import sys
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ember.vmm.config import ProcessConfig
+
+RETRY_S = 1.0  # after a failed fork ahead (no memory, no PIDs): requests fork for themselves
+MAX_INHERITED_FD = 65536
+_libc = ctypes.CDLL(None, use_errno=True)  # loaded once: spawns are the zygote's hot path
+
+
+class Ahead:
+    """A child forked ahead, and the write end of the pipe its request goes into."""
+
+    def __init__(self, pid: int, fd: int) -> None:
+        self.pid = pid
+        self._fd = fd
+
+    def hand(self, config: ProcessConfig, request: dict[str, Any]) -> bool:
+        """Give the child its request; False if it is gone (then fork another way)."""
+        data = pickle.dumps((config, request))
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(self._fd, view) :]
+            return True
+        except OSError:  # EPIPE: it died waiting (and was reaped as a stranger)
+            return False
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Let it go without a request: it reads end of file and exits."""
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def kill(self) -> None:
+        self.close()
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.pid, signal.SIGKILL)
+
+
+def fork_ahead(sock: socket.socket) -> Ahead | None:
+    """Fork a child that waits for its request (None if the fork failed: requests then
+    fork as before)."""
+    read_end, write_end = os.pipe2(os.O_CLOEXEC)
+    try:
+        enter_new_pid_ns_for_next_child()
+        try:
+            pid = os.fork()
+        except OSError:
+            back_to_own_pid_ns()
+            raise
+    except OSError:
+        os.close(read_end)
+        os.close(write_end)
+        return None
+    if pid == 0:
+        os.close(write_end)
+        _wait_for_request(read_end, sock)  # never returns
+    back_to_own_pid_ns()
+    os.close(read_end)
+    return Ahead(pid, write_end)
+
+
+def _wait_for_request(fd: int, sock: socket.socket) -> None:
+    """In the child forked ahead: never returns."""
+    try:
+        detach(sock, keep=fd)
+        chunks = []
+        while chunk := os.read(fd, 1 << 16):
+            chunks.append(chunk)
+        os.close(fd)
+        if not chunks:
+            os._exit(0)  # let go without a request
+        config, request = pickle.loads(b"".join(chunks))
+    except BaseException:
+        os._exit(70)
+    become_vmm(config, request)
+
+
+_own_pid_ns: int | None = None
+
+
+def enter_new_pid_ns_for_next_child() -> None:
+    """The next fork becomes PID 1 of a new PID namespace (a jailed VMM needs no relay).
+
+    ``unshare(CLONE_NEWPID)`` only changes where *children* go, and works
+    once; ``setns`` back to our own namespace re-arms it for the next child.
+    """
+    global _own_pid_ns
+    if _own_pid_ns is None:
+        _own_pid_ns = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
+    from ember.jailer.jail import CLONE_NEWPID
+
+    if _libc.unshare(CLONE_NEWPID) != 0:
+        raise OSError(ctypes.get_errno(), "unshare(CLONE_NEWPID)")
+
+
+def back_to_own_pid_ns() -> None:
+    from ember.jailer.jail import CLONE_NEWPID
+
+    if _own_pid_ns is not None and _libc.setns(_own_pid_ns, CLONE_NEWPID) != 0:
+        raise OSError(ctypes.get_errno(), "setns back to our PID namespace")
+
+
+def detach(sock: socket.socket, keep: int | None = None) -> None:
+    """A child's first steps, before it knows its request: nothing of the zygote's but
+    ``keep`` stays open, a session of its own, and death with the zygote."""
+    sock.close()
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    signal.set_wakeup_fd(-1)
+    if keep is None:
+        os.closerange(3, MAX_INHERITED_FD)  # nothing of the zygote's reaches a VMM
+    else:
+        os.closerange(3, keep)
+        os.closerange(keep + 1, MAX_INHERITED_FD)
+    os.setsid()
+    from ember.jailer.jail import PR_SET_PDEATHSIG
+
+    _libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+    if os.getppid() == 1:  # the zygote died between fork and prctl
+        os._exit(70)
+
+
+def become_vmm(config: ProcessConfig, request: dict[str, Any]) -> None:
+    """A detached child becomes the request's VMM: never returns."""
+    status = 70
+    try:
+        for procs in request.get("cgroup_procs", []):
+            fd = os.open(procs, os.O_WRONLY)
+            try:
+                os.write(fd, b"0")
+            finally:
+                os.close(fd)
+        log = os.open(request["console"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        null = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(null, 0)
+        os.dup2(log, 1)
+        os.dup2(log, 2)
+        os.close(log)
+        os.close(null)
+        # The zygote's heap stays frozen (see the module docstring): no gc.unfreeze() here.
+        from ember.vmm.process import serve
+
+        status = serve(config)
+    except SystemExit as exc:
+        status = exc.code if isinstance(exc.code, int) else 1
+    except BaseException as exc:  # whatever happens, the child must exit here
+        with contextlib.suppress(Exception):
+            os.write(2, f"ember: zygote child failed: {exc!r}\n".encode())
+    finally:
+        with contextlib.suppress(Exception):
+            sys.stdout.flush()
+            sys.stderr.flush()
+        os._exit(status)
