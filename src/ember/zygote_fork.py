@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from ember.vmm.config import ProcessConfig
 
+AHEAD_NAME = "ember-ahead"  # its name (comm) while it waits; ember-vmm once it is one
 RETRY_S = 1.0  # after a failed fork ahead (no memory, no PIDs): requests fork for themselves
 MAX_INHERITED_FD = 65536
 _libc = ctypes.CDLL(None, use_errno=True)  # loaded once: spawns are the zygote's hot path
@@ -98,6 +99,9 @@ def _wait_for_request(fd: int, sock: socket.socket) -> None:
     """In the child forked ahead: never returns."""
     try:
         detach(sock, keep=fd)
+        from ember.vmm.threads import name_this_thread
+
+        name_this_thread(AHEAD_NAME)  # what a census of processes leaves out (bench/soak.py)
         chunks = []
         while chunk := os.read(fd, 1 << 16):
             chunks.append(chunk)
