@@ -9,7 +9,9 @@ objects made after the fork are still collected.  One zygote serves one host pro
 is started on the first restore, talks over a socketpair, and exits when
 that socket closes (its host process ended).
 
-Each child: a new session (a Ctrl-C for the host app is not the VMM's),
+Whenever no request waits, the zygote forks the next request's child ahead, so that a
+restore does not wait for the fork (:mod:`ember.zygote_fork`, which also holds what a child
+does). Each child: a new session (a Ctrl-C for the host app is not the VMM's),
 ``PR_SET_PDEATHSIG`` so it dies with the zygote, the sandbox's cgroup
 joined before any VMM code runs, stdout/stderr to the console log, then
 the VMM process (:func:`ember.vmm.process.serve`) in-process, on the
