@@ -355,6 +355,29 @@ def test_the_workers_holder_shares_its_memory_not_its_socket_and_is_freed(
     assert fx.runner._holders and holder not in fx.runner._holders.values()
 
 
+def test_a_death_seen_on_the_socket_is_on_the_rings_before_the_caller_is_answered(
+    fx: Fixture,
+) -> None:
+    """The vsock path hears of a death on the worker's socket, before the watcher publishes
+    it on the rings. On a loaded guest that publish can come late: the caller's next call,
+    over the rings, must still find the replacement, not the dead worker "ready"."""
+    fx.ready_call("x = 1")
+    notice = fx.runner.notice
+    assert notice is not None
+    publish = notice.publish
+
+    def late() -> None:
+        time.sleep(1.0)
+        publish()
+
+    notice.publish = late  # type: ignore[method-assign]
+    result = parse_code_result(decode(fx.runner.run("import os\nos._exit(9)", 30)))
+    assert result.error is not None and result.error.type == "WorkerCrashed", result
+    assert fx.ctl(2)[ring.CODE_EPOCH] == 1  # published before the answer
+    after = fx.ready_call("'x' in globals()")
+    assert after.error is None and after.value == "False", after  # the replacement's answer
+
+
 def test_a_cell_over_its_timeout_is_interrupted_and_the_state_kept(fx: Fixture) -> None:
     fx.ready_call("z = 1")
     result = fx.ready_call("print('so far')\nwhile True: pass", timeout=0.5)

@@ -106,6 +106,9 @@ class WorkerProcess:
         self._pool: InterpreterPool | None = None
         self._pooled: set[int] = set()  # workers that are pool members (pids): released to it
         self._holders: dict[int, int] = {}  # worker pid -> its own holder's (not pooled ones)
+        # Workers whose watcher has not yet published their death (see _discard).
+        self._unpublished: set[subprocess.Popen[bytes]] = set()
+        self._published = threading.Condition()
         self.replacements = 0  # workers started after the first, and how many the pool gave
         self.pooled_replacements = 0
 
@@ -204,6 +207,8 @@ class WorkerProcess:
         if proc.pid not in self._pooled and (holder := _holder(frame[1])):
             self._holders[proc.pid] = holder
         self.state, self.last_error = WorkerState.READY, ""
+        with self._published:
+            self._unpublished.add(proc)
         threading.Thread(target=self._watch, args=(proc,), name="worker-watch", daemon=True).start()
         return ours
 
@@ -278,11 +283,15 @@ class WorkerProcess:
         on the rings are waiting), and a replacement started as after a failed call."""
         status = proc.wait()
         self._reaped(proc)
+        if not self._closed:
+            self.last_death = describe(status)
+            if self.notice is not None:
+                self.notice.publish()
+        with self._published:
+            self._unpublished.discard(proc)
+            self._published.notify_all()
         if self._closed:
             return
-        self.last_death = describe(status)
-        if self.notice is not None:
-            self.notice.publish()
         with self._lock:
             if self._proc is proc and not self._closed:
                 self._discard()
@@ -310,6 +319,11 @@ class WorkerProcess:
             self._kill_group(proc)
         status = proc.wait()
         self._reaped(proc)
+        # Its death on the rings before anything else happens: a caller answered now must not
+        # find it "ready" there on its next call, and a late publish would mark its
+        # replacement's rings dead. The watcher publishes without the lock we hold.
+        with self._published:
+            self._published.wait_for(lambda: proc not in self._unpublished, 5.0)
         return status
 
     def close(self) -> None:

@@ -77,15 +77,12 @@ class BaseInputs:
 
 def guest_payload() -> dict[str, bytes]:
     """Relative path under ``ember/`` -> bytes, for every guest-side source file."""
-    root = Path(str(resources.files("ember")))
+    root = str(resources.files("ember"))
     files: dict[str, bytes] = {"__init__.py": GUEST_INIT}
-    for name in GUEST_MODULES:
-        path = root / name
-        if path.is_file():
-            files[name] = path.read_bytes()
-        elif path.is_dir():
-            for sub in sorted(path.rglob("*.py")):
-                files[str(sub.relative_to(root))] = sub.read_bytes()
+    for path in _payload_files():  # the list the key's memo watches: one walk, one truth
+        if os.path.isfile(path):
+            with open(path, "rb") as f:
+                files[os.path.relpath(path, root)] = f.read()
     return files
 
 
