@@ -72,9 +72,10 @@ class Ahead:
             os.kill(self.pid, signal.SIGKILL)
 
 
-def fork_ahead(sock: socket.socket) -> Ahead | None:
+def fork_ahead(sock: socket.socket | None) -> Ahead | None:
     """Fork a child that waits for its request (None if the fork failed: requests then
-    fork as before)."""
+    fork as before). ``sock``: the host's connection, if the forking process has one
+    (the keeper has a listener and several; the child closes every descriptor anyway)."""
     read_end, write_end = os.pipe2(os.O_CLOEXEC)
     try:
         enter_new_pid_ns_for_next_child()
@@ -95,7 +96,7 @@ def fork_ahead(sock: socket.socket) -> Ahead | None:
     return Ahead(pid, write_end)
 
 
-def _wait_for_request(fd: int, sock: socket.socket) -> None:
+def _wait_for_request(fd: int, sock: socket.socket | None) -> None:
     """In the child forked ahead: never returns."""
     try:
         detach(sock, keep=fd)
@@ -139,10 +140,11 @@ def back_to_own_pid_ns() -> None:
         raise OSError(ctypes.get_errno(), "setns back to our PID namespace")
 
 
-def detach(sock: socket.socket, keep: int | None = None) -> None:
+def detach(sock: socket.socket | None, keep: int | None = None) -> None:
     """A child's first steps, before it knows its request: nothing of the zygote's but
     ``keep`` stays open, a session of its own, and death with the zygote."""
-    sock.close()
+    if sock is not None:
+        sock.close()
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     signal.set_wakeup_fd(-1)
     if keep is None:
