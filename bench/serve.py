@@ -6,7 +6,9 @@ Starts its own daemon (a temporary state dir, a free port on 127.0.0.1) and meas
 beside its peer from the same run:
 
 - create -> ``exec(["true"])`` -> delete of a sandbox: ``Sandbox(server=URL)`` against the
-  in-process ``Sandbox()`` (both restore the default template);
+  in-process ``Sandbox()`` (both restore the default template); and create ->
+  ``run_code("6*7")`` -> delete (an agent's sandbox for one cell: no guest process started,
+  so the restore's own cost shows);
 - a ``run_code("1")`` round trip in a live sandbox, through the daemon and in-process;
 - API latency under ``--clients`` concurrent clients (threads, one HTTP connection each):
   ``GET /sandboxes/ID`` (the daemon alone) and ``run_code`` (daemon + agent), p50 and p99;
@@ -77,6 +79,11 @@ def lifecycle(server: str) -> None:
         sb.exec(["true"])
 
 
+def one_cell(server: str) -> None:
+    with Sandbox(server=server) as sb:
+        assert sb.run_code("6*7").value == "42"
+
+
 def concurrent(clients: int, per_client: int, request: Callable[[httpx.Client], Any],
                url: str, token: str) -> list[float]:  # fmt: skip
     latencies: list[float] = []
@@ -122,7 +129,7 @@ def main() -> None:
         print(to_json(report))
         return
     rows = []
-    for name in ("create_exec_delete_s", "run_code_s"):
+    for name in ("create_exec_delete_s", "create_run_code_delete_s", "run_code_s"):
         d, i = report[name]["daemon"]["p50"], report[name]["in_process"]["p50"]
         rows.append([name, fmt_num(d, 4), fmt_num(i, 4), fmt_ratio(ratio(d, i))])
     print(format_table(["median", "daemon", "in-process", "ratio"], rows))
@@ -153,6 +160,11 @@ def measure(args: argparse.Namespace, url: str, token: str) -> dict[str, Any]:
         daemon.append(timed(lambda: lifecycle(url)))
         local.append(timed(lambda: lifecycle("")))
     report["create_exec_delete_s"] = pair(daemon, local)
+    daemon, local = [], []
+    for _ in range(args.runs):
+        daemon.append(timed(lambda: one_cell(url)))
+        local.append(timed(lambda: one_cell("")))
+    report["create_run_code_delete_s"] = pair(daemon, local)
     with Sandbox(server=url) as remote, Sandbox(server="") as here:
         remote.run_code("1")
         here.run_code("1")
