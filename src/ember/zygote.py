@@ -145,18 +145,24 @@ def serve(sock: socket.socket) -> None:
     poller = select.poll()
     poller.register(sock.fileno(), select.POLLIN)
     poller.register(read_end, select.POLLIN)
-    from ember import zygote_fork
+    from ember import zygote_fork, zygote_pages
 
     ahead: zygote_fork.Ahead | None = None
     retry_at = 0.0
+    pages = zygote_pages.Learner()
     while True:
-        # No child forked ahead: fork one as soon as no request waits (zygote_fork).
-        wait = None if ahead is not None else max(0.0, retry_at - time.monotonic()) * 1000
-        events = poller.poll(wait)
+        # No child forked ahead: fork one as soon as no request waits (zygote_fork); and
+        # sample a child's written pages when one is due (zygote_pages).
+        wait = None if ahead is not None else max(0.0, retry_at - time.monotonic())
+        if (due := pages.due_in()) is not None:
+            wait = due if wait is None else min(wait, due)
+        events = poller.poll(None if wait is None else wait * 1000)
         if not events:
-            ahead = zygote_fork.fork_ahead(sock)
-            if ahead is None:  # no fork now: requests fork for themselves; try again later
-                retry_at = time.monotonic() + zygote_fork.RETRY_S
+            pages.sample_if_due(exit_files)
+            if ahead is None and time.monotonic() >= retry_at:
+                ahead = zygote_fork.fork_ahead(sock, pages.runs)
+                if ahead is None:  # no fork now: requests fork for themselves; retry later
+                    retry_at = time.monotonic() + zygote_fork.RETRY_S
             continue
         for fd, _event in events:
             if fd == read_end:
@@ -175,6 +181,8 @@ def serve(sock: socket.socket) -> None:
                 line, buffer = buffer.split(b"\n", 1)
                 reply, ahead = _spawn(line, sock, read_end, exit_files, ahead)
                 sock.sendall(json.dumps(reply).encode() + b"\n")
+                if "pid" in reply:
+                    pages.spawned(reply["pid"])
 
 
 def _spawn(

@@ -29,6 +29,7 @@ import pickle
 import signal
 import socket
 import sys
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -72,10 +73,12 @@ class Ahead:
             os.kill(self.pid, signal.SIGKILL)
 
 
-def fork_ahead(sock: socket.socket | None) -> Ahead | None:
+def fork_ahead(sock: socket.socket | None, hot: Sequence[tuple[int, int]] = ()) -> Ahead | None:
     """Fork a child that waits for its request (None if the fork failed: requests then
     fork as before). ``sock``: the host's connection, if the forking process has one
-    (the keeper has a listener and several; the child closes every descriptor anyway)."""
+    (the keeper has a listener and several; the child closes every descriptor anyway).
+    ``hot``: the pages a VMM child writes (:mod:`ember.zygote_pages`), written while it
+    waits."""
     read_end, write_end = os.pipe2(os.O_CLOEXEC)
     try:
         enter_new_pid_ns_for_next_child()
@@ -90,19 +93,23 @@ def fork_ahead(sock: socket.socket | None) -> Ahead | None:
         return None
     if pid == 0:
         os.close(write_end)
-        _wait_for_request(read_end, sock)  # never returns
+        _wait_for_request(read_end, sock, hot)  # never returns
     back_to_own_pid_ns()
     os.close(read_end)
     return Ahead(pid, write_end)
 
 
-def _wait_for_request(fd: int, sock: socket.socket | None) -> None:
+def _wait_for_request(fd: int, sock: socket.socket | None, hot: Sequence[tuple[int, int]]) -> None:
     """In the child forked ahead: never returns."""
     try:
         detach(sock, keep=fd)
         from ember.vmm.threads import name_this_thread
 
         name_this_thread(AHEAD_NAME)  # what a census of processes leaves out (bench/soak.py)
+        if hot:
+            from ember.zygote_pages import populate
+
+            populate(hot)
         chunks = []
         while chunk := os.read(fd, 1 << 16):
             chunks.append(chunk)

@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ember import zygote, zygote_fork
+from ember import zygote, zygote_fork, zygote_pages
 from ember.errors import SandboxError
 from ember.vmm.config import ProcessConfig
 
@@ -59,15 +59,22 @@ def serve(path: Path) -> None:
     poller.register(listener.fileno(), select.POLLIN)
     poller.register(read_end, select.POLLIN)
     served = False
-    ahead: zygote_fork.Ahead | None = None  # as the zygote's (zygote_fork): ~3 ms off a create
+    # As the zygote's: a child forked ahead of each request (zygote_fork), which writes the
+    # pages a VMM child writes while it waits (zygote_pages).
+    ahead: zygote_fork.Ahead | None = None
     retry_at = 0.0
+    pages = zygote_pages.Learner()
     while True:
         if served and not clients and not exit_files:
             break
-        wait = 1000 if ahead is not None else min(1000, max(0, retry_at - time.monotonic()) * 1000)
-        events = poller.poll(wait)
+        wait = 1.0 if ahead is not None else min(1.0, max(0.0, retry_at - time.monotonic()))
+        if (due := pages.due_in()) is not None:
+            wait = min(wait, due)
+        events = poller.poll(wait * 1000)
+        if not events:
+            pages.sample_if_due(exit_files)
         if not events and ahead is None and time.monotonic() >= retry_at:
-            ahead = zygote_fork.fork_ahead(None)
+            ahead = zygote_fork.fork_ahead(None, pages.runs)
             if ahead is None:
                 retry_at = time.monotonic() + zygote_fork.RETRY_S
         for fd, _event in events:
@@ -81,7 +88,7 @@ def serve(path: Path) -> None:
                 poller.register(conn.fileno(), select.POLLIN)
                 served = True
             elif fd in clients:
-                ahead = _serve_client(fd, clients, poller, read_end, exit_files, ahead)
+                ahead = _serve_client(fd, clients, poller, read_end, exit_files, ahead, pages)
         zygote._reap(exit_files)  # a missed wake-up costs at most a second
     if ahead is not None:
         ahead.close()  # it reads end of file and exits (or dies with us)
@@ -98,6 +105,7 @@ def _serve_client(
     wakeup: int,
     exit_files: dict[int, str],
     ahead: zygote_fork.Ahead | None,
+    pages: zygote_pages.Learner,
 ) -> zygote_fork.Ahead | None:
     """Serve what one daemon sent; the child forked ahead, if still unused."""
     conn, buffer = clients[fd]
@@ -117,6 +125,8 @@ def _serve_client(
         reply, ahead = zygote._spawn(line, conn, wakeup, exit_files, ahead)
         with contextlib.suppress(OSError):
             conn.sendall(json.dumps(reply).encode() + b"\n")
+        if "pid" in reply:
+            pages.spawned(reply["pid"])
     return ahead
 
 
