@@ -25,15 +25,17 @@ permission, an old kernel) just leaves the set as it is. Without ``MADV_POPULATE
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
 import struct
 import time
 from collections.abc import Iterable
 
-MADV_POPULATE_WRITE = 23  # linux/mman.h, since 5.14
-PM_PRESENT = 1 << 63  # Documentation/admin-guide/mm/pagemap.rst
-PM_MMAP_EXCLUSIVE = 1 << 56
-PAGE = 4096
+from ember.memory import PAGE_SIZE
+from ember.snapshot.prefault import MADV_POPULATE_WRITE, PM_PRESENT, Run, runs_of
+
+PM_MMAP_EXCLUSIVE = 1 << 56  # Documentation/admin-guide/mm/pagemap.rst
+PAGE = PAGE_SIZE
 SAMPLE_AFTER_S = 0.04  # a restore's child has written them all by its ready (~30 ms here)
 RESAMPLE_EVERY = 32  # spawns: the zygote's own heap moves a little as it serves
 MAX_PAGES = 8192  # 32 MiB: more than that is not a restore's working set; learn nothing
@@ -64,8 +66,9 @@ def writable_ranges(maps: str) -> list[tuple[int, int]]:
 
 
 def exclusive_pages(pagemap: int, ranges: Iterable[tuple[int, int]]) -> set[int]:
-    """Addresses of the pages in ``ranges`` present and mapped by the process alone, read
-    from its open ``pagemap``. An unreadable range (unmapped there since) is skipped."""
+    """Page numbers (address / page size) of the pages in ``ranges`` present and mapped by
+    the process alone, read from its open ``pagemap``. An unreadable range (unmapped there
+    since) is skipped."""
     pages: set[int] = set()
     wanted = PM_PRESENT | PM_MMAP_EXCLUSIVE
     for low, high in ranges:
@@ -75,31 +78,21 @@ def exclusive_pages(pagemap: int, ranges: Iterable[tuple[int, int]]) -> set[int]
             continue
         for i, (entry,) in enumerate(struct.iter_unpack("=Q", data[: len(data) // 8 * 8])):
             if entry & wanted == wanted:
-                pages.add(low + i * PAGE)
+                pages.add(low // PAGE + i)
     return pages
 
 
-def to_runs(pages: Iterable[int]) -> list[tuple[int, int]]:
-    """Sorted page addresses as (start, length in bytes) runs: one ``madvise`` each."""
-    runs: list[tuple[int, int]] = []
-    for page in sorted(pages):
-        if runs and runs[-1][0] + runs[-1][1] == page:
-            runs[-1] = (runs[-1][0], runs[-1][1] + PAGE)
-        else:
-            runs.append((page, PAGE))
-    return runs
-
-
-def populate(runs: Iterable[tuple[int, int]]) -> int:
-    """In the child forked ahead: take the write faults of ``runs`` now. The bytes written
-    ahead; stops at the first error (an old kernel: EINVAL everywhere)."""
+def populate(runs: Iterable[Run]) -> int:
+    """In the child forked ahead: take the write faults of ``runs`` ((first page, pages),
+    :func:`ember.snapshot.prefault.runs_of`) now; the pages written ahead. Stops at EINVAL
+    (no ``MADV_POPULATE_WRITE`` here)."""
     done = 0
-    for start, length in runs:
-        if _libc.madvise(start, length, MADV_POPULATE_WRITE) != 0:
-            if ctypes.get_errno() == 22:  # EINVAL: no MADV_POPULATE_WRITE here
+    for first, count in runs:
+        if _libc.madvise(first * PAGE, count * PAGE, MADV_POPULATE_WRITE) != 0:
+            if ctypes.get_errno() == errno.EINVAL:
                 break
             continue  # ENOMEM: no longer mapped in this process; the rest may be
-        done += length
+        done += count
     return done
 
 
@@ -107,7 +100,7 @@ class Learner:
     """The zygote's end: which children to sample, when, and the set learned so far."""
 
     def __init__(self) -> None:
-        self.runs: list[tuple[int, int]] = []
+        self.runs: list[Run] = []
         self._last: set[int] | None = None
         self._samples = 0
         self._since = 0  # children forked since the last sample
@@ -149,7 +142,7 @@ class Learner:
             return
         if self._last is not None:
             common = sample & self._last
-            self.runs = to_runs(common) if len(common) <= MAX_PAGES else []
+            self.runs = runs_of(common) if len(common) <= MAX_PAGES else []
         self._last = sample
         self._samples += 1
         self._since = 0
