@@ -15,7 +15,11 @@ code), and the child goes on exactly as one forked for it would. A request that 
 none (an unjailed VMM, requests queued at once) is forked for as before. The fork ahead
 runs beside the restore it follows, on the host's other core, before that VMM's guest runs.
 
-The child waiting costs its ~1.3 MiB of private memory and nothing else; it dies with the
+While it waits, it also takes the copy-on-write faults a VMM child takes in its first
+milliseconds (:mod:`ember.zygote_pages`), another ~5-8 ms off the restore.
+
+The child waiting costs its ~1.3 MiB of private memory (and those pages, which the VMM
+would have copied anyway) and nothing else; it dies with the
 zygote (parent-death signal), and reads end of file, then exits, when the zygote closes
 its pipe without a request.
 """
