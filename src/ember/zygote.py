@@ -52,7 +52,7 @@ from typing import TYPE_CHECKING, Any
 from ember.errors import EmberError, SandboxError
 
 if TYPE_CHECKING:
-    from ember import zygote_fork
+    from ember import zygote_fork, zygote_pages
     from ember.vmm.config import ProcessConfig
 # The server's imports (the jail's constants, the config's JSON) are made where they are
 # used: ``ember run`` starts its zygote before anything else, and this module's own import
@@ -160,7 +160,7 @@ def serve(sock: socket.socket) -> None:
         if not events:
             pages.sample_if_due(exit_files)
             if ahead is None and time.monotonic() >= retry_at:
-                ahead = zygote_fork.fork_ahead(sock, pages.runs)
+                ahead = zygote_fork.fork_ahead(sock, pages.runs, pages.snapshot)
                 if ahead is None:  # no fork now: requests fork for themselves; retry later
                     retry_at = time.monotonic() + zygote_fork.RETRY_S
             continue
@@ -179,10 +179,8 @@ def serve(sock: socket.socket) -> None:
             buffer += data
             while b"\n" in buffer:
                 line, buffer = buffer.split(b"\n", 1)
-                reply, ahead = _spawn(line, sock, read_end, exit_files, ahead)
+                reply, ahead = _spawn(line, sock, read_end, exit_files, ahead, pages)
                 sock.sendall(json.dumps(reply).encode() + b"\n")
-                if "pid" in reply:
-                    pages.spawned(reply["pid"])
 
 
 def _spawn(
@@ -191,8 +189,10 @@ def _spawn(
     wakeup: int,
     exit_files: dict[int, str],
     ahead: zygote_fork.Ahead | None,
+    pages: zygote_pages.Learner | None = None,
 ) -> tuple[dict[str, Any], zygote_fork.Ahead | None]:
-    """The reply to one request, and the child forked ahead if it is still unused."""
+    """The reply to one request, and the child forked ahead if it is still unused; a child
+    started is told to ``pages``."""
     from ember.zygote_fork import back_to_own_pid_ns, enter_new_pid_ns_for_next_child
 
     try:
@@ -207,7 +207,7 @@ def _spawn(
     new_pid_ns = bool(request.get("new_pid_ns"))
     if new_pid_ns and ahead is not None:  # it was forked into a new PID namespace
         if ahead.hand(config, request):
-            return _started(ahead.pid, request, exit_files), None
+            return _started(ahead.pid, request, exit_files, config, pages), None
         ahead = None  # it died waiting: fork as below
     if new_pid_ns:
         try:
@@ -225,12 +225,23 @@ def _spawn(
         back_to_own_pid_ns()  # in the parent only: a child cannot leave its namespace
     if pid < 0:
         return {"error": f"fork failed: {error}"}, ahead
-    return _started(pid, request, exit_files), ahead
+    return _started(pid, request, exit_files, config, pages), ahead
 
 
-def _started(pid: int, request: dict[str, Any], exit_files: dict[int, str]) -> dict[str, Any]:
+def _started(
+    pid: int,
+    request: dict[str, Any],
+    exit_files: dict[int, str],
+    config: ProcessConfig,
+    pages: zygote_pages.Learner | None,
+) -> dict[str, Any]:
     if isinstance(request.get("exit_file"), str):
         exit_files[pid] = request["exit_file"]
+    if pages is not None:
+        from ember.vmm.config import RestoreConfig
+
+        machine = config.machine
+        pages.spawned(pid, machine.snapshot if isinstance(machine, RestoreConfig) else None)
     return {"pid": pid}
 
 

@@ -34,6 +34,7 @@ import signal
 import socket
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -77,12 +78,17 @@ class Ahead:
             os.kill(self.pid, signal.SIGKILL)
 
 
-def fork_ahead(sock: socket.socket | None, hot: Sequence[tuple[int, int]] = ()) -> Ahead | None:
+def fork_ahead(
+    sock: socket.socket | None,
+    hot: Sequence[tuple[int, int]] = (),
+    snapshot: Path | None = None,
+) -> Ahead | None:
     """Fork a child that waits for its request (None if the fork failed: requests then
     fork as before). ``sock``: the host's connection, if the forking process has one
     (the keeper has a listener and several; the child closes every descriptor anyway).
     ``hot``: the pages a VMM child writes (:mod:`ember.zygote_pages`), written while it
-    waits."""
+    waits; ``snapshot``: the last request's, whose restore it makes as far as it can without
+    the request (:mod:`ember.snapshot.premade`)."""
     read_end, write_end = os.pipe2(os.O_CLOEXEC)
     try:
         enter_new_pid_ns_for_next_child()
@@ -97,13 +103,15 @@ def fork_ahead(sock: socket.socket | None, hot: Sequence[tuple[int, int]] = ()) 
         return None
     if pid == 0:
         os.close(write_end)
-        _wait_for_request(read_end, sock, hot)  # never returns
+        _wait_for_request(read_end, sock, hot, snapshot)  # never returns
     back_to_own_pid_ns()
     os.close(read_end)
     return Ahead(pid, write_end)
 
 
-def _wait_for_request(fd: int, sock: socket.socket | None, hot: Sequence[tuple[int, int]]) -> None:
+def _wait_for_request(
+    fd: int, sock: socket.socket | None, hot: Sequence[tuple[int, int]], snapshot: Path | None
+) -> None:
     """In the child forked ahead: never returns."""
     try:
         detach(sock, keep=fd)
@@ -114,6 +122,10 @@ def _wait_for_request(fd: int, sock: socket.socket | None, hot: Sequence[tuple[i
             from ember.zygote_pages import populate
 
             populate(hot)
+        if snapshot is not None:
+            from ember.snapshot import premade
+
+            premade.prepare(snapshot)
         chunks = []
         while chunk := os.read(fd, 1 << 16):
             chunks.append(chunk)

@@ -30,6 +30,7 @@ import os
 import struct
 import time
 from collections.abc import Iterable
+from pathlib import Path
 
 from ember.memory import PAGE_SIZE
 from ember.snapshot.prefault import MADV_POPULATE_WRITE, PM_PRESENT, Run, runs_of
@@ -101,13 +102,19 @@ class Learner:
 
     def __init__(self) -> None:
         self.runs: list[Run] = []
+        # The snapshot the last request restored: the next most likely restores it too, and
+        # the child forked ahead makes its restore's memory (ember.snapshot.premade).
+        self.snapshot: Path | None = None
         self._last: set[int] | None = None
         self._samples = 0
         self._since = 0  # children forked since the last sample
         self._pending: tuple[int, float] | None = None  # (pid, when to sample it)
 
-    def spawned(self, pid: int) -> None:
-        """A child was forked for a request: sample it later, if a sample is due."""
+    def spawned(self, pid: int, snapshot: Path | None) -> None:
+        """A child was forked for a request (restoring ``snapshot``, if it restores): sample
+        it later, if a sample is due."""
+        if snapshot is not None:
+            self.snapshot = snapshot
         self._since += 1
         if self._pending is None and (self._samples < 2 or self._since >= RESAMPLE_EVERY):
             self._pending = (pid, time.monotonic() + SAMPLE_AFTER_S)

@@ -43,6 +43,7 @@ class FakeMachine:
         self.balloon = Balloon()  # never activated: no guest behind it
         self.extra_stats: dict[str, dict[str, int]] = {}
         self.vm = FakeVm()
+        self.made_ahead = False
 
     def host_connections(self) -> int:
         return 0
@@ -112,6 +113,7 @@ def test_control_requests_reach_the_machine(
 ) -> None:
     path, machine = served
     assert request(path, "status")["paused"] is False
+    assert request(path, "status")["made_ahead"] is False
     request(path, "pause")
     assert machine.paused and request(path, "status")["paused"] is True
     request(path, "resume")

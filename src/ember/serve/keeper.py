@@ -74,7 +74,7 @@ def serve(path: Path) -> None:
         if not events:
             pages.sample_if_due(exit_files)
         if not events and ahead is None and time.monotonic() >= retry_at:
-            ahead = zygote_fork.fork_ahead(None, pages.runs)
+            ahead = zygote_fork.fork_ahead(None, pages.runs, pages.snapshot)
             if ahead is None:
                 retry_at = time.monotonic() + zygote_fork.RETRY_S
         for fd, _event in events:
@@ -122,11 +122,9 @@ def _serve_client(
     while b"\n" in buffer:
         line, _, rest = bytes(buffer).partition(b"\n")
         buffer[:] = rest
-        reply, ahead = zygote._spawn(line, conn, wakeup, exit_files, ahead)
+        reply, ahead = zygote._spawn(line, conn, wakeup, exit_files, ahead, pages)
         with contextlib.suppress(OSError):
             conn.sendall(json.dumps(reply).encode() + b"\n")
-        if "pid" in reply:
-            pages.spawned(reply["pid"])
     return ahead
 
 

@@ -26,8 +26,8 @@ from ember.devices.virtio.block.device import Block
 from ember.errors import ConfigError, KvmError, SnapshotError
 from ember.kvm import abi
 from ember.kvm.system import Kvm, Vcpu, Vm
-from ember.memory import GuestMemory, GuestMemoryError, c_address
-from ember.snapshot import MEMORY_FILE, STATE_FILE, hugeback, prefault
+from ember.memory import GuestMemory, c_address
+from ember.snapshot import STATE_FILE, premade
 from ember.snapshot.format import read_state, unblob
 from ember.snapshot.kvm_state import needs_pit, restore_vcpu, restore_vm
 from ember.vmm.config import VmConfig
@@ -130,7 +130,8 @@ def restore_machine(
     sides: ``vsock_uds`` is this sandbox's socket, and the guest is told
     its old connections are gone.
     """
-    state = read_state(directory / STATE_FILE)
+    ahead = premade.take(directory)  # made by the child forked ahead of this request
+    state = ahead[0] if ahead is not None else read_state(directory / STATE_FILE)
     try:
         config = config_from_state(
             state["config"], vsock_uds=vsock_uds, guest_cid=guest_cid, tap=tap, netns=netns
@@ -147,18 +148,8 @@ def restore_machine(
             f"{len(state.get('vcpus', ()))} saved"
         )
     with ExitStack() as undo:
-        try:
-            memory = GuestMemory.from_file(str(directory / MEMORY_FILE), mem_size)
-        except FileNotFoundError:
-            raise SnapshotError(f"snapshot {directory} has no memory file") from None
-        except GuestMemoryError as exc:
-            raise SnapshotError(f"snapshot {directory}: {exc}") from None
+        memory = ahead[1] if ahead is not None else premade.restore_memory(directory, mem_size)
         undo.callback(memory.close)
-        try:
-            hugeback.back(memory, hugeback.read(directory, mem_size), directory / MEMORY_FILE)
-        except GuestMemoryError as exc:
-            raise SnapshotError(f"snapshot {directory}: {exc}") from None
-        prefault.populate(memory, prefault.read(directory, mem_size))
         parts = _create_vm(config, memory, undo, pit=needs_pit(state.get("vm")))
         vcpus: list[Vcpu] = []
         cpuids: list[list[abi.kvm_cpuid_entry2]] = []
@@ -170,6 +161,7 @@ def restore_machine(
             cpuids.append([unblob(abi.kvm_cpuid_entry2, e) for e in vcpu_state["cpuid"]])
         restore_vm(parts.vm, state["vm"])
         machine = _finish(config, parts, memory, vcpus, cpuids, console)
+        machine.made_ahead = ahead is not None
         try:
             machine.serial.load_state(state["serial"])
             devices = state["devices"]

@@ -135,6 +135,7 @@ class ControlServer:
                     "ok": True,
                     "paused": self.machine.paused,
                     "pit": self.machine.vm.has_pit,  # a restore leaves out a masked PIT
+                    "made_ahead": self.machine.made_ahead,  # snapshot.premade
                     "pid": os.getpid(),
                     "host_connections": self.machine.host_connections(),
                     "devices": self.machine.device_stats(),

@@ -1,0 +1,122 @@
+"""A restore's state and memory, made by the child forked ahead before its request comes.
+
+The child the zygote forks ahead (:mod:`ember.zygote_fork`) does not know its request, but
+the last request named a snapshot and the next one most likely names the same: every
+``Sandbox()`` of a template restores that template. So while it waits, the child reads that
+snapshot's state, maps its memory file, puts fresh huge pages behind its holes
+(:mod:`ember.snapshot.hugeback`) and copies the pages its first call writes
+(:mod:`ember.snapshot.prefault`): ~1 + 2 + 3-5 ms of a ~30 ms restore here.
+:func:`ember.vmm.builder.restore_machine` takes them (:func:`take`) if its request names the
+same directory and the files are still the ones read (device, inode, size, times of
+each); anything else (another template, one rebuilt since, a failure while making
+them) is made again as before, and what was made ahead is unmapped.
+
+It costs the waiting child the pages it copied (~3.7 MiB for the default template), which
+that child, as a VMM of the same template, would have copied anyway.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ember.errors import SnapshotError
+from ember.memory import GuestMemory, GuestMemoryError
+from ember.snapshot import MEMORY_FILE, STATE_FILE, hugeback, prefault
+from ember.snapshot.format import read_state
+
+_HINTS = (STATE_FILE, MEMORY_FILE, prefault.PREFAULT_FILE, hugeback.HUGE_FILE)
+
+Identity = tuple[tuple[int, int, int, int, int] | None, ...]
+
+
+@dataclass
+class Premade:
+    directory: Path
+    identity: Identity
+    state: dict[str, Any]
+    memory: GuestMemory
+
+
+_premade: Premade | None = None
+
+
+def identity(directory: Path) -> Identity:
+    """What says the files a restore reads are the ones read before: (device, inode, size,
+    mtime, ctime) of each, None for one that is missing. Ember writes a template's files
+    once and renames them into place; a file changed in place changes its ctime."""
+    found: list[tuple[int, int, int, int, int] | None] = []
+    for name in _HINTS:
+        try:
+            st = os.stat(directory / name)
+        except OSError:
+            found.append(None)
+            continue
+        found.append((st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns))
+    return tuple(found)
+
+
+def restore_memory(directory: Path, size: int) -> GuestMemory:
+    """The snapshot's memory file mapped copy-on-write, fresh huge pages behind its holes,
+    the pages of its first call copied: what a restore does before it makes the VM."""
+    path = directory / MEMORY_FILE
+    try:
+        memory = GuestMemory.from_file(str(path), size)
+    except FileNotFoundError:
+        raise SnapshotError(f"snapshot {directory} has no memory file") from None
+    except GuestMemoryError as exc:
+        raise SnapshotError(f"snapshot {directory}: {exc}") from None
+    try:
+        hugeback.back(memory, hugeback.read(directory, size), path)
+        prefault.populate(memory, prefault.read(directory, size))
+    except GuestMemoryError as exc:
+        memory.close()
+        raise SnapshotError(f"snapshot {directory}: {exc}") from None
+    except BaseException:
+        memory.close()
+        raise
+    return memory
+
+
+def load(directory: Path) -> tuple[dict[str, Any], GuestMemory]:
+    """A snapshot's state and :func:`restore_memory`."""
+    state = read_state(directory / STATE_FILE)
+    return state, restore_memory(directory, int(state["memory"]["size"]))
+
+
+def prepare(directory: Path) -> bool:
+    """In the child forked ahead: make ``directory``'s restore as far as :func:`load` goes,
+    for :func:`take`. False (nothing kept) if it failed: the restore will say why."""
+    global _premade
+    discard()
+    before = identity(directory)
+    if before[0] is None or before[1] is None:
+        return False
+    try:
+        state, memory = load(directory)
+    except Exception:
+        return False
+    _premade = Premade(directory, before, state, memory)
+    return True
+
+
+def take(directory: Path) -> tuple[dict[str, Any], GuestMemory] | None:
+    """What :func:`prepare` made, if it was for ``directory`` and its files are unchanged;
+    else None (and what was made is unmapped)."""
+    global _premade
+    made, _premade = _premade, None
+    if made is None:
+        return None
+    if made.directory != directory or identity(directory) != made.identity:
+        made.memory.close()
+        return None
+    return made.state, made.memory
+
+
+def discard() -> None:
+    global _premade
+    made, _premade = _premade, None
+    if made is not None:
+        made.memory.close()
