@@ -64,6 +64,7 @@ class VmmProcess(VmmHandle):
         restore: Path | None = None,
         park_idle: float | None = 1.0,
         debug_hooks: bool = False,
+        template: bool = False,
     ) -> None:
         self.debug_hooks = debug_hooks
         self.restored = restore is not None
@@ -89,7 +90,7 @@ class VmmProcess(VmmHandle):
                 self._network_ready()
                 self._boot(spec)
             else:
-                self._restore(spec, restore, park_idle)
+                self._restore(spec, restore, park_idle, template)
                 self._network_ready()  # until now the guest could reach nothing
         except BaseException:
             self.close()
@@ -191,7 +192,9 @@ class VmmProcess(VmmHandle):
             park_idle=park_idle,
         )
 
-    def _restore(self, spec: SandboxSpec, snapshot: Path, park_idle: float | None) -> None:
+    def _restore(
+        self, spec: SandboxSpec, snapshot: Path, park_idle: float | None, template: bool
+    ) -> None:
         from ember.zygote import Zygote
 
         self.proc = Zygote.get().spawn(
@@ -200,6 +203,7 @@ class VmmProcess(VmmHandle):
             exit_file=self.dir / EXIT_FILE,
             cgroup_procs=self.cgroup.procs_files() if self.cgroup is not None else [],
             new_pid_ns=spec.jailed,  # the VMM is then PID 1 there: no relay process needed
+            template=template,  # restored again and again: the zygote prepares the next one
         )
         self._wait_listening(spec.boot_timeout)
 

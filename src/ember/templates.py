@@ -369,4 +369,4 @@ def _start_vmm(spec: SandboxSpec, *, template: str | None, boot: bool) -> VmmPro
             + ("with a network: pass network= to restore it" if has_net else "without a network")
             + ("" if has_net else ": make a networked one (network= when you snapshot)")
         )
-    return VmmProcess(spec, restore=found.dir)
+    return VmmProcess(spec, restore=found.dir, template=True)

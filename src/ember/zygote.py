@@ -240,8 +240,10 @@ def _started(
     if pages is not None:
         from ember.vmm.config import RestoreConfig
 
-        machine = config.machine
-        pages.spawned(pid, machine.snapshot if isinstance(machine, RestoreConfig) else None)
+        machine, snapshot = config.machine, None
+        if isinstance(machine, RestoreConfig) and request.get("template") is True:
+            snapshot = machine.snapshot  # restored again next (Zygote.spawn's ``template``)
+        pages.spawned(pid, snapshot)
     return {"pid": pid}
 
 
@@ -349,9 +351,13 @@ class Zygote:
         exit_file: Path,
         cgroup_procs: list[str],
         new_pid_ns: bool = False,
+        template: bool = False,
     ) -> ZygoteChild:
         """Fork a VMM process running ``config`` (its console and exit status in these files;
-        ``new_pid_ns``: as PID 1 of a PID namespace of its own, for a jailed VMM)."""
+        ``new_pid_ns``: as PID 1 of a PID namespace of its own, for a jailed VMM;
+        ``template``: it restores a template, which the next request most likely restores
+        too: the child forked ahead makes that restore's memory, :mod:`ember.snapshot.premade`;
+        not a fork's or a paused sandbox's snapshot, restored once and deleted)."""
         from ember.vmm.config import to_json
 
         request = {
@@ -360,6 +366,7 @@ class Zygote:
             "exit_file": str(exit_file),
             "cgroup_procs": cgroup_procs,
             "new_pid_ns": new_pid_ns,
+            "template": template,
         }
         with self._lock:
             try:
