@@ -94,3 +94,29 @@ def test_without_plain_files_every_call_makes_the_key() -> None:
     for _ in range(2):
         keymemo.key(("test", "zip"), None, lambda: str(calls.append(1)))
     assert len(calls) == 2
+
+
+def test_the_listing_is_walked_again_only_when_a_directory_changed(
+    tree: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    walks: list[str] = []
+    real_walk = os.walk
+
+    def counted(top: str) -> object:
+        walks.append(top)
+        return real_walk(top)
+
+    monkeypatch.setattr(keymemo.os, "walk", counted)
+    roots = [tree / "agent", tree / "ring.py"]
+    first = keymemo.tree(roots, ".py")
+    assert keymemo.tree(roots, ".py") == first and len(walks) == 2  # kept: no walk
+    (tree / "agent" / "a.py").write_text("edited")  # a file's edit: key() sees its stamp
+    assert keymemo.tree(roots, ".py") == first and len(walks) == 2
+    (tree / "agent" / "new.py").write_text("x")  # an entry added: its directory changed
+    assert str(tree / "agent" / "new.py") in keymemo.tree(roots, ".py") and len(walks) == 4
+    (tree / "later").mkdir()  # a root that was missing, made since
+    (tree / "later" / "z.py").write_text("z")
+    missing = [tree / "later-not-yet"]
+    assert keymemo.tree(missing, ".py") == [str(missing[0])]
+    (tree / "later").rename(missing[0])
+    assert str(missing[0] / "z.py") in keymemo.tree(missing, ".py")

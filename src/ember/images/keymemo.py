@@ -19,6 +19,7 @@ from pathlib import Path
 Stamp = tuple[int, int, int, int] | None  # inode, size, mtime, ctime; None: not there
 
 _KEYS: dict[tuple[str, ...], tuple[tuple[Stamp, ...], str]] = {}
+_TREES: dict[tuple[tuple[str, ...], str], tuple[list[tuple[str, Stamp]], list[str]]] = {}
 _LOCK = threading.Lock()
 
 
@@ -33,16 +34,31 @@ def stamp(path: str | Path) -> Stamp:
 def tree(roots: Iterable[Path], suffix: str) -> list[str]:
     """``roots`` and, under those that are directories, every directory and every file
     ending in ``suffix`` (``__pycache__`` left out: the interpreter writes there). Plain
-    strings: pathlib's objects would cost more than the stat calls they name."""
+    strings: pathlib's objects would cost more than the stat calls they name.
+
+    The listing is kept, and walked again only when one of its directories' stamps has
+    changed (an entry added, removed or renamed there): the walk was most of a key's cost.
+    """
+    names = tuple(map(str, roots))
+    with _LOCK:
+        kept = _TREES.get((names, suffix))
+    if kept is not None and all(stamp(d) == s for d, s in kept[0]):
+        return list(kept[1])
     found: list[str] = []
+    directories: list[tuple[str, Stamp]] = []
     join = os.path.join
-    for root in map(str, roots):
+    for root in names:
         found.append(root)
         for directory, subdirs, files in os.walk(root):
+            directories.append((directory, stamp(directory)))  # before it is listed
             subdirs[:] = sorted(d for d in subdirs if d != "__pycache__")
             found.extend(join(directory, d) for d in subdirs)
             found.extend(join(directory, f) for f in sorted(files) if f.endswith(suffix))
-    return found
+        if not os.path.isdir(root):
+            directories.append((root, stamp(root)))  # a root made a directory later
+    with _LOCK:
+        _TREES[(names, suffix)] = (directories, found)
+    return list(found)
 
 
 def key(tag: tuple[str, ...], watched: Sequence[str | Path] | None, make: Callable[[], str]) -> str:
