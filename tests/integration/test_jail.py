@@ -23,6 +23,7 @@ from ember.sandbox import Sandbox
 from ember.spec import DEFAULT_MEM_MIB, SandboxSpec
 from ember.vmm import control
 from tests.integration.conftest import Images, ember
+from tests.waiting import wait_for
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -50,6 +51,13 @@ def _status(pid: int) -> dict[str, str]:
     return fields
 
 
+def _filtered(task: Path) -> bool:
+    try:
+        return (task / "status").read_text().count("Seccomp:\t2") == 1
+    except OSError:
+        return True  # a thread that has ended since
+
+
 def test_the_vmm_runs_jailed(images: Images) -> None:
     with Sandbox() as sb:
         pid = sb._vmm.vmm_pid
@@ -61,9 +69,13 @@ def test_the_vmm_runs_jailed(images: Images) -> None:
         for ns in ("mnt", "net", "ipc", "uts", "pid"):
             assert os.readlink(f"/proc/{pid}/ns/{ns}") != os.readlink(f"/proc/self/ns/{ns}"), ns
         assert os.readlink(f"/proc/{pid}/root") == str(sb._vmm.dir)
+        # Ready comes before the threads start (each is confined before it serves a request
+        # or runs the guest): once the guest has answered, every one of them is filtered.
+        assert sb.ping()["pong"]
+        wait_for(lambda: all(_filtered(t) for t in Path(f"/proc/{pid}/task").iterdir()),
+                 30, "every VMM thread under its seccomp filter")  # fmt: skip
+        assert len(list(Path(f"/proc/{pid}/task").iterdir())) >= 3  # main, events, vCPU
         assert _status(pid)["NoNewPrivs"] == "1"
-        for task in Path(f"/proc/{pid}/task").iterdir():  # every thread filtered
-            assert (task / "status").read_text().count("Seccomp:\t2") == 1, task
         limits = Path(f"/proc/{pid}/limits").read_text()
         assert "Max core file size        0" in limits
         assert Path(f"/proc/{pid}/environ").read_bytes().strip(b"\0") == b""  # scrubbed

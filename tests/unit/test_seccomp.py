@@ -200,7 +200,7 @@ def test_no_role_may_open_for_writing_otherwise(role: Role, flags: int, tmp_path
 
 
 def test_only_main_may_create_its_ready_file(tmp_path: Path) -> None:
-    """``O_WRONLY|O_CREAT`` (the ready file, after every thread is confined), main only."""
+    """``O_WRONLY|O_CREAT`` (the ready file), main only."""
     flags = os.O_WRONLY | os.O_CREAT
     assert in_confined_child(Role.VCPU, _open(str(tmp_path / "v"), flags)) == -signal.SIGSYS
     assert in_confined_child(Role.EVENTS, _open(str(tmp_path / "e"), flags)) == -signal.SIGSYS
