@@ -10,6 +10,7 @@ from pathlib import Path
 from ember.serve.keeper import KeeperClient, keeper_pid
 from ember.vmm.config import ProcessConfig, RestoreConfig
 from ember.zygote_fork import AHEAD_NAME
+from tests.waiting import alive, wait_for
 
 
 def _children(pid: int) -> set[int]:
@@ -33,19 +34,6 @@ def _forked_ahead(keeper: int, timeout: float = 30) -> int:
             return waiting[0]
         time.sleep(0.01)
     raise AssertionError(f"the keeper forked no child ahead: {_children(keeper)}")
-
-
-def _gone(pid: int, timeout: float = 30) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                if f.read().rsplit(")", 1)[1].split()[0] == "Z":
-                    return True
-        except FileNotFoundError:
-            return True
-        time.sleep(0.01)
-    return False
 
 
 def test_the_keeper_hands_a_jailed_request_to_its_child_forked_ahead(tmp_path: Path) -> None:
@@ -73,5 +61,5 @@ def test_the_keeper_hands_a_jailed_request_to_its_child_forked_ahead(tmp_path: P
     finally:
         client.close()
     # No daemon and no VMM left: the keeper leaves and its waiting child with it.
-    assert _gone(keeper), "the keeper did not leave"
-    assert _gone(after), "the child forked ahead outlived its keeper"
+    wait_for(lambda: not alive(keeper), 30, "the keeper to leave")
+    wait_for(lambda: not alive(after), 30, "the child forked ahead to go with its keeper")

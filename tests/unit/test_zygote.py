@@ -16,6 +16,7 @@ import pytest
 from ember.errors import SandboxError
 from ember.vmm.config import ProcessConfig, RestoreConfig
 from ember.zygote import Zygote, ZygoteChild
+from tests.waiting import alive, wait_for
 
 
 def restore(snapshot: Path) -> ProcessConfig:
@@ -180,7 +181,7 @@ def test_a_child_forked_ahead_that_died_waiting_is_replaced_by_a_fork(tmp_path: 
     zygote = Zygote.get()
     waiting = _forked_ahead(zygote)
     os.kill(waiting, signal.SIGKILL)
-    _gone(waiting)  # (killed, its pipe closes only once it has exited)
+    wait_for(lambda: not alive(waiting), 30, "the killed child to exit")  # its pipe closes then
     child = _jailed_spawn(zygote, tmp_path, "after")
     assert child.pid != waiting
     assert child.wait(60) == 2
@@ -191,19 +192,5 @@ def test_a_child_forked_ahead_goes_with_its_zygote(tmp_path: Path) -> None:
     waiting = _forked_ahead(zygote)
     zygote._sock.close()  # the host process is gone, for the zygote
     zygote._proc.wait(30)
-    _gone(waiting)
+    wait_for(lambda: not alive(waiting), 30, "the waiting child to go with its zygote")
     Zygote._instance = None  # the next test starts its own
-
-
-def _gone(pid: int, timeout: float = 30) -> None:
-    """Wait until ``pid`` has exited (a zombie or reaped)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                if f.read().rsplit(")", 1)[1].split()[0] == "Z":
-                    return
-        except FileNotFoundError:
-            return
-        time.sleep(0.01)
-    raise AssertionError(f"process {pid} is still running")
