@@ -210,6 +210,17 @@ def test_another_format_version_is_refused(sb: Sandbox, template_name: str) -> N
         Sandbox(template=template_name)
 
 
+def test_a_sandbox_can_be_paused_the_moment_it_is_ready(images: Images) -> None:
+    """The VMM says ready before its threads start (ember.vmm.process); a request it takes
+    at once (pause, snapshot, fork) must still find its vCPU threads running."""
+    for _ in range(8):
+        with Sandbox() as sb:
+            assert control.request(sb._vmm.control_path, "pause")["ok"] is True
+            assert control.request(sb._vmm.control_path, "status")["paused"] is True
+            control.request(sb._vmm.control_path, "resume")
+            assert sb.run_code("6 * 7", timeout=120).value == "42"
+
+
 def test_teardown_leaves_nothing_behind(images: Images, monkeypatch: pytest.MonkeyPatch) -> None:
     Sandbox().close()  # the zygote and its fds exist from here on
     before = open_fds()

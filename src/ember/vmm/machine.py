@@ -99,18 +99,25 @@ class Machine:
             raise RuntimeError(f"cannot run a machine that is {self.state.value}")
         install_kick_handler()
         self.state = VmState.RUNNING
+        # Requests (control, devices) are served once every thread is up and confined: the
+        # launcher's ready may come before the threads start (ember.vmm.process), and a
+        # snapshot or pause must find the vCPU threads running.
+        everyone = threading.Event()
         try:
             confined: list[threading.Event] = []
 
             def hook(role: str) -> Callable[[], None] | None:
-                if confine is None:
+                if confine is None and role != "events":
                     return None
                 done = threading.Event()
                 confined.append(done)
 
                 def setup() -> None:
-                    confine(role)
+                    if confine is not None:
+                        confine(role)
                     done.set()
+                    if role == "events":
+                        everyone.wait()
 
                 return setup
 
@@ -122,6 +129,7 @@ class Machine:
                 done.wait()
             if confine is not None:
                 confine("main")
+            everyone.set()
             if on_running is not None:
                 on_running()
             try:
@@ -132,6 +140,7 @@ class Machine:
         except KeyboardInterrupt:
             return StopReason(StopKind.HOST_REQUEST, "interrupted")
         finally:
+            everyone.set()  # an events thread still waiting must not hold up the close
             self.state = VmState.STOPPING
             self._stop_vcpus()
             self.console.flush()
