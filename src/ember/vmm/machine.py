@@ -87,13 +87,12 @@ class Machine:
         self,
         timeout: float | None = None,
         confine: Callable[[str], None] | None = None,
-        on_running: Callable[[], None] | None = None,
     ) -> StopReason:
         """Run until the first stop reason.
 
         ``confine(role)`` is called first thing on each thread ("events",
-        "vcpu", then "main"): it installs the seccomp filters.  ``on_running``
-        is called once every thread is confined (the launcher's "ready").
+        "vcpu", then "main"): it installs the seccomp filters. The events thread serves
+        nothing before every thread is confined (the launcher's "ready" may come first).
         """
         if self.state is not VmState.CREATED:
             raise RuntimeError(f"cannot run a machine that is {self.state.value}")
@@ -130,8 +129,6 @@ class Machine:
             if confine is not None:
                 confine("main")
             everyone.set()
-            if on_running is not None:
-                on_running()
             try:
                 reason = self._stops.get(timeout=timeout)
             except queue.Empty:
