@@ -55,6 +55,7 @@ from ember.snapshot import MEMORY_FILE, STATE_FILE
 from ember.snapshot.format import FORMAT_VERSION, read_state
 from ember.snapshot.memory_file import memory_digest
 from ember.spec import SandboxSpec, agent_argv, resolve_images, resolve_preload
+from ember.stamps import stamp
 from ember.template_warm import check_preload, wait_warm
 from ember.vmm.config import DEFAULT_CMDLINE
 
@@ -293,16 +294,16 @@ def verify(directory: Path) -> None:
     """
     state_path = directory / STATE_FILE
     memory = directory / MEMORY_FILE
-    try:
-        identity = [file_identity(state_path), file_identity(memory)]
-    except OSError:
-        raise SnapshotError(f"template {directory} has no state or memory file") from None
-    stamp = (str(directory), json.dumps(identity))
+    stamps = (stamp(state_path), stamp(memory))
+    if None in stamps:
+        raise SnapshotError(f"template {directory} has no state or memory file")
+    identity = [list(s) for s in stamps if s is not None]  # as verified.json holds it
+    key = (str(directory), json.dumps(identity))
     with _verify_lock:
-        if stamp in _verified:
+        if key in _verified:
             return
         if _read_verified(directory) == identity:
-            _verified.add(stamp)
+            _verified.add(key)
             return
         state = read_state(state_path)
         expected = state.get("memory", {}).get("sha256")
@@ -316,17 +317,11 @@ def verify(directory: Path) -> None:
                     f"template {directory.name} is corrupted: {memory} does not match its "
                     "checksum; rebuild it (ember template build)"
                 )
-        _verified.add(stamp)
+        _verified.add(key)
         try:
             (directory / VERIFIED_FILE).write_text(json.dumps(identity))
         except OSError:
             pass  # a read-only template: verified again by the next process
-
-
-def file_identity(path: Path) -> list[int]:
-    """A file as its stat says it is: any write, replacement or rename over it changes this."""
-    st = path.stat()
-    return [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
 
 
 def _read_verified(directory: Path) -> list[list[int]] | None:

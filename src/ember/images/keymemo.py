@@ -16,19 +16,11 @@ import threading
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
-Stamp = tuple[int, int, int, int] | None  # inode, size, mtime, ctime; None: not there
+from ember.stamps import Stamp, stamp
 
-_KEYS: dict[tuple[str, ...], tuple[tuple[Stamp, ...], str]] = {}
-_TREES: dict[tuple[tuple[str, ...], str], tuple[list[tuple[str, Stamp]], list[str]]] = {}
+_KEYS: dict[tuple[str, ...], tuple[tuple[Stamp | None, ...], str]] = {}
+_TREES: dict[tuple[tuple[str, ...], str], tuple[list[tuple[str, Stamp | None]], list[str]]] = {}
 _LOCK = threading.Lock()
-
-
-def stamp(path: str | Path) -> Stamp:
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
 
 
 def tree(roots: Iterable[Path], suffix: str) -> list[str]:
@@ -45,7 +37,7 @@ def tree(roots: Iterable[Path], suffix: str) -> list[str]:
     if kept is not None and all(stamp(d) == s for d, s in kept[0]):
         return list(kept[1])
     found: list[str] = []
-    directories: list[tuple[str, Stamp]] = []
+    directories: list[tuple[str, Stamp | None]] = []
     join = os.path.join
     for root in names:
         found.append(root)

@@ -38,7 +38,6 @@ import socket
 import threading
 from collections.abc import Hashable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Protocol, cast
 
 from ember.client.attach import attach
@@ -48,7 +47,8 @@ from ember.launcher import VmmProcess
 from ember.sandbox.spare_pool import Spare, SparePool, auto_count, register
 from ember.snapshot import STATE_FILE
 from ember.spec import SandboxSpec
-from ember.templates import DEFAULT, file_identity, find, start_vmm, template_dir
+from ember.stamps import stamp
+from ember.templates import DEFAULT, find, start_vmm, template_dir
 
 # The run_code worker's pre-faulted heap a spare's warm-up writes once: a restored guest's
 # first write to each page costs ~20 µs of shadow paging here (a first 10 MiB bytearray
@@ -150,7 +150,7 @@ def _make(key: Hashable) -> Spare[Warm]:
     first request costs ~70 ms again (held, it costs ~0.2% of a core)."""
     spec, template = cast(SpareKey, key)
     state = find(template or DEFAULT, spec).dir / STATE_FILE
-    made_from = _identity(state)
+    made_from = stamp(state)
     vmm = start_vmm(spec, template=template, boot=False)
     _renice(vmm, BACKGROUND_NICE)  # its warm-up yields to the sandboxes in use
     attached = attach(vmm)
@@ -182,7 +182,7 @@ def _make(key: Hashable) -> Spare[Warm]:
 
     def usable() -> bool:
         # A template rebuilt in place (sb.snapshot(name) again) has a new state file.
-        return not vmm.exited() and _identity(state) == made_from
+        return not vmm.exited() and stamp(state) == made_from
 
     def current() -> bool:
         # A new image makes another default template (~1-2 ms to tell: hashing its names).
@@ -210,10 +210,3 @@ def _renice(vmm: VmmProcess, nice: int) -> None:
     for tid in tids:
         with contextlib.suppress(OSError):
             os.setpriority(os.PRIO_PROCESS, tid, nice)
-
-
-def _identity(path: Path) -> list[int] | None:
-    try:
-        return file_identity(path)
-    except OSError:
-        return None  # removed: no longer what the spare was made from
