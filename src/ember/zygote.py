@@ -52,7 +52,7 @@ from typing import TYPE_CHECKING, Any
 from ember.errors import EmberError, SandboxError
 
 if TYPE_CHECKING:
-    from ember import zygote_fork, zygote_pages
+    from ember import zygote_fork
     from ember.vmm.config import ProcessConfig
 # The server's imports (the jail's constants, the config's JSON) are made where they are
 # used: ``ember run`` starts its zygote before anything else, and this module's own import
@@ -145,24 +145,14 @@ def serve(sock: socket.socket) -> None:
     poller = select.poll()
     poller.register(sock.fileno(), select.POLLIN)
     poller.register(read_end, select.POLLIN)
-    from ember import zygote_fork, zygote_pages
+    from ember.zygote_fork import ForkAhead
 
-    ahead: zygote_fork.Ahead | None = None
-    retry_at = 0.0
-    pages = zygote_pages.Learner()
+    ahead = ForkAhead(sock)
     while True:
-        # No child forked ahead: fork one as soon as no request waits (zygote_fork); and
-        # sample a child's written pages when one is due (zygote_pages).
-        wait = None if ahead is not None else max(0.0, retry_at - time.monotonic())
-        if (due := pages.due_in()) is not None:
-            wait = due if wait is None else min(wait, due)
+        wait = ahead.wait_s()
         events = poller.poll(None if wait is None else wait * 1000)
         if not events:
-            pages.sample_if_due(exit_files)
-            if ahead is None and time.monotonic() >= retry_at:
-                ahead = zygote_fork.fork_ahead(sock, pages.runs, pages.snapshot)
-                if ahead is None:  # no fork now: requests fork for themselves; retry later
-                    retry_at = time.monotonic() + zygote_fork.RETRY_S
+            ahead.idle(exit_files)
             continue
         for fd, _event in events:
             if fd == read_end:
@@ -172,14 +162,13 @@ def serve(sock: socket.socket) -> None:
                 continue
             data = sock.recv(65536)
             if not data:
-                if ahead is not None:
-                    ahead.kill()
+                ahead.close()
                 _abandoned(exit_files)
                 return  # the host process is gone
             buffer += data
             while b"\n" in buffer:
                 line, buffer = buffer.split(b"\n", 1)
-                reply, ahead = _spawn(line, sock, read_end, exit_files, ahead, pages)
+                reply = _spawn(line, sock, read_end, exit_files, ahead)
                 sock.sendall(json.dumps(reply).encode() + b"\n")
 
 
@@ -188,32 +177,29 @@ def _spawn(
     sock: socket.socket,
     wakeup: int,
     exit_files: dict[int, str],
-    ahead: zygote_fork.Ahead | None,
-    pages: zygote_pages.Learner | None = None,
-) -> tuple[dict[str, Any], zygote_fork.Ahead | None]:
-    """The reply to one request, and the child forked ahead if it is still unused; a child
-    started is told to ``pages``."""
+    ahead: zygote_fork.ForkAhead,
+) -> dict[str, Any]:
+    """The reply to one request: a jailed request takes the child forked ahead, if any."""
     from ember.zygote_fork import back_to_own_pid_ns, enter_new_pid_ns_for_next_child
 
     try:
         request = json.loads(line)
         if not isinstance(request, dict) or not isinstance(request.get("console"), str):
-            return {"error": "a request needs a config and a console"}, ahead
+            return {"error": "a request needs a config and a console"}
         from ember.vmm.config import from_json
 
         config = from_json(request.get("config"))
     except (ValueError, EmberError) as exc:  # the ConfigError names the bad field
-        return {"error": f"bad request: {exc}"}, ahead
+        return {"error": f"bad request: {exc}"}
     new_pid_ns = bool(request.get("new_pid_ns"))
-    if new_pid_ns and ahead is not None:  # it was forked into a new PID namespace
-        if ahead.hand(config, request):
-            return _started(ahead.pid, request, exit_files, config, pages), None
-        ahead = None  # it died waiting: fork as below
-    if new_pid_ns:
+    child = ahead.take() if new_pid_ns else None  # it was forked into a new PID namespace
+    if child is not None and child.hand(config, request):
+        return _started(child.pid, request, exit_files, config, ahead)
+    if new_pid_ns:  # none waits, or it died waiting: fork as below
         try:
             enter_new_pid_ns_for_next_child()
         except OSError as exc:
-            return {"error": f"cannot make a PID namespace: {exc}"}, ahead
+            return {"error": f"cannot make a PID namespace: {exc}"}
     try:
         pid = os.fork()
     except OSError as exc:
@@ -224,8 +210,8 @@ def _spawn(
     if new_pid_ns:
         back_to_own_pid_ns()  # in the parent only: a child cannot leave its namespace
     if pid < 0:
-        return {"error": f"fork failed: {error}"}, ahead
-    return _started(pid, request, exit_files, config, pages), ahead
+        return {"error": f"fork failed: {error}"}
+    return _started(pid, request, exit_files, config, ahead)
 
 
 def _started(
@@ -233,17 +219,16 @@ def _started(
     request: dict[str, Any],
     exit_files: dict[int, str],
     config: ProcessConfig,
-    pages: zygote_pages.Learner | None,
+    ahead: zygote_fork.ForkAhead,
 ) -> dict[str, Any]:
     if isinstance(request.get("exit_file"), str):
         exit_files[pid] = request["exit_file"]
-    if pages is not None:
-        from ember.vmm.config import RestoreConfig
+    from ember.vmm.config import RestoreConfig
 
-        machine, snapshot = config.machine, None
-        if isinstance(machine, RestoreConfig) and request.get("template") is True:
-            snapshot = machine.snapshot  # restored again next (Zygote.spawn's ``template``)
-        pages.spawned(pid, snapshot)
+    machine, template = config.machine, None
+    if isinstance(machine, RestoreConfig) and request.get("template") is True:
+        template = machine.snapshot  # restored again next (Zygote.spawn's ``template``)
+    ahead.spawned(pid, template)
     return {"pid": pid}
 
 

@@ -33,9 +33,12 @@ import pickle
 import signal
 import socket
 import sys
-from collections.abc import Sequence
+import time
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from ember.zygote_pages import Learner
 
 if TYPE_CHECKING:
     from ember.vmm.config import ProcessConfig
@@ -76,6 +79,61 @@ class Ahead:
         self.close()
         with contextlib.suppress(ProcessLookupError):
             os.kill(self.pid, signal.SIGKILL)
+
+
+class ForkAhead:
+    """The forking process's end (the zygote's, the keeper's): the child forked ahead, when
+    to fork the next, and what it prepares while it waits: the pages a VMM child writes
+    (:class:`ember.zygote_pages.Learner`) and the restore of the last template restored.
+
+    The forking process's loop asks :meth:`wait_s` how long it may sleep and calls
+    :meth:`idle` when it woke to nothing; a request takes the child with :meth:`take`."""
+
+    def __init__(self, sock: socket.socket | None) -> None:
+        self.child: Ahead | None = None
+        self.pages = Learner()
+        # The template the last request restored: the next most likely restores it too, and
+        # the child forked ahead makes its restore's memory (ember.snapshot.premade).
+        self.snapshot: Path | None = None
+        self._sock = sock
+        self._retry_at = 0.0
+
+    def wait_s(self, longest: float | None = None) -> float | None:
+        """How long the forking process may sleep (None: until something arrives): until a
+        fork ahead or a sample is due, at most ``longest``."""
+        wait = longest
+        if self.child is None:
+            retry = max(0.0, self._retry_at - time.monotonic())
+            wait = retry if wait is None else min(wait, retry)
+        if (due := self.pages.due_in()) is not None:
+            wait = due if wait is None else min(wait, due)
+        return wait
+
+    def idle(self, children: Iterable[int]) -> None:
+        """Nothing arrived while it slept: sample a child (``children``: forked and not yet
+        reaped) if one is due, and fork one ahead if none waits."""
+        self.pages.sample_if_due(children)
+        if self.child is None and time.monotonic() >= self._retry_at:
+            self.child = fork_ahead(self._sock, self.pages.runs, self.snapshot)
+            if self.child is None:  # no fork now: requests fork for themselves; retry later
+                self._retry_at = time.monotonic() + RETRY_S
+
+    def take(self) -> Ahead | None:
+        """The child forked ahead, for a request (the next is forked when idle again)."""
+        child, self.child = self.child, None
+        return child
+
+    def spawned(self, pid: int, template: Path | None) -> None:
+        """A VMM child was started for a request, restoring ``template`` if it restores one."""
+        if template is not None:
+            self.snapshot = template
+        self.pages.spawned(pid)
+
+    def close(self) -> None:
+        """The forking process leaves: its child forked ahead goes too."""
+        if self.child is not None:
+            self.child.kill()
+            self.child = None
 
 
 def fork_ahead(
@@ -123,9 +181,9 @@ def _wait_for_request(
 
             populate(hot)
         if snapshot is not None:
-            from ember.snapshot import premade
+            from ember.vmm.builder import prepare_ahead
 
-            premade.prepare(snapshot)
+            prepare_ahead(snapshot)
         chunks = []
         while chunk := os.read(fd, 1 << 16):
             chunks.append(chunk)

@@ -30,13 +30,11 @@ import os
 import struct
 import time
 from collections.abc import Iterable
-from pathlib import Path
 
 from ember.memory import PAGE_SIZE
 from ember.snapshot.prefault import MADV_POPULATE_WRITE, PM_PRESENT, Run, runs_of
 
 PM_MMAP_EXCLUSIVE = 1 << 56  # Documentation/admin-guide/mm/pagemap.rst
-PAGE = PAGE_SIZE
 SAMPLE_AFTER_S = 0.04  # a restore's child has written them all by its ready (~30 ms here)
 RESAMPLE_EVERY = 32  # spawns: the zygote's own heap moves a little as it serves
 MAX_PAGES = 8192  # 32 MiB: more than that is not a restore's working set; learn nothing
@@ -74,12 +72,12 @@ def exclusive_pages(pagemap: int, ranges: Iterable[tuple[int, int]]) -> set[int]
     wanted = PM_PRESENT | PM_MMAP_EXCLUSIVE
     for low, high in ranges:
         try:
-            data = os.pread(pagemap, ((high - low) // PAGE) * 8, (low // PAGE) * 8)
+            data = os.pread(pagemap, ((high - low) // PAGE_SIZE) * 8, (low // PAGE_SIZE) * 8)
         except OSError:
             continue
         for i, (entry,) in enumerate(struct.iter_unpack("=Q", data[: len(data) // 8 * 8])):
             if entry & wanted == wanted:
-                pages.add(low // PAGE + i)
+                pages.add(low // PAGE_SIZE + i)
     return pages
 
 
@@ -89,7 +87,7 @@ def populate(runs: Iterable[Run]) -> int:
     (no ``MADV_POPULATE_WRITE`` here)."""
     done = 0
     for first, count in runs:
-        if _libc.madvise(first * PAGE, count * PAGE, MADV_POPULATE_WRITE) != 0:
+        if _libc.madvise(first * PAGE_SIZE, count * PAGE_SIZE, MADV_POPULATE_WRITE) != 0:
             if ctypes.get_errno() == errno.EINVAL:
                 break
             continue  # ENOMEM: no longer mapped in this process; the rest may be
@@ -102,19 +100,13 @@ class Learner:
 
     def __init__(self) -> None:
         self.runs: list[Run] = []
-        # The snapshot the last request restored: the next most likely restores it too, and
-        # the child forked ahead makes its restore's memory (ember.snapshot.premade).
-        self.snapshot: Path | None = None
         self._last: set[int] | None = None
         self._samples = 0
         self._since = 0  # children forked since the last sample
         self._pending: tuple[int, float] | None = None  # (pid, when to sample it)
 
-    def spawned(self, pid: int, snapshot: Path | None) -> None:
-        """A child was forked for a request (restoring ``snapshot``, if it restores): sample
-        it later, if a sample is due."""
-        if snapshot is not None:
-            self.snapshot = snapshot
+    def spawned(self, pid: int) -> None:
+        """A child was forked for a request: sample it later, if a sample is due."""
         self._since += 1
         if self._pending is None and (self._samples < 2 or self._since >= RESAMPLE_EVERY):
             self._pending = (pid, time.monotonic() + SAMPLE_AFTER_S)

@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 
 from ember import zygote_pages
+from ember.memory import PAGE_SIZE as PAGE
 from ember.vmm.config import ProcessConfig, RestoreConfig
 from ember.zygote import Zygote
 from ember.zygote_pages import (
-    PAGE,
     Learner,
     exclusive_pages,
     populate,
@@ -134,12 +134,12 @@ def test_the_learner_keeps_what_two_children_wrote_in_common(
     base = _address(buffer)
     learner = Learner()
     with _child_writing(buffer, [1, 2, 3, 20]) as first:
-        learner.spawned(first, None)
+        learner.spawned(first)
         assert learner.due_in() == 0.0
         learner.sample_if_due({first})
     assert learner.runs == []  # one sample: nothing to compare yet
     with _child_writing(buffer, [2, 3, 4, 20]) as second:
-        learner.spawned(second, None)
+        learner.spawned(second)
         learner.sample_if_due({second})
     first = base // PAGE
     assert (first + 2, 2) in learner.runs  # pages 2 and 3: both children wrote them
@@ -152,10 +152,10 @@ def test_the_learner_keeps_what_two_children_wrote_in_common(
 def test_a_child_gone_or_not_ours_is_not_sampled(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(zygote_pages, "SAMPLE_AFTER_S", 0.0)
     learner = Learner()
-    learner.spawned(os.getpid(), None)
+    learner.spawned(os.getpid())
     learner.sample_if_due(set())  # not among the children: it may have been reaped
     assert learner.due_in() is None and learner.runs == []
-    learner.spawned(os.getpid(), None)  # and the next child is sampled instead
+    learner.spawned(os.getpid())  # and the next child is sampled instead
     assert learner.due_in() == 0.0
 
 

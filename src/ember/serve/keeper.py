@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ember import zygote, zygote_fork, zygote_pages
+from ember import zygote, zygote_fork
 from ember.errors import SandboxError
 from ember.vmm.config import ProcessConfig
 
@@ -59,24 +59,14 @@ def serve(path: Path) -> None:
     poller.register(listener.fileno(), select.POLLIN)
     poller.register(read_end, select.POLLIN)
     served = False
-    # As the zygote's: a child forked ahead of each request (zygote_fork), which writes the
-    # pages a VMM child writes while it waits (zygote_pages).
-    ahead: zygote_fork.Ahead | None = None
-    retry_at = 0.0
-    pages = zygote_pages.Learner()
+    ahead = zygote_fork.ForkAhead(None)  # as the zygote's (the child closes our sockets)
     while True:
         if served and not clients and not exit_files:
             break
-        wait = 1.0 if ahead is not None else min(1.0, max(0.0, retry_at - time.monotonic()))
-        if (due := pages.due_in()) is not None:
-            wait = min(wait, due)
-        events = poller.poll(wait * 1000)
+        wait = ahead.wait_s(1.0)
+        events = poller.poll(1000 if wait is None else wait * 1000)
         if not events:
-            pages.sample_if_due(exit_files)
-        if not events and ahead is None and time.monotonic() >= retry_at:
-            ahead = zygote_fork.fork_ahead(None, pages.runs, pages.snapshot)
-            if ahead is None:
-                retry_at = time.monotonic() + zygote_fork.RETRY_S
+            ahead.idle(exit_files)
         for fd, _event in events:
             if fd == read_end:
                 with contextlib.suppress(BlockingIOError):
@@ -88,10 +78,9 @@ def serve(path: Path) -> None:
                 poller.register(conn.fileno(), select.POLLIN)
                 served = True
             elif fd in clients:
-                ahead = _serve_client(fd, clients, poller, read_end, exit_files, ahead, pages)
+                _serve_client(fd, clients, poller, read_end, exit_files, ahead)
         zygote._reap(exit_files)  # a missed wake-up costs at most a second
-    if ahead is not None:
-        ahead.close()  # it reads end of file and exits (or dies with us)
+    ahead.close()
     with contextlib.suppress(OSError):
         if path.exists() and os.stat(path).st_ino == os.fstat(listener.fileno()).st_ino:
             path.unlink()
@@ -104,10 +93,9 @@ def _serve_client(
     poller: select.poll,
     wakeup: int,
     exit_files: dict[int, str],
-    ahead: zygote_fork.Ahead | None,
-    pages: zygote_pages.Learner,
-) -> zygote_fork.Ahead | None:
-    """Serve what one daemon sent; the child forked ahead, if still unused."""
+    ahead: zygote_fork.ForkAhead,
+) -> None:
+    """Serve what one daemon sent."""
     conn, buffer = clients[fd]
     try:
         data = conn.recv(65536)
@@ -117,15 +105,14 @@ def _serve_client(
         poller.unregister(fd)
         del clients[fd]
         conn.close()
-        return ahead
+        return
     buffer += data
     while b"\n" in buffer:
         line, _, rest = bytes(buffer).partition(b"\n")
         buffer[:] = rest
-        reply, ahead = zygote._spawn(line, conn, wakeup, exit_files, ahead, pages)
+        reply = zygote._spawn(line, conn, wakeup, exit_files, ahead)
         with contextlib.suppress(OSError):
             conn.sendall(json.dumps(reply).encode() + b"\n")
-    return ahead
 
 
 class _Liveness:
