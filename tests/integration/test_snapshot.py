@@ -136,21 +136,22 @@ def test_a_custom_template_keeps_what_was_installed(sb: Sandbox, template_name: 
 def test_a_restore_takes_the_memory_made_ahead_unless_the_template_changed(
     sb: Sandbox, template_name: str
 ) -> None:
-    """The child forked ahead maps the last request's snapshot (snapshot.premade): the next
-    restore of it runs on that memory; one of a template saved again since must not."""
+    """The child forked ahead maps the last request's snapshot (snapshot.premade) and makes
+    the KVM VM on it: the next restore of it runs there; one of a template saved again
+    since must not."""
     sb.files.write("/tmp/which", b"first")
     sb.snapshot(template_name)
     Sandbox(template=template_name).close()  # the zygote's last request: this template
     with sb.fork() as child:  # restored once from a snapshot deleted at once: not prepared
-        assert control.request(child._vmm.control_path, "status")["made_ahead"] is False
+        assert control.request(child._vmm.control_path, "status")["made_ahead"] == []
     with Sandbox(template=template_name) as again:
-        assert control.request(again._vmm.control_path, "status")["made_ahead"] is True
+        assert control.request(again._vmm.control_path, "status")["made_ahead"] == ["memory", "vm"]
         assert again.files.read("/tmp/which") == b"first"
         assert again.run_code("6 * 7", timeout=120).value == "42"
     sb.files.write("/tmp/which", b"second")
     sb.snapshot(template_name)  # written again (new files) while a child waits with the old
     with Sandbox(template=template_name) as changed:
-        assert control.request(changed._vmm.control_path, "status")["made_ahead"] is False
+        assert control.request(changed._vmm.control_path, "status")["made_ahead"] == []
         assert changed.files.read("/tmp/which") == b"second"
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+from pathlib import Path
 
 import pytest
 
@@ -61,3 +62,27 @@ def test_two_vmms_that_are_both_pid_1_get_different_ids() -> None:
     assert first[1] == JAIL_ID_BASE + first[2]
     assert second[1] == JAIL_ID_BASE + second[2]
     assert first[1] != second[1]
+
+
+def test_the_sandbox_directory_is_given_to_the_jails_uid_but_nothing_a_link_names(
+    tmp_path: Path,
+) -> None:
+    """Everything in the sandbox's directory becomes the jail's (its sockets, its console);
+    a symlink placed there is chowned itself, never the host file it points at."""
+    outside = tmp_path / "host-file"
+    outside.write_text("root's")
+    root = tmp_path / "sandbox"
+    (root / "deeper" / "still").mkdir(parents=True)
+    (root / "console.log").write_text("")
+    (root / "deeper" / "still" / "vsock.sock").write_text("")
+    (root / "link").symlink_to(outside)
+    (root / "deeper" / "dirlink").symlink_to(tmp_path)
+    uid = gid = JAIL_ID_BASE + 12345
+    jail._chown_tree(str(root), uid, gid)
+    inside = [root, *root.rglob("*")]
+    assert len(inside) == 7
+    for path in inside:
+        st = path.lstat()
+        assert (st.st_uid, st.st_gid) == (uid, gid), path
+    assert outside.stat().st_uid == os.getuid()  # not followed
+    assert tmp_path.stat().st_uid == os.getuid()

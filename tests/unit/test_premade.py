@@ -49,7 +49,8 @@ def test_the_same_snapshot_unchanged_is_taken_once(tmp_path: Path, made: list[Fa
     snap = _snapshot(tmp_path / "t")
     assert premade.prepare(snap)
     taken = premade.take(snap)
-    assert taken is not None and taken[0] == {"from": str(snap)} and taken[1] is made[0]
+    assert taken is not None and taken.state == {"from": str(snap)} and taken.memory is made[0]
+    assert taken.vm is None  # none asked for
     assert not made[0].closed  # the restore owns it now
     assert premade.take(snap) is None  # once
 
@@ -91,6 +92,47 @@ def test_nothing_is_kept_when_making_it_fails(tmp_path: Path, made: list[FakeMem
     snap.mkdir()
     assert not premade.prepare(snap)  # no state file: the restore will say so
     assert premade.take(snap) is None and made == []
+
+
+class FakeVm:
+    def __init__(self, memory: FakeMemory, log: list[str]) -> None:
+        self.memory = memory
+        self.log = log
+
+    def close(self) -> None:
+        assert not self.memory.closed  # the VM goes before the memory its slots map
+        self.log.append("vm closed")
+
+
+def test_the_vm_is_made_on_that_memory_and_closed_with_it(
+    tmp_path: Path, made: list[FakeMemory]
+) -> None:
+    log: list[str] = []
+
+    def make_vm(state: dict[str, Any], memory: Any) -> FakeVm:
+        assert state == {"from": str(snap)} and memory is made[-1]
+        return FakeVm(memory, log)
+
+    snap = _snapshot(tmp_path / "t")
+    assert premade.prepare(snap, make_vm)
+    taken = premade.take(snap)
+    assert taken is not None and isinstance(taken.vm, FakeVm) and taken.vm.memory is made[0]
+    assert log == []  # the restore's now
+    assert premade.prepare(snap, make_vm)
+    assert premade.take(tmp_path) is None  # another directory: both go, the VM first
+    assert log == ["vm closed"] and made[1].closed
+
+
+def test_a_vm_that_cannot_be_made_leaves_the_memory_made(
+    tmp_path: Path, made: list[FakeMemory]
+) -> None:
+    def make_vm(state: dict[str, Any], memory: Any) -> FakeVm:
+        raise OSError("no /dev/kvm")
+
+    snap = _snapshot(tmp_path / "t")
+    assert premade.prepare(snap, make_vm)
+    taken = premade.take(snap)
+    assert taken is not None and taken.vm is None and taken.memory is made[0]
 
 
 def test_a_second_prepare_unmaps_the_first(tmp_path: Path, made: list[FakeMemory]) -> None:

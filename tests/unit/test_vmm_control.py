@@ -43,7 +43,7 @@ class FakeMachine:
         self.balloon = Balloon()  # never activated: no guest behind it
         self.extra_stats: dict[str, dict[str, int]] = {}
         self.vm = FakeVm()
-        self.made_ahead = False
+        self.made_ahead: list[str] = []
 
     def host_connections(self) -> int:
         return 0
@@ -113,7 +113,7 @@ def test_control_requests_reach_the_machine(
 ) -> None:
     path, machine = served
     assert request(path, "status")["paused"] is False
-    assert request(path, "status")["made_ahead"] is False
+    assert request(path, "status")["made_ahead"] == []
     request(path, "pause")
     assert machine.paused and request(path, "status")["paused"] is True
     request(path, "resume")

@@ -18,19 +18,24 @@ that child, as a VMM of the same template, would have copied anyway.
 
 from __future__ import annotations
 
-import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from ember.errors import SnapshotError
 from ember.memory import GuestMemory, GuestMemoryError
 from ember.snapshot import MEMORY_FILE, STATE_FILE, hugeback, prefault
 from ember.snapshot.format import read_state
+from ember.stamps import Stamp, stamp
 
-_HINTS = (STATE_FILE, MEMORY_FILE, prefault.PREFAULT_FILE, hugeback.HUGE_FILE)
+_READ = (STATE_FILE, MEMORY_FILE, prefault.PREFAULT_FILE, hugeback.HUGE_FILE)
 
-Identity = tuple[tuple[int, int, int, int, int] | None, ...]
+Identity = tuple[Stamp | None, ...]
+
+
+class Closeable(Protocol):
+    def close(self) -> None: ...
 
 
 @dataclass
@@ -39,24 +44,21 @@ class Premade:
     identity: Identity
     state: dict[str, Any]
     memory: GuestMemory
+    vm: Closeable | None = None  # the KVM VM on that memory (ember.vmm.builder.VmShell)
+
+    def close(self) -> None:
+        if self.vm is not None:
+            self.vm.close()  # before the memory its slots map
+        self.memory.close()
 
 
 _premade: Premade | None = None
 
 
 def identity(directory: Path) -> Identity:
-    """What says the files a restore reads are the ones read before: (device, inode, size,
-    mtime, ctime) of each, None for one that is missing. Ember writes a template's files
-    once and renames them into place; a file changed in place changes its ctime."""
-    found: list[tuple[int, int, int, int, int] | None] = []
-    for name in _HINTS:
-        try:
-            st = os.stat(directory / name)
-        except OSError:
-            found.append(None)
-            continue
-        found.append((st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns))
-    return tuple(found)
+    """What says the files a restore reads are the ones read before: the stamp of each
+    (:mod:`ember.stamps`), None for one that is missing."""
+    return tuple(stamp(directory / name) for name in _READ)
 
 
 def restore_memory(directory: Path, size: int) -> GuestMemory:
@@ -87,9 +89,12 @@ def load(directory: Path) -> tuple[dict[str, Any], GuestMemory]:
     return state, restore_memory(directory, int(state["memory"]["size"]))
 
 
-def prepare(directory: Path) -> bool:
+def prepare(
+    directory: Path, make_vm: Callable[[dict[str, Any], GuestMemory], Closeable] | None = None
+) -> bool:
     """In the child forked ahead: make ``directory``'s restore as far as :func:`load` goes,
-    for :func:`take`. False (nothing kept) if it failed: the restore will say why."""
+    and ``make_vm`` on its memory, for :func:`take`. False (nothing kept) if the load
+    failed: the restore will say why; a VM that could not be made is made by the restore."""
     global _premade
     discard()
     before = identity(directory)
@@ -99,25 +104,31 @@ def prepare(directory: Path) -> bool:
         state, memory = load(directory)
     except Exception:
         return False
-    _premade = Premade(directory, before, state, memory)
+    made = Premade(directory, before, state, memory)
+    if make_vm is not None:
+        try:
+            made.vm = make_vm(state, memory)
+        except Exception:
+            made.vm = None
+    _premade = made
     return True
 
 
-def take(directory: Path) -> tuple[dict[str, Any], GuestMemory] | None:
+def take(directory: Path) -> Premade | None:
     """What :func:`prepare` made, if it was for ``directory`` and its files are unchanged;
-    else None (and what was made is unmapped)."""
+    else None (and what was made is closed and unmapped)."""
     global _premade
     made, _premade = _premade, None
     if made is None:
         return None
     if made.directory != directory or identity(directory) != made.identity:
-        made.memory.close()
+        made.close()
         return None
-    return made.state, made.memory
+    return made
 
 
 def discard() -> None:
     global _premade
     made, _premade = _premade, None
     if made is not None:
-        made.memory.close()
+        made.close()

@@ -131,7 +131,7 @@ def restore_machine(
     its old connections are gone.
     """
     ahead = premade.take(directory)  # made by the child forked ahead of this request
-    state = ahead[0] if ahead is not None else read_state(directory / STATE_FILE)
+    state = ahead.state if ahead is not None else read_state(directory / STATE_FILE)
     try:
         config = config_from_state(
             state["config"], vsock_uds=vsock_uds, guest_cid=guest_cid, tap=tap, netns=netns
@@ -148,9 +148,13 @@ def restore_machine(
             f"{len(state.get('vcpus', ()))} saved"
         )
     with ExitStack() as undo:
-        memory = ahead[1] if ahead is not None else premade.restore_memory(directory, mem_size)
+        if ahead is not None:
+            memory = ahead.memory
+            shell = ahead.vm if isinstance(ahead.vm, VmShell) else None
+        else:
+            memory, shell = premade.restore_memory(directory, mem_size), None
         undo.callback(memory.close)
-        parts = _create_vm(config, memory, undo, pit=needs_pit(state.get("vm")))
+        parts = _create_vm(config, memory, undo, pit=needs_pit(state.get("vm")), shell=shell)
         vcpus: list[Vcpu] = []
         cpuids: list[list[abi.kvm_cpuid_entry2]] = []
         for index, vcpu_state in enumerate(state["vcpus"]):
@@ -161,7 +165,9 @@ def restore_machine(
             cpuids.append([unblob(abi.kvm_cpuid_entry2, e) for e in vcpu_state["cpuid"]])
         restore_vm(parts.vm, state["vm"])
         machine = _finish(config, parts, memory, vcpus, cpuids, console)
-        machine.made_ahead = ahead is not None
+        if ahead is not None:  # what of this restore the child forked ahead made
+            taken = shell is not None and parts.vm is shell.vm
+            machine.made_ahead = ["memory", "vm"] if taken else ["memory"]
         try:
             machine.serial.load_state(state["serial"])
             devices = state["devices"]
@@ -188,31 +194,85 @@ class _VmParts:
     shm: SharedRegion | None
 
 
+@dataclass
+class VmShell:
+    """A KVM VM with the guest's memory in its slots, the shared region and the interrupt
+    controllers: the part of a VM that depends on its memory alone, so the child forked
+    ahead of a restore can make it before its request comes (:func:`prepare_ahead`)."""
+
+    kvm: Kvm
+    vm: Vm
+    shm: SharedRegion | None
+    pit: bool
+
+    def close(self) -> None:
+        self.vm.close()
+        if self.shm is not None:
+            self.shm.close()  # after the VM's fd (see SharedRegion.close)
+        self.kvm.close()
+
+
+def make_shell(memory: GuestMemory, *, shm: bool, pit: bool) -> VmShell:
+    """A :class:`VmShell` on ``memory``; with the shared region if ``shm`` (memory channels
+    need vsock for their control), with a PIT if ``pit``."""
+    with ExitStack() as undo:
+        kvm = Kvm()
+        undo.callback(kvm.close)
+        for cap, name in _REQUIRED_CAPS.items():
+            if not kvm.check_extension(cap):
+                raise KvmError(f"this KVM lacks {name}, which Ember needs")
+        vm = kvm.create_vm()
+        undo.callback(vm.close)
+        # Memory first, as Firecracker does: under kvm_pvm a memory slot added once the
+        # in-kernel irqchip exists costs ~7 ms (before it, ~0.3 ms: bench/timeline.py);
+        # hardware KVM does not mind the order.
+        for slot, region in enumerate(memory.regions):
+            vm.set_user_memory_region(slot, region.guest_addr, region.size, c_address(region.mem))
+        region_ = None
+        if shm:
+            region_ = SharedRegion(vm, memory, len(memory.regions))
+            undo.callback(region_.close)
+        vm.set_tss_addr(layout.KVM_TSS_ADDRESS)
+        vm.create_irqchip()
+        if pit:
+            vm.create_pit2()
+        undo.pop_all()
+    return VmShell(kvm, vm, region_, pit)
+
+
+def prepare_ahead(directory: Path) -> bool:
+    """In the child forked ahead (:mod:`ember.zygote_fork`): ``directory``'s state and memory
+    (:func:`ember.snapshot.premade.prepare`) and the :class:`VmShell` on that memory, which
+    :func:`restore_machine` takes. With the shared region: a template is restored for the
+    SDK, whose sandboxes all have vsock; a request without it makes its own shell."""
+    return premade.prepare(
+        directory,
+        lambda state, memory: make_shell(memory, shm=True, pit=needs_pit(state.get("vm"))),
+    )
+
+
 def _create_vm(
-    config: VmConfig, memory: GuestMemory, undo: ExitStack, *, pit: bool = True
+    config: VmConfig,
+    memory: GuestMemory,
+    undo: ExitStack,
+    *,
+    pit: bool = True,
+    shell: VmShell | None = None,
 ) -> _VmParts:
     """KVM objects, memory slots and devices: what a boot and a restore share (a restore
-    whose guest no longer listens to the PIT goes without one: ``kvm_state.needs_pit``)."""
-    kvm = Kvm()
+    whose guest no longer listens to the PIT goes without one: ``kvm_state.needs_pit``).
+    ``shell``: the VM made ahead on ``memory``, taken if it is the one this VM needs."""
+    want_shm = config.vsock_uds is not None
+    if shell is not None and ((shell.shm is not None) != want_shm or shell.pit != pit):
+        shell.close()
+        shell = None
+    if shell is None:
+        shell = make_shell(memory, shm=want_shm, pit=pit)
+    kvm, vm, shm = shell.kvm, shell.vm, shell.shm
     undo.callback(kvm.close)
-    for cap, name in _REQUIRED_CAPS.items():
-        if not kvm.check_extension(cap):
-            raise KvmError(f"this KVM lacks {name}, which Ember needs")
-    vm = kvm.create_vm()
-    undo.callback(vm.close)
-    # Memory first, as Firecracker does: under kvm_pvm a memory slot added once the in-kernel
-    # irqchip exists costs ~7 ms (before it, ~0.3 ms: bench/timeline.py); hardware KVM does
-    # not mind the order.
-    for slot, region in enumerate(memory.regions):
-        vm.set_user_memory_region(slot, region.guest_addr, region.size, c_address(region.mem))
-    shm = None
-    if config.vsock_uds is not None:  # memory channels need vsock for their control
-        shm = SharedRegion(vm, memory, len(memory.regions))
+    if shm is not None:
         undo.callback(shm.close)  # LIFO: after vm.close()
-    vm.set_tss_addr(layout.KVM_TSS_ADDRESS)
-    vm.create_irqchip()
-    if pit:
-        vm.create_pit2()
+    undo.callback(vm.close)
 
     events = EventLoop()
     undo.callback(events.close)

@@ -66,7 +66,8 @@ class Machine:
         self.cpuids = cpuids
         self.shm: SharedRegion | None = None  # memory channels' region (set by the builder)
         self.page_clear: PageClear | None = None  # the guest kernel's page clearing (builder)
-        self.made_ahead = False  # restored onto memory mapped before the request (premade)
+        # What of a restore was made before its request (snapshot.premade): "memory", "vm".
+        self.made_ahead: list[str] = []
         self.state = VmState.CREATED
         self._stops: queue.Queue[StopReason] = queue.Queue()
         self._lock = threading.Lock()
