@@ -181,7 +181,7 @@ def _wait_for_request(
 
             populate(hot)
         if snapshot is not None:
-            from ember.vmm.builder import prepare_ahead
+            from ember.vmm.vm_shell import prepare_ahead
 
             prepare_ahead(snapshot)
         chunks = []

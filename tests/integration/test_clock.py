@@ -21,6 +21,7 @@ import time
 import pytest
 
 from ember import Sandbox
+from ember.vmm import control
 
 from .conftest import Images
 
@@ -276,3 +277,18 @@ def test_the_snapshot_limit_is_checked(images: Images) -> None:
             result = sb.run_code(set_limit(bad))
             assert result.error is not None and result.error.type == "OSError", (bad, result)
         assert sb.run_code(f"open({SYSCTL!r}).read()").value == repr("0\n")
+
+
+def test_a_restore_made_seconds_before_its_request_has_the_hosts_clock(images: Images) -> None:
+    """The child forked ahead puts the vCPUs' state back, their TSC included, while it waits
+    (``ember.vmm.vm_shell``); a request that comes seconds later still finds the host's wall
+    clock, set by the kernel from the pair published when the guest is about to run."""
+    Sandbox().close()  # the zygote's last request: the default template, made ahead again
+    time.sleep(3.0)  # the waiting child's vCPU TSC runs on meanwhile
+    with Sandbox() as sb:
+        made = control.request(sb._vmm.control_path, "status")["made_ahead"]
+        errors = wall_clock_errors(sb)
+        status = sb.ping()
+    assert made == ["memory", "vm", "vcpus"], made
+    assert max(errors) <= WALL_TOLERANCE_NS, errors
+    assert status["resume"]["clock_steps"] == 0, status

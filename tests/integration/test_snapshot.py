@@ -145,7 +145,11 @@ def test_a_restore_takes_the_memory_made_ahead_unless_the_template_changed(
     with sb.fork() as child:  # restored once from a snapshot deleted at once: not prepared
         assert control.request(child._vmm.control_path, "status")["made_ahead"] == []
     with Sandbox(template=template_name) as again:
-        assert control.request(again._vmm.control_path, "status")["made_ahead"] == ["memory", "vm"]
+        assert control.request(again._vmm.control_path, "status")["made_ahead"] == [
+            "memory",
+            "vm",
+            "vcpus",
+        ]
         assert again.files.read("/tmp/which") == b"first"
         assert again.run_code("6 * 7", timeout=120).value == "42"
     sb.files.write("/tmp/which", b"second")

@@ -23,13 +23,13 @@ from ember.devices.legacy.i8042 import I8042, I8042_PORT_BASE, I8042_PORT_LEN
 from ember.devices.legacy.page_clear import PAGE_CLEAR_LEN, PageClear
 from ember.devices.legacy.serial import COM1_IRQ, COM1_PORT, UART_PORT_LEN, Serial8250
 from ember.devices.virtio.block.device import Block
-from ember.errors import ConfigError, KvmError, SnapshotError
+from ember.errors import ConfigError, SnapshotError
 from ember.kvm import abi
 from ember.kvm.system import Kvm, Vcpu, Vm
-from ember.memory import GuestMemory, c_address
+from ember.memory import GuestMemory
 from ember.snapshot import STATE_FILE, premade
 from ember.snapshot.format import read_state, unblob
-from ember.snapshot.kvm_state import needs_pit, restore_vcpu, restore_vm
+from ember.snapshot.kvm_state import needs_pit, restore_vm
 from ember.vmm.config import VmConfig
 from ember.vmm.console import ConsoleSink
 from ember.vmm.event_loop import EventLoop
@@ -37,18 +37,9 @@ from ember.vmm.machine import Machine
 from ember.vmm.machine_state import config_from_state, confine_disks
 from ember.vmm.shm import SharedRegion
 from ember.vmm.virtio_slots import VirtioSlots
+from ember.vmm.vm_shell import VmShell, make_shell, restore_vcpus
 
 log = logging.getLogger(__name__)
-
-_REQUIRED_CAPS = {
-    abi.KVM_CAP_IRQCHIP: "KVM_CAP_IRQCHIP",
-    abi.KVM_CAP_USER_MEMORY: "KVM_CAP_USER_MEMORY",
-    abi.KVM_CAP_SET_TSS_ADDR: "KVM_CAP_SET_TSS_ADDR",
-    abi.KVM_CAP_PIT2: "KVM_CAP_PIT2",
-    abi.KVM_CAP_IMMEDIATE_EXIT: "KVM_CAP_IMMEDIATE_EXIT",
-    abi.KVM_CAP_IOEVENTFD: "KVM_CAP_IOEVENTFD",
-    abi.KVM_CAP_IRQFD: "KVM_CAP_IRQFD",
-}
 
 
 def _read(path: object, what: str) -> bytes:
@@ -155,19 +146,22 @@ def restore_machine(
             memory, shell = premade.restore_memory(directory, mem_size), None
         undo.callback(memory.close)
         parts = _create_vm(config, memory, undo, pit=needs_pit(state.get("vm")), shell=shell)
-        vcpus: list[Vcpu] = []
-        cpuids: list[list[abi.kvm_cpuid_entry2]] = []
-        for index, vcpu_state in enumerate(state["vcpus"]):
-            vcpu = parts.vm.create_vcpu(index)
+        taken = shell is not None and parts.vm is shell.vm
+        if taken and shell is not None and shell.vcpus:
+            vcpus = shell.vcpus  # made from this same state ahead (vm_shell.prepare_ahead)
+        else:
+            vcpus = restore_vcpus(parts.vm, state["vcpus"])
+        for vcpu in vcpus:
             undo.callback(vcpu.close)
-            vcpus.append(vcpu)
-            restore_vcpu(vcpu, vcpu_state)
-            cpuids.append([unblob(abi.kvm_cpuid_entry2, e) for e in vcpu_state["cpuid"]])
+        cpuids = [[unblob(abi.kvm_cpuid_entry2, e) for e in v["cpuid"]] for v in state["vcpus"]]
         restore_vm(parts.vm, state["vm"])
         machine = _finish(config, parts, memory, vcpus, cpuids, console)
         if ahead is not None:  # what of this restore the child forked ahead made
-            taken = shell is not None and parts.vm is shell.vm
-            machine.made_ahead = ["memory", "vm"] if taken else ["memory"]
+            machine.made_ahead = ["memory"]
+            if taken:
+                machine.made_ahead.append("vm")
+            if vcpus is getattr(shell, "vcpus", None):
+                machine.made_ahead.append("vcpus")
         try:
             machine.serial.load_state(state["serial"])
             devices = state["devices"]
@@ -192,63 +186,6 @@ class _VmParts:
     events: EventLoop
     slots: VirtioSlots
     shm: SharedRegion | None
-
-
-@dataclass
-class VmShell:
-    """A KVM VM with the guest's memory in its slots, the shared region and the interrupt
-    controllers: the part of a VM that depends on its memory alone, so the child forked
-    ahead of a restore can make it before its request comes (:func:`prepare_ahead`)."""
-
-    kvm: Kvm
-    vm: Vm
-    shm: SharedRegion | None
-    pit: bool
-
-    def close(self) -> None:
-        self.vm.close()
-        if self.shm is not None:
-            self.shm.close()  # after the VM's fd (see SharedRegion.close)
-        self.kvm.close()
-
-
-def make_shell(memory: GuestMemory, *, shm: bool, pit: bool) -> VmShell:
-    """A :class:`VmShell` on ``memory``; with the shared region if ``shm`` (memory channels
-    need vsock for their control), with a PIT if ``pit``."""
-    with ExitStack() as undo:
-        kvm = Kvm()
-        undo.callback(kvm.close)
-        for cap, name in _REQUIRED_CAPS.items():
-            if not kvm.check_extension(cap):
-                raise KvmError(f"this KVM lacks {name}, which Ember needs")
-        vm = kvm.create_vm()
-        undo.callback(vm.close)
-        # Memory first, as Firecracker does: under kvm_pvm a memory slot added once the
-        # in-kernel irqchip exists costs ~7 ms (before it, ~0.3 ms: bench/timeline.py);
-        # hardware KVM does not mind the order.
-        for slot, region in enumerate(memory.regions):
-            vm.set_user_memory_region(slot, region.guest_addr, region.size, c_address(region.mem))
-        region_ = None
-        if shm:
-            region_ = SharedRegion(vm, memory, len(memory.regions))
-            undo.callback(region_.close)
-        vm.set_tss_addr(layout.KVM_TSS_ADDRESS)
-        vm.create_irqchip()
-        if pit:
-            vm.create_pit2()
-        undo.pop_all()
-    return VmShell(kvm, vm, region_, pit)
-
-
-def prepare_ahead(directory: Path) -> bool:
-    """In the child forked ahead (:mod:`ember.zygote_fork`): ``directory``'s state and memory
-    (:func:`ember.snapshot.premade.prepare`) and the :class:`VmShell` on that memory, which
-    :func:`restore_machine` takes. With the shared region: a template is restored for the
-    SDK, whose sandboxes all have vsock; a request without it makes its own shell."""
-    return premade.prepare(
-        directory,
-        lambda state, memory: make_shell(memory, shm=True, pit=needs_pit(state.get("vm"))),
-    )
 
 
 def _create_vm(
