@@ -46,6 +46,7 @@ if TYPE_CHECKING:
 AHEAD_NAME = "ember-ahead"  # its name (comm) while it waits; ember-vmm once it is one
 RETRY_S = 1.0  # after a failed fork ahead (no memory, no PIDs): requests fork for themselves
 MAX_INHERITED_FD = 65536
+RECHECK_S = 2.0  # how often a waiting child checks that the template it made ahead is current
 _libc = ctypes.CDLL(None, use_errno=True)  # loaded once: spawns are the zygote's hot path
 
 
@@ -184,6 +185,8 @@ def _wait_for_request(
             from ember.vmm.vm_shell import prepare_ahead
 
             prepare_ahead(snapshot)
+        if snapshot is not None:
+            _wait_readable(fd)
         chunks = []
         while chunk := os.read(fd, 1 << 16):
             chunks.append(chunk)
@@ -194,6 +197,20 @@ def _wait_for_request(
     except BaseException:
         os._exit(70)
     become_vmm(config, request)
+
+
+def _wait_readable(fd: int) -> None:
+    """Until the request (or end of file) comes, check what was made ahead every
+    :data:`RECHECK_S`: a template removed meanwhile is let go at once."""
+    import select
+
+    from ember.snapshot import premade
+
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    while not poller.poll(RECHECK_S * 1000):
+        if not premade.recheck():
+            return  # nothing (left) to keep current: block in read
 
 
 _own_pid_ns: int | None = None

@@ -7,6 +7,7 @@ milliseconds to make; only guest work (a fresh python3 ~8 s) is slow.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,8 +20,11 @@ from ember.errors import ConfigError, SnapshotError
 from ember.sandbox import Sandbox
 from ember.snapshot import MEMORY_FILE, STATE_FILE
 from ember.vmm import control
+from ember.zygote import Zygote
+from ember.zygote_fork import AHEAD_NAME, RECHECK_S
 from tests.fds import open_fds
 from tests.integration.conftest import Images, ember
+from tests.waiting import wait_for
 
 COUNTER_PORT = 5000
 COUNTER = f"""
@@ -157,6 +161,33 @@ def test_a_restore_takes_the_memory_made_ahead_unless_the_template_changed(
     with Sandbox(template=template_name) as changed:
         assert control.request(changed._vmm.control_path, "status")["made_ahead"] == []
         assert changed.files.read("/tmp/which") == b"second"
+
+
+def _waiting_children_mapping(path: Path) -> list[int]:
+    """The zygote's children forked ahead (comm ``ember-ahead``) that map ``path``."""
+    zygote = Zygote.get()._proc.pid
+    found = []
+    for pid in Path(f"/proc/{zygote}/task/{zygote}/children").read_text().split():
+        with contextlib.suppress(OSError):
+            if Path(f"/proc/{pid}/comm").read_text().strip() != AHEAD_NAME:
+                continue
+            if str(path) in Path(f"/proc/{pid}/maps").read_text():
+                found.append(int(pid))
+    return found
+
+
+def test_a_template_removed_while_a_child_waits_with_it_is_let_go(
+    sb: Sandbox, template_name: str
+) -> None:
+    """The child forked ahead maps the template it expects; removing that template must
+    free it (its disk space) without waiting for the next request."""
+    sb.snapshot(template_name)
+    memory = (templates.find(template_name).dir / MEMORY_FILE).resolve()
+    Sandbox(template=template_name).close()  # the zygote's last request: this template
+    wait_for(lambda: _waiting_children_mapping(memory), 30, "a waiting child mapping it")
+    ember("template", "rm", template_name)
+    wait_for(lambda: not _waiting_children_mapping(memory), 3 * RECHECK_S + 5,
+             "the waiting child letting the removed template go")  # fmt: skip
 
 
 def _flip(path: Path, offset: int) -> None:

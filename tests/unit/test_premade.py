@@ -158,3 +158,15 @@ def test_restore_memory_maps_the_file_copy_on_write(tmp_path: Path) -> None:
     finally:
         memory.close()
     assert (tmp_path / MEMORY_FILE).read_bytes()[:4] == b"\x5a" * 4
+
+
+def test_a_recheck_lets_go_of_a_template_removed_meanwhile(
+    tmp_path: Path, made: list[FakeMemory]
+) -> None:
+    snap = _snapshot(tmp_path / "t")
+    assert premade.prepare(snap)
+    assert premade.recheck() and not made[0].closed  # unchanged: kept
+    (snap / MEMORY_FILE).unlink()  # `ember template rm`, a prune
+    assert not premade.recheck() and made[0].closed  # its memory file is let go at once
+    assert premade.take(snap) is None
+    assert not premade.recheck()  # nothing made: nothing to check

@@ -13,7 +13,9 @@ each); anything else (another template, one rebuilt since, a failure while makin
 them) is made again as before, and what was made ahead is unmapped.
 
 It costs the waiting child the pages it copied (~3.7 MiB for the default template), which
-that child, as a VMM of the same template, would have copied anyway.
+that child, as a VMM of the same template, would have copied anyway. The waiting child
+checks the files every few seconds (:func:`recheck`): a template removed or rebuilt
+meanwhile is let go then, so its memory file's disk space is not held until the next request.
 """
 
 from __future__ import annotations
@@ -125,6 +127,20 @@ def take(directory: Path) -> Premade | None:
         made.close()
         return None
     return made
+
+
+def recheck() -> bool:
+    """In the waiting child, now and then: let go of what was made if its files changed or
+    went (a template rebuilt, removed or pruned), so that a removed template's memory file
+    is not kept alive (and its disk space taken) until the next request. True if it was
+    still current."""
+    made = _premade
+    if made is None:
+        return False
+    if identity(made.directory) == made.identity:
+        return True
+    discard()
+    return False
 
 
 def discard() -> None:
