@@ -180,7 +180,7 @@ def _spawn(
     ahead: zygote_fork.ForkAhead,
 ) -> dict[str, Any]:
     """The reply to one request: a jailed request takes the child forked ahead, if any."""
-    from ember.zygote_fork import back_to_own_pid_ns, enter_new_pid_ns_for_next_child
+    from ember.zygote_fork import back_to_own_pid_ns, enter_new_pid_ns_for_next_child, fits
 
     try:
         request = json.loads(line)
@@ -192,7 +192,8 @@ def _spawn(
     except (ValueError, EmberError) as exc:  # the ConfigError names the bad field
         return {"error": f"bad request: {exc}"}
     new_pid_ns = bool(request.get("new_pid_ns"))
-    child = ahead.take() if new_pid_ns else None  # it was forked into a new PID namespace
+    # It was forked into a new PID namespace, and has left the host's network namespace.
+    child = ahead.take() if new_pid_ns and fits(config) else None
     if child is not None and child.hand(config, request):
         return _started(child.pid, request, exit_files, config, ahead)
     if new_pid_ns:  # none waits, or it died waiting: fork as below

@@ -177,6 +177,10 @@ def _wait_for_request(
         from ember.vmm.threads import name_this_thread
 
         name_this_thread(AHEAD_NAME)  # what a census of processes leaves out (bench/soak.py)
+        from ember.jailer.jail import leave_namespaces_ahead
+
+        with contextlib.suppress(OSError):  # the jail will then do it, or say why it cannot
+            leave_namespaces_ahead()
         if hot:
             from ember.zygote_pages import populate
 
@@ -211,6 +215,20 @@ def _wait_readable(fd: int) -> None:
     while not poller.poll(RECHECK_S * 1000):
         if not premade.recheck():
             return  # nothing (left) to keep current: block in read
+
+
+def fits(config: ProcessConfig) -> bool:
+    """Whether a child forked ahead can be this request's VMM: it has left the host's
+    network namespace (:func:`ember.jailer.jail.leave_namespaces_ahead`), so a TAP in the
+    host's own namespace (a ``--tap`` without ``--netns``) must be opened by a child forked
+    for it. Every SDK sandbox's TAP is in a namespace of its own."""
+    from ember.vmm.config import RestoreConfig
+
+    machine = config.machine
+    if isinstance(machine, RestoreConfig):
+        return machine.tap is None or machine.netns is not None
+    net = machine.net
+    return net is None or net.netns is not None
 
 
 _own_pid_ns: int | None = None

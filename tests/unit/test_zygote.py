@@ -16,6 +16,7 @@ import pytest
 from ember.errors import SandboxError
 from ember.vmm.config import ProcessConfig, RestoreConfig
 from ember.zygote import Zygote, ZygoteChild
+from ember.zygote_fork import fits
 from tests.waiting import alive, wait_for
 
 
@@ -194,3 +195,32 @@ def test_a_child_forked_ahead_goes_with_its_zygote(tmp_path: Path) -> None:
     zygote._proc.wait(30)
     wait_for(lambda: not alive(waiting), 30, "the waiting child to go with its zygote")
     Zygote._instance = None  # the next test starts its own
+
+
+def test_a_child_forked_ahead_has_left_the_hosts_network_namespace_but_not_its_mounts(
+    tmp_path: Path,
+) -> None:
+    """The jail's new IPC, UTS and network namespaces are made while the child waits; its
+    mounts stay the host's until its request (a mount made meanwhile must reach the VMM)."""
+    waiting = _forked_ahead(Zygote.get())
+    for ns, left in (("net", True), ("ipc", True), ("uts", True), ("mnt", False)):
+        theirs = os.readlink(f"/proc/{waiting}/ns/{ns}")
+        assert (theirs != os.readlink(f"/proc/self/ns/{ns}")) is left, ns
+
+
+def test_a_request_with_a_tap_in_the_hosts_namespace_is_not_given_to_the_child_ahead(
+    tmp_path: Path,
+) -> None:
+    """Such a TAP can only be opened from the host's network namespace, which the child
+    forked ahead has left: that request is forked for, and the waiting child stays."""
+    zygote = Zygote.get()
+    waiting = _forked_ahead(zygote)
+    config = ProcessConfig(machine=RestoreConfig(tmp_path / "nope", tap="ember-nosuch0"))
+    child = zygote.spawn(
+        config, console=tmp_path / "tap.log", exit_file=tmp_path / "tap.exit",
+        cgroup_procs=[], new_pid_ns=True,
+    )  # fmt: skip
+    assert child.pid != waiting and child.wait(60) == 2
+    assert _forked_ahead(zygote) == waiting
+    in_own = ProcessConfig(machine=RestoreConfig(tmp_path / "nope", tap="t0", netns="/run/x"))
+    assert fits(in_own) and not fits(config) and fits(restore(tmp_path))

@@ -4,7 +4,9 @@ By then every file the VMM needs is open (``/dev/kvm``, the disk images, the
 snapshot's memory mapped) and every socket bound, so the jail can take the
 file system away almost entirely:
 
-1. new mount, IPC, UTS and network namespaces (``unshare``); the PID
+1. new mount, IPC, UTS and network namespaces (``unshare``; a child the
+   zygote forked ahead of its request has left all but the mount namespace
+   while it waited: :func:`leave_namespaces_ahead`); the PID
    namespace is entered at fork time by the zygote (a process cannot move
    itself and still start threads), so a VMM that managed to fork would not
    see the host's processes either;
@@ -81,6 +83,23 @@ def jail_id(pid: int | None = None) -> int:
     return JAIL_ID_BASE + (pid if pid is not None else host_pid())
 
 
+#: The namespaces :func:`enter` makes new, and those this process has already left ahead.
+JAIL_NAMESPACES = CLONE_NEWNS | CLONE_NEWIPC | CLONE_NEWUTS | CLONE_NEWNET
+AHEAD_NAMESPACES = CLONE_NEWIPC | CLONE_NEWUTS | CLONE_NEWNET
+_left_ahead = 0
+
+
+def leave_namespaces_ahead() -> None:
+    """In the child forked ahead of a request: new IPC, UTS and network namespaces now, the
+    ~1 ms of the jail's ``unshare`` that does not depend on the request (a new network
+    namespace is most of it). Not the mount namespace: a copy of the host's mounts made now
+    would miss a mount made before the request comes. A request whose TAP is in the host's
+    own network namespace is not given to such a child (:func:`ember.zygote_fork.fits`)."""
+    global _left_ahead
+    _check(_libc.unshare(AHEAD_NAMESPACES), "unshare ahead")
+    _left_ahead = AHEAD_NAMESPACES
+
+
 def enter(root: Path, *, file_size_limit: int) -> int:
     """Jail the calling (single-threaded) process in ``root``; returns the uid it now runs as.
 
@@ -90,7 +109,7 @@ def enter(root: Path, *, file_size_limit: int) -> int:
     root = root.resolve()
     uid = gid = jail_id()
     env_area = _environment_area()  # /proc is out of reach after the chroot
-    _check(_libc.unshare(CLONE_NEWNS | CLONE_NEWIPC | CLONE_NEWUTS | CLONE_NEWNET), "unshare")
+    _check(_libc.unshare(JAIL_NAMESPACES & ~_left_ahead), "unshare")
     _check(_libc.mount(None, b"/", None, MS_REC | MS_PRIVATE, None), "making / private")
     inner = root / root.relative_to("/")  # the host path, recreated inside the new root
     inner.parent.mkdir(parents=True, exist_ok=True)
