@@ -6,7 +6,9 @@ the last request that restored a template most likely names the next one's too: 
 snapshot is restored once and deleted: those are never made ahead, see ``Zygote.spawn``).
 So while it waits, the child reads that snapshot's state, maps its memory file, puts fresh
 huge pages behind its holes (:mod:`ember.snapshot.hugeback`) and copies the pages its first
-call writes (:mod:`ember.snapshot.prefault`): ~1 + 2 + 3-5 ms of a ~30 ms restore here.
+call writes (:mod:`ember.snapshot.prefault`): ~1 + 2 + 3-5 ms of a ~30 ms restore here;
+then the KVM VM and vCPUs on that memory, which the caller's maker makes
+(:mod:`ember.vmm.vm_shell`, kept here as an opaque closeable: this module knows no VMM).
 :func:`ember.vmm.builder.restore_machine` takes them (:func:`take`) if its request names the
 same directory and the files are still the ones read (device, inode, size, times of
 each); anything else (another template, one rebuilt since, a failure while making
