@@ -203,6 +203,8 @@ def test_a_child_forked_ahead_has_left_the_hosts_network_namespace_but_not_its_m
     """The jail's new IPC, UTS and network namespaces are made while the child waits; its
     mounts stay the host's until its request (a mount made meanwhile must reach the VMM)."""
     waiting = _forked_ahead(Zygote.get())
+    net = os.readlink("/proc/self/ns/net")  # left just after the child detaches: wait for it
+    wait_for(lambda: os.readlink(f"/proc/{waiting}/ns/net") != net, 30, "the new namespaces")
     for ns, left in (("net", True), ("ipc", True), ("uts", True), ("mnt", False)):
         theirs = os.readlink(f"/proc/{waiting}/ns/{ns}")
         assert (theirs != os.readlink(f"/proc/self/ns/{ns}")) is left, ns
