@@ -189,7 +189,6 @@ def _wait_for_request(
             from ember.vmm.vm_shell import prepare_ahead
 
             prepare_ahead(snapshot)
-        if snapshot is not None:
             _wait_readable(fd)
         chunks = []
         while chunk := os.read(fd, 1 << 16):

@@ -48,7 +48,7 @@ class Premade:
     identity: Identity
     state: dict[str, Any]
     memory: GuestMemory
-    vm: Closeable | None = None  # the KVM VM on that memory (ember.vmm.builder.VmShell)
+    vm: Closeable | None = None  # the KVM VM on that memory (ember.vmm.vm_shell.VmShell)
 
     def close(self) -> None:
         if self.vm is not None:

@@ -146,10 +146,10 @@ def restore_machine(
             memory, shell = premade.restore_memory(directory, mem_size), None
         undo.callback(memory.close)
         parts = _create_vm(config, memory, undo, pit=needs_pit(state.get("vm")), shell=shell)
-        taken = shell is not None and parts.vm is shell.vm
-        if taken and shell is not None and shell.vcpus:
-            vcpus = shell.vcpus  # made from this same state ahead (vm_shell.prepare_ahead)
-        else:
+        taken = shell if shell is not None and parts.vm is shell.vm else None
+        # vCPUs made from this same state ahead (vm_shell.prepare_ahead), or made now.
+        vcpus = taken.vcpus if taken is not None and taken.vcpus else None
+        if vcpus is None:
             vcpus = restore_vcpus(parts.vm, state["vcpus"])
         for vcpu in vcpus:
             undo.callback(vcpu.close)
@@ -158,10 +158,10 @@ def restore_machine(
         machine = _finish(config, parts, memory, vcpus, cpuids, console)
         if ahead is not None:  # what of this restore the child forked ahead made
             machine.made_ahead = ["memory"]
-            if taken:
+            if taken is not None:
                 machine.made_ahead.append("vm")
-            if vcpus is getattr(shell, "vcpus", None):
-                machine.made_ahead.append("vcpus")
+                if vcpus is taken.vcpus:
+                    machine.made_ahead.append("vcpus")
         try:
             machine.serial.load_state(state["serial"])
             devices = state["devices"]

@@ -66,7 +66,8 @@ class Machine:
         self.cpuids = cpuids
         self.shm: SharedRegion | None = None  # memory channels' region (set by the builder)
         self.page_clear: PageClear | None = None  # the guest kernel's page clearing (builder)
-        # What of a restore was made before its request (snapshot.premade): "memory", "vm".
+        # What of a restore was made before its request (snapshot.premade, vmm.vm_shell):
+        # "memory", "vm", "vcpus".
         self.made_ahead: list[str] = []
         self.state = VmState.CREATED
         self._stops: queue.Queue[StopReason] = queue.Queue()
