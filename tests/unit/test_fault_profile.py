@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from ember.agent import pywarm
+from ember.agent import pool, pywarm
 from ember.agent.poolprobe import MAX_PROFILE_BYTES, valid_profile
 
 PAGE = mmap.PAGESIZE
@@ -117,7 +117,7 @@ def test_a_members_warm_up_takes_the_faults_and_changes_nothing(block: Any) -> N
             base + 4 * PAGE,
             base + 4 * PAGE,  # twice: written once
             base + 6 * PAGE + 8,  # not page-aligned: passed over
-            text,  # not writable: passed over (a write would crash the member)
+            text,  # program text: read (its window mapped), never written (that would crash)
             8 * PAGE,  # not mapped at all
         )
     )
@@ -156,7 +156,7 @@ def test_a_members_warm_up_takes_the_faults_and_changes_nothing(block: Any) -> N
     # the least of a few forks: a warm-up that did nothing still shows 2 faults in every one.
     runs = [_in_child(child, base) for _ in range(5)]
     assert {(taken, tuple(own), unchanged) for taken, own, _, _, unchanged in runs} == {
-        (2, (True, True, False), True)
+        (3, (True, True, False), True)
     }
     assert min(run[2] for run in runs) == 0  # warm: no fault on the pages the hint named
     assert min(run[3] for run in runs) == 1  # cold: the write to page 6 copied it
@@ -215,6 +215,108 @@ def test_a_probes_pages_come_hand_over_first_then_ending_then_program() -> None:
         return b"".join((n * PAGE).to_bytes(8, "little") for n in pages)
 
     handed, ran, ended = of(1, 2), of(1, 2, 7, 8), of(1, 2, 7, 8, 5)
-    assert pywarm._ordered_profile(handed, ran, ended) == of(1, 2, 5, 7, 8)
+    core_end = pywarm.CORE_END
+    assert pywarm._ordered_profile(handed, ran, ended) == of(1, 2, 5) + core_end + of(7, 8)
+    # Code pages read go before the program's own writes: every program runs that code.
+    read = of(40, 56)
+    assert pywarm._ordered_profile(handed, ran, ended, read) == (
+        of(1, 2, 5, 40, 56) + core_end + of(7, 8)
+    )
     many = of(*range(1, pywarm.PROFILE_MAX_PAGES + 10))
     assert pywarm._ordered_profile(many, many, many) == many[:MAX_PROFILE_BYTES]
+
+
+CODE_PAGES = 256
+
+
+@pytest.fixture
+def code_file(tmp_path: Any) -> Any:
+    """A 1 MiB file mapped private and read-only, as a library's code is, none of it
+    touched here: a fork copies no page-table entries of such a mapping."""
+    path = tmp_path / "lib.so"
+    path.write_bytes(random.randbytes(CODE_PAGES * PAGE))
+    with open(path, "rb") as f:
+        area = mmap.mmap(f.fileno(), CODE_PAGES * PAGE, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ)
+    yield area
+    area.close()
+
+
+def _present(address: int) -> bool:
+    with open("/proc/self/pagemap", "rb", buffering=0) as pagemap:
+        pagemap.seek(address // PAGE * 8)
+        return bool(int.from_bytes(pagemap.read(8), "little") & pywarm.PM_PRESENT)
+
+
+def test_a_probe_reports_the_code_windows_it_mapped_and_a_member_maps_them(
+    code_file: Any,
+) -> None:
+    import ctypes
+
+    base = next(low for low, high, perms in _maps() if high - low == CODE_PAGES * PAGE
+                and perms == "r--p" and _is_file(low))  # fmt: skip
+    touched = base + 19 * PAGE
+
+    def probe(base: int) -> list[int]:
+        ctypes.string_at(touched, 1)
+        found = _pages(pywarm._read_pages())
+        return sorted(a for a in found if base <= a < base + CODE_PAGES * PAGE)
+
+    reported = _in_child(probe, base)
+    windows = {a // pywarm.FAULT_AROUND for a in reported}
+    assert touched // pywarm.FAULT_AROUND in windows
+    assert len(windows) == len(reported)  # one page per window (the kernel may map more
+    # than the window around a read: a large folio of the page cache is mapped whole)
+    profile = b"".join(a.to_bytes(8, "little") for a in reported)
+
+    def member(base: int) -> tuple[bool, int, bool]:
+        before = _present(touched)
+        taken = sum(pywarm._profile_steps(profile))
+        return before, taken, _present(touched)
+
+    # Before its warm-up a member has none of it (the fork copied nothing); after, the
+    # page the probe read is mapped.
+    assert _in_child(member, base) == (False, len(reported), True)
+
+
+def _is_file(low: int) -> bool:
+    with open("/proc/self/maps") as f:
+        return any(line.startswith(f"{low:x}-") and line.rstrip().endswith("lib.so") for line in f)
+
+
+def test_a_member_warms_up_with_its_mothers_ranges_without_reading_maps(block: Any) -> None:
+    """The mother reads her mappings once, in the template; a member she forks warms up
+    with them (reading /proc/self/maps cost ~0.5 s a refill in the guest)."""
+    base = _address(block)
+    ranges = pywarm._mother_ranges()  # as the mother, before she forks
+    hint = b"".join((base + n * PAGE).to_bytes(8, "little") for n in (1, 3))
+
+    def child(base: int) -> tuple[int, list[bool]]:
+        def no_maps() -> list[tuple[int, int, bytes, bytes]]:
+            raise AssertionError("read /proc/self/maps")
+
+        pywarm._maps = no_maps
+        taken = sum(pywarm._warm_steps(set(), hint, ranges))
+        return taken, [_exclusive(base + n * PAGE) for n in (1, 2, 3)]
+
+    assert _in_child(child, base) == (2, [True, False, True])
+
+
+def test_a_live_refill_takes_the_profiles_core_and_a_template_member_all_of_it(
+    block: Any,
+) -> None:
+    """Past CORE_END are the probe's own program's pages: a guess that a refill in a live
+    sandbox does not pay for (seconds of faults while the user's next exec waits)."""
+    base = _address(block)
+    profile = b"".join(
+        [(base + 2 * PAGE).to_bytes(8, "little"), pywarm.CORE_END,
+         (base + 4 * PAGE).to_bytes(8, "little")]
+    )  # fmt: skip
+
+    def child(whole: int) -> tuple[int, list[bool]]:
+        taken = sum(pywarm._profile_steps(profile, whole=bool(whole)))
+        return taken, [_exclusive(base + n * PAGE) for n in (2, 4)]
+
+    assert _in_child(child, 0) == (1, [True, False])
+    assert _in_child(child, 1) == (2, [True, True])
+    assert pool._core_pages(profile) == 1
+    assert pool._core_pages(profile[:8]) == 1  # an older profile, no end marked: all of it

@@ -25,7 +25,7 @@ if __name__ != "ember_pystart":  # imported as a module; in BOOT's namespace the
         _read_all,
         _stdio,
     )
-    from ember.agent.pywarm import _ordered_profile, _written_pages
+    from ember.agent.pywarm import _ordered_profile, _read_pages, _written_pages
 
 
 _sys: Any = sys  # for the attributes typeshed calls final or does not know
@@ -136,7 +136,7 @@ class Job:
             status = 120  # as Py_Exit after a failed flush
         if len(self.written) == 2:
             handed, ran = self.written
-            _report_profile(_ordered_profile(handed, ran, _written_pages()))
+            _report_profile(_ordered_profile(handed, ran, _written_pages(), _read_pages()))
         os._exit(status)
 
     def _clear_program_modules(self) -> None:

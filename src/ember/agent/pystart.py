@@ -72,6 +72,8 @@ if __name__ != "ember_pystart":  # imported as a module; in BOOT's namespace the
     from ember.agent.pyclone import _make_holder, _mother, _trim_heap
     from ember.agent.pyjob import Job
     from ember.agent.pywarm import (
+        Ranges,
+        _mother_ranges,
         _plan_rehearsal,
         _rehearse,
         _spare_bytes,
@@ -159,8 +161,14 @@ def wait(argv: list[str], boot_globals: dict[str, Any], baseline: set[str]) -> J
     gc.freeze()
     forked = warm_first = False
     profile = b""
+    ranges: tuple[Ranges, Ranges] | None = None  # the mother's mappings (_profile_steps)
     if mother and not error:
         _trim_heap()
+        # Read once, here in the template, for every member she forks (see _profile_steps).
+        try:
+            ranges = _mother_ranges()
+        except (OSError, ValueError):
+            ranges = None  # each member reads its own
         # Returns only in each interpreter this one forks: that carries on below as a member.
         ctl, heap, warm_first, profile = _mother(ctl)
         # The mother's file: this member marks its own. What a program gets back is what the
@@ -183,7 +191,7 @@ def wait(argv: list[str], boot_globals: dict[str, Any], baseline: set[str]) -> J
     warmed = 0
     if warm_first:
         try:
-            warmed = sum(_warm_steps(keep, profile))
+            warmed = sum(_warm_steps(keep, profile, ranges))
         except Exception:
             pass  # a warm-up only: the member serves its program unwarmed
     # Where a spare's rehearsal (the "warm" op below) reads and writes: found here, in the
@@ -216,7 +224,7 @@ def wait(argv: list[str], boot_globals: dict[str, Any], baseline: set[str]) -> J
     if error:
         os._exit(1)
     if forked and not warm_first:
-        _warm_forked(ctl, keep, profile)
+        _warm_forked(ctl, keep, profile, ranges)
     while True:
         try:
             spec, fds = _receive_job(ctl)

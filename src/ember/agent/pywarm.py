@@ -26,7 +26,9 @@ STEP_PAGES = 64  # of a forked member's warm-up between two looks for a job (~0.
 REHEARSED_HEAP = 2 << 20  # of the pre-faulted block, what a rehearsal writes (see _rehearse)
 MAX_BSS = 4 << 20  # an unnamed mapping after a library's data bigger than this is not its .bss
 PROFILE_MAX_PAGES = 8192  # of a fault profile (8 bytes each): a longer list is cut here
+CORE_END = bytes(8)  # in a fault profile, after the pages every program takes (address 0)
 PAGEMAP_CHUNK = 1 << 16  # entries read at a time (a mapping may reserve gigabytes)
+FAULT_AROUND = 64 << 10  # the kernel's fault_around_bytes: one read fault maps this window
 # pagemap entry bits (Documentation/admin-guide/mm/pagemap.rst)
 PM_PRESENT, PM_FILE, PM_EXCLUSIVE = 1 << 63, 1 << 61, 1 << 56
 
@@ -67,7 +69,8 @@ def _spare_bytes() -> int:
     return 1 << 62
 
 
-Plan = tuple[list[tuple[int, int]], list[tuple[int, int]]]  # a rehearsal's reads, writes
+Ranges = list[tuple[int, int]]  # [low, high) address ranges, ascending
+Plan = tuple[Ranges, Ranges]  # a rehearsal's reads, writes
 
 
 def _rehearse(heap: int, keep: set[str], plan: Plan | None = None) -> int:
@@ -139,14 +142,17 @@ def _rehearsal(heap: int, keep: set[str], plan: Plan | None = None) -> Iterator[
     yield pages
 
 
-def _warm_forked(ctl: int, keep: set[str], profile: bytes = b"") -> None:
+def _warm_forked(
+    ctl: int, keep: set[str], profile: bytes = b"", ranges: tuple[Ranges, Ranges] | None = None
+) -> None:
     """A forked member's copy-on-write faults, taken while it waits rather than in its job.
 
     Every page a forked member writes first is still its mother's: a guest page fault and a
     copy (~3 ms here). Its first program would take ~600 of them (the hand-over ~500, a small
-    program ~100, counted on a host); after this warm-up, ~150-250. The warm-up costs ~2,000
-    faults of its own, so it runs in steps, and stops as soon as a job is waiting on ``ctl``:
-    the member says ``ready`` first, and an exec never waits for a warm-up.
+    program ~100, counted on a host). The warm-up takes the profile's core only (the pages
+    every program takes: :func:`_ordered_profile`), in steps, and stops as soon as a job is
+    waiting on ``ctl``: the member says ``ready`` first, and an exec never waits for a
+    warm-up.
     """
     import _socket
 
@@ -164,22 +170,28 @@ def _warm_forked(ctl: int, keep: set[str], profile: bytes = b"") -> None:
     try:
         if pending():
             return
-        for _ in _warm_steps(keep, profile):
+        for _ in _warm_steps(keep, profile, ranges, whole=False):
             if pending():
                 return
     finally:
         sock.detach()
 
 
-def _warm_steps(keep: set[str], profile: bytes = b"") -> Iterator[int]:
+def _warm_steps(
+    keep: set[str],
+    profile: bytes = b"",
+    ranges: tuple[Ranges, Ranges] | None = None,
+    *,
+    whole: bool = True,
+) -> Iterator[int]:
     """Most faults saved per fault taken first (counted on a host): the reseed, then the
-    pages of the mother's fault ``profile``, each one a program would write (see
-    :func:`_profile_steps`); without one, the small programs, then the rehearsal (~550
-    faults to save ~200)."""
+    pages of the mother's fault ``profile``, each one a program would write or read (see
+    :func:`_profile_steps`, which the mother's ``ranges`` and ``whole`` are passed to);
+    without one, the small programs, then the rehearsal (~550 faults to save ~200)."""
     _reseed()  # random's and numpy's state, which the hand-over reseeds again
     yield 0
     if profile:
-        yield from _profile_steps(profile)
+        yield from _profile_steps(profile, *(ranges or (None, None)), whole=whole)
         return
     for source in _WARM_PROGRAMS:
         exec(compile(source, "<warm>", "exec", dont_inherit=True), {})
@@ -200,9 +212,55 @@ def _maps() -> list[tuple[int, int, bytes, bytes]]:
     return found
 
 
-def _private_writable() -> list[tuple[int, int]]:
+def _private_writable() -> Ranges:
     """This process's private writable mappings (``rw?p``), ascending."""
-    return [(low, high) for low, high, perms, _ in _maps() if perms[:2] + perms[3:] == b"rwp"]
+    return _mother_ranges()[0]
+
+
+def _mother_ranges() -> tuple[Ranges, Ranges]:
+    """This process's private writable mappings (``rw?p``) and its read-only private file
+    mappings (``r-?p`` of a path: program text and constants), each ascending: where a fault
+    profile's addresses may be written back, and where read (:func:`_profile_steps`)."""
+    writable: Ranges = []
+    readable: Ranges = []
+    for low, high, perms, name in _maps():
+        if perms[:2] + perms[3:] == b"rwp":
+            writable.append((low, high))
+        elif perms[:2] + perms[3:] == b"r-p" and name.startswith(b"/"):
+            readable.append((low, high))
+    return writable, readable
+
+
+def _read_pages() -> bytes:
+    """The read-only file pages this process mapped since its fork, one 8-byte address per
+    :data:`FAULT_AROUND` window: run by a probe at its end, beside :func:`_written_pages`.
+
+    A fork copies no page-table entries of a mapping that has no anonymous pages (the
+    kernel's ``vma_needs_copy``): a forked member maps each page of python3's and its
+    libraries' code afresh, a guest page fault per window its program reaches (~40,000
+    emulated instructions in a small program's exec here). So every such page present in
+    the probe was mapped by the probe; one read of a byte in its window, while a member
+    waits, maps the window as the program's own fault would have."""
+    page = os.sysconf("SC_PAGE_SIZE")
+    found = bytearray()
+    try:
+        readable = _mother_ranges()[1]
+        with open("/proc/self/pagemap", "rb", buffering=0) as pagemap:
+            for low, high in readable:
+                window = -1
+                for start in range(low, high, PAGEMAP_CHUNK * page):
+                    pagemap.seek(start // page * 8)
+                    entries = pagemap.read(min(PAGEMAP_CHUNK, (high - start) // page) * 8)
+                    for i in range(0, len(entries) - 7, 8):
+                        entry = int.from_bytes(entries[i : i + 8], "little")
+                        address = start + i // 8 * page
+                        mapped = entry & (PM_PRESENT | PM_FILE) == PM_PRESENT | PM_FILE
+                        if mapped and address // FAULT_AROUND != window:
+                            window = address // FAULT_AROUND
+                            found += address.to_bytes(8, "little")
+    except (OSError, ValueError):
+        return b""
+    return bytes(found)
 
 
 def _written_pages() -> bytes:
@@ -234,12 +292,19 @@ def _written_pages() -> bytes:
     return bytes(found)
 
 
-def _ordered_profile(handed: bytes, ran: bytes, ended: bytes) -> bytes:
+def _ordered_profile(handed: bytes, ran: bytes, ended: bytes, read: bytes = b"") -> bytes:
     """A probe's fault profile from its :func:`_written_pages` at three points (after the
-    hand-over, when its program returned, at its end), in the order a member should write
-    them: the hand-over's pages, then the ending's, which every program writes, then those
-    of the probe's own program. A refill warms up in steps that stop for a job, so the job
-    may find only the head of the list written. Cut at :data:`PROFILE_MAX_PAGES`."""
+    hand-over, when its program returned, at its end) and its :func:`_read_pages`, in the
+    order a member should take them: the hand-over's pages, then the ending's, which every
+    program writes, then the code pages read; :data:`CORE_END`; then the pages the probe's
+    own program wrote. A refill warms up in steps that stop for a job, so the job may find
+    only the head of the list taken. Cut at :data:`PROFILE_MAX_PAGES` entries.
+
+    The core is what a refill in a live sandbox takes (:func:`_profile_steps`): the probe's
+    program (``PROBE_PROGRAM``: sorting, dicts, json) wrote ~1,500 more pages, a guess at
+    what a program writes that costs a refill seconds of guest time in copy-on-write faults
+    (~2,000 in all, at ~2-3 ms each here) while a user's next exec waits for the fork after
+    it. The template's forked members, warmed before the snapshot, take the whole list."""
 
     def pages(data: bytes) -> list[bytes]:
         return [data[i : i + 8] for i in range(0, len(data) - 7, 8)]
@@ -247,36 +312,61 @@ def _ordered_profile(handed: bytes, ran: bytes, ended: bytes) -> bytes:
     first, before_end = set(pages(handed)), set(pages(ran))
     ending = [p for p in pages(ended) if p not in before_end]
     program = [p for p in pages(ran) if p not in first]
-    return b"".join([*pages(handed), *ending, *program][:PROFILE_MAX_PAGES])
+    order = [*pages(handed), *ending, *pages(read), CORE_END, *program]
+    return b"".join(order[:PROFILE_MAX_PAGES])
 
 
-def _profile_steps(profile: bytes) -> Iterator[int]:
-    """Write back, unchanged, one byte of each page in ``profile`` (:func:`_written_pages`
-    of a probe forked from this member's mother) that lies in a private writable mapping
-    here, in the list's order (:func:`_ordered_profile`), in steps of at most
+def _profile_steps(
+    profile: bytes,
+    ranges: Ranges | None = None,
+    readable: Ranges | None = None,
+    *,
+    whole: bool = True,
+) -> Iterator[int]:
+    """Take now, in the list's order (:func:`_ordered_profile`), the faults a program would
+    take at the pages of ``profile`` (a probe's, forked from this member's mother): write
+    back, unchanged, one byte of each page that lies in a private writable mapping here (a
+    copy-on-write fault), and read one byte of each that lies in a read-only file mapping
+    (a window of code mapped: :func:`_read_pages`), in steps of at most
     :data:`STEP_PAGES`, each yielding its count. The list is a hint, from another process:
-    an address that is not page-aligned or not in such a mapping is passed over, and at
-    most :data:`PROFILE_MAX_PAGES` are read. Writing a byte with its own value changes
-    nothing but who owns the page: a copy-on-write fault now, while the member waits (or,
-    in a template, before the snapshot), not in the program.
+    an address that is not page-aligned or not in such a mapping is passed over, and at most
+    :data:`PROFILE_MAX_PAGES` are read; unless ``whole``, only those before
+    :data:`CORE_END` (:func:`_ordered_profile`). Writing a byte with its own value changes nothing
+    but who owns the page: a copy-on-write fault now, while the member waits (or, in a
+    template, before the snapshot), not in the program.
 
     The byte is read and written back inside one C call (``memmove`` onto itself). Read by
     one bytecode and written by the next, it could be a byte the interpreter changed in
     between (this frame's value stack, a reference count): the stale value written back
     would corrupt it. A member forked in a CI run died so, three times in a row (a read
-    at 0x61 in ``_Py_CheckRecursiveCall``)."""
+    at 0x61 in ``_Py_CheckRecursiveCall``).
+
+    Which mappings are which is ``ranges`` and ``readable`` when given: the mother's
+    (:func:`_mother_ranges`, read once in the template, after her heap was trimmed). A
+    child has every mapping its mother had at the fork, and hers only grow from then on (her
+    heap is never trimmed again, her malloc never maps or unmaps: ``ember.agent.heap``), so
+    an address inside them is mapped here too. Reading ``/proc/self/maps`` in each refill
+    instead cost ~400,000 emulated instructions (~0.5 s here) a member."""
     import ctypes  # imported in the template already (_Flags)
 
     page = os.sysconf("SC_PAGE_SIZE")
-    ranges = _private_writable()
+    if ranges is None or readable is None:
+        ranges, readable = _mother_ranges()
     seen: set[int] = set()
     pages = 0
     for i in range(min(len(profile) // 8, PROFILE_MAX_PAGES)):
         address = int.from_bytes(profile[i * 8 : i * 8 + 8], "little")
-        if address % page or address in seen or not _within(ranges, address):
+        if address == 0 and not whole:
+            break
+        if address % page or address in seen:
+            continue
+        if _within(ranges, address):
+            ctypes.memmove(address, address, 1)
+        elif _within(readable, address):
+            ctypes.string_at(address, 1)
+        else:
             continue
         seen.add(address)
-        ctypes.memmove(address, address, 1)
         pages += 1
         if pages == STEP_PAGES:
             yield pages
@@ -284,7 +374,7 @@ def _profile_steps(profile: bytes) -> Iterator[int]:
     yield pages
 
 
-def _within(ranges: list[tuple[int, int]], address: int) -> bool:
+def _within(ranges: Ranges, address: int) -> bool:
     """``address`` lies in one of ``ranges`` (ascending, disjoint): a binary search."""
     low, high = 0, len(ranges)
     while low < high:
