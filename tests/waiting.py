@@ -1,11 +1,13 @@
 """Waiting in tests: for a condition (polled, with a deadline that names what never
-happened), and whether a process still runs."""
+happened), whether a process still runs, and the zygote's child forked ahead."""
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
 from pathlib import Path
+
+from ember.zygote_fork import AHEAD_NAME
 
 
 def wait_for(check: Callable[[], object], seconds: float, what: str, every: float = 0.05) -> None:
@@ -24,3 +26,28 @@ def alive(pid: int) -> bool:
     except OSError:
         return False
     return state != "Z"
+
+
+def children_forked_ahead(zygote_pid: int) -> list[int]:
+    """The zygote's children that wait for a request: named ``ember-ahead`` once detached
+    (a VMM is ``ember-vmm``), so a child not yet detached is not one yet."""
+    found = []
+    for pid in Path(f"/proc/{zygote_pid}/task/{zygote_pid}/children").read_text().split():
+        try:
+            if Path(f"/proc/{pid}/comm").read_text().strip() == AHEAD_NAME:
+                found.append(int(pid))
+        except OSError:
+            pass  # gone meanwhile
+    return found
+
+
+def forked_ahead(zygote_pid: int, seconds: float = 30) -> int:
+    """The zygote's one child forked ahead, once there is exactly one."""
+    found: list[int] = []
+
+    def one() -> bool:
+        found[:] = children_forked_ahead(zygote_pid)
+        return len(found) == 1
+
+    wait_for(one, seconds, f"one child forked ahead by {zygote_pid}", every=0.01)
+    return found[0]

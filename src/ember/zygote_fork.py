@@ -36,7 +36,7 @@ import sys
 import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, overload
 
 from ember.zygote_pages import Learner
 
@@ -99,6 +99,10 @@ class ForkAhead:
         self._sock = sock
         self._retry_at = 0.0
 
+    @overload
+    def wait_s(self, longest: float) -> float: ...
+    @overload
+    def wait_s(self, longest: None = None) -> float | None: ...
     def wait_s(self, longest: float | None = None) -> float | None:
         """How long the forking process may sleep (None: until something arrives): until a
         fork ahead or a sample is due, at most ``longest``."""

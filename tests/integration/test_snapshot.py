@@ -21,10 +21,10 @@ from ember.sandbox import Sandbox
 from ember.snapshot import MEMORY_FILE, STATE_FILE
 from ember.vmm import control
 from ember.zygote import Zygote
-from ember.zygote_fork import AHEAD_NAME, RECHECK_S
+from ember.zygote_fork import RECHECK_S
 from tests.fds import open_fds
 from tests.integration.conftest import Images, ember
-from tests.waiting import wait_for
+from tests.waiting import children_forked_ahead, wait_for
 
 COUNTER_PORT = 5000
 COUNTER = f"""
@@ -164,15 +164,12 @@ def test_a_restore_takes_the_memory_made_ahead_unless_the_template_changed(
 
 
 def _waiting_children_mapping(path: Path) -> list[int]:
-    """The zygote's children forked ahead (comm ``ember-ahead``) that map ``path``."""
-    zygote = Zygote.get()._proc.pid
+    """The zygote's children forked ahead that map ``path``."""
     found = []
-    for pid in Path(f"/proc/{zygote}/task/{zygote}/children").read_text().split():
+    for pid in children_forked_ahead(Zygote.get()._proc.pid):
         with contextlib.suppress(OSError):
-            if Path(f"/proc/{pid}/comm").read_text().strip() != AHEAD_NAME:
-                continue
             if str(path) in Path(f"/proc/{pid}/maps").read_text():
-                found.append(int(pid))
+                found.append(pid)
     return found
 
 

@@ -17,7 +17,7 @@ from ember.errors import SandboxError
 from ember.vmm.config import ProcessConfig, RestoreConfig
 from ember.zygote import Zygote, ZygoteChild
 from ember.zygote_fork import fits
-from tests.waiting import alive, wait_for
+from tests.waiting import alive, forked_ahead, wait_for
 
 
 def restore(snapshot: Path) -> ProcessConfig:
@@ -131,20 +131,9 @@ def test_threads_that_all_see_the_exit_collect_it_once(tmp_path: Path) -> None:
             os.close(sentinel)
 
 
-def _children(pid: int) -> set[int]:
-    with open(f"/proc/{pid}/task/{pid}/children") as f:
-        return {int(p) for p in f.read().split()}
-
-
-def _forked_ahead(zygote: Zygote, timeout: float = 30) -> int:
+def _forked_ahead(zygote: Zygote) -> int:
     """The zygote's one child that waits for a request (forked whenever none waits)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        waiting = [p for p in _children(zygote._proc.pid) if os.getsid(p) == p]
-        if len(waiting) == 1:
-            return waiting[0]
-        time.sleep(0.01)
-    raise AssertionError(f"no child forked ahead: {_children(zygote._proc.pid)}")
+    return forked_ahead(zygote._proc.pid)
 
 
 def _jailed_spawn(zygote: Zygote, tmp_path: Path, name: str) -> ZygoteChild:

@@ -24,6 +24,7 @@ from ember.zygote_pages import (
     populate,
     writable_ranges,
 )
+from tests.waiting import forked_ahead
 
 MAPS = """\
 55d0c0000000-55d0c0002000 r--p 00000000 08:01 123 /usr/bin/python3.11
@@ -176,17 +177,6 @@ def _exclusive(pid: int, zygote_pid: int) -> set[int]:
         os.close(fd)
 
 
-def _ahead(zygote_pid: int) -> int:
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        with open(f"/proc/{zygote_pid}/task/{zygote_pid}/children") as f:
-            waiting = [int(p) for p in f.read().split() if os.getsid(int(p)) == int(p)]
-        if len(waiting) == 1:
-            return waiting[0]
-        time.sleep(0.01)
-    raise AssertionError("no child forked ahead")
-
-
 def test_the_zygotes_child_forked_ahead_has_written_what_its_children_write(
     tmp_path: Path,
 ) -> None:
@@ -195,7 +185,7 @@ def test_the_zygotes_child_forked_ahead_has_written_what_its_children_write(
     Zygote._instance = None  # a zygote of this test's own: it learns from these children only
     zygote = Zygote.get()
     zpid = zygote._proc.pid
-    before = len(_exclusive(_ahead(zpid), zpid))
+    before = len(_exclusive(forked_ahead(zpid), zpid))
     written = []
     for name in ("a", "b", "c"):
         state, config = _restore(tmp_path, name)
@@ -206,7 +196,7 @@ def test_the_zygotes_child_forked_ahead_has_written_what_its_children_write(
         child.kill()
         assert child.wait(30) == -9
     time.sleep(0.2)
-    ahead = _exclusive(_ahead(zpid), zpid)
+    ahead = _exclusive(forked_ahead(zpid), zpid)
     common = written[1] & written[2]
     assert len(common) > 64 and len(ahead) > before + 64, (len(common), before, len(ahead))
     assert len(ahead & common) >= 0.8 * len(common), (len(ahead & common), len(common))

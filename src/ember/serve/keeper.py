@@ -63,8 +63,7 @@ def serve(path: Path) -> None:
     while True:
         if served and not clients and not exit_files:
             break
-        wait = ahead.wait_s(1.0)
-        events = poller.poll(1000 if wait is None else wait * 1000)
+        events = poller.poll(ahead.wait_s(1.0) * 1000)
         if not events:
             ahead.idle(exit_files)
         for fd, _event in events:
