@@ -26,6 +26,7 @@ STEP_PAGES = 64  # of a forked member's warm-up between two looks for a job (~0.
 REHEARSED_HEAP = 2 << 20  # of the pre-faulted block, what a rehearsal writes (see _rehearse)
 MAX_BSS = 4 << 20  # an unnamed mapping after a library's data bigger than this is not its .bss
 PROFILE_MAX_PAGES = 8192  # of a fault profile (8 bytes each): a longer list is cut here
+WARM_SEED = b"ember: a warm-up's seed, replaced at every hand-over"
 CORE_END = bytes(8)  # in a fault profile, after the pages every program takes (address 0)
 PAGEMAP_CHUNK = 1 << 16  # entries read at a time (a mapping may reserve gigabytes)
 FAULT_AROUND = 64 << 10  # the kernel's fault_around_bytes: one read fault maps this window
@@ -188,7 +189,10 @@ def _warm_steps(
     pages of the mother's fault ``profile``, each one a program would write or read (see
     :func:`_profile_steps`, which the mother's ``ranges`` and ``whole`` are passed to);
     without one, the small programs, then the rehearsal (~550 faults to save ~200)."""
-    _reseed()  # random's and numpy's state, which the hand-over reseeds again
+    # random's and numpy's state, which the hand-over reseeds again (with the job's seed, so
+    # the warm-up's may be a constant): a seed given takes the hand-over's own path, and
+    # asks the kernel for no entropy (~50,000 emulated instructions of ChaCha otherwise).
+    _reseed(WARM_SEED)
     yield 0
     if profile:
         yield from _profile_steps(profile, *(ranges or (None, None)), whole=whole)
