@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from ember.agent import pool, pywarm
+from ember.agent import pywarm
 from ember.agent.poolprobe import MAX_PROFILE_BYTES, valid_profile
 
 PAGE = mmap.PAGESIZE
@@ -332,5 +332,5 @@ def test_a_live_refill_takes_the_profiles_core_and_a_template_member_all_of_it(
 
     assert _in_child(child, 0) == (1, [True, False])
     assert _in_child(child, 1) == (2, [True, True])
-    assert pool._core_pages(profile) == 1
-    assert pool._core_pages(profile[:8]) == 1  # an older profile, no end marked: all of it
+    assert pywarm.core_length(profile) == 1
+    assert pywarm.core_length(profile[:8]) == 1  # an older profile, no end marked: all of it

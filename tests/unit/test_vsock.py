@@ -983,3 +983,23 @@ def test_a_quiet_connection_is_resumed_by_a_new_host_client(
     finally:
         fresh.close()
         client.close()
+
+
+def test_rx_buffers_counts_what_the_driver_posted_and_no_packet_used(
+    guest: FakeGuest, uds: Path, dev: Vsock
+) -> None:
+    """The count a template build tops up before its snapshot (template_warm.top_up_rx)."""
+    assert dev.counters()["rx_buffers"] == 0
+    assert dev.counters()["rx_queue_size"] == QUEUE_SIZES[RX_QUEUE]
+    guest.give_rx(10)
+    assert dev.counters()["rx_buffers"] == 10
+    client, local = host_connect(guest, uds, 52)  # the REQUEST takes one buffer
+    client.sendall(b"hello")
+    assert guest_data(guest, local, 52, 5) == b"hello"
+    guest.poll()
+    left = guest.outstanding  # given, less those the device returned used
+    assert left <= 8  # the REQUEST and the data, at least
+    assert dev.counters()["rx_buffers"] == left
+    guest.give_rx(5)
+    assert dev.counters()["rx_buffers"] == left + 5
+    client.close()

@@ -64,7 +64,7 @@ from ember.agent.member import (
 )
 from ember.agent.poolfill import DEFAULT_SIZE, IDLE_S, STARTED, PoolFiller, PoolState
 from ember.agent.pyargs import plan
-from ember.agent.pywarm import CORE_END
+from ember.agent.pywarm import core_length
 
 __all__ = ["DEFAULT_SIZE", "IDLE_S", "STARTED", "InterpreterPool", "PoolState"]
 
@@ -194,7 +194,7 @@ class InterpreterPool(PoolFiller):
                 "mother": self._mother is not None,
                 "forked": self.forked,
                 "profile": len(self.profile) // 8,  # pages forked members take as they wait
-                "profile_core": _core_pages(self.profile),  # what a live refill takes
+                "profile_core": core_length(self.profile),  # what a live refill takes
                 "mother_error": self.mother_error,
                 "error": self.last_error,
             }
@@ -392,11 +392,3 @@ class InterpreterPool(PoolFiller):
 def _heap(member: Member) -> int:
     """The heap a member pre-faulted: programs go to the biggest first (see take)."""
     return int(member.info.get("heap", 0))
-
-
-def _core_pages(profile: bytes) -> int:
-    """Entries of a fault profile before its ``CORE_END`` (all of them if it has none)."""
-    for i in range(0, len(profile) - 7, 8):
-        if profile[i : i + 8] == CORE_END:
-            return i // 8
-    return len(profile) // 8

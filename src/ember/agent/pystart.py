@@ -168,7 +168,7 @@ def wait(argv: list[str], boot_globals: dict[str, Any], baseline: set[str]) -> J
         try:
             ranges = _mother_ranges()
         except (OSError, ValueError):
-            ranges = None  # each member reads its own
+            pass  # ranges stay None: each member reads its own
         # Returns only in each interpreter this one forks: that carries on below as a member.
         ctl, heap, warm_first, profile = _mother(ctl)
         # The mother's file: this member marks its own. What a program gets back is what the

@@ -195,7 +195,7 @@ def _warm_steps(
     _reseed(WARM_SEED)
     yield 0
     if profile:
-        yield from _profile_steps(profile, *(ranges or (None, None)), whole=whole)
+        yield from _profile_steps(profile, ranges, whole=whole)
         return
     for source in _WARM_PROGRAMS:
         exec(compile(source, "<warm>", "exec", dont_inherit=True), {})
@@ -245,23 +245,14 @@ def _read_pages() -> bytes:
     emulated instructions in a small program's exec here). So every such page present in
     the probe was mapped by the probe; one read of a byte in its window, while a member
     waits, maps the window as the program's own fault would have."""
-    page = os.sysconf("SC_PAGE_SIZE")
     found = bytearray()
+    window = -1
     try:
-        readable = _mother_ranges()[1]
-        with open("/proc/self/pagemap", "rb", buffering=0) as pagemap:
-            for low, high in readable:
-                window = -1
-                for start in range(low, high, PAGEMAP_CHUNK * page):
-                    pagemap.seek(start // page * 8)
-                    entries = pagemap.read(min(PAGEMAP_CHUNK, (high - start) // page) * 8)
-                    for i in range(0, len(entries) - 7, 8):
-                        entry = int.from_bytes(entries[i : i + 8], "little")
-                        address = start + i // 8 * page
-                        mapped = entry & (PM_PRESENT | PM_FILE) == PM_PRESENT | PM_FILE
-                        if mapped and address // FAULT_AROUND != window:
-                            window = address // FAULT_AROUND
-                            found += address.to_bytes(8, "little")
+        for address, entry in _pagemap_entries(_mother_ranges()[1]):
+            mapped = entry & (PM_PRESENT | PM_FILE) == PM_PRESENT | PM_FILE
+            if mapped and address // FAULT_AROUND != window:
+                window = address // FAULT_AROUND
+                found += address.to_bytes(8, "little")
     except (OSError, ValueError):
         return b""
     return bytes(found)
@@ -277,23 +268,29 @@ def _written_pages() -> bytes:
     mother's too, so a present, anonymous page mapped by this process alone was copied (or
     first touched) by it. Empty where there is no pagemap (a kernel without
     ``CONFIG_PROC_PAGE_MONITOR``): the members then warm up without a profile."""
-    page = os.sysconf("SC_PAGE_SIZE")
     wanted = PM_PRESENT | PM_FILE | PM_EXCLUSIVE
     found = bytearray()  # one buffer: a probe's own allocations are pages in its profile too
     try:
-        ranges = _private_writable()
-        with open("/proc/self/pagemap", "rb", buffering=0) as pagemap:
-            for low, high in ranges:
-                for start in range(low, high, PAGEMAP_CHUNK * page):
-                    pagemap.seek(start // page * 8)
-                    entries = pagemap.read(min(PAGEMAP_CHUNK, (high - start) // page) * 8)
-                    for i in range(0, len(entries) - 7, 8):
-                        entry = int.from_bytes(entries[i : i + 8], "little")
-                        if entry & wanted == PM_PRESENT | PM_EXCLUSIVE:
-                            found += (start + i // 8 * page).to_bytes(8, "little")
-    except OSError:
+        for address, entry in _pagemap_entries(_private_writable()):
+            if entry & wanted == PM_PRESENT | PM_EXCLUSIVE:
+                found += address.to_bytes(8, "little")
+    except (OSError, ValueError):
         return b""
     return bytes(found)
+
+
+def _pagemap_entries(ranges: Ranges) -> Iterator[tuple[int, int]]:
+    """Each page of ``ranges`` and its ``/proc/self/pagemap`` entry (kernel
+    ``Documentation/admin-guide/mm/pagemap.rst``: 64 bits, ``PM_PRESENT``, ``PM_FILE``...),
+    read :data:`PAGEMAP_CHUNK` entries at a time. Raises OSError where there is no pagemap."""
+    page = os.sysconf("SC_PAGE_SIZE")
+    with open("/proc/self/pagemap", "rb", buffering=0) as pagemap:
+        for low, high in ranges:
+            for start in range(low, high, PAGEMAP_CHUNK * page):
+                pagemap.seek(start // page * 8)
+                entries = pagemap.read(min(PAGEMAP_CHUNK, (high - start) // page) * 8)
+                for i in range(0, len(entries) - 7, 8):
+                    yield start + i // 8 * page, int.from_bytes(entries[i : i + 8], "little")
 
 
 def _ordered_profile(handed: bytes, ran: bytes, ended: bytes, read: bytes = b"") -> bytes:
@@ -320,10 +317,18 @@ def _ordered_profile(handed: bytes, ran: bytes, ended: bytes, read: bytes = b"")
     return b"".join(order[:PROFILE_MAX_PAGES])
 
 
+def core_length(profile: bytes) -> int:
+    """Entries of a fault profile before its :data:`CORE_END` (all of them if it has none):
+    what a refill in a live sandbox takes (:func:`_profile_steps` unless ``whole``)."""
+    for i in range(0, len(profile) - 7, 8):
+        if profile[i : i + 8] == CORE_END:
+            return i // 8
+    return len(profile) // 8
+
+
 def _profile_steps(
     profile: bytes,
-    ranges: Ranges | None = None,
-    readable: Ranges | None = None,
+    mother: tuple[Ranges, Ranges] | None = None,
     *,
     whole: bool = True,
 ) -> Iterator[int]:
@@ -345,7 +350,7 @@ def _profile_steps(
     would corrupt it. A member forked in a CI run died so, three times in a row (a read
     at 0x61 in ``_Py_CheckRecursiveCall``).
 
-    Which mappings are which is ``ranges`` and ``readable`` when given: the mother's
+    Which mappings are which (writable, readable) is ``mother`` when given: the mother's
     (:func:`_mother_ranges`, read once in the template, after her heap was trimmed). A
     child has every mapping its mother had at the fork, and hers only grow from then on (her
     heap is never trimmed again, her malloc never maps or unmaps: ``ember.agent.heap``), so
@@ -354,14 +359,12 @@ def _profile_steps(
     import ctypes  # imported in the template already (_Flags)
 
     page = os.sysconf("SC_PAGE_SIZE")
-    if ranges is None or readable is None:
-        ranges, readable = _mother_ranges()
+    ranges, readable = mother if mother is not None else _mother_ranges()
     seen: set[int] = set()
     pages = 0
-    for i in range(min(len(profile) // 8, PROFILE_MAX_PAGES)):
+    entries = len(profile) // 8 if whole else core_length(profile)
+    for i in range(min(entries, PROFILE_MAX_PAGES)):
         address = int.from_bytes(profile[i * 8 : i * 8 + 8], "little")
-        if address == 0 and not whole:
-            break
         if address % page or address in seen:
             continue
         if _within(ranges, address):
