@@ -101,16 +101,36 @@ class Trace:
         _write("trace", "")
 
 
+def workload_parser(doc: str | None, *, runs: int, top: int) -> argparse.ArgumentParser:
+    """The arguments of a traced workload (this script's and ``shadow.py``'s): which, how many
+    runs, when after the restore (``--settle``, or a second run ``--gap`` S after the first),
+    and how many lines of each ranking to print."""
+    parser = argparse.ArgumentParser(description=(doc or "").splitlines()[0])
+    parser.add_argument("workload")
+    parser.add_argument("--runs", type=int, default=runs)
+    parser.add_argument("--settle", type=float, default=0.5, help="seconds after the restore")
+    parser.add_argument("--gap", type=float, default=None, help="trace a second run after S s")
+    parser.add_argument("--top", type=int, default=top)
+    return parser
+
+
+def settled_job(sb: Sandbox, name: str, settle: float, gap: float | None) -> Callable[[], object]:
+    """Workload ``name`` in ``sb``, ready to trace: ``settle`` seconds after the restore, or
+    its second run, ``gap`` seconds after a first one."""
+    job = workload(name, sb)
+    time.sleep(settle)
+    if gap is not None:
+        job()
+        time.sleep(gap)
+    return job
+
+
 def traced_workload(name: str, settle: float, gap: float | None) -> Callable[[], int]:
     """A run: trace ``name`` in a new sandbox; KVM's insn_emulation count for it."""
 
     def run() -> int:
         with Sandbox() as sb:
-            job = workload(name, sb)
-            time.sleep(settle)
-            if gap is not None:
-                job()
-                time.sleep(gap)
+            job = settled_job(sb, name, settle, gap)
             assert sb._vmm.vmm_pid is not None
             with Trace([sb._vmm.vmm_pid]):
                 before = emulated(sb)
@@ -143,12 +163,7 @@ def first_run_code() -> int | None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("workload")
-    parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--settle", type=float, default=0.5, help="seconds after the restore")
-    parser.add_argument("--gap", type=float, default=None, help="trace a second run after S s")
-    parser.add_argument("--top", type=int, default=40)
+    parser = workload_parser(__doc__, runs=3, top=40)
     parser.add_argument("--buffer-mib", type=int, default=64, help="trace buffer per CPU")
     parser.add_argument("--sequence", type=Path, default=None, help="the last run's path")
     args = parser.parse_args()
