@@ -28,6 +28,7 @@ IDLE_WINDOW_S = 0.2
 POLL_LINGER_S = 60.0  # the worker polls this long: the snapshot is taken well within it
 POLL_SETTLE_S = 0.3
 IDLE_CPU_S = 0.002
+RX_FULL_MARGIN = 8  # receive buffers a queue may lack and count as full (top_up_rx)
 
 
 _PRELOAD_CHECK = """
@@ -201,20 +202,25 @@ def top_up_rx(vmm: VmmProcess, client: AgentClient) -> int:
 
     Linux's driver refills that queue only when fewer than half of its buffers are left, and
     then all of them at once: ~150,000 emulated instructions (~0.15 s here) of skb and page
-    allocation. A template built without care was snapshotted just above the mark, so every
-    restored sandbox paid the refill in its second request (its second Python exec took
-    0.35-0.45 s where the first took 0.2). Pings use one buffer each; the one that crosses the
-    mark makes the guest refill here, once, and restored sandboxes have ~128 requests before
-    theirs. Bounded by the queue's size: a driver that never refills just gets its pings."""
+    allocation. A template built without care was snapshotted wherever its build left the
+    count, so every restored sandbox paid the refill in one of its first requests (which one
+    depended on the build: the second Python exec took 0.35-0.45 s where the first took 0.2,
+    in one template the first). Pings use one buffer each: unless the queue is all but full,
+    they go on until the driver refills it, here, once, so that every build leaves the same
+    count and restored sandboxes have ~90 requests before theirs. Bounded by the queue's
+    size: a driver that never refills just gets its pings."""
     found = rx_buffers(vmm)
     if found is None:
         return 0
-    size = found[1]
-    for sent in range(size + 1):
-        found = rx_buffers(vmm)
-        if found is None or found[0] > size * 3 // 4:
-            return sent
+    last, size = found
+    if last >= size - RX_FULL_MARGIN:
+        return 0
+    for sent in range(1, size + 2):
         client.ping()
+        found = rx_buffers(vmm)
+        if found is None or found[0] > last:  # refilled (or no longer counted)
+            return sent
+        last = found[0]
     return size + 1
 
 

@@ -113,7 +113,7 @@ def default_key(spec: SandboxSpec) -> str:
         ("cpu_features", resolve_template(spec.cpu_template).signature()),
         ("cmdline", DEFAULT_CMDLINE),
         ("format", FORMAT_VERSION), ("agent", " ".join(agent_argv(spec))),
-        ("warm", "worker sockets, page cache, vsock rx topped up, code ring polling"),  # wait_warm
+        ("warm", "worker sockets, page cache, vsock rx refilled, code ring polling"),  # wait_warm
         ("prefault", template_prefault.FIRST_CALLS),
         ("huge", template_prefault.HUGE_PAGES),
         ("devices", "rootfs vsock balloon" + (" net" if spec.network is not None else "")),
