@@ -207,7 +207,7 @@ def top_up_rx(vmm: VmmProcess, client: AgentClient) -> int:
     depended on the build: the second Python exec took 0.35-0.45 s where the first took 0.2,
     in one template the first). Pings use one buffer each: unless the queue is all but full,
     they go on until the driver refills it, here, once, so that every build leaves the same
-    count and restored sandboxes have ~90 requests before theirs. Bounded by the queue's
+    count and restored sandboxes have ~127 requests before theirs. Bounded by the queue's
     size: a driver that never refills just gets its pings."""
     found = rx_buffers(vmm)
     if found is None:

@@ -125,7 +125,7 @@ class Vsock(VirtioDevice):
         """How many receive buffers the driver has posted that no packet has used yet.
 
         Linux's driver tops its rx queue up only when fewer than half of its buffers are left
-        (``virtio_vsock_rx_fill``), ~128 buffers at once: ~100,000 instructions of emulated
+        (``virtio_vsock_rx_fill``), ~128 buffers at once: ~150,000 instructions of emulated
         guest kernel here, paid by whichever request crosses the mark. A template snapshot
         taken just after a top-up puts that ~128 packets past a restored sandbox's first
         requests (:func:`ember.template_warm.top_up_rx`)."""
