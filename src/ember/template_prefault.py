@@ -9,6 +9,10 @@ snapshot directory keeps them for every later restore. The calls go through the 
 so the pages are those of the real first call: the resume, the code worker's reply over its
 ring, the agent's answer to a ``ping``.
 
+The same copy then runs a program, ``exec python3 -c pass`` (a pre-started interpreter takes
+it), and the pages that wrote beyond the first calls' go into a second file that restores
+copy only when a sandbox's first exec comes (:data:`ember.snapshot.prefault.EXEC_FILE`).
+
 The same restored copy also says where the warm heaps' 2 MiB guest pages are (agent op
 ``pool`` ``huge``); the zero ones go into the snapshot directory for
 :mod:`ember.snapshot.hugeback`, which backs them with host huge pages at every restore.
@@ -24,15 +28,17 @@ from ember.launcher import VmmProcess
 from ember.snapshot import MEMORY_FILE, hugeback, prefault
 from ember.spec import SandboxSpec
 
-__all__ = ["FIRST_CALLS", "HUGE_PAGES", "record"]
+__all__ = ["FIRST_CALLS", "FIRST_PROGRAM", "HUGE_PAGES", "record"]
 
-FIRST_CALLS = "run_code('6*7'), ping"  # part of the template key: a change rebuilds templates
+# Part of the template key: a change rebuilds templates.
+FIRST_CALLS = "run_code('6*7'), ping; later: exec python3 -c pass"
 HUGE_PAGES = "warm heaps' zero 2 MiB pages, op pool huge"  # the same
+FIRST_PROGRAM = ["python3", "-c", "pass"]  # the first exec whose pages EXEC_FILE holds
 
 
-def record(staging: Path, spec: SandboxSpec, name: str) -> tuple[int, int]:
-    """Restore ``staging``, make the first calls, write its prefault and huge-pages files;
-    the pages and the 2 MiB chunks recorded.
+def record(staging: Path, spec: SandboxSpec, name: str) -> tuple[int, int, int]:
+    """Restore ``staging``, make the first calls and a first exec, write its prefault and
+    huge-pages files; the pages (first calls, first exec) and the 2 MiB chunks recorded.
 
     A snapshot that cannot be restored, or whose first call fails, fails the build here
     (in one line) rather than in every sandbox later.
@@ -52,8 +58,15 @@ def record(staging: Path, spec: SandboxSpec, name: str) -> tuple[int, int]:
             pid = vmm.vmm_pid
             if pid is None:
                 raise BuildError(f"template {name}: the restored VMM has no process")
-            pages = prefault.written_pages(pid, staging / MEMORY_FILE)
+            memory_file = staging / MEMORY_FILE
+            pages = prefault.written_pages(pid, memory_file)
             huge = client.pool_huge()  # after the pages: its own writes are not a first call's
+            before = set(prefault.written_pages(pid, memory_file))
+            ran = client.exec(FIRST_PROGRAM, timeout=spec.boot_timeout)
+            if ran.exit_code != 0:
+                raise BuildError(f"template {name}: a restored sandbox's first exec failed")
+            # Read at once: the pool's refill (after 0.2 s idle) writes pages of its own.
+            exec_pages = sorted(set(prefault.written_pages(pid, memory_file)) - before)
         except EmberError as exc:
             if isinstance(exc, BuildError):
                 raise
@@ -63,7 +76,7 @@ def record(staging: Path, spec: SandboxSpec, name: str) -> tuple[int, int]:
     finally:
         vmm.close()
     prefault.write(staging, prefault.runs_of(pages))
-    memory_file = staging / MEMORY_FILE
+    prefault.write(staging, prefault.runs_of(exec_pages), prefault.EXEC_FILE)
     chunks = hugeback.holes(memory_file, memory_file.stat().st_size, sorted(set(huge)))
     hugeback.write(staging, chunks)
-    return len(pages), len(chunks)
+    return len(pages), len(exec_pages), len(chunks)

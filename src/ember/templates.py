@@ -173,13 +173,16 @@ def build(
             finally:
                 vmm.close()
             with progress.step(f"template {name}: record a restored sandbox's first call"):
-                prefault_pages, huge_chunks = template_prefault.record(staging, spec, name)
+                prefault_pages, exec_pages, huge_chunks = template_prefault.record(
+                    staging, spec, name
+                )
             meta = {
                 "name": name, "created": time.time(), "from": "image", "snapshot": timings,
                 "network": spec.network is not None, "inputs": default_key(spec),
                 "rootfs": str(resolve_images(spec)[1]), "preload": list(preload),
                 "pool": spec.pool, "heap_mib": spec.heap_mib,  # None: the agent's defaults
-                "prefault_pages": prefault_pages, "huge_chunks": huge_chunks,
+                "prefault_pages": prefault_pages, "prefault_exec_pages": exec_pages,
+                "huge_chunks": huge_chunks,
                 **(extra_meta or {}),
             }  # fmt: skip
             (staging / META_FILE).write_text(json.dumps(meta))

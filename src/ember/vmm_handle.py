@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ember import protocol
-from ember.errors import ConfigError, SandboxCrashed, SandboxError
+from ember.errors import ConfigError, EmberError, SandboxCrashed, SandboxError
 from ember.zygote import ZygoteChild
 
 if TYPE_CHECKING:
@@ -77,6 +77,20 @@ class VmmHandle:
     _listeners: dict[int, socket.socket]  # listen(): the caller's, by port
     cgroup: SandboxCgroup | None
     network: SandboxNetwork | None
+
+    exec_prefaulted = False  # prefault_exec asked (a class default: no constructor sets it)
+
+    def prefault_exec(self) -> None:
+        """Before this sandbox's first exec: have the VMM copy the pages a first program
+        writes (:data:`ember.snapshot.prefault.EXEC_FILE`: ~5 ms of copying on the host
+        instead of ~1,300 copy-on-write and shadow faults in the guest's exec). Once; best
+        effort: a VMM that cannot (gone, or too old for the op) leaves them to be faulted,
+        and the exec that follows says what is wrong, if anything is."""
+        if self.exec_prefaulted:
+            return
+        self.exec_prefaulted = True
+        with contextlib.suppress(EmberError):
+            self.control("prefault-exec")
 
     def control(self, op: str, **args: Any) -> dict[str, Any]:
         """One request to the VMM's control socket (see ember.vmm.control)."""

@@ -40,6 +40,12 @@ def test_a_written_file_reads_back(tmp_path: Path) -> None:
     assert prefault.read(tmp_path, 16 * PAGE_SIZE) == [(0, 2), (10, 5)]
 
 
+def test_the_first_exec_set_is_a_file_of_its_own(tmp_path: Path) -> None:
+    prefault.write(tmp_path, [(3, 4)], prefault.EXEC_FILE)
+    assert prefault.read(tmp_path, 16 * PAGE_SIZE, prefault.EXEC_FILE) == [(3, 4)]
+    assert prefault.read(tmp_path, 16 * PAGE_SIZE) == []  # the first calls' file is apart
+
+
 def test_no_file_is_no_runs(tmp_path: Path) -> None:
     assert prefault.read(tmp_path, 16 * PAGE_SIZE) == []
 

@@ -269,12 +269,19 @@ class AsyncSandbox:
         """A lifetime is for sandboxes of a daemon (the SDK's ``Sandbox(server=...)``)."""
         raise ConfigError("set_timeout needs a sandbox of a daemon: use Sandbox(server=...)")
 
+    async def _prefault_exec(self) -> None:
+        """An exec's first step (``VmmHandle.prefault_exec``), off the event loop."""
+        vmm = self._require()
+        if not vmm.exec_prefaulted:
+            await asyncio.to_thread(vmm.prefault_exec)
+
     async def ping(self) -> dict[str, Any]:
         return await self._call(self._client.ping)
 
     @takes(ExecArgs)
     async def exec(self, a: ExecArgs) -> ExecResult:
         """Run ``cmd`` and wait for it; see ``Sandbox.exec``."""
+        await self._prefault_exec()
         return await self._call(self._client.exec, a.cmd, timeout=a.timeout, env=a.env,
                                 cwd=a.cwd, stdin=a.stdin, max_output=a.max_output,
                                 files=a.files)  # fmt: skip
@@ -282,6 +289,7 @@ class AsyncSandbox:
     @takes(StreamArgs)
     async def exec_stream(self, a: StreamArgs) -> AsyncIterator[OutputChunk]:
         """Stdout/stderr chunks as they are produced; see ``Sandbox.exec_stream``."""
+        await self._prefault_exec()
         stream = self._client.exec_stream(a.cmd, timeout=a.timeout, env=a.env, cwd=a.cwd,
                                           stdin=a.stdin, files=a.files)  # fmt: skip
         async with self._guard(), stream:

@@ -160,6 +160,7 @@ def _make(key: Hashable) -> Spare[Warm]:
         with descriptors_checked():
             client.run_code(f"bytearray({WARM_HEAP_MIB} << 20) and None")
             client.ping()
+            vmm.prefault_exec()  # the pages of a first program, which the rehearsal writes
             with contextlib.suppress(AgentError):  # an agent from before "pool" "warm"
                 client.warm_pool()
             conn = client.take_kept()

@@ -228,12 +228,14 @@ class Sandbox(Closing):
 
         More than ``max_output`` bytes of output (stdout and stderr together) stops the
         command and raises OutputTooLarge: use :meth:`exec_stream` for big outputs."""
+        self._live().prefault_exec()
         return self._call(self._client.exec, a.cmd, timeout=a.timeout, env=a.env, cwd=a.cwd,
                           stdin=a.stdin, max_output=a.max_output, files=a.files)  # fmt: skip
 
     @takes(StreamArgs)
     def exec_stream(self, a: StreamArgs) -> Iterator[OutputChunk]:
         """Yield stdout/stderr chunks as they are produced; the generator's return is the result."""
+        self._live().prefault_exec()
         stream = self._call(self._client.exec_stream, a.cmd, timeout=a.timeout, env=a.env,
                             cwd=a.cwd, stdin=a.stdin, files=a.files)  # fmt: skip
         return self._guarded_stream(stream)

@@ -27,7 +27,7 @@ from ember.errors import ConfigError, SnapshotError
 from ember.kvm import abi
 from ember.kvm.system import Kvm, Vcpu, Vm
 from ember.memory import GuestMemory
-from ember.snapshot import STATE_FILE, premade
+from ember.snapshot import STATE_FILE, prefault, premade
 from ember.snapshot.format import read_state, unblob
 from ember.snapshot.kvm_state import needs_pit, restore_vm
 from ember.vmm.config import VmConfig
@@ -156,6 +156,7 @@ def restore_machine(
         cpuids = [[unblob(abi.kvm_cpuid_entry2, e) for e in v["cpuid"]] for v in state["vcpus"]]
         restore_vm(parts.vm, state["vm"])
         machine = _finish(config, parts, memory, vcpus, cpuids, console)
+        machine.exec_prefault = prefault.read(directory, mem_size, prefault.EXEC_FILE)
         if ahead is not None:  # what of this restore the child forked ahead made
             machine.made_ahead = ["memory"]
             if taken is not None:

@@ -9,6 +9,8 @@ the event thread (so no device callback runs during a snapshot)::
     {"op": "profile-start", "hz": 1000} / {"op": "profile-stop"} -> RIP samples (vmm/profiler)
     {"op": "kvm-stats"}  ->  {"ok": true, "vm": {...}, "vcpus": {...}}: KVM's counters
                        (ember.kvm.stats), the vCPUs' summed
+    {"op": "prefault-exec"}  ->  {"ok": true, "pages": N}: copy the pages a first exec writes
+                       (ember.snapshot.prefault.EXEC_FILE), once; N is 0 afterwards
     {"op": "shm"}  ->  {"ok": true, "base": ..., "size": ...} + the memory channels' memfd
                        and one doorbell eventfd per slot (see ember.vmm.shm)
 
@@ -118,6 +120,8 @@ class ControlServer:
                     return {"ok": False, "error": "this VM has no memory channels (no vsock)"}
                 self._reply_fds = shm.fds()
                 return {"ok": True, **shm.describe()}
+            if op == "prefault-exec":  # the SDK, before a sandbox's first exec
+                return {"ok": True, "pages": self.machine.prefault_exec()}
             if op == "pause":
                 self.machine.pause()
                 return {"ok": True}

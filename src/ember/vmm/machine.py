@@ -69,6 +69,9 @@ class Machine:
         # What of a restore was made before its request (snapshot.premade, vmm.vm_shell):
         # "memory", "vm", "vcpus".
         self.made_ahead: list[str] = []
+        # The pages a first exec writes (ember.snapshot.prefault.EXEC_FILE), as (first page,
+        # count) runs of the memory file, copied once when asked (prefault_exec).
+        self.exec_prefault: list[tuple[int, int]] = []
         self.state = VmState.CREATED
         self._stops: queue.Queue[StopReason] = queue.Queue()
         self._lock = threading.Lock()
@@ -188,6 +191,19 @@ class Machine:
             "vm": vm.read(),
             "vcpus": stats_total([v.read() for v in vcpus], vcpus[0].kinds if vcpus else {}),
         }
+
+    def prefault_exec(self) -> int:
+        """Copy the pages a first exec writes, once, while the guest runs (a page it wrote
+        meanwhile is already its own and stays as it is); the pages copied, 0 after the
+        first call or when none were recorded. Under the lock that :meth:`close` takes, so
+        the memory is never unmapped under the copy."""
+        from ember.snapshot.prefault import populate
+
+        with self._lock:
+            runs, self.exec_prefault = self.exec_prefault, []
+            if not runs or self.state is VmState.STOPPED:
+                return 0
+            return populate(self.memory, runs)
 
     @property
     def paused(self) -> bool:
