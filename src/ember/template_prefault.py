@@ -9,9 +9,10 @@ snapshot directory keeps them for every later restore. The calls go through the 
 so the pages are those of the real first call: the resume, the code worker's reply over its
 ring, the agent's answer to a ``ping``.
 
-The same copy then runs a program, ``exec python3 -c pass`` (a pre-started interpreter takes
-it), and the pages that wrote beyond the first calls' go into a second file that restores
-copy only when a sandbox's first exec comes (:data:`ember.snapshot.prefault.EXEC_FILE`).
+The same copy then runs two programs, ``exec python3 -c pass`` (a pre-started interpreter
+takes each), and the pages each wrote beyond the calls before it go into a file of their own
+that restores copy only when a sandbox's first (second) exec comes
+(:data:`ember.snapshot.prefault.EXEC_FILES`).
 
 The same restored copy also says where the warm heaps' 2 MiB guest pages are (agent op
 ``pool`` ``huge``); the zero ones go into the snapshot directory for
@@ -31,14 +32,14 @@ from ember.spec import SandboxSpec
 __all__ = ["FIRST_CALLS", "FIRST_PROGRAM", "HUGE_PAGES", "record"]
 
 # Part of the template key: a change rebuilds templates.
-FIRST_CALLS = "run_code('6*7'), ping; later: exec python3 -c pass"
+FIRST_CALLS = "run_code('6*7'), ping; later: exec python3 -c pass, twice"
 HUGE_PAGES = "warm heaps' zero 2 MiB pages, op pool huge"  # the same
-FIRST_PROGRAM = ["python3", "-c", "pass"]  # the first exec whose pages EXEC_FILE holds
+FIRST_PROGRAM = ["python3", "-c", "pass"]  # the execs whose pages EXEC_FILES hold
 
 
-def record(staging: Path, spec: SandboxSpec, name: str) -> tuple[int, int, int]:
-    """Restore ``staging``, make the first calls and a first exec, write its prefault and
-    huge-pages files; the pages (first calls, first exec) and the 2 MiB chunks recorded.
+def record(staging: Path, spec: SandboxSpec, name: str) -> tuple[int, list[int], int]:
+    """Restore ``staging``, make the first calls and the first execs, write its prefault and
+    huge-pages files; the pages (first calls; each exec) and the 2 MiB chunks recorded.
 
     A snapshot that cannot be restored, or whose first call fails, fails the build here
     (in one line) rather than in every sandbox later.
@@ -61,12 +62,16 @@ def record(staging: Path, spec: SandboxSpec, name: str) -> tuple[int, int, int]:
             memory_file = staging / MEMORY_FILE
             pages = prefault.written_pages(pid, memory_file)
             huge = client.pool_huge()  # after the pages: its own writes are not a first call's
-            before = set(prefault.written_pages(pid, memory_file))
-            ran = client.exec(FIRST_PROGRAM, timeout=spec.boot_timeout)
-            if ran.exit_code != 0:
-                raise BuildError(f"template {name}: a restored sandbox's first exec failed")
-            # Read at once: the pool's refill (after 0.2 s idle) writes pages of its own.
-            exec_pages = sorted(set(prefault.written_pages(pid, memory_file)) - before)
+            exec_pages: list[list[int]] = []
+            written = set(prefault.written_pages(pid, memory_file))
+            for _ in prefault.EXEC_FILES:
+                ran = client.exec(FIRST_PROGRAM, timeout=spec.boot_timeout)
+                if ran.exit_code != 0:
+                    raise BuildError(f"template {name}: a restored sandbox's exec failed")
+                # Read at once: the pool's refill (after 0.2 s idle) writes pages of its own.
+                now = set(prefault.written_pages(pid, memory_file))
+                exec_pages.append(sorted(now - written))
+                written = now
         except EmberError as exc:
             if isinstance(exc, BuildError):
                 raise
@@ -76,7 +81,8 @@ def record(staging: Path, spec: SandboxSpec, name: str) -> tuple[int, int, int]:
     finally:
         vmm.close()
     prefault.write(staging, prefault.runs_of(pages))
-    prefault.write(staging, prefault.runs_of(exec_pages), prefault.EXEC_FILE)
+    for file, exec_set in zip(prefault.EXEC_FILES, exec_pages, strict=True):
+        prefault.write(staging, prefault.runs_of(exec_set), file)
     chunks = hugeback.holes(memory_file, memory_file.stat().st_size, sorted(set(huge)))
     hugeback.write(staging, chunks)
-    return len(pages), len(exec_pages), len(chunks)
+    return len(pages), [len(exec_set) for exec_set in exec_pages], len(chunks)

@@ -181,7 +181,7 @@ def build(
                 "network": spec.network is not None, "inputs": default_key(spec),
                 "rootfs": str(resolve_images(spec)[1]), "preload": list(preload),
                 "pool": spec.pool, "heap_mib": spec.heap_mib,  # None: the agent's defaults
-                "prefault_pages": prefault_pages, "prefault_exec_pages": exec_pages,
+                "prefault_pages": prefault_pages, "prefault_exec_pages": exec_pages,  # per exec
                 "huge_chunks": huge_chunks,
                 **(extra_meta or {}),
             }  # fmt: skip

@@ -78,19 +78,24 @@ class VmmHandle:
     cgroup: SandboxCgroup | None
     network: SandboxNetwork | None
 
-    exec_prefaulted = False  # prefault_exec asked (a class default: no constructor sets it)
+    # Every set the VMM holds for this sandbox's execs was asked for (a class default: no
+    # constructor sets it).
+    exec_prefaulted = False
 
     def prefault_exec(self) -> None:
-        """Before this sandbox's first exec: have the VMM copy the pages a first program
-        writes (:data:`ember.snapshot.prefault.EXEC_FILE`: ~5 ms of copying on the host
-        instead of ~1,300 copy-on-write and shadow faults in the guest's exec). Once; best
-        effort: a VMM that cannot (gone, or too old for the op) leaves them to be faulted,
-        and the exec that follows says what is wrong, if anything is."""
+        """Before each of this sandbox's first execs: have the VMM copy the pages that exec's
+        program will write (:data:`ember.snapshot.prefault.EXEC_FILES`: ~10 ms of copying on
+        the host instead of ~1,200 copy-on-write and shadow faults in the guest's exec), as
+        long as the VMM has sets left. Best effort: a VMM that cannot (gone, or too old for
+        the op) leaves them to be faulted, and the exec that follows says what is wrong."""
         if self.exec_prefaulted:
             return
-        self.exec_prefaulted = True
-        with contextlib.suppress(EmberError):
-            self.control("prefault-exec")
+        try:
+            reply = self.control("prefault-exec")
+        except EmberError:
+            self.exec_prefaulted = True
+            return
+        self.exec_prefaulted = not reply.get("left")
 
     def control(self, op: str, **args: Any) -> dict[str, Any]:
         """One request to the VMM's control socket (see ember.vmm.control)."""

@@ -73,39 +73,49 @@ def test_a_snapshots_prefault_file_is_read_by_its_restores(
         assert after.run_code("6*7", timeout=120).value == "42"
 
 
-def _recorded_exec(directory: Path) -> list[int]:
+def _recorded_exec(directory: Path, name: str) -> list[int]:
     size = (directory / MEMORY_FILE).stat().st_size
-    runs = prefault.read(directory, size, prefault.EXEC_FILE)
+    runs = prefault.read(directory, size, name)
     return [p for first, n in runs for p in range(first, first + n)]
 
 
-def test_the_template_records_a_first_exec_and_its_pages_are_copied_when_asked(
+def test_the_template_records_the_first_execs_and_their_pages_are_copied_when_asked(
     images: Images,
 ) -> None:
     found = templates.find()
-    recorded = _recorded_exec(found.dir)
-    # The pre-started interpreter's heap and the agent's hand-over: hundreds of pages, none
-    # of them in the first calls' set (those are copied by every restore already).
-    assert len(recorded) > 100
-    assert found.meta["prefault_exec_pages"] == len(recorded)
-    assert not set(recorded) & set(_recorded(found.dir))
+    first, second = (set(_recorded_exec(found.dir, name)) for name in prefault.EXEC_FILES)
+    # A pre-started interpreter's heap and the agent's hand-over: hundreds of pages each, a
+    # different interpreter each, none of them in the first calls' set (those are copied by
+    # every restore already).
+    assert len(first) > 100 and len(second) > 100
+    assert found.meta["prefault_exec_pages"] == [len(first), len(second)]
+    assert not first & second
+    assert not (first | second) & set(_recorded(found.dir))
     with Sandbox() as sb:
         before = _private(sb, found.dir)
-        assert len(set(recorded) - before) > len(recorded) // 2  # not copied at restore
-        copied = sb._vmm.control("prefault-exec")["pages"]
-        assert set(recorded) <= _private(sb, found.dir)
-        assert copied == len(set(recorded))  # the guest wrote none of them meanwhile
-        assert sb._vmm.control("prefault-exec")["pages"] == 0  # once
+        assert len(first - before) > len(first) // 2  # not copied at restore
+        assert len(second - before) > len(second) // 2
+        assert sb._vmm.control("prefault-exec") == {"ok": True, "pages": len(first), "left": 1}
+        assert first <= _private(sb, found.dir)
+        assert len(second - _private(sb, found.dir)) > len(second) // 2  # not yet
+        assert sb._vmm.control("prefault-exec") == {"ok": True, "pages": len(second), "left": 0}
+        assert second <= _private(sb, found.dir)
+        assert sb._vmm.control("prefault-exec")["pages"] == 0  # none left
         result = sb.exec(["python3", "-c", "import sys; print(sys.argv[0])"], timeout=120)
         assert (result.exit_code, result.stdout) == (0, b"-c\n")
 
 
-def test_a_sandboxs_first_exec_asks_for_the_copies(images: Images) -> None:
+def test_a_sandboxs_first_execs_ask_for_the_copies(images: Images) -> None:
     found = templates.find()
-    recorded = set(_recorded_exec(found.dir))
+    first, second = (set(_recorded_exec(found.dir, name)) for name in prefault.EXEC_FILES)
     with Sandbox() as sb:
         assert sb.ping()["worker"] == "ready"  # a call that is no exec copies nothing
-        assert len(recorded - _private(sb, found.dir)) > len(recorded) // 2
+        assert len(first - _private(sb, found.dir)) > len(first) // 2
+        assert sb.exec(["python3", "-c", "pass"], timeout=120).exit_code == 0
+        assert first <= _private(sb, found.dir)
+        assert not sb._vmm.exec_prefaulted
+        assert len(second - _private(sb, found.dir)) > len(second) // 2  # the next exec's
         assert sb.exec(["true"], timeout=120).exit_code == 0
-        assert recorded <= _private(sb, found.dir)
-        assert sb._vmm.control("prefault-exec")["pages"] == 0  # already done by the exec
+        assert second <= _private(sb, found.dir)
+        assert sb._vmm.exec_prefaulted
+        assert sb._vmm.control("prefault-exec")["pages"] == 0  # already done by the execs

@@ -12,6 +12,7 @@ import json
 import logging
 import mmap
 import os
+import threading
 from pathlib import Path
 
 import pytest
@@ -20,6 +21,8 @@ from hypothesis import strategies as st
 
 from ember.memory import MMIO_GAP_START, PAGE_SIZE, GuestMemory
 from ember.snapshot import prefault
+from ember.vmm.machine import Machine
+from ember.vmm.state import VmState
 
 
 def test_runs_merge_adjacent_pages_and_drop_repeats() -> None:
@@ -40,9 +43,12 @@ def test_a_written_file_reads_back(tmp_path: Path) -> None:
     assert prefault.read(tmp_path, 16 * PAGE_SIZE) == [(0, 2), (10, 5)]
 
 
-def test_the_first_exec_set_is_a_file_of_its_own(tmp_path: Path) -> None:
-    prefault.write(tmp_path, [(3, 4)], prefault.EXEC_FILE)
-    assert prefault.read(tmp_path, 16 * PAGE_SIZE, prefault.EXEC_FILE) == [(3, 4)]
+def test_each_execs_set_is_a_file_of_its_own(tmp_path: Path) -> None:
+    first, second = prefault.EXEC_FILES
+    prefault.write(tmp_path, [(3, 4)], first)
+    prefault.write(tmp_path, [(9, 1)], second)
+    assert prefault.read(tmp_path, 16 * PAGE_SIZE, first) == [(3, 4)]
+    assert prefault.read(tmp_path, 16 * PAGE_SIZE, second) == [(9, 1)]
     assert prefault.read(tmp_path, 16 * PAGE_SIZE) == []  # the first calls' file is apart
 
 
@@ -144,5 +150,44 @@ def test_populate_follows_the_file_into_the_region_above_the_gap(tmp_path: Path)
         assert len(memory.regions) == 2
         assert prefault.populate(memory, [(below - 1, 3)]) == 3
         assert prefault.written_pages(os.getpid(), path) == [below - 1, below, below + 1]
+    finally:
+        memory.close()
+
+
+def _machine(memory: GuestMemory, sets: list[list[prefault.Run]]) -> Machine:
+    """A Machine with only what prefault_exec uses: its memory, its lock and its state (the
+    rest needs KVM)."""
+    machine = object.__new__(Machine)
+    machine.memory = memory
+    machine._lock = threading.Lock()
+    machine.state = VmState.RUNNING
+    machine.exec_prefault = sets
+    return machine
+
+
+def test_each_ask_copies_the_next_execs_set_and_says_how_many_are_left(tmp_path: Path) -> None:
+    path = _file(tmp_path / "memory", 64)
+    memory = GuestMemory.from_file(str(path), 64 * PAGE_SIZE)
+    try:
+        memory.write(5 * PAGE_SIZE, b"\0")  # the guest wrote page 5 before the ask
+        machine = _machine(memory, [[(4, 2)], [], [(20, 3)], [], []])
+        assert machine.prefault_exec() == (2, 2)  # the empty sets at the end are not counted
+        assert memory.read(5 * PAGE_SIZE, 2) == b"\0\6"  # and keeps what the guest wrote
+        assert machine.prefault_exec() == (0, 1)  # an empty set: nothing recorded for it
+        assert machine.prefault_exec() == (3, 0)
+        assert machine.prefault_exec() == (0, 0)
+        assert prefault.written_pages(os.getpid(), path) == [4, 5, 20, 21, 22]
+    finally:
+        memory.close()
+
+
+def test_a_stopped_machine_copies_nothing(tmp_path: Path) -> None:
+    path = _file(tmp_path / "memory", 8)
+    memory = GuestMemory.from_file(str(path), 8 * PAGE_SIZE)
+    try:
+        machine = _machine(memory, [[(1, 1)]])
+        machine.state = VmState.STOPPED
+        assert machine.prefault_exec() == (0, 0)
+        assert prefault.written_pages(os.getpid(), path) == []
     finally:
         memory.close()

@@ -46,6 +46,7 @@ from ember.errors import AgentError, ConfigError
 from ember.launcher import VmmProcess
 from ember.sandbox.spare_pool import Spare, SparePool, auto_count, register
 from ember.snapshot import STATE_FILE
+from ember.snapshot.prefault import EXEC_FILES
 from ember.spec import SandboxSpec
 from ember.stamps import stamp
 from ember.templates import DEFAULT, find, start_vmm, template_dir
@@ -160,7 +161,8 @@ def _make(key: Hashable) -> Spare[Warm]:
         with descriptors_checked():
             client.run_code(f"bytearray({WARM_HEAP_MIB} << 20) and None")
             client.ping()
-            vmm.prefault_exec()  # the pages of a first program, which the rehearsal writes
+            for _ in EXEC_FILES:  # the pages of the first programs, which the rehearsal writes
+                vmm.prefault_exec()
             with contextlib.suppress(AgentError):  # an agent from before "pool" "warm"
                 client.warm_pool()
             conn = client.take_kept()

@@ -16,13 +16,16 @@ system call per run: copies a sandbox whose first call is a ``run_code`` would m
 (one that never calls it holds the worker's ~1.5 MiB more). Measured on kvm_pvm: the first
 ``run_code`` takes ~1,000 shadow faults instead of ~1,700 and no TLB flushes instead of ~260.
 
-A second set, :data:`EXEC_FILE`, holds the pages a first ``exec python3 -c`` writes beyond
-those: the pre-started interpreter's heap and the agent's hand-over, ~1,300 pages (~5 MiB)
-for the default template. Copying them at restore would cost every sandbox that never runs a
-program those 5 MiB, so the VMM copies them when asked (control op ``prefault-exec``), which
-the SDK does once, before a sandbox's first exec: ~5 ms of copying on the host instead of
-~1,300 copy-on-write faults and ~1,300 shadow faults (prefetch denied) in the guest's exec,
-measured ~178 -> ~115 ms for a first ``exec python3 -c 'print(1)'`` here.
+More sets, :data:`EXEC_FILES`, hold the pages a sandbox's first and second ``exec python3
+-c`` write beyond those before them: a pre-started interpreter's heap (each exec gets
+another) and the agent's hand-over, ~1,200 pages (~5 MiB) each for the default template.
+Copying them at restore would cost every sandbox that never runs a program that memory, so
+the VMM copies the next set when asked (control op ``prefault-exec``), which the SDK does
+before each of a sandbox's first execs: ~10 ms of copying on the host instead of ~1,200
+copy-on-write faults, and the shadow faults their denied prefetch costs, in the guest's exec
+(a first ``exec python3 -c 'print(1)'`` after a ping: ~130 -> ~117 ms here). An exec that
+takes no interpreter (``exec true``) uses up a set all the same: the price of a wrong guess
+is memory the next programs would mostly have written anyway.
 
 The files are hints: one that is missing, malformed or out of range is ignored (logged),
 and a kernel without ``MADV_POPULATE_WRITE`` (Linux < 5.14) just restores as before.
@@ -44,7 +47,8 @@ from ember.memory import PAGE_SIZE, GuestMemory
 log = logging.getLogger(__name__)
 
 PREFAULT_FILE = "prefault.json"
-EXEC_FILE = "prefault-exec.json"  # the pages a first exec writes beyond the first call's
+# The pages a sandbox's first, second exec write beyond the calls before them.
+EXEC_FILES = ("prefault-exec.json", "prefault-exec-2.json")
 FORMAT = 1
 MAX_RUNS = 1 << 16  # a recorded set has a few hundred; more is not a file we wrote
 MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)  # Linux 5.14; Python 3.12

@@ -156,7 +156,9 @@ def restore_machine(
         cpuids = [[unblob(abi.kvm_cpuid_entry2, e) for e in v["cpuid"]] for v in state["vcpus"]]
         restore_vm(parts.vm, state["vm"])
         machine = _finish(config, parts, memory, vcpus, cpuids, console)
-        machine.exec_prefault = prefault.read(directory, mem_size, prefault.EXEC_FILE)
+        machine.exec_prefault = [
+            prefault.read(directory, mem_size, name) for name in prefault.EXEC_FILES
+        ]
         if ahead is not None:  # what of this restore the child forked ahead made
             machine.made_ahead = ["memory"]
             if taken is not None:

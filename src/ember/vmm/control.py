@@ -9,8 +9,8 @@ the event thread (so no device callback runs during a snapshot)::
     {"op": "profile-start", "hz": 1000} / {"op": "profile-stop"} -> RIP samples (vmm/profiler)
     {"op": "kvm-stats"}  ->  {"ok": true, "vm": {...}, "vcpus": {...}}: KVM's counters
                        (ember.kvm.stats), the vCPUs' summed
-    {"op": "prefault-exec"}  ->  {"ok": true, "pages": N}: copy the pages a first exec writes
-                       (ember.snapshot.prefault.EXEC_FILE), once; N is 0 afterwards
+    {"op": "prefault-exec"}  ->  {"ok": true, "pages": N, "left": K}: copy the pages the next
+                       exec writes (ember.snapshot.prefault.EXEC_FILES); K sets are left
     {"op": "shm"}  ->  {"ok": true, "base": ..., "size": ...} + the memory channels' memfd
                        and one doorbell eventfd per slot (see ember.vmm.shm)
 
@@ -121,7 +121,8 @@ class ControlServer:
                 self._reply_fds = shm.fds()
                 return {"ok": True, **shm.describe()}
             if op == "prefault-exec":  # the SDK, before a sandbox's first exec
-                return {"ok": True, "pages": self.machine.prefault_exec()}
+                pages, left = self.machine.prefault_exec()
+                return {"ok": True, "pages": pages, "left": left}
             if op == "pause":
                 self.machine.pause()
                 return {"ok": True}

@@ -69,9 +69,9 @@ class Machine:
         # What of a restore was made before its request (snapshot.premade, vmm.vm_shell):
         # "memory", "vm", "vcpus".
         self.made_ahead: list[str] = []
-        # The pages a first exec writes (ember.snapshot.prefault.EXEC_FILE), as (first page,
-        # count) runs of the memory file, copied once when asked (prefault_exec).
-        self.exec_prefault: list[tuple[int, int]] = []
+        # The pages the first execs write (ember.snapshot.prefault.EXEC_FILES), a list of
+        # (first page, count) runs of the memory file for each, copied when asked.
+        self.exec_prefault: list[list[tuple[int, int]]] = []
         self.state = VmState.CREATED
         self._stops: queue.Queue[StopReason] = queue.Queue()
         self._lock = threading.Lock()
@@ -192,18 +192,23 @@ class Machine:
             "vcpus": stats_total([v.read() for v in vcpus], vcpus[0].kinds if vcpus else {}),
         }
 
-    def prefault_exec(self) -> int:
-        """Copy the pages a first exec writes, once, while the guest runs (a page it wrote
-        meanwhile is already its own and stays as it is); the pages copied, 0 after the
-        first call or when none were recorded. Under the lock that :meth:`close` takes, so
-        the memory is never unmapped under the copy."""
+    def prefault_exec(self) -> tuple[int, int]:
+        """Copy the pages the next exec writes (the first set left), while the guest runs: a
+        page it wrote meanwhile is already its own and stays as it is. The pages copied, and
+        how many sets are left (0: asking again copies nothing). Under the lock that
+        :meth:`close` takes, so the memory is never unmapped under the copy."""
         from ember.snapshot.prefault import populate
 
         with self._lock:
-            runs, self.exec_prefault = self.exec_prefault, []
-            if not runs or self.state is VmState.STOPPED:
-                return 0
-            return populate(self.memory, runs)
+            sets = self.exec_prefault
+            while sets and not sets[-1]:
+                sets.pop()  # nothing recorded for the last ones: not worth a request
+            if not sets or self.state is VmState.STOPPED:
+                return 0, 0
+            runs = sets.pop(0)
+            while sets and not sets[-1]:
+                sets.pop()
+            return populate(self.memory, runs), len(sets)
 
     @property
     def paused(self) -> bool:
