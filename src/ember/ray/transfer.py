@@ -39,7 +39,7 @@ from ember.snapshot.memory_file import memory_digest
 from ember.templates import VERIFIED_FILE, verify
 
 CHUNK = 8 << 20  # bytes per read: a few in flight stay well inside Ray's object store
-MAX_FILES = 16  # a template has 5 (state, memory, template.json, prefault.json, hugepages.json)
+MAX_FILES = 16  # a template has 7 (state, memory, template.json, hugepages.json, 3 prefault-*.json)
 INCOMING = ".incoming"  # copies under way, in the store (renames are atomic on one fs)
 Extent = tuple[int, int]  # (offset, length)
 
