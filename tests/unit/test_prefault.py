@@ -7,12 +7,14 @@ of a :class:`GuestMemory` mapped from a file, as a restore does.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import logging
 import mmap
 import os
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -125,17 +127,24 @@ def test_written_pages_count_from_the_mappings_file_offset(tmp_path: Path) -> No
         mem.close()
 
 
-def test_populate_copies_exactly_the_runs_and_keeps_their_contents(tmp_path: Path) -> None:
-    path = _file(tmp_path / "memory", 64)
-    memory = GuestMemory.from_file(str(path), 64 * PAGE_SIZE)
+@contextlib.contextmanager
+def _restored(tmp_path: Path, pages: int) -> Iterator[tuple[Path, GuestMemory]]:
+    """A memory file of :func:`_file`'s and guest memory mapped from it, as a restore maps it."""
+    path = _file(tmp_path / "memory", pages)
+    memory = GuestMemory.from_file(str(path), pages * PAGE_SIZE)
     try:
+        yield path, memory
+    finally:
+        memory.close()
+
+
+def test_populate_copies_exactly_the_runs_and_keeps_their_contents(tmp_path: Path) -> None:
+    with _restored(tmp_path, 64) as (path, memory):
         assert prefault.written_pages(os.getpid(), path) == []
         assert prefault.populate(memory, [(1, 2), (30, 1), (63, 1)]) == 4
         assert prefault.written_pages(os.getpid(), path) == [1, 2, 30, 63]
         for page in (1, 2, 30, 63):
             assert memory.read(page * PAGE_SIZE, PAGE_SIZE) == bytes([page % 251 + 1]) * PAGE_SIZE
-    finally:
-        memory.close()
 
 
 def test_populate_follows_the_file_into_the_region_above_the_gap(tmp_path: Path) -> None:
@@ -166,9 +175,7 @@ def _machine(memory: GuestMemory, sets: list[list[prefault.Run]]) -> Machine:
 
 
 def test_each_ask_copies_the_next_execs_set_and_says_how_many_are_left(tmp_path: Path) -> None:
-    path = _file(tmp_path / "memory", 64)
-    memory = GuestMemory.from_file(str(path), 64 * PAGE_SIZE)
-    try:
+    with _restored(tmp_path, 64) as (path, memory):
         memory.write(5 * PAGE_SIZE, b"\0")  # the guest wrote page 5 before the ask
         machine = _machine(memory, [[(4, 2)], [], [(20, 3)], [], []])
         assert machine.prefault_exec() == (2, 2)  # the empty sets at the end are not counted
@@ -177,17 +184,11 @@ def test_each_ask_copies_the_next_execs_set_and_says_how_many_are_left(tmp_path:
         assert machine.prefault_exec() == (3, 0)
         assert machine.prefault_exec() == (0, 0)
         assert prefault.written_pages(os.getpid(), path) == [4, 5, 20, 21, 22]
-    finally:
-        memory.close()
 
 
 def test_a_stopped_machine_copies_nothing(tmp_path: Path) -> None:
-    path = _file(tmp_path / "memory", 8)
-    memory = GuestMemory.from_file(str(path), 8 * PAGE_SIZE)
-    try:
+    with _restored(tmp_path, 8) as (path, memory):
         machine = _machine(memory, [[(1, 1)]])
         machine.state = VmState.STOPPED
         assert machine.prefault_exec() == (0, 0)
         assert prefault.written_pages(os.getpid(), path) == []
-    finally:
-        memory.close()

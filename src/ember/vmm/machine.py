@@ -201,13 +201,11 @@ class Machine:
 
         with self._lock:
             sets = self.exec_prefault
-            while sets and not sets[-1]:
-                sets.pop()  # nothing recorded for the last ones: not worth a request
             if not sets or self.state is VmState.STOPPED:
                 return 0, 0
             runs = sets.pop(0)
             while sets and not sets[-1]:
-                sets.pop()
+                sets.pop()  # nothing recorded for the last ones: not worth a request
             return populate(self.memory, runs), len(sets)
 
     @property
